@@ -1,0 +1,93 @@
+/*
+ * kvt_seq.h - one session's KV cache in host memory: the sealing state machine.
+ *
+ * A sequence holds sealed chunks (immutable, reference counted, shared between forks) and an
+ * exact tail of fewer than B tokens, laid out [layer][B][H][d] in the wire dtype so a full
+ * tail is encoded in place. Appends fill the tail; each time it reaches B tokens it is
+ * encoded into one chunk (every token is encoded exactly once, and a chunk never changes).
+ *
+ * Ownership and threads: a kvt_seq is not locked; the caller serializes every call on one
+ * sequence (the daemon holds the session's lock). Chunks are shared between sequences by an
+ * atomic reference count, so different sequences may be used from different threads. Memory
+ * comes from the caller's allocator hooks (the daemon charges its host-tier capacity there);
+ * a hook that returns NULL makes the call fail with -ENOMEM and change nothing.
+ */
+#ifndef KVT_SEQ_H
+#define KVT_SEQ_H
+
+#include "kvt_codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An immutable encoded chunk shared by reference count. bytes[] is 64-byte aligned. */
+struct kvt_chunk {
+	uint32_t refcount;      /* atomic; kvt_chunk_get / kvt_chunk_put */
+	uint32_t reserved;
+	uint64_t size_bytes;    /* encoded size (header total_bytes) */
+	uint64_t alloc_bytes;   /* what the allocator charged for this object */
+	uint8_t pad[40];
+	uint8_t bytes[];        /* the chunk, exactly as on the wire */
+};
+
+struct kvt_seq_alloc {
+	void *(*alloc)(void *ctx, size_t bytes);  /* 64-byte aligned, or NULL to refuse */
+	void (*free)(void *ctx, void *p, size_t bytes);
+	void *ctx;
+};
+
+struct kvt_seq;
+
+/* alloc may be NULL (aligned malloc/free). cfg is copied. */
+int kvt_seq_create(const struct kvt_codec_config *cfg, const struct kvt_seq_alloc *alloc,
+		   struct kvt_seq **out, char *err, size_t errlen);
+void kvt_seq_destroy(struct kvt_seq *seq);
+
+const struct kvt_codec_config *kvt_seq_config(const struct kvt_seq *seq);
+uint64_t kvt_seq_tokens(const struct kvt_seq *seq);     /* sealed + tail */
+uint32_t kvt_seq_n_chunks(const struct kvt_seq *seq);
+uint32_t kvt_seq_tail_tokens(const struct kvt_seq *seq);
+const struct kvt_chunk *kvt_seq_chunk(const struct kvt_seq *seq, uint32_t i);
+/* The tail of layer l: [n_tail][H][d], wire dtype. */
+const void *kvt_seq_tail_k(const struct kvt_seq *seq, uint32_t layer);
+const void *kvt_seq_tail_v(const struct kvt_seq *seq, uint32_t layer);
+/* Bytes this sequence holds: its tail buffer plus every chunk it references. */
+uint64_t kvt_seq_bytes(const struct kvt_seq *seq);
+
+/*
+ * Appends n tokens. k and v are dense [n_layers][n][H][d] in the wire dtype. Seals a chunk
+ * each time the tail fills. All or nothing: on failure the sequence is unchanged.
+ */
+int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n,
+		   char *err, size_t errlen);
+
+/* Appends encoded chunks (StoreEncoded): only when the tail is empty and the chunk's
+ * first_token equals kvt_seq_tokens(); the chunk's config must equal the sequence's. */
+int kvt_seq_append_chunk(struct kvt_seq *seq, const void *chunk, size_t len, char *err,
+			 size_t errlen);
+
+/* Decodes tokens [t0, t1) of layers [l0, l1) to out_dtype, [l1-l0][t1-t0][H][d] each
+ * (either output may be NULL). Sealed tokens come from the chunks, tail tokens exact. */
+int kvt_seq_fetch(const struct kvt_seq *seq, uint64_t t0, uint64_t t1, uint32_t l0,
+		  uint32_t l1, uint32_t out_dtype, void *k_out, void *v_out, char *err,
+		  size_t errlen);
+
+/* One decode step of attention for layer `layer` over everything the sequence holds. */
+int kvt_seq_attend(const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads,
+		   float softmax_scale, const float *q, float *out, char *err, size_t errlen);
+
+/* A new sequence holding the first n_tokens of src: whole chunks are shared (refcount), the
+ * rest of the prefix is copied into the new tail (a partial chunk is decoded; its pinned
+ * tokens stay exact). */
+int kvt_seq_fork(const struct kvt_seq *src, uint64_t n_tokens,
+		 const struct kvt_seq_alloc *alloc, struct kvt_seq **out, char *err,
+		 size_t errlen);
+
+/* Shortens the sequence to n_tokens (same rule for a cut inside a chunk as fork). */
+int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
