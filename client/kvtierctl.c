@@ -570,7 +570,8 @@ static float rng_normal(void)
  * small bias and a few outlier channels (x6), so key norms are ~17-25 at d = 128; tokens 0
  * and 1 are attention sinks: low-norm keys (norm ~2.5) along a per-head sink direction and
  * near-zero values, like the sinks of a real model. Queries (demo_query) lean toward the sink
- * direction so the sinks take a large share of the attention mass, as they do in real models.
+ * direction (and ordinary keys are orthogonal to it) so the sinks take a large share of the
+ * attention mass with logits in a model-like range (the demo prints both).
  */
 static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_dir)
 {
@@ -591,6 +592,7 @@ static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_
 				float *kr = k + (((size_t)l * T + t) * H + h) * d;
 				float *vr = v + (((size_t)l * T + t) * H + h) * d;
 				const float *u = sink_dir + ((size_t)l * H + h) * d;
+				float dot = 0;
 				for (uint32_t j = 0; j < d; j++) {
 					if (t < 2) {
 						kr[j] = 2.5f * u[j] + 0.02f * rng_normal();
@@ -599,8 +601,12 @@ static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_
 						float out = (j % 29 == 3) ? 6.0f : 1.0f;
 						kr[j] = out * (1.5f * rng_normal() + 0.3f);
 						vr[j] = rng_normal();
+						dot += kr[j] * u[j];
 					}
 				}
+				/* ordinary keys carry no component along the sink direction */
+				for (uint32_t j = 0; t >= 2 && j < d; j++)
+					kr[j] -= dot * u[j];
 			}
 }
 
@@ -610,7 +616,7 @@ static void demo_query(const struct demo_opts *o, uint32_t l, const float *sink_
 	for (uint32_t h = 0; h < Hq; h++) {
 		const float *u = sink_dir + ((size_t)l * o->kv_heads + h / g) * d;
 		for (uint32_t j = 0; j < d; j++)
-			q[(size_t)h * d + j] = 40.0f * u[j] + rng_normal();
+			q[(size_t)h * d + j] = 30.0f * u[j] + 0.5f * rng_normal();
 	}
 }
 
