@@ -1899,6 +1899,76 @@ out:
 	return rc;
 }
 
+/* ---- RestoreToDevice ------------------------------------------------------------------------- */
+
+int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_restore *r,
+				 struct kvt_client_restore_result *res,
+				 struct kvt_client_status *st)
+{
+	Kvtier__V1__RestoreToDeviceRequest req = KVTIER__V1__RESTORE_TO_DEVICE_REQUEST__INIT;
+	Kvtier__V1__RestoreToDeviceResponse *resp;
+	ProtobufCMessage *m;
+	int rc;
+
+	req.session_id = (char *)r->session_id;
+	if (r->ipc_mem_handle) {
+		req.has_ipc_mem_handle = 1;
+		req.ipc_mem_handle.data = (uint8_t *)r->ipc_mem_handle;
+		req.ipc_mem_handle.len = r->ipc_mem_handle_bytes;
+	}
+	if (r->ipc_mem_handle_v) {
+		req.has_ipc_mem_handle_v = 1;
+		req.ipc_mem_handle_v.data = (uint8_t *)r->ipc_mem_handle_v;
+		req.ipc_mem_handle_v.len = r->ipc_mem_handle_v_bytes;
+	}
+	req.has_k_offset_bytes = 1;
+	req.k_offset_bytes = r->k_offset_bytes;
+	req.has_v_offset_bytes = 1;
+	req.v_offset_bytes = r->v_offset_bytes;
+	req.has_buffer_bytes = 1;
+	req.buffer_bytes = r->buffer_bytes;
+	if (r->layout) {
+		req.has_layout = 1;
+		req.layout = (Kvtier__V1__DeviceLayout)r->layout;
+	}
+	if (r->block_size) {
+		req.has_block_size = 1;
+		req.block_size = r->block_size;
+	}
+	req.n_block_table = r->n_block_table;
+	req.block_table = (uint32_t *)r->block_table;
+	req.has_token_begin = 1;
+	req.token_begin = r->token_begin;
+	if (r->token_end != KVT_CLIENT_END) {
+		req.has_token_end = 1;
+		req.token_end = r->token_end;
+	}
+	req.has_layer_begin = 1;
+	req.layer_begin = r->layer_begin;
+	if (r->layer_end != KVT_CLIENT_ALL_LAYERS) {
+		req.has_layer_end = 1;
+		req.layer_end = r->layer_end;
+	}
+	if (r->dtype) {
+		req.has_dtype = 1;
+		req.dtype = (Kvtier__V1__Dtype)r->dtype;
+	}
+	req.has_device_ordinal = 1;
+	req.device_ordinal = r->device_ordinal;
+	rc = unary(c, SVC "RestoreToDevice", &req.base,
+		   &kvtier__v1__restore_to_device_response__descriptor, &m, 0, st);
+	if (rc)
+		return rc;
+	resp = (Kvtier__V1__RestoreToDeviceResponse *)m;
+	if (res) {
+		res->n_tokens = resp->n_tokens;
+		res->bytes_written = resp->bytes_written;
+		res->elapsed_us = resp->elapsed_us;
+	}
+	protobuf_c_message_free_unpacked(m, NULL);
+	return 0;
+}
+
 /* ---- Stats ------------------------------------------------------------------------------------- */
 
 int kvt_client_stats(struct kvt_client *c, struct kvt_client_stats *out,

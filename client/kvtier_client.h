@@ -354,6 +354,33 @@ struct kvt_client_attend_item {
 int kvt_client_attend(struct kvt_client *c, struct kvt_client_attend_item *items,
 		      size_t n_items, uint32_t timeout_ms, struct kvt_client_status *st);
 
+/* ---- RestoreToDevice ---------------------------------------------------------------------- */
+
+/* Decodes a session straight into a worker's GPU buffers (same node, CUDA IPC). The handles
+ * are the worker's cudaIpcMemHandle_t bytes; fields mirror RestoreToDeviceRequest. */
+struct kvt_client_restore {
+	const char *session_id;
+	const void *ipc_mem_handle;     /* 64 bytes */
+	size_t ipc_mem_handle_bytes;
+	const void *ipc_mem_handle_v;   /* NULL: V lives in the K allocation */
+	size_t ipc_mem_handle_v_bytes;
+	uint64_t k_offset_bytes, v_offset_bytes, buffer_bytes;
+	uint32_t layout;                /* 1 contiguous, 2 paged */
+	uint32_t block_size;            /* paged */
+	const uint32_t *block_table;
+	size_t n_block_table;
+	uint64_t token_begin, token_end; /* token_end KVT_CLIENT_END: all */
+	uint32_t layer_begin, layer_end; /* layer_end KVT_CLIENT_ALL_LAYERS: all */
+	uint32_t dtype;                 /* f16 or bf16 */
+	int32_t device_ordinal;
+};
+struct kvt_client_restore_result {
+	uint64_t n_tokens, bytes_written, elapsed_us;
+};
+int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_restore *r,
+				 struct kvt_client_restore_result *res,
+				 struct kvt_client_status *st);
+
 /* ---- Stats -------------------------------------------------------------------------------- */
 
 struct kvt_client_tier_stats {

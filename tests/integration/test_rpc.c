@@ -550,7 +550,7 @@ static void test_capacity(int policy_reject)
 	struct kvt_client_session_info after;
 	struct kvt_client_codec codec;
 	struct it_session s[12];
-	int n_open = 0, rejected = -1;
+	int n_open = 0, rejected = -1, serving = 0;
 
 	KVT_REQUIRE(kvt_daemon_start(&d, policy_reject ? reject_args : drop_args) == 0, "start");
 	KVT_REQUIRE(kvt_daemon_client(&d, 0, &c) == 0, "connect");
@@ -561,44 +561,70 @@ static void test_capacity(int policy_reject)
 	codec.group = 32;
 	for (int j = 0; j < 12; j++) {
 		char id[32];
+		int rc;
 		snprintf(id, sizeof(id), "cap-%02d", j);
-		KVT_REQUIRE(open_session(c, &s[j], id, 4, 2, 128, KVT_DTYPE_F16, &codec) == 0, "open");
-		n_open++;
-		if (j == 0) {
-			KVT_REQUIRE(kvt_client_pin(c, s[0].id, NULL, &st) == 0, "pin: %s", st.message);
-		}
-		/* 64 tokens x 4 layers x 2 heads x 128 x 2 B x 2 (K+V) = 256 KiB minus a bit */
-		int rc = 0;
-		struct kvt_client_shape sh = it_shape(&s[j].info);
-		size_t bytes = kvt_client_kv_bytes(&sh, 60);
-		void *k = it_xmalloc(bytes), *v = it_xmalloc(bytes);
-		it_gen_kv(4, 2, 128, KVT_DTYPE_F16, 0, 60, k, v);
-		rc = kvt_client_append(c, s[j].id, &sh, k, v, 60, NULL, NULL, &st);
-		if (rc == 0) {
+		/* Either the open (its tail buffer) or the append (staging, then the tail) may be
+		 * what no longer fits; both must be refused cleanly under reject. */
+		{
+			struct kvt_client_session_params p;
+			struct kvt_client_session_info info;
+			struct kvt_codec_config cfg;
 			char err[256];
-			KVT_REQUIRE(kvt_seq_append(s[j].ref, k, v, 60, err, sizeof(err)) == 0, "%s", err);
+			kvt_client_session_params_init(&p, id, 4, 2, 128, KVT_DTYPE_F16);
+			p.codec = codec;
+			memset(&s[j], 0, sizeof(s[j]));
+			snprintf(s[j].id, sizeof(s[j].id), "%s", id);
+			rc = kvt_client_open(c, &p, &info, &st);
+			if (rc == 0) {
+				s[j].info = info;
+				it_config_from_info(&info, &cfg);
+				KVT_REQUIRE(kvt_seq_create(&cfg, NULL, &s[j].ref, err, sizeof(err)) == 0,
+					    "%s", err);
+				n_open++;
+			}
 		}
-		free(k);
-		free(v);
-		if (rc) {
-			KVT_CHECK(policy_reject, "drop-coldest rejected an append: %s %s",
-				  kvt_client_code_name(st.code), st.message);
-			KVT_CHECK(rc == -ENOSPC && st.code == KVT_CODE_RESOURCE_EXHAUSTED,
-				  "full host tier: %s %s", kvt_client_code_name(st.code), st.message);
-			KVT_CHECK(strstr(st.message, "host_capacity_bytes") != NULL,
-				  "message names the limit: %s", st.message);
-			KVT_CHECK(kvt_client_stat(c, s[j].id, &after, &st) == 0 && after.n_tokens == 0,
+		if (rc == 0 && j == 0)
+			KVT_REQUIRE(kvt_client_pin(c, s[0].id, NULL, &st) == 0, "pin: %s", st.message);
+		if (rc == 0) {
+			/* 60 tokens x 4 layers x 2 heads x 128 x 2 B x (K+V) = 240 KiB */
+			struct kvt_client_shape sh = it_shape(&s[j].info);
+			size_t bytes = kvt_client_kv_bytes(&sh, 60);
+			void *k = it_xmalloc(bytes), *v = it_xmalloc(bytes);
+			it_gen_kv(4, 2, 128, KVT_DTYPE_F16, 0, 60, k, v);
+			rc = kvt_client_append(c, s[j].id, &sh, k, v, 60, NULL, NULL, &st);
+			if (rc == 0) {
+				char err[256];
+				KVT_REQUIRE(kvt_seq_append(s[j].ref, k, v, 60, err, sizeof(err)) == 0, "%s",
+					    err);
+			}
+			free(k);
+			free(v);
+			if (rc == 0)
+				continue;
+			KVT_CHECK(kvt_client_stat(c, s[j].id, &after, NULL) == 0 && after.n_tokens == 0,
 				  "the rejected append changed nothing (%llu tokens)",
 				  (unsigned long long)after.n_tokens);
-			rejected = j;
-			break;
+		} else {
+			struct kvt_client_status st2;
+			KVT_CHECK(kvt_client_stat(c, id, &after, &st2) == -ENOENT,
+				  "a rejected open created %s", id);
 		}
+		KVT_CHECK(policy_reject, "drop-coldest refused a request: %s %s",
+			  kvt_client_code_name(st.code), st.message);
+		KVT_CHECK(rc == -ENOSPC && st.code == KVT_CODE_RESOURCE_EXHAUSTED,
+			  "full host tier: %s %s", kvt_client_code_name(st.code), st.message);
+		KVT_CHECK(strstr(st.message, "host_capacity_bytes") != NULL,
+			  "message names the limit: %s", st.message);
+		rejected = j;
+		break;
 	}
 	if (policy_reject) {
 		KVT_CHECK(rejected > 0, "1 MiB never filled up (%d sessions of 240 KiB)", n_open);
 		for (int j = 0; j < rejected; j++)
 			KVT_CHECK(it_fetch_equals(c, s[j].id, s[j].ref, 0, 60, 0, 4, KVT_DTYPE_F16),
 				  "%s intact after a rejection", s[j].id);
+		KVT_CHECK(kvt_client_health(c, "", 0, &serving, &st) == 0 && serving == 1,
+			  "serving after a rejection");
 	} else {
 		/* The first unpinned sessions (coldest) went; the pinned one and the newest stayed. */
 		int present[12] = { 0 }, n_gone = 0;
@@ -624,7 +650,8 @@ static void test_capacity(int policy_reject)
 		}
 	}
 	for (int j = 0; j < n_open; j++)
-		close_session(&s[j]);
+		if (s[j].ref)
+			close_session(&s[j]);
 	kvt_client_close(c);
 	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0 after SIGTERM");
 }
