@@ -184,6 +184,19 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 	/* keys -> logits */
 	for (uint32_t t = 0; t < B; t++) {
 		size_t idx = (size_t)h * B + t;
+		if (cfg->scheme != KVT_SCHEME_HADAMARD && t % G == 0) {
+			/* a new key group: fold its per-channel scale into the query */
+			size_t p = ((size_t)h * (B / G) + t / G) * d;
+			ops->load_f32(kscale + p, sdt, tmp, d);
+			ops->load_f32(kzero + p, sdt, zf, d);
+			for (uint32_t i = 0; i < rep; i++) {
+				const float *q = s->qr + (size_t)i * d;
+				float *w = s->w + (size_t)i * d;
+				for (uint32_t c = 0; c < d; c++)
+					w[c] = q[c] * tmp[c];
+				s->cz[i] = ops->dot(q, zf, d);
+			}
+		}
 		if (pidx[t] >= 0) {
 			ops->load_f32(sec + lay.k_exact_off + ((size_t)pidx[t] * H + h) * d * ws,
 				      cfg->dtype, tmp, d);
@@ -204,19 +217,6 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 				s->logits[i * lstride + t] = scale * acc;
 			}
 			continue;
-		}
-		if (t % G == 0 || t == 0) {
-			/* a new key group: fold its per-channel scale into the query */
-			size_t p = ((size_t)h * (B / G) + t / G) * d;
-			ops->load_f32(kscale + p, sdt, tmp, d);
-			ops->load_f32(kzero + p, sdt, zf, d);
-			for (uint32_t i = 0; i < rep; i++) {
-				const float *q = s->qr + (size_t)i * d;
-				float *w = s->w + (size_t)i * d;
-				for (uint32_t c = 0; c < d; c++)
-					w[c] = q[c] * tmp[c];
-				s->cz[i] = ops->dot(q, zf, d);
-			}
 		}
 		ops->unpack_f32(sec + lay.k_codes_off + idx * krow, d, cfg->key_bits, tmp);
 		float n = oscar ? norms[t] : 1.0f;
