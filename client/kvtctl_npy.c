@@ -35,7 +35,7 @@ int kvtctl_npy_read(const char *path, struct kvtctl_npy *out, char *err, size_t 
 	uint32_t hlen;
 	uint64_t count = 1;
 	const char *p;
-	long data_off, end;
+	long data_off, end = -1;
 	int rc = 0;
 
 	memset(out, 0, sizeof(*out));
