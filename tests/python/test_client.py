@@ -283,6 +283,39 @@ def test_quantized_fetch_within_a_step(client, sid, rng, scheme, bits, dtype):
         sum(len(c) for c in enc.chunks) * 8 / (2 * 3 * B * L * H * d), rel=1e-6)
 
 
+@pytest.mark.parametrize("scheme", ["oscar", "kivi", "hadamard"])
+def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme):
+    """Exact zeros of both signs, zero tokens and constant channels: the edge cases of the
+    quantizer (all-zero and constant groups, the sign of a zero minimum) give the same chunk
+    bytes in the daemon and in the reference."""
+    L, H, d, B = 2, 2, 64, 64
+    kf = rng.standard_normal((L, B, H, d)).astype(np.float32)
+    vf = rng.standard_normal((L, B, H, d)).astype(np.float32)
+    kf[:, :, :, 3] = 0.0
+    kf[:, ::2, :, 5] = -0.0
+    kf[:, :, :, 7] = 1.5  # a constant channel
+    kf[:, 9] = 0.0  # a zero token
+    vf[:, 9] = -0.0
+    vf[:, :, 1, :8] = np.abs(vf[:, :, 1, :8])
+    vf[:, 20:30, 0, 8:16] = -0.0
+    vf[:, :, 0, 3] = 0.0
+    codec = dict(scheme=scheme, bits=2, group=32, chunk_tokens=B, n_sinks=1,
+                 rotate_v=scheme != "kivi")
+    s = sid()
+    client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16", codec=codec)
+    k, v = A.from_f32(kf, "f16"), A.from_f32(vf, "f16")
+    client.append(s, k, v)
+    chunk, = client.fetch_encoded(s).chunks
+    view = R.parse_chunk(chunk)
+    mine = R.encode_chunk(view.cfg, 0, k, v)
+    differ = np.frombuffer(mine, np.uint8) != np.frombuffer(chunk, np.uint8)
+    assert not differ.any(), f"{differ.sum()} bytes differ, first at {np.argmax(differ)}"
+    fk, fv = client.fetch(s, dtype="f32")
+    rk, rv = R.decode_chunk(chunk, "f32", view=view)
+    np.testing.assert_array_equal(rk, fk)
+    np.testing.assert_array_equal(rv, fv)
+
+
 def test_pin_detection_matches_the_reference(client, sid, rng):
     """Low-norm tokens inside a chunk are pinned exact when detection is on, the same ones
     the reference picks."""
