@@ -64,6 +64,52 @@ static inline __m256 widen16(__m128i h, uint32_t sdt)
 	return _mm256_cvtph_ps(h);
 }
 
+/* one value through F16C / integer bf16: bit-identical to kvt_round16_bits / kvt_widen16 */
+static inline uint16_t round16_1(float f, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return kvt_f32_to_bf16(f);
+	return (uint16_t)_mm_extract_epi16(
+		_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0);
+}
+
+static inline float widen16_1(uint16_t h, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return kvt_bf16_to_f32(h);
+	return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+/* kvt_qparam (codec_internal.h) with the conversions done by F16C */
+static inline void qparam_1(float mn, float mx, float qmax, uint32_t sdt, uint16_t *scale_bits,
+			    uint16_t *zero_bits, float *scale_f, float *zero_f)
+{
+	if (mn == 0.0f && mx == 0.0f) {
+		mn = -1.0f;
+		mx = 1.0f;
+	}
+	if (mx > mn) {
+		float scale = (mx - mn) / qmax;
+		uint16_t sb = round16_1(scale, sdt);
+		float s = widen16_1(sb, sdt);
+		if (s != 0.0f) {
+			float zq = _mm_cvtss_f32(_mm_round_ss(
+				_mm_setzero_ps(), _mm_set_ss(-mn / s),
+				_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+			uint16_t zb = round16_1((-zq) * s, sdt);
+			*scale_bits = sb;
+			*zero_bits = zb;
+			*scale_f = s;
+			*zero_f = widen16_1(zb, sdt);
+			return;
+		}
+	}
+	*scale_bits = 0;
+	*zero_bits = round16_1(mn, sdt);
+	*scale_f = 0.0f;
+	*zero_f = widen16_1(*zero_bits, sdt);
+}
+
 static void v_store_f32(const float *src, void *dst, uint32_t dtype, size_t n)
 {
 	uint16_t *h = dst;
@@ -108,6 +154,52 @@ static void fwht_scalar_row(float *x, uint32_t d, float mult)
 		x[j] = x[j] * mult;
 }
 
+#define BFLY(a, b)                                                                         \
+	do {                                                                               \
+		__m256 s_ = _mm256_add_ps(a, b), d_ = _mm256_sub_ps(a, b);                 \
+		a = s_;                                                                    \
+		b = d_;                                                                    \
+	} while (0)
+
+/* Stages 1..32 of a 64-element block in registers (8 vectors), optionally times m. */
+static inline void fwht64(float *x, __m256 m, bool scale)
+{
+	__m256 v0 = fwht8(_mm256_loadu_ps(x)), v1 = fwht8(_mm256_loadu_ps(x + 8));
+	__m256 v2 = fwht8(_mm256_loadu_ps(x + 16)), v3 = fwht8(_mm256_loadu_ps(x + 24));
+	__m256 v4 = fwht8(_mm256_loadu_ps(x + 32)), v5 = fwht8(_mm256_loadu_ps(x + 40));
+	__m256 v6 = fwht8(_mm256_loadu_ps(x + 48)), v7 = fwht8(_mm256_loadu_ps(x + 56));
+	BFLY(v0, v1);
+	BFLY(v2, v3);
+	BFLY(v4, v5);
+	BFLY(v6, v7);
+	BFLY(v0, v2);
+	BFLY(v1, v3);
+	BFLY(v4, v6);
+	BFLY(v5, v7);
+	BFLY(v0, v4);
+	BFLY(v1, v5);
+	BFLY(v2, v6);
+	BFLY(v3, v7);
+	if (scale) {
+		v0 = _mm256_mul_ps(v0, m);
+		v1 = _mm256_mul_ps(v1, m);
+		v2 = _mm256_mul_ps(v2, m);
+		v3 = _mm256_mul_ps(v3, m);
+		v4 = _mm256_mul_ps(v4, m);
+		v5 = _mm256_mul_ps(v5, m);
+		v6 = _mm256_mul_ps(v6, m);
+		v7 = _mm256_mul_ps(v7, m);
+	}
+	_mm256_storeu_ps(x, v0);
+	_mm256_storeu_ps(x + 8, v1);
+	_mm256_storeu_ps(x + 16, v2);
+	_mm256_storeu_ps(x + 24, v3);
+	_mm256_storeu_ps(x + 32, v4);
+	_mm256_storeu_ps(x + 40, v5);
+	_mm256_storeu_ps(x + 48, v6);
+	_mm256_storeu_ps(x + 56, v7);
+}
+
 static void v_fwht(float *x, size_t n, uint32_t d, float mult)
 {
 	const __m256 m = _mm256_set1_ps(mult);
@@ -120,9 +212,20 @@ static void v_fwht(float *x, size_t n, uint32_t d, float mult)
 			_mm256_storeu_ps(x, _mm256_mul_ps(fwht8(_mm256_loadu_ps(x)), m));
 			continue;
 		}
-		for (uint32_t j = 0; j < d; j += 8)
-			_mm256_storeu_ps(x + j, fwht8(_mm256_loadu_ps(x + j)));
-		for (uint32_t h = 8; h < d / 2; h <<= 1)
+		if (d == 64) {
+			fwht64(x, m, true);
+			continue;
+		}
+		uint32_t h = 8;
+		if (d > 64) {
+			for (uint32_t j = 0; j < d; j += 64)
+				fwht64(x + j, m, false);
+			h = 64;
+		} else {
+			for (uint32_t j = 0; j < d; j += 8)
+				_mm256_storeu_ps(x + j, fwht8(_mm256_loadu_ps(x + j)));
+		}
+		for (; h < d / 2; h <<= 1)
 			for (uint32_t i = 0; i < d; i += 2 * h)
 				for (uint32_t j = i; j < i + h; j += 8) {
 					__m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
@@ -130,7 +233,7 @@ static void v_fwht(float *x, size_t n, uint32_t d, float mult)
 					_mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
 				}
 		/* last stage fused with the multiply: (a + b) * m, (a - b) * m as the scalar does */
-		uint32_t h = d / 2;
+		h = d / 2;
 		for (uint32_t j = 0; j < h; j += 8) {
 			__m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
 			_mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_add_ps(a, b), m));
@@ -280,8 +383,8 @@ static void v_quant_rows(const float *x, uint32_t d, uint32_t gv, uint32_t bits,
 		__m128 x2 = _mm_max_ps(x4, _mm_movehl_ps(x4, x4));
 		__m128 x1 = _mm_max_ss(x2, _mm_shuffle_ps(x2, x2, 1));
 		float s, z;
-		kvt_qparam(_mm_cvtss_f32(n1), _mm_cvtss_f32(x1), true, qmaxf, sdt, &scale[g],
-			   &zero[g], &s, &z);
+		qparam_1(_mm_cvtss_f32(n1), _mm_cvtss_f32(x1), qmaxf, sdt, &scale[g], &zero[g], &s,
+			 &z);
 		__m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
 		for (uint32_t c = 0; c < gv; c += 8)
 			store_codes8(codes8 + g * gv + c, qcode8(_mm256_loadu_ps(xg + c), sv, zv, qmax));
@@ -356,8 +459,8 @@ static void v_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint
 			  const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y)
 {
 	for (uint32_t g = 0; g < d / gv; g++) {
-		__m256 sv = _mm256_set1_ps(kvt_widen16(s[g], sdt));
-		__m256 zv = _mm256_set1_ps(kvt_widen16(z[g], sdt));
+		__m256 sv = _mm256_set1_ps(widen16_1(s[g], sdt));
+		__m256 zv = _mm256_set1_ps(widen16_1(z[g], sdt));
 		for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8) {
 			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
 			_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, sv), zv));
