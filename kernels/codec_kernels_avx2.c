@@ -349,28 +349,43 @@ static void v_quant_cols(const float *x, size_t x_stride, uint32_t ntok, const u
 		memset(codes8, 0, (size_t)ntok * d);
 		return;
 	}
+	/* row by row (rows are 1 KiB+ apart: walking a column would hit one cache set), each
+	 * channel's lane still sees the tokens in order */
+	float mn[256] __attribute__((aligned(32))), mx[256] __attribute__((aligned(32)));
+	float sf[256] __attribute__((aligned(32))), zf[256] __attribute__((aligned(32)));
 	for (uint32_t c = 0; c < d; c += 8) {
-		__m256 mn = _mm256_set1_ps(__builtin_inff()), mx = _mm256_set1_ps(-__builtin_inff());
-		for (uint32_t t = 0; t < ntok; t++) {
-			if (pin[t])
-				continue;
-			__m256 v = _mm256_loadu_ps(x + t * x_stride + c);
-			mn = _mm256_min_ps(v, mn);
-			mx = _mm256_max_ps(v, mx);
+		_mm256_store_ps(mn + c, _mm256_set1_ps(__builtin_inff()));
+		_mm256_store_ps(mx + c, _mm256_set1_ps(-__builtin_inff()));
+	}
+	for (uint32_t t = 0; t < ntok; t++) {
+		if (pin[t])
+			continue;
+		const float *xr = x + t * x_stride;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 v = _mm256_loadu_ps(xr + c);
+			_mm256_store_ps(mn + c, _mm256_min_ps(v, _mm256_load_ps(mn + c)));
+			_mm256_store_ps(mx + c, _mm256_max_ps(v, _mm256_load_ps(mx + c)));
 		}
+	}
+	for (uint32_t c = 0; c < d; c += 8) {
 		__m128i sb, zb;
-		__m256 sf, zf;
-		qparam8(mn, mx, qmax, sdt, &sb, &zb, &sf, &zf);
+		__m256 s, z;
+		qparam8(_mm256_load_ps(mn + c), _mm256_load_ps(mx + c), qmax, sdt, &sb, &zb, &s, &z);
 		_mm_storeu_si128((__m128i *)(scale + c), sb);
 		_mm_storeu_si128((__m128i *)(zero + c), zb);
-		for (uint32_t t = 0; t < ntok; t++) {
-			uint8_t *dst = codes8 + (size_t)t * d + c;
-			if (pin[t]) {
-				memset(dst, 0, 8);
-				continue;
-			}
-			store_codes8(dst, qcode8(_mm256_loadu_ps(x + t * x_stride + c), sf, zf, qmax));
+		_mm256_store_ps(sf + c, s);
+		_mm256_store_ps(zf + c, z);
+	}
+	for (uint32_t t = 0; t < ntok; t++) {
+		uint8_t *dst = codes8 + (size_t)t * d;
+		if (pin[t]) {
+			memset(dst, 0, d);
+			continue;
 		}
+		const float *xr = x + t * x_stride;
+		for (uint32_t c = 0; c < d; c += 8)
+			store_codes8(dst + c, qcode8(_mm256_loadu_ps(xr + c), _mm256_load_ps(sf + c),
+						     _mm256_load_ps(zf + c), qmax));
 	}
 }
 
