@@ -190,3 +190,28 @@ def test_tni_oscar_beats_kivi_on_a_low_norm_sink(rng):
         kd, _ = R.decode_chunk(R.encode_chunk(cfg, 0, k, v))
         errs[scheme] = np.linalg.norm(kd[0, 5] - k[0, 5]) / np.linalg.norm(k[0, 5])
     assert errs["oscar"] < 0.5 * errs["kivi"], errs
+
+
+def test_protobuf_modules_generate_lazily(tmp_path):
+    """Without KVTIER_PYGEN_DIR the package generates the modules from proto/ into a cache
+    directory on first import, and a second process reuses them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "KVTIER_PYGEN_DIR"}
+    env["KVTIER_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(Path(R.__file__).resolve().parents[1])
+    code = ("import kvtier, kvtier._proto as p; pb = p.kvtier_pb2(); "
+            "print(p.generated_dir()); "
+            "assert pb.DESCRIPTOR.services_by_name['KvTier'].methods_by_name['Append'].client_streaming")
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        gen = Path(out.stdout.strip())
+        assert gen.parent == tmp_path / "cache" and gen.name.startswith("pygen-")
+        assert (gen / "kvtier/v1/kvtier_pb2.py").is_file()
+        assert (gen / "grpc/health/v1/health_pb2.py").is_file()
+    assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -331,23 +331,29 @@ def chunk_crc(buf) -> int:
 def pinned_tokens(cfg, first_token: int, k) -> np.ndarray:
     """Chunk-relative offsets of the pinned tokens, ascending: the session's sinks (positions
     < n_sinks), plus, when detection is on, tokens whose key norm over all heads of a layer is
-    below pin_detect_ratio x that layer's median over the chunk in any layer (at most
-    pin_detect_max, lowest ratio first)."""
+    below pin_detect_ratio x that layer's median over the chunk (mean of the two middle
+    values) in any layer; a token's score is its lowest norm/median; at most pin_detect_max,
+    lowest score first, ties to the lower token (CHUNK_FORMAT.md, Encoding 5)."""
     cfg = normalize_config(cfg)
     if cfg["scheme"] == SCHEME_NONE:
         return np.zeros(0, dtype=np.int64)
     B = cfg["chunk_tokens"]
     sinks = [t for t in range(B) if first_token + t < cfg["n_sinks"]]
     pins = set(sinks)
-    if cfg["pin_detect_ratio"] > 0 and cfg["pin_detect_max"] > 0:
-        kf = to_f32(k, cfg["dtype"])  # [L][B][H][d]
-        norms = np.sqrt(np.sum(np.square(kf.astype(np.float64)), axis=(-2, -1)))  # [L][B]
-        med = np.median(norms, axis=1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(med > 0, norms / med, np.inf).min(axis=0)  # [B]
-        cand = [t for t in np.argsort(ratio, kind="stable")
-                if ratio[t] < cfg["pin_detect_ratio"] and t not in pins]
-        pins.update(int(t) for t in cand[: cfg["pin_detect_max"]])
+    ratio = np.float32(cfg["pin_detect_ratio"])
+    if ratio > 0 and cfg["pin_detect_max"] > 0:
+        L, H, d = cfg["n_layers"], cfg["n_kv_heads"], cfg["head_dim"]
+        kf = to_f32(k, cfg["dtype"]).reshape(L, B, H * d)
+        norms = np.sqrt(sumsq8(kf))  # [L][B], f32, the C kernels' summation order
+        best = np.full(B, np.inf, dtype=np.float32)
+        for layer in range(L):
+            srt = np.sort(norms[layer])
+            median = np.float32(0.5) * (srt[B // 2 - 1] + srt[B // 2])
+            if not (median > 0) or not np.isfinite(median):
+                continue  # a layer with no scale to compare against
+            best = np.minimum(best, (norms[layer] / median).astype(np.float32))
+        cand = sorted((float(best[t]), t) for t in range(B) if t not in pins and best[t] < ratio)
+        pins.update(t for _, t in cand[: cfg["pin_detect_max"]])
     return np.array(sorted(pins), dtype=np.int64)
 
 
@@ -417,6 +423,44 @@ def encode_chunk(cfg, first_token: int, k, v, pins=None) -> bytes:
     return bytes(buf)
 
 
+def _seq_minmax(x, skip, axis):
+    """min and max along axis the way the C loop takes them: m = v < m ? v : m in index order
+    from +inf (max alike), skipping where skip is true (broadcast along axis). Equal to
+    np.min/np.max except that the sign of a zero result is the first zero's."""
+    x = np.moveaxis(np.asarray(x, dtype=np.float32), axis, 0)
+    skip = np.moveaxis(np.broadcast_to(skip, np.moveaxis(x, 0, axis).shape), axis, 0)
+    mn = np.full(x.shape[1:], np.inf, dtype=np.float32)
+    mx = np.full(x.shape[1:], -np.inf, dtype=np.float32)
+    for i in range(x.shape[0]):
+        v = x[i]
+        mn = np.where(~skip[i] & (v < mn), v, mn)
+        mx = np.where(~skip[i] & (v > mx), v, mx)
+    return mn, mx
+
+
+def _lane_minmax(x):
+    """min and max over the last axis (a multiple of 8) the way the C kernels take them: 8
+    lanes (lane j sees elements j, j+8, ... in order, m = v < m ? v : m), then lanes j and
+    j+w combined for w = 4, 2, 1 as m_j < m_{j+w} ? m_j : m_{j+w}."""
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[-1]
+    xs = x.reshape(x.shape[:-1] + (n // 8, 8))
+    mn = np.full(x.shape[:-1] + (8,), np.inf, dtype=np.float32)
+    mx = np.full(x.shape[:-1] + (8,), -np.inf, dtype=np.float32)
+    for i in range(n // 8):
+        v = xs[..., i, :]
+        mn = np.where(v < mn, v, mn)
+        mx = np.where(v > mx, v, mx)
+    w = 4
+    while w >= 1:
+        a, b = mn[..., :w], mn[..., w:2 * w]
+        mn = np.concatenate([np.where(a < b, a, b), mn[..., w:]], axis=-1)
+        a, b = mx[..., :w], mx[..., w:2 * w]
+        mx = np.concatenate([np.where(a > b, a, b), mx[..., w:]], axis=-1)
+        w //= 2
+    return mn[..., 0], mx[..., 0]
+
+
 def _quant_channels(x, pinned, G, bits, sdt):
     """Keys per channel over groups of G tokens. x [H][B][d]; pinned tokens are left out of
     min/max and get code 0 (a group with no unpinned token: scale 0, zero 0). Returns codes
@@ -424,8 +468,7 @@ def _quant_channels(x, pinned, G, bits, sdt):
     H, B, d = x.shape
     xg = x.reshape(H, B // G, G, d)
     pg = pinned.reshape(1, B // G, G, 1)
-    mn = np.where(pg, np.float32(np.inf), xg).min(axis=2)
-    mx = np.where(pg, np.float32(-np.inf), xg).max(axis=2)
+    mn, mx = _seq_minmax(xg, pg, axis=2)
     empty = np.broadcast_to(pinned.reshape(B // G, G).all(axis=1)[None, :, None], mn.shape)
     mn = np.where(empty, np.float32(0), mn)
     mx = np.where(empty, np.float32(0), mx)
@@ -442,7 +485,8 @@ def _quant_token_groups(x, pinned, gv, bits, sdt):
     [H][B][d], scale/zero bits [H][B][d/gv]; pinned tokens get codes, scales and zeros 0."""
     H, B, d = x.shape
     xg = x.reshape(H, B, d // gv, gv)
-    sb, zb, s, z = quant_params(xg.min(axis=3), xg.max(axis=3), bits, sdt)
+    mn, mx = _lane_minmax(xg) if gv % 8 == 0 else (xg.min(axis=3), xg.max(axis=3))
+    sb, zb, s, z = quant_params(mn, mx, bits, sdt)
     codes = quantize(xg, s[..., None], z[..., None], bits).reshape(H, B, d)
     pb = pinned.reshape(1, B, 1)
     codes = np.where(pb, 0, codes).astype(np.uint8)
