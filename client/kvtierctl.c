@@ -569,13 +569,16 @@ static float rng_normal(void)
  * TNI-like KV for one session, f32 [L][T][H][d]: ordinary keys have per-element std 1.5, a
  * small bias and a few outlier channels (x6), so key norms are ~17-25 at d = 128; tokens 0
  * and 1 are attention sinks: low-norm keys (norm ~2.5) along a per-head sink direction and
- * near-zero values, like the sinks of a real model. Queries (demo_query) lean toward the sink
+ * near-zero values, like the sinks of a real model; other values have a per-channel mean. Queries (demo_query) lean toward the sink
  * direction (and ordinary keys are orthogonal to it) so the sinks take a large share of the
  * attention mass with logits in a model-like range (the demo prints both).
  */
 static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_dir)
 {
 	uint32_t L = o->layers, T = o->tokens, H = o->kv_heads, d = o->head_dim;
+	float *vmean = malloc((size_t)H * d * sizeof(float));
+	if (!vmean)
+		abort();
 	for (size_t i = 0; i < (size_t)L * H; i++) {
 		float *u = sink_dir + i * d, n = 0;
 		for (uint32_t j = 0; j < d; j++) {
@@ -586,7 +589,11 @@ static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_
 		for (uint32_t j = 0; j < d; j++)
 			u[j] /= n;
 	}
-	for (uint32_t l = 0; l < L; l++)
+	for (uint32_t l = 0; l < L; l++) {
+		/* Real value caches carry a per-channel mean (bias) shared by a head's tokens, so
+		 * an attention output is not just the average of zero-mean noise. */
+		for (size_t i = 0; i < (size_t)H * d; i++)
+			vmean[i] = rng_normal();
 		for (uint32_t t = 0; t < T; t++)
 			for (uint32_t h = 0; h < H; h++) {
 				float *kr = k + (((size_t)l * T + t) * H + h) * d;
@@ -600,7 +607,7 @@ static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_
 					} else {
 						float out = (j % 29 == 3) ? 6.0f : 1.0f;
 						kr[j] = out * (1.5f * rng_normal() + 0.3f);
-						vr[j] = rng_normal();
+						vr[j] = vmean[(size_t)h * d + j] + rng_normal();
 						dot += kr[j] * u[j];
 					}
 				}
@@ -608,6 +615,8 @@ static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_
 				for (uint32_t j = 0; t >= 2 && j < d; j++)
 					kr[j] -= dot * u[j];
 			}
+	}
+	free(vmean);
 }
 
 static void demo_query(const struct demo_opts *o, uint32_t l, const float *sink_dir, float *q)
@@ -691,8 +700,11 @@ static double memcpy_gbps(size_t bytes)
 	memset(a, 1, bytes);
 	memset(b, 2, bytes);
 	t0 = now_s();
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < 3; i++) {
 		memcpy(b, a, bytes);
+		/* keep the copy: the compiler may not drop a memcpy whose result is "used" */
+		__asm__ volatile("" : : "r"(b) : "memory");
+	}
 	dt = now_s() - t0;
 	free(a);
 	free(b);

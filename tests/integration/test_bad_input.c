@@ -109,6 +109,10 @@ enum {
 	C_STAT_ID_LONG, C_FENC_CHUNK_END, C_STORE_CORRUPT, C_STORE_SHAPE,
 };
 
+/* Codes follow ARCHITECTURE.md: a range past the session (tokens, layers, chunks, the
+ * token_begin guard) is INVALID_ARGUMENT, as is a corrupt chunk sent by the client (the data
+ * the client holds is bad; DATA_LOSS is for the daemon's own storage). A message names the
+ * field, or the range of fields ("token range [0, 101)") together with the limit. */
 struct bad_case {
 	int id;
 	const char *name;
@@ -134,10 +138,10 @@ static const struct bad_case cases[] = {
 	{ C_APPEND_V_MISSING, "append: no v", KVT_CODE_INVALID_ARGUMENT, "v" },
 	{ C_APPEND_DTYPE, "append: dtype f32 on an f16 session", KVT_CODE_INVALID_ARGUMENT, "dtype" },
 	{ C_APPEND_LAYER_RANGE, "append: layers [1, 3) of 2", KVT_CODE_INVALID_ARGUMENT,
-	  "n_layers|layer_begin" },
+	  "n_layers|layer_begin|layers" },
 	{ C_APPEND_UNKNOWN, "append: unknown session", KVT_CODE_NOT_FOUND, "no-such-session" },
-	{ C_APPEND_GUARD, "append: token_begin guard off by one", KVT_CODE_FAILED_PRECONDITION,
-	  "token_begin" },
+	{ C_APPEND_GUARD, "append: token_begin guard off by one", KVT_CODE_INVALID_ARGUMENT,
+	  "token_begin|token range" },
 	{ C_APPEND_ZERO_TOKENS, "append: block of 0 tokens", KVT_CODE_INVALID_ARGUMENT, "n_tokens" },
 	{ C_APPEND_EMPTY_STREAM, "append: stream with no message", KVT_CODE_INVALID_ARGUMENT,
 	  "session_id|empty|block" },
@@ -150,10 +154,12 @@ static const struct bad_case cases[] = {
 	  "layer_begin" },
 	{ C_APPEND_NO_ID, "append: first message without session_id",
 	  KVT_CODE_INVALID_ARGUMENT, "session_id" },
-	{ C_FETCH_PAST_END, "fetch: token_end past the end", KVT_CODE_INVALID_ARGUMENT, "token_end" },
-	{ C_FETCH_LAYER_END, "fetch: layer_end 3 of 2", KVT_CODE_INVALID_ARGUMENT, "layer_end" },
+	{ C_FETCH_PAST_END, "fetch: token_end past the end", KVT_CODE_INVALID_ARGUMENT,
+	  "token_end|token range" },
+	{ C_FETCH_LAYER_END, "fetch: layer_end 3 of 2", KVT_CODE_INVALID_ARGUMENT,
+	  "layer_end|layer range" },
 	{ C_FETCH_REVERSED, "fetch: token_begin > token_end", KVT_CODE_INVALID_ARGUMENT,
-	  "token_begin" },
+	  "token_begin|token range" },
 	{ C_FETCH_UNKNOWN, "fetch: unknown session", KVT_CODE_NOT_FOUND, "no-such-session" },
 	{ C_FETCH_DTYPE, "fetch: dtype 9", KVT_CODE_INVALID_ARGUMENT, "dtype" },
 	{ C_ATTEND_NQ, "attend: n_q_heads 3 with 2 KV heads", KVT_CODE_INVALID_ARGUMENT, "n_q_heads" },
@@ -170,8 +176,9 @@ static const struct bad_case cases[] = {
 	{ C_LIST_PAGE, "list: page_size 1001", KVT_CODE_INVALID_ARGUMENT, "page_size" },
 	{ C_STAT_ID_LONG, "stat: 129-byte session id", KVT_CODE_INVALID_ARGUMENT, "session_id" },
 	{ C_FENC_CHUNK_END, "fetch_encoded: chunk_end past the chunks", KVT_CODE_INVALID_ARGUMENT,
-	  "chunk_end" },
-	{ C_STORE_CORRUPT, "store_encoded: chunk with a bad crc32c", KVT_CODE_DATA_LOSS, "crc32c" },
+	  "chunk_end|chunk range" },
+	{ C_STORE_CORRUPT, "store_encoded: chunk with a bad crc32c", KVT_CODE_INVALID_ARGUMENT,
+	  "crc32c" },
 	{ C_STORE_SHAPE, "store_encoded: open shape differs from the chunks",
 	  KVT_CODE_INVALID_ARGUMENT, "head_dim" },
 };

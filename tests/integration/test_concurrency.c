@@ -26,7 +26,7 @@ struct worker {
 	int idx;
 	char ids[SESSIONS_PER_THREAD][32];
 	struct kvt_seq *ref[SESSIONS_PER_THREAD];
-	char why[512];
+	char why[1024];
 };
 
 #define WFAIL(w, ...)                                                        \
@@ -89,7 +89,7 @@ static void *worker_main(void *arg)
 				      (unsigned long long)t0, (unsigned long long)t1, l0, l1);
 		} else {
 			struct kvt_client_attend_item items[NL];
-			float q[NL][2 * NH * ND], out[NL][2 * NH * ND], r[2 * NH * ND], e;
+			float q[NL][2 * NH * ND], out[NL][2 * NH * ND], r[2 * NH * ND], e = 0;
 			for (uint32_t l = 0; l < NL; l++) {
 				for (size_t i = 0; i < 2 * NH * ND; i++)
 					q[l][i] = it_rand_normal();
