@@ -395,20 +395,25 @@ def test_attend_equals_numpy_attention(client, sid, rng, scheme, bits):
     k2, v2 = _fill(rng, L, 37, H, d, "f16")  # tail only
     client.append(s1, k1, v1)
     client.append(s2, k2, v2)
-    items, expect = [], []
+    items, expect, by_chunks = [], [], []
     for s in (s1, s2):
         fk, fv = client.fetch(s, dtype="f32")
+        enc = client.fetch_encoded(s)
         for layer in range(L):
             n_q = H * (1 + layer)  # GQA groups of 1, 2, 3
             q = rng.standard_normal((n_q, d)).astype(np.float32) * 2
             scale = None if layer != 1 else 0.05
             items.append(dict(session_id=s, layer=layer, q=q, softmax_scale=scale))
             expect.append(A.attention(q, fk[layer], fv[layer], scale))
+            # the same step computed on the encoded pieces, the way OSCAR.md section 3 says
+            by_chunks.append(R.attend(q, enc.chunks, enc.tail_k, enc.tail_v, layer=layer,
+                                      softmax_scale=scale))
     outs = client.attend(items, with_counts=True)
     assert len(outs) == len(items)
-    for (out, n), want, it in zip(outs, expect, items):
+    for (out, n), want, want2, it in zip(outs, expect, by_chunks, items):
         assert out.shape == want.shape
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out, want2, rtol=1e-4, atol=1e-4)
         assert n == (2 * B + 21 if it["session_id"] == s1 else 37)
 
 
