@@ -64,14 +64,13 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 	int16_t pidx[KVT_MAX_CHUNK_TOKENS];
 	pin_index(chunk, hdr.n_pinned, pidx, B);
 	float tmp[256] __attribute__((aligned(64)));
-	float sf[256] __attribute__((aligned(64))), zf[256] __attribute__((aligned(64)));
 
 	for (uint32_t l = layer_begin; l < layer_end; l++) {
 		const uint8_t *sec = (const uint8_t *)chunk + lay.data_offset + (size_t)l * lay.layer_bytes;
 		size_t obase = (size_t)(l - layer_begin) * nt * row;
 		if (cfg.scheme == KVT_SCHEME_NONE) {
-			for (uint32_t h = 0; h < H; h++)
-				for (uint32_t t = tok_begin; t < tok_end; t++) {
+			for (uint32_t t = tok_begin; t < tok_end; t++)
+				for (uint32_t h = 0; h < H; h++) {
 					size_t src = ((size_t)h * B + t) * d * ws;
 					size_t dst = (obase + ((t - tok_begin) * (size_t)H + h) * d) * os;
 					if (k_out)
@@ -89,9 +88,11 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 		const uint16_t *vscale = (const uint16_t *)(const void *)(sec + lay.v_scale_off);
 		const uint16_t *vzero = (const uint16_t *)(const void *)(sec + lay.v_zero_off);
 		const size_t krow = (size_t)d * cfg.key_bits / 8, vrow = (size_t)d * cfg.value_bits / 8;
-		for (uint32_t h = 0; h < H; h++) {
-			uint32_t cur_g = UINT32_MAX;
-			for (uint32_t t = tok_begin; t < tok_end; t++) {
+		const bool hadamard = cfg.scheme == KVT_SCHEME_HADAMARD;
+		const bool oscar = cfg.scheme == KVT_SCHEME_OSCAR;
+		/* token-major, so the output is written sequentially */
+		for (uint32_t t = tok_begin; t < tok_end; t++) {
+			for (uint32_t h = 0; h < H; h++) {
 				size_t dst = (obase + ((t - tok_begin) * (size_t)H + h) * d) * os;
 				size_t idx = (size_t)h * B + t;
 				if (pidx[t] >= 0) {
@@ -105,35 +106,24 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 					continue;
 				}
 				if (k_out) {
-					if (cfg.scheme == KVT_SCHEME_HADAMARD) {
-						ops->dequant_grp(sec + lay.k_codes_off + idx * krow, d,
-								 cfg.key_bits, gv, kscale + idx * ng,
-								 kzero + idx * ng, sdt, tmp);
+					const uint8_t *codes = sec + lay.k_codes_off + idx * krow;
+					if (hadamard) {
+						ops->decode_row(codes, d, cfg.key_bits, gv, kscale + idx * ng,
+								kzero + idx * ng, sdt, true, inv_sqrt_d,
+								(uint8_t *)k_out + dst, out_dtype);
 					} else {
-						uint32_t g = t / G;
-						if (g != cur_g) {
-							size_t p = ((size_t)h * (B / G) + g) * d;
-							ops->load_f32(kscale + p, sdt, sf, d);
-							ops->load_f32(kzero + p, sdt, zf, d);
-							cur_g = g;
-						}
-						ops->dequant_ch(sec + lay.k_codes_off + idx * krow, d,
-								cfg.key_bits, sf, zf, tmp);
+						size_t p = ((size_t)h * (B / G) + t / G) * d;
+						ops->decode_row(codes, d, cfg.key_bits, 1, kscale + p, kzero + p,
+								sdt, oscar,
+								oscar ? norms[t] * inv_sqrt_d : 1.0f,
+								(uint8_t *)k_out + dst, out_dtype);
 					}
-					if (cfg.scheme == KVT_SCHEME_OSCAR)
-						ops->fwht(tmp, 1, d, norms[t] * inv_sqrt_d);
-					else if (cfg.scheme == KVT_SCHEME_HADAMARD)
-						ops->fwht(tmp, 1, d, inv_sqrt_d);
-					ops->store_f32(tmp, (uint8_t *)k_out + dst, out_dtype, d);
 				}
-				if (v_out) {
-					ops->dequant_grp(sec + lay.v_codes_off + idx * vrow, d,
-							 cfg.value_bits, gv, vscale + idx * ng,
-							 vzero + idx * ng, sdt, tmp);
-					if (cfg.rotate_v)
-						ops->fwht(tmp, 1, d, inv_sqrt_d);
-					ops->store_f32(tmp, (uint8_t *)v_out + dst, out_dtype, d);
-				}
+				if (v_out)
+					ops->decode_row(sec + lay.v_codes_off + idx * vrow, d,
+							cfg.value_bits, gv, vscale + idx * ng,
+							vzero + idx * ng, sdt, cfg.rotate_v, inv_sqrt_d,
+							(uint8_t *)v_out + dst, out_dtype);
 			}
 		}
 	}

@@ -113,20 +113,12 @@ static void quant_token_rows(const struct kvt_codec_ops *ops, const float *x, ui
 	uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, d = cfg->head_dim;
 	uint32_t gv = (uint32_t)kvt_value_group(cfg), ng = d / gv;
 	size_t crow = (size_t)d * bits / 8;
-	for (uint32_t t = 0; t < ntok; t++) {
-		for (uint32_t h = 0; h < H; h++) {
-			size_t idx = (size_t)h * B + t0 + t;
-			if (pin[t0 + t]) {
-				/* no unpinned element: scale 0, zero 0, codes 0 */
-				memset(scale + idx * ng, 0, ng * 2);
-				memset(zero + idx * ng, 0, ng * 2);
-				memset(codes + idx * crow, 0, crow);
-				continue;
-			}
-			ops->quant_rows(x + ((size_t)t * H + h) * d, d, gv, bits, sdt,
-					scale + idx * ng, zero + idx * ng, codes8);
-			ops->pack(codes8, d, bits, codes + idx * crow);
-		}
+	for (uint32_t h = 0; h < H; h++) {
+		size_t idx = (size_t)h * B + t0;
+		ops->quant_rows(x + (size_t)h * d, (size_t)H * d, ntok, pin + t0, d, gv, bits, sdt,
+				scale + idx * ng, zero + idx * ng, codes8);
+		for (uint32_t t = 0; t < ntok; t++)
+			ops->pack(codes8 + (size_t)t * d, d, bits, codes + (idx + t) * crow);
 	}
 }
 

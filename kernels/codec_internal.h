@@ -170,10 +170,12 @@ struct kvt_codec_ops {
 	void (*quant_cols)(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
 			   uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale,
 			   uint16_t *zero, uint8_t *codes8);
-	/* Per-token quantization of one row of d channels in groups of gv: d/gv scales and
-	 * zeros, unpacked codes u8 [d] to codes8. */
-	void (*quant_rows)(const float *x, uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt,
-			   uint16_t *scale, uint16_t *zero, uint8_t *codes8);
+	/* Per-token quantization of nrows rows of d channels (row stride x_stride floats) in
+	 * groups of gv: scales and zeros [nrows][d/gv], unpacked codes u8 [nrows][d]. Rows with
+	 * pin[r] != 0 (pin may be NULL) get scale 0, zero 0, codes 0. */
+	void (*quant_rows)(const float *x, size_t x_stride, uint32_t nrows, const uint8_t *pin,
+			   uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
+			   uint16_t *zero, uint8_t *codes8);
 	/* Packs d codes (each < 2^bits) little end first: channel c at bits (c % (8/b)) * b of
 	 * byte c * b / 8. */
 	void (*pack)(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out);
@@ -183,6 +185,13 @@ struct kvt_codec_ops {
 	/* Same with per-group 16-bit scale/zero (groups of gv channels). */
 	void (*dequant_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			    const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y);
+	/* One decoded row: dequantize with 16-bit scale/zero, channel c using s16[c / gv]
+	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels): code * s + z; then
+	 * when rot the butterflies of fwht and the multiply by mult; then round to out_dtype.
+	 * Exactly dequant + fwht + store_f32. */
+	void (*decode_row)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			   const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot,
+			   float mult, void *out, uint32_t out_dtype);
 	/* Unpacks one row to f32 codes (no scale). */
 	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
 };

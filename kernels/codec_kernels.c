@@ -110,17 +110,30 @@ static void s_quant_cols(const float *x, size_t x_stride, uint32_t ntok, const u
 	}
 }
 
-static void s_quant_rows(const float *x, uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt,
-			 uint16_t *scale, uint16_t *zero, uint8_t *codes8)
+static void s_quant_rows(const float *x, size_t x_stride, uint32_t nrows, const uint8_t *pin,
+			 uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
+			 uint16_t *zero, uint8_t *codes8)
 {
 	float qmax = (float)((1u << bits) - 1);
-	for (uint32_t g = 0; g < d / gv; g++) {
-		const float *xg = x + g * gv;
-		float mn, mx, s, z;
-		kvt_minmax8(xg, gv, &mn, &mx);
-		kvt_qparam(mn, mx, true, qmax, sdt, &scale[g], &zero[g], &s, &z);
-		for (uint32_t c = 0; c < gv; c++)
-			codes8[g * gv + c] = (uint8_t)kvt_qcode(xg[c], s, z, qmax);
+	uint32_t ng = d / gv;
+	for (uint32_t r = 0; r < nrows; r++) {
+		const float *xr = x + r * x_stride;
+		uint16_t *sr = scale + (size_t)r * ng, *zr = zero + (size_t)r * ng;
+		uint8_t *cr = codes8 + (size_t)r * d;
+		if (pin && pin[r]) {
+			memset(sr, 0, ng * 2);
+			memset(zr, 0, ng * 2);
+			memset(cr, 0, d);
+			continue;
+		}
+		for (uint32_t g = 0; g < ng; g++) {
+			const float *xg = xr + g * gv;
+			float mn, mx, s, z;
+			kvt_minmax8(xg, gv, &mn, &mx);
+			kvt_qparam(mn, mx, true, qmax, sdt, &sr[g], &zr[g], &s, &z);
+			for (uint32_t c = 0; c < gv; c++)
+				cr[g * gv + c] = (uint8_t)kvt_qcode(xg[c], s, z, qmax);
+		}
 	}
 }
 
@@ -164,7 +177,21 @@ static void s_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint
 	}
 }
 
+static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			 const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot, float mult,
+			 void *out, uint32_t out_dtype)
+{
+	float tmp[256];
+	for (uint32_t c = 0; c < d; c++)
+		tmp[c] = (float)code_at(packed, c, bits) * kvt_widen16(s16[c / gv], sdt) +
+			 kvt_widen16(z16[c / gv], sdt);
+	if (rot)
+		s_fwht(tmp, 1, d, mult);
+	s_store_f32(tmp, out, out_dtype, d);
+}
+
 const struct kvt_codec_ops kvt_codec_ops_scalar = {
+	.decode_row = s_decode_row,
 	.name = "scalar",
 	.load_f32 = s_load_f32,
 	.store_f32 = s_store_f32,

@@ -220,7 +220,7 @@ static void quant_row(const struct kvt_codec_ops *ops, const float *x, uint32_t 
 		      uint16_t *z)
 {
 	uint8_t packed[256];
-	ops->quant_rows(x, d, gv, bits, sdt, s, z, codes);
+	ops->quant_rows(x, d, 1, NULL, d, gv, bits, sdt, s, z, codes);
 	ops->pack(codes, d, bits, packed);
 	ops->dequant_grp(packed, d, bits, gv, s, z, sdt, dec);
 }
@@ -338,13 +338,30 @@ static void test_quantizer_random_paths_equal(void)
 					  "cols: |%g - %g| > step %g (bits %u)", (double)dec, (double)v,
 					  (double)sf, bits);
 			}
+		static uint16_t rs[2][128 * 8], rz[2][128 * 8];
 		for (int p = 0; p < n_paths; p++)
-			paths[p]->quant_rows(x, d, gv, bits, sdt, s[p], z[p], c[p]);
+			paths[p]->quant_rows(x, d, ntok, pin, d, gv, bits, sdt, rs[p], rz[p], c[p]);
+		size_t np = (size_t)ntok * (d / gv);
 		if (n_paths == 2)
-			KVT_CHECK(memcmp(s[0], s[1], d / gv * 2) == 0 &&
-					  memcmp(z[0], z[1], d / gv * 2) == 0 &&
-					  memcmp(c[0], c[1], d) == 0,
+			KVT_CHECK(memcmp(rs[0], rs[1], np * 2) == 0 && memcmp(rz[0], rz[1], np * 2) == 0 &&
+					  memcmp(c[0], c[1], (size_t)ntok * d) == 0,
 				  "quant_rows differ");
+		for (uint32_t t = 0; t < ntok; t++)
+			for (uint32_t ch = 0; ch < d; ch++) {
+				size_t pi = (size_t)t * (d / gv) + ch / gv;
+				uint8_t code = c[0][t * d + ch];
+				float sf = kvt_widen16(rs[0][pi], sdt), zf = kvt_widen16(rz[0][pi], sdt);
+				if (pin[t]) {
+					KVT_CHECK(code == 0 && rs[0][pi] == 0 && rz[0][pi] == 0, "pinned row");
+					continue;
+				}
+				float dec = (float)code * sf + zf, v = x[t * d + ch];
+				if (sf == 0.0f)
+					continue;
+				KVT_CHECK(fabsf(dec - v) <= quant_bound(sf, zf, bits, sdt, v),
+					  "rows: |%g - %g| > bound (step %g, bits %u)", (double)dec,
+					  (double)v, (double)sf, bits);
+			}
 		if (kvt_test_failures)
 			return;
 	}
@@ -383,6 +400,52 @@ static void test_pack_unpack(void)
 	}
 }
 
+static void test_decode_row_paths(void)
+{
+	/* the fused row decoder equals dequant + fwht + store on every path, bit for bit */
+	uint8_t packed[256];
+	float s_ch[256], z_ch[256], tmp[256];
+	uint16_t s16[8], z16[8], s16c[256], z16c[256];
+	uint8_t want[1024], got[2][1024];
+	for (int it = 0; it < 2000; it++) {
+		uint32_t d = 64u << kvt_rand_below(3), bits = 2u << kvt_rand_below(3);
+		uint32_t gv = 32u << kvt_rand_below(3), sdt = 1 + kvt_rand_below(2);
+		uint32_t odt = 1 + kvt_rand_below(3);
+		if (gv > d)
+			gv = d;
+		bool rot = kvt_rand_below(2), per_ch = kvt_rand_below(2);
+		float mult = kvt_rand_uniform() * 3.0f;
+		for (uint32_t i = 0; i < d * bits / 8; i++)
+			packed[i] = (uint8_t)kvt_rand_u64();
+		for (uint32_t c = 0; c < d; c++) {
+			s16c[c] = kvt_round16_bits(kvt_rand_uniform() * 0.1f, sdt);
+			z16c[c] = kvt_round16_bits(kvt_rand_normal(), sdt);
+			s_ch[c] = kvt_widen16(s16c[c], sdt);
+			z_ch[c] = kvt_widen16(z16c[c], sdt);
+		}
+		for (uint32_t g = 0; g < 8; g++) {
+			s16[g] = kvt_round16_bits(kvt_rand_uniform() * 0.1f, sdt);
+			z16[g] = kvt_round16_bits(kvt_rand_normal(), sdt);
+		}
+		if (per_ch)
+			kvt_codec_ops_scalar.dequant_ch(packed, d, bits, s_ch, z_ch, tmp);
+		else
+			kvt_codec_ops_scalar.dequant_grp(packed, d, bits, gv, s16, z16, sdt, tmp);
+		if (rot)
+			kvt_codec_ops_scalar.fwht(tmp, 1, d, mult);
+		kvt_codec_ops_scalar.store_f32(tmp, want, odt, d);
+		for (int p = 0; p < n_paths; p++) {
+			paths[p]->decode_row(packed, d, bits, per_ch ? 1 : gv, per_ch ? s16c : s16,
+					     per_ch ? z16c : z16, sdt, rot, mult, got[p], odt);
+			KVT_CHECK(memcmp(got[p], want, d * kvt_dtype_size(odt)) == 0,
+				  "%s decode_row d %u bits %u gv %u rot %d per_ch %d odt %u",
+				  paths[p]->name, d, bits, gv, rot, per_ch, odt);
+		}
+		if (kvt_test_failures)
+			return;
+	}
+}
+
 static void test_isa_control(void)
 {
 	KVT_CHECK(kvt_codec_set_isa(KVT_ISA_SCALAR) == 0, "scalar always available");
@@ -413,6 +476,7 @@ int main(void)
 	KVT_RUN(test_quantizer_edges);
 	KVT_RUN(test_quantizer_random_paths_equal);
 	KVT_RUN(test_pack_unpack);
+	KVT_RUN(test_decode_row_paths);
 	KVT_RUN(test_isa_control);
 	return kvt_test_done();
 }

@@ -395,20 +395,25 @@ def test_attend_equals_numpy_attention(client, sid, rng, scheme, bits):
     k2, v2 = _fill(rng, L, 37, H, d, "f16")  # tail only
     client.append(s1, k1, v1)
     client.append(s2, k2, v2)
-    items, expect = [], []
+    items, expect, by_chunks = [], [], []
     for s in (s1, s2):
         fk, fv = client.fetch(s, dtype="f32")
+        enc = client.fetch_encoded(s)
         for layer in range(L):
             n_q = H * (1 + layer)  # GQA groups of 1, 2, 3
             q = rng.standard_normal((n_q, d)).astype(np.float32) * 2
             scale = None if layer != 1 else 0.05
             items.append(dict(session_id=s, layer=layer, q=q, softmax_scale=scale))
             expect.append(A.attention(q, fk[layer], fv[layer], scale))
+            # the same step computed on the encoded pieces, the way OSCAR.md section 3 says
+            by_chunks.append(R.attend(q, enc.chunks, enc.tail_k, enc.tail_v, layer=layer,
+                                      softmax_scale=scale))
     outs = client.attend(items, with_counts=True)
     assert len(outs) == len(items)
-    for (out, n), want, it in zip(outs, expect, items):
+    for (out, n), want, want2, it in zip(outs, expect, by_chunks, items):
         assert out.shape == want.shape
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out, want2, rtol=1e-4, atol=1e-4)
         assert n == (2 * B + 21 if it["session_id"] == s1 else 37)
 
 
@@ -686,3 +691,44 @@ def test_concurrent_appends_to_one_session_are_atomic(client, sid):
         np.testing.assert_array_equal(pos[t:t + n], np.arange(n))  # in order
         t += n
     assert len(seen) == n_threads * per
+
+
+# ---- the C client (kvtierctl, on libkvtier) and the Python client agree ------------------------------
+
+def test_python_and_c_clients_agree(client, daemon, sid, rng, tmp_path):
+    """The same K/V stored through the C client (kvtierctl put) and through this client give
+    the same chunks and the same Fetch bytes, and kvtierctl get of a session this client
+    filled returns what this client's fetch returns."""
+    import os
+    import subprocess
+
+    ctl = os.environ.get("KVTIERCTL")
+    if not ctl or not os.path.isfile(ctl):
+        pytest.fail(f"KVTIERCTL={ctl!r} does not name kvtierctl (ctest sets it)")
+    L, H, d, B = 2, 2, 128, 64
+    codec = dict(scheme="oscar", key_bits=2, value_bits=2, group=32, chunk_tokens=B, n_sinks=4)
+    k, v = _fill(rng, L, 2 * B + 13, H, d, "f16")
+    np.save(tmp_path / "k.npy", k)
+    np.save(tmp_path / "v.npy", v)
+    py, c = sid("py"), sid("c")
+    client.open_session(py, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16", codec=codec)
+    client.append(py, k, v)
+
+    def run(*args):
+        out = subprocess.run([ctl, "--socket", str(daemon.socket), *args], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, f"kvtierctl {' '.join(args)}: {out.stderr}{out.stdout}"
+        return out
+
+    run("put", c, "--k", str(tmp_path / "k.npy"), "--v", str(tmp_path / "v.npy"),
+        "--scheme", "oscar", "--key-bits", "2", "--value-bits", "2", "--group", "32",
+        "--chunk-tokens", str(B), "--sinks", "4")
+    assert client.stat(c).codec == client.stat(py).codec
+    assert client.fetch_encoded(c).chunks == client.fetch_encoded(py).chunks
+    a, b = client.fetch(py), client.fetch(c)
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    run("get", py, "--out-k", str(tmp_path / "ok.npy"), "--out-v", str(tmp_path / "ov.npy"),
+        "--tokens", f"5:{2 * B + 10}", "--dtype", "f32")
+    fk, fv = client.fetch(py, tokens=(5, 2 * B + 10), dtype="f32")
+    np.testing.assert_array_equal(np.load(tmp_path / "ok.npy"), fk)
+    np.testing.assert_array_equal(np.load(tmp_path / "ov.npy"), fv)

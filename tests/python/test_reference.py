@@ -215,3 +215,21 @@ def test_protobuf_modules_generate_lazily(tmp_path):
         assert (gen / "kvtier/v1/kvtier_pb2.py").is_file()
         assert (gen / "grpc/health/v1/health_pb2.py").is_file()
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+@pytest.mark.parametrize("scheme", ["none", "kivi", "hadamard", "oscar"])
+def test_attend_over_chunks_equals_attention_over_decoded(rng, scheme):
+    # OSCAR.md section 3: scoring in the rotated basis with the norm in the logit and rotating
+    # the value sum back once equals attention over the decoded cache
+    L, B, H, d, Hq = 2, 64, 2, 128, 6
+    cfg = R.make_config(L, H, d, "f16", scheme=scheme, bits=2, group=32, chunk_tokens=B,
+                        n_sinks=3, rotate_v=int(scheme in ("hadamard", "oscar")))
+    k, v = (A.from_f32(rng.standard_normal((L, 2 * B + 7, H, d)).astype(np.float32) * 2, "f16")
+            for _ in range(2))
+    chunks = [R.encode_chunk(cfg, c * B, k[:, c * B:(c + 1) * B], v[:, c * B:(c + 1) * B])
+              for c in range(2)]
+    dk, dv = R.roundtrip(cfg, k, v)
+    q = rng.standard_normal((Hq, d)).astype(np.float32)
+    for layer in range(L):
+        got = R.attend(q, chunks, k[:, 2 * B:], v[:, 2 * B:], layer=layer)
+        np.testing.assert_allclose(got, A.attention(q, dk[layer], dv[layer]), rtol=1e-4, atol=1e-5)

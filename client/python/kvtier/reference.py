@@ -9,6 +9,8 @@ What is here:
   a float zero offset, scales and zeros stored as f16 (bf16 for bf16 inputs).
 - encode_chunk(cfg, first_token, k, v) -> bytes in the chunk format (header, pin table, layer
   sections, crc32c); parse_chunk(bytes) -> ChunkView; decode_chunk(bytes) -> (k, v).
+- attend(q, chunks, tail_k, tail_v, layer): one decode-attention step over encoded chunks
+  computed in the rotated basis (OSCAR.md section 3), a reference for the daemon's Attend.
 - roundtrip(cfg, k, v): what a session returns for a whole K/V (sealed chunks decoded, the
   tail < B exact), for evaluating codecs on real model data without a daemon.
 
@@ -119,12 +121,13 @@ def inv_sqrt_dim(d: int) -> np.float32:
     return np.float32(1.0 / np.sqrt(float(d)))
 
 
-def hadamard(x, mult=None) -> np.ndarray:
+def hadamard(x, mult=None, dtype=np.float32) -> np.ndarray:
     """x <- H_d x on the last axis (d a power of two), H[i][j] = (-1)^popcount(i&j)/sqrt(d):
     fp32 butterflies (pairs j, j+h for h = 1, 2, 4, ...), then one fp32 multiply by mult
     (default 1/sqrt(d); a broadcastable array, e.g. norm/sqrt(d) per token, folds a
-    scaling into the same multiply). Self-inverse with the default mult."""
-    y = np.array(x, dtype=np.float32, copy=True)
+    scaling into the same multiply). Self-inverse with the default mult. dtype float64 gives
+    a more exact transform for references that accumulate in double."""
+    y = np.array(x, dtype=dtype, copy=True)
     d = y.shape[-1]
     assert d >= 1 and d & (d - 1) == 0, f"hadamard: d {d} is not a power of two"
     lead = y.shape[:-1]
@@ -136,6 +139,8 @@ def hadamard(x, mult=None) -> np.ndarray:
         y = np.stack((a + b, a - b), axis=-2)
         h *= 2
     y = y.reshape(lead + (d,))
+    if dtype != np.float32:
+        return y * (1.0 / np.sqrt(d) if mult is None else np.asarray(mult, dtype=dtype))
     m = inv_sqrt_dim(d) if mult is None else np.asarray(mult, dtype=np.float32)
     return (y * m).astype(np.float32)
 
@@ -652,6 +657,89 @@ def decode_steps(buf, view: ChunkView | None = None):
     return sk, sv
 
 
+def attend(q, chunks, tail_k=None, tail_v=None, layer=0, softmax_scale=None, dtype=None):
+    """One decode step of one layer over a session's pieces, computed the way OSCAR.md
+    section 3 describes (not by decoding): q [Hq][d] float; chunks: encoded chunk bytes in
+    token order; tail_k / tail_v: the exact tail [L][n][H][d] (wire dtype; dtype names it
+    when the arrays are uint16 bf16 bits). Quantized keys are scored in the rotated basis
+    (q' = H q, logit = scale * n_t * <q', code * s + z>), pinned and tail tokens in the
+    original basis; quantized values accumulate rotated and are rotated back once. Returns
+    float32 [Hq][d]. float64 accumulation: a reference for the daemon's Attend."""
+    q = np.asarray(q, dtype=np.float32)
+    n_q, d = q.shape
+    views = [parse_chunk(c) for c in chunks]
+    H = views[0].cfg["n_kv_heads"] if views else np.asarray(tail_k).shape[2]
+    if n_q % H:
+        raise ValueError(f"n_q_heads {n_q} is not a multiple of n_kv_heads {H}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / np.sqrt(d)
+    group = n_q // H
+    qr = hadamard(q).astype(np.float64)
+    q64 = q.astype(np.float64)
+    pieces = []  # (logits [Hq][n], values [n][H][d] float64, rotated: bool)
+    for cv in views:
+        c = cv.cfg
+        s = c["scheme"]
+        a = cv.layer(layer)
+        B, G, gv = c["chunk_tokens"], c["group"], value_group(c)
+        pinned = np.zeros(B, dtype=bool)
+        pinned[cv.pins] = True
+        if s == SCHEME_NONE:
+            k = to_f32(a["k_codes"], c["dtype"]).transpose(1, 0, 2).astype(np.float64)
+            v = to_f32(a["v_codes"], c["dtype"]).transpose(1, 0, 2).astype(np.float64)
+            lg = np.stack([k[:, i // group] @ q64[i] for i in range(n_q)]) * softmax_scale
+            pieces.append((lg, v, False))
+            continue
+        if s in (SCHEME_KIVI, SCHEME_OSCAR):
+            sc = np.repeat(a["k_scale"], G, axis=1)
+            ze = np.repeat(a["k_zero"], G, axis=1)
+        else:
+            sc = np.repeat(a["k_scale"], gv, axis=2)
+            ze = np.repeat(a["k_zero"], gv, axis=2)
+        kq = (a["k_codes"].astype(np.float64) * sc + ze).transpose(1, 0, 2)  # [B][H][d]
+        qk = qr if s in (SCHEME_HADAMARD, SCHEME_OSCAR) else q64
+        lg = np.stack([kq[:, i // group] @ qk[i] for i in range(n_q)])  # [Hq][B]
+        if s == SCHEME_OSCAR:
+            lg = lg * a["norms"].astype(np.float64)[None, :]
+        vq = (a["v_codes"].astype(np.float64) * np.repeat(a["v_scale"], gv, axis=2)
+              + np.repeat(a["v_zero"], gv, axis=2)).transpose(1, 0, 2)
+        if len(cv.pins):
+            ke = to_f32(a["k_exact"], c["dtype"]).astype(np.float64)  # [P][H][d]
+            ve = to_f32(a["v_exact"], c["dtype"]).astype(np.float64)
+            lge = np.stack([ke[:, i // group] @ q64[i] for i in range(n_q)])
+            lg[:, cv.pins] = lge
+            pieces.append((np.where(pinned[None, :], -np.inf, lg * softmax_scale), vq,
+                           bool(c["rotate_v"])))
+            pieces.append((lge * softmax_scale, ve, False))
+        else:
+            pieces.append((lg * softmax_scale, vq, bool(c["rotate_v"])))
+    if tail_k is not None and np.asarray(tail_k).shape[1]:
+        tk = to_f32(np.asarray(tail_k)[layer], dtype if dtype is not None else np.asarray(tail_k).dtype)
+        tv = to_f32(np.asarray(tail_v)[layer], dtype if dtype is not None else np.asarray(tail_v).dtype)
+        tk = tk.astype(np.float64)
+        lg = np.stack([tk[:, i // group] @ q64[i] for i in range(n_q)]) * softmax_scale
+        pieces.append((lg, tv.astype(np.float64), False))
+    if not pieces:
+        return np.zeros((n_q, d), dtype=np.float32)
+    m = np.max([p[0].max(axis=1) for p in pieces if p[0].size], axis=0)  # [Hq]
+    total = np.zeros(n_q)
+    acc_rot = np.zeros((n_q, d))
+    acc = np.zeros((n_q, d))
+    for lg, v, rot in pieces:
+        if not lg.size:
+            continue
+        p = np.exp(lg - m[:, None])  # [Hq][n]
+        total += p.sum(axis=1)
+        for i in range(n_q):
+            contrib = p[i] @ v[:, i // group]
+            if rot:
+                acc_rot[i] += contrib
+            else:
+                acc[i] += contrib
+    out = (acc + hadamard(acc_rot, dtype=np.float64)) / total[:, None]
+    return out.astype(np.float32)
+
+
 def roundtrip(cfg, k, v, out_dtype="f32"):
     """What a session holding k, v ([L][T][H][d], wire dtype) returns from Fetch: tokens of
     full chunks of B encoded and decoded, the last T mod B exact."""
@@ -675,5 +763,5 @@ def roundtrip(cfg, k, v, out_dtype="f32"):
 __all__ = ["make_config", "normalize_config", "hadamard", "sylvester", "joint_norms",
            "quant_params", "quantize", "dequantize", "pack", "unpack", "chunk_layout", "crc32c",
            "chunk_crc", "pinned_tokens", "encode_chunk", "parse_chunk", "decode_chunk",
-           "decode_steps", "roundtrip", "ChunkView", "ChunkError", "DTYPE_F16", "DTYPE_BF16",
+           "decode_steps", "roundtrip", "attend", "ChunkView", "ChunkError", "DTYPE_F16", "DTYPE_BF16",
            "DTYPE_F32"]
