@@ -52,7 +52,7 @@ uint32_t kvt_crc32c_sw(uint32_t crc, const void *buf, size_t len)
 
 uint32_t kvt_crc32c(uint32_t crc, const void *buf, size_t len)
 {
-	static int hw = -1; /* benign race: every thread computes the same answer */
+	static _Atomic int hw = -1; /* every thread computes the same answer */
 	if (hw < 0)
 		hw = kvt_crc32c_hw_available() ? 1 : 0;
 	return hw ? kvt_crc32c_hw(crc, buf, len) : kvt_crc32c_sw(crc, buf, len);

@@ -327,6 +327,113 @@ static void test_paths_identical(void)
 	}
 }
 
+/* every scheme x bits x G x d x dtype (small shapes): AVX2 bytes == scalar bytes, decoded
+ * values identical, and the chunk within the quantizer's bound of its input */
+static void test_paths_sweep(void)
+{
+	static const uint32_t dims[] = {64, 128, 256}, groups[] = {32, 64, 128}, bits[] = {2, 4, 8};
+	uint32_t combos = 0;
+	for (uint32_t sc = 0; sc < 4; sc++)
+		for (uint32_t bi = 0; bi < 3; bi++)
+			for (uint32_t gi = 0; gi < 3; gi++)
+				for (uint32_t di = 0; di < 3; di++)
+					for (uint32_t dt = 1; dt <= 3; dt++) {
+						if (sc == KVT_SCHEME_NONE && bi)
+							continue;
+						struct kvt_codec_config cfg;
+						kvt_codec_config_default(&cfg, 2, 2, dims[di], dt);
+						cfg.scheme = sc;
+						cfg.group = groups[gi];
+						cfg.chunk_tokens = groups[gi] * (1 + kvt_rand_below(2));
+						cfg.key_bits = sc ? bits[bi] : 16;
+						cfg.value_bits = sc ? bits[(bi + kvt_rand_below(3)) % 3] : 16;
+						cfg.rotate_v = kvt_scheme_rotates_keys(sc) ? kvt_rand_below(2) : 0;
+						cfg.n_sinks = kvt_rand_below(5);
+						if (sc && kvt_rand_below(2)) {
+							cfg.pin_detect_ratio = 0.6f;
+							cfg.pin_detect_max = 3;
+						}
+						uint32_t low[2] = {kvt_rand_below(cfg.chunk_tokens),
+								   kvt_rand_below(cfg.chunk_tokens)};
+						void *k = random_kv(&cfg, cfg.chunk_tokens, 1.0f, low, 2);
+						void *v = random_kv(&cfg, cfg.chunk_tokens, 1.0f, NULL, 0);
+						size_t len[2] = {0, 0};
+						uint8_t *c[2] = {NULL, NULL};
+						size_t n = (size_t)2 * cfg.chunk_tokens * 2 * cfg.head_dim;
+						float *kd[2], *vd[2];
+						for (int p = 0; p < 2; p++) {
+							kvt_codec_set_isa(p && avx2 ? KVT_ISA_AVX2 : KVT_ISA_SCALAR);
+							c[p] = encode_new(&cfg, 0, k, v, &len[p]);
+							kd[p] = malloc(n * 4);
+							vd[p] = malloc(n * 4);
+							if (c[p])
+								decode_all(c[p], &cfg, kd[p], vd[p]);
+						}
+						kvt_codec_set_isa(KVT_ISA_AUTO);
+						KVT_CHECK(c[0] && c[1] && len[0] == len[1] &&
+								  memcmp(c[0], c[1], len[0]) == 0 &&
+								  memcmp(kd[0], kd[1], n * 4) == 0 &&
+								  memcmp(vd[0], vd[1], n * 4) == 0,
+							  "paths differ (%s)", cfg_str(&cfg));
+						if (c[0])
+							check_chunk_against_input(&cfg, 0, c[0], k, v);
+						for (int p = 0; p < 2; p++) {
+							free(c[p]);
+							free(kd[p]);
+							free(vd[p]);
+						}
+						free(k);
+						free(v);
+						combos++;
+						if (kvt_test_failures)
+							return;
+					}
+	printf("# %u configurations%s\n", combos, avx2 ? "" : " (no AVX2: scalar twice)");
+}
+
+/* every token range x every layer range of a small chunk equals the slice of a full decode */
+static void test_decode_every_range(void)
+{
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 3, 2, 64, KVT_DTYPE_F16);
+	cfg.pin_detect_ratio = 0.5f;
+	cfg.pin_detect_max = 2;
+	uint32_t low[1] = {17};
+	void *k = random_kv(&cfg, 32, 1.0f, low, 1), *v = random_kv(&cfg, 32, 1.0f, NULL, 0);
+	cfg.chunk_tokens = 32;
+	size_t len;
+	uint8_t *chunk = encode_new(&cfg, 0, k, v, &len);
+	KVT_REQUIRE(chunk != NULL, "encode");
+	size_t row = 2 * 64, n = (size_t)3 * 32 * row;
+	uint16_t *kf = malloc(n * 2), *vf = malloc(n * 2), *ks = malloc(n * 2), *vs = malloc(n * 2);
+	KVT_REQUIRE(kvt_decode_chunk(chunk, 0, 32, 0, 3, KVT_DTYPE_F16, kf, vf, NULL, 0) == 0, "full");
+	size_t ranges = 0;
+	for (uint32_t t0 = 0; t0 <= 32; t0++)
+		for (uint32_t t1 = t0; t1 <= 32; t1++)
+			for (uint32_t l0 = 0; l0 <= 3; l0++)
+				for (uint32_t l1 = l0; l1 <= 3; l1++) {
+					KVT_REQUIRE(kvt_decode_chunk(chunk, t0, t1, l0, l1, KVT_DTYPE_F16, ks,
+								     vs, NULL, 0) == 0,
+						    "range");
+					size_t nt = t1 - t0;
+					for (uint32_t l = l0; l < l1; l++) {
+						size_t src = ((size_t)l * 32 + t0) * row, dst = (size_t)(l - l0) * nt * row;
+						KVT_REQUIRE(memcmp(ks + dst, kf + src, nt * row * 2) == 0 &&
+								    memcmp(vs + dst, vf + src, nt * row * 2) == 0,
+							    "[%u,%u) x [%u,%u) differs", t0, t1, l0, l1);
+					}
+					ranges++;
+				}
+	printf("# %zu ranges\n", ranges);
+	free(kf);
+	free(vf);
+	free(ks);
+	free(vs);
+	free(chunk);
+	free(k);
+	free(v);
+}
+
 static void test_decode_slices(void)
 {
 	for (int it = 0; it < 30 && !kvt_test_failures; it++) {
@@ -613,6 +720,8 @@ int main(void)
 	KVT_RUN(test_layout);
 	KVT_RUN(test_roundtrip_random);
 	KVT_RUN(test_paths_identical);
+	KVT_RUN(test_paths_sweep);
+	KVT_RUN(test_decode_every_range);
 	KVT_RUN(test_decode_slices);
 	KVT_RUN(test_norms);
 	KVT_RUN(test_pins);
