@@ -22,8 +22,24 @@ from bpe_tokenizer import BPETokenizer  # noqa: E402
 from kvcache import ExactBackend  # noqa: E402
 
 
+def q8_blocks(x):
+    """llama.cpp's CPU activation quantization (q8_0 / q8_1): blocks of 32 along the last axis,
+    scale d = max|x| / 127 stored as fp16, codes round(x / d). Returns the dequantized values.
+    Only for the emulate_llamacpp diagnostic; the worker's own pass stays float32."""
+    sh = x.shape
+    b = x.reshape(sh[:-1] + (sh[-1] // 32, 32))
+    d = (np.abs(b).max(axis=-1, keepdims=True) / 127.0).astype(np.float16).astype(np.float32)
+    safe = np.where(d == 0, 1.0, d)
+    q = np.clip(np.round(b / safe), -127, 127)
+    return (q * d).reshape(sh).astype(np.float32)
+
+
 class SmolLM:
-    def __init__(self, path):
+    def __init__(self, path, emulate_llamacpp=False):
+        """emulate_llamacpp: quantize matmul inputs to 8 bits in blocks of 32 and round Q/K/V to
+        fp16, as llama.cpp's CPU backend does (a diagnostic that shows where the remaining
+        difference to llama.cpp comes from; off for every measurement)."""
+        self.emulate = emulate_llamacpp
         from gguf import GGUFReader
         from gguf.quants import dequantize
         r = GGUFReader(path)
@@ -71,6 +87,9 @@ class SmolLM:
         self.scale = 1.0 / np.sqrt(self.head_dim)
 
     # -- pieces ------------------------------------------------------------------------------
+    def _aq(self, a):
+        return q8_blocks(a) if self.emulate else a
+
     def rms_norm(self, x, wt):
         ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
         return x / np.sqrt(ms + np.float32(self.eps)) * wt
@@ -104,25 +123,27 @@ class SmolLM:
         vs = np.empty_like(ks)
         for li, L in enumerate(self.layers):
             h = self.rms_norm(x, L["attn_norm"])
-            qkv = h @ L["wqkv"]
+            qkv = self._aq(h) @ L["wqkv"]
             nq, nk = L["nq"], L["nk"]
             q = self.rope(qkv[:, :nq].reshape(n, hq, d), pos)
             k = self.rope(qkv[:, nq:nq + nk].reshape(n, hkv, d), pos)
             v = np.ascontiguousarray(qkv[:, nq + nk:].reshape(n, hkv, d))
+            if self.emulate:  # llama.cpp's f16 KV cache, and Q converted to f16 for K.Q
+                q, k, v = (a.astype(np.float16).astype(np.float32) for a in (q, k, v))
             ks[li], vs[li] = k, v
             if hook is not None:
                 hook(li, q, k, v)
             o = cache.attend(li, q, k, v, self.scale)            # [n][hq][d]
-            x = x + o.reshape(n, hq * d) @ L["wo"]
+            x = x + self._aq(o.reshape(n, hq * d)) @ L["wo"]
             h = self.rms_norm(x, L["ffn_norm"])
-            gu = h @ L["wgu"]
+            gu = self._aq(h) @ L["wgu"]
             g, u = gu[:, :self.n_ff], gu[:, self.n_ff:]
-            x = x + (g / (1.0 + np.exp(-g)) * u) @ L["wd"]
+            x = x + self._aq(g / (1.0 + np.exp(-g)) * u) @ L["wd"]
         cache.commit(ks, vs)
         h = self.rms_norm(x, self.out_norm)
         if not want_logits:
             return h
-        return h @ self.out_w.T
+        return self._aq(h) @ self.out_w.T
 
     def forward(self, tokens, cache, block=128, want_logits=True, hook=None, logits_cb=None):
         """Teacher-forced pass over tokens in blocks of at most `block` tokens, each cut so it
