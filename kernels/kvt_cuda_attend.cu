@@ -59,7 +59,7 @@ struct att_params {
 	const att_group_dev *groups;
 	float *part_ml;  /* [n_items][RQ][2] */
 	float *part_acc; /* [n_items][RQ][D] */
-	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb;
+	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma;
 	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
 		v_codes_off;
 	float inv_sqrt_d;
@@ -89,21 +89,33 @@ __device__ __forceinline__ float warp_sum(float v)
 }
 
 /* Per-warp online softmax state: m uniform, l per lane (summed at the end), acc lane-owned
- * channels lane*EPL.. of each query head. */
-template <int EPL> struct warp_state {
-	float m[RQ], l[RQ], acc[RQ][EPL];
+ * channels lane*EPL.. of each of N query heads. */
+template <int EPL, int N> struct warp_state {
+	float m[N], l[N], acc[N][EPL];
 };
+
+template <int EPL, int N> __device__ __forceinline__ void state_init(warp_state<EPL, N> &st)
+{
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		st.m[q] = -INFINITY;
+		st.l[q] = 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			st.acc[q][e] = 0.0f;
+	}
+}
 
 /* Folds one 32-token unit's logits (lane = token; -inf = masked) into the state; leaves
  * p = exp(logit - m) in pbuf[lane][q] for the value pass. Returns false when every logit
  * so far is -inf (nothing to accumulate). */
-template <int EPL>
-__device__ __forceinline__ bool softmax_unit(warp_state<EPL> &st, const float (&lg)[RQ],
+template <int EPL, int N>
+__device__ __forceinline__ bool softmax_unit(warp_state<EPL, N> &st, const float (&lg)[N],
 					     float *pbuf, int lane)
 {
 	bool any = false;
 #pragma unroll
-	for (int q = 0; q < RQ; q++) {
+	for (int q = 0; q < N; q++) {
 		float mu = warp_max(lg[q]);
 		float mn = fmaxf(st.m[q], mu);
 		float p = 0.0f;
@@ -118,61 +130,115 @@ __device__ __forceinline__ bool softmax_unit(warp_state<EPL> &st, const float (&
 			p = lg[q] == -INFINITY ? 0.0f : __expf(lg[q] - mn);
 			st.l[q] += p;
 		}
-		pbuf[lane * RQ + q] = p;
+		pbuf[lane * N + q] = p;
 	}
 	__syncwarp();
 	return any;
 }
 
 /* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
- * logits against the scaled original-basis query qo [RQ][D]. */
-template <int D>
-__device__ void attend_rows(const att_params &p, warp_state<D / 32> &st, const uint8_t *k,
+ * logits against the scaled original-basis query qo [N][D]. */
+template <int D, int N>
+__device__ void attend_rows(const att_params &p, warp_state<D / 32, N> &st, const uint8_t *k,
 			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
 			    float *pbuf, int lane)
 {
 	constexpr int EPL = D / 32;
 	for (uint32_t t0 = 0; t0 < n; t0 += 32) {
 		uint32_t t = t0 + lane;
-		float lg[RQ];
+		float lg[N];
 #pragma unroll
-		for (int q = 0; q < RQ; q++)
+		for (int q = 0; q < N; q++)
 			lg[q] = -INFINITY;
 		if (t < n) {
-			float a[RQ] = {0.0f};
+			float a[N];
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				a[q] = 0.0f;
 			for (int c = 0; c < D; c++) {
 				float x = kvt_d_ld(k, (size_t)t * stride + c, p.dtype);
 #pragma unroll
-				for (int q = 0; q < RQ; q++)
+				for (int q = 0; q < N; q++)
 					a[q] = fmaf(qo[q * D + c], x, a[q]);
 			}
 #pragma unroll
-			for (int q = 0; q < RQ; q++)
+			for (int q = 0; q < N; q++)
 				lg[q] = a[q];
 		}
 		__syncwarp();
-		if (!softmax_unit<EPL>(st, lg, pbuf, lane))
+		if (!softmax_unit<EPL, N>(st, lg, pbuf, lane))
 			continue;
 		uint32_t m = min(32u, n - t0);
 		for (uint32_t jj = 0; jj < m; jj++) {
-			float4 pq = *(const float4 *)(pbuf + jj * RQ);
 			size_t base = (size_t)(t0 + jj) * stride + lane * EPL;
+			float x[EPL];
 #pragma unroll
-			for (int e = 0; e < EPL; e++) {
-				float x = kvt_d_ld(v, base + e, p.dtype);
-				st.acc[0][e] = fmaf(pq.x, x, st.acc[0][e]);
-				st.acc[1][e] = fmaf(pq.y, x, st.acc[1][e]);
-				st.acc[2][e] = fmaf(pq.z, x, st.acc[2][e]);
-				st.acc[3][e] = fmaf(pq.w, x, st.acc[3][e]);
+			for (int e = 0; e < EPL; e++)
+				x[e] = kvt_d_ld(v, base + e, p.dtype);
+#pragma unroll
+			for (int q = 0; q < N; q++) {
+				float pq = pbuf[jj * N + q];
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					st.acc[q][e] = fmaf(pq, x[e], st.acc[q][e]);
 			}
 		}
 		__syncwarp();
 	}
 }
 
+/* Writes a warp's lane-per-channel state to the block's reduction arrays. */
+template <int D, int N>
+__device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, float *rm, float *rl,
+					    float *racc, int lane)
+{
+	constexpr int EPL = D / 32;
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		float l = warp_sum(st.l[q]);
+		if (lane == 0) {
+			rm[q] = st.m[q];
+			rl[q] = l;
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			racc[q * D + lane * EPL + e] = st.acc[q][e];
+	}
+}
+
+/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
+ * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
+template <int D, int N>
+__device__ void block_merge(const att_params &p, const float *red_m, const float *red_l,
+			    const float *red_acc)
+{
+	__syncthreads();
+	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
+		int q = i / D;
+		float M = -INFINITY;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			M = fmaxf(M, red_m[w * N + q]);
+		float L = 0.0f, A = 0.0f;
+		if (M != -INFINITY) {
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				float f = __expf(red_m[w * N + q] - M);
+				L += red_l[w * N + q] * f;
+				A += red_acc[(size_t)w * N * D + i] * f;
+			}
+		}
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
+		if (i % D == 0) {
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
+		}
+	}
+}
+
 /* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
 template <int D, int KB, int VB>
-__device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_state<D / 32> &st,
+__device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_state<D / 32, RQ> &st,
 			     uint32_t u0, uint32_t u1, const float *qr, float *wq, float *pbuf,
 			     int lane)
 {
@@ -286,7 +352,7 @@ __device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_s
 				lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
 		}
 		__syncwarp();
-		if (!softmax_unit<EPL>(st, lg, pbuf, lane))
+		if (!softmax_unit<EPL, RQ>(st, lg, pbuf, lane))
 			continue;
 
 		/* values: lane owns channels lane*EPL..; all in one value group */
@@ -380,15 +446,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
 	}
 	__syncthreads();
 
-	warp_state<EPL> st;
-#pragma unroll
-	for (int q = 0; q < RQ; q++) {
-		st.m[q] = -INFINITY;
-		st.l[q] = 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			st.acc[q][e] = 0.0f;
-	}
+	warp_state<EPL, RQ> st;
+	state_init<EPL, RQ>(st);
 
 	if (it.kind == ITEM_CODED) {
 		uint32_t units = it.count * (p.B / 32);
@@ -401,58 +460,406 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
 		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
 		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
 		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
-		attend_rows<D>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
+		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
 	} else {
 		/* scheme none: a chunk's rows are [H][B][d] exact; one warp per chunk */
 		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
 		for (uint32_t c = warp; c < it.count; c += ATT_WARPS) {
 			const uint8_t *sec = p.chunks[it.first + c].sec;
 			size_t off = (size_t)it.kv_head * p.B * D * ws;
-			attend_rows<D>(p, st, sec + p.k_codes_off + off, sec + p.v_codes_off + off,
-				       p.B, D, qo, pbuf[warp], lane);
+			attend_rows<D, RQ>(p, st, sec + p.k_codes_off + off, sec + p.v_codes_off + off,
+					   p.B, D, qo, pbuf[warp], lane);
 		}
 	}
+	state_store<D, RQ>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
+	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+}
 
-	/* merge the warps */
+/* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4, head_dim 128 ----------------
+ *
+ * mma.sync m16n8k16 (f16 in, f32 accumulate). Keys: A = codes [16 tokens][16 channels] read
+ * straight from the packed rows (each quad of lanes shares a token row, each lane 1/4 of it;
+ * channels c and c + 16/BITS of a 32-bit word sit at bits b and b + 16, so one shift, one
+ * and-or and one subtraction make a pair of f16 codes), B = w = q' * s split into f16 hi +
+ * lo parts (two MMAs, ~fp32 products) with the channel order matching A's; 8 query heads
+ * per item. Values: A = p * s_v (hi + lo), rows = query heads, B = codes [16 tokens][8
+ * channels of one value group] staged through shared memory. Softmax is online per warp.
+ */
+#define RQ8 8
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+					 uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* (code at bit sh, code at bit sh + 16) -> f16x2, exact */
+template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
+{
+	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
+	uint32_t x = ((u >> sh) & M2) | 0x64006400u;
+	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+	return *(uint32_t *)&h;
+}
+
+/* d[0..1] += A * B for the output rows 0..7 only: A's rows 8..15 are zero, so the other two
+ * accumulators stay zero and are shared scratch (z) across calls, halving the registers. */
+__device__ __forceinline__ void mma16816_top(float &d0, float &d1, float &z0, float &z1,
+					     const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+	uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all(void)
+{
+	asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* 16-bit element c of a register array of uint4 (c known at compile time after unrolling) */
+template <int N> __device__ __forceinline__ uint16_t u4_half(const uint4 (&v)[N], int c)
+{
+	uint32_t w = u4_word(v[c / 8], (c % 8) / 2);
+	return (uint16_t)((c & 1) ? w >> 16 : w & 0xffff);
+}
+
+__device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
+	__half2 h = __halves2half2(hx, hy);
+	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
+	hi = *(uint32_t *)&h;
+	lo = *(uint32_t *)&l;
+}
+
+template <int BITS, int GV>
+__device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
+				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
+				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
+{
+	constexpr int D = 128;
+	constexpr int NKS = D / 16;          /* k-steps over channels (keys) */
+	constexpr int NW = D * BITS / 128;   /* 32-bit words of a token row per lane */
+	constexpr int PPW = 16 / BITS;       /* channel pairs per word */
+	constexpr int CPW = 32 / BITS;       /* channels per word */
+	constexpr int RB = D * BITS / 8;     /* bytes per token row */
+	constexpr int NG = D / GV;           /* value groups */
+	constexpr int CT = GV / 8;           /* channels per lane per value group */
+	constexpr int NT = D / 8;            /* value n-tiles */
+	constexpr int TB = CT * BITS;        /* bits per lane per group per token */
+	constexpr int NSL = TB > 16 ? TB / 16 : 1;
+	constexpr int CPS = TB > 16 ? 16 / BITS : CT; /* codes per 16-bit slice */
+	const int gid = lane >> 2, tig = lane & 3;
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const bool bf = p.sbf, oscar = p.scheme == KVT_SCHEME_OSCAR;
+
+	float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.0f, 0.0f};
+	float vacc[NT][2], vz0 = 0.0f, vz1 = 0.0f;
+	float zacc[NG];
 #pragma unroll
-	for (int q = 0; q < RQ; q++) {
-		float l = warp_sum(st.l[q]);
-		if (lane == 0) {
-			red_m[warp][q] = st.m[q];
-			red_l[warp][q] = l;
+	for (int n = 0; n < NT; n++)
+		vacc[n][0] = vacc[n][1] = 0.0f;
+#pragma unroll
+	for (int g = 0; g < NG; g++)
+		zacc[g] = 0.0f;
+	uint32_t bkh[NKS][2], bkl[NKS][2];
+	float biasA = 0.0f, biasB = 0.0f;
+	uint32_t cached = 0xffffffffu;
+	uint8_t *vsS = vst + 32 * RB, *vzS = vsS + 64 * NG; /* staged value scales, zeros */
+	att_chunk_dev ch_next;
+	if (u0 < u1)
+		ch_next = p.chunks[it.first + u0 / upc];
+
+	for (uint32_t u = u0; u < u1; u++) {
+		const uint32_t ci = it.first + u / upc, sb = u % upc;
+		const att_chunk_dev ch = ch_next;
+		if (u + 1 < u1)
+			ch_next = p.chunks[it.first + (u + 1) / upc]; /* prefetch */
+		const uint8_t *sec = ch.sec;
+		const uint32_t g = (sb * 32) / p.G;
+		const bool new_group = ci * 64 + g != cached;
+
+		/* every load of the unit is issued here, before any of them is used: one memory
+		 * round trip per unit. Keys to registers ... */
+		uint32_t r0[2][NW], r1[2][NW];
+		float nrm[2][2];
+		const uint8_t *kc = sec + p.k_codes_off + (size_t)h * p.B * RB + tig * (RB / 4);
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
+			if constexpr (NW == 2) {
+				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RB), b = *(const uint2 *)(kc + (size_t)t1 * RB);
+				r0[mt][0] = a.x; r0[mt][1] = a.y; r1[mt][0] = b.x; r1[mt][1] = b.y;
+			} else {
+				uint4 a = *(const uint4 *)(kc + (size_t)t0 * RB), b = *(const uint4 *)(kc + (size_t)t1 * RB);
+				r0[mt][0] = a.x; r0[mt][1] = a.y; r0[mt][2] = a.z; r0[mt][3] = a.w;
+				r1[mt][0] = b.x; r1[mt][1] = b.y; r1[mt][2] = b.z; r1[mt][3] = b.w;
+			}
+			nrm[mt][0] = oscar ? ((const float *)(sec + p.norms_off))[t0] : 1.0f;
+			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
 		}
+		uint4 ksv[D / 32], kzv[D / 32]; /* this lane's quarter: D/4 halves */
+		if (new_group) {
+			const uint4 *ks = (const uint4 *)((const uint16_t *)(sec + p.k_scale_off) +
+							  ((size_t)h * (p.B / p.G) + g) * D + tig * (D / 4));
+			const uint4 *kz = (const uint4 *)((const uint16_t *)(sec + p.k_zero_off) +
+							  ((size_t)h * (p.B / p.G) + g) * D + tig * (D / 4));
 #pragma unroll
-		for (int e = 0; e < EPL; e++)
-			red_acc[warp][q * D + lane * EPL + e] = st.acc[q][e];
-	}
-	__syncthreads();
-	for (int i = threadIdx.x; i < RQ * D; i += ATT_THREADS) {
-		int q = i / D;
-		float M = -INFINITY;
-#pragma unroll
-		for (int w = 0; w < ATT_WARPS; w++)
-			M = fmaxf(M, red_m[w][q]);
-		float L = 0.0f, A = 0.0f;
-		if (M != -INFINITY) {
-#pragma unroll
-			for (int w = 0; w < ATT_WARPS; w++) {
-				float f = __expf(red_m[w][q] - M);
-				L += red_l[w][q] * f;
-				A += red_acc[w][i] * f;
+			for (int i = 0; i < D / 32; i++) {
+				ksv[i] = ks[i];
+				kzv[i] = kz[i];
 			}
 		}
-		p.part_acc[(size_t)blockIdx.x * RQ * D + i] = A;
-		if (i % D == 0) {
-			p.part_ml[((size_t)blockIdx.x * RQ + q) * 2] = M;
-			p.part_ml[((size_t)blockIdx.x * RQ + q) * 2 + 1] = L;
+		/* ... values, their scales and zeros to shared memory, asynchronously */
+		{
+			const uint8_t *src = sec + p.v_codes_off + ((size_t)h * p.B + sb * 32) * RB;
+#pragma unroll
+			for (int i = 0; i < 32 * RB / 16 / 32; i++)
+				cp_async16(vst + 16 * (lane + 32 * i), src + 16 * (lane + 32 * i));
+			const size_t so = ((size_t)h * p.B + sb * 32) * NG * 2;
+			if (lane < 4 * NG)
+				cp_async16(vsS + 16 * lane, sec + p.v_scale_off + so + 16 * lane);
+			else if (lane < 8 * NG)
+				cp_async16(vzS + 16 * (lane - 4 * NG), sec + p.v_zero_off + so + 16 * (lane - 4 * NG));
+		}
+
+		if (new_group) {
+			cached = ci * 64 + g;
+			/* w = q' * s for query head gid over this lane's quarter of the channels */
+			const float *qrow = qr + gid * D + tig * (D / 4);
+			float bias = 0.0f;
+#pragma unroll
+			for (int pr = 0; pr < D / 8; pr++) {
+				const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
+				float s0 = kvt_d_widen16(u4_half(ksv, c0), bf), s1 = kvt_d_widen16(u4_half(ksv, c1), bf);
+				float z0 = kvt_d_widen16(u4_half(kzv, c0), bf), z1 = kvt_d_widen16(u4_half(kzv, c1), bf);
+				split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+				bias = fmaf(qrow[c0], z0, fmaf(qrow[c1], z1, bias));
+			}
+			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 1);
+			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 2);
+			biasA = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig) * 4);
+			biasB = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig + 1) * 4);
+		}
+
+		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, q 2tig), (gid, 2tig+1),
+		 * (gid+8, 2tig), (gid+8, 2tig+1) */
+		float lg[2][4];
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
+			float sacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+			for (int k = 0; k < NKS; k++) {
+				const int pa = 2 * k, pb = 2 * k + 1;
+				uint32_t a[4];
+				a[0] = codes_h2<BITS>(r0[mt][pa / PPW], (pa % PPW) * BITS);
+				a[1] = codes_h2<BITS>(r1[mt][pa / PPW], (pa % PPW) * BITS);
+				a[2] = codes_h2<BITS>(r0[mt][pb / PPW], (pb % PPW) * BITS);
+				a[3] = codes_h2<BITS>(r1[mt][pb / PPW], (pb % PPW) * BITS);
+				mma16816(sacc, a, bkh[k][0], bkh[k][1]);
+				mma16816(sacc, a, bkl[k][0], bkl[k][1]);
+			}
+			bool pin0 = false, pin1 = false;
+			for (uint32_t i = 0; i < ch.n_pinned; i++) {
+				uint32_t pt = ch.pins[i];
+				pin0 |= pt == t0;
+				pin1 |= pt == t1;
+			}
+			const float n0 = nrm[mt][0], n1 = nrm[mt][1];
+			lg[mt][0] = pin0 ? -INFINITY : n0 * (sacc[0] + biasA);
+			lg[mt][1] = pin0 ? -INFINITY : n0 * (sacc[1] + biasB);
+			lg[mt][2] = pin1 ? -INFINITY : n1 * (sacc[2] + biasA);
+			lg[mt][3] = pin1 ? -INFINITY : n1 * (sacc[3] + biasB);
+		}
+
+		/* online softmax for query heads 2tig, 2tig+1 over the unit's 32 tokens */
+#pragma unroll
+		for (int qi = 0; qi < 2; qi++) {
+			float mx = fmaxf(fmaxf(lg[0][qi], lg[0][qi + 2]), fmaxf(lg[1][qi], lg[1][qi + 2]));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
+			float mn = fmaxf(m2[qi], mx), alpha = 1.0f;
+			float pv[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+			if (mn != -INFINITY) {
+				alpha = __expf(m2[qi] - mn);
+#pragma unroll
+				for (int mt = 0; mt < 2; mt++) {
+					pv[mt][0] = lg[mt][qi] == -INFINITY ? 0.0f : __expf(lg[mt][qi] - mn);
+					pv[mt][1] = lg[mt][qi + 2] == -INFINITY ? 0.0f : __expf(lg[mt][qi + 2] - mn);
+				}
+				l2[qi] = l2[qi] * alpha + pv[0][0] + pv[0][1] + pv[1][0] + pv[1][1];
+				m2[qi] = mn;
+			}
+			const int q = 2 * tig + qi;
+			if (gid == 0)
+				alpha_s[q] = alpha;
+#pragma unroll
+			for (int mt = 0; mt < 2; mt++) {
+				pbuf[q * 32 + mt * 16 + gid] = pv[mt][0];
+				pbuf[q * 32 + mt * 16 + gid + 8] = pv[mt][1];
+			}
+		}
+		__syncwarp();
+
+		/* values: O[q = gid][c] += sum_t (p * s_v)[q][t] * code[t][c] + p * z_v */
+		cp_async_wait_all();
+		__syncwarp();
+		const float al = alpha_s[gid];
+#pragma unroll
+		for (int n = 0; n < NT; n++) {
+			vacc[n][0] *= al;
+			vacc[n][1] *= al;
+		}
+#pragma unroll
+		for (int gg = 0; gg < NG; gg++)
+			zacc[gg] *= al;
+		const uint16_t *vs = (const uint16_t *)vsS, *vz = (const uint16_t *)vzS;
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			const int ta = kk * 16 + 2 * tig, tb = ta + 1, tc = ta + 8, td = ta + 9;
+			const float pa = pbuf[gid * 32 + ta], pb = pbuf[gid * 32 + tb];
+			const float pc = pbuf[gid * 32 + tc], pd = pbuf[gid * 32 + td];
+#pragma unroll
+			for (int gg = 0; gg < NG; gg++) {
+				float sa = kvt_d_widen16(vs[ta * NG + gg], bf), sb_ = kvt_d_widen16(vs[tb * NG + gg], bf);
+				float sc = kvt_d_widen16(vs[tc * NG + gg], bf), sd = kvt_d_widen16(vs[td * NG + gg], bf);
+				float za = kvt_d_widen16(vz[ta * NG + gg], bf), zb = kvt_d_widen16(vz[tb * NG + gg], bf);
+				float zc = kvt_d_widen16(vz[tc * NG + gg], bf), zd = kvt_d_widen16(vz[td * NG + gg], bf);
+				zacc[gg] = fmaf(pa, za, fmaf(pb, zb, fmaf(pc, zc, fmaf(pd, zd, zacc[gg]))));
+				uint32_t ah[4], alo[4];
+				split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
+				split_h2(pc * sc, pd * sd, ah[2], alo[2]);
+				ah[1] = ah[3] = alo[1] = alo[3] = 0u;
+				/* this lane's CT channels of group gg for the four tokens */
+				const int boff = (gg * GV + gid * CT) * BITS / 8;
+				uint64_t ca = 0, cb = 0, cc = 0, cd = 0;
+#pragma unroll
+				for (int i = 0; i < TB / 8; i++) {
+					ca |= (uint64_t)vst[ta * RB + boff + i] << (8 * i);
+					cb |= (uint64_t)vst[tb * RB + boff + i] << (8 * i);
+					cc |= (uint64_t)vst[tc * RB + boff + i] << (8 * i);
+					cd |= (uint64_t)vst[td * RB + boff + i] << (8 * i);
+				}
+#pragma unroll
+				for (int sl = 0; sl < NSL; sl++) {
+					uint32_t uab = (uint32_t)((ca >> (16 * sl)) & 0xffff) | ((uint32_t)((cb >> (16 * sl)) & 0xffff) << 16);
+					uint32_t ucd = (uint32_t)((cc >> (16 * sl)) & 0xffff) | ((uint32_t)((cd >> (16 * sl)) & 0xffff) << 16);
+#pragma unroll
+					for (int j = 0; j < CPS; j++) {
+						const int nt = gg * CT + sl * CPS + j;
+						uint32_t b0 = codes_h2<BITS>(uab, j * BITS);
+						uint32_t b1 = codes_h2<BITS>(ucd, j * BITS);
+						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, ah, b0, b1);
+						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
+					}
+				}
+			}
+		}
+		__syncwarp();
+	}
+
+	/* the warp's partial in the lane-per-channel reduction layout: q = gid */
+#pragma unroll
+	for (int gg = 0; gg < NG; gg++) {
+		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 1);
+		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 2);
+	}
+#pragma unroll
+	for (int n = 0; n < NT; n++) {
+		const int gg = n / CT, j = n % CT;
+		const int c0 = gg * GV + (2 * tig) * CT + j, c1 = gg * GV + (2 * tig + 1) * CT + j;
+		racc[gid * D + c0] = vacc[n][0] + zacc[gg];
+		racc[gid * D + c1] = vacc[n][1] + zacc[gg];
+	}
+#pragma unroll
+	for (int qi = 0; qi < 2; qi++) {
+		float l = l2[qi];
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
+		if (gid == 0) {
+			rm[2 * tig + qi] = m2[qi];
+			rl[2 * tig + qi] = l;
 		}
 	}
 }
 
+template <int BITS, int GV>
+__global__ void __launch_bounds__(ATT_THREADS, 3) attend_mma_kernel(att_params p)
+{
+	constexpr int D = 128, EPL = D / 32, RB = D * BITS / 8;
+	__shared__ __align__(16) float qo[RQ8 * D];
+	__shared__ __align__(16) float qr[RQ8 * D];
+	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * RQ8];
+	__shared__ float alpha_s[ATT_WARPS][RQ8];
+	/* per warp: value codes [32][RB], then value scales and zeros [32][D/GV] each */
+	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV)];
+	__shared__ float red_m[ATT_WARPS][RQ8], red_l[ATT_WARPS][RQ8];
+	__shared__ __align__(16) float red_acc[ATT_WARPS][RQ8 * D];
+
+	const att_item_dev it = p.items[blockIdx.x];
+	const att_req_dev rq = p.reqs[it.req];
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	for (int q = warp; q < RQ8; q += ATT_WARPS) {
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			x[e] = (uint32_t)q < it.nq
+				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
+						  rq.q_dtype) * rq.scale
+				       : 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qo[q * D + lane * EPL + e] = x[e];
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qr[q * D + lane * EPL + e] = x[e];
+	}
+	__syncthreads();
+
+	if (it.kind == ITEM_CODED) {
+		uint32_t units = it.count * (p.B / 32);
+		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
+		attend_coded_mma<BITS, GV>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
+					   red_m[warp], red_l[warp], red_acc[warp], lane);
+	} else {
+		warp_state<EPL, RQ8> st;
+		state_init<EPL, RQ8>(st);
+		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
+		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
+		attend_rows<D, RQ8>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
+		state_store<D, RQ8>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
+	}
+	block_merge<D, RQ8>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+}
+
 /* One block per group, one warp per query head: merge the items' partials, rotate the
  * quantized-value sum back (H is its own inverse), normalise. */
-template <int D>
-__global__ void __launch_bounds__(32 * RQ) combine_kernel(att_params p)
+template <int D, int N>
+__global__ void __launch_bounds__(32 * N) combine_kernel(att_params p)
 {
 	constexpr int EPL = D / 32;
 	const att_group_dev g = p.groups[blockIdx.x];
@@ -461,19 +868,19 @@ __global__ void __launch_bounds__(32 * RQ) combine_kernel(att_params p)
 		return;
 	float M = -INFINITY;
 	for (uint32_t i = g.item_begin; i < g.item_end; i++)
-		M = fmaxf(M, p.part_ml[((size_t)i * RQ + q) * 2]);
+		M = fmaxf(M, p.part_ml[((size_t)i * N + q) * 2]);
 	float L = 0.0f, rot[EPL], ex[EPL];
 	bool any_rot = false;
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		rot[e] = ex[e] = 0.0f;
 	for (uint32_t i = g.item_begin; i < g.item_end; i++) {
-		float m = p.part_ml[((size_t)i * RQ + q) * 2];
+		float m = p.part_ml[((size_t)i * N + q) * 2];
 		if (m == -INFINITY)
 			continue;
 		float f = __expf(m - M);
-		L += p.part_ml[((size_t)i * RQ + q) * 2 + 1] * f;
-		const float *a = p.part_acc + ((size_t)i * RQ + q) * D + lane * EPL;
+		L += p.part_ml[((size_t)i * N + q) * 2 + 1] * f;
+		const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
 		if (p.items[i].rot_out) {
 			any_rot = true;
 #pragma unroll
@@ -485,6 +892,7 @@ __global__ void __launch_bounds__(32 * RQ) combine_kernel(att_params p)
 				ex[e] = fmaf(a[e], f, ex[e]);
 		}
 	}
+	/* every lane of the warp takes the same branch: the flag is per item */
 	if (any_rot)
 		kvt_d_fwht<EPL>(rot, lane, p.inv_sqrt_d);
 	const att_req_dev rq = p.reqs[g.req];
@@ -550,6 +958,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				     cfg->key_bits, cfg->value_bits);
 	const uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, D = cfg->head_dim;
 	const size_t ws = kvt_dtype_size(cfg->dtype);
+	/* the tensor-core kernel takes per-channel keys at INT2/INT4 and head_dim 128 */
+	const bool mma = (cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI) &&
+			 (cfg->key_bits == 2 || cfg->key_bits == 4) && D == 128 &&
+			 getenv("KVTIER_CUDA_NO_MMA") == NULL;
+	const uint32_t rqn = mma ? RQ8 : RQ;
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -560,7 +973,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	uint64_t total_units = 0;
 	for (size_t r = 0; r < n_reqs; r++)
 		total_units += (uint64_t)reqs[r].n_chunks * H *
-			       ((reqs[r].n_q_heads / (H ? H : 1) + RQ - 1) / RQ);
+			       ((reqs[r].n_q_heads / (H ? H : 1) + rqn - 1) / rqn);
 	uint64_t target = (uint64_t)c->sm_count * 4;
 	uint32_t cpi = (uint32_t)((total_units + target - 1) / (target ? target : 1));
 	if (cpi < 1)
@@ -631,12 +1044,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 
 		const uint32_t R = rq->n_q_heads / H;
 		for (uint32_t h = 0; h < H; h++) {
-			for (uint32_t qb = 0; qb < R; qb += RQ) {
+			for (uint32_t qb = 0; qb < R; qb += rqn) {
 				GROW(groups, n_groups, cap_groups);
 				att_group_dev *g = &groups[n_groups++];
 				g->req = (uint32_t)r;
 				g->q_base = h * R + qb;
-				g->nq = R - qb < RQ ? R - qb : RQ;
+				g->nq = R - qb < rqn ? R - qb : rqn;
 				g->item_begin = (uint32_t)n_items;
 				att_item_dev base;
 				memset(&base, 0, sizeof(base));
@@ -697,8 +1110,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
 		size_t o_ml = (o_reqs + sz_reqs + 255) & ~(size_t)255;
-		size_t o_acc = (o_ml + n_items * RQ * 2 * 4 + 255) & ~(size_t)255;
-		size_t total = o_acc + n_items * RQ * D * 4;
+		size_t o_acc = (o_ml + n_items * rqn * 2 * 4 + 255) & ~(size_t)255;
+		size_t total = o_acc + n_items * rqn * D * 4;
 		char *host = (char *)calloc(1, o_ml);
 		if (!host) {
 			rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -736,6 +1149,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.rotk = cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_HADAMARD;
 		p.rotv = !none && cfg->rotate_v;
 		p.kb = none ? 16 : cfg->key_bits;
+		p.rqn = rqn;
+		p.mma = mma;
 		p.vb = none ? 16 : cfg->value_bits;
 		p.norms_off = (uint32_t)lay0.norms_off;
 		p.k_scale_off = (uint32_t)lay0.k_scale_off;
@@ -772,7 +1187,7 @@ static cudaError_t att_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return e;
-	combine_kernel<D><<<pl->n_groups, 32 * RQ, 0, s>>>(pl->p);
+	combine_kernel<D, RQ><<<pl->n_groups, 32 * RQ, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
 
@@ -791,6 +1206,27 @@ static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	}
 }
 
+template <int BITS, int GV>
+static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	attend_mma_kernel<BITS, GV><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	cudaError_t e = cudaGetLastError();
+	if (e != cudaSuccess)
+		return e;
+	combine_kernel<128, RQ8><<<pl->n_groups, 32 * RQ8, 0, s>>>(pl->p);
+	return cudaGetLastError();
+}
+
+static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (pl->p.kb == 2)
+		return gv == 32 ? att_launch_mma<2, 32>(pl, s)
+		       : gv == 64 ? att_launch_mma<2, 64>(pl, s) : att_launch_mma<2, 128>(pl, s);
+	return gv == 32 ? att_launch_mma<4, 32>(pl, s)
+	       : gv == 64 ? att_launch_mma<4, 64>(pl, s) : att_launch_mma<4, 128>(pl, s);
+}
+
 extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *pl, char *err,
 				   size_t errlen)
 {
@@ -799,6 +1235,10 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	if (pl->n_items == 0)
 		return 0;
 	cudaError_t e;
+	if (pl->p.mma) {
+		e = att_launch_mma_any(pl, c->stream);
+		return kvt_cuda_check(e, "attention launch", err, errlen);
+	}
 	switch (pl->D) {
 	case 64:
 		e = att_launch_bits<64>(pl, c->stream);

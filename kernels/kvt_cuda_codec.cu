@@ -800,11 +800,99 @@ struct dec_params {
 	float inv_sqrt_d;
 };
 
-__device__ __forceinline__ uint32_t code_at(const uint8_t *row, uint32_t c, uint32_t bits)
+/* A lane's EPL consecutive elements of a row, as f32, with one vector load. */
+template <int EPL>
+__device__ __forceinline__ void ld_vec(const uint8_t *row, int lane, uint32_t dt, float (&x)[EPL])
 {
-	uint32_t per = 8 / bits;
-	return (row[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1);
+	if (dt == KVT_DTYPE_F32) {
+		const float4 *p4 = (const float4 *)(row + (size_t)lane * EPL * 4);
+		if constexpr (EPL == 2) {
+			float2 v = *(const float2 *)(row + (size_t)lane * 8);
+			x[0] = v.x;
+			x[1] = v.y;
+		} else {
+#pragma unroll
+			for (int i = 0; i < EPL / 4; i++) {
+				float4 v = p4[i];
+				x[4 * i] = v.x;
+				x[4 * i + 1] = v.y;
+				x[4 * i + 2] = v.z;
+				x[4 * i + 3] = v.w;
+			}
+		}
+		return;
+	}
+	uint32_t w[EPL / 2];
+	if constexpr (EPL == 2) {
+		w[0] = *(const uint32_t *)(row + (size_t)lane * 4);
+	} else if constexpr (EPL == 4) {
+		uint2 v = *(const uint2 *)(row + (size_t)lane * 8);
+		w[0] = v.x;
+		w[1] = v.y;
+	} else {
+		uint4 v = *(const uint4 *)(row + (size_t)lane * 16);
+		w[0] = v.x;
+		w[1] = v.y;
+		w[2] = v.z;
+		w[3] = v.w;
+	}
+#pragma unroll
+	for (int i = 0; i < EPL; i++) {
+		uint16_t hbits = (uint16_t)(i & 1 ? w[i / 2] >> 16 : w[i / 2] & 0xffff);
+		x[i] = dt == KVT_DTYPE_BF16 ? __uint_as_float((uint32_t)hbits << 16)
+					    : __half2float(__ushort_as_half(hbits));
+	}
 }
+
+/* Stores a lane's EPL consecutive elements with one vector store (16-bit types packed). */
+template <int EPL>
+__device__ __forceinline__ void st_vec(uint8_t *row, int lane, uint32_t dt, const float (&x)[EPL])
+{
+	if (dt == KVT_DTYPE_F32) {
+		if constexpr (EPL == 2) {
+			*(float2 *)(row + (size_t)lane * 8) = make_float2(x[0], x[1]);
+		} else {
+#pragma unroll
+			for (int i = 0; i < EPL / 4; i++)
+				((float4 *)(row + (size_t)lane * EPL * 4))[i] =
+					make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+		}
+		return;
+	}
+	uint32_t w[EPL / 2];
+#pragma unroll
+	for (int i = 0; i < EPL / 2; i++) {
+		uint32_t lo = kvt_d_round16(x[2 * i], dt == KVT_DTYPE_BF16);
+		uint32_t hi = kvt_d_round16(x[2 * i + 1], dt == KVT_DTYPE_BF16);
+		w[i] = lo | (hi << 16);
+	}
+	if constexpr (EPL == 2)
+		*(uint32_t *)(row + (size_t)lane * 4) = w[0];
+	else if constexpr (EPL == 4)
+		*(uint2 *)(row + (size_t)lane * 8) = make_uint2(w[0], w[1]);
+	else
+		*(uint4 *)(row + (size_t)lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* A lane's EPL codes of a packed row (EPL * bits = 4..64 bits, contiguous). */
+template <int EPL>
+__device__ __forceinline__ uint64_t ld_codes(const uint8_t *row, int lane, uint32_t bits)
+{
+	switch (EPL * bits) {
+	case 4:
+		return (row[lane >> 1] >> ((lane & 1) * 4)) & 0xf;
+	case 8:
+		return row[lane];
+	case 16:
+		return ((const uint16_t *)row)[lane];
+	case 32:
+		return ((const uint32_t *)row)[lane];
+	default:
+		return ((const uint64_t *)row)[lane];
+	}
+}
+
+#define DEC_ROWS 4 /* rows per warp iteration: their loads are all in flight together */
 
 template <int D>
 __global__ void __launch_bounds__(DEC_THREADS) dec_kernel(dec_params p)
@@ -825,61 +913,86 @@ __global__ void __launch_bounds__(DEC_THREADS) dec_kernel(dec_params p)
 	__syncthreads();
 
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const size_t os = j.out_dtype == KVT_DTYPE_F32 ? 4 : 2;
 	const uint8_t *sec = j.chunk + j.data_offset + (size_t)l * j.layer_bytes;
 	const uint32_t nt = j.te - j.tb, gv = p.G < D ? p.G : D, ng = D / gv;
 	const bool bf = p.sbf;
 	const uint32_t rows = (te - tb) * p.H * 2;
-	for (uint32_t r = warp; r < rows; r += DEC_THREADS / 32) {
-		const bool is_v = r & 1;
-		const uint32_t th = r >> 1, t = tb + th / p.H, h = th % p.H;
-		void *out = is_v ? j.v_out : j.k_out;
-		if (!out)
-			continue;
-		size_t obase = (((size_t)(l - j.lb) * nt + (t - j.tb)) * p.H + h) * D + lane * EPL;
-		float x[EPL];
-		if (p.scheme == KVT_SCHEME_NONE) {
-			const uint8_t *src = sec + (is_v ? p.v_codes_off : p.k_codes_off);
-			size_t ib = ((size_t)h * p.B + t) * D + lane * EPL;
+	const uint32_t c0 = lane * EPL;
+	for (uint32_t r0 = warp * DEC_ROWS; r0 < rows; r0 += DEC_ROWS * (DEC_THREADS / 32)) {
+		float x[DEC_ROWS][EPL];
+		float mult[DEC_ROWS];
+		bool rot[DEC_ROWS];
+		uint8_t *dst[DEC_ROWS];
+		/* loads of DEC_ROWS rows first */
 #pragma unroll
-			for (int e = 0; e < EPL; e++)
-				kvt_d_st(out, obase + e, j.out_dtype, kvt_d_ld(src, ib + e, p.dtype));
-			continue;
-		}
-		if (pidx[t] >= 0) {
-			const uint8_t *src = sec + (is_v ? j.v_exact_off : j.k_exact_off);
-			size_t ib = ((size_t)pidx[t] * p.H + h) * D + lane * EPL;
+		for (int rr = 0; rr < DEC_ROWS; rr++) {
+			const uint32_t r = r0 + rr;
+			dst[rr] = NULL;
+			rot[rr] = false;
+			mult[rr] = p.inv_sqrt_d;
+			if (r >= rows)
+				continue;
+			const bool is_v = r & 1;
+			const uint32_t th = r >> 1, t = tb + th / p.H, h = th % p.H;
+			void *out = is_v ? j.v_out : j.k_out;
+			if (!out)
+				continue;
+			dst[rr] = (uint8_t *)out + ((((size_t)(l - j.lb) * nt + (t - j.tb)) * p.H + h) * D) * os;
+			if (p.scheme == KVT_SCHEME_NONE) {
+				ld_vec<EPL>(sec + (is_v ? p.v_codes_off : p.k_codes_off) + ((size_t)h * p.B + t) * D * ws,
+					    lane, p.dtype, x[rr]);
+				continue;
+			}
+			if (pidx[t] >= 0) {
+				ld_vec<EPL>(sec + (is_v ? j.v_exact_off : j.k_exact_off) +
+						    ((size_t)pidx[t] * p.H + h) * D * ws,
+					    lane, p.dtype, x[rr]);
+				continue;
+			}
+			const size_t idx = (size_t)h * p.B + t;
+			const uint32_t bits = is_v ? p.vb : p.kb;
+			const uint64_t cb = ld_codes<EPL>(sec + (is_v ? p.v_codes_off : p.k_codes_off) +
+								  idx * (D * bits / 8),
+							  lane, bits);
+			const uint16_t *sc = (const uint16_t *)(sec + (is_v ? p.v_scale_off : p.k_scale_off));
+			const uint16_t *zr = (const uint16_t *)(sec + (is_v ? p.v_zero_off : p.k_zero_off));
+			const uint32_t mask = (1u << bits) - 1;
+			if (!is_v && p.scheme != KVT_SCHEME_HADAMARD) {
+				/* per-channel scale and zero: EPL consecutive halves */
+				const size_t si = ((size_t)h * (p.B / p.G) + t / p.G) * D;
+				float s[EPL], z[EPL];
+				ld_vec<EPL>((const uint8_t *)(sc + si), lane, bf ? KVT_DTYPE_BF16 : KVT_DTYPE_F16, s);
+				ld_vec<EPL>((const uint8_t *)(zr + si), lane, bf ? KVT_DTYPE_BF16 : KVT_DTYPE_F16, z);
 #pragma unroll
-			for (int e = 0; e < EPL; e++)
-				kvt_d_st(out, obase + e, j.out_dtype, kvt_d_ld(src, ib + e, p.dtype));
-			continue;
-		}
-		const size_t idx = (size_t)h * p.B + t;
-		const uint32_t bits = is_v ? p.vb : p.kb;
-		const uint8_t *crow = sec + (is_v ? p.v_codes_off : p.k_codes_off) + idx * (D * bits / 8);
-		const bool per_ch = !is_v && p.scheme != KVT_SCHEME_HADAMARD;
-		const uint16_t *sc = (const uint16_t *)(sec + (is_v ? p.v_scale_off : p.k_scale_off));
-		const uint16_t *zr = (const uint16_t *)(sec + (is_v ? p.v_zero_off : p.k_zero_off));
+				for (int e = 0; e < EPL; e++)
+					x[rr][e] = __fadd_rn(__fmul_rn((float)((cb >> (e * bits)) & mask), s[e]), z[e]);
+			} else {
+				/* per-token group: the lane's EPL channels share one */
+				const size_t si = idx * ng + c0 / gv;
+				const float s = kvt_d_widen16(sc[si], bf), z = kvt_d_widen16(zr[si], bf);
 #pragma unroll
-		for (int e = 0; e < EPL; e++) {
-			uint32_t c = lane * EPL + e;
-			size_t si = per_ch ? ((size_t)h * (p.B / p.G) + t / p.G) * D + c : idx * ng + c / gv;
-			float s = kvt_d_widen16(sc[si], bf), z = kvt_d_widen16(zr[si], bf);
-			x[e] = __fadd_rn(__fmul_rn((float)code_at(crow, c, bits), s), z);
+				for (int e = 0; e < EPL; e++)
+					x[rr][e] = __fadd_rn(__fmul_rn((float)((cb >> (e * bits)) & mask), s), z);
+			}
+			if (is_v) {
+				rot[rr] = p.rotate_v != 0;
+			} else {
+				rot[rr] = p.scheme == KVT_SCHEME_OSCAR || p.scheme == KVT_SCHEME_HADAMARD;
+				if (p.scheme == KVT_SCHEME_OSCAR)
+					mult[rr] = __fmul_rn(((const float *)(sec + p.norms_off))[t], p.inv_sqrt_d);
+			}
 		}
-		bool rot;
-		float mult = p.inv_sqrt_d;
-		if (is_v) {
-			rot = p.rotate_v != 0;
-		} else {
-			rot = p.scheme == KVT_SCHEME_OSCAR || p.scheme == KVT_SCHEME_HADAMARD;
-			if (p.scheme == KVT_SCHEME_OSCAR)
-				mult = __fmul_rn(((const float *)(sec + p.norms_off))[t], p.inv_sqrt_d);
-		}
-		if (rot)
-			kvt_d_fwht<EPL>(x, lane, mult);
+		/* then the transforms and the stores */
 #pragma unroll
-		for (int e = 0; e < EPL; e++)
-			kvt_d_st(out, obase + e, j.out_dtype, x[e]);
+		for (int rr = 0; rr < DEC_ROWS; rr++) {
+			/* rot is uniform across the warp (one row per warp at a time) */
+			if (rot[rr])
+				kvt_d_fwht<EPL>(x[rr], lane, mult[rr]);
+			if (dst[rr])
+				st_vec<EPL>(dst[rr], lane, j.out_dtype, x[rr]);
+		}
 	}
 }
 

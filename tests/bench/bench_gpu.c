@@ -268,9 +268,11 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,\"G\":%u,"
 	       "\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
-	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f",
+	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
+	       "\"kernel\":\"%s\"",
 	       bits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
-	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us);
+	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
+	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores" : "mma");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
@@ -423,6 +425,10 @@ int kvt_bench_gpu_main(int argc, char **argv)
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
 	rc |= bench_attend(4, 128, 1, 131072, bw);
+	/* the CUDA-core kernel on the same case, for the record */
+	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
+	rc |= bench_attend(2, 32, 1, 131072, bw);
+	unsetenv("KVTIER_CUDA_NO_MMA");
 	rc |= bench_encode_decode(bw);
 out:
 	kvt_cuda_ctx_destroy(ctx);

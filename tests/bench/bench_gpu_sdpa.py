@@ -61,7 +61,7 @@ def main():
         if best:
             row["best"], row["us_best"] = best[0], round(best[1], 2)
             row["tb_per_s"] = round(row["kv_bytes"] / (best[1] * 1e-6) / 1e12, 3)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, separators=(",", ":")), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
 
