@@ -192,6 +192,15 @@ struct kvt_codec_ops {
 	void (*decode_row)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			   const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot,
 			   float mult, void *out, uint32_t out_dtype);
+	/* out[i] = dot(w + i * w_stride, x, d) for i < nrows (same lane rule as dot) */
+	void (*dot_rows)(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+			 uint32_t d, float *out);
+	/* v = dequant (16-bit scale/zero in groups of gv) of one row, then for i < nrows:
+	 * acc_i = acc_i + p_i * v, acc_i = acc + i * acc_stride, p_i = p[i * p_stride]
+	 * (exactly dequant + axpy per row) */
+	void (*accum_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			  const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			  size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride);
 	/* Unpacks one row to f32 codes (no scale). */
 	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
 };

@@ -190,7 +190,26 @@ static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	s_store_f32(tmp, out, out_dtype, d);
 }
 
+static void s_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+		       uint32_t d, float *out)
+{
+	for (uint32_t i = 0; i < nrows; i++)
+		out[i] = s_dot(w + i * w_stride, x, d);
+}
+
+static void s_accum_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride)
+{
+	float v[256];
+	s_dequant_grp(packed, d, bits, gv, s16, z16, sdt, v);
+	for (uint32_t i = 0; i < nrows; i++)
+		s_axpy(acc + i * acc_stride, v, p[i * p_stride], d);
+}
+
 const struct kvt_codec_ops kvt_codec_ops_scalar = {
+	.dot_rows = s_dot_rows,
+	.accum_grp = s_accum_grp,
 	.decode_row = s_decode_row,
 	.name = "scalar",
 	.load_f32 = s_load_f32,
