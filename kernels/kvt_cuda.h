@@ -12,6 +12,9 @@
  * GPU worker its own). Pointers named *_dev are device memory (kvt_cuda_alloc); every other
  * pointer is host memory, borrowed for the call only.
  *
+ * Alignment: device chunks 16 bytes (64 recommended, as on the CPU), decode outputs 16 bytes
+ * (kvt_cuda_alloc gives 256); -EINVAL otherwise.
+ *
  * Errors: 0 (or a byte count) on success, a negative errno on failure, with a message in
  * `err` when it is non-NULL: -EINVAL bad argument (the message names it), -ENODEV no usable
  * GPU, -EOPNOTSUPP a configuration only the CPU codec handles (named in the message), -ENOMEM

@@ -486,6 +486,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
  * channels of one value group] staged through shared memory. Softmax is online per warp.
  */
 #define RQ8 8
+/* rotated query rows in shared memory, padded so that lane (gid, tig) reading channel
+ * tig*32 + c of row gid hits bank (gid + 8*tig + c) % 32: no conflicts */
+#define QR_STRIDE 161
+#define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
 					 uint32_t b1)
@@ -582,6 +586,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	float biasA = 0.0f, biasB = 0.0f;
 	uint32_t cached = 0xffffffffu;
 	uint8_t *vsS = vst + 32 * RB, *vzS = vsS + 64 * NG; /* staged value scales, zeros */
+	uint8_t *ksS = vzS + 64 * NG, *kzS = ksS + 2 * D;   /* staged key scales, zeros */
 	att_chunk_dev ch_next;
 	if (u0 < u1)
 		ch_next = p.chunks[it.first + u0 / upc];
@@ -614,17 +619,13 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			nrm[mt][0] = oscar ? ((const float *)(sec + p.norms_off))[t0] : 1.0f;
 			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
 		}
-		uint4 ksv[D / 32], kzv[D / 32]; /* this lane's quarter: D/4 halves */
 		if (new_group) {
-			const uint4 *ks = (const uint4 *)((const uint16_t *)(sec + p.k_scale_off) +
-							  ((size_t)h * (p.B / p.G) + g) * D + tig * (D / 4));
-			const uint4 *kz = (const uint4 *)((const uint16_t *)(sec + p.k_zero_off) +
-							  ((size_t)h * (p.B / p.G) + g) * D + tig * (D / 4));
-#pragma unroll
-			for (int i = 0; i < D / 32; i++) {
-				ksv[i] = ks[i];
-				kzv[i] = kz[i];
-			}
+			/* the key group's D scales and D zeros (2 x 256 bytes): one 16-byte piece a lane */
+			const size_t ko = ((size_t)h * (p.B / p.G) + g) * D * 2;
+			if (lane < 16)
+				cp_async16(ksS + 16 * lane, sec + p.k_scale_off + ko + 16 * lane);
+			else
+				cp_async16(kzS + 16 * (lane - 16), sec + p.k_zero_off + ko + 16 * (lane - 16));
 		}
 		/* ... values, their scales and zeros to shared memory, asynchronously */
 		{
@@ -641,14 +642,18 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 
 		if (new_group) {
 			cached = ci * 64 + g;
+			cp_async_wait_all();
+			__syncwarp();
 			/* w = q' * s for query head gid over this lane's quarter of the channels */
-			const float *qrow = qr + gid * D + tig * (D / 4);
+			const float *qrow = qr + QR_AT(gid, tig * (D / 4));
+			const uint16_t *kss = (const uint16_t *)ksS + tig * (D / 4);
+			const uint16_t *kzs = (const uint16_t *)kzS + tig * (D / 4);
 			float bias = 0.0f;
 #pragma unroll
 			for (int pr = 0; pr < D / 8; pr++) {
 				const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
-				float s0 = kvt_d_widen16(u4_half(ksv, c0), bf), s1 = kvt_d_widen16(u4_half(ksv, c1), bf);
-				float z0 = kvt_d_widen16(u4_half(kzv, c0), bf), z1 = kvt_d_widen16(u4_half(kzv, c1), bf);
+				float s0 = kvt_d_widen16(kss[c0], bf), s1 = kvt_d_widen16(kss[c1], bf);
+				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
 				split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
 				bias = fmaf(qrow[c0], z0, fmaf(qrow[c1], z1, bias));
 			}
@@ -803,15 +808,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 }
 
 template <int BITS, int GV>
-__global__ void __launch_bounds__(ATT_THREADS, 3) attend_mma_kernel(att_params p)
+__global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, RB = D * BITS / 8;
 	__shared__ __align__(16) float qo[RQ8 * D];
-	__shared__ __align__(16) float qr[RQ8 * D];
+	__shared__ __align__(16) float qr[RQ8 * QR_STRIDE];
 	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * RQ8];
 	__shared__ float alpha_s[ATT_WARPS][RQ8];
 	/* per warp: value codes [32][RB], then value scales and zeros [32][D/GV] each */
-	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV)];
+	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV) + 4 * D];
 	__shared__ float red_m[ATT_WARPS][RQ8], red_l[ATT_WARPS][RQ8];
 	__shared__ __align__(16) float red_acc[ATT_WARPS][RQ8 * D];
 
@@ -833,7 +838,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 3) attend_mma_kernel(att_params p
 			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
 #pragma unroll
 		for (int e = 0; e < EPL; e++)
-			qr[q * D + lane * EPL + e] = x[e];
+			qr[QR_AT(q, lane * EPL + e)] = x[e];
 	}
 	__syncthreads();
 
@@ -856,44 +861,71 @@ __global__ void __launch_bounds__(ATT_THREADS, 3) attend_mma_kernel(att_params p
 	block_merge<D, RQ8>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
 }
 
-/* One block per group, one warp per query head: merge the items' partials, rotate the
- * quantized-value sum back (H is its own inverse), normalise. */
+/* One block per group: 4 warps per query head, each taking every 4th item, merged through
+ * shared memory; then the quantized-value sum is rotated back (H is its own inverse) and
+ * normalised. Loads are independent of one another (no branch on what they return), so a
+ * warp keeps many in flight. */
+#define CMB_SPLIT 4
 template <int D, int N>
-__global__ void __launch_bounds__(32 * N) combine_kernel(att_params p)
+__global__ void __launch_bounds__(32 * N * CMB_SPLIT) combine_kernel(att_params p)
 {
 	constexpr int EPL = D / 32;
+	__shared__ float s_l[N][CMB_SPLIT];
+	__shared__ __align__(16) float s_rot[N][CMB_SPLIT][D], s_ex[N][CMB_SPLIT][D];
 	const att_group_dev g = p.groups[blockIdx.x];
-	const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
-	if ((uint32_t)q >= g.nq)
-		return;
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, q = w / CMB_SPLIT,
+		  part = w % CMB_SPLIT;
 	float M = -INFINITY;
 	for (uint32_t i = g.item_begin; i < g.item_end; i++)
 		M = fmaxf(M, p.part_ml[((size_t)i * N + q) * 2]);
 	float L = 0.0f, rot[EPL], ex[EPL];
-	bool any_rot = false;
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		rot[e] = ex[e] = 0.0f;
-	for (uint32_t i = g.item_begin; i < g.item_end; i++) {
-		float m = p.part_ml[((size_t)i * N + q) * 2];
-		if (m == -INFINITY)
-			continue;
-		float f = __expf(m - M);
-		L += p.part_ml[((size_t)i * N + q) * 2 + 1] * f;
+#pragma unroll 4
+	for (uint32_t i = g.item_begin + part; i < g.item_end; i += CMB_SPLIT) {
+		const float m = p.part_ml[((size_t)i * N + q) * 2];
+		const float l = p.part_ml[((size_t)i * N + q) * 2 + 1];
+		const float ro = p.items[i].rot_out ? 1.0f : 0.0f;
 		const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
-		if (p.items[i].rot_out) {
-			any_rot = true;
+		float av[EPL];
 #pragma unroll
-			for (int e = 0; e < EPL; e++)
-				rot[e] = fmaf(a[e], f, rot[e]);
-		} else {
+		for (int e = 0; e < EPL; e++)
+			av[e] = a[e];
+		const float f = m == -INFINITY ? 0.0f : __expf(m - M);
+		L = fmaf(l, f, L);
+		const float fr = f * ro, fe = f - fr;
 #pragma unroll
-			for (int e = 0; e < EPL; e++)
-				ex[e] = fmaf(a[e], f, ex[e]);
+		for (int e = 0; e < EPL; e++) {
+			rot[e] = fmaf(av[e], fr, rot[e]);
+			ex[e] = fmaf(av[e], fe, ex[e]);
 		}
 	}
-	/* every lane of the warp takes the same branch: the flag is per item */
-	if (any_rot)
+	if (lane == 0)
+		s_l[q][part] = L;
+#pragma unroll
+	for (int e = 0; e < EPL; e++) {
+		s_rot[q][part][lane * EPL + e] = rot[e];
+		s_ex[q][part][lane * EPL + e] = ex[e];
+	}
+	__syncthreads();
+	if (part != 0 || (uint32_t)q >= g.nq)
+		return;
+	L = 0.0f;
+#pragma unroll
+	for (int s2 = 0; s2 < CMB_SPLIT; s2++) {
+		L += s_l[q][s2];
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			if (s2 == 0) {
+				rot[e] = ex[e] = 0.0f;
+			}
+			rot[e] += s_rot[q][s2][lane * EPL + e];
+			ex[e] += s_ex[q][s2][lane * EPL + e];
+		}
+	}
+	/* the flag is per plan (rotate_v of the codec): uniform across the warp */
+	if (p.rotv)
 		kvt_d_fwht<EPL>(rot, lane, p.inv_sqrt_d);
 	const att_req_dev rq = p.reqs[g.req];
 	float inv = L > 0.0f ? 1.0f / L : 0.0f;
@@ -974,6 +1006,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	for (size_t r = 0; r < n_reqs; r++)
 		total_units += (uint64_t)reqs[r].n_chunks * H *
 			       ((reqs[r].n_q_heads / (H ? H : 1) + rqn - 1) / rqn);
+	/* one full wave of resident blocks (4 per multiprocessor for both kernels) */
 	uint64_t target = (uint64_t)c->sm_count * 4;
 	uint32_t cpi = (uint32_t)((total_units + target - 1) / (target ? target : 1));
 	if (cpi < 1)
@@ -1011,7 +1044,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		for (uint32_t i = 0; i < rq->n_chunks; i++) {
 			const struct kvt_chunk_header *hd = rq->chunk_hdrs[i];
 			struct kvt_chunk_layout lay;
-			if (!hd || !rq->chunks_dev[i] || hd->magic != KVT_CHUNK_MAGIC ||
+			if (!hd || !rq->chunks_dev[i] || ((uintptr_t)rq->chunks_dev[i] & 15) ||
+			    hd->magic != KVT_CHUNK_MAGIC ||
 			    hd->scheme != cfg->scheme || hd->group != cfg->group ||
 			    hd->chunk_tokens != B || hd->n_kv_heads != H || hd->head_dim != D ||
 			    hd->dtype != cfg->dtype || hd->rotate_v != cfg->rotate_v ||
@@ -1023,8 +1057,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			    lay.layer_bytes != hd->layer_bytes || lay.data_offset != hd->data_offset ||
 			    (i && hd->first_token != rq->chunk_hdrs[i - 1]->first_token + B)) {
 				rc = kvt_cuda_errf(err, errlen, -EINVAL,
-						   "request %zu: chunks[%u] is NULL, not consecutive or "
-						   "its header differs from cfg", r, i);
+						   "request %zu: chunks[%u] is NULL, not 16-byte aligned, not "
+						   "consecutive or its header differs from cfg", r, i);
 				goto out;
 			}
 			GROW(chunks, n_chunks, cap_chunks);
@@ -1187,7 +1221,7 @@ static cudaError_t att_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return e;
-	combine_kernel<D, RQ><<<pl->n_groups, 32 * RQ, 0, s>>>(pl->p);
+	combine_kernel<D, RQ><<<pl->n_groups, 32 * RQ * CMB_SPLIT, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
 
@@ -1213,7 +1247,7 @@ static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return e;
-	combine_kernel<128, RQ8><<<pl->n_groups, 32 * RQ8, 0, s>>>(pl->p);
+	combine_kernel<128, RQ8><<<pl->n_groups, 32 * RQ8 * CMB_SPLIT, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
 

@@ -662,6 +662,10 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
 			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: %s is NULL", i,
 					     !jb->k_dev ? "k_dev" : !jb->v_dev ? "v_dev" : "out_dev");
+		if (((uintptr_t)jb->out_dev & 15) || ((uintptr_t)jb->k_dev & 15) ||
+		    ((uintptr_t)jb->v_dev & 15))
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: out_dev, k_dev and v_dev must be 16-byte aligned", i);
 		if (jb->first_token > UINT64_MAX - B)
 			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: first_token overflows",
 					     i);
@@ -1062,6 +1066,11 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 					     "is NULL)", i, jb->tok_begin, jb->tok_end,
 					     cfg.chunk_tokens, jb->layer_begin, jb->layer_end,
 					     cfg.n_layers);
+		if (((uintptr_t)jb->chunk_dev & 15) || ((uintptr_t)jb->k_out_dev & 15) ||
+		    ((uintptr_t)jb->v_out_dev & 15))
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: chunk_dev, k_out_dev and v_out_dev must be "
+					     "16-byte aligned", i);
 		if (!kvt_dtype_size(jb->out_dtype))
 			return kvt_cuda_errf(err, errlen, -EINVAL,
 					     "job %zu: out_dtype %u is not f16, bf16 or f32", i,
