@@ -370,8 +370,9 @@ static void test_fetch_ranges(void)
 /* Fetch of [0, n) of both sequences in the wire dtype must be byte-identical. */
 static int same_prefix(const struct kvt_seq *a, const struct kvt_seq *b, uint64_t n)
 {
-	size_t bytes = (size_t)(n ? n : 1) * NL * NH * HD * 2;
-	uint8_t *ka = malloc(bytes), *va = malloc(bytes), *kb = malloc(bytes), *vb = malloc(bytes);
+	size_t bytes = (size_t)n * NL * NH * HD * 2;
+	uint8_t *ka = calloc(1, bytes + 1), *va = calloc(1, bytes + 1), *kb = calloc(1, bytes + 1),
+		*vb = calloc(1, bytes + 1);
 	int same = kvt_seq_fetch(a, 0, n, 0, NL, g_cfg.dtype, ka, va, g_err, ERRLEN) == 0 &&
 		   kvt_seq_fetch(b, 0, n, 0, NL, g_cfg.dtype, kb, vb, g_err, ERRLEN) == 0 &&
 		   memcmp(ka, kb, bytes) == 0 && memcmp(va, vb, bytes) == 0;
