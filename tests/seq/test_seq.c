@@ -3,8 +3,8 @@
  * the codec's own encode/decode (OSCAR.md section 7 item 6, plus fork, truncate, allocation
  * failure, StoreEncoded and error paths).
  *
- * Every scheme is covered (oscar with sinks, kivi, hadamard, none); KVT_SEQ_SCHEMES=oscar,none
- * narrows the list when debugging one codec.
+ * Every scheme is covered (oscar with sinks, kivi, hadamard, none; f16 wire dtype, plus oscar
+ * on bf16 and none on f32); KVT_SEQ_SCHEMES=oscar,none-f32 narrows the list when debugging.
  */
 #include "kvt_seq.h"
 #include "kvt_test.h"
@@ -91,19 +91,26 @@ static void fill_source(void)
 			}
 }
 
-/* Tokens [t0, t0+n) of the source as a dense [NL][n][NH][HD] f16 tensor (caller frees). */
-static uint16_t *gather(const uint16_t *src, size_t t0, size_t n)
+static size_t ws(void)
 {
-	uint16_t *o = malloc((n ? n : 1) * NL * NH * HD * 2);
+	return kvt_dtype_size(g_cfg.dtype);
+}
+
+/* Tokens [t0, t0+n) of the source as a dense [NL][n][NH][HD] tensor in the configuration's
+ * wire dtype (caller frees). */
+static void *gather(const uint16_t *src, size_t t0, size_t n)
+{
+	uint8_t *o = malloc((n ? n : 1) * NL * NH * HD * ws());
 
 	for (size_t l = 0; l < NL; l++)
-		memcpy(o + l * n * NH * HD, src + (l * MAX_TOK + t0) * NH * HD, n * NH * HD * 2);
+		kvt_convert(src + (l * MAX_TOK + t0) * NH * HD, KVT_DTYPE_F16,
+			    o + l * n * NH * HD * ws(), g_cfg.dtype, n * NH * HD);
 	return o;
 }
 
 static int append_src(struct kvt_seq *s, size_t t0, size_t n)
 {
-	uint16_t *k = gather(g_k, t0, n), *v = gather(g_v, t0, n);
+	void *k = gather(g_k, t0, n), *v = gather(g_v, t0, n);
 	int rc = kvt_seq_append(s, k, v, (uint32_t)n, g_err, ERRLEN);
 
 	free(k);
@@ -216,11 +223,23 @@ static void check_attend(const struct kvt_seq *s, const char *what)
 
 /* ---- configurations --------------------------------------------------------------------- */
 
-static int select_config(const char *name)
+/* "oscar", "kivi", ... optionally with a wire dtype: "oscar-bf16", "none-f32". */
+static int select_config(const char *spec)
 {
-	int scheme = kvt_scheme_parse(name);
+	char name[32], *dash;
+	int scheme, dtype = KVT_DTYPE_F16;
 
-	kvt_codec_config_default(&g_cfg, NL, NH, HD, KVT_DTYPE_F16);
+	snprintf(name, sizeof(name), "%s", spec);
+	dash = strchr(name, '-');
+	if (dash) {
+		*dash = 0;
+		dtype = kvt_dtype_parse(dash + 1);
+	}
+	scheme = kvt_scheme_parse(name);
+	KVT_CHECK(scheme >= 0 && dtype > 0, "unknown configuration '%s'", spec);
+	if (scheme < 0 || dtype <= 0)
+		return -1;
+	kvt_codec_config_default(&g_cfg, NL, NH, HD, (uint32_t)dtype);
 	g_cfg.scheme = (uint32_t)scheme;
 	if (scheme == KVT_SCHEME_NONE) {
 		g_cfg.key_bits = g_cfg.value_bits = 0;
@@ -235,7 +254,7 @@ static int select_config(const char *name)
 		g_cfg.group = 64;
 	}
 	int rc = kvt_codec_config_validate(&g_cfg, g_err, ERRLEN);
-	KVT_CHECK(rc == 0, "config %s invalid: %s", name, g_err);
+	KVT_CHECK(rc == 0, "config %s invalid: %s", spec, g_err);
 	return rc;
 }
 
@@ -282,7 +301,7 @@ static void test_sealing(void)
 			for (uint32_t c = sealed_seen; c < kvt_seq_n_chunks(s) && c < 8; c++) {
 				const struct kvt_chunk *ch = kvt_seq_chunk(s, c);
 				struct kvt_chunk_header h;
-				uint16_t *k = gather(g_k, (size_t)c * B, B), *v = gather(g_v, (size_t)c * B, B);
+				void *k = gather(g_k, (size_t)c * B, B), *v = gather(g_v, (size_t)c * B, B);
 				int64_t n = kvt_encode_chunk(&g_cfg, (uint64_t)c * B, k, v, enc,
 							     max_bytes, g_err, ERRLEN);
 
@@ -305,13 +324,17 @@ static void test_sealing(void)
 			}
 			sealed_seen = kvt_seq_n_chunks(s);
 			/* The tail holds the newest tokens exactly. */
-			for (uint32_t l = 0; l < NL && kvt_seq_tail_tokens(s); l++) {
-				size_t n = (size_t)kvt_seq_tail_tokens(s) * NH * HD * 2;
-				size_t at = (l * MAX_TOK + (size_t)kvt_seq_n_chunks(s) * B) * NH * HD;
+			if (kvt_seq_tail_tokens(s)) {
+				size_t nt = kvt_seq_tail_tokens(s), n = nt * NH * HD * ws();
+				uint8_t *k = gather(g_k, (size_t)kvt_seq_n_chunks(s) * B, nt);
+				uint8_t *v = gather(g_v, (size_t)kvt_seq_n_chunks(s) * B, nt);
 
-				KVT_CHECK(memcmp(kvt_seq_tail_k(s, l), g_k + at, n) == 0 &&
-						  memcmp(kvt_seq_tail_v(s, l), g_v + at, n) == 0,
-					  "%s: tail of layer %u is not the exact input", what, l);
+				for (uint32_t l = 0; l < NL; l++)
+					KVT_CHECK(memcmp(kvt_seq_tail_k(s, l), k + l * n, n) == 0 &&
+							  memcmp(kvt_seq_tail_v(s, l), v + l * n, n) == 0,
+						  "%s: tail of layer %u is not the exact input", what, l);
+				free(k);
+				free(v);
 			}
 			if (T > 0)
 				check_attend(s, what);
@@ -370,7 +393,7 @@ static void test_fetch_ranges(void)
 /* Fetch of [0, n) of both sequences in the wire dtype must be byte-identical. */
 static int same_prefix(const struct kvt_seq *a, const struct kvt_seq *b, uint64_t n)
 {
-	size_t bytes = (size_t)n * NL * NH * HD * 2;
+	size_t bytes = (size_t)n * NL * NH * HD * ws();
 	uint8_t *ka = calloc(1, bytes + 1), *va = calloc(1, bytes + 1), *kb = calloc(1, bytes + 1),
 		*vb = calloc(1, bytes + 1);
 	int same = kvt_seq_fetch(a, 0, n, 0, NL, g_cfg.dtype, ka, va, g_err, ERRLEN) == 0 &&
@@ -386,7 +409,7 @@ static int same_prefix(const struct kvt_seq *a, const struct kvt_seq *b, uint64_
 
 static uint64_t expected_bytes(const struct kvt_seq *s)
 {
-	uint64_t b = kvt_seq_tail_k(s, 0) ? 2ull * NL * g_cfg.chunk_tokens * NH * HD * 2 : 0;
+	uint64_t b = kvt_seq_tail_k(s, 0) ? 2ull * NL * g_cfg.chunk_tokens * NH * HD * ws() : 0;
 
 	for (uint32_t c = 0; c < kvt_seq_n_chunks(s); c++)
 		b += kvt_seq_chunk(s, c)->alloc_bytes;
@@ -540,8 +563,8 @@ static void snap(const struct kvt_seq *s, const struct counting *c, struct snaps
 	for (uint32_t i = 0; i < o->n_chunks && i < 8; i++)
 		o->chunks[i] = kvt_seq_chunk(s, i);
 	for (uint32_t l = 0; l < NL && o->tail; l++) {
-		o->tail_crc = kvt_crc32c(o->tail_crc, kvt_seq_tail_k(s, l), (size_t)o->tail * NH * HD * 2);
-		o->tail_crc = kvt_crc32c(o->tail_crc, kvt_seq_tail_v(s, l), (size_t)o->tail * NH * HD * 2);
+		o->tail_crc = kvt_crc32c(o->tail_crc, kvt_seq_tail_k(s, l), (size_t)o->tail * NH * HD * ws());
+		o->tail_crc = kvt_crc32c(o->tail_crc, kvt_seq_tail_v(s, l), (size_t)o->tail * NH * HD * ws());
 	}
 	o->live = c->live_bytes;
 }
@@ -697,7 +720,7 @@ static void test_append_chunk(void)
 	oc.n_sinks = g_cfg.n_sinks ? 0 : 1;
 	if (oc.scheme == KVT_SCHEME_NONE) {
 		oc.n_sinks = 0;
-		oc.dtype = KVT_DTYPE_F32;
+		oc.dtype = g_cfg.dtype == KVT_DTYPE_F32 ? KVT_DTYPE_F16 : KVT_DTYPE_F32;
 	}
 	KVT_REQUIRE(kvt_seq_create(&oc, NULL, &other, g_err, ERRLEN) == 0, "create other: %s",
 		    g_err);
@@ -763,7 +786,7 @@ int main(void)
 	g_k = malloc((size_t)NL * MAX_TOK * NH * HD * 2);
 	g_v = malloc((size_t)NL * MAX_TOK * NH * HD * 2);
 	fill_source();
-	snprintf(buf, sizeof(buf), "%s", list && *list ? list : "oscar,kivi,hadamard,none");
+	snprintf(buf, sizeof(buf), "%s", list && *list ? list : "oscar,kivi,hadamard,none,oscar-bf16,none-f32");
 	for (char *name = strtok_r(buf, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
 		printf("# scheme %s\n", name);
 		if (select_config(name) < 0)
