@@ -10,6 +10,7 @@
 #include "kvt_test.h"
 
 #include <errno.h>
+#include <pthread.h>
 
 #define NL 2
 #define NH 2
@@ -777,6 +778,60 @@ static void test_errors(void)
 	}
 }
 
+/* Forks of one source taken and dropped concurrently: the shared chunks' counts are atomic,
+ * so every count returns to 1 and each fork sees the source's data. */
+struct fork_worker {
+	const struct kvt_seq *src;
+	uint64_t seed;
+	int failures;
+};
+
+static void *fork_worker_main(void *p)
+{
+	struct fork_worker *w = p;
+	uint64_t r = w->seed;
+
+	for (int it = 0; it < 200; it++) {
+		struct kvt_seq *f = NULL;
+		uint64_t n;
+		char err[ERRLEN];
+
+		r = r * 6364136223846793005ull + 1442695040888963407ull;
+		n = (r >> 33) % (kvt_seq_tokens(w->src) + 1);
+		if (kvt_seq_fork(w->src, n, NULL, &f, err, sizeof(err)) != 0) {
+			w->failures++;
+			continue;
+		}
+		if (kvt_seq_tokens(f) != n || (n >= g_cfg.chunk_tokens &&
+					       kvt_seq_chunk(f, 0) != kvt_seq_chunk(w->src, 0)))
+			w->failures++;
+		kvt_seq_destroy(f);
+	}
+	return NULL;
+}
+
+static void test_concurrent_forks(void)
+{
+	struct kvt_seq *src = make_seq(600, NULL);
+	struct fork_worker w[4];
+	pthread_t tid[4];
+
+	KVT_REQUIRE(src != NULL, "make: %s", g_err);
+	for (int i = 0; i < 4; i++) {
+		w[i] = (struct fork_worker){ src, kvt_rand_u64(), 0 };
+		KVT_REQUIRE(pthread_create(&tid[i], NULL, fork_worker_main, &w[i]) == 0, "thread");
+	}
+	for (int i = 0; i < 4; i++) {
+		pthread_join(tid[i], NULL);
+		KVT_CHECK(w[i].failures == 0, "worker %d: %d failures", i, w[i].failures);
+	}
+	for (uint32_t c = 0; c < kvt_seq_n_chunks(src); c++)
+		KVT_CHECK(kvt_chunk_refcount(kvt_seq_chunk(src, c)) == 1,
+			  "chunk %u refcount %u after concurrent forks", c,
+			  kvt_chunk_refcount(kvt_seq_chunk(src, c)));
+	kvt_seq_destroy(src);
+}
+
 int main(void)
 {
 	const char *list = getenv("KVT_SEQ_SCHEMES");
@@ -798,6 +853,7 @@ int main(void)
 		KVT_RUN(test_alloc_refusal);
 		KVT_RUN(test_append_chunk);
 		KVT_RUN(test_errors);
+		KVT_RUN(test_concurrent_forks);
 	}
 	free(g_k);
 	free(g_v);
