@@ -12,6 +12,9 @@
  * in the session's dtype unless a function says otherwise. Queries and attention outputs are
  * f32 [q_head][dim] in the original (unrotated) basis.
  *
+ * Alignment: tensors are aligned to their element size; chunk buffers to at least 4 bytes
+ * (64 recommended: every array inside a chunk is 64-byte aligned relative to its start).
+ *
  * Ownership: every pointer is borrowed for the duration of the call; nothing here allocates
  * memory that outlives a call, keeps a pointer, or touches global state other than the
  * instruction-set choice (kvt_codec_set_isa), which is read once per call.
@@ -141,12 +144,13 @@ struct kvt_chunk_header {
 	uint16_t head_dim;
 	uint16_t n_pinned;       /* entries in the pin table */
 	uint16_t n_sinks;        /* the session's S (for the record; pins hold the tokens) */
+	uint32_t reserved0;      /* zero (first_token's 8-byte alignment, made explicit) */
 	uint64_t first_token;    /* session position of the chunk's token 0 */
 	uint32_t layer_bytes;    /* stride between layer sections */
 	uint32_t data_offset;    /* offset of layer 0's section */
 	uint64_t total_bytes;    /* the whole chunk, header included */
 	uint32_t crc32c;         /* over the whole chunk with this field read as 0 */
-	uint8_t reserved[12];    /* zero */
+	uint8_t reserved[4];     /* zero */
 };
 _Static_assert(sizeof(struct kvt_chunk_header) == KVT_CHUNK_HEADER_BYTES, "chunk header");
 
