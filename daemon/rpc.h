@@ -67,6 +67,7 @@ extern pthread_mutex_t kvt_rpc_watch_mu;
 enum kvt_call_phase {
 	PHASE_REQUESTED,  /* waiting in grpc_server_request_call */
 	PHASE_RECV,       /* reading a request message */
+	PHASE_PROBE,      /* client stream ended: is it a half-close or a cancellation? */
 	PHASE_SENDING,    /* a streamed message is being sent */
 	PHASE_PARKED,     /* Watch: waiting for a health change */
 	PHASE_FINISHING,  /* status being sent */

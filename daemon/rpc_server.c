@@ -435,7 +435,16 @@ static void on_received(struct kvt_rpc_call *c, int success)
 	c->recv_buf = NULL;
 	if (!bb) {
 		if (m->kind == KVT_RPC_CLIENT_STREAM) {
-			m->on_end(c, &c->res);
+			/* A cancelled or reset stream also ends with "no more messages". Before
+			 * committing, send the initial metadata: on a cancelled call that batch
+			 * fails, on a half-closed one it succeeds. */
+			grpc_op op;
+			memset(&op, 0, sizeof op);
+			op.op = GRPC_OP_SEND_INITIAL_METADATA;
+			c->initial_md_sent = 1;
+			c->phase = PHASE_PROBE;
+			start_batch(c, &op, 1, TAG_OP);
+			return;
 		} else {
 			kvt_rpc_fail(&c->res, GRPC_STATUS_INVALID_ARGUMENT,
 				     "the request message is missing");
@@ -499,6 +508,15 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 	switch (c->phase) {
 	case PHASE_RECV:
 		on_received(c, success);
+		break;
+	case PHASE_PROBE:
+		if (!success || c->cancelled) {
+			c->phase = PHASE_DONE;
+			call_cleanup_state(c);
+		} else {
+			c->method->on_end(c, &c->res);
+			call_finish(c);
+		}
 		break;
 	case PHASE_SENDING:
 		grpc_byte_buffer_destroy(c->send_buf);
