@@ -141,12 +141,13 @@ struct kvt_chunk_header {
 	uint16_t head_dim;
 	uint16_t n_pinned;       /* entries in the pin table */
 	uint16_t n_sinks;        /* the session's S (for the record; pins hold the tokens) */
+	uint32_t reserved0;      /* zero (first_token's 8-byte alignment, made explicit) */
 	uint64_t first_token;    /* session position of the chunk's token 0 */
 	uint32_t layer_bytes;    /* stride between layer sections */
 	uint32_t data_offset;    /* offset of layer 0's section */
 	uint64_t total_bytes;    /* the whole chunk, header included */
 	uint32_t crc32c;         /* over the whole chunk with this field read as 0 */
-	uint8_t reserved[12];    /* zero */
+	uint8_t reserved[4];     /* zero */
 };
 _Static_assert(sizeof(struct kvt_chunk_header) == KVT_CHUNK_HEADER_BYTES, "chunk header");
 

@@ -1,0 +1,236 @@
+/*
+ * codec_internal.h - what the CPU codec's modules share and nothing else includes (tests do,
+ * to compare the scalar and AVX2 kernels directly).
+ *
+ * The codec is split into drivers (encode, decode, attend: plain C, one copy) and kernels
+ * (the hot loops), reached through one table of function pointers per instruction set. The
+ * AVX2 table must produce bit-identical results to the scalar one: every kernel documents the
+ * exact sequence of float operations it performs, and both versions follow it (8 summation
+ * lanes reduced in a fixed order, the same butterfly stages, division where the format says
+ * divide, no FMA).
+ */
+#ifndef KVT_CODEC_INTERNAL_H
+#define KVT_CODEC_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvt_codec.h"
+
+#define KVT_ALIGN_UP(x, a) (((x) + ((size_t)(a) - 1)) & ~((size_t)(a) - 1))
+
+/* Asserts that stay on in release builds (CONVENTIONS.md): a broken invariant aborts with
+ * file:line instead of writing a wrong chunk. */
+#define KVT_ASSERT(cond)                                                                  \
+	do {                                                                              \
+		if (!(cond))                                                              \
+			kvt_codec_assert_fail(#cond, __FILE__, __LINE__);                 \
+	} while (0)
+_Noreturn void kvt_codec_assert_fail(const char *what, const char *file, int line);
+
+/* Writes a message into err (when non-NULL) and returns rc. */
+int kvt_codec_errf(char *err, size_t errlen, int rc, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* ---- Scalar building blocks (also used by the AVX2 drivers for per-group work) ---------- */
+
+static inline float kvt_bits_f32(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, 4);
+	return f;
+}
+static inline uint32_t kvt_f32_bits(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	return u;
+}
+
+/* Rounds f to the scale dtype (f16 or bf16) and returns the 16-bit pattern. */
+static inline uint16_t kvt_round16_bits(float f, uint32_t sdt)
+{
+	return sdt == KVT_DTYPE_BF16 ? kvt_f32_to_bf16(f) : kvt_f32_to_f16(f);
+}
+static inline float kvt_widen16(uint16_t h, uint32_t sdt)
+{
+	return sdt == KVT_DTYPE_BF16 ? kvt_bf16_to_f32(h) : kvt_f16_to_f32(h);
+}
+
+/*
+ * The quantizer's per-group rule (CHUNK_FORMAT.md "Quantizer"), from the group's min and max
+ * over its unpinned elements. Returns the stored 16-bit scale and zero and their f32 values.
+ * has_any = false (every element pinned) gives scale 0, zero 0.
+ */
+static inline void kvt_qparam(float mn, float mx, bool has_any, float qmax, uint32_t sdt,
+			      uint16_t *scale_bits, uint16_t *zero_bits, float *scale_f,
+			      float *zero_f)
+{
+	if (!has_any) {
+		*scale_bits = 0;
+		*zero_bits = 0;
+		*scale_f = 0.0f;
+		*zero_f = 0.0f;
+		return;
+	}
+	if (mn == 0.0f && mx == 0.0f) {
+		mn = -1.0f;
+		mx = 1.0f;
+	}
+	if (mx > mn) {
+		float scale = (mx - mn) / qmax;
+		uint16_t sb = kvt_round16_bits(scale, sdt);
+		float s = kvt_widen16(sb, sdt);
+		if (s != 0.0f) {
+			float zq = __builtin_rintf(-mn / s);
+			uint16_t zb = kvt_round16_bits((-zq) * s, sdt);
+			*scale_bits = sb;
+			*zero_bits = zb;
+			*scale_f = s;
+			*zero_f = kvt_widen16(zb, sdt);
+			return;
+		}
+	}
+	/* constant group (or a scale that underflows the 16-bit type): decode to the stored mn */
+	*scale_bits = 0;
+	*zero_bits = kvt_round16_bits(mn, sdt);
+	*scale_f = 0.0f;
+	*zero_f = kvt_widen16(*zero_bits, sdt);
+}
+
+/* One element's code against the stored scale and zero: clamp(rint((x - z) / s), 0, qmax),
+ * 0 when s == 0. The comparisons are written the way maxps/minps behave (NaN -> 0). */
+static inline uint32_t kvt_qcode(float x, float s, float z, float qmax)
+{
+	if (s == 0.0f)
+		return 0;
+	float r = __builtin_rintf((x - z) / s);
+	r = r > 0.0f ? r : 0.0f;
+	r = r < qmax ? r : qmax;
+	return (uint32_t)r;
+}
+
+/* The fixed reduction of 8 summation lanes, shared by every path. */
+static inline float kvt_reduce8(const float a[8])
+{
+	return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* Min and max of n (a multiple of 8) floats the way the AVX2 path computes them: lane i % 8
+ * keeps `v < acc ? v : acc` in index order, then lanes (j, j+4), (j, j+2), (0, 1) combine.
+ * Only the sign of a zero result can depend on the order; fixing the order keeps the bytes. */
+static inline void kvt_minmax8(const float *x, uint32_t n, float *mn_out, float *mx_out)
+{
+	float mn[8], mx[8];
+	for (int j = 0; j < 8; j++) {
+		mn[j] = __builtin_inff();
+		mx[j] = -__builtin_inff();
+	}
+	for (uint32_t i = 0; i < n; i += 8)
+		for (int j = 0; j < 8; j++) {
+			float v = x[i + j];
+			mn[j] = v < mn[j] ? v : mn[j];
+			mx[j] = v > mx[j] ? v : mx[j];
+		}
+	for (int w = 4; w >= 1; w >>= 1)
+		for (int j = 0; j < w; j++) {
+			mn[j] = mn[j] < mn[j + w] ? mn[j] : mn[j + w];
+			mx[j] = mx[j] > mx[j + w] ? mx[j] : mx[j + w];
+		}
+	*mn_out = mn[0];
+	*mx_out = mx[0];
+}
+
+/* ---- Kernel table ------------------------------------------------------------------------- */
+struct kvt_codec_ops {
+	const char *name;
+	/* n elements of dtype (f16/bf16/f32) <-> f32 */
+	void (*load_f32)(const void *src, uint32_t dtype, float *dst, size_t n);
+	void (*store_f32)(const float *src, void *dst, uint32_t dtype, size_t n);
+	/* n vectors of length d (power of two, 2..256): butterflies with stride 1, 2, 4, ...,
+	 * d/2 (each pair (a, b) -> (a + b, a - b)), then every element multiplied by mult. */
+	void (*fwht)(float *x, size_t n, uint32_t d, float mult);
+	/* sum of x[i]^2, n a multiple of 8: lane i % 8 accumulates acc + x*x in index order,
+	 * lanes reduced by kvt_reduce8. */
+	float (*sumsq)(const float *x, size_t n);
+	/* x[i] = x[i] / div */
+	void (*div)(float *x, size_t n, float div);
+	/* Dot product, n a multiple of 8, same lane rule as sumsq (acc + a*b). */
+	float (*dot)(const float *a, const float *b, size_t n);
+	/* y[i] = y[i] + a * x[i] */
+	void (*axpy)(float *y, const float *x, float a, size_t n);
+	/*
+	 * Per-channel quantization of one key group: ntok rows of d channels at x (row stride
+	 * x_stride floats); rows with pin[t] != 0 are left out of min/max and get code 0.
+	 * Writes d scales and zeros (16-bit) and the unpacked codes u8 [ntok][d] to codes8.
+	 */
+	void (*quant_cols)(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+			   uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale,
+			   uint16_t *zero, uint8_t *codes8);
+	/* Per-token quantization of nrows rows of d channels (row stride x_stride floats) in
+	 * groups of gv: scales and zeros [nrows][d/gv], unpacked codes u8 [nrows][d]. Rows with
+	 * pin[r] != 0 (pin may be NULL) get scale 0, zero 0, codes 0. */
+	void (*quant_rows)(const float *x, size_t x_stride, uint32_t nrows, const uint8_t *pin,
+			   uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
+			   uint16_t *zero, uint8_t *codes8);
+	/* Packs d codes (each < 2^bits) little end first: channel c at bits (c % (8/b)) * b of
+	 * byte c * b / 8. */
+	void (*pack)(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out);
+	/* Unpacks one row and dequantizes with per-channel f32 scale/zero: y = code*s + z. */
+	void (*dequant_ch)(const uint8_t *packed, uint32_t d, uint32_t bits, const float *s,
+			   const float *z, float *y);
+	/* Same with per-group 16-bit scale/zero (groups of gv channels). */
+	void (*dequant_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			    const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y);
+	/* One decoded row: dequantize with 16-bit scale/zero, channel c using s16[c / gv]
+	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels): code * s + z; then
+	 * when rot the butterflies of fwht and the multiply by mult; then round to out_dtype.
+	 * Exactly dequant + fwht + store_f32. */
+	void (*decode_row)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			   const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot,
+			   float mult, void *out, uint32_t out_dtype);
+	/* Unpacks one row to f32 codes (no scale). */
+	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
+};
+
+extern const struct kvt_codec_ops kvt_codec_ops_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+#define KVT_HAVE_AVX2_BUILD 1
+extern const struct kvt_codec_ops kvt_codec_ops_avx2;
+#endif
+
+/* The table of the active instruction set (reads KVT_ISA once, then CPUID). */
+const struct kvt_codec_ops *kvt_codec_ops_get(void);
+
+/* crc32c back ends (kvt_crc32c picks one at run time) */
+uint32_t kvt_crc32c_sw(uint32_t crc, const void *buf, size_t len);
+bool kvt_crc32c_hw_available(void);
+uint32_t kvt_crc32c_hw(uint32_t crc, const void *buf, size_t len);
+
+/* Chunk crc over total bytes with the header's crc field read as 0. */
+uint32_t kvt_chunk_crc(const void *chunk, size_t total_bytes);
+
+/* Header fields -> config, with the consistency checks kvt_chunk_parse does minus the crc
+ * and length (attend and decode use it on chunks that were parsed when they arrived). */
+int kvt_chunk_view(const void *chunk, struct kvt_codec_config *cfg,
+		   struct kvt_chunk_header *hdr, struct kvt_chunk_layout *lay, char *err,
+		   size_t errlen);
+
+static inline size_t kvt_value_group(const struct kvt_codec_config *cfg)
+{
+	return cfg->group < cfg->head_dim ? cfg->group : cfg->head_dim;
+}
+static inline bool kvt_scheme_rotates_keys(uint32_t scheme)
+{
+	return scheme == KVT_SCHEME_HADAMARD || scheme == KVT_SCHEME_OSCAR;
+}
+static inline float kvt_inv_sqrt_dim(uint32_t d)
+{
+	/* exact for 4, 16, 64, 256; correctly rounded otherwise */
+	return (float)(1.0 / __builtin_sqrt((double)d));
+}
+
+#endif

@@ -1,0 +1,638 @@
+/*
+ * codec_kernels_avx2.c - the AVX2 + F16C kernels. Each one performs exactly the float
+ * operations of its scalar twin in codec_kernels.c (same butterflies, same 8-lane order, the
+ * same min/max semantics: _mm256_min_ps(v, acc) is `v < acc ? v : acc`), so encoded bytes
+ * and decoded values are identical on both paths. Compiled with -mavx2 -mf16c (no FMA) and
+ * entered only after CPUID reports both.
+ */
+#include <immintrin.h>
+
+#include "codec_internal.h"
+
+static void v_load_f32(const void *src, uint32_t dtype, float *dst, size_t n)
+{
+	const uint16_t *h = src;
+	size_t i = 0;
+	if (dtype == KVT_DTYPE_F16) {
+		for (; i + 8 <= n; i += 8)
+			_mm256_storeu_ps(dst + i,
+					 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+		for (; i < n; i++)
+			dst[i] = kvt_f16_to_f32(h[i]);
+	} else if (dtype == KVT_DTYPE_BF16) {
+		for (; i + 8 <= n; i += 8) {
+			__m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i)));
+			_mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+		}
+		for (; i < n; i++)
+			dst[i] = kvt_bf16_to_f32(h[i]);
+	} else {
+		memmove(dst, src, n * 4);
+	}
+}
+
+/* bf16 round-to-nearest-even of 8 floats; the 16-bit results in the low half of each lane */
+static inline __m256i bf16_round32(__m256 x)
+{
+	__m256i b = _mm256_castps_si256(x);
+	__m256i absb = _mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff));
+	__m256i nan = _mm256_cmpgt_epi32(absb, _mm256_set1_epi32(0x7f800000));
+	__m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+	__m256i r = _mm256_srli_epi32(
+		_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+	__m256i q = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+	return _mm256_blendv_epi8(r, q, nan);
+}
+
+static inline __m128i pack32_to_16(__m256i r)
+{
+	return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* round to the scale dtype: 8 x u16 bits */
+static inline __m128i round16(__m256 x, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return pack32_to_16(bf16_round32(x));
+	return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline __m256 widen16(__m128i h, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+	return _mm256_cvtph_ps(h);
+}
+
+/* one value through F16C / integer bf16: bit-identical to kvt_round16_bits / kvt_widen16 */
+static inline uint16_t round16_1(float f, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return kvt_f32_to_bf16(f);
+	return (uint16_t)_mm_extract_epi16(
+		_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0);
+}
+
+static inline float widen16_1(uint16_t h, uint32_t sdt)
+{
+	if (sdt == KVT_DTYPE_BF16)
+		return kvt_bf16_to_f32(h);
+	return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+/* kvt_qparam (codec_internal.h) with the conversions done by F16C */
+static inline void qparam_1(float mn, float mx, float qmax, uint32_t sdt, uint16_t *scale_bits,
+			    uint16_t *zero_bits, float *scale_f, float *zero_f)
+{
+	if (mn == 0.0f && mx == 0.0f) {
+		mn = -1.0f;
+		mx = 1.0f;
+	}
+	if (mx > mn) {
+		float scale = (mx - mn) / qmax;
+		uint16_t sb = round16_1(scale, sdt);
+		float s = widen16_1(sb, sdt);
+		if (s != 0.0f) {
+			float zq = _mm_cvtss_f32(_mm_round_ss(
+				_mm_setzero_ps(), _mm_set_ss(-mn / s),
+				_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+			uint16_t zb = round16_1((-zq) * s, sdt);
+			*scale_bits = sb;
+			*zero_bits = zb;
+			*scale_f = s;
+			*zero_f = widen16_1(zb, sdt);
+			return;
+		}
+	}
+	*scale_bits = 0;
+	*zero_bits = round16_1(mn, sdt);
+	*scale_f = 0.0f;
+	*zero_f = widen16_1(*zero_bits, sdt);
+}
+
+static void v_store_f32(const float *src, void *dst, uint32_t dtype, size_t n)
+{
+	uint16_t *h = dst;
+	size_t i = 0;
+	if (dtype == KVT_DTYPE_F16 || dtype == KVT_DTYPE_BF16) {
+		for (; i + 8 <= n; i += 8)
+			_mm_storeu_si128((__m128i *)(h + i), round16(_mm256_loadu_ps(src + i), dtype));
+		for (; i < n; i++)
+			h[i] = kvt_round16_bits(src[i], dtype);
+	} else {
+		memmove(dst, src, n * 4);
+	}
+}
+
+/* Butterfly stages 1, 2, 4 inside one 8-lane vector: lane j pairs with j ^ h; the low lane
+ * gets partner + self (= a + b), the high lane partner + (-self) (= a - b), both exact as the
+ * scalar a + b and a - b. */
+static inline __m256 fwht8(__m256 v)
+{
+	const __m256 s1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0,
+								 INT32_MIN, 0, INT32_MIN));
+	const __m256 s2 = _mm256_castsi256_ps(
+		_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN));
+	const __m256 s4 = _mm256_castsi256_ps(
+		_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN));
+	v = _mm256_add_ps(_mm256_permute_ps(v, 0xB1), _mm256_xor_ps(v, s1));
+	v = _mm256_add_ps(_mm256_permute_ps(v, 0x4E), _mm256_xor_ps(v, s2));
+	v = _mm256_add_ps(_mm256_permute2f128_ps(v, v, 1), _mm256_xor_ps(v, s4));
+	return v;
+}
+
+static void fwht_scalar_row(float *x, uint32_t d, float mult)
+{
+	for (uint32_t h = 1; h < d; h <<= 1)
+		for (uint32_t i = 0; i < d; i += 2 * h)
+			for (uint32_t j = i; j < i + h; j++) {
+				float a = x[j], b = x[j + h];
+				x[j] = a + b;
+				x[j + h] = a - b;
+			}
+	for (uint32_t j = 0; j < d; j++)
+		x[j] = x[j] * mult;
+}
+
+#define BFLY(a, b)                                                                         \
+	do {                                                                               \
+		__m256 s_ = _mm256_add_ps(a, b), d_ = _mm256_sub_ps(a, b);                 \
+		a = s_;                                                                    \
+		b = d_;                                                                    \
+	} while (0)
+
+/* Stages 1..32 of a 64-element block in registers (8 vectors), optionally times m. */
+static inline void fwht64(float *x, __m256 m, bool scale)
+{
+	__m256 v0 = fwht8(_mm256_loadu_ps(x)), v1 = fwht8(_mm256_loadu_ps(x + 8));
+	__m256 v2 = fwht8(_mm256_loadu_ps(x + 16)), v3 = fwht8(_mm256_loadu_ps(x + 24));
+	__m256 v4 = fwht8(_mm256_loadu_ps(x + 32)), v5 = fwht8(_mm256_loadu_ps(x + 40));
+	__m256 v6 = fwht8(_mm256_loadu_ps(x + 48)), v7 = fwht8(_mm256_loadu_ps(x + 56));
+	BFLY(v0, v1);
+	BFLY(v2, v3);
+	BFLY(v4, v5);
+	BFLY(v6, v7);
+	BFLY(v0, v2);
+	BFLY(v1, v3);
+	BFLY(v4, v6);
+	BFLY(v5, v7);
+	BFLY(v0, v4);
+	BFLY(v1, v5);
+	BFLY(v2, v6);
+	BFLY(v3, v7);
+	if (scale) {
+		v0 = _mm256_mul_ps(v0, m);
+		v1 = _mm256_mul_ps(v1, m);
+		v2 = _mm256_mul_ps(v2, m);
+		v3 = _mm256_mul_ps(v3, m);
+		v4 = _mm256_mul_ps(v4, m);
+		v5 = _mm256_mul_ps(v5, m);
+		v6 = _mm256_mul_ps(v6, m);
+		v7 = _mm256_mul_ps(v7, m);
+	}
+	_mm256_storeu_ps(x, v0);
+	_mm256_storeu_ps(x + 8, v1);
+	_mm256_storeu_ps(x + 16, v2);
+	_mm256_storeu_ps(x + 24, v3);
+	_mm256_storeu_ps(x + 32, v4);
+	_mm256_storeu_ps(x + 40, v5);
+	_mm256_storeu_ps(x + 48, v6);
+	_mm256_storeu_ps(x + 56, v7);
+}
+
+static void v_fwht(float *x, size_t n, uint32_t d, float mult)
+{
+	const __m256 m = _mm256_set1_ps(mult);
+	for (size_t r = 0; r < n; r++, x += d) {
+		if (d < 8) {
+			fwht_scalar_row(x, d, mult);
+			continue;
+		}
+		if (d == 8) {
+			_mm256_storeu_ps(x, _mm256_mul_ps(fwht8(_mm256_loadu_ps(x)), m));
+			continue;
+		}
+		if (d == 64) {
+			fwht64(x, m, true);
+			continue;
+		}
+		uint32_t h = 8;
+		if (d > 64) {
+			for (uint32_t j = 0; j < d; j += 64)
+				fwht64(x + j, m, false);
+			h = 64;
+		} else {
+			for (uint32_t j = 0; j < d; j += 8)
+				_mm256_storeu_ps(x + j, fwht8(_mm256_loadu_ps(x + j)));
+		}
+		for (; h < d / 2; h <<= 1)
+			for (uint32_t i = 0; i < d; i += 2 * h)
+				for (uint32_t j = i; j < i + h; j += 8) {
+					__m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+					_mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+					_mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+				}
+		/* last stage fused with the multiply: (a + b) * m, (a - b) * m as the scalar does */
+		h = d / 2;
+		for (uint32_t j = 0; j < h; j += 8) {
+			__m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+			_mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_add_ps(a, b), m));
+			_mm256_storeu_ps(x + j + h, _mm256_mul_ps(_mm256_sub_ps(a, b), m));
+		}
+	}
+}
+
+static inline float reduce8(__m256 acc)
+{
+	__m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+	__m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+	__m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+	return _mm_cvtss_f32(s1);
+}
+
+static float v_sumsq(const float *x, size_t n)
+{
+	__m256 acc = _mm256_setzero_ps();
+	for (size_t i = 0; i < n; i += 8) {
+		__m256 v = _mm256_loadu_ps(x + i);
+		acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+	}
+	return reduce8(acc);
+}
+
+static float v_dot(const float *a, const float *b, size_t n)
+{
+	__m256 acc = _mm256_setzero_ps();
+	for (size_t i = 0; i < n; i += 8)
+		acc = _mm256_add_ps(acc,
+				    _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+	return reduce8(acc);
+}
+
+static void v_div(float *x, size_t n, float div)
+{
+	const __m256 dv = _mm256_set1_ps(div);
+	size_t i = 0;
+	for (; i + 8 <= n; i += 8)
+		_mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), dv));
+	for (; i < n; i++)
+		x[i] = x[i] / div;
+}
+
+static void v_axpy(float *y, const float *x, float a, size_t n)
+{
+	const __m256 av = _mm256_set1_ps(a);
+	size_t i = 0;
+	for (; i + 8 <= n; i += 8)
+		_mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i),
+						      _mm256_mul_ps(av, _mm256_loadu_ps(x + i))));
+	for (; i < n; i++)
+		y[i] = y[i] + a * x[i];
+}
+
+/* codes of 8 elements against (s, z): clamp(rint((x - z) / s), 0, qmax), 0 where s == 0 */
+static inline __m256i qcode8(__m256 x, __m256 s, __m256 z, __m256 qmax)
+{
+	__m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(x, z), s),
+				   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	r = _mm256_max_ps(r, _mm256_setzero_ps());
+	r = _mm256_min_ps(r, qmax);
+	r = _mm256_andnot_ps(_mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_EQ_OQ), r);
+	return _mm256_cvttps_epi32(r);
+}
+
+static inline void store_codes8(uint8_t *dst, __m256i c)
+{
+	__m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+	_mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(w, w));
+}
+
+/* kvt_qparam (has_any true) for 8 groups at once; the same operations lane by lane */
+static inline void qparam8(__m256 mn, __m256 mx, __m256 qmax, uint32_t sdt, __m128i *sb_out,
+			   __m128i *zb_out, __m256 *sf_out, __m256 *zf_out)
+{
+	const __m256 zero_v = _mm256_setzero_ps();
+	__m256 zz = _mm256_and_ps(_mm256_cmp_ps(mn, zero_v, _CMP_EQ_OQ),
+				  _mm256_cmp_ps(mx, zero_v, _CMP_EQ_OQ));
+	mn = _mm256_blendv_ps(mn, _mm256_set1_ps(-1.0f), zz);
+	mx = _mm256_blendv_ps(mx, _mm256_set1_ps(1.0f), zz);
+	__m256 gt = _mm256_cmp_ps(mx, mn, _CMP_GT_OQ);
+	__m128i sb = round16(_mm256_div_ps(_mm256_sub_ps(mx, mn), qmax), sdt);
+	__m256 s = widen16(sb, sdt);
+	__m256 ok = _mm256_and_ps(gt, _mm256_cmp_ps(s, zero_v, _CMP_NEQ_UQ));
+	__m256 negmn = _mm256_xor_ps(mn, _mm256_set1_ps(-0.0f));
+	__m256 zq = _mm256_round_ps(_mm256_div_ps(negmn, s),
+				    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m128i zb = round16(_mm256_mul_ps(_mm256_xor_ps(zq, _mm256_set1_ps(-0.0f)), s), sdt);
+	__m128i cb = round16(mn, sdt); /* constant group: zero = mn */
+	__m128i ok16 = pack32_to_16(_mm256_srli_epi32(_mm256_castps_si256(ok), 16));
+	sb = _mm_and_si128(sb, ok16);
+	zb = _mm_blendv_epi8(cb, zb, ok16);
+	*sb_out = sb;
+	*zb_out = zb;
+	*sf_out = widen16(sb, sdt);
+	*zf_out = widen16(zb, sdt);
+}
+
+static void v_quant_cols(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+			 uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale, uint16_t *zero,
+			 uint8_t *codes8)
+{
+	const float qmaxf = (float)((1u << bits) - 1);
+	const __m256 qmax = _mm256_set1_ps(qmaxf);
+	bool any = false;
+	for (uint32_t t = 0; t < ntok; t++)
+		any |= !pin[t];
+	if (!any) {
+		memset(scale, 0, d * 2);
+		memset(zero, 0, d * 2);
+		memset(codes8, 0, (size_t)ntok * d);
+		return;
+	}
+	/* row by row (rows are 1 KiB+ apart: walking a column would hit one cache set), each
+	 * channel's lane still sees the tokens in order */
+	float mn[256] __attribute__((aligned(32))), mx[256] __attribute__((aligned(32)));
+	float sf[256] __attribute__((aligned(32))), zf[256] __attribute__((aligned(32)));
+	for (uint32_t c = 0; c < d; c += 8) {
+		_mm256_store_ps(mn + c, _mm256_set1_ps(__builtin_inff()));
+		_mm256_store_ps(mx + c, _mm256_set1_ps(-__builtin_inff()));
+	}
+	for (uint32_t t = 0; t < ntok; t++) {
+		if (pin[t])
+			continue;
+		const float *xr = x + t * x_stride;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 v = _mm256_loadu_ps(xr + c);
+			_mm256_store_ps(mn + c, _mm256_min_ps(v, _mm256_load_ps(mn + c)));
+			_mm256_store_ps(mx + c, _mm256_max_ps(v, _mm256_load_ps(mx + c)));
+		}
+	}
+	for (uint32_t c = 0; c < d; c += 8) {
+		__m128i sb, zb;
+		__m256 s, z;
+		qparam8(_mm256_load_ps(mn + c), _mm256_load_ps(mx + c), qmax, sdt, &sb, &zb, &s, &z);
+		_mm_storeu_si128((__m128i *)(scale + c), sb);
+		_mm_storeu_si128((__m128i *)(zero + c), zb);
+		_mm256_store_ps(sf + c, s);
+		_mm256_store_ps(zf + c, z);
+	}
+	for (uint32_t t = 0; t < ntok; t++) {
+		uint8_t *dst = codes8 + (size_t)t * d;
+		if (pin[t]) {
+			memset(dst, 0, d);
+			continue;
+		}
+		const float *xr = x + t * x_stride;
+		for (uint32_t c = 0; c < d; c += 8)
+			store_codes8(dst + c, qcode8(_mm256_loadu_ps(xr + c), _mm256_load_ps(sf + c),
+						     _mm256_load_ps(zf + c), qmax));
+	}
+}
+
+static void v_quant_rows(const float *x, size_t x_stride, uint32_t nrows, const uint8_t *pin,
+			 uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
+			 uint16_t *zero, uint8_t *codes8)
+{
+	const float qmaxf = (float)((1u << bits) - 1);
+	const __m256 qmax = _mm256_set1_ps(qmaxf);
+	const uint32_t ng = d / gv;
+	float mnv[1024] __attribute__((aligned(32))), mxv[1024] __attribute__((aligned(32)));
+	float sfv[1024] __attribute__((aligned(32))), zfv[1024] __attribute__((aligned(32)));
+	for (uint32_t r0 = 0; r0 < nrows; r0 += 1024 / ng) {
+		uint32_t nr = nrows - r0 < 1024 / ng ? nrows - r0 : 1024 / ng;
+		/* 1: min and max of every group, in the fixed lane order of kvt_minmax8 */
+		for (uint32_t r = 0; r < nr; r++) {
+			const float *xr = x + (size_t)(r0 + r) * x_stride;
+			for (uint32_t g = 0; g < ng; g++) {
+				const float *xg = xr + g * gv;
+				__m256 mn = _mm256_set1_ps(__builtin_inff());
+				__m256 mx = _mm256_set1_ps(-__builtin_inff());
+				for (uint32_t c = 0; c < gv; c += 8) {
+					__m256 v = _mm256_loadu_ps(xg + c);
+					mn = _mm256_min_ps(v, mn);
+					mx = _mm256_max_ps(v, mx);
+				}
+				__m128 n4 = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+				__m128 n2 = _mm_min_ps(n4, _mm_movehl_ps(n4, n4));
+				__m128 n1 = _mm_min_ss(n2, _mm_shuffle_ps(n2, n2, 1));
+				__m128 x4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+				__m128 x2 = _mm_max_ps(x4, _mm_movehl_ps(x4, x4));
+				__m128 x1 = _mm_max_ss(x2, _mm_shuffle_ps(x2, x2, 1));
+				mnv[r * ng + g] = _mm_cvtss_f32(n1);
+				mxv[r * ng + g] = _mm_cvtss_f32(x1);
+			}
+		}
+		/* 2: the parameters, 8 groups at a time */
+		uint16_t *sp = scale + (size_t)r0 * ng, *zp = zero + (size_t)r0 * ng;
+		uint32_t n = nr * ng, i = 0;
+		for (; i + 8 <= n; i += 8) {
+			__m128i sb, zb;
+			__m256 sf, zf;
+			qparam8(_mm256_load_ps(mnv + i), _mm256_load_ps(mxv + i), qmax, sdt, &sb, &zb,
+				&sf, &zf);
+			_mm_storeu_si128((__m128i *)(sp + i), sb);
+			_mm_storeu_si128((__m128i *)(zp + i), zb);
+			_mm256_store_ps(sfv + i, sf);
+			_mm256_store_ps(zfv + i, zf);
+		}
+		for (; i < n; i++)
+			qparam_1(mnv[i], mxv[i], qmaxf, sdt, &sp[i], &zp[i], &sfv[i], &zfv[i]);
+		/* 3: the codes */
+		for (uint32_t r = 0; r < nr; r++) {
+			const float *xr = x + (size_t)(r0 + r) * x_stride;
+			uint8_t *cr = codes8 + (size_t)(r0 + r) * d;
+			if (pin && pin[r0 + r]) {
+				memset(sp + (size_t)r * ng, 0, ng * 2);
+				memset(zp + (size_t)r * ng, 0, ng * 2);
+				memset(cr, 0, d);
+				continue;
+			}
+			for (uint32_t g = 0; g < ng; g++) {
+				__m256 sv = _mm256_set1_ps(sfv[r * ng + g]), zv = _mm256_set1_ps(zfv[r * ng + g]);
+				for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8)
+					store_codes8(cr + c, qcode8(_mm256_loadu_ps(xr + c), sv, zv, qmax));
+			}
+		}
+	}
+}
+
+static void v_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out)
+{
+	if (bits == 8) {
+		memcpy(out, codes8, d);
+		return;
+	}
+	for (uint32_t c = 0; c < d; c += 32) {
+		__m256i v = _mm256_loadu_si256((const __m256i *)(codes8 + c));
+		if (bits == 2) {
+			__m256i p = _mm256_maddubs_epi16(v, _mm256_set1_epi16(0x0401));
+			p = _mm256_madd_epi16(p, _mm256_set1_epi32(0x00100001));
+			p = _mm256_shuffle_epi8(p, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1,
+								    -1, -1, -1, -1, -1, -1, -1, 0, 4,
+								    8, 12, -1, -1, -1, -1, -1, -1, -1,
+								    -1, -1, -1, -1, -1));
+			uint32_t lo = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(p));
+			uint32_t hi = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(p, 1));
+			memcpy(out + c / 4, &lo, 4);
+			memcpy(out + c / 4 + 4, &hi, 4);
+		} else {
+			__m256i p = _mm256_maddubs_epi16(v, _mm256_set1_epi16(0x1001));
+			_mm_storeu_si128((__m128i *)(out + c / 2),
+					 _mm_packus_epi16(_mm256_castsi256_si128(p),
+							  _mm256_extracti128_si256(p, 1)));
+		}
+	}
+}
+
+/* 8 codes starting at channel c (c a multiple of 8) as int32 lanes */
+static inline __m256i unpack8(const uint8_t *p, uint32_t c, uint32_t bits)
+{
+	if (bits == 2) {
+		uint16_t w;
+		memcpy(&w, p + c / 4, 2);
+		return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w),
+							  _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+					_mm256_set1_epi32(3));
+	}
+	if (bits == 4) {
+		uint32_t w;
+		memcpy(&w, p + c / 2, 4);
+		return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w),
+							  _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+					_mm256_set1_epi32(15));
+	}
+	return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + c)));
+}
+
+static void v_unpack_f32(const uint8_t *packed, uint32_t d, uint32_t bits, float *y)
+{
+	for (uint32_t c = 0; c < d; c += 8)
+		_mm256_storeu_ps(y + c, _mm256_cvtepi32_ps(unpack8(packed, c, bits)));
+}
+
+static void v_dequant_ch(const uint8_t *packed, uint32_t d, uint32_t bits, const float *s,
+			 const float *z, float *y)
+{
+	for (uint32_t c = 0; c < d; c += 8) {
+		__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
+		_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, _mm256_loadu_ps(s + c)),
+						      _mm256_loadu_ps(z + c)));
+	}
+}
+
+static void v_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			  const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y)
+{
+	for (uint32_t g = 0; g < d / gv; g++) {
+		__m256 sv = _mm256_set1_ps(widen16_1(s[g], sdt));
+		__m256 zv = _mm256_set1_ps(widen16_1(z[g], sdt));
+		for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8) {
+			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
+			_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, sv), zv));
+		}
+	}
+}
+
+static inline void store8(void *out, uint32_t c, __m256 v, uint32_t odt)
+{
+	if (odt == KVT_DTYPE_F32)
+		_mm256_storeu_ps((float *)out + c, v);
+	else
+		_mm_storeu_si128((__m128i *)((uint16_t *)out + c), round16(v, odt));
+}
+
+#define FWHT64_REGS(v)                                                                     \
+	do {                                                                               \
+		for (int i_ = 0; i_ < 8; i_++)                                             \
+			v[i_] = fwht8(v[i_]);                                              \
+		BFLY(v[0], v[1]);                                                          \
+		BFLY(v[2], v[3]);                                                          \
+		BFLY(v[4], v[5]);                                                          \
+		BFLY(v[6], v[7]);                                                          \
+		BFLY(v[0], v[2]);                                                          \
+		BFLY(v[1], v[3]);                                                          \
+		BFLY(v[4], v[6]);                                                          \
+		BFLY(v[5], v[7]);                                                          \
+		BFLY(v[0], v[4]);                                                          \
+		BFLY(v[1], v[5]);                                                          \
+		BFLY(v[2], v[6]);                                                          \
+		BFLY(v[3], v[7]);                                                          \
+	} while (0)
+
+/* dequant + fwht + store_f32 of one row, the intermediate kept in registers where it fits */
+static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			 const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot, float mult,
+			 void *out, uint32_t odt)
+{
+	float sg[8] = {0}, zg[8] = {0};
+	const bool per_ch = gv == 1;
+	if (!per_ch)
+		for (uint32_t g = 0; g < d / gv; g++) {
+			sg[g] = widen16_1(s16[g], sdt);
+			zg[g] = widen16_1(z16[g], sdt);
+		}
+#define DEQ(c)                                                                             \
+	_mm256_add_ps(                                                                     \
+		_mm256_mul_ps(_mm256_cvtepi32_ps(unpack8(packed, (c), bits)),               \
+			      per_ch ? widen16(_mm_loadu_si128((const __m128i *)(s16 + (c))), sdt) \
+				     : _mm256_set1_ps(sg[(c) / gv])),                       \
+		per_ch ? widen16(_mm_loadu_si128((const __m128i *)(z16 + (c))), sdt)        \
+		       : _mm256_set1_ps(zg[(c) / gv]))
+	if (!rot || d < 64) {
+		float tmp[256] __attribute__((aligned(32)));
+		for (uint32_t c = 0; c < d; c += 8)
+			_mm256_store_ps(tmp + c, DEQ(c));
+		if (rot)
+			v_fwht(tmp, 1, d, mult);
+		for (uint32_t c = 0; c < d; c += 8)
+			store8(out, c, _mm256_load_ps(tmp + c), odt);
+		return;
+	}
+	const __m256 m = _mm256_set1_ps(mult);
+	float tmp[256] __attribute__((aligned(32)));
+	for (uint32_t b = 0; b < d; b += 64) {
+		__m256 v[8];
+		for (int i = 0; i < 8; i++)
+			v[i] = DEQ(b + 8 * (uint32_t)i);
+		FWHT64_REGS(v);
+		if (d == 64) {
+			for (int i = 0; i < 8; i++)
+				store8(out, 8 * (uint32_t)i, _mm256_mul_ps(v[i], m), odt);
+			return;
+		}
+		for (int i = 0; i < 8; i++)
+			_mm256_store_ps(tmp + b + 8 * i, v[i]);
+	}
+#undef DEQ
+	if (d == 256)
+		for (uint32_t i = 0; i < 256; i += 128)
+			for (uint32_t j = i; j < i + 64; j += 8) {
+				__m256 a = _mm256_load_ps(tmp + j), c = _mm256_load_ps(tmp + j + 64);
+				_mm256_store_ps(tmp + j, _mm256_add_ps(a, c));
+				_mm256_store_ps(tmp + j + 64, _mm256_sub_ps(a, c));
+			}
+	uint32_t h = d / 2;
+	for (uint32_t j = 0; j < h; j += 8) {
+		__m256 a = _mm256_load_ps(tmp + j), c = _mm256_load_ps(tmp + j + h);
+		store8(out, j, _mm256_mul_ps(_mm256_add_ps(a, c), m), odt);
+		store8(out, j + h, _mm256_mul_ps(_mm256_sub_ps(a, c), m), odt);
+	}
+}
+
+const struct kvt_codec_ops kvt_codec_ops_avx2 = {
+	.decode_row = v_decode_row,
+	.name = "avx2",
+	.load_f32 = v_load_f32,
+	.store_f32 = v_store_f32,
+	.fwht = v_fwht,
+	.sumsq = v_sumsq,
+	.div = v_div,
+	.dot = v_dot,
+	.axpy = v_axpy,
+	.quant_cols = v_quant_cols,
+	.quant_rows = v_quant_rows,
+	.pack = v_pack,
+	.dequant_ch = v_dequant_ch,
+	.dequant_grp = v_dequant_grp,
+	.unpack_f32 = v_unpack_f32,
+};
