@@ -297,8 +297,18 @@ static void reply_info(struct kvt_rpc_result *res, struct kvt_session *s, int ha
 static void fail_errno(struct kvt_rpc_result *res, int rc, const char *what, const char *err)
 {
 	grpc_status_code code = kvt_rpc_status_from_errno(rc);
-	if (rc == -ENOMEM && (!err || !*err))
-		err = "host memory is full (host_capacity_bytes)";
+	if (rc == -ENOMEM) {
+		/* Name the limit and the policy so an operator knows what to raise. */
+		kvt_rpc_fail(res, code,
+			     "%s: host memory is full: host_capacity_bytes is %" PRIu64
+			     " and capacity_policy %s (%s)",
+			     what, KVT_CFG(host_capacity_bytes),
+			     KVT_CFG(capacity_policy) == KVT_POLICY_REJECT
+				     ? "is reject"
+				     : "found no idle unpinned session to drop",
+			     err && *err ? err : "allocation refused");
+		return;
+	}
 	kvt_rpc_fail(res, code, "%s: %s", what, err && *err ? err : strerror(-rc));
 }
 

@@ -243,8 +243,6 @@ int kvt_sessions_open(struct kvt_sessions *t, const char *tenant, const char *id
 	/* The sequence's first allocation may reclaim other sessions: no shard lock held here. */
 	int rc = kvt_seq_create(cfg, &t->host->seq_alloc, &s->seq, err, errlen);
 	if (rc) {
-		if (rc == -ENOMEM)
-			snprintf(err, errlen, "host memory is full (host_capacity_bytes)");
 		session_free(s);
 		return rc;
 	}
@@ -292,8 +290,6 @@ int kvt_sessions_fork(struct kvt_sessions *t, struct kvt_session *src, const cha
 	int rc = kvt_seq_fork(src->seq, n_tokens, &t->host->seq_alloc, &s->seq, err, errlen);
 	kvt_session_unlock(src);
 	if (rc) {
-		if (rc == -ENOMEM)
-			snprintf(err, errlen, "host memory is full (host_capacity_bytes)");
 		session_free(s);
 		return rc;
 	}
