@@ -1238,6 +1238,11 @@ static void fetch_cleanup(struct kvt_rpc_call *c)
 
 /* ---- FetchEncoded ------------------------------------------------------------------------- */
 
+static void chunk_unref(void *p)
+{
+	kvt_chunk_put(p);
+}
+
 struct fetch_enc_state {
 	struct kvt_session *s;
 	int sent_info;
@@ -1336,28 +1341,33 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 		return KVT_STREAM_DONE;
 	}
 	if (f->chunk < f->chunk_end) {
-		const struct kvt_chunk *ch = kvt_seq_chunk(s->seq, f->chunk);
+		/* Zero copy: the piece's data is a slice over the chunk itself, holding a
+		 * chunk reference until gRPC has sent it (a Truncate or Drop meanwhile cannot
+		 * free it). Only the small header is written here. */
+		const struct kvt_chunk *ch = kvt_chunk_get(kvt_seq_chunk(s->seq, f->chunk));
+		kvt_session_unlock(s);
 		uint64_t left = ch->size_bytes - f->offset;
 		uint64_t take = left < f->piece_bytes ? left : f->piece_bytes;
-		Kvtier__V1__ChunkPiece cp = KVTIER__V1__CHUNK_PIECE__INIT;
-		cp.has_chunk_index = 1;
-		cp.chunk_index = f->chunk;
-		cp.has_offset = 1;
-		cp.offset = f->offset;
-		cp.has_total_bytes = 1;
-		cp.total_bytes = ch->size_bytes;
-		cp.has_data = 1;
-		cp.data.data = (uint8_t *)ch->bytes + f->offset;
-		cp.data.len = take;
-		Kvtier__V1__EncodedPiece p = KVTIER__V1__ENCODED_PIECE__INIT;
-		p.piece_case = KVTIER__V1__ENCODED_PIECE__PIECE_CHUNK;
-		p.chunk = &cp;
-		*out = kvt_rpc_pack(&p.base);
-		kvt_session_unlock(s);
-		if (!*out) {
-			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-			return KVT_STREAM_DONE;
-		}
+		uint8_t hdr[64], *p = hdr;
+		size_t inner = 1 + varint_size(f->chunk) + 1 + varint_size(f->offset) + 1 +
+			       varint_size(ch->size_bytes) + 1 + varint_size(take) + take;
+		*p++ = 1 << 3 | 2; /* EncodedPiece.chunk */
+		p = put_varint(p, inner);
+		*p++ = 1 << 3; /* ChunkPiece.chunk_index */
+		p = put_varint(p, f->chunk);
+		*p++ = 2 << 3; /* offset */
+		p = put_varint(p, f->offset);
+		*p++ = 3 << 3; /* total_bytes */
+		p = put_varint(p, ch->size_bytes);
+		*p++ = 4 << 3 | 2; /* data */
+		p = put_varint(p, take);
+		grpc_slice slices[2];
+		slices[0] = grpc_slice_from_copied_buffer((const char *)hdr, (size_t)(p - hdr));
+		slices[1] = grpc_slice_new_with_user_data((void *)(ch->bytes + f->offset), take,
+							  chunk_unref, (void *)ch);
+		*out = grpc_raw_byte_buffer_create(slices, 2);
+		grpc_slice_unref(slices[0]);
+		grpc_slice_unref(slices[1]);
 		f->offset += take;
 		if (f->offset >= ch->size_bytes) {
 			f->chunk++;
