@@ -435,9 +435,14 @@ static void on_received(struct kvt_rpc_call *c, int success)
 	c->recv_buf = NULL;
 	if (!bb) {
 		if (m->kind == KVT_RPC_CLIENT_STREAM) {
-			/* A cancelled or reset stream also ends with "no more messages". Before
-			 * committing, send the initial metadata: on a cancelled call that batch
-			 * fails, on a half-closed one it succeeds. */
+			/* A cancelled or reset stream also ends with "no more messages". gRPC
+			 * tells an error from a half-close; and before committing, the initial
+			 * metadata goes out as a probe: on a cancelled call that batch fails. */
+			if (grpc_call_failed_before_recv_message(c->call)) {
+				c->phase = PHASE_DONE;
+				call_cleanup_state(c);
+				return;
+			}
 			grpc_op op;
 			memset(&op, 0, sizeof op);
 			op.op = GRPC_OP_SEND_INITIAL_METADATA;
