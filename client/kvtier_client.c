@@ -1357,11 +1357,13 @@ struct place_ctx {
 	uint64_t t0, t1;
 	uint32_t l0, l1;
 	uint32_t dtype;
-	size_t token_bytes;       /* 0 until known (raw fetch) */
+	size_t token_bytes;       /* 0 until known (raw fetch, or inferred) */
 	uint8_t *k, *v;
 	size_t k_cap, v_cap;
 	size_t k_done, v_done;
 	bool check_dtype;
+	bool infer;               /* learn token_bytes from the first block */
+	size_t need;              /* bytes of the whole range (known once token_bytes is) */
 };
 
 static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const char *what,
@@ -1384,6 +1386,20 @@ static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const 
 	rows = (size_t)b->n_tokens * b->n_layers;
 	if (rows == 0)
 		return 0;
+	if (p->infer && !p->token_bytes) {
+		/* One token of one layer is k.len / rows bytes; the range needs that many bytes
+		 * per token-layer, which the caller's buffers must hold. */
+		size_t n = b->has_k ? b->k.len : b->v.len;
+		if (n == 0 || n % rows)
+			return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+					"%s block of %zu token-layers has %zu bytes", what, rows, n);
+		p->token_bytes = n / rows;
+		p->need = (size_t)(p->t1 - p->t0) * (p->l1 - p->l0) * p->token_bytes;
+		if ((p->k && p->k_cap < p->need) || (p->v && p->v_cap < p->need))
+			return st_local(st, KVT_CODE_INVALID_ARGUMENT, -ENOSPC,
+					"output buffers (k %zu, v %zu bytes) are smaller than the range (%zu bytes each)",
+					p->k ? p->k_cap : 0, p->v ? p->v_cap : 0, p->need);
+	}
 	tb = p->token_bytes;
 	if (!tb) {
 		/* raw fetch: the shape is unknown here, so only count */
@@ -1428,8 +1444,7 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	struct kvt_client_fetch_range r;
 	Kvtier__V1__FetchRequest req = KVTIER__V1__FETCH_REQUEST__INIT;
 	struct place_ctx p;
-	uint32_t msgs = 0, H = 0, d = 0;
-	size_t need;
+	uint32_t msgs = 0;
 	int rc;
 
 	if (range)
@@ -1439,31 +1454,51 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	if (res)
 		memset(res, 0, sizeof(*res));
 	memset(&p, 0, sizeof(p));
-
 	req.session_id = (char *)session_id;
-	if (!r.raw) {
-		/* Resolve defaults and learn H and d, which place blocks in the buffers. */
-		struct kvt_client_session_info info;
-		rc = kvt_client_stat(c, session_id, &info, st);
-		if (rc)
-			return rc;
-		if (r.token_end == KVT_CLIENT_END)
-			r.token_end = info.n_tokens;
-		if (r.layer_end == KVT_CLIENT_ALL_LAYERS)
-			r.layer_end = info.n_layers;
-		if (!r.dtype)
-			r.dtype = info.dtype;
-		H = info.n_kv_heads;
-		d = info.head_dim;
-		req.has_token_begin = req.has_token_end = 1;
-		req.has_layer_begin = req.has_layer_end = 1;
-		req.has_dtype = 1;
-	} else {
+
+	if (r.raw) {
+		/* Fields exactly as given; replies are counted, not placed. */
 		req.has_token_begin = r.token_begin != 0;
 		req.has_token_end = r.token_end != KVT_CLIENT_END;
 		req.has_layer_begin = r.layer_begin != 0;
 		req.has_layer_end = r.layer_end != KVT_CLIENT_ALL_LAYERS;
 		req.has_dtype = r.dtype != 0;
+		p.t0 = 0;
+		p.t1 = UINT64_MAX / 2;
+		p.l0 = 0;
+		p.l1 = UINT32_MAX;
+		k_out = v_out = NULL;
+	} else {
+		if (r.token_end == KVT_CLIENT_END || r.layer_end == KVT_CLIENT_ALL_LAYERS || !r.dtype) {
+			/* Defaults are resolved with one Stat, so the request and the placement
+			 * agree on the exact range. */
+			struct kvt_client_session_info info;
+			rc = kvt_client_stat(c, session_id, &info, st);
+			if (rc)
+				return rc;
+			if (r.token_end == KVT_CLIENT_END)
+				r.token_end = info.n_tokens;
+			if (r.layer_end == KVT_CLIENT_ALL_LAYERS)
+				r.layer_end = info.n_layers;
+			if (!r.dtype)
+				r.dtype = info.dtype;
+		}
+		req.has_token_begin = req.has_token_end = 1;
+		req.has_layer_begin = req.has_layer_end = 1;
+		req.has_dtype = 1;
+		p.t0 = r.token_begin;
+		p.t1 = r.token_end;
+		p.l0 = r.layer_begin;
+		p.l1 = r.layer_end;
+		p.dtype = r.dtype;
+		p.check_dtype = true;
+		p.infer = true;
+		if (p.t1 < p.t0 || p.l1 < p.l0) {
+			/* The server names the bad field; nothing is placed. */
+			p.t1 = p.t0;
+			p.l1 = p.l0;
+			k_out = v_out = NULL;
+		}
 	}
 	req.token_begin = r.token_begin;
 	req.token_end = r.token_end;
@@ -1474,46 +1509,11 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 		req.has_max_message_bytes = 1;
 		req.max_message_bytes = r.max_message_bytes;
 	}
-
-	p.t0 = r.token_begin;
-	p.t1 = r.token_end;
-	p.l0 = r.layer_begin;
-	p.l1 = r.layer_end;
-	p.dtype = r.dtype;
-	p.check_dtype = true;
-	if (!r.raw) {
-		/* The server is the judge of the range; only buffer sizes are checked here. */
-		bool sane = p.t1 >= p.t0 && p.l1 >= p.l0;
-		p.token_bytes = (size_t)H * d * kvt_client_dtype_size(r.dtype);
-		need = sane ? (size_t)(p.t1 - p.t0) * (p.l1 - p.l0) * p.token_bytes : 0;
-		if (sane && ((k_out && k_cap < need) || (v_out && v_cap < need)))
-			return st_local(st, KVT_CODE_INVALID_ARGUMENT, -ENOSPC,
-					"output buffers (k %zu, v %zu bytes) are smaller than the range (%zu bytes each)",
-					k_out ? k_cap : 0, v_out ? v_cap : 0, need);
-		if (!sane) {
-			/* Let the server name the bad field; place nothing. */
-			p.t1 = p.t0;
-			p.l1 = p.l0;
-			k_out = v_out = NULL;
-		}
-	} else {
-		/* raw: outputs are not placed (the range may be anything) */
-		p.t0 = 0;
-		p.t1 = UINT64_MAX / 2;
-		p.l0 = 0;
-		p.l1 = UINT32_MAX;
-		p.check_dtype = false;
-		k_out = v_out = NULL;
-		need = 0;
-	}
 	p.k = k_out;
 	p.v = v_out;
 	p.k_cap = k_cap;
 	p.v_cap = v_cap;
-	if (r.raw) {
-		/* token_bytes is unknown: accept any consistent block and count bytes */
-		p.token_bytes = 0;
-	}
+
 	rc = server_stream(c, SVC "Fetch", &req.base, &kvtier__v1__kv_block__descriptor,
 			   on_fetch_msg, &p, &msgs, r.timeout_ms, st);
 	if (res) {
@@ -1528,10 +1528,13 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	}
 	if (rc)
 		return rc;
-	if (!r.raw && (p.k_done != need || p.v_done != need))
+	if (!r.raw && p.t1 > p.t0 && p.l1 > p.l0 && !p.token_bytes)
+		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				"Fetch returned no data for a non-empty range");
+	if (!r.raw && (p.k_done != p.need || p.v_done != p.need))
 		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
 				"Fetch returned k %zu / v %zu bytes for a range of %zu bytes each",
-				p.k_done, p.v_done, need);
+				p.k_done, p.v_done, p.need);
 	return 0;
 }
 

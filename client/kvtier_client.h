@@ -292,8 +292,9 @@ struct kvt_client_fetch_result {
 /*
  * Fetches K and V of a token range and layer range into k_out / v_out ([layers][tokens][H][d]
  * in the requested dtype; either may be NULL). Defaults (token_end END, layer_end ALL, dtype 0)
- * are resolved with one Stat first unless range->raw. -ENOSPC when a buffer is smaller than
- * the range (nothing fetched); -EPROTO when the server's blocks do not tile the range.
+ * are resolved with one Stat first unless range->raw; a fully explicit range costs one call.
+ * -ENOSPC when a buffer is smaller than the range (checked on the first reply, before anything
+ * is written; the call is cancelled); -EPROTO when the server's blocks do not tile the range.
  * range may be NULL (everything).
  */
 int kvt_client_fetch(struct kvt_client *c, const char *session_id,

@@ -55,7 +55,7 @@ fi
 
 step "5/6 demo: synthetic TNI-like KV through the daemon (kvtierctl demo $*)"
 "$kvtierctl" --socket "$socket" demo "$@"
-"$kvtierctl" --socket "$socket" stats | head -n 8
+"$kvtierctl" --socket "$socket" stats
 
 # ---- HOOK: real-model chat demo ---------------------------------------------------------------
 # Added later by the model teammate: a real model's KV cache saved to and resumed from kvtierd.

@@ -80,7 +80,7 @@ static int validate_req(const struct kvt_attend_request *r, size_t i, char *err,
 		if (!r->chunks[c])
 			return kvt_codec_errf(err, errlen, -EINVAL, "request %zu: chunks[%u] is NULL",
 					      i, c);
-		if ((rc = kvt_chunk_view(r->chunks[c], &ccfg, &hdr, NULL, why, sizeof(why))))
+		if ((rc = kvt_chunk_view(r->chunks[c], SIZE_MAX, &ccfg, &hdr, NULL, why, sizeof(why))))
 			return kvt_codec_errf(err, errlen, -EINVAL, "request %zu: chunks[%u]: %s", i,
 					      c, why);
 		if (!same_shape(cfg, &ccfg))
@@ -137,7 +137,7 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 	const struct kvt_codec_config *cfg = r->cfg;
 	struct kvt_chunk_header hdr;
 	struct kvt_chunk_layout lay;
-	KVT_ASSERT(kvt_chunk_view(chunk, NULL, &hdr, &lay, NULL, 0) == 0);
+	KVT_ASSERT(kvt_chunk_view(chunk, SIZE_MAX, NULL, &hdr, &lay, NULL, 0) == 0);
 	const uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, d = cfg->head_dim,
 		       G = cfg->group, rep = s->rep;
 	const size_t ws = kvt_dtype_size(cfg->dtype);

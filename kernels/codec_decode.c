@@ -40,7 +40,7 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 	struct kvt_chunk_header hdr;
 	struct kvt_chunk_layout lay;
 	int rc;
-	if ((rc = kvt_chunk_view(chunk, &cfg, &hdr, &lay, err, errlen)))
+	if ((rc = kvt_chunk_view(chunk, SIZE_MAX, &cfg, &hdr, &lay, err, errlen)))
 		return rc;
 	const uint32_t B = cfg.chunk_tokens, L = cfg.n_layers, H = cfg.n_kv_heads,
 		       d = cfg.head_dim, G = cfg.group;

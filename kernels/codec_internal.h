@@ -213,9 +213,10 @@ uint32_t kvt_crc32c_hw(uint32_t crc, const void *buf, size_t len);
 /* Chunk crc over total bytes with the header's crc field read as 0. */
 uint32_t kvt_chunk_crc(const void *chunk, size_t total_bytes);
 
-/* Header fields -> config, with the consistency checks kvt_chunk_parse does minus the crc
- * and length (attend and decode use it on chunks that were parsed when they arrived). */
-int kvt_chunk_view(const void *chunk, struct kvt_codec_config *cfg,
+/* Header fields -> config, with the checks kvt_chunk_parse does minus the crc (attend and
+ * decode use it, with len SIZE_MAX, on chunks that were parsed when they arrived): the pin
+ * table is checked too, since they index with it. */
+int kvt_chunk_view(const void *chunk, size_t len, struct kvt_codec_config *cfg,
 		   struct kvt_chunk_header *hdr, struct kvt_chunk_layout *lay, char *err,
 		   size_t errlen);
 

@@ -5,9 +5,10 @@
  * and decoded values are identical on both paths. Compiled with -mavx2 -mf16c (no FMA) and
  * entered only after CPUID reports both.
  */
-#include <immintrin.h>
-
 #include "codec_internal.h"
+
+#ifdef KVT_HAVE_AVX2_BUILD
+#include <immintrin.h>
 
 static void v_load_f32(const void *src, uint32_t dtype, float *dst, size_t n)
 {
@@ -636,3 +637,4 @@ const struct kvt_codec_ops kvt_codec_ops_avx2 = {
 	.dequant_grp = v_dequant_grp,
 	.unpack_f32 = v_unpack_f32,
 };
+#endif /* KVT_HAVE_AVX2_BUILD */

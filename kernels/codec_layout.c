@@ -97,7 +97,7 @@ uint32_t kvt_chunk_crc(const void *chunk, size_t total_bytes)
 
 #define BAD(...) kvt_codec_errf(err, errlen, -EBADMSG, __VA_ARGS__)
 
-int kvt_chunk_view(const void *chunk, struct kvt_codec_config *cfg_out,
+int kvt_chunk_view(const void *chunk, size_t len, struct kvt_codec_config *cfg_out,
 		   struct kvt_chunk_header *hdr_out, struct kvt_chunk_layout *lay_out, char *err,
 		   size_t errlen)
 {
@@ -153,6 +153,24 @@ int kvt_chunk_view(const void *chunk, struct kvt_codec_config *cfg_out,
 			   "match its shape (%zu, %zu, %zu)",
 			   h.data_offset, h.layer_bytes, (unsigned long long)h.total_bytes,
 			   lay.data_offset, lay.layer_bytes, lay.total_bytes);
+	if (len < h.total_bytes)
+		return BAD("chunk length %zu is shorter than its total_bytes %llu", len,
+			   (unsigned long long)h.total_bytes);
+	/* the pin table (decode and attend index with it): strictly ascending below B, zero
+	 * padding */
+	const uint8_t *p = (const uint8_t *)chunk + KVT_CHUNK_HEADER_BYTES;
+	uint32_t prev = 0;
+	for (uint32_t i = 0; i < h.n_pinned; i++) {
+		uint16_t t;
+		memcpy(&t, p + 2 * i, 2);
+		if (t >= cfg.chunk_tokens || (i && t <= prev))
+			return BAD("chunk pin table entry %u (token %u) is not ascending below %u",
+				   i, t, cfg.chunk_tokens);
+		prev = t;
+	}
+	for (size_t i = (size_t)h.n_pinned * 2; i < lay.pin_table_bytes; i++)
+		if (p[i])
+			return BAD("chunk pin table padding byte %zu is not 0", i);
 	if (cfg_out)
 		*cfg_out = cfg;
 	if (hdr_out)
@@ -174,29 +192,13 @@ int kvt_chunk_parse(const void *chunk, size_t len, struct kvt_codec_config *cfg_
 	if (len < KVT_CHUNK_HEADER_BYTES)
 		return BAD("chunk length %zu is shorter than its %u-byte header", len,
 			   KVT_CHUNK_HEADER_BYTES);
-	if ((rc = kvt_chunk_view(chunk, &cfg, &h, &lay, err, errlen)))
+	if ((rc = kvt_chunk_view(chunk, len, &cfg, &h, &lay, err, errlen)))
 		return rc;
-	if (len < h.total_bytes)
-		return BAD("chunk length %zu is shorter than its total_bytes %llu", len,
-			   (unsigned long long)h.total_bytes);
 	uint32_t crc = kvt_chunk_crc(chunk, h.total_bytes);
 	if (crc != h.crc32c)
 		return BAD("chunk crc32c 0x%08x does not match the computed 0x%08x", h.crc32c,
 			   crc);
-	/* the pin table: strictly ascending chunk offsets, zero padding, every sink present */
 	const uint8_t *p = (const uint8_t *)chunk + KVT_CHUNK_HEADER_BYTES;
-	uint32_t prev = 0;
-	for (uint32_t i = 0; i < h.n_pinned; i++) {
-		uint16_t t;
-		memcpy(&t, p + 2 * i, 2);
-		if (t >= cfg.chunk_tokens || (i && t <= prev))
-			return BAD("chunk pin table entry %u (token %u) is not ascending below %u",
-				   i, t, cfg.chunk_tokens);
-		prev = t;
-	}
-	for (size_t i = (size_t)h.n_pinned * 2; i < lay.pin_table_bytes; i++)
-		if (p[i])
-			return BAD("chunk pin table padding byte %zu is not 0", i);
 	if (cfg.scheme != KVT_SCHEME_NONE && h.first_token < cfg.n_sinks) {
 		uint64_t end = cfg.n_sinks < h.first_token + cfg.chunk_tokens
 				       ? cfg.n_sinks

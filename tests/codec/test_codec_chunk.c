@@ -638,6 +638,20 @@ static void test_parse_rejects_corruption(void)
 	chunk[len - 1] ^= 0x80;
 	KVT_CHECK(kvt_chunk_parse(chunk, len, NULL, NULL, err, sizeof(err)) == 0, "restored");
 	KVT_CHECK(kvt_chunk_parse(NULL, len, NULL, NULL, err, sizeof(err)) == -EINVAL, "NULL");
+	/* a bad pin entry is refused by decode too (it indexes with it; no crc check there) */
+	uint16_t saved;
+	memcpy(&saved, chunk + 64, 2);
+	uint16_t badpin = 0xffff;
+	memcpy(chunk + 64, &badpin, 2);
+	float tmp[128 * 64];
+	KVT_CHECK(kvt_decode_chunk(chunk, 0, 1, 0, 1, KVT_DTYPE_F32, tmp, NULL, err, sizeof(err)) ==
+				  -EBADMSG &&
+			  strstr(err, "pin table"),
+		  "decode with a bad pin: %s", err);
+	memcpy(chunk + 64, &saved, 2);
+	KVT_CHECK(kvt_chunk_parse(chunk, 70, NULL, NULL, err, sizeof(err)) == -EBADMSG &&
+			  strstr(err, "length"),
+		  "cut inside the pin table: %s", err);
 	free(chunk);
 	free(k);
 	free(v);

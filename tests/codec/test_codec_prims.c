@@ -462,9 +462,11 @@ int main(void)
 {
 	kvt_test_init();
 	paths[n_paths++] = &kvt_codec_ops_scalar;
+#ifdef KVT_HAVE_AVX2_BUILD
 	if (have_avx2())
 		paths[n_paths++] = &kvt_codec_ops_avx2;
 	else
+#endif
 		printf("# no AVX2+F16C on this CPU: scalar path only\n");
 	KVT_RUN(test_f16_all_values);
 	KVT_RUN(test_f32_to_f16_random);

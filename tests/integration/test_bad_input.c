@@ -260,7 +260,10 @@ static int run_case(int id, struct kvt_client_status *st)
 		return rc;
 	}
 	case C_APPEND_CANCEL:
-		/* many small messages; the client cancels after two */
+		/* many small messages; the client cancels after two. On the server a cancelled
+		 * stream's last RECV_MESSAGE can complete with success and no message, exactly like
+		 * a half-close: the daemon must tell them apart (grpc_call_failed_before_recv_message)
+		 * or it commits the blocks it already staged. */
 		o.max_message_bytes = 16 * 1024;
 		o.cancel_after = 2;
 		return kvt_client_append(g_c, VICTIM,

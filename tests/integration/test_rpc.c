@@ -259,6 +259,18 @@ static void test_fetch_small_messages(void)
 	KVT_CHECK(kvt_client_fetch(g_c, s.id, &r, k, n, v, n, &res, &st) == 0, "fetch: %s", st.message);
 	KVT_CHECK(res.messages >= n * 2 / (64 * 1024), "%u messages for %zu bytes under 64 KiB",
 		  res.messages, 2 * n);
+	/* A buffer one byte short: refused before anything is written. */
+	memset(k, 0xab, n);
+	r.token_end = 300;
+	r.layer_end = 4;
+	r.dtype = KVT_DTYPE_F16;
+	KVT_CHECK(kvt_client_fetch(g_c, s.id, &r, k, n - 1, v, n, &res, &st) == -ENOSPC && st.local,
+		  "short buffer: %s", st.message);
+	size_t untouched = 0;
+	while (untouched < n && ((uint8_t *)k)[untouched] == 0xab)
+		untouched++;
+	KVT_CHECK(untouched == n, "short buffer written at byte %zu", untouched);
+	KVT_CHECK(kvt_client_health(g_c, "", 0, NULL, &st) == 0, "serving after a cancelled fetch");
 	free(k);
 	free(v);
 	KVT_CHECK(it_fetch_equals(g_c, s.id, s.ref, 0, 300, 0, 4, KVT_DTYPE_F16), "content");

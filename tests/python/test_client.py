@@ -732,3 +732,13 @@ def test_python_and_c_clients_agree(client, daemon, sid, rng, tmp_path):
     fk, fv = client.fetch(py, tokens=(5, 2 * B + 10), dtype="f32")
     np.testing.assert_array_equal(np.load(tmp_path / "ok.npy"), fk)
     np.testing.assert_array_equal(np.load(tmp_path / "ov.npy"), fv)
+
+
+def test_prefetch(client, sid):
+    s = sid()
+    info = client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"))
+    tier = client.prefetch(s)
+    assert tier and tier == client.stat(s).tier, (tier, info.tier)
+    with pytest.raises(kvtier.KvtierError) as e:
+        client.prefetch(s + "-none")
+    assert code_of(e) == grpc.StatusCode.NOT_FOUND
