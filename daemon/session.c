@@ -168,11 +168,19 @@ int kvt_codec_config_compare(const struct kvt_codec_config *a,
 			 (unsigned)a->f, (unsigned)b->f);                                   \
 		return -EEXIST;                                                            \
 	}
+#define CMP_NAMED(f, namefn)                                                               \
+	if (a->f != b->f) {                                                                \
+		const char *x = namefn(a->f), *y = namefn(b->f);                           \
+		snprintf(err, errlen, "session exists with " #f " %s, the request has %s",   \
+			 x ? x : "?", y ? y : "?");                                         \
+		return -EEXIST;                                                            \
+	}
 	CMP(n_layers);
 	CMP(n_kv_heads);
 	CMP(head_dim);
-	CMP(dtype);
-	CMP(scheme);
+	CMP_NAMED(dtype, kvt_dtype_name);
+	CMP_NAMED(scheme, kvt_scheme_name);
+#undef CMP_NAMED
 	CMP(key_bits);
 	CMP(value_bits);
 	CMP(group);
