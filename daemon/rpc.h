@@ -51,6 +51,10 @@ struct kvt_rpc_method {
 	int (*on_message)(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 			  struct kvt_rpc_result *res);
 	void (*on_end)(struct kvt_rpc_call *c, struct kvt_rpc_result *res);
+	/* Optional: takes the message as gRPC's byte buffer (read without flattening it);
+	 * used instead of on_message when present. */
+	int (*on_message_bb)(struct kvt_rpc_call *c, grpc_byte_buffer *bb,
+			     struct kvt_rpc_result *res);
 	/* Server streaming: the request (0 = go on, else res is final), then messages. */
 	int (*start)(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		     struct kvt_rpc_result *res);

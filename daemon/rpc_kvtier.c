@@ -594,6 +594,8 @@ static void h_restore(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	kvtier__v1__restore_to_device_request__free_unpacked(r, NULL);
 }
 
+static uint64_t g_append_zero_copy, g_append_fallback; /* atomic; Stats */
+
 struct counter_list {
 	Kvtier__V1__Counter *items;
 	Kvtier__V1__Counter **ptrs;
@@ -655,6 +657,10 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	add_counter(&cl, "sessions.expired",
 		    __atomic_load_n(&d->sessions->expired, __ATOMIC_RELAXED));
 	add_counter(&cl, "host.refused", ts.refused);
+	add_counter(&cl, "append.messages_zero_copy",
+		    __atomic_load_n(&g_append_zero_copy, __ATOMIC_RELAXED));
+	add_counter(&cl, "append.messages_parsed",
+		    __atomic_load_n(&g_append_fallback, __ATOMIC_RELAXED));
 	add_counter(&cl, "host.allocations", ts.allocations);
 
 	Kvtier__V1__StatsResponse out = KVTIER__V1__STATS_RESPONSE__INIT;
@@ -769,8 +775,9 @@ static int stage_grow(struct kv_stage *st, uint64_t need, struct kvt_rpc_result 
 	return 0;
 }
 
-/* Validates one KvBlock against the stream so far and stages it. base = session length. */
-static int stage_block(struct kv_stage *st, const Kvtier__V1__KvBlock *b, uint64_t base,
+/* Validates one KvBlock against the stream so far (its k/v lengths, not their bytes) and makes
+ * room for it; the caller then copies the bytes and calls stage_commit. base = session length. */
+static int stage_check(struct kv_stage *st, const Kvtier__V1__KvBlock *b, uint64_t base,
 		       const char *field, struct kvt_rpc_result *res)
 {
 	const struct kvt_codec_config *cfg = &st->cfg;
@@ -839,18 +846,48 @@ static int stage_block(struct kv_stage *st, const Kvtier__V1__KvBlock *b, uint64
 			return -1;
 		st->batch_n = b->n_tokens;
 	}
-	size_t run = (size_t)b->n_tokens * st->tb;
-	for (uint32_t j = 0; j < n_layers; j++) {
-		uint32_t l = layer_begin + j;
-		memcpy(st->k + (l * st->cap + st->n) * st->tb, b->k.data + j * run, run);
-		memcpy(st->v + (l * st->cap + st->n) * st->tb, b->v.data + j * run, run);
-	}
+	return 0;
+}
+
+/* Where layer l of the open batch goes (K or V). */
+static uint8_t *stage_dst(struct kv_stage *st, uint8_t *base_ptr, uint32_t l)
+{
+	return base_ptr + ((uint64_t)l * st->cap + st->n) * st->tb;
+}
+
+static void stage_commit(struct kv_stage *st, uint32_t n_layers)
+{
 	st->next_layer += n_layers;
-	if (st->next_layer == cfg->n_layers) {
+	if (st->next_layer == st->cfg.n_layers) {
 		st->n += st->batch_n;
 		st->next_layer = 0;
 		st->batch_n = 0;
 	}
+}
+
+static uint32_t block_layer_begin(const Kvtier__V1__KvBlock *b)
+{
+	return b->has_layer_begin ? b->layer_begin : 0;
+}
+
+static uint32_t block_n_layers(const struct kv_stage *st, const Kvtier__V1__KvBlock *b)
+{
+	return b->has_n_layers ? b->n_layers : st->cfg.n_layers - block_layer_begin(b);
+}
+
+/* Validates one KvBlock against the stream so far and stages it. */
+static int stage_block(struct kv_stage *st, const Kvtier__V1__KvBlock *b, uint64_t base,
+		       const char *field, struct kvt_rpc_result *res)
+{
+	if (stage_check(st, b, base, field, res))
+		return -1;
+	uint32_t layer_begin = block_layer_begin(b), n_layers = block_n_layers(st, b);
+	size_t run = (size_t)b->n_tokens * st->tb;
+	for (uint32_t j = 0; j < n_layers; j++) {
+		memcpy(stage_dst(st, st->k, layer_begin + j), b->k.data + j * run, run);
+		memcpy(stage_dst(st, st->v, layer_begin + j), b->v.data + j * run, run);
+	}
+	stage_commit(st, n_layers);
 	return 0;
 }
 
@@ -879,6 +916,29 @@ struct append_state {
 	struct kv_stage st;
 };
 
+/* The stream's first message: resolve the session, remember its length. */
+static struct append_state *append_begin(struct kvt_rpc_call *c, const char *id,
+					 struct kvt_rpc_result *res)
+{
+	struct kvt_session *s;
+	if (get_session(c, id, "session_id", &s, res))
+		return NULL;
+	struct append_state *a = calloc(1, sizeof *a);
+	if (!a) {
+		kvt_session_put(s);
+		kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		return NULL;
+	}
+	a->s = s;
+	kvt_session_touch(s);
+	kvt_session_lock(s);
+	a->base = kvt_seq_tokens(s->seq);
+	kvt_session_unlock(s);
+	stage_init(&a->st, kvt_rpc_daemon(c)->host, &s->cfg);
+	c->state = a;
+	return a;
+}
+
 static int append_message(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 			  struct kvt_rpc_result *res)
 {
@@ -890,22 +950,9 @@ static int append_message(struct kvt_rpc_call *c, const uint8_t *req, size_t len
 		return -1;
 	}
 	if (!a) {
-		struct kvt_session *s;
-		if (get_session(c, r->session_id, "session_id", &s, res))
+		a = append_begin(c, r->session_id, res);
+		if (!a)
 			goto out;
-		a = calloc(1, sizeof *a);
-		if (!a) {
-			kvt_session_put(s);
-			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-			goto out;
-		}
-		a->s = s;
-		kvt_session_touch(s);
-		kvt_session_lock(s);
-		a->base = kvt_seq_tokens(s->seq);
-		kvt_session_unlock(s);
-		stage_init(&a->st, kvt_rpc_daemon(c)->host, &s->cfg);
-		c->state = a;
 	} else if (r->session_id && *r->session_id && strcmp(r->session_id, a->s->id)) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 			     "session_id \"%.128s\" differs from the stream's first message (\"%s\")",
@@ -915,6 +962,192 @@ static int append_message(struct kvt_rpc_call *c, const uint8_t *req, size_t len
 	rc = stage_block(&a->st, r->block, a->base, "block", res);
 out:
 	kvtier__v1__append_request__free_unpacked(r, NULL);
+	return rc;
+}
+
+
+/*
+ * The zero-copy path for Append messages: K and V go from gRPC's receive slices straight into
+ * the staging regions, with no flattening and no protobuf-c copy. It handles the layout every
+ * encoder writes (session_id, then block with its scalars, then k, then v); anything else
+ * (field order, repeats, unknown fields, malformed bytes) returns FALLBACK and the message
+ * goes through protobuf-c, which gives the same answers and the precise errors.
+ */
+#define FALLBACK 1
+
+struct bb_cursor {
+	grpc_byte_buffer_reader r;
+	grpc_slice *cur;
+	size_t off;
+	uint64_t consumed;
+};
+
+static int cur_fill(struct bb_cursor *cu)
+{
+	while (!cu->cur || cu->off == GRPC_SLICE_LENGTH(*cu->cur)) {
+		if (!grpc_byte_buffer_reader_peek(&cu->r, &cu->cur)) {
+			cu->cur = NULL;
+			return -1;
+		}
+		cu->off = 0;
+	}
+	return 0;
+}
+
+static int cur_eof(struct bb_cursor *cu)
+{
+	return cur_fill(cu) != 0;
+}
+
+static int cur_varint(struct bb_cursor *cu, uint64_t *v)
+{
+	*v = 0;
+	for (int shift = 0; shift < 64; shift += 7) {
+		if (cur_fill(cu))
+			return -1;
+		uint8_t b = GRPC_SLICE_START_PTR(*cu->cur)[cu->off++];
+		cu->consumed++;
+		*v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80))
+			return 0;
+	}
+	return -1;
+}
+
+static int cur_copy(struct bb_cursor *cu, void *dst, size_t n)
+{
+	uint8_t *d = dst;
+	while (n) {
+		if (cur_fill(cu))
+			return -1;
+		size_t avail = GRPC_SLICE_LENGTH(*cu->cur) - cu->off;
+		size_t take = avail < n ? avail : n;
+		memcpy(d, GRPC_SLICE_START_PTR(*cu->cur) + cu->off, take);
+		cu->off += take;
+		cu->consumed += take;
+		d += take;
+		n -= take;
+	}
+	return 0;
+}
+
+/* Copies one tensor [n_layers][n_tokens][H][d] into the layer regions of the open batch. */
+static int cur_copy_tensor(struct bb_cursor *cu, struct kv_stage *st, uint8_t *base,
+			   const Kvtier__V1__KvBlock *b)
+{
+	uint32_t lb = block_layer_begin(b), nl = block_n_layers(st, b);
+	size_t run = (size_t)b->n_tokens * st->tb;
+	for (uint32_t j = 0; j < nl; j++)
+		if (cur_copy(cu, stage_dst(st, base, lb + j), run))
+			return -1;
+	return 0;
+}
+
+/* 0 = staged, -1 = res holds the error, FALLBACK = use protobuf-c. */
+static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_rpc_result *res)
+{
+	struct append_state *a = c->state;
+	char sid[KVT_SESSION_ID_MAX + 1];
+	int have_sid = 0;
+	Kvtier__V1__KvBlock b = KVTIER__V1__KV_BLOCK__INIT;
+	uint64_t v;
+	if (cur_varint(cu, &v))
+		return FALLBACK;
+	if (v == (1 << 3 | 2)) {
+		uint64_t n;
+		if (cur_varint(cu, &n) || n == 0 || n > KVT_SESSION_ID_MAX || cur_copy(cu, sid, n))
+			return FALLBACK;
+		sid[n] = '\0';
+		if (strlen(sid) != n)
+			return FALLBACK;
+		have_sid = 1;
+		if (cur_varint(cu, &v))
+			return FALLBACK;
+	}
+	if (v != (2 << 3 | 2))
+		return FALLBACK;
+	uint64_t blen;
+	if (cur_varint(cu, &blen))
+		return FALLBACK;
+	uint64_t end = cu->consumed + blen;
+	if (!a) {
+		if (!have_sid)
+			return FALLBACK;
+		a = append_begin(c, sid, res);
+		if (!a)
+			return -1;
+	} else if (have_sid && strcmp(sid, a->s->id)) {
+		return FALLBACK;
+	}
+	struct kv_stage *st = &a->st;
+	unsigned seen = 0;
+	while (cu->consumed < end) {
+		uint64_t tag, val;
+		if (cur_varint(cu, &tag))
+			return FALLBACK;
+		uint32_t fn = (uint32_t)(tag >> 3), wt = (uint32_t)(tag & 7);
+		if (fn >= 1 && fn <= 5 && wt == 0 && !(seen & (1u << fn)) && !(seen & (1u << 6))) {
+			if (cur_varint(cu, &val) || val > UINT32_MAX || (fn == 5 && val > 3))
+				return FALLBACK;
+			seen |= 1u << fn;
+			switch (fn) {
+			case 1: b.has_token_begin = 1; b.token_begin = val; break;
+			case 2: b.has_n_tokens = 1; b.n_tokens = (uint32_t)val; break;
+			case 3: b.has_layer_begin = 1; b.layer_begin = (uint32_t)val; break;
+			case 4: b.has_n_layers = 1; b.n_layers = (uint32_t)val; break;
+			case 5: b.has_dtype = 1; b.dtype = (Kvtier__V1__Dtype)val; break;
+			}
+		} else if (fn == 6 && wt == 2 && !(seen & (1u << 6))) {
+			if (cur_varint(cu, &val))
+				return FALLBACK;
+			/* V has not been seen yet: checked as the same length, confirmed below. */
+			b.has_k = b.has_v = 1;
+			b.k.len = b.v.len = val;
+			seen |= 1u << 6;
+			if (stage_check(st, &b, a->base, "block", res))
+				return -1;
+			if (cur_copy_tensor(cu, st, st->k, &b))
+				return FALLBACK;
+		} else if (fn == 7 && wt == 2 && (seen & (1u << 6)) && !(seen & (1u << 7))) {
+			if (cur_varint(cu, &val) || val != b.k.len)
+				return FALLBACK;
+			seen |= 1u << 7;
+			if (cur_copy_tensor(cu, st, st->v, &b))
+				return FALLBACK;
+		} else {
+			return FALLBACK;
+		}
+	}
+	if (cu->consumed != end || !(seen & (1u << 7)) || !cur_eof(cu))
+		return FALLBACK;
+	stage_commit(st, block_n_layers(st, &b));
+	return 0;
+}
+
+static int append_message_bb(struct kvt_rpc_call *c, grpc_byte_buffer *bb,
+			     struct kvt_rpc_result *res)
+{
+	struct bb_cursor cu;
+	memset(&cu, 0, sizeof cu);
+	int rc = FALLBACK;
+	if (grpc_byte_buffer_reader_init(&cu.r, bb)) {
+		rc = append_fast(c, &cu, res);
+		grpc_byte_buffer_reader_destroy(&cu.r);
+	}
+	__atomic_fetch_add(rc == FALLBACK ? &g_append_fallback : &g_append_zero_copy, 1,
+			   __ATOMIC_RELAXED);
+	if (rc != FALLBACK)
+		return rc;
+	grpc_byte_buffer_reader r;
+	if (!grpc_byte_buffer_reader_init(&r, bb)) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "could not read the request (bad compression?)");
+		return -1;
+	}
+	grpc_slice all = grpc_byte_buffer_reader_readall(&r);
+	grpc_byte_buffer_reader_destroy(&r);
+	rc = append_message(c, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), res);
+	grpc_slice_unref(all);
 	return rc;
 }
 
@@ -1901,7 +2134,8 @@ const struct kvt_rpc_method kvt_rpc_kvtier_methods[] = {
 	{.path = KV("StatSession"), .name = "StatSession", .kind = KVT_RPC_UNARY, .unary = h_stat},
 	{.path = KV("ListSessions"), .name = "ListSessions", .kind = KVT_RPC_UNARY, .unary = h_list},
 	{.path = KV("Append"), .name = "Append", .kind = KVT_RPC_CLIENT_STREAM,
-	 .on_message = append_message, .on_end = append_end, .cleanup = append_cleanup},
+	 .on_message = append_message, .on_message_bb = append_message_bb, .on_end = append_end,
+	 .cleanup = append_cleanup},
 	{.path = KV("Fetch"), .name = "Fetch", .kind = KVT_RPC_SERVER_STREAM, .start = fetch_start,
 	 .next = fetch_next, .cleanup = fetch_cleanup},
 	{.path = KV("FetchEncoded"), .name = "FetchEncoded", .kind = KVT_RPC_SERVER_STREAM,

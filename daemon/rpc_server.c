@@ -457,6 +457,15 @@ static void on_received(struct kvt_rpc_call *c, int success)
 		call_finish(c);
 		return;
 	}
+	if (m->kind == KVT_RPC_CLIENT_STREAM && m->on_message_bb) {
+		int brc = m->on_message_bb(c, bb, &c->res);
+		grpc_byte_buffer_destroy(bb);
+		if (brc)
+			call_finish(c);
+		else
+			call_recv(c);
+		return;
+	}
 	grpc_byte_buffer_reader reader;
 	if (!grpc_byte_buffer_reader_init(&reader, bb)) {
 		grpc_byte_buffer_destroy(bb);
