@@ -541,8 +541,8 @@ static int client_stream(struct kvt_client *c, const char *method, next_fn next,
 {
 	struct call cl;
 	grpc_op ops[3];
-	grpc_byte_buffer *recv = NULL;
-	uint32_t sent = 0;
+	grpc_byte_buffer *recv = NULL, *inflight = NULL;
+	uint32_t sent = 0, queued = 0;
 	int rc;
 	bool cancelled = false;
 
@@ -570,37 +570,53 @@ static int client_stream(struct kvt_client *c, const char *method, next_fn next,
 		goto end;
 	}
 
+	/* One send in flight while the next message is packed: packing (a copy of the tensor
+	 * bytes) overlaps the transfer of the previous message. */
 	for (;;) {
 		grpc_byte_buffer *bb = NULL;
-		if (cancel_after && sent >= cancel_after) {
+		int more;
+		bool hook = (cancel_after && queued >= cancel_after) ||
+			    (close_after && queued >= close_after);
+		more = hook ? 0 : next(ctx, &bb);
+		if (inflight) {
+			grpc_event ev = grpc_completion_queue_pluck(
+				cl.cq, (void *)3, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+			ASSERT(ev.type == GRPC_OP_COMPLETE);
+			grpc_byte_buffer_destroy(inflight);
+			inflight = NULL;
+			if (!ev.success) {
+				/* the server already ended the call: its status says why */
+				if (bb)
+					grpc_byte_buffer_destroy(bb);
+				break;
+			}
+			sent++;
+		}
+		if (hook && cancel_after && queued >= cancel_after) {
 			grpc_call_cancel(cl.call, NULL);
 			cancelled = true;
 			break;
 		}
-		if (close_after && sent >= close_after)
-			break;
-		rc = next(ctx, &bb);
-		if (rc < 0) {
-			call_fail(&cl, rc);
+		if (more < 0) {
+			call_fail(&cl, more);
 			cancelled = true;
 			break;
 		}
-		if (rc == 0)
+		if (more == 0)
 			break;
 		memset(ops, 0, sizeof(ops[0]));
 		ops[0].op = GRPC_OP_SEND_MESSAGE;
 		ops[0].data.send_message.send_message = bb;
-		rc = call_batch(&cl, ops, 1, (void *)3);
-		grpc_byte_buffer_destroy(bb);
-		if (rc < 0) {
-			call_fail(&cl, rc);
+		if (grpc_call_start_batch(cl.call, ops, 1, (void *)3, NULL) != GRPC_CALL_OK) {
+			grpc_byte_buffer_destroy(bb);
+			call_fail(&cl, st_local(st, KVT_CODE_INTERNAL, -EPROTO, "cannot start a send"));
 			cancelled = true;
 			break;
 		}
-		sent++;
-		if (rc == 0)
-			break; /* the server already ended the call: its status says why */
+		inflight = bb;
+		queued++;
 	}
+	ASSERT(!inflight);
 	if (!cancelled) {
 		memset(ops, 0, sizeof(ops[0]));
 		ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

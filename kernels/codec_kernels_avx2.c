@@ -620,7 +620,59 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	}
 }
 
+static void v_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+		       uint32_t d, float *out)
+{
+	uint32_t i = 0;
+	for (; i + 4 <= nrows; i += 4) {
+		const float *w0 = w + i * w_stride, *w1 = w0 + w_stride, *w2 = w1 + w_stride,
+			    *w3 = w2 + w_stride;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 xv = _mm256_loadu_ps(x + c);
+			a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(w0 + c), xv));
+			a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(w1 + c), xv));
+			a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(w2 + c), xv));
+			a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(w3 + c), xv));
+		}
+		out[i] = reduce8(a0);
+		out[i + 1] = reduce8(a1);
+		out[i + 2] = reduce8(a2);
+		out[i + 3] = reduce8(a3);
+	}
+	for (; i < nrows; i++)
+		out[i] = v_dot(w + i * w_stride, x, d);
+}
+
+static void v_accum_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride)
+{
+	float v[256] __attribute__((aligned(32)));
+	v_dequant_grp(packed, d, bits, gv, s16, z16, sdt, v);
+	uint32_t i = 0;
+	for (; i + 4 <= nrows; i += 4) {
+		const __m256 p0 = _mm256_set1_ps(p[i * p_stride]);
+		const __m256 p1 = _mm256_set1_ps(p[(i + 1) * p_stride]);
+		const __m256 p2 = _mm256_set1_ps(p[(i + 2) * p_stride]);
+		const __m256 p3 = _mm256_set1_ps(p[(i + 3) * p_stride]);
+		float *y0 = acc + i * acc_stride, *y1 = y0 + acc_stride, *y2 = y1 + acc_stride,
+		      *y3 = y2 + acc_stride;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 vv = _mm256_load_ps(v + c);
+			_mm256_storeu_ps(y0 + c, _mm256_add_ps(_mm256_loadu_ps(y0 + c), _mm256_mul_ps(p0, vv)));
+			_mm256_storeu_ps(y1 + c, _mm256_add_ps(_mm256_loadu_ps(y1 + c), _mm256_mul_ps(p1, vv)));
+			_mm256_storeu_ps(y2 + c, _mm256_add_ps(_mm256_loadu_ps(y2 + c), _mm256_mul_ps(p2, vv)));
+			_mm256_storeu_ps(y3 + c, _mm256_add_ps(_mm256_loadu_ps(y3 + c), _mm256_mul_ps(p3, vv)));
+		}
+	}
+	for (; i < nrows; i++)
+		v_axpy(acc + i * acc_stride, v, p[i * p_stride], d);
+}
+
 const struct kvt_codec_ops kvt_codec_ops_avx2 = {
+	.dot_rows = v_dot_rows,
+	.accum_grp = v_accum_grp,
 	.decode_row = v_decode_row,
 	.name = "avx2",
 	.load_f32 = v_load_f32,

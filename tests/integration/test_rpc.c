@@ -450,6 +450,67 @@ static void test_open_pin_ttl_list(void)
 	KVT_CHECK(kvt_client_drop(g_c, "list-a", NULL, &st) == 0, "drop list-a");
 }
 
+/* Prefetch answers the tier; Stats totals agree with the listing; RestoreToDevice without a
+ * GPU is refused cleanly (the daemon keeps serving). */
+static void test_prefetch_stats_restore(void)
+{
+	struct it_session a, b;
+	struct kvt_client_status st;
+	struct kvt_client_stats s;
+	struct kvt_client_session_info *list = NULL;
+	size_t n = 0;
+	uint64_t tokens = 0;
+	char tier[16] = "";
+	int serving = 0;
+
+	KVT_REQUIRE(open_session(g_c, &a, "pf-a", 2, 2, 64, KVT_DTYPE_F16, NULL) == 0, "open");
+	KVT_REQUIRE(open_session(g_c, &b, "pf-b", 3, 1, 128, KVT_DTYPE_BF16, NULL) == 0, "open");
+	KVT_REQUIRE(append_both(g_c, &a, 130, NULL) == 0, "append");
+	KVT_REQUIRE(append_both(g_c, &b, 7, NULL) == 0, "append");
+	KVT_CHECK(kvt_client_prefetch(g_c, a.id, tier, sizeof(tier), &st) == 0 && tier[0],
+		  "prefetch: %s", st.message);
+	KVT_CHECK(kvt_client_prefetch(g_c, "pf-missing", tier, sizeof(tier), &st) == -ENOENT,
+		  "prefetch of an unknown session: %s", kvt_client_code_name(st.code));
+
+	KVT_REQUIRE(kvt_client_stats(g_c, &s, &st) == 0, "stats: %s", st.message);
+	KVT_REQUIRE(kvt_client_list(g_c, NULL, &list, &n, &st) == 0, "list: %s", st.message);
+	for (size_t i = 0; i < n; i++)
+		tokens += list[i].n_tokens;
+	KVT_CHECK(s.sessions == n, "stats sessions %llu, listed %zu", (unsigned long long)s.sessions, n);
+	KVT_CHECK(s.tokens == tokens, "stats tokens %llu, listed %llu", (unsigned long long)s.tokens,
+		  (unsigned long long)tokens);
+	KVT_CHECK(s.n_tiers >= 1 && s.n_counters >= 1, "%zu tiers, %zu counters", s.n_tiers,
+		  s.n_counters);
+	free(list);
+
+	if (!s.gpu) {
+		struct kvt_client_restore r;
+		uint8_t handle[64] = { 0 };
+		memset(&r, 0, sizeof(r));
+		r.session_id = a.id;
+		r.ipc_mem_handle = handle;
+		r.ipc_mem_handle_bytes = sizeof(handle);
+		r.buffer_bytes = 1 << 20;
+		r.layout = 1;
+		r.token_end = KVT_CLIENT_END;
+		r.layer_end = KVT_CLIENT_ALL_LAYERS;
+		r.dtype = KVT_DTYPE_F16;
+		int rc = kvt_client_restore_to_device(g_c, &r, NULL, &st);
+		KVT_CHECK(rc != 0 && !st.local &&
+				  (st.code == KVT_CODE_UNIMPLEMENTED ||
+				   st.code == KVT_CODE_FAILED_PRECONDITION),
+			  "RestoreToDevice without a GPU: %s %s", kvt_client_code_name(st.code),
+			  st.message);
+	}
+	kvt_client_stats_free(&s);
+	KVT_CHECK(kvt_client_health(g_c, "", 0, &serving, &st) == 0 && serving == 1, "serving");
+	KVT_CHECK(stat_matches(g_c, &a) && stat_matches(g_c, &b), "sessions intact");
+	kvt_client_drop(g_c, a.id, NULL, &st);
+	kvt_client_drop(g_c, b.id, NULL, &st);
+	close_session(&a);
+	close_session(&b);
+}
+
 static uint64_t now_ms(void)
 {
 	struct timespec ts;
@@ -693,6 +754,7 @@ int main(void)
 	KVT_RUN(test_open_pin_ttl_list);
 	KVT_RUN(test_ttl_expiry);
 	KVT_RUN(test_encoded_roundtrip);
+	KVT_RUN(test_prefetch_stats_restore);
 	kvt_client_close(g_c);
 	KVT_CHECK(kvt_daemon_stop(&g_d) == 0, "daemon exit 0 after SIGTERM");
 	KVT_RUN(test_capacity_reject);
