@@ -217,17 +217,28 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 			continue;
 		}
 		if (cfg->scheme == KVT_SCHEME_HADAMARD) {
+			/* per channel group j: s_j <q'_j, codes_j> + z_j sum(q'_j), the dots of all
+			 * query heads of this KV head in one pass over the codes */
 			ops->unpack_f32(sec + lay.k_codes_off + idx * krow, d, cfg->key_bits, tmp);
-			for (uint32_t i = 0; i < rep; i++) {
-				float acc = 0.0f;
-				for (uint32_t j = 0; j < ng; j++) {
-					float sj = kvt_widen16(kscale[idx * ng + j], sdt);
-					float zj = kvt_widen16(kzero[idx * ng + j], sdt);
-					float qc = ops->dot(s->qr + (size_t)i * d + j * gv, tmp + j * gv, gv);
-					acc = acc + (sj * qc + zj * s->qsum[i * ng + j]);
-				}
-				s->logits[i * lstride + t] = scale * acc;
+			float sj[8], zj[8], dots[ATT_MAX_REP];
+			for (uint32_t j = 0; j < ng; j++) {
+				sj[j] = kvt_widen16(kscale[idx * ng + j], sdt);
+				zj[j] = kvt_widen16(kzero[idx * ng + j], sdt);
 			}
+			for (uint32_t i = 0; i < rep; i++)
+				s->logits[i * lstride + t] = 0.0f;
+			for (uint32_t j = 0; j < ng; j++)
+				for (uint32_t i0 = 0; i0 < rep; i0 += ATT_MAX_REP) {
+					uint32_t nr = rep - i0 < ATT_MAX_REP ? rep - i0 : ATT_MAX_REP;
+					ops->dot_rows(s->qr + (size_t)i0 * d + j * gv, d, nr, tmp + j * gv, gv,
+						      dots);
+					for (uint32_t i = 0; i < nr; i++) {
+						float *lg = &s->logits[(i0 + i) * lstride + t];
+						*lg = *lg + (sj[j] * dots[i] + zj[j] * s->qsum[(i0 + i) * ng + j]);
+					}
+				}
+			for (uint32_t i = 0; i < rep; i++)
+				s->logits[i * lstride + t] = scale * s->logits[i * lstride + t];
 			continue;
 		}
 		ops->unpack_f32(sec + lay.k_codes_off + idx * krow, d, cfg->key_bits, tmp);

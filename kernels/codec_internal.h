@@ -255,7 +255,8 @@ struct kvt_codec_ops {
 	void (*dequant_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			    const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y);
 	/* One decoded row: dequantize with 16-bit scale/zero, channel c using s16[c / gv]
-	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels): code * s + z; then
+	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels; a power of two):
+	 * code * s + z; then
 	 * when rot the butterflies of fwht and the multiply by mult; then round to out_dtype.
 	 * Exactly dequant + fwht + store_f32. */
 	void (*decode_row)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,

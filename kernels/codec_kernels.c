@@ -187,8 +187,9 @@ static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 		sf[g] = kvt_widen16(s16[g], sdt);
 		zf[g] = kvt_widen16(z16[g], sdt);
 	}
+	const uint32_t gshift = (uint32_t)__builtin_ctz(gv); /* gv is a power of two */
 	for (uint32_t c = 0; c < d; c++)
-		tmp[c] = (float)code_at(packed, c, bits) * sf[c / gv] + zf[c / gv];
+		tmp[c] = (float)code_at(packed, c, bits) * sf[c >> gshift] + zf[c >> gshift];
 	if (rot)
 		s_fwht(tmp, 1, d, mult);
 	s_store_f32(tmp, out, out_dtype, d);

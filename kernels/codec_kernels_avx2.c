@@ -111,6 +111,17 @@ static inline void qparam_1(float mn, float mx, float qmax, uint32_t sdt, uint16
 	*zero_f = widen16_1(*zero_bits, sdt);
 }
 
+/* up to 8 per-group 16-bit scales and zeros -> f32, one conversion each */
+static inline void widen_params(const uint16_t *s16, const uint16_t *z16, uint32_t n,
+				uint32_t sdt, float *sf, float *zf)
+{
+	uint16_t sb[8] = {0}, zb[8] = {0};
+	memcpy(sb, s16, n * 2);
+	memcpy(zb, z16, n * 2);
+	_mm256_store_ps(sf, widen16(_mm_loadu_si128((const __m128i *)sb), sdt));
+	_mm256_store_ps(zf, widen16(_mm_loadu_si128((const __m128i *)zb), sdt));
+}
+
 static void v_store_f32(const float *src, void *dst, uint32_t dtype, size_t n)
 {
 	uint16_t *h = dst;
@@ -524,9 +535,11 @@ static void v_dequant_ch(const uint8_t *packed, uint32_t d, uint32_t bits, const
 static void v_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			  const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y)
 {
+	float sg[8] __attribute__((aligned(32))), zg[8] __attribute__((aligned(32)));
+	widen_params(s, z, d / gv, sdt, sg, zg);
 	for (uint32_t g = 0; g < d / gv; g++) {
-		__m256 sv = _mm256_set1_ps(widen16_1(s[g], sdt));
-		__m256 zv = _mm256_set1_ps(widen16_1(z[g], sdt));
+		__m256 sv = _mm256_set1_ps(sg[g]);
+		__m256 zv = _mm256_set1_ps(zg[g]);
 		for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8) {
 			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
 			_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, sv), zv));
@@ -565,20 +578,18 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 			 const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot, float mult,
 			 void *out, uint32_t odt)
 {
-	float sg[8] = {0}, zg[8] = {0};
+	float sg[8] __attribute__((aligned(32))), zg[8] __attribute__((aligned(32)));
 	const bool per_ch = gv == 1;
+	const uint32_t gshift = (uint32_t)__builtin_ctz(gv); /* gv is a power of two */
 	if (!per_ch)
-		for (uint32_t g = 0; g < d / gv; g++) {
-			sg[g] = widen16_1(s16[g], sdt);
-			zg[g] = widen16_1(z16[g], sdt);
-		}
+		widen_params(s16, z16, d / gv, sdt, sg, zg);
 #define DEQ(c)                                                                             \
 	_mm256_add_ps(                                                                     \
 		_mm256_mul_ps(_mm256_cvtepi32_ps(unpack8(packed, (c), bits)),               \
 			      per_ch ? widen16(_mm_loadu_si128((const __m128i *)(s16 + (c))), sdt) \
-				     : _mm256_set1_ps(sg[(c) / gv])),                       \
+				     : _mm256_set1_ps(sg[(c) >> gshift])),                       \
 		per_ch ? widen16(_mm_loadu_si128((const __m128i *)(z16 + (c))), sdt)        \
-		       : _mm256_set1_ps(zg[(c) / gv]))
+		       : _mm256_set1_ps(zg[(c) >> gshift]))
 	if (!rot || d < 64) {
 		float tmp[256] __attribute__((aligned(32)));
 		for (uint32_t c = 0; c < d; c += 8)
