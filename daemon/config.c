@@ -598,6 +598,11 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 			fprintf(out, "%s = %s", opts[i].name, buf);
 		if (sources)
 			fprintf(out, "  # %s", source_name(sources[i]));
+		if (opts[i].offset == OFF(socket_path)) {
+			char path[KVT_CONFIG_STR_MAX + 32];
+			kvt_config_socket_path(cfg, path, sizeof path);
+			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
+		}
 		fputc('\n', out);
 	}
 }
