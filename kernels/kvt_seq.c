@@ -630,7 +630,8 @@ int kvt_seq_attend(const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads
 		   float softmax_scale, const float *q, float *out, char *err, size_t errlen)
 {
 	struct kvt_attend_request req;
-	const void **ptrs = NULL;
+	const void *local[64];
+	const void **ptrs = local;
 	int rc;
 
 	if (layer >= seq->cfg.n_layers) {
@@ -651,29 +652,31 @@ int kvt_seq_attend(const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads
 		set_err(err, errlen, "the session holds no tokens to attend to");
 		return -EINVAL;
 	}
-	if (seq->n_chunks) {
+	/* Short sessions (up to 64 chunks, 8K tokens at B 128) attend without a malloc. */
+	if (seq->n_chunks > sizeof(local) / sizeof(local[0])) {
 		ptrs = malloc(seq->n_chunks * sizeof(*ptrs));
 		if (!ptrs) {
 			set_err(err, errlen, "out of memory for %u chunk pointers", seq->n_chunks);
 			return -ENOMEM;
 		}
-		for (uint32_t i = 0; i < seq->n_chunks; i++)
-			ptrs[i] = seq->chunks[i]->bytes;
 	}
+	for (uint32_t i = 0; i < seq->n_chunks; i++)
+		ptrs[i] = seq->chunks[i]->bytes;
 	memset(&req, 0, sizeof(req));
 	req.cfg = &seq->cfg;
 	req.layer = layer;
 	req.n_q_heads = n_q_heads;
 	req.softmax_scale = softmax_scale;
 	req.q = q;
-	req.chunks = ptrs;
+	req.chunks = seq->n_chunks ? ptrs : NULL;
 	req.n_chunks = seq->n_chunks;
 	req.tail_k = kvt_seq_tail_k(seq, layer);
 	req.tail_v = kvt_seq_tail_v(seq, layer);
 	req.n_tail = seq->n_tail;
 	req.out = out;
 	rc = kvt_attend(&req, 1, err, errlen);
-	free(ptrs);
+	if (ptrs != local)
+		free(ptrs);
 	return rc;
 }
 

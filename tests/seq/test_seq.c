@@ -778,6 +778,36 @@ static void test_errors(void)
 	}
 }
 
+/* A long session (more chunks than kvt_seq_attend keeps on its stack) appended in uneven
+ * pieces; attention and a fetch across the whole range still match the reference. */
+static void test_long(void)
+{
+	struct kvt_seq *s = make_seq(0, NULL);
+	uint64_t T = 0;
+
+	KVT_REQUIRE(s != NULL, "make: %s", g_err);
+	while (T < 70 * (uint64_t)g_cfg.chunk_tokens + 17) {
+		uint32_t n = 1 + kvt_rand_below(600);
+
+		KVT_REQUIRE(append_src(s, kvt_rand_below(MAX_TOK - 600), n) == 0, "append: %s", g_err);
+		T += n;
+	}
+	KVT_CHECK(kvt_seq_tokens(s) == T && kvt_seq_n_chunks(s) == T / g_cfg.chunk_tokens,
+		  "long: %" PRIu64 " tokens, %u chunks", kvt_seq_tokens(s), kvt_seq_n_chunks(s));
+	check_attend(s, "long session");
+	{
+		uint8_t *ref = reference_all(s, KVT_DTYPE_F32, 1);
+		size_t bytes = (size_t)T * NL * NH * HD * 4;
+		uint8_t *v = malloc(bytes);
+
+		KVT_CHECK(kvt_seq_fetch(s, 0, T, 0, NL, KVT_DTYPE_F32, NULL, v, g_err, ERRLEN) == 0 &&
+				  memcmp(v, ref, bytes) == 0, "long: whole fetch differs");
+		free(v);
+		free(ref);
+	}
+	kvt_seq_destroy(s);
+}
+
 /* Forks of one source taken and dropped concurrently: the shared chunks' counts are atomic,
  * so every count returns to 1 and each fork sees the source's data. */
 struct fork_worker {
@@ -854,6 +884,7 @@ int main(void)
 		KVT_RUN(test_append_chunk);
 		KVT_RUN(test_errors);
 		KVT_RUN(test_concurrent_forks);
+		KVT_RUN(test_long);
 	}
 	free(g_k);
 	free(g_v);
