@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -50,7 +51,7 @@ static const struct opt opts[] = {
 	{"max_concurrent_calls", OPT_U64, OFF(max_concurrent_calls), 1, 65536, 0, 0, NULL, "1024",
 	 0, "calls in flight at once (new ones get RESOURCE_EXHAUSTED beyond it)"},
 	{"host_capacity_bytes", OPT_SIZE, OFF(host_capacity_bytes), 1 * MIB, 64 * TIB, 0, 0, NULL,
-	 "4GiB", 1, "host DRAM the sessions and append staging may use"},
+	 "4GiB", 1, "host DRAM the sessions and append staging may use (N% = share of RAM)"},
 	{"capacity_policy", OPT_ENUM, OFF(capacity_policy), 0, 0, 0, 0, policy_names,
 	 "drop-coldest", 1,
 	 "when host memory is full: reject (RESOURCE_EXHAUSTED) or drop-coldest unpinned sessions"},
@@ -110,6 +111,14 @@ int kvt_parse_size(const char *s, uint64_t *out)
 	unsigned long long v = strtoull(s, &end, 10);
 	if (errno)
 		return -EINVAL;
+	if (*end == '%') {
+		/* A share of physical memory: "50%" of this machine's RAM. */
+		long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+		if (end[1] || v < 1 || v > 100 || pages <= 0 || page <= 0)
+			return -EINVAL;
+		*out = (uint64_t)pages * (uint64_t)page / 100 * v;
+		return 0;
+	}
 	uint64_t mul = 1;
 	while (*end == ' ')
 		end++;
@@ -210,7 +219,7 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 		}
 		if (rc) {
 			snprintf(err, errlen, "%s: %s = \"%s\" is not %s", where, o->name, val,
-				 o->type == OPT_SIZE ? "a size (e.g. 4GiB, 512MiB, 65536)"
+				 o->type == OPT_SIZE ? "a size (e.g. 4GiB, 512MiB, 65536, 25%)"
 						     : "a non-negative integer");
 			return -EINVAL;
 		}
@@ -598,6 +607,11 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 			fprintf(out, "%s = %s", opts[i].name, buf);
 		if (sources)
 			fprintf(out, "  # %s", source_name(sources[i]));
+		if (opts[i].offset == OFF(socket_path)) {
+			char path[KVT_CONFIG_STR_MAX + 32];
+			kvt_config_socket_path(cfg, path, sizeof path);
+			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
+		}
 		fputc('\n', out);
 	}
 }

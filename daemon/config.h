@@ -84,7 +84,8 @@ int kvt_config_apply_reload(const struct kvt_config *next);
  * ./run/kvtierd.sock. */
 void kvt_config_socket_path(const struct kvt_config *cfg, char *out, size_t len);
 
-/* Parses "4GiB", "512M", "65536" (K/M/G/T, with or without iB/B, powers of 1024). */
+/* Parses "4GiB", "512M", "65536" (K/M/G/T, with or without iB/B, powers of 1024), or "25%"
+ * (a share of this machine's physical memory). */
 int kvt_parse_size(const char *s, uint64_t *out);
 
 /* Number of rows and their names (tests iterate them). */

@@ -279,6 +279,10 @@ int kvt_cuda_stage_push(kvt_cuda_ctx *c, size_t bytes, char *err, size_t errlen)
 /* ---- Encode ------------------------------------------------------------------------------- */
 
 #define ENC_THREADS 256
+/* shared-memory row strides: xs rows of D+1 floats and c8 rows of D+4 bytes, so threads that
+ * walk different tokens of one column hit different banks */
+#define XS_STRIDE(D) ((D) + 1)
+#define C8_STRIDE(D) ((D) + 4)
 #define ENC_WARPS (ENC_THREADS / 32)
 #define MAX_GAPS 10
 
@@ -345,7 +349,7 @@ __device__ void enc_load_rows(const enc_params &p, const uint8_t *src, uint32_t 
 		}
 #pragma unroll
 		for (int e = 0; e < EPL; e++)
-			xs[t * D + lane * EPL + e] = x[e];
+			xs[t * XS_STRIDE(D) + lane * EPL + e] = x[e];
 	}
 }
 
@@ -359,9 +363,9 @@ __device__ void enc_quant_rows(const enc_params &p, const float *xs, uint32_t t0
 	const float qmax = (float)((1u << bits) - 1);
 	const bool bf = p.sbf;
 	for (uint32_t i = threadIdx.x; i < p.G * ng; i += ENC_THREADS) {
-		uint32_t t = i / ng, g = i % ng;
+		uint32_t t = i % p.G, g = i / p.G;
 		size_t sidx = ((size_t)h * p.B + t0 + t) * ng + g;
-		uint8_t *cg = c8 + t * D + g * gv;
+		uint8_t *cg = c8 + t * C8_STRIDE(D) + g * gv;
 		if (t0 + t < p.jobs[blockIdx.z].n_pin) {
 			scale[sidx] = 0;
 			zero[sidx] = 0;
@@ -369,7 +373,7 @@ __device__ void enc_quant_rows(const enc_params &p, const float *xs, uint32_t t0
 				cg[c] = 0;
 			continue;
 		}
-		const float *xg = xs + t * D + g * gv;
+		const float *xg = xs + t * XS_STRIDE(D) + g * gv;
 		float mn[8], mx[8];
 #pragma unroll
 		for (int j = 0; j < 8; j++) {
@@ -411,7 +415,7 @@ __device__ void enc_pack(const enc_params &p, const uint8_t *c8, uint32_t t0, ui
 		uint32_t t = i / rowb, b = i % rowb;
 		uint32_t v = 0;
 		for (uint32_t k = 0; k < per; k++)
-			v |= (uint32_t)c8[t * D + b * per + k] << (k * bits);
+			v |= (uint32_t)c8[t * C8_STRIDE(D) + b * per + k] << (k * bits);
 		codes[((size_t)h * p.B + t0 + t) * rowb + b] = (uint8_t)v;
 	}
 }
@@ -454,10 +458,10 @@ __global__ void __launch_bounds__(ENC_THREADS) enc_kernel(enc_params p)
 		}
 	}
 
-	float *xs = smem;                                      /* [G][D] */
-	float *acc8 = xs + (size_t)p.G * D;                    /* [G][8] */
+	float *xs = smem;                                      /* [G][D+1] */
+	float *acc8 = xs + (size_t)p.G * XS_STRIDE(D);         /* [G][8] */
 	float *nrm = acc8 + (size_t)p.G * 8;                   /* [G] */
-	uint8_t *c8 = (uint8_t *)(nrm + p.G);                  /* [G][D] */
+	uint8_t *c8 = (uint8_t *)(nrm + p.G);                  /* [G][D+4] */
 	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
 	const bool rotk = oscar || p.scheme == KVT_SCHEME_HADAMARD;
 	uint16_t *kscale = (uint16_t *)(sec + p.k_scale_off);
@@ -473,13 +477,13 @@ __global__ void __launch_bounds__(ENC_THREADS) enc_kernel(enc_params p)
 			enc_load_rows<D>(p, kin, h, true, NULL, xs);
 			__syncthreads();
 			for (uint32_t i = tid; i < p.G * 8; i += ENC_THREADS) {
-				uint32_t t = i / 8, ln = i % 8;
-				float a = acc8[i];
+				uint32_t t = i % p.G, ln = i / p.G;
+				float a = acc8[t * 8 + ln];
 				for (uint32_t c = ln; c < D; c += 8) {
-					float x = xs[t * D + c];
+					float x = xs[t * XS_STRIDE(D) + c];
 					a = __fadd_rn(a, __fmul_rn(x, x));
 				}
-				acc8[i] = a;
+				acc8[t * 8 + ln] = a;
 			}
 		}
 		__syncthreads();
@@ -510,7 +514,7 @@ __global__ void __launch_bounds__(ENC_THREADS) enc_kernel(enc_params p)
 				for (uint32_t t = 0; t < p.G; t++) {
 					if (t0 + t < j.n_pin)
 						continue;
-					float v = xs[t * D + c];
+					float v = xs[t * XS_STRIDE(D) + c];
 					mn = v < mn ? v : mn;
 					mx = v > mx ? v : mx;
 				}
@@ -521,10 +525,11 @@ __global__ void __launch_bounds__(ENC_THREADS) enc_kernel(enc_params p)
 				kscale[pidx] = sb;
 				kzero[pidx] = zb;
 				for (uint32_t t = 0; t < p.G; t++)
-					c8[t * D + c] = t0 + t < j.n_pin
-								? 0
-								: (uint8_t)kvt_d_qcode(xs[t * D + c], s, z,
-										       kqmax);
+					c8[t * C8_STRIDE(D) + c] =
+						t0 + t < j.n_pin
+							? 0
+							: (uint8_t)kvt_d_qcode(xs[t * XS_STRIDE(D) + c], s, z,
+									       kqmax);
 			}
 		}
 		__syncthreads();
@@ -582,7 +587,8 @@ __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, 
 
 static size_t enc_smem_bytes(uint32_t G, uint32_t D)
 {
-	return (size_t)G * D * 4 + (size_t)G * 8 * 4 + (size_t)G * 4 + (size_t)G * D;
+	return (size_t)G * XS_STRIDE(D) * 4 + (size_t)G * 8 * 4 + (size_t)G * 4 +
+	       (size_t)G * C8_STRIDE(D);
 }
 
 template <int D>

@@ -1,7 +1,7 @@
 /*
- * bench_gpu.c - `kvtier-bench gpu` (built as kvtier-bench-gpu until kvtier-bench hosts it).
+ * bench_gpu.c - `kvtier-bench gpu`.
  *
- *   kvtier-bench-gpu [--sdpa FILE] [--iters N]
+ *   kvtier-bench gpu [--sdpa FILE] [--iters N]
  *
  * Measures, on device 0:
  *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
@@ -24,7 +24,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "bench_gpu.h"
+#include "bench.h"
 #include "kvt_codec.h"
 #include "kvt_cuda.h"
 
@@ -390,7 +390,7 @@ out:
 	return rc;
 }
 
-int kvt_bench_gpu_main(int argc, char **argv)
+int kvt_bench_gpu(int argc, char **argv)
 {
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--sdpa") && i + 1 < argc)
@@ -434,10 +434,3 @@ out:
 	kvt_cuda_ctx_destroy(ctx);
 	return rc ? 1 : 0;
 }
-
-#ifndef KVT_BENCH_NO_MAIN
-int main(int argc, char **argv)
-{
-	return kvt_bench_gpu_main(argc, argv);
-}
-#endif

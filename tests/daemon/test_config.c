@@ -73,6 +73,12 @@ static void test_bounds(void)
 	KVT_CHECK(kvt_parse_size("512MB", &v) == 0 && v == 512ull << 20, "512MB");
 	KVT_CHECK(kvt_parse_size("12x", &v) == -EINVAL, "12x");
 	KVT_CHECK(kvt_parse_size("-1", &v) == -EINVAL, "-1");
+	uint64_t ram = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+	KVT_CHECK(kvt_parse_size("50%", &v) == 0 && v == ram / 100 * 50, "50%% of RAM: %llu",
+		  (unsigned long long)v);
+	KVT_CHECK(kvt_parse_size("0%", &v) == -EINVAL && kvt_parse_size("101%", &v) == -EINVAL &&
+			  kvt_parse_size("5%x", &v) == -EINVAL,
+		  "bad shares");
 }
 
 static void test_tcp_rules(void)
