@@ -149,6 +149,22 @@ int main(int argc, char **argv)
 		uint64_t expired = kvt_sessions_expire(&sessions, kvt_now_ms());
 		if (expired)
 			kvt_log_info("sessions expired", "count=%llu", (unsigned long long)expired);
+		/* A SIGHUP may have lowered host_capacity_bytes below what is held: under
+		 * drop-coldest, shed the coldest sessions now rather than at the next request. */
+		uint64_t cap = __atomic_load_n(&host.capacity_bytes, __ATOMIC_RELAXED);
+		uint64_t used = __atomic_load_n(&host.used_bytes, __ATOMIC_RELAXED);
+		if (used > cap && KVT_CFG(capacity_policy) == KVT_POLICY_DROP_COLDEST) {
+			uint64_t before = sessions.evicted;
+			kvt_sessions_reclaim(&sessions, used - cap);
+			kvt_log_info("over capacity after a reload: dropped the coldest sessions",
+				     "dropped=%llu used_bytes=%llu capacity_bytes=%llu",
+				     (unsigned long long)(__atomic_load_n(&sessions.evicted,
+									  __ATOMIC_RELAXED) -
+							  before),
+				     (unsigned long long)__atomic_load_n(&host.used_bytes,
+									 __ATOMIC_RELAXED),
+				     (unsigned long long)cap);
+		}
 	}
 	int forced = kvt_rpc_server_stop(srv, cfg.shutdown_grace_ms);
 	kvt_rpc_server_destroy(srv);
