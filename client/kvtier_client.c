@@ -1684,7 +1684,7 @@ int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 		req.has_chunk_begin = 1;
 		req.chunk_begin = chunk_begin;
 	}
-	if (chunk_end != KVT_CLIENT_ALL_LAYERS) {
+	if (chunk_end != KVT_CLIENT_ALL_CHUNKS) {
 		req.has_chunk_end = 1;
 		req.chunk_end = chunk_end;
 	}

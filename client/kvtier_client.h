@@ -35,6 +35,7 @@ extern "C" {
 /* "up to the end" for token and layer ranges, "no value" for optional u64 fields */
 #define KVT_CLIENT_END UINT64_MAX
 #define KVT_CLIENT_ALL_LAYERS UINT32_MAX
+#define KVT_CLIENT_ALL_CHUNKS UINT32_MAX
 
 /* gRPC canonical status codes (the numeric values of grpc_status_code). */
 enum kvt_client_code {
@@ -323,7 +324,8 @@ struct kvt_client_encoded {
 };
 void kvt_client_encoded_free(struct kvt_client_encoded *enc);
 
-/* chunk_end KVT_CLIENT_ALL_LAYERS: all sealed chunks. *out is allocated. */
+/* chunk_end KVT_CLIENT_ALL_CHUNKS: all sealed chunks. *out is allocated (free with
+ * kvt_client_encoded_free). */
 int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 			     uint32_t chunk_begin, uint32_t chunk_end, int include_tail,
 			     struct kvt_client_encoded **out, struct kvt_client_status *st);

@@ -15,6 +15,7 @@
 
 #define ATT_TAIL_BLOCK 128
 #define ATT_MAX_Q_HEADS 4096
+#define ATT_MAX_REP 64 /* query heads per KV head handled per dot_rows call */
 
 struct att_state {
 	uint32_t rep, d;
@@ -98,6 +99,19 @@ static int validate_req(const struct kvt_attend_request *r, size_t i, char *err,
 	return 0;
 }
 
+/* logits of one exact key row (original basis) for every query head of the group */
+static void exact_logits(const struct kvt_codec_ops *ops, const float *qh, const float *k,
+			 uint32_t rep, uint32_t d, float scale, float *logits, size_t lstride)
+{
+	float dots[ATT_MAX_REP];
+	for (uint32_t i0 = 0; i0 < rep; i0 += ATT_MAX_REP) {
+		uint32_t nr = rep - i0 < ATT_MAX_REP ? rep - i0 : ATT_MAX_REP;
+		ops->dot_rows(qh + (size_t)i0 * d, d, nr, k, d, dots);
+		for (uint32_t i = 0; i < nr; i++)
+			logits[(i0 + i) * lstride] = scale * dots[i];
+	}
+}
+
 /* Online softmax over one block of n logits per query head: the logits become p = exp(x -
  * m) and both accumulators are rescaled to the new running max. */
 static void softmax_block(struct att_state *s, uint32_t n, size_t lstride)
@@ -159,8 +173,7 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 		for (uint32_t t = 0; t < B; t++) {
 			ops->load_f32(sec + lay.k_codes_off + ((size_t)h * B + t) * d * ws, cfg->dtype,
 				      tmp, d);
-			for (uint32_t i = 0; i < rep; i++)
-				s->logits[i * lstride + t] = scale * ops->dot(qh + (size_t)i * d, tmp, d);
+			exact_logits(ops, qh, tmp, rep, d, scale, s->logits + t, lstride);
 		}
 		softmax_block(s, B, lstride);
 		for (uint32_t t = 0; t < B; t++) {
@@ -200,46 +213,58 @@ static void attend_chunk(const struct kvt_codec_ops *ops, const struct kvt_atten
 		if (pidx[t] >= 0) {
 			ops->load_f32(sec + lay.k_exact_off + ((size_t)pidx[t] * H + h) * d * ws,
 				      cfg->dtype, tmp, d);
-			for (uint32_t i = 0; i < rep; i++)
-				s->logits[i * lstride + t] = scale * ops->dot(qh + (size_t)i * d, tmp, d);
+			exact_logits(ops, qh, tmp, rep, d, scale, s->logits + t, lstride);
 			continue;
 		}
 		if (cfg->scheme == KVT_SCHEME_HADAMARD) {
+			/* per channel group j: s_j <q'_j, codes_j> + z_j sum(q'_j), the dots of all
+			 * query heads of this KV head in one pass over the codes */
 			ops->unpack_f32(sec + lay.k_codes_off + idx * krow, d, cfg->key_bits, tmp);
-			for (uint32_t i = 0; i < rep; i++) {
-				float acc = 0.0f;
-				for (uint32_t j = 0; j < ng; j++) {
-					float sj = kvt_widen16(kscale[idx * ng + j], sdt);
-					float zj = kvt_widen16(kzero[idx * ng + j], sdt);
-					float qc = ops->dot(s->qr + (size_t)i * d + j * gv, tmp + j * gv, gv);
-					acc = acc + (sj * qc + zj * s->qsum[i * ng + j]);
-				}
-				s->logits[i * lstride + t] = scale * acc;
+			float sj[8], zj[8], dots[ATT_MAX_REP];
+			for (uint32_t j = 0; j < ng; j++) {
+				sj[j] = kvt_widen16(kscale[idx * ng + j], sdt);
+				zj[j] = kvt_widen16(kzero[idx * ng + j], sdt);
 			}
+			for (uint32_t i = 0; i < rep; i++)
+				s->logits[i * lstride + t] = 0.0f;
+			for (uint32_t j = 0; j < ng; j++)
+				for (uint32_t i0 = 0; i0 < rep; i0 += ATT_MAX_REP) {
+					uint32_t nr = rep - i0 < ATT_MAX_REP ? rep - i0 : ATT_MAX_REP;
+					ops->dot_rows(s->qr + (size_t)i0 * d + j * gv, d, nr, tmp + j * gv, gv,
+						      dots);
+					for (uint32_t i = 0; i < nr; i++) {
+						float *lg = &s->logits[(i0 + i) * lstride + t];
+						*lg = *lg + (sj[j] * dots[i] + zj[j] * s->qsum[(i0 + i) * ng + j]);
+					}
+				}
+			for (uint32_t i = 0; i < rep; i++)
+				s->logits[i * lstride + t] = scale * s->logits[i * lstride + t];
 			continue;
 		}
 		ops->unpack_f32(sec + lay.k_codes_off + idx * krow, d, cfg->key_bits, tmp);
-		float n = oscar ? norms[t] : 1.0f;
-		for (uint32_t i = 0; i < rep; i++)
-			s->logits[i * lstride + t] =
-				scale * (n * (ops->dot(s->w + (size_t)i * d, tmp, d) + s->cz[i]));
+		float n = oscar ? norms[t] : 1.0f, dots[ATT_MAX_REP];
+		for (uint32_t i0 = 0; i0 < rep; i0 += ATT_MAX_REP) {
+			uint32_t nr = rep - i0 < ATT_MAX_REP ? rep - i0 : ATT_MAX_REP;
+			ops->dot_rows(s->w + (size_t)i0 * d, d, nr, tmp, d, dots);
+			for (uint32_t i = 0; i < nr; i++)
+				s->logits[(i0 + i) * lstride + t] = scale * (n * (dots[i] + s->cz[i0 + i]));
+		}
 	}
 	softmax_block(s, B, lstride);
 
 	/* values */
 	for (uint32_t t = 0; t < B; t++) {
 		size_t idx = (size_t)h * B + t;
-		float *acc = s->acc_r;
 		if (pidx[t] >= 0) {
 			ops->load_f32(sec + lay.v_exact_off + ((size_t)pidx[t] * H + h) * d * ws,
 				      cfg->dtype, tmp, d);
-			acc = s->acc_o;
-		} else {
-			ops->dequant_grp(sec + lay.v_codes_off + idx * vrow, d, cfg->value_bits, gv,
-					 vscale + idx * ng, vzero + idx * ng, sdt, tmp);
+			for (uint32_t i = 0; i < rep; i++)
+				ops->axpy(s->acc_o + (size_t)i * d, tmp, s->logits[i * lstride + t], d);
+			continue;
 		}
-		for (uint32_t i = 0; i < rep; i++)
-			ops->axpy(acc + (size_t)i * d, tmp, s->logits[i * lstride + t], d);
+		ops->accum_grp(sec + lay.v_codes_off + idx * vrow, d, cfg->value_bits, gv,
+			       vscale + idx * ng, vzero + idx * ng, sdt, s->logits + t, lstride, rep,
+			       s->acc_r, d);
 	}
 }
 
@@ -255,9 +280,7 @@ static void attend_tail(const struct kvt_codec_ops *ops, const struct kvt_attend
 		for (uint32_t t = 0; t < n; t++) {
 			ops->load_f32((const uint8_t *)r->tail_k + (((size_t)t0 + t) * H + h) * d * ws,
 				      cfg->dtype, tmp, d);
-			for (uint32_t i = 0; i < rep; i++)
-				s->logits[i * lstride + t] =
-					r->softmax_scale * ops->dot(qh + (size_t)i * d, tmp, d);
+			exact_logits(ops, qh, tmp, rep, d, r->softmax_scale, s->logits + t, lstride);
 		}
 		softmax_block(s, n, lstride);
 		for (uint32_t t = 0; t < n; t++) {

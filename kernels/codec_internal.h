@@ -50,14 +50,83 @@ static inline uint32_t kvt_f32_bits(float f)
 	return u;
 }
 
+/* The conversions, inline so hot scalar loops do not pay a call per element; the public
+ * kvt_f16_to_f32() etc. wrap these. Bit-exact round-to-nearest-even, subnormals, inf, NaN. */
+static inline float kvt_f16_to_f32_inline(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+	uint32_t exp = (h >> 10) & 0x1f;
+	uint32_t mant = h & 0x3ff;
+	if (exp == 0x1f)
+		return kvt_bits_f32(sign | 0x7f800000u | (mant << 13));
+	if (exp != 0)
+		return kvt_bits_f32(sign | ((exp + 112) << 23) | (mant << 13));
+	if (mant == 0)
+		return kvt_bits_f32(sign);
+	/* subnormal: normalize */
+	uint32_t e = 113;
+	while (!(mant & 0x400)) {
+		mant <<= 1;
+		e--;
+	}
+	return kvt_bits_f32(sign | (e << 23) | ((mant & 0x3ff) << 13));
+}
+
+static inline uint16_t kvt_f32_to_f16_inline(float f)
+{
+	uint32_t x = kvt_f32_bits(f);
+	uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+	uint32_t ax = x & 0x7fffffffu;
+	if (ax >= 0x7f800000u) {
+		if (ax == 0x7f800000u)
+			return sign | 0x7c00;
+		/* NaN: quiet it and keep the top payload bits (what F16C does) */
+		return (uint16_t)(sign | 0x7e00 | ((ax >> 13) & 0x3ff));
+	}
+	if (ax >= 0x477ff000u) /* >= 65520 rounds to inf */
+		return sign | 0x7c00;
+	if (ax >= 0x38800000u) { /* normal f16 */
+		uint32_t r = ax - 0x38000000u;
+		r = r + 0xfffu + ((r >> 13) & 1u);
+		return (uint16_t)(sign | (r >> 13));
+	}
+	uint32_t exp = ax >> 23;
+	if (exp == 0)
+		return sign; /* f32 subnormals are far below f16's smallest step */
+	uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
+	uint32_t shift = 126 - exp; /* value in units of 2^-24 is mant >> shift */
+	if (shift > 24)
+		return sign;
+	uint32_t q = mant >> shift;
+	uint32_t rem = mant & ((1u << shift) - 1);
+	uint32_t half = 1u << (shift - 1);
+	if (rem > half || (rem == half && (q & 1)))
+		q++;
+	return (uint16_t)(sign | q);
+}
+
+static inline float kvt_bf16_to_f32_inline(uint16_t h)
+{
+	return kvt_bits_f32((uint32_t)h << 16);
+}
+
+static inline uint16_t kvt_f32_to_bf16_inline(float f)
+{
+	uint32_t x = kvt_f32_bits(f);
+	if ((x & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t)((x >> 16) | 0x40); /* NaN stays NaN (quieted) */
+	x = x + 0x7fffu + ((x >> 16) & 1u);
+	return (uint16_t)(x >> 16);
+}
+
 /* Rounds f to the scale dtype (f16 or bf16) and returns the 16-bit pattern. */
 static inline uint16_t kvt_round16_bits(float f, uint32_t sdt)
 {
-	return sdt == KVT_DTYPE_BF16 ? kvt_f32_to_bf16(f) : kvt_f32_to_f16(f);
+	return sdt == KVT_DTYPE_BF16 ? kvt_f32_to_bf16_inline(f) : kvt_f32_to_f16_inline(f);
 }
 static inline float kvt_widen16(uint16_t h, uint32_t sdt)
 {
-	return sdt == KVT_DTYPE_BF16 ? kvt_bf16_to_f32(h) : kvt_f16_to_f32(h);
+	return sdt == KVT_DTYPE_BF16 ? kvt_bf16_to_f32_inline(h) : kvt_f16_to_f32_inline(h);
 }
 
 /*
@@ -186,12 +255,22 @@ struct kvt_codec_ops {
 	void (*dequant_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			    const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y);
 	/* One decoded row: dequantize with 16-bit scale/zero, channel c using s16[c / gv]
-	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels): code * s + z; then
+	 * (gv = 1: per-channel parameters; else groups of gv >= 8 channels; a power of two):
+	 * code * s + z; then
 	 * when rot the butterflies of fwht and the multiply by mult; then round to out_dtype.
 	 * Exactly dequant + fwht + store_f32. */
 	void (*decode_row)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			   const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot,
 			   float mult, void *out, uint32_t out_dtype);
+	/* out[i] = dot(w + i * w_stride, x, d) for i < nrows (same lane rule as dot) */
+	void (*dot_rows)(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+			 uint32_t d, float *out);
+	/* v = dequant (16-bit scale/zero in groups of gv) of one row, then for i < nrows:
+	 * acc_i = acc_i + p_i * v, acc_i = acc + i * acc_stride, p_i = p[i * p_stride]
+	 * (exactly dequant + axpy per row) */
+	void (*accum_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			  const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			  size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride);
 	/* Unpacks one row to f32 codes (no scale). */
 	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
 };

@@ -10,11 +10,11 @@ static void s_load_f32(const void *src, uint32_t dtype, float *dst, size_t n)
 	switch (dtype) {
 	case KVT_DTYPE_F16:
 		for (size_t i = 0; i < n; i++)
-			dst[i] = kvt_f16_to_f32(h[i]);
+			dst[i] = kvt_f16_to_f32_inline(h[i]);
 		break;
 	case KVT_DTYPE_BF16:
 		for (size_t i = 0; i < n; i++)
-			dst[i] = kvt_bf16_to_f32(h[i]);
+			dst[i] = kvt_bf16_to_f32_inline(h[i]);
 		break;
 	default:
 		memmove(dst, src, n * 4);
@@ -28,11 +28,11 @@ static void s_store_f32(const float *src, void *dst, uint32_t dtype, size_t n)
 	switch (dtype) {
 	case KVT_DTYPE_F16:
 		for (size_t i = 0; i < n; i++)
-			h[i] = kvt_f32_to_f16(src[i]);
+			h[i] = kvt_f32_to_f16_inline(src[i]);
 		break;
 	case KVT_DTYPE_BF16:
 		for (size_t i = 0; i < n; i++)
-			h[i] = kvt_f32_to_bf16(src[i]);
+			h[i] = kvt_f32_to_bf16_inline(src[i]);
 		break;
 	default:
 		memmove(dst, src, n * 4);
@@ -181,16 +181,40 @@ static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 			 const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot, float mult,
 			 void *out, uint32_t out_dtype)
 {
-	float tmp[256];
+	float tmp[256], sf[256], zf[256];
+	uint32_t np = d / gv;
+	for (uint32_t g = 0; g < np; g++) {
+		sf[g] = kvt_widen16(s16[g], sdt);
+		zf[g] = kvt_widen16(z16[g], sdt);
+	}
+	const uint32_t gshift = (uint32_t)__builtin_ctz(gv); /* gv is a power of two */
 	for (uint32_t c = 0; c < d; c++)
-		tmp[c] = (float)code_at(packed, c, bits) * kvt_widen16(s16[c / gv], sdt) +
-			 kvt_widen16(z16[c / gv], sdt);
+		tmp[c] = (float)code_at(packed, c, bits) * sf[c >> gshift] + zf[c >> gshift];
 	if (rot)
 		s_fwht(tmp, 1, d, mult);
 	s_store_f32(tmp, out, out_dtype, d);
 }
 
+static void s_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+		       uint32_t d, float *out)
+{
+	for (uint32_t i = 0; i < nrows; i++)
+		out[i] = s_dot(w + i * w_stride, x, d);
+}
+
+static void s_accum_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride)
+{
+	float v[256];
+	s_dequant_grp(packed, d, bits, gv, s16, z16, sdt, v);
+	for (uint32_t i = 0; i < nrows; i++)
+		s_axpy(acc + i * acc_stride, v, p[i * p_stride], d);
+}
+
 const struct kvt_codec_ops kvt_codec_ops_scalar = {
+	.dot_rows = s_dot_rows,
+	.accum_grp = s_accum_grp,
 	.decode_row = s_decode_row,
 	.name = "scalar",
 	.load_f32 = s_load_f32,

@@ -111,6 +111,17 @@ static inline void qparam_1(float mn, float mx, float qmax, uint32_t sdt, uint16
 	*zero_f = widen16_1(*zero_bits, sdt);
 }
 
+/* up to 8 per-group 16-bit scales and zeros -> f32, one conversion each */
+static inline void widen_params(const uint16_t *s16, const uint16_t *z16, uint32_t n,
+				uint32_t sdt, float *sf, float *zf)
+{
+	uint16_t sb[8] = {0}, zb[8] = {0};
+	memcpy(sb, s16, n * 2);
+	memcpy(zb, z16, n * 2);
+	_mm256_store_ps(sf, widen16(_mm_loadu_si128((const __m128i *)sb), sdt));
+	_mm256_store_ps(zf, widen16(_mm_loadu_si128((const __m128i *)zb), sdt));
+}
+
 static void v_store_f32(const float *src, void *dst, uint32_t dtype, size_t n)
 {
 	uint16_t *h = dst;
@@ -524,9 +535,11 @@ static void v_dequant_ch(const uint8_t *packed, uint32_t d, uint32_t bits, const
 static void v_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			  const uint16_t *s, const uint16_t *z, uint32_t sdt, float *y)
 {
+	float sg[8] __attribute__((aligned(32))), zg[8] __attribute__((aligned(32)));
+	widen_params(s, z, d / gv, sdt, sg, zg);
 	for (uint32_t g = 0; g < d / gv; g++) {
-		__m256 sv = _mm256_set1_ps(widen16_1(s[g], sdt));
-		__m256 zv = _mm256_set1_ps(widen16_1(z[g], sdt));
+		__m256 sv = _mm256_set1_ps(sg[g]);
+		__m256 zv = _mm256_set1_ps(zg[g]);
 		for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8) {
 			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
 			_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, sv), zv));
@@ -565,20 +578,18 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 			 const uint16_t *s16, const uint16_t *z16, uint32_t sdt, bool rot, float mult,
 			 void *out, uint32_t odt)
 {
-	float sg[8] = {0}, zg[8] = {0};
+	float sg[8] __attribute__((aligned(32))), zg[8] __attribute__((aligned(32)));
 	const bool per_ch = gv == 1;
+	const uint32_t gshift = (uint32_t)__builtin_ctz(gv); /* gv is a power of two */
 	if (!per_ch)
-		for (uint32_t g = 0; g < d / gv; g++) {
-			sg[g] = widen16_1(s16[g], sdt);
-			zg[g] = widen16_1(z16[g], sdt);
-		}
+		widen_params(s16, z16, d / gv, sdt, sg, zg);
 #define DEQ(c)                                                                             \
 	_mm256_add_ps(                                                                     \
 		_mm256_mul_ps(_mm256_cvtepi32_ps(unpack8(packed, (c), bits)),               \
 			      per_ch ? widen16(_mm_loadu_si128((const __m128i *)(s16 + (c))), sdt) \
-				     : _mm256_set1_ps(sg[(c) / gv])),                       \
+				     : _mm256_set1_ps(sg[(c) >> gshift])),                       \
 		per_ch ? widen16(_mm_loadu_si128((const __m128i *)(z16 + (c))), sdt)        \
-		       : _mm256_set1_ps(zg[(c) / gv]))
+		       : _mm256_set1_ps(zg[(c) >> gshift]))
 	if (!rot || d < 64) {
 		float tmp[256] __attribute__((aligned(32)));
 		for (uint32_t c = 0; c < d; c += 8)
@@ -620,7 +631,59 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	}
 }
 
+static void v_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
+		       uint32_t d, float *out)
+{
+	uint32_t i = 0;
+	for (; i + 4 <= nrows; i += 4) {
+		const float *w0 = w + i * w_stride, *w1 = w0 + w_stride, *w2 = w1 + w_stride,
+			    *w3 = w2 + w_stride;
+		__m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 xv = _mm256_loadu_ps(x + c);
+			a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(w0 + c), xv));
+			a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(w1 + c), xv));
+			a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(w2 + c), xv));
+			a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(w3 + c), xv));
+		}
+		out[i] = reduce8(a0);
+		out[i + 1] = reduce8(a1);
+		out[i + 2] = reduce8(a2);
+		out[i + 3] = reduce8(a3);
+	}
+	for (; i < nrows; i++)
+		out[i] = v_dot(w + i * w_stride, x, d);
+}
+
+static void v_accum_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
+			const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
+			size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride)
+{
+	float v[256] __attribute__((aligned(32)));
+	v_dequant_grp(packed, d, bits, gv, s16, z16, sdt, v);
+	uint32_t i = 0;
+	for (; i + 4 <= nrows; i += 4) {
+		const __m256 p0 = _mm256_set1_ps(p[i * p_stride]);
+		const __m256 p1 = _mm256_set1_ps(p[(i + 1) * p_stride]);
+		const __m256 p2 = _mm256_set1_ps(p[(i + 2) * p_stride]);
+		const __m256 p3 = _mm256_set1_ps(p[(i + 3) * p_stride]);
+		float *y0 = acc + i * acc_stride, *y1 = y0 + acc_stride, *y2 = y1 + acc_stride,
+		      *y3 = y2 + acc_stride;
+		for (uint32_t c = 0; c < d; c += 8) {
+			__m256 vv = _mm256_load_ps(v + c);
+			_mm256_storeu_ps(y0 + c, _mm256_add_ps(_mm256_loadu_ps(y0 + c), _mm256_mul_ps(p0, vv)));
+			_mm256_storeu_ps(y1 + c, _mm256_add_ps(_mm256_loadu_ps(y1 + c), _mm256_mul_ps(p1, vv)));
+			_mm256_storeu_ps(y2 + c, _mm256_add_ps(_mm256_loadu_ps(y2 + c), _mm256_mul_ps(p2, vv)));
+			_mm256_storeu_ps(y3 + c, _mm256_add_ps(_mm256_loadu_ps(y3 + c), _mm256_mul_ps(p3, vv)));
+		}
+	}
+	for (; i < nrows; i++)
+		v_axpy(acc + i * acc_stride, v, p[i * p_stride], d);
+}
+
 const struct kvt_codec_ops kvt_codec_ops_avx2 = {
+	.dot_rows = v_dot_rows,
+	.accum_grp = v_accum_grp,
 	.decode_row = v_decode_row,
 	.name = "avx2",
 	.load_f32 = v_load_f32,

@@ -12,6 +12,9 @@
  * in the session's dtype unless a function says otherwise. Queries and attention outputs are
  * f32 [q_head][dim] in the original (unrotated) basis.
  *
+ * Alignment: tensors are aligned to their element size; chunk buffers to at least 4 bytes
+ * (64 recommended: every array inside a chunk is 64-byte aligned relative to its start).
+ *
  * Ownership: every pointer is borrowed for the duration of the call; nothing here allocates
  * memory that outlives a call, keeps a pointer, or touches global state other than the
  * instruction-set choice (kvt_codec_set_isa), which is read once per call.

@@ -21,21 +21,34 @@
 extern "C" {
 #endif
 
-/* An immutable encoded chunk shared by reference count. bytes[] is 64-byte aligned. */
-struct kvt_chunk {
-	uint32_t refcount;      /* atomic; kvt_chunk_get / kvt_chunk_put */
-	uint32_t reserved;
-	uint64_t size_bytes;    /* encoded size (header total_bytes) */
-	uint64_t alloc_bytes;   /* what the allocator charged for this object */
-	uint8_t pad[40];
-	uint8_t bytes[];        /* the chunk, exactly as on the wire */
-};
-
 struct kvt_seq_alloc {
 	void *(*alloc)(void *ctx, size_t bytes);  /* 64-byte aligned, or NULL to refuse */
 	void (*free)(void *ctx, void *p, size_t bytes);
 	void *ctx;
 };
+
+/* An immutable encoded chunk shared by reference count. bytes[] is 64-byte aligned. The chunk
+ * remembers the allocator it came from (owner), so the last kvt_chunk_put frees it there even
+ * when the sequence that made it is gone and the holder of the last reference used other
+ * hooks (a fork made with different hooks). */
+struct kvt_chunk {
+	uint32_t refcount;      /* atomic; kvt_chunk_get / kvt_chunk_put */
+	uint32_t reserved;
+	uint64_t size_bytes;    /* encoded size (header total_bytes) */
+	uint64_t alloc_bytes;   /* what the allocator charged for this object */
+	struct kvt_seq_alloc owner; /* hooks that allocated this object (put frees through them) */
+	uint8_t pad[16];
+	uint8_t bytes[];        /* the chunk, exactly as on the wire */
+};
+_Static_assert(sizeof(struct kvt_chunk) == 64, "kvt_chunk bytes[] must start 64-byte aligned");
+
+/* Takes one more reference (thread-safe; the chunk's contents never change, so a const
+ * pointer is enough). Returns c. */
+const struct kvt_chunk *kvt_chunk_get(const struct kvt_chunk *c);
+/* Drops one reference; the last one frees the chunk through c->owner. Thread-safe. */
+void kvt_chunk_put(const struct kvt_chunk *c);
+/* The current count (an atomic load; only meaningful while the caller holds a reference). */
+uint32_t kvt_chunk_refcount(const struct kvt_chunk *c);
 
 struct kvt_seq;
 
@@ -49,10 +62,13 @@ uint64_t kvt_seq_tokens(const struct kvt_seq *seq);     /* sealed + tail */
 uint32_t kvt_seq_n_chunks(const struct kvt_seq *seq);
 uint32_t kvt_seq_tail_tokens(const struct kvt_seq *seq);
 const struct kvt_chunk *kvt_seq_chunk(const struct kvt_seq *seq, uint32_t i);
-/* The tail of layer l: [n_tail][H][d], wire dtype. */
+/* The tail of layer l: [n_tail][H][d], wire dtype. The tail buffer is allocated at the first
+ * call that puts a token in it, so these return NULL while the sequence has never had one
+ * (a fork at a chunk boundary, a sequence filled by kvt_seq_append_chunk). */
 const void *kvt_seq_tail_k(const struct kvt_seq *seq, uint32_t layer);
 const void *kvt_seq_tail_v(const struct kvt_seq *seq, uint32_t layer);
-/* Bytes this sequence holds: its tail buffer plus every chunk it references. */
+/* Bytes this sequence holds: its tail buffer plus every chunk it references (alloc_bytes of
+ * each; a chunk shared by two sequences counts in both). */
 uint64_t kvt_seq_bytes(const struct kvt_seq *seq);
 
 /*
@@ -86,6 +102,25 @@ int kvt_seq_fork(const struct kvt_seq *src, uint64_t n_tokens,
 
 /* Shortens the sequence to n_tokens (same rule for a cut inside a chunk as fork). */
 int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t errlen);
+
+/*
+ * Savepoints (speculative decoding: keep the draft tokens or roll them back). A savepoint is a
+ * plain value that records the sequence's length; taking one costs nothing and holds nothing.
+ * kvt_seq_rollback returns the sequence exactly to that length when only appends happened
+ * since and no chunk was sealed in between (the dropped tokens are all in the tail). It fails
+ * and changes nothing with -ESTALE when a chunk was sealed since (rolling back into it would
+ * decode lossy tokens: use kvt_seq_truncate if that is acceptable) or when the sequence was
+ * truncated, forked into or stored into since (its length no longer means the same tokens).
+ */
+struct kvt_seq_savepoint {
+	uint64_t tokens;
+	uint64_t generation;   /* the sequence's count of non-append changes */
+	uint32_t n_chunks;
+	uint32_t reserved;
+};
+void kvt_seq_savepoint(const struct kvt_seq *seq, struct kvt_seq_savepoint *sp);
+int kvt_seq_rollback(struct kvt_seq *seq, const struct kvt_seq_savepoint *sp, char *err,
+		     size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,8 @@
  * and codecs, pinned tokens, corruption detection, error paths, and the AVX2 path against the
  * scalar one (identical bytes, identical decoded values).
  */
+#include <pthread.h>
+
 #include "codec_test_util.h"
 
 static bool avx2;
@@ -724,6 +726,49 @@ static void test_deterministic(void)
 	free(v);
 }
 
+struct thread_job {
+	const struct kvt_codec_config *cfg;
+	const void *k, *v;
+	uint8_t *out[4];
+	size_t len[4];
+};
+
+static void *encode_thread(void *arg)
+{
+	struct thread_job *j = arg;
+	for (int i = 0; i < 4; i++)
+		j->out[i] = encode_new(j->cfg, 0, j->k, j->v, &j->len[i]);
+	return NULL;
+}
+
+static void test_threads_share_nothing(void)
+{
+	/* the codec keeps no state between calls: concurrent encodes give the same bytes */
+	struct kvt_codec_config cfg;
+	random_config(&cfg);
+	void *k = random_kv(&cfg, cfg.chunk_tokens, 1.0f, NULL, 0);
+	void *v = random_kv(&cfg, cfg.chunk_tokens, 1.0f, NULL, 0);
+	struct thread_job jobs[3];
+	pthread_t th[3];
+	for (int t = 0; t < 3; t++) {
+		jobs[t] = (struct thread_job){.cfg = &cfg, .k = k, .v = v};
+		KVT_REQUIRE(pthread_create(&th[t], NULL, encode_thread, &jobs[t]) == 0, "thread");
+	}
+	for (int t = 0; t < 3; t++)
+		pthread_join(th[t], NULL);
+	for (int t = 0; t < 3; t++)
+		for (int i = 0; i < 4; i++) {
+			KVT_CHECK(jobs[t].out[i] && jobs[t].len[i] == jobs[0].len[0] &&
+					  memcmp(jobs[t].out[i], jobs[0].out[0], jobs[0].len[0]) == 0,
+				  "thread %d encode %d differs (%s)", t, i, cfg_str(&cfg));
+		}
+	for (int t = 0; t < 3; t++)
+		for (int i = 0; i < 4; i++)
+			free(jobs[t].out[i]);
+	free(k);
+	free(v);
+}
+
 int main(void)
 {
 	kvt_test_init();
@@ -742,5 +787,6 @@ int main(void)
 	KVT_RUN(test_parse_rejects_corruption);
 	KVT_RUN(test_encode_decode_errors);
 	KVT_RUN(test_deterministic);
+	KVT_RUN(test_threads_share_nothing);
 	return kvt_test_done();
 }

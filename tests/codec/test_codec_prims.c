@@ -400,6 +400,50 @@ static void test_pack_unpack(void)
 	}
 }
 
+static void test_attend_kernels(void)
+{
+	/* dot_rows == dot per row, accum_grp == dequant_grp + axpy per row, on every path */
+	static float w[9 * 256], acc[2][9 * 256], acc0[9 * 256], p[9 * 3], x[256], want[9];
+	uint8_t packed[256];
+	uint16_t s16[8], z16[8];
+	for (int it = 0; it < 500; it++) {
+		uint32_t d = 64u << kvt_rand_below(3), nr = 1 + kvt_rand_below(9);
+		uint32_t bits = 2u << kvt_rand_below(3), gv = 32u << kvt_rand_below(3);
+		uint32_t sdt = 1 + kvt_rand_below(2);
+		if (gv > d)
+			gv = d;
+		fill_f32(w, (size_t)nr * d, 1.0f);
+		fill_f32(x, d, 1.0f);
+		fill_f32(acc0, (size_t)nr * d, 1.0f);
+		fill_f32(p, (size_t)nr * 3, 1.0f);
+		for (uint32_t i = 0; i < d * bits / 8; i++)
+			packed[i] = (uint8_t)kvt_rand_u64();
+		for (int g = 0; g < 8; g++) {
+			s16[g] = kvt_round16_bits(kvt_rand_uniform() * 0.1f, sdt);
+			z16[g] = kvt_round16_bits(kvt_rand_normal(), sdt);
+		}
+		for (uint32_t i = 0; i < nr; i++)
+			want[i] = kvt_codec_ops_scalar.dot(w + i * d, x, d);
+		float v[256];
+		kvt_codec_ops_scalar.dequant_grp(packed, d, bits, gv, s16, z16, sdt, v);
+		memcpy(acc[1], acc0, (size_t)nr * d * 4);
+		for (uint32_t i = 0; i < nr; i++)
+			kvt_codec_ops_scalar.axpy(acc[1] + i * d, v, p[i * 3], d);
+		for (int q = 0; q < n_paths; q++) {
+			float got[9];
+			paths[q]->dot_rows(w, d, nr, x, d, got);
+			KVT_CHECK(memcmp(got, want, nr * 4) == 0, "%s dot_rows d %u nr %u", paths[q]->name,
+				  d, nr);
+			memcpy(acc[0], acc0, (size_t)nr * d * 4);
+			paths[q]->accum_grp(packed, d, bits, gv, s16, z16, sdt, p, 3, nr, acc[0], d);
+			KVT_CHECK(memcmp(acc[0], acc[1], (size_t)nr * d * 4) == 0,
+				  "%s accum_grp d %u nr %u", paths[q]->name, d, nr);
+		}
+		if (kvt_test_failures)
+			return;
+	}
+}
+
 static void test_decode_row_paths(void)
 {
 	/* the fused row decoder equals dequant + fwht + store on every path, bit for bit */
@@ -479,6 +523,7 @@ int main(void)
 	KVT_RUN(test_quantizer_random_paths_equal);
 	KVT_RUN(test_pack_unpack);
 	KVT_RUN(test_decode_row_paths);
+	KVT_RUN(test_attend_kernels);
 	KVT_RUN(test_isa_control);
 	return kvt_test_done();
 }

@@ -474,7 +474,7 @@ int main(void)
 	}
 	p.session_id = OTHER;
 	if (kvt_client_open(g_c, &p, NULL, &st) ||
-	    kvt_client_fetch_encoded(g_c, VICTIM, 0, KVT_CLIENT_ALL_LAYERS, 1, &g_enc, &st)) {
+	    kvt_client_fetch_encoded(g_c, VICTIM, 0, KVT_CLIENT_ALL_CHUNKS, 1, &g_enc, &st)) {
 		printf("not ok - setup: %s\n", st.message);
 		goto out;
 	}

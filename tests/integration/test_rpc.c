@@ -576,7 +576,7 @@ static void test_encoded_roundtrip(void)
 
 	KVT_REQUIRE(open_session(g_c, &s, "enc-src", 4, 2, 128, KVT_DTYPE_BF16, NULL) == 0, "open");
 	KVT_REQUIRE(append_both(g_c, &s, 3 * 128 + 45, NULL) == 0, "append");
-	KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_LAYERS, 1, &enc, &st) == 0,
+	KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_CHUNKS, 1, &enc, &st) == 0,
 		    "fetch_encoded: %s", st.message);
 	KVT_CHECK(enc->n_chunks == 3 && enc->tail_tokens == 45, "3 chunks + 45 tail, got %zu + %u",
 		  enc->n_chunks, enc->tail_tokens);

@@ -1,0 +1,704 @@
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+
+struct kvt_config kvt_config_live;
+
+enum opt_type { OPT_BOOL, OPT_U64, OPT_SIZE, OPT_DOUBLE, OPT_STRING, OPT_ENUM };
+
+struct opt {
+	const char *name;
+	enum opt_type type;
+	size_t offset;
+	uint64_t min, max;        /* U64, SIZE */
+	double dmin, dmax;        /* DOUBLE */
+	const char *const *enum_names; /* ENUM: NULL-terminated; the value is the index */
+	const char *def;          /* default, written as a user would */
+	int reloadable;
+	const char *help;
+};
+
+static const char *const policy_names[] = {"reject", "drop-coldest", NULL};
+/* Same order as enum kvt_scheme in kernels/kvt_codec.h. */
+static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar", NULL};
+static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+
+#define OFF(f) offsetof(struct kvt_config, f)
+#define KIB ((uint64_t)1024)
+#define MIB (KIB * 1024)
+#define GIB (MIB * 1024)
+#define TIB (GIB * 1024)
+
+static const struct opt opts[] = {
+	{"socket", OPT_STRING, OFF(socket_path), 0, 0, 0, 0, NULL, "", 0,
+	 "unix socket path (empty: $RUNTIME_DIRECTORY/kvtierd.sock, else ./run/kvtierd.sock)"},
+	{"listen_tcp", OPT_STRING, OFF(listen_tcp), 0, 0, 0, 0, NULL, "", 0,
+	 "also listen on TCP host:port (plaintext only on loopback with insecure_loopback)"},
+	{"insecure_loopback", OPT_BOOL, OFF(insecure_loopback), 0, 1, 0, 0, NULL, "no", 0,
+	 "allow plaintext TCP on a loopback address (TLS is not implemented yet)"},
+	{"cq_threads", OPT_U64, OFF(cq_threads), 1, 64, 0, 0, NULL, "2", 0,
+	 "completion-queue threads, each with its own queue, all serving every method"},
+	{"max_message_bytes", OPT_SIZE, OFF(max_message_bytes), 256 * KIB, 64 * MIB, 0, 0, NULL,
+	 "4MiB", 0, "largest gRPC message received or sent; Fetch splits replies below it"},
+	{"max_concurrent_calls", OPT_U64, OFF(max_concurrent_calls), 1, 65536, 0, 0, NULL, "1024",
+	 0, "calls in flight at once (new ones get RESOURCE_EXHAUSTED beyond it)"},
+	{"host_capacity_bytes", OPT_SIZE, OFF(host_capacity_bytes), 1 * MIB, 64 * TIB, 0, 0, NULL,
+	 "4GiB", 1, "host DRAM the sessions and append staging may use (N% = share of RAM)"},
+	{"capacity_policy", OPT_ENUM, OFF(capacity_policy), 0, 0, 0, 0, policy_names,
+	 "drop-coldest", 1,
+	 "when host memory is full: reject (RESOURCE_EXHAUSTED) or drop-coldest unpinned sessions"},
+	{"default_ttl_seconds", OPT_U64, OFF(default_ttl_seconds), 0, 365 * 86400ull, 0, 0, NULL,
+	 "3600", 1, "idle expiry of sessions opened without ttl_seconds (0 = never)"},
+	{"max_ttl_seconds", OPT_U64, OFF(max_ttl_seconds), 0, 365 * 86400ull, 0, 0, NULL,
+	 "604800", 1, "largest ttl_seconds a client may ask for (0 = unlimited)"},
+	{"max_sessions", OPT_U64, OFF(max_sessions), 1, 10000000, 0, 0, NULL, "65536", 1,
+	 "sessions held at once (OpenSession beyond it: RESOURCE_EXHAUSTED)"},
+	{"max_append_bytes", OPT_SIZE, OFF(max_append_bytes), 64 * KIB, 64 * GIB, 0, 0, NULL,
+	 "256MiB", 1, "K+V bytes one Append stream may stage before its atomic commit"},
+	{"max_attend_items", OPT_U64, OFF(max_attend_items), 1, 65536, 0, 0, NULL, "1024", 1,
+	 "items in one Attend batch"},
+	{"default_scheme", OPT_ENUM, OFF(default_scheme), 0, 0, 0, 0, scheme_names, "oscar", 1,
+	 "codec scheme of sessions opened without one"},
+	{"default_key_bits", OPT_U64, OFF(default_key_bits), 2, 8, 0, 0, NULL, "2", 1,
+	 "default key bits: 2, 4 or 8"},
+	{"default_value_bits", OPT_U64, OFF(default_value_bits), 2, 8, 0, 0, NULL, "2", 1,
+	 "default value bits: 2, 4 or 8"},
+	{"default_group", OPT_U64, OFF(default_group), 32, 128, 0, 0, NULL, "32", 1,
+	 "default quantization group G: 32, 64 or 128"},
+	{"default_chunk_tokens", OPT_U64, OFF(default_chunk_tokens), 32, 1024, 0, 0, NULL, "128",
+	 1, "default chunk size B in tokens: a multiple of G"},
+	{"default_n_sinks", OPT_U64, OFF(default_n_sinks), 0, 64, 0, 0, NULL, "4", 1,
+	 "default count S of leading tokens kept exact (<= B)"},
+	{"default_rotate_v", OPT_BOOL, OFF(default_rotate_v), 0, 1, 0, 0, NULL, "yes", 1,
+	 "rotate values too (hadamard and oscar; ignored for none and kivi)"},
+	{"default_pin_detect_ratio", OPT_DOUBLE, OFF(default_pin_detect_ratio), 0, 0, 0.0, 0.999,
+	 NULL, "0", 1, "pin tokens whose key norm is below ratio x median (0 = off)"},
+	{"default_pin_detect_max", OPT_U64, OFF(default_pin_detect_max), 0, 1024, 0, 0, NULL, "0",
+	 1, "at most this many detected pins per chunk (<= B)"},
+	{"log_level", OPT_ENUM, OFF(log_level), 0, 0, 0, 0, level_names, "info", 1,
+	 "least severe level logged: debug, info, warn, error"},
+	{"maintenance_interval_ms", OPT_U64, OFF(maintenance_interval_ms), 10, 60000, 0, 0, NULL,
+	 "1000", 0, "period of the TTL expiry scan"},
+	{"shutdown_grace_ms", OPT_U64, OFF(shutdown_grace_ms), 0, 600000, 0, 0, NULL, "10000", 0,
+	 "on SIGTERM, how long in-flight calls may run before they are cancelled"},
+};
+#define N_OPTS (sizeof opts / sizeof opts[0])
+
+size_t kvt_config_n_options(void)
+{
+	return N_OPTS;
+}
+
+const char *kvt_config_option_name(size_t i)
+{
+	return i < N_OPTS ? opts[i].name : NULL;
+}
+
+int kvt_parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	if (!isdigit((unsigned char)*s))
+		return -EINVAL;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	if (*end == '%') {
+		/* A share of physical memory: "50%" of this machine's RAM. */
+		long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+		if (end[1] || v < 1 || v > 100 || pages <= 0 || page <= 0)
+			return -EINVAL;
+		*out = (uint64_t)pages * (uint64_t)page / 100 * v;
+		return 0;
+	}
+	uint64_t mul = 1;
+	while (*end == ' ')
+		end++;
+	switch (toupper((unsigned char)*end)) {
+	case '\0':
+		break;
+	case 'K': mul = KIB; end++; break;
+	case 'M': mul = MIB; end++; break;
+	case 'G': mul = GIB; end++; break;
+	case 'T': mul = TIB; end++; break;
+	case 'B': break;
+	default: return -EINVAL;
+	}
+	if (mul > 1 && *end == 'i')
+		end++;
+	if (*end == 'B' || *end == 'b')
+		end++;
+	if (*end)
+		return -EINVAL;
+	if (v > UINT64_MAX / mul)
+		return -ERANGE;
+	*out = v * mul;
+	return 0;
+}
+
+static const struct opt *find_opt(const char *name, size_t len)
+{
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const char *a = opts[i].name;
+		size_t j = 0;
+		for (; j < len && a[j]; j++) {
+			char c = name[j] == '-' ? '_' : name[j];
+			if (c != a[j])
+				break;
+		}
+		if (j == len && a[j] == '\0')
+			return &opts[i];
+	}
+	return NULL;
+}
+
+static void fmt_size(char *buf, size_t len, uint64_t v)
+{
+	if (v && v % TIB == 0)
+		snprintf(buf, len, "%" PRIu64 "TiB", v / TIB);
+	else if (v && v % GIB == 0)
+		snprintf(buf, len, "%" PRIu64 "GiB", v / GIB);
+	else if (v && v % MIB == 0)
+		snprintf(buf, len, "%" PRIu64 "MiB", v / MIB);
+	else if (v && v % KIB == 0)
+		snprintf(buf, len, "%" PRIu64 "KiB", v / KIB);
+	else
+		snprintf(buf, len, "%" PRIu64, v);
+}
+
+static void enum_list(char *buf, size_t len, const char *const *names)
+{
+	size_t o = 0;
+	buf[0] = '\0';
+	for (int i = 0; names[i] && o < len; i++)
+		o += (size_t)snprintf(buf + o, len - o, "%s%s", i ? ", " : "", names[i]);
+}
+
+/* Parses one value for one row into cfg. `where` names the source for the message. */
+static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
+		   const char *where, char *err, size_t errlen)
+{
+	char *base = (char *)cfg + o->offset;
+	char lim[256];
+	switch (o->type) {
+	case OPT_BOOL: {
+		uint64_t b;
+		if (!strcmp(val, "yes") || !strcmp(val, "true") || !strcmp(val, "1") ||
+		    !strcmp(val, "on"))
+			b = 1;
+		else if (!strcmp(val, "no") || !strcmp(val, "false") || !strcmp(val, "0") ||
+			 !strcmp(val, "off"))
+			b = 0;
+		else {
+			snprintf(err, errlen, "%s: %s = \"%s\" is not a boolean (yes/no)", where,
+				 o->name, val);
+			return -EINVAL;
+		}
+		memcpy(base, &b, sizeof b);
+		return 0;
+	}
+	case OPT_U64:
+	case OPT_SIZE: {
+		uint64_t v = 0;
+		int rc;
+		if (o->type == OPT_SIZE) {
+			rc = kvt_parse_size(val, &v);
+		} else {
+			char *end;
+			errno = 0;
+			v = isdigit((unsigned char)*val) ? strtoull(val, &end, 10) : 0;
+			rc = (!isdigit((unsigned char)*val) || errno || *end) ? -EINVAL : 0;
+		}
+		if (rc) {
+			snprintf(err, errlen, "%s: %s = \"%s\" is not %s", where, o->name, val,
+				 o->type == OPT_SIZE ? "a size (e.g. 4GiB, 512MiB, 65536, 25%)"
+						     : "a non-negative integer");
+			return -EINVAL;
+		}
+		if (v < o->min || v > o->max) {
+			char a[32], b[32];
+			if (o->type == OPT_SIZE) {
+				fmt_size(a, sizeof a, o->min);
+				fmt_size(b, sizeof b, o->max);
+			} else {
+				snprintf(a, sizeof a, "%" PRIu64, o->min);
+				snprintf(b, sizeof b, "%" PRIu64, o->max);
+			}
+			snprintf(err, errlen, "%s: %s = %s is out of range %s..%s", where, o->name,
+				 val, a, b);
+			return -EINVAL;
+		}
+		memcpy(base, &v, sizeof v);
+		return 0;
+	}
+	case OPT_DOUBLE: {
+		char *end;
+		errno = 0;
+		double d = strtod(val, &end);
+		if (errno || *end || end == val || !isfinite(d)) {
+			snprintf(err, errlen, "%s: %s = \"%s\" is not a number", where, o->name, val);
+			return -EINVAL;
+		}
+		if (d < o->dmin || d > o->dmax) {
+			snprintf(err, errlen, "%s: %s = %s is out of range %g..%g", where, o->name,
+				 val, o->dmin, o->dmax);
+			return -EINVAL;
+		}
+		memcpy(base, &d, sizeof d);
+		return 0;
+	}
+	case OPT_STRING:
+		if (strlen(val) >= KVT_CONFIG_STR_MAX) {
+			snprintf(err, errlen, "%s: %s is %zu bytes long, the limit is %d", where,
+				 o->name, strlen(val), KVT_CONFIG_STR_MAX - 1);
+			return -EINVAL;
+		}
+		snprintf(base, KVT_CONFIG_STR_MAX, "%s", val);
+		return 0;
+	case OPT_ENUM:
+		for (uint64_t i = 0; o->enum_names[i]; i++) {
+			if (!strcmp(val, o->enum_names[i])) {
+				memcpy(base, &i, sizeof i);
+				return 0;
+			}
+		}
+		enum_list(lim, sizeof lim, o->enum_names);
+		snprintf(err, errlen, "%s: %s = \"%s\" is not one of %s", where, o->name, val, lim);
+		return -EINVAL;
+	}
+	return -EINVAL;
+}
+
+static void format_value(const struct kvt_config *cfg, const struct opt *o, char *buf,
+			 size_t len)
+{
+	const char *base = (const char *)cfg + o->offset;
+	uint64_t v;
+	double d;
+	switch (o->type) {
+	case OPT_BOOL:
+		memcpy(&v, base, sizeof v);
+		snprintf(buf, len, "%s", v ? "yes" : "no");
+		return;
+	case OPT_U64:
+		memcpy(&v, base, sizeof v);
+		snprintf(buf, len, "%" PRIu64, v);
+		return;
+	case OPT_SIZE:
+		memcpy(&v, base, sizeof v);
+		fmt_size(buf, len, v);
+		return;
+	case OPT_DOUBLE:
+		memcpy(&d, base, sizeof d);
+		snprintf(buf, len, "%g", d);
+		return;
+	case OPT_STRING:
+		snprintf(buf, len, "%s", base);
+		return;
+	case OPT_ENUM:
+		memcpy(&v, base, sizeof v);
+		snprintf(buf, len, "%s", o->enum_names[v]);
+		return;
+	}
+}
+
+static char *trim(char *s)
+{
+	while (isspace((unsigned char)*s))
+		s++;
+	char *e = s + strlen(s);
+	while (e > s && isspace((unsigned char)e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_source *sources,
+		     char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		int e = errno;
+		snprintf(err, errlen, "config file %s: %s", path, strerror(e));
+		return -e;
+	}
+	char line[1024];
+	char where[320];
+	int lineno = 0, rc = 0;
+	while (fgets(line, sizeof line, f)) {
+		lineno++;
+		if (!strchr(line, '\n') && !feof(f)) {
+			snprintf(err, errlen, "%s:%d: line longer than %zu bytes", path, lineno,
+				 sizeof line - 2);
+			rc = -EINVAL;
+			break;
+		}
+		char *hash = strchr(line, '#');
+		if (hash)
+			*hash = '\0';
+		char *s = trim(line);
+		if (!*s)
+			continue;
+		char *eq = strchr(s, '=');
+		if (!eq) {
+			snprintf(err, errlen, "%s:%d: expected `name = value`", path, lineno);
+			rc = -EINVAL;
+			break;
+		}
+		*eq = '\0';
+		char *name = trim(s), *val = trim(eq + 1);
+		size_t vl = strlen(val);
+		if (vl >= 2 && val[0] == '"' && val[vl - 1] == '"') {
+			val[vl - 1] = '\0';
+			val++;
+		}
+		const struct opt *o = find_opt(name, strlen(name));
+		if (!o) {
+			snprintf(err, errlen, "%s:%d: unknown option \"%s\" (kvtierd --help lists them)",
+				 path, lineno, name);
+			rc = -EINVAL;
+			break;
+		}
+		snprintf(where, sizeof where, "%s:%d", path, lineno);
+		rc = set_opt(cfg, o, val, where, err, errlen);
+		if (rc)
+			break;
+		if (sources)
+			sources[o - opts] = KVT_SRC_FILE;
+	}
+	fclose(f);
+	return rc;
+}
+
+int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cmdline *cmd,
+		    enum kvt_config_source *sources, char *err, size_t errlen)
+{
+	struct kvt_cmdline local;
+	if (!cmd)
+		cmd = &local;
+	memset(cmd, 0, sizeof *cmd);
+	memset(cfg, 0, sizeof *cfg);
+	int rc;
+	for (size_t i = 0; i < N_OPTS; i++) {
+		rc = set_opt(cfg, &opts[i], opts[i].def, "built-in default", err, errlen);
+		if (rc)
+			return rc; /* a bad row in the table: caught by the unit tests */
+		if (sources)
+			sources[i] = KVT_SRC_DEFAULT;
+	}
+	/* First pass over argv: the special flags and --config, which must be known before the
+	 * file is read; option flags are applied after the file and the environment. */
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--check-config") || !strcmp(a, "-n"))
+			cmd->check_config = 1;
+		else if (!strcmp(a, "--print-config"))
+			cmd->print_config = 1;
+		else if (!strcmp(a, "--help") || !strcmp(a, "-h"))
+			cmd->help = 1;
+		else if (!strcmp(a, "--version"))
+			cmd->version = 1;
+		else if (!strncmp(a, "--config=", 9))
+			cmd->config_file = a + 9;
+		else if (!strcmp(a, "--config") || !strcmp(a, "-c")) {
+			if (i + 1 >= argc) {
+				snprintf(err, errlen, "%s needs a file name", a);
+				return -EINVAL;
+			}
+			cmd->config_file = argv[++i];
+		}
+	}
+	if (cmd->help || cmd->version)
+		return 0;
+	if (cmd->config_file) {
+		rc = load_file(cfg, cmd->config_file, sources, err, errlen);
+		if (rc)
+			return rc < 0 ? rc : -EINVAL;
+	}
+	for (size_t i = 0; i < N_OPTS; i++) {
+		char env[96], where[128];
+		size_t j = (size_t)snprintf(env, sizeof env, "KVTIER_");
+		for (const char *p = opts[i].name; *p && j + 1 < sizeof env; p++)
+			env[j++] = (char)toupper((unsigned char)*p);
+		env[j] = '\0';
+		const char *v = getenv(env);
+		if (!v)
+			continue;
+		snprintf(where, sizeof where, "environment %s", env);
+		rc = set_opt(cfg, &opts[i], v, where, err, errlen);
+		if (rc)
+			return rc;
+		if (sources)
+			sources[i] = KVT_SRC_ENV;
+	}
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--check-config") || !strcmp(a, "-n") ||
+		    !strcmp(a, "--print-config") || !strncmp(a, "--config=", 9))
+			continue;
+		if (!strcmp(a, "--config") || !strcmp(a, "-c")) {
+			i++;
+			continue;
+		}
+		if (strncmp(a, "--", 2) != 0) {
+			snprintf(err, errlen, "unexpected argument \"%s\" (options are --name=value)",
+				 a);
+			return -EINVAL;
+		}
+		const char *name = a + 2;
+		const char *eq = strchr(name, '=');
+		size_t nl = eq ? (size_t)(eq - name) : strlen(name);
+		const struct opt *o = find_opt(name, nl);
+		if (!o) {
+			snprintf(err, errlen, "unknown option \"%.*s\" (kvtierd --help lists them)",
+				 (int)nl + 2, a);
+			return -EINVAL;
+		}
+		const char *val;
+		if (eq)
+			val = eq + 1;
+		else if (o->type == OPT_BOOL)
+			val = "yes";
+		else if (i + 1 < argc)
+			val = argv[++i];
+		else {
+			snprintf(err, errlen, "option --%s needs a value", o->name);
+			return -EINVAL;
+		}
+		rc = set_opt(cfg, o, val, "command line", err, errlen);
+		if (rc)
+			return rc;
+		if (sources)
+			sources[o - opts] = KVT_SRC_FLAG;
+	}
+	return kvt_config_validate(cfg, err, errlen);
+}
+
+static int is_loopback_host(const char *host, size_t len)
+{
+	if (len == 9 && !strncmp(host, "localhost", 9))
+		return 1;
+	if (len == 3 && !strncmp(host, "::1", 3))
+		return 1;
+	if (len == 5 && !strncmp(host, "[::1]", 5))
+		return 1;
+	if (len >= 4 && !strncmp(host, "127.", 4)) {
+		for (size_t i = 4; i < len; i++)
+			if (!isdigit((unsigned char)host[i]) && host[i] != '.')
+				return 0;
+		return 1;
+	}
+	return 0;
+}
+
+static int bits_ok(uint64_t b)
+{
+	return b == 2 || b == 4 || b == 8;
+}
+
+int kvt_config_validate(const struct kvt_config *c, char *err, size_t errlen)
+{
+	if (!bits_ok(c->default_key_bits)) {
+		snprintf(err, errlen, "default_key_bits = %" PRIu64 " is not one of 2, 4, 8",
+			 c->default_key_bits);
+		return -EINVAL;
+	}
+	if (!bits_ok(c->default_value_bits)) {
+		snprintf(err, errlen, "default_value_bits = %" PRIu64 " is not one of 2, 4, 8",
+			 c->default_value_bits);
+		return -EINVAL;
+	}
+	if (c->default_group != 32 && c->default_group != 64 && c->default_group != 128) {
+		snprintf(err, errlen, "default_group = %" PRIu64 " is not one of 32, 64, 128",
+			 c->default_group);
+		return -EINVAL;
+	}
+	if (c->default_chunk_tokens % c->default_group) {
+		snprintf(err, errlen,
+			 "default_chunk_tokens = %" PRIu64 " is not a multiple of default_group = %" PRIu64,
+			 c->default_chunk_tokens, c->default_group);
+		return -EINVAL;
+	}
+	if (c->default_n_sinks > c->default_chunk_tokens) {
+		snprintf(err, errlen,
+			 "default_n_sinks = %" PRIu64 " exceeds default_chunk_tokens = %" PRIu64,
+			 c->default_n_sinks, c->default_chunk_tokens);
+		return -EINVAL;
+	}
+	if (c->default_pin_detect_max > c->default_chunk_tokens) {
+		snprintf(err, errlen,
+			 "default_pin_detect_max = %" PRIu64 " exceeds default_chunk_tokens = %" PRIu64,
+			 c->default_pin_detect_max, c->default_chunk_tokens);
+		return -EINVAL;
+	}
+	if (c->max_ttl_seconds && c->default_ttl_seconds > c->max_ttl_seconds) {
+		snprintf(err, errlen,
+			 "default_ttl_seconds = %" PRIu64 " exceeds max_ttl_seconds = %" PRIu64,
+			 c->default_ttl_seconds, c->max_ttl_seconds);
+		return -EINVAL;
+	}
+	if (c->max_append_bytes > c->host_capacity_bytes) {
+		snprintf(err, errlen,
+			 "max_append_bytes = %" PRIu64 " exceeds host_capacity_bytes = %" PRIu64,
+			 c->max_append_bytes, c->host_capacity_bytes);
+		return -EINVAL;
+	}
+	if (c->listen_tcp[0]) {
+		const char *colon = strrchr(c->listen_tcp, ':');
+		char *end;
+		if (!colon || colon == c->listen_tcp) {
+			snprintf(err, errlen, "listen_tcp = \"%s\" is not host:port", c->listen_tcp);
+			return -EINVAL;
+		}
+		errno = 0;
+		unsigned long port = strtoul(colon + 1, &end, 10);
+		if (errno || *end || colon[1] == '\0' || port > 65535) {
+			snprintf(err, errlen, "listen_tcp = \"%s\": port is not 0..65535",
+				 c->listen_tcp);
+			return -EINVAL;
+		}
+		if (!is_loopback_host(c->listen_tcp, (size_t)(colon - c->listen_tcp))) {
+			snprintf(err, errlen,
+				 "listen_tcp = \"%s\": TLS is not implemented yet, so TCP is only "
+				 "allowed on a loopback address (127.0.0.1, ::1, localhost) with "
+				 "--insecure-loopback",
+				 c->listen_tcp);
+			return -EINVAL;
+		}
+		if (!c->insecure_loopback) {
+			snprintf(err, errlen,
+				 "listen_tcp = \"%s\" would serve plaintext TCP: TLS is not "
+				 "implemented yet; pass --insecure-loopback to accept plaintext on "
+				 "loopback",
+				 c->listen_tcp);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+static const char *source_name(enum kvt_config_source s)
+{
+	switch (s) {
+	case KVT_SRC_DEFAULT: return "default";
+	case KVT_SRC_FILE: return "file";
+	case KVT_SRC_ENV: return "env";
+	case KVT_SRC_FLAG: return "flag";
+	}
+	return "?";
+}
+
+void kvt_config_print(FILE *out, const struct kvt_config *cfg,
+		      const enum kvt_config_source *sources)
+{
+	char buf[KVT_CONFIG_STR_MAX + 8];
+	for (size_t i = 0; i < N_OPTS; i++) {
+		format_value(cfg, &opts[i], buf, sizeof buf);
+		if (opts[i].type == OPT_STRING)
+			fprintf(out, "%s = \"%s\"", opts[i].name, buf);
+		else
+			fprintf(out, "%s = %s", opts[i].name, buf);
+		if (sources)
+			fprintf(out, "  # %s", source_name(sources[i]));
+		if (opts[i].offset == OFF(socket_path)) {
+			char path[KVT_CONFIG_STR_MAX + 32];
+			kvt_config_socket_path(cfg, path, sizeof path);
+			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
+		}
+		fputc('\n', out);
+	}
+}
+
+void kvt_config_help(FILE *out)
+{
+	fprintf(out,
+		"usage: kvtierd [--config FILE] [--check-config] [--print-config] [--help]\n"
+		"               [--name=value ...]\n\n"
+		"Every option can be set (later wins) in the config file as `name = value`, in the\n"
+		"environment as KVTIER_NAME, or on the command line as --name=value (or --name\n"
+		"value; dashes and underscores are the same). [r] = applied on SIGHUP.\n\n");
+	char lim[128], def[64];
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+		switch (o->type) {
+		case OPT_BOOL: snprintf(lim, sizeof lim, "yes|no"); break;
+		case OPT_U64: snprintf(lim, sizeof lim, "%" PRIu64 "..%" PRIu64, o->min, o->max); break;
+		case OPT_SIZE: {
+			char a[32], b[32];
+			fmt_size(a, sizeof a, o->min);
+			fmt_size(b, sizeof b, o->max);
+			snprintf(lim, sizeof lim, "size %s..%s", a, b);
+			break;
+		}
+		case OPT_DOUBLE: snprintf(lim, sizeof lim, "%g..%g", o->dmin, o->dmax); break;
+		case OPT_STRING: snprintf(lim, sizeof lim, "string"); break;
+		case OPT_ENUM: {
+			size_t p = 0;
+			for (int k = 0; o->enum_names[k] && p < sizeof lim; k++)
+				p += (size_t)snprintf(lim + p, sizeof lim - p, "%s%s", k ? "|" : "",
+						      o->enum_names[k]);
+			break;
+		}
+		}
+		char flag[64];
+		snprintf(flag, sizeof flag, "%s", o->name);
+		for (char *p = flag; *p; p++)
+			if (*p == '_')
+				*p = '-';
+		snprintf(def, sizeof def, "%s", o->def[0] ? o->def : "\"\"");
+		fprintf(out, "  --%-26s %s (default %s)%s\n      %s\n", flag, lim, def,
+			o->reloadable ? " [r]" : "", o->help);
+	}
+	fprintf(out, "\n  --config FILE      read options from FILE\n"
+		     "  --check-config     validate the configuration and exit 0 (valid) or 1\n"
+		     "  --print-config     print the effective configuration and exit\n"
+		     "  --help, --version\n");
+}
+
+int kvt_config_apply_reload(const struct kvt_config *next)
+{
+	int changed = 0;
+	char a[KVT_CONFIG_STR_MAX + 8], b[KVT_CONFIG_STR_MAX + 8], qa[300], qb[300];
+	for (size_t i = 0; i < N_OPTS; i++) {
+		const struct opt *o = &opts[i];
+		format_value(&kvt_config_live, o, a, sizeof a);
+		format_value(next, o, b, sizeof b);
+		if (!strcmp(a, b))
+			continue;
+		if (!o->reloadable) {
+			kvt_log_warn("config change needs a restart, ignored",
+				     "option=%s old=%s new=%s", o->name,
+				     kvt_log_quote(qa, sizeof qa, a), kvt_log_quote(qb, sizeof qb, b));
+			continue;
+		}
+		/* Every reloadable option is an 8-byte scalar: one atomic store each. */
+		uint64_t v;
+		memcpy(&v, (const char *)next + o->offset, sizeof v);
+		__atomic_store_n((uint64_t *)((char *)&kvt_config_live + o->offset), v,
+				 __ATOMIC_RELAXED);
+		kvt_log_info("config changed", "option=%s old=%s new=%s", o->name,
+			     kvt_log_quote(qa, sizeof qa, a), kvt_log_quote(qb, sizeof qb, b));
+		changed++;
+	}
+	return changed;
+}
+
+void kvt_config_socket_path(const struct kvt_config *cfg, char *out, size_t len)
+{
+	const char *rd = getenv("RUNTIME_DIRECTORY");
+	if (cfg->socket_path[0])
+		snprintf(out, len, "%s", cfg->socket_path);
+	else if (rd && *rd) {
+		/* systemd may pass several directories separated by ':'; the first is ours. */
+		size_t n = strcspn(rd, ":");
+		snprintf(out, len, "%.*s/kvtierd.sock", (int)n, rd);
+	} else
+		snprintf(out, len, "./run/kvtierd.sock");
+}

@@ -1,0 +1,141 @@
+/*
+ * rpc.h - internals shared by daemon/rpc_*.c: the per-call state machine, the method table
+ * and the helpers handlers use to read requests and write replies.
+ *
+ * One struct kvt_rpc_call per call. Its address (low bits tagged) is the completion-queue tag
+ * of each batch it starts: TAG_OP for the call's single main batch in flight, TAG_CLOSE for
+ * its GRPC_OP_RECV_CLOSE_ON_SERVER batch started when the call arrives. All completions of a
+ * call arrive on the queue of the thread that accepted it, so a call's state is only touched
+ * by that thread, except health Watch calls, which the health module drives under its lock.
+ * The call is freed when its status has been sent (or it was cancelled) and no batch is in
+ * flight.
+ */
+#ifndef KVT_RPC_H
+#define KVT_RPC_H
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/slice.h>
+#include <grpc/status.h>
+#include <protobuf-c/protobuf-c.h>
+#include <pthread.h>
+
+#include "rpc_server.h"
+
+#define KVT_TENANT_LOCAL "local"
+
+struct kvt_rpc_call;
+
+enum kvt_rpc_kind { KVT_RPC_UNARY, KVT_RPC_CLIENT_STREAM, KVT_RPC_SERVER_STREAM };
+
+/* What a handler produced: a status, a message for non-OK, and (unary / final) a reply. */
+struct kvt_rpc_result {
+	grpc_status_code code;
+	char msg[512];
+	grpc_byte_buffer *reply; /* owned; NULL for none */
+};
+
+/* Server-streaming step: 1 = *out holds the next message, 0 = done (res says the status),
+ * 2 = park (health Watch: the health module resumes the call). */
+enum { KVT_STREAM_DONE = 0, KVT_STREAM_MSG = 1, KVT_STREAM_PARK = 2 };
+
+struct kvt_rpc_method {
+	const char *path;
+	const char *name; /* for counters and logs */
+	enum kvt_rpc_kind kind;
+	/* Unary: request bytes -> result. */
+	void (*unary)(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
+		      struct kvt_rpc_result *res);
+	/* Client streaming: each message (0 = go on, else res is final), then the end. */
+	int (*on_message)(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
+			  struct kvt_rpc_result *res);
+	void (*on_end)(struct kvt_rpc_call *c, struct kvt_rpc_result *res);
+	/* Optional: takes the message as gRPC's byte buffer (read without flattening it);
+	 * used instead of on_message when present. */
+	int (*on_message_bb)(struct kvt_rpc_call *c, grpc_byte_buffer *bb,
+			     struct kvt_rpc_result *res);
+	/* Server streaming: the request (0 = go on, else res is final), then messages. */
+	int (*start)(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
+		     struct kvt_rpc_result *res);
+	int (*next)(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_rpc_result *res);
+	/* Frees c->state (always called once, also on cancellation). */
+	void (*cleanup)(struct kvt_rpc_call *c);
+	/* next() may park the call (health Watch): its transitions run under
+	 * kvt_rpc_watch_mu. */
+	int parkable;
+};
+
+extern pthread_mutex_t kvt_rpc_watch_mu;
+
+enum kvt_call_phase {
+	PHASE_REQUESTED,  /* waiting in grpc_server_request_call */
+	PHASE_RECV,       /* reading a request message */
+	PHASE_PROBE,      /* client stream ended: is it a half-close or a cancellation? */
+	PHASE_SENDING,    /* a streamed message is being sent */
+	PHASE_PARKED,     /* Watch: waiting for a health change */
+	PHASE_FINISHING,  /* status being sent */
+	PHASE_DONE,       /* status sent or call cancelled; waiting for batches to drain */
+};
+
+struct kvt_rpc_call {
+	struct kvt_rpc_server *srv;
+	struct kvt_rpc_cq *cq;
+	grpc_call *call;
+	grpc_call_details details;
+	grpc_metadata_array request_md;
+	const struct kvt_rpc_method *method;
+	int method_index;
+	enum kvt_call_phase phase;
+	int pending;          /* batches in flight (atomic for Watch) */
+	int close_received;
+	int cancelled;        /* from RECV_CLOSE_ON_SERVER */
+	int initial_md_sent;
+	int counted;          /* counted in active calls */
+	grpc_byte_buffer *recv_buf;
+	grpc_byte_buffer *send_buf;
+	grpc_slice status_details;
+	int have_status_details;
+	struct kvt_rpc_result res;
+	uint64_t start_us;
+	void *state;          /* the handler's */
+	struct kvt_rpc_call *watch_next; /* health watchers list */
+};
+
+struct kvt_daemon *kvt_rpc_daemon(struct kvt_rpc_call *c);
+const struct kvt_config *kvt_rpc_config(void);
+
+/* Results. */
+grpc_status_code kvt_rpc_status_from_errno(int neg_errno);
+const char *kvt_rpc_code_name(grpc_status_code code);
+void kvt_rpc_fail(struct kvt_rpc_result *res, grpc_status_code code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+/* Packs msg into res->reply (status OK). */
+void kvt_rpc_reply(struct kvt_rpc_result *res, const ProtobufCMessage *msg);
+/* A byte buffer over a malloc'd buffer, freed by gRPC when it is done with it (no copy). */
+grpc_byte_buffer *kvt_rpc_buffer_take(void *buf, size_t len);
+grpc_byte_buffer *kvt_rpc_pack(const ProtobufCMessage *msg);
+/* True when the call's deadline has passed (handlers check before heavy work). */
+int kvt_rpc_deadline_passed(struct kvt_rpc_call *c);
+
+/* The method tables (rpc_kvtier.c, rpc_health.c). */
+extern const struct kvt_rpc_method kvt_rpc_kvtier_methods[];
+extern const size_t kvt_rpc_kvtier_n_methods;
+extern const struct kvt_rpc_method kvt_rpc_health_methods[];
+extern const size_t kvt_rpc_health_n_methods;
+
+/* Counters per method and status code (Stats). */
+void kvt_rpc_counters_each(void (*fn)(void *ctx, const char *name, uint64_t value), void *ctx);
+
+/* Health (rpc_health.c). */
+void kvt_rpc_health_set_serving(int serving);
+int kvt_rpc_health_serving(void);
+/* Finishes parked Watch calls (shutdown). */
+void kvt_rpc_health_shutdown(void);
+/* The framework resumes a call: sends what next() gives (used by the health module). */
+void kvt_rpc_call_resume(struct kvt_rpc_call *c);
+
+/* kvt_codec isa name for Stats. */
+const char *kvt_rpc_isa_name(void);
+
+#endif

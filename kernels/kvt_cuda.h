@@ -1,0 +1,167 @@
+/*
+ * kvt_cuda.h - the OScaR codec and decode attention on a CUDA GPU, behind a plain-C API.
+ *
+ * The same chunk bytes as the CPU codec (kvt_codec.h): a chunk encoded here parses with
+ * kvt_chunk_parse and decodes with kvt_decode_chunk, and the CPU's chunks decode and attend
+ * here. Nothing in this header names a CUDA type: the daemon links kvt_kernels_cuda when it
+ * was built and otherwise uses the CPU path.
+ *
+ * A context (kvt_cuda_ctx) owns one device, one stream and small staging buffers. All work
+ * is enqueued on that stream in call order; kvt_cuda_sync() waits for it and reports the
+ * first asynchronous error. A context is used by one thread at a time (the daemon gives each
+ * GPU worker its own). Pointers named *_dev are device memory (kvt_cuda_alloc); every other
+ * pointer is host memory, borrowed for the call only.
+ *
+ * Alignment: device chunks 16 bytes (64 recommended, as on the CPU), decode outputs 16 bytes
+ * (kvt_cuda_alloc gives 256); -EINVAL otherwise.
+ *
+ * Errors: 0 (or a byte count) on success, a negative errno on failure, with a message in
+ * `err` when it is non-NULL: -EINVAL bad argument (the message names it), -ENODEV no usable
+ * GPU, -EOPNOTSUPP a configuration only the CPU codec handles (named in the message), -ENOMEM
+ * device or pinned memory exhausted, -EIO any other CUDA failure (the CUDA message is
+ * included). Nothing here exits or aborts on an operating error.
+ */
+#ifndef KVT_CUDA_H
+#define KVT_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvt_codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Most jobs one encode/decode call takes (the staging buffers are sized for it). */
+#define KVT_CUDA_MAX_JOBS 1024
+
+typedef struct kvt_cuda_ctx kvt_cuda_ctx;
+
+/* Number of CUDA devices this process can use; 0 when there is no driver or no device
+ * (never an error: callers fall back to the CPU). */
+int kvt_cuda_device_count(void);
+
+int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, size_t errlen);
+void kvt_cuda_ctx_destroy(kvt_cuda_ctx *ctx);
+/* Device name and multiprocessor count, for logs and benchmarks. */
+int kvt_cuda_ctx_info(kvt_cuda_ctx *ctx, char *name, size_t namelen, int *sm_count);
+/* Waits for everything enqueued on the context's stream. */
+int kvt_cuda_sync(kvt_cuda_ctx *ctx, char *err, size_t errlen);
+
+/* Device memory and copies (synchronous unless named _async). */
+int kvt_cuda_alloc(kvt_cuda_ctx *ctx, size_t bytes, void **dev, char *err, size_t errlen);
+void kvt_cuda_free(kvt_cuda_ctx *ctx, void *dev);
+int kvt_cuda_alloc_host(kvt_cuda_ctx *ctx, size_t bytes, void **host, char *err, size_t errlen);
+void kvt_cuda_free_host(kvt_cuda_ctx *ctx, void *host);
+int kvt_cuda_upload(kvt_cuda_ctx *ctx, void *dev, const void *host, size_t bytes, char *err,
+		    size_t errlen);
+int kvt_cuda_download(kvt_cuda_ctx *ctx, void *host, const void *dev, size_t bytes, char *err,
+		      size_t errlen);
+int kvt_cuda_copy_async(kvt_cuda_ctx *ctx, void *dst, const void *src, size_t bytes, char *err,
+			size_t errlen);
+int kvt_cuda_memset_async(kvt_cuda_ctx *ctx, void *dev, int value, size_t bytes, char *err,
+			  size_t errlen);
+
+/* ---- Encode ------------------------------------------------------------------------------ */
+
+/* One chunk to encode: k_dev / v_dev dense [n_layers][B][H][d] in cfg->dtype (keys
+ * post-RoPE); the chunk is written to out_dev (out_cap bytes). */
+struct kvt_cuda_encode_job {
+	uint64_t first_token;
+	const void *k_dev;
+	const void *v_dev;
+	void *out_dev;
+	size_t out_cap;
+};
+
+/*
+ * Enqueues the encoding of n_jobs chunks of one config; sizes[i] receives chunk i's size in
+ * bytes. The bytes equal kvt_encode_chunk's for the same input, crc32c included (computed
+ * on the GPU). Sinks are pinned as on the CPU; pin detection (pin_detect_ratio > 0) is
+ * CPU-only for now: -EOPNOTSUPP.
+ */
+int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,
+		    const struct kvt_cuda_encode_job *jobs, size_t n_jobs, int64_t *sizes,
+		    char *err, size_t errlen);
+
+/* ---- Decode ------------------------------------------------------------------------------ */
+
+/*
+ * One chunk range to decode: tokens [tok_begin, tok_end) (chunk-relative) of layers
+ * [layer_begin, layer_end) to out_dtype (f16, bf16 or f32) in the original basis. k_out_dev /
+ * v_out_dev (either may be NULL) are dense [layer_end-layer_begin][tok_end-tok_begin][H][d].
+ * hdr is a host copy of the chunk's header (the daemon keeps one per chunk); the chunk must
+ * have passed kvt_chunk_parse when its bytes arrived.
+ */
+struct kvt_cuda_decode_job {
+	const void *chunk_dev;
+	const struct kvt_chunk_header *hdr;
+	uint32_t tok_begin, tok_end, layer_begin, layer_end;
+	uint32_t out_dtype;
+	void *k_out_dev;
+	void *v_out_dev;
+};
+int kvt_cuda_decode(kvt_cuda_ctx *ctx, const struct kvt_cuda_decode_job *jobs, size_t n_jobs,
+		    char *err, size_t errlen);
+
+/* ---- Decode attention --------------------------------------------------------------------- */
+
+/*
+ * One decode step of one layer of one session, as kvt_attend_request but with device data:
+ * q_dev [n_q_heads][d] in q_dtype (f16, bf16 or f32), original basis; chunks_dev[i] the
+ * device copy of chunk i and chunk_hdrs[i] a host copy of its header (consecutive chunks in
+ * token order); tail_k_dev / tail_v_dev [n_tail][H][d] in the wire dtype (this layer only);
+ * out_dev f32 [n_q_heads][d].
+ */
+struct kvt_cuda_attend_request {
+	const struct kvt_codec_config *cfg;
+	uint32_t layer;
+	uint32_t n_q_heads;
+	float softmax_scale;
+	const void *q_dev;
+	uint32_t q_dtype;
+	const void *const *chunks_dev;
+	const struct kvt_chunk_header *const *chunk_hdrs;
+	uint32_t n_chunks;
+	const void *tail_k_dev;
+	const void *tail_v_dev;
+	uint32_t n_tail;
+	float *out_dev;
+};
+
+/*
+ * A plan: the device-side descriptors of a batch of requests (every request shares one
+ * codec and shape: scheme, bits, G, B, H, d, dtype, rotate_v), split FlashDecoding-style into
+ * work items that fill every multiprocessor, plus the scratch the combine step reads. Build
+ * it once per step (or keep it while the chunk lists and pointers stay the same: the kernels
+ * read q, chunks and tails when they run, so a plan can be replayed step after step).
+ */
+typedef struct kvt_cuda_attend_plan kvt_cuda_attend_plan;
+
+int kvt_cuda_attend_plan_build(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_request *reqs,
+			       size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
+			       size_t errlen);
+/* Enqueues the attention kernel and its combine step (two launches for the whole batch). */
+int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, char *err,
+			size_t errlen);
+void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);
+
+/* What a plan reads per run: the codes, scales, zeros, norms and exact tokens of the
+ * requested layer (the figure benchmarks divide by time), and its work item count. */
+struct kvt_cuda_attend_plan_info {
+	uint64_t read_bytes;
+	uint32_t n_items;
+	uint32_t n_groups;
+};
+void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
+			       struct kvt_cuda_attend_plan_info *info);
+
+/* Build + run + sync + destroy, for callers with one batch and no reuse. */
+int kvt_cuda_attend(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_request *reqs,
+		    size_t n_reqs, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

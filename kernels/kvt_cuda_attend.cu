@@ -1,0 +1,1319 @@
+/*
+ * kvt_cuda_attend.cu - one decode step of attention over encoded chunks, FlashDecoding
+ * style (OSCAR.md section 3).
+ *
+ * A host-side plan cuts every (request, KV head, group of up to 4 query heads) into work
+ * items: runs of consecutive encoded chunks, sized so the batch fills every multiprocessor
+ * several times, plus items for exact tokens (the pinned sinks of a chunk, the tail). One
+ * thread block computes one item's partial softmax (running max, sum, unnormalised output);
+ * a combine kernel merges the partials of each group and rotates the quantized-value part
+ * back to the original basis. Two launches for the whole batch, whatever the sessions and
+ * layers in it.
+ *
+ * Inside an item, each warp walks 32-token units. Keys: one lane per token reads its packed
+ * row with 16-byte loads; the key group's per-channel scale is folded into the rotated query
+ * (w = q' * s, done once per unit by the warp) and its zero into one constant per query
+ * head, so a logit is n_t * (<w, codes> + <q', z>) with the codes dequantized in registers.
+ * Values: one lane per channel group; the per-token value scale folds into the softmax
+ * weight. The query rotation is fused into the block's prologue.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.cuh"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define RQ 4 /* query heads per item */
+
+enum { ITEM_CODED = 0, ITEM_EXACT = 1, ITEM_NONE_CHUNKS = 2 };
+
+struct att_req_dev {
+	const void *q;
+	float *out;
+	float scale;
+	uint32_t q_dtype;
+};
+
+struct att_chunk_dev {
+	const uint8_t *sec; /* this request's layer section */
+	const uint16_t *pins;
+	uint32_t n_pinned;
+	uint32_t k_exact_off, v_exact_off;
+};
+
+struct att_item_dev {
+	uint32_t req, kind, kv_head, q_base, nq, first, count, rot_out;
+	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
+};
+
+struct att_group_dev {
+	uint32_t req, q_base, nq, item_begin, item_end, pad;
+};
+
+struct att_params {
+	const att_item_dev *items;
+	const att_chunk_dev *chunks;
+	const att_req_dev *reqs;
+	const att_group_dev *groups;
+	float *part_ml;  /* [n_items][RQ][2] */
+	float *part_acc; /* [n_items][RQ][D] */
+	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma;
+	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
+		v_codes_off;
+	float inv_sqrt_d;
+};
+
+struct kvt_cuda_attend_plan {
+	att_params p;
+	uint32_t D, n_items, n_groups;
+	uint64_t read_bytes;
+	void *dev_block; /* descriptors + scratch, one allocation */
+};
+
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(KVT_FULL_MASK, v, m));
+	return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		v += __shfl_xor_sync(KVT_FULL_MASK, v, m);
+	return v;
+}
+
+/* Per-warp online softmax state: m uniform, l per lane (summed at the end), acc lane-owned
+ * channels lane*EPL.. of each of N query heads. */
+template <int EPL, int N> struct warp_state {
+	float m[N], l[N], acc[N][EPL];
+};
+
+template <int EPL, int N> __device__ __forceinline__ void state_init(warp_state<EPL, N> &st)
+{
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		st.m[q] = -INFINITY;
+		st.l[q] = 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			st.acc[q][e] = 0.0f;
+	}
+}
+
+/* Folds one 32-token unit's logits (lane = token; -inf = masked) into the state; leaves
+ * p = exp(logit - m) in pbuf[lane][q] for the value pass. Returns false when every logit
+ * so far is -inf (nothing to accumulate). */
+template <int EPL, int N>
+__device__ __forceinline__ bool softmax_unit(warp_state<EPL, N> &st, const float (&lg)[N],
+					     float *pbuf, int lane)
+{
+	bool any = false;
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		float mu = warp_max(lg[q]);
+		float mn = fmaxf(st.m[q], mu);
+		float p = 0.0f;
+		if (mn != -INFINITY) {
+			any = true;
+			float alpha = __expf(st.m[q] - mn); /* exp(-inf) = 0 on the first unit */
+			st.l[q] *= alpha;
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				st.acc[q][e] *= alpha;
+			st.m[q] = mn;
+			p = lg[q] == -INFINITY ? 0.0f : __expf(lg[q] - mn);
+			st.l[q] += p;
+		}
+		pbuf[lane * N + q] = p;
+	}
+	__syncwarp();
+	return any;
+}
+
+/* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
+ * logits against the scaled original-basis query qo [N][D]. */
+template <int D, int N>
+__device__ void attend_rows(const att_params &p, warp_state<D / 32, N> &st, const uint8_t *k,
+			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
+			    float *pbuf, int lane)
+{
+	constexpr int EPL = D / 32;
+	for (uint32_t t0 = 0; t0 < n; t0 += 32) {
+		uint32_t t = t0 + lane;
+		float lg[N];
+#pragma unroll
+		for (int q = 0; q < N; q++)
+			lg[q] = -INFINITY;
+		if (t < n) {
+			float a[N];
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				a[q] = 0.0f;
+			for (int c = 0; c < D; c++) {
+				float x = kvt_d_ld(k, (size_t)t * stride + c, p.dtype);
+#pragma unroll
+				for (int q = 0; q < N; q++)
+					a[q] = fmaf(qo[q * D + c], x, a[q]);
+			}
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				lg[q] = a[q];
+		}
+		__syncwarp();
+		if (!softmax_unit<EPL, N>(st, lg, pbuf, lane))
+			continue;
+		uint32_t m = min(32u, n - t0);
+		for (uint32_t jj = 0; jj < m; jj++) {
+			size_t base = (size_t)(t0 + jj) * stride + lane * EPL;
+			float x[EPL];
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				x[e] = kvt_d_ld(v, base + e, p.dtype);
+#pragma unroll
+			for (int q = 0; q < N; q++) {
+				float pq = pbuf[jj * N + q];
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					st.acc[q][e] = fmaf(pq, x[e], st.acc[q][e]);
+			}
+		}
+		__syncwarp();
+	}
+}
+
+/* Writes a warp's lane-per-channel state to the block's reduction arrays. */
+template <int D, int N>
+__device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, float *rm, float *rl,
+					    float *racc, int lane)
+{
+	constexpr int EPL = D / 32;
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		float l = warp_sum(st.l[q]);
+		if (lane == 0) {
+			rm[q] = st.m[q];
+			rl[q] = l;
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			racc[q * D + lane * EPL + e] = st.acc[q][e];
+	}
+}
+
+/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
+ * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
+template <int D, int N>
+__device__ void block_merge(const att_params &p, const float *red_m, const float *red_l,
+			    const float *red_acc)
+{
+	__syncthreads();
+	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
+		int q = i / D;
+		float M = -INFINITY;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			M = fmaxf(M, red_m[w * N + q]);
+		float L = 0.0f, A = 0.0f;
+		if (M != -INFINITY) {
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				float f = __expf(red_m[w * N + q] - M);
+				L += red_l[w * N + q] * f;
+				A += red_acc[(size_t)w * N * D + i] * f;
+			}
+		}
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
+		if (i % D == 0) {
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
+		}
+	}
+}
+
+/* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
+template <int D, int KB, int VB>
+__device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_state<D / 32, RQ> &st,
+			     uint32_t u0, uint32_t u1, const float *qr, float *wq, float *pbuf,
+			     int lane)
+{
+	constexpr int EPL = D / 32;
+	constexpr uint32_t KROW = D * KB / 8, VROW = D * VB / 8;
+	constexpr uint32_t KMASK = (1u << KB) - 1, VMASK = (1u << VB) - 1;
+	constexpr int VLB = EPL * VB; /* value code bits per lane per token */
+	if constexpr (KB > 8 || VB > 8) {
+		return; /* scheme none never reaches here (ITEM_NONE_CHUNKS) */
+	} else {
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const uint32_t gv = p.G < D ? p.G : D, ng = D / gv;
+	const bool bf = p.sbf, oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const bool had = p.scheme == KVT_SCHEME_HADAMARD;
+	uint32_t cached = 0xffffffffu;
+	float bias[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+	if (had) {
+		/* per-token key groups: wq[g][q] = sum of q' over channel group g */
+		__syncwarp();
+		for (uint32_t i = lane; i < ng * RQ; i += 32) {
+			uint32_t gg = i / RQ, q = i % RQ;
+			float sum = 0.0f;
+			for (uint32_t c = gg * gv; c < (gg + 1) * gv; c++)
+				sum += qr[q * D + c];
+			wq[i] = sum;
+		}
+		__syncwarp();
+	}
+
+	for (uint32_t u = u0; u < u1; u++) {
+		const uint32_t ci = it.first + u / upc, sb = u % upc;
+		const att_chunk_dev ch = p.chunks[ci];
+		const uint8_t *sec = ch.sec;
+		const uint32_t t = sb * 32 + lane; /* this lane's token (keys) */
+		const uint32_t g = (sb * 32) / p.G;
+
+		/* w = q' * s and bias = <q', z> for this key group (per-channel schemes) */
+		if (!had && (ci * 64 + g) != cached) {
+			cached = ci * 64 + g;
+			const uint16_t *ks = (const uint16_t *)(sec + p.k_scale_off) +
+					     ((size_t)h * (p.B / p.G) + g) * D;
+			const uint16_t *kz = (const uint16_t *)(sec + p.k_zero_off) +
+					     ((size_t)h * (p.B / p.G) + g) * D;
+			float bp[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+			__syncwarp();
+			for (int c = lane; c < D; c += 32) {
+				float s = kvt_d_widen16(ks[c], bf), z = kvt_d_widen16(kz[c], bf);
+#pragma unroll
+				for (int q = 0; q < RQ; q++) {
+					wq[c * RQ + q] = qr[q * D + c] * s;
+					bp[q] = fmaf(qr[q * D + c], z, bp[q]);
+				}
+			}
+#pragma unroll
+			for (int q = 0; q < RQ; q++)
+				bias[q] = warp_sum(bp[q]);
+			__syncwarp();
+		}
+
+		/* pinned tokens of this chunk are masked here (their exact item covers them) */
+		bool pinned = false;
+		for (uint32_t i = 0; i < ch.n_pinned; i++)
+			pinned |= ch.pins[i] == t;
+
+		float lg[RQ];
+		{
+			const uint4 *kr = (const uint4 *)(sec + p.k_codes_off + ((size_t)h * p.B + t) * KROW);
+			float a[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+			float ga[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+			for (uint32_t piece = 0; piece < KROW / 16; piece++) {
+				uint4 v4 = kr[piece];
+				uint32_t wds[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+				for (int w = 0; w < 4; w++) {
+#pragma unroll
+					for (int jb = 0; jb < 32 / KB; jb++) {
+						const uint32_t c = piece * (128 / KB) + w * (32 / KB) + jb;
+						float x = __uint_as_float(((wds[w] >> (jb * KB)) & KMASK) |
+									  0x4b000000u) -
+							  8388608.0f;
+						if (!had) {
+							float4 w4 = *(const float4 *)(wq + c * RQ);
+							a[0] = fmaf(w4.x, x, a[0]);
+							a[1] = fmaf(w4.y, x, a[1]);
+							a[2] = fmaf(w4.z, x, a[2]);
+							a[3] = fmaf(w4.w, x, a[3]);
+						} else {
+#pragma unroll
+							for (int q = 0; q < RQ; q++)
+								ga[q] = fmaf(qr[q * D + c], x, ga[q]);
+							if ((c + 1) % gv == 0) {
+								/* fold the token's group scale and zero */
+								size_t si = ((size_t)h * p.B + t) * ng + c / gv;
+								float s = kvt_d_widen16(((const uint16_t *)(sec + p.k_scale_off))[si], bf);
+								float z = kvt_d_widen16(((const uint16_t *)(sec + p.k_zero_off))[si], bf);
+#pragma unroll
+								for (int q = 0; q < RQ; q++) {
+									float qs = wq[(c / gv) * RQ + q];
+									a[q] = fmaf(s, ga[q], fmaf(z, qs, a[q]));
+									ga[q] = 0.0f;
+								}
+							}
+						}
+					}
+				}
+			}
+			float n = oscar ? ((const float *)(sec + p.norms_off))[t] : 1.0f;
+#pragma unroll
+			for (int q = 0; q < RQ; q++)
+				lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
+		}
+		__syncwarp();
+		if (!softmax_unit<EPL, RQ>(st, lg, pbuf, lane))
+			continue;
+
+		/* values: lane owns channels lane*EPL..; all in one value group */
+		const uint32_t vg = (lane * EPL) / gv;
+		const uint16_t *vs = (const uint16_t *)(sec + p.v_scale_off);
+		const uint16_t *vz = (const uint16_t *)(sec + p.v_zero_off);
+		const uint8_t *vc = sec + p.v_codes_off + ((size_t)h * p.B + sb * 32) * VROW;
+		float zacc[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+		float acc2[RQ][EPL];
+#pragma unroll
+		for (int q = 0; q < RQ; q++)
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				acc2[q][e] = 0.0f;
+#pragma unroll 4
+		for (int jj = 0; jj < 32; jj++) {
+			const size_t tok = (size_t)h * p.B + sb * 32 + jj;
+			float4 pq = *(const float4 *)(pbuf + jj * RQ);
+			float s = kvt_d_widen16(vs[tok * ng + vg], bf);
+			float z = kvt_d_widen16(vz[tok * ng + vg], bf);
+			const uint8_t *row = vc + (size_t)jj * VROW;
+			uint64_t bits;
+			if constexpr (VLB == 64)
+				bits = *(const uint64_t *)(row + lane * 8);
+			else if constexpr (VLB == 32)
+				bits = *(const uint32_t *)(row + lane * 4);
+			else if constexpr (VLB == 16)
+				bits = *(const uint16_t *)(row + lane * 2);
+			else if constexpr (VLB == 8)
+				bits = row[lane];
+			else
+				bits = (row[lane >> 1] >> ((lane & 1) * 4)) & 0xf;
+			float w0 = pq.x * s, w1 = pq.y * s, w2 = pq.z * s, w3 = pq.w * s;
+			zacc[0] = fmaf(pq.x, z, zacc[0]);
+			zacc[1] = fmaf(pq.y, z, zacc[1]);
+			zacc[2] = fmaf(pq.z, z, zacc[2]);
+			zacc[3] = fmaf(pq.w, z, zacc[3]);
+#pragma unroll
+			for (int e = 0; e < EPL; e++) {
+				float x = __uint_as_float((uint32_t)((bits >> (e * VB)) & VMASK) |
+							  0x4b000000u) -
+					  8388608.0f;
+				acc2[0][e] = fmaf(w0, x, acc2[0][e]);
+				acc2[1][e] = fmaf(w1, x, acc2[1][e]);
+				acc2[2][e] = fmaf(w2, x, acc2[2][e]);
+				acc2[3][e] = fmaf(w3, x, acc2[3][e]);
+			}
+		}
+#pragma unroll
+		for (int q = 0; q < RQ; q++)
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				st.acc[q][e] += acc2[q][e] + zacc[q];
+		__syncwarp();
+	}
+	}
+}
+
+template <int D, int KB, int VB>
+__global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
+{
+	constexpr int EPL = D / 32;
+	__shared__ __align__(16) float qo[RQ * D];           /* scaled query, original basis */
+	__shared__ __align__(16) float qr[RQ * D];           /* scaled query, rotated basis */
+	__shared__ __align__(16) float wq[ATT_WARPS][D * RQ]; /* per warp: q' * key scale */
+	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * RQ];
+	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
+	__shared__ __align__(16) float red_acc[ATT_WARPS][RQ * D];
+
+	const att_item_dev it = p.items[blockIdx.x];
+	const att_req_dev rq = p.reqs[it.req];
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+	/* prologue: load, scale and (for rotated schemes) rotate the item's query heads */
+	for (int q = warp; q < RQ; q += ATT_WARPS) {
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			x[e] = (uint32_t)q < it.nq
+				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
+						  rq.q_dtype) * rq.scale
+				       : 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qo[q * D + lane * EPL + e] = x[e];
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qr[q * D + lane * EPL + e] = x[e];
+	}
+	__syncthreads();
+
+	warp_state<EPL, RQ> st;
+	state_init<EPL, RQ>(st);
+
+	if (it.kind == ITEM_CODED) {
+		uint32_t units = it.count * (p.B / 32);
+		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
+		attend_coded<D, KB, VB>(p, it, st, u0, u1, qr, wq[warp], pbuf[warp], lane);
+	} else if (it.kind == ITEM_EXACT) {
+		/* tokens split evenly over the warps */
+		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
+		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
+		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
+	} else {
+		/* scheme none: a chunk's rows are [H][B][d] exact; one warp per chunk */
+		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+		for (uint32_t c = warp; c < it.count; c += ATT_WARPS) {
+			const uint8_t *sec = p.chunks[it.first + c].sec;
+			size_t off = (size_t)it.kv_head * p.B * D * ws;
+			attend_rows<D, RQ>(p, st, sec + p.k_codes_off + off, sec + p.v_codes_off + off,
+					   p.B, D, qo, pbuf[warp], lane);
+		}
+	}
+	state_store<D, RQ>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
+	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+}
+
+/* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4, head_dim 128 ----------------
+ *
+ * mma.sync m16n8k16 (f16 in, f32 accumulate). Keys: A = codes [16 tokens][16 channels] read
+ * straight from the packed rows (each quad of lanes shares a token row, each lane 1/4 of it;
+ * channels c and c + 16/BITS of a 32-bit word sit at bits b and b + 16, so one shift, one
+ * and-or and one subtraction make a pair of f16 codes), B = w = q' * s split into f16 hi +
+ * lo parts (two MMAs, ~fp32 products) with the channel order matching A's; 8 query heads
+ * per item. Values: A = p * s_v (hi + lo), rows = query heads, B = codes [16 tokens][8
+ * channels of one value group] staged through shared memory. Softmax is online per warp.
+ */
+#define RQ8 8
+/* rotated query rows in shared memory, padded so that lane (gid, tig) reading channel
+ * tig*32 + c of row gid hits bank (gid + 8*tig + c) % 32: no conflicts */
+#define QR_STRIDE 161
+#define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+					 uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* (code at bit sh, code at bit sh + 16) -> f16x2, exact */
+template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
+{
+	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
+	uint32_t x = ((u >> sh) & M2) | 0x64006400u;
+	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+	return *(uint32_t *)&h;
+}
+
+/* d[0..1] += A * B for the output rows 0..7 only: A's rows 8..15 are zero, so the other two
+ * accumulators stay zero and are shared scratch (z) across calls, halving the registers. */
+__device__ __forceinline__ void mma16816_top(float &d0, float &d1, float &z0, float &z1,
+					     const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+	uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all(void)
+{
+	asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* 16-bit element c of a register array of uint4 (c known at compile time after unrolling) */
+template <int N> __device__ __forceinline__ uint16_t u4_half(const uint4 (&v)[N], int c)
+{
+	uint32_t w = u4_word(v[c / 8], (c % 8) / 2);
+	return (uint16_t)((c & 1) ? w >> 16 : w & 0xffff);
+}
+
+__device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
+	__half2 h = __halves2half2(hx, hy);
+	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
+	hi = *(uint32_t *)&h;
+	lo = *(uint32_t *)&l;
+}
+
+template <int BITS, int GV>
+__device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
+				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
+				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
+{
+	constexpr int D = 128;
+	constexpr int NKS = D / 16;          /* k-steps over channels (keys) */
+	constexpr int NW = D * BITS / 128;   /* 32-bit words of a token row per lane */
+	constexpr int PPW = 16 / BITS;       /* channel pairs per word */
+	constexpr int CPW = 32 / BITS;       /* channels per word */
+	constexpr int RB = D * BITS / 8;     /* bytes per token row */
+	constexpr int NG = D / GV;           /* value groups */
+	constexpr int CT = GV / 8;           /* channels per lane per value group */
+	constexpr int NT = D / 8;            /* value n-tiles */
+	constexpr int TB = CT * BITS;        /* bits per lane per group per token */
+	constexpr int NSL = TB > 16 ? TB / 16 : 1;
+	constexpr int CPS = TB > 16 ? 16 / BITS : CT; /* codes per 16-bit slice */
+	const int gid = lane >> 2, tig = lane & 3;
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const bool bf = p.sbf, oscar = p.scheme == KVT_SCHEME_OSCAR;
+
+	float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.0f, 0.0f};
+	float vacc[NT][2], vz0 = 0.0f, vz1 = 0.0f;
+	float zacc[NG];
+#pragma unroll
+	for (int n = 0; n < NT; n++)
+		vacc[n][0] = vacc[n][1] = 0.0f;
+#pragma unroll
+	for (int g = 0; g < NG; g++)
+		zacc[g] = 0.0f;
+	uint32_t bkh[NKS][2], bkl[NKS][2];
+	float biasA = 0.0f, biasB = 0.0f;
+	uint32_t cached = 0xffffffffu;
+	uint8_t *vsS = vst + 32 * RB, *vzS = vsS + 64 * NG; /* staged value scales, zeros */
+	uint8_t *ksS = vzS + 64 * NG, *kzS = ksS + 2 * D;   /* staged key scales, zeros */
+	att_chunk_dev ch_next;
+	if (u0 < u1)
+		ch_next = p.chunks[it.first + u0 / upc];
+
+	for (uint32_t u = u0; u < u1; u++) {
+		const uint32_t ci = it.first + u / upc, sb = u % upc;
+		const att_chunk_dev ch = ch_next;
+		if (u + 1 < u1)
+			ch_next = p.chunks[it.first + (u + 1) / upc]; /* prefetch */
+		const uint8_t *sec = ch.sec;
+		const uint32_t g = (sb * 32) / p.G;
+		const bool new_group = ci * 64 + g != cached;
+
+		/* every load of the unit is issued here, before any of them is used: one memory
+		 * round trip per unit. Keys to registers ... */
+		uint32_t r0[2][NW], r1[2][NW];
+		float nrm[2][2];
+		const uint8_t *kc = sec + p.k_codes_off + (size_t)h * p.B * RB + tig * (RB / 4);
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
+			if constexpr (NW == 2) {
+				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RB), b = *(const uint2 *)(kc + (size_t)t1 * RB);
+				r0[mt][0] = a.x; r0[mt][1] = a.y; r1[mt][0] = b.x; r1[mt][1] = b.y;
+			} else {
+				uint4 a = *(const uint4 *)(kc + (size_t)t0 * RB), b = *(const uint4 *)(kc + (size_t)t1 * RB);
+				r0[mt][0] = a.x; r0[mt][1] = a.y; r0[mt][2] = a.z; r0[mt][3] = a.w;
+				r1[mt][0] = b.x; r1[mt][1] = b.y; r1[mt][2] = b.z; r1[mt][3] = b.w;
+			}
+			nrm[mt][0] = oscar ? ((const float *)(sec + p.norms_off))[t0] : 1.0f;
+			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
+		}
+		if (new_group) {
+			/* the key group's D scales and D zeros (2 x 256 bytes): one 16-byte piece a lane */
+			const size_t ko = ((size_t)h * (p.B / p.G) + g) * D * 2;
+			if (lane < 16)
+				cp_async16(ksS + 16 * lane, sec + p.k_scale_off + ko + 16 * lane);
+			else
+				cp_async16(kzS + 16 * (lane - 16), sec + p.k_zero_off + ko + 16 * (lane - 16));
+		}
+		/* ... values, their scales and zeros to shared memory, asynchronously */
+		{
+			const uint8_t *src = sec + p.v_codes_off + ((size_t)h * p.B + sb * 32) * RB;
+#pragma unroll
+			for (int i = 0; i < 32 * RB / 16 / 32; i++)
+				cp_async16(vst + 16 * (lane + 32 * i), src + 16 * (lane + 32 * i));
+			const size_t so = ((size_t)h * p.B + sb * 32) * NG * 2;
+			if (lane < 4 * NG)
+				cp_async16(vsS + 16 * lane, sec + p.v_scale_off + so + 16 * lane);
+			else if (lane < 8 * NG)
+				cp_async16(vzS + 16 * (lane - 4 * NG), sec + p.v_zero_off + so + 16 * (lane - 4 * NG));
+		}
+
+		if (new_group) {
+			cached = ci * 64 + g;
+			cp_async_wait_all();
+			__syncwarp();
+			/* w = q' * s for query head gid over this lane's quarter of the channels */
+			const float *qrow = qr + QR_AT(gid, tig * (D / 4));
+			const uint16_t *kss = (const uint16_t *)ksS + tig * (D / 4);
+			const uint16_t *kzs = (const uint16_t *)kzS + tig * (D / 4);
+			float bias = 0.0f;
+#pragma unroll
+			for (int pr = 0; pr < D / 8; pr++) {
+				const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
+				float s0 = kvt_d_widen16(kss[c0], bf), s1 = kvt_d_widen16(kss[c1], bf);
+				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
+				split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+				bias = fmaf(qrow[c0], z0, fmaf(qrow[c1], z1, bias));
+			}
+			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 1);
+			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 2);
+			biasA = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig) * 4);
+			biasB = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig + 1) * 4);
+		}
+
+		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, q 2tig), (gid, 2tig+1),
+		 * (gid+8, 2tig), (gid+8, 2tig+1) */
+		float lg[2][4];
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
+			float sacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+			for (int k = 0; k < NKS; k++) {
+				const int pa = 2 * k, pb = 2 * k + 1;
+				uint32_t a[4];
+				a[0] = codes_h2<BITS>(r0[mt][pa / PPW], (pa % PPW) * BITS);
+				a[1] = codes_h2<BITS>(r1[mt][pa / PPW], (pa % PPW) * BITS);
+				a[2] = codes_h2<BITS>(r0[mt][pb / PPW], (pb % PPW) * BITS);
+				a[3] = codes_h2<BITS>(r1[mt][pb / PPW], (pb % PPW) * BITS);
+				mma16816(sacc, a, bkh[k][0], bkh[k][1]);
+				mma16816(sacc, a, bkl[k][0], bkl[k][1]);
+			}
+			bool pin0 = false, pin1 = false;
+			for (uint32_t i = 0; i < ch.n_pinned; i++) {
+				uint32_t pt = ch.pins[i];
+				pin0 |= pt == t0;
+				pin1 |= pt == t1;
+			}
+			const float n0 = nrm[mt][0], n1 = nrm[mt][1];
+			lg[mt][0] = pin0 ? -INFINITY : n0 * (sacc[0] + biasA);
+			lg[mt][1] = pin0 ? -INFINITY : n0 * (sacc[1] + biasB);
+			lg[mt][2] = pin1 ? -INFINITY : n1 * (sacc[2] + biasA);
+			lg[mt][3] = pin1 ? -INFINITY : n1 * (sacc[3] + biasB);
+		}
+
+		/* online softmax for query heads 2tig, 2tig+1 over the unit's 32 tokens */
+#pragma unroll
+		for (int qi = 0; qi < 2; qi++) {
+			float mx = fmaxf(fmaxf(lg[0][qi], lg[0][qi + 2]), fmaxf(lg[1][qi], lg[1][qi + 2]));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
+			float mn = fmaxf(m2[qi], mx), alpha = 1.0f;
+			float pv[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+			if (mn != -INFINITY) {
+				alpha = __expf(m2[qi] - mn);
+#pragma unroll
+				for (int mt = 0; mt < 2; mt++) {
+					pv[mt][0] = lg[mt][qi] == -INFINITY ? 0.0f : __expf(lg[mt][qi] - mn);
+					pv[mt][1] = lg[mt][qi + 2] == -INFINITY ? 0.0f : __expf(lg[mt][qi + 2] - mn);
+				}
+				l2[qi] = l2[qi] * alpha + pv[0][0] + pv[0][1] + pv[1][0] + pv[1][1];
+				m2[qi] = mn;
+			}
+			const int q = 2 * tig + qi;
+			if (gid == 0)
+				alpha_s[q] = alpha;
+#pragma unroll
+			for (int mt = 0; mt < 2; mt++) {
+				pbuf[q * 32 + mt * 16 + gid] = pv[mt][0];
+				pbuf[q * 32 + mt * 16 + gid + 8] = pv[mt][1];
+			}
+		}
+		__syncwarp();
+
+		/* values: O[q = gid][c] += sum_t (p * s_v)[q][t] * code[t][c] + p * z_v */
+		cp_async_wait_all();
+		__syncwarp();
+		const float al = alpha_s[gid];
+#pragma unroll
+		for (int n = 0; n < NT; n++) {
+			vacc[n][0] *= al;
+			vacc[n][1] *= al;
+		}
+#pragma unroll
+		for (int gg = 0; gg < NG; gg++)
+			zacc[gg] *= al;
+		const uint16_t *vs = (const uint16_t *)vsS, *vz = (const uint16_t *)vzS;
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			const int ta = kk * 16 + 2 * tig, tb = ta + 1, tc = ta + 8, td = ta + 9;
+			const float pa = pbuf[gid * 32 + ta], pb = pbuf[gid * 32 + tb];
+			const float pc = pbuf[gid * 32 + tc], pd = pbuf[gid * 32 + td];
+#pragma unroll
+			for (int gg = 0; gg < NG; gg++) {
+				float sa = kvt_d_widen16(vs[ta * NG + gg], bf), sb_ = kvt_d_widen16(vs[tb * NG + gg], bf);
+				float sc = kvt_d_widen16(vs[tc * NG + gg], bf), sd = kvt_d_widen16(vs[td * NG + gg], bf);
+				float za = kvt_d_widen16(vz[ta * NG + gg], bf), zb = kvt_d_widen16(vz[tb * NG + gg], bf);
+				float zc = kvt_d_widen16(vz[tc * NG + gg], bf), zd = kvt_d_widen16(vz[td * NG + gg], bf);
+				zacc[gg] = fmaf(pa, za, fmaf(pb, zb, fmaf(pc, zc, fmaf(pd, zd, zacc[gg]))));
+				uint32_t ah[4], alo[4];
+				split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
+				split_h2(pc * sc, pd * sd, ah[2], alo[2]);
+				ah[1] = ah[3] = alo[1] = alo[3] = 0u;
+				/* this lane's CT channels of group gg for the four tokens */
+				const int boff = (gg * GV + gid * CT) * BITS / 8;
+				uint64_t ca = 0, cb = 0, cc = 0, cd = 0;
+#pragma unroll
+				for (int i = 0; i < TB / 8; i++) {
+					ca |= (uint64_t)vst[ta * RB + boff + i] << (8 * i);
+					cb |= (uint64_t)vst[tb * RB + boff + i] << (8 * i);
+					cc |= (uint64_t)vst[tc * RB + boff + i] << (8 * i);
+					cd |= (uint64_t)vst[td * RB + boff + i] << (8 * i);
+				}
+#pragma unroll
+				for (int sl = 0; sl < NSL; sl++) {
+					uint32_t uab = (uint32_t)((ca >> (16 * sl)) & 0xffff) | ((uint32_t)((cb >> (16 * sl)) & 0xffff) << 16);
+					uint32_t ucd = (uint32_t)((cc >> (16 * sl)) & 0xffff) | ((uint32_t)((cd >> (16 * sl)) & 0xffff) << 16);
+#pragma unroll
+					for (int j = 0; j < CPS; j++) {
+						const int nt = gg * CT + sl * CPS + j;
+						uint32_t b0 = codes_h2<BITS>(uab, j * BITS);
+						uint32_t b1 = codes_h2<BITS>(ucd, j * BITS);
+						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, ah, b0, b1);
+						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
+					}
+				}
+			}
+		}
+		__syncwarp();
+	}
+
+	/* the warp's partial in the lane-per-channel reduction layout: q = gid */
+#pragma unroll
+	for (int gg = 0; gg < NG; gg++) {
+		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 1);
+		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 2);
+	}
+#pragma unroll
+	for (int n = 0; n < NT; n++) {
+		const int gg = n / CT, j = n % CT;
+		const int c0 = gg * GV + (2 * tig) * CT + j, c1 = gg * GV + (2 * tig + 1) * CT + j;
+		racc[gid * D + c0] = vacc[n][0] + zacc[gg];
+		racc[gid * D + c1] = vacc[n][1] + zacc[gg];
+	}
+#pragma unroll
+	for (int qi = 0; qi < 2; qi++) {
+		float l = l2[qi];
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
+		if (gid == 0) {
+			rm[2 * tig + qi] = m2[qi];
+			rl[2 * tig + qi] = l;
+		}
+	}
+}
+
+template <int BITS, int GV>
+__global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
+{
+	constexpr int D = 128, EPL = D / 32, RB = D * BITS / 8;
+	__shared__ __align__(16) float qo[RQ8 * D];
+	__shared__ __align__(16) float qr[RQ8 * QR_STRIDE];
+	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * RQ8];
+	__shared__ float alpha_s[ATT_WARPS][RQ8];
+	/* per warp: value codes [32][RB], then value scales and zeros [32][D/GV] each */
+	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV) + 4 * D];
+	__shared__ float red_m[ATT_WARPS][RQ8], red_l[ATT_WARPS][RQ8];
+	__shared__ __align__(16) float red_acc[ATT_WARPS][RQ8 * D];
+
+	const att_item_dev it = p.items[blockIdx.x];
+	const att_req_dev rq = p.reqs[it.req];
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	for (int q = warp; q < RQ8; q += ATT_WARPS) {
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			x[e] = (uint32_t)q < it.nq
+				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
+						  rq.q_dtype) * rq.scale
+				       : 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qo[q * D + lane * EPL + e] = x[e];
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qr[QR_AT(q, lane * EPL + e)] = x[e];
+	}
+	__syncthreads();
+
+	if (it.kind == ITEM_CODED) {
+		uint32_t units = it.count * (p.B / 32);
+		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
+		attend_coded_mma<BITS, GV>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
+					   red_m[warp], red_l[warp], red_acc[warp], lane);
+	} else {
+		warp_state<EPL, RQ8> st;
+		state_init<EPL, RQ8>(st);
+		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
+		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
+		attend_rows<D, RQ8>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
+		state_store<D, RQ8>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
+	}
+	block_merge<D, RQ8>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+}
+
+/* One block per group: 4 warps per query head, each taking every 4th item, merged through
+ * shared memory; then the quantized-value sum is rotated back (H is its own inverse) and
+ * normalised. Loads are independent of one another (no branch on what they return), so a
+ * warp keeps many in flight. */
+#define CMB_SPLIT 4
+template <int D, int N>
+__global__ void __launch_bounds__(32 * N * CMB_SPLIT) combine_kernel(att_params p)
+{
+	constexpr int EPL = D / 32;
+	__shared__ float s_l[N][CMB_SPLIT];
+	__shared__ __align__(16) float s_rot[N][CMB_SPLIT][D], s_ex[N][CMB_SPLIT][D];
+	const att_group_dev g = p.groups[blockIdx.x];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, q = w / CMB_SPLIT,
+		  part = w % CMB_SPLIT;
+	float M = -INFINITY;
+	for (uint32_t i = g.item_begin; i < g.item_end; i++)
+		M = fmaxf(M, p.part_ml[((size_t)i * N + q) * 2]);
+	float L = 0.0f, rot[EPL], ex[EPL];
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		rot[e] = ex[e] = 0.0f;
+#pragma unroll 4
+	for (uint32_t i = g.item_begin + part; i < g.item_end; i += CMB_SPLIT) {
+		const float m = p.part_ml[((size_t)i * N + q) * 2];
+		const float l = p.part_ml[((size_t)i * N + q) * 2 + 1];
+		const float ro = p.items[i].rot_out ? 1.0f : 0.0f;
+		const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
+		float av[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			av[e] = a[e];
+		const float f = m == -INFINITY ? 0.0f : __expf(m - M);
+		L = fmaf(l, f, L);
+		const float fr = f * ro, fe = f - fr;
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			rot[e] = fmaf(av[e], fr, rot[e]);
+			ex[e] = fmaf(av[e], fe, ex[e]);
+		}
+	}
+	if (lane == 0)
+		s_l[q][part] = L;
+#pragma unroll
+	for (int e = 0; e < EPL; e++) {
+		s_rot[q][part][lane * EPL + e] = rot[e];
+		s_ex[q][part][lane * EPL + e] = ex[e];
+	}
+	__syncthreads();
+	if (part != 0 || (uint32_t)q >= g.nq)
+		return;
+	L = 0.0f;
+#pragma unroll
+	for (int s2 = 0; s2 < CMB_SPLIT; s2++) {
+		L += s_l[q][s2];
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			if (s2 == 0) {
+				rot[e] = ex[e] = 0.0f;
+			}
+			rot[e] += s_rot[q][s2][lane * EPL + e];
+			ex[e] += s_ex[q][s2][lane * EPL + e];
+		}
+	}
+	/* the flag is per plan (rotate_v of the codec): uniform across the warp */
+	if (p.rotv)
+		kvt_d_fwht<EPL>(rot, lane, p.inv_sqrt_d);
+	const att_req_dev rq = p.reqs[g.req];
+	float inv = L > 0.0f ? 1.0f / L : 0.0f;
+	float *o = rq.out + (size_t)(g.q_base + q) * D + lane * EPL;
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		o[e] = (rot[e] + ex[e]) * inv;
+}
+
+/* ---- Host: plan ---------------------------------------------------------------------------- */
+
+static bool same_codec(const struct kvt_codec_config *a, const struct kvt_codec_config *b)
+{
+	return a->scheme == b->scheme && a->key_bits == b->key_bits &&
+	       a->value_bits == b->value_bits && a->group == b->group &&
+	       a->chunk_tokens == b->chunk_tokens && a->n_kv_heads == b->n_kv_heads &&
+	       a->head_dim == b->head_dim && a->dtype == b->dtype && a->rotate_v == b->rotate_v;
+}
+
+#define GROW(arr, n, cap)                                                                  \
+	do {                                                                               \
+		if ((n) == (cap)) {                                                        \
+			size_t nc_ = (cap) ? (cap) * 2 : 64;                               \
+			void *np_ = realloc((arr), nc_ * sizeof(*(arr)));                   \
+			if (!np_) {                                                        \
+				rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory"); \
+				goto out;                                                  \
+			}                                                                  \
+			(arr) = (__typeof__(arr))np_;                                      \
+			(cap) = nc_;                                                       \
+		}                                                                          \
+	} while (0)
+
+extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
+					  const struct kvt_cuda_attend_request *reqs,
+					  size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
+					  size_t errlen)
+{
+	int rc = 0;
+	char why[200];
+	att_item_dev *items = NULL;
+	att_chunk_dev *chunks = NULL;
+	att_group_dev *groups = NULL;
+	att_req_dev *rds = NULL;
+	size_t n_items = 0, cap_items = 0, n_chunks = 0, cap_chunks = 0, n_groups = 0,
+	       cap_groups = 0;
+	kvt_cuda_attend_plan *plan = NULL;
+	uint64_t read_bytes = 0;
+	*out = NULL;
+	if (!c || !reqs || n_reqs == 0)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or reqs is NULL, or n_reqs is 0");
+	const struct kvt_codec_config *cfg = reqs[0].cfg;
+	if (!cfg)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "request 0: cfg is NULL");
+	if ((rc = kvt_codec_config_validate(cfg, why, sizeof(why))))
+		return kvt_cuda_errf(err, errlen, rc, "request 0: %s", why);
+	const bool none = cfg->scheme == KVT_SCHEME_NONE;
+	if (!none && cfg->key_bits != cfg->value_bits)
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "key_bits %u != value_bits %u: the GPU attention kernel "
+				     "takes equal bits; use the CPU path",
+				     cfg->key_bits, cfg->value_bits);
+	const uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, D = cfg->head_dim;
+	const size_t ws = kvt_dtype_size(cfg->dtype);
+	/* the tensor-core kernel takes per-channel keys at INT2/INT4 and head_dim 128 */
+	const bool mma = (cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI) &&
+			 (cfg->key_bits == 2 || cfg->key_bits == 4) && D == 128 &&
+			 getenv("KVTIER_CUDA_NO_MMA") == NULL;
+	const uint32_t rqn = mma ? RQ8 : RQ;
+	struct kvt_chunk_layout lay0;
+	kvt_chunk_layout(cfg, 0, &lay0);
+	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
+	if (!rds)
+		return kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
+
+	/* how many chunks one item takes: enough items for ~4 blocks per multiprocessor */
+	uint64_t total_units = 0;
+	for (size_t r = 0; r < n_reqs; r++)
+		total_units += (uint64_t)reqs[r].n_chunks * H *
+			       ((reqs[r].n_q_heads / (H ? H : 1) + rqn - 1) / rqn);
+	/* one full wave of resident blocks (4 per multiprocessor for both kernels) */
+	uint64_t target = (uint64_t)c->sm_count * 4;
+	uint32_t cpi = (uint32_t)((total_units + target - 1) / (target ? target : 1));
+	if (cpi < 1)
+		cpi = 1;
+
+	for (size_t r = 0; r < n_reqs; r++) {
+		const struct kvt_cuda_attend_request *rq = &reqs[r];
+		if (!rq->cfg || (rq->cfg != cfg && !same_codec(rq->cfg, cfg))) {
+			rc = kvt_cuda_errf(err, errlen, -EINVAL,
+					   "request %zu: cfg differs from request 0's (a batch "
+					   "shares one codec and shape)", r);
+			goto out;
+		}
+		if (rq->layer >= rq->cfg->n_layers || rq->n_q_heads == 0 ||
+		    rq->n_q_heads % H || !rq->q_dev || !rq->out_dev ||
+		    !kvt_dtype_size(rq->q_dtype) || !isfinite(rq->softmax_scale) ||
+		    (rq->n_chunks && (!rq->chunks_dev || !rq->chunk_hdrs)) ||
+		    (rq->n_tail && (!rq->tail_k_dev || !rq->tail_v_dev)) ||
+		    rq->n_chunks + rq->n_tail == 0) {
+			rc = kvt_cuda_errf(err, errlen, -EINVAL,
+					   "request %zu: layer %u (of %u), n_q_heads %u (a multiple "
+					   "of %u), q/out/chunks/tail pointers, q_dtype %u, "
+					   "softmax_scale or token count (%u chunks + %u tail) is "
+					   "invalid", r, rq->layer, rq->cfg->n_layers, rq->n_q_heads,
+					   H, rq->q_dtype, rq->n_chunks, rq->n_tail);
+			goto out;
+		}
+		rds[r].q = rq->q_dev;
+		rds[r].out = rq->out_dev;
+		rds[r].scale = rq->softmax_scale;
+		rds[r].q_dtype = rq->q_dtype;
+
+		/* this request's chunks */
+		size_t chunk0 = n_chunks;
+		for (uint32_t i = 0; i < rq->n_chunks; i++) {
+			const struct kvt_chunk_header *hd = rq->chunk_hdrs[i];
+			struct kvt_chunk_layout lay;
+			if (!hd || !rq->chunks_dev[i] || ((uintptr_t)rq->chunks_dev[i] & 15) ||
+			    hd->magic != KVT_CHUNK_MAGIC ||
+			    hd->scheme != cfg->scheme || hd->group != cfg->group ||
+			    hd->chunk_tokens != B || hd->n_kv_heads != H || hd->head_dim != D ||
+			    hd->dtype != cfg->dtype || hd->rotate_v != cfg->rotate_v ||
+			    hd->n_layers != rq->cfg->n_layers ||
+			    (!none && (hd->key_bits != cfg->key_bits ||
+				       hd->value_bits != cfg->value_bits)) ||
+			    kvt_chunk_layout(rq->cfg, hd->n_pinned, &lay) ||
+			    lay.k_codes_off != lay0.k_codes_off || lay.v_codes_off != lay0.v_codes_off ||
+			    lay.layer_bytes != hd->layer_bytes || lay.data_offset != hd->data_offset ||
+			    (i && hd->first_token != rq->chunk_hdrs[i - 1]->first_token + B)) {
+				rc = kvt_cuda_errf(err, errlen, -EINVAL,
+						   "request %zu: chunks[%u] is NULL, not 16-byte aligned, not "
+						   "consecutive or its header differs from cfg", r, i);
+				goto out;
+			}
+			GROW(chunks, n_chunks, cap_chunks);
+			const uint8_t *sec = (const uint8_t *)rq->chunks_dev[i] + lay.data_offset +
+					     (size_t)rq->layer * lay.layer_bytes;
+			chunks[n_chunks].sec = sec;
+			chunks[n_chunks].pins = (const uint16_t *)((const uint8_t *)rq->chunks_dev[i] +
+								   KVT_CHUNK_HEADER_BYTES);
+			chunks[n_chunks].n_pinned = hd->n_pinned;
+			chunks[n_chunks].k_exact_off = (uint32_t)lay.k_exact_off;
+			chunks[n_chunks].v_exact_off = (uint32_t)lay.v_exact_off;
+			n_chunks++;
+			read_bytes += lay.norms_bytes + 2 * lay.k_scale_bytes + 2 * lay.v_scale_bytes +
+				      lay.k_codes_bytes + lay.v_codes_bytes + 2 * lay.exact_bytes;
+		}
+		read_bytes += 2ull * rq->n_tail * H * D * ws;
+
+		const uint32_t R = rq->n_q_heads / H;
+		for (uint32_t h = 0; h < H; h++) {
+			for (uint32_t qb = 0; qb < R; qb += rqn) {
+				GROW(groups, n_groups, cap_groups);
+				att_group_dev *g = &groups[n_groups++];
+				g->req = (uint32_t)r;
+				g->q_base = h * R + qb;
+				g->nq = R - qb < rqn ? R - qb : rqn;
+				g->item_begin = (uint32_t)n_items;
+				att_item_dev base;
+				memset(&base, 0, sizeof(base));
+				base.req = (uint32_t)r;
+				base.kv_head = h;
+				base.q_base = g->q_base;
+				base.nq = g->nq;
+				/* chunk runs */
+				uint32_t nc = rq->n_chunks;
+				uint32_t k = (nc + cpi - 1) / cpi;
+				for (uint32_t s = 0; s < k; s++) {
+					uint32_t b0 = (uint32_t)((uint64_t)nc * s / k);
+					uint32_t b1 = (uint32_t)((uint64_t)nc * (s + 1) / k);
+					GROW(items, n_items, cap_items);
+					att_item_dev *it = &items[n_items++];
+					*it = base;
+					it->kind = none ? ITEM_NONE_CHUNKS : ITEM_CODED;
+					it->first = (uint32_t)chunk0 + b0;
+					it->count = b1 - b0;
+					it->rot_out = !none && cfg->rotate_v;
+				}
+				/* pinned tokens of each chunk, exact */
+				for (uint32_t i = 0; i < nc; i++) {
+					const att_chunk_dev *cd = &chunks[chunk0 + i];
+					if (!cd->n_pinned)
+						continue;
+					GROW(items, n_items, cap_items);
+					att_item_dev *it = &items[n_items++];
+					*it = base;
+					it->kind = ITEM_EXACT;
+					it->count = cd->n_pinned;
+					it->xk = cd->sec + cd->k_exact_off;
+					it->xv = cd->sec + cd->v_exact_off;
+				}
+				/* the tail, in runs of at most 1024 tokens */
+				for (uint32_t t0 = 0; t0 < rq->n_tail; t0 += 1024) {
+					GROW(items, n_items, cap_items);
+					att_item_dev *it = &items[n_items++];
+					*it = base;
+					it->kind = ITEM_EXACT;
+					it->count = rq->n_tail - t0 < 1024 ? rq->n_tail - t0 : 1024;
+					it->xk = (const uint8_t *)rq->tail_k_dev + (size_t)t0 * H * D * ws;
+					it->xv = (const uint8_t *)rq->tail_v_dev + (size_t)t0 * H * D * ws;
+				}
+				g->item_end = (uint32_t)n_items;
+			}
+		}
+	}
+	plan = (kvt_cuda_attend_plan *)calloc(1, sizeof(*plan));
+	if (!plan) {
+		rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
+		goto out;
+	}
+	{
+		size_t sz_items = n_items * sizeof(att_item_dev), sz_chunks = n_chunks * sizeof(att_chunk_dev);
+		size_t sz_groups = n_groups * sizeof(att_group_dev), sz_reqs = n_reqs * sizeof(att_req_dev);
+		size_t o_items = 0, o_chunks = (o_items + sz_items + 255) & ~(size_t)255;
+		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
+		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
+		size_t o_ml = (o_reqs + sz_reqs + 255) & ~(size_t)255;
+		size_t o_acc = (o_ml + n_items * rqn * 2 * 4 + 255) & ~(size_t)255;
+		size_t total = o_acc + n_items * rqn * D * 4;
+		char *host = (char *)calloc(1, o_ml);
+		if (!host) {
+			rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
+			goto out;
+		}
+		memcpy(host + o_items, items, sz_items);
+		memcpy(host + o_chunks, chunks, sz_chunks);
+		memcpy(host + o_groups, groups, sz_groups);
+		memcpy(host + o_reqs, rds, sz_reqs);
+		rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen);
+		if (!rc)
+			rc = kvt_cuda_check(cudaMalloc(&plan->dev_block, total), "plan alloc", err,
+					    errlen);
+		if (!rc)
+			rc = kvt_cuda_check(cudaMemcpy(plan->dev_block, host, o_ml,
+						       cudaMemcpyHostToDevice),
+					    "plan upload", err, errlen);
+		free(host);
+		if (rc)
+			goto out;
+		char *db = (char *)plan->dev_block;
+		att_params &p = plan->p;
+		p.items = (const att_item_dev *)(db + o_items);
+		p.chunks = (const att_chunk_dev *)(db + o_chunks);
+		p.groups = (const att_group_dev *)(db + o_groups);
+		p.reqs = (const att_req_dev *)(db + o_reqs);
+		p.part_ml = (float *)(db + o_ml);
+		p.part_acc = (float *)(db + o_acc);
+		p.B = B;
+		p.G = cfg->group;
+		p.H = H;
+		p.scheme = cfg->scheme;
+		p.dtype = cfg->dtype;
+		p.sbf = cfg->dtype == KVT_DTYPE_BF16;
+		p.rotk = cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_HADAMARD;
+		p.rotv = !none && cfg->rotate_v;
+		p.kb = none ? 16 : cfg->key_bits;
+		p.rqn = rqn;
+		p.mma = mma;
+		p.vb = none ? 16 : cfg->value_bits;
+		p.norms_off = (uint32_t)lay0.norms_off;
+		p.k_scale_off = (uint32_t)lay0.k_scale_off;
+		p.k_zero_off = (uint32_t)lay0.k_zero_off;
+		p.v_scale_off = (uint32_t)lay0.v_scale_off;
+		p.v_zero_off = (uint32_t)lay0.v_zero_off;
+		p.k_codes_off = (uint32_t)lay0.k_codes_off;
+		p.v_codes_off = (uint32_t)lay0.v_codes_off;
+		p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
+		plan->D = D;
+		plan->n_items = (uint32_t)n_items;
+		plan->n_groups = (uint32_t)n_groups;
+		plan->read_bytes = read_bytes;
+	}
+	*out = plan;
+	plan = NULL;
+out:
+	if (plan) {
+		if (plan->dev_block)
+			cudaFree(plan->dev_block);
+		free(plan);
+	}
+	free(items);
+	free(chunks);
+	free(groups);
+	free(rds);
+	return rc;
+}
+
+template <int D, int KB, int VB>
+static cudaError_t att_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	attend_kernel<D, KB, VB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	cudaError_t e = cudaGetLastError();
+	if (e != cudaSuccess)
+		return e;
+	combine_kernel<D, RQ><<<pl->n_groups, 32 * RQ * CMB_SPLIT, 0, s>>>(pl->p);
+	return cudaGetLastError();
+}
+
+template <int D>
+static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	switch (pl->p.kb) {
+	case 2:
+		return att_launch<D, 2, 2>(pl, s);
+	case 4:
+		return att_launch<D, 4, 4>(pl, s);
+	case 8:
+		return att_launch<D, 8, 8>(pl, s);
+	default:
+		return att_launch<D, 16, 16>(pl, s);
+	}
+}
+
+template <int BITS, int GV>
+static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	attend_mma_kernel<BITS, GV><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	cudaError_t e = cudaGetLastError();
+	if (e != cudaSuccess)
+		return e;
+	combine_kernel<128, RQ8><<<pl->n_groups, 32 * RQ8 * CMB_SPLIT, 0, s>>>(pl->p);
+	return cudaGetLastError();
+}
+
+static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (pl->p.kb == 2)
+		return gv == 32 ? att_launch_mma<2, 32>(pl, s)
+		       : gv == 64 ? att_launch_mma<2, 64>(pl, s) : att_launch_mma<2, 128>(pl, s);
+	return gv == 32 ? att_launch_mma<4, 32>(pl, s)
+	       : gv == 64 ? att_launch_mma<4, 64>(pl, s) : att_launch_mma<4, 128>(pl, s);
+}
+
+extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *pl, char *err,
+				   size_t errlen)
+{
+	if (!c || !pl)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or plan is NULL");
+	if (pl->n_items == 0)
+		return 0;
+	cudaError_t e;
+	if (pl->p.mma) {
+		e = att_launch_mma_any(pl, c->stream);
+		return kvt_cuda_check(e, "attention launch", err, errlen);
+	}
+	switch (pl->D) {
+	case 64:
+		e = att_launch_bits<64>(pl, c->stream);
+		break;
+	case 128:
+		e = att_launch_bits<128>(pl, c->stream);
+		break;
+	default:
+		e = att_launch_bits<256>(pl, c->stream);
+		break;
+	}
+	return kvt_cuda_check(e, "attention launch", err, errlen);
+}
+
+extern "C" void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *pl)
+{
+	if (!pl)
+		return;
+	if (pl->dev_block)
+		cudaFree(pl->dev_block);
+	free(pl);
+}
+
+extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
+					  struct kvt_cuda_attend_plan_info *info)
+{
+	info->read_bytes = pl->read_bytes;
+	info->n_items = pl->n_items;
+	info->n_groups = pl->n_groups;
+}
+
+extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,
+			       size_t n_reqs, char *err, size_t errlen)
+{
+	kvt_cuda_attend_plan *pl;
+	int rc = kvt_cuda_attend_plan_build(c, reqs, n_reqs, &pl, err, errlen);
+	if (rc)
+		return rc;
+	rc = kvt_cuda_attend_run(c, pl, err, errlen);
+	if (!rc)
+		rc = kvt_cuda_sync(c, err, errlen);
+	kvt_cuda_attend_plan_destroy(pl);
+	return rc;
+}

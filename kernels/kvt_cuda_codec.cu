@@ -1,0 +1,1142 @@
+/*
+ * kvt_cuda_codec.cu - the CUDA context, device memory helpers, chunk encode and decode
+ * (OSCAR.md section 2, the chunk layout of kvt_codec.h), and the chunk crc32c on the GPU.
+ *
+ * Encode runs one thread block per (chunk, layer, key group of G tokens), as the CPU encoder
+ * walks the chunk, and follows the CPU's float operations one for one (cuda_internal.cuh), so
+ * the bytes match kvt_encode_chunk's. The crc32c is computed on the GPU from per-segment
+ * CRCs combined by GF(2) polynomial multiplication, so the chunk never visits the host.
+ */
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.cuh"
+
+#define STAGE_BYTES (4u << 20)
+
+int kvt_cuda_errf(char *err, size_t errlen, int rc, const char *fmt, ...)
+{
+	if (err && errlen) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return rc;
+}
+
+int kvt_cuda_check(cudaError_t e, const char *what, char *err, size_t errlen)
+{
+	if (e == cudaSuccess)
+		return 0;
+	int rc = e == cudaErrorMemoryAllocation ? -ENOMEM
+		 : (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) ? -ENODEV
+		 : e == cudaErrorInvalidValue ? -EINVAL
+						 : -EIO;
+	return kvt_cuda_errf(err, errlen, rc, "%s: %s (%s)", what, cudaGetErrorString(e),
+			     cudaGetErrorName(e));
+}
+
+#define CK(call, what)                                                                     \
+	do {                                                                               \
+		int rc_ = kvt_cuda_check((call), (what), err, errlen);                     \
+		if (rc_)                                                                   \
+			return rc_;                                                        \
+	} while (0)
+
+/* ---- crc32c (Castagnoli, reflected 0x82F63B78) -------------------------------------------- */
+
+#define CRC_POLY 0x82f63b78u
+#define CRC_SEG 1024 /* bytes per thread */
+
+__device__ uint32_t g_crc_table[8][256];
+__device__ uint32_t g_crc_x2n[32];
+
+/* a * b mod P in the reflected representation (a != 0), as zlib's multmodp */
+__host__ __device__ static uint32_t crc_multmodp(uint32_t a, uint32_t b)
+{
+	uint32_t m = 1u << 31, p = 0;
+	for (;;) {
+		if (a & m) {
+			p ^= b;
+			if ((a & (m - 1)) == 0)
+				break;
+		}
+		m >>= 1;
+		b = (b & 1) ? (b >> 1) ^ CRC_POLY : b >> 1;
+	}
+	return p;
+}
+
+/* x^(n * 2^k) mod P */
+__device__ static uint32_t crc_x2nmodp(uint64_t n, unsigned k)
+{
+	uint32_t p = 1u << 31;
+	while (n) {
+		if (n & 1)
+			p = crc_multmodp(g_crc_x2n[k & 31], p);
+		n >>= 1;
+		k++;
+	}
+	return p;
+}
+
+static int crc_tables_upload(char *err, size_t errlen)
+{
+	static uint32_t t[8][256], x2n[32];
+	for (uint32_t i = 0; i < 256; i++) {
+		uint32_t c = i;
+		for (int k = 0; k < 8; k++)
+			c = (c >> 1) ^ (CRC_POLY & (0u - (c & 1u)));
+		t[0][i] = c;
+	}
+	for (uint32_t i = 0; i < 256; i++)
+		for (int s = 1; s < 8; s++)
+			t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xff];
+	uint32_t p = 1u << 30; /* x^1 */
+	x2n[0] = p;
+	for (int n = 1; n < 32; n++)
+		x2n[n] = p = crc_multmodp(p, p);
+	CK(cudaMemcpyToSymbol(g_crc_table, t, sizeof(t)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc_x2n, x2n, sizeof(x2n)), "crc table upload");
+	return 0;
+}
+
+/* ---- Context ------------------------------------------------------------------------------ */
+
+extern "C" int kvt_cuda_device_count(void)
+{
+	int n = 0;
+	if (cudaGetDeviceCount(&n) != cudaSuccess) {
+		(void)cudaGetLastError();
+		return 0;
+	}
+	return n;
+}
+
+extern "C" int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, size_t errlen)
+{
+	*out = NULL;
+	int n = kvt_cuda_device_count();
+	if (n == 0)
+		return kvt_cuda_errf(err, errlen, -ENODEV, "no CUDA device is present");
+	if (device < 0 || device >= n)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "device %d is not in 0..%d", device,
+				     n - 1);
+	kvt_cuda_ctx *c = (kvt_cuda_ctx *)calloc(1, sizeof(*c));
+	if (!c)
+		return kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
+	int rc;
+	cudaDeviceProp prop;
+	c->device = device;
+	if ((rc = kvt_cuda_check(cudaSetDevice(device), "cudaSetDevice", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaGetDeviceProperties(&prop, device), "device properties",
+				 err, errlen)))
+		goto fail;
+	if (prop.major < 7) {
+		rc = kvt_cuda_errf(err, errlen, -ENODEV,
+				   "device %d (%s) has compute capability %d.%d; 7.5+ needed",
+				   device, prop.name, prop.major, prop.minor);
+		goto fail;
+	}
+	c->sm_count = prop.multiProcessorCount;
+	snprintf(c->name, sizeof(c->name), "%s", prop.name);
+	c->stage_bytes = STAGE_BYTES;
+	if ((rc = kvt_cuda_check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
+				 "stream create", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaHostAlloc(&c->stage_host, c->stage_bytes,
+					       cudaHostAllocDefault),
+				 "pinned staging alloc", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMalloc(&c->stage_dev, c->stage_bytes), "staging alloc",
+				 err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaEventCreateWithFlags(&c->stage_done,
+							  cudaEventDisableTiming),
+				 "event create", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->crc_acc_dev,
+					    KVT_CUDA_MAX_JOBS * sizeof(uint32_t)),
+				 "crc scratch alloc", err, errlen)) ||
+	    (rc = crc_tables_upload(err, errlen)))
+		goto fail;
+	*out = c;
+	return 0;
+fail:
+	kvt_cuda_ctx_destroy(c);
+	return rc;
+}
+
+extern "C" void kvt_cuda_ctx_destroy(kvt_cuda_ctx *c)
+{
+	if (!c)
+		return;
+	cudaSetDevice(c->device);
+	if (c->stream)
+		cudaStreamSynchronize(c->stream);
+	if (c->crc_acc_dev)
+		cudaFree(c->crc_acc_dev);
+	if (c->stage_done)
+		cudaEventDestroy(c->stage_done);
+	if (c->stage_dev)
+		cudaFree(c->stage_dev);
+	if (c->stage_host)
+		cudaFreeHost(c->stage_host);
+	if (c->stream)
+		cudaStreamDestroy(c->stream);
+	(void)cudaGetLastError();
+	free(c);
+}
+
+extern "C" int kvt_cuda_ctx_info(kvt_cuda_ctx *c, char *name, size_t namelen, int *sm_count)
+{
+	if (name && namelen)
+		snprintf(name, namelen, "%s", c->name);
+	if (sm_count)
+		*sm_count = c->sm_count;
+	return 0;
+}
+
+extern "C" int kvt_cuda_sync(kvt_cuda_ctx *c, char *err, size_t errlen)
+{
+	CK(cudaStreamSynchronize(c->stream), "stream synchronize");
+	CK(cudaGetLastError(), "asynchronous kernel error");
+	return 0;
+}
+
+extern "C" int kvt_cuda_alloc(kvt_cuda_ctx *c, size_t bytes, void **dev, char *err,
+			      size_t errlen)
+{
+	*dev = NULL;
+	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	CK(cudaMalloc(dev, bytes ? bytes : 1), "device alloc");
+	return 0;
+}
+
+extern "C" void kvt_cuda_free(kvt_cuda_ctx *c, void *dev)
+{
+	if (dev)
+		cudaFree(dev);
+}
+
+extern "C" int kvt_cuda_alloc_host(kvt_cuda_ctx *c, size_t bytes, void **host, char *err,
+				   size_t errlen)
+{
+	*host = NULL;
+	CK(cudaHostAlloc(host, bytes ? bytes : 1, cudaHostAllocDefault), "pinned host alloc");
+	return 0;
+}
+
+extern "C" void kvt_cuda_free_host(kvt_cuda_ctx *c, void *host)
+{
+	if (host)
+		cudaFreeHost(host);
+}
+
+extern "C" int kvt_cuda_upload(kvt_cuda_ctx *c, void *dev, const void *host, size_t bytes,
+			       char *err, size_t errlen)
+{
+	CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, c->stream), "upload");
+	CK(cudaStreamSynchronize(c->stream), "upload");
+	return 0;
+}
+
+extern "C" int kvt_cuda_download(kvt_cuda_ctx *c, void *host, const void *dev, size_t bytes,
+				 char *err, size_t errlen)
+{
+	CK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
+	CK(cudaStreamSynchronize(c->stream), "download");
+	return 0;
+}
+
+extern "C" int kvt_cuda_copy_async(kvt_cuda_ctx *c, void *dst, const void *src, size_t bytes,
+				   char *err, size_t errlen)
+{
+	CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream), "copy");
+	return 0;
+}
+
+extern "C" int kvt_cuda_memset_async(kvt_cuda_ctx *c, void *dev, int value, size_t bytes,
+				     char *err, size_t errlen)
+{
+	CK(cudaMemsetAsync(dev, value, bytes, c->stream), "memset");
+	return 0;
+}
+
+int kvt_cuda_stage_acquire(kvt_cuda_ctx *c, char *err, size_t errlen)
+{
+	CK(cudaEventSynchronize(c->stage_done), "staging wait");
+	return 0;
+}
+
+int kvt_cuda_stage_push(kvt_cuda_ctx *c, size_t bytes, char *err, size_t errlen)
+{
+	CK(cudaMemcpyAsync(c->stage_dev, c->stage_host, bytes, cudaMemcpyHostToDevice,
+			   c->stream),
+	   "staging copy");
+	CK(cudaEventRecord(c->stage_done, c->stream), "staging event");
+	return 0;
+}
+
+/* ---- Encode ------------------------------------------------------------------------------- */
+
+#define ENC_THREADS 256
+/* shared-memory row strides: xs rows of D+1 floats and c8 rows of D+4 bytes, so threads that
+ * walk different tokens of one column hit different banks */
+#define XS_STRIDE(D) ((D) + 1)
+#define C8_STRIDE(D) ((D) + 4)
+#define ENC_WARPS (ENC_THREADS / 32)
+#define MAX_GAPS 10
+
+struct enc_job_dev {
+	const void *k, *v;
+	uint8_t *out;
+	const uint8_t *hdr_src; /* header + pin table in device staging */
+	uint32_t hdr_bytes;     /* data_offset */
+	uint32_t n_pin;         /* sinks: chunk tokens 0..n_pin-1 */
+	uint64_t layer_bytes;
+	uint64_t total_bytes;
+	uint64_t k_exact_off, v_exact_off;
+	uint32_t n_gaps;
+	uint32_t gap_off[MAX_GAPS], gap_len[MAX_GAPS];
+};
+
+struct enc_params {
+	const enc_job_dev *jobs;
+	uint32_t *crc_acc;
+	uint32_t B, G, H, L, scheme, kb, vb, dtype, rotate_v, sbf, crc_field_off;
+	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
+		v_codes_off;
+	float inv_sqrt_d;
+};
+
+/* Header + pin table copy (block x == L) and the zeroing of the gaps between arrays of each
+ * layer section (blocks x < L); also clears the crc accumulator. */
+__global__ void enc_prep_kernel(enc_params p)
+{
+	const enc_job_dev &j = p.jobs[blockIdx.y];
+	if (blockIdx.x == p.L) {
+		for (uint32_t i = threadIdx.x; i < j.hdr_bytes; i += blockDim.x)
+			j.out[i] = j.hdr_src[i];
+		if (threadIdx.x == 0)
+			p.crc_acc[blockIdx.y] = 0;
+		return;
+	}
+	uint8_t *sec = j.out + j.hdr_bytes + (size_t)blockIdx.x * j.layer_bytes;
+	for (uint32_t g = 0; g < j.n_gaps; g++)
+		for (uint32_t i = threadIdx.x; i < j.gap_len[g]; i += blockDim.x)
+			sec[j.gap_off[g] + i] = 0;
+}
+
+/* Loads the G token rows of head h (warp per row), optionally rotates them and divides by
+ * the token norms, into xs [G][D] f32. */
+template <int D>
+__device__ void enc_load_rows(const enc_params &p, const uint8_t *src, uint32_t h, bool rotate,
+			      const float *nrm, float *xs)
+{
+	constexpr int EPL = D / 32;
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	for (uint32_t t = warp; t < p.G; t += ENC_WARPS) {
+		size_t base = ((size_t)t * p.H + h) * D + (size_t)lane * EPL;
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			x[e] = kvt_d_ld(src, base + e, p.dtype);
+		if (rotate)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+		if (nrm) {
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				x[e] = __fdiv_rn(x[e], nrm[t]);
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			xs[t * XS_STRIDE(D) + lane * EPL + e] = x[e];
+	}
+}
+
+/* Per-token quantization of xs rows in groups of gv channels (kvt_minmax8's lane order):
+ * scales/zeros to [h][B][D/gv] at scale/zero, unpacked codes to c8 [G][D]. */
+template <int D>
+__device__ void enc_quant_rows(const enc_params &p, const float *xs, uint32_t t0, uint32_t h,
+			       uint32_t bits, uint16_t *scale, uint16_t *zero, uint8_t *c8)
+{
+	const uint32_t gv = p.G < D ? p.G : D, ng = D / gv;
+	const float qmax = (float)((1u << bits) - 1);
+	const bool bf = p.sbf;
+	for (uint32_t i = threadIdx.x; i < p.G * ng; i += ENC_THREADS) {
+		uint32_t t = i % p.G, g = i / p.G;
+		size_t sidx = ((size_t)h * p.B + t0 + t) * ng + g;
+		uint8_t *cg = c8 + t * C8_STRIDE(D) + g * gv;
+		if (t0 + t < p.jobs[blockIdx.z].n_pin) {
+			scale[sidx] = 0;
+			zero[sidx] = 0;
+			for (uint32_t c = 0; c < gv; c++)
+				cg[c] = 0;
+			continue;
+		}
+		const float *xg = xs + t * XS_STRIDE(D) + g * gv;
+		float mn[8], mx[8];
+#pragma unroll
+		for (int j = 0; j < 8; j++) {
+			mn[j] = __int_as_float(0x7f800000);
+			mx[j] = -__int_as_float(0x7f800000);
+		}
+		for (uint32_t c = 0; c < gv; c += 8) {
+#pragma unroll
+			for (int j = 0; j < 8; j++) {
+				float v = xg[c + j];
+				mn[j] = v < mn[j] ? v : mn[j];
+				mx[j] = v > mx[j] ? v : mx[j];
+			}
+		}
+#pragma unroll
+		for (int w = 4; w >= 1; w >>= 1)
+#pragma unroll
+			for (int j = 0; j < w; j++) {
+				mn[j] = mn[j] < mn[j + w] ? mn[j] : mn[j + w];
+				mx[j] = mx[j] > mx[j + w] ? mx[j] : mx[j + w];
+			}
+		uint16_t sb, zb;
+		float s, z;
+		kvt_d_qparam(mn[0], mx[0], true, qmax, bf, &sb, &zb, &s, &z);
+		scale[sidx] = sb;
+		zero[sidx] = zb;
+		for (uint32_t c = 0; c < gv; c++)
+			cg[c] = (uint8_t)kvt_d_qcode(xg[c], s, z, qmax);
+	}
+}
+
+/* Packs c8 [G][D] rows into codes [h][B][D*bits/8], little end first. */
+template <int D>
+__device__ void enc_pack(const enc_params &p, const uint8_t *c8, uint32_t t0, uint32_t h,
+			 uint32_t bits, uint8_t *codes)
+{
+	const uint32_t rowb = D * bits / 8, per = 8 / bits;
+	for (uint32_t i = threadIdx.x; i < p.G * rowb; i += ENC_THREADS) {
+		uint32_t t = i / rowb, b = i % rowb;
+		uint32_t v = 0;
+		for (uint32_t k = 0; k < per; k++)
+			v |= (uint32_t)c8[t * C8_STRIDE(D) + b * per + k] << (k * bits);
+		codes[((size_t)h * p.B + t0 + t) * rowb + b] = (uint8_t)v;
+	}
+}
+
+template <int D>
+__global__ void __launch_bounds__(ENC_THREADS) enc_kernel(enc_params p)
+{
+	extern __shared__ float smem[];
+	const enc_job_dev &j = p.jobs[blockIdx.z];
+	const uint32_t l = blockIdx.y, gi = blockIdx.x, t0 = gi * p.G;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const size_t row = (size_t)p.H * D;
+	const uint8_t *kin = (const uint8_t *)j.k + ((size_t)l * p.B + t0) * row * ws;
+	const uint8_t *vin = (const uint8_t *)j.v + ((size_t)l * p.B + t0) * row * ws;
+	uint8_t *sec = j.out + j.hdr_bytes + (size_t)l * j.layer_bytes;
+	const int tid = threadIdx.x;
+
+	if (p.scheme == KVT_SCHEME_NONE) {
+		/* [B][H][d] -> [H][B][d], 4-byte words (rows are at least 128 bytes) */
+		const uint32_t wpr = (uint32_t)(D * ws / 4);
+		for (uint32_t i = tid; i < p.G * p.H * wpr; i += ENC_THREADS) {
+			uint32_t w = i % wpr, r = i / wpr, t = r / p.H, h = r % p.H;
+			size_t src = ((size_t)t * p.H + h) * wpr + w;
+			size_t dst = ((size_t)h * p.B + t0 + t) * wpr + w;
+			((uint32_t *)(sec + p.k_codes_off))[dst] = ((const uint32_t *)kin)[src];
+			((uint32_t *)(sec + p.v_codes_off))[dst] = ((const uint32_t *)vin)[src];
+		}
+		return;
+	}
+
+	/* pinned (sink) tokens of this group: exact copies, pin index == chunk token */
+	if (t0 < j.n_pin) {
+		uint32_t np = min(j.n_pin - t0, p.G);
+		uint32_t wpr = (uint32_t)(row * ws / 4);
+		for (uint32_t i = tid; i < np * wpr; i += ENC_THREADS) {
+			uint32_t t = i / wpr, w = i % wpr;
+			size_t dst = (size_t)(t0 + t) * wpr + w;
+			((uint32_t *)(sec + j.k_exact_off))[dst] = ((const uint32_t *)kin)[(size_t)t * wpr + w];
+			((uint32_t *)(sec + j.v_exact_off))[dst] = ((const uint32_t *)vin)[(size_t)t * wpr + w];
+		}
+	}
+
+	float *xs = smem;                                      /* [G][D+1] */
+	float *acc8 = xs + (size_t)p.G * XS_STRIDE(D);         /* [G][8] */
+	float *nrm = acc8 + (size_t)p.G * 8;                   /* [G] */
+	uint8_t *c8 = (uint8_t *)(nrm + p.G);                  /* [G][D+4] */
+	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const bool rotk = oscar || p.scheme == KVT_SCHEME_HADAMARD;
+	uint16_t *kscale = (uint16_t *)(sec + p.k_scale_off);
+	uint16_t *kzero = (uint16_t *)(sec + p.k_zero_off);
+
+	if (oscar) {
+		/* joint norm over all heads: 8 summation lanes (index % 8) in index order, as
+		 * the CPU's sumsq over the token's H*d rotated row */
+		for (uint32_t i = tid; i < p.G * 8; i += ENC_THREADS)
+			acc8[i] = 0.0f;
+		for (uint32_t h = 0; h < p.H; h++) {
+			__syncthreads();
+			enc_load_rows<D>(p, kin, h, true, NULL, xs);
+			__syncthreads();
+			for (uint32_t i = tid; i < p.G * 8; i += ENC_THREADS) {
+				uint32_t t = i % p.G, ln = i / p.G;
+				float a = acc8[t * 8 + ln];
+				for (uint32_t c = ln; c < D; c += 8) {
+					float x = xs[t * XS_STRIDE(D) + c];
+					a = __fadd_rn(a, __fmul_rn(x, x));
+				}
+				acc8[t * 8 + ln] = a;
+			}
+		}
+		__syncthreads();
+		for (uint32_t t = tid; t < p.G; t += ENC_THREADS) {
+			const float *a = acc8 + t * 8;
+			float s = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[4]), __fadd_rn(a[2], a[6])),
+					    __fadd_rn(__fadd_rn(a[1], a[5]), __fadd_rn(a[3], a[7])));
+			float n = __fsqrt_rn(s);
+			if (n == 0.0f || !isfinite(n))
+				n = 1.0f;
+			nrm[t] = n;
+			((float *)(sec + p.norms_off))[t0 + t] = n;
+		}
+	}
+
+	const float kqmax = (float)((1u << p.kb) - 1);
+	for (uint32_t h = 0; h < p.H; h++) {
+		__syncthreads();
+		enc_load_rows<D>(p, kin, h, rotk, oscar ? nrm : NULL, xs);
+		__syncthreads();
+		if (p.scheme == KVT_SCHEME_HADAMARD) {
+			enc_quant_rows<D>(p, xs, t0, h, p.kb, kscale, kzero, c8);
+		} else {
+			/* per channel over the G tokens, pinned tokens left out */
+			bool any = j.n_pin < t0 + p.G;
+			for (uint32_t c = tid; c < D; c += ENC_THREADS) {
+				float mn = __int_as_float(0x7f800000), mx = -mn;
+				for (uint32_t t = 0; t < p.G; t++) {
+					if (t0 + t < j.n_pin)
+						continue;
+					float v = xs[t * XS_STRIDE(D) + c];
+					mn = v < mn ? v : mn;
+					mx = v > mx ? v : mx;
+				}
+				uint16_t sb, zb;
+				float s, z;
+				kvt_d_qparam(mn, mx, any, kqmax, p.sbf, &sb, &zb, &s, &z);
+				size_t pidx = ((size_t)h * (p.B / p.G) + gi) * D + c;
+				kscale[pidx] = sb;
+				kzero[pidx] = zb;
+				for (uint32_t t = 0; t < p.G; t++)
+					c8[t * C8_STRIDE(D) + c] =
+						t0 + t < j.n_pin
+							? 0
+							: (uint8_t)kvt_d_qcode(xs[t * XS_STRIDE(D) + c], s, z,
+									       kqmax);
+			}
+		}
+		__syncthreads();
+		enc_pack<D>(p, c8, t0, h, p.kb, sec + p.k_codes_off);
+	}
+
+	uint16_t *vscale = (uint16_t *)(sec + p.v_scale_off);
+	uint16_t *vzero = (uint16_t *)(sec + p.v_zero_off);
+	for (uint32_t h = 0; h < p.H; h++) {
+		__syncthreads();
+		enc_load_rows<D>(p, vin, h, p.rotate_v != 0, NULL, xs);
+		__syncthreads();
+		enc_quant_rows<D>(p, xs, t0, h, p.vb, vscale, vzero, c8);
+		__syncthreads();
+		enc_pack<D>(p, c8, t0, h, p.vb, sec + p.v_codes_off);
+	}
+}
+
+/* Raw (init 0, no final xor) crc of each thread's CRC_SEG bytes, moved to its place in the
+ * chunk by multiplying with x^(8 * bytes after it), xor-ed into the job's accumulator. */
+__global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint32_t *acc)
+{
+	__shared__ uint32_t tab[8][256];
+	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
+		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
+	__syncthreads();
+	const enc_job_dev &j = jobs[blockIdx.y];
+	uint64_t start = ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) * CRC_SEG;
+	if (start >= j.total_bytes)
+		return;
+	uint64_t len = j.total_bytes - start < CRC_SEG ? j.total_bytes - start : CRC_SEG;
+	const uint2 *w = (const uint2 *)(j.out + start); /* chunks are 64-byte multiples */
+	uint32_t crc = 0;
+	for (uint64_t i = 0; i < len / 8; i++) {
+		uint2 v = w[i];
+		uint32_t lo = v.x ^ crc, hi = v.y;
+		crc = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
+		      tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
+		      tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+	}
+	uint64_t after = j.total_bytes - start - len;
+	atomicXor(&acc[blockIdx.y], crc_multmodp(crc_x2nmodp(after, 3), crc));
+}
+
+__global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
+				  uint32_t field_off)
+{
+	uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+	if (i >= n)
+		return;
+	const enc_job_dev &j = jobs[i];
+	uint32_t crc = ~(acc[i] ^ crc_multmodp(crc_x2nmodp(j.total_bytes, 3), 0xffffffffu));
+	*(uint32_t *)(j.out + field_off) = crc;
+}
+
+static size_t enc_smem_bytes(uint32_t G, uint32_t D)
+{
+	return (size_t)G * XS_STRIDE(D) * 4 + (size_t)G * 8 * 4 + (size_t)G * 4 +
+	       (size_t)G * C8_STRIDE(D);
+}
+
+template <int D>
+static cudaError_t enc_launch(const enc_params &p, uint32_t n_jobs, cudaStream_t s)
+{
+	size_t sm = enc_smem_bytes(p.G, D);
+	cudaError_t e = cudaFuncSetAttribute(enc_kernel<D>,
+					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+	if (e != cudaSuccess)
+		return e;
+	dim3 grid(p.B / p.G, p.L, n_jobs);
+	enc_kernel<D><<<grid, ENC_THREADS, sm, s>>>(p);
+	return cudaGetLastError();
+}
+
+static void fill_gaps(const struct kvt_chunk_layout *lay, enc_job_dev *j)
+{
+	const size_t offs[9] = {lay->norms_off,   lay->k_scale_off, lay->k_zero_off,
+				lay->v_scale_off, lay->v_zero_off,  lay->k_codes_off,
+				lay->v_codes_off, lay->k_exact_off, lay->v_exact_off};
+	const size_t sizes[9] = {lay->norms_bytes,   lay->k_scale_bytes, lay->k_scale_bytes,
+				 lay->v_scale_bytes, lay->v_scale_bytes, lay->k_codes_bytes,
+				 lay->v_codes_bytes, lay->exact_bytes,   lay->exact_bytes};
+	j->n_gaps = 0;
+	if (offs[0] > 0) {
+		j->gap_off[j->n_gaps] = 0;
+		j->gap_len[j->n_gaps++] = (uint32_t)offs[0];
+	}
+	for (int i = 0; i < 9; i++) {
+		size_t end = offs[i] + sizes[i];
+		size_t next = i < 8 ? offs[i + 1] : lay->layer_bytes;
+		if (next > end) {
+			j->gap_off[j->n_gaps] = (uint32_t)end;
+			j->gap_len[j->n_gaps++] = (uint32_t)(next - end);
+		}
+	}
+}
+
+extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *cfg,
+			       const struct kvt_cuda_encode_job *jobs, size_t n_jobs,
+			       int64_t *sizes, char *err, size_t errlen)
+{
+	int rc;
+	char why[200];
+	if (!c || !cfg || (n_jobs && (!jobs || !sizes)))
+		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx, cfg, jobs or sizes is NULL");
+	if ((rc = kvt_codec_config_validate(cfg, why, sizeof(why))))
+		return kvt_cuda_errf(err, errlen, rc, "%s", why);
+	if (cfg->pin_detect_ratio > 0.0f && cfg->pin_detect_max > 0)
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "pin detection (pin_detect_ratio %g) is CPU-only: encode "
+				     "this session on the CPU",
+				     (double)cfg->pin_detect_ratio);
+	if (n_jobs > KVT_CUDA_MAX_JOBS)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
+				     KVT_CUDA_MAX_JOBS);
+	if (n_jobs == 0)
+		return 0;
+	const uint32_t B = cfg->chunk_tokens, D = cfg->head_dim;
+	const bool none = cfg->scheme == KVT_SCHEME_NONE;
+	if (enc_smem_bytes(cfg->group, D) > 200 * 1024)
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP, "group %u x head_dim %u is too "
+				     "large for one GPU block", cfg->group, D);
+
+	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
+		return rc;
+	uint8_t *sh = (uint8_t *)c->stage_host;
+	size_t desc_bytes = (n_jobs * sizeof(enc_job_dev) + 63) & ~(size_t)63;
+	size_t used = desc_bytes;
+	enc_job_dev *jd = (enc_job_dev *)sh;
+	struct kvt_chunk_layout lay0;
+	if (kvt_chunk_layout(cfg, 0, &lay0))
+		return kvt_cuda_errf(err, errlen, -EINVAL, "config has no chunk layout");
+	uint64_t max_total = 0;
+	for (size_t i = 0; i < n_jobs; i++) {
+		const struct kvt_cuda_encode_job *jb = &jobs[i];
+		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
+			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: %s is NULL", i,
+					     !jb->k_dev ? "k_dev" : !jb->v_dev ? "v_dev" : "out_dev");
+		if (((uintptr_t)jb->out_dev & 15) || ((uintptr_t)jb->k_dev & 15) ||
+		    ((uintptr_t)jb->v_dev & 15))
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: out_dev, k_dev and v_dev must be 16-byte aligned", i);
+		if (jb->first_token > UINT64_MAX - B)
+			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: first_token overflows",
+					     i);
+		uint32_t n_pin = 0;
+		if (!none && jb->first_token < cfg->n_sinks) {
+			uint64_t np = cfg->n_sinks - jb->first_token;
+			n_pin = (uint32_t)(np < B ? np : B);
+		}
+		struct kvt_chunk_layout lay;
+		if (kvt_chunk_layout(cfg, n_pin, &lay))
+			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: no layout", i);
+		if (jb->out_cap < lay.total_bytes)
+			return kvt_cuda_errf(err, errlen, -ENOSPC,
+					     "job %zu: out_cap %zu is below the chunk's %zu bytes", i,
+					     jb->out_cap, lay.total_bytes);
+		if (lay.data_offset > c->stage_bytes - used)
+			return kvt_cuda_errf(err, errlen, -ENOSPC, "staging buffer full");
+		/* header and pin table, exactly as the CPU writes them (crc 0 for now) */
+		uint8_t *hb = sh + used;
+		memset(hb, 0, lay.data_offset);
+		struct kvt_chunk_header h;
+		memset(&h, 0, sizeof(h));
+		h.magic = KVT_CHUNK_MAGIC;
+		h.version = KVT_CHUNK_VERSION;
+		h.header_bytes = KVT_CHUNK_HEADER_BYTES;
+		h.scheme = (uint8_t)cfg->scheme;
+		h.key_bits = (uint8_t)(none ? 16 : cfg->key_bits);
+		h.value_bits = (uint8_t)(none ? 16 : cfg->value_bits);
+		h.dtype = (uint8_t)cfg->dtype;
+		h.rotate_v = (uint8_t)cfg->rotate_v;
+		h.scale_dtype = (uint8_t)kvt_sdt_of(cfg->dtype);
+		h.group = (uint16_t)cfg->group;
+		h.chunk_tokens = (uint16_t)B;
+		h.n_layers = (uint16_t)cfg->n_layers;
+		h.n_kv_heads = (uint16_t)cfg->n_kv_heads;
+		h.head_dim = (uint16_t)D;
+		h.n_pinned = (uint16_t)n_pin;
+		h.n_sinks = (uint16_t)cfg->n_sinks;
+		h.first_token = jb->first_token;
+		h.layer_bytes = (uint32_t)lay.layer_bytes;
+		h.data_offset = (uint32_t)lay.data_offset;
+		h.total_bytes = lay.total_bytes;
+		memcpy(hb, &h, sizeof(h));
+		for (uint32_t t = 0; t < n_pin; t++) {
+			uint16_t v = (uint16_t)t;
+			memcpy(hb + KVT_CHUNK_HEADER_BYTES + 2 * t, &v, 2);
+		}
+		enc_job_dev *d = &jd[i];
+		memset(d, 0, sizeof(*d));
+		d->k = jb->k_dev;
+		d->v = jb->v_dev;
+		d->out = (uint8_t *)jb->out_dev;
+		d->hdr_src = (const uint8_t *)c->stage_dev + used;
+		d->hdr_bytes = (uint32_t)lay.data_offset;
+		d->n_pin = n_pin;
+		d->layer_bytes = lay.layer_bytes;
+		d->total_bytes = lay.total_bytes;
+		d->k_exact_off = lay.k_exact_off;
+		d->v_exact_off = lay.v_exact_off;
+		fill_gaps(&lay, d);
+		used += (lay.data_offset + 63) & ~(size_t)63;
+		sizes[i] = (int64_t)lay.total_bytes;
+		if (lay.total_bytes > max_total)
+			max_total = lay.total_bytes;
+	}
+	if ((rc = kvt_cuda_stage_push(c, used, err, errlen)))
+		return rc;
+
+	enc_params p;
+	memset(&p, 0, sizeof(p));
+	p.jobs = (const enc_job_dev *)c->stage_dev;
+	p.crc_acc = c->crc_acc_dev;
+	p.B = B;
+	p.G = cfg->group;
+	p.H = cfg->n_kv_heads;
+	p.L = cfg->n_layers;
+	p.scheme = cfg->scheme;
+	p.kb = cfg->key_bits;
+	p.vb = cfg->value_bits;
+	p.dtype = cfg->dtype;
+	p.rotate_v = cfg->rotate_v;
+	p.sbf = cfg->dtype == KVT_DTYPE_BF16;
+	p.crc_field_off = (uint32_t)offsetof(struct kvt_chunk_header, crc32c);
+	p.norms_off = (uint32_t)lay0.norms_off;
+	p.k_scale_off = (uint32_t)lay0.k_scale_off;
+	p.k_zero_off = (uint32_t)lay0.k_zero_off;
+	p.v_scale_off = (uint32_t)lay0.v_scale_off;
+	p.v_zero_off = (uint32_t)lay0.v_zero_off;
+	p.k_codes_off = (uint32_t)lay0.k_codes_off;
+	p.v_codes_off = (uint32_t)lay0.v_codes_off;
+	p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
+
+	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
+	CK(cudaGetLastError(), "encode prep launch");
+	cudaError_t e;
+	switch (D) {
+	case 64:
+		e = enc_launch<64>(p, (uint32_t)n_jobs, c->stream);
+		break;
+	case 128:
+		e = enc_launch<128>(p, (uint32_t)n_jobs, c->stream);
+		break;
+	default:
+		e = enc_launch<256>(p, (uint32_t)n_jobs, c->stream);
+		break;
+	}
+	CK(e, "encode launch");
+	unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
+	crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs, p.crc_acc);
+	CK(cudaGetLastError(), "crc launch");
+	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
+		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
+	CK(cudaGetLastError(), "crc finish launch");
+	return 0;
+}
+
+/* ---- Decode ------------------------------------------------------------------------------- */
+
+#define DEC_THREADS 256
+#define DEC_TOKENS 16 /* tokens per block */
+
+struct dec_job_dev {
+	const uint8_t *chunk;
+	const uint16_t *pins;
+	void *k_out, *v_out;
+	uint64_t data_offset, layer_bytes, k_exact_off, v_exact_off;
+	uint32_t n_pinned, tb, te, lb, le, out_dtype;
+};
+
+struct dec_params {
+	const dec_job_dev *jobs;
+	uint32_t B, G, H, scheme, kb, vb, dtype, rotate_v, sbf;
+	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
+		v_codes_off;
+	float inv_sqrt_d;
+};
+
+/* A lane's EPL consecutive elements of a row, as f32, with one vector load. */
+template <int EPL>
+__device__ __forceinline__ void ld_vec(const uint8_t *row, int lane, uint32_t dt, float (&x)[EPL])
+{
+	if (dt == KVT_DTYPE_F32) {
+		const float4 *p4 = (const float4 *)(row + (size_t)lane * EPL * 4);
+		if constexpr (EPL == 2) {
+			float2 v = *(const float2 *)(row + (size_t)lane * 8);
+			x[0] = v.x;
+			x[1] = v.y;
+		} else {
+#pragma unroll
+			for (int i = 0; i < EPL / 4; i++) {
+				float4 v = p4[i];
+				x[4 * i] = v.x;
+				x[4 * i + 1] = v.y;
+				x[4 * i + 2] = v.z;
+				x[4 * i + 3] = v.w;
+			}
+		}
+		return;
+	}
+	uint32_t w[EPL / 2];
+	if constexpr (EPL == 2) {
+		w[0] = *(const uint32_t *)(row + (size_t)lane * 4);
+	} else if constexpr (EPL == 4) {
+		uint2 v = *(const uint2 *)(row + (size_t)lane * 8);
+		w[0] = v.x;
+		w[1] = v.y;
+	} else {
+		uint4 v = *(const uint4 *)(row + (size_t)lane * 16);
+		w[0] = v.x;
+		w[1] = v.y;
+		w[2] = v.z;
+		w[3] = v.w;
+	}
+#pragma unroll
+	for (int i = 0; i < EPL; i++) {
+		uint16_t hbits = (uint16_t)(i & 1 ? w[i / 2] >> 16 : w[i / 2] & 0xffff);
+		x[i] = dt == KVT_DTYPE_BF16 ? __uint_as_float((uint32_t)hbits << 16)
+					    : __half2float(__ushort_as_half(hbits));
+	}
+}
+
+/* Stores a lane's EPL consecutive elements with one vector store (16-bit types packed). */
+template <int EPL>
+__device__ __forceinline__ void st_vec(uint8_t *row, int lane, uint32_t dt, const float (&x)[EPL])
+{
+	if (dt == KVT_DTYPE_F32) {
+		if constexpr (EPL == 2) {
+			*(float2 *)(row + (size_t)lane * 8) = make_float2(x[0], x[1]);
+		} else {
+#pragma unroll
+			for (int i = 0; i < EPL / 4; i++)
+				((float4 *)(row + (size_t)lane * EPL * 4))[i] =
+					make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+		}
+		return;
+	}
+	uint32_t w[EPL / 2];
+#pragma unroll
+	for (int i = 0; i < EPL / 2; i++) {
+		uint32_t lo = kvt_d_round16(x[2 * i], dt == KVT_DTYPE_BF16);
+		uint32_t hi = kvt_d_round16(x[2 * i + 1], dt == KVT_DTYPE_BF16);
+		w[i] = lo | (hi << 16);
+	}
+	if constexpr (EPL == 2)
+		*(uint32_t *)(row + (size_t)lane * 4) = w[0];
+	else if constexpr (EPL == 4)
+		*(uint2 *)(row + (size_t)lane * 8) = make_uint2(w[0], w[1]);
+	else
+		*(uint4 *)(row + (size_t)lane * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* A lane's EPL codes of a packed row (EPL * bits = 4..64 bits, contiguous). */
+template <int EPL>
+__device__ __forceinline__ uint64_t ld_codes(const uint8_t *row, int lane, uint32_t bits)
+{
+	switch (EPL * bits) {
+	case 4:
+		return (row[lane >> 1] >> ((lane & 1) * 4)) & 0xf;
+	case 8:
+		return row[lane];
+	case 16:
+		return ((const uint16_t *)row)[lane];
+	case 32:
+		return ((const uint32_t *)row)[lane];
+	default:
+		return ((const uint64_t *)row)[lane];
+	}
+}
+
+#define DEC_ROWS 4 /* rows per warp iteration: their loads are all in flight together */
+
+template <int D>
+__global__ void __launch_bounds__(DEC_THREADS) dec_kernel(dec_params p)
+{
+	constexpr int EPL = D / 32;
+	__shared__ int16_t pidx[KVT_MAX_CHUNK_TOKENS];
+	const dec_job_dev &j = p.jobs[blockIdx.z];
+	const uint32_t l = j.lb + blockIdx.y;
+	const uint32_t tb = j.tb + blockIdx.x * DEC_TOKENS;
+	if (l >= j.le || tb >= j.te)
+		return;
+	const uint32_t te = min(tb + DEC_TOKENS, j.te);
+	for (uint32_t t = threadIdx.x; t < p.B; t += DEC_THREADS)
+		pidx[t] = -1;
+	__syncthreads();
+	for (uint32_t i = threadIdx.x; i < j.n_pinned; i += DEC_THREADS)
+		pidx[j.pins[i]] = (int16_t)i;
+	__syncthreads();
+
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const size_t os = j.out_dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const uint8_t *sec = j.chunk + j.data_offset + (size_t)l * j.layer_bytes;
+	const uint32_t nt = j.te - j.tb, gv = p.G < D ? p.G : D, ng = D / gv;
+	const bool bf = p.sbf;
+	const uint32_t rows = (te - tb) * p.H * 2;
+	const uint32_t c0 = lane * EPL;
+	for (uint32_t r0 = warp * DEC_ROWS; r0 < rows; r0 += DEC_ROWS * (DEC_THREADS / 32)) {
+		float x[DEC_ROWS][EPL];
+		float mult[DEC_ROWS];
+		bool rot[DEC_ROWS];
+		uint8_t *dst[DEC_ROWS];
+		/* loads of DEC_ROWS rows first */
+#pragma unroll
+		for (int rr = 0; rr < DEC_ROWS; rr++) {
+			const uint32_t r = r0 + rr;
+			dst[rr] = NULL;
+			rot[rr] = false;
+			mult[rr] = p.inv_sqrt_d;
+			if (r >= rows)
+				continue;
+			const bool is_v = r & 1;
+			const uint32_t th = r >> 1, t = tb + th / p.H, h = th % p.H;
+			void *out = is_v ? j.v_out : j.k_out;
+			if (!out)
+				continue;
+			dst[rr] = (uint8_t *)out + ((((size_t)(l - j.lb) * nt + (t - j.tb)) * p.H + h) * D) * os;
+			if (p.scheme == KVT_SCHEME_NONE) {
+				ld_vec<EPL>(sec + (is_v ? p.v_codes_off : p.k_codes_off) + ((size_t)h * p.B + t) * D * ws,
+					    lane, p.dtype, x[rr]);
+				continue;
+			}
+			if (pidx[t] >= 0) {
+				ld_vec<EPL>(sec + (is_v ? j.v_exact_off : j.k_exact_off) +
+						    ((size_t)pidx[t] * p.H + h) * D * ws,
+					    lane, p.dtype, x[rr]);
+				continue;
+			}
+			const size_t idx = (size_t)h * p.B + t;
+			const uint32_t bits = is_v ? p.vb : p.kb;
+			const uint64_t cb = ld_codes<EPL>(sec + (is_v ? p.v_codes_off : p.k_codes_off) +
+								  idx * (D * bits / 8),
+							  lane, bits);
+			const uint16_t *sc = (const uint16_t *)(sec + (is_v ? p.v_scale_off : p.k_scale_off));
+			const uint16_t *zr = (const uint16_t *)(sec + (is_v ? p.v_zero_off : p.k_zero_off));
+			const uint32_t mask = (1u << bits) - 1;
+			if (!is_v && p.scheme != KVT_SCHEME_HADAMARD) {
+				/* per-channel scale and zero: EPL consecutive halves */
+				const size_t si = ((size_t)h * (p.B / p.G) + t / p.G) * D;
+				float s[EPL], z[EPL];
+				ld_vec<EPL>((const uint8_t *)(sc + si), lane, bf ? KVT_DTYPE_BF16 : KVT_DTYPE_F16, s);
+				ld_vec<EPL>((const uint8_t *)(zr + si), lane, bf ? KVT_DTYPE_BF16 : KVT_DTYPE_F16, z);
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					x[rr][e] = __fadd_rn(__fmul_rn((float)((cb >> (e * bits)) & mask), s[e]), z[e]);
+			} else {
+				/* per-token group: the lane's EPL channels share one */
+				const size_t si = idx * ng + c0 / gv;
+				const float s = kvt_d_widen16(sc[si], bf), z = kvt_d_widen16(zr[si], bf);
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					x[rr][e] = __fadd_rn(__fmul_rn((float)((cb >> (e * bits)) & mask), s), z);
+			}
+			if (is_v) {
+				rot[rr] = p.rotate_v != 0;
+			} else {
+				rot[rr] = p.scheme == KVT_SCHEME_OSCAR || p.scheme == KVT_SCHEME_HADAMARD;
+				if (p.scheme == KVT_SCHEME_OSCAR)
+					mult[rr] = __fmul_rn(((const float *)(sec + p.norms_off))[t], p.inv_sqrt_d);
+			}
+		}
+		/* then the transforms and the stores */
+#pragma unroll
+		for (int rr = 0; rr < DEC_ROWS; rr++) {
+			/* rot is uniform across the warp (one row per warp at a time) */
+			if (rot[rr])
+				kvt_d_fwht<EPL>(x[rr], lane, mult[rr]);
+			if (dst[rr])
+				st_vec<EPL>(dst[rr], lane, j.out_dtype, x[rr]);
+		}
+	}
+}
+
+static int header_config(const struct kvt_chunk_header *h, struct kvt_codec_config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->scheme = h->scheme;
+	cfg->key_bits = h->scheme == KVT_SCHEME_NONE ? 0 : h->key_bits;
+	cfg->value_bits = h->scheme == KVT_SCHEME_NONE ? 0 : h->value_bits;
+	cfg->group = h->group;
+	cfg->chunk_tokens = h->chunk_tokens;
+	cfg->n_layers = h->n_layers;
+	cfg->n_kv_heads = h->n_kv_heads;
+	cfg->head_dim = h->head_dim;
+	cfg->dtype = h->dtype;
+	cfg->rotate_v = h->rotate_v;
+	cfg->n_sinks = h->n_sinks;
+	if (h->magic != KVT_CHUNK_MAGIC || h->version != KVT_CHUNK_VERSION)
+		return -EBADMSG;
+	return kvt_codec_config_validate(cfg, NULL, 0) ? -EBADMSG : 0;
+}
+
+extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job *jobs,
+			       size_t n_jobs, char *err, size_t errlen)
+{
+	int rc;
+	if (!c || (n_jobs && !jobs))
+		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or jobs is NULL");
+	if (n_jobs > KVT_CUDA_MAX_JOBS)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
+				     KVT_CUDA_MAX_JOBS);
+	if (n_jobs == 0)
+		return 0;
+	struct kvt_codec_config cfg0;
+	if (!jobs[0].hdr || header_config(jobs[0].hdr, &cfg0))
+		return kvt_cuda_errf(err, errlen, -EINVAL, "job 0: hdr is NULL or not a chunk");
+	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
+		return rc;
+	dec_job_dev *jd = (dec_job_dev *)c->stage_host;
+	uint32_t max_tok = 0, max_lay = 0;
+	struct kvt_chunk_layout lay0;
+	kvt_chunk_layout(&cfg0, 0, &lay0);
+	for (size_t i = 0; i < n_jobs; i++) {
+		const struct kvt_cuda_decode_job *jb = &jobs[i];
+		struct kvt_codec_config cfg;
+		struct kvt_chunk_layout lay;
+		if (!jb->hdr || header_config(jb->hdr, &cfg))
+			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: hdr is not a chunk", i);
+		if (cfg.scheme != cfg0.scheme || cfg.key_bits != cfg0.key_bits ||
+		    cfg.value_bits != cfg0.value_bits || cfg.group != cfg0.group ||
+		    cfg.chunk_tokens != cfg0.chunk_tokens || cfg.n_kv_heads != cfg0.n_kv_heads ||
+		    cfg.head_dim != cfg0.head_dim || cfg.dtype != cfg0.dtype ||
+		    cfg.rotate_v != cfg0.rotate_v)
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: codec or shape differs from job 0's (one "
+					     "call decodes one codec)", i);
+		if (jb->hdr->n_pinned > cfg.chunk_tokens ||
+		    kvt_chunk_layout(&cfg, jb->hdr->n_pinned, &lay))
+			return kvt_cuda_errf(err, errlen, -EINVAL, "job %zu: bad n_pinned %u", i,
+					     jb->hdr->n_pinned);
+		if (!jb->chunk_dev || jb->tok_begin >= jb->tok_end ||
+		    jb->tok_end > cfg.chunk_tokens || jb->layer_begin >= jb->layer_end ||
+		    jb->layer_end > cfg.n_layers)
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: token range [%u, %u) of %u or layer range "
+					     "[%u, %u) of %u is empty or out of range (or chunk_dev "
+					     "is NULL)", i, jb->tok_begin, jb->tok_end,
+					     cfg.chunk_tokens, jb->layer_begin, jb->layer_end,
+					     cfg.n_layers);
+		if (((uintptr_t)jb->chunk_dev & 15) || ((uintptr_t)jb->k_out_dev & 15) ||
+		    ((uintptr_t)jb->v_out_dev & 15))
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: chunk_dev, k_out_dev and v_out_dev must be "
+					     "16-byte aligned", i);
+		if (!kvt_dtype_size(jb->out_dtype))
+			return kvt_cuda_errf(err, errlen, -EINVAL,
+					     "job %zu: out_dtype %u is not f16, bf16 or f32", i,
+					     jb->out_dtype);
+		dec_job_dev *d = &jd[i];
+		memset(d, 0, sizeof(*d));
+		d->chunk = (const uint8_t *)jb->chunk_dev;
+		d->pins = (const uint16_t *)((const uint8_t *)jb->chunk_dev + KVT_CHUNK_HEADER_BYTES);
+		d->k_out = jb->k_out_dev;
+		d->v_out = jb->v_out_dev;
+		d->data_offset = lay.data_offset;
+		d->layer_bytes = lay.layer_bytes;
+		d->k_exact_off = lay.k_exact_off;
+		d->v_exact_off = lay.v_exact_off;
+		d->n_pinned = jb->hdr->n_pinned;
+		d->tb = jb->tok_begin;
+		d->te = jb->tok_end;
+		d->lb = jb->layer_begin;
+		d->le = jb->layer_end;
+		d->out_dtype = jb->out_dtype;
+		if (jb->tok_end - jb->tok_begin > max_tok)
+			max_tok = jb->tok_end - jb->tok_begin;
+		if (jb->layer_end - jb->layer_begin > max_lay)
+			max_lay = jb->layer_end - jb->layer_begin;
+	}
+	if ((rc = kvt_cuda_stage_push(c, n_jobs * sizeof(dec_job_dev), err, errlen)))
+		return rc;
+	dec_params p;
+	memset(&p, 0, sizeof(p));
+	p.jobs = (const dec_job_dev *)c->stage_dev;
+	p.B = cfg0.chunk_tokens;
+	p.G = cfg0.group;
+	p.H = cfg0.n_kv_heads;
+	p.scheme = cfg0.scheme;
+	p.kb = cfg0.key_bits;
+	p.vb = cfg0.value_bits;
+	p.dtype = cfg0.dtype;
+	p.rotate_v = cfg0.rotate_v;
+	p.sbf = cfg0.dtype == KVT_DTYPE_BF16;
+	p.norms_off = (uint32_t)lay0.norms_off;
+	p.k_scale_off = (uint32_t)lay0.k_scale_off;
+	p.k_zero_off = (uint32_t)lay0.k_zero_off;
+	p.v_scale_off = (uint32_t)lay0.v_scale_off;
+	p.v_zero_off = (uint32_t)lay0.v_zero_off;
+	p.k_codes_off = (uint32_t)lay0.k_codes_off;
+	p.v_codes_off = (uint32_t)lay0.v_codes_off;
+	p.inv_sqrt_d = (float)(1.0 / sqrt((double)cfg0.head_dim));
+	dim3 grid((max_tok + DEC_TOKENS - 1) / DEC_TOKENS, max_lay, (unsigned)n_jobs);
+	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	switch (cfg0.head_dim) {
+	case 64:
+		dec_kernel<64><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		break;
+	case 128:
+		dec_kernel<128><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		break;
+	default:
+		dec_kernel<256><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		break;
+	}
+	CK(cudaGetLastError(), "decode launch");
+	return 0;
+}

@@ -1,0 +1,436 @@
+/*
+ * bench_gpu.c - `kvtier-bench gpu`.
+ *
+ *   kvtier-bench gpu [--sdpa FILE] [--iters N]
+ *
+ * Measures, on device 0:
+ *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
+ *            memory ceiling every other figure is compared with;
+ *   attend   one decode step of attention, oscar INT2 G32 (and INT4 G128), Hq 32, Hkv 8,
+ *            d 128, bf16 queries, at batch x tokens = 1 x 131072, 8 x 32768, 48 x 4096:
+ *            us per step, chunk bytes read per second, the ratio to the copy bandwidth, and
+ *            the speedup over torch SDPA bf16 from FILE (bench_gpu_sdpa.py, same machine,
+ *            same run);
+ *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
+ *   decode   bf16 output bytes per second (the same chunks, every layer and token).
+ * Times are host wall clock around N enqueued runs and one synchronisation, the median of
+ * 5 trials, after warm-up; every run reads inputs larger than the L2 cache.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bench.h"
+#include "kvt_codec.h"
+#include "kvt_cuda.h"
+
+#define TRIALS 5
+
+static kvt_cuda_ctx *ctx;
+static int iters = 30;
+static char err[512];
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+typedef int (*run_fn)(void *arg);
+
+/* Median seconds per run over TRIALS trials of n enqueued runs each. */
+static double time_runs(run_fn fn, void *arg, int n)
+{
+	double t[TRIALS];
+	for (int w = 0; w < 3; w++)
+		if (fn(arg))
+			return -1.0;
+	if (kvt_cuda_sync(ctx, err, sizeof(err)))
+		return -1.0;
+	for (int i = 0; i < TRIALS; i++) {
+		double t0 = now_s();
+		for (int r = 0; r < n; r++)
+			if (fn(arg))
+				return -1.0;
+		if (kvt_cuda_sync(ctx, err, sizeof(err)))
+			return -1.0;
+		t[i] = (now_s() - t0) / n;
+	}
+	qsort(t, TRIALS, sizeof(double), cmp_d);
+	return t[TRIALS / 2];
+}
+
+static uint16_t bf16_of(float f) { return kvt_f32_to_bf16(f); }
+
+static float randn(uint64_t *s)
+{
+	/* xorshift + Box-Muller: deterministic, fine for timing data */
+	uint64_t x = *s;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	double u1 = ((x >> 11) + 1) * 0x1p-53, u2 = ((x * 0x9e3779b97f4a7c15ull) >> 11) * 0x1p-53;
+	return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* ---- copy ---------------------------------------------------------------------------------- */
+
+struct copy_arg {
+	void *a, *b;
+	size_t bytes;
+};
+
+static int run_copy(void *p)
+{
+	struct copy_arg *c = p;
+	return kvt_cuda_copy_async(ctx, c->b, c->a, c->bytes, err, sizeof(err));
+}
+
+static double bench_copy(void)
+{
+	struct copy_arg c = {NULL, NULL, (size_t)1 << 30};
+	if (kvt_cuda_alloc(ctx, c.bytes, &c.a, err, sizeof(err)) ||
+	    kvt_cuda_alloc(ctx, c.bytes, &c.b, err, sizeof(err)))
+		return -1.0;
+	kvt_cuda_memset_async(ctx, c.a, 0x3c, c.bytes, err, sizeof(err));
+	double t = time_runs(run_copy, &c, 10);
+	kvt_cuda_free(ctx, c.a);
+	kvt_cuda_free(ctx, c.b);
+	if (t <= 0)
+		return -1.0;
+	double bw = 2.0 * (double)c.bytes / t;
+	printf("{\"bench\":\"gpu\",\"op\":\"copy_d2d\",\"bytes\":%zu,\"us\":%.1f,"
+	       "\"tb_per_s\":%.3f,\"counting\":\"read+write\"}\n",
+	       c.bytes, t * 1e6, bw / 1e12);
+	return bw;
+}
+
+/* ---- sdpa reference (from bench_gpu_sdpa.py) ----------------------------------------------- */
+
+struct sdpa_row {
+	int batch, tokens;
+	double us;
+	char backend[32];
+};
+static struct sdpa_row sdpa[16];
+static int n_sdpa;
+
+static void load_sdpa(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		fprintf(stderr, "cannot open %s: %s\n", path, strerror(errno));
+		return;
+	}
+	char line[2048];
+	while (fgets(line, sizeof(line), f) && n_sdpa < 16) {
+		struct sdpa_row r;
+		memset(&r, 0, sizeof(r));
+		char *p;
+		if (!(p = strstr(line, "\"batch\":")) || sscanf(p + 8, "%d", &r.batch) != 1)
+			continue;
+		if (!(p = strstr(line, "\"tokens\":")) || sscanf(p + 9, "%d", &r.tokens) != 1)
+			continue;
+		if (!(p = strstr(line, "\"us_best\":")) || sscanf(p + 10, "%lf", &r.us) != 1)
+			continue;
+		if ((p = strstr(line, "\"best\":\"")))
+			sscanf(p + 8, "%31[^\"]", r.backend);
+		sdpa[n_sdpa++] = r;
+	}
+	fclose(f);
+}
+
+static const struct sdpa_row *find_sdpa(int batch, int tokens)
+{
+	for (int i = 0; i < n_sdpa; i++)
+		if (sdpa[i].batch == batch && sdpa[i].tokens == tokens)
+			return &sdpa[i];
+	return NULL;
+}
+
+/* ---- attention ----------------------------------------------------------------------------- */
+
+struct att_arg {
+	kvt_cuda_attend_plan *plan;
+};
+
+static int run_att(void *p)
+{
+	return kvt_cuda_attend_run(ctx, ((struct att_arg *)p)->plan, err, sizeof(err));
+}
+
+#define N_TEMPLATES 64
+
+static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
+{
+	const uint32_t H = 8, D = 128, HQ = 32, B = 128;
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 1, H, D, KVT_DTYPE_BF16);
+	cfg.key_bits = cfg.value_bits = bits;
+	cfg.group = group;
+	cfg.chunk_tokens = B;
+	int rc = -1;
+	const size_t row = (size_t)H * D, per_in = (size_t)B * row * 2;
+	const uint32_t nc = (uint32_t)tokens / B;
+	const size_t cap = kvt_chunk_max_bytes(&cfg);
+	void *din = NULL, *tmpl = NULL, *arena = NULL, *qd = NULL, *outd = NULL;
+	uint16_t *hin = malloc(per_in * N_TEMPLATES * 2);
+	struct kvt_chunk_header *hdrs = calloc((size_t)batch * nc, sizeof(*hdrs));
+	const struct kvt_chunk_header **hp = calloc((size_t)batch * nc, sizeof(*hp));
+	const void **cp = calloc((size_t)batch * nc, sizeof(*cp));
+	struct kvt_cuda_attend_request *reqs = calloc((size_t)batch, sizeof(*reqs));
+	struct kvt_chunk_header th[N_TEMPLATES];
+	int64_t sizes[N_TEMPLATES];
+	struct kvt_cuda_encode_job jobs[N_TEMPLATES];
+	kvt_cuda_attend_plan *plan = NULL;
+	if (!hin || !hdrs || !hp || !cp || !reqs)
+		goto out;
+	/* templates: random K/V (keys with outlier channels), template 0 holds the sinks */
+	uint64_t s = 0x1234567ull + (uint64_t)tokens * 31 + bits;
+	for (size_t i = 0; i < per_in * N_TEMPLATES; i++)
+		hin[i] = bf16_of(randn(&s) * ((i % D) % 16 == 3 ? 6.0f : 1.0f));
+	if (kvt_cuda_alloc(ctx, per_in * N_TEMPLATES * 2, &din, err, sizeof(err)) ||
+	    kvt_cuda_upload(ctx, din, hin, per_in * N_TEMPLATES * 2, err, sizeof(err)) ||
+	    kvt_cuda_alloc(ctx, cap * N_TEMPLATES, &tmpl, err, sizeof(err)))
+		goto out;
+	for (int i = 0; i < N_TEMPLATES; i++) {
+		jobs[i].first_token = (uint64_t)i * B;
+		jobs[i].k_dev = (uint8_t *)din + (size_t)i * 2 * per_in;
+		jobs[i].v_dev = (uint8_t *)din + (size_t)i * 2 * per_in + per_in;
+		jobs[i].out_dev = (uint8_t *)tmpl + (size_t)i * cap;
+		jobs[i].out_cap = cap;
+	}
+	if (kvt_cuda_encode(ctx, &cfg, jobs, N_TEMPLATES, sizes, err, sizeof(err)) ||
+	    kvt_cuda_sync(ctx, err, sizeof(err)))
+		goto out;
+	for (int i = 0; i < N_TEMPLATES; i++)
+		if (kvt_cuda_download(ctx, &th[i], jobs[i].out_dev, sizeof(th[i]), err, sizeof(err)))
+			goto out;
+	/* the sessions' chunks: copies of the templates in one arena, 256-byte aligned */
+	size_t slot = (cap + 255) & ~(size_t)255;
+	if (kvt_cuda_alloc(ctx, slot * batch * nc, &arena, err, sizeof(err)))
+		goto out;
+	for (int b = 0; b < batch; b++)
+		for (uint32_t c = 0; c < nc; c++) {
+			size_t i = (size_t)b * nc + c;
+			int t = c == 0 ? 0 : 1 + (int)((i * 7 + c) % (N_TEMPLATES - 1));
+			void *dst = (uint8_t *)arena + i * slot;
+			if (kvt_cuda_copy_async(ctx, dst, jobs[t].out_dev, (size_t)sizes[t], err,
+						sizeof(err)))
+				goto out;
+			hdrs[i] = th[t];
+			hdrs[i].first_token = (uint64_t)c * B;
+			hp[i] = &hdrs[i];
+			cp[i] = dst;
+		}
+	/* queries bf16, outputs f32 */
+	size_t qn = (size_t)batch * HQ * D;
+	uint16_t *hq = malloc(qn * 2);
+	if (!hq)
+		goto out;
+	for (size_t i = 0; i < qn; i++)
+		hq[i] = bf16_of(randn(&s));
+	int qrc = kvt_cuda_alloc(ctx, qn * 2, &qd, err, sizeof(err));
+	qrc = qrc ? qrc : kvt_cuda_upload(ctx, qd, hq, qn * 2, err, sizeof(err));
+	free(hq);
+	if (qrc || kvt_cuda_alloc(ctx, qn * 4, &outd, err, sizeof(err)))
+		goto out;
+	for (int b = 0; b < batch; b++)
+		reqs[b] = (struct kvt_cuda_attend_request){
+			.cfg = &cfg, .layer = 0, .n_q_heads = HQ, .softmax_scale = 1.0f / sqrtf((float)D),
+			.q_dev = (uint8_t *)qd + (size_t)b * HQ * D * 2, .q_dtype = KVT_DTYPE_BF16,
+			.chunks_dev = cp + (size_t)b * nc, .chunk_hdrs = hp + (size_t)b * nc,
+			.n_chunks = nc, .out_dev = (float *)outd + (size_t)b * HQ * D};
+	double tb0 = now_s();
+	if (kvt_cuda_attend_plan_build(ctx, reqs, (size_t)batch, &plan, err, sizeof(err)))
+		goto out;
+	double plan_us = (now_s() - tb0) * 1e6;
+	struct kvt_cuda_attend_plan_info info;
+	kvt_cuda_attend_plan_info(plan, &info);
+	struct att_arg a = {plan};
+	double t = time_runs(run_att, &a, iters);
+	if (t <= 0)
+		goto out;
+	double bw = (double)info.read_bytes / t;
+	const struct sdpa_row *sr = find_sdpa(batch, tokens);
+	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,\"G\":%u,"
+	       "\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
+	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
+	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
+	       "\"kernel\":\"%s\"",
+	       bits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
+	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
+	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores" : "mma");
+	if (sr)
+		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
+		       sr->us, sr->backend, sr->us / (t * 1e6));
+	printf("}\n");
+	rc = 0;
+out:
+	if (rc)
+		fprintf(stderr, "attend %dx%d: %s\n", batch, tokens, err);
+	kvt_cuda_attend_plan_destroy(plan);
+	kvt_cuda_free(ctx, din);
+	kvt_cuda_free(ctx, tmpl);
+	kvt_cuda_free(ctx, arena);
+	kvt_cuda_free(ctx, qd);
+	kvt_cuda_free(ctx, outd);
+	free(hin);
+	free(hdrs);
+	free(hp);
+	free(cp);
+	free(reqs);
+	return rc;
+}
+
+/* ---- encode / decode ------------------------------------------------------------------------ */
+
+#define ED_CHUNKS 32
+
+struct enc_arg {
+	const struct kvt_codec_config *cfg;
+	struct kvt_cuda_encode_job *jobs;
+	int64_t *sizes;
+};
+
+static int run_enc(void *p)
+{
+	struct enc_arg *e = p;
+	return kvt_cuda_encode(ctx, e->cfg, e->jobs, ED_CHUNKS, e->sizes, err, sizeof(err));
+}
+
+struct dec_arg {
+	struct kvt_cuda_decode_job *jobs;
+};
+
+static int run_dec(void *p)
+{
+	return kvt_cuda_decode(ctx, ((struct dec_arg *)p)->jobs, ED_CHUNKS, err, sizeof(err));
+}
+
+static int bench_encode_decode(double copy_bw)
+{
+	const uint32_t L = 32, H = 8, D = 128, B = 128;
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, L, H, D, KVT_DTYPE_BF16);
+	const size_t per = (size_t)L * B * H * D * 2; /* one of K or V, bytes */
+	const size_t cap = kvt_chunk_max_bytes(&cfg);
+	void *in = NULL, *out = NULL, *dec = NULL;
+	int rc = -1;
+	uint16_t *h = malloc(2 * per);
+	struct kvt_cuda_encode_job jobs[ED_CHUNKS];
+	struct kvt_cuda_decode_job djobs[ED_CHUNKS];
+	struct kvt_chunk_header hdrs[ED_CHUNKS];
+	int64_t sizes[ED_CHUNKS];
+	if (!h)
+		goto out;
+	uint64_t s = 0xfeedull;
+	for (size_t i = 0; i < per; i++)
+		h[i] = bf16_of(randn(&s) * ((i % D) % 16 == 3 ? 6.0f : 1.0f));
+	if (kvt_cuda_alloc(ctx, 2 * per * ED_CHUNKS, &in, err, sizeof(err)) ||
+	    kvt_cuda_alloc(ctx, cap * ED_CHUNKS, &out, err, sizeof(err)) ||
+	    kvt_cuda_alloc(ctx, 2 * per * ED_CHUNKS, &dec, err, sizeof(err)) ||
+	    kvt_cuda_upload(ctx, in, h, 2 * per, err, sizeof(err)))
+		goto out;
+	for (int i = 1; i < 2 * ED_CHUNKS; i++)
+		if (kvt_cuda_copy_async(ctx, (uint8_t *)in + i * per, in, per, err, sizeof(err)))
+			goto out;
+	for (int i = 0; i < ED_CHUNKS; i++)
+		jobs[i] = (struct kvt_cuda_encode_job){(uint64_t)(i + 1) * B,
+						       (uint8_t *)in + (size_t)2 * i * per,
+						       (uint8_t *)in + (size_t)(2 * i + 1) * per,
+						       (uint8_t *)out + (size_t)i * cap, cap};
+	struct enc_arg ea = {&cfg, jobs, sizes};
+	double te = time_runs(run_enc, &ea, 10);
+	if (te <= 0)
+		goto out;
+	double in_bytes = 2.0 * per * ED_CHUNKS;
+	printf("{\"bench\":\"gpu\",\"op\":\"encode\",\"scheme\":\"oscar\",\"bits\":2,\"G\":32,"
+	       "\"chunks\":%d,\"layers\":%u,\"in_bytes_bf16\":%.0f,\"us\":%.1f,"
+	       "\"tb_per_s_bf16_in\":%.3f,\"copy_tb_per_s\":%.3f,\"chunk_bytes\":%lld}\n",
+	       ED_CHUNKS, L, in_bytes, te * 1e6, in_bytes / te / 1e12, copy_bw / 1e12,
+	       (long long)sizes[0]);
+	for (int i = 0; i < ED_CHUNKS; i++) {
+		if (kvt_cuda_download(ctx, &hdrs[i], jobs[i].out_dev, sizeof(hdrs[i]), err,
+				      sizeof(err)))
+			goto out;
+		djobs[i] = (struct kvt_cuda_decode_job){jobs[i].out_dev, &hdrs[i], 0, B, 0, L,
+							KVT_DTYPE_BF16,
+							(uint8_t *)dec + (size_t)2 * i * per,
+							(uint8_t *)dec + (size_t)(2 * i + 1) * per};
+	}
+	struct dec_arg da = {djobs};
+	double td = time_runs(run_dec, &da, 10);
+	if (td <= 0)
+		goto out;
+	printf("{\"bench\":\"gpu\",\"op\":\"decode\",\"scheme\":\"oscar\",\"bits\":2,\"G\":32,"
+	       "\"chunks\":%d,\"layers\":%u,\"out_bytes_bf16\":%.0f,\"us\":%.1f,"
+	       "\"tb_per_s_bf16_out\":%.3f,\"copy_tb_per_s\":%.3f}\n",
+	       ED_CHUNKS, L, in_bytes, td * 1e6, in_bytes / td / 1e12, copy_bw / 1e12);
+	rc = 0;
+out:
+	if (rc)
+		fprintf(stderr, "encode/decode: %s\n", err);
+	kvt_cuda_free(ctx, in);
+	kvt_cuda_free(ctx, out);
+	kvt_cuda_free(ctx, dec);
+	free(h);
+	return rc;
+}
+
+int kvt_bench_gpu(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--sdpa") && i + 1 < argc)
+			load_sdpa(argv[++i]);
+		else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
+			iters = atoi(argv[++i]);
+		else {
+			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (kvt_cuda_device_count() == 0) {
+		fprintf(stderr, "no CUDA device\n");
+		return 77;
+	}
+	if (kvt_cuda_ctx_create(0, &ctx, err, sizeof(err))) {
+		fprintf(stderr, "%s\n", err);
+		return 1;
+	}
+	char name[128];
+	int sms = 0;
+	kvt_cuda_ctx_info(ctx, name, sizeof(name), &sms);
+	printf("{\"bench\":\"gpu\",\"op\":\"device\",\"name\":\"%s\",\"sms\":%d}\n", name, sms);
+	int rc = 0;
+	double bw = bench_copy();
+	if (bw <= 0) {
+		fprintf(stderr, "copy: %s\n", err);
+		rc = 1;
+		goto out;
+	}
+	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
+	for (int i = 0; i < 3; i++)
+		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
+	rc |= bench_attend(4, 128, 1, 131072, bw);
+	/* the CUDA-core kernel on the same case, for the record */
+	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
+	rc |= bench_attend(2, 32, 1, 131072, bw);
+	unsetenv("KVTIER_CUDA_NO_MMA");
+	rc |= bench_encode_decode(bw);
+out:
+	kvt_cuda_ctx_destroy(ctx);
+	return rc ? 1 : 0;
+}

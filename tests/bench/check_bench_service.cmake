@@ -1,0 +1,50 @@
+cmake_minimum_required(VERSION 3.25)
+# Runs a tiny `kvtier-bench service` (its own kvtierd and redis-server on unix sockets in a
+# temporary directory) and checks the output: one JSON object per workload with the documented
+# fields, every workload ok (replies verified), ratios against Redis present.
+# Usage: cmake -DBENCH=path -DKVTIERD=path -P this
+execute_process(COMMAND ${BENCH} service --kvtierd ${KVTIERD} --threads 2 --seconds 0.2
+                        --layers 2 --kv-heads 2 --head-dim 128 --tokens 64 --sessions 2
+                        --session-tokens 256 --chunk-tokens 64
+                OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "kvtier-bench service exited ${rc}:\n${err}\n${out}")
+endif()
+string(REPLACE ";" "," out "${out}")
+string(REGEX REPLACE "\n$" "" out "${out}")
+string(REPLACE "\n" ";" lines "${out}")
+set(seen "")
+foreach(line IN LISTS lines)
+  string(JSON type ERROR_VARIABLE jerr TYPE "${line}")
+  if(jerr OR NOT type STREQUAL "OBJECT")
+    message(FATAL_ERROR "not a JSON object: ${line} (${jerr})")
+  endif()
+  string(JSON workload GET "${line}" workload)
+  list(APPEND seen ${workload})
+  if(workload STREQUAL "memory")
+    set(fields logical_bytes kvtierd_bytes_held kvtierd_rss_bytes redis_rss_bytes ratio_vs_redis
+        target_ratio)
+  else()
+    set(fields requests requests_per_s logical_gb_per_s latency_us_p50 latency_us_p99
+        redis_gb_per_s ratio_vs_redis ok)
+  endif()
+  foreach(f bench threads scheme bits group ${fields})
+    string(JSON v ERROR_VARIABLE jerr GET "${line}" ${f})
+    if(jerr)
+      message(FATAL_ERROR "field ${f} missing in: ${line}")
+    endif()
+  endforeach()
+  if(NOT workload STREQUAL "memory")
+    string(JSON ok GET "${line}" ok)
+    string(JSON n GET "${line}" requests)
+    if(NOT ok OR NOT n GREATER 0)
+      message(FATAL_ERROR "workload ${workload} failed or made no requests: ${line}")
+    endif()
+  endif()
+endforeach()
+foreach(w append memory fetch fetch_encoded attend)
+  if(NOT w IN_LIST seen)
+    message(FATAL_ERROR "no ${w} line in:\n${out}")
+  endif()
+endforeach()
+message(STATUS "kvtier-bench service: ${lines}")

@@ -1,0 +1,211 @@
+/* Unit tests of the configuration table: defaults, bounds, source order, cross checks, and
+ * the command-line modes of kvtierd (--check-config, --print-config, --help). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "kvt_test.h"
+
+static const char *g_kvtierd;
+static char g_tmp[256];
+
+static int load(struct kvt_config *cfg, char *err, size_t errlen, int argc, char **argv)
+{
+	struct kvt_cmdline cmd;
+	return kvt_config_load(cfg, argc, argv, &cmd, NULL, err, errlen);
+}
+
+static void test_defaults(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	char *argv[] = {"kvtierd", NULL};
+	int rc = load(&c, err, sizeof err, 1, argv);
+	KVT_REQUIRE(rc == 0, "defaults rejected: %s", err);
+	KVT_CHECK(c.max_message_bytes == 4u << 20, "max_message_bytes %llu",
+		  (unsigned long long)c.max_message_bytes);
+	KVT_CHECK(c.host_capacity_bytes == 4ull << 30, "host_capacity_bytes");
+	KVT_CHECK(c.cq_threads == 2, "cq_threads");
+	KVT_CHECK(c.default_chunk_tokens == 128 && c.default_group == 32, "codec defaults");
+	KVT_CHECK(c.default_scheme == 3, "oscar is the default scheme");
+	KVT_CHECK(c.capacity_policy == KVT_POLICY_DROP_COLDEST, "policy");
+	KVT_CHECK(c.socket_path[0] == '\0' && c.listen_tcp[0] == '\0', "listeners");
+	for (size_t i = 0; i < kvt_config_n_options(); i++)
+		KVT_CHECK(kvt_config_option_name(i) != NULL, "option %zu has a name", i);
+}
+
+static void test_bounds(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	char *a1[] = {"kvtierd", "--max-message-bytes=1K", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a1) == -EINVAL, "1K accepted");
+	KVT_CHECK(strstr(err, "max_message_bytes") && strstr(err, "256KiB..64MiB"),
+		  "message names option and limit: %s", err);
+	char *a2[] = {"kvtierd", "--cq_threads", "0", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a2) == -EINVAL, "cq_threads 0 accepted");
+	KVT_CHECK(strstr(err, "cq_threads") && strstr(err, "1..64"), "%s", err);
+	char *a3[] = {"kvtierd", "--capacity-policy=maybe", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a3) == -EINVAL, "bad enum accepted");
+	KVT_CHECK(strstr(err, "reject, drop-coldest"), "%s", err);
+	char *a4[] = {"kvtierd", "--host-capacity-bytes=2GiB", "--max-append-bytes=512M", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a4) == 0, "sizes: %s", err);
+	KVT_CHECK(c.host_capacity_bytes == 2ull << 30 && c.max_append_bytes == 512ull << 20,
+		  "size suffixes");
+	char *a5[] = {"kvtierd", "--no-such-option=1", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a5) == -EINVAL && strstr(err, "unknown option"),
+		  "%s", err);
+	char *a6[] = {"kvtierd", "--default-chunk-tokens=80", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a6) == -EINVAL &&
+			  strstr(err, "not a multiple of default_group"),
+		  "%s", err);
+	char *a7[] = {"kvtierd", "--default-ttl-seconds=100", "--max-ttl-seconds=10", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a7) == -EINVAL && strstr(err, "max_ttl_seconds"),
+		  "%s", err);
+	char *a8[] = {"kvtierd", "--default-key-bits=3", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a8) == -EINVAL && strstr(err, "2, 4, 8"), "%s", err);
+	uint64_t v = 0;
+	KVT_CHECK(kvt_parse_size("4GiB", &v) == 0 && v == 4ull << 30, "4GiB");
+	KVT_CHECK(kvt_parse_size("512MB", &v) == 0 && v == 512ull << 20, "512MB");
+	KVT_CHECK(kvt_parse_size("12x", &v) == -EINVAL, "12x");
+	KVT_CHECK(kvt_parse_size("-1", &v) == -EINVAL, "-1");
+	uint64_t ram = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+	KVT_CHECK(kvt_parse_size("50%", &v) == 0 && v == ram / 100 * 50, "50%% of RAM: %llu",
+		  (unsigned long long)v);
+	KVT_CHECK(kvt_parse_size("0%", &v) == -EINVAL && kvt_parse_size("101%", &v) == -EINVAL &&
+			  kvt_parse_size("5%x", &v) == -EINVAL,
+		  "bad shares");
+}
+
+static void test_tcp_rules(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	char *a1[] = {"kvtierd", "--listen-tcp", "127.0.0.1:7000", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a1) == -EINVAL && strstr(err, "--insecure-loopback"),
+		  "plaintext loopback without the flag: %s", err);
+	char *a2[] = {"kvtierd", "--listen-tcp=0.0.0.0:7000", "--insecure-loopback", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a2) == -EINVAL && strstr(err, "loopback"),
+		  "non-loopback accepted: %s", err);
+	char *a3[] = {"kvtierd", "--listen-tcp=127.0.0.1:7000", "--insecure-loopback", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a3) == 0, "loopback + flag refused: %s", err);
+	char *a4[] = {"kvtierd", "--listen-tcp=localhost:99999", "--insecure-loopback", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 3, a4) == -EINVAL && strstr(err, "port"), "%s", err);
+}
+
+static void test_source_order(void)
+{
+	char path[300];
+	snprintf(path, sizeof path, "%s/kvtierd.conf", g_tmp);
+	FILE *f = fopen(path, "w");
+	KVT_REQUIRE(f != NULL, "cannot write %s", path);
+	fprintf(f, "# comment\ncq_threads = 3\nmax_sessions = 10 # trailing\n"
+		   "default_ttl_seconds = 60\nlog_level = \"debug\"\n");
+	fclose(f);
+	char cfgarg[320];
+	snprintf(cfgarg, sizeof cfgarg, "--config=%s", path);
+	setenv("KVTIER_MAX_SESSIONS", "20", 1);
+	setenv("KVTIER_DEFAULT_TTL_SECONDS", "70", 1);
+	struct kvt_config c;
+	enum kvt_config_source src[64];
+	struct kvt_cmdline cmd;
+	char err[512] = "";
+	char *argv[] = {"kvtierd", cfgarg, "--default-ttl-seconds=80", NULL};
+	int rc = kvt_config_load(&c, 3, argv, &cmd, src, err, sizeof err);
+	unsetenv("KVTIER_MAX_SESSIONS");
+	unsetenv("KVTIER_DEFAULT_TTL_SECONDS");
+	KVT_REQUIRE(rc == 0, "load failed: %s", err);
+	KVT_CHECK(c.cq_threads == 3, "file value: %llu", (unsigned long long)c.cq_threads);
+	KVT_CHECK(c.max_sessions == 20, "env beats file: %llu", (unsigned long long)c.max_sessions);
+	KVT_CHECK(c.default_ttl_seconds == 80, "flag beats env: %llu",
+		  (unsigned long long)c.default_ttl_seconds);
+	KVT_CHECK(c.log_level == 0, "quoted value");
+	KVT_CHECK(cmd.config_file && !strcmp(cmd.config_file, path), "config file noted");
+
+	f = fopen(path, "w");
+	KVT_REQUIRE(f != NULL, "rewrite");
+	fprintf(f, "cq_threads = 3\nbogus_option = 1\n");
+	fclose(f);
+	char *argv2[] = {"kvtierd", cfgarg, NULL};
+	KVT_CHECK(kvt_config_load(&c, 2, argv2, &cmd, NULL, err, sizeof err) == -EINVAL &&
+			  strstr(err, ":2:") && strstr(err, "bogus_option"),
+		  "bad file line named: %s", err);
+	unlink(path);
+}
+
+/* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
+static int run_kvtierd(char *const args[], char *out, size_t outlen)
+{
+	int pfd[2];
+	if (pipe(pfd))
+		return -1;
+	pid_t pid = fork();
+	if (pid == 0) {
+		dup2(pfd[1], 1);
+		dup2(pfd[1], 2);
+		close(pfd[0]);
+		execv(g_kvtierd, args);
+		_exit(127);
+	}
+	close(pfd[1]);
+	size_t n = 0;
+	ssize_t r;
+	while ((r = read(pfd[0], out + n, outlen - 1 - n)) > 0 && n + 1 < outlen)
+		n += (size_t)r;
+	out[n] = '\0';
+	char sink[256];
+	while (read(pfd[0], sink, sizeof sink) > 0)
+		;
+	close(pfd[0]);
+	int st;
+	waitpid(pid, &st, 0);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli(void)
+{
+	char out[16384];
+	char *a1[] = {(char *)g_kvtierd, "--check-config", NULL};
+	KVT_CHECK(run_kvtierd(a1, out, sizeof out) == 0 && strstr(out, "OK"), "check ok: %s", out);
+	char *a2[] = {(char *)g_kvtierd, "--check-config", "--max-message-bytes=1K", NULL};
+	KVT_CHECK(run_kvtierd(a2, out, sizeof out) == 1 && strstr(out, "max_message_bytes") &&
+			  strstr(out, "256KiB..64MiB"),
+		  "check bad: %s", out);
+	char *a3[] = {(char *)g_kvtierd, "--print-config", "--cq-threads=5", NULL};
+	KVT_CHECK(run_kvtierd(a3, out, sizeof out) == 0 && strstr(out, "cq_threads = 5  # flag") &&
+			  strstr(out, "max_message_bytes = 4MiB  # default"),
+		  "print: %s", out);
+	char *a4[] = {(char *)g_kvtierd, "--help", NULL};
+	int rc = run_kvtierd(a4, out, sizeof out);
+	KVT_CHECK(rc == 0, "help exit %d", rc);
+	for (size_t i = 0; i < kvt_config_n_options(); i++) {
+		char flag[80];
+		snprintf(flag, sizeof flag, "--%s", kvt_config_option_name(i));
+		for (char *p = flag + 2; *p; p++)
+			if (*p == '_')
+				*p = '-';
+		KVT_CHECK(strstr(out, flag) != NULL, "--help lists %s", flag);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	kvt_test_init();
+	g_kvtierd = argc > 1 ? argv[1] : "kvtierd";
+	snprintf(g_tmp, sizeof g_tmp, "/tmp/kvt-config-XXXXXX");
+	if (!mkdtemp(g_tmp)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	KVT_RUN(test_defaults);
+	KVT_RUN(test_bounds);
+	KVT_RUN(test_tcp_rules);
+	KVT_RUN(test_source_order);
+	KVT_RUN(test_cli);
+	rmdir(g_tmp);
+	return kvt_test_done();
+}

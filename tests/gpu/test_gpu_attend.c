@@ -1,0 +1,276 @@
+/*
+ * test_gpu_attend.c - GPU decode attention against the CPU (OSCAR.md section 3).
+ *
+ * Fresh random batches each run: several sessions of one codec (every scheme, INT2/4/8,
+ * G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8, f16/bf16/f32 queries), each with
+ * a random number of CPU-encoded chunks (the first holds pinned sinks) and a random exact
+ * tail, attended in one batched launch. The reference is naive attention in double over
+ * kvt_decode_chunk's output and the tail; the GPU's relative error ||o - ref|| / ||ref||
+ * must be <= 1e-3 (fp32 accumulation). kvt_attend (the CPU kernel) is checked against the
+ * same reference. Exits 77 when there is no GPU.
+ */
+#include "gpu_test_util.h"
+
+static kvt_cuda_ctx *ctx;
+static double worst_gpu, worst_cpu;
+
+struct sess {
+	uint32_t n_chunks, n_tail, layer;
+	uint8_t **chunks;      /* host */
+	void **chunks_dev;
+	struct kvt_chunk_header *hdrs;
+	const struct kvt_chunk_header **hdr_ptrs;
+	void *tail_k, *tail_v; /* host [n_tail][H][d] of the layer */
+	void *tail_k_dev, *tail_v_dev;
+	void *q;               /* host, q dtype */
+	void *q_dev;
+	float *out_dev;
+	float *ref;            /* [n_q_heads][d] */
+};
+
+static void reference(const struct kvt_codec_config *cfg, struct sess *s, uint32_t nq,
+		      uint32_t q_dtype, float scale, float *qf)
+{
+	uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, d = cfg->head_dim;
+	size_t ntok = (size_t)s->n_chunks * B + s->n_tail, row = (size_t)H * d;
+	float *K = malloc(ntok * row * 4), *V = malloc(ntok * row * 4);
+	char err[256];
+	for (uint32_t c = 0; c < s->n_chunks; c++)
+		KVT_CHECK(kvt_decode_chunk(s->chunks[c], 0, B, s->layer, s->layer + 1, KVT_DTYPE_F32,
+					   K + (size_t)c * B * row, V + (size_t)c * B * row, err,
+					   sizeof(err)) == 0,
+			  "decode: %s", err);
+	kvt_convert(s->tail_k, cfg->dtype, K + (size_t)s->n_chunks * B * row, KVT_DTYPE_F32,
+		    s->n_tail * row);
+	kvt_convert(s->tail_v, cfg->dtype, V + (size_t)s->n_chunks * B * row, KVT_DTYPE_F32,
+		    s->n_tail * row);
+	kvt_convert(s->q, q_dtype, qf, KVT_DTYPE_F32, (size_t)nq * d);
+	double *lg = malloc(ntok * sizeof(double));
+	uint32_t R = nq / H;
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t h = i / R;
+		double mx = -INFINITY, sum = 0.0;
+		for (size_t t = 0; t < ntok; t++) {
+			double a = 0.0;
+			for (uint32_t c = 0; c < d; c++)
+				a += (double)qf[i * d + c] * K[(t * H + h) * d + c];
+			lg[t] = a * scale;
+			mx = lg[t] > mx ? lg[t] : mx;
+		}
+		for (size_t t = 0; t < ntok; t++)
+			sum += lg[t] = exp(lg[t] - mx);
+		for (uint32_t c = 0; c < d; c++) {
+			double o = 0.0;
+			for (size_t t = 0; t < ntok; t++)
+				o += lg[t] * V[(t * H + h) * d + c];
+			s->ref[i * d + c] = (float)(o / sum);
+		}
+	}
+	free(lg);
+	free(K);
+	free(V);
+}
+
+static double rel_err(const float *a, const float *ref, size_t n)
+{
+	double num = 0.0, den = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		double e = (double)a[i] - ref[i];
+		num += e * e;
+		den += (double)ref[i] * ref[i];
+		if (!isfinite(a[i]))
+			return INFINITY;
+	}
+	return sqrt(num / (den > 0 ? den : 1e-30));
+}
+
+static void one_batch(int iter)
+{
+	struct kvt_codec_config cfg;
+	random_config(&cfg, true);
+	static const uint32_t ratios[] = {1, 2, 4, 8, 4};
+	static const uint32_t qdts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
+	const uint32_t R = ratios[kvt_rand_below(5)], q_dtype = qdts[kvt_rand_below(3)];
+	const uint32_t B = cfg.chunk_tokens, L = cfg.n_layers, H = cfg.n_kv_heads,
+		       d = cfg.head_dim, nq = H * R;
+	const size_t ws = kvt_dtype_size(cfg.dtype), qs = kvt_dtype_size(q_dtype);
+	const size_t cap = kvt_chunk_max_bytes(&cfg), row = (size_t)H * d;
+	const uint32_t n_sess = 1 + kvt_rand_below(4);
+	const float scale = 1.0f / sqrtf((float)d);
+	char desc[200], err[256];
+	describe(&cfg, desc, sizeof(desc));
+	struct sess *ss = calloc(n_sess, sizeof(*ss));
+	struct kvt_cuda_attend_request *reqs = calloc(n_sess, sizeof(*reqs));
+	float *qf = malloc((size_t)nq * d * 4), *out = malloc((size_t)nq * d * 4);
+	float *qcpu = malloc((size_t)nq * d * 4);
+	int rc = 0;
+	for (uint32_t si = 0; si < n_sess && !rc; si++) {
+		struct sess *s = &ss[si];
+		s->n_chunks = kvt_rand_below(6);
+		s->n_tail = kvt_rand_below(B);
+		if (s->n_chunks + s->n_tail == 0)
+			s->n_tail = 1 + kvt_rand_below(B - 1);
+		s->layer = kvt_rand_below(L);
+		s->chunks = calloc(s->n_chunks + 1, sizeof(*s->chunks));
+		s->chunks_dev = calloc(s->n_chunks + 1, sizeof(*s->chunks_dev));
+		s->hdrs = calloc(s->n_chunks + 1, sizeof(*s->hdrs));
+		s->hdr_ptrs = calloc(s->n_chunks + 1, sizeof(*s->hdr_ptrs));
+		size_t nk = (size_t)L * B * row;
+		void *k = malloc(nk * ws), *v = malloc(nk * ws);
+		for (uint32_t c = 0; c < s->n_chunks && !rc; c++) {
+			random_kv(&cfg, (uint64_t)c * B, B, k, v);
+			s->chunks[c] = malloc(cap);
+			int64_t n = kvt_encode_chunk(&cfg, (uint64_t)c * B, k, v, s->chunks[c], cap, err,
+						     sizeof(err));
+			KVT_CHECK(n > 0, "%s: encode: %s", desc, err);
+			if (n <= 0) {
+				rc = -1;
+				break;
+			}
+			memcpy(&s->hdrs[c], s->chunks[c], sizeof(s->hdrs[c]));
+			s->hdr_ptrs[c] = &s->hdrs[c];
+			rc = kvt_cuda_alloc(ctx, (size_t)n, &s->chunks_dev[c], err, sizeof(err));
+			rc = rc ? rc : kvt_cuda_upload(ctx, s->chunks_dev[c], s->chunks[c], (size_t)n, err, sizeof(err));
+		}
+		/* the tail: tokens after the chunks, this layer only */
+		size_t tb = (size_t)(s->n_tail ? s->n_tail : 1) * row * ws;
+		s->tail_k = malloc(tb);
+		s->tail_v = malloc(tb);
+		if (s->n_tail) {
+			struct kvt_codec_config c1 = cfg;
+			c1.n_layers = 1;
+			random_kv(&c1, (uint64_t)s->n_chunks * B, s->n_tail, s->tail_k, s->tail_v);
+		}
+		rc = rc ? rc : kvt_cuda_alloc(ctx, tb, &s->tail_k_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_alloc(ctx, tb, &s->tail_v_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_upload(ctx, s->tail_k_dev, s->tail_k, tb, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_upload(ctx, s->tail_v_dev, s->tail_v, tb, err, sizeof(err));
+		/* queries: the keys' scale, so logits spread like a model's */
+		for (size_t i = 0; i < (size_t)nq * d; i++)
+			qf[i] = 1.5f * kvt_rand_normal();
+		s->q = malloc((size_t)nq * d * qs);
+		kvt_convert(qf, KVT_DTYPE_F32, s->q, q_dtype, (size_t)nq * d);
+		rc = rc ? rc : kvt_cuda_alloc(ctx, (size_t)nq * d * qs, &s->q_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_upload(ctx, s->q_dev, s->q, (size_t)nq * d * qs, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_alloc(ctx, (size_t)nq * d * 4, (void **)&s->out_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_memset_async(ctx, s->out_dev, 0xff, (size_t)nq * d * 4, err, sizeof(err));
+		s->ref = malloc((size_t)nq * d * 4);
+		free(k);
+		free(v);
+		reqs[si] = (struct kvt_cuda_attend_request){
+			.cfg = &cfg, .layer = s->layer, .n_q_heads = nq, .softmax_scale = scale,
+			.q_dev = s->q_dev, .q_dtype = q_dtype,
+			.chunks_dev = (const void *const *)s->chunks_dev, .chunk_hdrs = s->hdr_ptrs,
+			.n_chunks = s->n_chunks, .tail_k_dev = s->tail_k_dev,
+			.tail_v_dev = s->tail_v_dev, .n_tail = s->n_tail, .out_dev = s->out_dev};
+	}
+	KVT_CHECK(rc == 0, "%s: setup: %s", desc, err);
+	if (!rc) {
+		rc = kvt_cuda_attend(ctx, reqs, n_sess, err, sizeof(err));
+		KVT_CHECK(rc == 0, "%s: kvt_cuda_attend: %s", desc, err);
+	}
+	for (uint32_t si = 0; si < n_sess && !rc; si++) {
+		struct sess *s = &ss[si];
+		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
+		KVT_CHECK(rc == 0, "download: %s", err);
+		reference(&cfg, s, nq, q_dtype, scale, qf);
+		double e = rel_err(out, s->ref, (size_t)nq * d);
+		if (e > worst_gpu)
+			worst_gpu = e;
+		KVT_CHECK(e <= 1e-3, "%s R%u q %s: session %u (%u chunks + %u tail, layer %u): GPU "
+			  "relative error %.3e", desc, R, kvt_dtype_name(q_dtype), si, s->n_chunks,
+			  s->n_tail, s->layer, e);
+		/* the CPU kernel on the same inputs */
+		kvt_convert(s->q, q_dtype, qcpu, KVT_DTYPE_F32, (size_t)nq * d);
+		struct kvt_attend_request cr = {
+			.cfg = &cfg, .layer = s->layer, .n_q_heads = nq, .softmax_scale = scale,
+			.q = qcpu, .chunks = (const void *const *)s->chunks, .n_chunks = s->n_chunks,
+			.tail_k = s->tail_k, .tail_v = s->tail_v, .n_tail = s->n_tail, .out = out};
+		if (kvt_attend(&cr, 1, err, sizeof(err)) == 0) {
+			double ec = rel_err(out, s->ref, (size_t)nq * d);
+			if (ec > worst_cpu)
+				worst_cpu = ec;
+		}
+		if (iter < 3 || e > 1e-3)
+			printf("# %s R%u q %s: %u chunks + %u tail: gpu rel err %.2e\n", desc, R,
+			       kvt_dtype_name(q_dtype), s->n_chunks, s->n_tail, e);
+	}
+	for (uint32_t si = 0; si < n_sess; si++) {
+		struct sess *s = &ss[si];
+		for (uint32_t c = 0; c < s->n_chunks; c++) {
+			free(s->chunks[c]);
+			kvt_cuda_free(ctx, s->chunks_dev[c]);
+		}
+		free(s->chunks);
+		free(s->chunks_dev);
+		free(s->hdrs);
+		free(s->hdr_ptrs);
+		free(s->tail_k);
+		free(s->tail_v);
+		kvt_cuda_free(ctx, s->tail_k_dev);
+		kvt_cuda_free(ctx, s->tail_v_dev);
+		free(s->q);
+		kvt_cuda_free(ctx, s->q_dev);
+		kvt_cuda_free(ctx, s->out_dev);
+		free(s->ref);
+	}
+	free(ss);
+	free(reqs);
+	free(qf);
+	free(qcpu);
+	free(out);
+}
+
+static void test_random_batches(void)
+{
+	int n = 40;
+	const char *s = getenv("KVT_GPU_BATCHES");
+	if (s && *s)
+		n = atoi(s);
+	for (int i = 0; i < n; i++)
+		one_batch(i);
+	printf("# worst relative error: gpu %.3e, cpu kvt_attend %.3e\n", worst_gpu, worst_cpu);
+}
+
+static void test_plan_errors(void)
+{
+	char err[256];
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 1, 2, 64, KVT_DTYPE_F16);
+	kvt_cuda_attend_plan *pl = NULL;
+	void *buf = NULL;
+	KVT_REQUIRE(kvt_cuda_alloc(ctx, 4096, &buf, err, sizeof(err)) == 0, "alloc");
+	struct kvt_cuda_attend_request r = {.cfg = &cfg, .layer = 0, .n_q_heads = 3,
+					    .softmax_scale = 0.125f, .q_dev = buf,
+					    .q_dtype = KVT_DTYPE_F16, .tail_k_dev = buf,
+					    .tail_v_dev = buf, .n_tail = 1, .out_dev = buf};
+	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == -EINVAL,
+		  "n_q_heads 3 with 2 KV heads must be rejected");
+	r.n_q_heads = 4;
+	r.layer = 1;
+	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == -EINVAL,
+		  "layer 1 of 1 must be rejected");
+	r.layer = 0;
+	cfg.value_bits = 4;
+	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == -EOPNOTSUPP,
+		  "mixed key/value bits are CPU-only");
+	kvt_cuda_free(ctx, buf);
+}
+
+int main(void)
+{
+	kvt_test_init();
+	if (kvt_cuda_device_count() == 0) {
+		printf("# no CUDA device: skipped\n");
+		return GPU_SKIP;
+	}
+	char err[256];
+	if (kvt_cuda_ctx_create(0, &ctx, err, sizeof(err))) {
+		printf("# no usable CUDA device (%s): skipped\n", err);
+		return GPU_SKIP;
+	}
+	KVT_RUN(test_random_batches);
+	KVT_RUN(test_plan_errors);
+	kvt_cuda_ctx_destroy(ctx);
+	return kvt_test_done();
+}

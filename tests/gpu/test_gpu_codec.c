@@ -1,0 +1,297 @@
+/*
+ * test_gpu_codec.c - the GPU encoder and decoder against the CPU codec (OSCAR.md 7.8).
+ *
+ * On fresh random configs (every scheme, bit width, G, B, head_dim, dtype, sink count) and
+ * model-like data: the GPU chunk has the CPU chunk's size, header and layout and passes
+ * kvt_chunk_parse; its codes equal the CPU's except at rounding ties (the fraction is
+ * printed), every dequantized value is within one quantization step of the CPU's; the CPU
+ * decodes the GPU's chunk and the GPU decodes the CPU's chunk (token and layer sub-ranges,
+ * every output dtype) to the CPU decoder's values. Exits 77 when there is no GPU.
+ */
+#include "gpu_test_util.h"
+
+static kvt_cuda_ctx *ctx;
+static uint64_t total_codes, diff_codes, total_scales, diff_scales, total_bytes, diff_bytes;
+static uint32_t n_identical, n_chunks;
+
+static float tol_for(uint32_t dtype, float ref, float rowmax)
+{
+	float rel = dtype == KVT_DTYPE_BF16 ? 1.0f / 128 : dtype == KVT_DTYPE_F16 ? 1.0f / 1024 : 1e-6f;
+	return rel * fabsf(ref) + 1e-6f * rowmax + 1e-30f;
+}
+
+/* One config: encode on both, compare, cross-decode. */
+static void one_config(const struct kvt_codec_config *cfg, uint64_t first_token)
+{
+	char desc[160], err[256];
+	describe(cfg, desc, sizeof(desc));
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim;
+	const size_t ws = kvt_dtype_size(cfg->dtype), n = (size_t)L * B * H * d;
+	const size_t cap = kvt_chunk_max_bytes(cfg);
+	uint8_t *k = malloc(n * ws), *v = malloc(n * ws), *c_cpu = malloc(cap), *c_gpu = malloc(cap);
+	void *dk = NULL, *dv = NULL, *dout = NULL, *dcpu = NULL, *dk_out = NULL, *dv_out = NULL;
+	float *ref_k = NULL, *ref_v = NULL, *x_k = NULL, *x_v = NULL;
+	uint8_t *g_k = NULL, *g_v = NULL, *cg_k = NULL, *cg_v = NULL;
+	KVT_REQUIRE(k && v && c_cpu && c_gpu, "malloc");
+	random_kv(cfg, first_token, B, k, v);
+
+	int64_t nc = kvt_encode_chunk(cfg, first_token, k, v, c_cpu, cap, err, sizeof(err));
+	KVT_REQUIRE(nc > 0, "%s: cpu encode: %s", desc, err);
+	int rc = kvt_cuda_alloc(ctx, n * ws, &dk, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, n * ws, &dv, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, cap, &dout, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, cap, &dcpu, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_upload(ctx, dk, k, n * ws, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_upload(ctx, dv, v, n * ws, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_upload(ctx, dcpu, c_cpu, (size_t)nc, err, sizeof(err));
+	/* poison the output so unwritten bytes show */
+	rc = rc ? rc : kvt_cuda_memset_async(ctx, dout, 0xa5, cap, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: setup: %s", desc, err);
+	if (rc)
+		goto out;
+	struct kvt_cuda_encode_job job = {first_token, dk, dv, dout, cap};
+	int64_t ng = 0;
+	rc = kvt_cuda_encode(ctx, cfg, &job, 1, &ng, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: gpu encode: %s", desc, err);
+	if (rc)
+		goto out;
+	KVT_CHECK(ng == nc, "%s: gpu chunk %lld bytes, cpu %lld", desc, (long long)ng, (long long)nc);
+	if (ng != nc)
+		goto out;
+	rc = kvt_cuda_download(ctx, c_gpu, dout, (size_t)ng, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: download: %s", desc, err);
+
+	struct kvt_codec_config pc;
+	struct kvt_chunk_header hc, hg;
+	rc = kvt_chunk_parse(c_gpu, (size_t)ng, &pc, &hg, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: gpu chunk fails kvt_chunk_parse: %s", desc, err);
+	KVT_REQUIRE(kvt_chunk_parse(c_cpu, (size_t)nc, NULL, &hc, err, sizeof(err)) == 0,
+		    "cpu chunk parse: %s", err);
+	hc.crc32c = hg.crc32c = 0;
+	KVT_CHECK(memcmp(&hc, &hg, sizeof(hc)) == 0, "%s: headers differ (besides crc)", desc);
+	KVT_CHECK(memcmp(c_cpu + 64, c_gpu + 64, hc.data_offset - 64) == 0,
+		  "%s: pin tables differ", desc);
+
+	struct kvt_chunk_layout lay;
+	kvt_chunk_layout(cfg, hc.n_pinned, &lay);
+	size_t nd = 0;
+	for (size_t i = 0; i < (size_t)nc; i++)
+		nd += c_cpu[i] != c_gpu[i];
+	total_bytes += (size_t)nc;
+	diff_bytes += nd;
+	n_chunks++;
+	n_identical += nd == 0;
+	if (cfg->scheme == KVT_SCHEME_NONE) {
+		KVT_CHECK(nd == 0, "%s: scheme none chunks differ in %zu bytes", desc, nd);
+	} else {
+		/* codes, scales, norms, exact copies */
+		double worst = 0.0;
+		uint64_t dc = 0, tc = 0, ds = 0, ts = 0;
+		for (uint32_t l = 0; l < L; l++) {
+			const uint8_t *sc = c_cpu + lay.data_offset + l * lay.layer_bytes;
+			const uint8_t *sg = c_gpu + lay.data_offset + l * lay.layer_bytes;
+			KVT_CHECK(memcmp(sc + lay.k_exact_off, sg + lay.k_exact_off, lay.exact_bytes) == 0 &&
+				  memcmp(sc + lay.v_exact_off, sg + lay.v_exact_off, lay.exact_bytes) == 0,
+				  "%s: exact (pinned) copies differ in layer %u", desc, l);
+			for (uint32_t t = 0; t < B && cfg->scheme == KVT_SCHEME_OSCAR; t++) {
+				float a, b;
+				memcpy(&a, sc + lay.norms_off + 4 * t, 4);
+				memcpy(&b, sg + lay.norms_off + 4 * t, 4);
+				KVT_CHECK(fabsf(a - b) <= 1e-6f * fabsf(a), "%s: norm l%u t%u %g vs %g",
+					  desc, l, t, (double)a, (double)b);
+			}
+			for (size_t i = 0; i < 2 * lay.k_scale_bytes + 2 * lay.v_scale_bytes; i += 2) {
+				ts++;
+				ds += memcmp(sc + lay.k_scale_off + i, sg + lay.k_scale_off + i, 2) != 0;
+			}
+			for (int is_v = 0; is_v < 2; is_v++)
+				for (uint32_t h = 0; h < H; h++)
+					for (uint32_t t = 0; t < B; t++)
+						for (uint32_t c = 0; c < d; c++) {
+							float s1, s2;
+							float a = chunk_dq(c_cpu, cfg, &lay, l, is_v, h, t, c, &s1);
+							float b = chunk_dq(c_gpu, cfg, &lay, l, is_v, h, t, c, &s2);
+							tc++;
+							if (a != b) {
+								dc++;
+								float st = s1 > s2 ? s1 : s2;
+								double ex = fabs((double)a - b) / (st > 0 ? st : 1e-30);
+								if (ex > worst)
+									worst = ex;
+							}
+						}
+		}
+		total_codes += tc;
+		diff_codes += dc;
+		total_scales += ts;
+		diff_scales += ds;
+		KVT_CHECK(worst <= 1.001, "%s: a dequantized value differs by %.3f steps", desc, worst);
+		KVT_CHECK(dc <= tc / 1000 + 2, "%s: %llu of %llu codes differ (more than ties)", desc,
+			  (unsigned long long)dc, (unsigned long long)tc);
+	}
+
+	/* the CPU decodes the GPU chunk like its own */
+	size_t nf = n;
+	ref_k = malloc(nf * 4);
+	ref_v = malloc(nf * 4);
+	x_k = malloc(nf * 4);
+	x_v = malloc(nf * 4);
+	KVT_REQUIRE(ref_k && ref_v && x_k && x_v, "malloc");
+	rc = kvt_decode_chunk(c_cpu, 0, B, 0, L, KVT_DTYPE_F32, ref_k, ref_v, err, sizeof(err));
+	KVT_REQUIRE(rc == 0, "%s: cpu decode of cpu chunk: %s", desc, err);
+	rc = kvt_decode_chunk(c_gpu, 0, B, 0, L, KVT_DTYPE_F32, x_k, x_v, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: cpu decode of gpu chunk: %s", desc, err);
+	if (nd == 0)
+		KVT_CHECK(memcmp(ref_k, x_k, nf * 4) == 0 && memcmp(ref_v, x_v, nf * 4) == 0,
+			  "%s: identical chunks decode differently", desc);
+
+	/* the GPU decodes the CPU chunk: a random token/layer range and output dtype */
+	{
+		uint32_t tb = kvt_rand_below(B), te = tb + 1 + kvt_rand_below(B - tb);
+		uint32_t lb = kvt_rand_below(L), le = lb + 1 + kvt_rand_below(L - lb);
+		static const uint32_t odts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
+		uint32_t odt = odts[kvt_rand_below(3)];
+		size_t os = kvt_dtype_size(odt), on = (size_t)(le - lb) * (te - tb) * H * d;
+		g_k = malloc(on * os);
+		g_v = malloc(on * os);
+		cg_k = malloc(on * os);
+		cg_v = malloc(on * os);
+		KVT_REQUIRE(g_k && g_v && cg_k && cg_v, "malloc");
+		rc = kvt_cuda_alloc(ctx, on * os, &dk_out, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_alloc(ctx, on * os, &dv_out, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_memset_async(ctx, dk_out, 0xff, on * os, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_memset_async(ctx, dv_out, 0xff, on * os, err, sizeof(err));
+		struct kvt_cuda_decode_job dj = {dcpu, &hc, tb, te, lb, le, odt, dk_out, dv_out};
+		struct kvt_chunk_header hfull;
+		memcpy(&hfull, c_cpu, sizeof(hfull));
+		dj.hdr = &hfull;
+		rc = rc ? rc : kvt_cuda_decode(ctx, &dj, 1, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_download(ctx, g_k, dk_out, on * os, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_download(ctx, g_v, dv_out, on * os, err, sizeof(err));
+		KVT_CHECK(rc == 0, "%s: gpu decode: %s", desc, err);
+		rc = kvt_decode_chunk(c_cpu, tb, te, lb, le, odt, cg_k, cg_v, err, sizeof(err));
+		KVT_CHECK(rc == 0, "%s: cpu decode range: %s", desc, err);
+		size_t bad = 0;
+		float *ga = malloc(on * 4), *ca = malloc(on * 4);
+		for (int kv = 0; kv < 2 && ga && ca; kv++) {
+			kvt_convert(kv ? g_v : g_k, odt, ga, KVT_DTYPE_F32, on);
+			kvt_convert(kv ? cg_v : cg_k, odt, ca, KVT_DTYPE_F32, on);
+			for (size_t r = 0; r < on / d; r++) {
+				float rowmax = 0.0f;
+				for (uint32_t c = 0; c < d; c++)
+					rowmax = fmaxf(rowmax, fabsf(ca[r * d + c]));
+				for (uint32_t c = 0; c < d; c++) {
+					float a = ga[r * d + c], b = ca[r * d + c];
+					if (!(fabsf(a - b) <= tol_for(odt, b, rowmax)))
+						bad++;
+				}
+			}
+		}
+		free(ga);
+		free(ca);
+		KVT_CHECK(bad == 0, "%s: gpu decode of cpu chunk (t %u..%u l %u..%u %s): %zu of %zu "
+			  "values differ", desc, tb, te, lb, le, kvt_dtype_name(odt), bad, 2 * on);
+	}
+out:
+	kvt_cuda_free(ctx, dk);
+	kvt_cuda_free(ctx, dv);
+	kvt_cuda_free(ctx, dout);
+	kvt_cuda_free(ctx, dcpu);
+	kvt_cuda_free(ctx, dk_out);
+	kvt_cuda_free(ctx, dv_out);
+	free(k);
+	free(v);
+	free(c_cpu);
+	free(c_gpu);
+	free(ref_k);
+	free(ref_v);
+	free(x_k);
+	free(x_v);
+	free(g_k);
+	free(g_v);
+	free(cg_k);
+	free(cg_v);
+}
+
+static void test_random_configs(void)
+{
+	int n = 60;
+	const char *s = getenv("KVT_GPU_CONFIGS");
+	if (s && *s)
+		n = atoi(s);
+	for (int i = 0; i < n; i++) {
+		struct kvt_codec_config cfg;
+		random_config(&cfg, i % 2 == 0);
+		uint64_t first = kvt_rand_below(3) == 0 ? kvt_rand_below(cfg.n_sinks + 1)
+						       : (uint64_t)cfg.chunk_tokens * kvt_rand_below(4);
+		one_config(&cfg, first);
+	}
+}
+
+static void test_default_config(void)
+{
+	/* kvtier's defaults at a Llama-like shape, sinks in the chunk */
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
+	one_config(&cfg, 0);
+	one_config(&cfg, 128);
+}
+
+static void test_errors(void)
+{
+	char err[256];
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 1, 2, 64, KVT_DTYPE_F16);
+	void *buf = NULL;
+	KVT_REQUIRE(kvt_cuda_alloc(ctx, 1 << 20, &buf, err, sizeof(err)) == 0, "alloc: %s", err);
+	struct kvt_cuda_encode_job job = {0, buf, buf, buf, 16};
+	int64_t sz;
+	KVT_CHECK(kvt_cuda_encode(ctx, &cfg, &job, 1, &sz, err, sizeof(err)) == -ENOSPC,
+		  "a small out_cap must give -ENOSPC");
+	cfg.pin_detect_ratio = 0.25f;
+	cfg.pin_detect_max = 4;
+	job.out_cap = 1 << 20;
+	KVT_CHECK(kvt_cuda_encode(ctx, &cfg, &job, 1, &sz, err, sizeof(err)) == -EOPNOTSUPP,
+		  "pin detection must give -EOPNOTSUPP (CPU-only)");
+	cfg.pin_detect_ratio = 0.0f;
+	cfg.head_dim = 96;
+	KVT_CHECK(kvt_cuda_encode(ctx, &cfg, &job, 1, &sz, err, sizeof(err)) == -EINVAL &&
+		  strstr(err, "head_dim"), "head_dim 96 must be named: %s", err);
+	struct kvt_chunk_header h;
+	memset(&h, 0, sizeof(h));
+	struct kvt_cuda_decode_job dj = {buf, &h, 0, 1, 0, 1, KVT_DTYPE_F32, buf, NULL};
+	KVT_CHECK(kvt_cuda_decode(ctx, &dj, 1, err, sizeof(err)) == -EINVAL,
+		  "a header that is not a chunk must give -EINVAL");
+	kvt_cuda_free(ctx, buf);
+}
+
+int main(void)
+{
+	kvt_test_init();
+	if (kvt_cuda_device_count() == 0) {
+		printf("# no CUDA device: skipped\n");
+		return GPU_SKIP;
+	}
+	char err[256];
+	if (kvt_cuda_ctx_create(0, &ctx, err, sizeof(err))) {
+		printf("# no usable CUDA device (%s): skipped\n", err);
+		return GPU_SKIP;
+	}
+	char name[128];
+	kvt_cuda_ctx_info(ctx, name, sizeof(name), NULL);
+	printf("# device: %s\n", name);
+	KVT_RUN(test_default_config);
+	KVT_RUN(test_random_configs);
+	KVT_RUN(test_errors);
+	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
+	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",
+	       n_chunks, n_identical, (unsigned long long)diff_bytes, (unsigned long long)total_bytes,
+	       (unsigned long long)diff_codes, (unsigned long long)total_codes,
+	       total_codes ? (double)diff_codes / total_codes : 0.0,
+	       (unsigned long long)diff_scales, (unsigned long long)total_scales);
+	kvt_cuda_ctx_destroy(ctx);
+	return kvt_test_done();
+}
