@@ -45,6 +45,7 @@ struct kvt_seq {
 	size_t layer_tail_bytes;   /* B * token_bytes */
 	size_t tail_half_bytes;    /* L * layer_tail_bytes: the K half (the V half follows) */
 	uint64_t chunk_bytes;      /* sum of alloc_bytes of the referenced chunks */
+	uint64_t generation;       /* bumped by every change other than kvt_seq_append */
 };
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -536,6 +537,7 @@ int kvt_seq_append_chunk(struct kvt_seq *seq, const void *chunk, size_t len, cha
 	install_array(seq, fresh, fresh_cap);
 	seq->chunks[seq->n_chunks++] = obj;
 	seq->chunk_bytes += obj->alloc_bytes;
+	seq->generation++;
 	seq_check(seq);
 	return 0;
 }
@@ -782,8 +784,11 @@ int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t e
 			n_tokens, kvt_seq_tokens(seq));
 		return -EINVAL;
 	}
+	if (n_tokens == kvt_seq_tokens(seq))
+		return 0;
 	if (n_tokens >= sealed) {
 		seq->n_tail = (uint32_t)(n_tokens - sealed);
+		seq->generation++;
 		seq_check(seq);
 		return 0;
 	}
@@ -819,6 +824,7 @@ int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t e
 			    B, 0, rem, seq->cfg.n_layers, seq->token_bytes);
 	}
 	seq->n_tail = rem;
+	seq->generation++;
 	free(scratch);
 	seq_check(seq);
 	return 0;
@@ -828,4 +834,35 @@ fail:
 	if (made)
 		drop_tail(seq);
 	return rc;
+}
+
+void kvt_seq_savepoint(const struct kvt_seq *seq, struct kvt_seq_savepoint *sp)
+{
+	memset(sp, 0, sizeof(*sp));
+	sp->tokens = kvt_seq_tokens(seq);
+	sp->generation = seq->generation;
+	sp->n_chunks = seq->n_chunks;
+}
+
+int kvt_seq_rollback(struct kvt_seq *seq, const struct kvt_seq_savepoint *sp, char *err,
+		     size_t errlen)
+{
+	if (sp->generation != seq->generation || sp->tokens > kvt_seq_tokens(seq)) {
+		set_err(err, errlen,
+			"savepoint at %" PRIu64 " tokens is stale: the session was truncated or "
+			"stored into since",
+			sp->tokens);
+		return -ESTALE;
+	}
+	if (sp->n_chunks != seq->n_chunks) {
+		set_err(err, errlen,
+			"savepoint at %" PRIu64 " tokens is stale: %u chunk(s) were sealed since; "
+			"an exact rollback is impossible (truncate instead)",
+			sp->tokens, seq->n_chunks - sp->n_chunks);
+		return -ESTALE;
+	}
+	SEQ_ASSERT(sp->tokens >= seq_sealed(seq));
+	seq->n_tail = (uint32_t)(sp->tokens - seq_sealed(seq));
+	seq_check(seq);
+	return 0;
 }

@@ -103,6 +103,25 @@ int kvt_seq_fork(const struct kvt_seq *src, uint64_t n_tokens,
 /* Shortens the sequence to n_tokens (same rule for a cut inside a chunk as fork). */
 int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t errlen);
 
+/*
+ * Savepoints (speculative decoding: keep the draft tokens or roll them back). A savepoint is a
+ * plain value that records the sequence's length; taking one costs nothing and holds nothing.
+ * kvt_seq_rollback returns the sequence exactly to that length when only appends happened
+ * since and no chunk was sealed in between (the dropped tokens are all in the tail). It fails
+ * and changes nothing with -ESTALE when a chunk was sealed since (rolling back into it would
+ * decode lossy tokens: use kvt_seq_truncate if that is acceptable) or when the sequence was
+ * truncated, forked into or stored into since (its length no longer means the same tokens).
+ */
+struct kvt_seq_savepoint {
+	uint64_t tokens;
+	uint64_t generation;   /* the sequence's count of non-append changes */
+	uint32_t n_chunks;
+	uint32_t reserved;
+};
+void kvt_seq_savepoint(const struct kvt_seq *seq, struct kvt_seq_savepoint *sp);
+int kvt_seq_rollback(struct kvt_seq *seq, const struct kvt_seq_savepoint *sp, char *err,
+		     size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

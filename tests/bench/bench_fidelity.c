@@ -1065,8 +1065,12 @@ int kvt_bench_fidelity(int argc, char **argv)
 				if (strict)
 					ok &= tok;
 				if (!ok) {
-					fprintf(stderr, "kvtier-bench: a fidelity check failed (seed %llu)\n",
-						(unsigned long long)ds.seed);
+					if (ds.sink)
+						fprintf(stderr, "kvtier-bench: a fidelity check failed "
+								"(seed %llu)\n",
+							(unsigned long long)ds.seed);
+					else
+						fprintf(stderr, "kvtier-bench: a fidelity check failed\n");
 					rc = 1;
 				}
 			}

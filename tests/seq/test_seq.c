@@ -778,6 +778,46 @@ static void test_errors(void)
 	}
 }
 
+static void test_savepoint(void)
+{
+	struct kvt_seq *s = make_seq(100, NULL), *ref = make_seq(130, NULL);
+	struct kvt_seq *ref100 = make_seq(100, NULL);
+	struct kvt_seq_savepoint sp;
+
+	KVT_REQUIRE(s != NULL && ref != NULL && ref100 != NULL, "make: %s", g_err);
+	kvt_seq_savepoint(s, &sp);
+	KVT_CHECK(kvt_seq_rollback(s, &sp, g_err, ERRLEN) == 0, "immediate rollback: %s", g_err);
+	/* Draft tokens that stay in the tail roll back exactly, and can be re-appended. */
+	KVT_REQUIRE(append_src(s, 300, 20) == 0, "append: %s", g_err);
+	KVT_CHECK(kvt_seq_rollback(s, &sp, g_err, ERRLEN) == 0 && kvt_seq_tokens(s) == 100,
+		  "rollback: %s", g_err);
+	KVT_CHECK(same_prefix(s, ref100, 100), "rollback changed the kept tokens");
+	KVT_REQUIRE(append_src(s, 100, 30) == 0, "append: %s", g_err);
+	KVT_CHECK(same_prefix(s, ref, 130), "append after rollback differs");
+	/* A seal in between makes an exact rollback impossible: refused, nothing changes. */
+	kvt_seq_savepoint(s, &sp);
+	KVT_REQUIRE(append_src(s, 130, 10) == 0, "append: %s", g_err);
+	KVT_REQUIRE(append_src(s, 0, 120) == 0, "append: %s", g_err);
+	KVT_CHECK(kvt_seq_rollback(s, &sp, g_err, ERRLEN) == -ESTALE && strstr(g_err, "sealed") &&
+			  kvt_seq_tokens(s) == 260, "rollback across a seal: %s", g_err);
+	/* At a chunk boundary the savepoint's tail is empty: rollback is exact again. */
+	KVT_REQUIRE(kvt_seq_truncate(s, 256, g_err, ERRLEN) == 0, "truncate: %s", g_err);
+	kvt_seq_savepoint(s, &sp);
+	KVT_REQUIRE(append_src(s, 5, 7) == 0, "append: %s", g_err);
+	KVT_CHECK(kvt_seq_rollback(s, &sp, g_err, ERRLEN) == 0 && kvt_seq_tokens(s) == 256 &&
+			  kvt_seq_n_chunks(s) == 2, "rollback at a boundary: %s", g_err);
+	/* A truncate since the savepoint makes it stale even when the length is back. */
+	KVT_REQUIRE(append_src(s, 5, 7) == 0, "append: %s", g_err);
+	kvt_seq_savepoint(s, &sp);
+	KVT_REQUIRE(kvt_seq_truncate(s, 258, g_err, ERRLEN) == 0, "truncate: %s", g_err);
+	KVT_REQUIRE(append_src(s, 9, 9) == 0, "append: %s", g_err);
+	KVT_CHECK(kvt_seq_rollback(s, &sp, g_err, ERRLEN) == -ESTALE && strstr(g_err, "truncated") &&
+			  kvt_seq_tokens(s) == 267, "rollback after truncate: %s", g_err);
+	kvt_seq_destroy(ref100);
+	kvt_seq_destroy(ref);
+	kvt_seq_destroy(s);
+}
+
 /* A long session (more chunks than kvt_seq_attend keeps on its stack) appended in uneven
  * pieces; attention and a fetch across the whole range still match the reference. */
 static void test_long(void)
@@ -885,6 +925,7 @@ int main(void)
 		KVT_RUN(test_errors);
 		KVT_RUN(test_concurrent_forks);
 		KVT_RUN(test_long);
+		KVT_RUN(test_savepoint);
 	}
 	free(g_k);
 	free(g_v);
