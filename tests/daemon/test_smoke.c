@@ -317,6 +317,89 @@ static void test_append_layouts(void)
 	kvt_harness_cleanup(&h);
 }
 
+/* Mutated Append messages (byte flips, truncations, inserted varints) against the in-place
+ * parser: every answer is OK or INVALID_ARGUMENT (never a crash, never INTERNAL), and the
+ * session only ever grows by whole accepted appends. */
+static void test_append_mutations(void)
+{
+	enum { NL = 2, NH = 1, HD = 64, NT = 2 };
+	struct kvt_harness h;
+	KVT_REQUIRE(kvt_harness_start(&h, g_kvtierd, NULL) == 0, "start");
+	int status, created;
+	char details[512] = "";
+	KVT_REQUIRE(health(&h, "", &status, 1) == GRPC_STATUS_OK, "up");
+	KVT_REQUIRE(open_session(&h, "mut", HD, &created, details, sizeof details) ==
+			    GRPC_STATUS_OK,
+		    "open: %s", details);
+	/* open_session makes 2 layers x 2 heads: size the block for that shape. */
+	const size_t tb = (size_t)NL * NT * 2 * HD * 2;
+	static uint8_t kv[2][NL * NT * 2 * HD * 2];
+	for (size_t i = 0; i < tb; i++) {
+		kv[0][i] = (uint8_t)kvt_rand_below(256);
+		kv[1][i] = (uint8_t)kvt_rand_below(256);
+	}
+	Kvtier__V1__KvBlock b = KVTIER__V1__KV_BLOCK__INIT;
+	b.has_n_tokens = b.has_n_layers = b.has_k = b.has_v = 1;
+	b.n_tokens = NT;
+	b.n_layers = NL;
+	b.k.data = kv[0];
+	b.k.len = tb;
+	b.v.data = kv[1];
+	b.v.len = tb;
+	Kvtier__V1__AppendRequest a = KVTIER__V1__APPEND_REQUEST__INIT;
+	a.session_id = (char *)"mut";
+	a.block = &b;
+	static uint8_t good[8192], bad[8192 + 16];
+	size_t n = kvtier__v1__append_request__pack(&a, good);
+	uint64_t accepted = 0, len_now = 0;
+	int bad_codes = 0;
+	for (int it = 0; it < 300; it++) {
+		size_t m = n;
+		memcpy(bad, good, n);
+		switch (kvt_rand_below(3)) {
+		case 0: /* flip a few bytes, mostly in the framing */
+			for (int f = 0; f < 1 + (int)kvt_rand_below(3); f++) {
+				size_t at = kvt_rand_below(2) ? kvt_rand_below(24) : kvt_rand_below((uint32_t)n);
+				bad[at] ^= (uint8_t)(1 + kvt_rand_below(255));
+			}
+			break;
+		case 1: /* truncate */
+			m = kvt_rand_below((uint32_t)n);
+			break;
+		default: { /* insert a stray varint field */
+			size_t at = kvt_rand_below(24);
+			memmove(bad + at + 2, bad + at, n - at);
+			bad[at] = (uint8_t)(kvt_rand_below(16) << 3);
+			bad[at + 1] = (uint8_t)kvt_rand_below(128);
+			m = n + 2;
+			break;
+		}
+		}
+		uint64_t nt = 0;
+		grpc_status_code st = append_raw(&h, bad, m, &nt, details, sizeof details);
+		if (st == GRPC_STATUS_OK) {
+			accepted++;
+			if (nt < len_now + 1)
+				bad_codes++;
+			len_now = nt;
+		} else if (st != GRPC_STATUS_INVALID_ARGUMENT && st != GRPC_STATUS_NOT_FOUND &&
+			   st != GRPC_STATUS_RESOURCE_EXHAUSTED) {
+			bad_codes++;
+			printf("# mutation %d: status %d %s\n", it, st, details);
+		}
+	}
+	KVT_CHECK(bad_codes == 0, "%d answers outside OK / INVALID_ARGUMENT / NOT_FOUND", bad_codes);
+	uint64_t nt = 0;
+	grpc_status_code st = append_raw(&h, good, n, &nt, details, sizeof details);
+	KVT_CHECK(st == GRPC_STATUS_OK && nt == len_now + NT, "a good append still works: %d %s",
+		  st, details);
+	printf("# %llu of 300 mutated messages were still valid appends\n",
+	       (unsigned long long)accepted);
+	KVT_CHECK(health(&h, "", &status, 0) == GRPC_STATUS_OK && status == 1, "still serving");
+	KVT_CHECK(kvt_harness_stop(&h, SIGTERM, 20000) == 0, "exit 0");
+	kvt_harness_cleanup(&h);
+}
+
 int main(int argc, char **argv)
 {
 	kvt_test_init();
@@ -325,6 +408,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_start_health_stop);
 	KVT_RUN(test_sighup_reload);
 	KVT_RUN(test_append_layouts);
+	KVT_RUN(test_append_mutations);
 	grpc_shutdown();
 	return kvt_test_done();
 }
