@@ -53,8 +53,11 @@ for _s, _b, _g, _k in [("oscar", 2, 32, 4), ("kivi", 2, 32, 4), ("hadamard", 2, 
                        ("oscar", 4, 32, 4)]:
     TABLE_ROWS.append((f"{_s} INT{_b} G{_g} S{_k}",
                        dict(scheme=_s, bits=_b, group=_g, n_sinks=_k)))
-TABLE_ROWS.append(("oscar INT2 G32 S4 detect-off",
-                   dict(scheme="oscar", bits=2, group=32, n_sinks=4, pin_detect_max=0)))
+# The daemon's default has detection off (pin_detect_ratio 0); 'detect' turns on the rule
+# key norm < 0.5 x median, at most 4 detected pins per chunk (sinks.md).
+TABLE_ROWS.append(("oscar INT2 G32 S4 detect r0.5 max4",
+                   dict(scheme="oscar", bits=2, group=32, n_sinks=4, pin_detect_ratio=0.5,
+                        pin_detect_max=4)))
 for _s in ("oscar", "kivi", "hadamard"):
     for _b in (2, 4):
         for _g in (32, 128):
@@ -124,8 +127,9 @@ def run_table(m, a):
                 note=(f"Fetch path (attention in the worker over what kvtierd's Fetch returns), "
                       f"{a.dtype} session, contexts of {a.ctx} tokens, the first "
                       f"{a.max_tokens} tokens of each text, daemon defaults for what a row does "
-                      f"not name (chunk 128; detection as the daemon's default unless "
-                      f"'detect-off'). Bits/elem: SessionInfo.bits_per_element of the session "
+                      f"not name (chunk 128; detection off unless the row says 'detect'). "
+                      f"Bits/elem counts the exact copies of pinned tokens in the wire dtype "
+                      f"(f32: a pinned token costs 32 bits per element of it). Bits/elem: SessionInfo.bits_per_element of the session "
                       f"(FetchEncoded's first chunk gives the same within rounding)."))
     results = []
     for name, codec in TABLE_ROWS:
