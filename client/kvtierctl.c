@@ -667,7 +667,7 @@ static double memcpy_gbps(size_t bytes)
 static void codec_label(const struct kvt_client_codec *c, char *buf, size_t n)
 {
 	if (c->scheme == KVT_SCHEME_NONE + 1)
-		snprintf(buf, n, "none (exact %s)", "f16/bf16");
+		snprintf(buf, n, "none (exact, check)");
 	else
 		snprintf(buf, n, "%s K%u/V%u G%u", wire_scheme_name(c->scheme), c->key_bits,
 			 c->value_bits, c->group);
@@ -976,8 +976,6 @@ static int run_demo(const struct global_opts *g, const struct demo_opts *o)
 			const struct demo_row *w = &rows[r];
 			char lab[64];
 			codec_label(&w->codec, lab, sizeof(lab));
-			if (w->codec.scheme == KVT_SCHEME_NONE + 1)
-				snprintf(lab, sizeof(lab), "none (exact, check)");
 			printf("demo: %-22s %9.3f %7.2fx %7.4f %7.4f %12.4f %11.3f %10.3f %10.1f\n", lab,
 			       w->bpe_sum / o->sessions,
 			       w->held ? (double)w->logical / (double)w->held : 0,
