@@ -50,6 +50,8 @@ static const struct opt opts[] = {
 	 "4MiB", 0, "largest gRPC message received or sent; Fetch splits replies below it"},
 	{"max_concurrent_calls", OPT_U64, OFF(max_concurrent_calls), 1, 65536, 0, 0, NULL, "1024",
 	 0, "calls in flight at once (new ones get RESOURCE_EXHAUSTED beyond it)"},
+	{"reply_pool_buffers", OPT_U64, OFF(reply_pool_buffers), 0, 1024, 0, 0, NULL, "8", 0,
+	 "Fetch reply buffers of max_message_bytes kept for reuse (no page faults per reply)"},
 	{"host_capacity_bytes", OPT_SIZE, OFF(host_capacity_bytes), 1 * MIB, 64 * TIB, 0, 0, NULL,
 	 "4GiB", 1, "host DRAM the sessions and append staging may use (N% = share of RAM)"},
 	{"capacity_policy", OPT_ENUM, OFF(capacity_policy), 0, 0, 0, 0, policy_names,

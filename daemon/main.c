@@ -24,6 +24,17 @@
 
 #define KVT_VERSION_STRING "0.1.0"
 
+/*
+ * jemalloc's start-up options (the MALLOC_CONF environment variable still overrides them).
+ * Allocations of 256 KiB and more (gRPC's buffers of large Append messages, encode scratch)
+ * go to jemalloc's oversize arena, which purges freed pages at once instead of keeping them
+ * resident for the 10 s dirty decay: a KV cache daemon is judged by memory per session, and
+ * those buffers are not reused soon enough to be worth holding (Fetch replies reuse their
+ * own pool, chunks and staging come from whole pages in tiers/tier_host.c). Small objects
+ * keep the default decay. Without jemalloc (AddressSanitizer builds) nothing reads this.
+ */
+const char *malloc_conf = "oversize_threshold:262144";
+
 static void apply_live(struct kvt_tier_host *host, struct kvt_sessions *sessions)
 {
 	kvt_log_set_level((int)KVT_CFG(log_level));

@@ -115,6 +115,15 @@ void kvt_rpc_reply(struct kvt_rpc_result *res, const ProtobufCMessage *msg);
 /* A byte buffer over a malloc'd buffer, freed by gRPC when it is done with it (no copy). */
 grpc_byte_buffer *kvt_rpc_buffer_take(void *buf, size_t len);
 grpc_byte_buffer *kvt_rpc_pack(const ProtobufCMessage *msg);
+/* Reply buffers for large streamed messages (Fetch blocks). A buffer of up to
+ * max_message_bytes comes from a pool of reply_pool_buffers reused buffers (already faulted
+ * in, so a reply costs no page faults and no madvise); larger ones, or when every pooled
+ * buffer is in flight, come from malloc. kvt_rpc_reply_buf_take hands the buffer to gRPC
+ * without a copy and the pool gets it back when gRPC is done; kvt_rpc_reply_buf_put returns
+ * one that was never handed over. */
+void *kvt_rpc_reply_buf_get(size_t len);
+void kvt_rpc_reply_buf_put(void *buf);
+grpc_byte_buffer *kvt_rpc_reply_buf_take(void *buf, size_t len);
 /* True when the call's deadline has passed (handlers check before heavy work). */
 int kvt_rpc_deadline_passed(struct kvt_rpc_call *c);
 

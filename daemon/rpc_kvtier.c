@@ -1287,6 +1287,12 @@ static int iter_init(struct block_iter *it, const struct kvt_codec_config *cfg, 
 	}
 	if (it->tpb > t1 - t0)
 		it->tpb = t1 - t0;
+	/* Equal blocks rather than full ones and a remainder: 128 tokens under a 4 MiB limit go
+	 * as 64 + 64 (whole key groups, half the largest message) instead of 127 + 1. */
+	if (it->lpb == nl && it->tpb > 0) {
+		uint64_t n_blocks = (t1 - t0 + it->tpb - 1) / it->tpb;
+		it->tpb = (t1 - t0 + n_blocks - 1) / n_blocks;
+	}
 	if (it->tpb > UINT32_MAX)
 		it->tpb = UINT32_MAX;
 	return 0;
@@ -1312,7 +1318,7 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	size_t inner = 1 + varint_size(t) + 1 + varint_size(nt) + 1 + varint_size(l) + 1 +
 		       varint_size(nl) + 1 + varint_size(it->dtype) + 2 * (1 + varint_size(kb) + kb);
 	size_t total = inner + (wrap_field ? 1 + varint_size(inner) : 0);
-	uint8_t *buf = malloc(total);
+	uint8_t *buf = kvt_rpc_reply_buf_get(total);
 	if (!buf) {
 		snprintf(err, errlen, "out of memory for a %zu-byte block", total);
 		return -ENOMEM;
@@ -1343,10 +1349,10 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	assert((size_t)(p - buf) == total);
 	int rc = kvt_seq_fetch(seq, t, t + nt, l, l + nl, it->dtype, kp, vp, err, errlen);
 	if (rc) {
-		free(buf);
+		kvt_rpc_reply_buf_put(buf);
 		return rc;
 	}
-	*out = kvt_rpc_buffer_take(buf, total);
+	*out = kvt_rpc_reply_buf_take(buf, total);
 	it->cur_l += nl;
 	if (it->cur_l >= it->l1) {
 		it->cur_l = it->l0;

@@ -142,6 +142,112 @@ grpc_byte_buffer *kvt_rpc_buffer_take(void *buf, size_t len)
 	return bb;
 }
 
+/* ---- reply buffer pool ----------------------------------------------------------------- */
+
+/* Each reply buffer carries this header in front of it: whether it belongs to the pool. */
+struct reply_hdr {
+	uint64_t magic;
+	uint32_t pooled;
+	uint32_t reserved;
+	struct reply_hdr *next; /* free list */
+	uint8_t pad[40];
+};
+_Static_assert(sizeof(struct reply_hdr) == 64, "reply buffers stay 64-byte aligned");
+#define REPLY_MAGIC 0x6b7674726570ull /* "kvtrep" */
+
+static struct {
+	pthread_mutex_t mu;
+	struct reply_hdr *free_list;
+	uint64_t made;      /* pooled buffers in existence (<= max) */
+	uint64_t max;       /* reply_pool_buffers, read at first use */
+	size_t buf_bytes;   /* max_message_bytes, read at first use */
+	int init;
+} g_reply_pool = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+void *kvt_rpc_reply_buf_get(size_t len)
+{
+	struct reply_hdr *h = NULL;
+	pthread_mutex_lock(&g_reply_pool.mu);
+	if (!g_reply_pool.init) {
+		/* Neither option is reloadable: fixed for the process's life. */
+		g_reply_pool.max = kvt_config_live.reply_pool_buffers;
+		g_reply_pool.buf_bytes = (size_t)kvt_config_live.max_message_bytes;
+		g_reply_pool.init = 1;
+	}
+	if (len <= g_reply_pool.buf_bytes) {
+		if (g_reply_pool.free_list) {
+			h = g_reply_pool.free_list;
+			g_reply_pool.free_list = h->next;
+		} else if (g_reply_pool.made < g_reply_pool.max) {
+			h = aligned_alloc(64, sizeof(*h) + g_reply_pool.buf_bytes);
+			if (h) {
+				g_reply_pool.made++;
+				h->magic = REPLY_MAGIC;
+				h->pooled = 1;
+			}
+		}
+	}
+	pthread_mutex_unlock(&g_reply_pool.mu);
+	if (!h) {
+		h = aligned_alloc(64, sizeof(*h) + ((len + 63) & ~(size_t)63));
+		if (!h)
+			return NULL;
+		h->magic = REPLY_MAGIC;
+		h->pooled = 0;
+	}
+	h->next = NULL;
+	return h + 1;
+}
+
+void kvt_rpc_reply_buf_put(void *buf)
+{
+	if (!buf)
+		return;
+	struct reply_hdr *h = (struct reply_hdr *)buf - 1;
+	if (h->magic != REPLY_MAGIC) {
+		/* Not one of ours: a memory corruption; stop before it spreads. */
+		kvt_log_error("reply buffer with a bad header", NULL);
+		abort();
+	}
+	if (!h->pooled) {
+		h->magic = 0;
+		free(h);
+		return;
+	}
+	pthread_mutex_lock(&g_reply_pool.mu);
+	h->next = g_reply_pool.free_list;
+	g_reply_pool.free_list = h;
+	pthread_mutex_unlock(&g_reply_pool.mu);
+}
+
+/* Frees the idle pooled buffers (server teardown; buffers still in flight are freed by
+ * kvt_rpc_reply_buf_put as pooled ones and simply return to the list). */
+static void reply_pool_drain(void)
+{
+	pthread_mutex_lock(&g_reply_pool.mu);
+	while (g_reply_pool.free_list) {
+		struct reply_hdr *h = g_reply_pool.free_list;
+		g_reply_pool.free_list = h->next;
+		g_reply_pool.made--;
+		h->magic = 0;
+		free(h);
+	}
+	pthread_mutex_unlock(&g_reply_pool.mu);
+}
+
+static void reply_buf_destroy(void *p)
+{
+	kvt_rpc_reply_buf_put(p);
+}
+
+grpc_byte_buffer *kvt_rpc_reply_buf_take(void *buf, size_t len)
+{
+	grpc_slice s = grpc_slice_new_with_user_data(buf, len, reply_buf_destroy, buf);
+	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+	grpc_slice_unref(s);
+	return bb;
+}
+
 grpc_byte_buffer *kvt_rpc_pack(const ProtobufCMessage *msg)
 {
 	size_t n = protobuf_c_message_get_packed_size(msg);
@@ -849,5 +955,6 @@ void kvt_rpc_server_destroy(struct kvt_rpc_server *srv)
 	pthread_cond_destroy(&srv->cv);
 	if (g_srv == srv)
 		g_srv = NULL;
+	reply_pool_drain();
 	free(srv);
 }

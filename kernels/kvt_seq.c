@@ -370,6 +370,8 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 	const uint8_t *kin = k, *vin = v;
 	uint64_t total = (uint64_t)seq->n_tail + n;
 	uint32_t n_seal = (uint32_t)(total / B), rem = (uint32_t)(total % B);
+	/* Input tokens before the first chunk that comes whole from the input. */
+	const uint32_t head = seq->n_tail ? B - seq->n_tail : 0;
 	struct kvt_chunk **fresh = NULL, **made = NULL;
 	uint32_t fresh_cap = 0, n_made = 0;
 	void *scratch = NULL;
@@ -383,9 +385,13 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 		set_err(err, errlen, "k and v must not be NULL");
 		return -EINVAL;
 	}
-	rc = ensure_tail(seq, &tail_made, err, errlen);
-	if (rc < 0)
-		return rc;
+	/* The tail buffer exists only while tokens stay in it: an append that ends on a chunk
+	 * boundary needs none (a prefill of whole chunks never allocates one). */
+	if (rem || seq->n_tail) {
+		rc = ensure_tail(seq, &tail_made, err, errlen);
+		if (rc < 0)
+			return rc;
+	}
 	if (n_seal == 0) {
 		copy_tokens(seq->tail, B, seq->n_tail, kin, n, 0, n, L, tb);
 		copy_tokens(seq->tail + seq->tail_half_bytes, B, seq->n_tail, vin, n, 0, n, L,
@@ -402,33 +408,40 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 	scratch = aligned_alloc(KVT_CHUNK_ALIGN, (scratch_cap + KVT_CHUNK_ALIGN - 1) &
 							 ~(size_t)(KVT_CHUNK_ALIGN - 1));
 	made = calloc(n_seal, sizeof(*made));
-	if (n_seal > 1)
+	/* A chunk taken whole from the input is encoded in place when the input is exactly one
+	 * chunk ([L][B][H][d] already); otherwise its tokens are gathered out of the wider
+	 * input first. */
+	int need_gather = n != B || seq->n_tail != 0 ? (n_seal > (seq->n_tail ? 1u : 0u)) : 0;
+	if (need_gather)
 		gather = aligned_alloc(KVT_CHUNK_ALIGN, 2 * seq->tail_half_bytes);
-	if (!scratch || !made || (n_seal > 1 && !gather)) {
+	if (!scratch || !made || (need_gather && !gather)) {
 		set_err(err, errlen, "out of memory for %u chunk(s) of encode scratch", n_seal);
 		rc = -ENOMEM;
 		goto fail;
 	}
 
-	/* Chunk 0: the tail's free slots take the first input tokens; the old tail tokens are
-	 * not overwritten, so a failure below leaves them intact. */
-	copy_tokens(seq->tail, B, seq->n_tail, kin, n, 0, B - seq->n_tail, L, tb);
-	copy_tokens(seq->tail + seq->tail_half_bytes, B, seq->n_tail, vin, n, 0,
-		    B - seq->n_tail, L, tb);
-	rc = seal_one(seq, seq_sealed(seq), seq->tail, seq->tail + seq->tail_half_bytes,
-		      scratch, scratch_cap, &made[0], err, errlen);
-	if (rc < 0)
-		goto fail;
-	n_made = 1;
-	/* Later chunks come whole from the input; gathered so the tail keeps the old tokens. */
-	for (uint32_t j = 1; j < n_seal; j++) {
-		size_t src0 = (size_t)(B - seq->n_tail) + (size_t)(j - 1) * B;
+	for (uint32_t j = 0; j < n_seal; j++) {
+		uint64_t first = seq_sealed(seq) + (uint64_t)j * B;
 
-		copy_tokens(gather, B, 0, kin, n, src0, B, L, tb);
-		copy_tokens(gather + seq->tail_half_bytes, B, 0, vin, n, src0, B, L, tb);
-		rc = seal_one(seq, seq_sealed(seq) + (uint64_t)j * B, gather,
-			      gather + seq->tail_half_bytes, scratch, scratch_cap, &made[j], err,
-			      errlen);
+		if (j == 0 && seq->n_tail) {
+			/* The tail's free slots take the first input tokens; the old tail
+			 * tokens are not overwritten, so a failure below leaves them intact. */
+			copy_tokens(seq->tail, B, seq->n_tail, kin, n, 0, head, L, tb);
+			copy_tokens(seq->tail + seq->tail_half_bytes, B, seq->n_tail, vin, n, 0,
+				    head, L, tb);
+			rc = seal_one(seq, first, seq->tail, seq->tail + seq->tail_half_bytes,
+				      scratch, scratch_cap, &made[j], err, errlen);
+		} else if (!need_gather) {
+			rc = seal_one(seq, first, kin, vin, scratch, scratch_cap, &made[j], err,
+				      errlen);
+		} else {
+			size_t src0 = (size_t)head + (size_t)(j - (seq->n_tail ? 1 : 0)) * B;
+
+			copy_tokens(gather, B, 0, kin, n, src0, B, L, tb);
+			copy_tokens(gather + seq->tail_half_bytes, B, 0, vin, n, src0, B, L, tb);
+			rc = seal_one(seq, first, gather, gather + seq->tail_half_bytes, scratch,
+				      scratch_cap, &made[j], err, errlen);
+		}
 		if (rc < 0)
 			goto fail;
 		n_made++;
@@ -440,9 +453,15 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 		seq->chunks[seq->n_chunks++] = made[j];
 		seq->chunk_bytes += made[j]->alloc_bytes;
 	}
-	copy_tokens(seq->tail, B, 0, kin, n, n - rem, rem, L, tb);
-	copy_tokens(seq->tail + seq->tail_half_bytes, B, 0, vin, n, n - rem, rem, L, tb);
 	seq->n_tail = rem;
+	if (rem) {
+		copy_tokens(seq->tail, B, 0, kin, n, n - rem, rem, L, tb);
+		copy_tokens(seq->tail + seq->tail_half_bytes, B, 0, vin, n, n - rem, rem, L, tb);
+	} else if (seq->tail) {
+		/* The tail emptied on a seal: give its B tokens of every layer back until a
+		 * token needs it again. */
+		drop_tail(seq);
+	}
 	seq_check(seq);
 	free(made);
 	free(gather);
