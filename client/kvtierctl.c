@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "kvt_codec.h"
+#include "kvt_synth.h"
 #include "kvtctl_npy.h"
 #include "kvtier_client.h"
 
@@ -47,9 +48,14 @@ static void usage(FILE *out)
 		"                     --group G --chunk-tokens B --sinks S --no-rotate-v\n"
 		"  get ID --out-k K.npy --out-v V.npy [--tokens A:B] [--layers A:B] [--dtype f16|f32]\n"
 		"  demo [--sessions N] [--tokens T] [--layers L] [--kv-heads H] [--q-heads HQ]\n"
-		"       [--head-dim D] [--block-tokens N] [--attend-steps N] [codec flags] [--keep]\n"
-		"        synthetic TNI-like KV through the daemon: compression, bits per element,\n"
-		"        attention error against exact fp16 attention, throughput\n"
+		"       [--head-dim D] [--block-tokens N] [--attend-steps N] [codec flags]\n"
+		"       [--seed S] [--dump-dir DIR] [--only] [--keep]\n"
+		"        the synthetic TNI set of kvtier-bench fidelity through the daemon: T prefill\n"
+		"        tokens, then N decode steps (Attend with the new token); for the codec (default:\n"
+		"        the daemon's), the same at 4 bits and exact none (--only: the codec alone):\n"
+		"        bits per element, memory, attention-output error vs exact attention,\n"
+		"        throughput. --dump-dir writes session 0's K.npy V.npy Q.npy for\n"
+		"        kvtier-bench fidelity --k --v --q\n"
 		"  bench [demo flags]   the demo workload as JSON lines (one per measurement) with\n"
 		"                       memcpy of the same bytes in the same run as the reference\n");
 }
@@ -540,151 +546,98 @@ out:
 
 /* ---- demo / bench ------------------------------------------------------------------------------ */
 
+#define DEMO_MAX_CODECS 3
+
 struct demo_opts {
 	uint32_t sessions, tokens, layers, kv_heads, q_heads, head_dim, block_tokens, attend_steps;
 	uint32_t dtype;
+	uint64_t seed;          /* 0: from the clock */
+	const char *dump_dir;   /* session 0's K, V, Q as .npy, for kvtier-bench fidelity */
 	struct kvt_client_codec codec;
+	int only;               /* the given codec alone: no INT4 and none rows */
 	int keep;
 	int json; /* bench */
 };
 
-/* splitmix64: reproducible synthetic data from a printed seed */
-static uint64_t rng_state;
-static uint64_t rng_u64(void)
-{
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-static float rng_normal(void)
-{
-	float u1 = (float)((rng_u64() >> 40) * 0x1p-24), u2 = (float)((rng_u64() >> 40) * 0x1p-24);
-	if (u1 < 1e-12f)
-		u1 = 1e-12f;
-	return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
-}
+/* What one codec did, summed over every session. */
+struct demo_row {
+	struct kvt_client_codec ask;    /* what OpenSession asks for */
+	struct kvt_client_codec codec;  /* what the daemon resolved it to */
+	int used;
+	uint64_t held, logical;
+	double bpe_sum, k_num, k_den, v_num, v_den, o_num, o_den, o_item_max, cons_max;
+	double t_append, t_fetch, t_attend, bytes_wire;
+	uint64_t n_steps, n_items;
+};
+
+/* Dataset statistics of the exact attention (OSCAR.md 7.7 asks for sink mass, logit range). */
+struct demo_stats {
+	double sink_mass, range_sum, entropy, n;
+	float lmin, lmax;
+};
 
 /*
- * TNI-like KV for one session, f32 [L][T][H][d]: ordinary keys have per-element std 1.5, a
- * small bias and a few outlier channels (x6), so key norms are ~17-25 at d = 128; tokens 0
- * and 1 are attention sinks: low-norm keys (norm ~2.5) along a per-head sink direction and
- * near-zero values, like the sinks of a real model; other values have a per-channel mean. Queries (demo_query) lean toward the sink
- * direction (and ordinary keys are orthogonal to it) so the sinks take a large share of the
- * attention mass with logits in a model-like range (the demo prints both).
+ * Attention of the Hq query heads q ([Hq][d]) over tokens [0, ntok) of layer l of K, V
+ * ([L][Tt][H][d], f32), softmax scale 1/sqrt(d) (the daemon's default), GQA head h reads KV
+ * head h / (Hq / H). p is scratch for ntok floats. st, when not NULL, accumulates statistics.
  */
-static void demo_gen(const struct demo_opts *o, float *k, float *v, float *sink_dir)
+static void demo_attention(const struct demo_opts *o, uint32_t Tt, const float *K, const float *V,
+			   uint32_t l, uint32_t ntok, const float *q, const uint8_t *sink, float *p,
+			   float *out, struct demo_stats *st)
 {
-	uint32_t L = o->layers, T = o->tokens, H = o->kv_heads, d = o->head_dim;
-	float *vmean = malloc((size_t)H * d * sizeof(float));
-	if (!vmean)
-		abort();
-	for (size_t i = 0; i < (size_t)L * H; i++) {
-		float *u = sink_dir + i * d, n = 0;
-		for (uint32_t j = 0; j < d; j++) {
-			u[j] = rng_normal();
-			n += u[j] * u[j];
-		}
-		n = sqrtf(n);
-		for (uint32_t j = 0; j < d; j++)
-			u[j] /= n;
-	}
-	for (uint32_t l = 0; l < L; l++) {
-		/* Real value caches carry a per-channel mean (bias) shared by a head's tokens, so
-		 * an attention output is not just the average of zero-mean noise. */
-		for (size_t i = 0; i < (size_t)H * d; i++)
-			vmean[i] = rng_normal();
-		for (uint32_t t = 0; t < T; t++)
-			for (uint32_t h = 0; h < H; h++) {
-				float *kr = k + (((size_t)l * T + t) * H + h) * d;
-				float *vr = v + (((size_t)l * T + t) * H + h) * d;
-				const float *u = sink_dir + ((size_t)l * H + h) * d;
-				float dot = 0;
-				for (uint32_t j = 0; j < d; j++) {
-					if (t < 2) {
-						kr[j] = 2.5f * u[j] + 0.02f * rng_normal();
-						vr[j] = 0.05f * rng_normal();
-					} else {
-						float out = (j % 29 == 3) ? 6.0f : 1.0f;
-						kr[j] = out * (1.5f * rng_normal() + 0.3f);
-						vr[j] = vmean[(size_t)h * d + j] + rng_normal();
-						dot += kr[j] * u[j];
-					}
-				}
-				/* ordinary keys carry no component along the sink direction */
-				for (uint32_t j = 0; t >= 2 && j < d; j++)
-					kr[j] -= dot * u[j];
-			}
-	}
-	free(vmean);
-}
-
-static void demo_query(const struct demo_opts *o, uint32_t l, const float *sink_dir, float *q)
-{
-	uint32_t Hq = o->q_heads, g = o->q_heads / o->kv_heads, d = o->head_dim;
-	for (uint32_t h = 0; h < Hq; h++) {
-		const float *u = sink_dir + ((size_t)l * o->kv_heads + h / g) * d;
-		for (uint32_t j = 0; j < d; j++)
-			q[(size_t)h * d + j] = 30.0f * u[j] + 0.5f * rng_normal();
-	}
-}
-
-/* Exact attention over the fp16-rounded K, V of one layer (what an fp16 cache would give).
- * Also reports the attention mass on tokens 0..1 and the logit range. */
-static void exact_attention(const struct demo_opts *o, const float *k16, const float *v16,
-			    uint32_t l, const float *q, float *out, double *sink_mass,
-			    float *lmin, float *lmax)
-{
-	uint32_t T = o->tokens, H = o->kv_heads, d = o->head_dim, g = o->q_heads / o->kv_heads;
+	uint32_t H = o->kv_heads, d = o->head_dim, g = o->q_heads / o->kv_heads;
 	float scale = 1.0f / sqrtf((float)d);
-	float *p = malloc(T * sizeof(float));
-	if (!p)
-		abort();
-	*sink_mass = 0;
+
 	for (uint32_t h = 0; h < o->q_heads; h++) {
 		const float *qh = q + (size_t)h * d;
-		uint32_t kh = h / g;
-		float m = -INFINITY;
-		double sum = 0;
-		for (uint32_t t = 0; t < T; t++) {
-			const float *kr = k16 + (((size_t)l * T + t) * H + kh) * d;
+		float *oh = out + (size_t)h * d, mx = -INFINITY, mn = INFINITY;
+		double sum = 0, sm = 0, ent = 0;
+
+		for (uint32_t t = 0; t < ntok; t++) {
+			const float *kr = K + (((size_t)l * Tt + t) * H + h / g) * d;
 			float s = 0;
 			for (uint32_t j = 0; j < d; j++)
 				s += qh[j] * kr[j];
 			p[t] = s * scale;
-			if (p[t] > m)
-				m = p[t];
-			if (p[t] < *lmin)
-				*lmin = p[t];
-			if (p[t] > *lmax)
-				*lmax = p[t];
+			mx = p[t] > mx ? p[t] : mx;
+			mn = p[t] < mn ? p[t] : mn;
 		}
-		for (uint32_t t = 0; t < T; t++) {
-			p[t] = expf(p[t] - m);
-			sum += p[t];
-		}
-		float *oh = out + (size_t)h * d;
+		for (uint32_t t = 0; t < ntok; t++)
+			sum += (p[t] = expf(p[t] - mx));
 		memset(oh, 0, d * sizeof(float));
-		for (uint32_t t = 0; t < T; t++) {
-			const float *vr = v16 + (((size_t)l * T + t) * H + kh) * d;
+		for (uint32_t t = 0; t < ntok; t++) {
+			const float *vr = V + (((size_t)l * Tt + t) * H + h / g) * d;
 			float w = (float)(p[t] / sum);
 			for (uint32_t j = 0; j < d; j++)
 				oh[j] += w * vr[j];
+			if (sink[t])
+				sm += w;
+			if (w > 0)
+				ent -= w * log((double)w);
 		}
-		*sink_mass += (p[0] + (T > 1 ? p[1] : 0)) / sum;
+		if (st) {
+			st->sink_mass += sm;
+			st->entropy += ent;
+			st->range_sum += mx - mn;
+			st->n += 1;
+			st->lmin = mn < st->lmin ? mn : st->lmin;
+			st->lmax = mx > st->lmax ? mx : st->lmax;
+		}
 	}
-	*sink_mass /= o->q_heads;
-	free(p);
 }
 
-static double rel_l2(const float *a, const float *b, size_t n)
+/* Sums of squared differences and of squared references over n elements (relative L2 parts). */
+static void sq_err(const float *a, const float *ref, size_t n, double *num, double *den)
 {
-	double num = 0, den = 0;
 	for (size_t i = 0; i < n; i++) {
-		double e = (double)a[i] - b[i];
-		num += e * e;
-		den += (double)b[i] * b[i];
+		double e = (double)a[i] - ref[i];
+		*num += e * e;
+		*den += (double)ref[i] * ref[i];
 	}
+}
+
+static double rel_of(double num, double den)
+{
 	return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
@@ -711,248 +664,361 @@ static double memcpy_gbps(size_t bytes)
 	return 3.0 * (double)bytes / dt / 1e9;
 }
 
+static void codec_label(const struct kvt_client_codec *c, char *buf, size_t n)
+{
+	if (c->scheme == KVT_SCHEME_NONE + 1)
+		snprintf(buf, n, "none (exact, check)");
+	else
+		snprintf(buf, n, "%s K%u/V%u G%u", wire_scheme_name(c->scheme), c->key_bits,
+			 c->value_bits, c->group);
+}
+
+static int demo_dump(const struct demo_opts *o, uint32_t Tt, const float *K, const float *V,
+		     const float *Q)
+{
+	uint64_t kvs[4] = { o->layers, Tt, o->kv_heads, o->head_dim };
+	uint64_t qs[4] = { o->layers, o->attend_steps, o->q_heads, o->head_dim };
+	const char *names[3] = { "K.npy", "V.npy", "Q.npy" };
+	const float *arrs[3] = { K, V, Q };
+	char path[1024], err[512];
+
+	for (int i = 0; i < 3; i++) {
+		snprintf(path, sizeof(path), "%s/%s", o->dump_dir, names[i]);
+		if (kvtctl_npy_write(path, KVT_DTYPE_F32, 4, i < 2 ? kvs : qs, arrs[i], err,
+				     sizeof(err)) < 0) {
+			fprintf(stderr, "kvtierctl: demo: %s\n", err);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * One session with one codec: prefill T tokens with Append (in block_tokens blocks), Stat,
+ * Fetch everything back (reconstruction error), then attend_steps decode steps, each one
+ * Attend request with every layer that carries the step's new token (new_k/new_v), so query j
+ * (position T + j) attends over tokens 0..T+j exactly as kvtier-bench fidelity's query j does.
+ */
+static int demo_session(struct kvt_client *c, const struct demo_opts *o, const char *id,
+			struct demo_row *w, int first, const float *kr, const float *vr,
+			const void *kw, const void *vw, const float *Q, const float *ref,
+			const uint8_t *sink, void *gk, void *gv, float *fk, float *fv, float *out,
+			float *cons, float *p, struct kvt_client_attend_item *items, int *tail_exact)
+{
+	uint32_t L = o->layers, T = o->tokens, N = o->attend_steps, Tt = T + N, H = o->kv_heads;
+	uint32_t d = o->head_dim, Hq = o->q_heads;
+	size_t esz = kvt_dtype_size(o->dtype), rowb = (size_t)H * d * esz, row = (size_t)H * d;
+	size_t qn = (size_t)Hq * d, n_el = (size_t)L * T * row;
+	struct kvt_client_session_params sp;
+	struct kvt_client_session_info info;
+	struct kvt_client_status st;
+	struct kvt_client_shape sh = { L, H, d, o->dtype };
+	double t0;
+	int rc;
+
+	kvt_client_session_params_init(&sp, id, L, H, d, o->dtype);
+	sp.codec = w->ask;
+	sp.ttl_seconds = 3600;
+	if ((rc = kvt_client_open(c, &sp, &info, &st)))
+		return fail_status("open", rc, &st);
+	if (first)
+		w->codec = info.codec;
+
+	t0 = now_s();
+	for (uint32_t t = 0; t < T; t += o->block_tokens) {
+		uint32_t n = T - t < o->block_tokens ? T - t : o->block_tokens;
+		struct kvt_client_append_opts ao;
+		/* [L][n][H][d] slice of [L][Tt][H][d] */
+		for (uint32_t l = 0; l < L; l++) {
+			memcpy((uint8_t *)gk + (size_t)l * n * rowb,
+			       (const uint8_t *)kw + ((size_t)l * Tt + t) * rowb, n * rowb);
+			memcpy((uint8_t *)gv + (size_t)l * n * rowb,
+			       (const uint8_t *)vw + ((size_t)l * Tt + t) * rowb, n * rowb);
+		}
+		kvt_client_append_opts_init(&ao);
+		ao.token_begin = t;
+		if ((rc = kvt_client_append(c, id, &sh, gk, gv, n, &ao, NULL, &st)))
+			return fail_status("append", rc, &st);
+	}
+	w->t_append += now_s() - t0;
+	w->bytes_wire += 2.0 * (double)n_el * (double)esz;
+
+	if ((rc = kvt_client_stat(c, id, &info, &st)))
+		return fail_status("stat", rc, &st);
+	w->held += info.bytes_held;
+	w->logical += info.logical_bytes;
+	w->bpe_sum += info.bits_per_element;
+
+	/* Fetch the prefill back (decoded, original basis): reconstruction error. */
+	t0 = now_s();
+	struct kvt_client_fetch_range fr;
+	kvt_client_fetch_range_init(&fr);
+	fr.dtype = o->dtype;
+	if ((rc = kvt_client_fetch(c, id, &fr, gk, n_el * esz, gv, n_el * esz, NULL, &st)))
+		return fail_status("fetch", rc, &st);
+	w->t_fetch += now_s() - t0;
+	for (uint32_t l = 0; l < L; l++) {
+		size_t at = (size_t)l * Tt * row;
+		kvt_convert((uint8_t *)gk + (size_t)l * T * rowb, o->dtype, fk + at, KVT_DTYPE_F32,
+			    (size_t)T * row);
+		kvt_convert((uint8_t *)gv + (size_t)l * T * rowb, o->dtype, fv + at, KVT_DTYPE_F32,
+			    (size_t)T * row);
+		sq_err(fk + at, kr + at, (size_t)T * row, &w->k_num, &w->k_den);
+		sq_err(fv + at, vr + at, (size_t)T * row, &w->v_num, &w->v_den);
+		/* the decode steps' tokens join the exact tail */
+		memcpy(fk + at + (size_t)T * row, kr + at + (size_t)T * row, (size_t)N * row * 4);
+		memcpy(fv + at + (size_t)T * row, vr + at + (size_t)T * row, (size_t)N * row * 4);
+		/* the unsealed tail must come back bit-exact */
+		size_t off = ((size_t)l * T + (T - info.tail_tokens)) * rowb;
+		size_t woff = ((size_t)l * Tt + (T - info.tail_tokens)) * rowb;
+		if (memcmp((uint8_t *)gk + off, (const uint8_t *)kw + woff, info.tail_tokens * rowb) ||
+		    memcmp((uint8_t *)gv + off, (const uint8_t *)vw + woff, info.tail_tokens * rowb))
+			*tail_exact = 0;
+	}
+
+	for (uint32_t j = 0; j < N; j++) {
+		for (uint32_t l = 0; l < L; l++) {
+			struct kvt_client_attend_item *it = &items[l];
+			memset(it, 0, sizeof(*it));
+			it->session_id = id;
+			it->layer = l;
+			it->n_q_heads = Hq;
+			it->q = Q + ((size_t)l * N + j) * qn;
+			it->q_bytes = qn * 4;
+			it->new_k = (const uint8_t *)kw + ((size_t)l * Tt + T + j) * rowb;
+			it->new_v = (const uint8_t *)vw + ((size_t)l * Tt + T + j) * rowb;
+			it->new_k_bytes = it->new_v_bytes = rowb;
+			it->out = out + (size_t)l * qn;
+			it->out_cap = qn * 4;
+		}
+		t0 = now_s();
+		if ((rc = kvt_client_attend(c, items, L, 0, &st)))
+			return fail_status("attend", rc, &st);
+		w->t_attend += now_s() - t0;
+		w->n_steps++;
+		w->n_items += L;
+		for (uint32_t l = 0; l < L; l++) {
+			const float *r = ref + ((size_t)l * N + j) * qn;
+			double num = 0, den = 0, cn = 0, cd = 0;
+			if (items[l].n_tokens_attended != (uint64_t)T + j + 1) {
+				fprintf(stderr, "kvtierctl: demo: step %u layer %u attended %" PRIu64
+						" tokens, expected %u\n", j, l,
+					items[l].n_tokens_attended, T + j + 1);
+				return 1;
+			}
+			sq_err(out + (size_t)l * qn, r, qn, &num, &den);
+			w->o_num += num;
+			w->o_den += den;
+			if (rel_of(num, den) > w->o_item_max)
+				w->o_item_max = rel_of(num, den);
+			if (j == 0) {
+				/* The same attention over the cache as Fetch decodes it: what is left
+				 * is the daemon's attention arithmetic, not quantization. */
+				demo_attention(o, Tt, fk, fv, l, T + 1, Q + (size_t)l * N * qn, sink, p,
+					       cons, NULL);
+				sq_err(out + (size_t)l * qn, cons, qn, &cn, &cd);
+				if (rel_of(cn, cd) > w->cons_max)
+					w->cons_max = rel_of(cn, cd);
+			}
+		}
+	}
+	if (!o->keep)
+		kvt_client_drop(c, id, NULL, &st);
+	return 0;
+}
+
 static int run_demo(const struct global_opts *g, const struct demo_opts *o)
 {
-	uint32_t L = o->layers, T = o->tokens, H = o->kv_heads, d = o->head_dim, Hq = o->q_heads;
-	size_t n_el = (size_t)L * T * H * d, esz = kvt_dtype_size(o->dtype);
+	uint32_t L = o->layers, T = o->tokens, N = o->attend_steps, Tt = T + N, H = o->kv_heads;
+	uint32_t d = o->head_dim, Hq = o->q_heads;
+	size_t row = (size_t)H * d, all = (size_t)L * Tt * row, esz = kvt_dtype_size(o->dtype);
 	size_t qn = (size_t)Hq * d;
 	struct kvt_client *c = NULL;
-	struct kvt_client_status st;
-	float *kf = NULL, *vf = NULL, *k16 = NULL, *v16 = NULL, *sink = NULL, *fk = NULL, *fv = NULL;
-	float *q = NULL, *out = NULL, *ref = NULL;
+	float *kf = NULL, *vf = NULL, *fk = NULL, *fv = NULL, *Q = NULL, *ref = NULL, *out = NULL;
+	float *cons = NULL, *p = NULL;
 	void *kw = NULL, *vw = NULL, *gk = NULL, *gv = NULL;
+	uint8_t *sink = NULL;
 	struct kvt_client_attend_item *items = NULL;
-	double t_append = 0, t_fetch = 0, t_attend = 0, bytes_wire = 0;
-	double err_sum = 0, err_max = 0, k_err = 0, v_err = 0, sink_mass = 0, dec_err_max = 0;
-	uint64_t held = 0, logical = 0, n_attend = 0, n_ref = 0;
-	double bpe_sum = 0;
-	float lmin = INFINITY, lmax = -INFINITY;
-	int rc = 1, tail_exact = 1;
-	uint64_t seed;
-	char ids[64][96];
-	uint32_t n_open = 0;
+	struct demo_row rows[DEMO_MAX_CODECS];
+	struct demo_stats ds = { .lmin = INFINITY, .lmax = -INFINITY };
+	int rc = 1, tail_exact = 1, n_rows = 1;
+	uint64_t seed = o->seed;
+	char sinkpos[64] = "";
 
-	if (!L || !T || !H || !d || !Hq || Hq % H || !o->sessions || o->sessions > 64 || !esz) {
-		fprintf(stderr, "kvtierctl: demo needs layers, tokens, kv-heads, head-dim > 0, q-heads a multiple of kv-heads, 1..64 sessions\n");
+	if (!L || !T || !N || !H || !d || !Hq || Hq % H || !o->sessions || o->sessions > 64 ||
+	    !esz || d < 16 || d % 8) {
+		fprintf(stderr, "kvtierctl: demo needs layers, tokens, attend-steps, kv-heads > 0, "
+				"head-dim a multiple of 8 (>= 16), q-heads a multiple of kv-heads, "
+				"1..64 sessions\n");
 		return 2;
 	}
-	seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-	rng_state = seed;
-	kf = malloc(n_el * 4);
-	vf = malloc(n_el * 4);
-	k16 = malloc(n_el * 4);
-	v16 = malloc(n_el * 4);
-	fk = malloc(n_el * 4);
-	fv = malloc(n_el * 4);
-	kw = malloc(n_el * esz);
-	vw = malloc(n_el * esz);
-	gk = malloc(n_el * esz);
-	gv = malloc(n_el * esz);
-	sink = malloc((size_t)L * H * d * 4);
-	q = malloc(L * qn * 4);
-	out = malloc(L * qn * 4);
-	ref = malloc(qn * 4);
+	if (!seed)
+		seed = ((uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20)) & 0xffffffffffull;
+	memset(rows, 0, sizeof(rows));
+	rows[0].ask = o->codec;
+	kf = malloc(all * 4);
+	vf = malloc(all * 4);
+	fk = malloc(all * 4);
+	fv = malloc(all * 4);
+	kw = malloc(all * esz);
+	vw = malloc(all * esz);
+	gk = malloc(all * esz);
+	gv = malloc(all * esz);
+	Q = malloc((size_t)L * N * qn * 4);
+	ref = malloc((size_t)L * N * qn * 4);
+	out = malloc((size_t)L * qn * 4);
+	cons = malloc(qn * 4);
+	p = malloc((size_t)Tt * 4);
+	sink = malloc(Tt);
 	items = calloc(L, sizeof(*items));
-	if (!kf || !vf || !k16 || !v16 || !fk || !fv || !kw || !vw || !gk || !gv || !sink || !q ||
-	    !out || !ref || !items) {
-		fprintf(stderr, "kvtierctl: out of memory for %u x %u x %u x %u tokens\n", L, T, H, d);
+	if (!kf || !vf || !fk || !fv || !kw || !vw || !gk || !gv || !Q || !ref || !out || !cons ||
+	    !p || !sink || !items) {
+		fprintf(stderr, "kvtierctl: out of memory for %u x %u x %u x %u tokens\n", L, Tt, H, d);
 		goto out;
 	}
 	if (connect_client(g, &c))
 		goto out;
-	if (!o->json) {
-		printf("demo: %u sessions x %u tokens, %u layers, %u KV heads (%u query heads), head_dim %u, wire %s, seed %" PRIu64 "\n",
-		       o->sessions, T, L, H, Hq, d, kvt_dtype_name(o->dtype), seed);
-		printf("demo: data: TNI-like synthetic KV (2 low-norm sink tokens per session, outlier channels)\n");
-	}
 
 	for (uint32_t s = 0; s < o->sessions; s++) {
-		struct kvt_client_session_params p;
-		struct kvt_client_session_info info;
-		struct kvt_client_shape sh = { L, H, d, o->dtype };
-		double t0;
-
-		snprintf(ids[s], sizeof(ids[s]), "demo-%d-%u", (int)getpid(), s);
-		demo_gen(o, kf, vf, sink);
-		kvt_convert(kf, KVT_DTYPE_F32, kw, o->dtype, n_el);
-		kvt_convert(vf, KVT_DTYPE_F32, vw, o->dtype, n_el);
-		/* the exact fp16 cache the reference attends over */
-		kvt_convert(kf, KVT_DTYPE_F32, gk, KVT_DTYPE_F16, n_el);
-		kvt_convert(gk, KVT_DTYPE_F16, k16, KVT_DTYPE_F32, n_el);
-		kvt_convert(vf, KVT_DTYPE_F32, gv, KVT_DTYPE_F16, n_el);
-		kvt_convert(gv, KVT_DTYPE_F16, v16, KVT_DTYPE_F32, n_el);
-
-		kvt_client_session_params_init(&p, ids[s], L, H, d, o->dtype);
-		p.codec = o->codec;
-		p.ttl_seconds = 3600;
-		if ((rc = kvt_client_open(c, &p, &info, &st))) {
-			rc = fail_status("open", rc, &st);
+		struct kvt_synth_shape sh = { .layers = L, .tokens = Tt, .kv_heads = H, .head_dim = d,
+					      .q_heads = Hq, .queries = N, .q_pos0 = T };
+		if (kvt_synth_tni(&sh, seed + s, kf, vf, Q, sink) < 0) {
+			fprintf(stderr, "kvtierctl: demo: out of memory for the synthetic set\n");
 			goto out;
 		}
-		n_open++;
-		if (s == 0 && !o->json)
-			printf("demo: codec %s K%u/V%u G%u B%u sinks %d rotate_v %d\n",
-			       wire_scheme_name(info.codec.scheme), info.codec.key_bits,
-			       info.codec.value_bits, info.codec.group, info.codec.chunk_tokens,
-			       info.codec.n_sinks, info.codec.rotate_v);
-
-		/* Prefill in streaming blocks: each Append carries block_tokens tokens, itself cut
-		 * into messages below the message limit by libkvtier. */
-		t0 = now_s();
-		for (uint32_t t = 0; t < T; t += o->block_tokens) {
-			uint32_t n = T - t < o->block_tokens ? T - t : o->block_tokens;
-			struct kvt_client_shape bs = sh;
-			size_t row = (size_t)H * d * esz;
-			/* [L][n][H][d] slice of [L][T][H][d] */
-			for (uint32_t l = 0; l < L; l++) {
-				memcpy((uint8_t *)gk + (size_t)l * n * row,
-				       (uint8_t *)kw + ((size_t)l * T + t) * row, n * row);
-				memcpy((uint8_t *)gv + (size_t)l * n * row,
-				       (uint8_t *)vw + ((size_t)l * T + t) * row, n * row);
-			}
-			struct kvt_client_append_opts ao;
-			kvt_client_append_opts_init(&ao);
-			ao.token_begin = t;
-			if ((rc = kvt_client_append(c, ids[s], &bs, gk, gv, n, &ao, NULL, &st))) {
-				rc = fail_status("append", rc, &st);
+		/* What a worker sends (wire dtype) is the reference: kf, vf become its f32 copy. */
+		kvt_convert(kf, KVT_DTYPE_F32, kw, o->dtype, all);
+		kvt_convert(vf, KVT_DTYPE_F32, vw, o->dtype, all);
+		kvt_convert(kw, o->dtype, kf, KVT_DTYPE_F32, all);
+		kvt_convert(vw, o->dtype, vf, KVT_DTYPE_F32, all);
+		if (s == 0 && o->dump_dir && demo_dump(o, Tt, kf, vf, Q) < 0)
+			goto out;
+		/* exact attention of every decode step (query j over tokens 0..T+j) */
+		for (uint32_t l = 0; l < L; l++)
+			for (uint32_t j = 0; j < N; j++)
+				demo_attention(o, Tt, kf, vf, l, T + j + 1, Q + ((size_t)l * N + j) * qn,
+					       sink, p, ref + ((size_t)l * N + j) * qn, &ds);
+		if (s == 0) {
+			for (uint32_t t = 0; t < Tt; t++)
+				if (sink[t])
+					snprintf(sinkpos + strlen(sinkpos),
+						 sizeof(sinkpos) - strlen(sinkpos), "%s%u",
+						 sinkpos[0] ? "," : "", t);
+		}
+		for (int r = 0; r < n_rows; r++) {
+			char id[96];
+			snprintf(id, sizeof(id), "demo-%d-%u-%d", (int)getpid(), s, r);
+			if ((rc = demo_session(c, o, id, &rows[r], s == 0, kf, vf, kw, vw, Q, ref, sink,
+					       gk, gv, fk, fv, out, cons, p, items, &tail_exact))) {
+				kvt_client_drop(c, id, NULL, &(struct kvt_client_status){ 0 });
 				goto out;
 			}
-		}
-		t_append += now_s() - t0;
-		bytes_wire += 2.0 * (double)n_el * (double)esz;
-
-		if ((rc = kvt_client_stat(c, ids[s], &info, &st))) {
-			rc = fail_status("stat", rc, &st);
-			goto out;
-		}
-		held += info.bytes_held;
-		logical += info.logical_bytes;
-		bpe_sum += info.bits_per_element;
-
-		/* Fetch everything back (decoded, original basis) and measure the reconstruction. */
-		t0 = now_s();
-		struct kvt_client_fetch_range fr;
-		kvt_client_fetch_range_init(&fr);
-		fr.dtype = o->dtype;
-		if ((rc = kvt_client_fetch(c, ids[s], &fr, gk, n_el * esz, gv, n_el * esz, NULL, &st))) {
-			rc = fail_status("fetch", rc, &st);
-			goto out;
-		}
-		t_fetch += now_s() - t0;
-		kvt_convert(gk, o->dtype, fk, KVT_DTYPE_F32, n_el);
-		kvt_convert(gv, o->dtype, fv, KVT_DTYPE_F32, n_el);
-		k_err += rel_l2(fk, k16, n_el);
-		v_err += rel_l2(fv, v16, n_el);
-		/* the unsealed tail must come back bit-exact */
-		uint32_t tail = info.tail_tokens;
-		for (uint32_t l = 0; l < L && tail; l++) {
-			size_t off = ((size_t)l * T + (T - tail)) * H * d * esz;
-			if (memcmp((uint8_t *)gk + off, (uint8_t *)kw + off, (size_t)tail * H * d * esz) ||
-			    memcmp((uint8_t *)gv + off, (uint8_t *)vw + off, (size_t)tail * H * d * esz))
-				tail_exact = 0;
-		}
-
-		/* Attend: steps of one batched request with every layer; compare each output with
-		 * exact fp16 attention computed here. */
-		for (uint32_t step = 0; step < o->attend_steps; step++) {
-			for (uint32_t l = 0; l < L; l++) {
-				demo_query(o, l, sink, q + l * qn);
-				items[l].session_id = ids[s];
-				items[l].layer = l;
-				items[l].n_q_heads = Hq;
-				items[l].q = q + l * qn;
-				items[l].q_bytes = qn * 4;
-				items[l].out = out + l * qn;
-				items[l].out_cap = qn * 4;
-			}
-			t0 = now_s();
-			if ((rc = kvt_client_attend(c, items, L, 0, &st))) {
-				rc = fail_status("attend", rc, &st);
-				goto out;
-			}
-			t_attend += now_s() - t0;
-			n_attend += L;
-			for (uint32_t l = 0; l < L; l++) {
-				double m, e;
-				float dmin = INFINITY, dmax = -INFINITY;
-				exact_attention(o, k16, v16, l, q + l * qn, ref, &m, &lmin, &lmax);
-				e = rel_l2(out + l * qn, ref, qn);
-				err_sum += e;
-				if (e > err_max)
-					err_max = e;
-				sink_mass += m;
-				n_ref++;
-				/* The same attention over the cache as Fetch decodes it: what is left is
-				 * the daemon's attention arithmetic, not quantization. */
-				exact_attention(o, fk, fv, l, q + l * qn, ref, &m, &dmin, &dmax);
-				e = rel_l2(out + l * qn, ref, qn);
-				if (e > dec_err_max)
-					dec_err_max = e;
+			rows[r].used = 1;
+			if (s == 0 && r == 0 && !o->only) {
+				/* The comparison rows: the same codec at 4 bits, and exact storage. */
+				const struct kvt_client_codec *c0 = &rows[0].codec;
+				if (c0->scheme != KVT_SCHEME_NONE + 1 &&
+				    (c0->key_bits != 4 || c0->value_bits != 4)) {
+					rows[n_rows].ask = *c0;
+					rows[n_rows].ask.key_bits = rows[n_rows].ask.value_bits = 4;
+					n_rows++;
+				}
+				if (c0->scheme != KVT_SCHEME_NONE + 1) {
+					kvt_client_codec_init(&rows[n_rows].ask);
+					rows[n_rows].ask.scheme = KVT_SCHEME_NONE + 1;
+					rows[n_rows].ask.chunk_tokens = c0->chunk_tokens;
+					rows[n_rows].ask.n_sinks = c0->n_sinks;
+					n_rows++;
+				}
 			}
 		}
 	}
 
-	double ratio = held ? (double)logical / (double)held : 0;
-	double bpe = bpe_sum / o->sessions;
-	double app_gbps = bytes_wire / t_append / 1e9, fet_gbps = bytes_wire / t_fetch / 1e9;
-	double att_s = t_attend > 0 ? (double)n_attend / t_attend : 0;
-	double err_mean = n_ref ? err_sum / (double)n_ref : 0;
+	double sink_mass = ds.n ? ds.sink_mass / ds.n : 0, range = ds.n ? ds.range_sum / ds.n : 0;
+	double entropy = ds.n ? ds.entropy / ds.n : 0;
 	if (o->json) {
-		double mc = memcpy_gbps((size_t)(bytes_wire / o->sessions));
-		printf("{\"bench\":\"service_append\",\"sessions\":%u,\"tokens\":%u,\"layers\":%u,\"kv_heads\":%u,\"head_dim\":%u,\"dtype\":\"%s\",\"gbps\":%.4f,\"ref\":\"memcpy\",\"ref_gbps\":%.3f,\"ratio\":%.5f}\n",
-		       o->sessions, T, L, H, d, kvt_dtype_name(o->dtype), app_gbps, mc, app_gbps / mc);
-		printf("{\"bench\":\"service_fetch\",\"sessions\":%u,\"tokens\":%u,\"gbps\":%.4f,\"ref\":\"memcpy\",\"ref_gbps\":%.3f,\"ratio\":%.5f}\n",
-		       o->sessions, T, fet_gbps, mc, fet_gbps / mc);
-		printf("{\"bench\":\"service_attend\",\"tokens\":%u,\"q_heads\":%u,\"items_per_s\":%.1f,\"batch\":%u,\"rel_err_mean\":%.5f,\"decode_consistency_max\":%.5f,\"ref\":\"exact fp16 attention (local)\"}\n",
-		       T, Hq, att_s, L, err_mean, dec_err_max);
-		printf("{\"bench\":\"service_memory\",\"compression_ratio\":%.3f,\"bits_per_element\":%.3f,\"ref\":\"dense f16 (16 bits)\"}\n",
-		       ratio, bpe);
+		double mc = memcpy_gbps((size_t)(rows[0].bytes_wire / o->sessions));
+		printf("{\"bench\":\"demo_dataset\",\"generator\":\"kvt_synth_tni\",\"seed\":%" PRIu64 ",\"sessions\":%u,\"prefill_tokens\":%u,\"decode_steps\":%u,\"layers\":%u,\"kv_heads\":%u,\"q_heads\":%u,\"head_dim\":%u,\"sink_positions\":\"%s\",\"sink_mass\":%.4f,\"logit_min\":%.3f,\"logit_max\":%.3f,\"logit_range_mean\":%.3f,\"attn_entropy_mean\":%.3f}\n",
+		       seed, o->sessions, T, N, L, H, Hq, d, sinkpos, sink_mass, ds.lmin, ds.lmax,
+		       range, entropy);
+		for (int r = 0; r < n_rows; r++) {
+			const struct demo_row *w = &rows[r];
+			char lab[64];
+			double app = w->bytes_wire / w->t_append / 1e9, fet = w->bytes_wire / w->t_fetch / 1e9;
+			codec_label(&w->codec, lab, sizeof(lab));
+			printf("{\"bench\":\"service_append\",\"codec\":\"%s\",\"sessions\":%u,\"tokens\":%u,\"layers\":%u,\"kv_heads\":%u,\"head_dim\":%u,\"dtype\":\"%s\",\"gbps\":%.4f,\"ref\":\"memcpy\",\"ref_gbps\":%.3f,\"ratio\":%.5f}\n",
+			       lab, o->sessions, T, L, H, d, kvt_dtype_name(o->dtype), app, mc, app / mc);
+			printf("{\"bench\":\"service_fetch\",\"codec\":\"%s\",\"sessions\":%u,\"tokens\":%u,\"gbps\":%.4f,\"ref\":\"memcpy\",\"ref_gbps\":%.3f,\"ratio\":%.5f}\n",
+			       lab, o->sessions, T, fet, mc, fet / mc);
+			printf("{\"bench\":\"service_attend\",\"codec\":\"%s\",\"tokens\":%u,\"q_heads\":%u,\"steps_per_s\":%.2f,\"items_per_s\":%.1f,\"batch\":%u,\"attn_out_rel_err\":%.5f,\"attn_out_rel_err_item_max\":%.5f,\"decode_consistency_max\":%.5f,\"ref\":\"exact attention over the K/V as sent (local)\"}\n",
+			       lab, T, Hq, w->n_steps / w->t_attend, w->n_items / w->t_attend, L,
+			       rel_of(w->o_num, w->o_den), w->o_item_max, w->cons_max);
+			printf("{\"bench\":\"service_memory\",\"codec\":\"%s\",\"compression_ratio\":%.3f,\"bits_per_element\":%.3f,\"key_rel_err\":%.5f,\"value_rel_err\":%.5f,\"ref\":\"dense f16 (16 bits)\"}\n",
+			       lab, w->held ? (double)w->logical / (double)w->held : 0,
+			       w->bpe_sum / o->sessions, rel_of(w->k_num, w->k_den),
+			       rel_of(w->v_num, w->v_den));
+		}
 	} else {
-		printf("demo: appended %.1f MB of K+V in %.3f s: %.3f GB/s\n", bytes_wire / 1e6,
-		       t_append, app_gbps);
-		printf("demo: fetched back (decoded) in %.3f s: %.3f GB/s\n", t_fetch, fet_gbps);
-		printf("demo: memory: %" PRIu64 " bytes held for %" PRIu64 " bytes of dense f16: compression %.2fx\n",
-		       held, logical, ratio);
-		printf("demo: true bits per element of sealed chunks: %.3f (f16: 16)\n", bpe);
-		printf("demo: reconstruction error (relative L2) K %.4f, V %.4f; exact tail %s\n",
-		       k_err / o->sessions, v_err / o->sessions, tail_exact ? "bit-exact" : "DIFFERS");
-		printf("demo: attention output error vs exact fp16 attention (relative L2): mean %.4f, max %.4f over %" PRIu64 " head-batches\n",
-		       err_mean, err_max, n_ref);
-		printf("demo: Attend vs attention over the Fetch-decoded cache (consistency): max %.5f\n",
-		       dec_err_max);
-		printf("demo: synthetic set: sink attention mass %.2f, logits in [%.1f, %.1f]\n",
-		       n_ref ? sink_mass / (double)n_ref : 0, lmin, lmax);
-		printf("demo: attend throughput: %.1f items/s (%u layers per request, %u tokens each)\n",
-		       att_s, L, T);
+		printf("demo: %u sessions, each %u prefill tokens + %u decode steps, %u layers, %u KV heads (%u query heads), head_dim %u, wire %s\n",
+		       o->sessions, T, N, L, H, Hq, d, kvt_dtype_name(o->dtype));
+		printf("demo: data: the synthetic TNI set of `kvtier-bench fidelity --synthetic` (client/kvt_synth.c), seed %" PRIu64 " (+1 per session); sinks at tokens %s\n",
+		       seed, sinkpos);
+		printf("demo: data: sink attention mass %.2f, logits in [%.1f, %.1f], mean logit range %.1f, attention entropy %.2f nats (SmolLM2-135M: first-token mass 0.35, range 14.2, entropy 2.9)\n",
+		       sink_mass, ds.lmin, ds.lmax, range, entropy);
+		printf("demo: same data offline (session 0): kvtier-bench fidelity --synthetic --seed %" PRIu64 " --layers %u --tokens %u --queries %u --kv-heads %u --q-heads %u --head-dim %u --sinks %d\n",
+		       seed, L, Tt, N, H, Hq, d, rows[0].codec.n_sinks);
+		printf("demo: attn-out err = ||O^ - O|| / ||O|| over all layers, query heads, decode steps and sessions (fidelity's attn_out_rel_err_kv); O = exact attention over the K/V as sent; K/V err = ||X^ - X|| / ||X|| of the prefill (key/value_rel_err_fro)\n");
+		printf("demo: memory = bytes the daemon holds (chunks, exact sinks, tail, index) vs dense f16; bits/elem = sealed chunks only, all metadata included\n");
+		printf("demo: %-22s %9s %8s %7s %7s %12s %11s %10s %10s\n", "codec", "bits/elem",
+		       "memory", "K err", "V err", "attn-out err", "append GB/s", "fetch GB/s",
+		       "decode/s");
+		for (int r = 0; r < n_rows; r++) {
+			const struct demo_row *w = &rows[r];
+			char lab[64];
+			codec_label(&w->codec, lab, sizeof(lab));
+			printf("demo: %-22s %9.3f %7.2fx %7.4f %7.4f %12.4f %11.3f %10.3f %10.1f\n", lab,
+			       w->bpe_sum / o->sessions,
+			       w->held ? (double)w->logical / (double)w->held : 0,
+			       rel_of(w->k_num, w->k_den), rel_of(w->v_num, w->v_den),
+			       rel_of(w->o_num, w->o_den), w->bytes_wire / w->t_append / 1e9,
+			       w->bytes_wire / w->t_fetch / 1e9, w->n_steps / w->t_attend);
+		}
+		printf("demo: decode/s = decode steps per second, each one Attend request with all %u layers (the step's new token included) over %u+ tokens\n",
+		       L, T);
+		for (int r = 0; r < n_rows; r++) {
+			char lab[64];
+			codec_label(&rows[r].codec, lab, sizeof(lab));
+			printf("demo: %s: worst single (layer, step) attn-out err %.4f; Attend vs attention over the Fetch-decoded cache (consistency) max %.5f\n",
+			       lab, rows[r].o_item_max, rows[r].cons_max);
+		}
+		printf("demo: exact tail %s\n", tail_exact ? "bit-exact" : "DIFFERS");
 	}
 	rc = tail_exact ? 0 : 1;
 	if (!tail_exact)
 		fprintf(stderr, "kvtierctl: demo: the exact tail came back different\n");
 out:
-	for (uint32_t s = 0; c && s < n_open && !o->keep; s++)
-		kvt_client_drop(c, ids[s], NULL, &st);
 	kvt_client_close(c);
 	free(kf);
 	free(vf);
-	free(k16);
-	free(v16);
 	free(fk);
 	free(fv);
 	free(kw);
 	free(vw);
 	free(gk);
 	free(gv);
-	free(sink);
-	free(q);
-	free(out);
+	free(Q);
 	free(ref);
+	free(out);
+	free(cons);
+	free(p);
+	free(sink);
 	free(items);
 	return rc;
 }
 
 static int cmd_demo(const struct global_opts *g, int argc, char **argv, int json)
 {
-	struct demo_opts o = { .sessions = 4, .tokens = 2048, .layers = 8, .kv_heads = 4,
+	struct demo_opts o = { .sessions = 2, .tokens = 2048, .layers = 8, .kv_heads = 4,
 			       .q_heads = 16, .head_dim = 128, .block_tokens = 512,
 			       .attend_steps = 8, .dtype = KVT_DTYPE_F16 };
 	o.json = json;
@@ -966,6 +1032,24 @@ static int cmd_demo(const struct global_opts *g, int argc, char **argv, int json
 			continue;
 		if (!strcmp(argv[i], "--keep")) {
 			o.keep = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--only")) {
+			o.only = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--seed") && i + 1 < argc) {
+			char *e;
+			errno = 0;
+			o.seed = strtoull(argv[++i], &e, 0);
+			if (errno || *e) {
+				fprintf(stderr, "kvtierctl: --seed %s is not a number\n", argv[i]);
+				return 2;
+			}
+			continue;
+		}
+		if (!strcmp(argv[i], "--dump-dir") && i + 1 < argc) {
+			o.dump_dir = argv[++i];
 			continue;
 		}
 		if (!strcmp(argv[i], "--sessions"))

@@ -54,6 +54,8 @@ static const struct opt opts[] = {
 	 "Fetch reply buffers of max_message_bytes kept for reuse (no page faults per reply)"},
 	{"host_capacity_bytes", OPT_SIZE, OFF(host_capacity_bytes), 1 * MIB, 64 * TIB, 0, 0, NULL,
 	 "4GiB", 1, "host DRAM the sessions and append staging may use (N% = share of RAM)"},
+	{"host_page_cache_bytes", OPT_SIZE, OFF(host_page_cache_bytes), 0, 1024 * MIB, 0, 0, NULL,
+	 "16MiB", 1, "freed staging and chunk pages kept for reuse (saves page faults per Append)"},
 	{"capacity_policy", OPT_ENUM, OFF(capacity_policy), 0, 0, 0, 0, policy_names,
 	 "drop-coldest", 1,
 	 "when host memory is full: reject (RESOURCE_EXHAUSTED) or drop-coldest unpinned sessions"},

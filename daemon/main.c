@@ -39,6 +39,7 @@ static void apply_live(struct kvt_tier_host *host, struct kvt_sessions *sessions
 {
 	kvt_log_set_level((int)KVT_CFG(log_level));
 	kvt_tier_host_set_capacity(host, KVT_CFG(host_capacity_bytes));
+	kvt_tier_host_set_page_cache(host, KVT_CFG(host_page_cache_bytes));
 	kvt_sessions_set_evict(sessions, KVT_CFG(capacity_policy) == KVT_POLICY_DROP_COLDEST);
 }
 

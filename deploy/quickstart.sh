@@ -53,7 +53,7 @@ if ! "$kvtierctl" --socket "$socket" health --wait-ms 30000; then
   exit 1
 fi
 
-step "5/6 demo: synthetic TNI-like KV through the daemon (kvtierctl demo $*)"
+step "5/6 demo: the synthetic TNI set of kvtier-bench fidelity through the daemon: default codec, INT4, exact (kvtierctl demo $*)"
 "$kvtierctl" --socket "$socket" demo "$@"
 "$kvtierctl" --socket "$socket" stats
 

@@ -552,7 +552,7 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 	lo = *(uint32_t *)&l;
 }
 
-template <int BITS, int GV>
+template <int BITS, int GV, int NQ>
 __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
 				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
 				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
@@ -570,6 +570,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	constexpr int NSL = TB > 16 ? TB / 16 : 1;
 	constexpr int CPS = TB > 16 ? 16 / BITS : CT; /* codes per 16-bit slice */
 	const int gid = lane >> 2, tig = lane & 3;
+	/* NQ == 4 (packed): at most 4 query heads, so the fragment rows / columns that would hold
+	 * heads 4..7 hold the f16 low parts instead: row / column gid of a fragment is head
+	 * gid & 3, its high part for gid < 4 and its low part for gid >= 4. One MMA then does
+	 * what the hi and lo MMAs did, and the two halves are summed in fp32 afterwards. */
+	constexpr bool PK = NQ == 4;
+	const int hq = PK ? (gid & 3) : gid; /* the query head of fragment row / column gid */
+	const bool lo_half = PK && gid >= 4;
+	const int sq = PK ? (tig & 1) : tig; /* logits: this lane's heads are 2sq, 2sq + 1 */
+	const bool sq_owner = !PK || tig < 2;
 	const uint32_t upc = p.B / 32, h = it.kv_head;
 	const bool bf = p.sbf, oscar = p.scheme == KVT_SCHEME_OSCAR;
 
@@ -582,7 +591,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 	for (int g = 0; g < NG; g++)
 		zacc[g] = 0.0f;
-	uint32_t bkh[NKS][2], bkl[NKS][2];
+	uint32_t bkh[NKS][2], bkl[PK ? 1 : NKS][2];
 	float biasA = 0.0f, biasB = 0.0f;
 	uint32_t cached = 0xffffffffu;
 	uint8_t *vsS = vst + 32 * RB, *vzS = vsS + 64 * NG; /* staged value scales, zeros */
@@ -645,7 +654,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			cp_async_wait_all();
 			__syncwarp();
 			/* w = q' * s for query head gid over this lane's quarter of the channels */
-			const float *qrow = qr + QR_AT(gid, tig * (D / 4));
+			const float *qrow = qr + QR_AT(hq, tig * (D / 4));
 			const uint16_t *kss = (const uint16_t *)ksS + tig * (D / 4);
 			const uint16_t *kzs = (const uint16_t *)kzS + tig * (D / 4);
 			float bias = 0.0f;
@@ -654,13 +663,19 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
 				float s0 = kvt_d_widen16(kss[c0], bf), s1 = kvt_d_widen16(kss[c1], bf);
 				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
-				split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+				if constexpr (PK) {
+					uint32_t hi2, lo2;
+					split_h2(qrow[c0] * s0, qrow[c1] * s1, hi2, lo2);
+					bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
+				} else {
+					split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+				}
 				bias = fmaf(qrow[c0], z0, fmaf(qrow[c1], z1, bias));
 			}
 			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 1);
 			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 2);
-			biasA = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig) * 4);
-			biasB = __shfl_sync(KVT_FULL_MASK, bias, (2 * tig + 1) * 4);
+			biasA = __shfl_sync(KVT_FULL_MASK, bias, (2 * sq) * 4);
+			biasB = __shfl_sync(KVT_FULL_MASK, bias, (2 * sq + 1) * 4);
 		}
 
 		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, q 2tig), (gid, 2tig+1),
@@ -679,7 +694,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				a[2] = codes_h2<BITS>(r0[mt][pb / PPW], (pb % PPW) * BITS);
 				a[3] = codes_h2<BITS>(r1[mt][pb / PPW], (pb % PPW) * BITS);
 				mma16816(sacc, a, bkh[k][0], bkh[k][1]);
-				mma16816(sacc, a, bkl[k][0], bkl[k][1]);
+				if constexpr (!PK)
+					mma16816(sacc, a, bkl[k][0], bkl[k][1]);
+			}
+			if constexpr (PK) {
+				/* columns 2tig, 2tig+1 of lanes tig and tig ^ 2 are the hi and lo parts of
+				 * the same two heads */
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					sacc[i] += __shfl_xor_sync(KVT_FULL_MASK, sacc[i], 2);
 			}
 			bool pin0 = false, pin1 = false;
 			for (uint32_t i = 0; i < ch.n_pinned; i++) {
@@ -713,13 +736,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				l2[qi] = l2[qi] * alpha + pv[0][0] + pv[0][1] + pv[1][0] + pv[1][1];
 				m2[qi] = mn;
 			}
-			const int q = 2 * tig + qi;
-			if (gid == 0)
+			const int q = 2 * sq + qi;
+			if (gid == 0 && sq_owner)
 				alpha_s[q] = alpha;
+			if (sq_owner) {
 #pragma unroll
-			for (int mt = 0; mt < 2; mt++) {
-				pbuf[q * 32 + mt * 16 + gid] = pv[mt][0];
-				pbuf[q * 32 + mt * 16 + gid + 8] = pv[mt][1];
+				for (int mt = 0; mt < 2; mt++) {
+					pbuf[q * 32 + mt * 16 + gid] = pv[mt][0];
+					pbuf[q * 32 + mt * 16 + gid + 8] = pv[mt][1];
+				}
 			}
 		}
 		__syncwarp();
@@ -727,7 +752,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 		/* values: O[q = gid][c] += sum_t (p * s_v)[q][t] * code[t][c] + p * z_v */
 		cp_async_wait_all();
 		__syncwarp();
-		const float al = alpha_s[gid];
+		const float al = alpha_s[hq];
 #pragma unroll
 		for (int n = 0; n < NT; n++) {
 			vacc[n][0] *= al;
@@ -740,8 +765,8 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 		for (int kk = 0; kk < 2; kk++) {
 			const int ta = kk * 16 + 2 * tig, tb = ta + 1, tc = ta + 8, td = ta + 9;
-			const float pa = pbuf[gid * 32 + ta], pb = pbuf[gid * 32 + tb];
-			const float pc = pbuf[gid * 32 + tc], pd = pbuf[gid * 32 + td];
+			const float pa = pbuf[hq * 32 + ta], pb = pbuf[hq * 32 + tb];
+			const float pc = pbuf[hq * 32 + tc], pd = pbuf[hq * 32 + td];
 #pragma unroll
 			for (int gg = 0; gg < NG; gg++) {
 				float sa = kvt_d_widen16(vs[ta * NG + gg], bf), sb_ = kvt_d_widen16(vs[tb * NG + gg], bf);
@@ -753,6 +778,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
 				split_h2(pc * sc, pd * sd, ah[2], alo[2]);
 				ah[1] = ah[3] = alo[1] = alo[3] = 0u;
+				if constexpr (PK) {
+					ah[0] = lo_half ? alo[0] : ah[0];
+					ah[2] = lo_half ? alo[2] : ah[2];
+				}
 				/* this lane's CT channels of group gg for the four tokens */
 				const int boff = (gg * GV + gid * CT) * BITS / 8;
 				uint64_t ca = 0, cb = 0, cc = 0, cd = 0;
@@ -773,7 +802,8 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 						uint32_t b0 = codes_h2<BITS>(uab, j * BITS);
 						uint32_t b1 = codes_h2<BITS>(ucd, j * BITS);
 						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, ah, b0, b1);
-						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
+						if constexpr (!PK)
+							mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
 					}
 				}
 			}
@@ -787,12 +817,22 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 1);
 		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 2);
 	}
+	if constexpr (PK) {
+		/* rows gid and gid + 4 (lane ^ 16) are the hi and lo parts of head gid & 3 */
 #pragma unroll
-	for (int n = 0; n < NT; n++) {
-		const int gg = n / CT, j = n % CT;
-		const int c0 = gg * GV + (2 * tig) * CT + j, c1 = gg * GV + (2 * tig + 1) * CT + j;
-		racc[gid * D + c0] = vacc[n][0] + zacc[gg];
-		racc[gid * D + c1] = vacc[n][1] + zacc[gg];
+		for (int n = 0; n < NT; n++) {
+			vacc[n][0] += __shfl_xor_sync(KVT_FULL_MASK, vacc[n][0], 16);
+			vacc[n][1] += __shfl_xor_sync(KVT_FULL_MASK, vacc[n][1], 16);
+		}
+	}
+	if (!PK || gid < 4) {
+#pragma unroll
+		for (int n = 0; n < NT; n++) {
+			const int gg = n / CT, j = n % CT;
+			const int c0 = gg * GV + (2 * tig) * CT + j, c1 = gg * GV + (2 * tig + 1) * CT + j;
+			racc[gid * D + c0] = vacc[n][0] + zacc[gg];
+			racc[gid * D + c1] = vacc[n][1] + zacc[gg];
+		}
 	}
 #pragma unroll
 	for (int qi = 0; qi < 2; qi++) {
@@ -800,30 +840,30 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
 		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
 		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
-		if (gid == 0) {
-			rm[2 * tig + qi] = m2[qi];
-			rl[2 * tig + qi] = l;
+		if (gid == 0 && sq_owner) {
+			rm[2 * sq + qi] = m2[qi];
+			rl[2 * sq + qi] = l;
 		}
 	}
 }
 
-template <int BITS, int GV>
+template <int BITS, int GV, int NQ>
 __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, RB = D * BITS / 8;
-	__shared__ __align__(16) float qo[RQ8 * D];
-	__shared__ __align__(16) float qr[RQ8 * QR_STRIDE];
-	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * RQ8];
-	__shared__ float alpha_s[ATT_WARPS][RQ8];
+	__shared__ __align__(16) float qo[NQ * D];
+	__shared__ __align__(16) float qr[NQ * QR_STRIDE];
+	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * NQ];
+	__shared__ float alpha_s[ATT_WARPS][NQ];
 	/* per warp: value codes [32][RB], then value scales and zeros [32][D/GV] each */
 	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV) + 4 * D];
-	__shared__ float red_m[ATT_WARPS][RQ8], red_l[ATT_WARPS][RQ8];
-	__shared__ __align__(16) float red_acc[ATT_WARPS][RQ8 * D];
+	__shared__ float red_m[ATT_WARPS][NQ], red_l[ATT_WARPS][NQ];
+	__shared__ __align__(16) float red_acc[ATT_WARPS][NQ * D];
 
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	for (int q = warp; q < RQ8; q += ATT_WARPS) {
+	for (int q = warp; q < NQ; q += ATT_WARPS) {
 		float x[EPL];
 #pragma unroll
 		for (int e = 0; e < EPL; e++)
@@ -846,19 +886,19 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_mma<BITS, GV>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
+		attend_coded_mma<BITS, GV, NQ>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
 					   red_m[warp], red_l[warp], red_acc[warp], lane);
 	} else {
-		warp_state<EPL, RQ8> st;
-		state_init<EPL, RQ8>(st);
+		warp_state<EPL, NQ> st;
+		state_init<EPL, NQ>(st);
 		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
 		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
 		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
-		attend_rows<D, RQ8>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
-		state_store<D, RQ8>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
+		attend_rows<D, NQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf[warp], lane);
+		state_store<D, NQ>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
 	}
-	block_merge<D, RQ8>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+	block_merge<D, NQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
 }
 
 /* One block per group: 4 warps per query head, each taking every 4th item, merged through
@@ -994,7 +1034,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool mma = (cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI) &&
 			 (cfg->key_bits == 2 || cfg->key_bits == 4) && D == 128 &&
 			 getenv("KVTIER_CUDA_NO_MMA") == NULL;
-	const uint32_t rqn = mma ? RQ8 : RQ;
+	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
+	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
+	 * query heads per KV head */
+	uint32_t max_ratio = 0;
+	for (size_t r = 0; r < n_reqs; r++) {
+		const uint32_t ratio = H ? reqs[r].n_q_heads / H : 0;
+		max_ratio = ratio > max_ratio ? ratio : max_ratio;
+	}
+	const uint32_t rqn = mma && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8")) ? RQ8 : RQ;
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -1243,9 +1291,16 @@ static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t 
 template <int BITS, int GV>
 static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_mma_kernel<BITS, GV><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	cudaError_t e = cudaGetLastError();
-	if (e != cudaSuccess)
+	cudaError_t e;
+	if (pl->p.rqn == RQ) {
+		attend_mma_kernel<BITS, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+		if ((e = cudaGetLastError()) != cudaSuccess)
+			return e;
+		combine_kernel<128, RQ><<<pl->n_groups, 32 * RQ * CMB_SPLIT, 0, s>>>(pl->p);
+		return cudaGetLastError();
+	}
+	attend_mma_kernel<BITS, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	if ((e = cudaGetLastError()) != cudaSuccess)
 		return e;
 	combine_kernel<128, RQ8><<<pl->n_groups, 32 * RQ8 * CMB_SPLIT, 0, s>>>(pl->p);
 	return cudaGetLastError();

@@ -40,7 +40,8 @@ struct kvt_seq {
 	uint32_t n_chunks;
 	uint32_t cap_chunks;
 	uint32_t n_tail;
-	uint8_t *tail;             /* K [L][B][H][d] then V [L][B][H][d]; NULL until needed */
+	uint8_t *tail;             /* K [L][B][H][d] then V [L][B][H][d]; may be NULL when
+				    * n_tail is 0 */
 	size_t token_bytes;        /* one token of one layer, K or V: H * d * dtype size */
 	size_t layer_tail_bytes;   /* B * token_bytes */
 	size_t tail_half_bytes;    /* L * layer_tail_bytes: the K half (the V half follows) */

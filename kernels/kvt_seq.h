@@ -62,9 +62,10 @@ uint64_t kvt_seq_tokens(const struct kvt_seq *seq);     /* sealed + tail */
 uint32_t kvt_seq_n_chunks(const struct kvt_seq *seq);
 uint32_t kvt_seq_tail_tokens(const struct kvt_seq *seq);
 const struct kvt_chunk *kvt_seq_chunk(const struct kvt_seq *seq, uint32_t i);
-/* The tail of layer l: [n_tail][H][d], wire dtype. The tail buffer is allocated at the first
- * call that puts a token in it, so these return NULL while the sequence has never had one
- * (a fork at a chunk boundary, a sequence filled by kvt_seq_append_chunk). */
+/* The tail of layer l: [n_tail][H][d], wire dtype. The tail buffer is allocated by the call
+ * that leaves tokens in it and freed when an append seals it empty, so these may return NULL
+ * whenever n_tail is 0 (a prefill of whole chunks, a fork at a chunk boundary, a sequence
+ * filled by kvt_seq_append_chunk). */
 const void *kvt_seq_tail_k(const struct kvt_seq *seq, uint32_t layer);
 const void *kvt_seq_tail_v(const struct kvt_seq *seq, uint32_t layer);
 /* Bytes this sequence holds: its tail buffer plus every chunk it references (alloc_bytes of

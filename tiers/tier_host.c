@@ -48,43 +48,121 @@ static size_t page_bytes(void)
 	return pg;
 }
 
+/* Takes a cached mapping of exactly map bytes, or NULL. */
+static struct page_tag *cache_take(struct kvt_tier_host *t, size_t map)
+{
+	struct page_tag *found = NULL;
+	pthread_mutex_lock(&t->cache_mu);
+	for (uint32_t i = t->page_cache_n; i-- > 0;) {
+		struct page_tag *g = t->page_cache[i];
+		if (g->map_bytes != map)
+			continue;
+		found = g;
+		for (uint32_t j = i + 1; j < t->page_cache_n; j++)
+			t->page_cache[j - 1] = t->page_cache[j];
+		t->page_cache_n--;
+		t->page_cache_bytes -= map;
+		break;
+	}
+	pthread_mutex_unlock(&t->cache_mu);
+	return found;
+}
+
+/* Unmaps the oldest cached mappings until `room` more bytes and one more slot fit (room 0
+ * and cap 0: everything). */
+static void cache_trim_locked(struct kvt_tier_host *t, uint64_t room, void **out, uint32_t *n_out)
+{
+	while (t->page_cache_n > 0 &&
+	       (t->page_cache_n >= KVT_TIER_HOST_CACHE_SLOTS ||
+		t->page_cache_bytes + room > t->page_cache_cap || t->page_cache_cap == 0)) {
+		struct page_tag *g = t->page_cache[0];
+		for (uint32_t j = 1; j < t->page_cache_n; j++)
+			t->page_cache[j - 1] = t->page_cache[j];
+		t->page_cache_n--;
+		t->page_cache_bytes -= g->map_bytes;
+		out[(*n_out)++] = g;
+	}
+}
+
+static void unmap_all(void **maps, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		struct page_tag *g = maps[i];
+		HOST_ASSERT(munmap(g, g->map_bytes) == 0);
+	}
+}
+
+/* Keeps a freed mapping for reuse when it fits the cache; else unmaps it. */
+static void cache_put(struct kvt_tier_host *t, struct page_tag *g)
+{
+	void *drop[KVT_TIER_HOST_CACHE_SLOTS];
+	uint32_t n_drop = 0;
+	int kept = 0;
+	pthread_mutex_lock(&t->cache_mu);
+	if (g->map_bytes <= t->page_cache_cap) {
+		cache_trim_locked(t, g->map_bytes, drop, &n_drop);
+		t->page_cache[t->page_cache_n++] = g;
+		t->page_cache_bytes += g->map_bytes;
+		kept = 1;
+	}
+	pthread_mutex_unlock(&t->cache_mu);
+	unmap_all(drop, n_drop);
+	if (!kept)
+		HOST_ASSERT(munmap(g, g->map_bytes) == 0);
+}
+
+void kvt_tier_host_set_page_cache(struct kvt_tier_host *t, uint64_t bytes)
+{
+	void *drop[KVT_TIER_HOST_CACHE_SLOTS];
+	uint32_t n_drop = 0;
+	pthread_mutex_lock(&t->cache_mu);
+	t->page_cache_cap = bytes;
+	cache_trim_locked(t, 0, drop, &n_drop);
+	pthread_mutex_unlock(&t->cache_mu);
+	unmap_all(drop, n_drop);
+}
+
 /* An object of `rounded` bytes (a multiple of 64): mmap'd behind a 64-byte tag when large. */
-static void *host_obj_alloc(size_t rounded)
+static void *host_obj_alloc(struct kvt_tier_host *t, size_t rounded)
 {
 	if (rounded >= PAGE_ALLOC_MIN_BYTES) {
 		size_t pg = page_bytes();
 		size_t map = (rounded + sizeof(struct page_tag) + pg - 1) & ~(pg - 1);
+		struct page_tag *c = cache_take(t, map);
+		if (c) {
+			c->magic = PAGE_TAG_MAGIC;
+			return c + 1;
+		}
 		void *m = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
 			       0);
 		if (m != MAP_FAILED) {
-			struct page_tag *t = m;
-			t->magic = PAGE_TAG_MAGIC;
-			t->map_bytes = map;
-			return t + 1;
+			struct page_tag *g = m;
+			g->magic = PAGE_TAG_MAGIC;
+			g->map_bytes = map;
+			return g + 1;
 		}
-		struct page_tag *t = aligned_alloc(64, rounded + sizeof(*t));
-		if (!t)
+		struct page_tag *g = aligned_alloc(64, rounded + sizeof(*g));
+		if (!g)
 			return NULL;
-		t->magic = MALLOC_TAG_MAGIC;
-		t->map_bytes = 0;
-		return t + 1;
+		g->magic = MALLOC_TAG_MAGIC;
+		g->map_bytes = 0;
+		return g + 1;
 	}
 	return aligned_alloc(64, rounded);
 }
 
-static void host_obj_free(void *p, size_t rounded)
+static void host_obj_free(struct kvt_tier_host *t, void *p, size_t rounded)
 {
 	if (rounded >= PAGE_ALLOC_MIN_BYTES) {
-		struct page_tag *t = (struct page_tag *)p - 1;
-		if (t->magic == PAGE_TAG_MAGIC) {
-			size_t map = t->map_bytes;
-			t->magic = 0;
-			HOST_ASSERT(munmap(t, map) == 0);
+		struct page_tag *g = (struct page_tag *)p - 1;
+		if (g->magic == PAGE_TAG_MAGIC) {
+			g->magic = 0;
+			cache_put(t, g);
 			return;
 		}
-		HOST_ASSERT(t->magic == MALLOC_TAG_MAGIC);
-		t->magic = 0;
-		free(t);
+		HOST_ASSERT(g->magic == MALLOC_TAG_MAGIC);
+		g->magic = 0;
+		free(g);
 		return;
 	}
 	free(p);
@@ -103,6 +181,7 @@ static void seq_free_hook(void *ctx, void *p, size_t bytes)
 void kvt_tier_host_init(struct kvt_tier_host *t, uint64_t capacity_bytes)
 {
 	*t = (struct kvt_tier_host){.capacity_bytes = capacity_bytes};
+	pthread_mutex_init(&t->cache_mu, NULL);
 	t->seq_alloc.alloc = seq_alloc_hook;
 	t->seq_alloc.free = seq_free_hook;
 	t->seq_alloc.ctx = t;
@@ -161,7 +240,7 @@ void *kvt_tier_host_alloc(struct kvt_tier_host *t, size_t bytes)
 		rounded = 64;
 	if (kvt_tier_host_charge(t, rounded) != 0)
 		return NULL;
-	void *p = host_obj_alloc(rounded);
+	void *p = host_obj_alloc(t, rounded);
 	if (!p) {
 		kvt_tier_host_uncharge(t, rounded);
 		return NULL;
@@ -177,7 +256,7 @@ void kvt_tier_host_free(struct kvt_tier_host *t, void *p, size_t bytes)
 	size_t rounded = (bytes + 63) & ~(size_t)63;
 	if (rounded == 0)
 		rounded = 64;
-	host_obj_free(p, rounded);
+	host_obj_free(t, p, rounded);
 	__atomic_fetch_sub(&t->allocations, 1, __ATOMIC_RELAXED);
 	kvt_tier_host_uncharge(t, rounded);
 }

@@ -18,6 +18,7 @@
 #ifndef KVT_TIER_HOST_H
 #define KVT_TIER_HOST_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,6 +37,8 @@ struct kvt_tier_stats {
 	uint64_t refused;      /* charges refused for lack of room since start */
 };
 
+#define KVT_TIER_HOST_CACHE_SLOTS 16
+
 struct kvt_tier_host {
 	uint64_t capacity_bytes; /* atomic: SIGHUP may change it */
 	uint64_t used_bytes;     /* atomic */
@@ -44,10 +47,22 @@ struct kvt_tier_host {
 	kvt_tier_reclaim_fn reclaim;
 	void *reclaim_ctx;
 	struct kvt_seq_alloc seq_alloc; /* hooks handed to kvt_seq_create / kvt_seq_fork */
+	/* Freed page-backed objects kept for reuse by an allocation of the same page count
+	 * (an Append's staging is freed and the next one takes the same size: reusing it costs
+	 * no page faults). Not charged: they hold no session data. Bounded by page_cache_cap
+	 * bytes and KVT_TIER_HOST_CACHE_SLOTS entries; the oldest goes first. */
+	pthread_mutex_t cache_mu;
+	uint64_t page_cache_cap;
+	uint64_t page_cache_bytes;
+	uint32_t page_cache_n;
+	void *page_cache[KVT_TIER_HOST_CACHE_SLOTS];
 };
 
 void kvt_tier_host_init(struct kvt_tier_host *t, uint64_t capacity_bytes);
 void kvt_tier_host_set_capacity(struct kvt_tier_host *t, uint64_t capacity_bytes);
+/* Bytes of freed page-backed objects kept for reuse (0 = none; lowering it unmaps the
+ * excess at once). */
+void kvt_tier_host_set_page_cache(struct kvt_tier_host *t, uint64_t bytes);
 void kvt_tier_host_set_reclaim(struct kvt_tier_host *t, kvt_tier_reclaim_fn fn, void *ctx);
 
 /* Reserves bytes against the capacity (reclaiming once when it does not fit). 0 or -ENOMEM. */

@@ -29,6 +29,7 @@
 #include "bench.h"
 #include "bench_npy.h"
 #include "kvt_codec.h"
+#include "kvt_synth.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -108,58 +109,14 @@ static void round_f16(float *x, size_t n)
 
 /* ---- the synthetic TNI set ------------------------------------------------------------- */
 
-/* Llama-style rotate-half RoPE on one head vector. */
-static void rope(float *x, uint32_t d, double pos, double base)
-{
-	for (uint32_t i = 0; i < d / 2; i++) {
-		double th = pos * pow(base, -2.0 * i / d), c = cos(th), s = sin(th);
-		double a = x[i], b = x[i + d / 2];
-
-		x[i] = (float)(a * c - b * s);
-		x[i + d / 2] = (float)(a * s + b * c);
-	}
-}
-
-static void normalize(float *x, uint32_t d)
-{
-	double n = 0;
-
-	for (uint32_t i = 0; i < d; i++)
-		n += (double)x[i] * x[i];
-	n = sqrt(n);
-	for (uint32_t i = 0; i < d; i++)
-		x[i] = (float)(x[i] / n);
-}
-
-/*
- * Keys of ordinary tokens: a per-head mean direction mu (|mu| ~ 13, in the slow RoPE
- * channels, which barely rotate over the context: the "massive channel" structure of real
- * keys) + N(0, 0.8^2) per channel + two noisy outlier channels (std 3.5), times a per-token
- * factor exp(0.12 N) shared by every head of the layer: per-head key norm ~17.
- * Sinks (token 0 and one delimiter-like token in the middle): key 2.5 * u, u a unit direction
- * in the slow channels orthogonal to mu; value norm ~0.6 against ~12 for ordinary tokens, whose
- * values share a per-head mean of norm 0.4 x sqrt(d) (SmolLM2-135M: 0.40 x the median value
- * norm), so attention outputs keep a realistic size instead of averaging to noise.
- * The dataset line compares it with real data. SmolLM2-135M-Instruct (q4_1), chat dump, 389
- * tokens, every position's query: first-token mass 0.35, mean logit range 14.2, attention
- * entropy 2.1 nats, |O| / median |v| 0.40, value mean / |v| 0.40, per-head key norm 17.9.
- * This set with the defaults (seed 1): sink mass 0.34 (token 0: 0.17), logit range 15.4,
- * entropy 4.7 (flatter than the real model's), |O| / median |v| 0.26, value mean 0.37, key
- * norm 16.5 vs 2.5 for the sinks.
- * Queries: -alpha mu^ + beta u + N(0, 1.5^2): ordinary logits sit low and spread, the sink
- * logit is beta * 2.5 * scale, with beta drawn per query head from [6, 24] so heads range from
- * little to most of their mass on the sinks (the mean is printed; real models: see OSCAR.md 7.7).
- */
+/* The set itself (what it models, how it compares with SmolLM2-135M) is client/kvt_synth.c,
+ * shared with `kvtierctl demo` so both tools measure the same data for the same seed. */
 static int make_synthetic(struct dataset *ds, uint64_t seed, uint32_t L, uint32_t T, uint32_t H,
 			  uint32_t d, uint32_t Hq, uint32_t nq)
 {
-	const double base = 500000.0, alpha = 4.0, sigma_q = 1.5, sigma_k = 0.8;
-	uint64_t rng = seed;
-	const uint32_t slow0 = d * 3 / 8; /* channels [3d/8, d/2) and their RoPE pairs */
-	float *mu = calloc((size_t)H * d, sizeof(float)), *u = calloc((size_t)H * d, sizeof(float));
-	float *vm = calloc((size_t)H * d, sizeof(float));
-	float *fac = malloc(T * sizeof(float));
-	uint32_t delim = T / 2 + 7;
+	const struct kvt_synth_shape sh = { .layers = L, .tokens = T, .kv_heads = H,
+					    .head_dim = d, .q_heads = Hq, .queries = nq,
+					    .q_pos0 = T - nq };
 
 	memset(ds, 0, sizeof(*ds));
 	ds->L = L;
@@ -174,101 +131,16 @@ static int make_synthetic(struct dataset *ds, uint64_t seed, uint32_t L, uint32_
 	ds->V = malloc((size_t)L * T * H * d * sizeof(float));
 	ds->Q = malloc((size_t)L * nq * Hq * d * sizeof(float));
 	ds->sink = calloc(T, 1);
-	if (!mu || !u || !vm || !fac || !ds->K || !ds->V || !ds->Q || !ds->sink) {
+	if (!ds->K || !ds->V || !ds->Q || !ds->sink) {
 		fprintf(stderr, "kvtier-bench: out of memory for the synthetic set\n");
 		return -1;
 	}
-	ds->sink[0] = 1;
-	if (delim < T - nq)
-		ds->sink[delim] = 1;
-
-	for (uint32_t l = 0; l < L; l++) {
-		for (uint32_t h = 0; h < H; h++) {
-			float *m = mu + (size_t)h * d, *w = u + (size_t)h * d;
-			double mnorm = 13.0 * (0.85 + 0.3 * (kvt_bench_rand(&rng) >> 11) * 0x1p-53);
-			double proj = 0;
-
-			memset(m, 0, d * sizeof(float));
-			for (int k = 0; k < 6; k++) {
-				uint32_t c = slow0 + (uint32_t)(kvt_bench_rand(&rng) % (d / 2 - slow0));
-
-				c += (kvt_bench_rand(&rng) & 1) ? d / 2 : 0;
-				m[c] += (float)kvt_bench_normal(&rng);
-			}
-			normalize(m, d);
-			for (uint32_t c = 0; c < d; c++)
-				w[c] = ((c >= slow0 && c < d / 2) || c >= d / 2 + slow0) ?
-					       (float)kvt_bench_normal(&rng) : 0.0f;
-			for (uint32_t c = 0; c < d; c++)
-				proj += (double)w[c] * m[c];
-			for (uint32_t c = 0; c < d; c++)
-				w[c] -= (float)(proj * m[c]);
-			normalize(w, d);
-			for (uint32_t c = 0; c < d; c++)
-				m[c] *= (float)mnorm;
-		}
-		for (uint32_t t = 0; t < T; t++)
-			fac[t] = (float)exp(0.12 * kvt_bench_normal(&rng));
-		/* values share a per-head mean direction of norm ~0.4 x theirs, as real ones do */
-		for (uint32_t h = 0; h < H; h++) {
-			float *w = vm + (size_t)h * d;
-
-			for (uint32_t c = 0; c < d; c++)
-				w[c] = (float)kvt_bench_normal(&rng);
-			normalize(w, d);
-			for (uint32_t c = 0; c < d; c++)
-				w[c] *= 0.4f * sqrtf((float)d);
-		}
-		for (uint32_t h = 0; h < H; h++) {
-			/* two outlier channels per head, in the middle frequencies */
-			uint32_t o1 = d / 8 + (uint32_t)(kvt_bench_rand(&rng) % (d / 8));
-			uint32_t o2 = o1 + d / 2;
-			const float *m = mu + (size_t)h * d, *w = u + (size_t)h * d;
-
-			for (uint32_t t = 0; t < T; t++) {
-				float *k = ds->K + (((size_t)l * T + t) * H + h) * d;
-				float *v = ds->V + (((size_t)l * T + t) * H + h) * d;
-
-				if (ds->sink[t]) {
-					for (uint32_t c = 0; c < d; c++)
-						k[c] = w[c] + 0.05f * (float)kvt_bench_normal(&rng);
-					normalize(k, d);
-					for (uint32_t c = 0; c < d; c++) {
-						k[c] *= 2.5f;
-						v[c] = 0.05f * (float)kvt_bench_normal(&rng);
-					}
-				} else {
-					for (uint32_t c = 0; c < d; c++) {
-						double sd = (c == o1 || c == o2) ? 3.5 : sigma_k;
-
-						k[c] = fac[t] * (float)(m[c] + sd * kvt_bench_normal(&rng));
-						v[c] = vm[(size_t)h * d + c] +
-						       (float)kvt_bench_normal(&rng);
-					}
-				}
-				rope(k, d, t, base);
-			}
-		}
-		for (uint32_t i = 0; i < Hq; i++) {
-			uint32_t kh = i / (Hq / H);
-			const float *m = mu + (size_t)kh * d, *w = u + (size_t)kh * d;
-			double mn = sqrt(dot(m, m, d));
-			double beta = 6.0 + 18.0 * (kvt_bench_rand(&rng) >> 11) * 0x1p-53;
-
-			for (uint32_t j = 0; j < nq; j++) {
-				float *q = ds->Q + (((size_t)l * nq + j) * Hq + i) * d;
-
-				for (uint32_t c = 0; c < d; c++)
-					q[c] = (float)(-alpha * m[c] / mn + beta * w[c] +
-						       sigma_q * kvt_bench_normal(&rng));
-				rope(q, d, T - nq + j, base);
-			}
-		}
+	if (kvt_synth_tni(&sh, seed, ds->K, ds->V, ds->Q, ds->sink) < 0) {
+		fprintf(stderr, "kvtier-bench: cannot make a synthetic set with head_dim %u (a "
+				"multiple of 8, at least 16) and %u query heads over %u KV heads\n",
+			d, Hq, H);
+		return -1;
 	}
-	free(mu);
-	free(u);
-	free(vm);
-	free(fac);
 	return 0;
 }
 
