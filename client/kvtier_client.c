@@ -395,6 +395,19 @@ static void op_send_initial(grpc_op *op, struct call *cl)
 	op->data.send_initial_metadata.metadata = cl->n_md ? &cl->md : NULL;
 }
 
+/* The first four ops of every call with one request message (unary and server streaming):
+ * send initial metadata, the request, half-close, receive initial metadata. */
+static void ops_single_request(grpc_op *ops, struct call *cl, grpc_byte_buffer *send)
+{
+	op_send_initial(&ops[0], cl);
+	memset(&ops[1], 0, sizeof(ops[1]) * 3);
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = send;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &cl->initial_md;
+}
+
 static void op_recv_status(grpc_op *op, struct call *cl)
 {
 	memset(op, 0, sizeof(*op));
@@ -492,13 +505,8 @@ static int unary(struct kvt_client *c, const char *method, const ProtobufCMessag
 	if (rc)
 		return rc;
 	send = pack(req);
-	op_send_initial(&ops[0], &cl);
-	memset(&ops[1], 0, sizeof(ops[1]) * 4);
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = send;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &cl.initial_md;
+	ops_single_request(ops, &cl, send);
+	memset(&ops[4], 0, sizeof(ops[4]));
 	ops[4].op = GRPC_OP_RECV_MESSAGE;
 	ops[4].data.recv_message.recv_message = &recv;
 	op_recv_status(&ops[5], &cl);
@@ -671,13 +679,7 @@ static int server_stream(struct kvt_client *c, const char *method, const Protobu
 	if (rc)
 		return rc;
 	send = pack(req);
-	op_send_initial(&ops[0], &cl);
-	memset(&ops[1], 0, sizeof(ops[1]) * 3);
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = send;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &cl.initial_md;
+	ops_single_request(ops, &cl, send);
 	rc = call_batch(&cl, ops, 4, (void *)1);
 	grpc_byte_buffer_destroy(send);
 	if (rc < 0) {
