@@ -45,7 +45,7 @@ def main():
     fails = []
     try:
         # 1a. exact through the Fetch path == in-process exact (f32)
-        none = {"scheme": "none", "chunk_tokens": a.chunk}
+        none = {"scheme": "none", "chunk_tokens": a.chunk, "recent_exact_tokens": 0}
         ref = m.forward(ids, ExactBackend(L, H, D, a.tokens), block=a.chunk)
         b = KvtierdFetchBackend(c, L, H, D, codec=none, dtype="f32")
         lg = m.forward(ids, b, block=a.chunk)
@@ -74,7 +74,8 @@ def main():
         for name, codec in (("oscar2", dict(scheme="oscar", bits=2, group=32)),
                             ("oscar4", dict(scheme="oscar", bits=4, group=32)),
                             ("kivi2", dict(scheme="kivi", bits=2, group=32))):
-            codec = dict(codec, chunk_tokens=a.chunk)
+            # recent_exact_tokens 0: seal every chunk (the daemon's default adds a window)
+            codec = dict(codec, chunk_tokens=a.chunk, recent_exact_tokens=0)
             nll, cnt = perplexity(m, ids, lambda: KvtierdFetchBackend(c, L, H, D, codec=codec),
                                   a.tokens, a.chunk)
             rows[name] = float(np.exp(nll / cnt))

@@ -67,6 +67,19 @@ for _s in ("oscar", "kivi", "hadamard"):
                     TABLE_ROWS.append((name, dict(scheme=_s, bits=_b, group=_g, n_sinks=_k)))
 
 
+# The issue-9 rows above measure the codecs as published: chunks of 128 sealed every 128 tokens
+# (no recent window), whatever the daemon's defaults are (its default codec is now the preset
+# kvtier-int2: B 32, W 128).
+for _name, _codec in TABLE_ROWS:
+    _codec.setdefault("chunk_tokens", 128)
+    _codec.setdefault("recent_exact_tokens", 0)
+# kvtier-int2's ablation (docs/realmodel/int2.md): faithful OScaR INT2 G32 S0 B128 (above),
+# + 8 sinks, + chunks of 32 with the recent window W 128 = the preset kvtier-int2.
+TABLE_ROWS.append(("oscar INT2 G32 S8", dict(scheme="oscar", bits=2, group=32, n_sinks=8,
+                                             chunk_tokens=128, recent_exact_tokens=0)))
+TABLE_ROWS.append(("kvtier-int2 (oscar INT2 G32 S8 B32 W128)", dict(preset="kvtier-int2")))
+
+
 def perplexity(m, ids, make_cache, ctx, block):
     """Returns (sum of negative log-likelihoods, tokens scored)."""
     nll, scored = 0.0, 0
