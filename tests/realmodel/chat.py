@@ -152,6 +152,9 @@ class KvtierdChatCache(KvtierdFetchBackend):
         self.np_dtype = np.dtype(NP_DTYPE[info.dtype])
         self.chunk_tokens = int((info.codec or {}).get("chunk_tokens") or 0)
         self.seal_tokens = self.chunk_tokens or None
+        # A recent window W (codec recent_exact_tokens, where the daemon has it) moves the
+        # seal points; KvtierdFetchBackend's max_block reads this.
+        self.recent_exact = int((info.codec or {}).get("recent_exact_tokens") or 0)
         self.n_tokens = int(info.n_tokens or 0)
         # Sealed chunks never change: what is fetched of them is kept (KvtierdFetchBackend).
         self.sealed = int(info.n_chunks or 0) * self.chunk_tokens
