@@ -301,7 +301,7 @@ def shorten(text, width=240):
 
 
 def compression(info):
-    d = dict(n_tokens=info.n_tokens, sealed_chunks=info.n_chunks, tail_tokens=info.tail_tokens,
+    d = dict(n_tokens=info.n_tokens, n_layers=info.n_layers, sealed_chunks=info.n_chunks, tail_tokens=info.tail_tokens,
              bytes_held=info.bytes_held, f16_bytes=info.logical_bytes,
              bits_per_element=info.bits_per_element, dtype=info.dtype, codec=info.codec)
     if info.bytes_held:
@@ -311,8 +311,8 @@ def compression(info):
 
 def compression_line(c):
     kib = 1024.0
-    s = (f"kvtierd holds {c['n_tokens']} tokens x 30 layers in {c['bytes_held'] / kib:.1f} KiB "
-         f"vs {c['f16_bytes'] / kib:.1f} KiB as f16 K+V")
+    s = (f"kvtierd holds {c['n_tokens']} tokens x {c['n_layers']} layers in "
+         f"{c['bytes_held'] / kib:.1f} KiB vs {c['f16_bytes'] / kib:.1f} KiB as f16 K+V")
     if c.get("ratio"):
         s += f" ({c['ratio']:.2f}x smaller)"
     bpe = c["bits_per_element"] or 0
