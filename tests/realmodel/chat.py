@@ -301,8 +301,8 @@ def shorten(text, width=240):
 
 
 def compression(info):
-    d = dict(n_tokens=info.n_tokens, n_layers=info.n_layers, sealed_chunks=info.n_chunks, tail_tokens=info.tail_tokens,
-             bytes_held=info.bytes_held, f16_bytes=info.logical_bytes,
+    d = dict(n_tokens=info.n_tokens, n_layers=info.n_layers, sealed_chunks=info.n_chunks,
+             tail_tokens=info.tail_tokens, bytes_held=info.bytes_held, f16_bytes=info.logical_bytes,
              bits_per_element=info.bits_per_element, dtype=info.dtype, codec=info.codec)
     if info.bytes_held:
         d["ratio"] = info.logical_bytes / info.bytes_held
