@@ -6,8 +6,9 @@ perplexity thresholds on one full context.
    (to float rounding: the attention reads what the daemon returns); the Attend path (daemon
    attention, new_k/new_v staging, the token attends to itself) matches on a few tokens, for an
    f32 session and for an f16 session against the in-process cache that rounds K/V to f16.
-2. Replaying a context's first block (perplexity.py's FirstBlockCache, which the table uses)
-   gives the same NLL as computing it, on a lossy row whose later blocks read sealed chunks.
+2. A context's first block, which perplexity.py's table computes once and replays for every
+   row (FirstBlockCache), is the same through a lossy session as in the exact in-process pass
+   (NLL and K/V bit-identical): it sees no committed token.
 3. Perplexity over the first --ctx tokens of GPL-3 through kvtierd's Fetch path, with the
    table's own row configs (perplexity.ROW_CODEC: chunks of 128, G32, S4, detection off):
    asserted, as issue 9 requires: oscar INT2 excess (ratio - 1) <= 0.5 x kivi INT2's and
@@ -43,8 +44,8 @@ ROWS = ["oscar INT2 G32 S4", "kivi INT2 G32 S4", "hadamard INT2 G32 S4", "oscar 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=256, help="window of checks 1 and 2")
-    ap.add_argument("--chunk", type=int, default=64, help="chunk size of checks 1 and 2")
+    ap.add_argument("--tokens", type=int, default=256, help="window of check 1")
+    ap.add_argument("--chunk", type=int, default=64, help="chunk size of check 1")
     ap.add_argument("--attend-tokens", type=int, default=6)
     ap.add_argument("--ctx", type=int, default=1024, help="window of check 3")
     a = ap.parse_args()
@@ -84,22 +85,6 @@ def main():
                   flush=True)
             if diff > tol:
                 fails.append(f"Attend path {dt} exact differs from in-process by {diff} > {tol}")
-        # 2. first-block replay == computing it (oscar INT2, chunks of --chunk)
-        t0 = time.time()
-        codec = dict(P.ROW_CODEC["oscar INT2 G32 S4"], chunk_tokens=a.chunk)
-        first = P.FirstBlockCache()
-        got = []
-        assert a.tokens > a.chunk, "the replay check needs blocks after the first"
-        for share in (first, first):   # computed (and stored), replayed
-            b = KvtierdFetchBackend(c, L, H, D, codec=codec, dtype="f32", capacity=a.tokens)
-            try:
-                got.append(P.score_context(m, ids, b, a.chunk, share, ("gpl3", 0, "f32")))
-            finally:
-                b.close()
-        print(json.dumps(dict(check="first_block_replay", tokens=len(ids), nll=got,
-                              seconds=round(time.time() - t0, 1))), flush=True)
-        if got[0] != got[1]:
-            fails.append(f"first-block replay changes the NLL: {got}")
         # 3. perplexity on one full context, the table's row configs
         t0 = time.time()
         window = all_ids[:a.ctx]
@@ -108,6 +93,23 @@ def main():
         nll = {"none (in-process)": P.score_context(m, window, ex, 128, first,
                                                     ("GPL-3", 0, "f32"))}
         secs = {"none (in-process)": round(time.time() - t0, 1)}
+        # 2. the first block is the same for every row: computed through a lossy session (no
+        #    replay) it gives the NLL and K/V the exact in-process pass stored for replay.
+        key = ("GPL-3", 0, "f32", 128)
+        b = KvtierdFetchBackend(c, L, H, D, codec=P.ROW_CODEC["oscar INT2 G32 S4"], dtype="f32",
+                                capacity=a.ctx)
+        try:
+            fresh = P.FirstBlockCache()
+            got = fresh.run(m, window, b, key, 128)
+        finally:
+            b.close()
+        same = (got == first.store[key][0]
+                and all(np.array_equal(x, y) for x, y in zip(fresh.store[key][1:],
+                                                              first.store[key][1:])))
+        print(json.dumps(dict(check="first_block_shared", nll_lossy_session=got,
+                              nll_in_process=first.store[key][0], kv_identical=same)), flush=True)
+        if not same:
+            fails.append("the first block through a lossy session differs from the stored one")
         rows = ROWS + [r for r in P.ROW_TARGETS if r not in ROWS]
         for name in rows:
             t1 = time.time()
@@ -145,6 +147,8 @@ def main():
                    f"oscar INT2 G32 excess {o2:.5f} <= 0.25 x hadamard's {h2:.5f}"),
                   (o4 <= 1.005, f"oscar INT4 G32 ratio {o4:.5f} <= 1.005")]
         for name, bound in P.ROW_TARGETS.items():
+            if name == "oscar INT4 G32 S4":
+                continue   # checked just above
             checks.append((ratio[name] <= bound, f"{name} ratio {ratio[name]:.5f} <= {bound}"))
         for ok, what in checks:
             print(("ok     " if ok else "FAILED ") + what, flush=True)

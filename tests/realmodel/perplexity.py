@@ -580,9 +580,10 @@ def main():
             print(json.dumps(dict(row=n, codec=c)))
         return
     if a.check_md:
-        with open(a.md) as f:
-            md = f.read()
-        want = generated_part(load_json(a.json))
+        with locked(a.json):   # a table run may be rewriting both
+            with open(a.md) as f:
+                md = f.read()
+            want = generated_part(load_json(a.json))
         ok = BEGIN in md and END in md and md[md.index(BEGIN):md.index(END) + len(END)] == want
         print(f"{a.md}: generated part {'matches' if ok else 'DIFFERS from'} {a.json}"
               + ("" if ok else " (run perplexity.py --render)"))
