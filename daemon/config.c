@@ -110,6 +110,8 @@ static const struct opt opts[] = {
 	 "where sessions opened without a tier keep their sealed chunks: host or gpu"},
 	{"gpu_restore_threads", OPT_U64, OFF(gpu_restore_threads), 1, 32, 0, 0, NULL, "8", 0,
 	 "threads copying chunks into pinned staging during RestoreToDevice"},
+	{"gpu_pin_host", OPT_BOOL, OFF(gpu_pin_host), 0, 1, 0, 0, NULL, "yes", 0,
+	 "page-lock session chunks in host memory when a GPU is usable (restores copy by DMA)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

@@ -58,6 +58,7 @@ struct kvt_config {
 	uint64_t gpu_ipc_idle_seconds;
 	uint64_t gpu_default_tier; /* 0 host, 1 gpu */
 	uint64_t gpu_restore_threads;
+	uint64_t gpu_pin_host;
 };
 
 /* Where the effective value of each option came from (for --print-config). */

@@ -133,6 +133,9 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	sessions.gpu = gpu;
+	/* Chunks in pinned memory: RestoreToDevice copies them by DMA without a host copy. */
+	if (kvt_tier_gpu_usable(gpu) && cfg.gpu_pin_host)
+		kvt_tier_host_set_pin(&host, kvt_tier_gpu_pin_host, kvt_tier_gpu_unpin_host);
 	if (!kvt_tier_gpu_usable(gpu))
 		kvt_log_info("gpu", "usable=0 reason=%s",
 			     kvt_log_quote(q, sizeof q, kvt_tier_gpu_reason(gpu)));

@@ -163,6 +163,17 @@ int kvt_cuda_attend(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_request *req
 
 /* ---- CUDA IPC and restore into another buffer's layout (kvt_cuda_restore.cu) ------------- */
 
+/* Makes ctx's device current on the calling thread (a context created on one thread and
+ * used from another, as the daemon's request threads do). */
+int kvt_cuda_ctx_bind(kvt_cuda_ctx *ctx, char *err, size_t errlen);
+
+/* Page-locks host memory for DMA (cudaHostRegister, portable to every context) / undoes it.
+ * 0 or a negative errno. kvt_cuda_host_is_pinned: 1 when p lies in pinned or registered
+ * host memory. */
+int kvt_cuda_host_register(void *p, size_t bytes);
+void kvt_cuda_host_unregister(void *p);
+int kvt_cuda_host_is_pinned(const void *p);
+
 /* sizeof(cudaIpcMemHandle_t) */
 #define KVT_CUDA_IPC_HANDLE_BYTES 64
 
@@ -177,7 +188,9 @@ int kvt_cuda_ipc_export(const void *dev_ptr, void *handle, uint64_t *offset,
 			uint64_t *alloc_bytes, char *err, size_t errlen);
 /* In the daemon: maps a handle exported by another process on ctx's device. *base is the
  * allocation's start, *alloc_bytes its true size (bounds checks use it). -EINVAL for a handle
- * that is not a live allocation of another process. Close with kvt_cuda_ipc_close. */
+ * that is not a live allocation of another process; -EADDRINUSE when a mapping this process
+ * still holds (of an allocation the exporter has freed since) covers the range: close stale
+ * mappings and retry. Close with kvt_cuda_ipc_close. */
 int kvt_cuda_ipc_open(kvt_cuda_ctx *ctx, const void *handle, void **base,
 		      uint64_t *alloc_bytes, char *err, size_t errlen);
 void kvt_cuda_ipc_close(kvt_cuda_ctx *ctx, void *base);
@@ -237,6 +250,8 @@ struct kvt_cuda_restore_stats {
 	uint64_t rows;      /* token-layer rows written (each of K and V) */
 	uint64_t h2d_bytes; /* encoded bytes copied host -> device */
 	uint64_t out_bytes; /* bytes written at the destination */
+	uint64_t pinned_chunks; /* copied by DMA straight from pinned host memory */
+	uint64_t staged_chunks; /* copied through the pinned staging slots */
 };
 
 /* Pinned host + device staging (staging_bytes each, split into slots), a copy stream and

@@ -32,6 +32,38 @@
 
 static_assert(sizeof(cudaIpcMemHandle_t) == KVT_CUDA_IPC_HANDLE_BYTES, "IPC handle size");
 
+extern "C" int kvt_cuda_ctx_bind(kvt_cuda_ctx *c, char *err, size_t errlen)
+{
+	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	return 0;
+}
+
+extern "C" int kvt_cuda_host_register(void *p, size_t bytes)
+{
+	cudaError_t e = cudaHostRegister(p, bytes, cudaHostRegisterPortable);
+	if (e != cudaSuccess) {
+		(void)cudaGetLastError();
+		return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+	}
+	return 0;
+}
+
+extern "C" void kvt_cuda_host_unregister(void *p)
+{
+	if (cudaHostUnregister(p) != cudaSuccess)
+		(void)cudaGetLastError();
+}
+
+extern "C" int kvt_cuda_host_is_pinned(const void *p)
+{
+	cudaPointerAttributes a;
+	if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+		(void)cudaGetLastError();
+		return 0;
+	}
+	return a.type == cudaMemoryTypeHost;
+}
+
 /* ---- IPC ---------------------------------------------------------------------------------- */
 
 /* cuMemGetAddressRange through the runtime's driver entry point: no link against libcuda, so
@@ -96,6 +128,14 @@ extern "C" int kvt_cuda_ipc_open(kvt_cuda_ctx *c, const void *handle, void **bas
 	memcpy(&h, handle, sizeof h);
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
 	cudaError_t e = cudaIpcOpenMemHandle(base, h, cudaIpcMemLazyEnablePeerAccess);
+	if (e == cudaErrorAlreadyMapped) {
+		/* A mapping this process still holds covers the range: the exporter freed an
+		 * allocation we had open and got the same range again. The caller closes its
+		 * stale mappings and retries. */
+		(void)cudaGetLastError();
+		return kvt_cuda_errf(err, errlen, -EADDRINUSE,
+				     "cudaIpcOpenMemHandle: a stale mapping of this range is open");
+	}
 	if (e != cudaSuccess) {
 		(void)cudaGetLastError();
 		/* Invalid handles (garbage bytes, a freed allocation, our own process's memory)
@@ -280,6 +320,7 @@ struct kvt_cuda_restorer {
 	int pool_up;
 	struct copy_seg *segs;
 	size_t cap_segs;
+	uint64_t n_pinned_chunks, n_staged_chunks; /* of the current restore */
 };
 
 extern "C" void kvt_cuda_restorer_destroy(kvt_cuda_restorer *r)
@@ -496,9 +537,10 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		for (uint64_t t = x; t < y;) {
 			uint64_t run;
 			uint8_t *dst = row_addr(d, base, 0, t, y, &run);
-			CK(cudaMemcpy2DAsync(dst, d->layer_stride, st + (t - x) * d->row_bytes, lb,
-					     run * d->row_bytes, nl, cudaMemcpyHostToDevice,
-					     c->stream),
+			size_t w = run * d->row_bytes;
+			CK(cudaMemcpy2DAsync(dst, nl > 1 ? d->layer_stride : w,
+					     st + (t - x) * d->row_bytes, lb, w, nl,
+					     cudaMemcpyHostToDevice, c->stream),
 			   "tail copy");
 			t += run;
 		}
@@ -515,6 +557,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 	if ((rc = check_args(a, err, errlen)))
 		return rc;
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	r->n_pinned_chunks = r->n_staged_chunks = 0;
 	uint64_t rows = 0, h2d = 0;
 	size_t n_jobs = 0;
 	size_t i = 0;
@@ -547,7 +590,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		uint8_t *hs = r->host + (size_t)slot * r->slot_bytes;
 		uint8_t *ds = r->dev + (size_t)slot * r->slot_bytes;
 		size_t off = 0;
-		if (!a->chunks_pinned && j - i > r->cap_segs) {
+		if (j - i > r->cap_segs) {
 			struct copy_seg *ns =
 				(struct copy_seg *)realloc(r->segs, (j - i) * sizeof *ns);
 			if (!ns)
@@ -555,24 +598,32 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 			r->segs = ns;
 			r->cap_segs = j - i;
 		}
+		/* pinned chunks are read in place by the copy engine; the others are copied into
+		 * the pinned slot by the copy threads first */
+		size_t n_segs = 0;
 		for (size_t k = i; k < j; k++) {
 			const struct kvt_cuda_restore_chunk *ck = &a->chunks[k];
-			if (a->chunks_pinned) {
+			if (a->chunks_pinned || kvt_cuda_host_is_pinned(ck->host)) {
 				CK(cudaMemcpyAsync(ds + off, ck->host, ck->bytes,
 						   cudaMemcpyHostToDevice, r->copy),
 				   "restore H2D copy");
+				r->n_pinned_chunks++;
 			} else {
-				r->segs[k - i].dst = hs + off;
-				r->segs[k - i].src = (const uint8_t *)ck->host;
-				r->segs[k - i].len = ck->bytes;
+				r->segs[n_segs].dst = hs + off;
+				r->segs[n_segs].src = (const uint8_t *)ck->host;
+				r->segs[n_segs].len = ck->bytes;
+				n_segs++;
 			}
 			off += (ck->bytes + 255) & ~(size_t)255;
 		}
-		if (!a->chunks_pinned)
-			pool_copy(&r->pool, r->segs, j - i);
-		if (!a->chunks_pinned)
-			CK(cudaMemcpyAsync(ds, hs, off, cudaMemcpyHostToDevice, r->copy),
-			   "restore H2D copy");
+		if (n_segs) {
+			pool_copy(&r->pool, r->segs, n_segs);
+			for (size_t k = 0; k < n_segs; k++)
+				CK(cudaMemcpyAsync(ds + (r->segs[k].dst - hs), r->segs[k].dst,
+						   r->segs[k].len, cudaMemcpyHostToDevice, r->copy),
+				   "restore H2D copy");
+			r->n_staged_chunks += n_segs;
+		}
 		h2d += off;
 		CK(cudaEventRecord(r->copied[slot], r->copy), "event record");
 		CK(cudaStreamWaitEvent(c->stream, r->copied[slot], 0), "stream wait");
@@ -599,6 +650,8 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 	if (stats) {
 		stats->rows = rows;
 		stats->h2d_bytes = h2d;
+		stats->pinned_chunks = r->n_pinned_chunks;
+		stats->staged_chunks = r->n_staged_chunks;
 		stats->out_bytes = rows * a->dst->row_bytes * ((a->dst->k_dev ? 1 : 0) +
 							      (a->dst->v_dev ? 1 : 0));
 	}

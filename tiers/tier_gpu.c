@@ -189,7 +189,8 @@ struct kvt_tier_gpu {
 	struct ipc_entry ipc[IPC_CACHE_SLOTS];
 	/* counters (under mu) */
 	uint64_t n_restores, restore_bytes, restore_h2d_bytes, ipc_opens, ipc_closes;
-	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks;
+	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks, ipc_stale_closes;
+	uint64_t restore_pinned_chunks, restore_staged_chunks;
 };
 
 static uint64_t now_ms(void)
@@ -211,7 +212,7 @@ static uint64_t now_us(void)
 static int ensure_ctx(struct kvt_tier_gpu *g, char *err, size_t errlen)
 {
 	if (g->ctx)
-		return 0;
+		return kvt_cuda_ctx_bind(g->ctx, err, errlen);
 	if (!g->usable || g->ctx_failed) {
 		snprintf(err, errlen, "%s", g->reason);
 		return -ENODEV;
@@ -365,6 +366,15 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 	for (int i = 0; i < 8; i++)
 		fn(ctx, names[i], v[i]);
 	fn(ctx, "gpu.ipc_cached", cached);
+	pthread_mutex_lock(&g->mu);
+	uint64_t stale = g->ipc_stale_closes;
+	pthread_mutex_unlock(&g->mu);
+	fn(ctx, "gpu.ipc_stale_remaps", stale);
+	pthread_mutex_lock(&g->mu);
+	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;
+	pthread_mutex_unlock(&g->mu);
+	fn(ctx, "gpu.restore_dma_chunks", pc);
+	fn(ctx, "gpu.restore_staged_chunks", sc);
 }
 
 static void ipc_close_locked(struct kvt_tier_gpu *g, struct ipc_entry *e)
@@ -396,6 +406,26 @@ void kvt_tier_gpu_forget_owner(struct kvt_tier_gpu *g, const void *owner)
 		if (g->ipc[i].live && g->ipc[i].owner == owner)
 			ipc_close_locked(g, &g->ipc[i]);
 	pthread_mutex_unlock(&g->mu);
+}
+
+int kvt_tier_gpu_pin_host(void *p, size_t bytes)
+{
+#ifdef KVT_HAVE_CUDA
+	return kvt_cuda_host_register(p, bytes);
+#else
+	(void)p;
+	(void)bytes;
+	return -ENODEV;
+#endif
+}
+
+void kvt_tier_gpu_unpin_host(void *p)
+{
+#ifdef KVT_HAVE_CUDA
+	kvt_cuda_host_unregister(p);
+#else
+	(void)p;
+#endif
 }
 
 /* ---- mirrors ------------------------------------------------------------------------------ */
@@ -468,6 +498,10 @@ int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
 	}
 	int rc = 0;
 	pthread_mutex_lock(&g->mu);
+	if ((rc = kvt_cuda_ctx_bind(g->ctx, err, errlen))) {
+		pthread_mutex_unlock(&g->mu);
+		return rc;
+	}
 	for (uint32_t i = n; i < m->n; i++)
 		mirror_release(g, m, i);
 	for (uint32_t i = 0; i < n && rc == 0; i++) {
@@ -532,8 +566,14 @@ int kvt_tier_gpu_attend(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m,
 {
 #ifdef KVT_HAVE_CUDA
 	uint32_t n = kvt_seq_n_chunks(seq);
-	if (!m || !kvt_tier_gpu_tier_enabled(g) || m->n != n || m->n_resident != n)
+	if (!kvt_tier_gpu_tier_enabled(g))
 		return -EAGAIN;
+	if (!m || m->n != n || m->n_resident != n) {
+		pthread_mutex_lock(&g->mu);
+		g->n_attend_fallbacks++;
+		pthread_mutex_unlock(&g->mu);
+		return -EAGAIN;
+	}
 	const struct kvt_codec_config *cfg = kvt_seq_config(seq);
 	size_t qb = (size_t)n_q_heads * cfg->head_dim * sizeof(float);
 	size_t tb = (size_t)n_tail * cfg->n_kv_heads * cfg->head_dim * kvt_dtype_size(cfg->dtype);
@@ -546,6 +586,8 @@ int kvt_tier_gpu_attend(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m,
 		goto out_free;
 	}
 	pthread_mutex_lock(&g->mu);
+	if ((rc = kvt_cuda_ctx_bind(g->ctx, err, errlen)))
+		goto out;
 	for (uint32_t i = 0; i < n; i++) {
 		if (m->e[i].chunk != kvt_seq_chunk(seq, i) || !m->e[i].resident) {
 			rc = -EAGAIN;
@@ -621,6 +663,19 @@ static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *ow
 	void *base;
 	uint64_t bytes;
 	int rc = kvt_cuda_ipc_open(g->ctx, handle, &base, &bytes, e2, sizeof e2);
+	if (rc == -EADDRINUSE) {
+		/* The worker freed an allocation we still had mapped and reallocated its range:
+		 * every other cached mapping may be that stale one; close them and retry. */
+		for (int i = 0; i < IPC_CACHE_SLOTS; i++)
+			if (g->ipc[i].live && &g->ipc[i] != keep)
+				ipc_close_locked(g, &g->ipc[i]);
+		g->ipc_stale_closes++;
+		free_slot = NULL;
+		for (int i = 0; i < IPC_CACHE_SLOTS && !free_slot; i++)
+			if (!g->ipc[i].live)
+				free_slot = &g->ipc[i];
+		rc = kvt_cuda_ipc_open(g->ctx, handle, &base, &bytes, e2, sizeof e2);
+	}
 	if (rc) {
 		snprintf(err, errlen, "%s: %s", which, e2);
 		return rc;
@@ -736,6 +791,8 @@ int kvt_tier_gpu_restore(struct kvt_tier_gpu *g, const struct kvt_seq *seq,
 			g->n_restores++;
 			g->restore_bytes += st.out_bytes;
 			g->restore_h2d_bytes += st.h2d_bytes;
+			g->restore_pinned_chunks += st.pinned_chunks;
+			g->restore_staged_chunks += st.staged_chunks;
 		}
 	}
 out:

@@ -84,6 +84,10 @@ void kvt_tier_gpu_stats(struct kvt_tier_gpu *g, struct kvt_tier_stats *out,
 /* Counters for Stats: restores, restore bytes, IPC opens / closes / cached, attends, fallbacks. */
 void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 			   void (*fn)(void *ctx, const char *name, uint64_t value), void *ctx);
+/* Pin hooks for the host tier (kvt_tier_host_set_pin): page-lock session data so restores
+ * copy it by DMA in place. Only for a usable GPU; without CUDA pin fails (-ENODEV). */
+int kvt_tier_gpu_pin_host(void *p, size_t bytes);
+void kvt_tier_gpu_unpin_host(void *p);
 /* Closes IPC mappings idle for longer than ipc_idle_ms (the maintenance loop calls it). */
 void kvt_tier_gpu_maintain(struct kvt_tier_gpu *g, uint64_t now_ms);
 /* Closes the IPC mappings a session last used (DropSession / eviction). */
