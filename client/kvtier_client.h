@@ -155,6 +155,10 @@ struct kvt_client_options {
 	uint32_t max_receive_bytes;  /* 0: 16 MiB. Largest message accepted from the server */
 	const char *bearer_token;    /* NULL: none. Sent as "authorization: Bearer <token>" */
 	int lazy;                    /* 1: do not wait for READY in kvt_client_connect */
+	/* 1: this client gets a connection of its own. 0 (default): gRPC shares one connection
+	 * between every client of the process with the same target and options, so their calls
+	 * are multiplexed on one HTTP/2 transport. */
+	int own_connection;
 };
 
 struct kvt_client;

@@ -47,6 +47,8 @@ static const struct opt opts[] = {
 	 "allow plaintext TCP on a loopback address (TLS is not implemented yet)"},
 	{"cq_threads", OPT_U64, OFF(cq_threads), 1, 64, 0, 0, NULL, "2", 0,
 	 "completion-queue threads, each with its own queue, all serving every method"},
+	{"workers", OPT_U64, OFF(workers), 0, 256, 0, 0, NULL, "0", 0,
+	 "worker threads for Fetch decode, Append commit and Attend (0 = one per CPU core)"},
 	{"max_message_bytes", OPT_SIZE, OFF(max_message_bytes), 256 * KIB, 64 * MIB, 0, 0, NULL,
 	 "4MiB", 0, "largest gRPC message received or sent; Fetch splits replies below it"},
 	{"max_concurrent_calls", OPT_U64, OFF(max_concurrent_calls), 1, 65536, 0, 0, NULL, "1024",

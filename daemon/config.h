@@ -28,6 +28,7 @@ struct kvt_config {
 	char listen_tcp[KVT_CONFIG_STR_MAX];
 	uint64_t insecure_loopback;
 	uint64_t cq_threads;
+	uint64_t workers;
 	uint64_t max_message_bytes;
 	uint64_t max_concurrent_calls;
 	uint64_t reply_pool_buffers;

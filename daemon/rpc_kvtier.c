@@ -1597,6 +1597,68 @@ static int iter_done(const struct block_iter *it)
 }
 
 /*
+ * One block's decode, split by layers across idle workers when the block is large: the
+ * calling thread decodes the first part and claims any part no worker has picked up yet, so
+ * a busy pool makes this a plain sequential decode. The caller holds the session lock, and
+ * kvt_seq_fetch only reads the session, so the parts may run at once.
+ */
+#define SPLIT_MIN_BYTES (512u * 1024u) /* K bytes of a block below which it is not split */
+#define SPLIT_MAX 16
+
+struct fetch_part {
+	struct kvt_task task;
+	const struct kvt_seq *seq;
+	uint64_t t, nt;
+	uint32_t l, nl, dtype;
+	uint8_t *kp, *vp;
+	int rc;
+	char err[256];
+};
+
+static void fetch_part_run(void *arg)
+{
+	struct fetch_part *fp = arg;
+	fp->rc = kvt_seq_fetch(fp->seq, fp->t, fp->t + fp->nt, fp->l, fp->l + fp->nl, fp->dtype,
+			       fp->kp, fp->vp, fp->err, sizeof fp->err);
+}
+
+static int fetch_split(const struct kvt_seq *seq, uint64_t t, uint64_t nt, uint32_t l,
+		       uint32_t nl, uint32_t dtype, size_t tlb, uint8_t *kp, uint8_t *vp,
+		       char *err, size_t errlen)
+{
+	size_t layer_bytes = (size_t)nt * tlb;
+	unsigned parts = kvt_pool_idle() + 1;
+	if (parts > nl)
+		parts = nl;
+	if (parts > SPLIT_MAX)
+		parts = SPLIT_MAX;
+	if (parts < 2 || layer_bytes * nl < SPLIT_MIN_BYTES)
+		return kvt_seq_fetch(seq, t, t + nt, l, l + nl, dtype, kp, vp, err, errlen);
+	struct fetch_part fp[SPLIT_MAX];
+	uint32_t done = 0;
+	for (unsigned i = 0; i < parts; i++) {
+		uint32_t n = (nl - done) / (parts - i);
+		fp[i] = (struct fetch_part){.seq = seq, .t = t, .nt = nt, .l = l + done, .nl = n,
+					    .dtype = dtype, .kp = kp + done * layer_bytes,
+					    .vp = vp + done * layer_bytes};
+		done += n;
+	}
+	for (unsigned i = 1; i < parts; i++)
+		kvt_pool_submit(&fp[i].task, fetch_part_run, &fp[i]);
+	fetch_part_run(&fp[0]);
+	int rc = 0;
+	for (unsigned i = 0; i < parts; i++) {
+		if (i)
+			kvt_pool_wait(&fp[i].task);
+		if (fp[i].rc && !rc) {
+			rc = fp[i].rc;
+			snprintf(err, errlen, "%s", fp[i].err);
+		}
+	}
+	return rc;
+}
+
+/*
  * Encodes the next KvBlock, decoding straight into the message. wrap_field != 0 wraps the
  * block as that length-delimited field (EncodedPiece.tail). Session lock held by the caller.
  */
@@ -1640,7 +1702,7 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	uint8_t *vp = p;
 	p += kb;
 	assert((size_t)(p - buf) == total);
-	int rc = kvt_seq_fetch(seq, t, t + nt, l, l + nl, it->dtype, kp, vp, err, errlen);
+	int rc = fetch_split(seq, t, nt, l, nl, it->dtype, it->tlb, kp, vp, err, errlen);
 	if (rc) {
 		kvt_rpc_reply_buf_put(buf);
 		return rc;
@@ -1654,9 +1716,19 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	return 0;
 }
 
+/*
+ * A Fetch decodes one message ahead: once message n is handed to gRPC, message n+1 is decoded
+ * on the worker pool while n is written to the socket, and next() takes it (waiting for it,
+ * or decoding it itself when no worker has started it yet).
+ */
 struct fetch_state {
 	struct kvt_session *s;
 	struct block_iter it;
+	struct kvt_task ahead;
+	int ahead_on;                 /* submitted; result not taken yet */
+	int ahead_rc;                 /* KVT_STREAM_MSG (ahead_bb) or KVT_STREAM_DONE (ahead_res) */
+	grpc_byte_buffer *ahead_bb;
+	struct kvt_rpc_result ahead_res;
 };
 
 static int fetch_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
@@ -1730,16 +1802,12 @@ out:
 	return rc;
 }
 
-static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_rpc_result *res)
+/* The next message of the iterator: KVT_STREAM_MSG with *out, or KVT_STREAM_DONE with res. */
+static int fetch_produce(struct fetch_state *f, grpc_byte_buffer **out, struct kvt_rpc_result *res)
 {
-	struct fetch_state *f = c->state;
 	char err[400] = "";
 	if (iter_done(&f->it)) {
 		res->code = GRPC_STATUS_OK;
-		return KVT_STREAM_DONE;
-	}
-	if (kvt_rpc_deadline_passed(c)) {
-		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during Fetch");
 		return KVT_STREAM_DONE;
 	}
 	kvt_session_lock(f->s);
@@ -1761,9 +1829,52 @@ static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt
 	return KVT_STREAM_MSG;
 }
 
+static void fetch_ahead(void *arg)
+{
+	struct fetch_state *f = arg;
+	f->ahead_bb = NULL;
+	f->ahead_res.code = GRPC_STATUS_OK;
+	f->ahead_res.msg[0] = '\0';
+	f->ahead_rc = fetch_produce(f, &f->ahead_bb, &f->ahead_res);
+}
+
+static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_rpc_result *res)
+{
+	struct fetch_state *f = c->state;
+	int rc;
+	if (kvt_rpc_deadline_passed(c)) {
+		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during Fetch");
+		return KVT_STREAM_DONE;
+	}
+	if (f->ahead_on) {
+		kvt_pool_wait(&f->ahead);
+		f->ahead_on = 0;
+		rc = f->ahead_rc;
+		*out = f->ahead_bb;
+		f->ahead_bb = NULL;
+		if (rc == KVT_STREAM_DONE) {
+			res->code = f->ahead_res.code;
+			memcpy(res->msg, f->ahead_res.msg, sizeof res->msg);
+		}
+	} else {
+		rc = fetch_produce(f, out, res);
+	}
+	if (rc == KVT_STREAM_MSG && !iter_done(&f->it) && kvt_pool_threads() > 0) {
+		f->ahead_on = 1;
+		kvt_pool_submit(&f->ahead, fetch_ahead, f);
+	}
+	return rc;
+}
+
 static void fetch_cleanup(struct kvt_rpc_call *c)
 {
 	struct fetch_state *f = c->state;
+	if (f->ahead_on) {
+		/* Withdrawn if no worker took it; else it is waited for (one block's decode). */
+		kvt_pool_cancel(&f->ahead);
+		if (f->ahead_bb)
+			grpc_byte_buffer_destroy(f->ahead_bb);
+	}
 	kvt_session_put(f->s);
 	free(f);
 }
@@ -2456,14 +2567,16 @@ const struct kvt_rpc_method kvt_rpc_kvtier_methods[] = {
 	{.path = KV("ListSessions"), .name = "ListSessions", .kind = KVT_RPC_UNARY, .unary = h_list},
 	{.path = KV("Append"), .name = "Append", .kind = KVT_RPC_CLIENT_STREAM,
 	 .on_message = append_message, .on_message_bb = append_message_bb, .on_end = append_end,
-	 .cleanup = append_cleanup},
+	 .cleanup = append_cleanup, .pooled = KVT_POOL_END},
 	{.path = KV("Fetch"), .name = "Fetch", .kind = KVT_RPC_SERVER_STREAM, .start = fetch_start,
-	 .next = fetch_next, .cleanup = fetch_cleanup},
+	 .next = fetch_next, .cleanup = fetch_cleanup, .pooled = KVT_POOL_NEXT},
 	{.path = KV("FetchEncoded"), .name = "FetchEncoded", .kind = KVT_RPC_SERVER_STREAM,
 	 .start = fenc_start, .next = fenc_next, .cleanup = fenc_cleanup},
 	{.path = KV("StoreEncoded"), .name = "StoreEncoded", .kind = KVT_RPC_CLIENT_STREAM,
-	 .on_message = store_message, .on_end = store_end, .cleanup = store_cleanup},
-	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend},
+	 .on_message = store_message, .on_end = store_end, .cleanup = store_cleanup,
+	 .pooled = KVT_POOL_END},
+	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend,
+	 .pooled = KVT_POOL_UNARY},
 	{.path = KV("RestoreToDevice"), .name = "RestoreToDevice", .kind = KVT_RPC_UNARY,
 	 .unary = h_restore},
 	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch},
