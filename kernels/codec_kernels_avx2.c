@@ -678,10 +678,14 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	if (rot && d == 128 && odt == KVT_DTYPE_F16 && sdt == KVT_DTYPE_F16 &&
 	    (gv == 1 || gv == 32) && (bits == 2 || bits == 4)) {
 		uint16_t *o = out;
-		if (bits == 2)
-			(per_ch ? decode_row_d128_k2 : decode_row_d128_v2)(packed, s16, z16, mult, o);
+		if (bits == 2 && per_ch)
+			decode_row_d128_k2(packed, s16, z16, mult, o);
+		else if (bits == 2)
+			decode_row_d128_v2(packed, s16, z16, mult, o);
+		else if (per_ch)
+			decode_row_d128_k4(packed, s16, z16, mult, o);
 		else
-			(per_ch ? decode_row_d128_k4 : decode_row_d128_v4)(packed, s16, z16, mult, o);
+			decode_row_d128_v4(packed, s16, z16, mult, o);
 		return;
 	}
 	if (!per_ch)
