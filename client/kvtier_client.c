@@ -874,6 +874,8 @@ static void open_to_proto(const struct kvt_client_session_params *p,
 		req->ttl_seconds = (uint32_t)(p->ttl_seconds > UINT32_MAX ? UINT32_MAX :
 									    p->ttl_seconds);
 	}
+	if (p->tier)
+		req->tier = (char *)p->tier;
 	if (p->pinned >= 0) {
 		req->has_pinned = 1;
 		req->pinned = p->pinned ? 1 : 0;
@@ -2161,8 +2163,14 @@ int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_r
 		req.has_dtype = 1;
 		req.dtype = (Kvtier__V1__Dtype)r->dtype;
 	}
-	req.has_device_ordinal = 1;
-	req.device_ordinal = r->device_ordinal;
+	if (r->device_ordinal >= 0) {
+		req.has_device_ordinal = 1;
+		req.device_ordinal = r->device_ordinal;
+	}
+	if (r->layer_stride_bytes) {
+		req.has_layer_stride_bytes = 1;
+		req.layer_stride_bytes = r->layer_stride_bytes;
+	}
 	rc = unary(c, SVC "RestoreToDevice", &req.base,
 		   &kvtier__v1__restore_to_device_response__descriptor, &m, 0, st);
 	if (rc)
@@ -2240,3 +2248,22 @@ uint64_t kvt_client_stats_counter(const struct kvt_client_stats *s, const char *
 			return s->counters[i].value;
 	return 0;
 }
+
+#ifndef KVT_CLIENT_HAVE_CUDA
+/* Built without CUDA: there is nothing to export a handle with (kvtier_client_cuda.c is the
+ * real one). */
+int kvt_client_restore_to_device_ptr(struct kvt_client *c, const struct kvt_client_restore *r,
+				     const void *k_dev, const void *v_dev,
+				     struct kvt_client_restore_result *res,
+				     struct kvt_client_status *st)
+{
+	(void)c;
+	(void)r;
+	(void)k_dev;
+	(void)v_dev;
+	(void)res;
+	return st_local(st, KVT_CODE_FAILED_PRECONDITION, -ENOTSUP,
+			"libkvtier was built without CUDA: pass the IPC handle to "
+			"kvt_client_restore_to_device instead");
+}
+#endif
