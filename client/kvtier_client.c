@@ -265,6 +265,7 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 		chargs.num_args = 7;
 	}
 
+
 	creds = grpc_insecure_credentials_create();
 	c->channel = grpc_channel_create(opts->target, creds, &chargs);
 	grpc_channel_credentials_release(creds);

@@ -510,7 +510,7 @@ def run_item(m, a, client, it, ids, first):
     if bad:
         b.close()
         raise SystemExit(f"row {it['row']!r}: the daemon's codec differs from the row's: {bad}")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     load0 = os.getloadavg()[0]
     try:
         nll = score_context(m, window, b, a.block, first,
@@ -532,7 +532,8 @@ def run_item(m, a, client, it, ids, first):
                 bits_chunk1=rnd(seen["c1"]), bytes_held=int(seen["held"]),
                 fetched_tokens=int(b.fetched_tokens),
                 codec_requested=it["codec"], codec_daemon=info.codec, eval=a.eval_meta,
-                seconds=round(time.time() - t0, 1), loadavg_start=round(load0, 2),
+                seconds=round(time.time() - t0, 1),
+                cpu_seconds=round(time.process_time() - cpu0, 1), loadavg_start=round(load0, 2),
                 host=socket.gethostname(), pid=os.getpid(), git=_git_rev(),
                 finished=datetime.datetime.now(datetime.timezone.utc).strftime(
                     "%Y-%m-%dT%H:%M:%SZ"))
