@@ -246,6 +246,7 @@ struct svc {
 	enum workload wl;
 	unsigned fetch_batches;    /* batches per fetch (1, or restore_tokens / tokens) */
 	unsigned op_lo, op_hi;     /* append / SET: the batches [op_lo, op_hi) of each thread */
+	unsigned sealed_chunks;    /* chunks sealed in every session once loaded (Stat) */
 	double deadline_s;         /* read workloads run until this many seconds have passed */
 	pthread_barrier_t barrier;
 };
@@ -329,8 +330,8 @@ static int one_op(struct worker *w, unsigned i)
 	}
 	case W_FETCH_ENCODED: {
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
-		unsigned n_chunks = o->session_tokens / o->chunk_tokens;
-		unsigned c = (unsigned)(kvt_bench_rand(&w->rng) % n_chunks);
+		/* a sealed chunk (an exact recent window keeps the newest tokens unsealed) */
+		unsigned c = (unsigned)(kvt_bench_rand(&w->rng) % s->sealed_chunks);
 		session_name(name, sizeof(name), w->index, sess);
 		struct kvt_client_encoded *enc = NULL;
 		if (kvt_client_fetch_encoded(w->kc, name, c, c + 1, 0, &enc, &st))
@@ -881,6 +882,12 @@ static int verify_load(struct svc *s)
 	session_name(name, sizeof(name), 0, 0);
 	if (kvt_client_stat(w->kc, name, &info, &st)) {
 		fprintf(stderr, "kvtier-bench service: stat %s: %s\n", name, st.message);
+		return -1;
+	}
+	s->sealed_chunks = info.n_chunks;
+	if (info.n_chunks == 0 || info.n_chunks > o->session_tokens / o->chunk_tokens) {
+		fprintf(stderr, "kvtier-bench service: %s has %u sealed chunks (expected 1..%u)\n",
+			name, info.n_chunks, o->session_tokens / o->chunk_tokens);
 		return -1;
 	}
 	if (info.n_tokens != o->session_tokens) {
