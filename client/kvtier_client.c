@@ -200,7 +200,7 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 	struct kvt_client *c = NULL;
 	grpc_channel_credentials *creds = NULL;
 	grpc_completion_queue *cq = NULL;
-	grpc_arg args[6];
+	grpc_arg args[7];
 	grpc_channel_args chargs;
 	int rc = 0;
 
@@ -255,6 +255,14 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 	args[5].value.integer = 1000;
 	chargs.num_args = 6;
 	chargs.args = args;
+	if (opts->own_connection) {
+		/* A subchannel pool of this channel's own: it never shares the connection of
+		 * another client to the same target. */
+		args[6].type = GRPC_ARG_INTEGER;
+		args[6].key = (char *)GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL;
+		args[6].value.integer = 1;
+		chargs.num_args = 7;
+	}
 
 	creds = grpc_insecure_credentials_create();
 	c->channel = grpc_channel_create(opts->target, creds, &chargs);
@@ -664,10 +672,15 @@ end:
 /* Server streaming: on_msg() gets every reply; a negative return cancels the call and is
  * what the function returns. */
 typedef int (*msg_fn)(void *ctx, ProtobufCMessage *m, struct kvt_client_status *st);
+/* Optional: reads the reply straight from gRPC's receive buffer. 0 = handled, FALLBACK = go
+ * through protobuf-c (on_msg), < 0 = failure. */
+typedef int (*bb_fn)(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status *st);
+#define FALLBACK 1
 
 static int server_stream(struct kvt_client *c, const char *method, const ProtobufCMessage *req,
-			 const ProtobufCMessageDescriptor *resp_desc, msg_fn on_msg, void *ctx,
-			 uint32_t *messages, uint32_t timeout_ms, struct kvt_client_status *st)
+			 const ProtobufCMessageDescriptor *resp_desc, msg_fn on_msg, bb_fn on_bb,
+			 void *ctx, uint32_t *messages, uint32_t timeout_ms,
+			 struct kvt_client_status *st)
 {
 	struct call cl;
 	grpc_op ops[4];
@@ -699,6 +712,18 @@ static int server_stream(struct kvt_client *c, const char *method, const Protobu
 		}
 		if (!rc || !recv)
 			break; /* end of stream, or the call failed: the status tells */
+		if (on_bb) {
+			rc = on_bb(ctx, recv, st);
+			if (rc != FALLBACK) {
+				grpc_byte_buffer_destroy(recv);
+				if (rc < 0) {
+					call_fail(&cl, rc);
+					break;
+				}
+				n++;
+				continue;
+			}
+		}
 		m = unpack(recv, resp_desc);
 		grpc_byte_buffer_destroy(recv);
 		if (!m) {
@@ -848,6 +873,8 @@ static void open_to_proto(const struct kvt_client_session_params *p,
 		req->ttl_seconds = (uint32_t)(p->ttl_seconds > UINT32_MAX ? UINT32_MAX :
 									    p->ttl_seconds);
 	}
+	if (p->tier)
+		req->tier = (char *)p->tier;
 	if (p->pinned >= 0) {
 		req->has_pinned = 1;
 		req->pinned = p->pinned ? 1 : 0;
@@ -1384,11 +1411,14 @@ struct place_ctx {
 	size_t need;              /* bytes of the whole range (known once token_bytes is) */
 };
 
-static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const char *what,
-		       struct kvt_client_status *st)
+/* Checks a block's range and byte counts against the request (learning token_bytes from the
+ * first block). Returns 0 and *rows_out (token-layers; 0 = nothing to place) or < 0. */
+static int place_check(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const char *what,
+		       size_t *rows_out, struct kvt_client_status *st)
 {
-	uint64_t T = p->t1 - p->t0;
-	size_t rows, tb;
+	size_t rows;
+
+	*rows_out = 0;
 
 	if (p->check_dtype && b->has_dtype && (uint32_t)b->dtype != p->dtype)
 		return st_local(st, KVT_CODE_INTERNAL, -EPROTO, "%s block has dtype %d, asked %u",
@@ -1418,21 +1448,41 @@ static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const 
 					"output buffers (k %zu, v %zu bytes) are smaller than the range (%zu bytes each)",
 					p->k ? p->k_cap : 0, p->v ? p->v_cap : 0, p->need);
 	}
-	tb = p->token_bytes;
-	if (!tb) {
+	if (p->token_bytes &&
+	    ((b->has_k && b->k.len != rows * p->token_bytes) ||
+	     (b->has_v && b->v.len != rows * p->token_bytes)))
+		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				"%s block of %zu token-layers has k %zu / v %zu bytes, expected %zu each",
+				what, rows, b->k.len, b->v.len, rows * p->token_bytes);
+	*rows_out = rows;
+	return 0;
+}
+
+/* Where layer i of a checked block goes in the outputs (offset and run length in bytes). */
+static size_t place_offset(const struct place_ctx *p, const Kvtier__V1__KvBlock *b, uint32_t i,
+			   size_t *len)
+{
+	size_t tb = p->token_bytes;
+	*len = (size_t)b->n_tokens * tb;
+	return (((size_t)(b->layer_begin - p->l0 + i)) * (p->t1 - p->t0) +
+		(b->token_begin - p->t0)) * tb;
+}
+
+static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const char *what,
+		       struct kvt_client_status *st)
+{
+	size_t rows;
+	int rc = place_check(p, b, what, &rows, st);
+	if (rc || rows == 0)
+		return rc;
+	if (!p->token_bytes) {
 		/* raw fetch: the shape is unknown here, so only count */
 		p->k_done += b->has_k ? b->k.len : 0;
 		p->v_done += b->has_v ? b->v.len : 0;
 		return 0;
 	}
-	if ((b->has_k && b->k.len != rows * tb) || (b->has_v && b->v.len != rows * tb))
-		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
-				"%s block of %zu token-layers has k %zu / v %zu bytes, expected %zu each",
-				what, rows, b->k.len, b->v.len, rows * tb);
 	for (uint32_t i = 0; i < b->n_layers; i++) {
-		size_t off = (((size_t)(b->layer_begin - p->l0 + i)) * T +
-			      (b->token_begin - p->t0)) * tb;
-		size_t len = (size_t)b->n_tokens * tb;
+		size_t len, off = place_offset(p, b, i, &len);
 		if (p->k && b->has_k) {
 			ASSERT(off + len <= p->k_cap);
 			memcpy(p->k + off, b->k.data + (size_t)i * len, len);
@@ -1452,6 +1502,143 @@ static int place_block(struct place_ctx *p, const Kvtier__V1__KvBlock *b, const 
 static int on_fetch_msg(void *ctx, ProtobufCMessage *m, struct kvt_client_status *st)
 {
 	return place_block(ctx, (Kvtier__V1__KvBlock *)m, "Fetch", st);
+}
+
+/*
+ * The copy-once path for Fetch replies: K and V go from gRPC's receive slices straight into
+ * the caller's buffers (no flattening, no protobuf-c copy). It takes the layout kvtierd
+ * writes (scalars 1..5, then k, then v, each once); anything else returns FALLBACK before
+ * anything is counted, and protobuf-c parses the message again from the start (bytes copied
+ * so far are overwritten by the same bytes).
+ */
+struct bb_cursor {
+	grpc_byte_buffer_reader r;
+	grpc_slice *cur;
+	size_t off;
+	uint64_t consumed;
+};
+
+static int cur_fill(struct bb_cursor *cu)
+{
+	while (!cu->cur || cu->off == GRPC_SLICE_LENGTH(*cu->cur)) {
+		if (!grpc_byte_buffer_reader_peek(&cu->r, &cu->cur)) {
+			cu->cur = NULL;
+			return -1;
+		}
+		cu->off = 0;
+	}
+	return 0;
+}
+
+static int cur_varint(struct bb_cursor *cu, uint64_t *v)
+{
+	*v = 0;
+	for (int shift = 0; shift < 64; shift += 7) {
+		if (cur_fill(cu))
+			return -1;
+		uint8_t b = GRPC_SLICE_START_PTR(*cu->cur)[cu->off++];
+		cu->consumed++;
+		*v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80))
+			return 0;
+	}
+	return -1;
+}
+
+/* Copies n bytes to dst, or skips them when dst is NULL. */
+static int cur_copy(struct bb_cursor *cu, void *dst, size_t n)
+{
+	uint8_t *d = dst;
+	while (n) {
+		if (cur_fill(cu))
+			return -1;
+		size_t avail = GRPC_SLICE_LENGTH(*cu->cur) - cu->off;
+		size_t take = avail < n ? avail : n;
+		if (d) {
+			memcpy(d, GRPC_SLICE_START_PTR(*cu->cur) + cu->off, take);
+			d += take;
+		}
+		cu->off += take;
+		cu->consumed += take;
+		n -= take;
+	}
+	return 0;
+}
+
+static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_client_status *st)
+{
+	Kvtier__V1__KvBlock b = KVTIER__V1__KV_BLOCK__INIT;
+	unsigned seen = 0;
+	size_t rows = 0;
+	uint64_t tag, val;
+
+	if (!p->infer)
+		return FALLBACK; /* raw fetch: counted by protobuf-c's path */
+	while (cur_fill(cu) == 0) {
+		if (cur_varint(cu, &tag))
+			return FALLBACK;
+		uint32_t fn = (uint32_t)(tag >> 3), wt = (uint32_t)(tag & 7);
+		if (fn >= 1 && fn <= 5 && wt == 0 && !(seen & (1u << fn)) && !(seen & (1u << 6))) {
+			if (cur_varint(cu, &val) || (fn != 1 && val > UINT32_MAX))
+				return FALLBACK;
+			seen |= 1u << fn;
+			switch (fn) {
+			case 1: b.has_token_begin = 1; b.token_begin = val; break;
+			case 2: b.has_n_tokens = 1; b.n_tokens = (uint32_t)val; break;
+			case 3: b.has_layer_begin = 1; b.layer_begin = (uint32_t)val; break;
+			case 4: b.has_n_layers = 1; b.n_layers = (uint32_t)val; break;
+			case 5: b.has_dtype = 1; b.dtype = (Kvtier__V1__Dtype)(int)val; break;
+			}
+		} else if (fn == 6 && wt == 2 && !(seen & (1u << 6))) {
+			if (cur_varint(cu, &val))
+				return FALLBACK;
+			/* V is not in yet: checked as the same length, confirmed below. */
+			b.has_k = b.has_v = 1;
+			b.k.len = b.v.len = val;
+			seen |= 1u << 6;
+			int rc = place_check(p, &b, "Fetch", &rows, st);
+			if (rc)
+				return rc;
+			if (rows == 0 || !p->token_bytes)
+				return FALLBACK;
+			for (uint32_t i = 0; i < b.n_layers; i++) {
+				size_t len, off = place_offset(p, &b, i, &len);
+				ASSERT(!p->k || off + len <= p->k_cap);
+				if (cur_copy(cu, p->k ? p->k + off : NULL, len))
+					return FALLBACK;
+			}
+		} else if (fn == 7 && wt == 2 && (seen & (1u << 6)) && !(seen & (1u << 7))) {
+			if (cur_varint(cu, &val) || val != b.k.len)
+				return FALLBACK;
+			seen |= 1u << 7;
+			for (uint32_t i = 0; i < b.n_layers; i++) {
+				size_t len, off = place_offset(p, &b, i, &len);
+				ASSERT(!p->v || off + len <= p->v_cap);
+				if (cur_copy(cu, p->v ? p->v + off : NULL, len))
+					return FALLBACK;
+			}
+		} else {
+			return FALLBACK;
+		}
+	}
+	if (!(seen & (1u << 7)))
+		return FALLBACK;
+	p->k_done += b.k.len;
+	p->v_done += b.v.len;
+	return 0;
+}
+
+static int on_fetch_bb(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status *st)
+{
+	struct bb_cursor cu;
+	int rc;
+
+	memset(&cu, 0, sizeof(cu));
+	if (!grpc_byte_buffer_reader_init(&cu.r, bb))
+		return FALLBACK; /* compressed: protobuf-c's path reports it */
+	rc = fetch_bb_parse(ctx, &cu, st);
+	grpc_byte_buffer_reader_destroy(&cu.r);
+	return rc;
 }
 
 int kvt_client_fetch(struct kvt_client *c, const char *session_id,
@@ -1533,7 +1720,7 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	p.v_cap = v_cap;
 
 	rc = server_stream(c, SVC "Fetch", &req.base, &kvtier__v1__kv_block__descriptor,
-			   on_fetch_msg, &p, &msgs, r.timeout_ms, st);
+			   on_fetch_msg, on_fetch_bb, &p, &msgs, r.timeout_ms, st);
 	if (res) {
 		res->token_begin = r.token_begin;
 		res->token_end = r.token_end;
@@ -1693,7 +1880,8 @@ int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 	req.has_include_tail = 1;
 	req.include_tail = include_tail ? 1 : 0;
 	rc = server_stream(c, SVC "FetchEncoded", &req.base,
-			   &kvtier__v1__encoded_piece__descriptor, on_encoded_msg, &x, NULL, 0, st);
+			   &kvtier__v1__encoded_piece__descriptor, on_encoded_msg, NULL, &x, NULL, 0,
+			   st);
 	if (!rc && !x.have_info)
 		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded sent no session info");
 	if (!rc && x.enc->n_chunks &&
@@ -1974,8 +2162,14 @@ int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_r
 		req.has_dtype = 1;
 		req.dtype = (Kvtier__V1__Dtype)r->dtype;
 	}
-	req.has_device_ordinal = 1;
-	req.device_ordinal = r->device_ordinal;
+	if (r->device_ordinal >= 0) {
+		req.has_device_ordinal = 1;
+		req.device_ordinal = r->device_ordinal;
+	}
+	if (r->layer_stride_bytes) {
+		req.has_layer_stride_bytes = 1;
+		req.layer_stride_bytes = r->layer_stride_bytes;
+	}
 	rc = unary(c, SVC "RestoreToDevice", &req.base,
 		   &kvtier__v1__restore_to_device_response__descriptor, &m, 0, st);
 	if (rc)
@@ -2053,3 +2247,22 @@ uint64_t kvt_client_stats_counter(const struct kvt_client_stats *s, const char *
 			return s->counters[i].value;
 	return 0;
 }
+
+#ifndef KVT_CLIENT_HAVE_CUDA
+/* Built without CUDA: there is nothing to export a handle with (kvtier_client_cuda.c is the
+ * real one). */
+int kvt_client_restore_to_device_ptr(struct kvt_client *c, const struct kvt_client_restore *r,
+				     const void *k_dev, const void *v_dev,
+				     struct kvt_client_restore_result *res,
+				     struct kvt_client_status *st)
+{
+	(void)c;
+	(void)r;
+	(void)k_dev;
+	(void)v_dev;
+	(void)res;
+	return st_local(st, KVT_CODE_FAILED_PRECONDITION, -ENOTSUP,
+			"libkvtier was built without CUDA: pass the IPC handle to "
+			"kvt_client_restore_to_device instead");
+}
+#endif

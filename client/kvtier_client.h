@@ -118,8 +118,9 @@ struct kvt_client_session_params {
 	struct kvt_client_codec codec;
 	int64_t ttl_seconds;  /* -1: daemon default; 0: never expires */
 	int pinned;           /* -1: leave out; 0 / 1 */
+	const char *tier;     /* NULL: the daemon's gpu_default_tier; "host" or "gpu" */
 };
-/* Shape fields as given, codec unset, ttl -1, pinned -1. */
+/* Shape fields as given, codec unset, ttl -1, pinned -1, tier NULL. */
 void kvt_client_session_params_init(struct kvt_client_session_params *p, const char *session_id,
 				    uint32_t n_layers, uint32_t n_kv_heads, uint32_t head_dim,
 				    uint32_t dtype);
@@ -154,6 +155,10 @@ struct kvt_client_options {
 	uint32_t max_receive_bytes;  /* 0: 16 MiB. Largest message accepted from the server */
 	const char *bearer_token;    /* NULL: none. Sent as "authorization: Bearer <token>" */
 	int lazy;                    /* 1: do not wait for READY in kvt_client_connect */
+	/* 1: this client gets a connection of its own. 0 (default): gRPC shares one connection
+	 * between every client of the process with the same target and options, so their calls
+	 * are multiplexed on one HTTP/2 transport. */
+	int own_connection;
 };
 
 struct kvt_client;
@@ -374,8 +379,10 @@ struct kvt_client_restore {
 	size_t n_block_table;
 	uint64_t token_begin, token_end; /* token_end KVT_CLIENT_END: all */
 	uint32_t layer_begin, layer_end; /* layer_end KVT_CLIENT_ALL_LAYERS: all */
-	uint32_t dtype;                 /* f16 or bf16 */
-	int32_t device_ordinal;
+	uint32_t dtype;                 /* f16 or bf16; 0: the session's */
+	int32_t device_ordinal;         /* -1: left out (the daemon's device); else must match */
+	uint64_t layer_stride_bytes;    /* 0: left out (contiguous default; paged: required
+					 * with more than one layer) */
 };
 struct kvt_client_restore_result {
 	uint64_t n_tokens, bytes_written, elapsed_us;
@@ -383,6 +390,21 @@ struct kvt_client_restore_result {
 int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_restore *r,
 				 struct kvt_client_restore_result *res,
 				 struct kvt_client_status *st);
+/*
+ * The same, given device pointers of this process: k_dev is where row 0 of layer
+ * r->layer_begin of K goes (v_dev the same for V; NULL: V follows K at r->v_offset_bytes of
+ * K's allocation). The library exports each allocation's CUDA IPC handle itself
+ * (kvt_cuda_ipc_export) and fills ipc_mem_handle(_v), k/v_offset_bytes and buffer_bytes (the
+ * larger of the two allocations; the daemon checks each against its true size); the other
+ * fields of r are used as given. The memory must come from cudaMalloc (PyTorch's caching
+ * allocator does, unless expandable segments are on). -ENOTSUP (status FAILED_PRECONDITION)
+ * when libkvtier was built without CUDA; -EINVAL when a pointer is not exportable device
+ * memory.
+ */
+int kvt_client_restore_to_device_ptr(struct kvt_client *c, const struct kvt_client_restore *r,
+				     const void *k_dev, const void *v_dev,
+				     struct kvt_client_restore_result *res,
+				     struct kvt_client_status *st);
 
 /* ---- Stats -------------------------------------------------------------------------------- */
 

@@ -30,6 +30,7 @@ static const char *const policy_names[] = {"reject", "drop-coldest", NULL};
 /* Same order as enum kvt_scheme in kernels/kvt_codec.h. */
 static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+static const char *const tier_names[] = {"host", "gpu", NULL};
 
 #define OFF(f) offsetof(struct kvt_config, f)
 #define KIB ((uint64_t)1024)
@@ -46,6 +47,8 @@ static const struct opt opts[] = {
 	 "allow plaintext TCP on a loopback address (TLS is not implemented yet)"},
 	{"cq_threads", OPT_U64, OFF(cq_threads), 1, 64, 0, 0, NULL, "2", 0,
 	 "completion-queue threads, each with its own queue, all serving every method"},
+	{"workers", OPT_U64, OFF(workers), 0, 256, 0, 0, NULL, "0", 0,
+	 "worker threads for Fetch decode, Append commit and Attend (0 = one per CPU core)"},
 	{"max_message_bytes", OPT_SIZE, OFF(max_message_bytes), 256 * KIB, 64 * MIB, 0, 0, NULL,
 	 "4MiB", 0, "largest gRPC message received or sent; Fetch splits replies below it"},
 	{"max_concurrent_calls", OPT_U64, OFF(max_concurrent_calls), 1, 65536, 0, 0, NULL, "1024",
@@ -93,6 +96,24 @@ static const struct opt opts[] = {
 	 "1000", 0, "period of the TTL expiry scan"},
 	{"shutdown_grace_ms", OPT_U64, OFF(shutdown_grace_ms), 0, 600000, 0, 0, NULL, "10000", 0,
 	 "on SIGTERM, how long in-flight calls may run before they are cancelled"},
+	/* GPU (issue 4): tiers/tier_gpu.h. Without a device or without CUDA at build time the
+	 * daemon runs on the host and GPU requests answer FAILED_PRECONDITION. */
+	{"gpu_enable", OPT_BOOL, OFF(gpu_enable), 0, 1, 0, 0, NULL, "yes", 0,
+	 "use a CUDA device when one is present (RestoreToDevice, the GPU tier)"},
+	{"gpu_device", OPT_U64, OFF(gpu_device), 0, 63, 0, 0, NULL, "0", 0,
+	 "CUDA device ordinal (as CUDA_VISIBLE_DEVICES numbers them for kvtierd)"},
+	{"gpu_arena_bytes", OPT_SIZE, OFF(gpu_arena_bytes), 0, 1024 * GIB, 0, 0, NULL, "0", 0,
+	 "device arena of the GPU tier, allocated at start (0 = no GPU tier)"},
+	{"gpu_staging_bytes", OPT_SIZE, OFF(gpu_staging_bytes), 4 * MIB, 16 * GIB, 0, 0, NULL,
+	 "64MiB", 0, "pinned host + device staging of RestoreToDevice (4 slots; a chunk must fit one)"},
+	{"gpu_ipc_idle_seconds", OPT_U64, OFF(gpu_ipc_idle_seconds), 1, 86400, 0, 0, NULL, "60",
+	 0, "close a worker's CUDA IPC mapping unused for this long"},
+	{"gpu_default_tier", OPT_ENUM, OFF(gpu_default_tier), 0, 0, 0, 0, tier_names, "host", 1,
+	 "where sessions opened without a tier keep their sealed chunks: host or gpu"},
+	{"gpu_restore_threads", OPT_U64, OFF(gpu_restore_threads), 1, 32, 0, 0, NULL, "8", 0,
+	 "threads copying chunks into pinned staging during RestoreToDevice"},
+	{"gpu_pin_host", OPT_BOOL, OFF(gpu_pin_host), 0, 1, 0, 0, NULL, "yes", 0,
+	 "page-lock session chunks in host memory when a GPU is usable (restores copy by DMA)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

@@ -28,6 +28,7 @@ struct kvt_config {
 	char listen_tcp[KVT_CONFIG_STR_MAX];
 	uint64_t insecure_loopback;
 	uint64_t cq_threads;
+	uint64_t workers;
 	uint64_t max_message_bytes;
 	uint64_t max_concurrent_calls;
 	uint64_t reply_pool_buffers;
@@ -51,6 +52,14 @@ struct kvt_config {
 	uint64_t log_level;
 	uint64_t maintenance_interval_ms;
 	uint64_t shutdown_grace_ms;
+	uint64_t gpu_enable;
+	uint64_t gpu_device;
+	uint64_t gpu_arena_bytes;
+	uint64_t gpu_staging_bytes;
+	uint64_t gpu_ipc_idle_seconds;
+	uint64_t gpu_default_tier; /* 0 host, 1 gpu */
+	uint64_t gpu_restore_threads;
+	uint64_t gpu_pin_host;
 };
 
 /* Where the effective value of each option came from (for --print-config). */

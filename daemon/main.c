@@ -121,7 +121,35 @@ int main(int argc, char **argv)
 	kvt_tier_host_set_reclaim(&host, kvt_sessions_reclaim, &sessions);
 	apply_live(&host, &sessions);
 
-	struct kvt_daemon d = {.sessions = &sessions, .host = &host, .start_ms = kvt_now_ms()};
+	/* The GPU: never fatal. Without CUDA or a device the tier says why and the host serves. */
+	struct kvt_tier_gpu *gpu = NULL;
+	struct kvt_tier_gpu_config gcfg = {
+		.enable = (int)cfg.gpu_enable, .device = (int)cfg.gpu_device,
+		.arena_bytes = cfg.gpu_arena_bytes, .staging_bytes = cfg.gpu_staging_bytes,
+		.ipc_idle_ms = cfg.gpu_ipc_idle_seconds * 1000,
+		.copy_threads = (unsigned)cfg.gpu_restore_threads};
+	if (kvt_tier_gpu_init(&gcfg, &gpu)) {
+		fprintf(stderr, "kvtierd: out of memory\n");
+		return 1;
+	}
+	sessions.gpu = gpu;
+	/* Chunks in pinned memory: RestoreToDevice copies them by DMA without a host copy. */
+	if (kvt_tier_gpu_usable(gpu) && cfg.gpu_pin_host)
+		kvt_tier_host_set_pin(&host, kvt_tier_gpu_pin_host, kvt_tier_gpu_unpin_host);
+	if (!kvt_tier_gpu_usable(gpu))
+		kvt_log_info("gpu", "usable=0 reason=%s",
+			     kvt_log_quote(q, sizeof q, kvt_tier_gpu_reason(gpu)));
+	else
+		kvt_log_info("gpu", "usable=1 device=%llu arena_bytes=%llu tier=%d",
+			     (unsigned long long)cfg.gpu_device,
+			     (unsigned long long)cfg.gpu_arena_bytes,
+			     kvt_tier_gpu_tier_enabled(gpu));
+	if (cfg.gpu_arena_bytes && !kvt_tier_gpu_tier_enabled(gpu))
+		kvt_log_warn("gpu tier off: sessions stay on the host", "reason=%s",
+			     kvt_log_quote(q, sizeof q, kvt_tier_gpu_reason(gpu)));
+
+	struct kvt_daemon d = {.sessions = &sessions, .host = &host, .start_ms = kvt_now_ms(),
+			       .gpu = gpu};
 	grpc_init();
 	struct kvt_rpc_server *srv = NULL;
 	if (kvt_rpc_server_start(&cfg, &d, &srv, err, sizeof err)) {
@@ -158,6 +186,7 @@ int main(int argc, char **argv)
 				}
 			}
 		}
+		kvt_tier_gpu_maintain(gpu, kvt_now_ms());
 		uint64_t expired = kvt_sessions_expire(&sessions, kvt_now_ms());
 		if (expired)
 			kvt_log_info("sessions expired", "count=%llu", (unsigned long long)expired);
@@ -181,6 +210,7 @@ int main(int argc, char **argv)
 	int forced = kvt_rpc_server_stop(srv, cfg.shutdown_grace_ms);
 	kvt_rpc_server_destroy(srv);
 	kvt_sessions_destroy(&sessions);
+	kvt_tier_gpu_destroy(gpu);
 	grpc_shutdown();
 	close(sfd);
 	kvt_log_info("stopped", "forced=%d", forced);

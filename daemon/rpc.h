@@ -27,6 +27,32 @@
 
 struct kvt_rpc_call;
 
+/*
+ * The worker pool (rpc_pool.c). A task is owned by its submitter and must stay valid until it
+ * has run (or kvt_pool_cancel withdrew it). kvt_pool_submit queues it, or runs it on the
+ * calling thread when the queue is full (back-pressure) or there is no pool; kvt_pool_wait
+ * returns once it has run, running it here if no worker has taken it yet; kvt_pool_cancel
+ * withdraws a task still queued (returns 0) or waits until it has run (returns 1).
+ */
+struct kvt_task {
+	void (*fn)(void *arg);
+	void *arg;
+	int state;
+	int detached;
+	struct kvt_task *next, *prev;
+};
+int kvt_pool_start(unsigned n_threads, size_t queue_cap);
+void kvt_pool_stop(void); /* runs what is queued, then joins the workers */
+unsigned kvt_pool_threads(void);
+/* Workers with nothing to do right now (a hint: what splitting a decode may use). */
+unsigned kvt_pool_idle(void);
+void kvt_pool_submit(struct kvt_task *t, void (*fn)(void *arg), void *arg);
+/* Fire and forget: t is not touched once fn has started (fn may free it); no wait/cancel. */
+void kvt_pool_submit_detached(struct kvt_task *t, void (*fn)(void *arg), void *arg);
+void kvt_pool_wait(struct kvt_task *t);
+int kvt_pool_cancel(struct kvt_task *t);
+uint64_t kvt_pool_ran_inline(void);
+
 enum kvt_rpc_kind { KVT_RPC_UNARY, KVT_RPC_CLIENT_STREAM, KVT_RPC_SERVER_STREAM };
 
 /* What a handler produced: a status, a message for non-OK, and (unary / final) a reply. */
@@ -64,7 +90,14 @@ struct kvt_rpc_method {
 	/* next() may park the call (health Watch): its transitions run under
 	 * kvt_rpc_watch_mu. */
 	int parkable;
+	/* Steps run on the worker pool instead of the completion-queue thread
+	 * (KVT_POOL_* bits): the heavy ones. */
+	unsigned pooled;
 };
+
+#define KVT_POOL_UNARY 1u /* unary() */
+#define KVT_POOL_END 2u   /* on_end() of a client stream */
+#define KVT_POOL_NEXT 4u  /* next() of a server stream */
 
 extern pthread_mutex_t kvt_rpc_watch_mu;
 
@@ -74,6 +107,7 @@ enum kvt_call_phase {
 	PHASE_PROBE,      /* client stream ended: is it a half-close or a cancellation? */
 	PHASE_SENDING,    /* a streamed message is being sent */
 	PHASE_PARKED,     /* Watch: waiting for a health change */
+	PHASE_WORK,       /* a step is on the worker pool (no batch of ours but CLOSE in flight) */
 	PHASE_FINISHING,  /* status being sent */
 	PHASE_DONE,       /* status sent or call cancelled; waiting for batches to drain */
 };
@@ -86,7 +120,7 @@ struct kvt_rpc_call {
 	grpc_metadata_array request_md;
 	const struct kvt_rpc_method *method;
 	int method_index;
-	enum kvt_call_phase phase;
+	enum kvt_call_phase phase; /* atomic: read by the queue thread while a worker runs */
 	int pending;          /* batches in flight (atomic for Watch) */
 	int close_received;
 	int cancelled;        /* from RECV_CLOSE_ON_SERVER */
@@ -99,6 +133,8 @@ struct kvt_rpc_call {
 	struct kvt_rpc_result res;
 	uint64_t start_us;
 	void *state;          /* the handler's */
+	struct kvt_task task; /* the step on the worker pool */
+	grpc_slice req_slice; /* a pooled unary step's request */
 	struct kvt_rpc_call *watch_next; /* health watchers list */
 };
 

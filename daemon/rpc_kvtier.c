@@ -278,15 +278,44 @@ static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kv
 	m->info.tier = (char *)"host";
 }
 
+/* ---- the GPU tier (tiers/tier_gpu.h) ------------------------------------------------------ */
+
+/* Brings a GPU-resident session's device mirror up to date with its sequence (new chunks
+ * copied into the arena; when the arena is full they stay on the host and the session's tier
+ * says "gpu+host"). Session lock held. Failures are logged: the host copy always serves. */
+static void gpu_sync_locked(struct kvt_session *s)
+{
+	struct kvt_tier_gpu *g = s->table->gpu;
+	if (!s->gpu_wanted || !g || !kvt_tier_gpu_tier_enabled(g))
+		return;
+	char err[300] = "", q[400];
+	int rc = kvt_tier_gpu_mirror_sync(g, &s->gpu_mirror, s->seq, err, sizeof err);
+	if (rc)
+		kvt_log_warn("gpu mirror sync failed; the host copy serves", "session=%s error=%s",
+			     kvt_log_quote(q, sizeof q, s->id),
+			     kvt_log_quote(q + 200, sizeof q - 200, err));
+}
+
+/* Where the session's sealed chunks live, for SessionInfo.tier / Prefetch. */
+static const char *gpu_tier_locked(struct kvt_session *s)
+{
+	if (!s->gpu_wanted || !s->gpu_mirror)
+		return "host";
+	return kvt_tier_gpu_mirror_tier(s->gpu_mirror, kvt_seq_n_chunks(s->seq));
+}
+
 static void reply_info(struct kvt_rpc_result *res, struct kvt_session *s, int has_created,
 		       int created)
 {
 	struct kvt_session_info i;
 	struct info_msg m;
 	kvt_session_lock(s);
+	gpu_sync_locked(s);
 	kvt_session_info_locked(s, &i);
+	const char *tier = gpu_tier_locked(s);
 	kvt_session_unlock(s);
 	fill_info(&m, s, &i);
+	m.info.tier = (char *)tier;
 	if (has_created) {
 		m.info.has_created = 1;
 		m.info.created = created != 0;
@@ -334,12 +363,31 @@ static void h_open(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	uint32_t ttl = r->has_ttl_seconds ? r->ttl_seconds : default_ttl();
 	if (r->has_ttl_seconds && check_ttl(ttl, "ttl_seconds", res))
 		goto out;
+	int want_gpu = KVT_CFG(gpu_default_tier) == 1;
+	if (r->tier && *r->tier) {
+		if (!strcmp(r->tier, "gpu")) {
+			want_gpu = 1;
+		} else if (!strcmp(r->tier, "host")) {
+			want_gpu = 0;
+		} else {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "tier \"%.32s\" is not \"host\" or \"gpu\"", r->tier);
+			goto out;
+		}
+	}
 	int rc = kvt_sessions_open(sessions_of(c), KVT_TENANT_LOCAL, r->session_id, &cfg, ttl,
 				   r->has_pinned && r->pinned, KVT_CFG(max_sessions), &s, &created,
 				   err, sizeof err);
 	if (rc) {
 		fail_errno(res, rc, "OpenSession", err);
 		goto out;
+	}
+	if (created || (r->tier && *r->tier)) {
+		/* A GPU request on a daemon without the GPU tier is not an error: the session
+		 * lives on the host and SessionInfo.tier says so. */
+		kvt_session_lock(s);
+		s->gpu_wanted = want_gpu && kvt_tier_gpu_tier_enabled(s->table->gpu);
+		kvt_session_unlock(s);
 	}
 	reply_info(res, s, 1, created);
 	kvt_session_put(s);
@@ -575,22 +623,245 @@ static void h_prefetch(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	if (get_session(c, r->session_id, "session_id", &s, res))
 		goto out;
 	kvt_session_touch(s);
-	/* The host tier is the top tier of this build: already there. */
+	/* GPU-resident sessions are brought up to date in the arena; others are on the host,
+	 * the top tier for them. */
+	kvt_session_lock(s);
+	gpu_sync_locked(s);
+	const char *tier = gpu_tier_locked(s);
+	kvt_session_unlock(s);
 	Kvtier__V1__PrefetchResponse out = KVTIER__V1__PREFETCH_RESPONSE__INIT;
-	out.tier = (char *)"host";
+	out.tier = (char *)tier;
 	kvt_rpc_reply(res, &out.base);
 	kvt_session_put(s);
 out:
 	kvtier__v1__prefetch_request__free_unpacked(r, NULL);
 }
 
+/*
+ * RestoreToDevice: every field is checked here (INVALID_ARGUMENT naming it and the limit)
+ * before the GPU is asked for anything; then FAILED_PRECONDITION when this daemon has no
+ * usable GPU (the reason: built without CUDA, gpu_enable = no, no device). The handles are
+ * opened (or found in the tier's cache) and the true allocation sizes checked again there.
+ */
 static void h_restore(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		      struct kvt_rpc_result *res)
 {
 	UNPACK(Kvtier__V1__RestoreToDeviceRequest, kvtier__v1__restore_to_device_request, r);
-	kvt_rpc_fail(res, GRPC_STATUS_UNIMPLEMENTED,
-		     "RestoreToDevice needs the GPU tier, which this kvtierd does not have yet "
-		     "(issue 4); use Fetch and copy to the device");
+	struct kvt_session *s = NULL;
+	uint32_t *sorted = NULL;
+	char err[512] = "";
+	struct kvt_tier_gpu *g = kvt_rpc_daemon(c)->gpu;
+	if (get_session(c, r->session_id, "session_id", &s, res))
+		goto out;
+	if (!r->has_ipc_mem_handle || r->ipc_mem_handle.len != KVT_GPU_IPC_HANDLE_BYTES) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "ipc_mem_handle is %s%zu bytes; a cudaIpcMemHandle_t is %d bytes",
+			     r->has_ipc_mem_handle ? "" : "absent: ",
+			     r->has_ipc_mem_handle ? r->ipc_mem_handle.len : 0,
+			     KVT_GPU_IPC_HANDLE_BYTES);
+		goto out;
+	}
+	if (r->has_ipc_mem_handle_v && r->ipc_mem_handle_v.len != KVT_GPU_IPC_HANDLE_BYTES) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "ipc_mem_handle_v is %zu bytes; a cudaIpcMemHandle_t is %d bytes "
+			     "(leave it out when V lives in the K allocation)",
+			     r->ipc_mem_handle_v.len, KVT_GPU_IPC_HANDLE_BYTES);
+		goto out;
+	}
+	const struct kvt_codec_config *cfg = &s->cfg;
+	uint32_t dtype = r->has_dtype ? (uint32_t)r->dtype : 0;
+	if (dtype == 0 && (cfg->dtype == KVT_DTYPE_F16 || cfg->dtype == KVT_DTYPE_BF16))
+		dtype = cfg->dtype;
+	if (dtype != KVT_DTYPE_F16 && dtype != KVT_DTYPE_BF16) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "dtype %u is not DTYPE_F16 (1) or DTYPE_BF16 (2)%s", dtype,
+			     r->has_dtype ? "" : " (absent, and the session's dtype is f32)");
+		goto out;
+	}
+	int paged;
+	if (r->has_layout && r->layout == KVTIER__V1__DEVICE_LAYOUT__DEVICE_LAYOUT_CONTIGUOUS)
+		paged = 0;
+	else if (r->has_layout && r->layout == KVTIER__V1__DEVICE_LAYOUT__DEVICE_LAYOUT_PAGED)
+		paged = 1;
+	else {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "layout %d is not DEVICE_LAYOUT_CONTIGUOUS (1) or DEVICE_LAYOUT_PAGED "
+			     "(2)", r->has_layout ? (int)r->layout : 0);
+		goto out;
+	}
+	kvt_session_touch(s);
+	kvt_session_lock(s);
+	uint64_t have = kvt_seq_tokens(s->seq);
+	kvt_session_unlock(s);
+	struct kvt_gpu_restore rq = {0};
+	rq.owner = s;
+	rq.handle_k = r->ipc_mem_handle.data;
+	rq.handle_v = r->has_ipc_mem_handle_v ? r->ipc_mem_handle_v.data : r->ipc_mem_handle.data;
+	rq.k_offset = r->has_k_offset_bytes ? r->k_offset_bytes : 0;
+	rq.v_offset = r->has_v_offset_bytes ? r->v_offset_bytes : 0;
+	rq.buffer_bytes = r->has_buffer_bytes ? r->buffer_bytes : 0;
+	rq.token_begin = r->has_token_begin ? r->token_begin : 0;
+	rq.token_end = r->has_token_end ? r->token_end : have;
+	rq.layer_begin = r->has_layer_begin ? r->layer_begin : 0;
+	rq.layer_end = r->has_layer_end ? r->layer_end : cfg->n_layers;
+	rq.dtype = dtype;
+	rq.device_ordinal = r->has_device_ordinal ? r->device_ordinal : -1;
+	if (rq.token_begin > rq.token_end || rq.token_end > have) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "token range [%" PRIu64 ", %" PRIu64 ") is not inside the session's "
+			     "%" PRIu64 " tokens",
+			     rq.token_begin, rq.token_end, have);
+		goto out;
+	}
+	if (rq.layer_begin >= rq.layer_end || rq.layer_end > cfg->n_layers) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "layer range [%u, %u) is empty or not inside the session's %u layers",
+			     rq.layer_begin, rq.layer_end, cfg->n_layers);
+		goto out;
+	}
+	if ((rq.k_offset | rq.v_offset) & 15) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "k_offset_bytes %" PRIu64 " and v_offset_bytes %" PRIu64
+			     " must be multiples of 16",
+			     rq.k_offset, rq.v_offset);
+		goto out;
+	}
+	if (rq.device_ordinal < -1 || (r->has_device_ordinal && r->device_ordinal < 0)) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "device_ordinal %d is negative",
+			     r->device_ordinal);
+		goto out;
+	}
+	uint32_t row_bytes = cfg->n_kv_heads * cfg->head_dim * (uint32_t)kvt_dtype_size(dtype);
+	uint64_t n_tok = rq.token_end - rq.token_begin;
+	uint32_t nl = rq.layer_end - rq.layer_begin;
+	uint64_t span; /* one layer's rows */
+	if (!paged) {
+		if (r->has_block_size || r->n_block_table) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "block_size and block_table are for DEVICE_LAYOUT_PAGED only");
+			goto out;
+		}
+		span = n_tok * row_bytes;
+	} else {
+		if (!r->has_block_size || r->block_size == 0 || r->block_size > 65536) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "block_size %u must be 1..65536 tokens for DEVICE_LAYOUT_PAGED",
+				     r->has_block_size ? r->block_size : 0);
+			goto out;
+		}
+		uint64_t need = (rq.token_end + r->block_size - 1) / r->block_size;
+		if (r->n_block_table < need) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "block_table has %zu entries; tokens up to token_end %" PRIu64
+				     " in blocks of %u need %" PRIu64,
+				     r->n_block_table, rq.token_end, r->block_size, need);
+			goto out;
+		}
+		/* two blocks of the range on one physical block would overwrite each other */
+		uint64_t b0 = rq.token_begin / r->block_size, nb = need - b0;
+		sorted = malloc((nb ? nb : 1) * sizeof *sorted);
+		if (!sorted) {
+			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+			goto out;
+		}
+		for (uint64_t b = 0; b < nb && n_tok; b++) {
+			uint32_t v = r->block_table[b0 + b];
+			for (uint64_t k = 0; k < b; k++) {
+				if (sorted[k] == v) {
+					kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+						     "block_table[%" PRIu64 "] and block_table[%" PRIu64
+						     "] are both block %u",
+						     b0 + k, b0 + b, v);
+					goto out;
+				}
+				if (b > 4096)
+					break; /* quadratic check bounded; the pool bound still holds */
+			}
+			sorted[b] = v;
+		}
+		rq.block_size = r->block_size;
+		rq.block_table = r->block_table;
+		rq.n_block_table = r->n_block_table;
+		struct kvt_gpu_restore one = rq;
+		one.layer_end = one.layer_begin + 1;
+		one.layer_stride = 0;
+		span = kvt_gpu_restore_extent(&one, row_bytes);
+	}
+	if (r->has_layer_stride_bytes) {
+		rq.layer_stride = r->layer_stride_bytes;
+	} else if (!paged || nl == 1) {
+		rq.layer_stride = span;
+	} else {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "layer_stride_bytes is required for DEVICE_LAYOUT_PAGED with %u layers "
+			     "(bytes between one layer's block pool and the next's)", nl);
+		goto out;
+	}
+	if ((rq.layer_stride & 15) || (nl > 1 && rq.layer_stride < span)) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "layer_stride_bytes %" PRIu64 " must be a multiple of 16 and at least "
+			     "one layer's span of %" PRIu64 " bytes",
+			     rq.layer_stride, span);
+		goto out;
+	}
+	uint64_t extent = kvt_gpu_restore_extent(&rq, row_bytes);
+	if (!r->has_buffer_bytes || rq.buffer_bytes == 0) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "buffer_bytes (the mapped allocation's size) is required");
+		goto out;
+	}
+	if (rq.k_offset > rq.buffer_bytes || extent > rq.buffer_bytes - rq.k_offset ||
+	    rq.v_offset > rq.buffer_bytes || extent > rq.buffer_bytes - rq.v_offset) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+			     "the restore writes %" PRIu64 " bytes from k_offset_bytes %" PRIu64
+			     " and from v_offset_bytes %" PRIu64 ", beyond buffer_bytes %" PRIu64,
+			     extent, rq.k_offset, rq.v_offset, rq.buffer_bytes);
+		goto out;
+	}
+	if (!kvt_tier_gpu_usable(g)) {
+		kvt_rpc_fail(res, GRPC_STATUS_FAILED_PRECONDITION,
+			     "RestoreToDevice needs a GPU and this kvtierd has none usable: %s; "
+			     "use Fetch and copy to the device",
+			     kvt_tier_gpu_reason(g));
+		goto out;
+	}
+	if (kvt_rpc_deadline_passed(c)) {
+		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed before the restore");
+		goto out;
+	}
+	struct kvt_gpu_restore_result rr;
+	kvt_session_lock(s);
+	int rc = 0;
+	if (kvt_seq_tokens(s->seq) < rq.token_end) {
+		rc = -ERANGE;
+		snprintf(err, sizeof err, "the session was truncated to %" PRIu64 " tokens meanwhile",
+			 kvt_seq_tokens(s->seq));
+	} else {
+		gpu_sync_locked(s);
+		rc = kvt_tier_gpu_restore(g, s->seq, s->gpu_mirror, &rq, &rr, err, sizeof err);
+	}
+	kvt_session_unlock(s);
+	if (rc) {
+		grpc_status_code code = rc == -ENODEV ? GRPC_STATUS_FAILED_PRECONDITION
+					: rc == -EINVAL ? GRPC_STATUS_INVALID_ARGUMENT
+					: rc == -ERANGE ? GRPC_STATUS_FAILED_PRECONDITION
+					: rc == -E2BIG ? GRPC_STATUS_FAILED_PRECONDITION
+					: rc == -ENOMEM ? GRPC_STATUS_RESOURCE_EXHAUSTED
+							: GRPC_STATUS_INTERNAL;
+		kvt_rpc_fail(res, code, "RestoreToDevice: %s", err);
+		goto out;
+	}
+	Kvtier__V1__RestoreToDeviceResponse o = KVTIER__V1__RESTORE_TO_DEVICE_RESPONSE__INIT;
+	o.has_n_tokens = 1;
+	o.n_tokens = n_tok;
+	o.has_bytes_written = 1;
+	o.bytes_written = rr.bytes_written;
+	o.has_elapsed_us = 1;
+	o.elapsed_us = rr.elapsed_us;
+	kvt_rpc_reply(res, &o.base);
+out:
+	free(sorted);
+	kvt_session_put(s);
 	kvtier__v1__restore_to_device_request__free_unpacked(r, NULL);
 }
 
@@ -640,7 +911,22 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	host.used_bytes = ts.used_bytes;
 	host.has_chunks = 1;
 	host.chunks = chunks;
-	Kvtier__V1__TierStats *tiers[1] = {&host};
+	Kvtier__V1__TierStats *tiers[2] = {&host, NULL};
+	size_t n_tiers = 1;
+	Kvtier__V1__TierStats gpu_tier = KVTIER__V1__TIER_STATS__INIT;
+	struct kvt_tier_stats gs;
+	uint64_t gpu_largest = 0;
+	if (d->gpu && kvt_tier_gpu_tier_enabled(d->gpu)) {
+		kvt_tier_gpu_stats(d->gpu, &gs, &gpu_largest);
+		gpu_tier.name = (char *)gs.name;
+		gpu_tier.has_capacity_bytes = 1;
+		gpu_tier.capacity_bytes = gs.capacity_bytes;
+		gpu_tier.has_used_bytes = 1;
+		gpu_tier.used_bytes = gs.used_bytes;
+		gpu_tier.has_chunks = 1;
+		gpu_tier.chunks = gs.chunks;
+		tiers[n_tiers++] = &gpu_tier;
+	}
 
 	struct counter_list cl = {0};
 	cl.cap = 512;
@@ -662,6 +948,11 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	add_counter(&cl, "append.messages_parsed",
 		    __atomic_load_n(&g_append_fallback, __ATOMIC_RELAXED));
 	add_counter(&cl, "host.allocations", ts.allocations);
+	if (d->gpu) {
+		kvt_tier_gpu_counters(d->gpu, add_counter, &cl);
+		if (kvt_tier_gpu_tier_enabled(d->gpu))
+			add_counter(&cl, "gpu.arena_largest_free_bytes", gpu_largest);
+	}
 
 	Kvtier__V1__StatsResponse out = KVTIER__V1__STATS_RESPONSE__INIT;
 	out.has_sessions = 1;
@@ -672,7 +963,7 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	out.bytes_held = bytes;
 	out.has_logical_bytes = 1;
 	out.logical_bytes = logical;
-	out.n_tiers = 1;
+	out.n_tiers = n_tiers;
 	out.tiers = tiers;
 	out.n_counters = cl.n;
 	out.counters = cl.ptrs;
@@ -681,7 +972,7 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	out.uptime_ms = kvt_now_ms() - d->start_ms;
 	out.codec_isa = (char *)kvt_rpc_isa_name();
 	out.has_gpu = 1;
-	out.gpu = 0;
+	out.gpu = d->gpu && kvt_tier_gpu_usable(d->gpu);
 	kvt_rpc_reply(res, &out.base);
 out:
 	free(cl.items);
@@ -1199,6 +1490,8 @@ static void append_end(struct kvt_rpc_call *c, struct kvt_rpc_result *res)
 	int rc = kvt_seq_append(s->seq, a->st.k, a->st.v, (uint32_t)a->st.n, err, sizeof err);
 	uint64_t after = kvt_seq_tokens(s->seq);
 	uint32_t chunks_after = kvt_seq_n_chunks(s->seq);
+	if (rc == 0 && chunks_after != chunks_before)
+		gpu_sync_locked(s);
 	kvt_session_unlock(s);
 	kvt_session_touch(s);
 	if (rc) {
@@ -1304,6 +1597,68 @@ static int iter_done(const struct block_iter *it)
 }
 
 /*
+ * One block's decode, split by layers across idle workers when the block is large: the
+ * calling thread decodes the first part and claims any part no worker has picked up yet, so
+ * a busy pool makes this a plain sequential decode. The caller holds the session lock, and
+ * kvt_seq_fetch only reads the session, so the parts may run at once.
+ */
+#define SPLIT_MIN_BYTES (512u * 1024u) /* K bytes of a block below which it is not split */
+#define SPLIT_MAX 16
+
+struct fetch_part {
+	struct kvt_task task;
+	const struct kvt_seq *seq;
+	uint64_t t, nt;
+	uint32_t l, nl, dtype;
+	uint8_t *kp, *vp;
+	int rc;
+	char err[256];
+};
+
+static void fetch_part_run(void *arg)
+{
+	struct fetch_part *fp = arg;
+	fp->rc = kvt_seq_fetch(fp->seq, fp->t, fp->t + fp->nt, fp->l, fp->l + fp->nl, fp->dtype,
+			       fp->kp, fp->vp, fp->err, sizeof fp->err);
+}
+
+static int fetch_split(const struct kvt_seq *seq, uint64_t t, uint64_t nt, uint32_t l,
+		       uint32_t nl, uint32_t dtype, size_t tlb, uint8_t *kp, uint8_t *vp,
+		       char *err, size_t errlen)
+{
+	size_t layer_bytes = (size_t)nt * tlb;
+	unsigned parts = kvt_pool_idle() + 1;
+	if (parts > nl)
+		parts = nl;
+	if (parts > SPLIT_MAX)
+		parts = SPLIT_MAX;
+	if (parts < 2 || layer_bytes * nl < SPLIT_MIN_BYTES)
+		return kvt_seq_fetch(seq, t, t + nt, l, l + nl, dtype, kp, vp, err, errlen);
+	struct fetch_part fp[SPLIT_MAX];
+	uint32_t done = 0;
+	for (unsigned i = 0; i < parts; i++) {
+		uint32_t n = (nl - done) / (parts - i);
+		fp[i] = (struct fetch_part){.seq = seq, .t = t, .nt = nt, .l = l + done, .nl = n,
+					    .dtype = dtype, .kp = kp + done * layer_bytes,
+					    .vp = vp + done * layer_bytes};
+		done += n;
+	}
+	for (unsigned i = 1; i < parts; i++)
+		kvt_pool_submit(&fp[i].task, fetch_part_run, &fp[i]);
+	fetch_part_run(&fp[0]);
+	int rc = 0;
+	for (unsigned i = 0; i < parts; i++) {
+		if (i)
+			kvt_pool_wait(&fp[i].task);
+		if (fp[i].rc && !rc) {
+			rc = fp[i].rc;
+			snprintf(err, errlen, "%s", fp[i].err);
+		}
+	}
+	return rc;
+}
+
+/*
  * Encodes the next KvBlock, decoding straight into the message. wrap_field != 0 wraps the
  * block as that length-delimited field (EncodedPiece.tail). Session lock held by the caller.
  */
@@ -1347,7 +1702,7 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	uint8_t *vp = p;
 	p += kb;
 	assert((size_t)(p - buf) == total);
-	int rc = kvt_seq_fetch(seq, t, t + nt, l, l + nl, it->dtype, kp, vp, err, errlen);
+	int rc = fetch_split(seq, t, nt, l, nl, it->dtype, it->tlb, kp, vp, err, errlen);
 	if (rc) {
 		kvt_rpc_reply_buf_put(buf);
 		return rc;
@@ -1361,9 +1716,19 @@ static int iter_next(struct block_iter *it, const struct kvt_seq *seq, uint32_t 
 	return 0;
 }
 
+/*
+ * A Fetch decodes one message ahead: once message n is handed to gRPC, message n+1 is decoded
+ * on the worker pool while n is written to the socket, and next() takes it (waiting for it,
+ * or decoding it itself when no worker has started it yet).
+ */
 struct fetch_state {
 	struct kvt_session *s;
 	struct block_iter it;
+	struct kvt_task ahead;
+	int ahead_on;                 /* submitted; result not taken yet */
+	int ahead_rc;                 /* KVT_STREAM_MSG (ahead_bb) or KVT_STREAM_DONE (ahead_res) */
+	grpc_byte_buffer *ahead_bb;
+	struct kvt_rpc_result ahead_res;
 };
 
 static int fetch_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
@@ -1437,16 +1802,12 @@ out:
 	return rc;
 }
 
-static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_rpc_result *res)
+/* The next message of the iterator: KVT_STREAM_MSG with *out, or KVT_STREAM_DONE with res. */
+static int fetch_produce(struct fetch_state *f, grpc_byte_buffer **out, struct kvt_rpc_result *res)
 {
-	struct fetch_state *f = c->state;
 	char err[400] = "";
 	if (iter_done(&f->it)) {
 		res->code = GRPC_STATUS_OK;
-		return KVT_STREAM_DONE;
-	}
-	if (kvt_rpc_deadline_passed(c)) {
-		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during Fetch");
 		return KVT_STREAM_DONE;
 	}
 	kvt_session_lock(f->s);
@@ -1468,9 +1829,52 @@ static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt
 	return KVT_STREAM_MSG;
 }
 
+static void fetch_ahead(void *arg)
+{
+	struct fetch_state *f = arg;
+	f->ahead_bb = NULL;
+	f->ahead_res.code = GRPC_STATUS_OK;
+	f->ahead_res.msg[0] = '\0';
+	f->ahead_rc = fetch_produce(f, &f->ahead_bb, &f->ahead_res);
+}
+
+static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_rpc_result *res)
+{
+	struct fetch_state *f = c->state;
+	int rc;
+	if (kvt_rpc_deadline_passed(c)) {
+		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during Fetch");
+		return KVT_STREAM_DONE;
+	}
+	if (f->ahead_on) {
+		kvt_pool_wait(&f->ahead);
+		f->ahead_on = 0;
+		rc = f->ahead_rc;
+		*out = f->ahead_bb;
+		f->ahead_bb = NULL;
+		if (rc == KVT_STREAM_DONE) {
+			res->code = f->ahead_res.code;
+			memcpy(res->msg, f->ahead_res.msg, sizeof res->msg);
+		}
+	} else {
+		rc = fetch_produce(f, out, res);
+	}
+	if (rc == KVT_STREAM_MSG && !iter_done(&f->it) && kvt_pool_threads() > 0) {
+		f->ahead_on = 1;
+		kvt_pool_submit(&f->ahead, fetch_ahead, f);
+	}
+	return rc;
+}
+
 static void fetch_cleanup(struct kvt_rpc_call *c)
 {
 	struct fetch_state *f = c->state;
+	if (f->ahead_on) {
+		/* Withdrawn if no worker took it; else it is waited for (one block's decode). */
+		kvt_pool_cancel(&f->ahead);
+		if (f->ahead_bb)
+			grpc_byte_buffer_destroy(f->ahead_bb);
+	}
 	kvt_session_put(f->s);
 	free(f);
 }
@@ -2026,10 +2430,25 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		uint64_t attended;
 		kvt_session_touch(s);
 		kvt_session_lock(s);
+		/* GPU-resident sessions attend on the GPU when every sealed chunk is in the
+		 * arena (-EAGAIN: some is not, the CPU path serves). */
+		int on_gpu = s->gpu_wanted && s->table->gpu;
+		if (on_gpu)
+			gpu_sync_locked(s);
 		if (!it->has_new_k) {
 			attended = kvt_seq_tokens(s->seq);
-			rc = kvt_seq_attend(s->seq, it->layer, it->n_q_heads, scale, q, outs[i], err,
-					    sizeof err);
+			rc = -EAGAIN;
+			if (on_gpu) {
+				uint32_t nt = kvt_seq_tail_tokens(s->seq);
+				rc = kvt_tier_gpu_attend(s->table->gpu, s->gpu_mirror, s->seq,
+							 it->layer, it->n_q_heads, scale, q,
+							 nt ? kvt_seq_tail_k(s->seq, it->layer) : NULL,
+							 nt ? kvt_seq_tail_v(s->seq, it->layer) : NULL,
+							 nt, outs[i], err, sizeof err);
+			}
+			if (rc == -EAGAIN)
+				rc = kvt_seq_attend(s->seq, it->layer, it->n_q_heads, scale, q,
+						    outs[i], err, sizeof err);
 		} else {
 			/* Over the session plus the new token: the chunks as they are, the
 			 * tail extended by one token in a scratch copy. */
@@ -2053,7 +2472,14 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 					.softmax_scale = scale, .q = q, .chunks = chunks,
 					.n_chunks = nch, .tail_k = tk, .tail_v = tv, .n_tail = nt + 1,
 					.out = outs[i]};
-				rc = kvt_attend(&ar, 1, err, sizeof err);
+				rc = -EAGAIN;
+				if (on_gpu)
+					rc = kvt_tier_gpu_attend(s->table->gpu, s->gpu_mirror,
+								 s->seq, it->layer, it->n_q_heads,
+								 scale, q, tk, tv, nt + 1, outs[i],
+								 err, sizeof err);
+				if (rc == -EAGAIN)
+					rc = kvt_attend(&ar, 1, err, sizeof err);
 			}
 			attended = kvt_seq_tokens(s->seq) + 1;
 			if (rc == 0 && ((s->stage_mask[it->layer / 64] >> (it->layer % 64)) & 1)) {
@@ -2141,14 +2567,16 @@ const struct kvt_rpc_method kvt_rpc_kvtier_methods[] = {
 	{.path = KV("ListSessions"), .name = "ListSessions", .kind = KVT_RPC_UNARY, .unary = h_list},
 	{.path = KV("Append"), .name = "Append", .kind = KVT_RPC_CLIENT_STREAM,
 	 .on_message = append_message, .on_message_bb = append_message_bb, .on_end = append_end,
-	 .cleanup = append_cleanup},
+	 .cleanup = append_cleanup, .pooled = KVT_POOL_END},
 	{.path = KV("Fetch"), .name = "Fetch", .kind = KVT_RPC_SERVER_STREAM, .start = fetch_start,
-	 .next = fetch_next, .cleanup = fetch_cleanup},
+	 .next = fetch_next, .cleanup = fetch_cleanup, .pooled = KVT_POOL_NEXT},
 	{.path = KV("FetchEncoded"), .name = "FetchEncoded", .kind = KVT_RPC_SERVER_STREAM,
 	 .start = fenc_start, .next = fenc_next, .cleanup = fenc_cleanup},
 	{.path = KV("StoreEncoded"), .name = "StoreEncoded", .kind = KVT_RPC_CLIENT_STREAM,
-	 .on_message = store_message, .on_end = store_end, .cleanup = store_cleanup},
-	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend},
+	 .on_message = store_message, .on_end = store_end, .cleanup = store_cleanup,
+	 .pooled = KVT_POOL_END},
+	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend,
+	 .pooled = KVT_POOL_UNARY},
 	{.path = KV("RestoreToDevice"), .name = "RestoreToDevice", .kind = KVT_RPC_UNARY,
 	 .unary = h_restore},
 	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch},

@@ -297,6 +297,19 @@ void kvt_rpc_counters_each(void (*fn)(void *ctx, const char *name, uint64_t valu
 
 static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success);
 
+/* A call's phase is written by whichever thread runs its step (its queue thread, or a worker
+ * while the phase is PHASE_WORK) and read by the queue thread when the call's CLOSE batch
+ * completes meanwhile. */
+static void set_phase(struct kvt_rpc_call *c, enum kvt_call_phase p)
+{
+	__atomic_store_n(&c->phase, p, __ATOMIC_RELEASE);
+}
+
+static enum kvt_call_phase get_phase(const struct kvt_rpc_call *c)
+{
+	return __atomic_load_n(&c->phase, __ATOMIC_ACQUIRE);
+}
+
 static int is_parkable(const struct kvt_rpc_call *c)
 {
 	return c->method && c->method->parkable;
@@ -319,7 +332,7 @@ static struct kvt_rpc_call *call_new(struct kvt_rpc_server *srv, struct kvt_rpc_
 	c->srv = srv;
 	c->cq = cq;
 	c->method_index = -1;
-	c->phase = PHASE_REQUESTED;
+	set_phase(c, PHASE_REQUESTED);
 	grpc_call_details_init(&c->details);
 	grpc_metadata_array_init(&c->request_md);
 	return c;
@@ -373,7 +386,7 @@ static void call_free(struct kvt_rpc_call *c)
 /* Returns 1 when the call was freed. */
 static int maybe_free(struct kvt_rpc_call *c)
 {
-	if (c->phase == PHASE_DONE && c->close_received &&
+	if (get_phase(c) == PHASE_DONE && c->close_received &&
 	    __atomic_load_n(&c->pending, __ATOMIC_RELAXED) == 0) {
 		call_free(c);
 		return 1;
@@ -432,7 +445,7 @@ static void call_finish(struct kvt_rpc_call *c)
 	} else if (kvt_log_get_level() <= KVT_LOG_DEBUG) {
 		kvt_log_debug("request", "method=%s code=OK us=%llu", name, (unsigned long long)us);
 	}
-	c->phase = PHASE_FINISHING;
+	set_phase(c, PHASE_FINISHING);
 	start_batch(c, ops, n, TAG_OP);
 }
 
@@ -442,7 +455,7 @@ static void call_recv(struct kvt_rpc_call *c)
 	memset(&op, 0, sizeof op);
 	op.op = GRPC_OP_RECV_MESSAGE;
 	op.data.recv_message.recv_message = &c->recv_buf;
-	c->phase = PHASE_RECV;
+	set_phase(c, PHASE_RECV);
 	start_batch(c, &op, 1, TAG_OP);
 }
 
@@ -459,11 +472,11 @@ static void call_send(struct kvt_rpc_call *c, grpc_byte_buffer *bb)
 	ops[n].data.send_message.send_message = bb;
 	n++;
 	c->send_buf = bb;
-	c->phase = PHASE_SENDING;
+	set_phase(c, PHASE_SENDING);
 	start_batch(c, ops, n, TAG_OP);
 }
 
-static void stream_next(struct kvt_rpc_call *c)
+static void stream_next_here(struct kvt_rpc_call *c)
 {
 	grpc_byte_buffer *bb = NULL;
 	int rc = c->method->next(c, &bb, &c->res);
@@ -471,16 +484,59 @@ static void stream_next(struct kvt_rpc_call *c)
 		assert(bb);
 		call_send(c, bb);
 	} else if (rc == KVT_STREAM_PARK) {
-		c->phase = PHASE_PARKED;
+		set_phase(c, PHASE_PARKED);
 	} else {
 		call_finish(c);
 	}
 }
 
+/*
+ * Pooled steps. The queue thread sets PHASE_WORK and hands the step to the pool; the worker
+ * runs the handler and starts the call's next batch itself (grpc_call_start_batch is thread
+ * safe), whose completion comes back to the call's queue thread as always. While a step is on
+ * the pool only the call's CLOSE batch can complete, and that never frees a call that is not
+ * PHASE_DONE, so the worker is the only thread touching the call.
+ */
+static void work_next(void *arg)
+{
+	stream_next_here(arg);
+}
+
+static void work_unary(void *arg)
+{
+	struct kvt_rpc_call *c = arg;
+	c->method->unary(c, GRPC_SLICE_START_PTR(c->req_slice), GRPC_SLICE_LENGTH(c->req_slice),
+			 &c->res);
+	grpc_slice_unref(c->req_slice);
+	c->req_slice = grpc_empty_slice();
+	call_finish(c);
+}
+
+static void work_end(void *arg)
+{
+	struct kvt_rpc_call *c = arg;
+	c->method->on_end(c, &c->res);
+	call_finish(c);
+}
+
+static void to_pool(struct kvt_rpc_call *c, void (*fn)(void *))
+{
+	set_phase(c, PHASE_WORK);
+	kvt_pool_submit_detached(&c->task, fn, c);
+}
+
+static void stream_next(struct kvt_rpc_call *c)
+{
+	if (c->method->pooled & KVT_POOL_NEXT)
+		to_pool(c, work_next);
+	else
+		stream_next_here(c);
+}
+
 void kvt_rpc_call_resume(struct kvt_rpc_call *c)
 {
 	/* Called with kvt_rpc_watch_mu held, for a parked call. */
-	if (c->phase == PHASE_PARKED && !c->cancelled)
+	if (get_phase(c) == PHASE_PARKED && !c->cancelled)
 		stream_next(c);
 }
 
@@ -533,7 +589,7 @@ static void on_received(struct kvt_rpc_call *c, int success)
 	if (!success) {
 		/* The stream broke or was cancelled: a client stream's staging is dropped by
 		 * cleanup, nothing is committed. */
-		c->phase = PHASE_DONE;
+		set_phase(c, PHASE_DONE);
 		call_cleanup_state(c);
 		return;
 	}
@@ -545,7 +601,7 @@ static void on_received(struct kvt_rpc_call *c, int success)
 			 * tells an error from a half-close; and before committing, the initial
 			 * metadata goes out as a probe: on a cancelled call that batch fails. */
 			if (grpc_call_failed_before_recv_message(c->call)) {
-				c->phase = PHASE_DONE;
+				set_phase(c, PHASE_DONE);
 				call_cleanup_state(c);
 				return;
 			}
@@ -553,7 +609,7 @@ static void on_received(struct kvt_rpc_call *c, int success)
 			memset(&op, 0, sizeof op);
 			op.op = GRPC_OP_SEND_INITIAL_METADATA;
 			c->initial_md_sent = 1;
-			c->phase = PHASE_PROBE;
+			set_phase(c, PHASE_PROBE);
 			start_batch(c, &op, 1, TAG_OP);
 			return;
 		} else {
@@ -588,6 +644,11 @@ static void on_received(struct kvt_rpc_call *c, int success)
 	int rc;
 	switch (m->kind) {
 	case KVT_RPC_UNARY:
+		if (m->pooled & KVT_POOL_UNARY) {
+			c->req_slice = s;
+			to_pool(c, work_unary);
+			return;
+		}
 		m->unary(c, p, len, &c->res);
 		grpc_slice_unref(s);
 		call_finish(c);
@@ -616,8 +677,8 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 	if (kind == TAG_CLOSE) {
 		__atomic_fetch_sub(&c->pending, 1, __ATOMIC_RELAXED);
 		c->close_received = 1;
-		if (c->cancelled && c->phase == PHASE_PARKED) {
-			c->phase = PHASE_DONE;
+		if (c->cancelled && get_phase(c) == PHASE_PARKED) {
+			set_phase(c, PHASE_DONE);
 			call_cleanup_state(c);
 		}
 		maybe_free(c);
@@ -625,15 +686,19 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 	}
 	assert(kind == TAG_OP);
 	__atomic_fetch_sub(&c->pending, 1, __ATOMIC_RELAXED);
-	switch (c->phase) {
+	switch (get_phase(c)) {
 	case PHASE_RECV:
 		on_received(c, success);
 		break;
 	case PHASE_PROBE:
 		if (!success || c->cancelled) {
-			c->phase = PHASE_DONE;
+			set_phase(c, PHASE_DONE);
 			call_cleanup_state(c);
 		} else {
+			if (c->method->pooled & KVT_POOL_END) {
+				to_pool(c, work_end);
+				break;
+			}
 			c->method->on_end(c, &c->res);
 			call_finish(c);
 		}
@@ -642,7 +707,7 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 		grpc_byte_buffer_destroy(c->send_buf);
 		c->send_buf = NULL;
 		if (!success) {
-			c->phase = PHASE_DONE;
+			set_phase(c, PHASE_DONE);
 			call_cleanup_state(c);
 		} else {
 			stream_next(c);
@@ -653,7 +718,7 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 			grpc_byte_buffer_destroy(c->res.reply);
 			c->res.reply = NULL;
 		}
-		c->phase = PHASE_DONE;
+		set_phase(c, PHASE_DONE);
 		call_cleanup_state(c);
 		break;
 	default:
@@ -849,6 +914,18 @@ int kvt_rpc_server_start(const struct kvt_config *cfg, struct kvt_daemon *d,
 		}
 	}
 	grpc_server_credentials_release(creds);
+	unsigned n_workers = (unsigned)cfg->workers;
+	if (!n_workers) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		n_workers = n > 0 ? (unsigned)n : 1;
+	}
+	/* Every call has at most one step and one decode-ahead on the pool: a queue that
+	 * holds that never pushes back in normal operation. */
+	if (kvt_pool_start(n_workers, 2 * cfg->max_concurrent_calls + 64)) {
+		snprintf(err, errlen, "cannot start %u worker threads", n_workers);
+		rc = -EAGAIN;
+		goto fail;
+	}
 	grpc_server_start(srv->server);
 	chmod(srv->socket_path, 0660);
 
@@ -873,9 +950,10 @@ int kvt_rpc_server_start(const struct kvt_config *cfg, struct kvt_daemon *d,
 	g_srv = srv;
 	*out = srv;
 	char q[300];
-	kvt_log_info("listening", "socket=%s tcp=%s cq_threads=%d max_message_bytes=%llu",
+	kvt_log_info("listening",
+		     "socket=%s tcp=%s cq_threads=%d workers=%u max_message_bytes=%llu",
 		     kvt_log_quote(q, sizeof q, srv->socket_path),
-		     cfg->listen_tcp[0] ? cfg->listen_tcp : "off", srv->n_cqs,
+		     cfg->listen_tcp[0] ? cfg->listen_tcp : "off", srv->n_cqs, kvt_pool_threads(),
 		     (unsigned long long)cfg->max_message_bytes);
 	return 0;
 fail:
@@ -933,7 +1011,11 @@ int kvt_rpc_server_stop(struct kvt_rpc_server *srv, uint64_t grace_ms)
 			pthread_cond_wait(&srv->cv, &srv->mu);
 	}
 	pthread_mutex_unlock(&srv->mu);
-	/* Every call has sent its status; the queues drain what is left and close. */
+	/* Every call has sent its status, so no step is left to come to the pool; the workers
+	 * finish what they hold (a decode-ahead a cancelled Fetch left) before the queues
+	 * close. */
+	kvt_pool_stop();
+	/* The queues drain what is left and close. */
 	for (int i = 0; i < srv->n_cqs; i++)
 		grpc_completion_queue_shutdown(srv->cqs[i].cq);
 	for (int i = 0; i < srv->n_cqs; i++)

@@ -15,6 +15,7 @@
 
 #include "config.h"
 #include "session.h"
+#include "tier_gpu.h"
 #include "tier_host.h"
 
 struct kvt_rpc_server;
@@ -23,6 +24,7 @@ struct kvt_daemon {
 	struct kvt_sessions *sessions;
 	struct kvt_tier_host *host;
 	uint64_t start_ms;
+	struct kvt_tier_gpu *gpu; /* never NULL in kvtierd; may be "unavailable" */
 };
 
 int kvt_rpc_server_start(const struct kvt_config *cfg, struct kvt_daemon *d,

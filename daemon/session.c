@@ -47,6 +47,10 @@ int kvt_sessions_init(struct kvt_sessions *t, struct kvt_tier_host *host)
 static void session_free(struct kvt_session *s)
 {
 	kvt_session_clear_stage_locked(s);
+	if (s->table && s->table->gpu) {
+		kvt_tier_gpu_mirror_free(s->table->gpu, s->gpu_mirror);
+		kvt_tier_gpu_forget_owner(s->table->gpu, s);
+	}
 	kvt_seq_destroy(s->seq);
 	pthread_mutex_destroy(&s->lock);
 	free(s);

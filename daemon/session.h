@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "kvt_seq.h"
+#include "tier_gpu.h"
 #include "tier_host.h"
 
 #define KVT_SESSION_ID_MAX 128
@@ -56,6 +57,11 @@ struct kvt_session {
 	uint8_t *stage_k, *stage_v;
 	uint64_t stage_mask[(KVT_MAX_LAYERS + 63) / 64];
 	uint32_t staged_layers;
+	/* GPU tier (tiers/tier_gpu.h): set at open when the session asked for (or the policy
+	 * gave it) tier "gpu"; the mirror of its sealed chunks in the device arena, synced after
+	 * each change of the sequence. */
+	int gpu_wanted;
+	struct kvt_gpu_mirror *gpu_mirror;
 };
 
 struct kvt_session_shard {
@@ -72,6 +78,7 @@ struct kvt_sessions {
 	uint64_t evicted;       /* atomic: dropped to make room */
 	uint64_t expired;       /* atomic: dropped by TTL */
 	uint32_t allow_evict;   /* atomic: capacity_policy is drop-coldest */
+	struct kvt_tier_gpu *gpu; /* NULL or the GPU tier (mirrors are freed with sessions) */
 };
 
 /* Everything StatSession reports, read under the session lock. */

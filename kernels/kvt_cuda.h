@@ -161,6 +161,112 @@ void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 int kvt_cuda_attend(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_request *reqs,
 		    size_t n_reqs, char *err, size_t errlen);
 
+/* ---- CUDA IPC and restore into another buffer's layout (kvt_cuda_restore.cu) ------------- */
+
+/* Makes ctx's device current on the calling thread (a context created on one thread and
+ * used from another, as the daemon's request threads do). */
+int kvt_cuda_ctx_bind(kvt_cuda_ctx *ctx, char *err, size_t errlen);
+
+/* Page-locks host memory for DMA (cudaHostRegister, portable to every context) / undoes it.
+ * 0 or a negative errno. kvt_cuda_host_is_pinned: 1 when p lies in pinned or registered
+ * host memory. */
+int kvt_cuda_host_register(void *p, size_t bytes);
+void kvt_cuda_host_unregister(void *p);
+int kvt_cuda_host_is_pinned(const void *p);
+
+/* sizeof(cudaIpcMemHandle_t) */
+#define KVT_CUDA_IPC_HANDLE_BYTES 64
+
+/*
+ * In the process that owns the memory (the worker): exports the cudaMalloc allocation that
+ * holds dev_ptr. handle receives KVT_CUDA_IPC_HANDLE_BYTES bytes (the allocation's
+ * cudaIpcMemHandle_t), *offset dev_ptr's byte offset inside that allocation and *alloc_bytes
+ * its size (either may be NULL). -EINVAL when dev_ptr is not device memory of this process or
+ * is not exportable (VMM / expandable segments, managed memory); -ENODEV without a device.
+ */
+int kvt_cuda_ipc_export(const void *dev_ptr, void *handle, uint64_t *offset,
+			uint64_t *alloc_bytes, char *err, size_t errlen);
+/* In the daemon: maps a handle exported by another process on ctx's device. *base is the
+ * allocation's start, *alloc_bytes its true size (bounds checks use it). -EINVAL for a handle
+ * that is not a live allocation of another process; -EADDRINUSE when a mapping this process
+ * still holds (of an allocation the exporter has freed since) covers the range: close stale
+ * mappings and retry. Close with kvt_cuda_ipc_close. */
+int kvt_cuda_ipc_open(kvt_cuda_ctx *ctx, const void *handle, void **base,
+		      uint64_t *alloc_bytes, char *err, size_t errlen);
+void kvt_cuda_ipc_close(kvt_cuda_ctx *ctx, void *base);
+
+/*
+ * A destination layout for restore. Row r of layer l (one token: [H][d] in the out dtype,
+ * row_bytes bytes) of K lives at k_dev + l * layer_stride + r * row_bytes (V likewise at
+ * v_dev; either may be NULL to skip it), l relative to the restored layer range. Contiguous
+ * (block_size 0): token t is row t - token_begin. Paged (block_size > 0): token t (absolute
+ * position) is row block_table[t / block_size] * block_size + t % block_size, i.e. every
+ * layer's pool is [n_blocks][block_size][H][d]; block_table is host memory with at least
+ * ceil(token_end / block_size) entries. Addresses and strides 16-byte aligned.
+ */
+struct kvt_cuda_layout {
+	void *k_dev;
+	void *v_dev;
+	uint64_t layer_stride;
+	uint32_t row_bytes;
+	uint32_t block_size;
+	const uint32_t *block_table;
+	size_t n_block_table;
+	uint64_t token_begin;
+};
+
+/* One encoded chunk to restore: its bytes in host memory (host, bytes) or already on the
+ * device (dev: no copy), and a host copy of its header (hdr; may point at host). */
+struct kvt_cuda_restore_chunk {
+	const void *host;
+	const void *dev;
+	size_t bytes;
+	const struct kvt_chunk_header *hdr;
+};
+
+/*
+ * Tokens [token_begin, token_end) of layers [layer_begin, layer_end) to out_dtype at dst:
+ * the chunks that overlap the range (token order) are decoded (pinned tokens from their exact
+ * copies) and the exact tail (tail_k[l] / tail_v[l]: host [n_tail][H][d] in tail_dtype for
+ * layer layer_begin + l, first token tail_first) is converted and copied. chunks_pinned = 1
+ * says every chunk's host bytes are pinned memory: the H2D copy then reads them in place
+ * instead of through the staging slots.
+ */
+struct kvt_cuda_restore_args {
+	const struct kvt_cuda_restore_chunk *chunks;
+	size_t n_chunks;
+	int chunks_pinned;
+	uint64_t token_begin, token_end;
+	uint32_t layer_begin, layer_end;
+	uint32_t out_dtype;
+	const struct kvt_cuda_layout *dst;
+	const void *const *tail_k;
+	const void *const *tail_v;
+	uint64_t tail_first;
+	uint32_t n_tail;
+	uint32_t tail_dtype;
+};
+struct kvt_cuda_restore_stats {
+	uint64_t rows;      /* token-layer rows written (each of K and V) */
+	uint64_t h2d_bytes; /* encoded bytes copied host -> device */
+	uint64_t out_bytes; /* bytes written at the destination */
+	uint64_t pinned_chunks; /* copied by DMA straight from pinned host memory */
+	uint64_t staged_chunks; /* copied through the pinned staging slots */
+};
+
+/* Pinned host + device staging (staging_bytes each, split into slots), a copy stream and
+ * copy_threads threads (the caller's included) that fill the pinned slots from unpinned
+ * memory: create once, reuse for every restore on the same context (one thread at a time). */
+typedef struct kvt_cuda_restorer kvt_cuda_restorer;
+int kvt_cuda_restorer_create(kvt_cuda_ctx *ctx, size_t staging_bytes, unsigned copy_threads,
+			     kvt_cuda_restorer **out, char *err, size_t errlen);
+void kvt_cuda_restorer_destroy(kvt_cuda_restorer *r);
+/* Runs the whole restore and waits for it (H2D copies pipelined with the decode). -E2BIG
+ * when a chunk is larger than one staging slot (staging_bytes / 4). */
+int kvt_cuda_restore(kvt_cuda_ctx *ctx, kvt_cuda_restorer *r,
+		     const struct kvt_cuda_restore_args *args, struct kvt_cuda_restore_stats *stats,
+		     char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

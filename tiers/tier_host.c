@@ -32,7 +32,8 @@
 struct page_tag {
 	uint64_t magic;  /* PAGE_TAG_MAGIC for mmap'd objects, MALLOC_TAG_MAGIC otherwise */
 	uint64_t map_bytes;
-	uint8_t pad[48];
+	uint32_t pinned; /* the mapping is registered through the pin hook (GPU DMA) */
+	uint8_t pad[44];
 };
 _Static_assert(sizeof(struct page_tag) == 64, "the tag keeps 64-byte alignment");
 #define PAGE_TAG_MAGIC 0x6b76747061676573ull   /* "kvtpages" */
@@ -84,12 +85,19 @@ static void cache_trim_locked(struct kvt_tier_host *t, uint64_t room, void **out
 	}
 }
 
-static void unmap_all(void **maps, uint32_t n)
+/* Unregisters a pinned mapping (never unmap registered memory) and unmaps it. */
+static void unmap_one(struct kvt_tier_host *t, struct page_tag *g)
 {
-	for (uint32_t i = 0; i < n; i++) {
-		struct page_tag *g = maps[i];
-		HOST_ASSERT(munmap(g, g->map_bytes) == 0);
-	}
+	if (g->pinned && t->unpin)
+		t->unpin(g);
+	g->pinned = 0;
+	HOST_ASSERT(munmap(g, g->map_bytes) == 0);
+}
+
+static void unmap_all(struct kvt_tier_host *t, void **maps, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++)
+		unmap_one(t, maps[i]);
 }
 
 /* Keeps a freed mapping for reuse when it fits the cache; else unmaps it. */
@@ -106,9 +114,9 @@ static void cache_put(struct kvt_tier_host *t, struct page_tag *g)
 		kept = 1;
 	}
 	pthread_mutex_unlock(&t->cache_mu);
-	unmap_all(drop, n_drop);
+	unmap_all(t, drop, n_drop);
 	if (!kept)
-		HOST_ASSERT(munmap(g, g->map_bytes) == 0);
+		unmap_one(t, g);
 }
 
 void kvt_tier_host_set_page_cache(struct kvt_tier_host *t, uint64_t bytes)
@@ -119,11 +127,26 @@ void kvt_tier_host_set_page_cache(struct kvt_tier_host *t, uint64_t bytes)
 	t->page_cache_cap = bytes;
 	cache_trim_locked(t, 0, drop, &n_drop);
 	pthread_mutex_unlock(&t->cache_mu);
-	unmap_all(drop, n_drop);
+	unmap_all(t, drop, n_drop);
+}
+
+void kvt_tier_host_set_pin(struct kvt_tier_host *t, int (*pin)(void *p, size_t bytes),
+			   void (*unpin)(void *p))
+{
+	t->pin = pin;
+	t->unpin = unpin;
+}
+
+/* Session data (chunks, tails) is pinned when a pin hook is set, so a GPU reads it by DMA in
+ * place; a failed pin only means the slower staged copy. */
+static void maybe_pin(struct kvt_tier_host *t, struct page_tag *g, int want_pin)
+{
+	if (want_pin && t->pin && !g->pinned)
+		g->pinned = t->pin(g, g->map_bytes) == 0;
 }
 
 /* An object of `rounded` bytes (a multiple of 64): mmap'd behind a 64-byte tag when large. */
-static void *host_obj_alloc(struct kvt_tier_host *t, size_t rounded)
+static void *host_obj_alloc(struct kvt_tier_host *t, size_t rounded, int want_pin)
 {
 	if (rounded >= PAGE_ALLOC_MIN_BYTES) {
 		size_t pg = page_bytes();
@@ -131,6 +154,7 @@ static void *host_obj_alloc(struct kvt_tier_host *t, size_t rounded)
 		struct page_tag *c = cache_take(t, map);
 		if (c) {
 			c->magic = PAGE_TAG_MAGIC;
+			maybe_pin(t, c, want_pin);
 			return c + 1;
 		}
 		void *m = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
@@ -139,6 +163,8 @@ static void *host_obj_alloc(struct kvt_tier_host *t, size_t rounded)
 			struct page_tag *g = m;
 			g->magic = PAGE_TAG_MAGIC;
 			g->map_bytes = map;
+			g->pinned = 0;
+			maybe_pin(t, g, want_pin);
 			return g + 1;
 		}
 		struct page_tag *g = aligned_alloc(64, rounded + sizeof(*g));
@@ -168,9 +194,11 @@ static void host_obj_free(struct kvt_tier_host *t, void *p, size_t rounded)
 	free(p);
 }
 
+static void *host_alloc(struct kvt_tier_host *t, size_t bytes, int want_pin);
+
 static void *seq_alloc_hook(void *ctx, size_t bytes)
 {
-	return kvt_tier_host_alloc(ctx, bytes);
+	return host_alloc(ctx, bytes, 1);
 }
 
 static void seq_free_hook(void *ctx, void *p, size_t bytes)
@@ -234,13 +262,18 @@ void kvt_tier_host_uncharge(struct kvt_tier_host *t, uint64_t bytes)
 
 void *kvt_tier_host_alloc(struct kvt_tier_host *t, size_t bytes)
 {
+	return host_alloc(t, bytes, 0);
+}
+
+static void *host_alloc(struct kvt_tier_host *t, size_t bytes, int want_pin)
+{
 	/* aligned_alloc wants a multiple of the alignment; charge what we really take. */
 	size_t rounded = (bytes + 63) & ~(size_t)63;
 	if (rounded == 0)
 		rounded = 64;
 	if (kvt_tier_host_charge(t, rounded) != 0)
 		return NULL;
-	void *p = host_obj_alloc(t, rounded);
+	void *p = host_obj_alloc(t, rounded, want_pin);
 	if (!p) {
 		kvt_tier_host_uncharge(t, rounded);
 		return NULL;

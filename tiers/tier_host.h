@@ -56,6 +56,11 @@ struct kvt_tier_host {
 	uint64_t page_cache_bytes;
 	uint32_t page_cache_n;
 	void *page_cache[KVT_TIER_HOST_CACHE_SLOTS];
+	/* Optional (the GPU tier sets them): page-locks the mappings of session data (chunks and
+	 * tails, through seq_alloc) so GPU copies read them by DMA in place; unpin runs before a
+	 * pinned mapping is unmapped. Set once at start, before any allocation. */
+	int (*pin)(void *p, size_t bytes);
+	void (*unpin)(void *p);
 };
 
 void kvt_tier_host_init(struct kvt_tier_host *t, uint64_t capacity_bytes);
@@ -64,6 +69,8 @@ void kvt_tier_host_set_capacity(struct kvt_tier_host *t, uint64_t capacity_bytes
  * excess at once). */
 void kvt_tier_host_set_page_cache(struct kvt_tier_host *t, uint64_t bytes);
 void kvt_tier_host_set_reclaim(struct kvt_tier_host *t, kvt_tier_reclaim_fn fn, void *ctx);
+void kvt_tier_host_set_pin(struct kvt_tier_host *t, int (*pin)(void *p, size_t bytes),
+			   void (*unpin)(void *p));
 
 /* Reserves bytes against the capacity (reclaiming once when it does not fit). 0 or -ENOMEM. */
 int kvt_tier_host_charge(struct kvt_tier_host *t, uint64_t bytes);

@@ -30,6 +30,7 @@ int kvt_bench_fidelity(int argc, char **argv);
 /* Defined by their owners' files when those are built in; NULL otherwise. */
 int kvt_bench_service(int argc, char **argv) __attribute__((weak));
 int kvt_bench_gpu(int argc, char **argv) __attribute__((weak));
+int kvt_bench_gpu_restore(int argc, char **argv) __attribute__((weak)); /* bench_gpu_restore.c */
 
 /* ---- helpers (bench_util.c) ------------------------------------------------------------- */
 

@@ -19,6 +19,9 @@ static const struct kvt_bench_cmd commands[] = {
 	{ "service", "end-to-end kvtierd throughput and latency (daemon team)", kvt_bench_service },
 	{ "gpu", "CUDA encode/decode/attention kernels vs the CPU twins (CUDA team)",
 	  kvt_bench_gpu },
+	{ "gpu-restore", "restore host -> GPU (compressed H2D + decode) vs pinned cudaMemcpy, "
+			 "in-process and through kvtierd RestoreToDevice",
+	  kvt_bench_gpu_restore },
 };
 
 static void usage(FILE *f)

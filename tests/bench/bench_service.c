@@ -11,15 +11,25 @@
  *   memory         both servers' VmRSS growth for the same data set (kvtierd at its codec,
  *                  Redis holding the fp16 bytes).
  *   fetch          Fetch of one batch's tokens, all layers, fp16 out; Redis: GET of the batch.
+ *   fetch_restore  Fetch of --restore-tokens tokens (what a worker restores after a
+ *                  preemption), all layers, fp16 out; Redis: GET of the same batches'
+ *                  keys, pipelined in one round trip.
  *   fetch_encoded  FetchEncoded of one sealed chunk (its logical fp16 bytes counted); Redis:
  *                  GET of the same tokens' fp16 bytes.
  *   attend         one Attend request of every layer of one session (GQA 2 query heads per KV
  *                  head); Redis: GET of that session's fp16 K and V, which a worker would need
  *                  to attend locally (logical bytes: the session's K/V).
+ * A read workload and its Redis reference run interleaved (--rounds segments each, the order
+ * alternating), so both see the same machine load.
  * Each workload prints one JSON line: requests/s, logical fp16 GB/s, p50/p99 latency for
  * kvtierd and for Redis, the ratio (kvtierd / Redis throughput; Redis / kvtierd memory) and
  * the target it is reported against (never asserted): fetch >= 1.0x Redis GET, fetch_encoded
  * >= 3x, append >= 0.7x Redis SET, memory >= 4.5x less at INT2 G32.
+ *
+ * Every client thread has its own connection to each server (a local gRPC subchannel pool, as
+ * each hiredis context has its own socket), unless --shared-connection puts all threads'
+ * calls on one HTTP/2 connection (gRPC's default for channels with the same target); the JSON
+ * says which ("connections").
  *
  * Correctness is checked on the way (a benchmark of wrong answers is worthless): every reply
  * has the expected size, the scheme-none path compares bytes, Stats agrees on token counts.
@@ -56,12 +66,15 @@ struct svc_opts {
 	unsigned threads;
 	unsigned layers, heads, head_dim;
 	unsigned tokens;           /* per batch (append, fetch) */
+	unsigned restore_tokens;   /* per fetch_restore (a multiple of tokens; 0: skip) */
+	int shared_connection;     /* all threads on one gRPC connection */
 	unsigned sessions;         /* per thread */
 	unsigned session_tokens;   /* per session */
 	double seconds;            /* per timed read workload */
 	const char *scheme;
 	unsigned bits, group, chunk_tokens, sinks;
 	int redis;                 /* 0: --no-redis */
+	unsigned rounds;           /* read workloads: alternating kvtierd / Redis segments */
 };
 
 struct lat {
@@ -231,6 +244,7 @@ struct svc {
 	size_t batch_bytes;        /* K (or V) bytes of one batch */
 	unsigned batches_per_session;
 	enum workload wl;
+	unsigned fetch_batches;    /* batches per fetch (1, or restore_tokens / tokens) */
 	double deadline_s;         /* read workloads run until this many seconds have passed */
 	pthread_barrier_t barrier;
 };
@@ -291,24 +305,25 @@ static int one_op(struct worker *w, unsigned i)
 		return 0;
 	}
 	case W_FETCH: {
+		unsigned nb = s->fetch_batches;
+		size_t want = s->batch_bytes * nb;
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
-		batch = (unsigned)(kvt_bench_rand(&w->rng) % s->batches_per_session);
+		batch = (unsigned)(kvt_bench_rand(&w->rng) % (s->batches_per_session - nb + 1));
 		session_name(name, sizeof(name), w->index, sess);
 		struct kvt_client_fetch_range r;
 		struct kvt_client_fetch_result fr;
 		kvt_client_fetch_range_init(&r);
 		r.token_begin = (uint64_t)batch * o->tokens;
-		r.token_end = r.token_begin + o->tokens;
+		r.token_end = r.token_begin + (uint64_t)nb * o->tokens;
 		r.layer_begin = 0;
 		r.layer_end = o->layers;
 		r.dtype = KVT_CLIENT_DTYPE_F16;
 		r.raw = 1; /* every field given: no Stat round trip */
-		if (kvt_client_fetch(w->kc, name, &r, w->fk, s->batch_bytes, w->fv, s->batch_bytes,
-				     &fr, &st))
+		if (kvt_client_fetch(w->kc, name, &r, w->fk, want, w->fv, want, &fr, &st))
 			return fail(w, "fetch", &st);
-		if (fr.k_bytes != s->batch_bytes || fr.v_bytes != s->batch_bytes)
+		if (fr.k_bytes != want || fr.v_bytes != want)
 			return fail(w, "fetch: short reply", NULL);
-		w->bytes += (double)batch_kv;
+		w->bytes += 2.0 * (double)want;
 		return 0;
 	}
 	case W_FETCH_ENCODED: {
@@ -354,14 +369,25 @@ static int one_op(struct worker *w, unsigned i)
 	case W_REDIS_GET:
 	case W_REDIS_GET_SESSION: {
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
-		unsigned n = s->wl == W_REDIS_GET ? 1 : s->batches_per_session;
+		unsigned n = s->wl == W_REDIS_GET ? s->fetch_batches : s->batches_per_session;
 		unsigned b0 = s->wl == W_REDIS_GET
-				      ? (unsigned)(kvt_bench_rand(&w->rng) % s->batches_per_session)
+				      ? (unsigned)(kvt_bench_rand(&w->rng) %
+						   (s->batches_per_session - n + 1))
 				      : 0;
+		/* A fetch's keys in one round trip (pipelined: the fastest way hiredis gets them);
+		 * a whole session's keys (attend's reference) one at a time as before. */
+		unsigned depth = s->wl == W_REDIS_GET ? n : 1;
 		for (unsigned b = b0; b < b0 + n; b++) {
-			snprintf(key, sizeof(key), "bench:t%u:s%u:b%u", w->index, sess, b);
-			redisReply *r = redisCommand(w->rc, "GET %s", key);
-			if (!r || r->type != REDIS_REPLY_STRING || (size_t)r->len != batch_kv)
+			if ((b - b0) % depth == 0)
+				for (unsigned q = b; q < b + depth && q < b0 + n; q++) {
+					snprintf(key, sizeof(key), "bench:t%u:s%u:b%u", w->index,
+						 sess, q);
+					if (redisAppendCommand(w->rc, "GET %s", key) != REDIS_OK)
+						return redis_fail(w, "GET", NULL);
+				}
+			redisReply *r = NULL;
+			if (redisGetReply(w->rc, (void **)&r) != REDIS_OK || !r ||
+			    r->type != REDIS_REPLY_STRING || (size_t)r->len != batch_kv)
 				return redis_fail(w, "GET", r);
 			freeReplyObject(r);
 			w->bytes += (double)batch_kv;
@@ -399,15 +425,21 @@ struct measured {
 	int ok;
 };
 
-static struct measured run_workload(struct svc *s, enum workload wl)
+/* What segments of one workload add up to. */
+struct acc {
+	struct lat all;
+	double bytes, secs;
+	uint64_t requests;
+	int failed;
+};
+
+/* One segment: every thread runs wl (until seconds pass, for read workloads). */
+static void run_segment(struct svc *s, enum workload wl, double seconds, struct acc *a)
 {
-	struct measured m;
 	pthread_t th[MAX_THREADS];
-	struct lat all = {0};
-	double bytes = 0, secs = 0;
-	memset(&m, 0, sizeof(m));
+	double secs = 0;
 	s->wl = wl;
-	s->deadline_s = s->o.seconds;
+	s->deadline_s = seconds;
 	pthread_barrier_init(&s->barrier, NULL, s->o.threads);
 	for (unsigned i = 0; i < s->o.threads; i++) {
 		struct worker *w = &s->w[i];
@@ -420,29 +452,73 @@ static struct measured run_workload(struct svc *s, enum workload wl)
 			exit(1);
 		}
 	}
-	m.ok = 1;
 	for (unsigned i = 0; i < s->o.threads; i++) {
 		struct worker *w = &s->w[i];
 		pthread_join(th[i], NULL);
 		if (w->failed) {
 			fprintf(stderr, "kvtier-bench service: thread %u: %s\n", i, w->err);
-			m.ok = 0;
+			a->failed = 1;
 		}
 		for (size_t j = 0; j < w->lat.n; j++)
-			lat_add(&all, w->lat.us[j]);
-		m.requests += w->ops;
-		bytes += w->bytes;
+			lat_add(&a->all, w->lat.us[j]);
+		a->requests += w->ops;
+		a->bytes += w->bytes;
 		secs = w->seconds > secs ? w->seconds : secs; /* the slowest thread: conservative */
 	}
+	a->secs += secs;
 	pthread_barrier_destroy(&s->barrier);
-	qsort(all.us, all.n, sizeof(double), cmp_double);
-	m.seconds = secs;
-	m.req_per_s = secs > 0 ? (double)m.requests / secs : NAN;
-	m.gb_per_s = secs > 0 ? bytes / secs / 1e9 : NAN;
-	m.p50_us = lat_pct(&all, 50);
-	m.p99_us = lat_pct(&all, 99);
-	free(all.us);
+}
+
+static struct measured acc_result(struct acc *a)
+{
+	struct measured m;
+	memset(&m, 0, sizeof(m));
+	qsort(a->all.us, a->all.n, sizeof(double), cmp_double);
+	m.ok = !a->failed;
+	m.requests = a->requests;
+	m.seconds = a->secs;
+	m.req_per_s = a->secs > 0 ? (double)a->requests / a->secs : NAN;
+	m.gb_per_s = a->secs > 0 ? a->bytes / a->secs / 1e9 : NAN;
+	m.p50_us = lat_pct(&a->all, 50);
+	m.p99_us = lat_pct(&a->all, 99);
+	free(a->all.us);
 	return m;
+}
+
+static struct measured run_workload(struct svc *s, enum workload wl)
+{
+	struct acc a;
+	memset(&a, 0, sizeof(a));
+	run_segment(s, wl, s->o.seconds, &a);
+	return acc_result(&a);
+}
+
+/*
+ * A read workload and its Redis reference, interleaved: --rounds rounds of seconds / rounds
+ * each, alternating which server goes first, so both see the same share of whatever else
+ * the machine is doing (the development box is shared; a minute of drift between two
+ * back-to-back runs would otherwise decide the ratio).
+ */
+static void run_pair(struct svc *s, enum workload kv_wl, enum workload redis_wl,
+		     struct measured *kv, struct measured *redis)
+{
+	struct acc ak, ar;
+	unsigned rounds = s->o.redis ? s->o.rounds : 1;
+	double seg = s->o.seconds / rounds;
+	memset(&ak, 0, sizeof(ak));
+	memset(&ar, 0, sizeof(ar));
+	for (unsigned r = 0; r < rounds && !ak.failed && !ar.failed; r++) {
+		if (s->o.redis && r % 2 == 0)
+			run_segment(s, redis_wl, seg, &ar);
+		run_segment(s, kv_wl, seg, &ak);
+		if (s->o.redis && r % 2 == 1)
+			run_segment(s, redis_wl, seg, &ar);
+	}
+	*kv = acc_result(&ak);
+	if (s->o.redis)
+		*redis = acc_result(&ar);
+	else
+		free(ar.all.us);
 }
 
 static void common_fields(struct kvt_bench_json *j, const struct svc *s, const char *workload)
@@ -454,7 +530,11 @@ static void common_fields(struct kvt_bench_json *j, const struct svc *s, const c
 	kvt_bench_json_int(j, "kv_heads", s->o.heads);
 	kvt_bench_json_int(j, "head_dim", s->o.head_dim);
 	kvt_bench_json_int(j, "batch_tokens", s->o.tokens);
+	kvt_bench_json_int(j, "fetch_tokens", (long long)s->fetch_batches * s->o.tokens);
 	kvt_bench_json_int(j, "session_tokens", s->o.session_tokens);
+	kvt_bench_json_str(j, "connections", s->o.shared_connection
+						     ? "one gRPC connection shared by all threads"
+						     : "one per client thread (kvtierd and Redis)");
 	kvt_bench_json_str(j, "scheme", s->o.scheme);
 	kvt_bench_json_int(j, "bits", s->o.bits);
 	kvt_bench_json_int(j, "group", s->o.group);
@@ -500,9 +580,14 @@ static void usage(FILE *f)
 		"  --threads N            client threads (default 4)\n"
 		"  --layers N --kv-heads N --head-dim N   shape (default 8, 8, 128), f16\n"
 		"  --tokens N             tokens per append / fetch batch (default 128)\n"
+		"  --restore-tokens N     tokens per fetch_restore (default 1024 or the session's\n"
+		"                         length if smaller; 0 skips it)\n"
+		"  --shared-connection    all client threads on one gRPC connection\n"
 		"  --sessions N           sessions per thread (default 2)\n"
 		"  --session-tokens N     tokens per session (default 4096)\n"
-		"  --seconds S            per read workload (default 2)\n"
+		"  --seconds S            per read workload and server (default 2)\n"
+		"  --rounds N             read workloads alternate kvtierd and Redis in N segments\n"
+		"                         of seconds / N each (default 4)\n"
 		"  --scheme NAME --bits N --group N --chunk-tokens N --sinks N   the codec\n"
 		"                         (default oscar, 2, 32, 128, 4)\n");
 }
@@ -516,6 +601,7 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 	o->heads = 8;
 	o->head_dim = 128;
 	o->tokens = 128;
+	o->restore_tokens = UINT32_MAX; /* default: 1024, or less in a smaller session */
 	o->sessions = 2;
 	o->session_tokens = 4096;
 	o->seconds = 2;
@@ -525,6 +611,7 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 	o->chunk_tokens = 128;
 	o->sinks = 4;
 	o->redis = 1;
+	o->rounds = 4;
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
 		const char *val = i + 1 < argc ? argv[i + 1] : NULL;
@@ -541,12 +628,14 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 		UINT_OPT("--kv-heads", heads, 1, 64)
 		UINT_OPT("--head-dim", head_dim, 64, 256)
 		UINT_OPT("--tokens", tokens, 1, 65536)
+		UINT_OPT("--restore-tokens", restore_tokens, 0, 1u << 24)
 		UINT_OPT("--sessions", sessions, 1, 4096)
 		UINT_OPT("--session-tokens", session_tokens, 1, 1u << 24)
 		UINT_OPT("--bits", bits, 2, 8)
 		UINT_OPT("--group", group, 32, 128)
 		UINT_OPT("--chunk-tokens", chunk_tokens, 32, 1024)
 		UINT_OPT("--sinks", sinks, 0, 64)
+		UINT_OPT("--rounds", rounds, 1, 1000)
 #undef UINT_OPT
 		if (!strcmp(a, "--seconds")) {
 			if (!val || kvt_bench_parse_double(a, val, 0.01, 3600, &o->seconds))
@@ -562,6 +651,8 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 			o->scheme = argv[++i];
 		} else if (!strcmp(a, "--no-redis")) {
 			o->redis = 0;
+		} else if (!strcmp(a, "--shared-connection")) {
+			o->shared_connection = 1;
 		} else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
 			usage(stdout);
 			exit(0);
@@ -579,6 +670,16 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 		fprintf(stderr, "kvtier-bench service: --session-tokens %u must be a multiple of "
 				"--tokens %u and --chunk-tokens %u\n",
 			o->session_tokens, o->tokens, o->chunk_tokens);
+		return 2;
+	}
+	if (o->restore_tokens == UINT32_MAX) {
+		unsigned r = o->session_tokens < 1024 ? o->session_tokens : 1024;
+		o->restore_tokens = r - r % o->tokens;
+	}
+	if (o->restore_tokens % o->tokens || o->restore_tokens > o->session_tokens) {
+		fprintf(stderr, "kvtier-bench service: --restore-tokens %u must be a multiple of "
+				"--tokens %u and at most --session-tokens %u\n",
+			o->restore_tokens, o->tokens, o->session_tokens);
 		return 2;
 	}
 	if (o->layers > 256 || 2 * o->heads > 8 * 64) {
@@ -666,6 +767,7 @@ static int setup_workers(struct svc *s)
 		memset(&co, 0, sizeof(co));
 		snprintf(target, sizeof(target), "unix:%s", s->kv_sock);
 		co.target = target;
+		co.own_connection = !o->shared_connection;
 		if (kvt_client_connect(&co, &w->kc, &st)) {
 			fprintf(stderr, "kvtier-bench service: connect %s: %s\n", target, st.message);
 			return -1;
@@ -680,8 +782,9 @@ static int setup_workers(struct svc *s)
 		}
 		w->k = kvt_bench_alloc(n * 2);
 		w->v = kvt_bench_alloc(n * 2);
-		w->fk = kvt_bench_alloc(n * 2);
-		w->fv = kvt_bench_alloc(n * 2);
+		size_t fn = n * (o->restore_tokens > o->tokens ? o->restore_tokens / o->tokens : 1);
+		w->fk = kvt_bench_alloc(fn * 2);
+		w->fv = kvt_bench_alloc(fn * 2);
 		w->rbuf = kvt_bench_alloc(n * 4);
 		w->q = kvt_bench_alloc(qn * 4);
 		w->out = kvt_bench_alloc(qn * 4);
@@ -795,6 +898,7 @@ int kvt_bench_service(int argc, char **argv)
 	s.shape = (struct kvt_client_shape){o->layers, o->heads, o->head_dim, KVT_CLIENT_DTYPE_F16};
 	s.batch_bytes = (size_t)o->layers * o->tokens * o->heads * o->head_dim * 2;
 	s.batches_per_session = o->session_tokens / o->tokens;
+	s.fetch_batches = 1;
 	rc = 1;
 	if (start_servers(&s))
 		goto out;
@@ -848,20 +952,30 @@ int kvt_bench_service(int argc, char **argv)
 		goto out;
 	}
 
-	struct measured get = {0}, get_s = {0};
-	if (o->redis)
-		get = run_workload(&s, W_REDIS_GET);
-	struct measured fetch = run_workload(&s, W_FETCH);
+	struct measured get = {0}, get_s = {0}, get_r = {0}, get_e = {0}, restore = {0};
+	struct measured fetch, fenc, att;
+	s.fetch_batches = 1;
+	run_pair(&s, W_FETCH, W_REDIS_GET, &fetch, &get);
 	report(&s, "fetch", &fetch, o->redis ? &get : NULL, "redis GET of the batch's f16 K+V", 1.0);
-	struct measured fenc = run_workload(&s, W_FETCH_ENCODED);
-	report(&s, "fetch_encoded", &fenc, o->redis ? &get : NULL,
+	restore.ok = 1;
+	get_r.ok = 1;
+	if (o->restore_tokens) {
+		s.fetch_batches = o->restore_tokens / o->tokens;
+		run_pair(&s, W_FETCH, W_REDIS_GET, &restore, &get_r);
+		report(&s, "fetch_restore", &restore, o->redis ? &get_r : NULL,
+		       "redis GET of the same batches' f16 K+V, pipelined", 1.0);
+		s.fetch_batches = 1;
+	}
+	run_pair(&s, W_FETCH_ENCODED, W_REDIS_GET, &fenc, &get_e);
+	report(&s, "fetch_encoded", &fenc, o->redis ? &get_e : NULL,
 	       "redis GET of the same tokens' f16 K+V (logical bytes)", 3.0);
-	if (o->redis)
-		get_s = run_workload(&s, W_REDIS_GET_SESSION);
-	struct measured att = run_workload(&s, W_ATTEND);
+	run_pair(&s, W_ATTEND, W_REDIS_GET_SESSION, &att, &get_s);
 	report(&s, "attend", &att, o->redis ? &get_s : NULL,
 	       "redis GET of the whole session's f16 K+V (logical bytes attended)", 0);
-	rc = fetch.ok && fenc.ok && att.ok && (!o->redis || (get.ok && get_s.ok)) ? 0 : 1;
+	rc = fetch.ok && restore.ok && fenc.ok && att.ok &&
+			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok))
+		     ? 0
+		     : 1;
 out:
 	teardown_workers(&s);
 	stop_servers(&s);

@@ -53,7 +53,8 @@ static void *worker_main(void *arg)
 		p.codec.chunk_tokens = NB;
 		p.codec.group = 32;
 		if (kvt_client_open(g_c, &p, &info, &st))
-			WFAIL(w, "open %s: %s", w->ids[s], st.message);
+			WFAIL(w, "open %s: %s%s %s", w->ids[s], st.local ? "local " : "",
+			      kvt_client_code_name(st.code), st.message);
 		it_config_from_info(&info, &cfg);
 		if (kvt_seq_create(&cfg, NULL, &w->ref[s], err, sizeof(err)))
 			WFAIL(w, "local: %s", err);
@@ -79,7 +80,9 @@ static void *worker_main(void *arg)
 			free(k);
 			free(v);
 			if (rc)
-				WFAIL(w, "append %u to %s: %s %s", n, w->ids[s], st.message, err);
+				WFAIL(w, "append %u to %s: %s%s %s %s", n, w->ids[s],
+				      st.local ? "local " : "", kvt_client_code_name(st.code),
+				      st.message, err);
 		} else if (kind == 1) {
 			uint64_t t0 = it_rand_below((uint32_t)T), t1 = t0 + 1 + it_rand_below((uint32_t)(T - t0));
 			uint32_t l0 = it_rand_below(NL), l1 = l0 + 1 + it_rand_below(NL - l0);
@@ -103,7 +106,8 @@ static void *worker_main(void *arg)
 				items[l].out_cap = sizeof(out[l]);
 			}
 			if (kvt_client_attend(g_c, items, NL, 0, &st))
-				WFAIL(w, "attend %s: %s", w->ids[s], st.message);
+				WFAIL(w, "attend %s: %s%s %s", w->ids[s], st.local ? "local " : "",
+				      kvt_client_code_name(st.code), st.message);
 			for (uint32_t l = 0; l < NL; l++) {
 				if (kvt_seq_attend(ref, l, 2 * NH, 1.0f / 8.0f, q[l], r, err, sizeof(err)))
 					WFAIL(w, "local attend: %s", err);
@@ -148,12 +152,16 @@ static void test_threads_sessions(void)
 	printf("# %d operations from %d threads on %d sessions\n", atomic_load(&g_ops), N_THREADS,
 	       N_THREADS * SESSIONS_PER_THREAD);
 	KVT_CHECK(atomic_load(&g_failures) == 0, "%d threads failed", atomic_load(&g_failures));
+	if (atomic_load(&g_failures))
+		kvt_daemon_print_log(&g_d, 40); /* what the daemon saw (debug level) */
 }
 
 int main(void)
 {
 	kvt_test_init();
-	if (kvt_daemon_start(&g_d, NULL) != 0) {
+	/* debug: every failed request is logged, printed if a thread fails */
+	static const char *const args[] = { "--log-level=debug", NULL };
+	if (kvt_daemon_start(&g_d, args) != 0) {
 		printf("not ok - kvtierd did not start\n");
 		return 1;
 	}

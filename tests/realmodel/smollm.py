@@ -12,6 +12,7 @@ K are in the same channel order as llama.cpp's KV cache.
 The KV cache is pluggable (kvcache.py): forward() runs blocks no longer than the backend's
 max_block() and commits each block's K/V after the last layer.
 """
+import json
 import os
 import sys
 
@@ -34,36 +35,96 @@ def q8_blocks(x):
     return (q * d).reshape(sh).astype(np.float32)
 
 
+CACHE_VERSION = 1
+
+
+def _read_gguf(path):
+    """(hyperparameters, tokenizer arguments, float32 weights by tensor name) from the GGUF file:
+    weights dequantized by the `gguf` package."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    r = GGUFReader(path)
+    f = r.fields
+    arch = f["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r}, expected 'llama'")
+
+    def meta(name):
+        return f[f"{arch}.{name}"].contents()
+    hp = dict(n_layers=int(meta("block_count")), d_model=int(meta("embedding_length")),
+              n_heads=int(meta("attention.head_count")),
+              n_kv_heads=int(meta("attention.head_count_kv")),
+              n_ff=int(meta("feed_forward_length")),
+              eps=float(meta("attention.layer_norm_rms_epsilon")),
+              rope_base=float(meta("rope.freq_base")), rope_dims=int(meta("rope.dimension_count")),
+              n_ctx_train=int(meta("context_length")))
+    BPETokenizer.from_gguf(r)  # validates the tokenizer kind (gpt2 BPE, smollm pre-tokenizer)
+
+    def get(name, default=None):
+        return f[name].contents() if name in f else default
+    tok = dict(tokens=list(get("tokenizer.ggml.tokens")),
+               token_types=[int(t) for t in get("tokenizer.ggml.token_type")],
+               merges=list(get("tokenizer.ggml.merges")),
+               bos_id=get("tokenizer.ggml.bos_token_id"), eos_id=get("tokenizer.ggml.eos_token_id"),
+               add_bos=bool(get("tokenizer.ggml.add_bos_token", False)))
+    for k in ("bos_id", "eos_id"):
+        tok[k] = None if tok[k] is None else int(tok[k])
+    w = {t.name: np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+         for t in r.tensors}
+    return hp, tok, w
+
+
+def load_weights(path):
+    """_read_gguf(path), through a cache of the dequantized result next to the model file
+    (<path>.f32cache.npz, ~540 MB): parsing the GGUF metadata and dequantizing take 15-60 s on
+    a busy 2-core machine, loading the cache about a second. The cache records the model file's
+    size and mtime and is rebuilt when they differ; the values are the same float32 arrays
+    (np.savez is lossless). KVTIER_MODEL_CACHE=0 disables it."""
+    st = os.stat(path)
+    src = dict(version=CACHE_VERSION, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    cache = path + ".f32cache.npz"
+    use = os.environ.get("KVTIER_MODEL_CACHE", "1") != "0"
+    if use and os.path.exists(cache):
+        try:
+            with np.load(cache) as z:
+                meta = json.loads(str(z["__meta__"]))
+                if meta["source"] == src:
+                    w = {k: z[k] for k in z.files if k != "__meta__"}
+                    return meta["hp"], meta["tok"], w
+        except (OSError, ValueError, KeyError) as e:
+            print(f"smollm: ignoring unreadable weight cache {cache}: {e}", file=sys.stderr)
+    hp, tok, w = _read_gguf(path)
+    if use:
+        tmp = f"{cache}.{os.getpid()}.tmp.npz"
+        try:
+            np.savez(tmp, __meta__=np.array(json.dumps(dict(source=src, hp=hp, tok=tok))), **w)
+            os.replace(tmp, cache)   # atomic: a reader never sees a half-written cache
+        except OSError as e:
+            print(f"smollm: could not write the weight cache {cache}: {e}", file=sys.stderr)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return hp, tok, w
+
+
 class SmolLM:
     def __init__(self, path, emulate_llamacpp=False):
         """emulate_llamacpp: quantize matmul inputs to 8 bits in blocks of 32 and round Q/K/V to
         fp16, as llama.cpp's CPU backend does (a diagnostic that shows where the remaining
         difference to llama.cpp comes from; off for every measurement)."""
         self.emulate = emulate_llamacpp
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-        r = GGUFReader(path)
-        f = r.fields
-        arch = f["general.architecture"].contents()
-        if arch != "llama":
-            raise ValueError(f"{path}: architecture {arch!r}, expected 'llama'")
-
-        def meta(name):
-            return f[f"{arch}.{name}"].contents()
-        self.n_layers = int(meta("block_count"))
-        self.d_model = int(meta("embedding_length"))
-        self.n_heads = int(meta("attention.head_count"))
-        self.n_kv_heads = int(meta("attention.head_count_kv"))
+        hp, tok, w = load_weights(path)
+        self.n_layers = hp["n_layers"]
+        self.d_model = hp["d_model"]
+        self.n_heads = hp["n_heads"]
+        self.n_kv_heads = hp["n_kv_heads"]
         self.head_dim = self.d_model // self.n_heads
-        self.n_ff = int(meta("feed_forward_length"))
-        self.eps = float(meta("attention.layer_norm_rms_epsilon"))
-        self.rope_base = float(meta("rope.freq_base"))
-        self.rope_dims = int(meta("rope.dimension_count"))
-        self.n_ctx_train = int(meta("context_length"))
+        self.n_ff = hp["n_ff"]
+        self.eps = hp["eps"]
+        self.rope_base = hp["rope_base"]
+        self.rope_dims = hp["rope_dims"]
+        self.n_ctx_train = hp["n_ctx_train"]
         assert self.rope_dims == self.head_dim, "partial RoPE is not implemented"
-        self.tokenizer = BPETokenizer.from_gguf(r)
-        w = {t.name: np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-             for t in r.tensors}
+        self.tokenizer = BPETokenizer(**tok)
         self.tok_embd = w["token_embd.weight"]                     # [vocab][d_model]
         self.vocab = self.tok_embd.shape[0]
         self.out_norm = w["output_norm.weight"]

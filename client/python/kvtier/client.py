@@ -290,9 +290,11 @@ class Client:
 
     def open_session(self, session_id: str, n_layers: int, n_kv_heads: int, head_dim: int,
                      dtype="f16", codec: dict | None = None, *, ttl_seconds: int | None = None,
-                     pinned: bool | None = None, timeout=None) -> SessionInfo:
+                     pinned: bool | None = None, tier: str | None = None,
+                     timeout=None) -> SessionInfo:
         """Creates the session or opens the existing one with the same shape and codec
-        (info.created says which). codec: dict with keys scheme ('none', 'kivi',
+        (info.created says which). tier: "host" or "gpu" (GPU-resident when the daemon has
+        a GPU tier; info.tier says where the chunks live), None: the daemon's policy. codec: dict with keys scheme ('none', 'kivi',
         'hadamard', 'oscar', 'default'), key_bits, value_bits (or bits for both), group,
         chunk_tokens, rotate_v, n_sinks, pin_detect_ratio, pin_detect_max; absent keys take
         the daemon's defaults."""
@@ -306,6 +308,8 @@ class Client:
             req.ttl_seconds = ttl_seconds
         if pinned is not None:
             req.pinned = pinned
+        if tier is not None:
+            req.tier = tier
         return self._info(self._call("OpenSession", req, timeout))
 
     def fork(self, source_session_id: str, new_session_id: str, n_tokens: int | None = None, *,
@@ -623,6 +627,89 @@ class Client:
                 o = o.reshape(shape).astype(np.float32)
                 out.append((o, r.n_tokens_attended) if with_counts else o)
         return out
+
+    # -- GPU ---------------------------------------------------------------------------------
+
+    def restore_to_device_handle(self, session_id: str, ipc_mem_handle: bytes, *,
+                                 buffer_bytes: int, k_offset_bytes: int = 0,
+                                 v_offset_bytes: int = 0, ipc_mem_handle_v: bytes | None = None,
+                                 layout: str = "contiguous", block_size: int | None = None,
+                                 block_table: Sequence[int] | None = None, tokens=None,
+                                 layers=None, dtype=None, layer_stride_bytes: int | None = None,
+                                 device_ordinal: int | None = None, timeout=None) -> dict:
+        """RestoreToDevice with the fields as the wire has them (an exported
+        cudaIpcMemHandle_t, offsets into the allocation, buffer_bytes). layout "contiguous"
+        ([layer][token][kv_head][dim] from each offset) or "paged" (every layer's pool is
+        [n_blocks][block_size][kv_head][dim]; token t goes to block block_table[t //
+        block_size]). Returns {n_tokens, bytes_written, elapsed_us}."""
+        pb = self._pb
+        lay = {"contiguous": pb.DEVICE_LAYOUT_CONTIGUOUS, "paged": pb.DEVICE_LAYOUT_PAGED}
+        if layout not in lay:
+            raise ValueError(f"layout must be 'contiguous' or 'paged', not {layout!r}")
+        req = pb.RestoreToDeviceRequest(session_id=session_id, ipc_mem_handle=bytes(ipc_mem_handle),
+                                        k_offset_bytes=k_offset_bytes, v_offset_bytes=v_offset_bytes,
+                                        buffer_bytes=buffer_bytes, layout=lay[layout])
+        if ipc_mem_handle_v is not None:
+            req.ipc_mem_handle_v = bytes(ipc_mem_handle_v)
+        if block_size is not None:
+            req.block_size = block_size
+        if block_table is not None:
+            req.block_table.extend(int(b) for b in block_table)
+        t0, t1 = _range(tokens, "tokens")
+        if t0 is not None:
+            req.token_begin = t0
+        if t1 is not None:
+            req.token_end = t1
+        l0, l1 = _range(layers, "layers")
+        if l0 is not None:
+            req.layer_begin = l0
+        if l1 is not None:
+            req.layer_end = l1
+        if dtype is not None:
+            req.dtype = dtype_code(dtype)
+        if layer_stride_bytes is not None:
+            req.layer_stride_bytes = layer_stride_bytes
+        if device_ordinal is not None:
+            req.device_ordinal = device_ordinal
+        r = self._call("RestoreToDevice", req, timeout)
+        return {"n_tokens": r.n_tokens, "bytes_written": r.bytes_written,
+                "elapsed_us": r.elapsed_us}
+
+    def restore_to_device(self, session_id: str, k, v=None, *, layout: str = "contiguous",
+                          block_size: int | None = None, block_table: Sequence[int] | None = None,
+                          tokens=None, layers=None, dtype=None,
+                          layer_stride_bytes: int | None = None, v_offset_bytes: int = 0,
+                          timeout=None) -> dict:
+        """Decodes a session straight into this process's GPU memory (kvtierd on the same
+        node and GPU). k, v: torch CUDA tensors (f16 / bf16; dtype taken from them) or raw
+        device pointers (ints; give dtype). k is where row 0 of the first restored layer of K
+        goes, v the same for V; v None: V follows K at v_offset_bytes of K's allocation. The
+        allocation's IPC handle is exported here (kvtier.cuda_ipc, ctypes on libcuda); the
+        daemon caches its mapping. Shapes are not read from the tensors: the layout
+        arguments describe the buffer (see restore_to_device_handle)."""
+        from . import cuda_ipc
+
+        kp, kdev, kdt = cuda_ipc.describe(k)
+        hk, ko, kb = cuda_ipc.export(kp, kdev)
+        args = dict(ipc_mem_handle=hk, k_offset_bytes=ko, buffer_bytes=kb)
+        vdt = None
+        if v is not None:
+            vp, vdev, vdt = cuda_ipc.describe(v)
+            hv, vo, vb = cuda_ipc.export(vp, vdev)
+            if hv != hk:
+                args["ipc_mem_handle_v"] = hv
+            args["v_offset_bytes"] = vo
+            args["buffer_bytes"] = max(kb, vb)
+        else:
+            args["v_offset_bytes"] = ko + v_offset_bytes
+        if kdt and vdt and kdt != vdt:
+            raise ValueError(f"k is {kdt} and v is {vdt}")
+        dt = dtype if dtype is not None else (kdt or vdt)
+        return self.restore_to_device_handle(session_id, layout=layout, block_size=block_size,
+                                             block_table=block_table, tokens=tokens,
+                                             layers=layers, dtype=dt,
+                                             layer_stride_bytes=layer_stride_bytes,
+                                             timeout=timeout, **args)
 
     # -- node --------------------------------------------------------------------------------
 

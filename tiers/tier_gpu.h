@@ -1,0 +1,164 @@
+/*
+ * tier_gpu.h - the GPU tier: one device arena allocated at start, a chunk allocator over it,
+ * device mirrors of GPU-resident sessions' sealed chunks, Attend on them with the GPU
+ * attention kernel, and RestoreToDevice (decode into another process's buffer through CUDA
+ * IPC). Plain C: the CUDA work is behind kernels/kvt_cuda.h, and this file compiles to a
+ * "no GPU" tier when kvtier was built without CUDA (KVT_HAVE_CUDA undefined).
+ *
+ * Availability: kvt_tier_gpu_init never fails for lack of a GPU. Without CUDA at build time,
+ * with gpu_enable off, or without a device, the tier is "unavailable" with a reason
+ * (kvt_tier_gpu_reason) and every GPU request answers -ENODEV with that reason; the daemon
+ * then behaves exactly as without this file. The CUDA context is created lazily, on the first
+ * request that needs it (or at init when the arena is enabled), so a daemon that never sees a
+ * GPU request holds no device memory.
+ *
+ * Threads: one mutex serializes every use of the device (the context, its stream, the arena,
+ * the IPC cache). A request holds it for its device work only. Lock order: a session's lock,
+ * then the tier's mutex (never the other way round).
+ */
+#ifndef KVT_TIER_GPU_H
+#define KVT_TIER_GPU_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvt_seq.h"
+#include "tier_host.h"
+
+/* ---- the arena allocator (pure C, no device needed) ------------------------------------- */
+
+/*
+ * First-fit over a free list of extents kept sorted by offset; frees coalesce with both
+ * neighbours, so the free list holds only maximal holes. Every size is rounded up to
+ * KVT_ARENA_ALIGN (256 bytes). A session's chunks share one size (give or take the pin
+ * table), so the holes a dropped session leaves are reused exactly by the next session of
+ * the same codec; mixed sizes fragment the way any first-fit does: external fragmentation is
+ * reported (largest_free vs free_bytes) and an allocation that finds no hole fails (the caller
+ * keeps that chunk on the host). O(extents) per alloc/free.
+ */
+#define KVT_ARENA_ALIGN 256
+
+struct kvt_arena_extent {
+	uint64_t off, len;
+};
+struct kvt_arena {
+	uint64_t capacity;
+	uint64_t used;
+	uint64_t allocations;
+	struct kvt_arena_extent *free; /* sorted by off, never adjacent */
+	size_t n_free, cap_free;
+};
+int kvt_arena_init(struct kvt_arena *a, uint64_t capacity);
+void kvt_arena_destroy(struct kvt_arena *a);
+/* 0 and *off, or -ENOSPC (no hole large enough) / -ENOMEM (bookkeeping). */
+int kvt_arena_alloc(struct kvt_arena *a, uint64_t bytes, uint64_t *off);
+void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes);
+uint64_t kvt_arena_largest_free(const struct kvt_arena *a);
+
+/* ---- the tier --------------------------------------------------------------------------- */
+
+struct kvt_tier_gpu_config {
+	int enable;              /* gpu_enable */
+	int device;              /* gpu_device */
+	uint64_t arena_bytes;    /* gpu_arena_bytes: 0 = no GPU tier (restore still works) */
+	uint64_t staging_bytes;  /* gpu_staging_bytes: pinned restore staging */
+	uint64_t ipc_idle_ms;    /* gpu_ipc_idle_seconds * 1000 */
+	unsigned copy_threads;   /* gpu_restore_threads: host -> pinned staging copiers */
+};
+
+struct kvt_tier_gpu;
+
+/* Always succeeds unless out of host memory (-ENOMEM); see "Availability" above. */
+int kvt_tier_gpu_init(const struct kvt_tier_gpu_config *cfg, struct kvt_tier_gpu **out);
+void kvt_tier_gpu_destroy(struct kvt_tier_gpu *g);
+/* 1 when a device can be used (the context may not exist yet). */
+int kvt_tier_gpu_usable(struct kvt_tier_gpu *g);
+/* 1 when the GPU tier (arena) is up. */
+int kvt_tier_gpu_tier_enabled(struct kvt_tier_gpu *g);
+/* Why the GPU cannot be used ("" when it can). */
+const char *kvt_tier_gpu_reason(struct kvt_tier_gpu *g);
+/* Arena bytes / chunks; name "gpu". */
+void kvt_tier_gpu_stats(struct kvt_tier_gpu *g, struct kvt_tier_stats *out,
+			uint64_t *largest_free);
+/* Counters for Stats: restores, restore bytes, IPC opens / closes / cached, attends, fallbacks. */
+void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
+			   void (*fn)(void *ctx, const char *name, uint64_t value), void *ctx);
+/* Pin hooks for the host tier (kvt_tier_host_set_pin): page-lock session data so restores
+ * copy it by DMA in place. Only for a usable GPU; without CUDA pin fails (-ENODEV). */
+int kvt_tier_gpu_pin_host(void *p, size_t bytes);
+void kvt_tier_gpu_unpin_host(void *p);
+/* Closes IPC mappings idle for longer than ipc_idle_ms (the maintenance loop calls it). */
+void kvt_tier_gpu_maintain(struct kvt_tier_gpu *g, uint64_t now_ms);
+/* Closes the IPC mappings a session last used (DropSession / eviction). */
+void kvt_tier_gpu_forget_owner(struct kvt_tier_gpu *g, const void *owner);
+
+/* ---- GPU-resident sessions -------------------------------------------------------------- */
+
+/*
+ * A session's device mirror: for each sealed chunk i, the chunk (a reference is held, so its
+ * identity cannot be reused) and its arena copy, or none when the arena had no room (that
+ * chunk is served from the host). kvt_tier_gpu_mirror_sync brings it up to date with the
+ * sequence (new chunks copied in, chunks that are no longer the sequence's released, e.g.
+ * after Truncate). The caller holds the session's lock.
+ */
+struct kvt_gpu_mirror;
+int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **m,
+			     const struct kvt_seq *seq, char *err, size_t errlen);
+void kvt_tier_gpu_mirror_free(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m);
+/* "gpu" when every sealed chunk is in the arena, "gpu+host" when some did not fit, "host"
+ * when none is (or no mirror). */
+const char *kvt_tier_gpu_mirror_tier(const struct kvt_gpu_mirror *m, uint32_t n_chunks);
+uint64_t kvt_tier_gpu_mirror_bytes(const struct kvt_gpu_mirror *m);
+
+/*
+ * Attention for one item on the GPU when every chunk of the session is resident: -EAGAIN when
+ * some chunk is not (the caller uses the CPU path), else as kvt_seq_attend: q f32
+ * [n_q_heads][d], out f32. tail_k / tail_v are host [n_tail][H][d] in the wire dtype (the
+ * caller may pass the sequence's tail plus a staged token). Session lock held.
+ */
+int kvt_tier_gpu_attend(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m,
+			const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads,
+			float softmax_scale, const float *q, const void *tail_k,
+			const void *tail_v, uint32_t n_tail, float *out, char *err,
+			size_t errlen);
+
+/* ---- RestoreToDevice --------------------------------------------------------------------- */
+
+struct kvt_gpu_restore {
+	const void *owner;            /* the session: IPC mappings are tagged with it */
+	const uint8_t *handle_k;      /* KVT_GPU_IPC_HANDLE_BYTES */
+	const uint8_t *handle_v;      /* may equal handle_k's bytes */
+	uint64_t k_offset, v_offset;
+	uint64_t buffer_bytes;        /* what the client says the allocation holds */
+	uint64_t layer_stride;        /* bytes */
+	uint32_t block_size;          /* 0 = contiguous */
+	const uint32_t *block_table;
+	size_t n_block_table;
+	uint64_t token_begin, token_end;
+	uint32_t layer_begin, layer_end;
+	uint32_t dtype;               /* f16 or bf16 */
+	int device_ordinal;           /* -1: any (the daemon's) */
+};
+#define KVT_GPU_IPC_HANDLE_BYTES 64
+
+/* Bytes past k_offset (or v_offset) the restore writes: the bound checked against
+ * buffer_bytes. Pure arithmetic (no device), for validation before any work. */
+uint64_t kvt_gpu_restore_extent(const struct kvt_gpu_restore *r, uint32_t row_bytes);
+
+struct kvt_gpu_restore_result {
+	uint64_t bytes_written;
+	uint64_t h2d_bytes;
+	uint64_t elapsed_us;
+};
+/*
+ * Opens (or reuses) the mappings, checks the extents against the true allocation sizes, and
+ * decodes the range of seq into them (chunks from the arena when resident, else copied from
+ * the host; the exact tail copied). Session lock held. Errors: -ENODEV (no GPU: the reason in
+ * err), -EINVAL (a handle, a bound or the device ordinal; err names it), -E2BIG, -EIO.
+ */
+int kvt_tier_gpu_restore(struct kvt_tier_gpu *g, const struct kvt_seq *seq,
+			 struct kvt_gpu_mirror *m, const struct kvt_gpu_restore *r,
+			 struct kvt_gpu_restore_result *res, char *err, size_t errlen);
+
+#endif
