@@ -44,7 +44,8 @@ struct att_chunk_dev {
 };
 
 struct att_item_dev {
-	uint32_t req, kind, kv_head, q_base, nq, first, count, rot_out;
+	uint32_t req, kind, kv_head, q_base, nq, first, count;
+	uint32_t group; /* its group (the combine tells rotated items by exact_begin) */
 	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
 };
 
@@ -60,11 +61,19 @@ struct att_params {
 	const att_group_dev *groups;
 	float *part_ml;  /* [n_items][RQ][2] */
 	float *part_acc; /* [n_items][RQ][D] */
-	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma, i2;
-	uint32_t gsh; /* log2(G / 32): the key group of 32-token block sb is sb >> gsh */
+	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma;
 	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
 		v_codes_off;
 	float inv_sqrt_d;
+	/* INT2 kernel (fields after the session-1 ones, so the other kernels see the same
+	 * layout) */
+	uint32_t i2;
+	uint32_t gsh; /* log2(G / 32): the key group of 32-token block sb is sb >> gsh */
+	/* fused combine (INT2 kernel, KVTIER_CUDA_FUSED_COMBINE): items done per group; the
+	 * block that completes a group merges it (and sets its counter back to 0 for the next
+	 * run of the plan) */
+	uint32_t *counters;
+	uint32_t fused;
 };
 
 struct kvt_cuda_attend_plan {
@@ -211,6 +220,37 @@ __device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, flo
 /* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
  * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
 template <int D, int N>
+__device__ void block_merge(const att_params &p, const float *red_m, const float *red_l,
+			    const float *red_acc)
+{
+	__syncthreads();
+	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
+		int q = i / D;
+		float M = -INFINITY;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			M = fmaxf(M, red_m[w * N + q]);
+		float L = 0.0f, A = 0.0f;
+		if (M != -INFINITY) {
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				float f = __expf(red_m[w * N + q] - M);
+				L += red_l[w * N + q] * f;
+				A += red_acc[(size_t)w * N * D + i] * f;
+			}
+		}
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
+		if (i % D == 0) {
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
+		}
+	}
+}
+
+/* The same with the warps' partials wstride floats apart (the INT2 kernel keeps them in its
+ * stage buffers). Kept separate from block_merge so that the other kernels compile as
+ * before. */
+template <int D, int N>
 __device__ void block_merge_strided(const att_params &p, const float *red_m, const float *red_l,
 				    const float *red_acc, size_t wstride)
 {
@@ -236,13 +276,6 @@ __device__ void block_merge_strided(const att_params &p, const float *red_m, con
 			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
 		}
 	}
-}
-
-template <int D, int N>
-__device__ __forceinline__ void block_merge(const att_params &p, const float *red_m,
-					    const float *red_l, const float *red_acc)
-{
-	block_merge_strided<D, N>(p, red_m, red_l, red_acc, (size_t)N * D);
 }
 
 /* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
@@ -1383,6 +1416,92 @@ __device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_i
 	}
 }
 
+/* The combine step inside the block that finished a group's last item: warp w merges items
+ * w, w + ATT_WARPS, ... for every query head with a running maximum (no load waits on
+ * another), the warps meet in shared memory (sm: RQ * ATT_WARPS * (2 + 2 D) floats) and
+ * warp q finalises head q: rotation back, normalisation, store. Partials written by other
+ * blocks are read through L2 (ld.cg). */
+template <int D>
+__device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *sm)
+{
+	constexpr int EPL = D / 32, N = RQ;
+	const att_group_dev g = p.groups[gi];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	float *s_ml = sm, *s_rot = sm + N * ATT_WARPS * 2, *s_ex = s_rot + N * ATT_WARPS * D;
+	float Mw[N], L[N], rot[N][EPL], ex[N][EPL];
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		Mw[q] = -INFINITY;
+		L[q] = 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			rot[q][e] = ex[q][e] = 0.0f;
+	}
+#pragma unroll 2
+	for (uint32_t i = g.item_begin + w; i < g.item_end; i += ATT_WARPS) {
+		const bool ro = i < g.exact_begin && p.rotv;
+#pragma unroll
+		for (int q = 0; q < N; q++) {
+			const float2 ml = __ldcg((const float2 *)(p.part_ml + ((size_t)i * N + q) * 2));
+			const float4 av = __ldcg((const float4 *)(p.part_acc + ((size_t)i * N + q) * D + lane * EPL));
+			const float a4[4] = {av.x, av.y, av.z, av.w};
+			const float Mn = fmaxf(Mw[q], ml.x);
+			const float fo = Mw[q] == Mn ? 1.0f : __expf(Mw[q] - Mn);
+			const float f = ml.x == -INFINITY ? 0.0f : __expf(ml.x - Mn);
+			Mw[q] = Mn;
+			L[q] = fmaf(ml.y, f, L[q] * fo);
+			const float fr = ro ? f : 0.0f, fe = f - fr;
+#pragma unroll
+			for (int e = 0; e < EPL; e++) {
+				rot[q][e] = fmaf(a4[e], fr, rot[q][e] * fo);
+				ex[q][e] = fmaf(a4[e], fe, ex[q][e] * fo);
+			}
+		}
+	}
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		if (lane == 0) {
+			s_ml[(q * ATT_WARPS + w) * 2] = Mw[q];
+			s_ml[(q * ATT_WARPS + w) * 2 + 1] = L[q];
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			s_rot[(q * ATT_WARPS + w) * D + lane * EPL + e] = rot[q][e];
+			s_ex[(q * ATT_WARPS + w) * D + lane * EPL + e] = ex[q][e];
+		}
+	}
+	__syncthreads();
+	const int q = w;
+	if ((uint32_t)q >= g.nq)
+		return;
+	float M = -INFINITY;
+#pragma unroll
+	for (int v = 0; v < ATT_WARPS; v++)
+		M = fmaxf(M, s_ml[(q * ATT_WARPS + v) * 2]);
+	float Lt = 0.0f, r[EPL], x[EPL];
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		r[e] = x[e] = 0.0f;
+#pragma unroll
+	for (int v = 0; v < ATT_WARPS; v++) {
+		const float mv = s_ml[(q * ATT_WARPS + v) * 2];
+		const float f = mv == -INFINITY ? 0.0f : __expf(mv - M);
+		Lt = fmaf(s_ml[(q * ATT_WARPS + v) * 2 + 1], f, Lt);
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			r[e] = fmaf(s_rot[(q * ATT_WARPS + v) * D + lane * EPL + e], f, r[e]);
+			x[e] = fmaf(s_ex[(q * ATT_WARPS + v) * D + lane * EPL + e], f, x[e]);
+		}
+	}
+	if (p.rotv)
+		kvt_d_fwht<EPL>(r, lane, p.inv_sqrt_d);
+	const float inv = Lt > 0.0f ? 1.0f / Lt : 0.0f;
+	float *o = p.reqs[g.req].out + (size_t)(g.q_base + q) * D + lane * EPL;
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		o[e] = (r[e] + x[e]) * inv;
+}
+
 #ifndef I2_MINB
 #define I2_MINB 4
 #endif
@@ -1473,6 +1592,25 @@ __global__ void __launch_bounds__(ATT_THREADS, I2_MINB) attend_i2_kernel(att_par
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
 	block_merge_strided<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	if (!p.fused)
+		return;
+	/* fused combine: the block that completes its group merges it */
+	__shared__ uint32_t s_last;
+	__threadfence(); /* this block's partial is visible before it is counted */
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		const att_group_dev g = p.groups[it.group];
+		const uint32_t done = atomicAdd(&p.counters[it.group], 1u) + 1u;
+		s_last = done == g.item_end - g.item_begin;
+		if (s_last)
+			p.counters[it.group] = 0; /* every item of this run has counted */
+	}
+	__syncthreads();
+	if (!s_last)
+		return;
+	__threadfence();
+	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * I2_BUF, "fits the stages");
+	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
 }
 
 /* One block per (group, query head): CMB_W warps, each merging every CMB_W-th item with a
@@ -1644,7 +1782,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * of leaving a half-empty second wave. KVTIER_CUDA_IPS (blocks per multiprocessor)
 	 * and KVTIER_CUDA_CPI (chunks per item) override it for tuning runs and tests. */
 	int bps = 4;
-	if (i2) {
+	/* resident blocks per multiprocessor of the INT2 kernel, per G (asked once: the first
+	 * query costs milliseconds) */
+	static int occ_cache[3];
+	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
+	if (i2 && occ_cache[occ_i] > 0) {
+		bps = occ_cache[occ_i];
+	} else if (i2) {
 		int nb = 0;
 		const uint32_t gv0 = cfg->group < 128 ? cfg->group : 128;
 		cudaError_t oe = gv0 == 32
@@ -1653,7 +1797,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<64>, ATT_THREADS, 0)
 			: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<128>, ATT_THREADS, 0);
 		if (oe == cudaSuccess && nb > 0)
-			bps = nb;
+			bps = occ_cache[occ_i] = nb;
 		(void)cudaGetLastError();
 	}
 	if (getenv("KVTIER_CUDA_IPS") && atoi(getenv("KVTIER_CUDA_IPS")) > 0)
@@ -1761,6 +1905,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				g->item_begin = (uint32_t)n_items;
 				att_item_dev base;
 				memset(&base, 0, sizeof(base));
+				base.group = (uint32_t)(n_groups - 1);
 				base.req = (uint32_t)r;
 				base.kv_head = h;
 				base.q_base = g->q_base;
@@ -1777,7 +1922,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					it->kind = none ? ITEM_NONE_CHUNKS : ITEM_CODED;
 					it->first = (uint32_t)chunk0 + b0;
 					it->count = b1 - b0;
-					it->rot_out = !none && cfg->rotate_v;
 				}
 				g->exact_begin = (uint32_t)n_items;
 				/* pinned tokens of each chunk, exact */
@@ -1818,7 +1962,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_items = 0, o_chunks = (o_items + sz_items + 255) & ~(size_t)255;
 		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
-		size_t o_ml = (o_reqs + sz_reqs + 255) & ~(size_t)255;
+		size_t o_cnt = (o_reqs + sz_reqs + 255) & ~(size_t)255;
+		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
 		size_t o_acc = (o_ml + n_items * rqn * 2 * 4 + 255) & ~(size_t)255;
 		size_t total = o_acc + n_items * rqn * D * 4;
 		char *host = (char *)calloc(1, o_ml);
@@ -1847,6 +1992,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.chunks = (const att_chunk_dev *)(db + o_chunks);
 		p.groups = (const att_group_dev *)(db + o_groups);
 		p.reqs = (const att_req_dev *)(db + o_reqs);
+		p.counters = (uint32_t *)(db + o_cnt);
+		/* measured on the H200: 1 x 131072 73.8 us fused vs 70.4 separate (the completing
+		 * block merges 65 partials x 4 heads with 4 warps, on the critical path); 8 x 32768
+		 * and 48 x 4096 within 1.5%: off unless asked for */
+		p.fused = i2 && getenv("KVTIER_CUDA_FUSED_COMBINE") != NULL;
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;
@@ -1939,7 +2089,7 @@ template <int GV> static cudaError_t att_launch_i2(const kvt_cuda_attend_plan *p
 {
 	cudaError_t e;
 	attend_i2_kernel<GV><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	if ((e = cudaGetLastError()) != cudaSuccess)
+	if ((e = cudaGetLastError()) != cudaSuccess || pl->p.fused)
 		return e;
 	combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
 	return cudaGetLastError();

@@ -88,7 +88,8 @@ static double rel_err(const float *a, const float *ref, size_t n)
  * fast: the shapes of the INT2 scales-on-codes kernel (oscar or kivi, INT2, bf16, head_dim
  * 128, <= 4 query heads per KV head), with up to 12 chunks a session and items forced to
  * span 1-4 chunks, so that warps walk many units (double-buffered staging, key groups
- * changing inside and across chunks).
+ * changing inside and across chunks); half of them with the combine fused into the
+ * attention kernel.
  */
 static void one_batch(int iter, bool fast)
 {
@@ -110,6 +111,9 @@ static void one_batch(int iter, bool fast)
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
+		/* half the batches merge the partials inside the attention kernel */
+		if (kvt_rand_below(2))
+			setenv("KVTIER_CUDA_FUSED_COMBINE", "1", 1);
 	}
 	const uint32_t B = cfg.chunk_tokens, L = cfg.n_layers, H = cfg.n_kv_heads,
 		       d = cfg.head_dim, nq = H * R;
@@ -190,6 +194,7 @@ static void one_batch(int iter, bool fast)
 		KVT_CHECK(rc == 0, "%s: kvt_cuda_attend: %s", desc, err);
 	}
 	unsetenv("KVTIER_CUDA_CPI");
+	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
