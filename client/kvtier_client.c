@@ -137,6 +137,7 @@ void kvt_client_codec_init(struct kvt_client_codec *codec)
 	codec->n_sinks = -1;
 	codec->pin_detect_max = -1;
 	codec->pin_detect_ratio = -1.0f;
+	codec->recent_exact_tokens = -1;
 }
 
 void kvt_client_session_params_init(struct kvt_client_session_params *p, const char *session_id,
@@ -263,6 +264,7 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 		args[6].value.integer = 1;
 		chargs.num_args = 7;
 	}
+
 
 	creds = grpc_insecure_credentials_create();
 	c->channel = grpc_channel_create(opts->target, creds, &chargs);
@@ -786,6 +788,12 @@ static void codec_to_proto(const struct kvt_client_codec *in, Kvtier__V1__CodecC
 		out->has_pin_detect_ratio = 1;
 		out->pin_detect_ratio = in->pin_detect_ratio;
 	}
+	if (in->recent_exact_tokens >= 0) {
+		out->has_recent_exact_tokens = 1;
+		out->recent_exact_tokens = (uint32_t)in->recent_exact_tokens;
+	}
+	if (in->preset[0])
+		out->preset = (char *)in->preset; /* borrowed until the request is packed */
 }
 
 static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_client_codec *out)
@@ -811,6 +819,10 @@ static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_clien
 		out->pin_detect_max = (int32_t)in->pin_detect_max;
 	if (in->has_pin_detect_ratio)
 		out->pin_detect_ratio = in->pin_detect_ratio;
+	if (in->has_recent_exact_tokens)
+		out->recent_exact_tokens = (int32_t)in->recent_exact_tokens;
+	if (in->preset)
+		snprintf(out->preset, sizeof out->preset, "%s", in->preset);
 }
 
 static void copy_str(char *dst, size_t cap, const char *src)

@@ -93,8 +93,11 @@ enum kvt_client_scheme {
 /*
  * A session's codec. In requests, a field left at its "unset" value takes the daemon's
  * default: scheme 0, the u32 fields 0, and -1 for the fields where 0 is meaningful (rotate_v,
- * n_sinks, pin_detect_max) and for pin_detect_ratio. kvt_client_codec_init() sets all unset.
- * In SessionInfo results every field holds the effective value.
+ * n_sinks, pin_detect_max, recent_exact_tokens) and for pin_detect_ratio; preset "" is unset.
+ * kvt_client_codec_init() sets all unset. A preset ("kvtier-int2", "oscar-int2": the
+ * proto's CodecConfig.preset) supplies the fields left unset instead of the daemon's
+ * defaults. In SessionInfo results every field holds the effective value, and preset the
+ * name of the preset the codec equals ("" when none).
  */
 struct kvt_client_codec {
 	uint32_t scheme;
@@ -106,6 +109,8 @@ struct kvt_client_codec {
 	int32_t n_sinks;
 	int32_t pin_detect_max;
 	float pin_detect_ratio;
+	int32_t recent_exact_tokens; /* W: 0 or chunk_tokens..1024 (-1 unset) */
+	char preset[32];
 };
 void kvt_client_codec_init(struct kvt_client_codec *codec);
 

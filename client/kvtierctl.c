@@ -46,6 +46,8 @@ static void usage(FILE *out)
 		"        K, V: [layers][tokens][kv_heads][head_dim] float16 or float32 .npy\n"
 		"        codec flags: --scheme none|kivi|hadamard|oscar --key-bits N --value-bits N\n"
 		"                     --group G --chunk-tokens B --sinks S --no-rotate-v\n"
+		"                     --recent-exact W (0 or B..1024: newest W-B+1..W tokens exact)\n"
+		"                     --preset kvtier-int2|oscar-int2 (supplies the flags not given)\n"
 		"  get ID --out-k K.npy --out-v V.npy [--tokens A:B] [--layers A:B] [--dtype f16|f32]\n"
 		"  demo [--sessions N] [--tokens T] [--layers L] [--kv-heads H] [--q-heads HQ]\n"
 		"       [--head-dim D] [--block-tokens N] [--attend-steps N] [codec flags]\n"
@@ -131,7 +133,8 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		return 1;
 	}
 	if (strcmp(a, "--scheme") && strcmp(a, "--key-bits") && strcmp(a, "--value-bits") &&
-	    strcmp(a, "--group") && strcmp(a, "--chunk-tokens") && strcmp(a, "--sinks"))
+	    strcmp(a, "--group") && strcmp(a, "--chunk-tokens") && strcmp(a, "--sinks") &&
+	    strcmp(a, "--recent-exact") && strcmp(a, "--preset"))
 		return 0;
 	if (*i + 1 >= argc) {
 		fprintf(stderr, "kvtierctl: %s needs a value\n", a);
@@ -148,6 +151,17 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		c->scheme = (uint32_t)s + 1; /* the wire numbering starts at DEFAULT = 0 */
 		return 1;
 	}
+	if (!strcmp(a, "--preset")) {
+		struct kvt_codec_config probe;
+		char perr[160];
+		memset(&probe, 0, sizeof probe);
+		if (kvt_codec_preset(&probe, val, perr, sizeof perr)) {
+			fprintf(stderr, "kvtierctl: --%s\n", perr);
+			return -1;
+		}
+		snprintf(c->preset, sizeof c->preset, "%s", val);
+		return 1;
+	}
 	if (parse_u32(val, &v)) {
 		fprintf(stderr, "kvtierctl: %s %s is not a number\n", a, val);
 		return -1;
@@ -160,6 +174,8 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		c->group = v;
 	else if (!strcmp(a, "--chunk-tokens"))
 		c->chunk_tokens = v;
+	else if (!strcmp(a, "--recent-exact"))
+		c->recent_exact_tokens = (int32_t)v;
 	else
 		c->n_sinks = (int32_t)v;
 	return 1;
@@ -223,10 +239,12 @@ static void print_info(const struct kvt_client_session_info *i)
 	printf("session_id        %s\n", i->session_id);
 	printf("shape             layers %u, kv_heads %u, head_dim %u, dtype %s\n", i->n_layers,
 	       i->n_kv_heads, i->head_dim, kvt_dtype_name(i->dtype) ? kvt_dtype_name(i->dtype) : "?");
-	printf("codec             %s K%u/V%u G%u B%u sinks %d rotate_v %d pin_detect %.3f/%d\n",
+	printf("codec             %s K%u/V%u G%u B%u sinks %d rotate_v %d pin_detect %.3f/%d "
+	       "recent_exact %d%s%s\n",
 	       wire_scheme_name(i->codec.scheme), i->codec.key_bits, i->codec.value_bits,
 	       i->codec.group, i->codec.chunk_tokens, i->codec.n_sinks, i->codec.rotate_v,
-	       i->codec.pin_detect_ratio, i->codec.pin_detect_max);
+	       i->codec.pin_detect_ratio, i->codec.pin_detect_max, i->codec.recent_exact_tokens,
+	       i->codec.preset[0] ? " preset " : "", i->codec.preset);
 	printf("tokens            %" PRIu64 " (%u chunks sealed, %u in the exact tail)\n",
 	       i->n_tokens, i->n_chunks, i->tail_tokens);
 	printf("bytes_held        %" PRIu64 " (dense f16: %" PRIu64 ", %.2fx)\n", i->bytes_held,

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kvt_codec.h"
 #include "log.h"
 
 struct kvt_config kvt_config_live;
@@ -80,9 +81,9 @@ static const struct opt opts[] = {
 	 "default value bits: 2, 4 or 8"},
 	{"default_group", OPT_U64, OFF(default_group), 32, 128, 0, 0, NULL, "32", 1,
 	 "default quantization group G: 32, 64 or 128"},
-	{"default_chunk_tokens", OPT_U64, OFF(default_chunk_tokens), 32, 1024, 0, 0, NULL, "128",
+	{"default_chunk_tokens", OPT_U64, OFF(default_chunk_tokens), 32, 1024, 0, 0, NULL, "32",
 	 1, "default chunk size B in tokens: a multiple of G"},
-	{"default_n_sinks", OPT_U64, OFF(default_n_sinks), 0, 64, 0, 0, NULL, "4", 1,
+	{"default_n_sinks", OPT_U64, OFF(default_n_sinks), 0, 64, 0, 0, NULL, "8", 1,
 	 "default count S of leading tokens kept exact (<= B)"},
 	{"default_rotate_v", OPT_BOOL, OFF(default_rotate_v), 0, 1, 0, 0, NULL, "yes", 1,
 	 "rotate values too (hadamard and oscar; ignored for none and kivi)"},
@@ -90,6 +91,10 @@ static const struct opt opts[] = {
 	 NULL, "0", 1, "pin tokens whose key norm is below ratio x median (0 = off)"},
 	{"default_pin_detect_max", OPT_U64, OFF(default_pin_detect_max), 0, 1024, 0, 0, NULL, "0",
 	 1, "at most this many detected pins per chunk (<= B)"},
+	{"default_recent_exact_tokens", OPT_U64, OFF(default_recent_exact_tokens), 0,
+	 KVT_MAX_RECENT_EXACT, 0, 0, NULL, "128", 1,
+	 "default recent window W: the newest W-B+1..W tokens stay exact (0 = seal every B; "
+	 "else >= B)"},
 	{"log_level", OPT_ENUM, OFF(log_level), 0, 0, 0, 0, level_names, "info", 1,
 	 "least severe level logged: debug, info, warn, error"},
 	{"maintenance_interval_ms", OPT_U64, OFF(maintenance_interval_ms), 10, 60000, 0, 0, NULL,
@@ -563,6 +568,14 @@ int kvt_config_validate(const struct kvt_config *c, char *err, size_t errlen)
 			 c->default_pin_detect_max, c->default_chunk_tokens);
 		return -EINVAL;
 	}
+	if (c->default_recent_exact_tokens &&
+	    c->default_recent_exact_tokens < c->default_chunk_tokens) {
+		snprintf(err, errlen,
+			 "default_recent_exact_tokens = %" PRIu64 " is below default_chunk_tokens = "
+			 "%" PRIu64 " (0 turns the window off)",
+			 c->default_recent_exact_tokens, c->default_chunk_tokens);
+		return -EINVAL;
+	}
 	if (c->max_ttl_seconds && c->default_ttl_seconds > c->max_ttl_seconds) {
 		snprintf(err, errlen,
 			 "default_ttl_seconds = %" PRIu64 " exceeds max_ttl_seconds = %" PRIu64,
@@ -636,6 +649,24 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 			char path[KVT_CONFIG_STR_MAX + 32];
 			kvt_config_socket_path(cfg, path, sizeof path);
 			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
+		}
+		if (opts[i].offset == OFF(default_recent_exact_tokens)) {
+			/* Name the preset the default codec spells, if any. */
+			struct kvt_codec_config d;
+			memset(&d, 0, sizeof d);
+			d.scheme = (uint32_t)cfg->default_scheme;
+			d.key_bits = (uint32_t)cfg->default_key_bits;
+			d.value_bits = (uint32_t)cfg->default_value_bits;
+			d.group = (uint32_t)cfg->default_group;
+			d.chunk_tokens = (uint32_t)cfg->default_chunk_tokens;
+			d.rotate_v = (uint32_t)cfg->default_rotate_v;
+			d.n_sinks = (uint32_t)cfg->default_n_sinks;
+			d.pin_detect_ratio = (float)cfg->default_pin_detect_ratio;
+			d.pin_detect_max = (uint32_t)cfg->default_pin_detect_max;
+			d.recent_exact_tokens = (uint32_t)cfg->default_recent_exact_tokens;
+			const char *pn = kvt_codec_preset_name(&d);
+			fprintf(out, "%s default codec: %s%s", sources ? ";" : "  #",
+				pn ? "preset " : "custom (no preset)", pn ? pn : "");
 		}
 		fputc('\n', out);
 	}

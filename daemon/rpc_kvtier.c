@@ -133,6 +133,29 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 	cfg->n_kv_heads = r->n_kv_heads;
 	cfg->head_dim = r->head_dim;
 	cfg->dtype = (uint32_t)r->dtype;
+	/* What absent fields take: the named preset's values when codec.preset is set, else the
+	 * daemon's default_* keys (which by default spell the preset kvtier-int2). */
+	struct kvt_codec_config d = *cfg;
+	if (cc && cc->preset && cc->preset[0]) {
+		char perr[200] = "";
+		if (kvt_codec_preset(&d, cc->preset, perr, sizeof perr)) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec.%s", perr);
+			return -1;
+		}
+	} else {
+		double ratio;
+		__atomic_load(&kvt_config_live.default_pin_detect_ratio, &ratio, __ATOMIC_RELAXED);
+		d.scheme = (uint32_t)KVT_CFG(default_scheme);
+		d.key_bits = (uint32_t)KVT_CFG(default_key_bits);
+		d.value_bits = (uint32_t)KVT_CFG(default_value_bits);
+		d.group = (uint32_t)KVT_CFG(default_group);
+		d.chunk_tokens = (uint32_t)KVT_CFG(default_chunk_tokens);
+		d.rotate_v = (uint32_t)KVT_CFG(default_rotate_v);
+		d.n_sinks = (uint32_t)KVT_CFG(default_n_sinks);
+		d.pin_detect_ratio = (float)ratio;
+		d.pin_detect_max = (uint32_t)KVT_CFG(default_pin_detect_max);
+		d.recent_exact_tokens = (uint32_t)KVT_CFG(default_recent_exact_tokens);
+	}
 	if (cc && cc->has_scheme && cc->scheme != KVTIER__V1__SCHEME__SCHEME_DEFAULT) {
 		if ((int)cc->scheme < 1 || (int)cc->scheme > 4) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
@@ -143,7 +166,7 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		}
 		cfg->scheme = (uint32_t)cc->scheme - 1;
 	} else {
-		cfg->scheme = (uint32_t)KVT_CFG(default_scheme);
+		cfg->scheme = d.scheme;
 	}
 	int exact = cfg->scheme == KVT_SCHEME_NONE;
 	if (exact) {
@@ -158,9 +181,8 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		}
 		cfg->key_bits = cfg->value_bits = 16;
 	} else {
-		cfg->key_bits = cc && cc->has_key_bits ? cc->key_bits : (uint32_t)KVT_CFG(default_key_bits);
-		cfg->value_bits = cc && cc->has_value_bits ? cc->value_bits
-							   : (uint32_t)KVT_CFG(default_value_bits);
+		cfg->key_bits = cc && cc->has_key_bits ? cc->key_bits : d.key_bits;
+		cfg->value_bits = cc && cc->has_value_bits ? cc->value_bits : d.value_bits;
 		if (!bits_ok(cfg->key_bits) || !bits_ok(cfg->value_bits)) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec.%s %u is not one of 2, 4, 8",
 				     !bits_ok(cfg->key_bits) ? "key_bits" : "value_bits",
@@ -168,9 +190,8 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 			return -1;
 		}
 	}
-	cfg->group = cc && cc->has_group ? cc->group : (uint32_t)KVT_CFG(default_group);
-	cfg->chunk_tokens = cc && cc->has_chunk_tokens ? cc->chunk_tokens
-						       : (uint32_t)KVT_CFG(default_chunk_tokens);
+	cfg->group = cc && cc->has_group ? cc->group : d.group;
+	cfg->chunk_tokens = cc && cc->has_chunk_tokens ? cc->chunk_tokens : d.chunk_tokens;
 	int rotating = cfg->scheme == KVT_SCHEME_HADAMARD || cfg->scheme == KVT_SCHEME_OSCAR;
 	if (cc && cc->has_rotate_v) {
 		if (cc->rotate_v && !rotating) {
@@ -180,13 +201,12 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		}
 		cfg->rotate_v = cc->rotate_v ? 1 : 0;
 	} else {
-		cfg->rotate_v = rotating ? (uint32_t)KVT_CFG(default_rotate_v) : 0;
+		cfg->rotate_v = rotating ? d.rotate_v : 0;
 	}
 	if (cc && cc->has_n_sinks) {
 		cfg->n_sinks = cc->n_sinks;
 	} else {
-		uint32_t s = (uint32_t)KVT_CFG(default_n_sinks);
-		cfg->n_sinks = s < cfg->chunk_tokens ? s : cfg->chunk_tokens;
+		cfg->n_sinks = d.n_sinks < cfg->chunk_tokens ? d.n_sinks : cfg->chunk_tokens;
 	}
 	if (cc && cc->has_pin_detect_ratio) {
 		if (!(cc->pin_detect_ratio >= 0.0f && cc->pin_detect_ratio < 1.0f)) {
@@ -197,15 +217,33 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		}
 		cfg->pin_detect_ratio = cc->pin_detect_ratio;
 	} else {
-		double d;
-		__atomic_load(&kvt_config_live.default_pin_detect_ratio, &d, __ATOMIC_RELAXED);
-		cfg->pin_detect_ratio = (float)d;
+		cfg->pin_detect_ratio = d.pin_detect_ratio;
 	}
 	if (cc && cc->has_pin_detect_max) {
 		cfg->pin_detect_max = cc->pin_detect_max;
 	} else {
-		uint32_t m = (uint32_t)KVT_CFG(default_pin_detect_max);
-		cfg->pin_detect_max = m < cfg->chunk_tokens ? m : cfg->chunk_tokens;
+		cfg->pin_detect_max =
+			d.pin_detect_max < cfg->chunk_tokens ? d.pin_detect_max : cfg->chunk_tokens;
+	}
+	if (cc && cc->has_recent_exact_tokens) {
+		uint32_t w = cc->recent_exact_tokens;
+		if (w != 0 && (w < cfg->chunk_tokens || w > KVT_MAX_RECENT_EXACT)) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "codec.recent_exact_tokens %u is not 0 or in chunk_tokens..%d "
+				     "(%u..%d)",
+				     w, KVT_MAX_RECENT_EXACT, cfg->chunk_tokens, KVT_MAX_RECENT_EXACT);
+			return -1;
+		}
+		cfg->recent_exact_tokens = w;
+	} else if (cc && cc->has_chunk_tokens) {
+		/* A client that chose its chunk size without a window keeps the sealing it had
+		 * before windows existed: a chunk every chunk_tokens tokens. */
+		cfg->recent_exact_tokens = 0;
+	} else {
+		/* The default (or the preset's) window goes with the default (or the preset's)
+		 * chunk size; one narrower than the chunk cannot apply (a window holds >= B). */
+		cfg->recent_exact_tokens =
+			d.recent_exact_tokens >= cfg->chunk_tokens ? d.recent_exact_tokens : 0;
 	}
 	char err[400] = "";
 	if (kvt_codec_config_validate(cfg, err, sizeof err)) {
@@ -220,6 +258,7 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 struct info_msg {
 	Kvtier__V1__SessionInfo info;
 	Kvtier__V1__CodecConfig codec;
+	char preset[32];
 };
 
 static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kvt_session_info *i)
@@ -247,6 +286,14 @@ static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kv
 	m->codec.pin_detect_ratio = c->pin_detect_ratio;
 	m->codec.has_pin_detect_max = 1;
 	m->codec.pin_detect_max = c->pin_detect_max;
+	m->codec.has_recent_exact_tokens = 1;
+	m->codec.recent_exact_tokens = c->recent_exact_tokens;
+	/* The preset this codec equals, if any (the shape does not matter). */
+	const char *pn = kvt_codec_preset_name(c);
+	if (pn) {
+		snprintf(m->preset, sizeof m->preset, "%s", pn);
+		m->codec.preset = m->preset;
+	}
 	m->info.session_id = s->id;
 	m->info.has_n_layers = 1;
 	m->info.n_layers = c->n_layers;
@@ -2159,6 +2206,7 @@ static int store_piece(struct store_state *ss, const Kvtier__V1__EncodedPiece *p
 		}
 		got.pin_detect_ratio = ss->cfg.pin_detect_ratio;
 		got.pin_detect_max = ss->cfg.pin_detect_max;
+		got.recent_exact_tokens = ss->cfg.recent_exact_tokens; /* a session property */
 		if (kvt_codec_config_compare(&ss->cfg, &got, err, sizeof err)) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 				     "chunk %u does not match the session: %s", idx, err);

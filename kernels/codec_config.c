@@ -123,7 +123,78 @@ int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, siz
 				      "pin_detect_ratio %g needs a quantizing scheme (scheme none "
 				      "is already exact)",
 				      (double)cfg->pin_detect_ratio);
+	/* The window must hold at least one whole chunk: the oldest B exact tokens are what
+	 * gets sealed when it overflows. */
+	if (cfg->recent_exact_tokens != 0 &&
+	    (cfg->recent_exact_tokens < cfg->chunk_tokens ||
+	     cfg->recent_exact_tokens > KVT_MAX_RECENT_EXACT))
+		return kvt_codec_errf(err, errlen, -EINVAL,
+				      "recent_exact_tokens %u is not 0 (seal every chunk_tokens) or "
+				      "in chunk_tokens..%u (%u..%u)",
+				      cfg->recent_exact_tokens, KVT_MAX_RECENT_EXACT,
+				      cfg->chunk_tokens, KVT_MAX_RECENT_EXACT);
 	return 0;
+}
+
+/* ---- presets ------------------------------------------------------------------------------ */
+
+struct preset {
+	const char *name;
+	uint32_t scheme, key_bits, value_bits, group, chunk_tokens, rotate_v, n_sinks;
+	uint32_t pin_detect_max;
+	float pin_detect_ratio;
+	uint32_t recent_exact_tokens;
+};
+
+/* docs/realmodel/int2.md: what each part of kvtier-int2 contributes on SmolLM2-135M. */
+static const struct preset presets[] = {
+	{"kvtier-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 32, 1, 8, 0, 0.0f, 128},
+	{"oscar-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 128, 1, 0, 0, 0.0f, 0},
+};
+#define N_PRESETS (sizeof(presets) / sizeof(presets[0]))
+
+const char *kvt_codec_preset_names(void)
+{
+	return "kvtier-int2, oscar-int2";
+}
+
+int kvt_codec_preset(struct kvt_codec_config *cfg, const char *name, char *err, size_t errlen)
+{
+	for (size_t i = 0; name && i < N_PRESETS; i++) {
+		const struct preset *p = &presets[i];
+
+		if (strcmp(name, p->name) != 0)
+			continue;
+		cfg->scheme = p->scheme;
+		cfg->key_bits = p->key_bits;
+		cfg->value_bits = p->value_bits;
+		cfg->group = p->group;
+		cfg->chunk_tokens = p->chunk_tokens;
+		cfg->rotate_v = p->rotate_v;
+		cfg->n_sinks = p->n_sinks;
+		cfg->pin_detect_max = p->pin_detect_max;
+		cfg->pin_detect_ratio = p->pin_detect_ratio;
+		cfg->recent_exact_tokens = p->recent_exact_tokens;
+		return 0;
+	}
+	return kvt_codec_errf(err, errlen, -EINVAL, "preset '%s' is not one of %s",
+			      name ? name : "(null)", kvt_codec_preset_names());
+}
+
+const char *kvt_codec_preset_name(const struct kvt_codec_config *cfg)
+{
+	for (size_t i = 0; i < N_PRESETS; i++) {
+		const struct preset *p = &presets[i];
+
+		if (cfg->scheme == p->scheme && cfg->key_bits == p->key_bits &&
+		    cfg->value_bits == p->value_bits && cfg->group == p->group &&
+		    cfg->chunk_tokens == p->chunk_tokens && cfg->rotate_v == p->rotate_v &&
+		    cfg->n_sinks == p->n_sinks && cfg->pin_detect_max == p->pin_detect_max &&
+		    cfg->pin_detect_ratio == p->pin_detect_ratio &&
+		    cfg->recent_exact_tokens == p->recent_exact_tokens)
+			return p->name;
+	}
+	return NULL;
 }
 
 static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar"};

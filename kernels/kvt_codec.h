@@ -53,6 +53,7 @@ enum kvt_dtype {
 #define KVT_MAX_KV_HEADS 64
 #define KVT_MAX_CHUNK_TOKENS 1024
 #define KVT_MAX_SINKS 64
+#define KVT_MAX_RECENT_EXACT 1024
 
 /*
  * A codec configuration: the shape of a session and how its chunks are encoded.
@@ -70,6 +71,12 @@ enum kvt_dtype {
  *               of one layer) is below ratio x that layer's median over the chunk, in any
  *               layer, is pinned exact (at most pin_detect_max per chunk, lowest norms first)
  *   pin_detect_max    0..B
+ *   recent_exact_tokens  W = 0 or B..1024: a property of the session, not of a chunk (the
+ *               encoder ignores it and kvt_chunk_parse leaves it 0). 0: a chunk is sealed as
+ *               soon as B tokens are unsealed, so the newest 0..B-1 tokens are exact. W: the
+ *               oldest B unsealed tokens are sealed only when more than W would stay exact,
+ *               so after any append the newest min(tokens, W-B+1) .. W tokens are exact
+ *               (kvt_seq.h).
  */
 struct kvt_codec_config {
 	uint32_t scheme;
@@ -85,6 +92,8 @@ struct kvt_codec_config {
 	uint32_t n_sinks;
 	uint32_t pin_detect_max;
 	float pin_detect_ratio;
+	uint32_t recent_exact_tokens; /* W; 0 = seal every B tokens (added last: zero keeps the
+				       * behaviour of configs written before it existed) */
 };
 
 /* Fills cfg with kvtier's defaults for the shape (oscar, 2/2 bits, G 32, B 128, rotate_v,
@@ -92,6 +101,23 @@ struct kvt_codec_config {
 void kvt_codec_config_default(struct kvt_codec_config *cfg, uint32_t n_layers,
 			      uint32_t n_kv_heads, uint32_t head_dim, uint32_t dtype);
 int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, size_t errlen);
+
+/*
+ * Named codec settings. A preset fixes every codec field (scheme, bits, group, chunk_tokens,
+ * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens) and leaves the shape (n_layers,
+ * n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
+ * session's wire dtype, so a preset costs what docs/realmodel/int2.md says only in f16/bf16.
+ *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128: the
+ *                  daemon's default codec (docs/realmodel/int2.md has the evidence)
+ *   "oscar-int2"   the faithful OScaR INT2 baseline: oscar, 2/2 bits, G 32, B 128, rotate_v,
+ *                  S 0, detection off, W 0
+ * kvt_codec_preset returns 0, or -EINVAL (err lists the names) for an unknown name.
+ * kvt_codec_preset_name returns the name of the preset whose codec fields equal cfg's, or
+ * NULL. kvt_codec_preset_names is the list for messages ("kvtier-int2, oscar-int2").
+ */
+int kvt_codec_preset(struct kvt_codec_config *cfg, const char *name, char *err, size_t errlen);
+const char *kvt_codec_preset_name(const struct kvt_codec_config *cfg);
+const char *kvt_codec_preset_names(void);
 
 const char *kvt_scheme_name(uint32_t scheme);  /* "oscar", ...; NULL when unknown */
 int kvt_scheme_parse(const char *name);        /* enum value, or -EINVAL */

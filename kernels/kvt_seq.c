@@ -2,7 +2,13 @@
  * kvt_seq.c - one session's KV cache in host memory: tail + refcounted sealed chunks.
  *
  * Invariants (checked by seq_check() after every mutation):
- *   tokens = n_chunks * B + n_tail, n_tail < B, chunk i holds tokens [i*B, (i+1)*B).
+ *   tokens = n_chunks * B + n_tail, n_tail <= tail_max, chunk i holds tokens [i*B, (i+1)*B),
+ *   where tail_max is B - 1 without a recent window (recent_exact_tokens W = 0) and W with one.
+ * Without a window a full tail is encoded in place ([L][B][H][d] is a chunk's input layout).
+ * With one the tail buffer holds W tokens per layer; an append that would leave more than W
+ * unsealed seals the oldest B at a time from a gathered copy, then moves the survivors to the
+ * front of each layer's row at commit time (so the tail stays contiguous from token 0 for
+ * kvt_seq_tail_k/v and kvt_attend).
  * Every mutating call first acquires everything it may need (chunk objects, a larger pointer
  * array, the tail buffer, scratch) and only then changes the sequence, so a failure anywhere
  * leaves it exactly as it was. The one exception is harmless: append may write new tokens
@@ -40,10 +46,12 @@ struct kvt_seq {
 	uint32_t n_chunks;
 	uint32_t cap_chunks;
 	uint32_t n_tail;
-	uint8_t *tail;             /* K [L][B][H][d] then V [L][B][H][d]; may be NULL when
+	uint8_t *tail;             /* K [L][cap][H][d] then V [L][cap][H][d]; may be NULL when
 				    * n_tail is 0 */
+	uint32_t tail_cap;         /* tokens per layer row of the tail buffer: W, or B */
+	uint32_t tail_max;         /* most tokens the tail may hold: W, or B - 1 */
 	size_t token_bytes;        /* one token of one layer, K or V: H * d * dtype size */
-	size_t layer_tail_bytes;   /* B * token_bytes */
+	size_t layer_tail_bytes;   /* tail_cap * token_bytes */
 	size_t tail_half_bytes;    /* L * layer_tail_bytes: the K half (the V half follows) */
 	uint64_t chunk_bytes;      /* sum of alloc_bytes of the referenced chunks */
 	uint64_t generation;       /* bumped by every change other than kvt_seq_append */
@@ -154,7 +162,7 @@ static uint64_t seq_sealed(const struct kvt_seq *seq)
 
 static void seq_check(const struct kvt_seq *seq)
 {
-	SEQ_ASSERT(seq->n_tail < seq->cfg.chunk_tokens);
+	SEQ_ASSERT(seq->n_tail <= seq->tail_max);
 	SEQ_ASSERT(seq->n_chunks <= seq->cap_chunks);
 	SEQ_ASSERT(seq->n_tail == 0 || seq->tail);
 }
@@ -273,7 +281,10 @@ int kvt_seq_create(const struct kvt_codec_config *cfg, const struct kvt_seq_allo
 	seq->cfg = *cfg;
 	seq->alloc = a;
 	seq->token_bytes = (size_t)cfg->n_kv_heads * cfg->head_dim * kvt_dtype_size(cfg->dtype);
-	seq->layer_tail_bytes = (size_t)cfg->chunk_tokens * seq->token_bytes;
+	seq->tail_cap = cfg->recent_exact_tokens ? cfg->recent_exact_tokens : cfg->chunk_tokens;
+	seq->tail_max = cfg->recent_exact_tokens ? cfg->recent_exact_tokens
+						 : cfg->chunk_tokens - 1;
+	seq->layer_tail_bytes = (size_t)seq->tail_cap * seq->token_bytes;
 	seq->tail_half_bytes = (size_t)cfg->n_layers * seq->layer_tail_bytes;
 	SEQ_ASSERT(seq->token_bytes > 0);
 	*out = seq;
@@ -363,6 +374,127 @@ static int seal_one(const struct kvt_seq *seq, uint64_t first_token, const void 
 	return 0;
 }
 
+/* Copies `count` tokens starting at index v0 of the concatenation (the tail's n_tail tokens,
+ * then the input's n) into a dense [L][B] buffer at token 0: what chunk v0 / B of an append
+ * seals. */
+static void gather_virtual(const struct kvt_seq *seq, uint8_t *dst, const uint8_t *tail,
+			   const uint8_t *in, uint32_t n, uint64_t v0, uint32_t count)
+{
+	const uint32_t L = seq->cfg.n_layers, B = seq->cfg.chunk_tokens;
+	uint32_t from_tail = 0;
+
+	if (v0 < seq->n_tail)
+		from_tail = (uint32_t)(seq->n_tail - v0 < count ? seq->n_tail - v0 : count);
+	copy_tokens(dst, B, 0, tail, seq->tail_cap, (size_t)v0, from_tail, L, seq->token_bytes);
+	copy_tokens(dst, B, from_tail, in, n, (size_t)(v0 + from_tail - seq->n_tail),
+		    count - from_tail, L, seq->token_bytes);
+}
+
+/* kvt_seq_append with a recent window W: seal the oldest B unsealed tokens while more than W
+ * would stay exact. Everything that can fail happens before the first change (the chunks are
+ * encoded from gathered copies; the tail is rearranged only at commit). */
+static int append_window(struct kvt_seq *seq, const uint8_t *kin, const uint8_t *vin,
+			 uint32_t n, char *err, size_t errlen)
+{
+	const uint32_t B = seq->cfg.chunk_tokens, L = seq->cfg.n_layers, W = seq->tail_max;
+	const size_t tb = seq->token_bytes, chunk_half = (size_t)L * B * tb;
+	const uint64_t total = (uint64_t)seq->n_tail + n;
+	struct kvt_chunk **fresh = NULL, **made = NULL;
+	uint32_t fresh_cap = 0, n_made = 0, n_seal, rem;
+	uint8_t *gather = NULL;
+	void *scratch = NULL;
+	size_t scratch_cap;
+	int tail_made = 0, rc;
+
+	rc = ensure_tail(seq, &tail_made, err, errlen);
+	if (rc < 0)
+		return rc;
+	if (total <= W) {
+		copy_tokens(seq->tail, seq->tail_cap, seq->n_tail, kin, n, 0, n, L, tb);
+		copy_tokens(seq->tail + seq->tail_half_bytes, seq->tail_cap, seq->n_tail, vin, n, 0,
+			    n, L, tb);
+		seq->n_tail = (uint32_t)total;
+		seq_check(seq);
+		return 0;
+	}
+	/* The fewest whole chunks that bring the exact tokens down to W or fewer. */
+	n_seal = (uint32_t)((total - W + B - 1) / B);
+	rem = (uint32_t)(total - (uint64_t)n_seal * B);
+	SEQ_ASSERT(rem <= W && rem + B > W);
+
+	rc = grow_array(seq, (uint64_t)seq->n_chunks + n_seal, &fresh, &fresh_cap, err, errlen);
+	if (rc < 0)
+		goto fail;
+	scratch_cap = kvt_chunk_max_bytes(&seq->cfg);
+	scratch = aligned_alloc(KVT_CHUNK_ALIGN, (scratch_cap + KVT_CHUNK_ALIGN - 1) &
+							 ~(size_t)(KVT_CHUNK_ALIGN - 1));
+	made = calloc(n_seal, sizeof(*made));
+	gather = aligned_alloc(KVT_CHUNK_ALIGN, 2 * chunk_half);
+	if (!scratch || !made || !gather) {
+		set_err(err, errlen, "out of memory for %u chunk(s) of encode scratch", n_seal);
+		rc = -ENOMEM;
+		goto fail;
+	}
+	for (uint32_t j = 0; j < n_seal; j++) {
+		uint64_t v0 = (uint64_t)j * B;
+
+		gather_virtual(seq, gather, seq->tail, kin, n, v0, B);
+		gather_virtual(seq, gather + chunk_half, seq->tail + seq->tail_half_bytes, vin, n,
+			       v0, B);
+		rc = seal_one(seq, seq_sealed(seq) + v0, gather, gather + chunk_half, scratch,
+			      scratch_cap, &made[j], err, errlen);
+		if (rc < 0)
+			goto fail;
+		n_made++;
+	}
+
+	/* Commit: nothing below can fail. */
+	install_array(seq, fresh, fresh_cap);
+	for (uint32_t j = 0; j < n_seal; j++) {
+		seq->chunks[seq->n_chunks++] = made[j];
+		seq->chunk_bytes += made[j]->alloc_bytes;
+	}
+	{
+		const uint64_t cut = (uint64_t)n_seal * B; /* first token index that stays */
+		uint32_t kept = 0, in0 = 0;
+
+		if (cut < seq->n_tail) {
+			/* Survivors of the old tail move to the front of each layer's row. */
+			kept = (uint32_t)(seq->n_tail - cut);
+			for (uint32_t l = 0; l < L; l++)
+				for (int half = 0; half < 2; half++) {
+					uint8_t *row = seq->tail + half * seq->tail_half_bytes +
+						       (size_t)l * seq->layer_tail_bytes;
+
+					memmove(row, row + (size_t)cut * tb, (size_t)kept * tb);
+				}
+		} else {
+			in0 = (uint32_t)(cut - seq->n_tail);
+		}
+		copy_tokens(seq->tail, seq->tail_cap, kept, kin, n, in0, n - in0, L, tb);
+		copy_tokens(seq->tail + seq->tail_half_bytes, seq->tail_cap, kept, vin, n, in0,
+			    n - in0, L, tb);
+		SEQ_ASSERT(kept + (n - in0) == rem);
+	}
+	seq->n_tail = rem;
+	seq_check(seq);
+	free(made);
+	free(gather);
+	free(scratch);
+	return 0;
+
+fail:
+	for (uint32_t j = 0; j < n_made; j++)
+		kvt_chunk_put(made[j]);
+	free(made);
+	free(gather);
+	free(scratch);
+	hook_free(&seq->alloc, fresh, (size_t)fresh_cap * sizeof(*fresh));
+	if (tail_made)
+		drop_tail(seq);
+	return rc;
+}
+
 int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n, char *err,
 		   size_t errlen)
 {
@@ -386,6 +518,8 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 		set_err(err, errlen, "k and v must not be NULL");
 		return -EINVAL;
 	}
+	if (seq->cfg.recent_exact_tokens)
+		return append_window(seq, kin, vin, n, err, errlen);
 	/* The tail buffer exists only while tokens stay in it: an append that ends on a chunk
 	 * boundary needs none (a prefill of whole chunks never allocates one). */
 	if (rem || seq->n_tail) {
@@ -768,10 +902,10 @@ int kvt_seq_fork(const struct kvt_seq *src, uint64_t n_tokens,
 			if (rc < 0)
 				goto fail;
 		} else {
-			copy_tokens(dst->tail, B, 0, src->tail, B, 0, rem, src->cfg.n_layers,
-				    src->token_bytes);
-			copy_tokens(dst->tail + dst->tail_half_bytes, B, 0,
-				    src->tail + src->tail_half_bytes, B, 0, rem,
+			copy_tokens(dst->tail, dst->tail_cap, 0, src->tail, src->tail_cap, 0, rem,
+				    src->cfg.n_layers, src->token_bytes);
+			copy_tokens(dst->tail + dst->tail_half_bytes, dst->tail_cap, 0,
+				    src->tail + src->tail_half_bytes, src->tail_cap, 0, rem,
 				    src->cfg.n_layers, src->token_bytes);
 		}
 		dst->n_tail = rem;
@@ -838,10 +972,11 @@ int kvt_seq_truncate(struct kvt_seq *seq, uint64_t n_tokens, char *err, size_t e
 	}
 	seq->n_chunks = n_full;
 	if (rem) {
-		copy_tokens(seq->tail, B, 0, scratch, B, 0, rem, seq->cfg.n_layers,
+		copy_tokens(seq->tail, seq->tail_cap, 0, scratch, seq->tail_cap, 0, rem,
+			    seq->cfg.n_layers, seq->token_bytes);
+		copy_tokens(seq->tail + seq->tail_half_bytes, seq->tail_cap, 0,
+			    scratch + seq->tail_half_bytes, seq->tail_cap, 0, rem, seq->cfg.n_layers,
 			    seq->token_bytes);
-		copy_tokens(seq->tail + seq->tail_half_bytes, B, 0, scratch + seq->tail_half_bytes,
-			    B, 0, rem, seq->cfg.n_layers, seq->token_bytes);
 	}
 	seq->n_tail = rem;
 	seq->generation++;

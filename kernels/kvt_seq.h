@@ -2,9 +2,19 @@
  * kvt_seq.h - one session's KV cache in host memory: the sealing state machine.
  *
  * A sequence holds sealed chunks (immutable, reference counted, shared between forks) and an
- * exact tail of fewer than B tokens, laid out [layer][B][H][d] in the wire dtype so a full
- * tail is encoded in place. Appends fill the tail; each time it reaches B tokens it is
- * encoded into one chunk (every token is encoded exactly once, and a chunk never changes).
+ * exact tail, in the wire dtype. Every token is encoded exactly once, and a chunk never
+ * changes; chunk i always holds tokens [i*B, (i+1)*B).
+ *
+ * When to seal depends on the config's recent_exact_tokens W:
+ * - W = 0 (every config written before W existed): the tail holds fewer than B tokens, laid
+ *   out [layer][B][H][d] so a full tail is encoded in place; each time it reaches B tokens it
+ *   is sealed. The newest 0..B-1 tokens are exact.
+ * - W in B..1024 (a recent window): the tail holds at most W tokens; an append that would
+ *   leave more than W unsealed seals the oldest B, as many times as needed. After any append
+ *   the newest min(tokens, W-B+1)..W tokens are exact (e.g. B 32, W 128: 97..128), whatever
+ *   the append sizes: the chunk boundaries depend only on the session length. Fork,
+ *   truncate and rollback never seal, so they may leave fewer exact tokens; the window fills
+ *   again with the next appends.
  *
  * Ownership and threads: a kvt_seq is not locked; the caller serializes every call on one
  * sequence (the daemon holds the session's lock). Chunks are shared between sequences by an
@@ -62,7 +72,8 @@ uint64_t kvt_seq_tokens(const struct kvt_seq *seq);     /* sealed + tail */
 uint32_t kvt_seq_n_chunks(const struct kvt_seq *seq);
 uint32_t kvt_seq_tail_tokens(const struct kvt_seq *seq);
 const struct kvt_chunk *kvt_seq_chunk(const struct kvt_seq *seq, uint32_t i);
-/* The tail of layer l: [n_tail][H][d], wire dtype. The tail buffer is allocated by the call
+/* The tail of layer l: [n_tail][H][d], wire dtype (dense: the rows of the buffer are
+ * max(W, B) tokens apart, but the n_tail tokens of one layer are contiguous). The tail buffer is allocated by the call
  * that leaves tokens in it and freed when an append seals it empty, so these may return NULL
  * whenever n_tail is 0 (a prefill of whole chunks, a fork at a chunk boundary, a sequence
  * filled by kvt_seq_append_chunk). */
@@ -74,7 +85,8 @@ uint64_t kvt_seq_bytes(const struct kvt_seq *seq);
 
 /*
  * Appends n tokens. k and v are dense [n_layers][n][H][d] in the wire dtype. Seals a chunk
- * each time the tail fills. All or nothing: on failure the sequence is unchanged.
+ * each time the tail fills (W = 0) or would exceed W tokens (W > 0). All or nothing: on
+ * failure the sequence is unchanged.
  */
 int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n,
 		   char *err, size_t errlen);

@@ -193,6 +193,7 @@ struct kvt_tier_gpu {
 	uint64_t restore_pinned_chunks, restore_staged_chunks;
 };
 
+#ifdef KVT_HAVE_CUDA
 static uint64_t now_ms(void)
 {
 	struct timespec ts;
@@ -207,7 +208,6 @@ static uint64_t now_us(void)
 	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
-#ifdef KVT_HAVE_CUDA
 /* mu held. Creates the context, the restore staging and the arena on first use. */
 static int ensure_ctx(struct kvt_tier_gpu *g, char *err, size_t errlen)
 {

@@ -19,8 +19,8 @@
  *   attend         one Attend request of every layer of one session (GQA 2 query heads per KV
  *                  head); Redis: GET of that session's fp16 K and V, which a worker would need
  *                  to attend locally (logical bytes: the session's K/V).
- * A read workload and its Redis reference run interleaved (--rounds segments each, the order
- * alternating), so both see the same machine load.
+ * Each workload and its Redis reference run interleaved (--rounds segments each, the order
+ * alternating; the load in rounds of its batches), so both see the same machine load.
  * Each workload prints one JSON line: requests/s, logical fp16 GB/s, p50/p99 latency for
  * kvtierd and for Redis, the ratio (kvtierd / Redis throughput; Redis / kvtierd memory) and
  * the target it is reported against (never asserted): fetch >= 1.0x Redis GET, fetch_encoded
@@ -245,6 +245,8 @@ struct svc {
 	unsigned batches_per_session;
 	enum workload wl;
 	unsigned fetch_batches;    /* batches per fetch (1, or restore_tokens / tokens) */
+	unsigned op_lo, op_hi;     /* append / SET: the batches [op_lo, op_hi) of each thread */
+	unsigned sealed_chunks;    /* chunks sealed in every session once loaded (Stat) */
 	double deadline_s;         /* read workloads run until this many seconds have passed */
 	pthread_barrier_t barrier;
 };
@@ -318,7 +320,7 @@ static int one_op(struct worker *w, unsigned i)
 		r.layer_begin = 0;
 		r.layer_end = o->layers;
 		r.dtype = KVT_CLIENT_DTYPE_F16;
-		r.raw = 1; /* every field given: no Stat round trip */
+		/* every field given: no Stat round trip; the reply lands in fk / fv */
 		if (kvt_client_fetch(w->kc, name, &r, w->fk, want, w->fv, want, &fr, &st))
 			return fail(w, "fetch", &st);
 		if (fr.k_bytes != want || fr.v_bytes != want)
@@ -328,8 +330,8 @@ static int one_op(struct worker *w, unsigned i)
 	}
 	case W_FETCH_ENCODED: {
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
-		unsigned n_chunks = o->session_tokens / o->chunk_tokens;
-		unsigned c = (unsigned)(kvt_bench_rand(&w->rng) % n_chunks);
+		/* a sealed chunk (an exact recent window keeps the newest tokens unsealed) */
+		unsigned c = (unsigned)(kvt_bench_rand(&w->rng) % s->sealed_chunks);
 		session_name(name, sizeof(name), w->index, sess);
 		struct kvt_client_encoded *enc = NULL;
 		if (kvt_client_fetch_encoded(w->kc, name, c, c + 1, 0, &enc, &st))
@@ -402,12 +404,11 @@ static void *worker_main(void *arg)
 {
 	struct worker *w = arg;
 	struct svc *s = w->svc;
-	unsigned total = s->o.sessions * s->batches_per_session;
 	int bounded = s->wl == W_APPEND || s->wl == W_REDIS_SET;
 	pthread_barrier_wait(&s->barrier);
 	double t0 = kvt_bench_now_s();
-	for (unsigned i = 0;; i++) {
-		if (bounded ? i >= total : kvt_bench_now_s() - t0 >= s->deadline_s)
+	for (unsigned i = bounded ? s->op_lo : 0;; i++) {
+		if (bounded ? i >= s->op_hi : kvt_bench_now_s() - t0 >= s->deadline_s)
 			break;
 		double a = kvt_bench_now_s();
 		if (one_op(w, i))
@@ -485,12 +486,34 @@ static struct measured acc_result(struct acc *a)
 	return m;
 }
 
-static struct measured run_workload(struct svc *s, enum workload wl)
+/*
+ * The load (append, and Redis SET of the same batches), interleaved like run_pair: round r
+ * of --rounds loads batches [r, r + 1) x total / rounds of every thread into both servers,
+ * the order alternating.
+ */
+static void run_load(struct svc *s, struct measured *kv, struct measured *redis)
 {
-	struct acc a;
-	memset(&a, 0, sizeof(a));
-	run_segment(s, wl, s->o.seconds, &a);
-	return acc_result(&a);
+	struct acc ak, ar;
+	unsigned total = s->o.sessions * s->batches_per_session;
+	unsigned rounds = s->o.redis ? s->o.rounds : 1;
+	if (rounds > total)
+		rounds = total;
+	memset(&ak, 0, sizeof(ak));
+	memset(&ar, 0, sizeof(ar));
+	for (unsigned r = 0; r < rounds && !ak.failed && !ar.failed; r++) {
+		s->op_lo = (unsigned)((uint64_t)total * r / rounds);
+		s->op_hi = (unsigned)((uint64_t)total * (r + 1) / rounds);
+		if (s->o.redis && r % 2 == 1)
+			run_segment(s, W_REDIS_SET, 0, &ar);
+		run_segment(s, W_APPEND, 0, &ak);
+		if (s->o.redis && r % 2 == 0)
+			run_segment(s, W_REDIS_SET, 0, &ar);
+	}
+	*kv = acc_result(&ak);
+	if (s->o.redis)
+		*redis = acc_result(&ar);
+	else
+		free(ar.all.us);
 }
 
 /*
@@ -861,6 +884,12 @@ static int verify_load(struct svc *s)
 		fprintf(stderr, "kvtier-bench service: stat %s: %s\n", name, st.message);
 		return -1;
 	}
+	s->sealed_chunks = info.n_chunks;
+	if (info.n_chunks == 0 || info.n_chunks > o->session_tokens / o->chunk_tokens) {
+		fprintf(stderr, "kvtier-bench service: %s has %u sealed chunks (expected 1..%u)\n",
+			name, info.n_chunks, o->session_tokens / o->chunk_tokens);
+		return -1;
+	}
 	if (info.n_tokens != o->session_tokens) {
 		fprintf(stderr, "kvtier-bench service: %s holds %llu tokens, not %u\n", name,
 			(unsigned long long)info.n_tokens, o->session_tokens);
@@ -907,10 +936,8 @@ int kvt_bench_service(int argc, char **argv)
 	if (setup_workers(&s))
 		goto out;
 
-	struct measured app = run_workload(&s, W_APPEND);
-	struct measured set = {0};
-	if (o->redis)
-		set = run_workload(&s, W_REDIS_SET);
+	struct measured app, set = {0};
+	run_load(&s, &app, &set);
 	report(&s, "append", &app, o->redis ? &set : NULL, "redis SET of the batch's f16 K+V", 0.7);
 	if (!app.ok || (o->redis && !set.ok) || verify_load(&s))
 		goto out;

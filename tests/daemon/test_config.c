@@ -30,7 +30,9 @@ static void test_defaults(void)
 		  (unsigned long long)c.max_message_bytes);
 	KVT_CHECK(c.host_capacity_bytes == 4ull << 30, "host_capacity_bytes");
 	KVT_CHECK(c.cq_threads == 2, "cq_threads");
-	KVT_CHECK(c.default_chunk_tokens == 128 && c.default_group == 32, "codec defaults");
+	/* The default codec spells the preset kvtier-int2 (B 32 with a window W 128). */
+	KVT_CHECK(c.default_chunk_tokens == 32 && c.default_group == 32 &&
+			  c.default_recent_exact_tokens == 128 && c.default_n_sinks == 8, "codec defaults");
 	KVT_CHECK(c.default_scheme == 3, "oscar is the default scheme");
 	KVT_CHECK(c.capacity_policy == KVT_POLICY_DROP_COLDEST, "policy");
 	KVT_CHECK(c.socket_path[0] == '\0' && c.listen_tcp[0] == '\0', "listeners");

@@ -161,6 +161,46 @@ static void test_extent(void)
 	KVT_CHECK(kvt_gpu_restore_extent(&r, 512) == 0, "empty range writes nothing");
 }
 
+/* A tier that cannot use a GPU (gpu_enable = no, as on CI or any build) says why and refuses
+ * every device operation with -ENODEV (Attend: -EAGAIN, the caller's CPU path). */
+static void test_unavailable(void)
+{
+	struct kvt_tier_gpu_config cfg = {.enable = 0, .device = 0, .arena_bytes = 1 << 20,
+					  .staging_bytes = 64 << 20, .ipc_idle_ms = 1000,
+					  .copy_threads = 2};
+	struct kvt_tier_gpu *g = NULL;
+	KVT_REQUIRE(kvt_tier_gpu_init(&cfg, &g) == 0 && g, "init never fails for lack of a GPU");
+	KVT_CHECK(!kvt_tier_gpu_usable(g) && !kvt_tier_gpu_tier_enabled(g), "unusable, no tier");
+	const char *why = kvt_tier_gpu_reason(g);
+	KVT_CHECK(strstr(why, "gpu_enable = no") || strstr(why, "without CUDA"), "reason: %s", why);
+	struct kvt_codec_config cc;
+	kvt_codec_config_default(&cc, 1, 1, 64, KVT_DTYPE_F16);
+	struct kvt_seq *seq = NULL;
+	char err[256];
+	KVT_REQUIRE(kvt_seq_create(&cc, NULL, &seq, err, sizeof err) == 0, "seq: %s", err);
+	struct kvt_gpu_mirror *m = NULL;
+	KVT_CHECK(kvt_tier_gpu_mirror_sync(g, &m, seq, err, sizeof err) == -ENODEV && !m,
+		  "mirror sync refused");
+	KVT_CHECK(!strcmp(kvt_tier_gpu_mirror_tier(m, 0), "host"), "tier host");
+	float q[64] = {0}, out[64];
+	KVT_CHECK(kvt_tier_gpu_attend(g, m, seq, 0, 1, 0.125f, q, NULL, NULL, 0, out, err,
+				      sizeof err) == -EAGAIN, "attend falls back");
+	uint8_t h[KVT_GPU_IPC_HANDLE_BYTES] = {0};
+	struct kvt_gpu_restore r = {.handle_k = h, .handle_v = h, .buffer_bytes = 1 << 20,
+				    .layer_end = 1, .dtype = KVT_DTYPE_F16, .device_ordinal = -1};
+	struct kvt_gpu_restore_result res;
+	KVT_CHECK(kvt_tier_gpu_restore(g, seq, m, &r, &res, err, sizeof err) == -ENODEV &&
+			  strstr(err, why) != NULL,
+		  "restore refused with the reason: %s", err);
+	struct kvt_tier_stats st;
+	kvt_tier_gpu_stats(g, &st, NULL);
+	KVT_CHECK(st.capacity_bytes == 0 && st.used_bytes == 0, "no arena");
+	kvt_tier_gpu_maintain(g, 0);
+	kvt_tier_gpu_forget_owner(g, seq);
+	kvt_seq_destroy(seq);
+	kvt_tier_gpu_destroy(g);
+}
+
 int main(void)
 {
 	kvt_test_init();
@@ -168,5 +208,6 @@ int main(void)
 	KVT_RUN(test_fragmentation);
 	KVT_RUN(test_random);
 	KVT_RUN(test_extent);
+	KVT_RUN(test_unavailable);
 	return kvt_test_done();
 }

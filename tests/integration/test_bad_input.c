@@ -106,7 +106,8 @@ enum {
 	C_FETCH_LAYER_END, C_FETCH_REVERSED, C_FETCH_UNKNOWN, C_FETCH_DTYPE, C_ATTEND_NQ,
 	C_ATTEND_Q_SIZE, C_ATTEND_LAYER, C_ATTEND_UNKNOWN, C_ATTEND_NEW_K, C_ATTEND_EMPTY,
 	C_TRUNCATE_PAST, C_FORK_UNKNOWN, C_FORK_PAST, C_FORK_EXISTING, C_TTL_MAX, C_LIST_PAGE,
-	C_STAT_ID_LONG, C_FENC_CHUNK_END, C_STORE_CORRUPT, C_STORE_SHAPE,
+	C_STAT_ID_LONG, C_FENC_CHUNK_END, C_STORE_CORRUPT, C_STORE_SHAPE, C_OPEN_RECENT_SMALL,
+	C_OPEN_RECENT_BIG, C_OPEN_PRESET,
 };
 
 /* Codes follow ARCHITECTURE.md: a range past the session (tokens, layers, chunks, the
@@ -130,6 +131,11 @@ static const struct bad_case cases[] = {
 	{ C_OPEN_CHUNK_TOKENS, "open: chunk_tokens 100 not a multiple of group 32",
 	  KVT_CODE_INVALID_ARGUMENT, "chunk_tokens" },
 	{ C_OPEN_SINKS, "open: n_sinks 65", KVT_CODE_INVALID_ARGUMENT, "n_sinks" },
+	{ C_OPEN_RECENT_SMALL, "open: recent_exact_tokens 16 below chunk_tokens 32",
+	  KVT_CODE_INVALID_ARGUMENT, "recent_exact_tokens" },
+	{ C_OPEN_RECENT_BIG, "open: recent_exact_tokens 1025 above 1024", KVT_CODE_INVALID_ARGUMENT,
+	  "recent_exact_tokens" },
+	{ C_OPEN_PRESET, "open: unknown preset", KVT_CODE_INVALID_ARGUMENT, "preset" },
 	{ C_OPEN_ID_EMPTY, "open: empty session id", KVT_CODE_INVALID_ARGUMENT, "session_id" },
 	{ C_OPEN_ID_LONG, "open: 129-byte session id", KVT_CODE_INVALID_ARGUMENT, "session_id" },
 	{ C_OPEN_ID_ABSENT, "open: no session id", KVT_CODE_INVALID_ARGUMENT, "session_id" },
@@ -207,6 +213,16 @@ static int run_case(int id, struct kvt_client_status *st)
 		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
 	case C_OPEN_SINKS:
 		codec.n_sinks = 65;
+		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
+	case C_OPEN_RECENT_SMALL:
+		codec.chunk_tokens = 32;
+		codec.recent_exact_tokens = 16;
+		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
+	case C_OPEN_RECENT_BIG:
+		codec.recent_exact_tokens = 1025;
+		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
+	case C_OPEN_PRESET:
+		snprintf(codec.preset, sizeof codec.preset, "kvtier-int3");
 		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
 	case C_OPEN_ID_EMPTY: return open_with("", 2, 2, 64, KVT_DTYPE_F16, NULL, st);
 	case C_OPEN_ID_LONG: return open_with(long_id, 2, 2, 64, KVT_DTYPE_F16, NULL, st);

@@ -409,10 +409,13 @@ static void test_open_pin_ttl_list(void)
 	kvt_client_session_params_init(&p, "list-a", 2, 2, 64, KVT_DTYPE_F16);
 	KVT_REQUIRE(kvt_client_open(g_c, &p, &i, &st) == 0, "open: %s", st.message);
 	KVT_CHECK(i.created == 1, "created");
+	/* The daemon's default codec is the preset kvtier-int2 (docs/realmodel/int2.md). */
 	KVT_CHECK(i.codec.scheme == KVT_CLIENT_SCHEME_OSCAR && i.codec.key_bits == 2 &&
-			  i.codec.chunk_tokens == 128 && i.codec.n_sinks == 4,
-		  "daemon defaults in SessionInfo (scheme %u bits %u B %u S %d)", i.codec.scheme,
-		  i.codec.key_bits, i.codec.chunk_tokens, i.codec.n_sinks);
+			  i.codec.chunk_tokens == 32 && i.codec.n_sinks == 8 &&
+			  i.codec.recent_exact_tokens == 128 && !strcmp(i.codec.preset, "kvtier-int2"),
+		  "daemon defaults in SessionInfo (scheme %u bits %u B %u S %d W %d preset '%s')",
+		  i.codec.scheme, i.codec.key_bits, i.codec.chunk_tokens, i.codec.n_sinks,
+		  i.codec.recent_exact_tokens, i.codec.preset);
 	KVT_REQUIRE(kvt_client_open(g_c, &p, &i, &st) == 0, "re-open: %s", st.message);
 	KVT_CHECK(i.created == 0, "re-open of the same shape is not a create");
 	for (int j = 0; j < 5; j++) {
@@ -578,23 +581,31 @@ static void test_encoded_roundtrip(void)
 	KVT_REQUIRE(append_both(g_c, &s, 3 * 128 + 45, NULL) == 0, "append");
 	KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_CHUNKS, 1, &enc, &st) == 0,
 		    "fetch_encoded: %s", st.message);
-	KVT_CHECK(enc->n_chunks == 3 && enc->tail_tokens == 45, "3 chunks + 45 tail, got %zu + %u",
-		  enc->n_chunks, enc->tail_tokens);
+	/* The default codec (kvtier-int2: B 32, W 128) seals 10 chunks of 429 tokens and keeps
+	 * 109 exact; the local reference sequence has the same config. */
+	const uint32_t ref_chunks = kvt_seq_n_chunks(s.ref), ref_tail = kvt_seq_tail_tokens(s.ref);
+	KVT_CHECK(ref_chunks == 10 && ref_tail == 109, "reference: %u chunks + %u tail", ref_chunks,
+		  ref_tail);
+	KVT_CHECK(enc->n_chunks == ref_chunks && enc->tail_tokens == ref_tail,
+		  "%u chunks + %u tail, got %zu + %u", ref_chunks, ref_tail, enc->n_chunks,
+		  enc->tail_tokens);
 	for (size_t j = 0; j < enc->n_chunks && j < kvt_seq_n_chunks(s.ref); j++) {
 		const struct kvt_chunk *lc = kvt_seq_chunk(s.ref, (uint32_t)j);
 		KVT_CHECK(enc->chunks[j].n_bytes == lc->size_bytes &&
 				  !memcmp(enc->chunks[j].bytes, lc->bytes, lc->size_bytes),
 			  "chunk %zu equals the local encoder's bytes", j);
 	}
-	KVT_CHECK(kvt_client_kv_bytes(&(struct kvt_client_shape){ 4, 2, 128, KVT_DTYPE_BF16 }, 45) > 0 &&
-			  !memcmp(enc->tail_k, kvt_seq_tail_k(s.ref, 0), 45 * 2 * 128 * 2),
+	KVT_CHECK(kvt_client_kv_bytes(&(struct kvt_client_shape){ 4, 2, 128, KVT_DTYPE_BF16 },
+				      ref_tail) > 0 &&
+			  !memcmp(enc->tail_k, kvt_seq_tail_k(s.ref, 0), (size_t)ref_tail * 2 * 128 * 2),
 		  "tail layer 0 equals the local tail");
 
 	kvt_client_session_params_init(&p, "enc-dst", 4, 2, 128, KVT_DTYPE_BF16);
 	p.codec = enc->info.codec;
 	KVT_REQUIRE(kvt_client_store_encoded(g_c, &p, enc, &i, &st) == 0, "store_encoded: %s",
 		    st.message);
-	KVT_CHECK(i.n_tokens == kvt_seq_tokens(s.ref) && i.n_chunks == 3 && i.tail_tokens == 45,
+	KVT_CHECK(i.n_tokens == kvt_seq_tokens(s.ref) && i.n_chunks == ref_chunks &&
+			  i.tail_tokens == ref_tail,
 		  "stored session has %llu tokens", (unsigned long long)i.n_tokens);
 	KVT_CHECK(it_fetch_equals(g_c, "enc-dst", s.ref, 0, kvt_seq_tokens(s.ref), 0, 4,
 				  KVT_DTYPE_BF16),

@@ -68,6 +68,45 @@ def test_default_codec_is_the_daemons(client, sid):
     assert c["group"] in (32, 64, 128) and c["chunk_tokens"] % c["group"] == 0
 
 
+def test_presets_and_the_recent_window(client, sid, rng):
+    # The daemon's default codec is the preset kvtier-int2, and SessionInfo names it.
+    c = client.open_session(sid(), **SHAPE, dtype="f16").codec
+    assert c["preset"] == "kvtier-int2"
+    assert (c["scheme"], c["key_bits"], c["value_bits"], c["group"], c["chunk_tokens"],
+            c["n_sinks"], c["recent_exact_tokens"]) == ("oscar", 2, 2, 32, 32, 8, 128)
+    o = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(preset="oscar-int2")).codec
+    assert o["preset"] == "oscar-int2" and (o["chunk_tokens"], o["n_sinks"],
+                                            o["recent_exact_tokens"]) == (128, 0, 0)
+    # Fields present override the preset; naming chunk_tokens without a window seals every chunk.
+    x = client.open_session(sid(), **SHAPE, dtype="f16",
+                            codec=dict(preset="kvtier-int2", chunk_tokens=64)).codec
+    assert (x["chunk_tokens"], x["recent_exact_tokens"], x["n_sinks"]) == (64, 0, 8)
+    assert "preset" not in x  # no longer equal to a preset
+    for bad in (dict(preset="kvtier-int3"), dict(chunk_tokens=64, recent_exact_tokens=32),
+                dict(recent_exact_tokens=2048)):
+        with pytest.raises(kvtier.KvtierError) as e:
+            client.open_session(sid(), **SHAPE, dtype="f16", codec=bad)
+        assert code_of(e) == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("preset" if "preset" in bad else "recent_exact_tokens") in str(e.value)
+    # A window of 64 over chunks of 32: 100 tokens seal 2 chunks and keep 36 exact; the
+    # window comes back bit-exact and grows to 64 before the next seal.
+    s = sid()
+    client.open_session(s, **SHAPE, dtype="f16",
+                        codec=dict(scheme="oscar", bits=2, group=32, chunk_tokens=32,
+                                   recent_exact_tokens=64))
+    k, v = kv(rng, 2, 160, 2, 128)
+    r = client.append(s, k[:, :100], v[:, :100])
+    assert r == {"n_tokens": 100, "appended": 100, "chunks_sealed": 2}
+    info = client.stat(s)
+    assert (info.n_chunks, info.tail_tokens, info.codec["recent_exact_tokens"]) == (2, 36, 64)
+    fk, fv = client.fetch(s, tokens=(64, 100))
+    assert fk.tobytes() == k[:, 64:100].tobytes() and fv.tobytes() == v[:, 64:100].tobytes()
+    r = client.append(s, k[:, 100:128], v[:, 100:128])
+    assert r["chunks_sealed"] == 0 and client.stat(s).tail_tokens == 64
+    r = client.append(s, k[:, 128:129], v[:, 128:129])
+    assert r["chunks_sealed"] == 1 and client.stat(s).tail_tokens == 33
+
+
 def test_pin_unpin_ttl(client, sid):
     s = sid()
     client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"), ttl_seconds=120)

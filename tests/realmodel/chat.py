@@ -68,7 +68,64 @@ DEMO_TURNS = (
 )
 
 
-# -- the chat template ------------------------------------------------------------------------
+# -- the chat template: read from the GGUF header ----------------------------------------------
+
+# GGUF metadata value types (the GGUF spec): fixed sizes of the scalar ones.
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata_string(path, key):
+    """One string value of a GGUF file's metadata, or None. Reads the header only, skipping the
+    other values (the token and merge arrays) by their lengths: the gguf package's reader parses
+    the whole file, which takes seconds to tens of seconds on a busy machine."""
+    import mmap
+    import struct
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        version, _, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} (64-bit lengths need >= 2)")
+        pos = 24
+
+        def u32(p):
+            return struct.unpack_from("<I", mm, p)[0]
+
+        def u64(p):
+            return struct.unpack_from("<Q", mm, p)[0]
+
+        def skip(p, vtype):
+            if vtype in _GGUF_SCALAR:
+                return p + _GGUF_SCALAR[vtype]
+            if vtype == _GGUF_STRING:
+                return p + 8 + u64(p)
+            if vtype == _GGUF_ARRAY:
+                itype, count = u32(p), u64(p + 4)
+                p += 12
+                if itype in _GGUF_SCALAR:
+                    return p + count * _GGUF_SCALAR[itype]
+                for _ in range(count):
+                    p = skip(p, itype)
+                return p
+            raise ValueError(f"{path}: unknown GGUF value type {vtype} at offset {p}")
+
+        for _ in range(n_kv):
+            klen = u64(pos)
+            name = mm[pos + 8:pos + 8 + klen].decode("utf-8")
+            pos += 8 + klen
+            vtype = u32(pos)
+            pos += 4
+            if name == key:
+                if vtype != _GGUF_STRING:
+                    raise ValueError(f"{path}: {key} has GGUF type {vtype}, not a string")
+                n = u64(pos)
+                return mm[pos + 8:pos + 8 + n].decode("utf-8")
+            pos = skip(pos, vtype)
+    return None
+
+
+# -- ChatML, rendered here --------------------------------------------------------------------
 
 class ChatTemplate:
     """The GGUF's chat template, for the ChatML family only (SmolLM2, Qwen, ...). The file holds
@@ -87,11 +144,10 @@ class ChatTemplate:
 
     @classmethod
     def from_gguf(cls, path):
-        from gguf import GGUFReader
-        f = GGUFReader(path).fields.get("tokenizer.chat_template")
-        if f is None:
+        t = gguf_metadata_string(path, "tokenizer.chat_template")
+        if t is None:
             raise ValueError(f"{path}: no tokenizer.chat_template in the GGUF metadata")
-        return cls(f.contents())
+        return cls(t)
 
     def render(self, messages, add_generation_prompt=True, first=True):
         """The template's text for messages (dicts role, content). first=False renders messages
@@ -152,6 +208,9 @@ class KvtierdChatCache(KvtierdFetchBackend):
         self.np_dtype = np.dtype(NP_DTYPE[info.dtype])
         self.chunk_tokens = int((info.codec or {}).get("chunk_tokens") or 0)
         self.seal_tokens = self.chunk_tokens or None
+        # A recent window W (codec recent_exact_tokens, where the daemon has it) moves the
+        # seal points; KvtierdFetchBackend's max_block reads this.
+        self.recent_exact = int((info.codec or {}).get("recent_exact_tokens") or 0)
         self.n_tokens = int(info.n_tokens or 0)
         # Sealed chunks never change: what is fetched of them is kept (KvtierdFetchBackend).
         self.sealed = int(info.n_chunks or 0) * self.chunk_tokens
@@ -298,8 +357,8 @@ def shorten(text, width=240):
 
 
 def compression(info):
-    d = dict(n_tokens=info.n_tokens, sealed_chunks=info.n_chunks, tail_tokens=info.tail_tokens,
-             bytes_held=info.bytes_held, f16_bytes=info.logical_bytes,
+    d = dict(n_tokens=info.n_tokens, n_layers=info.n_layers, sealed_chunks=info.n_chunks,
+             tail_tokens=info.tail_tokens, bytes_held=info.bytes_held, f16_bytes=info.logical_bytes,
              bits_per_element=info.bits_per_element, dtype=info.dtype, codec=info.codec)
     if info.bytes_held:
         d["ratio"] = info.logical_bytes / info.bytes_held
@@ -308,8 +367,8 @@ def compression(info):
 
 def compression_line(c):
     kib = 1024.0
-    s = (f"kvtierd holds {c['n_tokens']} tokens x 30 layers in {c['bytes_held'] / kib:.1f} KiB "
-         f"vs {c['f16_bytes'] / kib:.1f} KiB as f16 K+V")
+    s = (f"kvtierd holds {c['n_tokens']} tokens x {c['n_layers']} layers in "
+         f"{c['bytes_held'] / kib:.1f} KiB vs {c['f16_bytes'] / kib:.1f} KiB as f16 K+V")
     if c.get("ratio"):
         s += f" ({c['ratio']:.2f}x smaller)"
     bpe = c["bits_per_element"] or 0

@@ -156,10 +156,14 @@ def main():
               f"turn 2 appended {r2['appended']} / attended {r2['attended']} tokens")
         check(r2["info_after"].n_tokens == len(prefix) + r2["model_tokens"],
               f"session holds {r2['info_after'].n_tokens} tokens")
-        ct = int((r2["info_before"].codec or {}).get("chunk_tokens") or 0)
-        if ct and len(prefix) >= ct:
+        # Turn 2 must have read compressed chunks: the first seal happens at B tokens, or after
+        # W + 1 with a recent exact window W (whatever the default codec is).
+        cd = r2["info_before"].codec or {}
+        ct, w = int(cd.get("chunk_tokens") or 0), int(cd.get("recent_exact_tokens") or 0)
+        first_seal = w + 1 if w else ct
+        if ct and len(prefix) >= first_seal:
             check(r2["info_before"].n_chunks >= 1,
-                  f"{len(prefix)} tokens with chunks of {ct} but no sealed chunk")
+                  f"{len(prefix)} tokens, codec {cd}, but no sealed chunk")
         c.drop("chat-default")
     finally:
         c.close()

@@ -62,7 +62,7 @@ def main():
     try:
         # 1a. exact through the Fetch path == in-process exact (f32)
         t0 = time.time()
-        none = {"scheme": "none", "chunk_tokens": a.chunk}
+        none = dict(scheme="none", chunk_tokens=a.chunk, **P.PINNED)  # no recent window
         ref = m.forward(ids, ExactBackend(L, H, D, a.tokens), block=a.chunk)
         b = KvtierdFetchBackend(c, L, H, D, codec=none, dtype="f32")
         lg = m.forward(ids, b, block=a.chunk)

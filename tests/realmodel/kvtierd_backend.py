@@ -117,6 +117,10 @@ class KvtierdFetchBackend(FetchBackend):
         # Blocks never straddle a seal (kvcache.py docstring), for every scheme, so the exact
         # row runs exactly the same block schedule as the lossy ones.
         self.seal_tokens = self.chunk_tokens or None
+        # A recent window W (codec recent_exact_tokens, kvt_seq.h): the daemon seals the oldest
+        # B tokens only when more than W are unsealed, so the view of a query at position t
+        # changes at t = W + 1 + k * B instead of at multiples of B.
+        self.recent_exact = int(c.get("recent_exact_tokens") or 0)
         self.sealed = 0           # tokens in sealed chunks (decoded values final)
         self.k = np.zeros((n_layers, capacity, n_kv_heads, head_dim), np.float32)
         self.v = np.zeros_like(self.k)
@@ -127,6 +131,13 @@ class KvtierdFetchBackend(FetchBackend):
 
     def round_kv(self, x):
         return x if self.np_dtype == np.float32 else x.astype(self.np_dtype).astype(np.float32)
+
+    def max_block(self, pos):
+        w, b = self.recent_exact, self.seal_tokens
+        if not w or not b:
+            return super().max_block(pos)
+        first = w + 1  # the first length at which a chunk is sealed
+        return first - pos if pos < first else b - (pos - first) % b
 
     def _grow(self, need):
         cap = self.k.shape[1]

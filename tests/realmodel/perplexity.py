@@ -18,7 +18,8 @@ through kvtierd's Fetch path. The unit of work is one (row, text, context) item;
 daemon reports) is merged into a JSON file (--json, default docs/realmodel/perplexity.json)
 under a lock as soon as it finishes, so a run can be interrupted and resumed, split across
 processes (each claims the next item nobody holds: start two with the same arguments) and
-extended (new rows are new items). --rows REGEX selects rows, --contexts N how many contexts per
+extended (new rows are new items). SIGUSR1 stops a process after its current item; SIGTERM
+stops it at once (its item is dropped and left for the next run). --rows REGEX selects rows, --contexts N how many contexts per
 text. The markdown (--md, default docs/realmodel/perplexity.md) is regenerated from the JSON
 after every item (--render does only that): the part between the GENERATED markers is code's,
 the rest of the file is kept as written by hand.
@@ -38,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -77,26 +79,45 @@ DETECT_OFF = dict(pin_detect_ratio=0.0, pin_detect_max=0)
 DETECT_ON = dict(pin_detect_ratio=0.5, pin_detect_max=4)
 
 
+# Codec fields newer than some results: the value a daemon that did not know the field behaved
+# as (so a result made before the field existed still counts for a row that asks for it), and
+# the rows of the grid pin the field to that value whenever the client knows it (a newer daemon
+# default cannot leak into the published codecs).
+IMPLICIT_BEFORE = {"recent_exact_tokens": 0}
+_CLIENT_KEYS = set(getattr(kb.kvtier.client, "_CODEC_KEYS", ()))
+PINNED = {k: v for k, v in IMPLICIT_BEFORE.items() if k in _CLIENT_KEYS}
+# Keys of a request that are not fields of the effective codec (shorthands, named presets).
+REQUEST_ONLY = ("bits", "preset")
+
+
 def codec_row(scheme, bits, group, sinks, detect=False, chunk=B_DEFAULT, **extra):
     c = dict(scheme=scheme, key_bits=bits, value_bits=bits, group=group, chunk_tokens=chunk,
              rotate_v=scheme in ("hadamard", "oscar"), n_sinks=sinks,
-             **(DETECT_ON if detect else DETECT_OFF))
+             **(DETECT_ON if detect else DETECT_OFF), **PINNED)
     c.update(extra)
     return c
 
 
 ROWS = [("none", dict(scheme="none", group=32, chunk_tokens=B_DEFAULT, rotate_v=False,
-                      n_sinks=0, **DETECT_OFF))]
+                      n_sinks=0, **DETECT_OFF, **PINNED))]
 for _s, _b in [("oscar", 2), ("kivi", 2), ("hadamard", 2), ("oscar", 4)]:
     ROWS.append((f"{_s} INT{_b} G32 S4", codec_row(_s, _b, 32, 4)))
 ROWS.append(("oscar INT2 G32 S4 detect", codec_row("oscar", 2, 32, 4, detect=True)))
-for _s in ("oscar", "kivi", "hadamard"):
-    for _b in (2, 4):
-        for _g in (32, 128):
-            for _k in (4, 0):
-                _name = f"{_s} INT{_b} G{_g} S{_k}"
-                if _name not in dict(ROWS):
-                    ROWS.append((_name, codec_row(_s, _b, _g, _k)))
+# kvtier-int2's ablation (docs/realmodel/int2.md): faithful OScaR INT2 G32 S0 (in the grid below)
+# -> + 8 sinks -> + chunks of 32 with the recent window W 128 = the preset kvtier-int2 (the
+# daemon's default codec; asked for by name, every field also explicit).
+ROWS.append(("oscar INT2 G32 S8", codec_row("oscar", 2, 32, 8)))
+ROWS.append(("kvtier-int2 (oscar INT2 G32 S8 B32 W128)",
+             dict(codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128),
+                  preset="kvtier-int2")))
+# The rest of the grid, one (bits, G, S) setting at a time for all three schemes, so that a
+# partial run holds complete comparisons.
+for _b, _g, _k in [(2, 32, 0), (4, 32, 0), (2, 128, 4), (2, 128, 0), (4, 32, 4), (4, 128, 4),
+                   (4, 128, 0)]:
+    for _s in ("oscar", "kivi", "hadamard"):
+        _name = f"{_s} INT{_b} G{_g} S{_k}"
+        if _name not in dict(ROWS):
+            ROWS.append((_name, codec_row(_s, _b, _g, _k)))
 ROW_CODEC = dict(ROWS)
 # Rows that carry a perplexity target of their own (ratio to exact at most this), checked in the
 # generated summary; issue 9's INT2 G32 ordering and INT4 bound are checked there as well.
@@ -250,8 +271,12 @@ def claim_next(json_path, items, meta):
         for it in items:
             k = item_key(it["row"], it["text"], it["ci"])
             r = d["results"].get(k)
-            if r is not None and r.get("codec_requested") == it["codec"] and \
-                    r.get("eval") == meta["eval"]:
+            # current: made with the same evaluation settings, and the codec the daemon used
+            # then is what the row asks for now (and, for presets, the same request)
+            if r is not None and r.get("eval") == meta["eval"] and \
+                    not codec_agrees(it["codec"], r.get("codec_daemon")) and \
+                    all(r.get("codec_requested", {}).get(q) == it["codec"].get(q)
+                        for q in REQUEST_ONLY):
                 continue
             if k in claims:
                 continue
@@ -458,9 +483,13 @@ def _sha256(path):
 
 
 def codec_agrees(requested, effective):
-    """Every field the row asks for is what the daemon uses."""
+    """Every field the row asks for is what the daemon uses ({} when so, else the differences).
+    A field the daemon did not report counts as its IMPLICIT_BEFORE value."""
     bad = {}
+    effective = dict(IMPLICIT_BEFORE, **(effective or {}))
     for k, v in requested.items():
+        if k in REQUEST_ONLY:
+            continue
         e = effective.get(k)
         if isinstance(v, float) or isinstance(e, float):
             if e is None or abs(float(e) - float(v)) > 1e-6:
@@ -481,7 +510,7 @@ def run_item(m, a, client, it, ids, first):
     if bad:
         b.close()
         raise SystemExit(f"row {it['row']!r}: the daemon's codec differs from the row's: {bad}")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     load0 = os.getloadavg()[0]
     try:
         nll = score_context(m, window, b, a.block, first,
@@ -503,7 +532,8 @@ def run_item(m, a, client, it, ids, first):
                 bits_chunk1=rnd(seen["c1"]), bytes_held=int(seen["held"]),
                 fetched_tokens=int(b.fetched_tokens),
                 codec_requested=it["codec"], codec_daemon=info.codec, eval=a.eval_meta,
-                seconds=round(time.time() - t0, 1), loadavg_start=round(load0, 2),
+                seconds=round(time.time() - t0, 1),
+                cpu_seconds=round(time.process_time() - cpu0, 1), loadavg_start=round(load0, 2),
                 host=socket.gethostname(), pid=os.getpid(), git=_git_rev(),
                 finished=datetime.datetime.now(datetime.timezone.utc).strftime(
                     "%Y-%m-%dT%H:%M:%SZ"))
@@ -533,10 +563,20 @@ def run_table(m, a):
              for ci in range(a.contexts)]
     print(json.dumps(dict(rows=[n for n, _ in rows], items=len(items))), flush=True)
     first = None if a.no_share_first_block else FirstBlockCache()
+    stop = {"after_item": False}
+
+    def on_usr1(signum, frame):
+        stop["after_item"] = True
+        print(json.dumps(dict(note="SIGUSR1: stopping after the current item")), flush=True)
+
+    def on_term(signum, frame):
+        raise SystemExit(f"signal {signum}")   # runs the finally blocks: claim released, daemon stopped
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGTERM, on_term)
     daemon = kb.KvtierDaemon()
     client = daemon.client()
     try:
-        while True:
+        while not stop["after_item"]:
             it = claim_next(a.json, items, meta)
             if it is None:
                 break

@@ -30,7 +30,9 @@ _MESSAGE_OVERHEAD_BYTES = 4096
 SCHEMES = {"default": 0, "none": 1, "kivi": 2, "hadamard": 3, "oscar": 4}
 SCHEME_NAMES = {v: k for k, v in SCHEMES.items()}
 _CODEC_KEYS = ("scheme", "key_bits", "value_bits", "group", "chunk_tokens", "rotate_v",
-               "n_sinks", "pin_detect_ratio", "pin_detect_max")
+               "n_sinks", "pin_detect_ratio", "pin_detect_max", "recent_exact_tokens", "preset")
+# Named codec settings the daemon knows (kernels/kvt_codec.h); codec={"preset": name}.
+PRESETS = ("kvtier-int2", "oscar-int2")
 
 
 class KvtierError(Exception):
@@ -156,6 +158,8 @@ def _codec_to_proto(pb, codec: dict | None):
             msg.rotate_v = bool(val)
         elif key == "pin_detect_ratio":
             msg.pin_detect_ratio = float(val)
+        elif key == "preset":
+            msg.preset = str(val)
         else:
             setattr(msg, key, int(val))
     return msg
@@ -296,8 +300,10 @@ class Client:
         (info.created says which). tier: "host" or "gpu" (GPU-resident when the daemon has
         a GPU tier; info.tier says where the chunks live), None: the daemon's policy. codec: dict with keys scheme ('none', 'kivi',
         'hadamard', 'oscar', 'default'), key_bits, value_bits (or bits for both), group,
-        chunk_tokens, rotate_v, n_sinks, pin_detect_ratio, pin_detect_max; absent keys take
-        the daemon's defaults."""
+        chunk_tokens, rotate_v, n_sinks, pin_detect_ratio, pin_detect_max,
+        recent_exact_tokens (the exact recent window W: 0 or chunk_tokens..1024) and preset
+        (a named setting, one of PRESETS, that supplies the absent keys); absent keys take
+        the daemon's defaults (its default codec is the preset 'kvtier-int2')."""
         pb = self._pb
         req = pb.OpenSessionRequest(session_id=session_id, n_layers=n_layers,
                                     n_kv_heads=n_kv_heads, head_dim=head_dim,
