@@ -1,7 +1,7 @@
 /*
  * bench_gpu.c - `kvtier-bench gpu`.
  *
- *   kvtier-bench gpu [--sdpa FILE] [--iters N]
+ *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only]
  *
  * Measures, on device 0:
  *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
@@ -32,6 +32,7 @@
 
 static kvt_cuda_ctx *ctx;
 static int iters = 30;
+static int attend_only; /* --attend-only: the INT2 G32 attention cases alone (A/B runs) */
 static char err[512];
 
 static double now_s(void)
@@ -272,7 +273,8 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 	       "\"kernel\":\"%s\"",
 	       bits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
-	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores" : "mma");
+	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores"
+	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2")) ? "mma_i2" : "mma");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
@@ -397,8 +399,11 @@ int kvt_bench_gpu(int argc, char **argv)
 			load_sdpa(argv[++i]);
 		else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
 			iters = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--attend-only"))
+			attend_only = 1;
 		else {
-			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N]\n", argv[0]);
+			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only]\n",
+				argv[0]);
 			return 2;
 		}
 	}
@@ -424,6 +429,8 @@ int kvt_bench_gpu(int argc, char **argv)
 	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
+	if (attend_only)
+		goto out;
 	rc |= bench_attend(4, 128, 1, 131072, bw);
 	/* the CUDA-core kernel on the same case, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);

@@ -12,7 +12,7 @@
 #include "gpu_test_util.h"
 
 static kvt_cuda_ctx *ctx;
-static double worst_gpu, worst_cpu;
+static double worst_gpu, worst_cpu, worst_fast;
 
 struct sess {
 	uint32_t n_chunks, n_tail, layer;
@@ -84,13 +84,37 @@ static double rel_err(const float *a, const float *ref, size_t n)
 	return sqrt(num / (den > 0 ? den : 1e-30));
 }
 
-static void one_batch(int iter)
+/*
+ * fast: the shapes of the INT2 scales-on-codes kernel (oscar or kivi, INT2, bf16, head_dim
+ * 128, <= 4 query heads per KV head), with up to 12 chunks a session and items forced to
+ * span 1-4 chunks, so that warps walk many units (double-buffered staging, key groups
+ * changing inside and across chunks); half of them with the combine fused into the
+ * attention kernel.
+ */
+static void one_batch(int iter, bool fast)
 {
 	struct kvt_codec_config cfg;
 	random_config(&cfg, true);
 	static const uint32_t ratios[] = {1, 2, 4, 8, 4};
 	static const uint32_t qdts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
-	const uint32_t R = ratios[kvt_rand_below(5)], q_dtype = qdts[kvt_rand_below(3)];
+	uint32_t R = ratios[kvt_rand_below(5)];
+	const uint32_t q_dtype = qdts[kvt_rand_below(3)];
+	if (fast) {
+		cfg.scheme = kvt_rand_below(4) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
+		cfg.key_bits = cfg.value_bits = 2;
+		cfg.dtype = KVT_DTYPE_BF16;
+		cfg.head_dim = 128;
+		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
+		R = ratios[kvt_rand_below(3)];
+		if (kvt_rand_below(2))
+			R = 4;
+		char cpi[16];
+		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
+		setenv("KVTIER_CUDA_CPI", cpi, 1);
+		/* half the batches merge the partials inside the attention kernel */
+		if (kvt_rand_below(2))
+			setenv("KVTIER_CUDA_FUSED_COMBINE", "1", 1);
+	}
 	const uint32_t B = cfg.chunk_tokens, L = cfg.n_layers, H = cfg.n_kv_heads,
 		       d = cfg.head_dim, nq = H * R;
 	const size_t ws = kvt_dtype_size(cfg.dtype), qs = kvt_dtype_size(q_dtype);
@@ -106,7 +130,7 @@ static void one_batch(int iter)
 	int rc = 0;
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
-		s->n_chunks = kvt_rand_below(6);
+		s->n_chunks = kvt_rand_below(fast ? 13 : 6);
 		s->n_tail = kvt_rand_below(B);
 		if (s->n_chunks + s->n_tail == 0)
 			s->n_tail = 1 + kvt_rand_below(B - 1);
@@ -169,6 +193,8 @@ static void one_batch(int iter)
 		rc = kvt_cuda_attend(ctx, reqs, n_sess, err, sizeof(err));
 		KVT_CHECK(rc == 0, "%s: kvt_cuda_attend: %s", desc, err);
 	}
+	unsetenv("KVTIER_CUDA_CPI");
+	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
@@ -177,6 +203,8 @@ static void one_batch(int iter)
 		double e = rel_err(out, s->ref, (size_t)nq * d);
 		if (e > worst_gpu)
 			worst_gpu = e;
+		if (fast && e > worst_fast)
+			worst_fast = e;
 		KVT_CHECK(e <= 1e-3, "%s R%u q %s: session %u (%u chunks + %u tail, layer %u): GPU "
 			  "relative error %.3e", desc, R, kvt_dtype_name(q_dtype), si, s->n_chunks,
 			  s->n_tail, s->layer, e);
@@ -228,8 +256,19 @@ static void test_random_batches(void)
 	if (s && *s)
 		n = atoi(s);
 	for (int i = 0; i < n; i++)
-		one_batch(i);
+		one_batch(i, false);
 	printf("# worst relative error: gpu %.3e, cpu kvt_attend %.3e\n", worst_gpu, worst_cpu);
+}
+
+static void test_fast_path_batches(void)
+{
+	int n = 24;
+	const char *s = getenv("KVT_GPU_FAST_BATCHES");
+	if (s && *s)
+		n = atoi(s);
+	for (int i = 0; i < n; i++)
+		one_batch(i, true);
+	printf("# worst relative error, INT2 bf16 d128 batches: gpu %.3e\n", worst_fast);
 }
 
 static void test_plan_errors(void)
@@ -270,6 +309,7 @@ int main(void)
 		return GPU_SKIP;
 	}
 	KVT_RUN(test_random_batches);
+	KVT_RUN(test_fast_path_batches);
 	KVT_RUN(test_plan_errors);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();

@@ -110,6 +110,9 @@ ROWS.append(("oscar INT2 G32 S8", codec_row("oscar", 2, 32, 8)))
 ROWS.append(("kvtier-int2 (oscar INT2 G32 S8 B32 W128)",
              dict(codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128),
                   preset="kvtier-int2")))
+# A variant measured for the next default (int2.md): values quantized unrotated.
+ROWS.append(("oscar INT2 G32 S8 B32 W128 rotate_v 0",
+             codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128, rotate_v=False)))
 # The rest of the grid, one (bits, G, S) setting at a time for all three schemes, so that a
 # partial run holds complete comparisons.
 for _b, _g, _k in [(2, 32, 0), (4, 32, 0), (2, 128, 4), (2, 128, 0), (4, 32, 4), (4, 128, 4),
