@@ -24,6 +24,7 @@
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvtier/v1/kvtier.pb-c.h"
+#include "kvt_wire_reader.h"
 
 /* Invariants stay checked in release builds: a broken one aborts with file:line. */
 #define ASSERT(cond)                                                                      \
@@ -1523,61 +1524,7 @@ static int on_fetch_msg(void *ctx, ProtobufCMessage *m, struct kvt_client_status
  * anything is counted, and protobuf-c parses the message again from the start (bytes copied
  * so far are overwritten by the same bytes).
  */
-struct bb_cursor {
-	grpc_byte_buffer_reader r;
-	grpc_slice *cur;
-	size_t off;
-	uint64_t consumed;
-};
-
-static int cur_fill(struct bb_cursor *cu)
-{
-	while (!cu->cur || cu->off == GRPC_SLICE_LENGTH(*cu->cur)) {
-		if (!grpc_byte_buffer_reader_peek(&cu->r, &cu->cur)) {
-			cu->cur = NULL;
-			return -1;
-		}
-		cu->off = 0;
-	}
-	return 0;
-}
-
-static int cur_varint(struct bb_cursor *cu, uint64_t *v)
-{
-	*v = 0;
-	for (int shift = 0; shift < 64; shift += 7) {
-		if (cur_fill(cu))
-			return -1;
-		uint8_t b = GRPC_SLICE_START_PTR(*cu->cur)[cu->off++];
-		cu->consumed++;
-		*v |= (uint64_t)(b & 0x7f) << shift;
-		if (!(b & 0x80))
-			return 0;
-	}
-	return -1;
-}
-
-/* Copies n bytes to dst, or skips them when dst is NULL. */
-static int cur_copy(struct bb_cursor *cu, void *dst, size_t n)
-{
-	uint8_t *d = dst;
-	while (n) {
-		if (cur_fill(cu))
-			return -1;
-		size_t avail = GRPC_SLICE_LENGTH(*cu->cur) - cu->off;
-		size_t take = avail < n ? avail : n;
-		if (d) {
-			memcpy(d, GRPC_SLICE_START_PTR(*cu->cur) + cu->off, take);
-			d += take;
-		}
-		cu->off += take;
-		cu->consumed += take;
-		n -= take;
-	}
-	return 0;
-}
-
-static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_client_status *st)
+static int fetch_bb_parse(struct place_ctx *p, struct kvt_wire_reader *cu, struct kvt_client_status *st)
 {
 	Kvtier__V1__KvBlock b = KVTIER__V1__KV_BLOCK__INIT;
 	unsigned seen = 0;
@@ -1586,12 +1533,12 @@ static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_
 
 	if (!p->infer)
 		return FALLBACK; /* raw fetch: counted by protobuf-c's path */
-	while (cur_fill(cu) == 0) {
-		if (cur_varint(cu, &tag))
+	while (kvt_wire_fill(cu) == 0) {
+		if (kvt_wire_varint(cu, &tag))
 			return FALLBACK;
 		uint32_t fn = (uint32_t)(tag >> 3), wt = (uint32_t)(tag & 7);
 		if (fn >= 1 && fn <= 5 && wt == 0 && !(seen & (1u << fn)) && !(seen & (1u << 6))) {
-			if (cur_varint(cu, &val) || (fn != 1 && val > UINT32_MAX))
+			if (kvt_wire_varint(cu, &val) || (fn != 1 && val > UINT32_MAX))
 				return FALLBACK;
 			seen |= 1u << fn;
 			switch (fn) {
@@ -1602,7 +1549,7 @@ static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_
 			case 5: b.has_dtype = 1; b.dtype = (Kvtier__V1__Dtype)(int)val; break;
 			}
 		} else if (fn == 6 && wt == 2 && !(seen & (1u << 6))) {
-			if (cur_varint(cu, &val))
+			if (kvt_wire_varint(cu, &val))
 				return FALLBACK;
 			/* V is not in yet: checked as the same length, confirmed below. */
 			b.has_k = b.has_v = 1;
@@ -1616,17 +1563,17 @@ static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_
 			for (uint32_t i = 0; i < b.n_layers; i++) {
 				size_t len, off = place_offset(p, &b, i, &len);
 				ASSERT(!p->k || off + len <= p->k_cap);
-				if (cur_copy(cu, p->k ? p->k + off : NULL, len))
+				if (kvt_wire_copy(cu, p->k ? p->k + off : NULL, len))
 					return FALLBACK;
 			}
 		} else if (fn == 7 && wt == 2 && (seen & (1u << 6)) && !(seen & (1u << 7))) {
-			if (cur_varint(cu, &val) || val != b.k.len)
+			if (kvt_wire_varint(cu, &val) || val != b.k.len)
 				return FALLBACK;
 			seen |= 1u << 7;
 			for (uint32_t i = 0; i < b.n_layers; i++) {
 				size_t len, off = place_offset(p, &b, i, &len);
 				ASSERT(!p->v || off + len <= p->v_cap);
-				if (cur_copy(cu, p->v ? p->v + off : NULL, len))
+				if (kvt_wire_copy(cu, p->v ? p->v + off : NULL, len))
 					return FALLBACK;
 			}
 		} else {
@@ -1642,7 +1589,7 @@ static int fetch_bb_parse(struct place_ctx *p, struct bb_cursor *cu, struct kvt_
 
 static int on_fetch_bb(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status *st)
 {
-	struct bb_cursor cu;
+	struct kvt_wire_reader cu;
 	int rc;
 
 	memset(&cu, 0, sizeof(cu));

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "kvtier/v1/kvtier.pb-c.h"
+#include "kvt_wire_reader.h"
 #include "log.h"
 #include "rpc.h"
 
@@ -1313,99 +1314,43 @@ out:
  */
 #define FALLBACK 1
 
-struct bb_cursor {
-	grpc_byte_buffer_reader r;
-	grpc_slice *cur;
-	size_t off;
-	uint64_t consumed;
-};
-
-static int cur_fill(struct bb_cursor *cu)
-{
-	while (!cu->cur || cu->off == GRPC_SLICE_LENGTH(*cu->cur)) {
-		if (!grpc_byte_buffer_reader_peek(&cu->r, &cu->cur)) {
-			cu->cur = NULL;
-			return -1;
-		}
-		cu->off = 0;
-	}
-	return 0;
-}
-
-static int cur_eof(struct bb_cursor *cu)
-{
-	return cur_fill(cu) != 0;
-}
-
-static int cur_varint(struct bb_cursor *cu, uint64_t *v)
-{
-	*v = 0;
-	for (int shift = 0; shift < 64; shift += 7) {
-		if (cur_fill(cu))
-			return -1;
-		uint8_t b = GRPC_SLICE_START_PTR(*cu->cur)[cu->off++];
-		cu->consumed++;
-		*v |= (uint64_t)(b & 0x7f) << shift;
-		if (!(b & 0x80))
-			return 0;
-	}
-	return -1;
-}
-
-static int cur_copy(struct bb_cursor *cu, void *dst, size_t n)
-{
-	uint8_t *d = dst;
-	while (n) {
-		if (cur_fill(cu))
-			return -1;
-		size_t avail = GRPC_SLICE_LENGTH(*cu->cur) - cu->off;
-		size_t take = avail < n ? avail : n;
-		memcpy(d, GRPC_SLICE_START_PTR(*cu->cur) + cu->off, take);
-		cu->off += take;
-		cu->consumed += take;
-		d += take;
-		n -= take;
-	}
-	return 0;
-}
-
 /* Copies one tensor [n_layers][n_tokens][H][d] into the layer regions of the open batch. */
-static int cur_copy_tensor(struct bb_cursor *cu, struct kv_stage *st, uint8_t *base,
+static int cur_copy_tensor(struct kvt_wire_reader *cu, struct kv_stage *st, uint8_t *base,
 			   const Kvtier__V1__KvBlock *b)
 {
 	uint32_t lb = block_layer_begin(b), nl = block_n_layers(st, b);
 	size_t run = (size_t)b->n_tokens * st->tb;
 	for (uint32_t j = 0; j < nl; j++)
-		if (cur_copy(cu, stage_dst(st, base, lb + j), run))
+		if (kvt_wire_copy(cu, stage_dst(st, base, lb + j), run))
 			return -1;
 	return 0;
 }
 
 /* 0 = staged, -1 = res holds the error, FALLBACK = use protobuf-c. */
-static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_rpc_result *res)
+static int append_fast(struct kvt_rpc_call *c, struct kvt_wire_reader *cu, struct kvt_rpc_result *res)
 {
 	struct append_state *a = c->state;
 	char sid[KVT_SESSION_ID_MAX + 1];
 	int have_sid = 0;
 	Kvtier__V1__KvBlock b = KVTIER__V1__KV_BLOCK__INIT;
 	uint64_t v;
-	if (cur_varint(cu, &v))
+	if (kvt_wire_varint(cu, &v))
 		return FALLBACK;
 	if (v == (1 << 3 | 2)) {
 		uint64_t n;
-		if (cur_varint(cu, &n) || n == 0 || n > KVT_SESSION_ID_MAX || cur_copy(cu, sid, n))
+		if (kvt_wire_varint(cu, &n) || n == 0 || n > KVT_SESSION_ID_MAX || kvt_wire_copy(cu, sid, n))
 			return FALLBACK;
 		sid[n] = '\0';
 		if (strlen(sid) != n)
 			return FALLBACK;
 		have_sid = 1;
-		if (cur_varint(cu, &v))
+		if (kvt_wire_varint(cu, &v))
 			return FALLBACK;
 	}
 	if (v != (2 << 3 | 2))
 		return FALLBACK;
 	uint64_t blen;
-	if (cur_varint(cu, &blen))
+	if (kvt_wire_varint(cu, &blen))
 		return FALLBACK;
 	uint64_t end = cu->consumed + blen;
 	if (!a) {
@@ -1421,11 +1366,11 @@ static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_
 	unsigned seen = 0;
 	while (cu->consumed < end) {
 		uint64_t tag, val;
-		if (cur_varint(cu, &tag))
+		if (kvt_wire_varint(cu, &tag))
 			return FALLBACK;
 		uint32_t fn = (uint32_t)(tag >> 3), wt = (uint32_t)(tag & 7);
 		if (fn >= 1 && fn <= 5 && wt == 0 && !(seen & (1u << fn)) && !(seen & (1u << 6))) {
-			if (cur_varint(cu, &val) || val > UINT32_MAX || (fn == 5 && val > 3))
+			if (kvt_wire_varint(cu, &val) || val > UINT32_MAX || (fn == 5 && val > 3))
 				return FALLBACK;
 			seen |= 1u << fn;
 			switch (fn) {
@@ -1436,7 +1381,7 @@ static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_
 			case 5: b.has_dtype = 1; b.dtype = (Kvtier__V1__Dtype)val; break;
 			}
 		} else if (fn == 6 && wt == 2 && !(seen & (1u << 6))) {
-			if (cur_varint(cu, &val))
+			if (kvt_wire_varint(cu, &val))
 				return FALLBACK;
 			/* V has not been seen yet: checked as the same length, confirmed below. */
 			b.has_k = b.has_v = 1;
@@ -1447,7 +1392,7 @@ static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_
 			if (cur_copy_tensor(cu, st, st->k, &b))
 				return FALLBACK;
 		} else if (fn == 7 && wt == 2 && (seen & (1u << 6)) && !(seen & (1u << 7))) {
-			if (cur_varint(cu, &val) || val != b.k.len)
+			if (kvt_wire_varint(cu, &val) || val != b.k.len)
 				return FALLBACK;
 			seen |= 1u << 7;
 			if (cur_copy_tensor(cu, st, st->v, &b))
@@ -1456,7 +1401,7 @@ static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_
 			return FALLBACK;
 		}
 	}
-	if (cu->consumed != end || !(seen & (1u << 7)) || !cur_eof(cu))
+	if (cu->consumed != end || !(seen & (1u << 7)) || !kvt_wire_eof(cu))
 		return FALLBACK;
 	stage_commit(st, block_n_layers(st, &b));
 	return 0;
@@ -1465,7 +1410,7 @@ static int append_fast(struct kvt_rpc_call *c, struct bb_cursor *cu, struct kvt_
 static int append_message_bb(struct kvt_rpc_call *c, grpc_byte_buffer *bb,
 			     struct kvt_rpc_result *res)
 {
-	struct bb_cursor cu;
+	struct kvt_wire_reader cu;
 	memset(&cu, 0, sizeof cu);
 	int rc = FALLBACK;
 	if (grpc_byte_buffer_reader_init(&cu.r, bb)) {
