@@ -57,8 +57,7 @@ static void rope(float *x, uint32_t d, double pos, double base)
 	}
 }
 
-/* 8 partial sums, the same order as the fidelity bench's dot (bit-identical query norms). */
-static float dot8(const float *a, const float *b, uint32_t n)
+float kvt_synth_dot(const float *a, const float *b, uint32_t n)
 {
 	float s[8] = { 0 };
 	uint32_t i = 0;
@@ -181,7 +180,7 @@ int kvt_synth_tni(const struct kvt_synth_shape *sh, uint64_t seed, float *K, flo
 		for (uint32_t i = 0; i < Hq; i++) {
 			uint32_t kh = i / (Hq / H);
 			const float *m = mu + (size_t)kh * d, *w = u + (size_t)kh * d;
-			double mn = sqrt(dot8(m, m, d));
+			double mn = sqrt(kvt_synth_dot(m, m, d));
 			double beta = 6.0 + 18.0 * (kvt_synth_rand(&rng) >> 11) * 0x1p-53;
 
 			for (uint32_t j = 0; j < nq; j++) {

@@ -30,4 +30,9 @@ int kvt_synth_tni(const struct kvt_synth_shape *s, uint64_t seed, float *K, floa
 uint64_t kvt_synth_rand(uint64_t *state);
 double kvt_synth_normal(uint64_t *state);
 
+/* Dot product with 8 independent partial sums in a fixed order (the set's query norms and
+ * the fidelity bench's logits use it, so both are bit-reproducible; without -ffast-math the
+ * compiler cannot reassociate a single accumulator). */
+float kvt_synth_dot(const float *a, const float *b, uint32_t n);
+
 #endif

@@ -59,21 +59,6 @@ struct codec_spec {
 
 /* ---- small numeric helpers ----------------------------------------------------------------- */
 
-/* 8 independent partial sums: without -ffast-math the compiler cannot reassociate a single
- * accumulator, and this loop is most of the run time. */
-static float dot(const float *a, const float *b, uint32_t n)
-{
-	float s[8] = { 0 };
-	uint32_t i = 0;
-
-	for (; i + 8 <= n; i += 8)
-		for (int j = 0; j < 8; j++)
-			s[j] += a[i + j] * b[i + j];
-	for (; i < n; i++)
-		s[0] += a[i] * b[i];
-	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
 static void axpy(float *y, const float *x, float a, uint32_t n)
 {
 	for (uint32_t i = 0; i < n; i++)
@@ -260,7 +245,7 @@ static void exact_attention(const struct dataset *ds, uint32_t l, struct exact_l
 			double sum = 0, sm = 0, lm = 0, ent = 0;
 
 			for (uint32_t t = 0; t < ntok; t++) {
-				p[t] = scale * dot(q, ds->K + (((size_t)l * T + t) * H + kh) * d, d);
+				p[t] = scale * kvt_synth_dot(q, ds->K + (((size_t)l * T + t) * H + kh) * d, d);
 				mx = p[t] > mx ? p[t] : mx;
 				mn = p[t] < mn ? p[t] : mn;
 			}
@@ -280,7 +265,7 @@ static void exact_attention(const struct dataset *ds, uint32_t l, struct exact_l
 					ent -= p[t] * log((double)p[t]);
 			}
 			st->entropy += ent;
-			st->out_norm += sqrt(dot(o, o, d));
+			st->out_norm += sqrt(kvt_synth_dot(o, o, d));
 			st->sink_mass += sm;
 			st->low1_mass += lm;
 			st->first_mass += p[0];
@@ -303,7 +288,7 @@ static void lowest_one_percent(const float *X, uint32_t l, uint32_t T, uint32_t 
 	for (uint32_t t = 0; t < n; t++) {
 		const float *x = X + ((size_t)l * T + t) * row;
 
-		ni[t].norm = sqrtf(dot(x, x, (uint32_t)row));
+		ni[t].norm = sqrtf(kvt_synth_dot(x, x, (uint32_t)row));
 		ni[t].idx = t;
 	}
 	qsort(ni, n, sizeof(*ni), cmp_norm_idx);
@@ -426,7 +411,7 @@ static void attention_errors(const struct dataset *ds, uint32_t l, const float *
 			double sum = 0, kl = 0;
 
 			for (uint32_t t = 0; t < ntok; t++) {
-				pq[t] = scale * dot(q, Kh + (((size_t)l * T + t) * H + kh) * d, d);
+				pq[t] = scale * kvt_synth_dot(q, Kh + (((size_t)l * T + t) * H + kh) * d, d);
 				mx = pq[t] > mx ? pq[t] : mx;
 			}
 			for (uint32_t t = 0; t < ntok; t++)
@@ -555,7 +540,7 @@ static double head_norm_median(const struct dataset *ds, const float *X, const u
 			for (uint32_t h = 0; h < ds->H; h++) {
 				const float *x = X + (((size_t)l * ds->T + t) * ds->H + h) * ds->d;
 
-				v[n++] = sqrtf(dot(x, x, ds->d));
+				v[n++] = sqrtf(kvt_synth_dot(x, x, ds->d));
 			}
 		}
 	if (n == 0) {

@@ -583,15 +583,8 @@ int main(void)
 	}
 	static const char *const args[] = {"--gpu_arena_bytes=256MiB", "--gpu_staging_bytes=32MiB",
 					   "--gpu_restore_threads=4", NULL};
-	if (kvt_daemon_start(&g_d, args) != 0) {
-		printf("not ok - kvtierd did not start\n");
+	if (kvt_daemon_start_client(&g_d, args, &g_c) != 0)
 		return 1;
-	}
-	if (kvt_daemon_client(&g_d, 0, &g_c) != 0) {
-		kvt_daemon_stop(&g_d);
-		printf("not ok - connect\n");
-		return 1;
-	}
 	KVT_RUN(test_restore_random);
 	KVT_RUN(test_restore_errors);
 	KVT_RUN(test_resident_attend);

@@ -74,6 +74,21 @@ int kvt_daemon_client(const struct kvt_daemon *d, uint32_t max_message_bytes,
 	return rc;
 }
 
+int kvt_daemon_start_client(struct kvt_daemon *d, const char *const *extra_args,
+			    struct kvt_client **out)
+{
+	if (kvt_daemon_start(d, extra_args) != 0) {
+		printf("not ok - kvtierd did not start\n");
+		return -1;
+	}
+	if (kvt_daemon_client(d, 0, out) != 0) {
+		kvt_daemon_stop(d);
+		printf("not ok - connect\n");
+		return -1;
+	}
+	return 0;
+}
+
 int kvt_daemon_start(struct kvt_daemon *d, const char *const *extra_args)
 {
 	const char *bin = getenv("KVTIERD");

@@ -30,6 +30,10 @@ int kvt_daemon_stop(struct kvt_daemon *d);
 /* Connects a client to the daemon (connect timeout 5 s). */
 int kvt_daemon_client(const struct kvt_daemon *d, uint32_t max_message_bytes,
 		      struct kvt_client **out);
+/* A test main's setup: kvt_daemon_start + kvt_daemon_client (default message limit). On
+ * failure prints the TAP "not ok" line, stops a started daemon and returns -1. */
+int kvt_daemon_start_client(struct kvt_daemon *d, const char *const *extra_args,
+			    struct kvt_client **out);
 /* Prints the last lines of the daemon's log (diagnostics on failure). */
 void kvt_daemon_print_log(const struct kvt_daemon *d, int max_lines);
 

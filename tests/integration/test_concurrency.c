@@ -161,14 +161,8 @@ int main(void)
 	kvt_test_init();
 	/* debug: every failed request is logged, printed if a thread fails */
 	static const char *const args[] = { "--log-level=debug", NULL };
-	if (kvt_daemon_start(&g_d, args) != 0) {
-		printf("not ok - kvtierd did not start\n");
+	if (kvt_daemon_start_client(&g_d, args, &g_c) != 0)
 		return 1;
-	}
-	if (kvt_daemon_client(&g_d, 0, &g_c) != 0) {
-		kvt_daemon_stop(&g_d);
-		return 1;
-	}
 	KVT_RUN(test_threads_sessions);
 	kvt_client_close(g_c);
 	KVT_CHECK(kvt_daemon_stop(&g_d) == 0, "daemon exit 0 after SIGTERM");

@@ -217,15 +217,8 @@ int main(void)
 	static const char *const args[] = {"--gpu_enable=no", "--gpu_arena_bytes=64MiB", NULL};
 	kvt_test_init();
 	it_seed(0);
-	if (kvt_daemon_start(&g_d, args) != 0) {
-		printf("not ok - kvtierd did not start\n");
+	if (kvt_daemon_start_client(&g_d, args, &g_c) != 0)
 		return 1;
-	}
-	if (kvt_daemon_client(&g_d, 0, &g_c) != 0) {
-		kvt_daemon_stop(&g_d);
-		printf("not ok - connect\n");
-		return 1;
-	}
 	KVT_RUN(test_restore_refused);
 	KVT_RUN(test_tier_fallback);
 	kvt_client_close(g_c);
