@@ -393,6 +393,30 @@ static void gather_virtual(const struct kvt_seq *seq, uint8_t *dst, const uint8_
 /* kvt_seq_append with a recent window W: seal the oldest B unsealed tokens while more than W
  * would stay exact. Everything that can fail happens before the first change (the chunks are
  * encoded from gathered copies; the tail is rearranged only at commit). */
+/* The end of a successful append: the grown chunk array and the chunks sealed into it. */
+static void commit_sealed(struct kvt_seq *seq, struct kvt_chunk **fresh, uint32_t fresh_cap,
+			  struct kvt_chunk **made, uint32_t n_seal)
+{
+	install_array(seq, fresh, fresh_cap);
+	for (uint32_t j = 0; j < n_seal; j++) {
+		seq->chunks[seq->n_chunks++] = made[j];
+		seq->chunk_bytes += made[j]->alloc_bytes;
+	}
+}
+
+/* A failed append leaves the session as it was: the chunks it sealed, the array it grew and
+ * a tail buffer it allocated are given back. */
+static void abort_sealing(struct kvt_seq *seq, struct kvt_chunk **made, uint32_t n_made,
+			  struct kvt_chunk **fresh, uint32_t fresh_cap, int tail_made)
+{
+	for (uint32_t j = 0; j < n_made; j++)
+		kvt_chunk_put(made[j]);
+	free(made);
+	hook_free(&seq->alloc, fresh, (size_t)fresh_cap * sizeof(*fresh));
+	if (tail_made)
+		drop_tail(seq);
+}
+
 static int append_window(struct kvt_seq *seq, const uint8_t *kin, const uint8_t *vin,
 			 uint32_t n, char *err, size_t errlen)
 {
@@ -449,11 +473,7 @@ static int append_window(struct kvt_seq *seq, const uint8_t *kin, const uint8_t 
 	}
 
 	/* Commit: nothing below can fail. */
-	install_array(seq, fresh, fresh_cap);
-	for (uint32_t j = 0; j < n_seal; j++) {
-		seq->chunks[seq->n_chunks++] = made[j];
-		seq->chunk_bytes += made[j]->alloc_bytes;
-	}
+	commit_sealed(seq, fresh, fresh_cap, made, n_seal);
 	{
 		const uint64_t cut = (uint64_t)n_seal * B; /* first token index that stays */
 		uint32_t kept = 0, in0 = 0;
@@ -484,14 +504,9 @@ static int append_window(struct kvt_seq *seq, const uint8_t *kin, const uint8_t 
 	return 0;
 
 fail:
-	for (uint32_t j = 0; j < n_made; j++)
-		kvt_chunk_put(made[j]);
-	free(made);
+	abort_sealing(seq, made, n_made, fresh, fresh_cap, tail_made);
 	free(gather);
 	free(scratch);
-	hook_free(&seq->alloc, fresh, (size_t)fresh_cap * sizeof(*fresh));
-	if (tail_made)
-		drop_tail(seq);
 	return rc;
 }
 
@@ -583,11 +598,7 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 	}
 
 	/* Commit: nothing below can fail. */
-	install_array(seq, fresh, fresh_cap);
-	for (uint32_t j = 0; j < n_seal; j++) {
-		seq->chunks[seq->n_chunks++] = made[j];
-		seq->chunk_bytes += made[j]->alloc_bytes;
-	}
+	commit_sealed(seq, fresh, fresh_cap, made, n_seal);
 	seq->n_tail = rem;
 	if (rem) {
 		copy_tokens(seq->tail, B, 0, kin, n, n - rem, rem, L, tb);
@@ -604,14 +615,9 @@ int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n
 	return 0;
 
 fail:
-	for (uint32_t j = 0; j < n_made; j++)
-		kvt_chunk_put(made[j]);
-	free(made);
+	abort_sealing(seq, made, n_made, fresh, fresh_cap, tail_made);
 	free(gather);
 	free(scratch);
-	hook_free(&seq->alloc, fresh, (size_t)fresh_cap * sizeof(*fresh));
-	if (tail_made)
-		drop_tail(seq);
 	return rc;
 }
 
