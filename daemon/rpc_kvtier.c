@@ -2570,9 +2570,12 @@ const struct kvt_rpc_method kvt_rpc_kvtier_methods[] = {
 	 .pooled = KVT_POOL_END},
 	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend,
 	 .pooled = KVT_POOL_UNARY},
+	/* Both may copy a whole session (to the device, or into the GPU arena) and wait for
+	 * the session lock behind an Append commit: on the pool, never on a queue thread. */
 	{.path = KV("RestoreToDevice"), .name = "RestoreToDevice", .kind = KVT_RPC_UNARY,
-	 .unary = h_restore},
-	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch},
+	 .unary = h_restore, .pooled = KVT_POOL_UNARY},
+	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch,
+	 .pooled = KVT_POOL_UNARY},
 	{.path = KV("Stats"), .name = "Stats", .kind = KVT_RPC_UNARY, .unary = h_stats},
 };
 const size_t kvt_rpc_kvtier_n_methods =
