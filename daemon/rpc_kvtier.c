@@ -1907,6 +1907,32 @@ static int fenc_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	kvt_session_unlock(s);
 	uint32_t cb = r->has_chunk_begin ? r->chunk_begin : 0;
 	uint32_t ce = r->has_chunk_end ? r->chunk_end : nch;
+	const uint64_t B = s->cfg.chunk_tokens, sealed = (uint64_t)nch * B;
+	/* tail tokens sent: [tail_begin, tail_end) */
+	uint64_t tail_begin = sealed, tail_end = n;
+	int by_tokens = r->has_token_begin || r->has_token_end;
+	if (by_tokens) {
+		if (r->has_chunk_begin || r->has_chunk_end || r->has_include_tail) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "token_begin / token_end select by tokens: chunk_begin, "
+				     "chunk_end and include_tail must then be absent");
+			goto out;
+		}
+		uint64_t t0 = r->has_token_begin ? r->token_begin : 0;
+		uint64_t t1 = r->has_token_end ? r->token_end : n;
+		if (t0 > t1 || t1 > n) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "token range [%" PRIu64 ", %" PRIu64 ") is out of range: the "
+				     "session has %" PRIu64 " tokens",
+				     t0, t1, n);
+			goto out;
+		}
+		/* the chunks overlapping the range (none when it is empty) */
+		cb = (uint32_t)(t0 < sealed ? t0 / B : nch);
+		ce = (uint32_t)(t1 <= t0 ? cb : t1 < sealed ? (t1 + B - 1) / B : nch);
+		tail_begin = t0 > sealed ? t0 : sealed;
+		tail_end = t1 > sealed ? t1 : sealed;
+	}
 	if (cb > ce || ce > nch) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 			     "chunk range [%u, %u) is out of range: the session has %u sealed chunks",
@@ -1920,12 +1946,11 @@ static int fenc_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	}
 	f->chunk = cb;
 	f->chunk_end = ce;
-	f->include_tail = r->has_include_tail ? r->include_tail : 1;
+	f->include_tail = by_tokens || !r->has_include_tail || r->include_tail;
 	uint64_t limit = KVT_CFG(max_message_bytes);
 	f->piece_bytes = limit - MSG_OVERHEAD_BYTES;
-	uint64_t sealed = (uint64_t)nch * s->cfg.chunk_tokens;
-	if (iter_init(&f->it, &s->cfg, sealed, f->include_tail ? n : sealed, 0, s->cfg.n_layers,
-		      s->cfg.dtype, limit, res)) {
+	if (iter_init(&f->it, &s->cfg, tail_begin, f->include_tail ? tail_end : tail_begin, 0,
+		      s->cfg.n_layers, s->cfg.dtype, limit, res)) {
 		free(f);
 		goto out;
 	}

@@ -213,7 +213,7 @@ static void stop_child(pid_t pid)
 
 /* ---- the workloads -------------------------------------------------------------------------- */
 
-enum workload { W_APPEND, W_FETCH, W_FETCH_ENCODED, W_ATTEND, W_REDIS_SET, W_REDIS_GET,
+enum workload { W_APPEND, W_FETCH, W_FETCH_LOCAL, W_FETCH_ENCODED, W_ATTEND, W_REDIS_SET, W_REDIS_GET,
 		W_REDIS_GET_SESSION };
 
 struct svc;
@@ -307,7 +307,8 @@ static int one_op(struct worker *w, unsigned i)
 		w->bytes += (double)batch_kv;
 		return 0;
 	}
-	case W_FETCH: {
+	case W_FETCH:
+	case W_FETCH_LOCAL: {
 		unsigned nb = s->fetch_batches;
 		size_t want = s->batch_bytes * nb;
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
@@ -321,6 +322,7 @@ static int one_op(struct worker *w, unsigned i)
 		r.layer_begin = 0;
 		r.layer_end = o->layers;
 		r.dtype = KVT_CLIENT_DTYPE_F16;
+		r.decode_local = s->wl == W_FETCH_LOCAL;
 		/* every field given: no Stat round trip; the reply lands in fk / fv */
 		if (kvt_client_fetch(w->kc, name, &r, w->fk, want, w->fv, want, &fr, &st))
 			return fail(w, "fetch", &st);
@@ -670,7 +672,8 @@ static void usage(FILE *f)
 		"  --rounds N             read workloads alternate kvtierd and Redis in N segments\n"
 		"                         of seconds / N each (default 4)\n"
 		"  --workloads LIST       read workloads to run after the load, comma separated\n"
-		"                         (fetch,fetch_restore,fetch_encoded,attend; default all)\n"
+		"                         (fetch,fetch_local,fetch_restore,fetch_encoded,attend;\n"
+		"                         default all)\n"
 		"  --scheme NAME --bits N --group N --chunk-tokens N --sinks N   the codec\n"
 		"                         (default oscar, 2, 32, 128, 4)\n");
 }
@@ -758,8 +761,8 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 		return 2;
 	}
 	for (const char *p = o->only; p && *p;) {
-		static const char *const known[] = {"fetch", "fetch_restore", "fetch_encoded",
-						     "attend"};
+		static const char *const known[] = {"fetch", "fetch_local", "fetch_restore",
+						     "fetch_encoded", "attend"};
 		const char *e = strchr(p, ',');
 		size_t len = e ? (size_t)(e - p) : strlen(p);
 		int ok = 0;
@@ -767,7 +770,8 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 			ok |= strlen(known[k]) == len && !strncmp(p, known[k], len);
 		if (!ok) {
 			fprintf(stderr, "kvtier-bench service: --workloads: unknown workload '%.*s' "
-					"(fetch, fetch_restore, fetch_encoded, attend)\n",
+					"(fetch, fetch_local, fetch_restore, fetch_encoded, "
+					"attend)\n",
 				(int)len, p);
 			return 2;
 		}
@@ -973,6 +977,30 @@ static int verify_load(struct svc *s)
 			(unsigned long long)info.n_tokens, o->session_tokens);
 		return -1;
 	}
+	{
+		/* the local-decode Fetch returns the daemon's bytes (a batch that straddles the
+		 * sealed chunks and the tail when there is one) */
+		struct kvt_client_fetch_range r;
+		struct kvt_client_fetch_result fr;
+		size_t n = s->batch_bytes;
+		uint8_t *k2 = kvt_bench_alloc(n), *v2 = kvt_bench_alloc(n);
+		kvt_client_fetch_range_init(&r);
+		r.token_end = o->session_tokens;
+		r.token_begin = r.token_end - o->tokens;
+		r.layer_end = o->layers;
+		r.dtype = KVT_CLIENT_DTYPE_F16;
+		int bad = kvt_client_fetch(w->kc, name, &r, w->fk, n, w->fv, n, &fr, &st);
+		r.decode_local = 1;
+		bad = bad || kvt_client_fetch(w->kc, name, &r, k2, n, v2, n, &fr, &st) ||
+		      fr.k_bytes != n || memcmp(w->fk, k2, n) || memcmp(w->fv, v2, n);
+		free(k2);
+		free(v2);
+		if (bad) {
+			fprintf(stderr, "kvtier-bench service: the local-decode fetch differs from "
+					"Fetch: %s\n", st.message);
+			return -1;
+		}
+	}
 	if (!strcmp(o->scheme, "none")) {
 		struct kvt_client_fetch_range r;
 		struct kvt_client_fetch_result fr;
@@ -1066,6 +1094,13 @@ int kvt_bench_service(int argc, char **argv)
 		report(&s, "fetch", &fetch, o->redis ? &get : NULL,
 		       "redis GET of the batch's f16 K+V", 1.0);
 	}
+	struct measured local = {0}, get_l = {0};
+	local.ok = get_l.ok = 1;
+	if (wanted(&s, "fetch_local")) {
+		run_pair(&s, W_FETCH_LOCAL, W_REDIS_GET, &local, &get_l);
+		report(&s, "fetch_local", &local, o->redis ? &get_l : NULL,
+		       "redis GET of the batch's f16 K+V", 1.0);
+	}
 	restore.ok = 1;
 	get_r.ok = 1;
 	if (o->restore_tokens && wanted(&s, "fetch_restore")) {
@@ -1085,8 +1120,8 @@ int kvt_bench_service(int argc, char **argv)
 		report(&s, "attend", &att, o->redis ? &get_s : NULL,
 		       "redis GET of the whole session's f16 K+V (logical bytes attended)", 0);
 	}
-	rc = fetch.ok && restore.ok && fenc.ok && att.ok &&
-			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok))
+	rc = fetch.ok && local.ok && restore.ok && fenc.ok && att.ok &&
+			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok && get_l.ok))
 		     ? 0
 		     : 1;
 out:
