@@ -796,6 +796,8 @@ static void codec_to_proto(const struct kvt_client_codec *in, Kvtier__V1__CodecC
 	}
 	if (in->preset[0])
 		out->preset = (char *)in->preset; /* borrowed until the request is packed */
+	if (in->key_rounding[0])
+		out->key_rounding = (char *)in->key_rounding; /* borrowed as preset */
 }
 
 static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_client_codec *out)
@@ -825,6 +827,8 @@ static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_clien
 		out->recent_exact_tokens = (int32_t)in->recent_exact_tokens;
 	if (in->preset)
 		snprintf(out->preset, sizeof out->preset, "%s", in->preset);
+	if (in->key_rounding)
+		snprintf(out->key_rounding, sizeof out->key_rounding, "%s", in->key_rounding);
 }
 
 static void copy_str(char *dst, size_t cap, const char *src)

@@ -156,6 +156,7 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		d.pin_detect_ratio = (float)ratio;
 		d.pin_detect_max = (uint32_t)KVT_CFG(default_pin_detect_max);
 		d.recent_exact_tokens = (uint32_t)KVT_CFG(default_recent_exact_tokens);
+		d.key_rounding = (uint32_t)KVT_CFG(default_key_rounding);
 	}
 	if (cc && cc->has_scheme && cc->scheme != KVTIER__V1__SCHEME__SCHEME_DEFAULT) {
 		if ((int)cc->scheme < 1 || (int)cc->scheme > 4) {
@@ -246,6 +247,29 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		cfg->recent_exact_tokens =
 			d.recent_exact_tokens >= cfg->chunk_tokens ? d.recent_exact_tokens : 0;
 	}
+	if (cc && cc->key_rounding) {
+		int kr = kvt_rounding_parse(cc->key_rounding);
+		if (kr < 0) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "codec.key_rounding '%.40s' is not one of minmax, mse",
+				     cc->key_rounding);
+			return -1;
+		}
+		if (exact && kr != KVT_ROUNDING_MINMAX) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "codec.key_rounding %s needs a quantizing scheme (SCHEME_NONE "
+				     "stores exact values)",
+				     cc->key_rounding);
+			return -1;
+		}
+		cfg->key_rounding = (uint32_t)kr;
+	} else if (exact || (cc && (cc->has_scheme || cc->has_key_bits || cc->has_group))) {
+		/* A client that picked its quantizer without naming a rounding gets OScaR's, the
+		 * one its encoded bytes were compared against before the field existed. */
+		cfg->key_rounding = KVT_ROUNDING_MINMAX;
+	} else {
+		cfg->key_rounding = d.key_rounding;
+	}
 	char err[400] = "";
 	if (kvt_codec_config_validate(cfg, err, sizeof err)) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec: %s", err);
@@ -289,6 +313,7 @@ static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kv
 	m->codec.pin_detect_max = c->pin_detect_max;
 	m->codec.has_recent_exact_tokens = 1;
 	m->codec.recent_exact_tokens = c->recent_exact_tokens;
+	m->codec.key_rounding = (char *)kvt_rounding_name(c->key_rounding);
 	/* The preset this codec equals, if any (the shape does not matter). */
 	const char *pn = kvt_codec_preset_name(c);
 	if (pn) {
@@ -2177,6 +2202,7 @@ static int store_piece(struct store_state *ss, const Kvtier__V1__EncodedPiece *p
 		got.pin_detect_ratio = ss->cfg.pin_detect_ratio;
 		got.pin_detect_max = ss->cfg.pin_detect_max;
 		got.recent_exact_tokens = ss->cfg.recent_exact_tokens; /* a session property */
+		got.key_rounding = ss->cfg.key_rounding; /* an encoder choice, not in a chunk */
 		if (kvt_codec_config_compare(&ss->cfg, &got, err, sizeof err)) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 				     "chunk %u does not match the session: %s", idx, err);

@@ -43,6 +43,8 @@ static inline void it_config_from_info(const struct kvt_client_session_info *i,
 	cfg->pin_detect_ratio = i->codec.pin_detect_ratio > 0 ? i->codec.pin_detect_ratio : 0;
 	cfg->recent_exact_tokens =
 		i->codec.recent_exact_tokens > 0 ? (uint32_t)i->codec.recent_exact_tokens : 0;
+	int kr = kvt_rounding_parse(i->codec.key_rounding);
+	cfg->key_rounding = kr > 0 ? (uint32_t)kr : 0;
 }
 
 static inline struct kvt_client_shape it_shape(const struct kvt_client_session_info *i)
