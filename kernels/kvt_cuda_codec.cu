@@ -2,10 +2,13 @@
  * kvt_cuda_codec.cu - the CUDA context, device memory helpers, chunk encode and decode
  * (OSCAR.md section 2, the chunk layout of kvt_codec.h), and the chunk crc32c on the GPU.
  *
- * Encode runs one thread block per (chunk, layer, key group of G tokens), as the CPU encoder
- * walks the chunk, and follows the CPU's float operations one for one (cuda_internal.cuh), so
- * the bytes match kvt_encode_chunk's. The crc32c is computed on the GPU from per-segment
- * CRCs combined by GF(2) polynomial multiplication, so the chunk never visits the host.
+ * Encode: fe_kernel (oscar / kivi when the key tile fits in shared memory: the benchmark's
+ * and the default shapes) or enc_kernel (everything else, and KVTIER_CUDA_CODEC_OLD=1); both
+ * follow the CPU's float operations (cuda_internal.cuh), so the bytes match
+ * kvt_encode_chunk's (fe_kernel: up to which zero a -0 / +0 tie of a min or max keeps). The
+ * crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
+ * multiplication, so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
 #include <stdlib.h>
