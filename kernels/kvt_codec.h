@@ -77,6 +77,14 @@ enum kvt_dtype {
  *               oldest B unsealed tokens are sealed only when more than W would stay exact,
  *               so after any append the newest min(tokens, W-B+1) .. W tokens are exact
  *               (kvt_seq.h).
+ *   key_rounding  how the encoder picks each key group's scale and zero (an encoder choice:
+ *               not in the chunk header, decoders ignore it, kvt_chunk_parse leaves it 0):
+ *               KVT_ROUNDING_MINMAX (0): OScaR's rule, the group's [min, max] with the
+ *               zero on the scale's grid (CHUNK_FORMAT.md "Quantizer");
+ *               KVT_ROUNDING_MSE (1): the range with the least squared error over a fixed
+ *               set of clipped ranges, min-max included (CHUNK_FORMAT.md "Key rounding"),
+ *               so no group's error is above min-max's. Needs a quantizing scheme (0 for
+ *               none). The CUDA encoder does not implement it (-EOPNOTSUPP).
  */
 struct kvt_codec_config {
 	uint32_t scheme;
@@ -94,7 +102,15 @@ struct kvt_codec_config {
 	float pin_detect_ratio;
 	uint32_t recent_exact_tokens; /* W; 0 = seal every B tokens (added last: zero keeps the
 				       * behaviour of configs written before it existed) */
+	uint32_t key_rounding;        /* enum kvt_rounding; 0 = min-max (added last, as W) */
 };
+
+enum kvt_rounding {
+	KVT_ROUNDING_MINMAX = 0, /* OScaR: [min, max] of the group, zero on the scale's grid */
+	KVT_ROUNDING_MSE = 1,    /* least squared error over a fixed set of clipped ranges */
+};
+const char *kvt_rounding_name(uint32_t rounding); /* "minmax", "mse"; NULL when unknown */
+int kvt_rounding_parse(const char *name);         /* enum value, or -EINVAL */
 
 /* Fills cfg with kvtier's defaults for the shape (oscar, 2/2 bits, G 32, B 128, rotate_v,
  * S 4, detection off). */

@@ -1203,6 +1203,10 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 				     "pin detection (pin_detect_ratio %g) is CPU-only: encode "
 				     "this session on the CPU",
 				     (double)cfg->pin_detect_ratio);
+	if (cfg->key_rounding != KVT_ROUNDING_MINMAX)
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "key_rounding %s is CPU-only: encode this session on the CPU",
+				     kvt_rounding_name(cfg->key_rounding));
 	if (n_jobs > KVT_CUDA_MAX_JOBS)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
 				     KVT_CUDA_MAX_JOBS);
