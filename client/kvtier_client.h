@@ -291,6 +291,11 @@ struct kvt_client_fetch_range {
 	uint32_t max_message_bytes;  /* 0: server default */
 	uint32_t timeout_ms;         /* 0: client default */
 	int raw;                     /* 1: send the fields exactly as given (tests); no Stat */
+	/* 1: decode here (FetchEncoded of the chunks overlapping the range, decoded by this
+	 * library's codec into k_out / v_out): the same bytes as the daemon's decode, a fifth
+	 * of the transfer at 2 bits, the decode's CPU in the caller's thread instead of the
+	 * daemon's. 0 (default): the daemon decodes (Fetch). Ignored with raw. */
+	int decode_local;
 };
 void kvt_client_fetch_range_init(struct kvt_client_fetch_range *r);
 

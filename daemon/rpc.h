@@ -46,6 +46,8 @@ void kvt_pool_stop(void); /* runs what is queued, then joins the workers */
 unsigned kvt_pool_threads(void);
 /* Workers with nothing to do right now (a hint: what splitting a decode may use). */
 unsigned kvt_pool_idle(void);
+/* Workers running a task right now (tests observe where a step runs). */
+unsigned kvt_pool_busy(void);
 void kvt_pool_submit(struct kvt_task *t, void (*fn)(void *arg), void *arg);
 /* Fire and forget: t is not touched once fn has started (fn may free it); no wait/cancel. */
 void kvt_pool_submit_detached(struct kvt_task *t, void (*fn)(void *arg), void *arg);

@@ -695,6 +695,20 @@ def test_data_request_errors(client, sid, rng):
     rejects(lambda: client.fetch(s, tokens=(7, 3)), INVALID, "token")
     rejects(lambda: client.fetch(s, layers=(0, 3)), INVALID, "layer")
     rejects(lambda: client.fetch_encoded(s, chunk_begin=5, chunk_end=6), INVALID, "chunk")
+    # FetchEncoded by token range (libkvtier's local-decode Fetch): the range is checked and
+    # cannot be mixed with a chunk range
+    def enc_tokens(**kw):
+        req = client._pb.FetchEncodedRequest(session_id=s, **kw)
+        return list(client._stream_out("FetchEncoded", req))
+    rejects(lambda: enc_tokens(token_begin=0, chunk_end=1), INVALID, "token_begin")
+    rejects(lambda: enc_tokens(token_end=4, include_tail=True), INVALID, "token_begin")
+    rejects(lambda: enc_tokens(token_end=11), INVALID, "token range")
+    rejects(lambda: enc_tokens(token_begin=7, token_end=3), INVALID, "token range")
+    pieces = enc_tokens(token_begin=3, token_end=9)  # scheme none: all 10 tokens in the tail
+    assert pieces[0].HasField("session") and pieces[0].session.n_tokens == 10
+    tail = [p.tail for p in pieces if p.WhichOneof("piece") == "tail"]
+    assert [(b.token_begin, b.n_tokens) for b in tail] == [(3, 6)]
+    assert not any(p.WhichOneof("piece") == "chunk" for p in pieces)
     q = np.zeros((4, 128), np.float32)
     rejects(lambda: client.attend([dict(session_id=s, layer=2, q=q)]), INVALID, "layer")
     rejects(lambda: client.attend([dict(session_id=s, layer=0, q=np.zeros((3, 128)))]),
