@@ -82,9 +82,10 @@ enum kvt_dtype {
  *               KVT_ROUNDING_MINMAX (0): OScaR's rule, the group's [min, max] with the
  *               zero on the scale's grid (CHUNK_FORMAT.md "Quantizer");
  *               KVT_ROUNDING_MSE (1): the range with the least squared error over a fixed
- *               set of clipped ranges, min-max included (CHUNK_FORMAT.md "Key rounding"),
- *               so no group's error is above min-max's. Needs a quantizing scheme (0 for
- *               none). The CUDA encoder does not implement it (-EOPNOTSUPP).
+ *               set of narrower ranges that keep every element within half a step,
+ *               min-max included (CHUNK_FORMAT.md "Key rounding"), so no group's error is
+ *               above min-max's. Needs a quantizing scheme (0 for none). The CUDA encoder
+ *               does not implement it (-EOPNOTSUPP).
  */
 struct kvt_codec_config {
 	uint32_t scheme;
@@ -120,13 +121,14 @@ int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, siz
 
 /*
  * Named codec settings. A preset fixes every codec field (scheme, bits, group, chunk_tokens,
- * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens) and leaves the shape (n_layers,
- * n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
+ * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens, key_rounding) and leaves the shape
+ * (n_layers, n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
  * session's wire dtype, so a preset costs what docs/realmodel/int2.md says only in f16/bf16.
- *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128: the
- *                  daemon's default codec (docs/realmodel/int2.md has the evidence)
+ *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128,
+ *                  key_rounding mse: the daemon's default codec (docs/realmodel/int2.md has
+ *                  the evidence)
  *   "oscar-int2"   the faithful OScaR INT2 baseline: oscar, 2/2 bits, G 32, B 128, rotate_v,
- *                  S 0, detection off, W 0
+ *                  S 0, detection off, W 0, key_rounding minmax
  * kvt_codec_preset returns 0, or -EINVAL (err lists the names) for an unknown name.
  * kvt_codec_preset_name returns the name of the preset whose codec fields equal cfg's, or
  * NULL. kvt_codec_preset_names is the list for messages ("kvtier-int2, oscar-int2").
