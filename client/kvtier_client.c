@@ -24,6 +24,7 @@
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvtier/v1/kvtier.pb-c.h"
+#include "kvt_codec.h"
 #include "kvt_wire_reader.h"
 
 /* Invariants stay checked in release builds: a broken one aborts with file:line. */
@@ -795,6 +796,8 @@ static void codec_to_proto(const struct kvt_client_codec *in, Kvtier__V1__CodecC
 	}
 	if (in->preset[0])
 		out->preset = (char *)in->preset; /* borrowed until the request is packed */
+	if (in->key_rounding[0])
+		out->key_rounding = (char *)in->key_rounding; /* borrowed as preset */
 }
 
 static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_client_codec *out)
@@ -824,6 +827,8 @@ static void codec_from_proto(const Kvtier__V1__CodecConfig *in, struct kvt_clien
 		out->recent_exact_tokens = (int32_t)in->recent_exact_tokens;
 	if (in->preset)
 		snprintf(out->preset, sizeof out->preset, "%s", in->preset);
+	if (in->key_rounding)
+		snprintf(out->key_rounding, sizeof out->key_rounding, "%s", in->key_rounding);
 }
 
 static void copy_str(char *dst, size_t cap, const char *src)
@@ -1600,6 +1605,11 @@ static int on_fetch_bb(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status
 	return rc;
 }
 
+static int fetch_local(struct kvt_client *c, const char *session_id,
+		       const struct kvt_client_fetch_range *r, uint8_t *ko, size_t k_cap,
+		       uint8_t *vo, size_t v_cap, struct kvt_client_fetch_result *res,
+		       struct kvt_client_status *st);
+
 int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 		     const struct kvt_client_fetch_range *range, void *k_out, size_t k_cap,
 		     void *v_out, size_t v_cap, struct kvt_client_fetch_result *res,
@@ -1664,6 +1674,17 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 			k_out = v_out = NULL;
 		}
 	}
+	if (r.decode_local && !r.raw) {
+		rc = fetch_local(c, session_id, &r, k_out, k_cap, v_out, v_cap, res, st);
+		if (res) {
+			res->token_begin = r.token_begin;
+			res->token_end = r.token_end;
+			res->layer_begin = r.layer_begin;
+			res->layer_end = r.layer_end;
+			res->dtype = r.dtype;
+		}
+		return rc;
+	}
 	req.token_begin = r.token_begin;
 	req.token_end = r.token_end;
 	req.layer_begin = r.layer_begin;
@@ -1722,7 +1743,66 @@ struct enc_ctx {
 	size_t chunks_cap;
 	size_t cur_filled;        /* bytes received of the last chunk */
 	struct place_ctx tail;
+	bool by_tokens;           /* asked for the token range [t0, t1) (local-decode Fetch) */
+	uint64_t t0, t1;
 };
+
+/*
+ * Where the next piece of a chunk goes: checks (chunk_index, offset, total_bytes, len) against
+ * what came before, starting a new chunk (and its buffer) at offset 0, and returns the
+ * destination of the piece's len bytes in *dst. Both reply paths use it.
+ */
+static int enc_piece_dst(struct enc_ctx *x, uint32_t chunk_index, uint64_t offset,
+			 uint64_t total_bytes, size_t len, uint8_t **dst,
+			 struct kvt_client_status *st)
+{
+	struct kvt_client_encoded *enc = x->enc;
+	struct kvt_client_encoded_chunk *ch = NULL;
+
+	if (!x->have_info)
+		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				"FetchEncoded: first message carries no session info");
+	if (enc->n_chunks && enc->chunks[enc->n_chunks - 1].chunk_index == chunk_index)
+		ch = &enc->chunks[enc->n_chunks - 1];
+	if (!ch) {
+		if (offset != 0 || total_bytes == 0 || total_bytes > MAX_OBJECT_BYTES)
+			return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+					"FetchEncoded: chunk %u starts at offset %llu with total_bytes %llu",
+					chunk_index, (unsigned long long)offset,
+					(unsigned long long)total_bytes);
+		if (enc->n_chunks && x->cur_filled != enc->chunks[enc->n_chunks - 1].n_bytes)
+			return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+					"FetchEncoded: chunk %u ended after %zu of %zu bytes",
+					enc->chunks[enc->n_chunks - 1].chunk_index, x->cur_filled,
+					enc->chunks[enc->n_chunks - 1].n_bytes);
+		if (enc->n_chunks == x->chunks_cap) {
+			size_t cap = x->chunks_cap ? 2 * x->chunks_cap : 16;
+			void *g = realloc(enc->chunks, cap * sizeof(*enc->chunks));
+			if (!g)
+				return st_local(st, KVT_CODE_RESOURCE_EXHAUSTED, -ENOMEM,
+						"out of memory");
+			enc->chunks = g;
+			x->chunks_cap = cap;
+		}
+		ch = &enc->chunks[enc->n_chunks];
+		ch->chunk_index = chunk_index;
+		ch->n_bytes = (size_t)total_bytes;
+		ch->bytes = malloc(ch->n_bytes);
+		if (!ch->bytes)
+			return st_local(st, KVT_CODE_RESOURCE_EXHAUSTED, -ENOMEM,
+					"out of memory for a %zu-byte chunk", ch->n_bytes);
+		enc->n_chunks++;
+		x->cur_filled = 0;
+	}
+	if (offset != x->cur_filled || len > ch->n_bytes - x->cur_filled)
+		return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				"FetchEncoded: chunk %u piece at %llu (+%zu) does not continue at %zu of %zu",
+				chunk_index, (unsigned long long)offset, len, x->cur_filled,
+				ch->n_bytes);
+	*dst = ch->bytes + x->cur_filled;
+	x->cur_filled += len;
+	return 0;
+}
 
 static int on_encoded_msg(void *ctx, ProtobufCMessage *m, struct kvt_client_status *st)
 {
@@ -1736,16 +1816,28 @@ static int on_encoded_msg(void *ctx, ProtobufCMessage *m, struct kvt_client_stat
 		x->have_info = true;
 		enc->tail_tokens = i->tail_tokens;
 		enc->tail_token_begin = i->n_tokens - i->tail_tokens;
+		if (x->by_tokens) {
+			/* the tail's tokens of the range only */
+			uint64_t sealed = enc->tail_token_begin;
+			uint64_t a = x->t0 > sealed ? x->t0 : sealed, b = x->t1 > sealed ? x->t1 : sealed;
+			if (x->t1 > i->n_tokens)
+				return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+						"FetchEncoded: the session has %llu tokens, asked %llu",
+						(unsigned long long)i->n_tokens,
+						(unsigned long long)x->t1);
+			enc->tail_token_begin = a;
+			enc->tail_tokens = (uint32_t)(b - a);
+		}
 		x->tail.t0 = enc->tail_token_begin;
-		x->tail.t1 = i->n_tokens;
+		x->tail.t1 = enc->tail_token_begin + enc->tail_tokens;
 		x->tail.l0 = 0;
 		x->tail.l1 = i->n_layers;
 		x->tail.dtype = i->dtype;
 		x->tail.check_dtype = true;
 		x->tail.token_bytes = (size_t)i->n_kv_heads * i->head_dim *
 				      kvt_client_dtype_size(i->dtype);
-		if (i->tail_tokens) {
-			size_t bytes = (size_t)i->n_layers * i->tail_tokens * x->tail.token_bytes;
+		if (enc->tail_tokens) {
+			size_t bytes = (size_t)i->n_layers * enc->tail_tokens * x->tail.token_bytes;
 			if (bytes == 0 || bytes > MAX_OBJECT_BYTES)
 				return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
 						"FetchEncoded: tail of %zu bytes is out of bounds",
@@ -1765,53 +1857,88 @@ static int on_encoded_msg(void *ctx, ProtobufCMessage *m, struct kvt_client_stat
 				"FetchEncoded: first message carries no session info");
 	if (p->piece_case == KVTIER__V1__ENCODED_PIECE__PIECE_CHUNK) {
 		Kvtier__V1__ChunkPiece *cp = p->chunk;
-		struct kvt_client_encoded_chunk *ch = NULL;
-		if (enc->n_chunks && enc->chunks[enc->n_chunks - 1].chunk_index == cp->chunk_index)
-			ch = &enc->chunks[enc->n_chunks - 1];
-		if (!ch) {
-			if (cp->offset != 0 || cp->total_bytes == 0 ||
-			    cp->total_bytes > MAX_OBJECT_BYTES)
-				return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
-						"FetchEncoded: chunk %u starts at offset %llu with total_bytes %llu",
-						cp->chunk_index, (unsigned long long)cp->offset,
-						(unsigned long long)cp->total_bytes);
-			if (enc->n_chunks && x->cur_filled != enc->chunks[enc->n_chunks - 1].n_bytes)
-				return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
-						"FetchEncoded: chunk %u ended after %zu of %zu bytes",
-						enc->chunks[enc->n_chunks - 1].chunk_index,
-						x->cur_filled,
-						enc->chunks[enc->n_chunks - 1].n_bytes);
-			if (enc->n_chunks == x->chunks_cap) {
-				size_t cap = x->chunks_cap ? 2 * x->chunks_cap : 16;
-				void *g = realloc(enc->chunks, cap * sizeof(*enc->chunks));
-				if (!g)
-					return st_local(st, KVT_CODE_RESOURCE_EXHAUSTED, -ENOMEM,
-							"out of memory");
-				enc->chunks = g;
-				x->chunks_cap = cap;
-			}
-			ch = &enc->chunks[enc->n_chunks];
-			ch->chunk_index = cp->chunk_index;
-			ch->n_bytes = (size_t)cp->total_bytes;
-			ch->bytes = malloc(ch->n_bytes);
-			if (!ch->bytes)
-				return st_local(st, KVT_CODE_RESOURCE_EXHAUSTED, -ENOMEM,
-						"out of memory for a %zu-byte chunk", ch->n_bytes);
-			enc->n_chunks++;
-			x->cur_filled = 0;
-		}
-		if (cp->offset != x->cur_filled || cp->data.len > ch->n_bytes - x->cur_filled)
-			return st_local(st, KVT_CODE_INTERNAL, -EPROTO,
-					"FetchEncoded: chunk %u piece at %llu (+%zu) does not continue at %zu of %zu",
-					cp->chunk_index, (unsigned long long)cp->offset,
-					cp->data.len, x->cur_filled, ch->n_bytes);
-		memcpy(ch->bytes + x->cur_filled, cp->data.data, cp->data.len);
-		x->cur_filled += cp->data.len;
+		uint8_t *dst;
+		int rc = enc_piece_dst(x, cp->chunk_index, cp->offset, cp->total_bytes,
+				       cp->data.len, &dst, st);
+		if (rc)
+			return rc;
+		memcpy(dst, cp->data.data, cp->data.len);
 		return 0;
 	}
 	if (p->piece_case == KVTIER__V1__ENCODED_PIECE__PIECE_TAIL)
 		return place_block(&x->tail, p->tail, "FetchEncoded tail", st);
 	return 0; /* an info-only message */
+}
+
+/*
+ * The copy-once path for FetchEncoded's chunk pieces (nearly all of its bytes): the piece's
+ * data goes from gRPC's receive slices straight into the chunk's buffer (no flattening, no
+ * protobuf-c copy, no second copy out of it). It takes the layout kvtierd writes (EncodedPiece
+ * with only field 1, a ChunkPiece of fields 1, 2, 3, then 4 last); every field is read and
+ * checked before anything changes, so anything else (the session info, tail blocks) returns
+ * FALLBACK and goes through protobuf-c.
+ */
+static int on_encoded_bb(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status *st)
+{
+	struct enc_ctx *x = ctx;
+	struct kvt_wire_reader cu;
+	uint64_t tag, inner, v, fields[4] = {0, 0, 0, 0};
+	unsigned seen = 0;
+	uint8_t *dst;
+	int rc = FALLBACK;
+	size_t total = grpc_byte_buffer_length(bb);
+
+	memset(&cu, 0, sizeof(cu));
+	if (!grpc_byte_buffer_reader_init(&cu.r, bb))
+		return FALLBACK; /* compressed: protobuf-c's path reports it */
+	if (kvt_wire_varint(&cu, &tag) || tag != (1u << 3 | 2) || kvt_wire_varint(&cu, &inner) ||
+	    cu.consumed + inner != total)
+		goto out;
+	while (!(seen & (1u << 4))) {
+		if (kvt_wire_varint(&cu, &tag))
+			goto out;
+		uint32_t fn = (uint32_t)(tag >> 3), wt = (uint32_t)(tag & 7);
+		if (fn < 1 || fn > 4 || (seen & (1u << fn)) || wt != (fn == 4 ? 2u : 0u) ||
+		    kvt_wire_varint(&cu, &v))
+			goto out;
+		seen |= 1u << fn;
+		fields[fn - 1] = v;
+	}
+	/* data is the last field and ends the message */
+	if (seen != 0x1e || fields[0] > UINT32_MAX || cu.consumed + fields[3] != total)
+		goto out;
+	rc = enc_piece_dst(x, (uint32_t)fields[0], fields[1], fields[2], (size_t)fields[3], &dst,
+			   st);
+	if (rc == 0 && kvt_wire_copy(&cu, dst, (size_t)fields[3]))
+		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+			      "FetchEncoded: chunk piece shorter than its length");
+out:
+	grpc_byte_buffer_reader_destroy(&cu.r);
+	return rc;
+}
+
+/* Runs one FetchEncoded call into x (x->enc allocated by the caller) and checks that every
+ * chunk and the tail arrived whole. */
+static int fetch_encoded_run(struct kvt_client *c, const Kvtier__V1__FetchEncodedRequest *req,
+			     struct enc_ctx *x, bool want_tail, uint32_t timeout_ms,
+			     struct kvt_client_status *st)
+{
+	int rc = server_stream(c, SVC "FetchEncoded", &req->base,
+			       &kvtier__v1__encoded_piece__descriptor, on_encoded_msg, on_encoded_bb,
+			       x, NULL, timeout_ms, st);
+	if (!rc && !x->have_info)
+		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded sent no session info");
+	if (!rc && x->enc->n_chunks &&
+	    x->cur_filled != x->enc->chunks[x->enc->n_chunks - 1].n_bytes)
+		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded: last chunk incomplete");
+	if (!rc && want_tail && x->enc->tail_tokens) {
+		size_t need = x->tail.k_cap;
+		if (x->tail.k_done != need || x->tail.v_done != need)
+			rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				      "FetchEncoded: tail has k %zu / v %zu of %zu bytes",
+				      x->tail.k_done, x->tail.v_done, need);
+	}
+	return rc;
 }
 
 int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
@@ -1838,21 +1965,7 @@ int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 	}
 	req.has_include_tail = 1;
 	req.include_tail = include_tail ? 1 : 0;
-	rc = server_stream(c, SVC "FetchEncoded", &req.base,
-			   &kvtier__v1__encoded_piece__descriptor, on_encoded_msg, NULL, &x, NULL, 0,
-			   st);
-	if (!rc && !x.have_info)
-		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded sent no session info");
-	if (!rc && x.enc->n_chunks &&
-	    x.cur_filled != x.enc->chunks[x.enc->n_chunks - 1].n_bytes)
-		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded: last chunk incomplete");
-	if (!rc && include_tail && x.enc->tail_tokens) {
-		size_t need = x.tail.k_cap;
-		if (x.tail.k_done != need || x.tail.v_done != need)
-			rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
-				      "FetchEncoded: tail has k %zu / v %zu of %zu bytes",
-				      x.tail.k_done, x.tail.v_done, need);
-	}
+	rc = fetch_encoded_run(c, &req, &x, include_tail != 0, 0, st);
 	if (!include_tail) {
 		/* no tail was asked for: report none */
 		free(x.enc->tail_k);
@@ -1866,6 +1979,136 @@ int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 	}
 	*out = x.enc;
 	return 0;
+}
+
+/*
+ * The local-decode Fetch: FetchEncoded of the chunks that overlap the token range plus the
+ * tail's tokens of it, then the chunks decoded here straight into the caller's buffers (the
+ * codec's own decoder, so the bytes are those a Fetch returns). The transfer is the encoded
+ * size (about 5x less than f16 at 2 bits) and the daemon only sends chunk bytes.
+ */
+static int fetch_local(struct kvt_client *c, const char *session_id,
+		       const struct kvt_client_fetch_range *r, uint8_t *ko, size_t k_cap,
+		       uint8_t *vo, size_t v_cap, struct kvt_client_fetch_result *res,
+		       struct kvt_client_status *st)
+{
+	Kvtier__V1__FetchEncodedRequest req = KVTIER__V1__FETCH_ENCODED_REQUEST__INIT;
+	struct enc_ctx x;
+	struct kvt_client_encoded *enc;
+	char err[256];
+	int rc;
+
+	memset(&x, 0, sizeof(x));
+	x.enc = enc = calloc(1, sizeof(*x.enc));
+	if (!enc)
+		return st_local(st, KVT_CODE_RESOURCE_EXHAUSTED, -ENOMEM, "out of memory");
+	x.by_tokens = true;
+	x.t0 = r->token_begin;
+	x.t1 = r->token_end;
+	req.session_id = (char *)session_id;
+	req.has_token_begin = req.has_token_end = 1;
+	req.token_begin = r->token_begin;
+	req.token_end = r->token_end;
+	rc = fetch_encoded_run(c, &req, &x, true, r->timeout_ms, st);
+	if (rc)
+		goto out;
+
+	const struct kvt_client_session_info *info = &enc->info;
+	const uint64_t t0 = r->token_begin, t1 = r->token_end, nt = t1 - t0;
+	const uint32_t l0 = r->layer_begin, l1 = r->layer_end, B = info->codec.chunk_tokens;
+	const size_t hd = (size_t)info->n_kv_heads * info->head_dim;
+	const size_t os = kvt_dtype_size(r->dtype), out_tok = hd * os;
+	const size_t need = (size_t)nt * (l1 - l0) * out_tok;
+	const uint64_t sealed = (uint64_t)info->n_chunks * B;
+	if (l0 > l1 || l1 > info->n_layers || !os || !B) {
+		rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -EINVAL,
+			      "layer range [%u, %u) / dtype %u do not fit session \"%s\" (%u layers)",
+			      l0, l1, r->dtype, session_id, info->n_layers);
+		goto out;
+	}
+	if ((ko && k_cap < need) || (vo && v_cap < need)) {
+		rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -ENOSPC,
+			      "output buffers (k %zu, v %zu bytes) are smaller than the range (%zu bytes each)",
+			      ko ? k_cap : 0, vo ? v_cap : 0, need);
+		goto out;
+	}
+	/* The chunks must be exactly those overlapping the range, each a valid chunk of this
+	 * session's shape at its place (a chunk is checked, crc included, before it is
+	 * decoded). */
+	uint64_t want_first = t0 < sealed ? t0 / B : info->n_chunks;
+	uint64_t want_end = t1 <= t0 ? want_first : t1 < sealed ? (t1 + B - 1) / B : info->n_chunks;
+	if (enc->n_chunks != want_end - want_first) {
+		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+			      "FetchEncoded sent %zu chunks for tokens [%llu, %llu), expected %llu",
+			      enc->n_chunks, (unsigned long long)t0, (unsigned long long)t1,
+			      (unsigned long long)(want_end - want_first));
+		goto out;
+	}
+	for (size_t i = 0; i < enc->n_chunks && nt && l1 > l0; i++) {
+		const struct kvt_client_encoded_chunk *ch = &enc->chunks[i];
+		struct kvt_codec_config cfg;
+		struct kvt_chunk_header hdr;
+		uint64_t cidx = want_first + i;
+		if (ch->chunk_index != cidx ||
+		    kvt_chunk_parse(ch->bytes, ch->n_bytes, &cfg, &hdr, err, sizeof(err)) ||
+		    cfg.n_layers != info->n_layers || cfg.n_kv_heads != info->n_kv_heads ||
+		    cfg.head_dim != info->head_dim || cfg.chunk_tokens != B ||
+		    hdr.first_token != cidx * B) {
+			rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				      "FetchEncoded chunk %u (expected %llu) is not a chunk of this "
+				      "session at token %llu: %s",
+				      ch->chunk_index, (unsigned long long)cidx,
+				      (unsigned long long)(cidx * B), err);
+			goto out;
+		}
+		uint32_t a = (uint32_t)((t0 > cidx * B ? t0 : cidx * B) - cidx * B);
+		uint32_t b = (uint32_t)((t1 < (cidx + 1) * B ? t1 : (cidx + 1) * B) - cidx * B);
+		uint64_t at = cidx * B + a - t0; /* output token of chunk token a */
+		/* the whole range in this chunk: the output is the decoder's layout */
+		uint32_t per = nt == b - a ? l1 - l0 : 1;
+		for (uint32_t l = l0; l < l1; l += per) {
+			size_t off = ((size_t)(l - l0) * nt + at) * out_tok;
+			if (kvt_decode_chunk(ch->bytes, a, b, l, l + per, r->dtype,
+					     ko ? ko + off : NULL, vo ? vo + off : NULL, err,
+					     sizeof(err)) < 0) {
+				rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+					      "decoding chunk %llu: %s", (unsigned long long)cidx,
+					      err);
+				goto out;
+			}
+		}
+	}
+	if (t1 > sealed && nt && l1 > l0) {
+		/* the exact tail's tokens of the range: [L][tail_tokens][H][d] in the session's
+		 * dtype, converted to the requested one */
+		uint64_t ts = enc->tail_token_begin;
+		size_t n = (size_t)(t1 - ts), stok = hd * kvt_dtype_size(info->dtype);
+		if (!enc->tail_k || ts != (t0 > sealed ? t0 : sealed) || enc->tail_tokens != n) {
+			rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+				      "FetchEncoded tail is tokens [%llu, +%u), expected [%llu, %llu)",
+				      (unsigned long long)ts, enc->tail_tokens,
+				      (unsigned long long)(t0 > sealed ? t0 : sealed),
+				      (unsigned long long)t1);
+			goto out;
+		}
+		for (uint32_t l = l0; l < l1; l++) {
+			size_t off = ((size_t)(l - l0) * nt + (ts - t0)) * out_tok;
+			size_t src = (size_t)l * n * stok;
+			if (ko)
+				kvt_convert((uint8_t *)enc->tail_k + src, info->dtype, ko + off,
+					    r->dtype, n * hd);
+			if (vo)
+				kvt_convert((uint8_t *)enc->tail_v + src, info->dtype, vo + off,
+					    r->dtype, n * hd);
+		}
+	}
+	if (res) {
+		res->k_bytes = ko ? need : 0;
+		res->v_bytes = vo ? need : 0;
+	}
+out:
+	kvt_client_encoded_free(enc);
+	return rc;
 }
 
 struct store_ctx {

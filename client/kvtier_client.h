@@ -93,7 +93,8 @@ enum kvt_client_scheme {
 /*
  * A session's codec. In requests, a field left at its "unset" value takes the daemon's
  * default: scheme 0, the u32 fields 0, and -1 for the fields where 0 is meaningful (rotate_v,
- * n_sinks, pin_detect_max, recent_exact_tokens) and for pin_detect_ratio; preset "" is unset.
+ * n_sinks, pin_detect_max, recent_exact_tokens) and for pin_detect_ratio; preset "" and
+ * key_rounding "" are unset (the proto's CodecConfig.key_rounding says what unset means).
  * kvt_client_codec_init() sets all unset. A preset ("kvtier-int2", "oscar-int2": the
  * proto's CodecConfig.preset) supplies the fields left unset instead of the daemon's
  * defaults. In SessionInfo results every field holds the effective value, and preset the
@@ -111,6 +112,7 @@ struct kvt_client_codec {
 	float pin_detect_ratio;
 	int32_t recent_exact_tokens; /* W: 0 or chunk_tokens..1024 (-1 unset) */
 	char preset[32];
+	char key_rounding[16];       /* "minmax" or "mse" ("" unset; added last) */
 };
 void kvt_client_codec_init(struct kvt_client_codec *codec);
 
@@ -289,6 +291,11 @@ struct kvt_client_fetch_range {
 	uint32_t max_message_bytes;  /* 0: server default */
 	uint32_t timeout_ms;         /* 0: client default */
 	int raw;                     /* 1: send the fields exactly as given (tests); no Stat */
+	/* 1: decode here (FetchEncoded of the chunks overlapping the range, decoded by this
+	 * library's codec into k_out / v_out): the same bytes as the daemon's decode, a fifth
+	 * of the transfer at 2 bits, the decode's CPU in the caller's thread instead of the
+	 * daemon's. 0 (default): the daemon decodes (Fetch). Ignored with raw. */
+	int decode_local;
 };
 void kvt_client_fetch_range_init(struct kvt_client_fetch_range *r);
 

@@ -47,6 +47,7 @@ static void usage(FILE *out)
 		"        codec flags: --scheme none|kivi|hadamard|oscar --key-bits N --value-bits N\n"
 		"                     --group G --chunk-tokens B --sinks S --no-rotate-v\n"
 		"                     --recent-exact W (0 or B..1024: newest W-B+1..W tokens exact)\n"
+		"                     --key-rounding minmax|mse (how key scales are chosen)\n"
 		"                     --preset kvtier-int2|oscar-int2 (supplies the flags not given)\n"
 		"  get ID --out-k K.npy --out-v V.npy [--tokens A:B] [--layers A:B] [--dtype f16|f32]\n"
 		"  demo [--sessions N] [--tokens T] [--layers L] [--kv-heads H] [--q-heads HQ]\n"
@@ -134,7 +135,7 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 	}
 	if (strcmp(a, "--scheme") && strcmp(a, "--key-bits") && strcmp(a, "--value-bits") &&
 	    strcmp(a, "--group") && strcmp(a, "--chunk-tokens") && strcmp(a, "--sinks") &&
-	    strcmp(a, "--recent-exact") && strcmp(a, "--preset"))
+	    strcmp(a, "--recent-exact") && strcmp(a, "--preset") && strcmp(a, "--key-rounding"))
 		return 0;
 	if (*i + 1 >= argc) {
 		fprintf(stderr, "kvtierctl: %s needs a value\n", a);
@@ -149,6 +150,14 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 			return -1;
 		}
 		c->scheme = (uint32_t)s + 1; /* the wire numbering starts at DEFAULT = 0 */
+		return 1;
+	}
+	if (!strcmp(a, "--key-rounding")) {
+		if (kvt_rounding_parse(val) < 0) {
+			fprintf(stderr, "kvtierctl: --key-rounding %s is not minmax or mse\n", val);
+			return -1;
+		}
+		snprintf(c->key_rounding, sizeof c->key_rounding, "%s", val);
 		return 1;
 	}
 	if (!strcmp(a, "--preset")) {
@@ -240,10 +249,11 @@ static void print_info(const struct kvt_client_session_info *i)
 	printf("shape             layers %u, kv_heads %u, head_dim %u, dtype %s\n", i->n_layers,
 	       i->n_kv_heads, i->head_dim, kvt_dtype_name(i->dtype) ? kvt_dtype_name(i->dtype) : "?");
 	printf("codec             %s K%u/V%u G%u B%u sinks %d rotate_v %d pin_detect %.3f/%d "
-	       "recent_exact %d%s%s\n",
+	       "recent_exact %d key_rounding %s%s%s\n",
 	       wire_scheme_name(i->codec.scheme), i->codec.key_bits, i->codec.value_bits,
 	       i->codec.group, i->codec.chunk_tokens, i->codec.n_sinks, i->codec.rotate_v,
 	       i->codec.pin_detect_ratio, i->codec.pin_detect_max, i->codec.recent_exact_tokens,
+	       i->codec.key_rounding[0] ? i->codec.key_rounding : "?",
 	       i->codec.preset[0] ? " preset " : "", i->codec.preset);
 	printf("tokens            %" PRIu64 " (%u chunks sealed, %u in the exact tail)\n",
 	       i->n_tokens, i->n_chunks, i->tail_tokens);

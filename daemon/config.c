@@ -30,6 +30,8 @@ struct opt {
 static const char *const policy_names[] = {"reject", "drop-coldest", NULL};
 /* Same order as enum kvt_scheme in kernels/kvt_codec.h. */
 static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar", NULL};
+/* enum kvt_rounding order (kernels/kvt_codec.h) */
+static const char *const rounding_names[] = {"minmax", "mse", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const tier_names[] = {"host", "gpu", NULL};
 
@@ -95,6 +97,10 @@ static const struct opt opts[] = {
 	 KVT_MAX_RECENT_EXACT, 0, 0, NULL, "128", 1,
 	 "default recent window W: the newest W-B+1..W tokens stay exact (0 = seal every B; "
 	 "else >= B)"},
+	{"default_key_rounding", OPT_ENUM, OFF(default_key_rounding), 0, 0, 0, 0, rounding_names,
+	 "mse", 1,
+	 "how the encoder picks key scales: minmax (OScaR) or mse (least squared error over "
+	 "clipped ranges; ignored for scheme none)"},
 	{"log_level", OPT_ENUM, OFF(log_level), 0, 0, 0, 0, level_names, "info", 1,
 	 "least severe level logged: debug, info, warn, error"},
 	{"maintenance_interval_ms", OPT_U64, OFF(maintenance_interval_ms), 10, 60000, 0, 0, NULL,
@@ -650,7 +656,7 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 			kvt_config_socket_path(cfg, path, sizeof path);
 			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
 		}
-		if (opts[i].offset == OFF(default_recent_exact_tokens)) {
+		if (opts[i].offset == OFF(default_key_rounding)) {
 			/* Name the preset the default codec spells, if any. */
 			struct kvt_codec_config d;
 			memset(&d, 0, sizeof d);
@@ -664,6 +670,7 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 			d.pin_detect_ratio = (float)cfg->default_pin_detect_ratio;
 			d.pin_detect_max = (uint32_t)cfg->default_pin_detect_max;
 			d.recent_exact_tokens = (uint32_t)cfg->default_recent_exact_tokens;
+			d.key_rounding = (uint32_t)cfg->default_key_rounding;
 			const char *pn = kvt_codec_preset_name(&d);
 			fprintf(out, "%s default codec: %s%s", sources ? ";" : "  #",
 				pn ? "preset " : "custom (no preset)", pn ? pn : "");

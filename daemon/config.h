@@ -50,6 +50,7 @@ struct kvt_config {
 	double default_pin_detect_ratio;
 	uint64_t default_pin_detect_max;
 	uint64_t default_recent_exact_tokens;
+	uint64_t default_key_rounding;
 	uint64_t log_level;
 	uint64_t maintenance_interval_ms;
 	uint64_t shutdown_grace_ms;

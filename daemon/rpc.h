@@ -46,6 +46,8 @@ void kvt_pool_stop(void); /* runs what is queued, then joins the workers */
 unsigned kvt_pool_threads(void);
 /* Workers with nothing to do right now (a hint: what splitting a decode may use). */
 unsigned kvt_pool_idle(void);
+/* Workers running a task right now (tests observe where a step runs). */
+unsigned kvt_pool_busy(void);
 void kvt_pool_submit(struct kvt_task *t, void (*fn)(void *arg), void *arg);
 /* Fire and forget: t is not touched once fn has started (fn may free it); no wait/cancel. */
 void kvt_pool_submit_detached(struct kvt_task *t, void (*fn)(void *arg), void *arg);
@@ -63,8 +65,9 @@ struct kvt_rpc_result {
 };
 
 /* Server-streaming step: 1 = *out holds the next message, 0 = done (res says the status),
- * 2 = park (health Watch: the health module resumes the call). */
-enum { KVT_STREAM_DONE = 0, KVT_STREAM_MSG = 1, KVT_STREAM_PARK = 2 };
+ * 2 = park (health Watch: the health module resumes the call), 3 = *out is the last message:
+ * it goes out with the OK status in one batch (one completion and one write fewer). */
+enum { KVT_STREAM_DONE = 0, KVT_STREAM_MSG = 1, KVT_STREAM_PARK = 2, KVT_STREAM_LAST = 3 };
 
 struct kvt_rpc_method {
 	const char *path;

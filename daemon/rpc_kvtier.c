@@ -156,6 +156,7 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		d.pin_detect_ratio = (float)ratio;
 		d.pin_detect_max = (uint32_t)KVT_CFG(default_pin_detect_max);
 		d.recent_exact_tokens = (uint32_t)KVT_CFG(default_recent_exact_tokens);
+		d.key_rounding = (uint32_t)KVT_CFG(default_key_rounding);
 	}
 	if (cc && cc->has_scheme && cc->scheme != KVTIER__V1__SCHEME__SCHEME_DEFAULT) {
 		if ((int)cc->scheme < 1 || (int)cc->scheme > 4) {
@@ -246,6 +247,29 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		cfg->recent_exact_tokens =
 			d.recent_exact_tokens >= cfg->chunk_tokens ? d.recent_exact_tokens : 0;
 	}
+	if (cc && cc->key_rounding) {
+		int kr = kvt_rounding_parse(cc->key_rounding);
+		if (kr < 0) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "codec.key_rounding '%.40s' is not one of minmax, mse",
+				     cc->key_rounding);
+			return -1;
+		}
+		if (exact && kr != KVT_ROUNDING_MINMAX) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "codec.key_rounding %s needs a quantizing scheme (SCHEME_NONE "
+				     "stores exact values)",
+				     cc->key_rounding);
+			return -1;
+		}
+		cfg->key_rounding = (uint32_t)kr;
+	} else if (exact || (cc && (cc->has_scheme || cc->has_key_bits || cc->has_group))) {
+		/* A client that picked its quantizer without naming a rounding gets OScaR's, the
+		 * one its encoded bytes were compared against before the field existed. */
+		cfg->key_rounding = KVT_ROUNDING_MINMAX;
+	} else {
+		cfg->key_rounding = d.key_rounding;
+	}
 	char err[400] = "";
 	if (kvt_codec_config_validate(cfg, err, sizeof err)) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec: %s", err);
@@ -289,6 +313,7 @@ static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kv
 	m->codec.pin_detect_max = c->pin_detect_max;
 	m->codec.has_recent_exact_tokens = 1;
 	m->codec.recent_exact_tokens = c->recent_exact_tokens;
+	m->codec.key_rounding = (char *)kvt_rounding_name(c->key_rounding);
 	/* The preset this codec equals, if any (the shape does not matter). */
 	const char *pn = kvt_codec_preset_name(c);
 	if (pn) {
@@ -1851,7 +1876,9 @@ static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt
 	} else {
 		rc = fetch_produce(f, out, res);
 	}
-	if (rc == KVT_STREAM_MSG && !iter_done(&f->it) && kvt_pool_threads() > 0) {
+	if (rc == KVT_STREAM_MSG && iter_done(&f->it))
+		return KVT_STREAM_LAST; /* with the status */
+	if (rc == KVT_STREAM_MSG && kvt_pool_threads() > 0) {
 		f->ahead_on = 1;
 		kvt_pool_submit(&f->ahead, fetch_ahead, f);
 	}
@@ -1907,6 +1934,32 @@ static int fenc_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	kvt_session_unlock(s);
 	uint32_t cb = r->has_chunk_begin ? r->chunk_begin : 0;
 	uint32_t ce = r->has_chunk_end ? r->chunk_end : nch;
+	const uint64_t B = s->cfg.chunk_tokens, sealed = (uint64_t)nch * B;
+	/* tail tokens sent: [tail_begin, tail_end) */
+	uint64_t tail_begin = sealed, tail_end = n;
+	int by_tokens = r->has_token_begin || r->has_token_end;
+	if (by_tokens) {
+		if (r->has_chunk_begin || r->has_chunk_end || r->has_include_tail) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "token_begin / token_end select by tokens: chunk_begin, "
+				     "chunk_end and include_tail must then be absent");
+			goto out;
+		}
+		uint64_t t0 = r->has_token_begin ? r->token_begin : 0;
+		uint64_t t1 = r->has_token_end ? r->token_end : n;
+		if (t0 > t1 || t1 > n) {
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+				     "token range [%" PRIu64 ", %" PRIu64 ") is out of range: the "
+				     "session has %" PRIu64 " tokens",
+				     t0, t1, n);
+			goto out;
+		}
+		/* the chunks overlapping the range (none when it is empty) */
+		cb = (uint32_t)(t0 < sealed ? t0 / B : nch);
+		ce = (uint32_t)(t1 <= t0 ? cb : t1 < sealed ? (t1 + B - 1) / B : nch);
+		tail_begin = t0 > sealed ? t0 : sealed;
+		tail_end = t1 > sealed ? t1 : sealed;
+	}
 	if (cb > ce || ce > nch) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 			     "chunk range [%u, %u) is out of range: the session has %u sealed chunks",
@@ -1920,12 +1973,11 @@ static int fenc_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	}
 	f->chunk = cb;
 	f->chunk_end = ce;
-	f->include_tail = r->has_include_tail ? r->include_tail : 1;
+	f->include_tail = by_tokens || !r->has_include_tail || r->include_tail;
 	uint64_t limit = KVT_CFG(max_message_bytes);
 	f->piece_bytes = limit - MSG_OVERHEAD_BYTES;
-	uint64_t sealed = (uint64_t)nch * s->cfg.chunk_tokens;
-	if (iter_init(&f->it, &s->cfg, sealed, f->include_tail ? n : sealed, 0, s->cfg.n_layers,
-		      s->cfg.dtype, limit, res)) {
+	if (iter_init(&f->it, &s->cfg, tail_begin, f->include_tail ? tail_end : tail_begin, 0,
+		      s->cfg.n_layers, s->cfg.dtype, limit, res)) {
 		free(f);
 		goto out;
 	}
@@ -1961,7 +2013,8 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 			return KVT_STREAM_DONE;
 		}
-		return KVT_STREAM_MSG;
+		return f->chunk >= f->chunk_end && iter_done(&f->it) ? KVT_STREAM_LAST
+								      : KVT_STREAM_MSG;
 	}
 	if (kvt_rpc_deadline_passed(c)) {
 		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during FetchEncoded");
@@ -2008,7 +2061,9 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 			f->chunk++;
 			f->offset = 0;
 		}
-		return KVT_STREAM_MSG;
+		/* iter_done reads only the iterator (no session state): safe unlocked */
+		return f->chunk >= f->chunk_end && iter_done(&f->it) ? KVT_STREAM_LAST
+								      : KVT_STREAM_MSG;
 	}
 	if (iter_done(&f->it)) {
 		kvt_session_unlock(s);
@@ -2021,7 +2076,7 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 		fail_errno(res, rc, "FetchEncoded", err);
 		return KVT_STREAM_DONE;
 	}
-	return KVT_STREAM_MSG;
+	return iter_done(&f->it) ? KVT_STREAM_LAST : KVT_STREAM_MSG;
 }
 
 static void fenc_cleanup(struct kvt_rpc_call *c)
@@ -2152,6 +2207,7 @@ static int store_piece(struct store_state *ss, const Kvtier__V1__EncodedPiece *p
 		got.pin_detect_ratio = ss->cfg.pin_detect_ratio;
 		got.pin_detect_max = ss->cfg.pin_detect_max;
 		got.recent_exact_tokens = ss->cfg.recent_exact_tokens; /* a session property */
+		got.key_rounding = ss->cfg.key_rounding; /* an encoder choice, not in a chunk */
 		if (kvt_codec_config_compare(&ss->cfg, &got, err, sizeof err)) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
 				     "chunk %u does not match the session: %s", idx, err);
@@ -2570,9 +2626,12 @@ const struct kvt_rpc_method kvt_rpc_kvtier_methods[] = {
 	 .pooled = KVT_POOL_END},
 	{.path = KV("Attend"), .name = "Attend", .kind = KVT_RPC_UNARY, .unary = h_attend,
 	 .pooled = KVT_POOL_UNARY},
+	/* Both may copy a whole session (to the device, or into the GPU arena) and wait for
+	 * the session lock behind an Append commit: on the pool, never on a queue thread. */
 	{.path = KV("RestoreToDevice"), .name = "RestoreToDevice", .kind = KVT_RPC_UNARY,
-	 .unary = h_restore},
-	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch},
+	 .unary = h_restore, .pooled = KVT_POOL_UNARY},
+	{.path = KV("Prefetch"), .name = "Prefetch", .kind = KVT_RPC_UNARY, .unary = h_prefetch,
+	 .pooled = KVT_POOL_UNARY},
 	{.path = KV("Stats"), .name = "Stats", .kind = KVT_RPC_UNARY, .unary = h_stats},
 };
 const size_t kvt_rpc_kvtier_n_methods =

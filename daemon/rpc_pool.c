@@ -29,6 +29,7 @@ static struct {
 	pthread_t *threads;
 	unsigned n_threads;
 	unsigned idle;          /* workers waiting for a task (atomic reads) */
+	unsigned busy;          /* workers running a task (atomic reads) */
 	int stop;
 	uint64_t ran_inline; /* tasks run by their submitter because the queue was full */
 } g_pool = {
@@ -81,9 +82,11 @@ static void *worker_main(void *arg)
 		struct kvt_task *t = g_pool.head;
 		unlink_locked(t);
 		t->state = TASK_RUNNING;
+		__atomic_store_n(&g_pool.busy, g_pool.busy + 1, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&g_pool.mu);
 		run(t);
 		pthread_mutex_lock(&g_pool.mu);
+		__atomic_store_n(&g_pool.busy, g_pool.busy - 1, __ATOMIC_RELAXED);
 	}
 	pthread_mutex_unlock(&g_pool.mu);
 	return NULL;
@@ -132,6 +135,11 @@ unsigned kvt_pool_idle(void)
 	unsigned idle = __atomic_load_n(&g_pool.idle, __ATOMIC_RELAXED);
 	size_t queued = __atomic_load_n(&g_pool.queued, __ATOMIC_RELAXED);
 	return idle > queued ? idle - (unsigned)queued : 0;
+}
+
+unsigned kvt_pool_busy(void)
+{
+	return __atomic_load_n(&g_pool.busy, __ATOMIC_RELAXED);
 }
 
 static void submit(struct kvt_task *t, void (*fn)(void *arg), void *arg, int detached)

@@ -193,6 +193,7 @@ int kvt_codec_config_compare(const struct kvt_codec_config *a,
 	CMP(n_sinks);
 	CMP(pin_detect_max);
 	CMP(recent_exact_tokens);
+	CMP(key_rounding);
 #undef CMP
 	if (a->pin_detect_ratio != b->pin_detect_ratio) {
 		snprintf(err, errlen, "session exists with pin_detect_ratio %g, the request has %g",

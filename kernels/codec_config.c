@@ -133,6 +133,15 @@ int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, siz
 				      "in chunk_tokens..%u (%u..%u)",
 				      cfg->recent_exact_tokens, KVT_MAX_RECENT_EXACT,
 				      cfg->chunk_tokens, KVT_MAX_RECENT_EXACT);
+	if (cfg->key_rounding > KVT_ROUNDING_MSE)
+		return kvt_codec_errf(err, errlen, -EINVAL,
+				      "key_rounding %u is not one of minmax (0), mse (1)",
+				      cfg->key_rounding);
+	if (cfg->scheme == KVT_SCHEME_NONE && cfg->key_rounding != KVT_ROUNDING_MINMAX)
+		return kvt_codec_errf(err, errlen, -EINVAL,
+				      "key_rounding %s needs a quantizing scheme (scheme none stores "
+				      "exact values)",
+				      kvt_rounding_name(cfg->key_rounding));
 	return 0;
 }
 
@@ -144,12 +153,13 @@ struct preset {
 	uint32_t pin_detect_max;
 	float pin_detect_ratio;
 	uint32_t recent_exact_tokens;
+	uint32_t key_rounding;
 };
 
 /* docs/realmodel/int2.md: what each part of kvtier-int2 contributes on SmolLM2-135M. */
 static const struct preset presets[] = {
-	{"kvtier-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 32, 1, 8, 0, 0.0f, 128},
-	{"oscar-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 128, 1, 0, 0, 0.0f, 0},
+	{"kvtier-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 32, 1, 8, 0, 0.0f, 128, KVT_ROUNDING_MSE},
+	{"oscar-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 128, 1, 0, 0, 0.0f, 0, KVT_ROUNDING_MINMAX},
 };
 #define N_PRESETS (sizeof(presets) / sizeof(presets[0]))
 
@@ -175,6 +185,7 @@ int kvt_codec_preset(struct kvt_codec_config *cfg, const char *name, char *err, 
 		cfg->pin_detect_max = p->pin_detect_max;
 		cfg->pin_detect_ratio = p->pin_detect_ratio;
 		cfg->recent_exact_tokens = p->recent_exact_tokens;
+		cfg->key_rounding = p->key_rounding;
 		return 0;
 	}
 	return kvt_codec_errf(err, errlen, -EINVAL, "preset '%s' is not one of %s",
@@ -191,13 +202,30 @@ const char *kvt_codec_preset_name(const struct kvt_codec_config *cfg)
 		    cfg->chunk_tokens == p->chunk_tokens && cfg->rotate_v == p->rotate_v &&
 		    cfg->n_sinks == p->n_sinks && cfg->pin_detect_max == p->pin_detect_max &&
 		    cfg->pin_detect_ratio == p->pin_detect_ratio &&
-		    cfg->recent_exact_tokens == p->recent_exact_tokens)
+		    cfg->recent_exact_tokens == p->recent_exact_tokens &&
+		    cfg->key_rounding == p->key_rounding)
 			return p->name;
 	}
 	return NULL;
 }
 
 static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar"};
+static const char *const rounding_names[] = {"minmax", "mse"};
+
+const char *kvt_rounding_name(uint32_t rounding)
+{
+	return rounding <= KVT_ROUNDING_MSE ? rounding_names[rounding] : NULL;
+}
+
+int kvt_rounding_parse(const char *name)
+{
+	if (!name)
+		return -EINVAL;
+	for (int i = 0; i <= KVT_ROUNDING_MSE; i++)
+		if (strcmp(name, rounding_names[i]) == 0)
+			return i;
+	return -EINVAL;
+}
 static const char *const dtype_names[] = {NULL, "f16", "bf16", "f32"};
 
 const char *kvt_scheme_name(uint32_t scheme)

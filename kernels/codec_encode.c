@@ -108,15 +108,24 @@ static void zero_gaps(uint8_t *sec, const struct kvt_chunk_layout *lay)
 static void quant_token_rows(const struct kvt_codec_ops *ops, const float *x, uint32_t t0,
 			     uint32_t ntok, const uint8_t *pin, const struct kvt_codec_config *cfg,
 			     uint32_t bits, uint32_t sdt, uint16_t *scale, uint16_t *zero,
-			     uint8_t *codes, uint8_t *codes8)
+			     uint8_t *codes, uint8_t *codes8, bool mse)
 {
 	uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, d = cfg->head_dim;
 	uint32_t gv = (uint32_t)kvt_value_group(cfg), ng = d / gv;
 	size_t crow = (size_t)d * bits / 8;
+	float qmax = (float)((1u << bits) - 1);
 	for (uint32_t h = 0; h < H; h++) {
 		size_t idx = (size_t)h * B + t0;
 		ops->quant_rows(x + (size_t)h * d, (size_t)H * d, ntok, pin + t0, d, gv, bits, sdt,
 				scale + idx * ng, zero + idx * ng, codes8);
+		for (uint32_t t = 0; mse && t < ntok; t++) {
+			if (pin[t0 + t])
+				continue; /* scale 0, zero 0, codes 0 by rule */
+			for (uint32_t g = 0; g < ng; g++)
+				kvt_mse_group(x + (size_t)t * H * d + (size_t)h * d + (size_t)g * gv, 1,
+					  gv, NULL, qmax, sdt, scale + (idx + t) * ng + g,
+					  zero + (idx + t) * ng + g, codes8 + (size_t)t * d + g * gv, 1);
+		}
 		for (uint32_t t = 0; t < ntok; t++)
 			ops->pack(codes8 + (size_t)t * d, d, bits, codes + (idx + t) * crow);
 	}
@@ -141,6 +150,7 @@ int64_t kvt_encode_chunk(const struct kvt_codec_config *cfg, uint64_t first_toke
 	const size_t ws = kvt_dtype_size(cfg->dtype), row = (size_t)H * d;
 	const uint32_t sdt = cfg->dtype == KVT_DTYPE_BF16 ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
 	const bool none = cfg->scheme == KVT_SCHEME_NONE;
+	const bool mse = cfg->key_rounding == KVT_ROUNDING_MSE;
 
 	uint8_t pin[KVT_MAX_CHUNK_TOKENS];
 	memset(pin, 0, sizeof(pin));
@@ -221,13 +231,17 @@ int64_t kvt_encode_chunk(const struct kvt_codec_config *cfg, uint64_t first_toke
 			}
 			if (cfg->scheme == KVT_SCHEME_HADAMARD) {
 				quant_token_rows(ops, kx, t0, G, pin, cfg, cfg->key_bits, sdt, kscale,
-						 kzero, kcodes, codes8);
+						 kzero, kcodes, codes8, mse);
 			} else {
 				for (uint32_t h = 0; h < H; h++) {
 					size_t pidx = ((size_t)h * (B / G) + b) * d;
 					ops->quant_cols(kx + (size_t)h * d, row, G, pin + t0, d,
 							cfg->key_bits, sdt, kscale + pidx, kzero + pidx,
 							codes8);
+					if (mse)
+						ops->mse_cols(kx + (size_t)h * d, row, G, pin + t0, d,
+							      cfg->key_bits, sdt, kscale + pidx,
+							      kzero + pidx, codes8);
 					for (uint32_t t = 0; t < G; t++)
 						ops->pack(codes8 + (size_t)t * d, d, cfg->key_bits,
 							  kcodes + ((size_t)h * B + t0 + t) * krow);
@@ -237,7 +251,7 @@ int64_t kvt_encode_chunk(const struct kvt_codec_config *cfg, uint64_t first_toke
 			if (cfg->rotate_v)
 				ops->fwht(vx, (size_t)G * H, d, inv_sqrt_d);
 			quant_token_rows(ops, vx, t0, G, pin, cfg, cfg->value_bits, sdt, vscale, vzero,
-					 vcodes, codes8);
+					 vcodes, codes8, false);
 		}
 		for (uint32_t i = 0; i < n_pinned; i++) {
 			size_t src = (size_t)pins[i] * row * ws, dst = (size_t)i * row * ws;

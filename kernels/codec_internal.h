@@ -12,6 +12,7 @@
 #ifndef KVT_CODEC_INTERNAL_H
 #define KVT_CODEC_INTERNAL_H
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -213,6 +214,98 @@ static inline void kvt_minmax8(const float *x, uint32_t n, float *mn_out, float 
 	*mx_out = mx[0];
 }
 
+/* ---- key_rounding mse (CHUNK_FORMAT.md "Key rounding") ---------------------------------- */
+
+/* Squared error of one group of n elements x[i * stride] (skip[i] != 0 left out; skip may be
+ * NULL) against scale s and zero z: codes as kvt_qcode, decoded as code * s + z, the squares
+ * summed in element order in f32 (CHUNK_FORMAT.md "Key rounding"). */
+static inline float kvt_group_sq_err(const float *x, size_t stride, uint32_t n, const uint8_t *skip,
+			  float s, float z, float qmax)
+{
+	float e = 0.0f;
+	for (uint32_t i = 0; i < n; i++) {
+		if (skip && skip[i])
+			continue;
+		float xv = x[i * stride];
+		float y = (float)kvt_qcode(xv, s, z, qmax) * s + z;
+		float dl = y - xv;
+		e = e + dl * dl;
+	}
+	return e;
+}
+
+/*
+ * KVT_ROUNDING_MSE for one group that the min-max rule already quantized (scale, zero and its
+ * codes codes8[i * cstride] are min-max's): tries the ranges [lo, hi] = [mn + r i/16,
+ * mx - r j/16] for i, j = 0..4 (r = mx - mn; i-major order) with the zero at lo, skips those
+ * that leave the group's min or max more than half a (stored) step outside [lo, hi], and keeps
+ * the first whose squared error is strictly below the best so far, min-max's first. The whole
+ * search is this one function (the AVX2 mse_cols does the same operations 8 channels at a
+ * time), so every instruction set writes the same bytes.
+ * Why: min-max puts a grid point on both extremes, so with 4 levels most of ~32 roughly
+ * normal samples fall between two widely spaced points; a narrower grid fits the bulk better.
+ * Unbounded clipping (the MSE optimum) measured worse on some contexts of SmolLM2: a token
+ * whose key is extreme in a channel is often one that draws attention, and clipping it moves
+ * its logit; the half-step rule keeps every element's error within what rounding allows
+ * (docs/realmodel/int2.md).
+ */
+static inline void kvt_mse_group(const float *x, size_t stride, uint32_t n, const uint8_t *skip,
+		      float qmax, uint32_t sdt, uint16_t *scale, uint16_t *zero, uint8_t *codes8,
+		      size_t cstride)
+{
+	float mn = __builtin_inff(), mx = -__builtin_inff();
+	bool any = false;
+	for (uint32_t i = 0; i < n; i++) {
+		if (skip && skip[i])
+			continue;
+		float v = x[i * stride];
+		mn = v < mn ? v : mn;
+		mx = v > mx ? v : mx;
+		any = true;
+	}
+	float s0 = kvt_widen16(*scale, sdt), z0 = kvt_widen16(*zero, sdt);
+	if (!any || s0 == 0.0f)
+		return; /* nothing to quantize, or a constant group: min-max's answer is exact */
+	float best = kvt_group_sq_err(x, stride, n, skip, s0, z0, qmax);
+	uint16_t best_sb = *scale, best_zb = *zero;
+	float best_s = s0, best_z = z0;
+	const float r = mx - mn;
+	for (uint32_t i = 0; i <= 4; i++) {
+		for (uint32_t j = 0; j <= 4; j++) {
+			float lo = mn + r * ((float)i * 0.0625f);
+			float hi = mx - r * ((float)j * 0.0625f);
+			if (!(hi > lo))
+				continue;
+			uint16_t sb = kvt_round16_bits((hi - lo) / qmax, sdt);
+			float s = kvt_widen16(sb, sdt);
+			uint16_t zb = kvt_round16_bits(lo, sdt);
+			float z = kvt_widen16(zb, sdt);
+			if (!(s > 0.0f) || !isfinite(s) || !isfinite(z))
+				continue;
+			/* every element stays within half a step of the grid: no outlier is
+			 * clipped by more than rounding would move it */
+			if (!(lo - mn <= 0.5f * s) || !(mx - hi <= 0.5f * s))
+				continue;
+			float e = kvt_group_sq_err(x, stride, n, skip, s, z, qmax);
+			if (e < best) {
+				best = e;
+				best_sb = sb;
+				best_zb = zb;
+				best_s = s;
+				best_z = z;
+			}
+		}
+	}
+	if (best_sb == *scale && best_zb == *zero)
+		return;
+	*scale = best_sb;
+	*zero = best_zb;
+	for (uint32_t i = 0; i < n; i++)
+		codes8[i * cstride] = skip && skip[i]
+					      ? 0
+					      : (uint8_t)kvt_qcode(x[i * stride], best_s, best_z, qmax);
+}
+
 /* ---- Kernel table ------------------------------------------------------------------------- */
 struct kvt_codec_ops {
 	const char *name;
@@ -271,6 +364,12 @@ struct kvt_codec_ops {
 	void (*accum_grp)(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
 			  const uint16_t *s16, const uint16_t *z16, uint32_t sdt, const float *p,
 			  size_t p_stride, uint32_t nrows, float *acc, size_t acc_stride);
+	/* key_rounding mse on the output of quant_cols (same arguments): kvt_mse_group for each
+	 * of the d channels (elements x[t * x_stride + c], skip pin), rewriting scale, zero and
+	 * codes8 where a better range is found. */
+	void (*mse_cols)(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+			 uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale, uint16_t *zero,
+			 uint8_t *codes8);
 	/* Unpacks one row to f32 codes (no scale). */
 	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
 };

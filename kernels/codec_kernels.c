@@ -137,6 +137,16 @@ static void s_quant_rows(const float *x, size_t x_stride, uint32_t nrows, const 
 	}
 }
 
+static void s_mse_cols(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+		       uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale, uint16_t *zero,
+		       uint8_t *codes8)
+{
+	float qmax = (float)((1u << bits) - 1);
+	for (uint32_t c = 0; c < d; c++)
+		kvt_mse_group(x + c, x_stride, ntok, pin, qmax, sdt, scale + c, zero + c, codes8 + c,
+			      d);
+}
+
 static void s_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out)
 {
 	uint32_t per = 8 / bits;
@@ -226,6 +236,7 @@ const struct kvt_codec_ops kvt_codec_ops_scalar = {
 	.axpy = s_axpy,
 	.quant_cols = s_quant_cols,
 	.quant_rows = s_quant_rows,
+	.mse_cols = s_mse_cols,
 	.pack = s_pack,
 	.dequant_ch = s_dequant_ch,
 	.dequant_grp = s_dequant_grp,

@@ -401,6 +401,100 @@ static void v_quant_cols(const float *x, size_t x_stride, uint32_t ntok, const u
 	}
 }
 
+/* Squared error of 8 channel groups (lanes) against (s, z), kvt_group_sq_err lane by lane */
+static inline __m256 mse_err8(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+			      __m256 s, __m256 z, __m256 qmax)
+{
+	__m256 e = _mm256_setzero_ps();
+	for (uint32_t t = 0; t < ntok; t++) {
+		if (pin[t])
+			continue;
+		__m256 xv = _mm256_loadu_ps(x + t * x_stride);
+		__m256 y = _mm256_add_ps(
+			_mm256_mul_ps(_mm256_cvtepi32_ps(qcode8(xv, s, z, qmax)), s), z);
+		__m256 dl = _mm256_sub_ps(y, xv);
+		e = _mm256_add_ps(e, _mm256_mul_ps(dl, dl));
+	}
+	return e;
+}
+
+/* kvt_mse_group (codec_internal.h) for 8 channels at a time: the same operations per lane,
+ * the candidates in the same order, the same strict comparison. */
+static void v_mse_cols(const float *x, size_t x_stride, uint32_t ntok, const uint8_t *pin,
+		       uint32_t d, uint32_t bits, uint32_t sdt, uint16_t *scale, uint16_t *zero,
+		       uint8_t *codes8)
+{
+	const __m256 qmax = _mm256_set1_ps((float)((1u << bits) - 1));
+	const __m256 zero_v = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+	const __m256 inf = _mm256_set1_ps(__builtin_inff()), sign = _mm256_set1_ps(-0.0f);
+	bool any = false;
+	for (uint32_t t = 0; t < ntok; t++)
+		any |= !pin[t];
+	if (!any)
+		return; /* quant_cols wrote scale 0, zero 0, codes 0 */
+	for (uint32_t c = 0; c < d; c += 8) {
+		const float *xc = x + c;
+		__m256 mn = inf, mx = _mm256_set1_ps(-__builtin_inff());
+		for (uint32_t t = 0; t < ntok; t++) {
+			if (pin[t])
+				continue;
+			__m256 v = _mm256_loadu_ps(xc + t * x_stride);
+			mn = _mm256_min_ps(v, mn);
+			mx = _mm256_max_ps(v, mx);
+		}
+		__m128i sb0 = _mm_loadu_si128((const __m128i *)(scale + c));
+		__m128i zb0 = _mm_loadu_si128((const __m128i *)(zero + c));
+		__m256 s0 = widen16(sb0, sdt), z0 = widen16(zb0, sdt);
+		__m256 active = _mm256_cmp_ps(s0, zero_v, _CMP_NEQ_UQ);
+		if (_mm256_movemask_ps(active) == 0)
+			continue;
+		__m256 best = mse_err8(xc, x_stride, ntok, pin, s0, z0, qmax);
+		__m128i bsb = sb0, bzb = zb0;
+		__m256 bs = s0, bz = z0;
+		const __m256 r = _mm256_sub_ps(mx, mn);
+		for (uint32_t i = 0; i <= 4; i++) {
+			for (uint32_t j = 0; j <= 4; j++) {
+				__m256 lo = _mm256_add_ps(
+					mn, _mm256_mul_ps(r, _mm256_set1_ps((float)i * 0.0625f)));
+				__m256 hi = _mm256_sub_ps(
+					mx, _mm256_mul_ps(r, _mm256_set1_ps((float)j * 0.0625f)));
+				__m128i cs = round16(_mm256_div_ps(_mm256_sub_ps(hi, lo), qmax), sdt);
+				__m128i cz = round16(lo, sdt);
+				__m256 sv = widen16(cs, sdt), zv = widen16(cz, sdt);
+				__m256 hs = _mm256_mul_ps(half, sv);
+				__m256 ok = _mm256_and_ps(active, _mm256_cmp_ps(hi, lo, _CMP_GT_OQ));
+				ok = _mm256_and_ps(ok, _mm256_cmp_ps(sv, zero_v, _CMP_GT_OQ));
+				ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_andnot_ps(sign, sv), inf,
+								     _CMP_LT_OQ));
+				ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_andnot_ps(sign, zv), inf,
+								     _CMP_LT_OQ));
+				ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_sub_ps(lo, mn), hs,
+								     _CMP_LE_OQ));
+				ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_sub_ps(mx, hi), hs,
+								     _CMP_LE_OQ));
+				if (_mm256_movemask_ps(ok) == 0)
+					continue;
+				__m256 e = mse_err8(xc, x_stride, ntok, pin, sv, zv, qmax);
+				__m256 better = _mm256_and_ps(ok, _mm256_cmp_ps(e, best, _CMP_LT_OQ));
+				__m128i b16 = pack32_to_16(
+					_mm256_srli_epi32(_mm256_castps_si256(better), 16));
+				best = _mm256_blendv_ps(best, e, better);
+				bs = _mm256_blendv_ps(bs, sv, better);
+				bz = _mm256_blendv_ps(bz, zv, better);
+				bsb = _mm_blendv_epi8(bsb, cs, b16);
+				bzb = _mm_blendv_epi8(bzb, cz, b16);
+			}
+		}
+		_mm_storeu_si128((__m128i *)(scale + c), bsb);
+		_mm_storeu_si128((__m128i *)(zero + c), bzb);
+		/* unchanged lanes recompute min-max's own codes (the same qcode on the same s, z) */
+		for (uint32_t t = 0; t < ntok; t++)
+			if (!pin[t])
+				store_codes8(codes8 + (size_t)t * d + c,
+					     qcode8(_mm256_loadu_ps(xc + t * x_stride), bs, bz, qmax));
+	}
+}
+
 static void v_quant_rows(const float *x, size_t x_stride, uint32_t nrows, const uint8_t *pin,
 			 uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
 			 uint16_t *zero, uint8_t *codes8)
@@ -802,6 +896,7 @@ const struct kvt_codec_ops kvt_codec_ops_avx2 = {
 	.axpy = v_axpy,
 	.quant_cols = v_quant_cols,
 	.quant_rows = v_quant_rows,
+	.mse_cols = v_mse_cols,
 	.pack = v_pack,
 	.dequant_ch = v_dequant_ch,
 	.dequant_grp = v_dequant_grp,

@@ -77,6 +77,15 @@ enum kvt_dtype {
  *               oldest B unsealed tokens are sealed only when more than W would stay exact,
  *               so after any append the newest min(tokens, W-B+1) .. W tokens are exact
  *               (kvt_seq.h).
+ *   key_rounding  how the encoder picks each key group's scale and zero (an encoder choice:
+ *               not in the chunk header, decoders ignore it, kvt_chunk_parse leaves it 0):
+ *               KVT_ROUNDING_MINMAX (0): OScaR's rule, the group's [min, max] with the
+ *               zero on the scale's grid (CHUNK_FORMAT.md "Quantizer");
+ *               KVT_ROUNDING_MSE (1): the range with the least squared error over a fixed
+ *               set of narrower ranges that keep every element within half a step,
+ *               min-max included (CHUNK_FORMAT.md "Key rounding"), so no group's error is
+ *               above min-max's. Needs a quantizing scheme (0 for none). The CUDA encoder
+ *               does not implement it (-EOPNOTSUPP).
  */
 struct kvt_codec_config {
 	uint32_t scheme;
@@ -94,7 +103,15 @@ struct kvt_codec_config {
 	float pin_detect_ratio;
 	uint32_t recent_exact_tokens; /* W; 0 = seal every B tokens (added last: zero keeps the
 				       * behaviour of configs written before it existed) */
+	uint32_t key_rounding;        /* enum kvt_rounding; 0 = min-max (added last, as W) */
 };
+
+enum kvt_rounding {
+	KVT_ROUNDING_MINMAX = 0, /* OScaR: [min, max] of the group, zero on the scale's grid */
+	KVT_ROUNDING_MSE = 1,    /* least squared error over a fixed set of clipped ranges */
+};
+const char *kvt_rounding_name(uint32_t rounding); /* "minmax", "mse"; NULL when unknown */
+int kvt_rounding_parse(const char *name);         /* enum value, or -EINVAL */
 
 /* Fills cfg with kvtier's defaults for the shape (oscar, 2/2 bits, G 32, B 128, rotate_v,
  * S 4, detection off). */
@@ -104,13 +121,14 @@ int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, siz
 
 /*
  * Named codec settings. A preset fixes every codec field (scheme, bits, group, chunk_tokens,
- * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens) and leaves the shape (n_layers,
- * n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
+ * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens, key_rounding) and leaves the shape
+ * (n_layers, n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
  * session's wire dtype, so a preset costs what docs/realmodel/int2.md says only in f16/bf16.
- *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128: the
- *                  daemon's default codec (docs/realmodel/int2.md has the evidence)
+ *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128,
+ *                  key_rounding mse: the daemon's default codec (docs/realmodel/int2.md has
+ *                  the evidence)
  *   "oscar-int2"   the faithful OScaR INT2 baseline: oscar, 2/2 bits, G 32, B 128, rotate_v,
- *                  S 0, detection off, W 0
+ *                  S 0, detection off, W 0, key_rounding minmax
  * kvt_codec_preset returns 0, or -EINVAL (err lists the names) for an unknown name.
  * kvt_codec_preset_name returns the name of the preset whose codec fields equal cfg's, or
  * NULL. kvt_codec_preset_names is the list for messages ("kvtier-int2, oscar-int2").

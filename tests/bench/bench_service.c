@@ -75,6 +75,7 @@ struct svc_opts {
 	unsigned bits, group, chunk_tokens, sinks;
 	int redis;                 /* 0: --no-redis */
 	unsigned rounds;           /* read workloads: alternating kvtierd / Redis segments */
+	const char *only;          /* --workloads: the read workloads to run (NULL: all) */
 };
 
 struct lat {
@@ -212,7 +213,7 @@ static void stop_child(pid_t pid)
 
 /* ---- the workloads -------------------------------------------------------------------------- */
 
-enum workload { W_APPEND, W_FETCH, W_FETCH_ENCODED, W_ATTEND, W_REDIS_SET, W_REDIS_GET,
+enum workload { W_APPEND, W_FETCH, W_FETCH_LOCAL, W_FETCH_ENCODED, W_ATTEND, W_REDIS_SET, W_REDIS_GET,
 		W_REDIS_GET_SESSION };
 
 struct svc;
@@ -306,7 +307,8 @@ static int one_op(struct worker *w, unsigned i)
 		w->bytes += (double)batch_kv;
 		return 0;
 	}
-	case W_FETCH: {
+	case W_FETCH:
+	case W_FETCH_LOCAL: {
 		unsigned nb = s->fetch_batches;
 		size_t want = s->batch_bytes * nb;
 		sess = (unsigned)(kvt_bench_rand(&w->rng) % o->sessions);
@@ -320,6 +322,7 @@ static int one_op(struct worker *w, unsigned i)
 		r.layer_begin = 0;
 		r.layer_end = o->layers;
 		r.dtype = KVT_CLIENT_DTYPE_F16;
+		r.decode_local = s->wl == W_FETCH_LOCAL;
 		/* every field given: no Stat round trip; the reply lands in fk / fv */
 		if (kvt_client_fetch(w->kc, name, &r, w->fk, want, w->fv, want, &fr, &st))
 			return fail(w, "fetch", &st);
@@ -422,6 +425,7 @@ static void *worker_main(void *arg)
 
 struct measured {
 	double req_per_s, gb_per_s, p50_us, p99_us, seconds;
+	double server_cpu_us, client_cpu_us; /* per request */
 	uint64_t requests;
 	int ok;
 };
@@ -430,15 +434,46 @@ struct measured {
 struct acc {
 	struct lat all;
 	double bytes, secs;
+	double server_cpu_s, client_cpu_s; /* CPU time of the server process / this process */
 	uint64_t requests;
 	int failed;
 };
+
+/* A process's CPU time (user + system, every thread) from /proc/PID/stat; -1 if unreadable. */
+static double proc_cpu_s(pid_t pid)
+{
+	char path[64], buf[1024];
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* fields after the command name (which may hold spaces): state is field 3 */
+	char *p = strrchr(buf, ')');
+	unsigned long long ut = 0, st = 0;
+	if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut,
+			 &st) != 2)
+		return -1;
+	return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double self_cpu_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 /* One segment: every thread runs wl (until seconds pass, for read workloads). */
 static void run_segment(struct svc *s, enum workload wl, double seconds, struct acc *a)
 {
 	pthread_t th[MAX_THREADS];
 	double secs = 0;
+	int redis_wl = wl == W_REDIS_SET || wl == W_REDIS_GET || wl == W_REDIS_GET_SESSION;
+	pid_t server = redis_wl ? s->redis_child : s->kv_pid;
+	double server0 = proc_cpu_s(server), client0 = self_cpu_s();
 	s->wl = wl;
 	s->deadline_s = seconds;
 	pthread_barrier_init(&s->barrier, NULL, s->o.threads);
@@ -467,6 +502,8 @@ static void run_segment(struct svc *s, enum workload wl, double seconds, struct 
 		secs = w->seconds > secs ? w->seconds : secs; /* the slowest thread: conservative */
 	}
 	a->secs += secs;
+	a->server_cpu_s += proc_cpu_s(server) - server0;
+	a->client_cpu_s += self_cpu_s() - client0;
 	pthread_barrier_destroy(&s->barrier);
 }
 
@@ -482,6 +519,8 @@ static struct measured acc_result(struct acc *a)
 	m.gb_per_s = a->secs > 0 ? a->bytes / a->secs / 1e9 : NAN;
 	m.p50_us = lat_pct(&a->all, 50);
 	m.p99_us = lat_pct(&a->all, 99);
+	m.server_cpu_us = a->requests ? a->server_cpu_s * 1e6 / (double)a->requests : NAN;
+	m.client_cpu_us = a->requests ? a->client_cpu_s * 1e6 / (double)a->requests : NAN;
 	free(a->all.us);
 	return m;
 }
@@ -544,6 +583,23 @@ static void run_pair(struct svc *s, enum workload kv_wl, enum workload redis_wl,
 		free(ar.all.us);
 }
 
+/* Whether --workloads asks for this read workload (every one when not given). */
+static int wanted(const struct svc *s, const char *name)
+{
+	const char *p = s->o.only;
+	size_t n = strlen(name);
+	if (!p)
+		return 1;
+	while (*p) {
+		const char *e = strchr(p, ',');
+		size_t len = e ? (size_t)(e - p) : strlen(p);
+		if (len == n && !strncmp(p, name, n))
+			return 1;
+		p += len + (e ? 1 : 0);
+	}
+	return 0;
+}
+
 static void common_fields(struct kvt_bench_json *j, const struct svc *s, const char *workload)
 {
 	kvt_bench_json_begin(j, "service");
@@ -574,8 +630,12 @@ static void report(const struct svc *s, const char *workload, const struct measu
 	kvt_bench_json_num(&j, "logical_gb_per_s", k->gb_per_s);
 	kvt_bench_json_num(&j, "latency_us_p50", k->p50_us);
 	kvt_bench_json_num(&j, "latency_us_p99", k->p99_us);
+	kvt_bench_json_num(&j, "server_cpu_us_per_request", k->server_cpu_us);
+	kvt_bench_json_num(&j, "client_cpu_us_per_request", k->client_cpu_us);
 	kvt_bench_json_str(&j, "reference", redis_op);
 	if (r) {
+		kvt_bench_json_num(&j, "redis_server_cpu_us_per_request", r->server_cpu_us);
+		kvt_bench_json_num(&j, "redis_client_cpu_us_per_request", r->client_cpu_us);
 		kvt_bench_json_num(&j, "redis_requests_per_s", r->req_per_s);
 		kvt_bench_json_num(&j, "redis_gb_per_s", r->gb_per_s);
 		kvt_bench_json_num(&j, "redis_latency_us_p50", r->p50_us);
@@ -611,6 +671,9 @@ static void usage(FILE *f)
 		"  --seconds S            per read workload and server (default 2)\n"
 		"  --rounds N             read workloads alternate kvtierd and Redis in N segments\n"
 		"                         of seconds / N each (default 4)\n"
+		"  --workloads LIST       read workloads to run after the load, comma separated\n"
+		"                         (fetch,fetch_local,fetch_restore,fetch_encoded,attend;\n"
+		"                         default all)\n"
 		"  --scheme NAME --bits N --group N --chunk-tokens N --sinks N   the codec\n"
 		"                         (default oscar, 2, 32, 128, 4)\n");
 }
@@ -672,6 +735,8 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 			o->redis_bin = argv[++i];
 		} else if (!strcmp(a, "--scheme") && val) {
 			o->scheme = argv[++i];
+		} else if (!strcmp(a, "--workloads") && val) {
+			o->only = argv[++i];
 		} else if (!strcmp(a, "--no-redis")) {
 			o->redis = 0;
 		} else if (!strcmp(a, "--shared-connection")) {
@@ -694,6 +759,23 @@ static int parse(struct svc_opts *o, int argc, char **argv)
 				"--tokens %u and --chunk-tokens %u\n",
 			o->session_tokens, o->tokens, o->chunk_tokens);
 		return 2;
+	}
+	for (const char *p = o->only; p && *p;) {
+		static const char *const known[] = {"fetch", "fetch_local", "fetch_restore",
+						     "fetch_encoded", "attend"};
+		const char *e = strchr(p, ',');
+		size_t len = e ? (size_t)(e - p) : strlen(p);
+		int ok = 0;
+		for (size_t k = 0; k < sizeof(known) / sizeof(known[0]); k++)
+			ok |= strlen(known[k]) == len && !strncmp(p, known[k], len);
+		if (!ok) {
+			fprintf(stderr, "kvtier-bench service: --workloads: unknown workload '%.*s' "
+					"(fetch, fetch_local, fetch_restore, fetch_encoded, "
+					"attend)\n",
+				(int)len, p);
+			return 2;
+		}
+		p += len + (e ? 1 : 0);
 	}
 	if (o->restore_tokens == UINT32_MAX) {
 		unsigned r = o->session_tokens < 1024 ? o->session_tokens : 1024;
@@ -895,6 +977,30 @@ static int verify_load(struct svc *s)
 			(unsigned long long)info.n_tokens, o->session_tokens);
 		return -1;
 	}
+	{
+		/* the local-decode Fetch returns the daemon's bytes (a batch that straddles the
+		 * sealed chunks and the tail when there is one) */
+		struct kvt_client_fetch_range r;
+		struct kvt_client_fetch_result fr;
+		size_t n = s->batch_bytes;
+		uint8_t *k2 = kvt_bench_alloc(n), *v2 = kvt_bench_alloc(n);
+		kvt_client_fetch_range_init(&r);
+		r.token_end = o->session_tokens;
+		r.token_begin = r.token_end - o->tokens;
+		r.layer_end = o->layers;
+		r.dtype = KVT_CLIENT_DTYPE_F16;
+		int bad = kvt_client_fetch(w->kc, name, &r, w->fk, n, w->fv, n, &fr, &st);
+		r.decode_local = 1;
+		bad = bad || kvt_client_fetch(w->kc, name, &r, k2, n, v2, n, &fr, &st) ||
+		      fr.k_bytes != n || memcmp(w->fk, k2, n) || memcmp(w->fv, v2, n);
+		free(k2);
+		free(v2);
+		if (bad) {
+			fprintf(stderr, "kvtier-bench service: the local-decode fetch differs from "
+					"Fetch: %s\n", st.message);
+			return -1;
+		}
+	}
 	if (!strcmp(o->scheme, "none")) {
 		struct kvt_client_fetch_range r;
 		struct kvt_client_fetch_result fr;
@@ -980,27 +1086,42 @@ int kvt_bench_service(int argc, char **argv)
 	}
 
 	struct measured get = {0}, get_s = {0}, get_r = {0}, get_e = {0}, restore = {0};
-	struct measured fetch, fenc, att;
+	struct measured fetch = {0}, fenc = {0}, att = {0};
+	fetch.ok = fenc.ok = att.ok = get.ok = get_s.ok = get_e.ok = 1;
 	s.fetch_batches = 1;
-	run_pair(&s, W_FETCH, W_REDIS_GET, &fetch, &get);
-	report(&s, "fetch", &fetch, o->redis ? &get : NULL, "redis GET of the batch's f16 K+V", 1.0);
+	if (wanted(&s, "fetch")) {
+		run_pair(&s, W_FETCH, W_REDIS_GET, &fetch, &get);
+		report(&s, "fetch", &fetch, o->redis ? &get : NULL,
+		       "redis GET of the batch's f16 K+V", 1.0);
+	}
+	struct measured local = {0}, get_l = {0};
+	local.ok = get_l.ok = 1;
+	if (wanted(&s, "fetch_local")) {
+		run_pair(&s, W_FETCH_LOCAL, W_REDIS_GET, &local, &get_l);
+		report(&s, "fetch_local", &local, o->redis ? &get_l : NULL,
+		       "redis GET of the batch's f16 K+V", 1.0);
+	}
 	restore.ok = 1;
 	get_r.ok = 1;
-	if (o->restore_tokens) {
+	if (o->restore_tokens && wanted(&s, "fetch_restore")) {
 		s.fetch_batches = o->restore_tokens / o->tokens;
 		run_pair(&s, W_FETCH, W_REDIS_GET, &restore, &get_r);
 		report(&s, "fetch_restore", &restore, o->redis ? &get_r : NULL,
 		       "redis GET of the same batches' f16 K+V, pipelined", 1.0);
 		s.fetch_batches = 1;
 	}
-	run_pair(&s, W_FETCH_ENCODED, W_REDIS_GET, &fenc, &get_e);
-	report(&s, "fetch_encoded", &fenc, o->redis ? &get_e : NULL,
-	       "redis GET of the same tokens' f16 K+V (logical bytes)", 3.0);
-	run_pair(&s, W_ATTEND, W_REDIS_GET_SESSION, &att, &get_s);
-	report(&s, "attend", &att, o->redis ? &get_s : NULL,
-	       "redis GET of the whole session's f16 K+V (logical bytes attended)", 0);
-	rc = fetch.ok && restore.ok && fenc.ok && att.ok &&
-			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok))
+	if (wanted(&s, "fetch_encoded")) {
+		run_pair(&s, W_FETCH_ENCODED, W_REDIS_GET, &fenc, &get_e);
+		report(&s, "fetch_encoded", &fenc, o->redis ? &get_e : NULL,
+		       "redis GET of the same tokens' f16 K+V (logical bytes)", 3.0);
+	}
+	if (wanted(&s, "attend")) {
+		run_pair(&s, W_ATTEND, W_REDIS_GET_SESSION, &att, &get_s);
+		report(&s, "attend", &att, o->redis ? &get_s : NULL,
+		       "redis GET of the whole session's f16 K+V (logical bytes attended)", 0);
+	}
+	rc = fetch.ok && local.ok && restore.ok && fenc.ok && att.ok &&
+			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok && get_l.ok))
 		     ? 0
 		     : 1;
 out:

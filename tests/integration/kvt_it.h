@@ -43,6 +43,8 @@ static inline void it_config_from_info(const struct kvt_client_session_info *i,
 	cfg->pin_detect_ratio = i->codec.pin_detect_ratio > 0 ? i->codec.pin_detect_ratio : 0;
 	cfg->recent_exact_tokens =
 		i->codec.recent_exact_tokens > 0 ? (uint32_t)i->codec.recent_exact_tokens : 0;
+	int kr = kvt_rounding_parse(i->codec.key_rounding);
+	cfg->key_rounding = kr > 0 ? (uint32_t)kr : 0;
 }
 
 static inline struct kvt_client_shape it_shape(const struct kvt_client_session_info *i)
@@ -112,10 +114,12 @@ static inline void *it_xmalloc(size_t n)
 	return p;
 }
 
-/* Fetches [t0, t1) x [l0, l1) of a session in dtype from the daemon and from the local
- * reference and compares bytes. Returns 1 when equal. */
-static inline int it_fetch_equals(struct kvt_client *c, const char *id, const struct kvt_seq *ref,
-				  uint64_t t0, uint64_t t1, uint32_t l0, uint32_t l1, uint32_t dtype)
+/* Fetches [t0, t1) x [l0, l1) of a session in dtype from the daemon (decoded there, or with
+ * local != 0 by libkvtier's local-decode Fetch) and from the local reference and compares
+ * bytes. Returns 1 when equal. */
+static inline int it_fetch_equals_mode(struct kvt_client *c, const char *id,
+				       const struct kvt_seq *ref, uint64_t t0, uint64_t t1,
+				       uint32_t l0, uint32_t l1, uint32_t dtype, int local)
 {
 	const struct kvt_codec_config *cfg = kvt_seq_config(ref);
 	size_t n = (size_t)(t1 - t0) * (l1 - l0) * cfg->n_kv_heads * cfg->head_dim *
@@ -132,10 +136,12 @@ static inline int it_fetch_equals(struct kvt_client *c, const char *id, const st
 	r.layer_begin = l0;
 	r.layer_end = l1;
 	r.dtype = dtype;
+	r.decode_local = local;
 	rc = kvt_client_fetch(c, id, &r, k, n, v, n, NULL, &st);
 	if (rc) {
-		printf("# fetch %s [%llu,%llu) x [%u,%u): %d %s: %s\n", id, (unsigned long long)t0,
-		       (unsigned long long)t1, l0, l1, rc, kvt_client_code_name(st.code), st.message);
+		printf("# fetch%s %s [%llu,%llu) x [%u,%u): %d %s: %s\n", local ? " (local)" : "",
+		       id, (unsigned long long)t0, (unsigned long long)t1, l0, l1, rc,
+		       kvt_client_code_name(st.code), st.message);
 		ok = 0;
 		goto out;
 	}
@@ -149,8 +155,9 @@ static inline int it_fetch_equals(struct kvt_client *c, const char *id, const st
 		size_t i = 0;
 		while (i < n && k[i] == rk[i] && v[i] == rv[i])
 			i++;
-		printf("# fetch %s [%llu,%llu) x [%u,%u) dtype %u differs from the local reference at byte %zu of %zu\n",
-		       id, (unsigned long long)t0, (unsigned long long)t1, l0, l1, dtype, i, n);
+		printf("# fetch%s %s [%llu,%llu) x [%u,%u) dtype %u differs from the local reference at byte %zu of %zu\n",
+		       local ? " (local)" : "", id, (unsigned long long)t0, (unsigned long long)t1,
+		       l0, l1, dtype, i, n);
 		ok = 0;
 	}
 out:
@@ -159,6 +166,12 @@ out:
 	free(rk);
 	free(rv);
 	return ok;
+}
+
+static inline int it_fetch_equals(struct kvt_client *c, const char *id, const struct kvt_seq *ref,
+				  uint64_t t0, uint64_t t1, uint32_t l0, uint32_t l1, uint32_t dtype)
+{
+	return it_fetch_equals_mode(c, id, ref, t0, t1, l0, l1, dtype, 0);
 }
 
 /* Attention outputs equal up to float summation order: |a-b| <= 1e-4 * (1 + max|b|). */

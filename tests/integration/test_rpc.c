@@ -236,6 +236,28 @@ static void test_append_fetch_reference(void)
 			  "%s partial fetch as f32", s.id);
 		KVT_CHECK(it_fetch_equals(g_c, s.id, s.ref, B - 3, B + 3, 0, 1, KVT_DTYPE_F16),
 			  "%s fetch across a chunk edge", s.id);
+		/* The local-decode Fetch gives the same bytes: whole, partial, across chunk
+		 * edges and into the tail, every dtype, and random ranges. */
+		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, 0, T, 0, L, cases[ci].dtype, 1),
+			  "%s full local fetch", s.id);
+		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, 1, T - 2, L / 2, L, KVT_DTYPE_F32,
+					       1),
+			  "%s partial local fetch as f32", s.id);
+		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, B - 3, B + 3, 0, 1, KVT_DTYPE_BF16,
+					       1),
+			  "%s local fetch across a chunk edge as bf16", s.id);
+		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, B, 2 * B, 0, L, KVT_DTYPE_F16, 1),
+			  "%s local fetch of one whole chunk", s.id);
+		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, T - 1, T, 0, L, cases[ci].dtype, 1),
+			  "%s local fetch of the last token", s.id);
+		for (int k = 0; k < 6; k++) {
+			uint64_t a = it_rand_below((uint32_t)T), b = a + 1 + it_rand_below((uint32_t)(T - a));
+			uint32_t la = it_rand_below(L), lb = la + 1 + it_rand_below(L - la);
+			uint32_t dt = 1 + it_rand_below(3);
+			KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, a, b, la, lb, dt, 1),
+				  "%s local fetch [%llu, %llu) x [%u, %u) dtype %u", s.id,
+				  (unsigned long long)a, (unsigned long long)b, la, lb, dt);
+		}
 		KVT_CHECK(attend_matches(g_c, &s, 1), "%s attend MHA", s.id);
 		KVT_CHECK(attend_matches(g_c, &s, 4), "%s attend GQA x4", s.id);
 		close_session(&s);

@@ -73,10 +73,34 @@ def test_presets_and_the_recent_window(client, sid, rng):
     c = client.open_session(sid(), **SHAPE, dtype="f16").codec
     assert c["preset"] == "kvtier-int2"
     assert (c["scheme"], c["key_bits"], c["value_bits"], c["group"], c["chunk_tokens"],
-            c["n_sinks"], c["recent_exact_tokens"]) == ("oscar", 2, 2, 32, 32, 8, 128)
+            c["n_sinks"], c["recent_exact_tokens"], c["key_rounding"]) == (
+                "oscar", 2, 2, 32, 32, 8, 128, "mse")
     o = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(preset="oscar-int2")).codec
     assert o["preset"] == "oscar-int2" and (o["chunk_tokens"], o["n_sinks"],
-                                            o["recent_exact_tokens"]) == (128, 0, 0)
+                                            o["recent_exact_tokens"], o["key_rounding"]) == (
+                                                128, 0, 0, "minmax")
+    # A client that picks its quantizer without naming a rounding gets min-max (OScaR's);
+    # naming one overrides the preset's; none stays min-max.
+    m = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(scheme="oscar", bits=2)).codec
+    assert m["key_rounding"] == "minmax"
+    m = client.open_session(sid(), **SHAPE, dtype="f16",
+                            codec=dict(preset="kvtier-int2", key_rounding="minmax")).codec
+    assert m["key_rounding"] == "minmax" and "preset" not in m
+    m = client.open_session(sid(), **SHAPE, dtype="f16",
+                            codec=dict(scheme="kivi", bits=2, rotate_v=False, key_rounding="mse")).codec
+    assert m["key_rounding"] == "mse"
+    assert client.open_session(sid(), **SHAPE, dtype="f16",
+                               codec=dict(scheme="none")).codec["key_rounding"] == "minmax"
+    for bad, what in ((dict(key_rounding="nearest"), "key_rounding 'nearest'"),
+                      (dict(scheme="none", key_rounding="mse"), "key_rounding mse needs")):
+        pb = client._pb
+        req = pb.OpenSessionRequest(session_id=sid(), n_layers=2, n_kv_heads=2, head_dim=128,
+                                    dtype=1, codec=kvtier.client._codec_to_proto(pb, dict(
+                                        scheme=bad.get("scheme", "oscar"))))
+        req.codec.key_rounding = bad["key_rounding"]
+        with pytest.raises(grpc.RpcError) as e:
+            client._methods["OpenSession"](req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
     # Fields present override the preset; naming chunk_tokens without a window seals every chunk.
     x = client.open_session(sid(), **SHAPE, dtype="f16",
                             codec=dict(preset="kvtier-int2", chunk_tokens=64)).codec
@@ -353,6 +377,44 @@ def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme):
     rk, rv = R.decode_chunk(chunk, "f32", view=view)
     np.testing.assert_array_equal(rk, fk)
     np.testing.assert_array_equal(rv, fv)
+
+
+@pytest.mark.parametrize("scheme,bits,dtype", [("oscar", 2, "f16"), ("kivi", 4, "bf16"),
+                                                ("hadamard", 2, "f32"), ("oscar", 8, "f16")])
+def test_key_rounding_mse_bytes_match_the_reference(client, sid, rng, scheme, bits, dtype):
+    """key_rounding mse: the daemon's chunks equal the numpy reference's bytes (the encoder
+    choice is not in the chunk: the reference is told it), differ from min-max's only in the
+    key scales, zeros and codes, and fit the keys better."""
+    L, H, d, B = 2, 2, 64, 64
+    k, v = _fill(rng, L, 2 * B, H, d, dtype)
+    chunks = {}
+    for rounding in ("minmax", "mse"):
+        s = sid(rounding)
+        codec = dict(scheme=scheme, bits=bits, group=32, chunk_tokens=B, n_sinks=3,
+                     rotate_v=scheme != "kivi", key_rounding=rounding)
+        info = client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype=dtype,
+                                   codec=codec)
+        assert info.codec["key_rounding"] == rounding
+        client.append(s, k, v)
+        chunks[rounding] = client.fetch_encoded(s).chunks
+        for c, chunk in enumerate(chunks[rounding]):
+            view = R.parse_chunk(chunk)
+            mine = R.encode_chunk(dict(view.cfg, key_rounding=rounding), c * B,
+                                  k[:, c * B:(c + 1) * B], v[:, c * B:(c + 1) * B])
+            differ = np.frombuffer(mine, np.uint8) != np.frombuffer(chunk, np.uint8)
+            assert not differ.any(), (f"{rounding} chunk {c}: {differ.sum()} of {len(chunk)} "
+                                      f"bytes differ from the reference, first at {np.argmax(differ)}")
+    kf = A.to_f32(k, dtype)
+    errs = {}
+    for rounding, cs in chunks.items():
+        dk = np.concatenate([R.decode_chunk(c, "f32")[0] for c in cs], axis=1)
+        errs[rounding] = float(((dk - kf)[:, 3:] ** 2).sum())
+        view = R.parse_chunk(cs[0])
+        for layer in range(L):  # values untouched
+            a, b = view.layer(layer), R.parse_chunk(chunks["minmax"][0]).layer(layer)
+            for name in ("v_scale", "v_zero", "v_codes"):
+                np.testing.assert_array_equal(a[name], b[name])
+    assert errs["mse"] < errs["minmax"], errs
 
 
 def test_pin_detection_matches_the_reference(client, sid, rng):
@@ -633,6 +695,20 @@ def test_data_request_errors(client, sid, rng):
     rejects(lambda: client.fetch(s, tokens=(7, 3)), INVALID, "token")
     rejects(lambda: client.fetch(s, layers=(0, 3)), INVALID, "layer")
     rejects(lambda: client.fetch_encoded(s, chunk_begin=5, chunk_end=6), INVALID, "chunk")
+    # FetchEncoded by token range (libkvtier's local-decode Fetch): the range is checked and
+    # cannot be mixed with a chunk range
+    def enc_tokens(**kw):
+        req = client._pb.FetchEncodedRequest(session_id=s, **kw)
+        return list(client._stream_out("FetchEncoded", req))
+    rejects(lambda: enc_tokens(token_begin=0, chunk_end=1), INVALID, "token_begin")
+    rejects(lambda: enc_tokens(token_end=4, include_tail=True), INVALID, "token_begin")
+    rejects(lambda: enc_tokens(token_end=11), INVALID, "token range")
+    rejects(lambda: enc_tokens(token_begin=7, token_end=3), INVALID, "token range")
+    pieces = enc_tokens(token_begin=3, token_end=9)  # scheme none: all 10 tokens in the tail
+    assert pieces[0].HasField("session") and pieces[0].session.n_tokens == 10
+    tail = [p.tail for p in pieces if p.WhichOneof("piece") == "tail"]
+    assert [(b.token_begin, b.n_tokens) for b in tail] == [(3, 6)]
+    assert not any(p.WhichOneof("piece") == "chunk" for p in pieces)
     q = np.zeros((4, 128), np.float32)
     rejects(lambda: client.attend([dict(session_id=s, layer=2, q=q)]), INVALID, "layer")
     rejects(lambda: client.attend([dict(session_id=s, layer=0, q=np.zeros((3, 128)))]),

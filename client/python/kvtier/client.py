@@ -30,7 +30,11 @@ _MESSAGE_OVERHEAD_BYTES = 4096
 SCHEMES = {"default": 0, "none": 1, "kivi": 2, "hadamard": 3, "oscar": 4}
 SCHEME_NAMES = {v: k for k, v in SCHEMES.items()}
 _CODEC_KEYS = ("scheme", "key_bits", "value_bits", "group", "chunk_tokens", "rotate_v",
-               "n_sinks", "pin_detect_ratio", "pin_detect_max", "recent_exact_tokens", "preset")
+               "n_sinks", "pin_detect_ratio", "pin_detect_max", "recent_exact_tokens", "preset",
+               "key_rounding")
+# How the encoder picks key scales (kernels/kvt_codec.h enum kvt_rounding); codec key
+# "key_rounding".
+KEY_ROUNDINGS = ("minmax", "mse")
 # Named codec settings the daemon knows (kernels/kvt_codec.h); codec={"preset": name}.
 PRESETS = ("kvtier-int2", "oscar-int2")
 
@@ -160,6 +164,10 @@ def _codec_to_proto(pb, codec: dict | None):
             msg.pin_detect_ratio = float(val)
         elif key == "preset":
             msg.preset = str(val)
+        elif key == "key_rounding":
+            if val not in KEY_ROUNDINGS:
+                raise ValueError(f"codec key_rounding {val!r} is not one of {', '.join(KEY_ROUNDINGS)}")
+            msg.key_rounding = str(val)
         else:
             setattr(msg, key, int(val))
     return msg
@@ -301,7 +309,8 @@ class Client:
         a GPU tier; info.tier says where the chunks live), None: the daemon's policy. codec: dict with keys scheme ('none', 'kivi',
         'hadamard', 'oscar', 'default'), key_bits, value_bits (or bits for both), group,
         chunk_tokens, rotate_v, n_sinks, pin_detect_ratio, pin_detect_max,
-        recent_exact_tokens (the exact recent window W: 0 or chunk_tokens..1024) and preset
+        recent_exact_tokens (the exact recent window W: 0 or chunk_tokens..1024), key_rounding
+        ('minmax' or 'mse': how key scales are chosen) and preset
         (a named setting, one of PRESETS, that supplies the absent keys); absent keys take
         the daemon's defaults (its default codec is the preset 'kvtier-int2')."""
         pb = self._pb

@@ -38,6 +38,8 @@ SCHEME_NONE, SCHEME_KIVI, SCHEME_HADAMARD, SCHEME_OSCAR = 0, 1, 2, 3  # enum kvt
 _SCHEMES = {"none": SCHEME_NONE, "kivi": SCHEME_KIVI, "hadamard": SCHEME_HADAMARD,
             "oscar": SCHEME_OSCAR}
 SCHEME_NAMES = {v: k for k, v in _SCHEMES.items()}
+ROUNDING_MINMAX, ROUNDING_MSE = 0, 1  # enum kvt_rounding (config key key_rounding)
+_ROUNDINGS = {"minmax": ROUNDING_MINMAX, "mse": ROUNDING_MSE}
 
 CHUNK_MAGIC = 0x4354564B  # "KVTC"
 CHUNK_VERSION = 1
@@ -57,7 +59,7 @@ def make_config(n_layers, n_kv_heads, head_dim, dtype="f16", **kw) -> dict:
     cfg = dict(scheme=SCHEME_OSCAR, key_bits=2, value_bits=2, group=32, chunk_tokens=128,
                n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim,
                dtype=dtype_code(dtype), rotate_v=1, n_sinks=4, pin_detect_max=0,
-               pin_detect_ratio=0.0)
+               pin_detect_ratio=0.0, key_rounding=ROUNDING_MINMAX)
     if "bits" in kw:
         b = kw.pop("bits")
         kw.setdefault("key_bits", b)
@@ -81,6 +83,10 @@ def normalize_config(cfg: dict) -> dict:
               "head_dim", "rotate_v", "n_sinks", "pin_detect_max"):
         c[k] = int(c.get(k, 0) or 0)
     c["pin_detect_ratio"] = float(c.get("pin_detect_ratio", 0.0) or 0.0)
+    r = c.get("key_rounding", ROUNDING_MINMAX) or ROUNDING_MINMAX
+    c["key_rounding"] = _ROUNDINGS[r] if isinstance(r, str) else int(r)
+    if c["key_rounding"] not in _ROUNDINGS.values():
+        raise ValueError(f"key_rounding {r!r} is not one of minmax (0), mse (1)")
     if c["scheme"] not in SCHEME_NAMES:
         raise ValueError(f"scheme {c['scheme']} is not one of none, kivi, hadamard, oscar")
     if c["head_dim"] not in (64, 128, 256):
@@ -95,6 +101,8 @@ def normalize_config(cfg: dict) -> dict:
     if c["scheme"] == SCHEME_NONE:
         c["key_bits"] = c["value_bits"] = 16
         c["rotate_v"] = 0
+        if c["key_rounding"] != ROUNDING_MINMAX:
+            raise ValueError("key_rounding mse needs a quantizing scheme")
     else:
         for k in ("key_bits", "value_bits"):
             if c[k] not in (2, 4, 8):
@@ -412,8 +420,19 @@ def encode_chunk(cfg, first_token: int, k, v, pins=None) -> bytes:
         # keys
         if s in (SCHEME_KIVI, SCHEME_OSCAR):
             kc, ks, kz = _quant_channels(kf, pinned, G, kb, sdt)
+            if cfg["key_rounding"] == ROUNDING_MSE:  # groups: G tokens of one channel
+                def grp(a):
+                    return a.reshape(H, B // G, G, d).transpose(0, 1, 3, 2).reshape(-1, G)
+                skip = np.broadcast_to(pinned.reshape(1, B // G, 1, G), (H, B // G, d, G))
+                c2, ks, kz = _mse_refine(grp(kf), skip.reshape(-1, G), grp(kc), ks, kz, kb, sdt)
+                kc = c2.reshape(H, B // G, d, G).transpose(0, 1, 3, 2).reshape(H, B, d)
         else:
             kc, ks, kz = _quant_token_groups(kf, pinned, gv, kb, sdt)
+            if cfg["key_rounding"] == ROUNDING_MSE:  # groups: gv channels of one token
+                skip = np.broadcast_to(pinned.reshape(1, B, 1, 1), (H, B, d // gv, gv))
+                c2, ks, kz = _mse_refine(kf.reshape(-1, gv), skip.reshape(-1, gv),
+                                         kc.reshape(-1, gv), ks, kz, kb, sdt)
+                kc = c2.reshape(H, B, d)
         vc, vs, vz = _quant_token_groups(vf, pinned, gv, vb, sdt)
         put(layer, "k_scale", ks)
         put(layer, "k_zero", kz)
@@ -498,6 +517,71 @@ def _quant_token_groups(x, pinned, gv, bits, sdt):
     sb = np.where(pb, np.uint16(0), sb)
     zb = np.where(pb, np.uint16(0), zb)
     return codes, sb.astype("<u2"), zb.astype("<u2")
+
+
+def _mse_refine(x, skip, codes, sb, zb, bits, sdt):
+    """key_rounding mse (CHUNK_FORMAT.md "Key rounding") on groups that min-max already
+    quantized: x, skip, codes [N][n] (a group's elements in order along the last axis), sb,
+    zb the min-max scale/zero bits (any shape of N elements). Tries the ranges [lo, hi] =
+    [mn + r i/16, mx - r j/16], i, j = 0..4 in i-major order, zero at lo, skipping those that
+    leave mn or mx more than half a stored step outside [lo, hi]; keeps the first one whose
+    squared error (f32, summed in element order) is strictly below the best so far, min-max's
+    first. Returns (codes, scale bits, zero bits) in the shapes given."""
+    x = np.asarray(x, np.float32)
+    N, n = x.shape
+    shape = np.shape(sb)
+    sb = np.asarray(sb, np.uint16).reshape(N).copy()
+    zb = np.asarray(zb, np.uint16).reshape(N).copy()
+    qmax = np.float32(2 ** bits - 1)
+    mn = np.full(N, np.inf, np.float32)
+    mx = np.full(N, -np.inf, np.float32)
+    for i in range(n):  # v < m ? v : m in element order
+        v = x[:, i]
+        mn = np.where(~skip[:, i] & (v < mn), v, mn)
+        mx = np.where(~skip[:, i] & (v > mx), v, mx)
+    def widen(bits16):  # stored 16-bit scale/zero patterns -> their f32 values
+        if sdt == DTYPE_BF16:
+            return to_f32(bits16, DTYPE_BF16)
+        return bits16.view(np.float16).astype(np.float32)
+
+    s0 = widen(sb)
+    z0 = widen(zb)
+    active = ~skip.all(axis=1) & (s0 != 0)
+
+    def sq_err(s, z):
+        e = np.zeros(N, np.float32)
+        s_safe = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+        for i in range(n):
+            c = quantize(x[:, i], s_safe, z, bits).astype(np.float32)
+            dl = (c * s_safe + z) - x[:, i]
+            e = np.where(skip[:, i], e, e + dl * dl)
+        return e
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        best = sq_err(s0, z0)
+        bs, bz, bsf, bzf = sb.copy(), zb.copy(), s0.copy(), z0.copy()
+        r = mx - mn
+        for i in range(5):
+            for j in range(5):
+                lo = mn + r * np.float32(i * 0.0625)
+                hi = mx - r * np.float32(j * 0.0625)
+                cs, sf = _round16((hi - lo) / qmax, sdt)
+                cz, zf = _round16(lo, sdt)
+                half = np.float32(0.5) * sf
+                ok = (active & (hi > lo) & (sf > 0) & np.isfinite(sf) & np.isfinite(zf)
+                      & (lo - mn <= half) & (mx - hi <= half))
+                e = sq_err(sf, zf)
+                better = ok & (e < best)
+                best = np.where(better, e, best)
+                bs = np.where(better, cs, bs)
+                bz = np.where(better, cz, bz)
+                bsf = np.where(better, sf, bsf)
+                bzf = np.where(better, zf, bzf)
+    changed = active & ((bs != sb) | (bz != zb))
+    newc = quantize(x, np.where(changed, bsf, np.float32(1))[:, None], bzf[:, None], bits)
+    codes = np.where(changed[:, None] & ~skip, newc, np.where(changed[:, None], 0, codes))
+    return (codes.astype(np.uint8), bs.astype("<u2").reshape(shape),
+            bz.astype("<u2").reshape(shape))
 
 
 # ---- parse / decode ----------------------------------------------------------------------------
