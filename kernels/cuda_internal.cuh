@@ -39,6 +39,7 @@ struct kvt_cuda_ctx {
 	size_t stage_bytes;
 	cudaEvent_t stage_done;
 	uint32_t *crc_acc_dev; /* KVT_CUDA_MAX_JOBS partial crcs */
+	uint32_t *work_ctr_dev; /* the fast encoder's grid-wide work counter (64 bytes) */
 };
 
 int kvt_cuda_errf(char *err, size_t errlen, int rc, const char *fmt, ...)

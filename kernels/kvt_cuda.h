@@ -78,8 +78,12 @@ struct kvt_cuda_encode_job {
 /*
  * Enqueues the encoding of n_jobs chunks of one config; sizes[i] receives chunk i's size in
  * bytes. The bytes equal kvt_encode_chunk's for the same input, crc32c included (computed
- * on the GPU). Sinks are pinned as on the CPU; pin detection (pin_detect_ratio > 0) is
- * CPU-only for now: -EOPNOTSUPP.
+ * on the GPU), except that where a group's min or max is a zero reached by both -0 and +0
+ * the stored zero may carry the other sign (same decoded values). Sinks are pinned as on the
+ * CPU; pin detection (pin_detect_ratio > 0) is CPU-only for now: -EOPNOTSUPP.
+ * A/B switches read at each call (not for production): KVTIER_CUDA_CODEC_OLD=1 (session 2's
+ * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (codes from a reciprocal product
+ * alone: may differ from the CPU's at rounding ties), KVTIER_CUDA_DEC_VARIANT=0..3.
  */
 int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,
 		    const struct kvt_cuda_encode_job *jobs, size_t n_jobs, int64_t *sizes,

@@ -2,10 +2,13 @@
  * kvt_cuda_codec.cu - the CUDA context, device memory helpers, chunk encode and decode
  * (OSCAR.md section 2, the chunk layout of kvt_codec.h), and the chunk crc32c on the GPU.
  *
- * Encode runs one thread block per (chunk, layer, key group of G tokens), as the CPU encoder
- * walks the chunk, and follows the CPU's float operations one for one (cuda_internal.cuh), so
- * the bytes match kvt_encode_chunk's. The crc32c is computed on the GPU from per-segment
- * CRCs combined by GF(2) polynomial multiplication, so the chunk never visits the host.
+ * Encode: fe_kernel (oscar / kivi when the key tile fits in shared memory: the benchmark's
+ * and the default shapes) or enc_kernel (everything else, and KVTIER_CUDA_CODEC_OLD=1); both
+ * follow the CPU's float operations (cuda_internal.cuh), so the bytes match
+ * kvt_encode_chunk's (fe_kernel: up to which zero a -0 / +0 tie of a min or max keeps). The
+ * crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
+ * multiplication, so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
 #include <stdlib.h>
@@ -52,6 +55,13 @@ int kvt_cuda_check(cudaError_t e, const char *what, char *err, size_t errlen)
 
 __device__ uint32_t g_crc_table[8][256];
 __device__ uint32_t g_crc_x2n[32];
+/* crc2_kernel's multipliers: lane l of a warp region moves its CRC2_SEG bytes over the
+ * (31 - l) segments after it, and region r (counted from the chunk's end) over r regions */
+#define CRC2_SEG 256
+#define CRC2_REGION (32 * CRC2_SEG)
+#define CRC2_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
+__device__ uint32_t g_crc_lane[32];
+__device__ uint32_t g_crc_reg[CRC2_NREG];
 
 /* a * b mod P in the reflected representation (a != 0), as zlib's multmodp */
 __host__ __device__ static uint32_t crc_multmodp(uint32_t a, uint32_t b)
@@ -100,6 +110,21 @@ static int crc_tables_upload(char *err, size_t errlen)
 		x2n[n] = p = crc_multmodp(p, p);
 	CK(cudaMemcpyToSymbol(g_crc_table, t, sizeof(t)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc_x2n, x2n, sizeof(x2n)), "crc table upload");
+	/* x^(8 n) for n = CRC2_SEG * (31 - l) and CRC2_REGION * r, by repeated multiplication */
+	static uint32_t lane[32], reg[CRC2_NREG];
+	uint32_t xs = 1u << 31, one_seg;
+	for (uint32_t b = 0; b < 8 * CRC2_SEG; b++) /* x^(8 * CRC2_SEG) = x^1 multiplied in */
+		xs = crc_multmodp(1u << 30, xs);
+	one_seg = xs;
+	lane[31] = 1u << 31;
+	for (int l = 30; l >= 0; l--)
+		lane[l] = crc_multmodp(one_seg, lane[l + 1]);
+	uint32_t one_reg = crc_multmodp(one_seg, lane[0]); /* 32 segments */
+	reg[0] = 1u << 31;
+	for (int r = 1; r < CRC2_NREG; r++)
+		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
+	CK(cudaMemcpyToSymbol(g_crc_lane, lane, sizeof(lane)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
 	return 0;
 }
 
@@ -156,6 +181,8 @@ extern "C" int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, si
 	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->crc_acc_dev,
 					    KVT_CUDA_MAX_JOBS * sizeof(uint32_t)),
 				 "crc scratch alloc", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->work_ctr_dev, 64), "counter alloc",
+				 err, errlen)) ||
 	    (rc = crc_tables_upload(err, errlen)))
 		goto fail;
 	*out = c;
@@ -174,6 +201,8 @@ extern "C" void kvt_cuda_ctx_destroy(kvt_cuda_ctx *c)
 		cudaStreamSynchronize(c->stream);
 	if (c->crc_acc_dev)
 		cudaFree(c->crc_acc_dev);
+	if (c->work_ctr_dev)
+		cudaFree(c->work_ctr_dev);
 	if (c->stage_done)
 		cudaEventDestroy(c->stage_done);
 	if (c->stage_dev)
@@ -276,6 +305,14 @@ int kvt_cuda_stage_push(kvt_cuda_ctx *c, size_t bytes, char *err, size_t errlen)
 	return 0;
 }
 
+/* KVTIER_CUDA_CODEC_OLD=1: the session-2 encode and decode kernels (A/B runs, not for
+ * production); read at every call so a benchmark can switch inside one process */
+static bool kvt_cuda_codec_old(void)
+{
+	const char *s = getenv("KVTIER_CUDA_CODEC_OLD");
+	return s && s[0] == '1';
+}
+
 /* ---- Encode ------------------------------------------------------------------------------- */
 
 #define ENC_THREADS 256
@@ -302,6 +339,7 @@ struct enc_job_dev {
 struct enc_params {
 	const enc_job_dev *jobs;
 	uint32_t *crc_acc;
+	uint32_t *work_ctr; /* fe_kernel's value-unit counter, zeroed by enc_prep_kernel */
 	uint32_t B, G, H, L, scheme, kb, vb, dtype, rotate_v, sbf, crc_field_off;
 	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
 		v_codes_off;
@@ -318,6 +356,8 @@ __global__ void enc_prep_kernel(enc_params p)
 			j.out[i] = j.hdr_src[i];
 		if (threadIdx.x == 0)
 			p.crc_acc[blockIdx.y] = 0;
+		if (threadIdx.x == 0 && blockIdx.y == 0 && p.work_ctr)
+			*p.work_ctr = 0;
 		return;
 	}
 	uint8_t *sec = j.out + j.hdr_bytes + (size_t)blockIdx.x * j.layer_bytes;
@@ -574,6 +614,60 @@ __global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint3
 	atomicXor(&acc[blockIdx.y], crc_multmodp(crc_x2nmodp(after, 3), crc));
 }
 
+/*
+ * The same raw crc sum, in warp regions of CRC2_REGION bytes laid from the chunk's end (so
+ * every multiplier is a table entry): lane l reads its CRC2_SEG bytes (slicing by 8), moves
+ * its crc over the segments after it in the region (g_crc_lane), the warp xors the 32, and
+ * lane 0 moves the region's crc over the regions after it (g_crc_reg) into the accumulator.
+ * The first region of a chunk may be short: its lanes read only what lies in the chunk.
+ */
+__global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint32_t *acc)
+{
+	__shared__ uint32_t tab[8][256];
+	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
+		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
+	__syncthreads();
+	const enc_job_dev &j = jobs[blockIdx.y];
+	const int lane = threadIdx.x & 31;
+	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+	if (r * CRC2_REGION >= j.total_bytes)
+		return; /* whole warp */
+	const int64_t re = (int64_t)(j.total_bytes - r * CRC2_REGION);
+	int64_t sb = re - (int64_t)(32 - lane) * CRC2_SEG, se = sb + CRC2_SEG;
+	if (sb < 0)
+		sb = 0;
+	uint32_t crc = 0;
+	if (se > sb) {
+		/* the whole segment is loaded first (one memory round trip, not one per 8 bytes);
+		 * a short first segment (chunks are 64-byte multiples) starts at a 64-byte step
+		 * from its end, so its leading 16-byte words are skipped */
+		const uint4 *w = (const uint4 *)(j.out + se - CRC2_SEG);
+		const int skip = (int)((CRC2_SEG - (se - sb)) / 16);
+		uint4 buf[CRC2_SEG / 16];
+#pragma unroll
+		for (int i = 0; i < CRC2_SEG / 16; i++)
+			buf[i] = i >= skip ? w[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+		for (int i = 0; i < 2 * (CRC2_SEG / 16); i++) {
+			const uint4 b = buf[i / 2];
+			if (i / 2 < skip)
+				continue;
+			uint32_t lo = (i & 1 ? b.z : b.x) ^ crc, hi = i & 1 ? b.w : b.y;
+			crc = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
+			      tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
+			      tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+		}
+		crc = crc_multmodp(g_crc_lane[lane], crc);
+	}
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
+	if (lane == 0 && crc) {
+		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
+		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
+	}
+}
+
 __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
 				  uint32_t field_off)
 {
@@ -602,6 +696,473 @@ static cudaError_t enc_launch(const enc_params &p, uint32_t n_jobs, cudaStream_t
 	dim3 grid(p.B / p.G, p.L, n_jobs);
 	enc_kernel<D><<<grid, ENC_THREADS, sm, s>>>(p);
 	return cudaGetLastError();
+}
+
+/* ---- Fast encode (session 3) -------------------------------------------------------------
+ *
+ * One persistent block per SM, 768 threads in two roles that never wait for each other:
+ *  - 16 "K warps" walk key tiles (chunk, layer, key group of G tokens, every head). Phase 1:
+ *    rows (token, head) are rotated (R = D/32 lanes per row, 32 consecutive channels per
+ *    lane: 5 butterfly stages in registers, log2(R) by shuffles, the CPU's stage order) into a
+ *    shared-memory tile of f32. Phase 2 (oscar): one thread per (token, summation lane j)
+ *    runs the CPU's sumsq chain (h-major, channel j + 8k ascending, acc + x*x) and the
+ *    kvt_reduce8 tree by three xor shuffles, so the norm is the CPU's to the bit. Phase 3:
+ *    one thread per (head, channel pair) walks the G tokens twice: x / n (IEEE division,
+ *    written back), the per-channel min/max in token order, then codes packed in registers
+ *    (2-bit: two threads' nibbles joined by one shuffle) and written row by row.
+ *  - 8 "V warps" stream value rows (all jobs, layers, tokens, heads; the K warps join them
+ *    when the tiles are done; units from a grid-wide counter): load, rotate
+ *    (rotate_v), kvt_minmax8 per group in the CPU's lane order (lanes of one group combined
+ *    earlier-wins), qparam, codes, one vector store per lane.
+ * Codes use a reciprocal multiply, and the IEEE division only when the product lies within
+ * 1e-4 of a rounding boundary, so every code is still rint((x - z) / s) exactly: the chunk
+ * bytes equal the CPU's. Used for oscar / kivi with f16/bf16/f32, head_dim 64/128/256, when
+ * R * H divides 32 (or H * R is a multiple of 32) and the tile fits in shared memory; other
+ * configs (and KVTIER_CUDA_CODEC_OLD=1) take enc_kernel.
+ */
+#define FE_THREADS 768
+#define FE_KWARPS 16
+#define FE_KTHREADS (FE_KWARPS * 32)
+#define FE_SEG 36 /* floats per 32-channel segment in the tile: 16-byte stores conflict-free */
+#define FE_TPAD 8 /* floats after each token's rows: the chain's 4 tokens x 8 lanes hit 32 banks */
+
+__device__ __forceinline__ void fe_ld32(const uint8_t *p, uint32_t dt, float (&x)[32])
+{
+	if (dt == KVT_DTYPE_F32) {
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			float4 v = ((const float4 *)p)[i];
+			x[4 * i] = v.x;
+			x[4 * i + 1] = v.y;
+			x[4 * i + 2] = v.z;
+			x[4 * i + 3] = v.w;
+		}
+		return;
+	}
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		uint4 v = ((const uint4 *)p)[i];
+		uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+		for (int k = 0; k < 4; k++) {
+			if (dt == KVT_DTYPE_BF16) {
+				x[8 * i + 2 * k] = __uint_as_float(w[k] << 16);
+				x[8 * i + 2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+			} else {
+				x[8 * i + 2 * k] = __half2float(__ushort_as_half((uint16_t)(w[k] & 0xffff)));
+				x[8 * i + 2 * k + 1] = __half2float(__ushort_as_half((uint16_t)(w[k] >> 16)));
+			}
+		}
+	}
+}
+
+/* The CPU's fwht on a row spread over R lanes (lane % R = which 32 channels), then * mult. */
+template <int R>
+__device__ __forceinline__ void fe_fwht(float (&x)[32], int lane, float mult)
+{
+#pragma unroll
+	for (int s = 1; s < 32; s <<= 1) {
+#pragma unroll
+		for (int e = 0; e < 32; e++) {
+			if (!(e & s)) {
+				float a = x[e], b = x[e + s];
+				x[e] = __fadd_rn(a, b);
+				x[e + s] = __fsub_rn(a, b);
+			}
+		}
+	}
+#pragma unroll
+	for (int m = 1; m < R; m <<= 1) {
+		/* upper lane: y - x, lower: x + y, each one rounding as fsub / fadd */
+		const float sg = (lane & m) ? -1.0f : 1.0f;
+#pragma unroll
+		for (int e = 0; e < 32; e++) {
+			float y = __shfl_xor_sync(KVT_FULL_MASK, x[e], m);
+			x[e] = __fmaf_rn(x[e], sg, y);
+		}
+	}
+#pragma unroll
+	for (int e = 0; e < 32; e++)
+		x[e] = __fmul_rn(x[e], mult);
+}
+
+/* kvt_d_qcode(x, s, z, qmax) for s != 0, rs = 1/s and x in the group's [min, max] (so |q|
+ * stays far below 2^22): q = (x - z) * rs rounded to an integer by adding 1.5 * 2^23. The
+ * product's error is below 3e-5 for |q| <= 1024; when it lies within 1e-4 of a half-integer
+ * (or is NaN / infinite) the IEEE division decides, so the code is the CPU's exactly. With
+ * EXACT false that check is skipped: codes may differ from the CPU's at such near-ties. */
+template <bool EXACT>
+__device__ __forceinline__ int fe_qcode(float x, float s, float rs, float z, int qmax)
+{
+	const float M = 12582912.0f;
+	const float d = __fsub_rn(x, z);
+	const float q = __fmul_rn(d, rs);
+	const float y = __fadd_rn(q, M);
+	if (EXACT) {
+		const float t = __fsub_rn(q, __fsub_rn(y, M));
+		if (!(fabsf(t) < 0.4999f)) {
+			float r = rintf(__fdiv_rn(d, s));
+			r = r > 0.0f ? r : 0.0f;
+			r = r < (float)qmax ? r : (float)qmax;
+			return (int)r;
+		}
+	}
+	const int ci = __float_as_int(y) - 0x4B400000;
+	return min(max(ci, 0), qmax);
+}
+
+/* One row per R lanes, per-token groups of gv channels (gv >= 32: a lane's 32 channels are in
+ * one group): values, or nothing else for now. Lanes whose row is out of range pass valid =
+ * false but still take part in the shuffles. */
+template <int R, int bits, bool EXACT>
+__device__ __forceinline__ void fe_quant_row(float (&x)[32], int lane, bool valid, bool pinned,
+					     uint32_t gv, bool bf, uint16_t *scale, uint16_t *zero,
+					     uint8_t *codes)
+{
+	const int q = lane % R;
+	const uint32_t lpg = gv / 32; /* lanes per group: 1, 2, 4 (8 for gv 256) */
+	float mn[8], mx[8];
+#pragma unroll
+	for (int j = 0; j < 8; j++) {
+		mn[j] = __int_as_float(0x7f800000);
+		mx[j] = -__int_as_float(0x7f800000);
+	}
+	/* fminf / fmaxf: the CPU's compare-selects except for which zero a tie of -0 and +0
+	 * keeps (then the stored zero may be -0 for +0: the same decoded value) */
+#pragma unroll
+	for (int c = 0; c < 32; c += 8)
+#pragma unroll
+		for (int j = 0; j < 8; j++) {
+			mn[j] = fminf(mn[j], x[c + j]);
+			mx[j] = fmaxf(mx[j], x[c + j]);
+		}
+	/* the lanes of one group continue each other's summation lanes: earlier wins ties */
+#pragma unroll
+	for (int m = 1; m < R; m <<= 1) {
+		if ((uint32_t)m >= lpg)
+			break;
+#pragma unroll
+		for (int j = 0; j < 8; j++) {
+			mn[j] = fminf(mn[j], __shfl_xor_sync(KVT_FULL_MASK, mn[j], m));
+			mx[j] = fmaxf(mx[j], __shfl_xor_sync(KVT_FULL_MASK, mx[j], m));
+		}
+	}
+#pragma unroll
+	for (int w = 4; w >= 1; w >>= 1)
+#pragma unroll
+		for (int j = 0; j < w; j++) {
+			mn[j] = fminf(mn[j], mn[j + w]);
+			mx[j] = fmaxf(mx[j], mx[j + w]);
+		}
+	if (!valid)
+		return;
+	const float qmax = (float)((1u << bits) - 1);
+	const int qmi = (1 << bits) - 1;
+	uint16_t sb = 0, zb = 0;
+	float s = 0.0f, z = 0.0f;
+	if (!pinned)
+		kvt_d_qparam(mn[0], mx[0], true, qmax, bf, &sb, &zb, &s, &z);
+	if ((q % lpg) == 0) {
+		scale[q / lpg] = sb;
+		zero[q / lpg] = zb;
+	}
+	const float rs = __frcp_rn(s);
+	const bool use = s != 0.0f && isfinite(rs);
+	uint32_t w[8];
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		w[i] = 0;
+	if (use) {
+#pragma unroll
+		for (int e = 0; e < 32; e++)
+			w[e * bits / 32] |= (uint32_t)fe_qcode<EXACT>(x[e], s, rs, z, qmi)
+					    << ((e * bits) % 32);
+	} else if (s != 0.0f) {
+#pragma unroll
+		for (int e = 0; e < 32; e++)
+			w[e * bits / 32] |= kvt_d_qcode(x[e], s, z, qmax) << ((e * bits) % 32);
+	}
+	if (bits == 2) {
+		*(uint2 *)(codes + q * 8) = make_uint2(w[0], w[1]);
+	} else if (bits == 4) {
+		*(uint4 *)(codes + q * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+	} else {
+		((uint4 *)(codes + q * 32))[0] = make_uint4(w[0], w[1], w[2], w[3]);
+		((uint4 *)(codes + q * 32))[1] = make_uint4(w[4], w[5], w[6], w[7]);
+	}
+}
+
+struct fe_params {
+	enc_params p;
+	uint32_t *vctr; /* value units handed out (zeroed by enc_prep_kernel) */
+	uint32_t n_jobs, n_tiles, tile_floats, tok_stride;
+};
+#define FE_VTOK 16 /* tokens per value unit */
+
+/* Value rows in units of (job, layer, FE_VTOK tokens) x every head, taken from a counter
+ * shared by the grid (the K warps join when their tiles are done, so neither role waits for
+ * the other); a warp pass is RPW consecutive rows of the unit's [token][head] order. */
+template <int D, bool EXACT>
+__device__ void fe_values(const fe_params &f, int lane)
+{
+	constexpr int R = D / 32, RPW = 32 / R;
+	const enc_params &p = f.p;
+	const uint32_t upl = p.B / FE_VTOK, n_units = f.n_jobs * p.L * upl;
+	const uint32_t rows = FE_VTOK * p.H;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const int q = lane % R;
+	const uint32_t gv = p.G < D ? p.G : D, ng = D / gv;
+	const float mult = p.inv_sqrt_d;
+	for (;;) {
+		uint32_t un = 0;
+		if (lane == 0)
+			un = atomicAdd(f.vctr, 1u);
+		un = __shfl_sync(KVT_FULL_MASK, un, 0);
+		if (un >= n_units)
+			return;
+		const uint32_t jb = un / (p.L * upl), l = (un / upl) % p.L;
+		const uint32_t tb = (un % upl) * FE_VTOK;
+		const enc_job_dev &j = p.jobs[jb];
+		const uint8_t *vin = (const uint8_t *)j.v + ((size_t)l * p.B + tb) * p.H * D * ws;
+		uint8_t *sec = j.out + j.hdr_bytes + (size_t)l * j.layer_bytes;
+		uint32_t t = tb + (lane / R) / p.H, h = (lane / R) % p.H;
+		for (uint32_t r0 = 0; r0 < rows; r0 += RPW) {
+			const uint32_t r = r0 + lane / R;
+			float x[32];
+			fe_ld32(vin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
+			if (p.rotate_v)
+				fe_fwht<R>(x, lane, mult);
+			const size_t ridx = (size_t)h * p.B + t;
+			uint16_t *vs = (uint16_t *)(sec + p.v_scale_off) + ridx * ng;
+			uint16_t *vz = (uint16_t *)(sec + p.v_zero_off) + ridx * ng;
+			uint8_t *vc = sec + p.v_codes_off + ridx * (D * p.vb / 8);
+			const bool pin = t < j.n_pin;
+			if (p.vb == 2)
+				fe_quant_row<R, 2, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+			else if (p.vb == 4)
+				fe_quant_row<R, 4, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+			else
+				fe_quant_row<R, 8, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+			/* next pass: RPW rows on */
+			h += RPW;
+			while (h >= p.H) {
+				h -= p.H;
+				t++;
+			}
+		}
+	}
+}
+
+/* named barrier of the K warps only (the V warps never wait) */
+__device__ __forceinline__ void fe_kbar() { asm volatile("bar.sync 1, %0;" ::"n"(FE_KTHREADS)); }
+
+template <int D, bool EXACT>
+__device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
+{
+	float *rnrm = nrm + f.p.G;
+	constexpr int R = D / 32, RPW = 32 / R;
+	const enc_params &p = f.p;
+	const int lane = ktid & 31, kw = ktid >> 5, q = lane % R;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const uint32_t NG = p.B / p.G, H = p.H, G = p.G;
+	const float kqmax = (float)((1u << p.kb) - 1);
+	const int kqmi = (1 << p.kb) - 1;
+	const uint32_t rowb = D * p.kb / 8;
+	for (uint32_t tile_i = blockIdx.x; tile_i < f.n_tiles; tile_i += gridDim.x) {
+		const uint32_t jb = tile_i / (p.L * NG), rem = tile_i % (p.L * NG);
+		const uint32_t l = rem / NG, gi = rem % NG, t0 = gi * G;
+		const enc_job_dev &j = p.jobs[jb];
+		const size_t row = (size_t)H * D;
+		const uint8_t *kin = (const uint8_t *)j.k + ((size_t)l * p.B + t0) * row * ws;
+		uint8_t *sec = j.out + j.hdr_bytes + (size_t)l * j.layer_bytes;
+
+		/* exact copies of pinned tokens (K; the V warps' rows write no exact copies) */
+		if (t0 < j.n_pin) {
+			const uint8_t *vin = (const uint8_t *)j.v + ((size_t)l * p.B + t0) * row * ws;
+			uint32_t np = min(j.n_pin - t0, G);
+			uint32_t wpr = (uint32_t)(row * ws / 4);
+			for (uint32_t i = ktid; i < np * wpr; i += FE_KTHREADS) {
+				uint32_t t = i / wpr, w = i % wpr;
+				size_t dst = (size_t)(t0 + t) * wpr + w;
+				((uint32_t *)(sec + j.k_exact_off))[dst] = ((const uint32_t *)kin)[(size_t)t * wpr + w];
+				((uint32_t *)(sec + j.v_exact_off))[dst] = ((const uint32_t *)vin)[(size_t)t * wpr + w];
+			}
+		}
+
+		/* phase 1: rotated rows into the tile */
+		const uint32_t n_rows = G * H;
+		for (uint32_t r0 = kw * RPW; r0 < n_rows; r0 += FE_KWARPS * RPW) {
+			uint32_t r = r0 + lane / R;
+			const bool valid = r < n_rows;
+			if (!valid)
+				r = n_rows - 1;
+			const uint32_t t = r / H, h = r % H;
+			float x[32];
+			fe_ld32(kin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
+			if (oscar)
+				fe_fwht<R>(x, lane, p.inv_sqrt_d);
+			if (valid) {
+				float4 *dst = (float4 *)(tile + t * f.tok_stride + (h * R + q) * FE_SEG);
+#pragma unroll
+				for (int i = 0; i < 8; i++)
+					dst[i] = make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+			}
+		}
+		fe_kbar();
+
+		/* phase 2: norms, the CPU's summation order */
+		if (oscar) {
+			for (uint32_t i = ktid; i < G * 8; i += FE_KTHREADS) {
+				const uint32_t t = i / 8, jl = i % 8;
+				const float *xt = tile + t * f.tok_stride;
+				float a = 0.0f;
+				/* channel jl + 8k: segment k / 4, offset jl + 8 (k % 4) */
+				for (uint32_t h = 0; h < H; h++) {
+					const float *xh = xt + h * R * FE_SEG + jl;
+#pragma unroll
+					for (int k = 0; k < D / 8; k++) {
+						float v = xh[(k / 4) * FE_SEG + 8 * (k % 4)];
+						a = __fadd_rn(a, __fmul_rn(v, v));
+					}
+				}
+				/* kvt_reduce8: ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)) */
+				a = __fadd_rn(a, __shfl_xor_sync(KVT_FULL_MASK, a, 4));
+				a = __fadd_rn(a, __shfl_xor_sync(KVT_FULL_MASK, a, 2));
+				a = __fadd_rn(a, __shfl_xor_sync(KVT_FULL_MASK, a, 1));
+				float n = __fsqrt_rn(a);
+				if (n == 0.0f || !isfinite(n))
+					n = 1.0f;
+				if (jl == 0) {
+					nrm[t] = n;
+					rnrm[t] = __frcp_rn(n);
+					((float *)(sec + p.norms_off))[t0 + t] = n;
+				}
+			}
+			fe_kbar();
+		}
+
+		/* phase 3: per-channel min/max over the group's unpinned tokens, codes */
+		const bool any = j.n_pin < t0 + G;
+		for (uint32_t i = ktid; i < H * D / 2; i += FE_KTHREADS) {
+			const uint32_t h = i / (D / 2), c = 2 * (i % (D / 2));
+			float *col = tile + (h * R + c / 32) * FE_SEG + c % 32;
+			float mn0 = __int_as_float(0x7f800000), mx0 = -mn0, mn1 = mn0, mx1 = mx0;
+			for (uint32_t t = 0; t < G; t++) {
+				float2 v = *(float2 *)(col + t * f.tok_stride);
+				if (oscar) {
+					/* x / n correctly rounded: q = x * RN(1/n), then one correction
+					 * q + (x - q n) / n (Markstein; the remainder is exact by fma) */
+					const float n = nrm[t], rn = rnrm[t];
+					float qx = __fmul_rn(v.x, rn), qy = __fmul_rn(v.y, rn);
+					qx = __fmaf_rn(__fmaf_rn(-qx, n, v.x), rn, qx);
+					qy = __fmaf_rn(__fmaf_rn(-qy, n, v.y), rn, qy);
+					v = make_float2(qx, qy);
+					*(float2 *)(col + t * f.tok_stride) = v;
+				}
+				if (t0 + t >= j.n_pin) {
+					mn0 = fminf(mn0, v.x);
+					mx0 = fmaxf(mx0, v.x);
+					mn1 = fminf(mn1, v.y);
+					mx1 = fmaxf(mx1, v.y);
+				}
+			}
+			uint16_t sb0, zb0, sb1, zb1;
+			float s0, z0, s1, z1;
+			kvt_d_qparam(mn0, mx0, any, kqmax, p.sbf, &sb0, &zb0, &s0, &z0);
+			kvt_d_qparam(mn1, mx1, any, kqmax, p.sbf, &sb1, &zb1, &s1, &z1);
+			const size_t pidx = ((size_t)h * NG + gi) * D + c;
+			*(uint32_t *)((uint16_t *)(sec + p.k_scale_off) + pidx) = sb0 | ((uint32_t)sb1 << 16);
+			*(uint32_t *)((uint16_t *)(sec + p.k_zero_off) + pidx) = zb0 | ((uint32_t)zb1 << 16);
+			const float rs0 = __frcp_rn(s0), rs1 = __frcp_rn(s1);
+			const bool f0 = s0 != 0.0f && isfinite(rs0), f1 = s1 != 0.0f && isfinite(rs1);
+			uint8_t *crow = sec + p.k_codes_off + ((size_t)h * p.B + t0) * rowb;
+			const bool fast = f0 && f1;
+			for (uint32_t t = 0; t < G; t++) {
+				float2 v = *(float2 *)(col + t * f.tok_stride);
+				uint32_t c0 = 0, c1 = 0;
+				if (fast) {
+					c0 = (uint32_t)fe_qcode<EXACT>(v.x, s0, rs0, z0, kqmi);
+					c1 = (uint32_t)fe_qcode<EXACT>(v.y, s1, rs1, z1, kqmi);
+				} else {
+					c0 = f0 ? (uint32_t)fe_qcode<EXACT>(v.x, s0, rs0, z0, kqmi)
+						: kvt_d_qcode(v.x, s0, z0, kqmax);
+					c1 = f1 ? (uint32_t)fe_qcode<EXACT>(v.y, s1, rs1, z1, kqmi)
+						: kvt_d_qcode(v.y, s1, z1, kqmax);
+				}
+				if (t0 + t < j.n_pin)
+					c0 = c1 = 0;
+				const uint32_t pk = c0 | (c1 << p.kb);
+				uint8_t *dst = crow + (size_t)t * rowb;
+				if (p.kb == 2) {
+					uint32_t hi = __shfl_xor_sync(KVT_FULL_MASK, pk, 1);
+					if (!(i & 1))
+						dst[c / 4] = (uint8_t)(pk | (hi << 4));
+				} else if (p.kb == 4) {
+					dst[c / 2] = (uint8_t)pk;
+				} else {
+					*(uint16_t *)(dst + c) = (uint16_t)pk;
+				}
+			}
+		}
+		fe_kbar(); /* the tile is rewritten by the next one */
+	}
+}
+
+template <int D, bool EXACT>
+__global__ void __launch_bounds__(FE_THREADS, 1) fe_kernel(fe_params f)
+{
+	extern __shared__ float smem[];
+	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+	if (warp < FE_KWARPS)
+		fe_keys<D, EXACT>(f, smem, smem + f.tile_floats, threadIdx.x);
+	fe_values<D, EXACT>(f, lane);
+}
+
+/* Tile geometry, or 0 when the fast path does not take this config. */
+static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_floats,
+			    uint32_t *tok_stride)
+{
+	if (cfg->scheme != KVT_SCHEME_OSCAR && cfg->scheme != KVT_SCHEME_KIVI)
+		return 0;
+	const uint32_t D = cfg->head_dim, R = D / 32, H = cfg->n_kv_heads;
+	if (D != 64 && D != 128 && D != 256)
+		return 0;
+	const uint32_t ts = H * R * FE_SEG + FE_TPAD;
+	const uint32_t tf = cfg->group * ts;
+	const size_t bytes = ((size_t)tf + 2 * cfg->group) * 4;
+	if (cfg->chunk_tokens % FE_VTOK)
+		return 0;
+	if (bytes > 200 * 1024)
+		return 0;
+	*tile_floats = tf;
+	*tok_stride = ts;
+	return bytes;
+}
+
+template <int D, bool EXACT>
+static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStream_t s)
+{
+	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT>,
+					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+	if (e != cudaSuccess)
+		return e;
+	unsigned grid = (unsigned)sms;
+	if (grid > f.n_tiles)
+		grid = f.n_tiles;
+	fe_kernel<D, EXACT><<<grid, FE_THREADS, smem, s>>>(f);
+	return cudaGetLastError();
+}
+
+/* KVTIER_CUDA_ENC_INEXACT=1: codes from the reciprocal product alone (no near-tie check;
+ * codes may then differ from the CPU's at rounding ties, as issue 4 allows). A/B runs. */
+template <int D>
+static cudaError_t fe_launch(const fe_params &f, size_t smem, int sms, cudaStream_t s)
+{
+	const char *e = getenv("KVTIER_CUDA_ENC_INEXACT");
+	if (e && e[0] == '1')
+		return fe_launch1<D, false>(f, smem, sms, s);
+	return fe_launch1<D, true>(f, smem, sms, s);
 }
 
 static void fill_gaps(const struct kvt_chunk_layout *lay, enc_job_dev *j)
@@ -748,6 +1309,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	memset(&p, 0, sizeof(p));
 	p.jobs = (const enc_job_dev *)c->stage_dev;
 	p.crc_acc = c->crc_acc_dev;
+	p.work_ctr = c->work_ctr_dev;
 	p.B = B;
 	p.G = cfg->group;
 	p.H = cfg->n_kv_heads;
@@ -772,7 +1334,21 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
 	cudaError_t e;
-	switch (D) {
+	uint32_t fe_tf = 0, fe_ts = 0;
+	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
+	if (fe_sm && !kvt_cuda_codec_old()) {
+		fe_params f;
+		memset(&f, 0, sizeof(f));
+		f.p = p;
+		f.vctr = c->work_ctr_dev;
+		f.n_jobs = (uint32_t)n_jobs;
+		f.n_tiles = (uint32_t)n_jobs * p.L * (B / p.G);
+		f.tile_floats = fe_tf;
+		f.tok_stride = fe_ts;
+		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, c->stream)
+		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, c->stream)
+			       : fe_launch<256>(f, fe_sm, c->sm_count, c->stream);
+	} else switch (D) {
 	case 64:
 		e = enc_launch<64>(p, (uint32_t)n_jobs, c->stream);
 		break;
@@ -784,8 +1360,15 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		break;
 	}
 	CK(e, "encode launch");
-	unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
-	crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs, p.crc_acc);
+	if (kvt_cuda_codec_old()) {
+		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
+		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+										      p.crc_acc);
+	} else {
+		unsigned crc_blocks = (unsigned)((max_total + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
+		crc2_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+										       p.crc_acc);
+	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
 		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
@@ -1010,6 +1593,205 @@ __global__ void __launch_bounds__(DEC_THREADS) dec_kernel(dec_params p)
 	}
 }
 
+/* ---- Fast decode (session 3) -------------------------------------------------------------
+ *
+ * One block per (job, layer, 32 chunk tokens aligned to 32); a warp pass is 32/R rows of one
+ * (K or V, head) at consecutive tokens, R = D/32 lanes per row, 32 consecutive channels per
+ * lane: the codes are one 8/16/32-byte load per lane, per-channel key scales are the same
+ * for the whole pass (a key group holds >= 32 aligned tokens), the transform is 5 butterfly
+ * stages in registers and log2(R) by shuffles (the CPU's order), and each lane writes its 32
+ * outputs with 16-byte stores. Same float operations as the CPU decoder (code * s is exact,
+ * so one fma equals the CPU's multiply-then-add).
+ */
+#define FD_THREADS 256
+#define FD_TOK 32
+
+__device__ __forceinline__ void fd_st32(uint8_t *p, uint32_t dt, const float (&x)[32])
+{
+	if (dt == KVT_DTYPE_F32) {
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+			((float4 *)p)[i] = make_float4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+		return;
+	}
+	uint32_t w[16];
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (dt == KVT_DTYPE_BF16) {
+			__nv_bfloat162 b = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+			w[i] = *(uint32_t *)&b;
+		} else {
+			__half2 hh = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+			w[i] = *(uint32_t *)&hh;
+		}
+	}
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		((uint4 *)p)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+}
+
+/* A lane's 32 codes -> code * s + z: per-channel s, z (32 consecutive halves at sc, zr) or
+ * one per-token group value (sc[0], zr[0]). */
+template <int BITS, bool FMA>
+__device__ __forceinline__ void fd_dequant(const uint8_t *cr, const uint16_t *sc,
+					   const uint16_t *zr, bool per_ch, bool bf, float (&x)[32])
+{
+	constexpr uint32_t NW = BITS, MASK = (1u << BITS) - 1; /* 32 * BITS / 32 words */
+	uint32_t w[NW];
+	if (BITS == 2) {
+		uint2 v = *(const uint2 *)cr;
+		w[0] = v.x;
+		w[1] = v.y;
+	} else {
+#pragma unroll
+		for (int i = 0; i < (int)NW / 4; i++) {
+			uint4 v = ((const uint4 *)cr)[i];
+			w[4 * i] = v.x;
+			w[4 * i + 1] = v.y;
+			w[4 * i + 2] = v.z;
+			w[4 * i + 3] = v.w;
+		}
+	}
+	if (per_ch) {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			uint4 sv = ((const uint4 *)sc)[i], zv = ((const uint4 *)zr)[i];
+			const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+#pragma unroll
+			for (int k = 0; k < 8; k++) {
+				const int e = 8 * i + k;
+				const uint32_t cd = (w[e * BITS / 32] >> ((e * BITS) % 32)) & MASK;
+				const uint16_t sb = (uint16_t)(k & 1 ? sw[k / 2] >> 16 : sw[k / 2] & 0xffff);
+				const uint16_t zb = (uint16_t)(k & 1 ? zw[k / 2] >> 16 : zw[k / 2] & 0xffff);
+				/* code * s is exact (<= 8 + 11 significant bits): one fma rounds as
+				 * the CPU's multiply-then-add */
+				if (FMA)
+					x[e] = __fmaf_rn((float)cd, kvt_d_widen16(sb, bf), kvt_d_widen16(zb, bf));
+				else
+					x[e] = __fadd_rn(__fmul_rn((float)cd, kvt_d_widen16(sb, bf)),
+							 kvt_d_widen16(zb, bf));
+			}
+		}
+	} else {
+		const float s = kvt_d_widen16(sc[0], bf), z = kvt_d_widen16(zr[0], bf);
+#pragma unroll
+		for (int e = 0; e < 32; e++) {
+			const uint32_t cd = (w[e * BITS / 32] >> ((e * BITS) % 32)) & MASK;
+			x[e] = __fmaf_rn((float)cd, s, z);
+		}
+	}
+}
+
+template <int D, bool FMA, int MINB>
+__global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
+{
+	constexpr int R = D / 32, RPW = 32 / R, PPT = FD_TOK / RPW; /* passes per (kv, head) */
+	__shared__ int16_t pidx[KVT_MAX_CHUNK_TOKENS];
+	const dec_job_dev &j = p.jobs[blockIdx.z];
+	const uint32_t l = j.lb + blockIdx.y;
+	const uint32_t T0 = (j.tb & ~(uint32_t)(FD_TOK - 1)) + blockIdx.x * FD_TOK;
+	if (l >= j.le || T0 >= j.te)
+		return;
+	if (j.n_pinned) {
+		for (uint32_t t = threadIdx.x; t < p.B; t += FD_THREADS)
+			pidx[t] = -1;
+		__syncthreads();
+		for (uint32_t i = threadIdx.x; i < j.n_pinned; i += FD_THREADS)
+			pidx[j.pins[i]] = (int16_t)i;
+		__syncthreads();
+	}
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, q = lane % R;
+	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const size_t os = j.out_dtype == KVT_DTYPE_F32 ? 4 : 2;
+	const uint8_t *sec = j.chunk + j.data_offset + (size_t)l * j.layer_bytes;
+	const uint32_t nt = j.te - j.tb, gv = p.G < D ? p.G : D, ng = D / gv;
+	const bool bf = p.sbf, none = p.scheme == KVT_SCHEME_NONE;
+	const uint32_t n_pass = 2 * p.H * PPT;
+
+	for (uint32_t ps = warp; ps < n_pass; ps += FD_THREADS / 32) {
+		const uint32_t task = ps / PPT, sub = ps % PPT;
+		const bool is_v = task & 1;
+		const uint32_t h = task >> 1;
+		const uint32_t t = T0 + sub * RPW + lane / R;
+		const bool valid = t >= j.tb && t < j.te;
+		const uint32_t tc = valid ? t : j.tb; /* a row to read for the shuffles */
+		void *out = is_v ? j.v_out : j.k_out;
+		if (!out)
+			continue; /* uniform over the warp */
+		const size_t idx = (size_t)h * p.B + tc;
+		float x[32];
+		bool rot = false;
+		float mult = p.inv_sqrt_d;
+		if (none) {
+			fe_ld32(sec + (is_v ? p.v_codes_off : p.k_codes_off) + (idx * D + q * 32) * ws,
+				p.dtype, x);
+		} else {
+			const uint32_t bits = is_v ? p.vb : p.kb;
+			const uint8_t *cr = sec + (is_v ? p.v_codes_off : p.k_codes_off) +
+					    idx * (D * bits / 8) + q * 4 * bits;
+			const uint16_t *sc = (const uint16_t *)(sec + (is_v ? p.v_scale_off : p.k_scale_off));
+			const uint16_t *zr = (const uint16_t *)(sec + (is_v ? p.v_zero_off : p.k_zero_off));
+			const bool per_ch = !is_v && p.scheme != KVT_SCHEME_HADAMARD;
+			/* per channel: the pass's tokens share one key group */
+			const size_t si = per_ch ? ((size_t)h * (p.B / p.G) + tc / p.G) * D + q * 32
+						 : idx * ng + q * 32 / gv;
+			if (bits == 2)
+				fd_dequant<2, FMA>(cr, sc + si, zr + si, per_ch, bf, x);
+			else if (bits == 4)
+				fd_dequant<4, FMA>(cr, sc + si, zr + si, per_ch, bf, x);
+			else
+				fd_dequant<8, FMA>(cr, sc + si, zr + si, per_ch, bf, x);
+			if (is_v) {
+				rot = p.rotate_v != 0;
+			} else {
+				rot = p.scheme == KVT_SCHEME_OSCAR || p.scheme == KVT_SCHEME_HADAMARD;
+				if (p.scheme == KVT_SCHEME_OSCAR)
+					mult = __fmul_rn(((const float *)(sec + p.norms_off))[tc], p.inv_sqrt_d);
+			}
+		}
+		if (rot) /* uniform: one (kv, head) per pass */
+			fe_fwht<R>(x, lane, mult);
+		if (!valid)
+			continue;
+		if (!none && j.n_pinned && pidx[t] >= 0)
+			fe_ld32(sec + (is_v ? j.v_exact_off : j.k_exact_off) +
+					(((size_t)pidx[t] * p.H + h) * D + q * 32) * ws,
+				p.dtype, x);
+		uint8_t *dst = (uint8_t *)out +
+			       ((((size_t)(l - j.lb) * nt + (t - j.tb)) * p.H + h) * D + q * 32) * os;
+		fd_st32(dst, j.out_dtype, x);
+	}
+}
+
+template <int D>
+static void fd_launch_d(int var, dim3 g, cudaStream_t st, const dec_params &p)
+{
+	switch (var) {
+	case 1:
+		fd_kernel<D, true, 4><<<g, FD_THREADS, 0, st>>>(p);
+		break;
+	case 2:
+		fd_kernel<D, true, 3><<<g, FD_THREADS, 0, st>>>(p);
+		break;
+	case 3:
+		fd_kernel<D, false, 3><<<g, FD_THREADS, 0, st>>>(p);
+		break;
+	default:
+		fd_kernel<D, false, 4><<<g, FD_THREADS, 0, st>>>(p);
+		break;
+	}
+}
+
+static void fd_launch(uint32_t d, int var, dim3 g, cudaStream_t st, const dec_params &p)
+{
+	if (d == 64)
+		fd_launch_d<64>(var, g, st, p);
+	else if (d == 128)
+		fd_launch_d<128>(var, g, st, p);
+	else
+		fd_launch_d<256>(var, g, st, p);
+}
+
 static int header_config(const struct kvt_chunk_header *h, struct kvt_codec_config *cfg)
 {
 	memset(cfg, 0, sizeof(*cfg));
@@ -1046,7 +1828,7 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
 		return rc;
 	dec_job_dev *jd = (dec_job_dev *)c->stage_host;
-	uint32_t max_tok = 0, max_lay = 0;
+	uint32_t max_tok = 0, max_lay = 0, max_span = 0;
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(&cfg0, 0, &lay0);
 	for (size_t i = 0; i < n_jobs; i++) {
@@ -1101,6 +1883,8 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 		d->lb = jb->layer_begin;
 		d->le = jb->layer_end;
 		d->out_dtype = jb->out_dtype;
+		if (jb->tok_end - (jb->tok_begin & ~(uint32_t)(FD_TOK - 1)) > max_span)
+			max_span = jb->tok_end - (jb->tok_begin & ~(uint32_t)(FD_TOK - 1));
 		if (jb->tok_end - jb->tok_begin > max_tok)
 			max_tok = jb->tok_end - jb->tok_begin;
 		if (jb->layer_end - jb->layer_begin > max_lay)
@@ -1128,8 +1912,19 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	p.k_codes_off = (uint32_t)lay0.k_codes_off;
 	p.v_codes_off = (uint32_t)lay0.v_codes_off;
 	p.inv_sqrt_d = (float)(1.0 / sqrt((double)cfg0.head_dim));
-	dim3 grid((max_tok + DEC_TOKENS - 1) / DEC_TOKENS, max_lay, (unsigned)n_jobs);
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	if (!kvt_cuda_codec_old()) {
+		dim3 fgrid((max_span + FD_TOK - 1) / FD_TOK, max_lay, (unsigned)n_jobs);
+		/* KVTIER_CUDA_DEC_VARIANT (A/B runs): 0 per-channel code * s + z as multiply then
+		 * add, 4 blocks/SM (64 registers, default); 1 one fma (same result: the product is
+		 * exact), 4 blocks; 2 fma, 3 blocks (80 registers); 3 multiply-add, 3 blocks */
+		const char *ve = getenv("KVTIER_CUDA_DEC_VARIANT");
+		const int var = ve && ve[0] >= '0' && ve[0] <= '3' ? ve[0] - '0' : 0;
+		fd_launch(cfg0.head_dim, var, fgrid, c->stream, p);
+		CK(cudaGetLastError(), "decode launch");
+		return 0;
+	}
+	dim3 grid((max_tok + DEC_TOKENS - 1) / DEC_TOKENS, max_lay, (unsigned)n_jobs);
 	switch (cfg0.head_dim) {
 	case 64:
 		dec_kernel<64><<<grid, DEC_THREADS, 0, c->stream>>>(p);

@@ -1,7 +1,7 @@
 /*
  * bench_gpu.c - `kvtier-bench gpu`.
  *
- *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only]
+ *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only] [--codec-only]
  *
  * Measures, on device 0:
  *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
@@ -13,6 +13,7 @@
  *            same run);
  *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
  *   decode   bf16 output bytes per second (the same chunks, every layer and token).
+ *   Both measured twice: "kernel":"fast" (default) and "session2" (KVTIER_CUDA_CODEC_OLD=1).
  * Times are host wall clock around N enqueued runs and one synchronisation, the median of
  * 5 trials, after warm-up; every run reads inputs larger than the L2 cache.
  */
@@ -33,6 +34,7 @@
 static kvt_cuda_ctx *ctx;
 static int iters = 30;
 static int attend_only; /* --attend-only: the INT2 G32 attention cases alone (A/B runs) */
+static int codec_only;  /* --codec-only: copy + encode/decode alone (A/B runs, ncu) */
 static char err[512];
 
 static double now_s(void)
@@ -322,7 +324,9 @@ static int run_dec(void *p)
 	return kvt_cuda_decode(ctx, ((struct dec_arg *)p)->jobs, ED_CHUNKS, err, sizeof(err));
 }
 
-static int bench_encode_decode(double copy_bw)
+/* kernel: "fast" (default) or "session2" (KVTIER_CUDA_CODEC_OLD=1, the previous kernels,
+ * measured in the same run for the record) */
+static int bench_encode_decode(double copy_bw, const char *kernel)
 {
 	const uint32_t L = 32, H = 8, D = 128, B = 128;
 	struct kvt_codec_config cfg;
@@ -359,11 +363,13 @@ static int bench_encode_decode(double copy_bw)
 	if (te <= 0)
 		goto out;
 	double in_bytes = 2.0 * per * ED_CHUNKS;
-	printf("{\"bench\":\"gpu\",\"op\":\"encode\",\"scheme\":\"oscar\",\"bits\":2,\"G\":32,"
+	printf("{\"bench\":\"gpu\",\"op\":\"encode\",\"kernel\":\"%s\",\"scheme\":\"oscar\","
+	       "\"bits\":2,\"G\":32,\"H\":%u,\"d\":%u,\"B\":%u,"
 	       "\"chunks\":%d,\"layers\":%u,\"in_bytes_bf16\":%.0f,\"us\":%.1f,"
-	       "\"tb_per_s_bf16_in\":%.3f,\"copy_tb_per_s\":%.3f,\"chunk_bytes\":%lld}\n",
-	       ED_CHUNKS, L, in_bytes, te * 1e6, in_bytes / te / 1e12, copy_bw / 1e12,
-	       (long long)sizes[0]);
+	       "\"tb_per_s_bf16_in\":%.3f,\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,"
+	       "\"chunk_bytes\":%lld}\n",
+	       kernel, H, D, B, ED_CHUNKS, L, in_bytes, te * 1e6, in_bytes / te / 1e12,
+	       copy_bw / 1e12, in_bytes / te / copy_bw, (long long)sizes[0]);
 	for (int i = 0; i < ED_CHUNKS; i++) {
 		if (kvt_cuda_download(ctx, &hdrs[i], jobs[i].out_dev, sizeof(hdrs[i]), err,
 				      sizeof(err)))
@@ -377,10 +383,12 @@ static int bench_encode_decode(double copy_bw)
 	double td = time_runs(run_dec, &da, 10);
 	if (td <= 0)
 		goto out;
-	printf("{\"bench\":\"gpu\",\"op\":\"decode\",\"scheme\":\"oscar\",\"bits\":2,\"G\":32,"
+	printf("{\"bench\":\"gpu\",\"op\":\"decode\",\"kernel\":\"%s\",\"scheme\":\"oscar\","
+	       "\"bits\":2,\"G\":32,\"H\":%u,\"d\":%u,\"B\":%u,"
 	       "\"chunks\":%d,\"layers\":%u,\"out_bytes_bf16\":%.0f,\"us\":%.1f,"
-	       "\"tb_per_s_bf16_out\":%.3f,\"copy_tb_per_s\":%.3f}\n",
-	       ED_CHUNKS, L, in_bytes, td * 1e6, in_bytes / td / 1e12, copy_bw / 1e12);
+	       "\"tb_per_s_bf16_out\":%.3f,\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f}\n",
+	       kernel, H, D, B, ED_CHUNKS, L, in_bytes, td * 1e6, in_bytes / td / 1e12,
+	       copy_bw / 1e12, in_bytes / td / copy_bw);
 	rc = 0;
 out:
 	if (rc)
@@ -401,8 +409,10 @@ int kvt_bench_gpu(int argc, char **argv)
 			iters = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--attend-only"))
 			attend_only = 1;
+		else if (!strcmp(argv[i], "--codec-only"))
+			codec_only = 1;
 		else {
-			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only]\n",
+			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only] [--codec-only]\n",
 				argv[0]);
 			return 2;
 		}
@@ -426,6 +436,8 @@ int kvt_bench_gpu(int argc, char **argv)
 		rc = 1;
 		goto out;
 	}
+	if (codec_only)
+		goto codec;
 	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
@@ -436,7 +448,11 @@ int kvt_bench_gpu(int argc, char **argv)
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
-	rc |= bench_encode_decode(bw);
+codec:
+	rc |= bench_encode_decode(bw, "fast");
+	setenv("KVTIER_CUDA_CODEC_OLD", "1", 1);
+	rc |= bench_encode_decode(bw, "session2");
+	unsetenv("KVTIER_CUDA_CODEC_OLD");
 out:
 	kvt_cuda_ctx_destroy(ctx);
 	return rc ? 1 : 0;

@@ -6,7 +6,10 @@
  * kvt_chunk_parse; its codes equal the CPU's except at rounding ties (the fraction is
  * printed), every dequantized value is within one quantization step of the CPU's; the CPU
  * decodes the GPU's chunk and the GPU decodes the CPU's chunk (token and layer sub-ranges,
- * every output dtype) to the CPU decoder's values. Exits 77 when there is no GPU.
+ * every output dtype) to the CPU decoder's values. Plus configs forced onto the fast encoder
+ * (oscar / kivi whose key tile fits in shared memory), batches of 3 chunks encoded and decoded
+ * in one call each, and the default config through the session-2 kernels
+ * (KVTIER_CUDA_CODEC_OLD=1). Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
 
@@ -216,6 +219,130 @@ out:
 	free(cg_v);
 }
 
+/*
+ * Several chunks of one config in one kvt_cuda_encode call (the fast encoder hands tiles and
+ * value rows of every job to a persistent grid), then all of them decoded in one
+ * kvt_cuda_decode call with a different token and layer range per job: every chunk equal to
+ * the CPU's byte for byte, every value the GPU decodes equal to the CPU decoder's on the same
+ * chunk.
+ */
+static void one_batch(const struct kvt_codec_config *cfg)
+{
+	enum { NJ = 3 };
+	char desc[160], err[256];
+	describe(cfg, desc, sizeof(desc));
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim;
+	const size_t ws = kvt_dtype_size(cfg->dtype), n = (size_t)L * B * H * d;
+	const size_t cap = kvt_chunk_max_bytes(cfg);
+	const uint64_t firsts[NJ] = {0, B, 5 * (uint64_t)B};
+	uint8_t *k = malloc(NJ * n * ws), *v = malloc(NJ * n * ws), *cc = malloc(NJ * cap),
+		*cg = malloc(NJ * cap);
+	void *dk = NULL, *dv = NULL, *dout = NULL, *dko = NULL, *dvo = NULL;
+	uint8_t *gk = malloc(NJ * n * 4), *gv = malloc(NJ * n * 4), *ck = malloc(n * 4),
+		*cv = malloc(n * 4);
+	KVT_REQUIRE(k && v && cc && cg && gk && gv && ck && cv, "malloc");
+	int64_t ncpu[NJ], ngpu[NJ];
+	struct kvt_cuda_encode_job jobs[NJ];
+	int rc = kvt_cuda_alloc(ctx, NJ * n * ws, &dk, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * n * ws, &dv, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * cap, &dout, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * n * 4, &dko, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * n * 4, &dvo, err, sizeof(err));
+	for (int i = 0; i < NJ && rc == 0; i++) {
+		random_kv(cfg, firsts[i], B, k + i * n * ws, v + i * n * ws);
+		ncpu[i] = kvt_encode_chunk(cfg, firsts[i], k + i * n * ws, v + i * n * ws,
+					   cc + i * cap, cap, err, sizeof(err));
+		KVT_REQUIRE(ncpu[i] > 0, "%s: cpu encode: %s", desc, err);
+		jobs[i] = (struct kvt_cuda_encode_job){firsts[i], (uint8_t *)dk + i * n * ws,
+						       (uint8_t *)dv + i * n * ws,
+						       (uint8_t *)dout + i * cap, cap};
+	}
+	rc = rc ? rc : kvt_cuda_upload(ctx, dk, k, NJ * n * ws, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_upload(ctx, dv, v, NJ * n * ws, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_memset_async(ctx, dout, 0xa5, NJ * cap, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_encode(ctx, cfg, jobs, NJ, ngpu, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_download(ctx, cg, dout, NJ * cap, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: batch encode: %s", desc, err);
+	if (rc)
+		goto out;
+	struct kvt_chunk_header hdr[NJ];
+	struct kvt_cuda_decode_job dj[NJ];
+	uint32_t tb[NJ], te[NJ], lb[NJ], le[NJ];
+	/* KVTIER_CUDA_ENC_INEXACT=1 (an A/B switch) lets codes differ at rounding ties: then
+	 * only the size is compared here (one_config checks ties and steps) */
+	const char *inexact = getenv("KVTIER_CUDA_ENC_INEXACT");
+	const bool exact = !(inexact && inexact[0] == '1');
+	for (int i = 0; i < NJ; i++) {
+		KVT_CHECK(ngpu[i] == ncpu[i] &&
+			  (!exact || memcmp(cc + i * cap, cg + i * cap, (size_t)ncpu[i]) == 0),
+			  "%s: batch job %d (first token %llu): gpu chunk differs from the cpu's",
+			  desc, i, (unsigned long long)firsts[i]);
+		memcpy(&hdr[i], cg + i * cap, sizeof(hdr[i]));
+		tb[i] = i == 0 ? 0 : kvt_rand_below(B);
+		te[i] = i == 0 ? B : tb[i] + 1 + kvt_rand_below(B - tb[i]);
+		lb[i] = kvt_rand_below(L);
+		le[i] = lb[i] + 1 + kvt_rand_below(L - lb[i]);
+		dj[i] = (struct kvt_cuda_decode_job){(uint8_t *)dout + i * cap, &hdr[i], tb[i], te[i],
+						     lb[i], le[i], KVT_DTYPE_F32,
+						     (uint8_t *)dko + i * n * 4, (uint8_t *)dvo + i * n * 4};
+	}
+	rc = kvt_cuda_decode(ctx, dj, NJ, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_download(ctx, gk, dko, NJ * n * 4, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_download(ctx, gv, dvo, NJ * n * 4, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: batch decode: %s", desc, err);
+	for (int i = 0; i < NJ && rc == 0; i++) {
+		size_t on = (size_t)(le[i] - lb[i]) * (te[i] - tb[i]) * H * d;
+		/* the CPU decoder on the same (GPU-encoded) chunk */
+		rc = kvt_decode_chunk(cg + i * cap, tb[i], te[i], lb[i], le[i], KVT_DTYPE_F32, ck, cv,
+				      err, sizeof(err));
+		KVT_REQUIRE(rc == 0, "cpu decode: %s", err);
+		KVT_CHECK(memcmp(ck, gk + i * n * 4, on * 4) == 0 &&
+			  memcmp(cv, gv + i * n * 4, on * 4) == 0,
+			  "%s: batch decode job %d (t %u..%u l %u..%u) differs from the cpu decoder",
+			  desc, i, tb[i], te[i], lb[i], le[i]);
+	}
+out:
+	kvt_cuda_free(ctx, dk);
+	kvt_cuda_free(ctx, dv);
+	kvt_cuda_free(ctx, dout);
+	kvt_cuda_free(ctx, dko);
+	kvt_cuda_free(ctx, dvo);
+	free(k);
+	free(v);
+	free(cc);
+	free(cg);
+	free(gk);
+	free(gv);
+	free(ck);
+	free(cv);
+}
+
+/* The fast encoder's configs (oscar / kivi whose key tile fits in shared memory), forced, and
+ * batches of them. */
+static void test_fast_path_configs(void)
+{
+	int n = 16;
+	const char *e = getenv("KVT_GPU_FAST_CONFIGS");
+	if (e && *e)
+		n = atoi(e);
+	for (int i = 0; i < n; i++) {
+		struct kvt_codec_config cfg;
+		do
+			random_config(&cfg, i % 2 == 0);
+		while ((cfg.scheme != KVT_SCHEME_OSCAR && cfg.scheme != KVT_SCHEME_KIVI) ||
+		       (size_t)cfg.group * cfg.n_kv_heads * cfg.head_dim > 32768);
+		one_config(&cfg, kvt_rand_below(2) ? 0 : cfg.chunk_tokens);
+		if (i < 8)
+			one_batch(&cfg);
+	}
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 3, 8, 128, KVT_DTYPE_BF16);
+	one_batch(&cfg);
+}
+
 static void test_random_configs(void)
 {
 	int n = 60;
@@ -238,6 +365,11 @@ static void test_default_config(void)
 	kvt_codec_config_default(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
 	one_config(&cfg, 0);
 	one_config(&cfg, 128);
+	/* the session-2 kernels (KVTIER_CUDA_CODEC_OLD=1, kept for A/B runs) on the same */
+	setenv("KVTIER_CUDA_CODEC_OLD", "1", 1);
+	one_config(&cfg, 0);
+	one_batch(&cfg);
+	unsetenv("KVTIER_CUDA_CODEC_OLD");
 }
 
 static void test_errors(void)
@@ -285,6 +417,7 @@ int main(void)
 	printf("# device: %s\n", name);
 	KVT_RUN(test_default_config);
 	KVT_RUN(test_random_configs);
+	KVT_RUN(test_fast_path_configs);
 	KVT_RUN(test_errors);
 	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
 	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",
