@@ -65,8 +65,9 @@ struct kvt_rpc_result {
 };
 
 /* Server-streaming step: 1 = *out holds the next message, 0 = done (res says the status),
- * 2 = park (health Watch: the health module resumes the call). */
-enum { KVT_STREAM_DONE = 0, KVT_STREAM_MSG = 1, KVT_STREAM_PARK = 2 };
+ * 2 = park (health Watch: the health module resumes the call), 3 = *out is the last message:
+ * it goes out with the OK status in one batch (one completion and one write fewer). */
+enum { KVT_STREAM_DONE = 0, KVT_STREAM_MSG = 1, KVT_STREAM_PARK = 2, KVT_STREAM_LAST = 3 };
 
 struct kvt_rpc_method {
 	const char *path;

@@ -1876,7 +1876,9 @@ static int fetch_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt
 	} else {
 		rc = fetch_produce(f, out, res);
 	}
-	if (rc == KVT_STREAM_MSG && !iter_done(&f->it) && kvt_pool_threads() > 0) {
+	if (rc == KVT_STREAM_MSG && iter_done(&f->it))
+		return KVT_STREAM_LAST; /* with the status */
+	if (rc == KVT_STREAM_MSG && kvt_pool_threads() > 0) {
 		f->ahead_on = 1;
 		kvt_pool_submit(&f->ahead, fetch_ahead, f);
 	}
@@ -2011,7 +2013,8 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
 			return KVT_STREAM_DONE;
 		}
-		return KVT_STREAM_MSG;
+		return f->chunk >= f->chunk_end && iter_done(&f->it) ? KVT_STREAM_LAST
+								      : KVT_STREAM_MSG;
 	}
 	if (kvt_rpc_deadline_passed(c)) {
 		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed during FetchEncoded");
@@ -2058,7 +2061,9 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 			f->chunk++;
 			f->offset = 0;
 		}
-		return KVT_STREAM_MSG;
+		/* iter_done reads only the iterator (no session state): safe unlocked */
+		return f->chunk >= f->chunk_end && iter_done(&f->it) ? KVT_STREAM_LAST
+								      : KVT_STREAM_MSG;
 	}
 	if (iter_done(&f->it)) {
 		kvt_session_unlock(s);
@@ -2071,7 +2076,7 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 		fail_errno(res, rc, "FetchEncoded", err);
 		return KVT_STREAM_DONE;
 	}
-	return KVT_STREAM_MSG;
+	return iter_done(&f->it) ? KVT_STREAM_LAST : KVT_STREAM_MSG;
 }
 
 static void fenc_cleanup(struct kvt_rpc_call *c)

@@ -483,6 +483,12 @@ static void stream_next_here(struct kvt_rpc_call *c)
 	if (rc == KVT_STREAM_MSG) {
 		assert(bb);
 		call_send(c, bb);
+	} else if (rc == KVT_STREAM_LAST) {
+		assert(bb && !c->res.reply);
+		c->res.code = GRPC_STATUS_OK;
+		c->res.msg[0] = '\0';
+		c->res.reply = bb;
+		call_finish(c);
 	} else if (rc == KVT_STREAM_PARK) {
 		set_phase(c, PHASE_PARKED);
 	} else {

@@ -174,11 +174,13 @@ static void *blocked_main(void *arg)
 	return NULL;
 }
 
-/* Waits (bounded) until the pool's one worker runs a task: the blocked call's handler. */
-static int wait_pool_busy(void)
+/* Waits (bounded) until the pool's one worker runs `busy` tasks (1: the blocked call's
+ * handler; 0: idle, as the previous call's worker may still be returning from its task after
+ * the client got the reply). */
+static int wait_pool_busy(unsigned busy)
 {
 	double t0 = now_s();
-	while (kvt_pool_busy() != 1) {
+	while (kvt_pool_busy() != busy) {
 		if (now_s() - t0 > WAIT_S)
 			return -1;
 		struct timespec ts = {0, 1000000};
@@ -220,12 +222,12 @@ static void run_blocked(enum blocked_kind kind, const char *what)
 	memset(&b, 0, sizeof b);
 	b.kind = kind;
 	b.session = "dispatch-held";
-	KVT_REQUIRE(kvt_pool_busy() == 0, "%s: the pool is busy before the test", what);
+	KVT_REQUIRE(wait_pool_busy(0) == 0, "%s: the pool stays busy before the test", what);
 	KVT_REQUIRE(kvt_sessions_get(&g_sessions, KVT_TENANT_LOCAL, b.session, &s) == 0,
 		    "%s: the held session is not in the table", what);
 	kvt_session_lock(s);
 	KVT_REQUIRE(pthread_create(&th, NULL, blocked_main, &b) == 0, "pthread_create");
-	int busy = wait_pool_busy();
+	int busy = wait_pool_busy(1);
 	KVT_CHECK(busy == 0, "%s: its handler never reached the worker pool within %.0f s (it "
 		  "runs on the completion-queue thread?)", what, WAIT_S);
 	if (busy == 0)
