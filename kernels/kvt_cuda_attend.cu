@@ -1034,10 +1034,19 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.groups = (const att_group_dev *)(db + o_groups);
 		p.reqs = (const att_req_dev *)(db + o_reqs);
 		p.counters = (uint32_t *)(db + o_cnt);
-		/* measured on the H200: 1 x 131072 73.8 us fused vs 70.4 separate (the completing
-		 * block merges 65 partials x 4 heads with 4 warps, on the critical path); 8 x 32768
-		 * and 48 x 4096 within 1.5%: off unless asked for */
-		p.fused = i2 && getenv("KVTIER_CUDA_FUSED_COMBINE") != NULL;
+		/* Fused combine (the block that completes a group merges it: one launch per step)
+		 * for short groups only. H200, keys-as-B kernel, same call: 1 x 131072 (65 items per
+		 * group) 61.3 us fused vs 58.1 separate (the completing block merges 65 partials x 4
+		 * heads with 4 warps, on the critical path); 8 x 32768 (9 per group) 106.0 vs 107.3;
+		 * 48 x 4096 (5 per group) 100.1 vs 101.9. KVTIER_CUDA_FUSED_COMBINE=1 / 0 forces it
+		 * on / off (tests, A/B runs). */
+		uint32_t longest = 0;
+		for (size_t gi = 0; gi < n_groups; gi++) {
+			const uint32_t n = groups[gi].item_end - groups[gi].item_begin;
+			longest = n > longest ? n : longest;
+		}
+		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
+		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= 16);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;
