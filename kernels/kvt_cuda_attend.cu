@@ -21,266 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda_internal.cuh"
-
-#define ATT_THREADS 128
-#define ATT_WARPS (ATT_THREADS / 32)
-#define RQ 4 /* query heads per item */
-
-enum { ITEM_CODED = 0, ITEM_EXACT = 1, ITEM_NONE_CHUNKS = 2 };
-
-struct att_req_dev {
-	const void *q;
-	float *out;
-	float scale;
-	uint32_t q_dtype;
-};
-
-struct att_chunk_dev {
-	const uint8_t *sec; /* this request's layer section */
-	const uint16_t *pins;
-	uint32_t n_pinned;
-	uint32_t k_exact_off, v_exact_off;
-};
-
-struct att_item_dev {
-	uint32_t req, kind, kv_head, q_base, nq, first, count;
-	uint32_t group; /* its group (the combine tells rotated items by exact_begin) */
-	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
-};
-
-struct att_group_dev {
-	uint32_t req, q_base, nq, item_begin, item_end;
-	uint32_t exact_begin; /* items [item_begin, exact_begin) are quantized chunk runs */
-};
-
-struct att_params {
-	const att_item_dev *items;
-	const att_chunk_dev *chunks;
-	const att_req_dev *reqs;
-	const att_group_dev *groups;
-	float *part_ml;  /* [n_items][RQ][2] */
-	float *part_acc; /* [n_items][RQ][D] */
-	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma;
-	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
-		v_codes_off;
-	float inv_sqrt_d;
-	/* INT2 kernel (fields after the session-1 ones, so the other kernels see the same
-	 * layout) */
-	uint32_t i2;
-	uint32_t gsh; /* log2(G / 32): the key group of 32-token block sb is sb >> gsh */
-	/* fused combine (INT2 kernel, KVTIER_CUDA_FUSED_COMBINE): items done per group; the
-	 * block that completes a group merges it (and sets its counter back to 0 for the next
-	 * run of the plan) */
-	uint32_t *counters;
-	uint32_t fused;
-};
-
-struct kvt_cuda_attend_plan {
-	att_params p;
-	uint32_t D, n_items, n_groups;
-	uint64_t read_bytes;
-	void *dev_block; /* descriptors + scratch, one allocation */
-};
-
-__device__ __forceinline__ float warp_max(float v)
-{
-#pragma unroll
-	for (int m = 16; m >= 1; m >>= 1)
-		v = fmaxf(v, __shfl_xor_sync(KVT_FULL_MASK, v, m));
-	return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v)
-{
-#pragma unroll
-	for (int m = 16; m >= 1; m >>= 1)
-		v += __shfl_xor_sync(KVT_FULL_MASK, v, m);
-	return v;
-}
-
-/* Per-warp online softmax state: m uniform, l per lane (summed at the end), acc lane-owned
- * channels lane*EPL.. of each of N query heads. */
-template <int EPL, int N> struct warp_state {
-	float m[N], l[N], acc[N][EPL];
-};
-
-template <int EPL, int N> __device__ __forceinline__ void state_init(warp_state<EPL, N> &st)
-{
-#pragma unroll
-	for (int q = 0; q < N; q++) {
-		st.m[q] = -INFINITY;
-		st.l[q] = 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			st.acc[q][e] = 0.0f;
-	}
-}
-
-/* Folds one 32-token unit's logits (lane = token; -inf = masked) into the state; leaves
- * p = exp(logit - m) in pbuf[lane][q] for the value pass. Returns false when every logit
- * so far is -inf (nothing to accumulate). */
-template <int EPL, int N>
-__device__ __forceinline__ bool softmax_unit(warp_state<EPL, N> &st, const float (&lg)[N],
-					     float *pbuf, int lane)
-{
-	bool any = false;
-#pragma unroll
-	for (int q = 0; q < N; q++) {
-		float mu = warp_max(lg[q]);
-		float mn = fmaxf(st.m[q], mu);
-		float p = 0.0f;
-		if (mn != -INFINITY) {
-			any = true;
-			float alpha = __expf(st.m[q] - mn); /* exp(-inf) = 0 on the first unit */
-			st.l[q] *= alpha;
-#pragma unroll
-			for (int e = 0; e < EPL; e++)
-				st.acc[q][e] *= alpha;
-			st.m[q] = mn;
-			p = lg[q] == -INFINITY ? 0.0f : __expf(lg[q] - mn);
-			st.l[q] += p;
-		}
-		pbuf[lane * N + q] = p;
-	}
-	__syncwarp();
-	return any;
-}
-
-/* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
- * logits against the scaled original-basis query qo [N][D]. */
-template <int D, int N>
-__device__ void attend_rows(const att_params &p, warp_state<D / 32, N> &st, const uint8_t *k,
-			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
-			    float *pbuf, int lane)
-{
-	constexpr int EPL = D / 32;
-	for (uint32_t t0 = 0; t0 < n; t0 += 32) {
-		uint32_t t = t0 + lane;
-		float lg[N];
-#pragma unroll
-		for (int q = 0; q < N; q++)
-			lg[q] = -INFINITY;
-		if (t < n) {
-			float a[N];
-#pragma unroll
-			for (int q = 0; q < N; q++)
-				a[q] = 0.0f;
-			for (int c = 0; c < D; c++) {
-				float x = kvt_d_ld(k, (size_t)t * stride + c, p.dtype);
-#pragma unroll
-				for (int q = 0; q < N; q++)
-					a[q] = fmaf(qo[q * D + c], x, a[q]);
-			}
-#pragma unroll
-			for (int q = 0; q < N; q++)
-				lg[q] = a[q];
-		}
-		__syncwarp();
-		if (!softmax_unit<EPL, N>(st, lg, pbuf, lane))
-			continue;
-		uint32_t m = min(32u, n - t0);
-		for (uint32_t jj = 0; jj < m; jj++) {
-			size_t base = (size_t)(t0 + jj) * stride + lane * EPL;
-			float x[EPL];
-#pragma unroll
-			for (int e = 0; e < EPL; e++)
-				x[e] = kvt_d_ld(v, base + e, p.dtype);
-#pragma unroll
-			for (int q = 0; q < N; q++) {
-				float pq = pbuf[jj * N + q];
-#pragma unroll
-				for (int e = 0; e < EPL; e++)
-					st.acc[q][e] = fmaf(pq, x[e], st.acc[q][e]);
-			}
-		}
-		__syncwarp();
-	}
-}
-
-/* Writes a warp's lane-per-channel state to the block's reduction arrays. */
-template <int D, int N>
-__device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, float *rm, float *rl,
-					    float *racc, int lane)
-{
-	constexpr int EPL = D / 32;
-#pragma unroll
-	for (int q = 0; q < N; q++) {
-		float l = warp_sum(st.l[q]);
-		if (lane == 0) {
-			rm[q] = st.m[q];
-			rl[q] = l;
-		}
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			racc[q * D + lane * EPL + e] = st.acc[q][e];
-	}
-}
-
-/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
- * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
-template <int D, int N>
-__device__ void block_merge(const att_params &p, const float *red_m, const float *red_l,
-			    const float *red_acc)
-{
-	__syncthreads();
-	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
-		int q = i / D;
-		float M = -INFINITY;
-#pragma unroll
-		for (int w = 0; w < ATT_WARPS; w++)
-			M = fmaxf(M, red_m[w * N + q]);
-		float L = 0.0f, A = 0.0f;
-		if (M != -INFINITY) {
-#pragma unroll
-			for (int w = 0; w < ATT_WARPS; w++) {
-				float f = __expf(red_m[w * N + q] - M);
-				L += red_l[w * N + q] * f;
-				A += red_acc[(size_t)w * N * D + i] * f;
-			}
-		}
-		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
-		if (i % D == 0) {
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
-		}
-	}
-}
-
-/* The same with the warps' partials wstride floats apart (the INT2 kernel keeps them in its
- * stage buffers). Kept separate from block_merge so that the other kernels compile as
- * before. */
-template <int D, int N>
-__device__ void block_merge_strided(const att_params &p, const float *red_m, const float *red_l,
-				    const float *red_acc, size_t wstride)
-{
-	__syncthreads();
-	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
-		int q = i / D;
-		float M = -INFINITY;
-#pragma unroll
-		for (int w = 0; w < ATT_WARPS; w++)
-			M = fmaxf(M, red_m[w * N + q]);
-		float L = 0.0f, A = 0.0f;
-		if (M != -INFINITY) {
-#pragma unroll
-			for (int w = 0; w < ATT_WARPS; w++) {
-				float f = __expf(red_m[w * N + q] - M);
-				L += red_l[w * N + q] * f;
-				A += red_acc[(size_t)w * wstride + i] * f;
-			}
-		}
-		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
-		if (i % D == 0) {
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
-		}
-	}
-}
+#include "kvt_cuda_attend.cuh"
 
 /* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
 template <int D, int KB, int VB>
-__device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_state<D / 32, RQ> &st,
+__device__ void attend_coded(const att_params_base &p, const att_item_dev &it, warp_state<D / 32, RQ> &st,
 			     uint32_t u0, uint32_t u1, const float *qr, float *wq, float *pbuf,
 			     int lane)
 {
@@ -454,7 +199,7 @@ __device__ void attend_coded(const att_params &p, const att_item_dev &it, warp_s
 }
 
 template <int D, int KB, int VB>
-__global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
+__global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 {
 	constexpr int EPL = D / 32;
 	__shared__ __align__(16) float qo[RQ * D];           /* scaled query, original basis */
@@ -533,66 +278,6 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params p)
 #define QR_STRIDE 161
 #define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
 
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-					 uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* (code at bit sh, code at bit sh + 16) -> f16x2, exact */
-template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
-{
-	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
-	uint32_t x = ((u >> sh) & M2) | 0x64006400u;
-	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
-	return *(uint32_t *)&h;
-}
-
-/* d[0..1] += A * B for the output rows 0..7 only: A's rows 8..15 are zero, so the other two
- * accumulators stay zero and are shared scratch (z) across calls, halving the registers. */
-__device__ __forceinline__ void mma16816_top(float &d0, float &d1, float &z0, float &z1,
-					     const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
-{
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-		     : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
-		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
-{
-	uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
-}
-
-__device__ __forceinline__ void cp_async_wait_all(void)
-{
-	asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-__device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
-{
-	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-/* 16-bit element c of a register array of uint4 (c known at compile time after unrolling) */
-template <int N> __device__ __forceinline__ uint16_t u4_half(const uint4 (&v)[N], int c)
-{
-	uint32_t w = u4_word(v[c / 8], (c % 8) / 2);
-	return (uint16_t)((c & 1) ? w >> 16 : w & 0xffff);
-}
-
-__device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_t &lo)
-{
-	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
-	__half2 h = __halves2half2(hx, hy);
-	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
-	hi = *(uint32_t *)&h;
-	lo = *(uint32_t *)&l;
-}
 
 template <int BITS, int GV, int NQ>
 __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
@@ -943,681 +628,12 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 	block_merge<D, NQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
 }
 
-/* ---- INT2 tensor-core path with the scales on the code side (oscar/kivi INT2, bf16 scales,
- * head_dim 128, at most 4 query heads per KV head) -------------------------------------------
- *
- * Why a second kernel: in attend_mma_kernel the key scale sits in the query-side fragment
- * (w = q' * s), rebuilt for every 32-token key group, and the value scale in the p-side
- * fragment (p * s_v), rebuilt per (16 tokens, value group): ~1,100 of its ~2,200 warp
- * instructions per 32-token unit. Here the scales go to the code side instead, where they
- * cost one HFMA2 per pair of codes and are exact: a 2-bit code times a bf16 scale (8-bit
- * significand) fits f16's 11 bits, so -code * s / 4 = fma(-(1 + code/4), s, s) rounds
- * nothing (the -(1 + code/4) comes from one shift and one and-or with 0xBC00). The query-side fragment
- * is then q' itself (f16 hi + lo, built once per item) and the p-side fragment p (hi + lo,
- * built once per unit).
- *   keys:   A = code * s_k / 4 [16 tokens][16 channels], B = q' [16 channels][4 heads hi,
- *           4 heads lo]; logit = n * (<q', z_k> - 4 * acc), the zero term by FMAs once per
- *           key group;
- *   values: A = code * s_v / 4 [16 channels][16 tokens] (the lane's 32-bit word of a token
- *           row holds 16 channels of one value group; two tokens' words are merged with one
- *           byte permute), B = p [16 tokens][4 heads hi, lo]; the zero term is one more MMA
- *           with A = z_v [value group][16 tokens].
- * Every byte of a unit (codes, norms, scales, zeros) is staged into shared memory by
- * cp.async one unit ahead (double buffer per warp), so loads overlap the previous unit's
- * arithmetic. */
-#define I2_KC 0
-#define I2_VC 1024
-#define I2_NR 2048
-#define I2_KS 2176
-#define I2_KZ 2432
-#define I2_VS 2688
-/* value zeros at I2_VS + 64 * NG: every piece after the codes lies at I2_NR + 16 * piece */
-#define I2_BUF 3200 /* one unit's bytes (at 4 value groups) */
-#define I2_PBS 48   /* halves per row of the per-warp p buffer (96 bytes: no bank conflicts) */
-
-__device__ __forceinline__ void cp_async_commit(void)
-{
-	asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait1(void)
-{
-	asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-
-/* two bf16 (low, high) -> two f16, exact for |x| in f16's range */
-__device__ __forceinline__ uint32_t bf2_to_h2(uint32_t u)
-{
-	__half2 h = __floats2half2_rn(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-	return *(uint32_t *)&h;
-}
-
-/* codes at bits SH and SH + 16 of u -> -(code * s / 4) for the two scales of s2, exact:
- * x = -(1 + code / 4) (the code as the top two mantissa bits under sign and exponent
- * 0xBC00), then fma(x, s, s). The sign is taken back where the sums are used. */
-template <int SH> __device__ __forceinline__ uint32_t i2_deq(uint32_t u, uint32_t s2, uint32_t magic)
-{
-	uint32_t x = SH < 8 ? u << (8 - SH) : SH > 8 ? u >> (SH - 8) : u;
-	/* (x & 0x03000300) | magic in one LOP3: the magic (0xBC00BC00) comes in a register,
-	 * else ptxas splits it into two LOP3s with an immediate each */
-	asm("lop3.b32 %0, %0, 0x03000300, %1, 0xEA;" : "+r"(x) : "r"(magic));
-	__half2 s = *(__half2 *)&s2;
-	__half2 r = __hfma2(*(__half2 *)&x, s, s);
-	return *(uint32_t *)&r;
-}
-
-/* What one lane copies per unit besides codes: up to 3 16-byte pieces of the norms, the key
- * group's scales and zeros, and the unit's value scales and zeros (40 + 8 NG pieces, laid
- * out contiguously from I2_NR in this order). off = the piece's offset in the layer section
- * less its per-unit part; kind (2 bits a slot) says which per-unit part to add: 0 the
- * token block (sb * 128), 1 the key group (kgo), 2 the value rows (row0 * NG * 2), 3 none. */
-struct i2_pieces {
-	uint32_t off[3];
-	uint32_t kinds;
-};
-
-template <int NG>
-__device__ __forceinline__ i2_pieces i2_pieces_make(const att_params &p, bool oscar, int lane)
-{
-	constexpr int NP = 40 + 8 * NG;
-	i2_pieces r;
-	r.kinds = 0;
-#pragma unroll
-	for (int j = 0; j < 3; j++) {
-		const int pc = lane + 32 * j;
-		uint32_t kind, off;
-		if (pc >= NP) {
-			kind = 3;
-			off = 0;
-		} else if (pc < 8) {
-			kind = oscar ? 0 : 3;
-			off = p.norms_off + 16 * pc;
-		} else if (pc < 24) {
-			kind = 1;
-			off = p.k_scale_off + 16 * (pc - 8);
-		} else if (pc < 40) {
-			kind = 1;
-			off = p.k_zero_off + 16 * (pc - 24);
-		} else if (pc < 40 + 4 * NG) {
-			kind = 2;
-			off = p.v_scale_off + 16 * (pc - 40);
-		} else {
-			kind = 2;
-			off = p.v_zero_off + 16 * (pc - 40 - 4 * NG);
-		}
-		r.off[j] = off;
-		r.kinds |= kind << (2 * j);
-	}
-	return r;
-}
-
-/* Stages one unit into buf (per-lane cp.async): row0 = h * B + sb * 32 (the unit's first
- * token row), kgo = the byte offset of its key group's scales within the k_scale array. */
-template <int NG>
-__device__ __forceinline__ void i2_stage(const att_params &p, const i2_pieces &pcs,
-					 const uint8_t *sec, uint32_t row0, uint32_t sb, uint32_t kgo,
-					 uint8_t *buf, int lane)
-{
-	const uint32_t co = row0 * 32 + 16 * lane;
-	cp_async16(buf + I2_KC + 16 * lane, sec + (p.k_codes_off + co));
-	cp_async16(buf + I2_KC + 512 + 16 * lane, sec + (p.k_codes_off + co + 512));
-	cp_async16(buf + I2_VC + 16 * lane, sec + (p.v_codes_off + co));
-	cp_async16(buf + I2_VC + 512 + 16 * lane, sec + (p.v_codes_off + co + 512));
-	const uint32_t d0 = sb * 128, d1 = kgo, d2 = row0 * NG * 2;
-#pragma unroll
-	for (int j = 0; j < 3; j++) {
-		const uint32_t kind = (pcs.kinds >> (2 * j)) & 3;
-		const uint32_t d = kind == 0 ? d0 : kind == 1 ? d1 : d2;
-		if (kind != 3)
-			cp_async16(buf + I2_NR + 16 * (lane + 32 * j), sec + (pcs.off[j] + d));
-	}
-}
-
-#ifndef I2_FRAG_SMEM
-#define I2_FRAG_SMEM 0 /* 1: key fragments (q', scale pairs) in shared memory, 32 fewer registers */
-#endif
-template <int GV>
-__device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_item_dev &it, uint32_t u0,
-				uint32_t u1, const float *qf, uint8_t *stage, uint16_t *pbh,
-				float *zsm, float *rm, float *rl, float *racc, const uint2 *bqs,
-				uint2 *kss, int lane)
-{
-	constexpr int D = 128, NG = D / GV;
-	const int gid = lane >> 2, tig = lane & 3;
-	const int hq = gid & 3;          /* fragment row / column gid: head gid & 3 ... */
-	const bool lo_half = gid >= 4;   /* ... its f16 high part (gid < 4) or low part */
-	const int sq = tig & 1;          /* logits: this lane's heads are 2sq, 2sq + 1 */
-	const uint32_t upc = p.B / 32, h = it.kv_head;
-	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
-	const int vg = (16 * gid) / GV;  /* the value group of this lane's channels */
-
-	/* B fragments of the keys: q' of head hq (hi or lo) at this lane's channel pairs
-	 * (c, c + 8), c = tig * 32 + (pr / 8) * 16 + pr % 8 for pair pr (k-step pr / 2) */
-#if !I2_FRAG_SMEM
-	uint32_t bq[8][2];
-#pragma unroll
-	for (int pr = 0; pr < 16; pr++) {
-		const int c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
-		const float x = qf[hq * D + c0], y = qf[hq * D + c0 + 8];
-		uint32_t hi, lo;
-		split_h2(x, y, hi, lo);
-		bq[pr / 2][pr % 2] = lo_half ? lo : hi;
-	}
-#else
-	(void)qf;
-#endif
-
-	float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.0f, 0.0f};
-	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
-#if !I2_FRAG_SMEM
-	uint32_t ks2[16];
-#endif
-	float biasA = 0.0f, biasB = 0.0f;
-	uint32_t cached = 0xffffffffu;
-
-	/* unit positions (chunk index, 32-token block in the chunk) of units u, u+1, u+2,
-	 * advanced by counting (no integer division in the loop) */
-	uint32_t ci0 = it.first + u0 / upc, sb0 = u0 % upc;
-	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
-	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
-	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
-	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
-	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
-	att_chunk_dev chA, chB;
-	chA.sec = NULL;
-	chA.pins = NULL;
-	chA.n_pinned = 0;
-	chB = chA;
-	if (u0 < u1) {
-		chA = p.chunks[ci0];
-		i2_stage<NG>(p, pcs, chA.sec, hB + sb0 * 32, sb0, kgbase + (sb0 >> p.gsh) * 256,
-			     stage, lane);
-		if (u0 + 1 < u1)
-			chB = p.chunks[ci1];
-	}
-	cp_async_commit();
-
-	for (uint32_t u = u0; u < u1; u++) {
-		const uint32_t ci = ci0, sb = sb0;
-		const att_chunk_dev ch = chA;
-		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
-		if (u + 1 < u1) {
-			i2_stage<NG>(p, pcs, chB.sec, hB + sb1 * 32, sb1, kgbase + (sb1 >> p.gsh) * 256,
-				     stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
-			chA = chB;
-			if (u + 2 < u1)
-				chB = p.chunks[ci2];
-		}
-		ci0 = ci1;
-		sb0 = sb1;
-		ci1 = ci2;
-		sb1 = sb2;
-		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
-		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
-		cp_async_commit();
-		cp_async_wait1(); /* this unit's copies (all but the newest group) */
-		__syncwarp();
-
-		/* key group: the scale pairs of this lane's channels, and the zero term */
-		const uint32_t g = sb >> p.gsh;
-		if (ci * 64 + g != cached) {
-			cached = ci * 64 + g;
-			const uint4 *kv = (const uint4 *)(bf + I2_KS + tig * 64);
-			const uint4 a0 = kv[0], a1 = kv[1], a2 = kv[2], a3 = kv[3];
-#if I2_FRAG_SMEM
-			uint32_t ks2[16];
-#endif
-#pragma unroll
-			for (int pr = 0; pr < 16; pr++) {
-				const uint4 &x = pr < 8 ? a0 : a2, &y = pr < 8 ? a1 : a3;
-				const int e = pr % 8;
-				const uint32_t wx = u4_word(x, e / 2), wy = u4_word(y, e / 2);
-				/* bf16 -> f32 is a byte move: (0, 0, lo byte, hi byte) */
-				const uint32_t sel = (e & 1) ? 0x3244 : 0x1044;
-				__half2 hh = __floats2half2_rn(__uint_as_float(__byte_perm(wx, 0, sel)),
-							       __uint_as_float(__byte_perm(wy, 0, sel)));
-				ks2[pr] = *(uint32_t *)&hh;
-			}
-#if I2_FRAG_SMEM
-#pragma unroll
-			for (int k = 0; k < 8; k++)
-				kss[k * 32 + lane] = make_uint2(ks2[2 * k], ks2[2 * k + 1]);
-#endif
-			/* <q', z> for the 4 heads: lane takes channels 4 lane .. 4 lane + 3 */
-			const uint2 zz = *(const uint2 *)(bf + I2_KZ + 8 * lane);
-			const float z0 = __uint_as_float(zz.x << 16), z1 = __uint_as_float(zz.x & 0xffff0000u);
-			const float z2 = __uint_as_float(zz.y << 16), z3 = __uint_as_float(zz.y & 0xffff0000u);
-			float v[4];
-#pragma unroll
-			for (int q = 0; q < 4; q++) {
-				const float4 qq = *(const float4 *)(qf + q * D + 4 * lane);
-				v[q] = fmaf(qq.x, z0, fmaf(qq.y, z1, fmaf(qq.z, z2, qq.w * z3)));
-			}
-			/* reduce-scatter: lane ends with head 2 * bit4 + bit3 summed over the warp */
-			const bool b4 = lane & 16, b3 = lane & 8;
-			float r0 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[0] : v[2], 16);
-			float r1 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[1] : v[3], 16);
-			const float k0 = (b4 ? v[2] : v[0]) + r0, k1 = (b4 ? v[3] : v[1]) + r1;
-			float kk = (b3 ? k1 : k0) + __shfl_xor_sync(KVT_FULL_MASK, b3 ? k0 : k1, 8);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 4);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 2);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 1);
-			biasA = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq);
-			biasB = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq + 8);
-		}
-
-		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, head 2sq), (gid, 2sq+1),
-		 * (gid+8, 2sq), (gid+8, 2sq+1) */
-		float lg[2][4];
-		float sacc2[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-		uint2 kr[2][2];
-#pragma unroll
-		for (int mt = 0; mt < 2; mt++) {
-			kr[mt][0] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid) * 32 + tig * 8);
-			kr[mt][1] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid + 8) * 32 + tig * 8);
-		}
-#if I2_FRAG_SMEM
-		__syncwarp(); /* kss written above (new group) */
-#endif
-#pragma unroll
-		for (int k = 0; k < 8; k++) {
-			const int pa = 2 * k, pb = 2 * k + 1;
-#if I2_FRAG_SMEM
-			const uint2 bb = bqs[k * 32 + lane], kq = kss[k * 32 + lane];
-			const uint32_t b0 = bb.x, b1 = bb.y, sa = kq.x, sbb = kq.y;
-#else
-			const uint32_t b0 = bq[k][0], b1 = bq[k][1], sa = ks2[pa], sbb = ks2[pb];
-#endif
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++) {
-				const uint2 r0 = kr[mt][0], r1 = kr[mt][1];
-				const uint32_t w0a = pa < 8 ? r0.x : r0.y, w1a = pa < 8 ? r1.x : r1.y;
-				const uint32_t w0b = pb < 8 ? r0.x : r0.y, w1b = pb < 8 ? r1.x : r1.y;
-				uint32_t a[4];
-				switch (pa % 8) {
-#define I2_KA(S)                                                                     \
-	case S / 2:                                                                  \
-		a[0] = i2_deq<S>(w0a, sa, magic);                                           \
-		a[1] = i2_deq<S>(w1a, sa, magic);                                           \
-		a[2] = i2_deq<S + 2>(w0b, sbb, magic);                                      \
-		a[3] = i2_deq<S + 2>(w1b, sbb, magic);                                      \
-		break;
-				I2_KA(0) I2_KA(4) I2_KA(8) I2_KA(12)
-#undef I2_KA
-				default:
-					break;
-				}
-				mma16816(sacc2[mt], a, b0, b1);
-			}
-		}
-#pragma unroll
-		for (int mt = 0; mt < 2; mt++) {
-			const int t0 = mt * 16 + gid, t1 = t0 + 8;
-			float *sacc = sacc2[mt];
-			/* columns 2tig, 2tig+1 of lanes tig and tig ^ 2: hi and lo of the same heads */
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				sacc[i] += __shfl_xor_sync(KVT_FULL_MASK, sacc[i], 2);
-			bool pin0 = false, pin1 = false;
-			for (uint32_t i = 0; i < ch.n_pinned; i++) {
-				const uint32_t pt = ch.pins[i];
-				pin0 |= pt == sb * 32 + t0;
-				pin1 |= pt == sb * 32 + t1;
-			}
-			const float n0 = oscar ? ((const float *)(bf + I2_NR))[t0] : 1.0f;
-			const float n1 = oscar ? ((const float *)(bf + I2_NR))[t1] : 1.0f;
-			/* sacc = -<q', code * s> / 4 (i2_deq's sign) */
-			lg[mt][0] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[0], biasA);
-			lg[mt][1] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[1], biasB);
-			lg[mt][2] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[2], biasA);
-			lg[mt][3] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[3], biasB);
-		}
-
-		/* online softmax for heads 2sq, 2sq+1; p goes to pbh as f16 hi (lanes tig < 2) or
-		 * lo (tig >= 2), row part * 4 + head, tokens of a 16-token tile permuted so that
-		 * the value fragment's tokens (tig, tig+4, tig+8, tig+12) are adjacent */
-		float alpha[2];
-		float pv[2][2][2]; /* [mt][row][qi] */
-#pragma unroll
-		for (int qi = 0; qi < 2; qi++) {
-			float mx = fmaxf(fmaxf(lg[0][qi], lg[0][qi + 2]), fmaxf(lg[1][qi], lg[1][qi + 2]));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
-			const float mn = fmaxf(m2[qi], mx);
-			alpha[qi] = 1.0f;
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++)
-				pv[mt][0][qi] = pv[mt][1][qi] = 0.0f;
-			if (mn != -INFINITY) {
-				alpha[qi] = __expf(m2[qi] - mn);
-#pragma unroll
-				for (int mt = 0; mt < 2; mt++) {
-					pv[mt][0][qi] = __expf(lg[mt][qi] - mn);     /* exp(-inf) = 0 */
-					pv[mt][1][qi] = __expf(lg[mt][qi + 2] - mn);
-				}
-				l2[qi] = l2[qi] * alpha[qi] + pv[0][0][qi] + pv[0][1][qi] + pv[1][0][qi] + pv[1][1][qi];
-				m2[qi] = mn;
-			}
-		}
-		{
-			const int part = tig >> 1;
-			uint16_t *row0 = pbh + (part * 4 + 2 * sq) * I2_PBS, *row1 = row0 + I2_PBS;
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-				for (int r = 0; r < 2; r++) {
-					const int tt = gid + 8 * r; /* token in the tile */
-					const int pos = mt * 16 + (tt & 3) * 4 + (tt >> 2);
-					uint32_t hi, lo;
-					split_h2(pv[mt][r][0], pv[mt][r][1], hi, lo);
-					const uint32_t w = part ? lo : hi;
-					row0[pos] = (uint16_t)(w & 0xffff);
-					row1[pos] = (uint16_t)(w >> 16);
-				}
-			}
-		}
-		__syncwarp();
-
-		/* values; the accumulators are rescaled only when some running max moved (after
-		 * the first units of an item it rarely does) */
-		if (!__all_sync(KVT_FULL_MASK, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				vacc[i][0] *= alpha[0];
-				vacc[i][1] *= alpha[1];
-				vacc[i][2] *= alpha[0];
-				vacc[i][3] *= alpha[1];
-			}
-			zacc[0] *= alpha[0];
-			zacc[1] *= alpha[1];
-		}
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			const uint2 pb = *(const uint2 *)(pbh + gid * I2_PBS + kk * 16 + tig * 4);
-			const int T = kk * 16 + tig; /* tokens T, T+4 (pair 0), T+8, T+12 (pair 1) */
-			const uint32_t *vw = (const uint32_t *)(bf + I2_VC) + gid;
-			const uint32_t wa = vw[T * 8], wb = vw[(T + 4) * 8], wc = vw[(T + 8) * 8],
-				       wd = vw[(T + 12) * 8];
-			const uint32_t ul0 = __byte_perm(wa, wb, 0x5410), uh0 = __byte_perm(wa, wb, 0x7632);
-			const uint32_t ul1 = __byte_perm(wc, wd, 0x5410), uh1 = __byte_perm(wc, wd, 0x7632);
-			const uint16_t *vs = (const uint16_t *)(bf + I2_VS),
-				       *vz = (const uint16_t *)(bf + I2_VS + 64 * NG);
-			const uint32_t s0 = bf2_to_h2((uint32_t)vs[T * NG + vg] | ((uint32_t)vs[(T + 4) * NG + vg] << 16));
-			const uint32_t s1 = bf2_to_h2((uint32_t)vs[(T + 8) * NG + vg] | ((uint32_t)vs[(T + 12) * NG + vg] << 16));
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				uint32_t a[4];
-				switch (i) {
-#define I2_VA(I)                                                 \
-	case I:                                                  \
-		a[0] = i2_deq<2 * I>(ul0, s0, magic);                   \
-		a[1] = i2_deq<2 * I>(uh0, s0, magic);                   \
-		a[2] = i2_deq<2 * I>(ul1, s1, magic);                   \
-		a[3] = i2_deq<2 * I>(uh1, s1, magic);                   \
-		break;
-				I2_VA(0) I2_VA(1) I2_VA(2) I2_VA(3) I2_VA(4) I2_VA(5) I2_VA(6) I2_VA(7)
-#undef I2_VA
-				default:
-					break;
-				}
-				mma16816(vacc[i], a, pb.x, pb.y);
-			}
-			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
-			uint32_t az[4] = {0u, 0u, 0u, 0u};
-			if (gid < NG) {
-				az[0] = bf2_to_h2((uint32_t)vz[T * NG + gid] | ((uint32_t)vz[(T + 4) * NG + gid] << 16));
-				az[2] = bf2_to_h2((uint32_t)vz[(T + 8) * NG + gid] | ((uint32_t)vz[(T + 12) * NG + gid] << 16));
-			}
-			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, pb.x, pb.y);
-		}
-		__syncwarp(); /* the next iteration stages into the buffer read here */
-	}
-
-	/* the warp's partial in the reduction layout: racc[head][channel] */
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
-	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
-	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
-	if (gid < NG && tig < 2) {
-		zsm[(2 * tig) * 4 + gid] = zacc[0];
-		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
-	}
-	__syncwarp();
-	if (tig < 2) {
-		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
-		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
-#pragma unroll
-		for (int i = 0; i < 8; i++) {
-			/* vacc = -sum p * code * s / 4 (i2_deq's sign) */
-			oa[i] = fmaf(-4.0f, vacc[i][0], za);
-			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
-			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
-			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
-		}
-	}
-#pragma unroll
-	for (int qi = 0; qi < 2; qi++) {
-		float l = l2[qi];
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
-		if (gid == 0 && tig < 2) {
-			rm[2 * sq + qi] = m2[qi];
-			rl[2 * sq + qi] = l;
-		}
-	}
-}
-
-/* The combine step inside the block that finished a group's last item: warp w merges items
- * w, w + ATT_WARPS, ... for every query head with a running maximum (no load waits on
- * another), the warps meet in shared memory (sm: RQ * ATT_WARPS * (2 + 2 D) floats) and
- * warp q finalises head q: rotation back, normalisation, store. Partials written by other
- * blocks are read through L2 (ld.cg). */
-template <int D>
-__device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *sm)
-{
-	constexpr int EPL = D / 32, N = RQ;
-	const att_group_dev g = p.groups[gi];
-	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-	float *s_ml = sm, *s_rot = sm + N * ATT_WARPS * 2, *s_ex = s_rot + N * ATT_WARPS * D;
-	float Mw[N], L[N], rot[N][EPL], ex[N][EPL];
-#pragma unroll
-	for (int q = 0; q < N; q++) {
-		Mw[q] = -INFINITY;
-		L[q] = 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			rot[q][e] = ex[q][e] = 0.0f;
-	}
-#pragma unroll 2
-	for (uint32_t i = g.item_begin + w; i < g.item_end; i += ATT_WARPS) {
-		const bool ro = i < g.exact_begin && p.rotv;
-#pragma unroll
-		for (int q = 0; q < N; q++) {
-			const float2 ml = __ldcg((const float2 *)(p.part_ml + ((size_t)i * N + q) * 2));
-			const float4 av = __ldcg((const float4 *)(p.part_acc + ((size_t)i * N + q) * D + lane * EPL));
-			const float a4[4] = {av.x, av.y, av.z, av.w};
-			const float Mn = fmaxf(Mw[q], ml.x);
-			const float fo = Mw[q] == Mn ? 1.0f : __expf(Mw[q] - Mn);
-			const float f = ml.x == -INFINITY ? 0.0f : __expf(ml.x - Mn);
-			Mw[q] = Mn;
-			L[q] = fmaf(ml.y, f, L[q] * fo);
-			const float fr = ro ? f : 0.0f, fe = f - fr;
-#pragma unroll
-			for (int e = 0; e < EPL; e++) {
-				rot[q][e] = fmaf(a4[e], fr, rot[q][e] * fo);
-				ex[q][e] = fmaf(a4[e], fe, ex[q][e] * fo);
-			}
-		}
-	}
-#pragma unroll
-	for (int q = 0; q < N; q++) {
-		if (lane == 0) {
-			s_ml[(q * ATT_WARPS + w) * 2] = Mw[q];
-			s_ml[(q * ATT_WARPS + w) * 2 + 1] = L[q];
-		}
-#pragma unroll
-		for (int e = 0; e < EPL; e++) {
-			s_rot[(q * ATT_WARPS + w) * D + lane * EPL + e] = rot[q][e];
-			s_ex[(q * ATT_WARPS + w) * D + lane * EPL + e] = ex[q][e];
-		}
-	}
-	__syncthreads();
-	const int q = w;
-	if ((uint32_t)q >= g.nq)
-		return;
-	float M = -INFINITY;
-#pragma unroll
-	for (int v = 0; v < ATT_WARPS; v++)
-		M = fmaxf(M, s_ml[(q * ATT_WARPS + v) * 2]);
-	float Lt = 0.0f, r[EPL], x[EPL];
-#pragma unroll
-	for (int e = 0; e < EPL; e++)
-		r[e] = x[e] = 0.0f;
-#pragma unroll
-	for (int v = 0; v < ATT_WARPS; v++) {
-		const float mv = s_ml[(q * ATT_WARPS + v) * 2];
-		const float f = mv == -INFINITY ? 0.0f : __expf(mv - M);
-		Lt = fmaf(s_ml[(q * ATT_WARPS + v) * 2 + 1], f, Lt);
-#pragma unroll
-		for (int e = 0; e < EPL; e++) {
-			r[e] = fmaf(s_rot[(q * ATT_WARPS + v) * D + lane * EPL + e], f, r[e]);
-			x[e] = fmaf(s_ex[(q * ATT_WARPS + v) * D + lane * EPL + e], f, x[e]);
-		}
-	}
-	if (p.rotv)
-		kvt_d_fwht<EPL>(r, lane, p.inv_sqrt_d);
-	const float inv = Lt > 0.0f ? 1.0f / Lt : 0.0f;
-	float *o = p.reqs[g.req].out + (size_t)(g.q_base + q) * D + lane * EPL;
-#pragma unroll
-	for (int e = 0; e < EPL; e++)
-		o[e] = (r[e] + x[e]) * inv;
-}
-
-#ifndef I2_MINB
-#define I2_MINB 4
-#endif
-template <int GV>
-__global__ void __launch_bounds__(ATT_THREADS, I2_MINB) attend_i2_kernel(att_params p)
-{
-	constexpr int D = 128, EPL = D / 32;
-	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
-	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
-	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * I2_BUF];
-	__shared__ __align__(16) uint16_t pbh[ATT_WARPS][8 * I2_PBS];
-	__shared__ float zsm[ATT_WARPS][16];
-	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
-#if I2_FRAG_SMEM
-	__shared__ uint2 bqs[8 * 32];            /* q' key fragments [k-step][lane] */
-	__shared__ uint2 kss[ATT_WARPS][8 * 32]; /* per warp: key scale pairs [k-step][lane] */
-#endif
-	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
-	float *red_acc = (float *)&stage[0][0];
-	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
-
-	const att_item_dev it = p.items[blockIdx.x];
-	const att_req_dev rq = p.reqs[it.req];
-	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	for (int q = warp; q < RQ; q += ATT_WARPS) {
-		float x[EPL];
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			x[e] = (uint32_t)q < it.nq
-				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
-						  rq.q_dtype) * rq.scale
-				       : 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qo[q * D + lane * EPL + e] = x[e];
-		if (p.rotk)
-			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qf[q * D + lane * EPL + e] = x[e];
-	}
-	__syncthreads();
-
-#if I2_FRAG_SMEM
-	{
-		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment (hi or lo) */
-		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			const int k = 2 * warp + kk;
-			uint32_t f[2];
-#pragma unroll
-			for (int j = 0; j < 2; j++) {
-				const int pr = 2 * k + j, c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
-				uint32_t hi, lo;
-				split_h2(qf[hq * D + c0], qf[hq * D + c0 + 8], hi, lo);
-				f[j] = gid >= 4 ? lo : hi;
-			}
-			bqs[k * 32 + lane] = make_uint2(f[0], f[1]);
-		}
-	}
-	__syncthreads();
-	const uint2 *bq_p = bqs;
-	uint2 *ks_p = kss[warp];
-#else
-	const uint2 *bq_p = NULL;
-	uint2 *ks_p = NULL;
-#endif
-	/* a warp's reduction slot is the start of its own stage: its own copies are done */
-	float *racc = (float *)&stage[warp][0];
-	if (it.kind == ITEM_CODED) {
-		uint32_t units = it.count * (p.B / 32);
-		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
-		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i2<GV>(p, it, u0, u1, qf, &stage[warp][0], pbh[warp], zsm[warp],
-				    red_m[warp], red_l[warp], racc, bq_p, ks_p, lane);
-		cp_async_wait_all();
-		__syncwarp();
-	} else {
-		warp_state<EPL, RQ> st;
-		state_init<EPL, RQ>(st);
-		float *pbuf = (float *)&stage[warp][RQ * D * 4]; /* 32 x RQ floats after racc */
-		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
-		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
-		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
-		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
-		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
-		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
-	}
-	block_merge_strided<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
-	if (!p.fused)
-		return;
-	/* fused combine: the block that completes its group merges it */
-	__shared__ uint32_t s_last;
-	__threadfence(); /* this block's partial is visible before it is counted */
-	__syncthreads();
-	if (threadIdx.x == 0) {
-		const att_group_dev g = p.groups[it.group];
-		const uint32_t done = atomicAdd(&p.counters[it.group], 1u) + 1u;
-		s_last = done == g.item_end - g.item_begin;
-		if (s_last)
-			p.counters[it.group] = 0; /* every item of this run has counted */
-	}
-	__syncthreads();
-	if (!s_last)
-		return;
-	__threadfence();
-	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * I2_BUF, "fits the stages");
-	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
-}
-
 /* One block per (group, query head): CMB_W warps, each merging every CMB_W-th item with a
  * running maximum (its loads never wait on another load: no separate max pass), then the
  * warps merge through shared memory, the quantized-value sum is rotated back (H is its own
  * inverse) and normalised. A group of 65 items costs about two memory round trips. */
 #define CMB_W 8
+#define CMB_B 8 /* items per warp whose loads are in flight together */
 template <int D, int N>
 __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 {
@@ -1634,26 +650,51 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		rot[e] = ex[e] = 0.0f;
-#pragma unroll 8
-	for (uint32_t i = g.item_begin + part; i < g.item_end; i += CMB_W) {
-		const float m = p.part_ml[((size_t)i * N + q) * 2];
-		const float l = p.part_ml[((size_t)i * N + q) * 2 + 1];
-		const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
-		float av[EPL];
+	/* items in batches of CMB_B per warp: every load of a batch is issued before the first
+	 * use (a loop with one item per trip waited one memory round trip per item: 7.4 us for
+	 * 65 items at 1 x 131072, measured) */
+	for (uint32_t i0 = g.item_begin + part; i0 < g.item_end; i0 += CMB_B * CMB_W) {
+		float mb[CMB_B], lb[CMB_B], av[CMB_B][EPL];
 #pragma unroll
-		for (int e = 0; e < EPL; e++)
-			av[e] = a[e];
-		const float Mn = fmaxf(Mw, m);
-		const float fo = Mw == Mn ? 1.0f : __expf(Mw - Mn); /* rescale what is merged */
-		const float f = m == -INFINITY ? 0.0f : __expf(m - Mn);
-		Mw = Mn;
-		L = fmaf(l, f, L * fo);
-		/* quantized chunk runs hold rotated values (when the codec rotates them) */
-		const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
+		for (int b = 0; b < CMB_B; b++) {
+			const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
+			const float2 ml = *(const float2 *)(p.part_ml + ((size_t)i * N + q) * 2);
+			mb[b] = ml.x;
+			lb[b] = ml.y;
+			const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
+			if constexpr (EPL % 4 == 0) {
 #pragma unroll
-		for (int e = 0; e < EPL; e++) {
-			rot[e] = fmaf(av[e], fr, rot[e] * fo);
-			ex[e] = fmaf(av[e], fe, ex[e] * fo);
+				for (int e = 0; e < EPL; e += 4) {
+					const float4 v = *(const float4 *)(a + e);
+					av[b][e] = v.x;
+					av[b][e + 1] = v.y;
+					av[b][e + 2] = v.z;
+					av[b][e + 3] = v.w;
+				}
+			} else {
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					av[b][e] = a[e];
+			}
+		}
+#pragma unroll
+		for (int b = 0; b < CMB_B; b++) {
+			const uint32_t i = i0 + b * CMB_W;
+			if (i >= g.item_end)
+				break;
+			const float m = mb[b], l = lb[b];
+			const float Mn = fmaxf(Mw, m);
+			const float fo = Mw == Mn ? 1.0f : __expf(Mw - Mn); /* rescale what is merged */
+			const float f = m == -INFINITY ? 0.0f : __expf(m - Mn);
+			Mw = Mn;
+			L = fmaf(l, f, L * fo);
+			/* quantized chunk runs hold rotated values (when the codec rotates them) */
+			const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
+#pragma unroll
+			for (int e = 0; e < EPL; e++) {
+				rot[e] = fmaf(av[b][e], fr, rot[e] * fo);
+				ex[e] = fmaf(av[b][e], fe, ex[e] * fo);
+			}
 		}
 	}
 	if (lane == 0) {
@@ -1769,6 +810,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * significands) */
 	const bool i2 = mma && rqn == RQ && cfg->key_bits == 2 && cfg->dtype == KVT_DTYPE_BF16 &&
 			getenv("KVTIER_CUDA_NO_I2") == NULL;
+	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
+	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
+	uint32_t i2v = 0;
+	if (i2) {
+		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
+		i2v = v && atoi(v) == 1 ? 1 : 2;
+	}
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -1782,23 +830,16 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * of leaving a half-empty second wave. KVTIER_CUDA_IPS (blocks per multiprocessor)
 	 * and KVTIER_CUDA_CPI (chunks per item) override it for tuning runs and tests. */
 	int bps = 4;
-	/* resident blocks per multiprocessor of the INT2 kernel, per G (asked once: the first
-	 * query costs milliseconds) */
-	static int occ_cache[3];
+	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
+	 * the first query costs milliseconds) */
+	static int occ_cache[3][3];
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
-	if (i2 && occ_cache[occ_i] > 0) {
-		bps = occ_cache[occ_i];
-	} else if (i2) {
-		int nb = 0;
-		const uint32_t gv0 = cfg->group < 128 ? cfg->group : 128;
-		cudaError_t oe = gv0 == 32
-			? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<32>, ATT_THREADS, 0)
-			: gv0 == 64
-			? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<64>, ATT_THREADS, 0)
-			: cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<128>, ATT_THREADS, 0);
-		if (oe == cudaSuccess && nb > 0)
-			bps = occ_cache[occ_i] = nb;
-		(void)cudaGetLastError();
+	if (i2v && occ_cache[i2v][occ_i] > 0) {
+		bps = occ_cache[i2v][occ_i];
+	} else if (i2v) {
+		const int nb = kvt_att_i2_blocks_per_sm(i2v, cfg->group < 128 ? cfg->group : 128);
+		if (nb > 0)
+			bps = occ_cache[i2v][occ_i] = nb;
 	}
 	if (getenv("KVTIER_CUDA_IPS") && atoi(getenv("KVTIER_CUDA_IPS")) > 0)
 		bps = atoi(getenv("KVTIER_CUDA_IPS"));
@@ -1993,10 +1034,19 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.groups = (const att_group_dev *)(db + o_groups);
 		p.reqs = (const att_req_dev *)(db + o_reqs);
 		p.counters = (uint32_t *)(db + o_cnt);
-		/* measured on the H200: 1 x 131072 73.8 us fused vs 70.4 separate (the completing
-		 * block merges 65 partials x 4 heads with 4 warps, on the critical path); 8 x 32768
-		 * and 48 x 4096 within 1.5%: off unless asked for */
-		p.fused = i2 && getenv("KVTIER_CUDA_FUSED_COMBINE") != NULL;
+		/* Fused combine (the block that completes a group merges it: one launch per step)
+		 * for short groups only. H200, keys-as-B kernel, same call: 1 x 131072 (65 items per
+		 * group) 61.3 us fused vs 58.1 separate (the completing block merges 65 partials x 4
+		 * heads with 4 warps, on the critical path); 8 x 32768 (9 per group) 106.0 vs 107.3;
+		 * 48 x 4096 (5 per group) 100.1 vs 101.9. KVTIER_CUDA_FUSED_COMBINE=1 / 0 forces it
+		 * on / off (tests, A/B runs). */
+		uint32_t longest = 0;
+		for (size_t gi = 0; gi < n_groups; gi++) {
+			const uint32_t n = groups[gi].item_end - groups[gi].item_begin;
+			longest = n > longest ? n : longest;
+		}
+		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
+		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= 16);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;
@@ -2010,7 +1060,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.kb = none ? 16 : cfg->key_bits;
 		p.rqn = rqn;
 		p.mma = mma;
-		p.i2 = i2;
+		p.i2 = i2v;
 		p.gsh = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
 		p.vb = none ? 16 : cfg->value_bits;
 		p.norms_off = (uint32_t)lay0.norms_off;
@@ -2044,7 +1094,8 @@ out:
 template <int D, int KB, int VB>
 static cudaError_t att_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_kernel<D, KB, VB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	const att_params_base pb = pl->p; /* session 1's parameter block (see att_params_base) */
+	attend_kernel<D, KB, VB><<<pl->n_items, ATT_THREADS, 0, s>>>(pb);
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return e;
@@ -2085,12 +1136,8 @@ static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s
 	return cudaGetLastError();
 }
 
-template <int GV> static cudaError_t att_launch_i2(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	cudaError_t e;
-	attend_i2_kernel<GV><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	if ((e = cudaGetLastError()) != cudaSuccess || pl->p.fused)
-		return e;
 	combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
@@ -2099,8 +1146,7 @@ static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream
 {
 	uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (pl->p.i2)
-		return gv == 32 ? att_launch_i2<32>(pl, s)
-		       : gv == 64 ? att_launch_i2<64>(pl, s) : att_launch_i2<128>(pl, s);
+		return kvt_att_i2_launch(pl, s);
 	if (pl->p.kb == 2)
 		return gv == 32 ? att_launch_mma<2, 32>(pl, s)
 		       : gv == 64 ? att_launch_mma<2, 64>(pl, s) : att_launch_mma<2, 128>(pl, s);

@@ -276,7 +276,10 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 	       bits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
 	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores"
-	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2")) ? "mma_i2" : "mma");
+	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2"))
+		       ? (getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 1
+				  ? "mma_i2_v1" : "mma_i2")
+		       : "mma");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));

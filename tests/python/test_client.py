@@ -847,6 +847,19 @@ def test_python_and_c_clients_agree(client, daemon, sid, rng, tmp_path):
     fk, fv = client.fetch(py, tokens=(5, 2 * B + 10), dtype="f32")
     np.testing.assert_array_equal(np.load(tmp_path / "ok.npy"), fk)
     np.testing.assert_array_equal(np.load(tmp_path / "ov.npy"), fv)
+    # key_rounding through both clients: the same mse chunks, and kvtierctl stat names it
+    py2, c2 = sid("py-mse"), sid("c-mse")
+    client.open_session(py2, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16",
+                        codec=dict(codec, key_rounding="mse"))
+    client.append(py2, k, v)
+    run("put", c2, "--k", str(tmp_path / "k.npy"), "--v", str(tmp_path / "v.npy"),
+        "--scheme", "oscar", "--key-bits", "2", "--value-bits", "2", "--group", "32",
+        "--chunk-tokens", str(B), "--sinks", "4", "--key-rounding", "mse")
+    assert client.stat(c2).codec == client.stat(py2).codec
+    assert client.stat(c2).codec["key_rounding"] == "mse"
+    assert client.fetch_encoded(c2).chunks == client.fetch_encoded(py2).chunks
+    assert client.fetch_encoded(c2).chunks != client.fetch_encoded(c).chunks
+    assert "key_rounding mse" in run("stat", c2).stdout
 
 
 def test_prefetch(client, sid):

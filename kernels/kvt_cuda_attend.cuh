@@ -1,0 +1,353 @@
+/*
+ * kvt_cuda_attend.cuh - what the decode-attention translation units share: the plan's device
+ * descriptors, the kernel parameters and the device helpers used by more than one kernel.
+ *
+ * The INT2 tensor-core kernels live in kvt_cuda_attend_i2.cu, apart from the other kernels
+ * (kvt_cuda_attend.cu): with every kernel in one file, NVVM compiled the CUDA-core kernel
+ * (attend_kernel) differently from session 1 (96 instead of 103 registers at <128,4,4>) and it
+ * ran 1.8x slower (docs/gpu.md, "Known regression").
+ */
+#ifndef KVT_CUDA_ATTEND_CUH
+#define KVT_CUDA_ATTEND_CUH
+
+#include <math.h>
+
+#include "cuda_internal.cuh"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define RQ 4 /* query heads per item */
+
+enum { ITEM_CODED = 0, ITEM_EXACT = 1, ITEM_NONE_CHUNKS = 2 };
+
+struct att_req_dev {
+	const void *q;
+	float *out;
+	float scale;
+	uint32_t q_dtype;
+};
+
+struct att_chunk_dev {
+	const uint8_t *sec; /* this request's layer section */
+	const uint16_t *pins;
+	uint32_t n_pinned;
+	uint32_t k_exact_off, v_exact_off;
+};
+
+struct att_item_dev {
+	uint32_t req, kind, kv_head, q_base, nq, first, count;
+	uint32_t group; /* its group (the combine tells rotated items by exact_begin) */
+	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
+};
+
+struct att_group_dev {
+	uint32_t req, q_base, nq, item_begin, item_end;
+	uint32_t exact_begin; /* items [item_begin, exact_begin) are quantized chunk runs */
+};
+
+/* What the CUDA-core kernel (attend_kernel) reads: session 1's parameter block, kept apart
+ * because its size decides how ptxas compiles that kernel. With the INT2 fields below in
+ * the same block, ptxas gave attend_kernel<128,2,2> 96 registers instead of 103 and the
+ * kernel ran 1.8x slower on the H200 (491 vs 269 us at 1 x 131072; session 1's source
+ * compiled with just those four fields added gives 96 registers too: docs/gpu.md). */
+struct att_params_base {
+	const att_item_dev *items;
+	const att_chunk_dev *chunks;
+	const att_req_dev *reqs;
+	const att_group_dev *groups;
+	float *part_ml;  /* [n_items][RQ][2] */
+	float *part_acc; /* [n_items][RQ][D] */
+	uint32_t B, G, H, scheme, dtype, sbf, rotk, rotv, kb, vb, rqn, mma;
+	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
+		v_codes_off;
+	float inv_sqrt_d;
+};
+
+struct att_params : att_params_base {
+	/* INT2 kernel */
+	uint32_t i2;
+	uint32_t gsh; /* log2(G / 32): the key group of 32-token block sb is sb >> gsh */
+	/* fused combine (INT2 kernel, KVTIER_CUDA_FUSED_COMBINE): items done per group; the
+	 * block that completes a group merges it (and sets its counter back to 0 for the next
+	 * run of the plan) */
+	uint32_t *counters;
+	uint32_t fused;
+};
+
+struct kvt_cuda_attend_plan {
+	att_params p;
+	uint32_t D, n_items, n_groups;
+	uint64_t read_bytes;
+	void *dev_block; /* descriptors + scratch, one allocation */
+};
+
+__device__ __forceinline__ float warp_max(float v)
+{
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		v = fmaxf(v, __shfl_xor_sync(KVT_FULL_MASK, v, m));
+	return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		v += __shfl_xor_sync(KVT_FULL_MASK, v, m);
+	return v;
+}
+
+/* Per-warp online softmax state: m uniform, l per lane (summed at the end), acc lane-owned
+ * channels lane*EPL.. of each of N query heads. */
+template <int EPL, int N> struct warp_state {
+	float m[N], l[N], acc[N][EPL];
+};
+
+template <int EPL, int N> __device__ __forceinline__ void state_init(warp_state<EPL, N> &st)
+{
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		st.m[q] = -INFINITY;
+		st.l[q] = 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			st.acc[q][e] = 0.0f;
+	}
+}
+
+/* Folds one 32-token unit's logits (lane = token; -inf = masked) into the state; leaves
+ * p = exp(logit - m) in pbuf[lane][q] for the value pass. Returns false when every logit
+ * so far is -inf (nothing to accumulate). */
+template <int EPL, int N>
+__device__ __forceinline__ bool softmax_unit(warp_state<EPL, N> &st, const float (&lg)[N],
+					     float *pbuf, int lane)
+{
+	bool any = false;
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		float mu = warp_max(lg[q]);
+		float mn = fmaxf(st.m[q], mu);
+		float p = 0.0f;
+		if (mn != -INFINITY) {
+			any = true;
+			float alpha = __expf(st.m[q] - mn); /* exp(-inf) = 0 on the first unit */
+			st.l[q] *= alpha;
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				st.acc[q][e] *= alpha;
+			st.m[q] = mn;
+			p = lg[q] == -INFINITY ? 0.0f : __expf(lg[q] - mn);
+			st.l[q] += p;
+		}
+		pbuf[lane * N + q] = p;
+	}
+	__syncwarp();
+	return any;
+}
+
+/* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
+ * logits against the scaled original-basis query qo [N][D]. */
+template <int D, int N>
+__device__ void attend_rows(const att_params_base &p, warp_state<D / 32, N> &st, const uint8_t *k,
+			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
+			    float *pbuf, int lane)
+{
+	constexpr int EPL = D / 32;
+	for (uint32_t t0 = 0; t0 < n; t0 += 32) {
+		uint32_t t = t0 + lane;
+		float lg[N];
+#pragma unroll
+		for (int q = 0; q < N; q++)
+			lg[q] = -INFINITY;
+		if (t < n) {
+			float a[N];
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				a[q] = 0.0f;
+			for (int c = 0; c < D; c++) {
+				float x = kvt_d_ld(k, (size_t)t * stride + c, p.dtype);
+#pragma unroll
+				for (int q = 0; q < N; q++)
+					a[q] = fmaf(qo[q * D + c], x, a[q]);
+			}
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				lg[q] = a[q];
+		}
+		__syncwarp();
+		if (!softmax_unit<EPL, N>(st, lg, pbuf, lane))
+			continue;
+		uint32_t m = min(32u, n - t0);
+		for (uint32_t jj = 0; jj < m; jj++) {
+			size_t base = (size_t)(t0 + jj) * stride + lane * EPL;
+			float x[EPL];
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				x[e] = kvt_d_ld(v, base + e, p.dtype);
+#pragma unroll
+			for (int q = 0; q < N; q++) {
+				float pq = pbuf[jj * N + q];
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					st.acc[q][e] = fmaf(pq, x[e], st.acc[q][e]);
+			}
+		}
+		__syncwarp();
+	}
+}
+
+/* Writes a warp's lane-per-channel state to the block's reduction arrays. */
+template <int D, int N>
+__device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, float *rm, float *rl,
+					    float *racc, int lane)
+{
+	constexpr int EPL = D / 32;
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		float l = warp_sum(st.l[q]);
+		if (lane == 0) {
+			rm[q] = st.m[q];
+			rl[q] = l;
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			racc[q * D + lane * EPL + e] = st.acc[q][e];
+	}
+}
+
+/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
+ * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
+template <int D, int N>
+__device__ void block_merge(const att_params_base &p, const float *red_m, const float *red_l,
+			    const float *red_acc)
+{
+	__syncthreads();
+	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
+		int q = i / D;
+		float M = -INFINITY;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			M = fmaxf(M, red_m[w * N + q]);
+		float L = 0.0f, A = 0.0f;
+		if (M != -INFINITY) {
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				float f = __expf(red_m[w * N + q] - M);
+				L += red_l[w * N + q] * f;
+				A += red_acc[(size_t)w * N * D + i] * f;
+			}
+		}
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
+		if (i % D == 0) {
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
+		}
+	}
+}
+
+/* The same with the warps' partials wstride floats apart (the INT2 kernel keeps them in its
+ * stage buffers). Kept separate from block_merge so that the other kernels compile as
+ * before. */
+template <int D, int N>
+__device__ void block_merge_strided(const att_params &p, const float *red_m, const float *red_l,
+				    const float *red_acc, size_t wstride)
+{
+	__syncthreads();
+	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
+		int q = i / D;
+		float M = -INFINITY;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			M = fmaxf(M, red_m[w * N + q]);
+		float L = 0.0f, A = 0.0f;
+		if (M != -INFINITY) {
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				float f = __expf(red_m[w * N + q] - M);
+				L += red_l[w * N + q] * f;
+				A += red_acc[(size_t)w * wstride + i] * f;
+			}
+		}
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
+		if (i % D == 0) {
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
+		}
+	}
+}
+
+#define RQ8 8
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+					 uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* (code at bit sh, code at bit sh + 16) -> f16x2, exact */
+template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
+{
+	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
+	uint32_t x = ((u >> sh) & M2) | 0x64006400u;
+	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+	return *(uint32_t *)&h;
+}
+
+/* d[0..1] += A * B for the output rows 0..7 only: A's rows 8..15 are zero, so the other two
+ * accumulators stay zero and are shared scratch (z) across calls, halving the registers. */
+__device__ __forceinline__ void mma16816_top(float &d0, float &d1, float &z0, float &z1,
+					     const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+		     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+		     : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
+		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem)
+{
+	uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all(void)
+{
+	asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t u4_word(const uint4 &v, int i)
+{
+	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* 16-bit element c of a register array of uint4 (c known at compile time after unrolling) */
+template <int N> __device__ __forceinline__ uint16_t u4_half(const uint4 (&v)[N], int c)
+{
+	uint32_t w = u4_word(v[c / 8], (c % 8) / 2);
+	return (uint16_t)((c & 1) ? w >> 16 : w & 0xffff);
+}
+
+__device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
+	__half2 h = __halves2half2(hx, hy);
+	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
+	hi = *(uint32_t *)&h;
+	lo = *(uint32_t *)&l;
+}
+
+
+/* The plan builder (kvt_cuda_attend.cu) and the INT2 kernels (kvt_cuda_attend_i2.cu) meet
+ * here. p.i2: 0 not the INT2 kernel, 1 the session-2 kernel (attend_i2_kernel), 2 the
+ * keys-as-B kernel (attend_i3_kernel). */
+/* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv
+ * (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv);
+/* launches the INT2 kernel of pl->p.i2 and, unless fused, the combine */
+cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
+/* the combine kernel for 128-dim heads, RQ heads per group (kvt_cuda_attend.cu) */
+cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
+
+#endif

@@ -1,0 +1,1225 @@
+/*
+ * kvt_cuda_attend_i2.cu - the INT2 tensor-core decode-attention kernels (oscar/kivi INT2, bf16
+ * scales, head_dim 128, at most 4 query heads per KV head), in their own translation unit so
+ * that the other attention kernels compile as they did before these existed.
+ */
+#include <stdlib.h>
+
+#include "kvt_cuda_attend.cuh"
+
+
+/* ---- INT2 tensor-core path with the scales on the code side (oscar/kivi INT2, bf16 scales,
+ * head_dim 128, at most 4 query heads per KV head) -------------------------------------------
+ *
+ * Why a second kernel: in attend_mma_kernel the key scale sits in the query-side fragment
+ * (w = q' * s), rebuilt for every 32-token key group, and the value scale in the p-side
+ * fragment (p * s_v), rebuilt per (16 tokens, value group): ~1,100 of its ~2,200 warp
+ * instructions per 32-token unit. Here the scales go to the code side instead, where they
+ * cost one HFMA2 per pair of codes and are exact: a 2-bit code times a bf16 scale (8-bit
+ * significand) fits f16's 11 bits, so -code * s / 4 = fma(-(1 + code/4), s, s) rounds
+ * nothing (the -(1 + code/4) comes from one shift and one and-or with 0xBC00). The query-side fragment
+ * is then q' itself (f16 hi + lo, built once per item) and the p-side fragment p (hi + lo,
+ * built once per unit).
+ *   keys:   A = code * s_k / 4 [16 tokens][16 channels], B = q' [16 channels][4 heads hi,
+ *           4 heads lo]; logit = n * (<q', z_k> - 4 * acc), the zero term by FMAs once per
+ *           key group;
+ *   values: A = code * s_v / 4 [16 channels][16 tokens] (the lane's 32-bit word of a token
+ *           row holds 16 channels of one value group; two tokens' words are merged with one
+ *           byte permute), B = p [16 tokens][4 heads hi, lo]; the zero term is one more MMA
+ *           with A = z_v [value group][16 tokens].
+ * Every byte of a unit (codes, norms, scales, zeros) is staged into shared memory by
+ * cp.async one unit ahead (double buffer per warp), so loads overlap the previous unit's
+ * arithmetic. */
+#define I2_KC 0
+#define I2_VC 1024
+#define I2_NR 2048
+#define I2_KS 2176
+#define I2_KZ 2432
+#define I2_VS 2688
+/* value zeros at I2_VS + 64 * NG: every piece after the codes lies at I2_NR + 16 * piece */
+#define I2_BUF 3200 /* one unit's bytes (at 4 value groups) */
+#define I2_PBS 48   /* halves per row of the per-warp p buffer (96 bytes: no bank conflicts) */
+
+__device__ __forceinline__ void cp_async_commit(void)
+{
+	asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait1(void)
+{
+	asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+
+/* two bf16 (low, high) -> two f16, exact for |x| in f16's range */
+__device__ __forceinline__ uint32_t bf2_to_h2(uint32_t u)
+{
+	__half2 h = __floats2half2_rn(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+	return *(uint32_t *)&h;
+}
+
+/* codes at bits SH and SH + 16 of u -> -(code * s / 4) for the two scales of s2, exact:
+ * x = -(1 + code / 4) (the code as the top two mantissa bits under sign and exponent
+ * 0xBC00), then fma(x, s, s). The sign is taken back where the sums are used. */
+template <int SH> __device__ __forceinline__ uint32_t i2_deq(uint32_t u, uint32_t s2, uint32_t magic)
+{
+	uint32_t x = SH < 8 ? u << (8 - SH) : SH > 8 ? u >> (SH - 8) : u;
+	/* (x & 0x03000300) | magic in one LOP3: the magic (0xBC00BC00) comes in a register,
+	 * else ptxas splits it into two LOP3s with an immediate each */
+	asm("lop3.b32 %0, %0, 0x03000300, %1, 0xEA;" : "+r"(x) : "r"(magic));
+	__half2 s = *(__half2 *)&s2;
+	__half2 r = __hfma2(*(__half2 *)&x, s, s);
+	return *(uint32_t *)&r;
+}
+
+/* What one lane copies per unit besides codes: up to 3 16-byte pieces of the norms, the key
+ * group's scales and zeros, and the unit's value scales and zeros (40 + 8 NG pieces, laid
+ * out contiguously from I2_NR in this order). off = the piece's offset in the layer section
+ * less its per-unit part; kind (2 bits a slot) says which per-unit part to add: 0 the
+ * token block (sb * 128), 1 the key group (kgo), 2 the value rows (row0 * NG * 2), 3 none. */
+struct i2_pieces {
+	uint32_t off[3];
+	uint32_t kinds;
+};
+
+template <int NG>
+__device__ __forceinline__ i2_pieces i2_pieces_make(const att_params &p, bool oscar, int lane)
+{
+	constexpr int NP = 40 + 8 * NG;
+	i2_pieces r;
+	r.kinds = 0;
+#pragma unroll
+	for (int j = 0; j < 3; j++) {
+		const int pc = lane + 32 * j;
+		uint32_t kind, off;
+		if (pc >= NP) {
+			kind = 3;
+			off = 0;
+		} else if (pc < 8) {
+			kind = oscar ? 0 : 3;
+			off = p.norms_off + 16 * pc;
+		} else if (pc < 24) {
+			kind = 1;
+			off = p.k_scale_off + 16 * (pc - 8);
+		} else if (pc < 40) {
+			kind = 1;
+			off = p.k_zero_off + 16 * (pc - 24);
+		} else if (pc < 40 + 4 * NG) {
+			kind = 2;
+			off = p.v_scale_off + 16 * (pc - 40);
+		} else {
+			kind = 2;
+			off = p.v_zero_off + 16 * (pc - 40 - 4 * NG);
+		}
+		r.off[j] = off;
+		r.kinds |= kind << (2 * j);
+	}
+	return r;
+}
+
+/* Stages one unit into buf (per-lane cp.async): row0 = h * B + sb * 32 (the unit's first
+ * token row), kgo = the byte offset of its key group's scales within the k_scale array. */
+template <int NG>
+__device__ __forceinline__ void i2_stage(const att_params &p, const i2_pieces &pcs,
+					 const uint8_t *sec, uint32_t row0, uint32_t sb, uint32_t kgo,
+					 uint8_t *buf, int lane)
+{
+	const uint32_t co = row0 * 32 + 16 * lane;
+	cp_async16(buf + I2_KC + 16 * lane, sec + (p.k_codes_off + co));
+	cp_async16(buf + I2_KC + 512 + 16 * lane, sec + (p.k_codes_off + co + 512));
+	cp_async16(buf + I2_VC + 16 * lane, sec + (p.v_codes_off + co));
+	cp_async16(buf + I2_VC + 512 + 16 * lane, sec + (p.v_codes_off + co + 512));
+	const uint32_t d0 = sb * 128, d1 = kgo, d2 = row0 * NG * 2;
+#pragma unroll
+	for (int j = 0; j < 3; j++) {
+		const uint32_t kind = (pcs.kinds >> (2 * j)) & 3;
+		const uint32_t d = kind == 0 ? d0 : kind == 1 ? d1 : d2;
+		if (kind != 3)
+			cp_async16(buf + I2_NR + 16 * (lane + 32 * j), sec + (pcs.off[j] + d));
+	}
+}
+
+#ifndef I2_FRAG_SMEM
+#define I2_FRAG_SMEM 0 /* 1: key fragments (q', scale pairs) in shared memory, 32 fewer registers */
+#endif
+template <int GV>
+__device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_item_dev &it, uint32_t u0,
+				uint32_t u1, const float *qf, uint8_t *stage, uint16_t *pbh,
+				float *zsm, float *rm, float *rl, float *racc, const uint2 *bqs,
+				uint2 *kss, int lane)
+{
+	constexpr int D = 128, NG = D / GV;
+	const int gid = lane >> 2, tig = lane & 3;
+	const int hq = gid & 3;          /* fragment row / column gid: head gid & 3 ... */
+	const bool lo_half = gid >= 4;   /* ... its f16 high part (gid < 4) or low part */
+	const int sq = tig & 1;          /* logits: this lane's heads are 2sq, 2sq + 1 */
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const int vg = (16 * gid) / GV;  /* the value group of this lane's channels */
+
+	/* B fragments of the keys: q' of head hq (hi or lo) at this lane's channel pairs
+	 * (c, c + 8), c = tig * 32 + (pr / 8) * 16 + pr % 8 for pair pr (k-step pr / 2) */
+#if !I2_FRAG_SMEM
+	uint32_t bq[8][2];
+#pragma unroll
+	for (int pr = 0; pr < 16; pr++) {
+		const int c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
+		const float x = qf[hq * D + c0], y = qf[hq * D + c0 + 8];
+		uint32_t hi, lo;
+		split_h2(x, y, hi, lo);
+		bq[pr / 2][pr % 2] = lo_half ? lo : hi;
+	}
+#else
+	(void)qf;
+#endif
+
+	float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.0f, 0.0f};
+	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
+#if !I2_FRAG_SMEM
+	uint32_t ks2[16];
+#endif
+	float biasA = 0.0f, biasB = 0.0f;
+	uint32_t cached = 0xffffffffu;
+
+	/* unit positions (chunk index, 32-token block in the chunk) of units u, u+1, u+2,
+	 * advanced by counting (no integer division in the loop) */
+	uint32_t ci0 = it.first + u0 / upc, sb0 = u0 % upc;
+	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
+	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
+	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
+	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
+	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
+	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
+	att_chunk_dev chA, chB;
+	chA.sec = NULL;
+	chA.pins = NULL;
+	chA.n_pinned = 0;
+	chB = chA;
+	if (u0 < u1) {
+		chA = p.chunks[ci0];
+		i2_stage<NG>(p, pcs, chA.sec, hB + sb0 * 32, sb0, kgbase + (sb0 >> p.gsh) * 256,
+			     stage, lane);
+		if (u0 + 1 < u1)
+			chB = p.chunks[ci1];
+	}
+	cp_async_commit();
+
+	for (uint32_t u = u0; u < u1; u++) {
+		const uint32_t ci = ci0, sb = sb0;
+		const att_chunk_dev ch = chA;
+		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
+		if (u + 1 < u1) {
+			i2_stage<NG>(p, pcs, chB.sec, hB + sb1 * 32, sb1, kgbase + (sb1 >> p.gsh) * 256,
+				     stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
+			chA = chB;
+			if (u + 2 < u1)
+				chB = p.chunks[ci2];
+		}
+		ci0 = ci1;
+		sb0 = sb1;
+		ci1 = ci2;
+		sb1 = sb2;
+		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
+		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
+		cp_async_commit();
+		cp_async_wait1(); /* this unit's copies (all but the newest group) */
+		__syncwarp();
+
+		/* key group: the scale pairs of this lane's channels, and the zero term */
+		const uint32_t g = sb >> p.gsh;
+		if (ci * 64 + g != cached) {
+			cached = ci * 64 + g;
+			const uint4 *kv = (const uint4 *)(bf + I2_KS + tig * 64);
+			const uint4 a0 = kv[0], a1 = kv[1], a2 = kv[2], a3 = kv[3];
+#if I2_FRAG_SMEM
+			uint32_t ks2[16];
+#endif
+#pragma unroll
+			for (int pr = 0; pr < 16; pr++) {
+				const uint4 &x = pr < 8 ? a0 : a2, &y = pr < 8 ? a1 : a3;
+				const int e = pr % 8;
+				const uint32_t wx = u4_word(x, e / 2), wy = u4_word(y, e / 2);
+				/* bf16 -> f32 is a byte move: (0, 0, lo byte, hi byte) */
+				const uint32_t sel = (e & 1) ? 0x3244 : 0x1044;
+				__half2 hh = __floats2half2_rn(__uint_as_float(__byte_perm(wx, 0, sel)),
+							       __uint_as_float(__byte_perm(wy, 0, sel)));
+				ks2[pr] = *(uint32_t *)&hh;
+			}
+#if I2_FRAG_SMEM
+#pragma unroll
+			for (int k = 0; k < 8; k++)
+				kss[k * 32 + lane] = make_uint2(ks2[2 * k], ks2[2 * k + 1]);
+#endif
+			/* <q', z> for the 4 heads: lane takes channels 4 lane .. 4 lane + 3 */
+			const uint2 zz = *(const uint2 *)(bf + I2_KZ + 8 * lane);
+			const float z0 = __uint_as_float(zz.x << 16), z1 = __uint_as_float(zz.x & 0xffff0000u);
+			const float z2 = __uint_as_float(zz.y << 16), z3 = __uint_as_float(zz.y & 0xffff0000u);
+			float v[4];
+#pragma unroll
+			for (int q = 0; q < 4; q++) {
+				const float4 qq = *(const float4 *)(qf + q * D + 4 * lane);
+				v[q] = fmaf(qq.x, z0, fmaf(qq.y, z1, fmaf(qq.z, z2, qq.w * z3)));
+			}
+			/* reduce-scatter: lane ends with head 2 * bit4 + bit3 summed over the warp */
+			const bool b4 = lane & 16, b3 = lane & 8;
+			float r0 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[0] : v[2], 16);
+			float r1 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[1] : v[3], 16);
+			const float k0 = (b4 ? v[2] : v[0]) + r0, k1 = (b4 ? v[3] : v[1]) + r1;
+			float kk = (b3 ? k1 : k0) + __shfl_xor_sync(KVT_FULL_MASK, b3 ? k0 : k1, 8);
+			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 4);
+			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 2);
+			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 1);
+			biasA = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq);
+			biasB = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq + 8);
+		}
+
+		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, head 2sq), (gid, 2sq+1),
+		 * (gid+8, 2sq), (gid+8, 2sq+1) */
+		float lg[2][4];
+		float sacc2[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+		uint2 kr[2][2];
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			kr[mt][0] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid) * 32 + tig * 8);
+			kr[mt][1] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid + 8) * 32 + tig * 8);
+		}
+#if I2_FRAG_SMEM
+		__syncwarp(); /* kss written above (new group) */
+#endif
+#pragma unroll
+		for (int k = 0; k < 8; k++) {
+			const int pa = 2 * k, pb = 2 * k + 1;
+#if I2_FRAG_SMEM
+			const uint2 bb = bqs[k * 32 + lane], kq = kss[k * 32 + lane];
+			const uint32_t b0 = bb.x, b1 = bb.y, sa = kq.x, sbb = kq.y;
+#else
+			const uint32_t b0 = bq[k][0], b1 = bq[k][1], sa = ks2[pa], sbb = ks2[pb];
+#endif
+#pragma unroll
+			for (int mt = 0; mt < 2; mt++) {
+				const uint2 r0 = kr[mt][0], r1 = kr[mt][1];
+				const uint32_t w0a = pa < 8 ? r0.x : r0.y, w1a = pa < 8 ? r1.x : r1.y;
+				const uint32_t w0b = pb < 8 ? r0.x : r0.y, w1b = pb < 8 ? r1.x : r1.y;
+				uint32_t a[4];
+				switch (pa % 8) {
+#define I2_KA(S)                                                                     \
+	case S / 2:                                                                  \
+		a[0] = i2_deq<S>(w0a, sa, magic);                                           \
+		a[1] = i2_deq<S>(w1a, sa, magic);                                           \
+		a[2] = i2_deq<S + 2>(w0b, sbb, magic);                                      \
+		a[3] = i2_deq<S + 2>(w1b, sbb, magic);                                      \
+		break;
+				I2_KA(0) I2_KA(4) I2_KA(8) I2_KA(12)
+#undef I2_KA
+				default:
+					break;
+				}
+				mma16816(sacc2[mt], a, b0, b1);
+			}
+		}
+#pragma unroll
+		for (int mt = 0; mt < 2; mt++) {
+			const int t0 = mt * 16 + gid, t1 = t0 + 8;
+			float *sacc = sacc2[mt];
+			/* columns 2tig, 2tig+1 of lanes tig and tig ^ 2: hi and lo of the same heads */
+#pragma unroll
+			for (int i = 0; i < 4; i++)
+				sacc[i] += __shfl_xor_sync(KVT_FULL_MASK, sacc[i], 2);
+			bool pin0 = false, pin1 = false;
+			for (uint32_t i = 0; i < ch.n_pinned; i++) {
+				const uint32_t pt = ch.pins[i];
+				pin0 |= pt == sb * 32 + t0;
+				pin1 |= pt == sb * 32 + t1;
+			}
+			const float n0 = oscar ? ((const float *)(bf + I2_NR))[t0] : 1.0f;
+			const float n1 = oscar ? ((const float *)(bf + I2_NR))[t1] : 1.0f;
+			/* sacc = -<q', code * s> / 4 (i2_deq's sign) */
+			lg[mt][0] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[0], biasA);
+			lg[mt][1] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[1], biasB);
+			lg[mt][2] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[2], biasA);
+			lg[mt][3] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[3], biasB);
+		}
+
+		/* online softmax for heads 2sq, 2sq+1; p goes to pbh as f16 hi (lanes tig < 2) or
+		 * lo (tig >= 2), row part * 4 + head, tokens of a 16-token tile permuted so that
+		 * the value fragment's tokens (tig, tig+4, tig+8, tig+12) are adjacent */
+		float alpha[2];
+		float pv[2][2][2]; /* [mt][row][qi] */
+#pragma unroll
+		for (int qi = 0; qi < 2; qi++) {
+			float mx = fmaxf(fmaxf(lg[0][qi], lg[0][qi + 2]), fmaxf(lg[1][qi], lg[1][qi + 2]));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
+			const float mn = fmaxf(m2[qi], mx);
+			alpha[qi] = 1.0f;
+#pragma unroll
+			for (int mt = 0; mt < 2; mt++)
+				pv[mt][0][qi] = pv[mt][1][qi] = 0.0f;
+			if (mn != -INFINITY) {
+				alpha[qi] = __expf(m2[qi] - mn);
+#pragma unroll
+				for (int mt = 0; mt < 2; mt++) {
+					pv[mt][0][qi] = __expf(lg[mt][qi] - mn);     /* exp(-inf) = 0 */
+					pv[mt][1][qi] = __expf(lg[mt][qi + 2] - mn);
+				}
+				l2[qi] = l2[qi] * alpha[qi] + pv[0][0][qi] + pv[0][1][qi] + pv[1][0][qi] + pv[1][1][qi];
+				m2[qi] = mn;
+			}
+		}
+		{
+			const int part = tig >> 1;
+			uint16_t *row0 = pbh + (part * 4 + 2 * sq) * I2_PBS, *row1 = row0 + I2_PBS;
+#pragma unroll
+			for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+				for (int r = 0; r < 2; r++) {
+					const int tt = gid + 8 * r; /* token in the tile */
+					const int pos = mt * 16 + (tt & 3) * 4 + (tt >> 2);
+					uint32_t hi, lo;
+					split_h2(pv[mt][r][0], pv[mt][r][1], hi, lo);
+					const uint32_t w = part ? lo : hi;
+					row0[pos] = (uint16_t)(w & 0xffff);
+					row1[pos] = (uint16_t)(w >> 16);
+				}
+			}
+		}
+		__syncwarp();
+
+		/* values; the accumulators are rescaled only when some running max moved (after
+		 * the first units of an item it rarely does) */
+		if (!__all_sync(KVT_FULL_MASK, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				vacc[i][0] *= alpha[0];
+				vacc[i][1] *= alpha[1];
+				vacc[i][2] *= alpha[0];
+				vacc[i][3] *= alpha[1];
+			}
+			zacc[0] *= alpha[0];
+			zacc[1] *= alpha[1];
+		}
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			const uint2 pb = *(const uint2 *)(pbh + gid * I2_PBS + kk * 16 + tig * 4);
+			const int T = kk * 16 + tig; /* tokens T, T+4 (pair 0), T+8, T+12 (pair 1) */
+			const uint32_t *vw = (const uint32_t *)(bf + I2_VC) + gid;
+			const uint32_t wa = vw[T * 8], wb = vw[(T + 4) * 8], wc = vw[(T + 8) * 8],
+				       wd = vw[(T + 12) * 8];
+			const uint32_t ul0 = __byte_perm(wa, wb, 0x5410), uh0 = __byte_perm(wa, wb, 0x7632);
+			const uint32_t ul1 = __byte_perm(wc, wd, 0x5410), uh1 = __byte_perm(wc, wd, 0x7632);
+			const uint16_t *vs = (const uint16_t *)(bf + I2_VS),
+				       *vz = (const uint16_t *)(bf + I2_VS + 64 * NG);
+			const uint32_t s0 = bf2_to_h2((uint32_t)vs[T * NG + vg] | ((uint32_t)vs[(T + 4) * NG + vg] << 16));
+			const uint32_t s1 = bf2_to_h2((uint32_t)vs[(T + 8) * NG + vg] | ((uint32_t)vs[(T + 12) * NG + vg] << 16));
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				uint32_t a[4];
+				switch (i) {
+#define I2_VA(I)                                                 \
+	case I:                                                  \
+		a[0] = i2_deq<2 * I>(ul0, s0, magic);                   \
+		a[1] = i2_deq<2 * I>(uh0, s0, magic);                   \
+		a[2] = i2_deq<2 * I>(ul1, s1, magic);                   \
+		a[3] = i2_deq<2 * I>(uh1, s1, magic);                   \
+		break;
+				I2_VA(0) I2_VA(1) I2_VA(2) I2_VA(3) I2_VA(4) I2_VA(5) I2_VA(6) I2_VA(7)
+#undef I2_VA
+				default:
+					break;
+				}
+				mma16816(vacc[i], a, pb.x, pb.y);
+			}
+			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
+			uint32_t az[4] = {0u, 0u, 0u, 0u};
+			if (gid < NG) {
+				az[0] = bf2_to_h2((uint32_t)vz[T * NG + gid] | ((uint32_t)vz[(T + 4) * NG + gid] << 16));
+				az[2] = bf2_to_h2((uint32_t)vz[(T + 8) * NG + gid] | ((uint32_t)vz[(T + 12) * NG + gid] << 16));
+			}
+			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, pb.x, pb.y);
+		}
+		__syncwarp(); /* the next iteration stages into the buffer read here */
+	}
+
+	/* the warp's partial in the reduction layout: racc[head][channel] */
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
+	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
+	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
+	if (gid < NG && tig < 2) {
+		zsm[(2 * tig) * 4 + gid] = zacc[0];
+		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
+	}
+	__syncwarp();
+	if (tig < 2) {
+		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
+		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			/* vacc = -sum p * code * s / 4 (i2_deq's sign) */
+			oa[i] = fmaf(-4.0f, vacc[i][0], za);
+			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
+			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
+			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
+		}
+	}
+#pragma unroll
+	for (int qi = 0; qi < 2; qi++) {
+		float l = l2[qi];
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
+		if (gid == 0 && tig < 2) {
+			rm[2 * sq + qi] = m2[qi];
+			rl[2 * sq + qi] = l;
+		}
+	}
+}
+
+/* The combine step inside the block that finished a group's last item: warp w merges items
+ * w, w + ATT_WARPS, ... for every query head with a running maximum (no load waits on
+ * another), the warps meet in shared memory (sm: RQ * ATT_WARPS * (2 + 2 D) floats) and
+ * warp q finalises head q: rotation back, normalisation, store. Partials written by other
+ * blocks are read through L2 (ld.cg). */
+template <int D>
+__device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *sm)
+{
+	constexpr int EPL = D / 32, N = RQ;
+	const att_group_dev g = p.groups[gi];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	float *s_ml = sm, *s_rot = sm + N * ATT_WARPS * 2, *s_ex = s_rot + N * ATT_WARPS * D;
+	float Mw[N], L[N], rot[N][EPL], ex[N][EPL];
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		Mw[q] = -INFINITY;
+		L[q] = 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			rot[q][e] = ex[q][e] = 0.0f;
+	}
+#pragma unroll 2
+	for (uint32_t i = g.item_begin + w; i < g.item_end; i += ATT_WARPS) {
+		const bool ro = i < g.exact_begin && p.rotv;
+#pragma unroll
+		for (int q = 0; q < N; q++) {
+			const float2 ml = __ldcg((const float2 *)(p.part_ml + ((size_t)i * N + q) * 2));
+			const float4 av = __ldcg((const float4 *)(p.part_acc + ((size_t)i * N + q) * D + lane * EPL));
+			const float a4[4] = {av.x, av.y, av.z, av.w};
+			const float Mn = fmaxf(Mw[q], ml.x);
+			const float fo = Mw[q] == Mn ? 1.0f : __expf(Mw[q] - Mn);
+			const float f = ml.x == -INFINITY ? 0.0f : __expf(ml.x - Mn);
+			Mw[q] = Mn;
+			L[q] = fmaf(ml.y, f, L[q] * fo);
+			const float fr = ro ? f : 0.0f, fe = f - fr;
+#pragma unroll
+			for (int e = 0; e < EPL; e++) {
+				rot[q][e] = fmaf(a4[e], fr, rot[q][e] * fo);
+				ex[q][e] = fmaf(a4[e], fe, ex[q][e] * fo);
+			}
+		}
+	}
+#pragma unroll
+	for (int q = 0; q < N; q++) {
+		if (lane == 0) {
+			s_ml[(q * ATT_WARPS + w) * 2] = Mw[q];
+			s_ml[(q * ATT_WARPS + w) * 2 + 1] = L[q];
+		}
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			s_rot[(q * ATT_WARPS + w) * D + lane * EPL + e] = rot[q][e];
+			s_ex[(q * ATT_WARPS + w) * D + lane * EPL + e] = ex[q][e];
+		}
+	}
+	__syncthreads();
+	const int q = w;
+	if ((uint32_t)q >= g.nq)
+		return;
+	float M = -INFINITY;
+#pragma unroll
+	for (int v = 0; v < ATT_WARPS; v++)
+		M = fmaxf(M, s_ml[(q * ATT_WARPS + v) * 2]);
+	float Lt = 0.0f, r[EPL], x[EPL];
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		r[e] = x[e] = 0.0f;
+#pragma unroll
+	for (int v = 0; v < ATT_WARPS; v++) {
+		const float mv = s_ml[(q * ATT_WARPS + v) * 2];
+		const float f = mv == -INFINITY ? 0.0f : __expf(mv - M);
+		Lt = fmaf(s_ml[(q * ATT_WARPS + v) * 2 + 1], f, Lt);
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			r[e] = fmaf(s_rot[(q * ATT_WARPS + v) * D + lane * EPL + e], f, r[e]);
+			x[e] = fmaf(s_ex[(q * ATT_WARPS + v) * D + lane * EPL + e], f, x[e]);
+		}
+	}
+	if (p.rotv)
+		kvt_d_fwht<EPL>(r, lane, p.inv_sqrt_d);
+	const float inv = Lt > 0.0f ? 1.0f / Lt : 0.0f;
+	float *o = p.reqs[g.req].out + (size_t)(g.q_base + q) * D + lane * EPL;
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		o[e] = (r[e] + x[e]) * inv;
+}
+
+/* ---- The keys-as-B INT2 kernel (p.i2 == 2, the default) --------------------------------------
+ *
+ * Same staging, same exact code * scale products as attend_coded_i2, but the key MMA has its
+ * operands swapped, which removes the shared-memory round trip of p and most of the softmax
+ * shuffles, and the code -> f16 step needs one shift per 3-4 code pairs instead of one per pair:
+ *   keys:   A = q' [4 heads f16 hi (rows 0-3, again 4-7), the same heads' lo parts (rows 8-15)]
+ *           [16 channels], built once per item into shared memory, prescaled by -4 log2(e);
+ *           B = -code * s_k / 4 [16 channels][8 tokens]: four MMAs per k-step cover the unit's
+ *           32 tokens. C row gid + C row gid + 8 (same lane) = hi + lo: the lane (gid, tig)
+ *           ends with the log2-domain logits of head gid & 3 at tokens 8j + 2tig, 8j + 2tig + 1,
+ *           which is exactly where the value MMA's B fragment (p) wants them: no transpose;
+ *           the zero term <q', z_k> is one more MMA per k-step with B = -z_k / 4;
+ *   values: A = -code * s_v / 4 [16 channels][16 tokens], B = p [16 tokens][4 heads hi, lo]
+ *           (as in attend_coded_i2, with the tokens in natural pairs), zero term by one MMA.
+ * A code pair at half-word bits S' (4, 6 or 8, after at most one shift of the 32-bit word by
+ * 6) is (word & mask) | 0xBC00 = -(1 + code * 2^(S' - 10)); fma(x, s', s') with
+ * s' = s * 2^(8 - S') gives -code * s / 4 exactly. The s' words (f16 pairs in fragment order,
+ * the factor included) are converted once per key group / unit by the whole warp into shared
+ * memory (each lane converts 4 of the 128 key words and NG of the value words) instead of by
+ * every lane for its own fragment. Scales up to 4096 (65504 / 16) stay exact. */
+#define I3_KZ 64   /* per-warp conversion area (32-bit words): key scales [0, 64), key zeros */
+#define I3_VS 128  /* [64, 128), value scales [128, 128 + 16 NG), value zeros after them */
+#define I3_CW 256  /* words per warp */
+#define I3_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ float i3_ex2(float x)
+{
+	float y;
+	asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+	return y;
+}
+
+/* the code pair at half-word bits SP of w -> -(code * s' * 2^(SP - 10)) for the pair of s2 */
+template <int SP> __device__ __forceinline__ uint32_t i3_deq(uint32_t w, uint32_t s2, uint32_t magic)
+{
+	uint32_t x;
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(x)
+	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(magic));
+	__half2 s = *(__half2 *)&s2;
+	__half2 r = __hfma2(*(__half2 *)&x, s, s);
+	return *(uint32_t *)&r;
+}
+
+/* pair e (0..7) of a 16-channel code word: e = 0, 1 from w << 6 at 6, 8; 2, 3, 4 from w at 4,
+ * 6, 8; 5, 6, 7 from w >> 6 at 4, 6, 8. wl = w << 6, wr = w >> 6. */
+template <int E>
+__device__ __forceinline__ uint32_t i3_pair(uint32_t wl, uint32_t w, uint32_t wr, uint32_t s2,
+					    uint32_t magic)
+{
+	if constexpr (E == 0)
+		return i3_deq<6>(wl, s2, magic);
+	else if constexpr (E == 1)
+		return i3_deq<8>(wl, s2, magic);
+	else if constexpr (E == 2)
+		return i3_deq<4>(w, s2, magic);
+	else if constexpr (E == 3)
+		return i3_deq<6>(w, s2, magic);
+	else if constexpr (E == 4)
+		return i3_deq<8>(w, s2, magic);
+	else if constexpr (E == 5)
+		return i3_deq<4>(wr, s2, magic);
+	else if constexpr (E == 6)
+		return i3_deq<6>(wr, s2, magic);
+	else
+		return i3_deq<8>(wr, s2, magic);
+}
+
+/* the scale factor 2^(8 - S') of pair e, as an f16 pair */
+__host__ __device__ constexpr uint32_t i3_factor(int e)
+{
+	return (e == 2 || e == 5) ? 0x4C004C00u /* 16 */
+	       : (e == 1 || e == 4 || e == 7) ? 0x3C003C00u /* 1 */
+					       : 0x44004400u /* 4 */;
+}
+
+__device__ __forceinline__ uint32_t i3_hmul2(uint32_t a, uint32_t b)
+{
+	__half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
+	return *(uint32_t *)&r;
+}
+
+/* two f32 -> the f16 pair (x, y) (lo == 0) or the f16 pair of what that leaves (lo == 1) */
+__device__ __forceinline__ uint32_t i3_split(float x, float y, float lo)
+{
+	__half2 h = __floats2half2_rn(x, y);
+	const float2 hf = __half22float2(h);
+	__half2 r = __floats2half2_rn(fmaf(-lo, hf.x, x), fmaf(-lo, hf.y, y));
+	return *(uint32_t *)&r;
+}
+
+/* Key k-step K: channel pairs 2K (k slots 2tig, 2tig + 1) and 2K + 1 (2tig + 8, 2tig + 9) of
+ * the lane's 32 channels, for the unit's four 8-token column tiles; plus the zero term. */
+template <int K>
+__device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], const uint32_t (&kwl)[4],
+					 const uint32_t (&kw)[4], const uint32_t (&kwr)[4],
+					 const uint4 *afr, const uint32_t *cw, int lane, int tig,
+					 uint32_t magic)
+{
+	const uint4 a4 = afr[K * 32 + lane];
+	const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
+	const uint2 s2 = *(const uint2 *)(cw + tig * 16 + 2 * K);
+	const uint2 z2 = *(const uint2 *)(cw + I3_KZ + tig * 16 + 2 * K);
+	mma16816(cb, a, z2.x, z2.y);
+	constexpr int E = 2 * (K & 3);
+#pragma unroll
+	for (int j = 0; j < 4; j++) {
+		const uint32_t b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
+		const uint32_t b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
+		mma16816(acc[j], a, b0, b1);
+	}
+}
+
+/* Value channel tile I (channels 16 gid + I, 16 gid + 8 + I) of one 16-token step. */
+template <int I>
+__device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&ul)[4],
+					 const uint32_t (&u)[4], const uint32_t (&ur)[4],
+					 const uint32_t (&s)[2][3], uint32_t b0, uint32_t b1,
+					 uint32_t magic)
+{
+	/* the scale variant of pair I: factor 1, 4 or 16 */
+	constexpr int F = i3_factor(I) == 0x3C003C00u ? 0 : i3_factor(I) == 0x44004400u ? 1 : 2;
+	uint32_t a[4];
+	a[0] = i3_pair<I>(ul[0], u[0], ur[0], s[0][F], magic);
+	a[1] = i3_pair<I>(ul[1], u[1], ur[1], s[0][F], magic);
+	a[2] = i3_pair<I>(ul[2], u[2], ur[2], s[1][F], magic);
+	a[3] = i3_pair<I>(ul[3], u[3], ur[3], s[1][F], magic);
+	mma16816(vacc[I], a, b0, b1);
+}
+
+/* The keys-as-B kernel's staging: per lane, each copy's offset in the layer section is
+ * a + sb * m + (sb >> gsh) * kg with a, m, kg fixed per item (2 IMADs a piece instead of
+ * the per-unit kind selection of i2_stage). */
+struct i3_stager {
+	uint32_t kc;              /* key codes at sb = 0 (this lane's 16 bytes); values at + dv */
+	uint32_t dv;
+	uint32_t a[3], m[3], kg[3];
+	uint32_t on;              /* bit j: piece j is copied */
+};
+
+template <int NG>
+__device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool oscar, uint32_t hB,
+						    uint32_t kgbase, int lane)
+{
+	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
+	i3_stager st;
+	st.kc = p.k_codes_off + hB * 32 + 16 * lane;
+	st.dv = p.v_codes_off - p.k_codes_off;
+	st.on = 0;
+#pragma unroll
+	for (int j = 0; j < 3; j++) {
+		const uint32_t kind = (pcs.kinds >> (2 * j)) & 3;
+		st.a[j] = pcs.off[j] + (kind == 1 ? kgbase : kind == 2 ? hB * NG * 2 : 0);
+		st.m[j] = kind == 0 ? 128 : kind == 2 ? 64 * NG : 0;
+		st.kg[j] = kind == 1 ? 256 : 0;
+		st.on |= (kind != 3 ? 1u : 0u) << j;
+	}
+	return st;
+}
+
+__device__ __forceinline__ void i3_stage(const att_params &p, const i3_stager &st,
+					 const uint8_t *sec, uint32_t sb, uint8_t *buf, int lane)
+{
+	const uint8_t *kp = sec + (st.kc + sb * 1024), *vp = kp + st.dv;
+	cp_async16(buf + I2_KC + 16 * lane, kp);
+	cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
+	cp_async16(buf + I2_VC + 16 * lane, vp);
+	cp_async16(buf + I2_VC + 512 + 16 * lane, vp + 512);
+	const uint32_t g = sb >> p.gsh;
+#pragma unroll
+	for (int j = 0; j < 3; j++)
+		if (st.on & (1u << j))
+			cp_async16(buf + I2_NR + 16 * (lane + 32 * j),
+				   sec + (st.a[j] + sb * st.m[j] + g * st.kg[j]));
+}
+
+template <int GV>
+__device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_item_dev &it,
+						uint32_t u0, uint32_t u1, const uint4 *afr,
+						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
+						float *rl, float *racc, int lane)
+{
+	constexpr int D = 128, NG = D / GV;
+	const int gid = lane >> 2, tig = lane & 3;
+	const float lo_f = gid >= 4 ? 1.0f : 0.0f; /* B fragment column gid: f16 lo part */
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const int vg = (16 * gid) / GV; /* the value group of this lane's value channels */
+
+	/* key-word converter: lane converts words 4 half .. 4 half + 3 of the 16-channel block
+	 * blk of the scales (kind 0) or zeros (kind 1) */
+	const int ckind = lane >> 4, cblk = (lane >> 1) & 7, chalf = lane & 1;
+	uint32_t cfac[4];
+#pragma unroll
+	for (int e = 0; e < 4; e++)
+		cfac[e] = ckind ? 0xB400B400u /* -1/4 */ : chalf ? i3_factor(4 + e) : i3_factor(e);
+
+	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
+	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
+	uint32_t cached = 0xffffffffu;
+
+	uint32_t ci0 = it.first + u0 / upc, sb0 = u0 % upc;
+	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
+	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
+	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
+	const i3_stager stg = i3_stager_make<NG>(p, oscar, hB, kgbase, lane);
+	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
+	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
+	att_chunk_dev chA, chB;
+	chA.sec = NULL;
+	chA.pins = NULL;
+	chA.n_pinned = 0;
+	chB = chA;
+	if (u0 < u1) {
+		chA = p.chunks[ci0];
+		i3_stage(p, stg, chA.sec, sb0, stage, lane);
+		if (u0 + 1 < u1)
+			chB = p.chunks[ci1];
+	}
+	cp_async_commit();
+
+	for (uint32_t u = u0; u < u1; u++) {
+		const uint32_t ci = ci0, sb = sb0;
+		const att_chunk_dev ch = chA;
+		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
+		if (u + 1 < u1) {
+			i3_stage(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
+			chA = chB;
+			if (u + 2 < u1)
+				chB = p.chunks[ci2];
+		}
+		ci0 = ci1;
+		sb0 = sb1;
+		ci1 = ci2;
+		sb1 = sb2;
+		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
+		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
+		cp_async_commit();
+		cp_async_wait1(); /* this unit's copies (all but the newest group) */
+		__syncwarp();
+
+		/* conversions into the warp's word area: the key group's scale and zero pairs (when
+		 * the group changed), the unit's value scale and zero pairs */
+		const uint32_t g = sb >> p.gsh;
+		if (ci * 64 + g != cached) {
+			cached = ci * 64 + g;
+			const uint8_t *src = bf + (ckind ? I2_KZ : I2_KS) + 2 * (16 * cblk + 4 * chalf);
+			const uint2 x = *(const uint2 *)src, y = *(const uint2 *)(src + 16);
+			uint4 o;
+			uint32_t *ow = (uint32_t *)&o;
+#pragma unroll
+			for (int e = 0; e < 4; e++) {
+				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
+				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+				__half2 hh = __floats2half2_rn(fx, fy);
+				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			}
+			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		}
+		{
+			/* lane: token pair P = lane & 15 of the value scales (lane < 16) or zeros */
+			const int P = lane & 15;
+			const uint8_t *src = bf + I2_VS + ckind * (64 * NG) + (2 * P) * NG * 2;
+			uint32_t *dst = cw + I3_VS + ckind * (16 * NG) + P * NG;
+			if constexpr (NG == 4) {
+				const uint4 v = *(const uint4 *)src; /* tokens 2P (x, y), 2P + 1 (z, w) */
+				uint4 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
+				o.z = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
+				o.w = *(uint32_t *)&t;
+				*(uint4 *)dst = o;
+			} else if constexpr (NG == 2) {
+				const uint2 v = *(const uint2 *)src; /* tokens 2P (x), 2P + 1 (y) */
+				uint2 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				*(uint2 *)dst = o;
+			} else {
+				const uint32_t v = *(const uint32_t *)src; /* tokens 2P (low), 2P + 1 */
+				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+				*dst = *(uint32_t *)&t;
+			}
+		}
+		__syncwarp();
+
+		/* keys: the lane's B columns are tokens 8j + gid; its C holds tokens 8j + 2tig (+1) */
+		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+		uint32_t kwl[4], kw[4], kwr[4];
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+		uint2 kr[4];
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			kr[j] = *(const uint2 *)(bf + I2_KC + (8 * j + gid) * 32 + tig * 8);
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			kw[j] = kr[j].x;
+			kwl[j] = kw[j] << 6;
+			kwr[j] = kw[j] >> 6;
+		}
+		i3_kstep<0>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<1>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<2>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<3>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			kw[j] = kr[j].y;
+			kwl[j] = kw[j] << 6;
+			kwr[j] = kw[j] >> 6;
+		}
+		i3_kstep<4>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<5>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<6>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<7>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+
+		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r */
+		const float bias = cb[0] + cb[2];
+		float lg[4][2];
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			const float2 nn = oscar ? *(const float2 *)(bf + I2_NR + 4 * (8 * j + 2 * tig))
+						: make_float2(1.0f, 1.0f);
+			lg[j][0] = (acc[j][0] + acc[j][2] + bias) * nn.x;
+			lg[j][1] = (acc[j][1] + acc[j][3] + bias) * nn.y;
+		}
+		if (ch.n_pinned) { /* pinned tokens are masked here (their exact item covers them) */
+			for (uint32_t i = 0; i < ch.n_pinned; i++) {
+				const uint32_t pt = ch.pins[i];
+#pragma unroll
+				for (int j = 0; j < 4; j++) {
+					const uint32_t t = sb * 32 + 8 * j + 2 * tig;
+					if (pt == t)
+						lg[j][0] = -INFINITY;
+					if (pt == t + 1)
+						lg[j][1] = -INFINITY;
+				}
+			}
+		}
+
+		/* online softmax (the 4 lanes of a row gid hold its 32 tokens) */
+		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
+				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
+		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
+		const float mn = fmaxf(m2, mx);
+		const float ms = mn == -INFINITY ? 0.0f : mn; /* all masked so far: p = 0 */
+		const float alpha = i3_ex2(m2 - ms);
+		float pv[4][2];
+		float ls = 0.0f;
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			pv[j][0] = i3_ex2(lg[j][0] - ms);
+			pv[j][1] = i3_ex2(lg[j][1] - ms);
+			ls += pv[j][0] + pv[j][1];
+		}
+		l2 = fmaf(l2, alpha, ls);
+		m2 = mn;
+
+		/* values; the accumulators are rescaled only when some running max moved */
+		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
+			/* value C columns 2tig, 2tig + 1: heads 2 (tig & 1), 2 (tig & 1) + 1 */
+			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
+			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				vacc[i][0] *= a0;
+				vacc[i][1] *= a1;
+				vacc[i][2] *= a0;
+				vacc[i][3] *= a1;
+			}
+			zacc[0] *= a0;
+			zacc[1] *= a1;
+		}
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			/* tokens T0, T0 + 1 (k slots 2tig, 2tig + 1) and T0 + 8, T0 + 9 */
+			const int T0 = 16 * kk + 2 * tig;
+			const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
+			const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+			const uint32_t *vw = (const uint32_t *)(bf + I2_VC) + gid;
+			const uint32_t wa = vw[T0 * 8], wb = vw[(T0 + 1) * 8], wc = vw[(T0 + 8) * 8],
+				       wd = vw[(T0 + 9) * 8];
+			uint32_t u[4], ul[4], ur[4];
+			u[0] = __byte_perm(wa, wb, 0x5410);
+			u[1] = __byte_perm(wa, wb, 0x7632);
+			u[2] = __byte_perm(wc, wd, 0x5410);
+			u[3] = __byte_perm(wc, wd, 0x7632);
+#pragma unroll
+			for (int r = 0; r < 4; r++) {
+				ul[r] = u[r] << 6;
+				ur[r] = u[r] >> 6;
+			}
+			const uint32_t *vs = cw + I3_VS, *vz = cw + I3_VS + 16 * NG;
+			const int P0 = 8 * kk + tig; /* token pair T0 / 2; (T0 + 8) / 2 = P0 + 4 */
+			uint32_t s[2][3];
+			s[0][0] = vs[P0 * NG + vg];
+			s[1][0] = vs[(P0 + 4) * NG + vg];
+#pragma unroll
+			for (int r = 0; r < 2; r++) {
+				s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
+				s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
+			}
+			i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
+			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
+			uint32_t az[4] = {0u, 0u, 0u, 0u};
+			if (gid < NG) {
+				az[0] = vz[P0 * NG + gid];
+				az[2] = vz[(P0 + 4) * NG + gid];
+			}
+			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
+		}
+		__syncwarp(); /* the next iteration stages into the buffer read here */
+	}
+
+	/* the warp's partial in the reduction layout: racc[head][channel] */
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
+	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
+	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
+	if (gid < NG && tig < 2) {
+		zsm[(2 * tig) * 4 + gid] = zacc[0];
+		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
+	}
+	__syncwarp();
+	if (tig < 2) {
+		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
+		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			/* vacc = -sum p * code * s / 4 (i3_deq's sign) */
+			oa[i] = fmaf(-4.0f, vacc[i][0], za);
+			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
+			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
+			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
+		}
+	}
+	float l = l2;
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
+	if (gid < 4 && tig == 0) {
+		rm[gid] = m2 * 0.69314718055994531f; /* back to the natural-log domain */
+		rl[gid] = l;
+	}
+}
+
+#ifndef I2_MINB
+#define I2_MINB 4
+#endif
+/* V 1: attend_coded_i2, V 2: attend_coded_i3; MINB: blocks per SM the registers must allow */
+template <int GV, int V, int MINB>
+__global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
+{
+	constexpr int D = 128, EPL = D / 32;
+	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
+	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
+	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * I2_BUF];
+	__shared__ __align__(16) uint16_t pbh[V == 1 ? ATT_WARPS : 1][8 * I2_PBS];
+	__shared__ __align__(16) uint4 afr[V == 2 ? 8 * 32 : 1]; /* q' key A fragments [k][lane] */
+	__shared__ __align__(16) uint32_t cw[V == 2 ? ATT_WARPS : 1][I3_CW];
+	__shared__ float zsm[ATT_WARPS][16];
+	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
+#if I2_FRAG_SMEM
+	__shared__ uint2 bqs[8 * 32];            /* q' key fragments [k-step][lane] */
+	__shared__ uint2 kss[ATT_WARPS][8 * 32]; /* per warp: key scale pairs [k-step][lane] */
+#endif
+	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
+	float *red_acc = (float *)&stage[0][0];
+	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
+
+	const att_item_dev it = p.items[blockIdx.x];
+	const att_req_dev rq = p.reqs[it.req];
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	for (int q = warp; q < RQ; q += ATT_WARPS) {
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			x[e] = (uint32_t)q < it.nq
+				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
+						  rq.q_dtype) * rq.scale
+				       : 0.0f;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qo[q * D + lane * EPL + e] = x[e];
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qf[q * D + lane * EPL + e] = x[e];
+	}
+	__syncthreads();
+
+	if constexpr (V == 2) {
+		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment: head gid & 3,
+		 * channel pairs 2k, 2k + 1, f16 hi and lo of q' * -4 log2(e) */
+		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
+		const float sc = -4.0f * I3_LOG2E;
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			const int k = 2 * warp + kk;
+			uint32_t f[4];
+#pragma unroll
+			for (int j = 0; j < 2; j++) {
+				const int pr = 2 * k + j, c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
+				split_h2(qf[hq * D + c0] * sc, qf[hq * D + c0 + 8] * sc, f[2 * j], f[2 * j + 1]);
+			}
+			afr[k * 32 + lane] = make_uint4(f[0], f[1], f[2], f[3]);
+		}
+		__syncthreads();
+	}
+#if I2_FRAG_SMEM
+	{
+		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment (hi or lo) */
+		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			const int k = 2 * warp + kk;
+			uint32_t f[2];
+#pragma unroll
+			for (int j = 0; j < 2; j++) {
+				const int pr = 2 * k + j, c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
+				uint32_t hi, lo;
+				split_h2(qf[hq * D + c0], qf[hq * D + c0 + 8], hi, lo);
+				f[j] = gid >= 4 ? lo : hi;
+			}
+			bqs[k * 32 + lane] = make_uint2(f[0], f[1]);
+		}
+	}
+	__syncthreads();
+	const uint2 *bq_p = bqs;
+	uint2 *ks_p = kss[warp];
+#else
+	const uint2 *bq_p = NULL;
+	uint2 *ks_p = NULL;
+#endif
+	/* a warp's reduction slot is the start of its own stage: its own copies are done */
+	float *racc = (float *)&stage[warp][0];
+	if (it.kind == ITEM_CODED) {
+		uint32_t units = it.count * (p.B / 32);
+		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
+		if constexpr (V == 1)
+			attend_coded_i2<GV>(p, it, u0, u1, qf, &stage[warp][0], pbh[warp], zsm[warp],
+					    red_m[warp], red_l[warp], racc, bq_p, ks_p, lane);
+		else
+			attend_coded_i3<GV>(p, it, u0, u1, afr, &stage[warp][0], cw[warp], zsm[warp],
+					    red_m[warp], red_l[warp], racc, lane);
+		cp_async_wait_all();
+		__syncwarp();
+	} else {
+		warp_state<EPL, RQ> st;
+		state_init<EPL, RQ>(st);
+		float *pbuf = (float *)&stage[warp][RQ * D * 4]; /* 32 x RQ floats after racc */
+		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
+		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
+		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
+		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
+		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
+		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
+	}
+	block_merge_strided<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	if (!p.fused)
+		return;
+	/* fused combine: the block that completes its group merges it */
+	__shared__ uint32_t s_last;
+	__threadfence(); /* this block's partial is visible before it is counted */
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		const att_group_dev g = p.groups[it.group];
+		const uint32_t done = atomicAdd(&p.counters[it.group], 1u) + 1u;
+		s_last = done == g.item_end - g.item_begin;
+		if (s_last)
+			p.counters[it.group] = 0; /* every item of this run has counted */
+	}
+	__syncthreads();
+	if (!s_last)
+		return;
+	__threadfence();
+	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * I2_BUF, "fits the stages");
+	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
+}
+
+
+/* p.i2: 1 the session-2 kernel, 2 the keys-as-B kernel. MINB 5 for the keys-as-B kernel
+ * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
+ * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. */
+template <int GV, int V, int MINB>
+static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	attend_i2_kernel<GV, V, MINB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	cudaError_t e = cudaGetLastError();
+	if (e != cudaSuccess || pl->p.fused)
+		return e;
+	return kvt_att_combine_launch(pl, s);
+}
+
+template <int V, int MINB>
+static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
+{
+	return gv == 32 ? i2_launch<32, V, MINB>(pl, s)
+	       : gv == 64 ? i2_launch<64, V, MINB>(pl, s) : i2_launch<128, V, MINB>(pl, s);
+}
+
+cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (pl->p.i2 == 1)
+		return i2_launch_g<1, I2_MINB>(pl, s, gv);
+	return i2_launch_g<2, 4>(pl, s, gv);
+}
+
+template <int GV, int V, int MINB> static int i2_occupancy(void)
+{
+	int nb = 0;
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB>,
+							  ATT_THREADS, 0) != cudaSuccess)
+		nb = 0;
+	(void)cudaGetLastError();
+	return nb;
+}
+
+template <int V, int MINB> static int i2_occupancy_g(uint32_t gv)
+{
+	return gv == 32 ? i2_occupancy<32, V, MINB>() : gv == 64 ? i2_occupancy<64, V, MINB>()
+							   : i2_occupancy<128, V, MINB>();
+}
+
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv)
+{
+	if (variant == 1)
+		return i2_occupancy_g<1, I2_MINB>(gv);
+	return i2_occupancy_g<2, 4>(gv);
+}
