@@ -98,7 +98,7 @@ static const struct opt opts[] = {
 	 "default recent window W: the newest W-B+1..W tokens stay exact (0 = seal every B; "
 	 "else >= B)"},
 	{"default_key_rounding", OPT_ENUM, OFF(default_key_rounding), 0, 0, 0, 0, rounding_names,
-	 "mse", 1,
+	 "minmax", 1,
 	 "how the encoder picks key scales: minmax (OScaR) or mse (least squared error over "
 	 "clipped ranges; ignored for scheme none)"},
 	{"log_level", OPT_ENUM, OFF(log_level), 0, 0, 0, 0, level_names, "info", 1,

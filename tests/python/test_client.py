@@ -74,7 +74,7 @@ def test_presets_and_the_recent_window(client, sid, rng):
     assert c["preset"] == "kvtier-int2"
     assert (c["scheme"], c["key_bits"], c["value_bits"], c["group"], c["chunk_tokens"],
             c["n_sinks"], c["recent_exact_tokens"], c["key_rounding"]) == (
-                "oscar", 2, 2, 32, 32, 8, 128, "mse")
+                "oscar", 2, 2, 32, 32, 8, 128, "minmax")
     o = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(preset="oscar-int2")).codec
     assert o["preset"] == "oscar-int2" and (o["chunk_tokens"], o["n_sinks"],
                                             o["recent_exact_tokens"], o["key_rounding"]) == (
@@ -84,8 +84,11 @@ def test_presets_and_the_recent_window(client, sid, rng):
     m = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(scheme="oscar", bits=2)).codec
     assert m["key_rounding"] == "minmax"
     m = client.open_session(sid(), **SHAPE, dtype="f16",
+                            codec=dict(preset="kvtier-int2", key_rounding="mse")).codec
+    assert m["key_rounding"] == "mse" and "preset" not in m
+    m = client.open_session(sid(), **SHAPE, dtype="f16",
                             codec=dict(preset="kvtier-int2", key_rounding="minmax")).codec
-    assert m["key_rounding"] == "minmax" and "preset" not in m
+    assert m["key_rounding"] == "minmax" and m["preset"] == "kvtier-int2"
     m = client.open_session(sid(), **SHAPE, dtype="f16",
                             codec=dict(scheme="kivi", bits=2, rotate_v=False, key_rounding="mse")).codec
     assert m["key_rounding"] == "mse"

@@ -104,13 +104,17 @@ for _s, _b in [("oscar", 2), ("kivi", 2), ("hadamard", 2), ("oscar", 4)]:
     ROWS.append((f"{_s} INT{_b} G32 S4", codec_row(_s, _b, 32, 4)))
 ROWS.append(("oscar INT2 G32 S4 detect", codec_row("oscar", 2, 32, 4, detect=True)))
 # kvtier-int2's ablation (docs/realmodel/int2.md): faithful OScaR INT2 G32 S0 (in the grid below)
-# -> + 8 sinks -> + chunks of 32 with the recent window W 128 (session 2's kvtier-int2, min-max
-# rounding) -> + key_rounding mse = the preset kvtier-int2 (the daemon's default codec; asked
-# for by name, every field also explicit).
+# -> + 8 sinks -> + chunks of 32 with the recent window W 128 = the preset kvtier-int2 (the
+# daemon's default codec, min-max key rounding; asked for by name, every field also explicit).
+# The option key_rounding mse on top of it is a row of its own: it was kvtier-int2 for part of
+# session 3 (hence the preset in its request; its results were measured under the name
+# "kvtier-int2 (oscar INT2 G32 S8 B32 W128 mse)") and left the preset when it did not
+# generalize to held-out texts (docs/DECISIONS.md).
 ROWS.append(("oscar INT2 G32 S8", codec_row("oscar", 2, 32, 8)))
-ROWS.append(("oscar INT2 G32 S8 B32 W128",
-             codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128)))
-ROWS.append(("kvtier-int2 (oscar INT2 G32 S8 B32 W128 mse)",
+ROWS.append(("kvtier-int2 (oscar INT2 G32 S8 B32 W128)",
+             dict(codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128),
+                  preset="kvtier-int2")))
+ROWS.append(("oscar INT2 G32 S8 B32 W128 key_rounding mse",
              dict(codec_row("oscar", 2, 32, 8, chunk=32, recent_exact_tokens=128,
                             key_rounding="mse"), preset="kvtier-int2")))
 # A variant measured for the next default (int2.md): values quantized unrotated.
@@ -129,7 +133,7 @@ ROW_CODEC = dict(ROWS)
 # generated summary; issue 9's INT2 G32 ordering and INT4 bound are checked there as well.
 ROW_TARGETS = {"oscar INT4 G32 S4": 1.005,
                # issue 9: the kvtier INT2-class default, <= 1.025x on every text
-               "kvtier-int2 (oscar INT2 G32 S8 B32 W128 mse)": 1.025}
+               "kvtier-int2 (oscar INT2 G32 S8 B32 W128)": 1.025}
 assert len(ROW_CODEC) == len(ROWS), "row names must be unique"
 
 
