@@ -1,0 +1,20 @@
+#!/bin/bash
+# lead, session 3: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
+# Runs in the root of a copy of the repository on the device machine, from a bundle folder B
+# holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore}, test_gpu_arena,
+# test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
+# modules (pygen/), built with -DCMAKE_CUDA_ARCHITECTURES=90 and bundled with
+# /work/shared/tools/device-bundle.sh B/lib BINARY...; results go to $OUT.
+B=${B:-$PWD/.devbundle-lead}; cd $B
+export LD_LIBRARY_PATH=$B/lib PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.txt 2>&1; local rc=$?; echo "== $n rc=$rc $(( $(date +%s)-t0 ))s"; grep -E "^not ok|^# " $OUT/$n.txt | tail -${N:-6}; }
+r codec ./test_gpu_codec
+r attend ./test_gpu_attend
+KVTIERD=$B/kvtierd.sh r restore ./test_gpu_restore
+r arena ./test_gpu_arena
+PYTHONPATH=$B/py KVTIER_PYGEN_DIR=$B/pygen KVTIERD=$B/kvtierd.sh N=10 r torch python3 test_gpu_restore_torch.py; tail -4 $OUT/torch.txt
+T=150 r sdpa python3 bench_gpu_sdpa.py
+T=200 r bench ./kvtier-bench gpu --sdpa $OUT/sdpa.txt; grep -v '^#' $OUT/bench.txt | cut -c1-360
+KVTIER_CUDA_NO_MMA=1 T=100 r benchcc ./kvtier-bench gpu --attend-only --sdpa $OUT/sdpa.txt; grep '"op":"attend"' $OUT/benchcc.txt | cut -c1-300
+T=200 r restorebench ./kvtier-bench gpu-restore --kvtierd $B/kvtierd.sh --iters 10; grep -v '^#' $OUT/restorebench.txt | cut -c1-330
