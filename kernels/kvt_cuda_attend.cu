@@ -213,7 +213,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-	/* prologue: load, scale and (for rotated schemes) rotate the item's query heads */
+	/* prologue: load, scale and (for rotated schemes) rotate the item's query heads. The same
+	 * as att_load_queries, written out: through the helper ptxas gives the KB 16 (scheme
+	 * none) instantiations more shared memory and other register counts (e.g. <128,16,16>
+	 * 72 -> 78), and this kernel's speed has already moved with such changes (docs/gpu.md) */
 	for (int q = warp; q < RQ; q += ATT_WARPS) {
 		float x[EPL];
 #pragma unroll
@@ -590,23 +593,9 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	for (int q = warp; q < NQ; q += ATT_WARPS) {
-		float x[EPL];
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			x[e] = (uint32_t)q < it.nq
-				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
-						  rq.q_dtype) * rq.scale
-				       : 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qo[q * D + lane * EPL + e] = x[e];
-		if (p.rotk)
-			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qr[QR_AT(q, lane * EPL + e)] = x[e];
-	}
+	att_load_queries<D, NQ>(
+		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
+		[&](int q, int c) -> float & { return qr[QR_AT(q, c)]; });
 	__syncthreads();
 
 	if (it.kind == ITEM_CODED) {

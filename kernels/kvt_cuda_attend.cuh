@@ -215,42 +215,44 @@ __device__ __forceinline__ void state_store(const warp_state<D / 32, N> &st, flo
 	}
 }
 
-/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
- * output) for N query heads. red_* are [ATT_WARPS][N](*D). */
-template <int D, int N>
-__device__ void block_merge(const att_params_base &p, const float *red_m, const float *red_l,
-			    const float *red_acc)
+/* Every attention kernel's prologue: warp w loads query heads w, w + ATT_WARPS, ... < NQ of
+ * the item, times the request's scale (zero past it.nq), into original(q, channel) and,
+ * rotated when the keys are (p.rotk), into rotated(q, channel): each kernel's own shared
+ * arrays and layout. The caller synchronises the block. (attend_kernel writes the same loop
+ * out; its comment says why.) */
+template <int D, int NQ, class Original, class Rotated>
+__device__ __forceinline__ void att_load_queries(const att_params_base &p, const att_item_dev &it,
+						 const att_req_dev &rq, Original original,
+						 Rotated rotated)
 {
-	__syncthreads();
-	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
-		int q = i / D;
-		float M = -INFINITY;
+	constexpr int EPL = D / 32;
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	for (int q = warp; q < NQ; q += ATT_WARPS) {
+		float x[EPL];
 #pragma unroll
-		for (int w = 0; w < ATT_WARPS; w++)
-			M = fmaxf(M, red_m[w * N + q]);
-		float L = 0.0f, A = 0.0f;
-		if (M != -INFINITY) {
+		for (int e = 0; e < EPL; e++)
+			x[e] = (uint32_t)q < it.nq
+				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
+						  rq.q_dtype) * rq.scale
+				       : 0.0f;
 #pragma unroll
-			for (int w = 0; w < ATT_WARPS; w++) {
-				float f = __expf(red_m[w * N + q] - M);
-				L += red_l[w * N + q] * f;
-				A += red_acc[(size_t)w * N * D + i] * f;
-			}
-		}
-		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
-		if (i % D == 0) {
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
-			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
-		}
+		for (int e = 0; e < EPL; e++)
+			original(q, lane * EPL + e) = x[e];
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			rotated(q, lane * EPL + e) = x[e];
 	}
 }
 
-/* The same with the warps' partials wstride floats apart (the INT2 kernel keeps them in its
- * stage buffers). Kept separate from block_merge so that the other kernels compile as
- * before. */
+/* Merges the block's warps and writes the item's partial (running max, sum, unnormalised
+ * output) for N query heads. red_m / red_l are [ATT_WARPS][N]; warp w's N x D partial starts
+ * at red_acc + w * wstride (the INT2 kernel keeps them in its stage buffers, the others
+ * dense: wstride N * D). */
 template <int D, int N>
-__device__ void block_merge_strided(const att_params &p, const float *red_m, const float *red_l,
-				    const float *red_acc, size_t wstride)
+__device__ __forceinline__ void block_merge(const att_params_base &p, const float *red_m, const float *red_l,
+			    const float *red_acc, size_t wstride = (size_t)N * D)
 {
 	__syncthreads();
 	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {

@@ -141,6 +141,41 @@ __device__ __forceinline__ void i2_stage(const att_params &p, const i2_pieces &p
 #ifndef I2_FRAG_SMEM
 #define I2_FRAG_SMEM 0 /* 1: key fragments (q', scale pairs) in shared memory, 32 fewer registers */
 #endif
+/* A warp's value partial in the reduction layout racc[head][channel] (both INT2 kernels end
+ * with it): the lanes holding the two halves of each column pair add theirs (xor 2), the
+ * value-zero term goes through zsm to the lanes that own the channels, and vacc, which holds
+ * -sum p * code * s / 4 (the sign i2_deq / i3_deq give the codes), becomes
+ * sum p * (code * s + z). D 128; vg is the value group of this lane's channels. */
+template <int NG>
+__device__ __forceinline__ void i2_store_partial(float (&vacc)[8][4], float (&zacc)[2], float *zsm,
+						 float *racc, int gid, int tig, int vg)
+{
+	constexpr int D = 128;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
+	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
+	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
+	if (gid < NG && tig < 2) {
+		zsm[(2 * tig) * 4 + gid] = zacc[0];
+		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
+	}
+	__syncwarp();
+	if (tig < 2) {
+		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
+		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			oa[i] = fmaf(-4.0f, vacc[i][0], za);
+			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
+			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
+			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
+		}
+	}
+}
+
 template <int GV>
 __device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_item_dev &it, uint32_t u0,
 				uint32_t u1, const float *qf, uint8_t *stage, uint16_t *pbh,
@@ -443,31 +478,7 @@ __device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_i
 		__syncwarp(); /* the next iteration stages into the buffer read here */
 	}
 
-	/* the warp's partial in the reduction layout: racc[head][channel] */
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
-	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
-	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
-	if (gid < NG && tig < 2) {
-		zsm[(2 * tig) * 4 + gid] = zacc[0];
-		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
-	}
-	__syncwarp();
-	if (tig < 2) {
-		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
-		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
-#pragma unroll
-		for (int i = 0; i < 8; i++) {
-			/* vacc = -sum p * code * s / 4 (i2_deq's sign) */
-			oa[i] = fmaf(-4.0f, vacc[i][0], za);
-			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
-			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
-			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
-		}
-	}
+	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 #pragma unroll
 	for (int qi = 0; qi < 2; qi++) {
 		float l = l2[qi];
@@ -1002,31 +1013,7 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		__syncwarp(); /* the next iteration stages into the buffer read here */
 	}
 
-	/* the warp's partial in the reduction layout: racc[head][channel] */
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			vacc[i][j] += __shfl_xor_sync(KVT_FULL_MASK, vacc[i][j], 2);
-	zacc[0] += __shfl_xor_sync(KVT_FULL_MASK, zacc[0], 2);
-	zacc[1] += __shfl_xor_sync(KVT_FULL_MASK, zacc[1], 2);
-	if (gid < NG && tig < 2) {
-		zsm[(2 * tig) * 4 + gid] = zacc[0];
-		zsm[(2 * tig + 1) * 4 + gid] = zacc[1];
-	}
-	__syncwarp();
-	if (tig < 2) {
-		const float za = zsm[(2 * tig) * 4 + vg], zb = zsm[(2 * tig + 1) * 4 + vg];
-		float *oa = racc + (2 * tig) * D + 16 * gid, *ob = oa + D;
-#pragma unroll
-		for (int i = 0; i < 8; i++) {
-			/* vacc = -sum p * code * s / 4 (i3_deq's sign) */
-			oa[i] = fmaf(-4.0f, vacc[i][0], za);
-			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
-			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
-			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
-		}
-	}
+	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 	float l = l2;
 	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
 	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
@@ -1063,23 +1050,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	for (int q = warp; q < RQ; q += ATT_WARPS) {
-		float x[EPL];
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			x[e] = (uint32_t)q < it.nq
-				       ? kvt_d_ld(rq.q, (size_t)(it.q_base + q) * D + lane * EPL + e,
-						  rq.q_dtype) * rq.scale
-				       : 0.0f;
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qo[q * D + lane * EPL + e] = x[e];
-		if (p.rotk)
-			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
-#pragma unroll
-		for (int e = 0; e < EPL; e++)
-			qf[q * D + lane * EPL + e] = x[e];
-	}
+	att_load_queries<D, RQ>(
+		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
+		[&](int q, int c) -> float & { return qf[q * D + c]; });
 	__syncthreads();
 
 	if constexpr (V == 2) {
@@ -1150,7 +1123,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
-	block_merge_strided<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */
