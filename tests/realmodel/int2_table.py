@@ -17,8 +17,9 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = os.path.join(HERE, "..", "..", "docs", "realmodel", "int2_results.jsonl")
+SIM = os.path.join(HERE, "..", "..", "docs", "realmodel", "int2_sim.jsonl")
 DESIGN = ("GPL-3", "GFDL-1.3")
-HELDOUT = ("GPL-2", "LGPL-2.1", "MPL-1.1")
+HELDOUT = ("GPL-2", "LGPL-2.1", "MPL-1.1", "MPL-2.0", "GPL-1", "Apache-2.0")
 
 
 def main():
@@ -27,11 +28,20 @@ def main():
     ap.add_argument("--texts", default=",".join(DESIGN + HELDOUT))
     # label=row on the design texts/row on the held-out texts
     ap.add_argument("--cols", default="min-max=x-S8/S8-minmax,mse=S8-mse/S8-mse")
+    ap.add_argument("--sim", nargs="?", const=SIM,
+                    help="also read int2_sim.py's results (default docs/realmodel/int2_sim.jsonl) "
+                         "as rows sim-MODEK-MODEV (rotv 1, 2/2 bits, normfit 0 only)")
     a = ap.parse_args()
     res = defaultdict(dict)  # (row, text) -> {context: rec}; the last line for a key wins
     for line in open(a.jsonl):
         r = json.loads(line)
         res[(r["row"], r["text"])][r["context"]] = r
+    if a.sim:
+        for line in open(a.sim):
+            r = json.loads(line)
+            if (r.get("rotv"), r.get("bk"), r.get("bv"), r.get("normfit")) != (1, 2, 2, 0):
+                continue
+            res[(f"sim-{r['modek']}-{r['modev']}", r["text"])][r["context"]] = r
     cols = []
     for c in a.cols.split(","):
         label, rows = c.split("=")
@@ -43,6 +53,8 @@ def main():
     summary = defaultdict(list)
     for t in a.texts.split(","):
         ex = res[("exact", t)]
+        if not ex:
+            continue
         role = "design" if t in DESIGN else "held-out"
         cells = []
         for label, d, h in cols:
@@ -57,6 +69,8 @@ def main():
             summary[(label, role)].append(ratio)
             cells += [f"{ratio:.4f}" + ("" if len(ctx) == len(ex) else f" ({len(ctx)} ctx)"),
                       ", ".join(f"{got[c]['nll'] - ex[c]['nll']:.1f}" for c in ctx)]
+        if all(c == "-" for c in cells):
+            continue
         print(f"| {t} | {role} | {sum(r['nll'] for r in ex.values()):.2f} "
               f"({sum(r['scored'] for r in ex.values())}) | " + " | ".join(cells) + " |")
     print()
