@@ -1610,6 +1610,17 @@ static int fetch_local(struct kvt_client *c, const char *session_id,
 		       uint8_t *vo, size_t v_cap, struct kvt_client_fetch_result *res,
 		       struct kvt_client_status *st);
 
+/* The range a fetch answered, as the caller asked for it (r: after defaults are filled). */
+static void fetch_result_range(struct kvt_client_fetch_result *res,
+			       const struct kvt_client_fetch_range *r)
+{
+	res->token_begin = r->token_begin;
+	res->token_end = r->token_end;
+	res->layer_begin = r->layer_begin;
+	res->layer_end = r->layer_end;
+	res->dtype = r->dtype;
+}
+
 int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 		     const struct kvt_client_fetch_range *range, void *k_out, size_t k_cap,
 		     void *v_out, size_t v_cap, struct kvt_client_fetch_result *res,
@@ -1676,13 +1687,8 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	}
 	if (r.decode_local && !r.raw) {
 		rc = fetch_local(c, session_id, &r, k_out, k_cap, v_out, v_cap, res, st);
-		if (res) {
-			res->token_begin = r.token_begin;
-			res->token_end = r.token_end;
-			res->layer_begin = r.layer_begin;
-			res->layer_end = r.layer_end;
-			res->dtype = r.dtype;
-		}
+		if (res)
+			fetch_result_range(res, &r);
 		return rc;
 	}
 	req.token_begin = r.token_begin;
@@ -1702,11 +1708,7 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 	rc = server_stream(c, SVC "Fetch", &req.base, &kvtier__v1__kv_block__descriptor,
 			   on_fetch_msg, on_fetch_bb, &p, &msgs, r.timeout_ms, st);
 	if (res) {
-		res->token_begin = r.token_begin;
-		res->token_end = r.token_end;
-		res->layer_begin = r.layer_begin;
-		res->layer_end = r.layer_end;
-		res->dtype = r.dtype;
+		fetch_result_range(res, &r);
 		res->k_bytes = p.k_done;
 		res->v_bytes = p.v_done;
 		res->messages = msgs;
