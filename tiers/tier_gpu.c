@@ -632,6 +632,19 @@ out_free:
 /* ---- restore ------------------------------------------------------------------------------ */
 
 #ifdef KVT_HAVE_CUDA
+/* -EINVAL naming `field` when offset + extent bytes (overflow included) do not fit the `side`
+ * allocation of `bytes`. */
+static int check_extent(const char *field, const char *side, uint64_t offset, uint64_t extent,
+			uint64_t bytes, char *err, size_t errlen)
+{
+	if (offset + extent <= bytes && offset + extent >= offset)
+		return 0;
+	snprintf(err, errlen, "%s %llu + %llu bytes to write exceed the %s allocation's %llu bytes",
+		 field, (unsigned long long)offset, (unsigned long long)extent, side,
+		 (unsigned long long)bytes);
+	return -EINVAL;
+}
+
 /* mu held: the mapping of handle (opened now or cached). */
 static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *owner,
 		   const struct ipc_entry *keep, struct ipc_entry **out, const char *which,
@@ -730,22 +743,11 @@ int kvt_tier_gpu_restore(struct kvt_tier_gpu *g, const struct kvt_seq *seq,
 	if ((rc = ipc_get(g, r->handle_v, r->owner, ek, &ev, "ipc_mem_handle_v", err, errlen)))
 		goto out;
 	/* the true allocation sizes bound what we write, whatever buffer_bytes said */
-	if (r->k_offset + extent > ek->bytes || r->k_offset + extent < r->k_offset) {
-		snprintf(err, errlen,
-			 "k_offset_bytes %llu + %llu bytes to write exceed the K allocation's %llu "
-			 "bytes", (unsigned long long)r->k_offset, (unsigned long long)extent,
-			 (unsigned long long)ek->bytes);
-		rc = -EINVAL;
+	if ((rc = check_extent("k_offset_bytes", "K", r->k_offset, extent, ek->bytes, err,
+			       errlen)) ||
+	    (rc = check_extent("v_offset_bytes", "V", r->v_offset, extent, ev->bytes, err,
+			       errlen)))
 		goto out;
-	}
-	if (r->v_offset + extent > ev->bytes || r->v_offset + extent < r->v_offset) {
-		snprintf(err, errlen,
-			 "v_offset_bytes %llu + %llu bytes to write exceed the V allocation's %llu "
-			 "bytes", (unsigned long long)r->v_offset, (unsigned long long)extent,
-			 (unsigned long long)ev->bytes);
-		rc = -EINVAL;
-		goto out;
-	}
 	size_t nc = 0;
 	for (uint32_t i = 0; i < n_chunks; i++) {
 		const struct kvt_chunk *c = kvt_seq_chunk(seq, i);

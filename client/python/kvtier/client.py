@@ -184,6 +184,19 @@ def _range(r, what: str) -> tuple[int | None, int | None]:
     return a, b
 
 
+def _set_ranges(req, tokens, layers) -> tuple[int | None, int | None, int | None, int | None]:
+    """Sets a request's token_begin/_end and layer_begin/_end from `tokens` and `layers`
+    (None, a (begin, end) pair or a slice; a None bound leaves the field unset: the daemon's
+    default) and returns (t0, t1, l0, l1)."""
+    t0, t1 = _range(tokens, "tokens")
+    l0, l1 = _range(layers, "layers")
+    for field, value in (("token_begin", t0), ("token_end", t1), ("layer_begin", l0),
+                         ("layer_end", l1)):
+        if value is not None:
+            setattr(req, field, value)
+    return t0, t1, l0, l1
+
+
 class Client:
     """A connection to one kvtierd.
 
@@ -448,17 +461,8 @@ class Client:
         either end None = default) in dtype (None = the session's), original basis, as
         numpy arrays [layers][tokens][kv_heads][dim]."""
         pb = self._pb
-        t0, t1 = _range(tokens, "tokens")
-        l0, l1 = _range(layers, "layers")
         req = pb.FetchRequest(session_id=session_id)
-        if t0 is not None:
-            req.token_begin = t0
-        if t1 is not None:
-            req.token_end = t1
-        if l0 is not None:
-            req.layer_begin = l0
-        if l1 is not None:
-            req.layer_end = l1
+        t0, t1, l0, l1 = _set_ranges(req, tokens, layers)
         if dtype is not None:
             req.dtype = dtype_code(dtype)
         req.max_message_bytes = max_message_bytes or self.max_message_bytes
@@ -670,16 +674,7 @@ class Client:
             req.block_size = block_size
         if block_table is not None:
             req.block_table.extend(int(b) for b in block_table)
-        t0, t1 = _range(tokens, "tokens")
-        if t0 is not None:
-            req.token_begin = t0
-        if t1 is not None:
-            req.token_end = t1
-        l0, l1 = _range(layers, "layers")
-        if l0 is not None:
-            req.layer_begin = l0
-        if l1 is not None:
-            req.layer_end = l1
+        _set_ranges(req, tokens, layers)
         if dtype is not None:
             req.dtype = dtype_code(dtype)
         if layer_stride_bytes is not None:
