@@ -2495,7 +2495,9 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 							 nt ? kvt_seq_tail_v(s->seq, it->layer) : NULL,
 							 nt, outs[i], err, sizeof err);
 			}
-			if (rc == -EAGAIN)
+			/* -EOPNOTSUPP: a codec the GPU kernels do not take (e.g. key_bits !=
+			 * value_bits, 3-bit codes): the CPU attends instead */
+			if (rc == -EAGAIN || rc == -EOPNOTSUPP)
 				rc = kvt_seq_attend(s->seq, it->layer, it->n_q_heads, scale, q,
 						    outs[i], err, sizeof err);
 		} else {
@@ -2527,7 +2529,7 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 								 s->seq, it->layer, it->n_q_heads,
 								 scale, q, tk, tv, nt + 1, outs[i],
 								 err, sizeof err);
-				if (rc == -EAGAIN)
+				if (rc == -EAGAIN || rc == -EOPNOTSUPP)
 					rc = kvt_attend(&ar, 1, err, sizeof err);
 			}
 			attended = kvt_seq_tokens(s->seq) + 1;

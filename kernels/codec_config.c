@@ -156,11 +156,15 @@ struct preset {
 	uint32_t key_rounding;
 };
 
-/* docs/realmodel/int2.md: what each part of kvtier-int2 contributes on SmolLM2-135M. kvtier-int2
- * keeps min-max key rounding: key_rounding mse did not generalize to held-out texts (MPL-1.1
- * 1.0451x vs 1.0285x; docs/DECISIONS.md), so it is an option, not part of the preset. */
+/* docs/realmodel/int2.md: what each part of kvtier-int2 contributes on SmolLM2-135M. Session 4:
+ * 3-bit keys with key and value groups of 64 (G 64 = B 64: one key group per chunk, value groups
+ * of a whole 64-wide head) instead of 2-bit keys at G 32, B 32: almost all of the INT2 loss was
+ * key precision, and the coarser groups pay for the third key bit (3.0840 bits/elem per chunk).
+ * kvtier-int2 keeps min-max key rounding: key_rounding mse did not generalize to held-out texts
+ * (MPL-1.1 1.0451x vs 1.0285x at K2 G32; docs/DECISIONS.md), so it is an option, not part of
+ * the preset. */
 static const struct preset presets[] = {
-	{"kvtier-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 32, 1, 8, 0, 0.0f, 128, KVT_ROUNDING_MINMAX},
+	{"kvtier-int2", KVT_SCHEME_OSCAR, 3, 2, 64, 64, 1, 8, 0, 0.0f, 128, KVT_ROUNDING_MINMAX},
 	{"oscar-int2", KVT_SCHEME_OSCAR, 2, 2, 32, 128, 1, 0, 0, 0.0f, 0, KVT_ROUNDING_MINMAX},
 };
 #define N_PRESETS (sizeof(presets) / sizeof(presets[0]))

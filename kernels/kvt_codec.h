@@ -124,10 +124,11 @@ int kvt_codec_config_validate(const struct kvt_codec_config *cfg, char *err, siz
  * rotate_v, n_sinks, pin_detect_*, recent_exact_tokens, key_rounding) and leaves the shape
  * (n_layers, n_kv_heads, head_dim, dtype) as cfg has it. Exact copies of pinned tokens are kept in the
  * session's wire dtype, so a preset costs what docs/realmodel/int2.md says only in f16/bf16.
- *   "kvtier-int2"  oscar, 2/2 bits, G 32, B 32, rotate_v, S 8, detection off, W 128,
- *                  key_rounding minmax: the daemon's default codec (docs/realmodel/int2.md has
- *                  the evidence; key_rounding mse is an option, not in the preset: it did
- *                  not generalize to held-out texts)
+ *   "kvtier-int2"  oscar, key_bits 3, value_bits 2, G 64, B 64, rotate_v, S 8, detection
+ *                  off, W 128, key_rounding minmax: the daemon's default codec (3.0840
+ *                  bits/elem per chunk on head_dim 64; docs/realmodel/int2.md has the
+ *                  evidence; key_rounding mse is an option, not in the preset: it did not
+ *                  generalize to held-out texts)
  *   "oscar-int2"   the faithful OScaR INT2 baseline: oscar, 2/2 bits, G 32, B 128, rotate_v,
  *                  S 0, detection off, W 0, key_rounding minmax
  * kvt_codec_preset returns 0, or -EINVAL (err lists the names) for an unknown name.

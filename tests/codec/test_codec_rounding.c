@@ -46,6 +46,11 @@ static void test_validate_and_names(void)
 	kvt_codec_config_default(&c, 2, 2, 64, KVT_DTYPE_F16);
 	KVT_REQUIRE(kvt_codec_preset(&c, "kvtier-int2", err, sizeof(err)) == 0, "%s", err);
 	KVT_CHECK(c.key_rounding == KVT_ROUNDING_MINMAX, "kvtier-int2 uses min-max");
+	/* session 4's kvtier-int2: 3-bit keys, 2-bit values, G 64, B 64, S 8, W 128 */
+	KVT_CHECK(c.scheme == KVT_SCHEME_OSCAR && c.key_bits == 3 && c.value_bits == 2 &&
+			  c.group == 64 && c.chunk_tokens == 64 && c.rotate_v == 1 && c.n_sinks == 8 &&
+			  c.recent_exact_tokens == 128 && c.pin_detect_ratio == 0.0f,
+		  "kvtier-int2 fields");
 	KVT_CHECK(!strcmp(kvt_codec_preset_name(&c), "kvtier-int2"), "kvtier-int2 by name");
 	c.key_rounding = KVT_ROUNDING_MSE;
 	KVT_CHECK(kvt_codec_preset_name(&c) == NULL, "kvtier-int2 with mse is no preset");

@@ -30,8 +30,9 @@ static void test_defaults(void)
 		  (unsigned long long)c.max_message_bytes);
 	KVT_CHECK(c.host_capacity_bytes == 4ull << 30, "host_capacity_bytes");
 	KVT_CHECK(c.cq_threads == 2, "cq_threads");
-	/* The default codec spells the preset kvtier-int2 (B 32 with a window W 128). */
-	KVT_CHECK(c.default_chunk_tokens == 32 && c.default_group == 32 &&
+	/* The default codec spells the preset kvtier-int2 (K3 V2, G 64, B 64 with a window W 128). */
+	KVT_CHECK(c.default_key_bits == 3 && c.default_value_bits == 2 &&
+			  c.default_chunk_tokens == 64 && c.default_group == 64 &&
 			  c.default_recent_exact_tokens == 128 && c.default_n_sinks == 8, "codec defaults");
 	KVT_CHECK(c.default_scheme == 3, "oscar is the default scheme");
 	KVT_CHECK(c.capacity_policy == KVT_POLICY_DROP_COLDEST, "policy");

@@ -215,6 +215,7 @@ static int run_case(int id, struct kvt_client_status *st)
 		codec.n_sinks = 65;
 		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
 	case C_OPEN_RECENT_SMALL:
+		codec.group = 32;
 		codec.chunk_tokens = 32;
 		codec.recent_exact_tokens = 16;
 		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);

@@ -432,8 +432,9 @@ static void test_open_pin_ttl_list(void)
 	KVT_REQUIRE(kvt_client_open(g_c, &p, &i, &st) == 0, "open: %s", st.message);
 	KVT_CHECK(i.created == 1, "created");
 	/* The daemon's default codec is the preset kvtier-int2 (docs/realmodel/int2.md). */
-	KVT_CHECK(i.codec.scheme == KVT_CLIENT_SCHEME_OSCAR && i.codec.key_bits == 2 &&
-			  i.codec.chunk_tokens == 32 && i.codec.n_sinks == 8 &&
+	KVT_CHECK(i.codec.scheme == KVT_CLIENT_SCHEME_OSCAR && i.codec.key_bits == 3 &&
+			  i.codec.value_bits == 2 && i.codec.group == 64 &&
+			  i.codec.chunk_tokens == 64 && i.codec.n_sinks == 8 &&
 			  i.codec.recent_exact_tokens == 128 && !strcmp(i.codec.preset, "kvtier-int2"),
 		  "daemon defaults in SessionInfo (scheme %u bits %u B %u S %d W %d preset '%s')",
 		  i.codec.scheme, i.codec.key_bits, i.codec.chunk_tokens, i.codec.n_sinks,
@@ -603,10 +604,10 @@ static void test_encoded_roundtrip(void)
 	KVT_REQUIRE(append_both(g_c, &s, 3 * 128 + 45, NULL) == 0, "append");
 	KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_CHUNKS, 1, &enc, &st) == 0,
 		    "fetch_encoded: %s", st.message);
-	/* The default codec (kvtier-int2: B 32, W 128) seals 10 chunks of 429 tokens and keeps
+	/* The default codec (kvtier-int2: B 64, W 128) seals 5 chunks of 429 tokens and keeps
 	 * 109 exact; the local reference sequence has the same config. */
 	const uint32_t ref_chunks = kvt_seq_n_chunks(s.ref), ref_tail = kvt_seq_tail_tokens(s.ref);
-	KVT_CHECK(ref_chunks == 10 && ref_tail == 109, "reference: %u chunks + %u tail", ref_chunks,
+	KVT_CHECK(ref_chunks == 5 && ref_tail == 109, "reference: %u chunks + %u tail", ref_chunks,
 		  ref_tail);
 	KVT_CHECK(enc->n_chunks == ref_chunks && enc->tail_tokens == ref_tail,
 		  "%u chunks + %u tail, got %zu + %u", ref_chunks, ref_tail, enc->n_chunks,

@@ -74,7 +74,7 @@ def test_presets_and_the_recent_window(client, sid, rng):
     assert c["preset"] == "kvtier-int2"
     assert (c["scheme"], c["key_bits"], c["value_bits"], c["group"], c["chunk_tokens"],
             c["n_sinks"], c["recent_exact_tokens"], c["key_rounding"]) == (
-                "oscar", 2, 2, 32, 32, 8, 128, "minmax")
+                "oscar", 3, 2, 64, 64, 8, 128, "minmax")
     o = client.open_session(sid(), **SHAPE, dtype="f16", codec=dict(preset="oscar-int2")).codec
     assert o["preset"] == "oscar-int2" and (o["chunk_tokens"], o["n_sinks"],
                                             o["recent_exact_tokens"], o["key_rounding"]) == (
@@ -106,8 +106,8 @@ def test_presets_and_the_recent_window(client, sid, rng):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and what in e.value.details()
     # Fields present override the preset; naming chunk_tokens without a window seals every chunk.
     x = client.open_session(sid(), **SHAPE, dtype="f16",
-                            codec=dict(preset="kvtier-int2", chunk_tokens=64)).codec
-    assert (x["chunk_tokens"], x["recent_exact_tokens"], x["n_sinks"]) == (64, 0, 8)
+                            codec=dict(preset="kvtier-int2", chunk_tokens=128)).codec
+    assert (x["chunk_tokens"], x["recent_exact_tokens"], x["n_sinks"]) == (128, 0, 8)
     assert "preset" not in x  # no longer equal to a preset
     for bad in (dict(preset="kvtier-int3"), dict(chunk_tokens=64, recent_exact_tokens=32),
                 dict(recent_exact_tokens=2048)):
@@ -773,7 +773,7 @@ def test_concurrent_appends_to_one_session_are_atomic(client, sid):
     s = sid()
     L, H, d = 2, 2, 64
     client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f32",
-                        codec=dict(scheme="none", chunk_tokens=32))
+                        codec=dict(scheme="none", group=32, chunk_tokens=32))
     n_threads, per = 6, 8
     errors = []
 
