@@ -44,7 +44,7 @@ static void usage(FILE *out)
 		"  drop ID                               drop a session\n"
 		"  put ID --k K.npy --v V.npy [--dtype f16|bf16|f32] [codec flags] [--ttl S] [--pin]\n"
 		"        K, V: [layers][tokens][kv_heads][head_dim] float16 or float32 .npy\n"
-		"        codec flags: --scheme none|kivi|hadamard|oscar --key-bits N --value-bits N\n"
+		"        codec flags: --scheme none|kivi|hadamard|oscar --key-bits 2|3|4|8 --value-bits 2|3|4|8\n"
 		"                     --group G --chunk-tokens B --sinks S --no-rotate-v\n"
 		"                     --recent-exact W (0 or B..1024: newest W-B+1..W tokens exact)\n"
 		"                     --key-rounding minmax|mse (how key scales are chosen)\n"

@@ -626,7 +626,7 @@ int kvt_bench_fidelity(int argc, char **argv)
 	int layer_wise = 0, check = 0, strict = 0, synthetic = 0;
 	int schemes[4] = { KVT_SCHEME_NONE, KVT_SCHEME_KIVI, KVT_SCHEME_HADAMARD, KVT_SCHEME_OSCAR };
 	int n_schemes = 4, bits[2] = { 2, 4 }, n_bits = 2, groups[3] = { 32, 128 }, n_groups = 2;
-	static const int ok_bits[] = { 2, 4, 8 }, ok_groups[] = { 32, 64, 128 };
+	static const int ok_bits[] = { 2, 3, 4, 8 }, ok_groups[] = { 32, 64, 128 };
 	struct dataset ds;
 	struct codec_spec specs[64];
 	int n_specs = 0, rc = 0;
@@ -680,7 +680,7 @@ int kvt_bench_fidelity(int argc, char **argv)
 			i++;
 			continue;
 		} else if (!strcmp(a, "--bits")) {
-			if ((n_bits = parse_int_list(a, val, bits, 2, ok_bits, 3)) < 0)
+			if ((n_bits = parse_int_list(a, val, bits, 2, ok_bits, 4)) < 0)
 				return 2;
 			i++;
 			continue;

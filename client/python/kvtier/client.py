@@ -320,7 +320,7 @@ class Client:
         """Creates the session or opens the existing one with the same shape and codec
         (info.created says which). tier: "host" or "gpu" (GPU-resident when the daemon has
         a GPU tier; info.tier says where the chunks live), None: the daemon's policy. codec: dict with keys scheme ('none', 'kivi',
-        'hadamard', 'oscar', 'default'), key_bits, value_bits (or bits for both), group,
+        'hadamard', 'oscar', 'default'), key_bits, value_bits (2, 3, 4 or 8; or bits for both), group,
         chunk_tokens, rotate_v, n_sinks, pin_detect_ratio, pin_detect_max,
         recent_exact_tokens (the exact recent window W: 0 or chunk_tokens..1024), key_rounding
         ('minmax' or 'mse': how key scales are chosen) and preset
