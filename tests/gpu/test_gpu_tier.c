@@ -541,6 +541,38 @@ static void test_gpu_encode(void)
 	}
 }
 
+/* One large append into a GPU-resident and a host session (timings printed, bytes checked):
+ * the GPU session's chunks are encoded on the device, the host session's on the CPU. */
+static void test_encode_scale(void)
+{
+	struct kvt_client *c = g_c;
+	uint32_t n = g_emulate ? 256 : 2048;
+	struct kvt_client_session_params p;
+	struct sess g, h;
+	params(&p, "encs-gpu", 32, 8, 128, 2, 128, "gpu");
+	KVT_REQUIRE(open_sess(c, &g, "encs-gpu", &p) == 0, "open");
+	p.session_id = "encs-host";
+	p.tier = "host";
+	KVT_REQUIRE(open_sess(c, &h, "encs-host", &p) == 0, "open");
+	struct sess *both[2] = {&g, &h};
+	g_append_s[0] = g_append_s[1] = 0;
+	uint64_t e0 = counter(c, "gpu.encoded_chunks");
+	KVT_REQUIRE(append_same(c, both, 2, n) == 0, "append");
+	uint64_t e1 = counter(c, "gpu.encoded_chunks");
+	size_t nc = 0;
+	KVT_CHECK(same_encoded(c, "encs-gpu", "encs-host", &nc) == 0, "same chunks");
+	KVT_CHECK(e1 - e0 == nc && nc == n / 128, "%llu GPU encodes of %zu chunks",
+		  (unsigned long long)(e1 - e0), nc);
+	printf("# one append of %u tokens (32 layers x 8 heads x 128, bf16: %.0f MB of K+V): "
+	       "GPU-resident session %.1f ms (%llu chunks encoded on the GPU), host session "
+	       "%.1f ms (CPU encode); chunks identical\n",
+	       n, 2.0 * 32 * 8 * 128 * 2 * n / 1e6, g_append_s[0] * 1e3,
+	       (unsigned long long)(e1 - e0), g_append_s[1] * 1e3);
+	struct kvt_client_status st;
+	kvt_client_drop(c, "encs-gpu", NULL, &st);
+	kvt_client_drop(c, "encs-host", NULL, &st);
+}
+
 /* A small arena: the policy demotes the least recently used unpinned sessions. */
 static void test_arena_policy(const char *policy)
 {
@@ -697,6 +729,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_batched_attend);
 	KVT_RUN(test_batch_scale);
 	KVT_RUN(test_gpu_encode);
+	KVT_RUN(test_encode_scale);
 	kvt_client_close(c);
 	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0");
 	KVT_RUN(test_arena_lru);
