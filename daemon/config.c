@@ -34,6 +34,7 @@ static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar", 
 static const char *const rounding_names[] = {"minmax", "mse", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const tier_names[] = {"host", "gpu", NULL};
+static const char *const arena_policy_names[] = {"lru", "keep", NULL};
 
 #define OFF(f) offsetof(struct kvt_config, f)
 #define KIB ((uint64_t)1024)
@@ -78,9 +79,9 @@ static const struct opt opts[] = {
 	{"default_scheme", OPT_ENUM, OFF(default_scheme), 0, 0, 0, 0, scheme_names, "oscar", 1,
 	 "codec scheme of sessions opened without one"},
 	{"default_key_bits", OPT_U64, OFF(default_key_bits), 2, 8, 0, 0, NULL, "2", 1,
-	 "default key bits: 2, 4 or 8"},
+	 "default key bits: 2, 3, 4 or 8"},
 	{"default_value_bits", OPT_U64, OFF(default_value_bits), 2, 8, 0, 0, NULL, "2", 1,
-	 "default value bits: 2, 4 or 8"},
+	 "default value bits: 2, 3, 4 or 8"},
 	{"default_group", OPT_U64, OFF(default_group), 32, 128, 0, 0, NULL, "32", 1,
 	 "default quantization group G: 32, 64 or 128"},
 	{"default_chunk_tokens", OPT_U64, OFF(default_chunk_tokens), 32, 1024, 0, 0, NULL, "32",
@@ -125,6 +126,10 @@ static const struct opt opts[] = {
 	 "threads copying chunks into pinned staging during RestoreToDevice"},
 	{"gpu_pin_host", OPT_BOOL, OFF(gpu_pin_host), 0, 1, 0, 0, NULL, "yes", 0,
 	 "page-lock session chunks in host memory when a GPU is usable (restores copy by DMA)"},
+	{"gpu_arena_policy", OPT_ENUM, OFF(gpu_arena_policy), 0, 0, 0, 0, arena_policy_names,
+	 "lru", 0,
+	 "a full GPU arena demotes the least recently used unpinned GPU sessions to the host "
+	 "(lru) or keeps new chunks on the host (keep)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 
@@ -536,18 +541,18 @@ static int is_loopback_host(const char *host, size_t len)
 
 static int bits_ok(uint64_t b)
 {
-	return b == 2 || b == 4 || b == 8;
+	return b == 2 || b == 3 || b == 4 || b == 8;
 }
 
 int kvt_config_validate(const struct kvt_config *c, char *err, size_t errlen)
 {
 	if (!bits_ok(c->default_key_bits)) {
-		snprintf(err, errlen, "default_key_bits = %" PRIu64 " is not one of 2, 4, 8",
+		snprintf(err, errlen, "default_key_bits = %" PRIu64 " is not one of 2, 3, 4, 8",
 			 c->default_key_bits);
 		return -EINVAL;
 	}
 	if (!bits_ok(c->default_value_bits)) {
-		snprintf(err, errlen, "default_value_bits = %" PRIu64 " is not one of 2, 4, 8",
+		snprintf(err, errlen, "default_value_bits = %" PRIu64 " is not one of 2, 3, 4, 8",
 			 c->default_value_bits);
 		return -EINVAL;
 	}

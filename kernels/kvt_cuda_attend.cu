@@ -774,6 +774,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	if ((rc = kvt_codec_config_validate(cfg, why, sizeof(why))))
 		return kvt_cuda_errf(err, errlen, rc, "request 0: %s", why);
 	const bool none = cfg->scheme == KVT_SCHEME_NONE;
+	/* 3-bit codes are CPU-only until the GPU kernels read them (helper gpuk3) */
+	if (!none && (cfg->key_bits == 3 || cfg->value_bits == 3))
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "key_bits %u / value_bits %u: 3-bit codes are CPU-only: use "
+				     "the CPU path",
+				     cfg->key_bits, cfg->value_bits);
 	if (!none && cfg->key_bits != cfg->value_bits)
 		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
 				     "key_bits %u != value_bits %u: the GPU attention kernel "

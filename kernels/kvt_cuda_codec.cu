@@ -1207,6 +1207,12 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
 				     "key_rounding %s is CPU-only: encode this session on the CPU",
 				     kvt_rounding_name(cfg->key_rounding));
+	/* 3-bit codes are CPU-only until the GPU kernels pack them (helper gpuk3) */
+	if (cfg->scheme != KVT_SCHEME_NONE && (cfg->key_bits == 3 || cfg->value_bits == 3))
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "key_bits %u / value_bits %u: 3-bit codes are CPU-only: encode "
+				     "this session on the CPU",
+				     cfg->key_bits, cfg->value_bits);
 	if (n_jobs > KVT_CUDA_MAX_JOBS)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
 				     KVT_CUDA_MAX_JOBS);
@@ -1825,6 +1831,13 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	struct kvt_codec_config cfg0;
 	if (!jobs[0].hdr || header_config(jobs[0].hdr, &cfg0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "job 0: hdr is NULL or not a chunk");
+	/* 3-bit codes are CPU-only until the GPU kernels unpack them (helper gpuk3); every job
+	 * has job 0's bits (checked below) */
+	if (cfg0.key_bits == 3 || cfg0.value_bits == 3)
+		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
+				     "key_bits %u / value_bits %u: 3-bit chunks are CPU-only: "
+				     "decode them on the CPU",
+				     cfg0.key_bits, cfg0.value_bits);
 	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
 		return rc;
 	dec_job_dev *jd = (dec_job_dev *)c->stage_host;
