@@ -46,10 +46,12 @@ try:
         info = None
         if not a.exact:
             info = cache.s.stat()
-            enc = c.fetch_encoded(cache.s.sid, chunk_begin=1, chunk_end=2, include_tail=False)
             L, H, D = m.n_layers, m.n_kv_heads, m.head_dim
             B = info.codec["chunk_tokens"]
-            steady = 8.0 * len(enc.chunks[0]) / (2 * L * B * H * D) if enc.chunks else None
+            steady = None  # chunk 1 (no pins), when a short last context sealed it
+            if info.n_chunks >= 2:
+                enc = c.fetch_encoded(cache.s.sid, chunk_begin=1, chunk_end=2, include_tail=False)
+                steady = 8.0 * len(enc.chunks[0]) / (2 * L * B * H * D) if enc.chunks else None
         cache.close()
         r = dict(row=a.row, text=a.text, context=ci, tokens=len(w), scored=len(w) - 1,
                  nll=acc[0], ppl=float(np.exp(acc[0] / (len(w) - 1))), dtype=None if a.exact else a.dtype,
