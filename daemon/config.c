@@ -78,9 +78,9 @@ static const struct opt opts[] = {
 	{"default_scheme", OPT_ENUM, OFF(default_scheme), 0, 0, 0, 0, scheme_names, "oscar", 1,
 	 "codec scheme of sessions opened without one"},
 	{"default_key_bits", OPT_U64, OFF(default_key_bits), 2, 8, 0, 0, NULL, "2", 1,
-	 "default key bits: 2, 4 or 8"},
+	 "default key bits: 2, 3, 4 or 8"},
 	{"default_value_bits", OPT_U64, OFF(default_value_bits), 2, 8, 0, 0, NULL, "2", 1,
-	 "default value bits: 2, 4 or 8"},
+	 "default value bits: 2, 3, 4 or 8"},
 	{"default_group", OPT_U64, OFF(default_group), 32, 128, 0, 0, NULL, "32", 1,
 	 "default quantization group G: 32, 64 or 128"},
 	{"default_chunk_tokens", OPT_U64, OFF(default_chunk_tokens), 32, 1024, 0, 0, NULL, "32",
@@ -536,18 +536,18 @@ static int is_loopback_host(const char *host, size_t len)
 
 static int bits_ok(uint64_t b)
 {
-	return b == 2 || b == 4 || b == 8;
+	return b == 2 || b == 3 || b == 4 || b == 8;
 }
 
 int kvt_config_validate(const struct kvt_config *c, char *err, size_t errlen)
 {
 	if (!bits_ok(c->default_key_bits)) {
-		snprintf(err, errlen, "default_key_bits = %" PRIu64 " is not one of 2, 4, 8",
+		snprintf(err, errlen, "default_key_bits = %" PRIu64 " is not one of 2, 3, 4, 8",
 			 c->default_key_bits);
 		return -EINVAL;
 	}
 	if (!bits_ok(c->default_value_bits)) {
-		snprintf(err, errlen, "default_value_bits = %" PRIu64 " is not one of 2, 4, 8",
+		snprintf(err, errlen, "default_value_bits = %" PRIu64 " is not one of 2, 3, 4, 8",
 			 c->default_value_bits);
 		return -EINVAL;
 	}

@@ -93,7 +93,7 @@ static int dtype_ok(int d)
 
 static int bits_ok(uint32_t b)
 {
-	return b == 2 || b == 4 || b == 8;
+	return b == 2 || b == 3 || b == 4 || b == 8;
 }
 
 /* Shape + codec of an OpenSessionRequest, defaults filled from the configuration. */
@@ -186,7 +186,7 @@ static int resolve_config(const Kvtier__V1__OpenSessionRequest *r, struct kvt_co
 		cfg->key_bits = cc && cc->has_key_bits ? cc->key_bits : d.key_bits;
 		cfg->value_bits = cc && cc->has_value_bits ? cc->value_bits : d.value_bits;
 		if (!bits_ok(cfg->key_bits) || !bits_ok(cfg->value_bits)) {
-			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec.%s %u is not one of 2, 4, 8",
+			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "codec.%s %u is not one of 2, 3, 4, 8",
 				     !bits_ok(cfg->key_bits) ? "key_bits" : "value_bits",
 				     !bits_ok(cfg->key_bits) ? cfg->key_bits : cfg->value_bits);
 			return -1;

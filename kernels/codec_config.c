@@ -56,8 +56,8 @@ static int check_bits(const char *field, uint32_t bits, uint32_t scheme, char *e
 					      field, bits);
 		return 0;
 	}
-	if (bits != 2 && bits != 4 && bits != 8)
-		return kvt_codec_errf(err, errlen, -EINVAL, "%s %u is not one of 2, 4, 8", field,
+	if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+		return kvt_codec_errf(err, errlen, -EINVAL, "%s %u is not one of 2, 3, 4, 8", field,
 				      bits);
 	return 0;
 }

@@ -339,7 +339,8 @@ struct kvt_codec_ops {
 			   uint32_t d, uint32_t gv, uint32_t bits, uint32_t sdt, uint16_t *scale,
 			   uint16_t *zero, uint8_t *codes8);
 	/* Packs d codes (each < 2^bits) little end first: channel c at bits (c % (8/b)) * b of
-	 * byte c * b / 8. */
+	 * byte c * b / 8; 3 bits: the low 2 bits as a 2-bit row in bytes [0, d/4), the high bit
+	 * of channel c at bit c % 8 of byte d/4 + c/8 (CHUNK_FORMAT.md). */
 	void (*pack)(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out);
 	/* Unpacks one row and dequantizes with per-channel f32 scale/zero: y = code*s + z. */
 	void (*dequant_ch)(const uint8_t *packed, uint32_t d, uint32_t bits, const float *s,

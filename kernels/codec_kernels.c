@@ -149,6 +149,23 @@ static void s_mse_cols(const float *x, size_t x_stride, uint32_t ntok, const uin
 
 static void s_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *out)
 {
+	if (bits == 3) {
+		/* two planes (CHUNK_FORMAT.md): the low 2 bits as a 2-bit row in bytes [0, d/4),
+		 * the high bit of channel c at bit c % 8 of byte d/4 + c/8 */
+		for (uint32_t i = 0; i < d / 4; i++) {
+			uint32_t b = 0;
+			for (uint32_t k = 0; k < 4; k++)
+				b |= ((uint32_t)codes8[i * 4 + k] & 3u) << (k * 2);
+			out[i] = (uint8_t)b;
+		}
+		for (uint32_t i = 0; i < d / 8; i++) {
+			uint32_t b = 0;
+			for (uint32_t k = 0; k < 8; k++)
+				b |= (((uint32_t)codes8[i * 8 + k] >> 2) & 1u) << k;
+			out[d / 4 + i] = (uint8_t)b;
+		}
+		return;
+	}
 	uint32_t per = 8 / bits;
 	for (uint32_t i = 0; i < d / per; i++) {
 		uint32_t b = 0;
@@ -158,8 +175,11 @@ static void s_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *ou
 	}
 }
 
-static inline uint32_t code_at(const uint8_t *p, uint32_t c, uint32_t bits)
+/* code of channel c of a packed row of d channels */
+static inline uint32_t code_at(const uint8_t *p, uint32_t c, uint32_t bits, uint32_t d)
 {
+	if (bits == 3)
+		return ((p[c / 4] >> ((c % 4) * 2)) & 3u) | (((p[d / 4 + c / 8] >> (c % 8)) & 1u) << 2);
 	uint32_t per = 8 / bits;
 	return (p[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1);
 }
@@ -167,14 +187,14 @@ static inline uint32_t code_at(const uint8_t *p, uint32_t c, uint32_t bits)
 static void s_unpack_f32(const uint8_t *packed, uint32_t d, uint32_t bits, float *y)
 {
 	for (uint32_t c = 0; c < d; c++)
-		y[c] = (float)code_at(packed, c, bits);
+		y[c] = (float)code_at(packed, c, bits, d);
 }
 
 static void s_dequant_ch(const uint8_t *packed, uint32_t d, uint32_t bits, const float *s,
 			 const float *z, float *y)
 {
 	for (uint32_t c = 0; c < d; c++)
-		y[c] = (float)code_at(packed, c, bits) * s[c] + z[c];
+		y[c] = (float)code_at(packed, c, bits, d) * s[c] + z[c];
 }
 
 static void s_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint32_t gv,
@@ -183,7 +203,7 @@ static void s_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint
 	for (uint32_t g = 0; g < d / gv; g++) {
 		float sf = kvt_widen16(s[g], sdt), zf = kvt_widen16(z[g], sdt);
 		for (uint32_t c = g * gv; c < (g + 1) * gv; c++)
-			y[c] = (float)code_at(packed, c, bits) * sf + zf;
+			y[c] = (float)code_at(packed, c, bits, d) * sf + zf;
 	}
 }
 
@@ -199,7 +219,7 @@ static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	}
 	const uint32_t gshift = (uint32_t)__builtin_ctz(gv); /* gv is a power of two */
 	for (uint32_t c = 0; c < d; c++)
-		tmp[c] = (float)code_at(packed, c, bits) * sf[c >> gshift] + zf[c >> gshift];
+		tmp[c] = (float)code_at(packed, c, bits, d) * sf[c >> gshift] + zf[c >> gshift];
 	if (rot)
 		s_fwht(tmp, 1, d, mult);
 	s_store_f32(tmp, out, out_dtype, d);

@@ -570,7 +570,14 @@ static void v_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *ou
 	}
 	for (uint32_t c = 0; c < d; c += 32) {
 		__m256i v = _mm256_loadu_si256((const __m256i *)(codes8 + c));
-		if (bits == 2) {
+		if (bits == 3) {
+			/* high-bit plane: bit 2 of each code moved to the byte's sign bit, one
+			 * movemask bit per channel (channel c + i at bit i) */
+			uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(v, 5));
+			memcpy(out + d / 4 + c / 8, &hi, 4);
+			v = _mm256_and_si256(v, _mm256_set1_epi8(3)); /* low plane: a 2-bit row */
+		}
+		if (bits == 2 || bits == 3) {
 			__m256i p = _mm256_maddubs_epi16(v, _mm256_set1_epi16(0x0401));
 			p = _mm256_madd_epi16(p, _mm256_set1_epi32(0x00100001));
 			p = _mm256_shuffle_epi8(p, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1,
@@ -590,9 +597,21 @@ static void v_pack(const uint8_t *codes8, uint32_t d, uint32_t bits, uint8_t *ou
 	}
 }
 
-/* 8 codes starting at channel c (c a multiple of 8) as int32 lanes */
-static inline __m256i unpack8(const uint8_t *p, uint32_t c, uint32_t bits)
+/* 8 codes starting at channel c (c a multiple of 8) of a row of d channels as int32 lanes */
+static inline __m256i unpack8(const uint8_t *p, uint32_t c, uint32_t bits, uint32_t d)
 {
+	if (bits == 3) {
+		/* low 2 bits from the 2-bit plane, the high bit from byte d/4 + c/8 */
+		uint16_t w;
+		memcpy(&w, p + c / 4, 2);
+		const __m256i sh = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+		__m256i lo = _mm256_and_si256(
+			_mm256_srlv_epi32(_mm256_set1_epi32(w), _mm256_add_epi32(sh, sh)),
+			_mm256_set1_epi32(3));
+		__m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p[d / 4 + c / 8]), sh),
+					      _mm256_set1_epi32(1));
+		return _mm256_or_si256(lo, _mm256_slli_epi32(hi, 2));
+	}
 	if (bits == 2) {
 		uint16_t w;
 		memcpy(&w, p + c / 4, 2);
@@ -613,14 +632,14 @@ static inline __m256i unpack8(const uint8_t *p, uint32_t c, uint32_t bits)
 static void v_unpack_f32(const uint8_t *packed, uint32_t d, uint32_t bits, float *y)
 {
 	for (uint32_t c = 0; c < d; c += 8)
-		_mm256_storeu_ps(y + c, _mm256_cvtepi32_ps(unpack8(packed, c, bits)));
+		_mm256_storeu_ps(y + c, _mm256_cvtepi32_ps(unpack8(packed, c, bits, d)));
 }
 
 static void v_dequant_ch(const uint8_t *packed, uint32_t d, uint32_t bits, const float *s,
 			 const float *z, float *y)
 {
 	for (uint32_t c = 0; c < d; c += 8) {
-		__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
+		__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits, d));
 		_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, _mm256_loadu_ps(s + c)),
 						      _mm256_loadu_ps(z + c)));
 	}
@@ -635,7 +654,7 @@ static void v_dequant_grp(const uint8_t *packed, uint32_t d, uint32_t bits, uint
 		__m256 sv = _mm256_set1_ps(sg[g]);
 		__m256 zv = _mm256_set1_ps(zg[g]);
 		for (uint32_t c = g * gv; c < (g + 1) * gv; c += 8) {
-			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits));
+			__m256 code = _mm256_cvtepi32_ps(unpack8(packed, c, bits, d));
 			_mm256_storeu_ps(y + c, _mm256_add_ps(_mm256_mul_ps(code, sv), zv));
 		}
 	}
@@ -700,7 +719,7 @@ deq64_d128(const uint8_t *packed, uint32_t bits, bool per_ch, uint32_t b, const 
 			memcpy(&w, packed + (c & ~15u) / 4, 4);
 			code = (c & 8) ? unpack16_2bit_hi(w) : unpack16_2bit_lo(w);
 		} else {
-			code = unpack8(packed, c, 4);
+			code = unpack8(packed, c, 4, 128);
 		}
 		__m256 sc = per_ch ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + c)))
 				   : _mm256_set1_ps(sg[c >> 5]);
@@ -786,7 +805,7 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 		widen_params(s16, z16, d / gv, sdt, sg, zg);
 #define DEQ(c)                                                                             \
 	_mm256_add_ps(                                                                     \
-		_mm256_mul_ps(_mm256_cvtepi32_ps(unpack8(packed, (c), bits)),               \
+		_mm256_mul_ps(_mm256_cvtepi32_ps(unpack8(packed, (c), bits, d)),               \
 			      per_ch ? widen16(_mm_loadu_si128((const __m128i *)(s16 + (c))), sdt) \
 				     : _mm256_set1_ps(sg[(c) >> gshift])),                       \
 		per_ch ? widen16(_mm_loadu_si128((const __m128i *)(z16 + (c))), sdt)        \

@@ -59,8 +59,8 @@ enum kvt_dtype {
  * A codec configuration: the shape of a session and how its chunks are encoded.
  * kvt_codec_config_validate() accepts exactly:
  *   scheme      none | kivi | hadamard | oscar
- *   key_bits    2, 4, 8 (ignored and must be 0 or 16 for scheme none)
- *   value_bits  2, 4, 8 (same; may differ from key_bits: a bit split between K and V)
+ *   key_bits    2, 3, 4, 8 (ignored and must be 0 or 16 for scheme none)
+ *   value_bits  2, 3, 4, 8 (same; may differ from key_bits: a bit split between K and V)
  *   group       G = 32, 64, 128 (key groups span G tokens of one channel; value groups span
  *               min(G, head_dim) channels of one token and head)
  *   chunk_tokens B: a multiple of G, 32..1024 (the default is 128)
@@ -159,7 +159,10 @@ size_t kvt_dtype_size(uint32_t dtype);         /* 2, 2, 4; 0 when unknown */
  *   v_scale   s16 [H][B][d/gv]                 gv = min(G, d)
  *   v_zero    same shape as v_scale
  *   k_codes   u8  [H][B][d*kb/8]               packed, little end first: channel c of a
- *   v_codes   u8  [H][B][d*vb/8]               byte sits at bits (c % (8/b)) * b
+ *   v_codes   u8  [H][B][d*vb/8]               byte sits at bits (c % (8/b)) * b; 3 bits:
+ *                                              bytes [0, d/4) hold the low 2 bits as a 2-bit
+ *                                              row, bytes [d/4, 3d/8) the high bit of
+ *                                              channel c at bit c % 8 of byte d/4 + c/8
  *   k_exact   wire dtype [n_pinned][H][d]      original basis, exact (pinned tokens)
  *   v_exact   wire dtype [n_pinned][H][d]
  * For scheme none, k_codes / v_codes hold the exact tensors [H][B][d] in the wire dtype and

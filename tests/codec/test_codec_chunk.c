@@ -26,7 +26,7 @@ static void test_config_validate_messages(void)
 #define CASE(body, want) {({ void f_(struct kvt_codec_config *x) { body; } f_; }), want}
 		CASE(x->head_dim = 96, "head_dim 96 is not one of 64, 128, 256"),
 		CASE(x->scheme = 9, "scheme 9"),
-		CASE(x->key_bits = 3, "key_bits 3 is not one of 2, 4, 8"),
+		CASE(x->key_bits = 5, "key_bits 5 is not one of 2, 3, 4, 8"),
 		CASE(x->value_bits = 16, "value_bits 16"),
 		CASE(x->group = 48, "group 48 is not one of 32, 64, 128"),
 		CASE(x->chunk_tokens = 2048, "chunk_tokens 2048"),
@@ -110,6 +110,20 @@ static void test_layout(void)
 	cfg.group = 128;
 	KVT_CHECK(kvt_chunk_layout(&cfg, 0, &l) == 0, "layout");
 	KVT_CHECK(l.layer_bytes == 8 * 128 * 72 + 128 * 4, "G128 layer bytes %zu", l.layer_bytes);
+	/* 3-bit keys, 2-bit values, G 64, B 64 on SmolLM2's shape (30 layers, 3 KV heads, d 64):
+	 * norms 256 + key scale/zero 2 x 384 + value scale/zero 2 x 384 + key codes 3 x 64 x 24
+	 * + value codes 3 x 64 x 16 = 9472 B per layer, 3.0840 bits per element */
+	kvt_codec_config_default(&cfg, 30, 3, 64, KVT_DTYPE_F16);
+	cfg.key_bits = 3;
+	cfg.group = cfg.chunk_tokens = 64;
+	KVT_CHECK(kvt_chunk_layout(&cfg, 0, &l) == 0, "layout");
+	KVT_CHECK(l.k_codes_bytes == 3 * 64 * 24 && l.v_codes_bytes == 3 * 64 * 16 &&
+			  l.layer_bytes == 9472 && l.total_bytes == 64 + 30 * 9472,
+		  "K3 layer bytes %zu", l.layer_bytes);
+	h = (struct kvt_chunk_header){.chunk_tokens = 64, .n_layers = 30, .n_kv_heads = 3,
+				      .head_dim = 64, .total_bytes = l.total_bytes};
+	bpe = kvt_chunk_bits_per_element(&h);
+	KVT_CHECK(fabs(bpe - 3.0840) < 0.0001, "K3 bits per element %g", bpe);
 }
 
 /* Decodes the whole chunk to f32 under the current ISA. */
@@ -135,11 +149,6 @@ static int16_t pin_of(const uint8_t *chunk, uint32_t t)
 	return -1;
 }
 
-static uint32_t code_at(const uint8_t *p, uint32_t c, uint32_t bits)
-{
-	uint32_t per = 8 / bits;
-	return (p[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1);
-}
 
 /*
  * Checks one chunk against its input element by element: pinned tokens bit-exact, scheme
@@ -213,7 +222,7 @@ static void check_chunk_against_input(const struct kvt_codec_config *cfg, uint64
 						size_t pi = per_channel ? ((size_t)h * (B / G) + t / G) * d + c
 									: idx * ng + c / gv;
 						float s = kvt_widen16(sc[pi], sdt), z = kvt_widen16(zr[pi], sdt);
-						xh[c] = (float)code_at(codes, c, bits) * s + z;
+						xh[c] = (float)packed_code(codes, c, bits, d) * s + z;
 						checked++;
 						if (s == 0.0f && z != x[c])
 							continue; /* underflowed scale: constant by rule */
@@ -333,10 +342,11 @@ static void test_paths_identical(void)
  * values identical, and the chunk within the quantizer's bound of its input */
 static void test_paths_sweep(void)
 {
-	static const uint32_t dims[] = {64, 128, 256}, groups[] = {32, 64, 128}, bits[] = {2, 4, 8};
+	static const uint32_t dims[] = {64, 128, 256}, groups[] = {32, 64, 128};
+	const uint32_t *bits = kvt_test_bits, nb = KVT_TEST_N_BITS;
 	uint32_t combos = 0;
 	for (uint32_t sc = 0; sc < 4; sc++)
-		for (uint32_t bi = 0; bi < 3; bi++)
+		for (uint32_t bi = 0; bi < nb; bi++)
 			for (uint32_t gi = 0; gi < 3; gi++)
 				for (uint32_t di = 0; di < 3; di++)
 					for (uint32_t dt = 1; dt <= 3; dt++) {
@@ -348,7 +358,7 @@ static void test_paths_sweep(void)
 						cfg.group = groups[gi];
 						cfg.chunk_tokens = groups[gi] * (1 + kvt_rand_below(2));
 						cfg.key_bits = sc ? bits[bi] : 16;
-						cfg.value_bits = sc ? bits[(bi + kvt_rand_below(3)) % 3] : 16;
+						cfg.value_bits = sc ? bits[(bi + kvt_rand_below(nb)) % nb] : 16;
 						cfg.rotate_v = kvt_scheme_rotates_keys(sc) ? kvt_rand_below(2) : 0;
 						cfg.n_sinks = kvt_rand_below(5);
 						if (sc && kvt_rand_below(2)) {
@@ -394,10 +404,14 @@ static void test_paths_sweep(void)
 }
 
 /* every token range x every layer range of a small chunk equals the slice of a full decode */
-static void test_decode_every_range(void)
+/* every token x layer range of a chunk decodes to the same bytes as the whole chunk, at 2-bit
+ * and at 3-bit keys / values */
+static void decode_every_range(uint32_t kb, uint32_t vb)
 {
 	struct kvt_codec_config cfg;
 	kvt_codec_config_default(&cfg, 3, 2, 64, KVT_DTYPE_F16);
+	cfg.key_bits = kb;
+	cfg.value_bits = vb;
 	cfg.pin_detect_ratio = 0.5f;
 	cfg.pin_detect_max = 2;
 	uint32_t low[1] = {17};
@@ -422,11 +436,11 @@ static void test_decode_every_range(void)
 						size_t src = ((size_t)l * 32 + t0) * row, dst = (size_t)(l - l0) * nt * row;
 						KVT_REQUIRE(memcmp(ks + dst, kf + src, nt * row * 2) == 0 &&
 								    memcmp(vs + dst, vf + src, nt * row * 2) == 0,
-							    "[%u,%u) x [%u,%u) differs", t0, t1, l0, l1);
+							    "K%u V%u [%u,%u) x [%u,%u) differs", kb, vb, t0, t1, l0, l1);
 					}
 					ranges++;
 				}
-	printf("# %zu ranges\n", ranges);
+	printf("# K%u V%u: %zu ranges\n", kb, vb, ranges);
 	free(kf);
 	free(vf);
 	free(ks);
@@ -434,6 +448,13 @@ static void test_decode_every_range(void)
 	free(chunk);
 	free(k);
 	free(v);
+}
+
+static void test_decode_every_range(void)
+{
+	decode_every_range(2, 2);
+	decode_every_range(3, 2);
+	decode_every_range(3, 3);
 }
 
 static void test_decode_slices(void)

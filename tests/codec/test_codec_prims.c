@@ -264,9 +264,36 @@ static void test_quantizer_edges(void)
 			for (uint32_t i = 0; i < d; i++)
 				KVT_CHECK(codes[i] == want[i % 8], "%s tie: x %g code %u want %u",
 					  ops->name, (double)x[i], codes[i], want[i % 8]);
+			/* 3 bits (qmax 7): an on-grid group round-trips with its codes, ties to
+			 * even on the grid 0..7 step 1, and an all-zero group decodes to exact 0
+			 * (range [-1, 1], zq = rint(3.5) = 4: zero is code 4 in f16) */
+			for (uint32_t i = 0; i < d; i++)
+				x[i] = (float)(i % 8 == 0 ? 0 : i % 8 == 1 ? 7 : kvt_rand_below(8));
+			quant_row(ops, x, d, gv, 3, sdt, codes, dec, s, z);
+			KVT_CHECK(memcmp(x, dec, sizeof(x)) == 0, "%s: 3-bit on-grid group not exact",
+				  ops->name);
+			for (uint32_t i = 0; i < d; i++)
+				KVT_CHECK(codes[i] == (uint8_t)x[i], "3-bit on-grid code %u", i);
+			const float tie3[8] = {0.0f, 7.0f, 0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 6.5f};
+			const uint8_t want3[8] = {0, 7, 0, 2, 2, 4, 4, 6};
+			for (uint32_t i = 0; i < d; i++)
+				x[i] = tie3[i % 8];
+			quant_row(ops, x, d, gv, 3, sdt, codes, dec, s, z);
+			for (uint32_t i = 0; i < d; i++)
+				KVT_CHECK(codes[i] == want3[i % 8], "%s 3-bit tie: x %g code %u want %u",
+					  ops->name, (double)x[i], codes[i], want3[i % 8]);
+			for (uint32_t i = 0; i < d; i++)
+				x[i] = i < gv ? 0.0f : -2.5f;
+			quant_row(ops, x, d, gv, 3, sdt, codes, dec, s, z);
+			KVT_CHECK(memcmp(x, dec, sizeof(x)) == 0,
+				  "%s: 3-bit zero/constant group not exact", ops->name);
+			for (uint32_t i = 0; i < d; i++)
+				KVT_CHECK(i < gv ? (sdt == KVT_DTYPE_BF16 || codes[i] == 4) : codes[i] == 0,
+					  "3-bit zero/constant code %u = %u", i, codes[i]);
 			/* one-signed groups: zero point outside [0, qmax], error within a step */
 			for (int sign = -1; sign <= 1; sign += 2)
-				for (uint32_t bits = 2; bits <= 8; bits *= 2) {
+				for (uint32_t bi = 0; bi < KVT_TEST_N_BITS; bi++) {
+					const uint32_t bits = kvt_test_bits[bi];
 					for (uint32_t i = 0; i < d; i++)
 						x[i] = (float)sign * (5.0f + kvt_rand_uniform());
 					quant_row(ops, x, d, gv, bits, sdt, codes, dec, s, z);
@@ -286,6 +313,9 @@ static void test_quantizer_edges(void)
 	/* clamping: codes outside the grid saturate */
 	KVT_CHECK(kvt_qcode(10.0f, 1.0f, 0.0f, 3.0f) == 3, "clamp high");
 	KVT_CHECK(kvt_qcode(-5.0f, 1.0f, 0.0f, 3.0f) == 0, "clamp low");
+	KVT_CHECK(kvt_qcode(10.0f, 1.0f, 0.0f, 7.0f) == 7, "clamp high at 3 bits");
+	KVT_CHECK(kvt_qcode(6.6f, 1.0f, 0.0f, 7.0f) == 7 && kvt_qcode(6.4f, 1.0f, 0.0f, 7.0f) == 6,
+		  "3-bit rounding near qmax");
 	KVT_CHECK(kvt_qcode(7.0f, 0.0f, 7.0f, 3.0f) == 0, "constant group code");
 }
 
@@ -295,7 +325,7 @@ static void test_quantizer_random_paths_equal(void)
 	static uint8_t c[2][128 * 256];
 	uint16_t s[2][256], z[2][256];
 	for (int it = 0; it < 400; it++) {
-		uint32_t d = 64u << kvt_rand_below(3), bits = 2u << kvt_rand_below(3);
+		uint32_t d = 64u << kvt_rand_below(3), bits = random_bits();
 		uint32_t sdt = 1 + kvt_rand_below(2), ntok = 32u << kvt_rand_below(3);
 		uint32_t gv = 32u << kvt_rand_below(3);
 		if (gv > d)
@@ -376,16 +406,15 @@ static void test_pack_unpack(void)
 		z[i] = 0.0f;
 	}
 	for (int it = 0; it < 300; it++) {
-		uint32_t bits = 2u << kvt_rand_below(3), d = 64u << kvt_rand_below(3);
+		uint32_t bits = random_bits(), d = 64u << kvt_rand_below(3);
 		for (uint32_t i = 0; i < d; i++)
 			codes[i] = (uint8_t)kvt_rand_below(1u << bits);
 		for (int p = 0; p < n_paths; p++) {
 			paths[p]->pack(codes, d, bits, packed[p]);
 			paths[p]->unpack_f32(packed[p], d, bits, back[p]);
 			for (uint32_t i = 0; i < d; i++) {
-				uint32_t per = 8 / bits;
-				uint32_t got = (packed[p][i / per] >> ((i % per) * bits)) & ((1u << bits) - 1);
-				KVT_CHECK(got == codes[i], "bit position of channel %u", i);
+				uint32_t got = packed_code(packed[p], i, bits, d);
+				KVT_CHECK(got == codes[i], "bit position of channel %u (bits %u)", i, bits);
 				KVT_CHECK(back[p][i] == (float)codes[i], "%s unpack %u bits %u",
 					  paths[p]->name, i, bits);
 			}
@@ -408,7 +437,7 @@ static void test_attend_kernels(void)
 	uint16_t s16[8], z16[8];
 	for (int it = 0; it < 500; it++) {
 		uint32_t d = 64u << kvt_rand_below(3), nr = 1 + kvt_rand_below(9);
-		uint32_t bits = 2u << kvt_rand_below(3), gv = 32u << kvt_rand_below(3);
+		uint32_t bits = random_bits(), gv = 32u << kvt_rand_below(3);
 		uint32_t sdt = 1 + kvt_rand_below(2);
 		if (gv > d)
 			gv = d;
@@ -452,7 +481,7 @@ static void test_decode_row_paths(void)
 	uint16_t s16[8], z16[8], s16c[256], z16c[256];
 	uint8_t want[1024], got[2][1024];
 	for (int it = 0; it < 2000; it++) {
-		uint32_t d = 64u << kvt_rand_below(3), bits = 2u << kvt_rand_below(3);
+		uint32_t d = 64u << kvt_rand_below(3), bits = random_bits();
 		uint32_t gv = 32u << kvt_rand_below(3), sdt = 1 + kvt_rand_below(2);
 		uint32_t odt = 1 + kvt_rand_below(3);
 		if (gv > d)

@@ -92,11 +92,6 @@ static void test_paths_identical(void)
 	}
 }
 
-static uint32_t code_at(const uint8_t *p, uint32_t c, uint32_t bits)
-{
-	uint32_t per = 8 / bits;
-	return (p[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1);
-}
 
 /* The encoder's key input in its quantization domain: rotated (hadamard, oscar) and divided
  * by the stored joint norm (oscar), [L][B][H][d] f32, the same operations as the encoder. */
@@ -158,7 +153,7 @@ static float group_err(const struct kvt_codec_config *cfg, const uint8_t *chunk,
 			continue;
 		const uint8_t *codes = sec + lay->k_codes_off + ((size_t)h * B + t) * d * bits / 8;
 		float xv = x[((size_t)l * B + t) * H * d + (size_t)h * d + c];
-		float y = (float)code_at(codes, c, bits) * s + z;
+		float y = (float)packed_code(codes, c, bits, d) * s + z;
 		float dl = y - xv;
 		e = e + dl * dl;
 		/* the half-step rule: every element within the quantizer's usual bound */

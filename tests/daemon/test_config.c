@@ -68,8 +68,8 @@ static void test_bounds(void)
 	char *a7[] = {"kvtierd", "--default-ttl-seconds=100", "--max-ttl-seconds=10", NULL};
 	KVT_CHECK(load(&c, err, sizeof err, 3, a7) == -EINVAL && strstr(err, "max_ttl_seconds"),
 		  "%s", err);
-	char *a8[] = {"kvtierd", "--default-key-bits=3", NULL};
-	KVT_CHECK(load(&c, err, sizeof err, 2, a8) == -EINVAL && strstr(err, "2, 4, 8"), "%s", err);
+	char *a8[] = {"kvtierd", "--default-key-bits=5", NULL};
+	KVT_CHECK(load(&c, err, sizeof err, 2, a8) == -EINVAL && strstr(err, "2, 3, 4, 8"), "%s", err);
 	uint64_t v = 0;
 	KVT_CHECK(kvt_parse_size("4GiB", &v) == 0 && v == 4ull << 30, "4GiB");
 	KVT_CHECK(kvt_parse_size("512MB", &v) == 0 && v == 512ull << 20, "512MB");

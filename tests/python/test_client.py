@@ -279,8 +279,10 @@ def _fill(rng, L, T, H, d, dtype):
     return A.from_f32(k, dtype), A.from_f32(v, dtype)
 
 
+# bits: both widths, or (key_bits, value_bits)
 QUANT = [("oscar", 2, "f16"), ("oscar", 4, "bf16"), ("kivi", 2, "f16"), ("hadamard", 4, "f32"),
-         ("oscar", 8, "f32")]
+         ("oscar", 8, "f32"), ("oscar", (3, 2), "f16"), ("oscar", 3, "bf16"), ("kivi", 3, "f32"),
+         ("hadamard", (3, 2), "f16")]
 
 
 @pytest.mark.parametrize("scheme,bits,dtype", QUANT)
@@ -290,7 +292,8 @@ def test_quantized_fetch_within_a_step(client, sid, rng, scheme, bits, dtype):
     reference encoder writes the same chunk bytes; a second session with the same data
     returns the same bytes."""
     L, H, d, B, S = 2, 2, 128, 64, 4
-    codec = dict(scheme=scheme, bits=bits, group=32, chunk_tokens=B, n_sinks=S,
+    kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
+    codec = dict(scheme=scheme, key_bits=kb, value_bits=vb, group=32, chunk_tokens=B, n_sinks=S,
                  rotate_v=scheme != "kivi")
     s1, s2 = sid("a"), sid("b")
     for s in (s1, s2):
@@ -328,8 +331,8 @@ def test_quantized_fetch_within_a_step(client, sid, rng, scheme, bits, dtype):
         # within one step of the input (the bound of test_reference.test_chunk_roundtrip)
         sk, sv = R.decode_steps(chunk, view=view)
         eps = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
-        qmax = 2 ** bits - 1
-        for dec, ref, steps in ((fk[:, sl], kf[:, sl], sk), (fv[:, sl], vf[:, sl], sv)):
+        for dec, ref, steps, qmax in ((fk[:, sl], kf[:, sl], sk, 2 ** kb - 1),
+                                      (fv[:, sl], vf[:, sl], sv, 2 ** vb - 1)):
             err = np.linalg.norm((dec - ref).astype(np.float64), axis=-1)
             row = np.linalg.norm(ref.astype(np.float64), axis=-1)
             mag = np.broadcast_to(np.maximum(row.max(axis=(1, 2), keepdims=True),
@@ -350,7 +353,8 @@ def test_quantized_fetch_within_a_step(client, sid, rng, scheme, bits, dtype):
 
 
 @pytest.mark.parametrize("scheme", ["oscar", "kivi", "hadamard"])
-def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme):
+@pytest.mark.parametrize("bits", [2, 3])
+def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme, bits):
     """Exact zeros of both signs, zero tokens and constant channels: the edge cases of the
     quantizer (all-zero and constant groups, the sign of a zero minimum) give the same chunk
     bytes in the daemon and in the reference."""
@@ -365,7 +369,7 @@ def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme):
     vf[:, :, 1, :8] = np.abs(vf[:, :, 1, :8])
     vf[:, 20:30, 0, 8:16] = -0.0
     vf[:, :, 0, 3] = 0.0
-    codec = dict(scheme=scheme, bits=2, group=32, chunk_tokens=B, n_sinks=1,
+    codec = dict(scheme=scheme, bits=bits, group=32, chunk_tokens=B, n_sinks=1,
                  rotate_v=scheme != "kivi")
     s = sid()
     client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16", codec=codec)
@@ -383,7 +387,8 @@ def test_reference_bytes_on_data_with_zeros(client, sid, rng, scheme):
 
 
 @pytest.mark.parametrize("scheme,bits,dtype", [("oscar", 2, "f16"), ("kivi", 4, "bf16"),
-                                                ("hadamard", 2, "f32"), ("oscar", 8, "f16")])
+                                                ("hadamard", 2, "f32"), ("oscar", 8, "f16"),
+                                                ("oscar", 3, "f16")])
 def test_key_rounding_mse_bytes_match_the_reference(client, sid, rng, scheme, bits, dtype):
     """key_rounding mse: the daemon's chunks equal the numpy reference's bytes (the encoder
     choice is not in the chunk: the reference is told it), differ from min-max's only in the

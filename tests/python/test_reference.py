@@ -33,7 +33,7 @@ def test_joint_norm_over_all_heads(rng):
 
 
 @pytest.mark.parametrize("sdt", [A.DTYPE_F16, A.DTYPE_BF16])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantizer_edge_cases(bits, sdt):
     qmax = 2 ** bits - 1
 
@@ -74,7 +74,7 @@ def test_quantizer_rounds_half_to_even():
     np.testing.assert_array_equal(R.quantize(x, s, z, 2), [0, 0, 2, 2, 3])
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_unpack_identity(rng, bits):
     for d in (64, 128, 256):
         codes = rng.integers(0, 2 ** bits, size=(3, 5, d), dtype=np.uint8)
@@ -84,6 +84,20 @@ def test_pack_unpack_identity(rng, bits):
     # channel c sits at bits (c % (8/b)) * b of byte c // (8/b)
     if bits == 2:
         assert R.pack(np.array([[1, 2, 3, 0]], np.uint8), 2)[0, 0] == 1 | (2 << 2) | (3 << 4)
+    if bits == 3:
+        # two planes: bytes [0, d/4) the low 2 bits as a 2-bit row, bytes [d/4, 3d/8) the
+        # high bit of channel c at bit c % 8 of byte d/4 + c/8
+        d = 64
+        codes = np.zeros(d, np.uint8)
+        codes[:4] = [1, 6, 7, 4]
+        codes[13] = 5
+        p = R.pack(codes, 3)
+        assert p.shape == (24,)
+        assert p[0] == 1 | (2 << 2) | (3 << 4) | (0 << 6)
+        assert p[3] == 1 << 2  # channel 13: low bits 01 at (13 % 4) * 2
+        assert p[16] == (1 << 1) | (1 << 2) | (1 << 3)  # channels 1, 2, 3 have the high bit
+        assert p[17] == 1 << 5  # channel 13
+        assert not p[[1, 2] + list(range(4, 16)) + list(range(18, 24))].any()
 
 
 def test_layout_matches_oscar_storage_table():
@@ -99,15 +113,27 @@ def test_layout_matches_oscar_storage_table():
                                                    "v_zero", "k_codes", "v_codes"))
 
 
+def test_layout_of_3bit_keys():
+    # 3-bit keys, 2-bit values, G 64, B 64 on SmolLM2-135M's shape (30 layers, 3 KV heads,
+    # d 64): the same numbers as kvt_chunk_layout (tests/codec/test_codec_chunk.c)
+    cfg = R.make_config(30, 3, 64, "f16", scheme="oscar", key_bits=3, value_bits=2, group=64,
+                        chunk_tokens=64, n_sinks=0)
+    lay = R.chunk_layout(cfg, 0)
+    assert lay["k_codes_bytes"] == 3 * 64 * 24 and lay["v_codes_bytes"] == 3 * 64 * 16
+    assert lay["layer_bytes"] == 9472 and lay["total_bytes"] == 64 + 30 * 9472
+    assert lay["total_bytes"] * 8 / (2 * 64 * 30 * 3 * 64) == pytest.approx(3.0840, abs=1e-4)
+
+
 def test_crc32c_known_value():
     assert R.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 @pytest.mark.parametrize("scheme", ["none", "kivi", "hadamard", "oscar"])
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
-def test_chunk_roundtrip(rng, scheme, dtype):
+@pytest.mark.parametrize("bits", [3, 4])
+def test_chunk_roundtrip(rng, scheme, dtype, bits):
     L, B, H, d = 2, 64, 2, 64
-    cfg = R.make_config(L, H, d, dtype, scheme=scheme, bits=4, group=32, chunk_tokens=B,
+    cfg = R.make_config(L, H, d, dtype, scheme=scheme, bits=bits, group=32, chunk_tokens=B,
                         rotate_v=int(scheme in ("hadamard", "oscar")), n_sinks=4)
     k = A.from_f32(rng.standard_normal((L, B, H, d)).astype(np.float32) * 4, dtype)
     v = A.from_f32(rng.standard_normal((L, B, H, d)).astype(np.float32), dtype)
@@ -131,7 +157,7 @@ def test_chunk_roundtrip(rng, scheme, dtype):
     # of each token's row, and oscar's norm scales both sides alike.
     sk, sv = R.decode_steps(buf)
     eps = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
-    qmax = 2 ** 4 - 1
+    qmax = 2 ** bits - 1
 
     def check(dec, ref, steps, per_token_mag):
         err = np.linalg.norm((dec - ref).astype(np.float64), axis=-1)  # [L][B][H]

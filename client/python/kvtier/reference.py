@@ -105,8 +105,8 @@ def normalize_config(cfg: dict) -> dict:
             raise ValueError("key_rounding mse needs a quantizing scheme")
     else:
         for k in ("key_bits", "value_bits"):
-            if c[k] not in (2, 4, 8):
-                raise ValueError(f"{k} {c[k]} is not one of 2, 4, 8")
+            if c[k] not in (2, 3, 4, 8):
+                raise ValueError(f"{k} {c[k]} is not one of 2, 3, 4, 8")
         if c["scheme"] == SCHEME_KIVI and c["rotate_v"]:
             raise ValueError("rotate_v must be 0 for kivi")
     if not 0 <= c["n_sinks"] <= min(64, b):
@@ -251,8 +251,16 @@ def dequantize(codes, scale, zero) -> np.ndarray:
 
 def pack(codes, bits) -> np.ndarray:
     """[..., d] codes -> [..., d*bits/8] bytes; channel c at byte c // (8/bits), bits
-    (c % (8/bits)) * bits."""
+    (c % (8/bits)) * bits. 3 bits: two planes, bytes [0, d/4) the low 2 bits of every code
+    as a 2-bit row, bytes [d/4, 3d/8) the high bit (channel c at bit c % 8 of byte
+    d/4 + c/8)."""
     codes = np.asarray(codes, dtype=np.uint8)
+    if bits == 3:
+        d = codes.shape[-1]
+        hi = (codes >> np.uint8(2)) & np.uint8(1)
+        g = hi.reshape(codes.shape[:-1] + (d // 8, 8)).astype(np.uint16)
+        hib = np.bitwise_or.reduce(g << np.arange(8, dtype=np.uint16), axis=-1).astype(np.uint8)
+        return np.concatenate([pack(codes & np.uint8(3), 2), hib], axis=-1)
     per = 8 // bits
     d = codes.shape[-1]
     g = codes.reshape(codes.shape[:-1] + (d // per, per)).astype(np.uint16)
@@ -261,8 +269,13 @@ def pack(codes, bits) -> np.ndarray:
 
 
 def unpack(packed, bits, d) -> np.ndarray:
-    per = 8 // bits
     p = np.asarray(packed, dtype=np.uint8)
+    if bits == 3:
+        lo = unpack(p[..., : d // 4], 2, d)
+        hb = p[..., d // 4: 3 * d // 8]
+        hi = (hb[..., None] >> np.arange(8, dtype=np.uint8)) & np.uint8(1)
+        return (lo | (hi.reshape(p.shape[:-1] + (d,)) << np.uint8(2))).astype(np.uint8)
+    per = 8 // bits
     shifts = (np.arange(per, dtype=np.uint8) * bits)
     c = (p[..., None] >> shifts) & np.uint8(2 ** bits - 1)
     return c.reshape(p.shape[:-1] + (d,)).astype(np.uint8)
