@@ -934,7 +934,7 @@ struct fe_params {
 /* Value rows in units of (job, layer, FE_VTOK tokens) x every head, taken from a counter
  * shared by the grid (the K warps join when their tiles are done, so neither role waits for
  * the other); a warp pass is RPW consecutive rows of the unit's [token][head] order. */
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_values(const fe_params &f, int lane)
 {
 	constexpr int R = D / 32, RPW = 32 / R;
@@ -971,7 +971,7 @@ __device__ void fe_values(const fe_params &f, int lane)
 			const bool pin = t < j.n_pin;
 			if (p.vb == 2)
 				fe_quant_row<R, 2, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
-			else if (p.vb == 3)
+			else if (HAS3 && p.vb == 3)
 				fe_quant_row<R, 3, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else if (p.vb == 4)
 				fe_quant_row<R, 4, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
@@ -990,7 +990,7 @@ __device__ void fe_values(const fe_params &f, int lane)
 /* named barrier of the K warps only (the V warps never wait) */
 __device__ __forceinline__ void fe_kbar() { asm volatile("bar.sync 1, %0;" ::"n"(FE_KTHREADS)); }
 
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 {
 	float *rnrm = nrm + f.p.G;
@@ -1132,7 +1132,7 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 					uint32_t hi = __shfl_xor_sync(KVT_FULL_MASK, pk, 1);
 					if (!(i & 1))
 						dst[c / 4] = (uint8_t)(pk | (hi << 4));
-				} else if (p.kb == 3) {
+				} else if (HAS3 && p.kb == 3) {
 					/* low plane as a 2-bit row (two threads' pairs per byte), high
 					 * plane at D/4 (four threads' pairs per byte; D/2 is a multiple
 					 * of 4, so i & 3 is (c / 2) & 3) */
@@ -1156,14 +1156,16 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 	}
 }
 
-template <int D, bool EXACT>
+/* HAS3: 3-bit keys or values (a separate instantiation: with the 3-bit branches in, ptxas
+ * spilled more in the 2/4/8-bit kernels, 8 instead of 4 bytes at d 128) */
+template <int D, bool EXACT, bool HAS3>
 __global__ void __launch_bounds__(FE_THREADS, 1) fe_kernel(fe_params f)
 {
 	extern __shared__ float smem[];
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	if (warp < FE_KWARPS)
-		fe_keys<D, EXACT>(f, smem, smem + f.tile_floats, threadIdx.x);
-	fe_values<D, EXACT>(f, lane);
+		fe_keys<D, EXACT, HAS3>(f, smem, smem + f.tile_floats, threadIdx.x);
+	fe_values<D, EXACT, HAS3>(f, lane);
 }
 
 /* Tile geometry, or 0 when the fast path does not take this config. */
@@ -1187,17 +1189,17 @@ static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_f
 	return bytes;
 }
 
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStream_t s)
 {
-	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT>,
+	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT, HAS3>,
 					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 	if (e != cudaSuccess)
 		return e;
 	unsigned grid = (unsigned)sms;
 	if (grid > f.n_tiles)
 		grid = f.n_tiles;
-	fe_kernel<D, EXACT><<<grid, FE_THREADS, smem, s>>>(f);
+	fe_kernel<D, EXACT, HAS3><<<grid, FE_THREADS, smem, s>>>(f);
 	return cudaGetLastError();
 }
 
@@ -1206,10 +1208,12 @@ static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStre
 template <int D>
 static cudaError_t fe_launch(const fe_params &f, size_t smem, int sms, cudaStream_t s)
 {
+	if (f.p.kb == 3 || f.p.vb == 3) /* exact only (the A/B switch is for the INT2 kernel) */
+		return fe_launch1<D, true, true>(f, smem, sms, s);
 	const char *e = getenv("KVTIER_CUDA_ENC_INEXACT");
 	if (e && e[0] == '1')
-		return fe_launch1<D, false>(f, smem, sms, s);
-	return fe_launch1<D, true>(f, smem, sms, s);
+		return fe_launch1<D, false, false>(f, smem, sms, s);
+	return fe_launch1<D, true, false>(f, smem, sms, s);
 }
 
 static void fill_gaps(const struct kvt_chunk_layout *lay, enc_job_dev *j)
