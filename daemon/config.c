@@ -34,6 +34,7 @@ static const char *const scheme_names[] = {"none", "kivi", "hadamard", "oscar", 
 static const char *const rounding_names[] = {"minmax", "mse", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const tier_names[] = {"host", "gpu", NULL};
+static const char *const arena_policy_names[] = {"lru", "keep", NULL};
 
 #define OFF(f) offsetof(struct kvt_config, f)
 #define KIB ((uint64_t)1024)
@@ -125,6 +126,10 @@ static const struct opt opts[] = {
 	 "threads copying chunks into pinned staging during RestoreToDevice"},
 	{"gpu_pin_host", OPT_BOOL, OFF(gpu_pin_host), 0, 1, 0, 0, NULL, "yes", 0,
 	 "page-lock session chunks in host memory when a GPU is usable (restores copy by DMA)"},
+	{"gpu_arena_policy", OPT_ENUM, OFF(gpu_arena_policy), 0, 0, 0, 0, arena_policy_names,
+	 "lru", 0,
+	 "a full GPU arena demotes the least recently used unpinned GPU sessions to the host "
+	 "(lru) or keeps new chunks on the host (keep)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

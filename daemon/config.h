@@ -62,6 +62,7 @@ struct kvt_config {
 	uint64_t gpu_default_tier; /* 0 host, 1 gpu */
 	uint64_t gpu_restore_threads;
 	uint64_t gpu_pin_host;
+	uint64_t gpu_arena_policy; /* 0 lru, 1 keep */
 };
 
 /* Where the effective value of each option came from (for --print-config). */

@@ -127,7 +127,8 @@ int main(int argc, char **argv)
 		.enable = (int)cfg.gpu_enable, .device = (int)cfg.gpu_device,
 		.arena_bytes = cfg.gpu_arena_bytes, .staging_bytes = cfg.gpu_staging_bytes,
 		.ipc_idle_ms = cfg.gpu_ipc_idle_seconds * 1000,
-		.copy_threads = (unsigned)cfg.gpu_restore_threads};
+		.copy_threads = (unsigned)cfg.gpu_restore_threads,
+		.arena_keep = cfg.gpu_arena_policy == 1};
 	if (kvt_tier_gpu_init(&gcfg, &gpu)) {
 		fprintf(stderr, "kvtierd: out of memory\n");
 		return 1;

@@ -354,15 +354,19 @@ static void fill_info(struct info_msg *m, struct kvt_session *s, const struct kv
 /* ---- the GPU tier (tiers/tier_gpu.h) ------------------------------------------------------ */
 
 /* Brings a GPU-resident session's device mirror up to date with its sequence (new chunks
- * copied into the arena; when the arena is full they stay on the host and the session's tier
- * says "gpu+host"). Session lock held. Failures are logged: the host copy always serves. */
-static void gpu_sync_locked(struct kvt_session *s)
+ * copied into the arena, or adopted when the GPU encoder already wrote them there). `flags`
+ * KVT_GPU_SYNC_USE marks a use of the session (Append, Attend, Prefetch, RestoreToDevice):
+ * under gpu_arena_policy lru it may demote colder sessions to make room. Without room the
+ * chunks stay on the host and the session's tier says "gpu+host". Session lock held.
+ * Failures are logged: the host copy always serves. */
+static void gpu_sync_locked(struct kvt_session *s, unsigned flags)
 {
 	struct kvt_tier_gpu *g = s->table->gpu;
 	if (!s->gpu_wanted || !g || !kvt_tier_gpu_tier_enabled(g))
 		return;
 	char err[300] = "", q[400];
-	int rc = kvt_tier_gpu_mirror_sync(g, &s->gpu_mirror, s->seq, err, sizeof err);
+	int rc = kvt_tier_gpu_mirror_sync(g, &s->gpu_mirror, s->seq, &s->pinned, flags, err,
+					  sizeof err);
 	if (rc)
 		kvt_log_warn("gpu mirror sync failed; the host copy serves", "session=%s error=%s",
 			     kvt_log_quote(q, sizeof q, s->id),
@@ -374,7 +378,37 @@ static const char *gpu_tier_locked(struct kvt_session *s)
 {
 	if (!s->gpu_wanted || !s->gpu_mirror)
 		return "host";
-	return kvt_tier_gpu_mirror_tier(s->gpu_mirror, kvt_seq_n_chunks(s->seq));
+	return kvt_tier_gpu_mirror_tier(s->table->gpu, s->gpu_mirror, kvt_seq_n_chunks(s->seq));
+}
+
+/* The sealing encoder of a GPU-resident session (kvt_seq_set_encoder): the GPU tier encodes
+ * on the device into the arena and copies the bytes back for the host copy. */
+static int64_t gpu_seal_encode(void *ctx, const struct kvt_codec_config *cfg,
+			       uint64_t first_token, const void *k, const void *v, void *out,
+			       size_t out_cap, char *err, size_t errlen)
+{
+	struct kvt_session *s = ctx;
+	return kvt_tier_gpu_encode(s->table->gpu, &s->gpu_mirror, &s->pinned, cfg, first_token,
+				   k, v, out, out_cap, err, errlen);
+}
+
+/* Session lock held: the session becomes GPU-resident (its chunks sealed by the GPU encoder,
+ * mirrored in the arena) or goes back to the host (its arena copies freed). */
+static void gpu_set_wanted_locked(struct kvt_session *s, int want)
+{
+	struct kvt_tier_gpu *g = s->table->gpu;
+	want = want && kvt_tier_gpu_tier_enabled(g);
+	if (want) {
+		struct kvt_seq_encoder enc = {.encode = gpu_seal_encode, .ctx = s};
+		kvt_seq_set_encoder(s->seq, &enc);
+	} else {
+		kvt_seq_set_encoder(s->seq, NULL);
+		if (s->gpu_mirror) {
+			kvt_tier_gpu_mirror_free(g, s->gpu_mirror);
+			s->gpu_mirror = NULL;
+		}
+	}
+	s->gpu_wanted = want;
 }
 
 static void reply_info(struct kvt_rpc_result *res, struct kvt_session *s, int has_created,
@@ -383,7 +417,7 @@ static void reply_info(struct kvt_rpc_result *res, struct kvt_session *s, int ha
 	struct kvt_session_info i;
 	struct info_msg m;
 	kvt_session_lock(s);
-	gpu_sync_locked(s);
+	gpu_sync_locked(s, 0);
 	kvt_session_info_locked(s, &i);
 	const char *tier = gpu_tier_locked(s);
 	kvt_session_unlock(s);
@@ -459,7 +493,8 @@ static void h_open(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		/* A GPU request on a daemon without the GPU tier is not an error: the session
 		 * lives on the host and SessionInfo.tier says so. */
 		kvt_session_lock(s);
-		s->gpu_wanted = want_gpu && kvt_tier_gpu_tier_enabled(s->table->gpu);
+		gpu_set_wanted_locked(s, want_gpu);
+		gpu_sync_locked(s, KVT_GPU_SYNC_USE);
 		kvt_session_unlock(s);
 	}
 	reply_info(res, s, 1, created);
@@ -699,7 +734,7 @@ static void h_prefetch(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	/* GPU-resident sessions are brought up to date in the arena; others are on the host,
 	 * the top tier for them. */
 	kvt_session_lock(s);
-	gpu_sync_locked(s);
+	gpu_sync_locked(s, KVT_GPU_SYNC_USE);
 	const char *tier = gpu_tier_locked(s);
 	kvt_session_unlock(s);
 	Kvtier__V1__PrefetchResponse out = KVTIER__V1__PREFETCH_RESPONSE__INIT;
@@ -910,7 +945,7 @@ static void h_restore(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		snprintf(err, sizeof err, "the session was truncated to %" PRIu64 " tokens meanwhile",
 			 kvt_seq_tokens(s->seq));
 	} else {
-		gpu_sync_locked(s);
+		gpu_sync_locked(s, KVT_GPU_SYNC_USE);
 		rc = kvt_tier_gpu_restore(g, s->seq, s->gpu_mirror, &rq, &rr, err, sizeof err);
 	}
 	kvt_session_unlock(s);
@@ -1507,8 +1542,9 @@ static void append_end(struct kvt_rpc_call *c, struct kvt_rpc_result *res)
 	int rc = kvt_seq_append(s->seq, a->st.k, a->st.v, (uint32_t)a->st.n, err, sizeof err);
 	uint64_t after = kvt_seq_tokens(s->seq);
 	uint32_t chunks_after = kvt_seq_n_chunks(s->seq);
-	if (rc == 0 && chunks_after != chunks_before)
-		gpu_sync_locked(s);
+	/* also after a failure: chunks the GPU encoder wrote for it are given back */
+	if (rc || chunks_after != chunks_before)
+		gpu_sync_locked(s, KVT_GPU_SYNC_USE);
 	kvt_session_unlock(s);
 	kvt_session_touch(s);
 	if (rc) {
@@ -2329,6 +2365,7 @@ static void store_end(struct kvt_rpc_call *c, struct kvt_rpc_result *res)
 		assert(trc == 0 && "truncating to 0 must succeed");
 		(void)trc;
 	}
+	gpu_sync_locked(s, KVT_GPU_SYNC_USE);
 	kvt_session_unlock(s);
 	if (rc) {
 		if (created)
@@ -2353,6 +2390,92 @@ static void store_cleanup(struct kvt_rpc_call *c)
 
 /* ---- Attend ------------------------------------------------------------------------------- */
 
+/*
+ * GPU batching of Attend. Items on GPU-resident sessions are collected (their sessions stay
+ * locked from collection until the batch runs, so nothing else changes them) and run together
+ * by kvt_tier_gpu_attend_batch: one attention plan and launch pair per codec for the whole
+ * request. Deadlock freedom: while the batch holds session locks, another session's lock is
+ * only ever tried (trylock); when that fails the batch runs first and releases everything,
+ * then the lock is waited for with nothing held. The tier's mutex is taken after session
+ * locks, as everywhere.
+ */
+struct attend_held {
+	struct kvt_session *s;
+	int live_tail; /* a collected item reads this session's own tail buffer */
+};
+struct attend_batch {
+	struct kvt_tier_gpu *g;
+	struct kvt_gpu_attend_item *gi; /* [max items] */
+	uint8_t **copies;               /* gi[j]'s tail copy (K then V), or NULL */
+	size_t *item;                   /* the request item of gi[j] */
+	size_t n;
+	struct attend_held *held;       /* sessions with collected items, locked */
+	size_t n_held;
+};
+
+static struct attend_held *batch_held(struct attend_batch *b, const struct kvt_session *s)
+{
+	for (size_t i = 0; i < b->n_held; i++)
+		if (b->held[i].s == s)
+			return &b->held[i];
+	return NULL;
+}
+
+/* The CPU attention of a collected item (its chunks are still the sequence's: the session has
+ * been locked since). */
+static int attend_item_cpu(const struct kvt_gpu_attend_item *it, char *err, size_t errlen)
+{
+	const void **chunks = calloc(it->n_chunks ? it->n_chunks : 1, sizeof *chunks);
+	if (!chunks) {
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	for (uint32_t k = 0; k < it->n_chunks; k++)
+		chunks[k] = kvt_seq_chunk(it->seq, k)->bytes;
+	struct kvt_attend_request ar = {
+		.cfg = kvt_seq_config(it->seq), .layer = it->layer, .n_q_heads = it->n_q_heads,
+		.softmax_scale = it->softmax_scale, .q = it->q, .chunks = chunks,
+		.n_chunks = it->n_chunks, .tail_k = it->tail_k, .tail_v = it->tail_v,
+		.n_tail = it->n_tail, .out = it->out};
+	int rc = kvt_attend(&ar, 1, err, errlen);
+	free(chunks);
+	return rc;
+}
+
+/* Runs the collected items (the GPU first; whatever it did not take on the CPU), then unlocks
+ * every held session but `keep` (which stays locked). Returns the first failure with *failed
+ * = its request item. */
+static int batch_flush(struct attend_batch *b, const struct kvt_session *keep, size_t *failed,
+		       char *err, size_t errlen)
+{
+	int rc = 0;
+	if (b->n) {
+		char e[300] = "", q[300];
+		if (kvt_tier_gpu_attend_batch(b->g, b->gi, b->n, e, sizeof e))
+			kvt_log_warn("gpu attend batch failed; the CPU serves it", "items=%zu error=%s",
+				     b->n, kvt_log_quote(q, sizeof q, e));
+		for (size_t j = 0; j < b->n; j++) {
+			if (b->gi[j].rc == -EAGAIN)
+				b->gi[j].rc = attend_item_cpu(&b->gi[j], err, errlen);
+			if (b->gi[j].rc && rc == 0) {
+				rc = b->gi[j].rc;
+				*failed = b->item[j];
+			}
+		}
+	}
+	for (size_t j = 0; j < b->n; j++) {
+		free(b->copies[j]);
+		b->copies[j] = NULL;
+	}
+	for (size_t i = 0; i < b->n_held; i++)
+		if (b->held[i].s != keep)
+			kvt_session_unlock(b->held[i].s);
+	b->n = 0;
+	b->n_held = 0;
+	return rc;
+}
+
+
 static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		     struct kvt_rpc_result *res)
 {
@@ -2361,7 +2484,8 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	struct kvt_session **ss = NULL;
 	Kvtier__V1__AttendResult *results = NULL;
 	Kvtier__V1__AttendResult **rptrs = NULL;
-	float **outs = NULL;
+	float **outs = NULL, **qs = NULL;
+	uint64_t *attended = NULL;
 	char err[400] = "";
 	if (n == 0) {
 		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "items is empty");
@@ -2460,6 +2584,18 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		kvt_rpc_fail(res, GRPC_STATUS_DEADLINE_EXCEEDED, "deadline passed before Attend ran");
 		goto out;
 	}
+	struct attend_batch b = {.g = kvt_rpc_daemon(c)->gpu};
+	b.gi = calloc(n, sizeof *b.gi);
+	b.copies = calloc(n, sizeof *b.copies);
+	b.item = calloc(n, sizeof *b.item);
+	b.held = calloc(n, sizeof *b.held);
+	qs = calloc(n, sizeof *qs);
+	attended = calloc(n, sizeof *attended);
+	if (!b.gi || !b.copies || !b.item || !b.held || !qs || !attended) {
+		kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+		goto out_batch;
+	}
+	int gpu_tier = b.g && kvt_tier_gpu_tier_enabled(b.g);
 	for (size_t i = 0; i < n; i++) {
 		const Kvtier__V1__AttendItem *it = r->items[i];
 		struct kvt_session *s = ss[i];
@@ -2468,69 +2604,86 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 						    : 1.0f / sqrtf((float)cfg->head_dim);
 		size_t qb = (size_t)it->n_q_heads * cfg->head_dim * sizeof(float);
 		outs[i] = malloc(qb);
-		float *q = malloc(qb);
-		if (!outs[i] || !q) {
-			free(q);
+		qs[i] = malloc(qb);
+		if (!outs[i] || !qs[i]) {
 			kvt_rpc_fail(res, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-			goto out;
+			goto out_batch;
 		}
+		float *q = qs[i];
 		memcpy(q, it->q.data, qb); /* aligned copy of the wire bytes */
 		int rc = 0;
-		uint64_t attended;
+		size_t failed = i;
 		kvt_session_touch(s);
-		kvt_session_lock(s);
-		/* GPU-resident sessions attend on the GPU when every sealed chunk is in the
-		 * arena (-EAGAIN: some is not, the CPU path serves). */
-		int on_gpu = s->gpu_wanted && s->table->gpu;
-		if (on_gpu)
-			gpu_sync_locked(s);
-		if (!it->has_new_k) {
-			attended = kvt_seq_tokens(s->seq);
-			rc = -EAGAIN;
-			if (on_gpu) {
-				uint32_t nt = kvt_seq_tail_tokens(s->seq);
-				rc = kvt_tier_gpu_attend(s->table->gpu, s->gpu_mirror, s->seq,
-							 it->layer, it->n_q_heads, scale, q,
-							 nt ? kvt_seq_tail_k(s->seq, it->layer) : NULL,
-							 nt ? kvt_seq_tail_v(s->seq, it->layer) : NULL,
-							 nt, outs[i], err, sizeof err);
+		struct attend_held *h = batch_held(&b, s);
+		if (!h) {
+			if (b.n_held && pthread_mutex_trylock(&s->lock) != 0) {
+				/* never wait for a lock while holding others: run what we have */
+				rc = batch_flush(&b, NULL, &failed, err, sizeof err);
+				if (rc) {
+					fail_errno(res, rc, "Attend", err);
+					goto out_batch;
+				}
+				kvt_session_lock(s);
+			} else if (!b.n_held) {
+				kvt_session_lock(s);
 			}
-			if (rc == -EAGAIN)
+		}
+		/* GPU-resident sessions go to the batch (the GPU kernel when every chunk it reads
+		 * is in the arena when the batch runs, the CPU otherwise). */
+		int on_gpu = gpu_tier && s->gpu_wanted;
+		if (on_gpu)
+			gpu_sync_locked(s, KVT_GPU_SYNC_USE);
+		size_t tb = (size_t)cfg->n_kv_heads * cfg->head_dim * kvt_dtype_size(cfg->dtype);
+		uint32_t nt = kvt_seq_tail_tokens(s->seq), nch = kvt_seq_n_chunks(s->seq);
+		int collected = 0;
+		if (!it->has_new_k) {
+			attended[i] = kvt_seq_tokens(s->seq);
+			if (on_gpu && attended[i] > 0) {
+				/* reads the session's tail in place: a commit on this session
+				 * runs the batch first */
+				struct kvt_gpu_attend_item gi = {
+					.m = s->gpu_mirror, .seq = s->seq, .n_chunks = nch,
+					.layer = it->layer, .n_q_heads = it->n_q_heads,
+					.softmax_scale = scale, .q = q,
+					.tail_k = nt ? kvt_seq_tail_k(s->seq, it->layer) : NULL,
+					.tail_v = nt ? kvt_seq_tail_v(s->seq, it->layer) : NULL,
+					.n_tail = nt, .out = outs[i]};
+				b.gi[b.n] = gi;
+				b.item[b.n++] = i;
+				collected = 2;
+			} else {
 				rc = kvt_seq_attend(s->seq, it->layer, it->n_q_heads, scale, q,
 						    outs[i], err, sizeof err);
+			}
 		} else {
 			/* Over the session plus the new token: the chunks as they are, the
-			 * tail extended by one token in a scratch copy. */
-			size_t tb = (size_t)cfg->n_kv_heads * cfg->head_dim * kvt_dtype_size(cfg->dtype);
-			uint32_t nt = kvt_seq_tail_tokens(s->seq), nch = kvt_seq_n_chunks(s->seq);
-			const void **chunks = calloc(nch ? nch : 1, sizeof *chunks);
-			uint8_t *tk = malloc((nt + 1) * tb), *tv = malloc((nt + 1) * tb);
-			if (!chunks || !tk || !tv) {
+			 * tail extended by one token in a copy. */
+			uint8_t *tk = malloc(2 * (nt + 1) * tb), *tv = tk ? tk + (nt + 1) * tb : NULL;
+			if (!tk) {
 				rc = -ENOMEM;
 			} else {
-				for (uint32_t k = 0; k < nch; k++)
-					chunks[k] = kvt_seq_chunk(s->seq, k)->bytes;
 				if (nt) {
 					memcpy(tk, kvt_seq_tail_k(s->seq, it->layer), nt * tb);
 					memcpy(tv, kvt_seq_tail_v(s->seq, it->layer), nt * tb);
 				}
 				memcpy(tk + nt * tb, it->new_k.data, tb);
 				memcpy(tv + nt * tb, it->new_v.data, tb);
-				struct kvt_attend_request ar = {
-					.cfg = cfg, .layer = it->layer, .n_q_heads = it->n_q_heads,
-					.softmax_scale = scale, .q = q, .chunks = chunks,
-					.n_chunks = nch, .tail_k = tk, .tail_v = tv, .n_tail = nt + 1,
-					.out = outs[i]};
-				rc = -EAGAIN;
-				if (on_gpu)
-					rc = kvt_tier_gpu_attend(s->table->gpu, s->gpu_mirror,
-								 s->seq, it->layer, it->n_q_heads,
-								 scale, q, tk, tv, nt + 1, outs[i],
-								 err, sizeof err);
-				if (rc == -EAGAIN)
-					rc = kvt_attend(&ar, 1, err, sizeof err);
+				struct kvt_gpu_attend_item gi = {
+					.m = s->gpu_mirror, .seq = s->seq, .n_chunks = nch,
+					.layer = it->layer, .n_q_heads = it->n_q_heads,
+					.softmax_scale = scale, .q = q, .tail_k = tk, .tail_v = tv,
+					.n_tail = nt + 1, .out = outs[i]};
+				if (on_gpu) {
+					b.gi[b.n] = gi;
+					b.copies[b.n] = tk;
+					b.item[b.n++] = i;
+					collected = 1;
+				} else {
+					rc = attend_item_cpu(&gi, err, sizeof err);
+					free(tk);
+				}
 			}
-			attended = kvt_seq_tokens(s->seq) + 1;
+			attended[i] = kvt_seq_tokens(s->seq) + 1;
 			if (rc == 0 && ((s->stage_mask[it->layer / 64] >> (it->layer % 64)) & 1)) {
 				/* Another request staged this layer since validation. */
 				snprintf(err, sizeof err, "items[%zu]: layer %u already has the next "
@@ -2553,47 +2706,102 @@ static void h_attend(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 				memcpy(s->stage_v + it->layer * tb, it->new_v.data, tb);
 				s->stage_mask[it->layer / 64] |= 1ull << (it->layer % 64);
 				s->staged_layers++;
-				if (s->staged_layers == cfg->n_layers) {
-					rc = kvt_seq_append(s->seq, s->stage_k, s->stage_v, 1, err,
-							    sizeof err);
-					if (rc == 0)
-						kvt_session_clear_stage_locked(s);
-					else {
-						/* Keep the staging; the next attempt retries. */
-						s->stage_mask[it->layer / 64] &=
-							~(1ull << (it->layer % 64));
-						s->staged_layers--;
+			}
+			if (rc == 0 && s->staged_layers == cfg->n_layers) {
+				/* The commit changes the tail in place: collected items that read
+				 * it run first (the session stays locked: it is this item's). */
+				if (h && h->live_tail) {
+					/* s stays locked through the flush: nothing else may
+					 * change its staging before the commit */
+					rc = batch_flush(&b, s, &failed, err, sizeof err);
+					h = NULL;
+					if (rc) {
+						kvt_session_unlock(s);
+						fail_errno(res, rc, "Attend", err);
+						goto out_batch;
+					}
+					if (collected) {
+						/* this item was in the flushed batch: done */
+						collected = 0;
 					}
 				}
+				rc = kvt_seq_append(s->seq, s->stage_k, s->stage_v, 1, err,
+						    sizeof err);
+				if (rc == 0) {
+					kvt_session_clear_stage_locked(s);
+					if (on_gpu)
+						gpu_sync_locked(s, KVT_GPU_SYNC_USE);
+				} else {
+					/* Keep the staging; the next attempt retries. */
+					s->stage_mask[it->layer / 64] &= ~(1ull << (it->layer % 64));
+					s->staged_layers--;
+				}
 			}
-			free(chunks);
-			free(tk);
-			free(tv);
 		}
-		kvt_session_unlock(s);
-		free(q);
+		if (collected) {
+			if (!h) {
+				h = &b.held[b.n_held++];
+				h->s = s;
+				h->live_tail = 0;
+			}
+			if (collected == 2)
+				h->live_tail = 1;
+		} else if (!h) {
+			kvt_session_unlock(s);
+		}
+		if (rc) {
+			if (collected == 1 && b.n && b.item[b.n - 1] == i) {
+				/* the staging failed: this item is not answered */
+				free(b.copies[b.n - 1]);
+				b.copies[b.n - 1] = NULL;
+				b.n--;
+			}
+			fail_errno(res, rc, "Attend", err);
+			goto out_batch;
+		}
+	}
+	{
+		size_t failed = 0;
+		int rc = batch_flush(&b, NULL, &failed, err, sizeof err);
 		if (rc) {
 			fail_errno(res, rc, "Attend", err);
-			goto out;
+			goto out_batch;
 		}
+	}
+	for (size_t i = 0; i < n; i++) {
 		Kvtier__V1__AttendResult ar = KVTIER__V1__ATTEND_RESULT__INIT;
+		const struct kvt_codec_config *cfg = &ss[i]->cfg;
 		results[i] = ar;
 		results[i].has_out = 1;
 		results[i].out.data = (uint8_t *)outs[i];
-		results[i].out.len = qb;
+		results[i].out.len = (size_t)r->items[i]->n_q_heads * cfg->head_dim * sizeof(float);
 		results[i].has_n_tokens_attended = 1;
-		results[i].n_tokens_attended = attended;
+		results[i].n_tokens_attended = attended[i];
 		rptrs[i] = &results[i];
 	}
 	Kvtier__V1__AttendResponse out = KVTIER__V1__ATTEND_RESPONSE__INIT;
 	out.n_results = n;
 	out.results = rptrs;
 	kvt_rpc_reply(res, &out.base);
+out_batch:
+	/* on a failure: collected items are dropped unanswered and their sessions unlocked */
+	for (size_t j = 0; b.copies && j < b.n; j++)
+		free(b.copies[j]);
+	for (size_t j = 0; b.held && j < b.n_held; j++)
+		kvt_session_unlock(b.held[j].s);
+	free(b.gi);
+	free(b.copies);
+	free(b.item);
+	free(b.held);
 out:
 	for (size_t i = 0; ss && i < n; i++)
 		kvt_session_put(ss[i]);
 	for (size_t i = 0; outs && i < n; i++)
 		free(outs[i]);
+	for (size_t i = 0; qs && i < n; i++)
+		free(qs[i]);
+	free(qs);
+	free(attended);
 	free(ss);
 	free(results);
 	free(rptrs);

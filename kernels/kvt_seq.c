@@ -55,6 +55,7 @@ struct kvt_seq {
 	size_t tail_half_bytes;    /* L * layer_tail_bytes: the K half (the V half follows) */
 	uint64_t chunk_bytes;      /* sum of alloc_bytes of the referenced chunks */
 	uint64_t generation;       /* bumped by every change other than kvt_seq_append */
+	struct kvt_seq_encoder encoder; /* encode NULL: kvt_encode_chunk */
 };
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -344,6 +345,14 @@ const void *kvt_seq_tail_v(const struct kvt_seq *seq, uint32_t layer)
 	return seq->tail + seq->tail_half_bytes + (size_t)layer * seq->layer_tail_bytes;
 }
 
+void kvt_seq_set_encoder(struct kvt_seq *seq, const struct kvt_seq_encoder *enc)
+{
+	if (enc && enc->encode)
+		seq->encoder = *enc;
+	else
+		memset(&seq->encoder, 0, sizeof(seq->encoder));
+}
+
 uint64_t kvt_seq_bytes(const struct kvt_seq *seq)
 {
 	return (seq->tail ? 2 * (uint64_t)seq->tail_half_bytes : 0) + seq->chunk_bytes;
@@ -357,8 +366,11 @@ static int seal_one(const struct kvt_seq *seq, uint64_t first_token, const void 
 		    const void *v, void *scratch, size_t scratch_cap, struct kvt_chunk **out,
 		    char *err, size_t errlen)
 {
-	int64_t size = kvt_encode_chunk(&seq->cfg, first_token, k, v, scratch, scratch_cap, err,
-					errlen);
+	int64_t size = seq->encoder.encode
+			       ? seq->encoder.encode(seq->encoder.ctx, &seq->cfg, first_token, k, v,
+						     scratch, scratch_cap, err, errlen)
+			       : kvt_encode_chunk(&seq->cfg, first_token, k, v, scratch,
+						  scratch_cap, err, errlen);
 
 	*out = NULL;
 	if (size < 0)

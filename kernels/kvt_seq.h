@@ -91,6 +91,23 @@ uint64_t kvt_seq_bytes(const struct kvt_seq *seq);
 int kvt_seq_append(struct kvt_seq *seq, const void *k, const void *v, uint32_t n,
 		   char *err, size_t errlen);
 
+/*
+ * An encoder that seals this sequence's chunks in place of kvt_encode_chunk (the daemon's GPU
+ * tier encodes GPU-resident sessions on the device). encode has kvt_encode_chunk's contract
+ * and must write its bytes: k and v dense [n_layers][B][H][d] in the wire dtype, the chunk
+ * at first_token written to out (out_cap >= kvt_chunk_max_bytes), its size or a negative
+ * errno (the append then fails and changes nothing). It is called under the caller's
+ * serialization of this sequence. kvt_seq_set_encoder(seq, NULL) restores the CPU encoder
+ * (the default). Forks do not inherit an encoder.
+ */
+struct kvt_seq_encoder {
+	int64_t (*encode)(void *ctx, const struct kvt_codec_config *cfg, uint64_t first_token,
+			  const void *k, const void *v, void *out, size_t out_cap, char *err,
+			  size_t errlen);
+	void *ctx;
+};
+void kvt_seq_set_encoder(struct kvt_seq *seq, const struct kvt_seq_encoder *enc);
+
 /* Appends encoded chunks (StoreEncoded): only when the tail is empty and the chunk's
  * first_token equals kvt_seq_tokens(); the chunk's config must equal the sequence's. */
 int kvt_seq_append_chunk(struct kvt_seq *seq, const void *chunk, size_t len, char *err,

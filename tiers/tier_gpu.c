@@ -6,9 +6,9 @@
 #include <string.h>
 #include <time.h>
 
-#ifdef KVT_HAVE_CUDA
+/* Declarations only (no CUDA types): the device calls below are made only with
+ * KVT_HAVE_CUDA; the request struct is shared with the emulated device. */
 #include "kvt_cuda.h"
-#endif
 
 /* ---- arena allocator ---------------------------------------------------------------------- */
 
@@ -60,9 +60,10 @@ int kvt_arena_alloc(struct kvt_arena *a, uint64_t bytes, uint64_t *off)
 	return -ENOSPC;
 }
 
-void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes)
+/* Returns [off, off + n) (n a multiple of the unit) to the free list; `whole` says it ends an
+ * allocation (kvt_arena_free) rather than trimming one (kvt_arena_shrink). */
+static void arena_release(struct kvt_arena *a, uint64_t off, uint64_t n, int whole)
 {
-	uint64_t n = round_up(bytes ? bytes : 1);
 	/* first extent after off */
 	size_t lo = 0, hi = a->n_free;
 	while (lo < hi) {
@@ -81,7 +82,8 @@ void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes)
 		abort();
 	}
 	a->used -= n;
-	a->allocations--;
+	if (whole)
+		a->allocations--;
 	int join_prev = i > 0 && a->free[i - 1].off + a->free[i - 1].len == off;
 	int join_next = i < a->n_free && off + n == a->free[i].off;
 	if (join_prev && join_next) {
@@ -111,6 +113,18 @@ void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes)
 		a->free[i].len = n;
 		a->n_free++;
 	}
+}
+
+void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes)
+{
+	arena_release(a, off, round_up(bytes ? bytes : 1), 1);
+}
+
+void kvt_arena_shrink(struct kvt_arena *a, uint64_t off, uint64_t old_bytes, uint64_t new_bytes)
+{
+	uint64_t o = round_up(old_bytes ? old_bytes : 1), n = round_up(new_bytes ? new_bytes : 1);
+	if (n < o)
+		arena_release(a, off + n, o - n, 0);
 }
 
 uint64_t kvt_arena_largest_free(const struct kvt_arena *a)
@@ -164,11 +178,25 @@ struct mirror_entry {
 	int resident;
 };
 
+/* A chunk kvt_tier_gpu_encode wrote into the arena, waiting for its sealing to commit: the
+ * next sync adopts it for the sequence's chunk with the same header (the header's crc32c
+ * covers the whole chunk) or frees it (the append failed). */
+struct pre_encoded {
+	uint8_t hdr[KVT_CHUNK_HEADER_BYTES];
+	uint64_t off, bytes;
+};
+
 struct kvt_gpu_mirror {
 	struct mirror_entry *e;
 	uint32_t n, cap;
 	uint64_t bytes;
 	uint32_t n_resident;
+	/* the tier's list of mirrors (the arena policy's candidates) */
+	struct kvt_gpu_mirror *prev, *next;
+	uint64_t last_use;         /* the tier's use tick at the last KVT_GPU_SYNC_USE */
+	const uint32_t *pinned;    /* the session's pinned flag (atomic) or NULL */
+	struct pre_encoded *pre;
+	uint32_t n_pre, cap_pre;
 };
 
 struct kvt_tier_gpu {
@@ -177,20 +205,26 @@ struct kvt_tier_gpu {
 	char reason[256];
 	int usable;
 	int ctx_failed;
+	int emulate; /* KVTIER_TEST_GPU_EMULATE: host memory stands in for the device */
 #ifdef KVT_HAVE_CUDA
 	kvt_cuda_ctx *ctx;
 	kvt_cuda_restorer *restorer;
-	uint8_t *arena_dev;
+#endif
+	uint8_t *arena_dev; /* device memory (or host memory when emulated) */
 	void *scratch;
 	size_t scratch_bytes;
-#endif
 	struct kvt_arena arena;
 	uint64_t arena_chunks;
+	struct kvt_gpu_mirror *mirrors; /* every live mirror */
+	uint64_t tick;
 	struct ipc_entry ipc[IPC_CACHE_SLOTS];
 	/* counters (under mu) */
 	uint64_t n_restores, restore_bytes, restore_h2d_bytes, ipc_opens, ipc_closes;
 	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks, ipc_stale_closes;
 	uint64_t restore_pinned_chunks, restore_staged_chunks;
+	uint64_t n_attend_plans, n_attend_batches, n_attend_errors;
+	uint64_t n_encodes, n_encodes_arena, n_encodes_cpu, n_encode_errors;
+	uint64_t n_demotions, n_demoted_chunks, n_uploads;
 };
 
 #ifdef KVT_HAVE_CUDA
@@ -228,6 +262,7 @@ static int ensure_ctx(struct kvt_tier_gpu *g, char *err, size_t errlen)
 		rc = kvt_cuda_alloc(g->ctx, g->cfg.arena_bytes, &p, e, sizeof e);
 		g->arena_dev = p;
 	}
+
 	if (rc) {
 		snprintf(g->reason, sizeof g->reason, "the CUDA device %d could not be set up: %s",
 			 g->cfg.device, e);
@@ -289,6 +324,26 @@ int kvt_tier_gpu_init(const struct kvt_tier_gpu_config *cfg, struct kvt_tier_gpu
 	snprintf(g->reason, sizeof g->reason,
 		 "this kvtierd was built without CUDA (no nvcc at build time)");
 #endif
+	const char *em = getenv("KVTIER_TEST_GPU_EMULATE");
+	if (em && *em && strcmp(em, "0") && cfg->arena_bytes && !kvt_tier_gpu_tier_enabled(g)) {
+		kvt_arena_destroy(&g->arena);
+		if (kvt_arena_init(&g->arena, cfg->arena_bytes)) {
+			free(g);
+			return -ENOMEM;
+		}
+		g->arena_dev = aligned_alloc(KVT_ARENA_ALIGN, g->arena.capacity ? g->arena.capacity
+										 : KVT_ARENA_ALIGN);
+		if (!g->arena_dev) {
+			kvt_arena_destroy(&g->arena);
+			free(g);
+			return -ENOMEM;
+		}
+		g->emulate = 1;
+		g->usable = 0;
+		snprintf(g->reason, sizeof g->reason,
+			 "the GPU tier is emulated in host memory (KVTIER_TEST_GPU_EMULATE): no "
+			 "device");
+	}
 	*out = g;
 	return 0;
 }
@@ -308,6 +363,10 @@ void kvt_tier_gpu_destroy(struct kvt_tier_gpu *g)
 		kvt_cuda_ctx_destroy(g->ctx);
 	}
 #endif
+	if (g->emulate) {
+		free(g->scratch);
+		free(g->arena_dev);
+	}
 	kvt_arena_destroy(&g->arena);
 	pthread_mutex_destroy(&g->mu);
 	free(g);
@@ -320,11 +379,7 @@ int kvt_tier_gpu_usable(struct kvt_tier_gpu *g)
 
 int kvt_tier_gpu_tier_enabled(struct kvt_tier_gpu *g)
 {
-#ifdef KVT_HAVE_CUDA
 	return g && g->arena_dev != NULL;
-#else
-	return 0;
-#endif
 }
 
 const char *kvt_tier_gpu_reason(struct kvt_tier_gpu *g)
@@ -375,6 +430,20 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.restore_dma_chunks", pc);
 	fn(ctx, "gpu.restore_staged_chunks", sc);
+	pthread_mutex_lock(&g->mu);
+	uint64_t w[11] = {g->n_attend_plans,   g->n_attend_batches, g->n_attend_errors,
+			  g->n_encodes,        g->n_encodes_arena,  g->n_encodes_cpu,
+			  g->n_encode_errors,  g->n_demotions,      g->n_demoted_chunks,
+			  g->n_uploads,        (uint64_t)g->emulate};
+	pthread_mutex_unlock(&g->mu);
+	static const char *wn[11] = {"gpu.attend_plans",        "gpu.attend_batches",
+				     "gpu.attend_errors",       "gpu.encoded_chunks",
+				     "gpu.encoded_into_arena",  "gpu.encoded_on_cpu",
+				     "gpu.encode_errors",       "gpu.arena_demotions",
+				     "gpu.arena_demoted_chunks", "gpu.arena_uploaded_chunks",
+				     "gpu.emulated"};
+	for (int i = 0; i < 11; i++)
+		fn(ctx, wn[i], w[i]);
 }
 
 static void ipc_close_locked(struct kvt_tier_gpu *g, struct ipc_entry *e)
@@ -428,6 +497,155 @@ void kvt_tier_gpu_unpin_host(void *p)
 #endif
 }
 
+/* ---- device operations: CUDA, or host memory when emulated (mu held) -------------------- */
+
+static int dev_bind(struct kvt_tier_gpu *g, char *err, size_t errlen)
+{
+	if (g->emulate)
+		return 0;
+#ifdef KVT_HAVE_CUDA
+	return kvt_cuda_ctx_bind(g->ctx, err, errlen);
+#else
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
+static int dev_upload(struct kvt_tier_gpu *g, void *dst, const void *src, size_t n, char *err,
+		      size_t errlen)
+{
+	if (g->emulate) {
+		memcpy(dst, src, n);
+		return 0;
+	}
+#ifdef KVT_HAVE_CUDA
+	return kvt_cuda_upload(g->ctx, dst, src, n, err, errlen);
+#else
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
+static int dev_download(struct kvt_tier_gpu *g, void *dst, const void *src, size_t n, char *err,
+			size_t errlen)
+{
+	if (g->emulate) {
+		memcpy(dst, src, n);
+		return 0;
+	}
+#ifdef KVT_HAVE_CUDA
+	return kvt_cuda_download(g->ctx, dst, src, n, err, errlen);
+#else
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
+/* The device scratch of Attend and encode (grown, never shrunk). */
+static int dev_scratch(struct kvt_tier_gpu *g, size_t bytes, char *err, size_t errlen)
+{
+	if (bytes <= g->scratch_bytes)
+		return 0;
+	size_t n = bytes < (1u << 20) ? (1u << 20) : (size_t)round_up(bytes);
+	if (g->emulate) {
+		free(g->scratch);
+		g->scratch = aligned_alloc(KVT_ARENA_ALIGN, n);
+		g->scratch_bytes = g->scratch ? n : 0;
+		if (!g->scratch) {
+			snprintf(err, errlen, "out of memory for %zu bytes of scratch", n);
+			return -ENOMEM;
+		}
+		return 0;
+	}
+#ifdef KVT_HAVE_CUDA
+	kvt_cuda_free(g->ctx, g->scratch);
+	g->scratch = NULL;
+	g->scratch_bytes = 0;
+	int rc = kvt_cuda_alloc(g->ctx, n, &g->scratch, err, errlen);
+	if (rc == 0)
+		g->scratch_bytes = n;
+	return rc;
+#else
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
+/* Encodes one chunk from host k, v (dense [L][B][H][d]) on the device into out_dev, or into
+ * scratch when out_dev is NULL; *dst says where, *size how many bytes. -EOPNOTSUPP: a config
+ * the CUDA encoder does not take. */
+static int dev_encode(struct kvt_tier_gpu *g, const struct kvt_codec_config *cfg,
+		      uint64_t first_token, const void *k, const void *v, void *out_dev,
+		      size_t out_cap, int64_t *size, void **dst, char *err, size_t errlen)
+{
+	size_t in = (size_t)cfg->n_layers * cfg->chunk_tokens * cfg->n_kv_heads * cfg->head_dim *
+		    kvt_dtype_size(cfg->dtype);
+	size_t in_al = round_up(in), cap_al = round_up(out_cap);
+	int rc = dev_scratch(g, 2 * in_al + (out_dev ? 0 : cap_al), err, errlen);
+	if (rc)
+		return rc;
+	uint8_t *kd = g->scratch, *vd = kd + in_al;
+	*dst = out_dev ? out_dev : (void *)(vd + in_al);
+	if (g->emulate) {
+		/* the emulated device encodes from the host input directly */
+		int64_t r = kvt_encode_chunk(cfg, first_token, k, v, *dst, out_cap, err, errlen);
+		if (r < 0)
+			return (int)r;
+		*size = r;
+		return 0;
+	}
+#ifdef KVT_HAVE_CUDA
+	if ((rc = kvt_cuda_upload(g->ctx, kd, k, in, err, errlen)) ||
+	    (rc = kvt_cuda_upload(g->ctx, vd, v, in, err, errlen)))
+		return rc;
+	struct kvt_cuda_encode_job j = {.first_token = first_token, .k_dev = kd, .v_dev = vd,
+					.out_dev = *dst, .out_cap = out_cap};
+	int64_t sz = 0;
+	if ((rc = kvt_cuda_encode(g->ctx, cfg, &j, 1, &sz, err, errlen)) ||
+	    (rc = kvt_cuda_sync(g->ctx, err, errlen)))
+		return rc;
+	*size = sz;
+	return 0;
+#else
+	(void)first_token;
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
+/* Attention over a batch of one codec: pointers are device memory (host memory when
+ * emulated); q f32. One plan, one launch pair. */
+static int dev_attend(struct kvt_tier_gpu *g, const struct kvt_cuda_attend_request *reqs,
+		      size_t n, char *err, size_t errlen)
+{
+	if (g->emulate) {
+		struct kvt_attend_request *a = calloc(n, sizeof *a);
+		if (!a) {
+			snprintf(err, errlen, "out of memory");
+			return -ENOMEM;
+		}
+		for (size_t i = 0; i < n; i++) {
+			const struct kvt_cuda_attend_request *r = &reqs[i];
+			struct kvt_attend_request x = {
+				.cfg = r->cfg, .layer = r->layer, .n_q_heads = r->n_q_heads,
+				.softmax_scale = r->softmax_scale, .q = r->q_dev,
+				.chunks = r->chunks_dev, .n_chunks = r->n_chunks,
+				.tail_k = r->tail_k_dev, .tail_v = r->tail_v_dev,
+				.n_tail = r->n_tail, .out = r->out_dev};
+			a[i] = x;
+		}
+		int rc = kvt_attend(a, n, err, errlen);
+		free(a);
+		return rc;
+	}
+#ifdef KVT_HAVE_CUDA
+	return kvt_cuda_attend(g->ctx, reqs, n, err, errlen);
+#else
+	snprintf(err, errlen, "%s", g->reason);
+	return -ENODEV;
+#endif
+}
+
 /* ---- mirrors ------------------------------------------------------------------------------ */
 
 static void mirror_release(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m, uint32_t i)
@@ -444,6 +662,105 @@ static void mirror_release(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m, uin
 	memset(e, 0, sizeof *e);
 }
 
+static void pre_free_all(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m)
+{
+	for (uint32_t i = 0; i < m->n_pre; i++)
+		kvt_arena_free(&g->arena, m->pre[i].off, m->pre[i].bytes);
+	m->n_pre = 0;
+}
+
+/* Frees every arena copy of m (its host copies stay); the chunk references stay, so the next
+ * sync uploads the same chunks again. */
+static void mirror_demote(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m)
+{
+	for (uint32_t i = 0; i < m->n; i++) {
+		struct mirror_entry *e = &m->e[i];
+		if (!e->resident)
+			continue;
+		kvt_arena_free(&g->arena, e->off, e->bytes);
+		g->arena_chunks--;
+		e->resident = 0;
+		g->n_demoted_chunks++;
+	}
+	m->bytes = 0;
+	m->n_resident = 0;
+	pre_free_all(g, m);
+	g->n_demotions++;
+}
+
+static int demotable(const struct kvt_gpu_mirror *v, const struct kvt_gpu_mirror *self)
+{
+	return v != self && (v->n_resident > 0 || v->n_pre > 0) &&
+	       !(v->pinned && __atomic_load_n(v->pinned, __ATOMIC_RELAXED));
+}
+
+/*
+ * mu held. An arena allocation of `bytes` for self. When the arena has no hole and evicting
+ * is allowed (policy lru and a use of self), demotes the least recently used demotable
+ * sessions one by one until it fits, but only when the free bytes plus everything demotable
+ * cover `need` (all that self still lacks): demoting others for a session that cannot become
+ * resident anyway would only lose their copies.
+ */
+static int arena_alloc_for(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *self, uint64_t bytes,
+			   uint64_t need, int allow_evict, uint64_t *off)
+{
+	if (kvt_arena_alloc(&g->arena, bytes, off) == 0)
+		return 0;
+	if (!allow_evict || g->cfg.arena_keep)
+		return -ENOSPC;
+	uint64_t avail = g->arena.capacity - g->arena.used;
+	for (struct kvt_gpu_mirror *v = g->mirrors; v; v = v->next)
+		if (demotable(v, self)) {
+			avail += v->bytes;
+			for (uint32_t i = 0; i < v->n_pre; i++)
+				avail += round_up(v->pre[i].bytes);
+		}
+	if (need > avail)
+		return -ENOSPC;
+	for (;;) {
+		struct kvt_gpu_mirror *victim = NULL;
+		for (struct kvt_gpu_mirror *v = g->mirrors; v; v = v->next)
+			if (demotable(v, self) && (!victim || v->last_use < victim->last_use))
+				victim = v;
+		if (!victim)
+			return -ENOSPC;
+		mirror_demote(g, victim);
+		if (kvt_arena_alloc(&g->arena, bytes, off) == 0)
+			return 0;
+	}
+}
+
+/* mu held: the session's mirror, made and linked on first use. */
+static struct kvt_gpu_mirror *mirror_get(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
+					 const uint32_t *pinned)
+{
+	struct kvt_gpu_mirror *m = *mp;
+	if (!m) {
+		m = calloc(1, sizeof *m);
+		if (!m)
+			return NULL;
+		m->next = g->mirrors;
+		if (g->mirrors)
+			g->mirrors->prev = m;
+		g->mirrors = m;
+		m->last_use = ++g->tick;
+		*mp = m;
+	}
+	if (pinned)
+		m->pinned = pinned;
+	return m;
+}
+
+/* mu held: bytes of the chunks m tracks that are not in the arena. */
+static uint64_t mirror_missing(const struct kvt_gpu_mirror *m)
+{
+	uint64_t b = 0;
+	for (uint32_t i = 0; i < m->n; i++)
+		if (!m->e[i].resident && m->e[i].chunk)
+			b += round_up(m->e[i].chunk->size_bytes);
+	return b;
+}
+
 void kvt_tier_gpu_mirror_free(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m)
 {
 	if (!m)
@@ -451,75 +768,128 @@ void kvt_tier_gpu_mirror_free(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m)
 	pthread_mutex_lock(&g->mu);
 	for (uint32_t i = 0; i < m->n; i++)
 		mirror_release(g, m, i);
+	pre_free_all(g, m);
+	if (m->prev)
+		m->prev->next = m->next;
+	else
+		g->mirrors = m->next;
+	if (m->next)
+		m->next->prev = m->prev;
 	pthread_mutex_unlock(&g->mu);
 	free(m->e);
+	free(m->pre);
 	free(m);
 }
 
-const char *kvt_tier_gpu_mirror_tier(const struct kvt_gpu_mirror *m, uint32_t n_chunks)
+const char *kvt_tier_gpu_mirror_tier(struct kvt_tier_gpu *g, const struct kvt_gpu_mirror *m,
+				     uint32_t n_chunks)
 {
-	if (!m)
+	if (!m || !g)
 		return "host";
-	if (m->n_resident == n_chunks)
+	pthread_mutex_lock(&g->mu);
+	uint32_t r = m->n_resident;
+	pthread_mutex_unlock(&g->mu);
+	if (r == n_chunks)
 		return "gpu";
-	return m->n_resident ? "gpu+host" : "host";
+	return r ? "gpu+host" : "host";
 }
 
-uint64_t kvt_tier_gpu_mirror_bytes(const struct kvt_gpu_mirror *m)
+uint64_t kvt_tier_gpu_mirror_bytes(struct kvt_tier_gpu *g, const struct kvt_gpu_mirror *m)
 {
-	return m ? m->bytes : 0;
+	if (!m || !g)
+		return 0;
+	pthread_mutex_lock(&g->mu);
+	uint64_t b = m->bytes;
+	pthread_mutex_unlock(&g->mu);
+	return b;
+}
+
+/* mu held: a chunk kvt_tier_gpu_encode left in the arena becomes entry i's copy when the
+ * headers (whose crc32c covers the chunk) match; the newest record wins. */
+static int adopt_pre(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m, uint32_t i)
+{
+	struct mirror_entry *e = &m->e[i];
+	for (uint32_t j = m->n_pre; j-- > 0;) {
+		struct pre_encoded *p = &m->pre[j];
+		if (p->bytes != e->chunk->size_bytes ||
+		    memcmp(p->hdr, e->chunk->bytes, KVT_CHUNK_HEADER_BYTES))
+			continue;
+		e->off = p->off;
+		e->bytes = p->bytes;
+		e->resident = 1;
+		g->arena_chunks++;
+		m->bytes += round_up(p->bytes);
+		m->n_resident++;
+		m->pre[j] = m->pre[--m->n_pre];
+		return 1;
+	}
+	return 0;
 }
 
 int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
-			     const struct kvt_seq *seq, char *err, size_t errlen)
+			     const struct kvt_seq *seq, const uint32_t *pinned, unsigned flags,
+			     char *err, size_t errlen)
 {
-#ifdef KVT_HAVE_CUDA
 	if (!kvt_tier_gpu_tier_enabled(g)) {
 		snprintf(err, errlen, "no GPU tier: %s",
 			 g->reason[0] ? g->reason : "gpu_arena_bytes is 0");
 		return -ENODEV;
 	}
-	struct kvt_gpu_mirror *m = *mp;
-	if (!m) {
-		m = calloc(1, sizeof *m);
-		if (!m)
-			return -ENOMEM;
-		*mp = m;
-	}
 	uint32_t n = kvt_seq_n_chunks(seq);
+	int rc = 0;
+	pthread_mutex_lock(&g->mu);
+	struct kvt_gpu_mirror *m = mirror_get(g, mp, pinned);
+	if (!m) {
+		snprintf(err, errlen, "out of memory for a GPU mirror");
+		rc = -ENOMEM;
+		goto out;
+	}
 	if (n > m->cap) {
+		/* under mu: the arena policy walks other sessions' entries */
 		uint32_t nc = n < 16 ? 16 : n * 2;
 		struct mirror_entry *ne = realloc(m->e, nc * sizeof *ne);
-		if (!ne)
-			return -ENOMEM;
+		if (!ne) {
+			snprintf(err, errlen, "out of memory for %u mirror entries", nc);
+			rc = -ENOMEM;
+			goto out;
+		}
 		memset(ne + m->cap, 0, (nc - m->cap) * sizeof *ne);
 		m->e = ne;
 		m->cap = nc;
 	}
-	int rc = 0;
-	pthread_mutex_lock(&g->mu);
-	if ((rc = kvt_cuda_ctx_bind(g->ctx, err, errlen))) {
-		pthread_mutex_unlock(&g->mu);
-		return rc;
-	}
+	if ((rc = dev_bind(g, err, errlen)))
+		goto out;
+	if (flags & KVT_GPU_SYNC_USE)
+		m->last_use = ++g->tick;
 	for (uint32_t i = n; i < m->n; i++)
 		mirror_release(g, m, i);
-	for (uint32_t i = 0; i < n && rc == 0; i++) {
+	for (uint32_t i = 0; i < n; i++) {
 		const struct kvt_chunk *c = kvt_seq_chunk(seq, i);
 		struct mirror_entry *e = &m->e[i];
 		if (e->chunk != c)
 			mirror_release(g, m, i);
-		if (e->resident)
-			continue;
 		if (!e->chunk)
 			e->chunk = kvt_chunk_get(c);
+		if (!e->resident && m->n_pre)
+			adopt_pre(g, m, i);
+	}
+	m->n = n;
+	/* what was encoded for an append that did not commit */
+	pre_free_all(g, m);
+	/* uploads only for a use: a look at the session (StatSession) moves no data */
+	uint64_t need = mirror_missing(m);
+	for (uint32_t i = 0; i < n && rc == 0 && (flags & KVT_GPU_SYNC_USE); i++) {
+		struct mirror_entry *e = &m->e[i];
+		const struct kvt_chunk *c = e->chunk;
+		if (e->resident)
+			continue;
 		uint64_t off;
-		if (kvt_arena_alloc(&g->arena, c->size_bytes, &off)) {
+		if (arena_alloc_for(g, m, c->size_bytes, need, 1, &off)) {
 			g->n_chunk_fallbacks++;
 			continue; /* stays on the host; retried at the next sync */
 		}
-		rc = kvt_cuda_upload(g->ctx, g->arena_dev + off, c->bytes, c->size_bytes, err,
-				     errlen);
+		need -= round_up(c->size_bytes);
+		rc = dev_upload(g, g->arena_dev + off, c->bytes, c->size_bytes, err, errlen);
 		if (rc) {
 			kvt_arena_free(&g->arena, off, c->size_bytes);
 			break;
@@ -528,105 +898,264 @@ int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
 		e->bytes = c->size_bytes;
 		e->resident = 1;
 		g->arena_chunks++;
+		g->n_uploads++;
 		m->bytes += round_up(c->size_bytes);
 		m->n_resident++;
 	}
-	m->n = n;
+out:
 	pthread_mutex_unlock(&g->mu);
 	return rc;
-#else
-	snprintf(err, errlen, "%s", g->reason);
-	return -ENODEV;
-#endif
+}
+
+/* ---- encode ------------------------------------------------------------------------------- */
+
+int64_t kvt_tier_gpu_encode(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
+			    const uint32_t *pinned, const struct kvt_codec_config *cfg,
+			    uint64_t first_token, const void *k, const void *v, void *out,
+			    size_t out_cap, char *err, size_t errlen)
+{
+	if (!kvt_tier_gpu_tier_enabled(g))
+		goto cpu;
+	if ((cfg->pin_detect_ratio > 0.0f && cfg->pin_detect_max > 0) ||
+	    cfg->key_rounding != KVT_ROUNDING_MINMAX) {
+		/* CPU-only encoder features (kvt_cuda_encode answers -EOPNOTSUPP) */
+		pthread_mutex_lock(&g->mu);
+		g->n_encodes_cpu++;
+		pthread_mutex_unlock(&g->mu);
+		goto cpu;
+	}
+	char e2[300] = "";
+	int rc;
+	pthread_mutex_lock(&g->mu);
+	struct kvt_gpu_mirror *m = mirror_get(g, mp, pinned);
+	if (!m || (rc = dev_bind(g, e2, sizeof e2))) {
+		g->n_encode_errors++;
+		pthread_mutex_unlock(&g->mu);
+		goto cpu;
+	}
+	m->last_use = ++g->tick;
+	uint64_t maxb = kvt_chunk_max_bytes(cfg), off = 0;
+	int in_arena = 0;
+	struct pre_encoded *np = m->pre;
+	if (m->n_pre == m->cap_pre) {
+		uint32_t nc = m->cap_pre ? 2 * m->cap_pre : 8;
+		np = realloc(m->pre, nc * sizeof *np);
+		if (np) {
+			m->pre = np;
+			m->cap_pre = nc;
+		}
+	}
+	/* only free room: the sync after the append knows the whole session's need and
+	 * demotes others then (a chunk encoded into scratch is uploaded by it) */
+	if (np && arena_alloc_for(g, m, maxb, round_up(maxb), 0, &off) == 0)
+		in_arena = 1;
+	int64_t size = 0;
+	void *dst = NULL;
+	rc = dev_encode(g, cfg, first_token, k, v, in_arena ? g->arena_dev + off : NULL, maxb,
+			&size, &dst, e2, sizeof e2);
+	if (rc == 0 && (size <= 0 || (uint64_t)size > out_cap || (uint64_t)size > maxb)) {
+		snprintf(e2, sizeof e2, "device encode returned %lld bytes (room %zu)",
+			 (long long)size, out_cap);
+		rc = -EIO;
+	}
+	if (rc == 0)
+		rc = dev_download(g, out, dst, (size_t)size, e2, sizeof e2);
+	if (rc) {
+		if (in_arena)
+			kvt_arena_free(&g->arena, off, maxb);
+		if (rc == -EOPNOTSUPP)
+			g->n_encodes_cpu++;
+		else
+			g->n_encode_errors++;
+		pthread_mutex_unlock(&g->mu);
+		goto cpu;
+	}
+	g->n_encodes++;
+	if (in_arena) {
+		kvt_arena_shrink(&g->arena, off, maxb, (uint64_t)size);
+		struct pre_encoded *p = &m->pre[m->n_pre++];
+		memcpy(p->hdr, out, KVT_CHUNK_HEADER_BYTES);
+		p->off = off;
+		p->bytes = (uint64_t)size;
+		g->n_encodes_arena++;
+	}
+	pthread_mutex_unlock(&g->mu);
+	return size;
+cpu:
+	return kvt_encode_chunk(cfg, first_token, k, v, out, out_cap, err, errlen);
 }
 
 /* ---- attend ------------------------------------------------------------------------------- */
 
-#ifdef KVT_HAVE_CUDA
-static int scratch(struct kvt_tier_gpu *g, size_t bytes, char *err, size_t errlen)
+/* What kvt_cuda_attend_plan_build requires to share between a batch's requests. */
+static int same_codec(const struct kvt_codec_config *a, const struct kvt_codec_config *b)
 {
-	if (bytes <= g->scratch_bytes)
-		return 0;
-	kvt_cuda_free(g->ctx, g->scratch);
-	g->scratch = NULL;
-	g->scratch_bytes = 0;
-	size_t n = bytes < (1u << 20) ? (1u << 20) : bytes;
-	int rc = kvt_cuda_alloc(g->ctx, n, &g->scratch, err, errlen);
-	if (rc == 0)
-		g->scratch_bytes = n;
-	return rc;
+	return a->scheme == b->scheme && a->key_bits == b->key_bits &&
+	       a->value_bits == b->value_bits && a->group == b->group &&
+	       a->chunk_tokens == b->chunk_tokens && a->n_kv_heads == b->n_kv_heads &&
+	       a->head_dim == b->head_dim && a->dtype == b->dtype && a->rotate_v == b->rotate_v;
 }
-#endif
 
-int kvt_tier_gpu_attend(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m,
-			const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads,
-			float softmax_scale, const float *q, const void *tail_k,
-			const void *tail_v, uint32_t n_tail, float *out, char *err,
-			size_t errlen)
+/* mu held: 1 when item it can run from the arena now. */
+static int attend_item_ready(const struct kvt_gpu_attend_item *it)
 {
-#ifdef KVT_HAVE_CUDA
-	uint32_t n = kvt_seq_n_chunks(seq);
-	if (!kvt_tier_gpu_tier_enabled(g))
-		return -EAGAIN;
-	if (!m || m->n != n || m->n_resident != n) {
-		pthread_mutex_lock(&g->mu);
-		g->n_attend_fallbacks++;
-		pthread_mutex_unlock(&g->mu);
-		return -EAGAIN;
-	}
-	const struct kvt_codec_config *cfg = kvt_seq_config(seq);
-	size_t qb = (size_t)n_q_heads * cfg->head_dim * sizeof(float);
-	size_t tb = (size_t)n_tail * cfg->n_kv_heads * cfg->head_dim * kvt_dtype_size(cfg->dtype);
-	size_t tb_al = (tb + 255) & ~(size_t)255, qb_al = (qb + 255) & ~(size_t)255;
-	const void **chunks = calloc(n ? n : 1, sizeof *chunks);
-	const struct kvt_chunk_header **hdrs = calloc(n ? n : 1, sizeof *hdrs);
+	const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);
+	const struct kvt_gpu_mirror *m = it->m;
+	if (it->n_chunks + it->n_tail == 0 || !m || m->n < it->n_chunks)
+		return 0;
+	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits)
+		return 0; /* the GPU kernel takes equal bits */
+	for (uint32_t c = 0; c < it->n_chunks; c++)
+		if (!m->e[c].resident || m->e[c].chunk != kvt_seq_chunk(it->seq, c))
+			return 0;
+	return 1;
+}
+
+int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item *items,
+			      size_t n, char *err, size_t errlen)
+{
+	for (size_t i = 0; i < n; i++)
+		items[i].rc = -EAGAIN;
+	if (!kvt_tier_gpu_tier_enabled(g) || n == 0)
+		return 0;
+	/* per item: its offset in the staging (q, tail K, tail V) and in the output region */
+	size_t *in_off = calloc(n, sizeof *in_off), *out_off = calloc(n, sizeof *out_off);
+	int *group = calloc(n, sizeof *group);
+	uint8_t *host_in = NULL, *host_out = NULL;
+	struct kvt_cuda_attend_request *reqs = NULL;
+	const void **cptr = NULL;
+	const struct kvt_chunk_header **hptr = NULL;
 	int rc = 0;
-	if (!chunks || !hdrs) {
-		rc = -ENOMEM;
-		goto out_free;
+	if (!in_off || !out_off || !group) {
+		free(in_off);
+		free(out_off);
+		free(group);
+		snprintf(err, errlen, "out of memory");
+		return -ENOMEM;
 	}
 	pthread_mutex_lock(&g->mu);
-	if ((rc = kvt_cuda_ctx_bind(g->ctx, err, errlen)))
+	if ((rc = dev_bind(g, err, errlen)))
 		goto out;
-	for (uint32_t i = 0; i < n; i++) {
-		if (m->e[i].chunk != kvt_seq_chunk(seq, i) || !m->e[i].resident) {
-			rc = -EAGAIN;
-			goto out;
+	size_t in_bytes = 0, out_bytes = 0, n_ok = 0, max_chunks = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct kvt_gpu_attend_item *it = &items[i];
+		group[i] = -1;
+		if (!attend_item_ready(it)) {
+			g->n_attend_fallbacks++;
+			continue;
 		}
-		chunks[i] = g->arena_dev + m->e[i].off;
-		hdrs[i] = (const struct kvt_chunk_header *)m->e[i].chunk->bytes;
+		const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);
+		size_t qb = (size_t)it->n_q_heads * cfg->head_dim * sizeof(float);
+		size_t tb = (size_t)it->n_tail * cfg->n_kv_heads * cfg->head_dim *
+			    kvt_dtype_size(cfg->dtype);
+		in_off[i] = in_bytes;
+		in_bytes += round_up(qb) + 2 * round_up(tb ? tb : 1);
+		out_off[i] = out_bytes;
+		out_bytes += round_up(qb);
+		group[i] = 0;
+		n_ok++;
+		max_chunks += it->n_chunks;
 	}
-	if ((rc = scratch(g, 2 * qb_al + 2 * tb_al, err, errlen)))
+	if (n_ok == 0)
 		goto out;
-	uint8_t *s = g->scratch;
-	uint8_t *q_dev = s, *out_dev = s + qb_al, *tk = s + 2 * qb_al, *tv = tk + tb_al;
-	if ((rc = kvt_cuda_upload(g->ctx, q_dev, q, qb, err, errlen)))
+	host_in = malloc(in_bytes);
+	host_out = malloc(out_bytes);
+	reqs = calloc(n_ok, sizeof *reqs);
+	cptr = calloc(max_chunks + 1, sizeof *cptr);
+	hptr = calloc(max_chunks + 1, sizeof *hptr);
+	if (!host_in || !host_out || !reqs || !cptr || !hptr) {
+		snprintf(err, errlen, "out of memory for a batch of %zu items", n_ok);
+		rc = -ENOMEM;
 		goto out;
-	if (n_tail && ((rc = kvt_cuda_upload(g->ctx, tk, tail_k, tb, err, errlen)) ||
-		       (rc = kvt_cuda_upload(g->ctx, tv, tail_v, tb, err, errlen))))
+	}
+	for (size_t i = 0; i < n; i++) {
+		const struct kvt_gpu_attend_item *it = &items[i];
+		if (group[i] < 0)
+			continue;
+		const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);
+		size_t qb = (size_t)it->n_q_heads * cfg->head_dim * sizeof(float);
+		size_t tb = (size_t)it->n_tail * cfg->n_kv_heads * cfg->head_dim *
+			    kvt_dtype_size(cfg->dtype);
+		uint8_t *p = host_in + in_off[i];
+		memcpy(p, it->q, qb);
+		if (tb) {
+			memcpy(p + round_up(qb), it->tail_k, tb);
+			memcpy(p + round_up(qb) + round_up(tb), it->tail_v, tb);
+		}
+	}
+	if ((rc = dev_scratch(g, in_bytes + out_bytes, err, errlen)) ||
+	    (rc = dev_upload(g, g->scratch, host_in, in_bytes, err, errlen)))
 		goto out;
-	struct kvt_cuda_attend_request r = {
-		.cfg = cfg, .layer = layer, .n_q_heads = n_q_heads,
-		.softmax_scale = softmax_scale, .q_dev = q_dev, .q_dtype = KVT_DTYPE_F32,
-		.chunks_dev = chunks, .chunk_hdrs = hdrs, .n_chunks = n,
-		.tail_k_dev = n_tail ? tk : NULL, .tail_v_dev = n_tail ? tv : NULL,
-		.n_tail = n_tail, .out_dev = (float *)out_dev};
-	if ((rc = kvt_cuda_attend(g->ctx, &r, 1, err, errlen)))
-		goto out;
-	rc = kvt_cuda_download(g->ctx, out, out_dev, qb, err, errlen);
+	uint8_t *s_in = g->scratch, *s_out = s_in + in_bytes;
+	/* one plan per codec: items in request order within each */
+	size_t done = 0, n_chunk_used = 0;
+	int next_group = 1;
+	while (done < n_ok && rc == 0) {
+		size_t first = 0;
+		while (group[first] != 0)
+			first++;
+		const struct kvt_codec_config *c0 = kvt_seq_config(items[first].seq);
+		size_t nr = 0;
+		for (size_t i = first; i < n; i++) {
+			struct kvt_gpu_attend_item *it = &items[i];
+			if (group[i] != 0 || !same_codec(kvt_seq_config(it->seq), c0))
+				continue;
+			group[i] = next_group;
+			const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);
+			size_t qb = (size_t)it->n_q_heads * cfg->head_dim * sizeof(float);
+			size_t tb = (size_t)it->n_tail * cfg->n_kv_heads * cfg->head_dim *
+				    kvt_dtype_size(cfg->dtype);
+			const void **cp = cptr + n_chunk_used;
+			const struct kvt_chunk_header **hp = hptr + n_chunk_used;
+			for (uint32_t c = 0; c < it->n_chunks; c++) {
+				cp[c] = g->arena_dev + it->m->e[c].off;
+				hp[c] = (const struct kvt_chunk_header *)it->m->e[c].chunk->bytes;
+			}
+			n_chunk_used += it->n_chunks;
+			uint8_t *qd = s_in + in_off[i];
+			struct kvt_cuda_attend_request r = {
+				.cfg = cfg, .layer = it->layer, .n_q_heads = it->n_q_heads,
+				.softmax_scale = it->softmax_scale, .q_dev = qd,
+				.q_dtype = KVT_DTYPE_F32,
+				.chunks_dev = cp, .chunk_hdrs = hp, .n_chunks = it->n_chunks,
+				.tail_k_dev = tb ? qd + round_up(qb) : NULL,
+				.tail_v_dev = tb ? qd + round_up(qb) + round_up(tb) : NULL,
+				.n_tail = it->n_tail, .out_dev = (float *)(s_out + out_off[i])};
+			reqs[nr++] = r;
+		}
+		next_group++;
+		done += nr;
+		rc = dev_attend(g, reqs, nr, err, errlen);
+		g->n_attend_plans++;
+	}
 	if (rc == 0)
-		g->n_attends++;
+		rc = dev_download(g, host_out, s_out, out_bytes, err, errlen);
+	if (rc == 0) {
+		for (size_t i = 0; i < n; i++) {
+			struct kvt_gpu_attend_item *it = &items[i];
+			if (group[i] < 0)
+				continue;
+			size_t qb = (size_t)it->n_q_heads * kvt_seq_config(it->seq)->head_dim *
+				    sizeof(float);
+			memcpy(it->out, host_out + out_off[i], qb);
+			it->rc = 0;
+		}
+		g->n_attends += n_ok;
+		g->n_attend_batches++;
+	} else {
+		g->n_attend_errors++;
+	}
 out:
-	if (rc == -EAGAIN)
-		g->n_attend_fallbacks++;
 	pthread_mutex_unlock(&g->mu);
-out_free:
-	free(chunks);
-	free(hdrs);
+	free(in_off);
+	free(out_off);
+	free(group);
+	free(host_in);
+	free(host_out);
+	free(reqs);
+	free(cptr);
+	free(hptr);
 	return rc;
-#else
-	return -EAGAIN;
-#endif
 }
 
 /* ---- restore ------------------------------------------------------------------------------ */

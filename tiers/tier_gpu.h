@@ -54,6 +54,9 @@ void kvt_arena_destroy(struct kvt_arena *a);
 /* 0 and *off, or -ENOSPC (no hole large enough) / -ENOMEM (bookkeeping). */
 int kvt_arena_alloc(struct kvt_arena *a, uint64_t bytes, uint64_t *off);
 void kvt_arena_free(struct kvt_arena *a, uint64_t off, uint64_t bytes);
+/* Gives back the end of an allocation of old_bytes at off so that it holds new_bytes (<=
+ * old_bytes); it stays one allocation (a chunk encoded into room for the largest chunk). */
+void kvt_arena_shrink(struct kvt_arena *a, uint64_t off, uint64_t old_bytes, uint64_t new_bytes);
 uint64_t kvt_arena_largest_free(const struct kvt_arena *a);
 
 /* ---- the tier --------------------------------------------------------------------------- */
@@ -65,7 +68,17 @@ struct kvt_tier_gpu_config {
 	uint64_t staging_bytes;  /* gpu_staging_bytes: pinned restore staging */
 	uint64_t ipc_idle_ms;    /* gpu_ipc_idle_seconds * 1000 */
 	unsigned copy_threads;   /* gpu_restore_threads: host -> pinned staging copiers */
+	int arena_keep;          /* gpu_arena_policy keep (1): a full arena demotes nobody;
+				  * lru (0): see "Arena policy" below */
 };
+
+/*
+ * Test mode (KVTIER_TEST_GPU_EMULATE=1 in the environment, any build): with gpu_arena_bytes >
+ * 0 the arena lives in host memory and the tier's device work is done by the CPU codec
+ * (attention by kvt_attend, encode by kvt_encode_chunk), so the arena, mirrors, batched
+ * Attend, the encode hook and the arena policy run in CI without a GPU. The tier then reports
+ * itself not usable (RestoreToDevice answers as without a device) but enabled.
+ */
 
 struct kvt_tier_gpu;
 
@@ -99,29 +112,88 @@ void kvt_tier_gpu_forget_owner(struct kvt_tier_gpu *g, const void *owner);
  * A session's device mirror: for each sealed chunk i, the chunk (a reference is held, so its
  * identity cannot be reused) and its arena copy, or none when the arena had no room (that
  * chunk is served from the host). kvt_tier_gpu_mirror_sync brings it up to date with the
- * sequence (new chunks copied in, chunks that are no longer the sequence's released, e.g.
- * after Truncate). The caller holds the session's lock.
+ * sequence (new chunks copied in, or adopted when kvt_tier_gpu_encode already wrote them into
+ * the arena; chunks that are no longer the sequence's released, e.g. after Truncate). The
+ * caller holds the session's lock. Every mirror field is read and written under the tier's
+ * mutex, because the arena policy may demote another session's mirror.
+ *
+ * A sync without KVT_GPU_SYNC_USE (a look at the session: StatSession) only does the
+ * bookkeeping (releases, adoptions) and moves no data; a sync flagged KVT_GPU_SYNC_USE
+ * (Append, StoreEncoded, Attend, Prefetch, RestoreToDevice) uploads what is missing.
+ *
+ * Arena policy (gpu_arena_policy): with lru (the default), a KVT_GPU_SYNC_USE sync that finds
+ * the arena full demotes whole sessions, least recently used first, until the chunks fit
+ * (the GPU encoder itself only takes free room; the sync after the append, which knows the
+ * whole session's need, makes room and uploads the rest): their arena copies
+ * are freed (the host copies stay the source of truth; their tier becomes "host") and come
+ * back at their own next use, when room exists or can be made. Sessions whose *pinned flag
+ * is set and the session being synced are never demoted, and nobody is demoted unless that
+ * makes the whole session fit (a session larger than the free + demotable arena stays
+ * "gpu+host" without evicting anyone). With keep, new chunks that find no room stay on the
+ * host (the tier says "gpu+host").
  */
 struct kvt_gpu_mirror;
+#define KVT_GPU_SYNC_USE 1u
+/* pinned: the session's pinned flag (read atomically while the mirror lives; may be NULL). */
 int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **m,
-			     const struct kvt_seq *seq, char *err, size_t errlen);
+			     const struct kvt_seq *seq, const uint32_t *pinned, unsigned flags,
+			     char *err, size_t errlen);
 void kvt_tier_gpu_mirror_free(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m);
-/* "gpu" when every sealed chunk is in the arena, "gpu+host" when some did not fit, "host"
- * when none is (or no mirror). */
-const char *kvt_tier_gpu_mirror_tier(const struct kvt_gpu_mirror *m, uint32_t n_chunks);
-uint64_t kvt_tier_gpu_mirror_bytes(const struct kvt_gpu_mirror *m);
+/* "gpu" when every sealed chunk is in the arena, "gpu+host" when some are not, "host" when
+ * none is (or no mirror). */
+const char *kvt_tier_gpu_mirror_tier(struct kvt_tier_gpu *g, const struct kvt_gpu_mirror *m,
+				     uint32_t n_chunks);
+uint64_t kvt_tier_gpu_mirror_bytes(struct kvt_tier_gpu *g, const struct kvt_gpu_mirror *m);
 
 /*
- * Attention for one item on the GPU when every chunk of the session is resident: -EAGAIN when
- * some chunk is not (the caller uses the CPU path), else as kvt_seq_attend: q f32
- * [n_q_heads][d], out f32. tail_k / tail_v are host [n_tail][H][d] in the wire dtype (the
- * caller may pass the sequence's tail plus a staged token). Session lock held.
+ * The kvt_seq encoder of a GPU-resident session (the daemon sets it with kvt_seq_set_encoder;
+ * same contract as kvt_encode_chunk, session lock held): when the config is one the CUDA
+ * encoder takes (no pin detection, minmax key rounding), the chunk is encoded on the device
+ * straight into the arena (room for kvt_chunk_max_bytes, shrunk to the chunk; free room only)
+ * and its bytes copied back to `out` (the host copy, which
+ * Fetch / FetchEncoded serve); the next mirror sync adopts the arena copy instead of
+ * uploading it. Without room the chunk is still encoded on the device (in scratch) and only
+ * copied back. Configs the CUDA encoder refuses, and any device error, encode on the CPU.
+ * The bytes are kvt_encode_chunk's either way.
  */
-int kvt_tier_gpu_attend(struct kvt_tier_gpu *g, struct kvt_gpu_mirror *m,
-			const struct kvt_seq *seq, uint32_t layer, uint32_t n_q_heads,
-			float softmax_scale, const float *q, const void *tail_k,
-			const void *tail_v, uint32_t n_tail, float *out, char *err,
-			size_t errlen);
+int64_t kvt_tier_gpu_encode(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **m,
+			    const uint32_t *pinned, const struct kvt_codec_config *cfg,
+			    uint64_t first_token, const void *k, const void *v, void *out,
+			    size_t out_cap, char *err, size_t errlen);
+
+/*
+ * One Attend item for the GPU: chunks [0, n_chunks) of seq (all must be in m's arena copy
+ * when the batch runs) + the exact tail given here (host [n_tail][H][d] in the wire dtype:
+ * the caller's own copy, e.g. the sequence's tail plus a staged token), q f32
+ * [n_q_heads][d] (host), out f32 [n_q_heads][d] (host). rc is set by the batch.
+ */
+struct kvt_gpu_attend_item {
+	struct kvt_gpu_mirror *m;
+	const struct kvt_seq *seq;
+	uint32_t n_chunks;
+	uint32_t layer;
+	uint32_t n_q_heads;
+	float softmax_scale;
+	const float *q;
+	const void *tail_k;
+	const void *tail_v;
+	uint32_t n_tail;
+	float *out;
+	int rc; /* 0: out holds the result; -EAGAIN: not run on the GPU (use the CPU path) */
+};
+
+/*
+ * Runs a batch of Attend items on the GPU: every query and tail uploaded in one copy, one
+ * attention plan (kvt_cuda_attend: one launch pair) per codec among the items, every output
+ * downloaded in one copy. An item whose chunks are not all resident (or demoted since it was
+ * collected), whose session holds no tokens, or whose codec the GPU kernel does not take
+ * (key_bits != value_bits) gets rc -EAGAIN. A device failure gives every item -EAGAIN and is
+ * returned (err says it) so the caller can log it; the CPU path then serves. The caller holds
+ * the lock of every item's session. Counters: gpu.attends (items), gpu.attend_plans,
+ * gpu.attend_batches, gpu.attend_host_fallbacks.
+ */
+int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item *items,
+			      size_t n, char *err, size_t errlen);
 
 /* ---- RestoreToDevice --------------------------------------------------------------------- */
 

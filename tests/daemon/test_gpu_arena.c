@@ -54,6 +54,17 @@ static void test_basic(void)
 	KVT_CHECK(a.n_free == 1 && a.free[0].len == 4096 && a.used == 0,
 		  "coalesced with both neighbours: one extent");
 	KVT_CHECK(kvt_arena_alloc(&a, 4097, &o1) == -ENOSPC, "too large: -ENOSPC");
+	/* shrink: an allocation made for the largest chunk gives its unused end back and
+	 * stays one allocation */
+	KVT_CHECK(kvt_arena_alloc(&a, 2000, &o1) == 0 && o1 == 0, "room for the largest");
+	kvt_arena_shrink(&a, o1, 2000, 600);
+	check_free_list(&a);
+	KVT_CHECK(a.used == 768 && a.allocations == 1 && a.n_free == 1 && a.free[0].off == 768,
+		  "shrunk to 768 bytes: used %llu, %llu allocations", (unsigned long long)a.used,
+		  (unsigned long long)a.allocations);
+	kvt_arena_free(&a, o1, 600);
+	check_free_list(&a);
+	KVT_CHECK(a.used == 0 && a.allocations == 0 && a.n_free == 1, "freed whole");
 	kvt_arena_destroy(&a);
 
 	KVT_REQUIRE(kvt_arena_init(&a, 0) == 0, "empty arena");
@@ -179,12 +190,15 @@ static void test_unavailable(void)
 	char err[256];
 	KVT_REQUIRE(kvt_seq_create(&cc, NULL, &seq, err, sizeof err) == 0, "seq: %s", err);
 	struct kvt_gpu_mirror *m = NULL;
-	KVT_CHECK(kvt_tier_gpu_mirror_sync(g, &m, seq, err, sizeof err) == -ENODEV && !m,
+	KVT_CHECK(kvt_tier_gpu_mirror_sync(g, &m, seq, NULL, KVT_GPU_SYNC_USE, err, sizeof err) ==
+				  -ENODEV && !m,
 		  "mirror sync refused");
-	KVT_CHECK(!strcmp(kvt_tier_gpu_mirror_tier(m, 0), "host"), "tier host");
+	KVT_CHECK(!strcmp(kvt_tier_gpu_mirror_tier(g, m, 0), "host"), "tier host");
 	float q[64] = {0}, out[64];
-	KVT_CHECK(kvt_tier_gpu_attend(g, m, seq, 0, 1, 0.125f, q, NULL, NULL, 0, out, err,
-				      sizeof err) == -EAGAIN, "attend falls back");
+	struct kvt_gpu_attend_item it = {.m = m, .seq = seq, .layer = 0, .n_q_heads = 1,
+					 .softmax_scale = 0.125f, .q = q, .out = out};
+	KVT_CHECK(kvt_tier_gpu_attend_batch(g, &it, 1, err, sizeof err) == 0 && it.rc == -EAGAIN,
+		  "attend falls back");
 	uint8_t h[KVT_GPU_IPC_HANDLE_BYTES] = {0};
 	struct kvt_gpu_restore r = {.handle_k = h, .handle_v = h, .buffer_bytes = 1 << 20,
 				    .layer_end = 1, .dtype = KVT_DTYPE_F16, .device_ordinal = -1};

@@ -127,7 +127,7 @@ static const struct bad_case cases[] = {
 	{ C_OPEN_LAYERS_257, "open: n_layers 257", KVT_CODE_INVALID_ARGUMENT, "n_layers" },
 	{ C_OPEN_HEADS_65, "open: n_kv_heads 65", KVT_CODE_INVALID_ARGUMENT, "n_kv_heads" },
 	{ C_OPEN_DTYPE, "open: dtype 7", KVT_CODE_INVALID_ARGUMENT, "dtype" },
-	{ C_OPEN_KEY_BITS, "open: key_bits 3", KVT_CODE_INVALID_ARGUMENT, "key_bits" },
+	{ C_OPEN_KEY_BITS, "open: key_bits 5", KVT_CODE_INVALID_ARGUMENT, "key_bits" },
 	{ C_OPEN_CHUNK_TOKENS, "open: chunk_tokens 100 not a multiple of group 32",
 	  KVT_CODE_INVALID_ARGUMENT, "chunk_tokens" },
 	{ C_OPEN_SINKS, "open: n_sinks 65", KVT_CODE_INVALID_ARGUMENT, "n_sinks" },
@@ -205,7 +205,7 @@ static int run_case(int id, struct kvt_client_status *st)
 	case C_OPEN_HEADS_65: return open_with("bad-open", 2, 65, 64, KVT_DTYPE_F16, NULL, st);
 	case C_OPEN_DTYPE: return open_with("bad-open", 2, 2, 64, 7, NULL, st);
 	case C_OPEN_KEY_BITS:
-		codec.key_bits = 3;
+		codec.key_bits = 5;
 		return open_with("bad-open", 2, 2, 64, KVT_DTYPE_F16, &codec, st);
 	case C_OPEN_CHUNK_TOKENS:
 		codec.group = 32;

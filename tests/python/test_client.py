@@ -646,7 +646,7 @@ def test_drop(client, sid, rng):
     (dict(n_layers=257), "n_layers"),
     (dict(n_kv_heads=65), "n_kv_heads"),
     (dict(dtype=0), "dtype"),
-    (dict(codec=dict(scheme="oscar", key_bits=3)), "key_bits"),
+    (dict(codec=dict(scheme="oscar", key_bits=5)), "key_bits"),
     (dict(codec=dict(scheme="oscar", group=48)), "group"),
     (dict(codec=dict(scheme="oscar", group=64, chunk_tokens=96)), "chunk_tokens"),
     (dict(codec=dict(scheme="oscar", n_sinks=65)), "n_sinks"),

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """docs/realmodel/int2.md rows: per-context perplexity through kvtierd (Fetch path) or the in-process exact
 cache, one JSON line per context appended to --out. Uses the repo's worker and backends.
-usage: int2_rows.py ROW CODEC_JSON --text GPL-3 --contexts 0,1,2,3 [--dtype f16] [--exact]"""
+usage: int2_rows.py ROW CODEC_JSON --text GPL-3 --contexts 0,1,2,3 [--dtype f16] [--exact | --attend]
+--attend: the Attend path (the daemon's attention, one token per step, ~10x slower) instead of
+Fetch; its rows carry path "attend" (rows without a path are Fetch rows)."""
 import argparse, json, os, sys, time
 import numpy as np
 R = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,7 +16,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("row"); ap.add_argument("codec")
 ap.add_argument("--text", default="GPL-3"); ap.add_argument("--contexts", default="0,1,2,3")
 ap.add_argument("--ctx", type=int, default=1024); ap.add_argument("--dtype", default="f16")
-ap.add_argument("--exact", action="store_true"); ap.add_argument("--out", default=os.path.join(R, "docs", "realmodel", "int2_results.jsonl"))
+ap.add_argument("--exact", action="store_true"); ap.add_argument("--attend", action="store_true"); ap.add_argument("--out", default=os.path.join(R, "docs", "realmodel", "int2_results.jsonl"))
 a = ap.parse_args()
 m = SmolLM(default_model_path())
 text, sha = texts.read_text("/usr/share/common-licenses/" + a.text)
@@ -28,6 +30,9 @@ try:
         seen = {}
         if a.exact:
             cache = ExactBackend(m.n_layers, m.n_kv_heads, m.head_dim, a.ctx)
+        elif a.attend:
+            cache = kb.KvtierdAttendBackend(c, m.n_layers, m.n_kv_heads, m.head_dim, codec=codec,
+                                            dtype=a.dtype)
         else:
             cache = kb.KvtierdFetchBackend(c, m.n_layers, m.n_kv_heads, m.head_dim, codec=codec,
                                            dtype=a.dtype, capacity=a.ctx)
@@ -54,6 +59,8 @@ try:
                  bytes_held=info.bytes_held if info else None,
                  n_chunks=info.n_chunks if info else None, tail=info.tail_tokens if info else None,
                  seconds=round(time.time() - t0, 1))
+        if a.attend:
+            r["path"] = "attend"
         print(json.dumps(r), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")

@@ -8,7 +8,9 @@ Modes: int (OScaR min-max, zero on the scale's grid), free (min-max, zero = min)
 squared error over [mn + r i/16, mx - r j/16], i, j <= 4, unbounded clipping), safe16x4 (the same
 candidates limited to those keeping every element within half a step: key_rounding mse),
 lloyd4 (4 least-squares refits of scale/zero to the codes).
-usage: int2_sim.py MODE_K MODE_V [--text GFDL-1.3] [--contexts 0,3] [--rotv 1] [--out FILE]"""
+usage: int2_sim.py MODE_K MODE_V [--text GFDL-1.3] [--contexts 0,3] [--rotv 1] [--bk 2] [--bv 2]
+       [--B 32] [--gv 32] [--out FILE]
+Session 4 chose 3-bit keys at G = B = 64: `int2_sim.py int int --bk 3 --bv 2 --B 64 --gv 64`."""
 import argparse, json, os, sys, time
 import numpy as np
 R = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -155,7 +157,8 @@ def roundtrip_chunk(k, v, pin, modek, modev, rotv, bk=2, bv=2, gv=32):
     return kd.astype(np.float32), vd.astype(np.float32)
 
 class SimBackend(FetchBackend):
-    def __init__(self, L, H, d, modek, modev, rotv, B=32, W=128, S=8, cap=1024, bk=2, bv=2):
+    def __init__(self, L, H, d, modek, modev, rotv, B=32, W=128, S=8, cap=1024, bk=2, bv=2, gv=32):
+        self.gv = gv
         super().__init__(L, H, d)
         self.k = np.zeros((L, cap, H, d), np.float32); self.v = np.zeros_like(self.k)
         self.B, self.W, self.S = B, W, S
@@ -178,7 +181,7 @@ class SimBackend(FetchBackend):
             t0 = self.sealed; B = self.B
             pin = np.array([t0 + t < self.S for t in range(B)])
             kd, vd = roundtrip_chunk(self.k[:, t0:t0 + B], self.v[:, t0:t0 + B], pin,
-                                     self.modek, self.modev, self.rotv, self.bk, self.bv)
+                                     self.modek, self.modev, self.rotv, self.bk, self.bv, self.gv)
             self.k[:, t0:t0 + B] = kd; self.v[:, t0:t0 + B] = vd
             self.sealed += B
 
@@ -190,6 +193,8 @@ if __name__ == "__main__":
     ap.add_argument("--bv", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(R, "docs", "realmodel", "int2_sim.jsonl"))
     ap.add_argument("--normfit", type=int, default=0)
+    # chunk size B (= the key group: one group of B tokens per channel) and the value group gv
+    ap.add_argument("--B", type=int, default=32); ap.add_argument("--gv", type=int, default=32)
     a = ap.parse_args()
     NORMFIT = bool(a.normfit)
     m = SmolLM(default_model_path())
@@ -197,7 +202,7 @@ if __name__ == "__main__":
     ids = np.asarray(m.tokenizer.encode(text)[:4096], np.int64)
     for ci in [int(x) for x in a.contexts.split(",")]:
         w = ids[ci * 1024:(ci + 1) * 1024]
-        cache = SimBackend(m.n_layers, m.n_kv_heads, m.head_dim, a.modek, a.modev, a.rotv, bk=a.bk, bv=a.bv)
+        cache = SimBackend(m.n_layers, m.n_kv_heads, m.head_dim, a.modek, a.modev, a.rotv, bk=a.bk, bv=a.bv, B=a.B, gv=a.gv)
         acc = [0.0]
         def cb(i, lg):
             tgt = w[i + 1:i + 1 + len(lg)]
@@ -205,7 +210,7 @@ if __name__ == "__main__":
             acc[0] -= float(lp[np.arange(len(tgt)), tgt].sum())
         t0 = time.time()
         m.forward(w, cache, block=128, logits_cb=cb)
-        r = dict(normfit=a.normfit, modek=a.modek, modev=a.modev, rotv=a.rotv, bk=a.bk, bv=a.bv, text=a.text, context=ci, nll=acc[0], seconds=round(time.time() - t0, 1))
+        r = dict(B=a.B, gv=a.gv, normfit=a.normfit, modek=a.modek, modev=a.modev, rotv=a.rotv, bk=a.bk, bv=a.bv, text=a.text, context=ci, nll=acc[0], seconds=round(time.time() - t0, 1))
         print(json.dumps(r), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")
