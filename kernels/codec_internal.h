@@ -306,6 +306,30 @@ static inline void kvt_mse_group(const float *x, size_t stride, uint32_t n, cons
 					      : (uint8_t)kvt_qcode(x[i * stride], best_s, best_z, qmax);
 }
 
+/* ---- Row runs for the decoder ------------------------------------------------------------- */
+
+/*
+ * n decoded rows of one head of one layer section (kvt_decode_chunk hands every token run of
+ * one key group to the kernel at once, so per-channel parameters are widened once per run):
+ * row r is decode_row(codes + r * code_stride, d, bits, gv, s16 + r * (d / gv) (gv > 1) or
+ * s16 (gv == 1: d per-channel parameters shared by every row), the same for z16, sdt, rot,
+ * norms ? norms[r] * mult : mult, out + r * out_stride, out_dtype), the same float
+ * operations in the same order (CHUNK_FORMAT.md "Decoding"), except that rows with
+ * pidx[r] >= 0 (pinned tokens; pidx may be NULL) are left untouched for the caller.
+ */
+struct kvt_decode_rows {
+	const uint8_t *codes;
+	size_t code_stride;
+	const uint16_t *s16, *z16;
+	const float *norms;
+	float mult;
+	const int16_t *pidx;
+	uint8_t *out;
+	size_t out_stride; /* bytes */
+	uint32_t n, d, bits, gv, sdt, out_dtype;
+	bool rot;
+};
+
 /* ---- Kernel table ------------------------------------------------------------------------- */
 struct kvt_codec_ops {
 	const char *name;
@@ -373,6 +397,8 @@ struct kvt_codec_ops {
 			 uint8_t *codes8);
 	/* Unpacks one row to f32 codes (no scale). */
 	void (*unpack_f32)(const uint8_t *packed, uint32_t d, uint32_t bits, float *y);
+	/* A run of decoded rows (struct kvt_decode_rows): exactly decode_row on each. */
+	void (*decode_rows)(const struct kvt_decode_rows *job);
 };
 
 extern const struct kvt_codec_ops kvt_codec_ops_scalar;
@@ -380,6 +406,14 @@ extern const struct kvt_codec_ops kvt_codec_ops_scalar;
 #define KVT_HAVE_AVX2_BUILD 1
 extern const struct kvt_codec_ops kvt_codec_ops_avx2;
 #endif
+
+/* kvt_decode_chunk as it was before the run decoder (one ops->decode_row call per row), with
+ * the given table; its arguments are checked the same way. Kept so tests can prove the run
+ * decoder writes the same bytes. */
+int kvt_decode_chunk_rowwise(const struct kvt_codec_ops *ops, const void *chunk,
+			     uint32_t tok_begin, uint32_t tok_end, uint32_t layer_begin,
+			     uint32_t layer_end, uint32_t out_dtype, void *k_out, void *v_out,
+			     char *err, size_t errlen);
 
 /* The table of the active instruction set (reads KVT_ISA once, then CPUID). */
 const struct kvt_codec_ops *kvt_codec_ops_get(void);

@@ -225,6 +225,18 @@ static void s_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	s_store_f32(tmp, out, out_dtype, d);
 }
 
+static void s_decode_rows(const struct kvt_decode_rows *j)
+{
+	const size_t np = j->gv == 1 ? 0 : j->d / j->gv;
+	for (uint32_t r = 0; r < j->n; r++) {
+		if (j->pidx && j->pidx[r] >= 0)
+			continue;
+		s_decode_row(j->codes + r * j->code_stride, j->d, j->bits, j->gv, j->s16 + r * np,
+			     j->z16 + r * np, j->sdt, j->rot, j->norms ? j->norms[r] * j->mult : j->mult,
+			     j->out + r * j->out_stride, j->out_dtype);
+	}
+}
+
 static void s_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
 		       uint32_t d, float *out)
 {
@@ -246,6 +258,7 @@ const struct kvt_codec_ops kvt_codec_ops_scalar = {
 	.dot_rows = s_dot_rows,
 	.accum_grp = s_accum_grp,
 	.decode_row = s_decode_row,
+	.decode_rows = s_decode_rows,
 	.name = "scalar",
 	.load_f32 = s_load_f32,
 	.store_f32 = s_store_f32,

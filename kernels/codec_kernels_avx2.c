@@ -851,6 +851,404 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 	}
 }
 
+/* ---- The run decoder (decode_rows) -------------------------------------------------------
+ *
+ * The rotated rows use a transposed register layout. A row of d = 8 * NV elements lives in NV
+ * vectors; before the inverse transform, lane k of vector i holds element i + NV * k, so the
+ * butterflies of strides 1 .. NV/2 pair whole vectors (i, i + h): a plain add and sub, where
+ * the natural layout needs a permute and a sign flip per stage. Then each block of 8 vectors
+ * is transposed (8x8), after which vector k of block b holds the 8 contiguous elements
+ * 8 b + NV k .. + 7, and the strides NV, 2 NV, 4 NV pair whole vectors again; the last stage is
+ * followed by the multiply, then the conversion and a contiguous store. The codes come out of
+ * the packed row in that layout for free: for 2-bit codes at d 128, lane k of the row's 32
+ * bytes read as 8 dwords holds elements 16 k .. 16 k + 15, so vector i is (row >> 2 i) & 3.
+ *
+ * Every element sees exactly the scalar decoder's operations: code * scale, + zero, the
+ * butterflies in stride order 1, 2, ..., d/2, each (a, b) -> (a + b, a - b) with a the lower
+ * element, then * mult, then the rounding to the output dtype (only the order in which
+ * independent elements are computed changes). Rows that are not rotated are dequantized in
+ * the natural layout and stored.
+ */
+#define KVT_AI inline __attribute__((always_inline))
+#define ODT_BYTES(odt) ((odt) == KVT_DTYPE_F32 ? 4u : 2u)
+
+/* The rows of a run are a head's, H * d elements apart in the output: no stream the hardware
+ * prefetcher follows, and each row's stores would wait for their lines to arrive. Asking for
+ * the lines of the row two ahead overlaps that wait with the work (measured: about +40% when
+ * the output is not in cache, as when the daemon decodes into fresh buffers). */
+static KVT_AI void prefetch_out(const struct kvt_decode_rows *j, uint32_t r, uint32_t bytes)
+{
+	if (r + 2 >= j->n)
+		return;
+	const char *p = (const char *)(j->out + (size_t)(r + 2) * j->out_stride);
+	for (uint32_t c = 0; c < bytes; c += 64)
+		_mm_prefetch(p + c, _MM_HINT_T0);
+}
+
+/* o[k] lane r = v[r] lane k */
+static KVT_AI void tr8(__m256 v[8])
+{
+	__m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+	__m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+	__m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+	__m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+	__m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+	__m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+	__m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+	__m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+	v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+	v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+	v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+	v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+	v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+	v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+	v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+	v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* butterflies of strides 1, 2, 4 over 8 vectors (pairs (r, r + h) of the array) */
+static KVT_AI void bfly8(__m256 v[8])
+{
+	BFLY(v[0], v[1]);
+	BFLY(v[2], v[3]);
+	BFLY(v[4], v[5]);
+	BFLY(v[6], v[7]);
+	BFLY(v[0], v[2]);
+	BFLY(v[1], v[3]);
+	BFLY(v[4], v[6]);
+	BFLY(v[5], v[7]);
+	BFLY(v[0], v[4]);
+	BFLY(v[1], v[5]);
+	BFLY(v[2], v[6]);
+	BFLY(v[3], v[7]);
+}
+
+/* The packed row as dword vectors: lane k of word w holds the 32 / BITS codes of elements
+ * NV k + (32 / BITS) w ... (see above); a row is d * BITS / 8 bytes, read exactly. */
+static KVT_AI void rot_words(const uint8_t *p, const uint32_t D, const uint32_t BITS,
+			     __m256i w[4])
+{
+	if (D == 64 && BITS == 2) {
+		w[0] = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+	} else if ((D == 64 && BITS == 4) || (D == 128 && BITS == 2)) {
+		w[0] = _mm256_loadu_si256((const __m256i *)p);
+	} else if ((D == 128 && BITS == 4) || (D == 256 && BITS == 2)) {
+		/* lane k of the row's qwords -> even dwords in w[0], odd in w[1] */
+		__m256 q0 = _mm256_loadu_ps((const float *)(const void *)p);
+		__m256 q1 = _mm256_loadu_ps((const float *)(const void *)(p + 32));
+		w[0] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(q0, q1, 0x88)),
+						0xD8);
+		w[1] = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(q0, q1, 0xDD)),
+						0xD8);
+	} else { /* d 256, 4 bits: lane k of 16-byte block k -> dword m of it in w[m] */
+		__m256 q0 = _mm256_loadu_ps((const float *)(const void *)p);
+		__m256 q1 = _mm256_loadu_ps((const float *)(const void *)(p + 32));
+		__m256 q2 = _mm256_loadu_ps((const float *)(const void *)(p + 64));
+		__m256 q3 = _mm256_loadu_ps((const float *)(const void *)(p + 96));
+		__m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
+		__m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
+		/* lanes come out as blocks 0, 2, 4, 6, 1, 3, 5, 7: put them in order */
+		const __m256i ord = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+		w[0] = _mm256_permutevar8x32_epi32(_mm256_castps_si256(_mm256_shuffle_ps(t0, t2, 0x44)), ord);
+		w[1] = _mm256_permutevar8x32_epi32(_mm256_castps_si256(_mm256_shuffle_ps(t0, t2, 0xEE)), ord);
+		w[2] = _mm256_permutevar8x32_epi32(_mm256_castps_si256(_mm256_shuffle_ps(t1, t3, 0x44)), ord);
+		w[3] = _mm256_permutevar8x32_epi32(_mm256_castps_si256(_mm256_shuffle_ps(t1, t3, 0xEE)), ord);
+	}
+}
+
+/* code vector i of the transposed layout, as floats */
+#define ROT_CODE(w, i, BITS)                                                                \
+	_mm256_cvtepi32_ps(_mm256_and_si256(                                                \
+		_mm256_srli_epi32((w)[(i) / (32 / (BITS))], (int)((BITS) * ((i) % (32 / (BITS))))), \
+		_mm256_set1_epi32((1 << (BITS)) - 1)))
+
+/* one block of 8 vectors (elements 8 b + r + NV k): dequantize, strides 1, 2, 4 */
+static KVT_AI void rot_block_in(const __m256i w[4], const uint32_t b, const uint32_t BITS,
+				const bool PER_CH, const float *Ps, const float *Pz, __m256 sv,
+				__m256 zv, __m256 v[8])
+{
+	_Pragma("GCC unroll 8") for (uint32_t r = 0; r < 8; r++)
+	{
+		const uint32_t i = 8 * b + r;
+		__m256 sc = PER_CH ? _mm256_load_ps(Ps + 8 * i) : sv;
+		__m256 zc = PER_CH ? _mm256_load_ps(Pz + 8 * i) : zv;
+		v[r] = _mm256_add_ps(_mm256_mul_ps(ROT_CODE(w, i, BITS), sc), zc);
+	}
+	bfly8(v);
+}
+
+/* one block after the strides below NV: transpose, strides NV, 2 NV, 4 NV, * m, store */
+static KVT_AI void rot_block_out(__m256 v[8], const uint32_t b, const uint32_t NV, __m256 m,
+				 uint8_t *o, const uint32_t ODT)
+{
+	tr8(v);
+	bfly8(v);
+	_Pragma("GCC unroll 8") for (uint32_t k = 0; k < 8; k++)
+		store8(o, 8 * b + NV * k, _mm256_mul_ps(v[k], m), ODT);
+}
+
+static KVT_AI void rot_row(const uint8_t *p, uint8_t *o, const uint32_t D, const uint32_t BITS,
+			   const bool PER_CH, const uint32_t ODT, const float *Ps, const float *Pz,
+			   __m256 sv, __m256 zv, __m256 m)
+{
+	const uint32_t NV = D / 8;
+	__m256i w[4];
+	__m256 v[8];
+	rot_words(p, D, BITS, w);
+	if (NV == 8) {
+		rot_block_in(w, 0, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		rot_block_out(v, 0, NV, m, o, ODT);
+		return;
+	}
+	float tmp[256] __attribute__((aligned(32)));
+	if (NV == 16) {
+		/* block 0 waits in memory while block 1 stays in registers */
+		rot_block_in(w, 0, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		for (int r = 0; r < 8; r++)
+			_mm256_store_ps(tmp + 8 * r, v[r]);
+		rot_block_in(w, 1, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		for (int r = 0; r < 8; r++) { /* stride 8: (i, i + 8) */
+			__m256 a = _mm256_load_ps(tmp + 8 * r);
+			_mm256_store_ps(tmp + 8 * r, _mm256_add_ps(a, v[r]));
+			v[r] = _mm256_sub_ps(a, v[r]);
+		}
+		rot_block_out(v, 1, NV, m, o, ODT);
+		for (int r = 0; r < 8; r++)
+			v[r] = _mm256_load_ps(tmp + 8 * r);
+		rot_block_out(v, 0, NV, m, o, ODT);
+		return;
+	}
+	/* NV 32: four blocks through memory; strides 8 and 16 pair blocks (0, 1), (2, 3) and
+	 * then (0, 2), (1, 3) */
+	_Pragma("GCC unroll 4") for (uint32_t b = 0; b < 4; b++)
+	{
+		rot_block_in(w, b, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		for (int r = 0; r < 8; r++)
+			_mm256_store_ps(tmp + 64 * b + 8 * r, v[r]);
+	}
+	for (int r = 0; r < 8; r++) {
+		__m256 x0 = _mm256_load_ps(tmp + 8 * r), x1 = _mm256_load_ps(tmp + 64 + 8 * r);
+		__m256 x2 = _mm256_load_ps(tmp + 128 + 8 * r), x3 = _mm256_load_ps(tmp + 192 + 8 * r);
+		BFLY(x0, x1);
+		BFLY(x2, x3);
+		BFLY(x0, x2);
+		BFLY(x1, x3);
+		_mm256_store_ps(tmp + 8 * r, x0);
+		_mm256_store_ps(tmp + 64 + 8 * r, x1);
+		_mm256_store_ps(tmp + 128 + 8 * r, x2);
+		_mm256_store_ps(tmp + 192 + 8 * r, x3);
+	}
+	_Pragma("GCC unroll 4") for (uint32_t b = 0; b < 4; b++)
+	{
+		for (int r = 0; r < 8; r++)
+			v[r] = _mm256_load_ps(tmp + 64 * b + 8 * r);
+		rot_block_out(v, b, NV, m, o, ODT);
+	}
+}
+
+/* ng (1, 2, 4 or 8) 16-bit parameters, read exactly, widened to f32 in lanes 0..ng-1 */
+static KVT_AI __m256 load_params(const uint16_t *p, uint32_t ng, uint32_t sdt)
+{
+	__m128i h;
+	if (ng == 1) {
+		h = _mm_cvtsi32_si128(p[0]);
+	} else if (ng == 2) {
+		uint32_t x;
+		memcpy(&x, p, 4);
+		h = _mm_cvtsi32_si128((int)x);
+	} else if (ng == 4) {
+		h = _mm_loadl_epi64((const __m128i *)(const void *)p);
+	} else {
+		h = _mm_loadu_si128((const __m128i *)(const void *)p);
+	}
+	return widen16(h, sdt);
+}
+
+/* d per-channel parameters widened once per run: natural order, or for rotated rows
+ * Ps[8 i + k] = s[i + NV k] (the layout of the code vectors) */
+static KVT_AI void prep_per_ch(const uint16_t *s16, const uint16_t *z16, uint32_t sdt,
+			       uint32_t D, bool rot, float *Ps, float *Pz)
+{
+	float ns[256] __attribute__((aligned(32))), nz[256] __attribute__((aligned(32)));
+	float *ds = rot ? ns : Ps, *dz = rot ? nz : Pz;
+	for (uint32_t c = 0; c < D; c += 8) {
+		_mm256_store_ps(ds + c, widen16(_mm_loadu_si128((const __m128i *)(s16 + c)), sdt));
+		_mm256_store_ps(dz + c, widen16(_mm_loadu_si128((const __m128i *)(z16 + c)), sdt));
+	}
+	if (!rot)
+		return;
+	const uint32_t NV = D / 8;
+	for (uint32_t b = 0; b < NV / 8; b++) {
+		__m256 x[8], y[8];
+		for (uint32_t k = 0; k < 8; k++) {
+			x[k] = _mm256_load_ps(ns + k * NV + 8 * b);
+			y[k] = _mm256_load_ps(nz + k * NV + 8 * b);
+		}
+		tr8(x);
+		tr8(y);
+		for (uint32_t r = 0; r < 8; r++) {
+			_mm256_store_ps(Ps + 8 * (8 * b + r), x[r]);
+			_mm256_store_ps(Pz + 8 * (8 * b + r), y[r]);
+		}
+	}
+}
+
+static KVT_AI void dec_rows_rot(const struct kvt_decode_rows *j, const uint32_t D,
+				const uint32_t BITS, const bool PER_CH, const uint32_t ODT)
+{
+	float Ps[256] __attribute__((aligned(32)));
+	float Pz[256] __attribute__((aligned(32)));
+	const uint32_t NV = D / 8, ng = PER_CH ? 0 : D / j->gv, sdt = j->sdt;
+	/* lane k of a per-row parameter vector: the group of element NV k */
+	const __m256i gidx = _mm256_srl_epi32(
+		_mm256_setr_epi32(0, (int)NV, 2 * (int)NV, 3 * (int)NV, 4 * (int)NV, 5 * (int)NV,
+				  6 * (int)NV, 7 * (int)NV),
+		_mm_cvtsi32_si128(PER_CH ? 0 : __builtin_ctz(j->gv)));
+	__m256 sv = _mm256_setzero_ps(), zv = _mm256_setzero_ps();
+	if (PER_CH)
+		prep_per_ch(j->s16, j->z16, sdt, D, true, Ps, Pz);
+	for (uint32_t r = 0; r < j->n; r++) {
+		if (j->pidx && j->pidx[r] >= 0)
+			continue;
+		if (!PER_CH) {
+			sv = _mm256_permutevar8x32_ps(load_params(j->s16 + r * ng, ng, sdt), gidx);
+			zv = _mm256_permutevar8x32_ps(load_params(j->z16 + r * ng, ng, sdt), gidx);
+		}
+		const float m = j->norms ? j->norms[r] * j->mult : j->mult;
+		prefetch_out(j, r, D * ODT_BYTES(ODT));
+		rot_row(j->codes + r * j->code_stride, j->out + r * j->out_stride, D, BITS, PER_CH,
+			ODT, Ps, Pz, sv, zv, _mm256_set1_ps(m));
+	}
+}
+
+/* rows that are not rotated: code * scale + zero in the natural layout, stored */
+static KVT_AI __m256 nat_code(const uint8_t *p, uint32_t i, const uint32_t BITS)
+{
+	if (BITS == 2) {
+		uint16_t x;
+		memcpy(&x, p + 2 * i, 2);
+		return _mm256_cvtepi32_ps(_mm256_and_si256(
+			_mm256_srlv_epi32(_mm256_set1_epi16((short)x),
+					  _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+			_mm256_set1_epi32(3)));
+	}
+	uint32_t x;
+	memcpy(&x, p + 4 * i, 4);
+	return _mm256_cvtepi32_ps(_mm256_and_si256(
+		_mm256_srlv_epi32(_mm256_set1_epi32((int)x),
+				  _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+		_mm256_set1_epi32(15)));
+}
+
+static KVT_AI void dec_rows_nat(const struct kvt_decode_rows *j, const uint32_t BITS,
+				const bool PER_CH, const uint32_t ODT)
+{
+	float Ps[256] __attribute__((aligned(32)));
+	float Pz[256] __attribute__((aligned(32)));
+	const uint32_t d = j->d, nv = d / 8, ng = PER_CH ? 0 : d / j->gv, vpg = j->gv / 8;
+	if (PER_CH)
+		prep_per_ch(j->s16, j->z16, j->sdt, d, false, Ps, Pz);
+	for (uint32_t r = 0; r < j->n; r++) {
+		if (j->pidx && j->pidx[r] >= 0)
+			continue;
+		const uint8_t *p = j->codes + r * j->code_stride;
+		uint8_t *o = j->out + r * j->out_stride;
+		prefetch_out(j, r, d * ODT_BYTES(ODT));
+		if (PER_CH) {
+			for (uint32_t i = 0; i < nv; i++)
+				store8(o, 8 * i,
+				       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS),
+								   _mm256_load_ps(Ps + 8 * i)),
+						     _mm256_load_ps(Pz + 8 * i)),
+				       ODT);
+			continue;
+		}
+		__m256 ws = load_params(j->s16 + r * ng, ng, j->sdt);
+		__m256 wz = load_params(j->z16 + r * ng, ng, j->sdt);
+		for (uint32_t g = 0; g < ng; g++) {
+			__m256 sv = _mm256_permutevar8x32_ps(ws, _mm256_set1_epi32((int)g));
+			__m256 zv = _mm256_permutevar8x32_ps(wz, _mm256_set1_epi32((int)g));
+			for (uint32_t i = g * vpg; i < (g + 1) * vpg; i++)
+				store8(o, 8 * i,
+				       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS), sv), zv),
+				       ODT);
+		}
+	}
+}
+
+typedef void (*dec_rows_fn)(const struct kvt_decode_rows *j);
+
+#define DEC_ROT(D, BITS, PC, ODT)                                                           \
+	static void dec_rot_##D##_##BITS##_##PC##_##ODT(const struct kvt_decode_rows *j)    \
+	{                                                                                   \
+		dec_rows_rot(j, D, BITS, PC, ODT);                                          \
+	}
+#define DEC_ROT_ODT(D, BITS, PC)                                                            \
+	DEC_ROT(D, BITS, PC, 1) DEC_ROT(D, BITS, PC, 2) DEC_ROT(D, BITS, PC, 3)
+#define DEC_ROT_PC(D, BITS) DEC_ROT_ODT(D, BITS, 0) DEC_ROT_ODT(D, BITS, 1)
+DEC_ROT_PC(64, 2)
+DEC_ROT_PC(64, 4)
+DEC_ROT_PC(128, 2)
+DEC_ROT_PC(128, 4)
+DEC_ROT_PC(256, 2)
+DEC_ROT_PC(256, 4)
+#define DEC_NAT(BITS, PC, ODT)                                                              \
+	static void dec_nat_##BITS##_##PC##_##ODT(const struct kvt_decode_rows *j)          \
+	{                                                                                   \
+		dec_rows_nat(j, BITS, PC, ODT);                                             \
+	}
+DEC_NAT(2, 0, 1)
+DEC_NAT(2, 0, 2)
+DEC_NAT(2, 0, 3)
+DEC_NAT(2, 1, 1)
+DEC_NAT(2, 1, 2)
+DEC_NAT(2, 1, 3)
+DEC_NAT(4, 0, 1)
+DEC_NAT(4, 0, 2)
+DEC_NAT(4, 0, 3)
+DEC_NAT(4, 1, 1)
+DEC_NAT(4, 1, 2)
+DEC_NAT(4, 1, 3)
+
+#define ODTS(pre) { pre##_1, pre##_2, pre##_3 }
+#define PCS(pre) { ODTS(pre##_0), ODTS(pre##_1) }
+/* [d 64/128/256][bits 2/4][per_ch][out dtype - 1] */
+static const dec_rows_fn dec_rot_fns[3][2][2][3] = {
+	{ PCS(dec_rot_64_2), PCS(dec_rot_64_4) },
+	{ PCS(dec_rot_128_2), PCS(dec_rot_128_4) },
+	{ PCS(dec_rot_256_2), PCS(dec_rot_256_4) },
+};
+/* [bits 2/4][per_ch][out dtype - 1] */
+static const dec_rows_fn dec_nat_fns[2][2][3] = { PCS(dec_nat_2), PCS(dec_nat_4) };
+#undef ODTS
+#undef PCS
+
+static void v_decode_rows(const struct kvt_decode_rows *j)
+{
+	const uint32_t d = j->d, gv = j->gv;
+	const bool fast = (j->bits == 2 || j->bits == 4) && (d == 64 || d == 128 || d == 256) &&
+			  (gv == 1 || (gv >= 32 && gv <= d && !(gv & (gv - 1)))) &&
+			  j->out_dtype >= KVT_DTYPE_F16 && j->out_dtype <= KVT_DTYPE_F32 &&
+			  (j->sdt == KVT_DTYPE_F16 || j->sdt == KVT_DTYPE_BF16);
+	if (fast) {
+		const uint32_t bi = j->bits == 4, pc = gv == 1, oi = j->out_dtype - 1;
+		if (j->rot)
+			dec_rot_fns[d == 64 ? 0 : d == 128 ? 1 : 2][bi][pc][oi](j);
+		else
+			dec_nat_fns[bi][pc][oi](j);
+		return;
+	}
+	/* any other width or shape: one row at a time */
+	const size_t np = gv == 1 ? 0 : d / gv;
+	for (uint32_t r = 0; r < j->n; r++) {
+		if (j->pidx && j->pidx[r] >= 0)
+			continue;
+		v_decode_row(j->codes + r * j->code_stride, d, j->bits, gv, j->s16 + r * np,
+			     j->z16 + r * np, j->sdt, j->rot, j->norms ? j->norms[r] * j->mult : j->mult,
+			     j->out + r * j->out_stride, j->out_dtype);
+	}
+}
+
 static void v_dot_rows(const float *w, size_t w_stride, uint32_t nrows, const float *x,
 		       uint32_t d, float *out)
 {
@@ -905,6 +1303,7 @@ const struct kvt_codec_ops kvt_codec_ops_avx2 = {
 	.dot_rows = v_dot_rows,
 	.accum_grp = v_accum_grp,
 	.decode_row = v_decode_row,
+	.decode_rows = v_decode_rows,
 	.name = "avx2",
 	.load_f32 = v_load_f32,
 	.store_f32 = v_store_f32,

@@ -1092,9 +1092,9 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 		goto out;
 	uint8_t *s_in = g->scratch, *s_out = s_in + in_bytes;
 	/* one plan per codec: items in request order within each */
-	size_t done = 0, n_chunk_used = 0;
+	size_t done = 0, n_chunk_used = 0, n_all = n_ok;
 	int next_group = 1;
-	while (done < n_ok && rc == 0) {
+	while (done < n_all && rc == 0) {
 		size_t first = 0;
 		while (group[first] != 0)
 			first++;
@@ -1127,12 +1127,24 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 				.n_tail = it->n_tail, .out_dev = (float *)(s_out + out_off[i])};
 			reqs[nr++] = r;
 		}
-		next_group++;
 		done += nr;
 		rc = dev_attend(g, reqs, nr, err, errlen);
-		g->n_attend_plans++;
+		if (rc == -EOPNOTSUPP) {
+			/* a codec the kernel does not take (yet): these items go to the CPU,
+			 * the other codecs' plans still run */
+			for (size_t i = first; i < n; i++)
+				if (group[i] == next_group) {
+					group[i] = -1;
+					n_ok--;
+					g->n_attend_fallbacks++;
+				}
+			rc = 0;
+		} else {
+			g->n_attend_plans++;
+		}
+		next_group++;
 	}
-	if (rc == 0)
+	if (rc == 0 && n_ok)
 		rc = dev_download(g, host_out, s_out, out_bytes, err, errlen);
 	if (rc == 0) {
 		for (size_t i = 0; i < n; i++) {
@@ -1145,7 +1157,8 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 			it->rc = 0;
 		}
 		g->n_attends += n_ok;
-		g->n_attend_batches++;
+		if (n_ok)
+			g->n_attend_batches++;
 	} else {
 		g->n_attend_errors++;
 	}
