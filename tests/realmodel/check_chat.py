@@ -102,7 +102,7 @@ def main():
     c = d.client()
     try:
         # 1. exact codec: the continuation equals recomputing the transcript
-        codec = {"scheme": "none", "chunk_tokens": a.exact_chunk}
+        codec = {"scheme": "none", "group": 32, "chunk_tokens": a.exact_chunk}
         r1, prefix, r2 = two_turns(m, tpl, c, "chat-exact", codec, "f32", a.max_new, counter)
         full = prefix + r2["prompt_ids"]
         ref = recompute(m, full, a.max_new, {tok.encode("<|im_end|>", special=True)[0],

@@ -27,6 +27,8 @@ c = d.client() if d else None
 try:
     for ci in [int(x) for x in a.contexts.split(",")]:
         w = ids[ci * a.ctx:(ci + 1) * a.ctx]
+        if len(w) < 2:
+            break  # the text ends before this context
         seen = {}
         if a.exact:
             cache = ExactBackend(m.n_layers, m.n_kv_heads, m.head_dim, a.ctx)
