@@ -1003,8 +1003,12 @@ static int attend_item_ready(const struct kvt_gpu_attend_item *it)
 	const struct kvt_gpu_mirror *m = it->m;
 	if (it->n_chunks + it->n_tail == 0 || !m || m->n < it->n_chunks)
 		return 0;
-	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits)
-		return 0; /* the GPU kernel takes equal bits */
+	/* the GPU kernel takes equal bits, or a split with 3 on one side and 2-4 on the other
+	 * (kvt_cuda_attend_plan_build: the default codec's 3/2 among them) */
+	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits &&
+	    !((cfg->key_bits == 3 || cfg->value_bits == 3) && cfg->key_bits <= 4 &&
+	      cfg->value_bits <= 4))
+		return 0;
 	for (uint32_t c = 0; c < it->n_chunks; c++)
 		if (!m->e[c].resident || m->e[c].chunk != kvt_seq_chunk(it->seq, c))
 			return 0;
@@ -1088,9 +1092,9 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 		goto out;
 	uint8_t *s_in = g->scratch, *s_out = s_in + in_bytes;
 	/* one plan per codec: items in request order within each */
-	size_t done = 0, n_chunk_used = 0;
+	size_t done = 0, n_chunk_used = 0, n_all = n_ok;
 	int next_group = 1;
-	while (done < n_ok && rc == 0) {
+	while (done < n_all && rc == 0) {
 		size_t first = 0;
 		while (group[first] != 0)
 			first++;
@@ -1123,12 +1127,24 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 				.n_tail = it->n_tail, .out_dev = (float *)(s_out + out_off[i])};
 			reqs[nr++] = r;
 		}
-		next_group++;
 		done += nr;
 		rc = dev_attend(g, reqs, nr, err, errlen);
-		g->n_attend_plans++;
+		if (rc == -EOPNOTSUPP) {
+			/* a codec the kernel does not take (yet): these items go to the CPU,
+			 * the other codecs' plans still run */
+			for (size_t i = first; i < n; i++)
+				if (group[i] == next_group) {
+					group[i] = -1;
+					n_ok--;
+					g->n_attend_fallbacks++;
+				}
+			rc = 0;
+		} else {
+			g->n_attend_plans++;
+		}
+		next_group++;
 	}
-	if (rc == 0)
+	if (rc == 0 && n_ok)
 		rc = dev_download(g, host_out, s_out, out_bytes, err, errlen);
 	if (rc == 0) {
 		for (size_t i = 0; i < n; i++) {
@@ -1141,7 +1157,8 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 			it->rc = 0;
 		}
 		g->n_attends += n_ok;
-		g->n_attend_batches++;
+		if (n_ok)
+			g->n_attend_batches++;
 	} else {
 		g->n_attend_errors++;
 	}

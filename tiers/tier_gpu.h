@@ -187,7 +187,7 @@ struct kvt_gpu_attend_item {
  * attention plan (kvt_cuda_attend: one launch pair) per codec among the items, every output
  * downloaded in one copy. An item whose chunks are not all resident (or demoted since it was
  * collected), whose session holds no tokens, or whose codec the GPU kernel does not take
- * (key_bits != value_bits) gets rc -EAGAIN. A device failure gives every item -EAGAIN and is
+ * (key_bits != value_bits, or a plan build answering -EOPNOTSUPP) gets rc -EAGAIN. A device failure gives every item -EAGAIN and is
  * returned (err says it) so the caller can log it; the CPU path then serves. The caller holds
  * the lock of every item's session. Counters: gpu.attends (items), gpu.attend_plans,
  * gpu.attend_batches, gpu.attend_host_fallbacks.

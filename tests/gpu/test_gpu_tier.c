@@ -380,6 +380,44 @@ static void test_batched_attend(void)
 	}
 }
 
+/* A codec the GPU kernel may not take (3-bit codes until the CUDA kernels have them) in the
+ * same RPC as one it takes: its items go to the CPU (or run on the GPU when supported), the
+ * other codec's plan still runs; every result right. */
+static void test_batch_codec_fallback(void)
+{
+	struct kvt_client *c = g_c;
+	enum { S = 4 };
+	struct sess s[S], *ss[S];
+	char id[64];
+	for (int i = 0; i < S; i++) {
+		struct kvt_client_session_params p;
+		snprintf(id, sizeof id, "k3-%d", i);
+		params(&p, id, 3, 2, 128, i < 2 ? 2 : 3, 64, "gpu");
+		KVT_REQUIRE(open_sess(c, &s[i], id, &p) == 0 && fill(c, &s[i], 300 + i) == 0,
+			    "fill");
+		ss[i] = &s[i];
+	}
+	uint64_t a0 = counter(c, "gpu.attends"), p0 = counter(c, "gpu.attend_plans"),
+		 f0 = counter(c, "gpu.attend_host_fallbacks"), b0 = counter(c, "gpu.attend_batches");
+	double worst = 0;
+	size_t n = attend_all(c, ss, S, 0, &worst, "2-bit + 3-bit");
+	uint64_t a1 = counter(c, "gpu.attends"), p1 = counter(c, "gpu.attend_plans"),
+		 f1 = counter(c, "gpu.attend_host_fallbacks"), b1 = counter(c, "gpu.attend_batches");
+	int k3_on_gpu = a1 - a0 == n;
+	printf("# 2-bit and 3-bit sessions in one RPC (%zu items): gpu.attends +%llu, plans +%llu, "
+	       "CPU fallbacks +%llu (3-bit %s); worst relative error %.3g\n",
+	       n, (unsigned long long)(a1 - a0), (unsigned long long)(p1 - p0),
+	       (unsigned long long)(f1 - f0), k3_on_gpu ? "on the GPU" : "on the CPU", worst);
+	KVT_CHECK(b1 - b0 == 1 && a1 - a0 + (f1 - f0) == n && a1 - a0 >= n / 2 &&
+			  p1 - p0 == (k3_on_gpu ? 2u : 1u),
+		  "attends +%llu, fallbacks +%llu, plans +%llu", (unsigned long long)(a1 - a0),
+		  (unsigned long long)(f1 - f0), (unsigned long long)(p1 - p0));
+	for (int i = 0; i < S; i++) {
+		struct kvt_client_status st;
+		kvt_client_drop(c, s[i].id, NULL, &st);
+	}
+}
+
 /* One Attend RPC of S sessions x L layers against the same items one RPC each: the batch
  * is one plan, the singles one plan each (timings printed, not asserted). */
 static void test_batch_scale(void)
@@ -727,6 +765,7 @@ int main(int argc, char **argv)
 	printf("# mode: %s\n", g_emulate ? "emulated GPU tier (host memory)" : "GPU");
 	g_c = c;
 	KVT_RUN(test_batched_attend);
+	KVT_RUN(test_batch_codec_fallback);
 	KVT_RUN(test_batch_scale);
 	KVT_RUN(test_gpu_encode);
 	KVT_RUN(test_encode_scale);
