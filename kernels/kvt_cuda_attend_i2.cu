@@ -1023,6 +1023,110 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	}
 }
 
+/* ---- Pins folded into the coded items (p.fold) --------------------------------------------
+ * The pinned tokens of an item's chunks (attention sinks: 4 per session in the benchmark)
+ * used to be one exact item (one block) per chunk; at 48 x 4096 that is 384 of 1920 blocks,
+ * each paying a full prologue for 4 tokens. Now the coded item's block stages their exact
+ * rows (this KV head's K and V rows, up to I3_PMAX tokens; more are read from global memory)
+ * into shared memory by cp.async in its prologue, and its merge (warp q = head q) rotates the
+ * merged value partial back to the original basis (H is its own inverse; the combine then
+ * rotates nothing) and adds the pinned tokens to the same online softmax. */
+#define I3_PMAX 8
+
+/* prologue: stages up to I3_PMAX pinned rows of the item's folded pin descriptors; returns
+ * how many (uniform over the block) */
+template <int D>
+__device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att_item_dev &it,
+						  uint16_t (*pinrow)[2][D])
+{
+	uint32_t np = 0;
+	for (uint32_t x = it.xb; x < it.xb + it.xn && np < I3_PMAX; x++) {
+		const att_item_dev xi = p.items[x];
+		const uint32_t n = min(xi.count, I3_PMAX - np);
+		for (uint32_t i = threadIdx.x; i < n * 32; i += ATT_THREADS) {
+			const uint32_t t = i >> 5, kv = (i >> 4) & 1, pc = i & 15;
+			const uint8_t *src = (kv ? xi.xv : xi.xk) +
+					     ((size_t)t * p.H * D + (size_t)it.kv_head * D) * 2 + 16 * pc;
+			cp_async16(&pinrow[np + t][kv][8 * pc], src);
+		}
+		np += n;
+	}
+	return np;
+}
+
+/* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
+ * items), adds the pinned tokens (natural-log domain, original-basis scaled query qo) and
+ * writes the item's partial. red_m / red_l [ATT_WARPS][RQ], warp w's partial at
+ * red_acc + w * wstride ([RQ][D]); the pinned rows staged are visible (waited and synced by
+ * the caller's cp_async_wait_all and the barrier here). */
+template <int D>
+__device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
+					      const float *red_m, const float *red_l,
+					      const float *red_acc, size_t wstride, const float *qo,
+					      const uint16_t (*pinrow)[2][D], uint32_t np)
+{
+	static_assert(RQ == ATT_WARPS && D == 128, "one warp per query head, 4 channels a lane");
+	constexpr int EPL = D / 32;
+	__syncthreads();
+	const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+	float M = -INFINITY;
+#pragma unroll
+	for (int w = 0; w < ATT_WARPS; w++)
+		M = fmaxf(M, red_m[w * RQ + q]);
+	float L = 0.0f, a[EPL] = {0.0f, 0.0f, 0.0f, 0.0f};
+	if (M != -INFINITY) {
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++) {
+			const float f = __expf(red_m[w * RQ + q] - M);
+			const float4 v = *(const float4 *)(red_acc + (size_t)w * wstride + q * D + lane * EPL);
+			L += red_l[w * RQ + q] * f;
+			a[0] += v.x * f;
+			a[1] += v.y * f;
+			a[2] += v.z * f;
+			a[3] += v.w * f;
+		}
+	}
+	if (it.kind == ITEM_CODED && p.rotv) /* uniform */
+		kvt_d_fwht<EPL>(a, lane, p.inv_sqrt_d);
+	if (it.xn) {
+		const float4 qv = *(const float4 *)(qo + q * D + lane * EPL);
+		uint32_t j = 0; /* pinned token index over the item's descriptors */
+		for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
+			const att_item_dev xi = p.items[x];
+			for (uint32_t t = 0; t < xi.count; t++, j++) {
+				uint2 kk, vv;
+				if (j < np) {
+					kk = *(const uint2 *)&pinrow[j][0][lane * EPL];
+					vv = *(const uint2 *)&pinrow[j][1][lane * EPL];
+				} else {
+					const size_t o = ((size_t)t * p.H * D + (size_t)it.kv_head * D + lane * EPL) * 2;
+					kk = *(const uint2 *)(xi.xk + o);
+					vv = *(const uint2 *)(xi.xv + o);
+				}
+				float s = qv.x * __uint_as_float(kk.x << 16);
+				s = fmaf(qv.y, __uint_as_float(kk.x & 0xffff0000u), s);
+				s = fmaf(qv.z, __uint_as_float(kk.y << 16), s);
+				s = fmaf(qv.w, __uint_as_float(kk.y & 0xffff0000u), s);
+				s = warp_sum(s);
+				const float Mn = fmaxf(M, s);
+				const float fo = __expf(M - Mn), pt = __expf(s - Mn); /* exp(-inf) = 0 */
+				M = Mn;
+				L = fmaf(L, fo, pt);
+				a[0] = fmaf(a[0], fo, pt * __uint_as_float(vv.x << 16));
+				a[1] = fmaf(a[1], fo, pt * __uint_as_float(vv.x & 0xffff0000u));
+				a[2] = fmaf(a[2], fo, pt * __uint_as_float(vv.y << 16));
+				a[3] = fmaf(a[3], fo, pt * __uint_as_float(vv.y & 0xffff0000u));
+			}
+		}
+	}
+	*(float4 *)(p.part_acc + ((size_t)blockIdx.x * RQ + q) * D + lane * EPL) =
+		make_float4(a[0], a[1], a[2], a[3]);
+	if (lane == 0) {
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2] = M;
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2 + 1] = L;
+	}
+}
+
 #ifndef I2_MINB
 #define I2_MINB 4
 #endif
@@ -1039,6 +1143,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	__shared__ __align__(16) uint32_t cw[V == 2 ? ATT_WARPS : 1][I3_CW];
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
+	__shared__ __align__(16) uint16_t pinrow[V == 2 ? I3_PMAX : 1][2][D]; /* folded pins */
 #if I2_FRAG_SMEM
 	__shared__ uint2 bqs[8 * 32];            /* q' key fragments [k-step][lane] */
 	__shared__ uint2 kss[ATT_WARPS][8 * 32]; /* per warp: key scale pairs [k-step][lane] */
@@ -1047,9 +1152,17 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
 
+	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	uint32_t npin = 0;
+	if constexpr (V == 2) {
+		if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
+			npin = i3_pins_stage<D>(p, it, pinrow);
+			cp_async_commit();
+		}
+	}
 	att_load_queries<D, RQ>(
 		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
 		[&](int q, int c) -> float & { return qf[q * D + c]; });
@@ -1123,7 +1236,16 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
-	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	if constexpr (V == 2) {
+		if (p.fold) {
+			i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4, qo,
+					 pinrow, npin);
+		} else {
+			block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+		}
+	} else {
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	}
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */
