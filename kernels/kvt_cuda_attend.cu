@@ -23,6 +23,83 @@
 
 #include "kvt_cuda_attend.cuh"
 
+/* 3-bit rows (kvt_codec.h): bytes [0, D/4) hold the low 2 bits of each code as a 2-bit row,
+ * bytes [D/4, 3D/8) the high bits (channel c at bit c % 8 of byte D/4 + c / 8). */
+
+/* A lane's EPL value codes (channels lane * EPL ..) of a 3-bit row, as 3-bit fields. */
+template <int EPL>
+__device__ __forceinline__ uint64_t v3_lane_codes(const uint8_t *row, int lane, uint32_t D)
+{
+	uint32_t lo, hi;
+	if constexpr (EPL == 8) {
+		lo = *(const uint16_t *)(row + lane * 2);
+		hi = row[D / 4 + lane];
+	} else if constexpr (EPL == 4) {
+		lo = row[lane];
+		hi = (row[D / 4 + (lane >> 1)] >> ((lane & 1) * 4)) & 0xfu;
+	} else {
+		lo = (row[lane >> 1] >> ((lane & 1) * 4)) & 0xfu;
+		hi = (row[D / 4 + (lane >> 2)] >> ((lane & 3) * 2)) & 3u;
+	}
+	uint64_t v = 0;
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		v |= (uint64_t)(((lo >> (2 * e)) & 3u) | (((hi >> e) & 1u) << 2)) << (3 * e);
+	return v;
+}
+
+/* The logits of one lane's token from a 3-bit key row (attend_coded's key step for KB 3: the
+ * same float operations as its 2/4/8-bit loop, the row read as 8-byte low-plane and 4-byte
+ * high-plane words since 3D/8-byte rows are only 8-byte aligned at D 64). */
+template <int D>
+__device__ __forceinline__ void lg3_keys(const att_params_base &p, const uint8_t *row, bool had,
+					 bool oscar, bool pinned, uint32_t t, uint32_t h,
+					 uint32_t gv, uint32_t ng, const float (&bias)[RQ],
+					 const float *qr, const float *wq, const uint8_t *sec, bool bf,
+					 float (&lg)[RQ])
+{
+	float a[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+	float ga[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+	for (uint32_t k = 0; k < D / 32; k++) {
+		const uint2 lv = *(const uint2 *)(row + k * 8);
+		const uint32_t hv = *(const uint32_t *)(row + D / 4 + k * 4);
+#pragma unroll
+		for (int jb = 0; jb < 32; jb++) {
+			const uint32_t c = k * 32 + jb;
+			const uint32_t cd = (((jb < 16 ? lv.x : lv.y) >> ((jb % 16) * 2)) & 3u) |
+					    (((hv >> jb) & 1u) << 2);
+			float x = __uint_as_float(cd | 0x4b000000u) - 8388608.0f;
+			if (!had) {
+				float4 w4 = *(const float4 *)(wq + c * RQ);
+				a[0] = fmaf(w4.x, x, a[0]);
+				a[1] = fmaf(w4.y, x, a[1]);
+				a[2] = fmaf(w4.z, x, a[2]);
+				a[3] = fmaf(w4.w, x, a[3]);
+			} else {
+#pragma unroll
+				for (int q = 0; q < RQ; q++)
+					ga[q] = fmaf(qr[q * D + c], x, ga[q]);
+				if ((c + 1) % gv == 0) {
+					size_t si = ((size_t)h * p.B + t) * ng + c / gv;
+					float s = kvt_d_widen16(((const uint16_t *)(sec + p.k_scale_off))[si], bf);
+					float z = kvt_d_widen16(((const uint16_t *)(sec + p.k_zero_off))[si], bf);
+#pragma unroll
+					for (int q = 0; q < RQ; q++) {
+						float qs = wq[(c / gv) * RQ + q];
+						a[q] = fmaf(s, ga[q], fmaf(z, qs, a[q]));
+						ga[q] = 0.0f;
+					}
+				}
+			}
+		}
+	}
+	float n = oscar ? ((const float *)(sec + p.norms_off))[t] : 1.0f;
+#pragma unroll
+	for (int q = 0; q < RQ; q++)
+		lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
+}
+
 /* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
 template <int D, int KB, int VB>
 __device__ void attend_coded(const att_params_base &p, const att_item_dev &it, warp_state<D / 32, RQ> &st,
@@ -91,7 +168,10 @@ __device__ void attend_coded(const att_params_base &p, const att_item_dev &it, w
 			pinned |= ch.pins[i] == t;
 
 		float lg[RQ];
-		{
+		if constexpr (KB == 3) {
+			lg3_keys<D>(p, sec + p.k_codes_off + ((size_t)h * p.B + t) * KROW, had, oscar,
+				    pinned, t, h, gv, ng, bias, qr, wq, sec, bf, lg);
+		} else {
 			const uint4 *kr = (const uint4 *)(sec + p.k_codes_off + ((size_t)h * p.B + t) * KROW);
 			float a[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
 			float ga[RQ] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -162,7 +242,9 @@ __device__ void attend_coded(const att_params_base &p, const att_item_dev &it, w
 			float z = kvt_d_widen16(vz[tok * ng + vg], bf);
 			const uint8_t *row = vc + (size_t)jj * VROW;
 			uint64_t bits;
-			if constexpr (VLB == 64)
+			if constexpr (VB == 3)
+				bits = v3_lane_codes<EPL>(row, lane, D);
+			else if constexpr (VLB == 64)
 				bits = *(const uint64_t *)(row + lane * 8);
 			else if constexpr (VLB == 32)
 				bits = *(const uint32_t *)(row + lane * 4);
@@ -780,22 +862,25 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	if ((rc = kvt_codec_config_validate(cfg, why, sizeof(why))))
 		return kvt_cuda_errf(err, errlen, rc, "request 0: %s", why);
 	const bool none = cfg->scheme == KVT_SCHEME_NONE;
-	/* 3-bit codes are CPU-only until the GPU kernels read them (helper gpuk3) */
-	if (!none && (cfg->key_bits == 3 || cfg->value_bits == 3))
+	/* key / value bits: equal (2, 3, 4, 8), or a split with 3 on one side and 2, 3 or 4 on
+	 * the other (the default codec keeps 3-bit keys and 2-bit values). Each pair is an
+	 * instantiation of attend_kernel per head_dim; the other splits (2/4, x/8) are left to
+	 * the CPU to keep this file's compile time down. */
+	if (!none && cfg->key_bits != cfg->value_bits &&
+	    !((cfg->key_bits == 3 || cfg->value_bits == 3) && cfg->key_bits <= 4 &&
+	      cfg->value_bits <= 4))
 		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
-				     "key_bits %u / value_bits %u: 3-bit codes are CPU-only: use "
-				     "the CPU path",
-				     cfg->key_bits, cfg->value_bits);
-	if (!none && cfg->key_bits != cfg->value_bits)
-		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
-				     "key_bits %u != value_bits %u: the GPU attention kernel "
-				     "takes equal bits; use the CPU path",
+				     "key_bits %u / value_bits %u: the GPU attention kernel takes "
+				     "equal bits or a 3/2, 2/3, 3/4, 4/3 split; use the CPU path",
 				     cfg->key_bits, cfg->value_bits);
 	const uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, D = cfg->head_dim;
 	const size_t ws = kvt_dtype_size(cfg->dtype);
-	/* the tensor-core kernel takes per-channel keys at INT2/INT4 and head_dim 128 */
+	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
+	 * INT4, head_dim 128 (their fragments read 2/4-bit rows; 3-bit rows and mixed widths
+	 * take the CUDA-core kernel) */
 	const bool mma = (cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI) &&
-			 (cfg->key_bits == 2 || cfg->key_bits == 4) && D == 128 &&
+			 (cfg->key_bits == 2 || cfg->key_bits == 4) &&
+			 cfg->value_bits == cfg->key_bits && D == 128 &&
 			 getenv("KVTIER_CUDA_NO_MMA") == NULL;
 	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
 	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
@@ -809,7 +894,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	/* INT2 with bf16 scales and <= 4 query heads per KV head: the scales-on-codes kernel
 	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
 	 * significands) */
-	const bool i2 = mma && rqn == RQ && cfg->key_bits == 2 && cfg->dtype == KVT_DTYPE_BF16 &&
+	const bool i2 = mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
+			cfg->dtype == KVT_DTYPE_BF16 &&
 			getenv("KVTIER_CUDA_NO_I2") == NULL;
 	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
 	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
@@ -1144,16 +1230,27 @@ static cudaError_t att_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	return cudaGetLastError();
 }
 
+/* the (key, value) bit pairs the plan admits (kvt_cuda_attend_plan_build) */
 template <int D>
 static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	switch (pl->p.kb) {
-	case 2:
+	switch (pl->p.kb * 16 + pl->p.vb) {
+	case 2 * 16 + 2:
 		return att_launch<D, 2, 2>(pl, s);
-	case 4:
+	case 4 * 16 + 4:
 		return att_launch<D, 4, 4>(pl, s);
-	case 8:
+	case 8 * 16 + 8:
 		return att_launch<D, 8, 8>(pl, s);
+	case 3 * 16 + 3:
+		return att_launch<D, 3, 3>(pl, s);
+	case 3 * 16 + 2:
+		return att_launch<D, 3, 2>(pl, s);
+	case 2 * 16 + 3:
+		return att_launch<D, 2, 3>(pl, s);
+	case 3 * 16 + 4:
+		return att_launch<D, 3, 4>(pl, s);
+	case 4 * 16 + 3:
+		return att_launch<D, 4, 3>(pl, s);
 	default:
 		return att_launch<D, 16, 16>(pl, s);
 	}

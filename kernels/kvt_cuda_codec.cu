@@ -445,17 +445,27 @@ __device__ void enc_quant_rows(const enc_params &p, const float *xs, uint32_t t0
 	}
 }
 
-/* Packs c8 [G][D] rows into codes [h][B][D*bits/8], little end first. */
+/* Packs c8 [G][D] rows into codes [h][B][D*bits/8], little end first. 3-bit rows are two
+ * planes: bytes [0, D/4) the low 2 bits of each code as a 2-bit row, bytes [D/4, 3D/8) the
+ * high bit (channel c at bit c % 8 of byte D/4 + c/8). */
 template <int D>
 __device__ void enc_pack(const enc_params &p, const uint8_t *c8, uint32_t t0, uint32_t h,
 			 uint32_t bits, uint8_t *codes)
 {
-	const uint32_t rowb = D * bits / 8, per = 8 / bits;
+	const uint32_t rowb = D * bits / 8, per = bits == 3 ? 4 : 8 / bits;
 	for (uint32_t i = threadIdx.x; i < p.G * rowb; i += ENC_THREADS) {
 		uint32_t t = i / rowb, b = i % rowb;
 		uint32_t v = 0;
-		for (uint32_t k = 0; k < per; k++)
-			v |= (uint32_t)c8[t * C8_STRIDE(D) + b * per + k] << (k * bits);
+		if (bits == 3 && b >= D / 4) {
+			for (uint32_t k = 0; k < 8; k++)
+				v |= (uint32_t)(c8[t * C8_STRIDE(D) + (b - D / 4) * 8 + k] >> 2) << k;
+		} else if (bits == 3) {
+			for (uint32_t k = 0; k < 4; k++)
+				v |= (uint32_t)(c8[t * C8_STRIDE(D) + b * 4 + k] & 3) << (k * 2);
+		} else {
+			for (uint32_t k = 0; k < per; k++)
+				v |= (uint32_t)c8[t * C8_STRIDE(D) + b * per + k] << (k * bits);
+		}
 		codes[((size_t)h * p.B + t0 + t) * rowb + b] = (uint8_t)v;
 	}
 }
@@ -872,6 +882,28 @@ __device__ __forceinline__ void fe_quant_row(float (&x)[32], int lane, bool vali
 #pragma unroll
 	for (int i = 0; i < 8; i++)
 		w[i] = 0;
+	if (bits == 3) {
+		/* two planes: w[0..1] the low 2 bits of the 32 codes (a 2-bit row's 8 bytes at
+		 * q * 8), w[2] their high bits (4 bytes at D/4 + q * 4) */
+		if (use) {
+#pragma unroll
+			for (int e = 0; e < 32; e++) {
+				const uint32_t cd = (uint32_t)fe_qcode<EXACT>(x[e], s, rs, z, 7);
+				w[e / 16] |= (cd & 3u) << ((e % 16) * 2);
+				w[2] |= (cd >> 2) << e;
+			}
+		} else if (s != 0.0f) {
+#pragma unroll
+			for (int e = 0; e < 32; e++) {
+				const uint32_t cd = kvt_d_qcode(x[e], s, z, 7.0f);
+				w[e / 16] |= (cd & 3u) << ((e % 16) * 2);
+				w[2] |= (cd >> 2) << e;
+			}
+		}
+		*(uint2 *)(codes + q * 8) = make_uint2(w[0], w[1]);
+		*(uint32_t *)(codes + R * 8 + q * 4) = w[2];
+		return;
+	}
 	if (use) {
 #pragma unroll
 		for (int e = 0; e < 32; e++)
@@ -902,7 +934,7 @@ struct fe_params {
 /* Value rows in units of (job, layer, FE_VTOK tokens) x every head, taken from a counter
  * shared by the grid (the K warps join when their tiles are done, so neither role waits for
  * the other); a warp pass is RPW consecutive rows of the unit's [token][head] order. */
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_values(const fe_params &f, int lane)
 {
 	constexpr int R = D / 32, RPW = 32 / R;
@@ -939,6 +971,8 @@ __device__ void fe_values(const fe_params &f, int lane)
 			const bool pin = t < j.n_pin;
 			if (p.vb == 2)
 				fe_quant_row<R, 2, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+			else if (HAS3 && p.vb == 3)
+				fe_quant_row<R, 3, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else if (p.vb == 4)
 				fe_quant_row<R, 4, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else
@@ -956,7 +990,7 @@ __device__ void fe_values(const fe_params &f, int lane)
 /* named barrier of the K warps only (the V warps never wait) */
 __device__ __forceinline__ void fe_kbar() { asm volatile("bar.sync 1, %0;" ::"n"(FE_KTHREADS)); }
 
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 {
 	float *rnrm = nrm + f.p.G;
@@ -1098,6 +1132,19 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 					uint32_t hi = __shfl_xor_sync(KVT_FULL_MASK, pk, 1);
 					if (!(i & 1))
 						dst[c / 4] = (uint8_t)(pk | (hi << 4));
+				} else if (HAS3 && p.kb == 3) {
+					/* low plane as a 2-bit row (two threads' pairs per byte), high
+					 * plane at D/4 (four threads' pairs per byte; D/2 is a multiple
+					 * of 4, so i & 3 is (c / 2) & 3) */
+					const uint32_t lo = (c0 & 3u) | ((c1 & 3u) << 2);
+					const uint32_t lo2 = __shfl_xor_sync(KVT_FULL_MASK, lo, 1);
+					uint32_t hb = ((c0 >> 2) | ((c1 >> 2) << 1)) << ((i & 3) * 2);
+					hb |= __shfl_xor_sync(KVT_FULL_MASK, hb, 1);
+					hb |= __shfl_xor_sync(KVT_FULL_MASK, hb, 2);
+					if (!(i & 1))
+						dst[c / 4] = (uint8_t)(lo | (lo2 << 4));
+					if (!(i & 3))
+						dst[D / 4 + c / 8] = (uint8_t)hb;
 				} else if (p.kb == 4) {
 					dst[c / 2] = (uint8_t)pk;
 				} else {
@@ -1109,14 +1156,16 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 	}
 }
 
-template <int D, bool EXACT>
+/* HAS3: 3-bit keys or values (a separate instantiation: with the 3-bit branches in, ptxas
+ * spilled more in the 2/4/8-bit kernels, 8 instead of 4 bytes at d 128) */
+template <int D, bool EXACT, bool HAS3>
 __global__ void __launch_bounds__(FE_THREADS, 1) fe_kernel(fe_params f)
 {
 	extern __shared__ float smem[];
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 	if (warp < FE_KWARPS)
-		fe_keys<D, EXACT>(f, smem, smem + f.tile_floats, threadIdx.x);
-	fe_values<D, EXACT>(f, lane);
+		fe_keys<D, EXACT, HAS3>(f, smem, smem + f.tile_floats, threadIdx.x);
+	fe_values<D, EXACT, HAS3>(f, lane);
 }
 
 /* Tile geometry, or 0 when the fast path does not take this config. */
@@ -1140,17 +1189,17 @@ static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_f
 	return bytes;
 }
 
-template <int D, bool EXACT>
+template <int D, bool EXACT, bool HAS3>
 static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStream_t s)
 {
-	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT>,
+	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT, HAS3>,
 					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 	if (e != cudaSuccess)
 		return e;
 	unsigned grid = (unsigned)sms;
 	if (grid > f.n_tiles)
 		grid = f.n_tiles;
-	fe_kernel<D, EXACT><<<grid, FE_THREADS, smem, s>>>(f);
+	fe_kernel<D, EXACT, HAS3><<<grid, FE_THREADS, smem, s>>>(f);
 	return cudaGetLastError();
 }
 
@@ -1159,10 +1208,12 @@ static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStre
 template <int D>
 static cudaError_t fe_launch(const fe_params &f, size_t smem, int sms, cudaStream_t s)
 {
+	if (f.p.kb == 3 || f.p.vb == 3) /* exact only (the A/B switch is for the INT2 kernel) */
+		return fe_launch1<D, true, true>(f, smem, sms, s);
 	const char *e = getenv("KVTIER_CUDA_ENC_INEXACT");
 	if (e && e[0] == '1')
-		return fe_launch1<D, false>(f, smem, sms, s);
-	return fe_launch1<D, true>(f, smem, sms, s);
+		return fe_launch1<D, false, false>(f, smem, sms, s);
+	return fe_launch1<D, true, false>(f, smem, sms, s);
 }
 
 static void fill_gaps(const struct kvt_chunk_layout *lay, enc_job_dev *j)
@@ -1207,12 +1258,6 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
 				     "key_rounding %s is CPU-only: encode this session on the CPU",
 				     kvt_rounding_name(cfg->key_rounding));
-	/* 3-bit codes are CPU-only until the GPU kernels pack them (helper gpuk3) */
-	if (cfg->scheme != KVT_SCHEME_NONE && (cfg->key_bits == 3 || cfg->value_bits == 3))
-		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
-				     "key_bits %u / value_bits %u: 3-bit codes are CPU-only: encode "
-				     "this session on the CPU",
-				     cfg->key_bits, cfg->value_bits);
 	if (n_jobs > KVT_CUDA_MAX_JOBS)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
 				     KVT_CUDA_MAX_JOBS);
@@ -1495,6 +1540,21 @@ __device__ __forceinline__ uint64_t ld_codes(const uint8_t *row, int lane, uint3
 	}
 }
 
+/* The same for a 3-bit row (low plane at 0, high plane at D/4), returned as 3-bit fields. */
+template <int EPL>
+__device__ __forceinline__ uint64_t ld_codes3(const uint8_t *row, int lane, uint32_t D)
+{
+	const uint32_t lo = (uint32_t)ld_codes<EPL>(row, lane, 2);
+	const uint32_t hi = (uint32_t)(EPL == 8 ? row[D / 4 + lane]
+				       : (row[D / 4 + lane * EPL / 8] >> ((lane * EPL) % 8)) &
+						 ((1u << EPL) - 1));
+	uint64_t v = 0;
+#pragma unroll
+	for (int e = 0; e < EPL; e++)
+		v |= (uint64_t)(((lo >> (2 * e)) & 3u) | (((hi >> e) & 1u) << 2)) << (3 * e);
+	return v;
+}
+
 #define DEC_ROWS 4 /* rows per warp iteration: their loads are all in flight together */
 
 template <int D>
@@ -1556,9 +1616,10 @@ __global__ void __launch_bounds__(DEC_THREADS) dec_kernel(dec_params p)
 			}
 			const size_t idx = (size_t)h * p.B + t;
 			const uint32_t bits = is_v ? p.vb : p.kb;
-			const uint64_t cb = ld_codes<EPL>(sec + (is_v ? p.v_codes_off : p.k_codes_off) +
-								  idx * (D * bits / 8),
-							  lane, bits);
+			const uint8_t *crow = sec + (is_v ? p.v_codes_off : p.k_codes_off) +
+					      idx * (D * bits / 8);
+			const uint64_t cb = bits == 3 ? ld_codes3<EPL>(crow, lane, D)
+						      : ld_codes<EPL>(crow, lane, bits);
 			const uint16_t *sc = (const uint16_t *)(sec + (is_v ? p.v_scale_off : p.k_scale_off));
 			const uint16_t *zr = (const uint16_t *)(sec + (is_v ? p.v_zero_off : p.k_zero_off));
 			const uint32_t mask = (1u << bits) - 1;
@@ -1688,7 +1749,47 @@ __device__ __forceinline__ void fd_dequant(const uint8_t *cr, const uint16_t *sc
 	}
 }
 
-template <int D, bool FMA, int MINB>
+/* fd_dequant for a 3-bit row: lo = the lane's 64 low-plane bits (8 bytes at q * 8), hi its 32
+ * high-plane bits (4 bytes at D/4 + q * 4) */
+template <bool FMA>
+__device__ __forceinline__ void fd_dequant3(const uint8_t *lo, const uint8_t *hi,
+					    const uint16_t *sc, const uint16_t *zr, bool per_ch,
+					    bool bf, float (&x)[32])
+{
+	const uint2 lv = *(const uint2 *)lo;
+	const uint32_t hv = *(const uint32_t *)hi;
+	uint32_t cds[32];
+#pragma unroll
+	for (int e = 0; e < 32; e++)
+		cds[e] = (((e < 16 ? lv.x : lv.y) >> ((e % 16) * 2)) & 3u) | (((hv >> e) & 1u) << 2);
+	if (per_ch) {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			uint4 sv = ((const uint4 *)sc)[i], zv = ((const uint4 *)zr)[i];
+			const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+#pragma unroll
+			for (int k = 0; k < 8; k++) {
+				const int e = 8 * i + k;
+				const uint16_t sb = (uint16_t)(k & 1 ? sw[k / 2] >> 16 : sw[k / 2] & 0xffff);
+				const uint16_t zb = (uint16_t)(k & 1 ? zw[k / 2] >> 16 : zw[k / 2] & 0xffff);
+				if (FMA)
+					x[e] = __fmaf_rn((float)cds[e], kvt_d_widen16(sb, bf), kvt_d_widen16(zb, bf));
+				else
+					x[e] = __fadd_rn(__fmul_rn((float)cds[e], kvt_d_widen16(sb, bf)),
+							 kvt_d_widen16(zb, bf));
+			}
+		}
+	} else {
+		const float s = kvt_d_widen16(sc[0], bf), z = kvt_d_widen16(zr[0], bf);
+#pragma unroll
+		for (int e = 0; e < 32; e++)
+			x[e] = __fmaf_rn((float)cds[e], s, z);
+	}
+}
+
+/* HAS3: a config with 3-bit keys or values (a separate instantiation, so the 2/4/8-bit
+ * kernels compile exactly as before) */
+template <int D, bool FMA, int MINB, bool HAS3 = false>
 __global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
 {
 	constexpr int R = D / 32, RPW = 32 / R, PPT = FD_TOK / RPW; /* passes per (kv, head) */
@@ -1741,7 +1842,10 @@ __global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
 			/* per channel: the pass's tokens share one key group */
 			const size_t si = per_ch ? ((size_t)h * (p.B / p.G) + tc / p.G) * D + q * 32
 						 : idx * ng + q * 32 / gv;
-			if (bits == 2)
+			if (HAS3 && bits == 3) /* cr is the row + q * 12: the row's planes */
+				fd_dequant3<FMA>(cr - q * 4, cr - q * 8 + D / 4, sc + si, zr + si,
+						 per_ch, bf, x);
+			else if (bits == 2)
 				fd_dequant<2, FMA>(cr, sc + si, zr + si, per_ch, bf, x);
 			else if (bits == 4)
 				fd_dequant<4, FMA>(cr, sc + si, zr + si, per_ch, bf, x);
@@ -1772,6 +1876,10 @@ __global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
 template <int D>
 static void fd_launch_d(int var, dim3 g, cudaStream_t st, const dec_params &p)
 {
+	if (p.kb == 3 || p.vb == 3) {
+		fd_kernel<D, false, 4, true><<<g, FD_THREADS, 0, st>>>(p);
+		return;
+	}
 	switch (var) {
 	case 1:
 		fd_kernel<D, true, 4><<<g, FD_THREADS, 0, st>>>(p);
@@ -1831,13 +1939,6 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	struct kvt_codec_config cfg0;
 	if (!jobs[0].hdr || header_config(jobs[0].hdr, &cfg0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "job 0: hdr is NULL or not a chunk");
-	/* 3-bit codes are CPU-only until the GPU kernels unpack them (helper gpuk3); every job
-	 * has job 0's bits (checked below) */
-	if (cfg0.key_bits == 3 || cfg0.value_bits == 3)
-		return kvt_cuda_errf(err, errlen, -EOPNOTSUPP,
-				     "key_bits %u / value_bits %u: 3-bit chunks are CPU-only: "
-				     "decode them on the CPU",
-				     cfg0.key_bits, cfg0.value_bits);
 	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
 		return rc;
 	dec_job_dev *jd = (dec_job_dev *)c->stage_host;

@@ -1003,8 +1003,12 @@ static int attend_item_ready(const struct kvt_gpu_attend_item *it)
 	const struct kvt_gpu_mirror *m = it->m;
 	if (it->n_chunks + it->n_tail == 0 || !m || m->n < it->n_chunks)
 		return 0;
-	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits)
-		return 0; /* the GPU kernel takes equal bits */
+	/* the GPU kernel takes equal bits, or a split with 3 on one side and 2-4 on the other
+	 * (kvt_cuda_attend_plan_build: the default codec's 3/2 among them) */
+	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits &&
+	    !((cfg->key_bits == 3 || cfg->value_bits == 3) && cfg->key_bits <= 4 &&
+	      cfg->value_bits <= 4))
+		return 0;
 	for (uint32_t c = 0; c < it->n_chunks; c++)
 		if (!m->e[c].resident || m->e[c].chunk != kvt_seq_chunk(it->seq, c))
 			return 0;

@@ -25,7 +25,7 @@ static inline void random_config(struct kvt_codec_config *cfg, bool equal_bits)
 {
 	static const uint32_t schemes[] = {KVT_SCHEME_OSCAR, KVT_SCHEME_OSCAR, KVT_SCHEME_KIVI,
 					   KVT_SCHEME_HADAMARD, KVT_SCHEME_NONE};
-	static const uint32_t bits[] = {2, 4, 8, 2, 4};
+	static const uint32_t bits[] = {2, 3, 4, 8, 2, 3};
 	static const uint32_t groups[] = {32, 64, 128, 32};
 	static const uint32_t dims[] = {64, 128, 256, 128};
 	static const uint32_t heads[] = {1, 2, 4, 8};
@@ -33,8 +33,8 @@ static inline void random_config(struct kvt_codec_config *cfg, bool equal_bits)
 					  KVT_DTYPE_BF16};
 	memset(cfg, 0, sizeof(*cfg));
 	cfg->scheme = pick_u32(schemes, 5);
-	cfg->key_bits = pick_u32(bits, 5);
-	cfg->value_bits = equal_bits ? cfg->key_bits : pick_u32(bits, 5);
+	cfg->key_bits = pick_u32(bits, 6);
+	cfg->value_bits = equal_bits ? cfg->key_bits : pick_u32(bits, 6);
 	cfg->group = pick_u32(groups, 4);
 	uint32_t mult = 1u << kvt_rand_below(3);
 	cfg->chunk_tokens = cfg->group * mult;
@@ -54,6 +54,27 @@ static inline void random_config(struct kvt_codec_config *cfg, bool equal_bits)
 		cfg->key_bits = cfg->value_bits = 16;
 		cfg->rotate_v = 0;
 	}
+}
+
+/* The shape of kvtier's INT2 preset since session 4 ("kvtier-int2": oscar, 3-bit keys,
+ * 2-bit values, G 64, B 64, rotate_v, S 8, W 128), written out so the GPU tests keep this
+ * shape whatever the preset becomes. */
+static inline void k3_preset_config(struct kvt_codec_config *cfg, uint32_t n_layers,
+				    uint32_t n_kv_heads, uint32_t head_dim, uint32_t dtype)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->scheme = KVT_SCHEME_OSCAR;
+	cfg->key_bits = 3;
+	cfg->value_bits = 2;
+	cfg->group = 64;
+	cfg->chunk_tokens = 64;
+	cfg->n_layers = n_layers;
+	cfg->n_kv_heads = n_kv_heads;
+	cfg->head_dim = head_dim;
+	cfg->dtype = dtype;
+	cfg->rotate_v = 1;
+	cfg->n_sinks = 8;
+	cfg->recent_exact_tokens = 128;
 }
 
 static inline void describe(const struct kvt_codec_config *c, char *buf, size_t len)
@@ -105,8 +126,12 @@ static inline void random_kv(const struct kvt_codec_config *cfg, uint64_t first_
 	free(bias);
 }
 
-static inline uint32_t chunk_code(const uint8_t *row, uint32_t c, uint32_t bits)
+/* Code c of a packed row of d codes. 3-bit rows: bytes [0, d/4) the low 2 bits as a 2-bit
+ * row, bytes [d/4, 3d/8) the high bits (channel c at bit c % 8 of byte d/4 + c/8). */
+static inline uint32_t chunk_code(const uint8_t *row, uint32_t c, uint32_t bits, uint32_t d)
 {
+	if (bits == 3)
+		return ((row[c / 4] >> ((c % 4) * 2)) & 3u) | (((row[d / 4 + c / 8] >> (c % 8)) & 1u) << 2);
 	uint32_t per = 8 / bits;
 	return (row[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1);
 }
@@ -137,7 +162,7 @@ static inline float chunk_dq(const uint8_t *chunk, const struct kvt_codec_config
 	memcpy(&zb, sec + (is_v ? lay->v_zero_off : lay->k_zero_off) + si * 2, 2);
 	float s = widen_scale(sb, cfg->dtype), z = widen_scale(zb, cfg->dtype);
 	*step = s;
-	return (float)chunk_code(row, c, bits) * s + z;
+	return (float)chunk_code(row, c, bits, d) * s + z;
 }
 
 #endif

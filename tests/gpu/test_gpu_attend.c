@@ -1,13 +1,14 @@
 /*
  * test_gpu_attend.c - GPU decode attention against the CPU (OSCAR.md section 3).
  *
- * Fresh random batches each run: several sessions of one codec (every scheme, INT2/4/8,
- * G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8, f16/bf16/f32 queries), each with
- * a random number of CPU-encoded chunks (the first holds pinned sinks) and a random exact
- * tail, attended in one batched launch. The reference is naive attention in double over
- * kvt_decode_chunk's output and the tail; the GPU's relative error ||o - ref|| / ||ref||
- * must be <= 1e-3 (fp32 accumulation). kvt_attend (the CPU kernel) is checked against the
- * same reference. Exits 77 when there is no GPU.
+ * Fresh random batches each run: several sessions of one codec (every scheme, 2/3/4/8-bit
+ * keys and values, equal or not, G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8,
+ * f16/bf16/f32 queries), each with a random number of CPU-encoded chunks (the first holds
+ * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape; attended in one
+ * batched launch. The reference is naive attention in double over kvt_decode_chunk's output
+ * and the tail; the GPU's relative error ||o - ref|| / ||ref|| must be <= 1e-3 (fp32
+ * accumulation). kvt_attend (the CPU kernel) is checked against the same reference. Exits
+ * 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
 
@@ -91,13 +92,21 @@ static double rel_err(const float *a, const float *ref, size_t n)
  * changing inside and across chunks); half of them with the combine fused into the
  * attention kernel.
  */
-static void one_batch(int iter, bool fast)
+static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
 	struct kvt_codec_config cfg;
-	random_config(&cfg, true);
+	/* half the random batches with different key and value bits: the splits the GPU
+	 * kernel takes (3 on one side, 2-4 on the other) */
+	do
+		random_config(&cfg, kvt_rand_below(2) == 0);
+	while (cfg.key_bits != cfg.value_bits &&
+	       !((cfg.key_bits == 3 || cfg.value_bits == 3) && cfg.key_bits <= 4 &&
+		 cfg.value_bits <= 4));
+	if (fixed)
+		cfg = *fixed;
 	static const uint32_t ratios[] = {1, 2, 4, 8, 4};
 	static const uint32_t qdts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
-	uint32_t R = ratios[kvt_rand_below(5)];
+	uint32_t R = fixed ? fixed_r : ratios[kvt_rand_below(5)];
 	const uint32_t q_dtype = qdts[kvt_rand_below(3)];
 	if (fast) {
 		cfg.scheme = kvt_rand_below(4) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
@@ -130,8 +139,9 @@ static void one_batch(int iter, bool fast)
 	int rc = 0;
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
-		s->n_chunks = kvt_rand_below(fast ? 13 : 6);
-		s->n_tail = kvt_rand_below(B);
+		s->n_chunks = kvt_rand_below(fast ? 13 : fixed ? 24 : 6);
+		/* the preset keeps up to W = recent_exact_tokens exact */
+		s->n_tail = kvt_rand_below(fixed && cfg.recent_exact_tokens ? cfg.recent_exact_tokens + 1 : B);
 		if (s->n_chunks + s->n_tail == 0)
 			s->n_tail = 1 + kvt_rand_below(B - 1);
 		s->layer = kvt_rand_below(L);
@@ -256,7 +266,7 @@ static void test_random_batches(void)
 	if (s && *s)
 		n = atoi(s);
 	for (int i = 0; i < n; i++)
-		one_batch(i, false);
+		one_batch(i, false, NULL, 0);
 	printf("# worst relative error: gpu %.3e, cpu kvt_attend %.3e\n", worst_gpu, worst_cpu);
 }
 
@@ -267,8 +277,30 @@ static void test_fast_path_batches(void)
 	if (s && *s)
 		n = atoi(s);
 	for (int i = 0; i < n; i++)
-		one_batch(i, true);
+		one_batch(i, true, NULL, 0);
 	printf("# worst relative error, INT2 bf16 d128 batches: gpu %.3e\n", worst_fast);
+}
+
+/* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
+ * heads, f16) and d128 variants (f16, bf16; GQA 3 and 4), up to 23 chunks + 128 tail tokens
+ * per session: the CUDA-core kernel with 3-bit keys and 2-bit values. */
+static void test_k3_preset_batches(void)
+{
+	struct kvt_codec_config cfg;
+	const double before = worst_gpu;
+	worst_gpu = 0.0;
+	for (int i = 0; i < 4; i++) {
+		k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
+		one_batch(i, false, &cfg, 3);
+	}
+	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
+	one_batch(0, false, &cfg, 3);
+	one_batch(1, false, &cfg, 4);
+	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
+	one_batch(0, false, &cfg, 4);
+	one_batch(1, false, &cfg, 1);
+	printf("# worst relative error, K3 V2 preset batches: gpu %.3e\n", worst_gpu);
+	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
 static void test_plan_errors(void)
@@ -290,9 +322,17 @@ static void test_plan_errors(void)
 	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == -EINVAL,
 		  "layer 1 of 1 must be rejected");
 	r.layer = 0;
+	/* bit splits with 3 on one side are taken since session 4; the others are CPU-only */
+	cfg.key_bits = 3;
+	cfg.value_bits = 2;
+	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == 0,
+		  "key_bits 3 value_bits 2 must build: %s", err);
+	kvt_cuda_attend_plan_destroy(pl);
+	pl = NULL;
+	cfg.key_bits = 2;
 	cfg.value_bits = 4;
 	KVT_CHECK(kvt_cuda_attend_plan_build(ctx, &r, 1, &pl, err, sizeof(err)) == -EOPNOTSUPP,
-		  "mixed key/value bits are CPU-only");
+		  "key_bits 2 value_bits 4 is CPU-only");
 	kvt_cuda_free(ctx, buf);
 }
 
@@ -310,6 +350,7 @@ int main(void)
 	}
 	KVT_RUN(test_random_batches);
 	KVT_RUN(test_fast_path_batches);
+	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_plan_errors);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();

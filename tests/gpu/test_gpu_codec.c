@@ -8,8 +8,9 @@
  * decodes the GPU's chunk and the GPU decodes the CPU's chunk (token and layer sub-ranges,
  * every output dtype) to the CPU decoder's values. Plus configs forced onto the fast encoder
  * (oscar / kivi whose key tile fits in shared memory), batches of 3 chunks encoded and decoded
- * in one call each, and the default config through the session-2 kernels
- * (KVTIER_CUDA_CODEC_OLD=1). Exits 77 when there is no GPU.
+ * in one call each, the default config through the session-2 kernels
+ * (KVTIER_CUDA_CODEC_OLD=1), and the 3-bit-key preset's shape (test_k3_preset). Bit widths
+ * 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h). Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
 
@@ -372,6 +373,33 @@ static void test_default_config(void)
 	unsetenv("KVTIER_CUDA_CODEC_OLD");
 }
 
+/* The default codec's shape (oscar K3 V2 G64 B64 S8, SmolLM2-135M: L30 H3 d64, f16) and
+ * d128 variants: chunks with and without sinks, batches, and once through the session-2
+ * kernels (KVTIER_CUDA_CODEC_OLD=1). */
+static void test_k3_preset(void)
+{
+	struct kvt_codec_config cfg;
+	k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
+	one_config(&cfg, 0);
+	one_config(&cfg, 64);
+	one_batch(&cfg);
+	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
+	one_config(&cfg, 0);
+	one_batch(&cfg);
+	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
+	one_config(&cfg, 0);
+	one_config(&cfg, 128);
+	one_batch(&cfg);
+	setenv("KVTIER_CUDA_CODEC_OLD", "1", 1);
+	k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
+	one_config(&cfg, 0);
+	one_batch(&cfg);
+	cfg.key_bits = 2;
+	cfg.value_bits = 3;
+	one_config(&cfg, 64);
+	unsetenv("KVTIER_CUDA_CODEC_OLD");
+}
+
 static void test_errors(void)
 {
 	char err[256];
@@ -418,6 +446,7 @@ int main(void)
 	KVT_RUN(test_default_config);
 	KVT_RUN(test_random_configs);
 	KVT_RUN(test_fast_path_configs);
+	KVT_RUN(test_k3_preset);
 	KVT_RUN(test_errors);
 	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
 	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",

@@ -335,8 +335,9 @@ static void test_restore_random(void)
 			 d = dims[it_rand_below(4)];
 		kvt_client_session_params_init(&p, id, L, H, d, wdt[it_rand_below(4)]);
 		p.codec.scheme = wire_scheme[it_rand_below(4)];
-		p.codec.key_bits = it_rand_below(2) ? 2 : 4;
-		p.codec.value_bits = it_rand_below(2) ? 2 : 4;
+		static const uint32_t bits[] = {2, 3, 4};
+		p.codec.key_bits = bits[it_rand_below(3)];
+		p.codec.value_bits = bits[it_rand_below(3)];
 		p.codec.group = groups[it_rand_below(3)];
 		p.codec.chunk_tokens = p.codec.group * (1u << it_rand_below(3));
 		if (p.codec.chunk_tokens < 32)
@@ -499,8 +500,10 @@ static void test_resident_attend(void)
 		kvt_client_session_params_init(&p, id, 2, i % 3 == 0 ? 8 : 2, i % 2 ? 64 : 128,
 					       wdt[i % 2]);
 		p.codec.scheme = wire_scheme[it_rand_below(4)];
-		p.codec.key_bits = i < 3 ? 2 : 4;
-		p.codec.value_bits = p.codec.key_bits;
+		/* 2/2, 3/2 (the default codec's split), 3/3, 4/4, 3/2, 2/3 */
+		static const uint32_t kbits[] = {2, 3, 3, 4, 3, 2}, vbits[] = {2, 2, 3, 4, 2, 3};
+		p.codec.key_bits = kbits[i];
+		p.codec.value_bits = vbits[i];
 		p.codec.group = 32;
 		p.codec.chunk_tokens = 128;
 		p.tier = "gpu";
