@@ -899,15 +899,21 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			getenv("KVTIER_CUDA_NO_I2") == NULL;
 	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
 	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
+	int ccm = 0; /* compute capability major (bulk copies, programmatic launches: 9) */
+	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
+		ccm = 0;
+	(void)cudaGetLastError();
 	uint32_t i2v = 0;
 	if (i2) {
+		/* 3: the keys-as-B kernel staging each unit with bulk copies (sm_90) */
 		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
-		i2v = v && atoi(v) == 1 ? 1 : 2;
+		const int vv = v ? atoi(v) : 0;
+		i2v = vv == 1 ? 1 : vv == 3 && ccm >= 9 ? 3 : 2;
 	}
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
 	const char *fp = getenv("KVTIER_CUDA_FOLD_PINS");
-	const bool fold = i2v == 2 && (!fp || atoi(fp) != 0);
+	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -923,7 +929,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	int bps = 4;
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
-	static int occ_cache[3][3];
+	static int occ_cache[4][3];
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
 	if (i2v && occ_cache[i2v][occ_i] > 0) {
 		bps = occ_cache[i2v][occ_i];
@@ -1165,14 +1171,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
 		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= 16);
 		p.fold = fold;
-		/* KVTIER_CUDA_PDL=1: the separate combine after the INT2 kernel as a programmatic
-		 * dependent launch (sm_90) */
+		/* the separate combine after the INT2 kernel as a programmatic dependent launch
+		 * (sm_90; KVTIER_CUDA_PDL=0 turns it off). H200, same call: 1 x 131072 55.1 us
+		 * vs 56.7 / 57.3 as an ordinary launch (docs/gpu.md, session 4) */
 		const char *pd = getenv("KVTIER_CUDA_PDL");
-		int ccm = 0;
-		if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) !=
-		    cudaSuccess)
-			ccm = 0;
-		plan->pdl = i2 && !p.fused && ccm >= 9 && pd && atoi(pd) != 0;
+		plan->pdl = i2 && !p.fused && ccm >= 9 && (!pd || atoi(pd) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;

@@ -18,12 +18,14 @@ r attend ./test_gpu_attend
 [ -n "$TEST_ENV" ] && { for e in $TEST_ENV; do env ${e//,/ } ./test_gpu_attend > $OUT/t.txt 2>&1; echo "== attend $e rc=$?: $(grep -E '^# (worst|[0-9]+ checks)' $OUT/t.txt | paste -sd' ')" | tee -a $L; cat $OUT/t.txt >> $OUT/tests.txt; done; rm -f $OUT/t.txt; }
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$CS" ] && [ "${SAN:-1}" = 1 ]; then
-  KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=4 T=80 r memcheck $CS --tool memcheck ./test_gpu_attend
-  KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=2 T=100 r racecheck $CS --tool racecheck ./test_gpu_attend
+  # SAN_ENV="ENV=1,ENV2=0": the sanitizers on that variant
+  SE=${SAN_ENV//,/ }
+  ( [ -n "$SE" ] && export $SE; KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=4 T=80 r memcheck $CS --tool memcheck ./test_gpu_attend )
+  ( [ -n "$SE" ] && export $SE; KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=2 T=100 r racecheck $CS --tool racecheck ./test_gpu_attend )
 fi
 T=100 r sdpa0 python3 bench_gpu_sdpa.py; grep '^{' $OUT/tests.txt | grep torch_sdpa > $OUT/sdpa.txt
 cat $OUT/sdpa.txt | cut -c1-300 | tee -a $L
-VARIANTS=${VARIANTS:-"s3:KVTIER_CUDA_FOLD_PINS=0 fold:KVTIER_CUDA_FOLD_PINS=1 fold_pdl:KVTIER_CUDA_FOLD_PINS=1,KVTIER_CUDA_PDL=1"}
+VARIANTS=${VARIANTS:-"s3:KVTIER_CUDA_FOLD_PINS=0,KVTIER_CUDA_PDL=0 default:X=0 bulk:KVTIER_CUDA_I2_VARIANT=3"}
 for rep in $(seq ${REPS:-2}); do
   for v in $VARIANTS; do n=${v%%:*}; e=${v#*:}; b $n ${e//,/ }; done
 done
