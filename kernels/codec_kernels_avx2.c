@@ -872,17 +872,36 @@ static void v_decode_row(const uint8_t *packed, uint32_t d, uint32_t bits, uint3
 #define KVT_AI inline __attribute__((always_inline))
 #define ODT_BYTES(odt) ((odt) == KVT_DTYPE_F32 ? 4u : 2u)
 
-/* The rows of a run are a head's, H * d elements apart in the output: no stream the hardware
- * prefetcher follows, and each row's stores would wait for their lines to arrive. Asking for
- * the lines of the row two ahead overlaps that wait with the work (measured: about +40% when
- * the output is not in cache, as when the daemon decodes into fresh buffers). */
-static KVT_AI void prefetch_out(const struct kvt_decode_rows *j, uint32_t r, uint32_t bytes)
+/* The stores of a row would wait for their lines when the output is not in cache (as when
+ * the daemon decodes into reply buffers): asking for the same head's lines two tokens ahead
+ * overlaps that wait with the work (measured: about +40% on an output that misses). */
+static KVT_AI void prefetch_out(const struct kvt_decode_rows *j, uint32_t r, uint32_t h,
+				uint32_t bytes)
 {
 	if (r + 2 >= j->n)
 		return;
-	const char *p = (const char *)(j->out + (size_t)(r + 2) * j->out_stride);
+	const char *p = (const char *)(j->out + h * j->head_out + (size_t)(r + 2) * j->out_stride);
 	for (uint32_t c = 0; c < bytes; c += 64)
 		_mm_prefetch(p + c, _MM_HINT_T0);
+}
+
+/* The same for the input: a run reads n_heads rows B rows apart (one stream per head), too
+ * many for the hardware to follow when the chunk is not in cache (a session the daemon has
+ * not touched lately): the codes (and per-row parameters) of the head's row PF_IN tokens
+ * ahead. Past the run or the array this is a harmless prefetch of other chunk bytes (a
+ * prefetch never faults). */
+#define PF_IN 4
+static KVT_AI void prefetch_in(const struct kvt_decode_rows *j, uint32_t r, uint32_t h,
+			       uint32_t np)
+{
+	const char *p = (const char *)(j->codes + h * j->head_codes + (size_t)(r + PF_IN) * j->code_stride);
+	for (uint32_t c = 0; c < j->code_stride; c += 64)
+		_mm_prefetch(p + c, _MM_HINT_T0);
+	if (np) {
+		const size_t pp = h * j->head_params + (size_t)(r + PF_IN) * np;
+		_mm_prefetch((const char *)(j->s16 + pp), _MM_HINT_T0);
+		_mm_prefetch((const char *)(j->z16 + pp), _MM_HINT_T0);
+	}
 }
 
 /* o[k] lane r = v[r] lane k */
@@ -1096,28 +1115,37 @@ static KVT_AI void prep_per_ch(const uint16_t *s16, const uint16_t *z16, uint32_
 static KVT_AI void dec_rows_rot(const struct kvt_decode_rows *j, const uint32_t D,
 				const uint32_t BITS, const bool PER_CH, const uint32_t ODT)
 {
-	float Ps[256] __attribute__((aligned(32)));
-	float Pz[256] __attribute__((aligned(32)));
-	const uint32_t NV = D / 8, ng = PER_CH ? 0 : D / j->gv, sdt = j->sdt;
+	/* per head: the per-channel parameters in the code vectors' layout */
+	float Ps[KVT_DECODE_HEADS_MAX][256] __attribute__((aligned(32)));
+	float Pz[KVT_DECODE_HEADS_MAX][256] __attribute__((aligned(32)));
+	const uint32_t NV = D / 8, ng = PER_CH ? 0 : D / j->gv, sdt = j->sdt, nh = j->n_heads;
 	/* lane k of a per-row parameter vector: the group of element NV k */
 	const __m256i gidx = _mm256_srl_epi32(
 		_mm256_setr_epi32(0, (int)NV, 2 * (int)NV, 3 * (int)NV, 4 * (int)NV, 5 * (int)NV,
 				  6 * (int)NV, 7 * (int)NV),
 		_mm_cvtsi32_si128(PER_CH ? 0 : __builtin_ctz(j->gv)));
 	__m256 sv = _mm256_setzero_ps(), zv = _mm256_setzero_ps();
+	KVT_ASSERT(nh <= KVT_DECODE_HEADS_MAX);
 	if (PER_CH)
-		prep_per_ch(j->s16, j->z16, sdt, D, true, Ps, Pz);
+		for (uint32_t h = 0; h < nh; h++)
+			prep_per_ch(j->s16 + h * j->head_params, j->z16 + h * j->head_params, sdt, D,
+				    true, Ps[h], Pz[h]);
 	for (uint32_t r = 0; r < j->n; r++) {
 		if (j->pidx && j->pidx[r] >= 0)
 			continue;
-		if (!PER_CH) {
-			sv = _mm256_permutevar8x32_ps(load_params(j->s16 + r * ng, ng, sdt), gidx);
-			zv = _mm256_permutevar8x32_ps(load_params(j->z16 + r * ng, ng, sdt), gidx);
+		const __m256 m = _mm256_set1_ps(j->norms ? j->norms[r] * j->mult : j->mult);
+		for (uint32_t h = 0; h < nh; h++) {
+			if (!PER_CH) {
+				const size_t pp = h * j->head_params + r * ng;
+				sv = _mm256_permutevar8x32_ps(load_params(j->s16 + pp, ng, sdt), gidx);
+				zv = _mm256_permutevar8x32_ps(load_params(j->z16 + pp, ng, sdt), gidx);
+			}
+			prefetch_out(j, r, h, D * ODT_BYTES(ODT));
+			prefetch_in(j, r, h, ng);
+			rot_row(j->codes + h * j->head_codes + r * j->code_stride,
+				j->out + h * j->head_out + r * j->out_stride, D, BITS, PER_CH, ODT,
+				Ps[PER_CH ? h : 0], Pz[PER_CH ? h : 0], sv, zv, m);
 		}
-		const float m = j->norms ? j->norms[r] * j->mult : j->mult;
-		prefetch_out(j, r, D * ODT_BYTES(ODT));
-		rot_row(j->codes + r * j->code_stride, j->out + r * j->out_stride, D, BITS, PER_CH,
-			ODT, Ps, Pz, sv, zv, _mm256_set1_ps(m));
 	}
 }
 
@@ -1143,35 +1171,43 @@ static KVT_AI __m256 nat_code(const uint8_t *p, uint32_t i, const uint32_t BITS)
 static KVT_AI void dec_rows_nat(const struct kvt_decode_rows *j, const uint32_t BITS,
 				const bool PER_CH, const uint32_t ODT)
 {
-	float Ps[256] __attribute__((aligned(32)));
-	float Pz[256] __attribute__((aligned(32)));
+	float Ps[KVT_DECODE_HEADS_MAX][256] __attribute__((aligned(32)));
+	float Pz[KVT_DECODE_HEADS_MAX][256] __attribute__((aligned(32)));
 	const uint32_t d = j->d, nv = d / 8, ng = PER_CH ? 0 : d / j->gv, vpg = j->gv / 8;
+	const uint32_t nh = j->n_heads;
+	KVT_ASSERT(nh <= KVT_DECODE_HEADS_MAX);
 	if (PER_CH)
-		prep_per_ch(j->s16, j->z16, j->sdt, d, false, Ps, Pz);
+		for (uint32_t h = 0; h < nh; h++)
+			prep_per_ch(j->s16 + h * j->head_params, j->z16 + h * j->head_params, j->sdt,
+				    d, false, Ps[h], Pz[h]);
 	for (uint32_t r = 0; r < j->n; r++) {
 		if (j->pidx && j->pidx[r] >= 0)
 			continue;
-		const uint8_t *p = j->codes + r * j->code_stride;
-		uint8_t *o = j->out + r * j->out_stride;
-		prefetch_out(j, r, d * ODT_BYTES(ODT));
-		if (PER_CH) {
-			for (uint32_t i = 0; i < nv; i++)
-				store8(o, 8 * i,
-				       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS),
-								   _mm256_load_ps(Ps + 8 * i)),
-						     _mm256_load_ps(Pz + 8 * i)),
-				       ODT);
-			continue;
-		}
-		__m256 ws = load_params(j->s16 + r * ng, ng, j->sdt);
-		__m256 wz = load_params(j->z16 + r * ng, ng, j->sdt);
-		for (uint32_t g = 0; g < ng; g++) {
-			__m256 sv = _mm256_permutevar8x32_ps(ws, _mm256_set1_epi32((int)g));
-			__m256 zv = _mm256_permutevar8x32_ps(wz, _mm256_set1_epi32((int)g));
-			for (uint32_t i = g * vpg; i < (g + 1) * vpg; i++)
-				store8(o, 8 * i,
-				       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS), sv), zv),
-				       ODT);
+		for (uint32_t h = 0; h < nh; h++) {
+			const uint8_t *p = j->codes + h * j->head_codes + r * j->code_stride;
+			uint8_t *o = j->out + h * j->head_out + r * j->out_stride;
+			prefetch_out(j, r, h, d * ODT_BYTES(ODT));
+			prefetch_in(j, r, h, ng);
+			if (PER_CH) {
+				for (uint32_t i = 0; i < nv; i++)
+					store8(o, 8 * i,
+					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS),
+									   _mm256_load_ps(Ps[h] + 8 * i)),
+							     _mm256_load_ps(Pz[h] + 8 * i)),
+					       ODT);
+				continue;
+			}
+			const size_t pp = h * j->head_params + r * ng;
+			__m256 ws = load_params(j->s16 + pp, ng, j->sdt);
+			__m256 wz = load_params(j->z16 + pp, ng, j->sdt);
+			for (uint32_t g = 0; g < ng; g++) {
+				__m256 sv = _mm256_permutevar8x32_ps(ws, _mm256_set1_epi32((int)g));
+				__m256 zv = _mm256_permutevar8x32_ps(wz, _mm256_set1_epi32((int)g));
+				for (uint32_t i = g * vpg; i < (g + 1) * vpg; i++)
+					store8(o, 8 * i,
+					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS), sv), zv),
+					       ODT);
+			}
 		}
 	}
 }
@@ -1243,9 +1279,13 @@ static void v_decode_rows(const struct kvt_decode_rows *j)
 	for (uint32_t r = 0; r < j->n; r++) {
 		if (j->pidx && j->pidx[r] >= 0)
 			continue;
-		v_decode_row(j->codes + r * j->code_stride, d, j->bits, gv, j->s16 + r * np,
-			     j->z16 + r * np, j->sdt, j->rot, j->norms ? j->norms[r] * j->mult : j->mult,
-			     j->out + r * j->out_stride, j->out_dtype);
+		for (uint32_t h = 0; h < j->n_heads; h++) {
+			const size_t pp = h * j->head_params + r * np;
+			v_decode_row(j->codes + h * j->head_codes + r * j->code_stride, d, j->bits, gv,
+				     j->s16 + pp, j->z16 + pp, j->sdt, j->rot,
+				     j->norms ? j->norms[r] * j->mult : j->mult,
+				     j->out + h * j->head_out + r * j->out_stride, j->out_dtype);
+		}
 	}
 }
 
