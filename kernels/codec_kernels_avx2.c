@@ -894,13 +894,14 @@ static KVT_AI void prefetch_out(const struct kvt_decode_rows *j, uint32_t r, uin
 static KVT_AI void prefetch_in(const struct kvt_decode_rows *j, uint32_t r, uint32_t h,
 			       uint32_t np)
 {
-	const char *p = (const char *)(j->codes + h * j->head_codes + (size_t)(r + PF_IN) * j->code_stride);
+	/* addresses as integers: they may point past the chunk */
+	const uintptr_t p = (uintptr_t)j->codes + h * j->head_codes + (r + PF_IN) * j->code_stride;
 	for (uint32_t c = 0; c < j->code_stride; c += 64)
-		_mm_prefetch(p + c, _MM_HINT_T0);
+		_mm_prefetch((const char *)(p + c), _MM_HINT_T0);
 	if (np) {
-		const size_t pp = h * j->head_params + (size_t)(r + PF_IN) * np;
-		_mm_prefetch((const char *)(j->s16 + pp), _MM_HINT_T0);
-		_mm_prefetch((const char *)(j->z16 + pp), _MM_HINT_T0);
+		const size_t pp = 2 * (h * j->head_params + (size_t)(r + PF_IN) * np);
+		_mm_prefetch((const char *)((uintptr_t)j->s16 + pp), _MM_HINT_T0);
+		_mm_prefetch((const char *)((uintptr_t)j->z16 + pp), _MM_HINT_T0);
 	}
 }
 
