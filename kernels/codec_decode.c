@@ -79,9 +79,10 @@ static void decode_none(const struct kvt_codec_ops *ops, const struct kvt_codec_
 }
 
 /*
- * Per layer, per run of tokens inside one key group, per head: the K rows and the V rows of
- * the run go to ops->decode_rows in one call each (per-channel key parameters are the same
- * for the whole run), pinned tokens are skipped there and copied from the exact arrays here.
+ * Per layer, per run of tokens inside one key group, per block of up to KVT_DECODE_HEADS_MAX
+ * heads: the K rows and the V rows of the run go to ops->decode_rows in one call each
+ * (per-channel key parameters are the same for the whole run), written token by token as the
+ * output is laid out; pinned tokens are skipped there and copied from the exact arrays here.
  * Every row gets exactly the operations of kvt_decode_chunk_rowwise below.
  */
 int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
@@ -123,34 +124,41 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 		const uint16_t *vzero = (const uint16_t *)(const void *)(sec + lay.v_zero_off);
 		for (uint32_t t0 = tok_begin; t0 < tok_end;) {
 			const uint32_t t1 = (t0 / G + 1) * G < tok_end ? (t0 / G + 1) * G : tok_end;
-			for (uint32_t h = 0; h < H; h++) {
-				const size_t idx = (size_t)h * B + t0;
+			for (uint32_t h0 = 0; h0 < H; h0 += KVT_DECODE_HEADS_MAX) {
+				const uint32_t nh = H - h0 < KVT_DECODE_HEADS_MAX ? H - h0
+										  : KVT_DECODE_HEADS_MAX;
+				const size_t idx = (size_t)h0 * B + t0;
 				struct kvt_decode_rows j = {
 					.pidx = pidx + t0,
 					.out_stride = row * os,
+					.head_out = (size_t)d * os,
 					.n = t1 - t0,
+					.n_heads = nh,
 					.d = d,
 					.sdt = sdt,
 					.out_dtype = out_dtype,
 				};
-				const size_t dst = (obase + ((t0 - tok_begin) * (size_t)H + h) * d) * os;
+				const size_t dst = (obase + ((t0 - tok_begin) * (size_t)H + h0) * d) * os;
 				if (k_out) {
 					j.codes = sec + lay.k_codes_off + idx * krow;
 					j.code_stride = krow;
+					j.head_codes = (size_t)B * krow;
 					j.bits = cfg.key_bits;
 					j.out = (uint8_t *)k_out + dst;
 					if (hadamard) {
 						j.gv = gv;
 						j.s16 = kscale + idx * ng;
 						j.z16 = kzero + idx * ng;
+						j.head_params = (size_t)B * ng;
 						j.rot = true;
 						j.norms = NULL;
 						j.mult = inv_sqrt_d;
 					} else {
-						size_t p = ((size_t)h * (B / G) + t0 / G) * d;
+						size_t p = ((size_t)h0 * (B / G) + t0 / G) * d;
 						j.gv = 1;
 						j.s16 = kscale + p;
 						j.z16 = kzero + p;
+						j.head_params = (size_t)(B / G) * d;
 						j.rot = oscar;
 						j.norms = oscar ? norms + t0 : NULL;
 						j.mult = oscar ? inv_sqrt_d : 1.0f;
@@ -160,11 +168,13 @@ int kvt_decode_chunk(const void *chunk, uint32_t tok_begin, uint32_t tok_end,
 				if (v_out) {
 					j.codes = sec + lay.v_codes_off + idx * vrow;
 					j.code_stride = vrow;
+					j.head_codes = (size_t)B * vrow;
 					j.bits = cfg.value_bits;
 					j.out = (uint8_t *)v_out + dst;
 					j.gv = gv;
 					j.s16 = vscale + idx * ng;
 					j.z16 = vzero + idx * ng;
+					j.head_params = (size_t)B * ng;
 					j.rot = cfg.rotate_v;
 					j.norms = NULL;
 					j.mult = inv_sqrt_d;

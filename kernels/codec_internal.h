@@ -309,26 +309,32 @@ static inline void kvt_mse_group(const float *x, size_t stride, uint32_t n, cons
 /* ---- Row runs for the decoder ------------------------------------------------------------- */
 
 /*
- * n decoded rows of one head of one layer section (kvt_decode_chunk hands every token run of
- * one key group to the kernel at once, so per-channel parameters are widened once per run):
- * row r is decode_row(codes + r * code_stride, d, bits, gv, s16 + r * (d / gv) (gv > 1) or
- * s16 (gv == 1: d per-channel parameters shared by every row), the same for z16, sdt, rot,
- * norms ? norms[r] * mult : mult, out + r * out_stride, out_dtype), the same float
- * operations in the same order (CHUNK_FORMAT.md "Decoding"), except that rows with
- * pidx[r] >= 0 (pinned tokens; pidx may be NULL) are left untouched for the caller.
+ * n tokens x n_heads heads of decoded rows of one layer section (kvt_decode_chunk hands a
+ * token run inside one key group to the kernel at once, so per-channel parameters are widened
+ * once per run and head): row (r, h) is decode_row(codes + h * head_codes + r * code_stride,
+ * d, bits, gv, s16 + h * head_params + r * (d / gv) (gv > 1) or s16 + h * head_params
+ * (gv == 1: d per-channel parameters shared by the head's rows), the same for z16, sdt, rot,
+ * norms ? norms[r] * mult : mult, out + h * head_out + r * out_stride, out_dtype): the same
+ * float operations in the same order (CHUNK_FORMAT.md "Decoding"), except that rows with
+ * pidx[r] >= 0 (pinned tokens; pidx may be NULL) are left untouched for the caller. Rows go
+ * token by token (all heads of token r, then r + 1), the order of the output.
  */
 struct kvt_decode_rows {
 	const uint8_t *codes;
-	size_t code_stride;
+	size_t code_stride, head_codes;   /* bytes */
 	const uint16_t *s16, *z16;
+	size_t head_params;               /* elements */
 	const float *norms;
 	float mult;
 	const int16_t *pidx;
 	uint8_t *out;
-	size_t out_stride; /* bytes */
-	uint32_t n, d, bits, gv, sdt, out_dtype;
+	size_t out_stride, head_out;      /* bytes */
+	uint32_t n, n_heads, d, bits, gv, sdt, out_dtype;
 	bool rot;
 };
+/* Heads per decode_rows call at most (the per-channel parameters of each are widened on the
+ * kernel's stack: 2 KiB per head at d 256). */
+#define KVT_DECODE_HEADS_MAX 8
 
 /* ---- Kernel table ------------------------------------------------------------------------- */
 struct kvt_codec_ops {

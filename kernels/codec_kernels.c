@@ -231,9 +231,13 @@ static void s_decode_rows(const struct kvt_decode_rows *j)
 	for (uint32_t r = 0; r < j->n; r++) {
 		if (j->pidx && j->pidx[r] >= 0)
 			continue;
-		s_decode_row(j->codes + r * j->code_stride, j->d, j->bits, j->gv, j->s16 + r * np,
-			     j->z16 + r * np, j->sdt, j->rot, j->norms ? j->norms[r] * j->mult : j->mult,
-			     j->out + r * j->out_stride, j->out_dtype);
+		for (uint32_t h = 0; h < j->n_heads; h++) {
+			const size_t pp = h * j->head_params + r * np;
+			s_decode_row(j->codes + h * j->head_codes + r * j->code_stride, j->d, j->bits,
+				     j->gv, j->s16 + pp, j->z16 + pp, j->sdt, j->rot,
+				     j->norms ? j->norms[r] * j->mult : j->mult,
+				     j->out + h * j->head_out + r * j->out_stride, j->out_dtype);
+		}
 	}
 }
 

@@ -717,6 +717,10 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 		return; /* uniform over the block */
 	const int lane = threadIdx.x & 31, part = threadIdx.x >> 5;
 	float *out = p.reqs[g.req].out; /* loaded now, used at the end */
+	/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block may
+	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
+	 * (a no-op for an ordinary launch) */
+	kvt_grid_dep_wait();
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
@@ -843,6 +847,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	att_chunk_dev *chunks = NULL;
 	att_group_dev *groups = NULL;
 	att_req_dev *rds = NULL;
+	att_item_dev *pins = NULL; /* folded pin descriptors, appended to items at the end */
+	size_t n_pins = 0, cap_pins = 0, n_launch = 0;
 	size_t n_items = 0, cap_items = 0, n_chunks = 0, cap_chunks = 0, n_groups = 0,
 	       cap_groups = 0;
 	kvt_cuda_attend_plan *plan = NULL;
@@ -893,11 +899,21 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			getenv("KVTIER_CUDA_NO_I2") == NULL;
 	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
 	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
+	int ccm = 0; /* compute capability major (bulk copies, programmatic launches: 9) */
+	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
+		ccm = 0;
+	(void)cudaGetLastError();
 	uint32_t i2v = 0;
 	if (i2) {
+		/* 3: the keys-as-B kernel staging each unit with bulk copies (sm_90) */
 		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
-		i2v = v && atoi(v) == 1 ? 1 : 2;
+		const int vv = v ? atoi(v) : 0;
+		i2v = vv == 1 ? 1 : vv == 3 && ccm >= 9 ? 3 : 2;
 	}
+	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
+	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
+	const char *fp = getenv("KVTIER_CUDA_FOLD_PINS");
+	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -913,7 +929,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	int bps = 4;
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
-	static int occ_cache[3][3];
+	static int occ_cache[4][3];
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
 	if (i2v && occ_cache[i2v][occ_i] > 0) {
 		bps = occ_cache[i2v][occ_i];
@@ -1044,10 +1060,27 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					it->kind = none ? ITEM_NONE_CHUNKS : ITEM_CODED;
 					it->first = (uint32_t)chunk0 + b0;
 					it->count = b1 - b0;
+					if (!fold)
+						continue;
+					it->xb = (uint32_t)n_pins; /* made absolute below */
+					for (uint32_t i = b0; i < b1; i++) {
+						const att_chunk_dev *cd = &chunks[chunk0 + i];
+						if (!cd->n_pinned)
+							continue;
+						GROW(pins, n_pins, cap_pins);
+						att_item_dev *x = &pins[n_pins++];
+						*x = base;
+						x->kind = ITEM_EXACT;
+						x->count = cd->n_pinned;
+						x->xk = cd->sec + cd->k_exact_off;
+						x->xv = cd->sec + cd->v_exact_off;
+					}
+					items[n_items - 1].xn = (uint32_t)n_pins - items[n_items - 1].xb;
 				}
-				g->exact_begin = (uint32_t)n_items;
+				/* folded: the coded items' partials are in the original basis */
+				g->exact_begin = fold ? g->item_begin : (uint32_t)n_items;
 				/* pinned tokens of each chunk, exact */
-				for (uint32_t i = 0; i < nc; i++) {
+				for (uint32_t i = 0; i < nc && !fold; i++) {
 					const att_chunk_dev *cd = &chunks[chunk0 + i];
 					if (!cd->n_pinned)
 						continue;
@@ -1073,6 +1106,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			}
 		}
 	}
+	/* the folded pin descriptors go past the launched items */
+	n_launch = n_items;
+	for (size_t i = 0; i < n_launch; i++)
+		if (items[i].xn)
+			items[i].xb += (uint32_t)n_launch;
+	for (size_t i = 0; i < n_pins; i++) {
+		GROW(items, n_items, cap_items);
+		items[n_items++] = pins[i];
+	}
 	plan = (kvt_cuda_attend_plan *)calloc(1, sizeof(*plan));
 	if (!plan) {
 		rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -1086,8 +1128,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
 		size_t o_cnt = (o_reqs + sz_reqs + 255) & ~(size_t)255;
 		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
-		size_t o_acc = (o_ml + n_items * rqn * 2 * 4 + 255) & ~(size_t)255;
-		size_t total = o_acc + n_items * rqn * D * 4;
+		size_t o_acc = (o_ml + n_launch * rqn * 2 * 4 + 255) & ~(size_t)255;
+		size_t total = o_acc + n_launch * rqn * D * 4;
 		char *host = (char *)calloc(1, o_ml);
 		if (!host) {
 			rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -1128,6 +1170,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		}
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
 		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= 16);
+		p.fold = fold;
+		/* the separate combine after the INT2 kernel as a programmatic dependent launch
+		 * (sm_90; KVTIER_CUDA_PDL=0 turns it off). H200, same call: 1 x 131072 55.1 us
+		 * vs 56.7 / 57.3 as an ordinary launch (docs/gpu.md, session 4) */
+		const char *pd = getenv("KVTIER_CUDA_PDL");
+		plan->pdl = i2 && !p.fused && ccm >= 9 && (!pd || atoi(pd) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;
@@ -1153,7 +1201,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.v_codes_off = (uint32_t)lay0.v_codes_off;
 		p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
 		plan->D = D;
-		plan->n_items = (uint32_t)n_items;
+		plan->n_items = (uint32_t)n_launch;
 		plan->n_groups = (uint32_t)n_groups;
 		plan->read_bytes = read_bytes;
 	}
@@ -1166,6 +1214,7 @@ out:
 		free(plan);
 	}
 	free(items);
+	free(pins);
 	free(chunks);
 	free(groups);
 	free(rds);
@@ -1230,8 +1279,24 @@ static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s
 
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
-	return cudaGetLastError();
+	if (!pl->pdl) {
+		combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
+		return cudaGetLastError();
+	}
+	/* programmatic dependent launch: the combine's launch and block start overlap the end of
+	 * the attention kernel, whose blocks allow it at their start (kvt_grid_dep_launch) */
+	cudaLaunchConfig_t lc;
+	memset(&lc, 0, sizeof(lc));
+	lc.gridDim = dim3(pl->n_groups, RQ);
+	lc.blockDim = dim3(32 * CMB_W);
+	lc.stream = s;
+	cudaLaunchAttribute at[1];
+	memset(at, 0, sizeof(at));
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	lc.attrs = at;
+	lc.numAttrs = 1;
+	return cudaLaunchKernelEx(&lc, combine_kernel<128, RQ>, pl->p);
 }
 
 static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)

@@ -38,6 +38,10 @@ struct att_item_dev {
 	uint32_t req, kind, kv_head, q_base, nq, first, count;
 	uint32_t group; /* its group (the combine tells rotated items by exact_begin) */
 	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
+	/* folded pins (p.fold, coded items of the keys-as-B INT2 kernel): the pinned tokens of
+	 * the item's chunks are ITEM_EXACT descriptors [xb, xb + xn) of the items array, past
+	 * the launched ones; the item's block attends them in its merge */
+	uint32_t xb, xn;
 };
 
 struct att_group_dev {
@@ -72,14 +76,35 @@ struct att_params : att_params_base {
 	 * run of the plan) */
 	uint32_t *counters;
 	uint32_t fused;
+	/* pins folded into the coded items (KVTIER_CUDA_FOLD_PINS, default on for the keys-as-B
+	 * kernel): every coded item's block rotates its value partial back to the original basis
+	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
+	 * items and no rotated partials (exact_begin = item_begin) */
+	uint32_t fold;
 };
 
 struct kvt_cuda_attend_plan {
 	att_params p;
-	uint32_t D, n_items, n_groups;
+	uint32_t D, n_items, n_groups; /* n_items: launched (folded pin descriptors follow them) */
+	uint32_t pdl; /* the combine as a programmatic dependent launch */
 	uint64_t read_bytes;
 	void *dev_block; /* descriptors + scratch, one allocation */
 };
+
+/* programmatic dependent launch (sm_90; no-ops where the launch did not ask for it) */
+__device__ __forceinline__ void kvt_grid_dep_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void kvt_grid_dep_launch(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
 
 __device__ __forceinline__ float warp_max(float v)
 {

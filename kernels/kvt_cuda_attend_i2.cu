@@ -754,12 +754,104 @@ __device__ __forceinline__ void i3_stage(const att_params &p, const i3_stager &s
 				   sec + (st.a[j] + sb * st.m[j] + g * st.kg[j]));
 }
 
-template <int GV>
+/* ---- Bulk staging (p.i2 == 3, sm_90): a unit's 7 pieces (key codes, value codes, norms, key
+ * scales, key zeros, value scales, value zeros: each contiguous in the layer section) are 7
+ * bulk copies, one per lane 0..6 in one warp instruction, completing on the buffer's
+ * mbarrier (lane 0 arms it with the byte count), instead of 4-7 per-lane 16-byte cp.async
+ * with per-lane addresses, commit and wait_group. The warp waits on the mbarrier's phase. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define I3_BULK_OK 0 /* (older targets compile variant 3 as variant 2; the plan picks it on sm_90 only) */
+#else
+#define I3_BULK_OK 1
+#endif
+
+struct i3_bulk {
+	uint32_t a, m, kg; /* source offset a + sb * m + (sb >> gsh) * kg in the layer section */
+	uint32_t dst, size; /* in the unit buffer; size 0: this lane copies nothing */
+	uint32_t tx;        /* bytes of a unit (lane 0 arms the barrier with it) */
+};
+
+template <int NG>
+__device__ __forceinline__ i3_bulk i3_bulk_make(const att_params &p, bool oscar, uint32_t hB,
+						uint32_t kgbase, int lane)
+{
+	i3_bulk b;
+	b.a = b.m = b.kg = b.dst = b.size = 0;
+	b.tx = 2048 + 512 + 128 * NG + (oscar ? 128 : 0);
+	switch (lane) {
+	case 0: b.a = p.k_codes_off + hB * 32; b.m = 1024; b.dst = I2_KC; b.size = 1024; break;
+	case 1: b.a = p.v_codes_off + hB * 32; b.m = 1024; b.dst = I2_VC; b.size = 1024; break;
+	case 2: b.a = p.norms_off; b.m = 128; b.dst = I2_NR; b.size = oscar ? 128 : 0; break;
+	case 3: b.a = p.k_scale_off + kgbase; b.kg = 256; b.dst = I2_KS; b.size = 256; break;
+	case 4: b.a = p.k_zero_off + kgbase; b.kg = 256; b.dst = I2_KZ; b.size = 256; break;
+	case 5: b.a = p.v_scale_off + hB * NG * 2; b.m = 64 * NG; b.dst = I2_VS; b.size = 64 * NG; break;
+	case 6: b.a = p.v_zero_off + hB * NG * 2; b.m = 64 * NG; b.dst = I2_VS + 64 * NG; b.size = 64 * NG; break;
+	default: break;
+	}
+	return b;
+}
+
+__device__ __forceinline__ void i3_mbar_init(uint64_t *mb, int lane)
+{
+#if I3_BULK_OK
+	if (lane == 0) {
+		const uint32_t a = (uint32_t)__cvta_generic_to_shared(mb);
+		asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a) : "memory");
+		asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a + 8) : "memory");
+		asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+	}
+	__syncwarp();
+#endif
+}
+
+/* stages one unit into buf; the warp's reads of buf's previous unit are done (the caller's
+ * __syncwarp at the end of that iteration) */
+__device__ __forceinline__ void i3_stage_bulk(const att_params &p, const i3_bulk &b,
+					      const uint8_t *sec, uint32_t sb, uint8_t *buf,
+					      uint64_t *mb, int lane)
+{
+#if I3_BULK_OK
+	const uint32_t m = (uint32_t)__cvta_generic_to_shared(mb);
+	/* the generic-proxy reads of buf before the async proxy's writes */
+	asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+	if (lane == 0)
+		asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(m),
+			     "r"(b.tx)
+			     : "memory");
+	__syncwarp();
+	if (b.size) {
+		const uint8_t *src = sec + (b.a + sb * b.m + (sb >> p.gsh) * b.kg);
+		const uint32_t d = (uint32_t)__cvta_generic_to_shared(buf + b.dst);
+		asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], "
+			     "[%1], %2, [%3];\n" ::"r"(d),
+			     "l"(src), "r"(b.size), "r"(m)
+			     : "memory");
+	}
+#endif
+}
+
+__device__ __forceinline__ void i3_mbar_wait(uint64_t *mb, uint32_t parity)
+{
+#if I3_BULK_OK
+	const uint32_t m = (uint32_t)__cvta_generic_to_shared(mb);
+	asm volatile("{\n"
+		     ".reg .pred P1;\n"
+		     "I3_WAIT_%=:\n"
+		     "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+		     "@!P1 bra I3_WAIT_%=;\n"
+		     "}\n" ::"r"(m),
+		     "r"(parity)
+		     : "memory");
+#endif
+}
+
+template <int GV, bool BULK0>
 __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, int lane)
+						float *rl, float *racc, uint64_t *mb, int lane)
 {
+	constexpr bool BULK = BULK0 && I3_BULK_OK;
 	constexpr int D = 128, NG = D / GV;
 	const int gid = lane >> 2, tig = lane & 3;
 	const float lo_f = gid >= 4 ? 1.0f : 0.0f; /* B fragment column gid: f16 lo part */
@@ -786,7 +878,14 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
 	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
 	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	const i3_stager stg = i3_stager_make<NG>(p, oscar, hB, kgbase, lane);
+	i3_stager stg;
+	i3_bulk bk;
+	if constexpr (BULK) {
+		bk = i3_bulk_make<NG>(p, oscar, hB, kgbase, lane);
+		i3_mbar_init(mb, lane);
+	} else {
+		stg = i3_stager_make<NG>(p, oscar, hB, kgbase, lane);
+	}
 	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
 	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
 	att_chunk_dev chA, chB;
@@ -796,18 +895,26 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	chB = chA;
 	if (u0 < u1) {
 		chA = p.chunks[ci0];
-		i3_stage(p, stg, chA.sec, sb0, stage, lane);
+		if constexpr (BULK)
+			i3_stage_bulk(p, bk, chA.sec, sb0, stage, mb, lane);
+		else
+			i3_stage(p, stg, chA.sec, sb0, stage, lane);
 		if (u0 + 1 < u1)
 			chB = p.chunks[ci1];
 	}
-	cp_async_commit();
+	if constexpr (!BULK)
+		cp_async_commit();
 
 	for (uint32_t u = u0; u < u1; u++) {
 		const uint32_t ci = ci0, sb = sb0;
 		const att_chunk_dev ch = chA;
 		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
 		if (u + 1 < u1) {
-			i3_stage(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
+			if constexpr (BULK)
+				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF,
+					      mb + ((u + 1 - u0) & 1), lane);
+			else
+				i3_stage(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
 			chA = chB;
 			if (u + 2 < u1)
 				chB = p.chunks[ci2];
@@ -818,9 +925,13 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		sb1 = sb2;
 		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
 		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
-		cp_async_commit();
-		cp_async_wait1(); /* this unit's copies (all but the newest group) */
-		__syncwarp();
+		if constexpr (BULK) {
+			i3_mbar_wait(mb + ((u - u0) & 1), ((u - u0) >> 1) & 1); /* this unit's bytes */
+		} else {
+			cp_async_commit();
+			cp_async_wait1(); /* this unit's copies (all but the newest group) */
+			__syncwarp();
+		}
 
 		/* conversions into the warp's word area: the key group's scale and zero pairs (when
 		 * the group changed), the unit's value scale and zero pairs */
@@ -1023,10 +1134,115 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	}
 }
 
+/* ---- Pins folded into the coded items (p.fold) --------------------------------------------
+ * The pinned tokens of an item's chunks (attention sinks: 4 per session in the benchmark)
+ * used to be one exact item (one block) per chunk; at 48 x 4096 that is 384 of 1920 blocks,
+ * each paying a full prologue for 4 tokens. Now the coded item's block stages their exact
+ * rows (this KV head's K and V rows, up to I3_PMAX tokens; more are read from global memory)
+ * into shared memory by cp.async in its prologue, and its merge (warp q = head q) rotates the
+ * merged value partial back to the original basis (H is its own inverse; the combine then
+ * rotates nothing) and adds the pinned tokens to the same online softmax. */
+#define I3_PMAX 8
+
+/* prologue: stages up to I3_PMAX pinned rows of the item's folded pin descriptors; returns
+ * how many (uniform over the block) */
+template <int D>
+__device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att_item_dev &it,
+						  uint16_t (*pinrow)[2][D])
+{
+	uint32_t np = 0;
+	for (uint32_t x = it.xb; x < it.xb + it.xn && np < I3_PMAX; x++) {
+		const att_item_dev xi = p.items[x];
+		const uint32_t n = min(xi.count, I3_PMAX - np);
+		for (uint32_t i = threadIdx.x; i < n * 32; i += ATT_THREADS) {
+			const uint32_t t = i >> 5, kv = (i >> 4) & 1, pc = i & 15;
+			const uint8_t *src = (kv ? xi.xv : xi.xk) +
+					     ((size_t)t * p.H * D + (size_t)it.kv_head * D) * 2 + 16 * pc;
+			cp_async16(&pinrow[np + t][kv][8 * pc], src);
+		}
+		np += n;
+	}
+	return np;
+}
+
+/* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
+ * items), adds the pinned tokens (natural-log domain, original-basis scaled query qo) and
+ * writes the item's partial. red_m / red_l [ATT_WARPS][RQ], warp w's partial at
+ * red_acc + w * wstride ([RQ][D]); the pinned rows staged are visible (waited and synced by
+ * the caller's cp_async_wait_all and the barrier here). */
+template <int D>
+__device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
+					      const float *red_m, const float *red_l,
+					      const float *red_acc, size_t wstride, const float *qo,
+					      const uint16_t (*pinrow)[2][D], uint32_t np)
+{
+	static_assert(RQ == ATT_WARPS && D == 128, "one warp per query head, 4 channels a lane");
+	constexpr int EPL = D / 32;
+	__syncthreads();
+	const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+	float M = -INFINITY;
+#pragma unroll
+	for (int w = 0; w < ATT_WARPS; w++)
+		M = fmaxf(M, red_m[w * RQ + q]);
+	float L = 0.0f, a[EPL] = {0.0f, 0.0f, 0.0f, 0.0f};
+	if (M != -INFINITY) {
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++) {
+			const float f = __expf(red_m[w * RQ + q] - M);
+			const float4 v = *(const float4 *)(red_acc + (size_t)w * wstride + q * D + lane * EPL);
+			L += red_l[w * RQ + q] * f;
+			a[0] += v.x * f;
+			a[1] += v.y * f;
+			a[2] += v.z * f;
+			a[3] += v.w * f;
+		}
+	}
+	if (it.kind == ITEM_CODED && p.rotv) /* uniform */
+		kvt_d_fwht<EPL>(a, lane, p.inv_sqrt_d);
+	if (it.xn) {
+		const float4 qv = *(const float4 *)(qo + q * D + lane * EPL);
+		uint32_t j = 0; /* pinned token index over the item's descriptors */
+		for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
+			const att_item_dev xi = p.items[x];
+			for (uint32_t t = 0; t < xi.count; t++, j++) {
+				uint2 kk, vv;
+				if (j < np) {
+					kk = *(const uint2 *)&pinrow[j][0][lane * EPL];
+					vv = *(const uint2 *)&pinrow[j][1][lane * EPL];
+				} else {
+					const size_t o = ((size_t)t * p.H * D + (size_t)it.kv_head * D + lane * EPL) * 2;
+					kk = *(const uint2 *)(xi.xk + o);
+					vv = *(const uint2 *)(xi.xv + o);
+				}
+				float s = qv.x * __uint_as_float(kk.x << 16);
+				s = fmaf(qv.y, __uint_as_float(kk.x & 0xffff0000u), s);
+				s = fmaf(qv.z, __uint_as_float(kk.y << 16), s);
+				s = fmaf(qv.w, __uint_as_float(kk.y & 0xffff0000u), s);
+				s = warp_sum(s);
+				const float Mn = fmaxf(M, s);
+				const float fo = __expf(M - Mn), pt = __expf(s - Mn); /* exp(-inf) = 0 */
+				M = Mn;
+				L = fmaf(L, fo, pt);
+				a[0] = fmaf(a[0], fo, pt * __uint_as_float(vv.x << 16));
+				a[1] = fmaf(a[1], fo, pt * __uint_as_float(vv.x & 0xffff0000u));
+				a[2] = fmaf(a[2], fo, pt * __uint_as_float(vv.y << 16));
+				a[3] = fmaf(a[3], fo, pt * __uint_as_float(vv.y & 0xffff0000u));
+			}
+		}
+	}
+	*(float4 *)(p.part_acc + ((size_t)blockIdx.x * RQ + q) * D + lane * EPL) =
+		make_float4(a[0], a[1], a[2], a[3]);
+	if (lane == 0) {
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2] = M;
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2 + 1] = L;
+	}
+}
+
 #ifndef I2_MINB
 #define I2_MINB 4
 #endif
-/* V 1: attend_coded_i2, V 2: attend_coded_i3; MINB: blocks per SM the registers must allow */
+/* V 1: attend_coded_i2, V 2: attend_coded_i3, V 3: attend_coded_i3 with bulk staging; MINB:
+ * blocks per SM the registers must allow */
 template <int GV, int V, int MINB>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
@@ -1035,10 +1251,12 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * I2_BUF];
 	__shared__ __align__(16) uint16_t pbh[V == 1 ? ATT_WARPS : 1][8 * I2_PBS];
-	__shared__ __align__(16) uint4 afr[V == 2 ? 8 * 32 : 1]; /* q' key A fragments [k][lane] */
-	__shared__ __align__(16) uint32_t cw[V == 2 ? ATT_WARPS : 1][I3_CW];
+	__shared__ __align__(16) uint4 afr[V >= 2 ? 8 * 32 : 1]; /* q' key A fragments [k][lane] */
+	__shared__ __align__(16) uint32_t cw[V >= 2 ? ATT_WARPS : 1][I3_CW];
+	__shared__ __align__(8) uint64_t mbar[V == 3 ? ATT_WARPS : 1][2]; /* bulk staging */
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
+	__shared__ __align__(16) uint16_t pinrow[V >= 2 ? I3_PMAX : 1][2][D]; /* folded pins */
 #if I2_FRAG_SMEM
 	__shared__ uint2 bqs[8 * 32];            /* q' key fragments [k-step][lane] */
 	__shared__ uint2 kss[ATT_WARPS][8 * 32]; /* per warp: key scale pairs [k-step][lane] */
@@ -1047,15 +1265,23 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
 
+	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	uint32_t npin = 0;
+	if constexpr (V >= 2) {
+		if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
+			npin = i3_pins_stage<D>(p, it, pinrow);
+			cp_async_commit();
+		}
+	}
 	att_load_queries<D, RQ>(
 		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
 		[&](int q, int c) -> float & { return qf[q * D + c]; });
 	__syncthreads();
 
-	if constexpr (V == 2) {
+	if constexpr (V >= 2) {
 		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment: head gid & 3,
 		 * channel pairs 2k, 2k + 1, f16 hi and lo of q' * -4 log2(e) */
 		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
@@ -1108,8 +1334,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 			attend_coded_i2<GV>(p, it, u0, u1, qf, &stage[warp][0], pbh[warp], zsm[warp],
 					    red_m[warp], red_l[warp], racc, bq_p, ks_p, lane);
 		else
-			attend_coded_i3<GV>(p, it, u0, u1, afr, &stage[warp][0], cw[warp], zsm[warp],
-					    red_m[warp], red_l[warp], racc, lane);
+			attend_coded_i3<GV, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+						    zsm[warp], red_m[warp], red_l[warp], racc,
+						    mbar[V == 3 ? warp : 0], lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1123,7 +1350,16 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
-	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	if constexpr (V >= 2) {
+		if (p.fold) {
+			i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4, qo,
+					 pinrow, npin);
+		} else {
+			block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+		}
+	} else {
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+	}
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */
@@ -1171,6 +1407,8 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (pl->p.i2 == 1)
 		return i2_launch_g<1, I2_MINB>(pl, s, gv);
+	if (pl->p.i2 == 3)
+		return i2_launch_g<3, 4>(pl, s, gv);
 	return i2_launch_g<2, 4>(pl, s, gv);
 }
 
@@ -1194,5 +1432,7 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv)
 {
 	if (variant == 1)
 		return i2_occupancy_g<1, I2_MINB>(gv);
+	if (variant == 3)
+		return i2_occupancy_g<3, 4>(gv);
 	return i2_occupancy_g<2, 4>(gv);
 }

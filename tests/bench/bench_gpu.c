@@ -278,7 +278,9 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores"
 	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2"))
 		       ? (getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 1
-				  ? "mma_i2_v1" : "mma_i2")
+				  ? "mma_i2_v1"
+			  : getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 3
+				  ? "mma_i2_bulk" : "mma_i2")
 		       : "mma");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",

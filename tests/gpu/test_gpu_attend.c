@@ -92,6 +92,9 @@ static double rel_err(const float *a, const float *ref, size_t n)
  * changing inside and across chunks); half of them with the combine fused into the
  * attention kernel.
  */
+/* chunks with pinned tokens in the INT2 batches, and their pinned tokens (printed) */
+static uint64_t fast_pinned_chunks, fast_pinned_tokens;
+
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
 	struct kvt_codec_config cfg;
@@ -123,6 +126,12 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		/* half the batches merge the partials inside the attention kernel */
 		if (kvt_rand_below(2))
 			setenv("KVTIER_CUDA_FUSED_COMBINE", "1", 1);
+		/* a third pin tokens in any chunk (pin detection): items whose folded pins
+		 * come from several chunks, more than the 8 rows the kernel stages */
+		if (kvt_rand_below(3) == 0) {
+			cfg.pin_detect_ratio = 0.9f;
+			cfg.pin_detect_max = 1 + kvt_rand_below(12);
+		}
 	}
 	const uint32_t B = cfg.chunk_tokens, L = cfg.n_layers, H = cfg.n_kv_heads,
 		       d = cfg.head_dim, nq = H * R;
@@ -162,6 +171,10 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				break;
 			}
 			memcpy(&s->hdrs[c], s->chunks[c], sizeof(s->hdrs[c]));
+			if (fast && s->hdrs[c].n_pinned) {
+				fast_pinned_chunks++;
+				fast_pinned_tokens += s->hdrs[c].n_pinned;
+			}
 			s->hdr_ptrs[c] = &s->hdrs[c];
 			rc = kvt_cuda_alloc(ctx, (size_t)n, &s->chunks_dev[c], err, sizeof(err));
 			rc = rc ? rc : kvt_cuda_upload(ctx, s->chunks_dev[c], s->chunks[c], (size_t)n, err, sizeof(err));
@@ -278,7 +291,10 @@ static void test_fast_path_batches(void)
 		n = atoi(s);
 	for (int i = 0; i < n; i++)
 		one_batch(i, true, NULL, 0);
-	printf("# worst relative error, INT2 bf16 d128 batches: gpu %.3e\n", worst_fast);
+	printf("# worst relative error, INT2 bf16 d128 batches: gpu %.3e (%llu chunks with %llu "
+	       "pinned tokens)\n",
+	       worst_fast, (unsigned long long)fast_pinned_chunks,
+	       (unsigned long long)fast_pinned_tokens);
 }
 
 /* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
