@@ -195,12 +195,19 @@ static void test_append_fetch_reference(void)
 		const char *id;
 		uint32_t L, H, d, dtype, scheme, kb, vb, G, B, S;
 		uint32_t max_msg; /* 0 = default; small values force splitting */
+		int32_t W;        /* recent_exact_tokens; 0: the daemon's default */
+		float pin_ratio;  /* pin_detect_ratio; 0: the daemon's default */
 	} cases[] = {
-		{ "ref-oscar-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 4, 0 },
-		{ "ref-oscar-bf16-split", 6, 4, 128, KVT_DTYPE_BF16, 4, 4, 2, 32, 64, 2, 64 * 1024 },
-		{ "ref-kivi-f32", 2, 2, 64, KVT_DTYPE_F32, 2, 2, 4, 64, 128, 0, 0 },
-		{ "ref-hadamard-f16-layers", 8, 4, 256, KVT_DTYPE_F16, 3, 4, 4, 128, 128, 4, 20 * 1024 },
-		{ "ref-none-f16", 3, 1, 64, KVT_DTYPE_F16, 1, 0, 0, 32, 32, 0, 0 },
+		{ "ref-oscar-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 4, 0, 0, 0 },
+		{ "ref-oscar-bf16-split", 6, 4, 128, KVT_DTYPE_BF16, 4, 4, 2, 32, 64, 2, 64 * 1024, 0, 0 },
+		{ "ref-kivi-f32", 2, 2, 64, KVT_DTYPE_F32, 2, 2, 4, 64, 128, 0, 0, 0, 0 },
+		{ "ref-hadamard-f16-layers", 8, 4, 256, KVT_DTYPE_F16, 3, 4, 4, 128, 128, 4, 20 * 1024, 0, 0 },
+		{ "ref-none-f16", 3, 1, 64, KVT_DTYPE_F16, 1, 0, 0, 32, 32, 0, 0, 0, 0 },
+		/* 3-bit keys, a recent exact window, and detected pins: the local decode
+		 * must give the daemon's bytes for each */
+		{ "ref-oscar-k3-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 3, 2, 32, 64, 4, 0, 0, 0 },
+		{ "ref-oscar-recent-bf16", 3, 2, 128, KVT_DTYPE_BF16, 4, 2, 2, 32, 32, 4, 0, 64, 0 },
+		{ "ref-oscar-pins-f16", 2, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 0, 0, 0, 0.9f },
 	};
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
 		struct kvt_client_codec codec;
@@ -216,6 +223,12 @@ static void test_append_fetch_reference(void)
 		codec.group = cases[ci].G;
 		codec.chunk_tokens = B;
 		codec.n_sinks = (int32_t)cases[ci].S;
+		if (cases[ci].W)
+			codec.recent_exact_tokens = cases[ci].W;
+		if (cases[ci].pin_ratio > 0) {
+			codec.pin_detect_ratio = cases[ci].pin_ratio;
+			codec.pin_detect_max = 8;
+		}
 		KVT_REQUIRE(open_session(g_c, &s, cases[ci].id, cases[ci].L, cases[ci].H, cases[ci].d,
 					 cases[ci].dtype, &codec) == 0,
 			    "open %s", cases[ci].id);
@@ -250,13 +263,32 @@ static void test_append_fetch_reference(void)
 			  "%s local fetch of one whole chunk", s.id);
 		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, T - 1, T, 0, L, cases[ci].dtype, 1),
 			  "%s local fetch of the last token", s.id);
-		for (int k = 0; k < 6; k++) {
+		for (int k = 0; k < 12; k++) {
 			uint64_t a = it_rand_below((uint32_t)T), b = a + 1 + it_rand_below((uint32_t)(T - a));
 			uint32_t la = it_rand_below(L), lb = la + 1 + it_rand_below(L - la);
 			uint32_t dt = 1 + it_rand_below(3);
-			KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, a, b, la, lb, dt, 1),
-				  "%s local fetch [%llu, %llu) x [%u, %u) dtype %u", s.id,
+			KVT_CHECK(it_fetch_equals(g_c, s.id, s.ref, a, b, la, lb, dt),
+				  "%s default and server fetch [%llu, %llu) x [%u, %u) dtype %u", s.id,
 				  (unsigned long long)a, (unsigned long long)b, la, lb, dt);
+		}
+		if (cases[ci].pin_ratio > 0) {
+			/* the case is only worth its name if pins were detected beyond the sinks */
+			struct kvt_client_encoded *e = NULL;
+			struct kvt_client_status est;
+			unsigned pinned = 0;
+			KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_CHUNKS, 0,
+							     &e, &est) == 0,
+				    "fetch_encoded %s: %s", s.id, est.message);
+			for (size_t i = 0; i < e->n_chunks; i++) {
+				struct kvt_codec_config ccfg;
+				struct kvt_chunk_header h;
+				char cerr[256];
+				if (!kvt_chunk_parse(e->chunks[i].bytes, e->chunks[i].n_bytes, &ccfg,
+						     &h, cerr, sizeof(cerr)))
+					pinned += h.n_pinned;
+			}
+			kvt_client_encoded_free(e);
+			KVT_CHECK(pinned > 0, "%s has detected pins (%u)", s.id, pinned);
 		}
 		KVT_CHECK(attend_matches(g_c, &s, 1), "%s attend MHA", s.id);
 		KVT_CHECK(attend_matches(g_c, &s, 4), "%s attend GQA x4", s.id);
