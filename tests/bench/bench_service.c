@@ -1161,6 +1161,35 @@ int kvt_bench_service(int argc, char **argv)
 		report(&s, "attend", &att, o->redis ? &get_s : NULL,
 		       "redis GET of the whole session's f16 K+V (logical bytes attended)", 0);
 	}
+	{
+		/* The memory row again after the read workloads (informational, no target): the
+		 * same data set, so a difference from the memory row is RSS the daemon's
+		 * allocator holds beyond its own accounting (bytes_held), not stored data. */
+		struct kvt_client_stats st2;
+		struct kvt_client_status sst;
+		memset(&st2, 0, sizeof(st2));
+		if (kvt_client_stats(s.w[0].kc, &st2, &sst) == 0) {
+			long kv_end = vm_rss_bytes(s.kv_pid);
+			long redis_end = o->redis ? vm_rss_bytes(s.redis_child) : -1;
+			struct kvt_bench_json jm;
+			common_fields(&jm, &s, "memory_after_reads");
+			kvt_bench_json_num(&jm, "logical_bytes", logical);
+			kvt_bench_json_int(&jm, "kvtierd_bytes_held", (long long)st2.bytes_held);
+			kvt_bench_json_int(&jm, "kvtierd_rss_bytes", kv_end);
+			kvt_bench_json_int(&jm, "kvtierd_rss_delta_bytes", kv_end - kv_rss0);
+			if (o->redis) {
+				kvt_bench_json_int(&jm, "redis_rss_bytes", redis_end);
+				kvt_bench_json_int(&jm, "redis_rss_delta_bytes", redis_end - redis_rss0);
+				kvt_bench_json_num(&jm, "ratio_vs_redis",
+						   kv_end - kv_rss0 > 0
+							   ? (double)(redis_end - redis_rss0) /
+								     (double)(kv_end - kv_rss0)
+							   : NAN);
+			}
+			kvt_bench_json_end(&jm);
+			kvt_client_stats_free(&st2);
+		}
+	}
 	rc = fetch.ok && local.ok && restore.ok && fenc.ok && att.ok &&
 			     (!o->redis || (get.ok && get_s.ok && get_r.ok && get_e.ok && get_l.ok))
 		     ? 0

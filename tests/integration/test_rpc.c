@@ -296,6 +296,109 @@ static void test_append_fetch_reference(void)
 	}
 }
 
+/* Which RPC a fetch used, by the daemon's counters: 'L' FetchEncoded (local decode), 'S'
+ * Fetch (server decode), '?' neither or both. */
+static char fetch_path(struct kvt_client *c, const char *id, int mode)
+{
+	struct kvt_client_stats a, b;
+	struct kvt_client_status st;
+	struct kvt_client_fetch_range r;
+	static uint8_t k[4 * 64 * 2 * 64 * 2], v[sizeof(k)];
+	char path = '?';
+	if (kvt_client_stats(g_c, &a, &st))
+		return '?';
+	kvt_client_fetch_range_init(&r);
+	r.token_end = 64;
+	r.decode_local = mode;
+	int rc = kvt_client_fetch(c, id, &r, k, sizeof(k), v, sizeof(v), NULL, &st);
+	if (!rc && !kvt_client_stats(g_c, &b, &st)) {
+		uint64_t fe = kvt_client_stats_counter(&b, "rpc.FetchEncoded.OK") -
+			      kvt_client_stats_counter(&a, "rpc.FetchEncoded.OK");
+		uint64_t f = kvt_client_stats_counter(&b, "rpc.Fetch.OK") -
+			     kvt_client_stats_counter(&a, "rpc.Fetch.OK");
+		path = fe == 1 && f == 0 ? 'L' : fe == 0 && f == 1 ? 'S' : '?';
+		kvt_client_stats_free(&b);
+	}
+	kvt_client_stats_free(&a);
+	return path;
+}
+
+/* The fetch path: local decode by default, the daemon's Fetch per call
+ * (decode_local KVT_CLIENT_FETCH_SERVER), per client (options.fetch_mode) and by
+ * KVTIER_CLIENT_FETCH; bad modes are refused at connect. */
+static void test_fetch_modes(void)
+{
+	struct it_session s;
+	struct kvt_client_codec codec;
+	struct kvt_client_options o = { 0 };
+	struct kvt_client_status st;
+	struct kvt_client *c = NULL;
+
+	kvt_client_codec_init(&codec);
+	codec.chunk_tokens = 32;
+	KVT_REQUIRE(open_session(g_c, &s, "modes", 4, 2, 64, KVT_DTYPE_F16, &codec) == 0, "open");
+	KVT_REQUIRE(append_both(g_c, &s, 80, NULL) == 0, "append");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L', "default is local");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_SERVER) == 'S', "per call: server");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_LOCAL) == 'L', "per call: local");
+
+	o.target = g_d.target;
+	o.fetch_mode = KVT_CLIENT_FETCH_SERVER;
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'S', "client mode server");
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_LOCAL) == 'L', "per call overrides");
+	KVT_CHECK(it_fetch_equals_mode(c, s.id, s.ref, 5, 80, 1, 4, KVT_DTYPE_F32,
+				       KVT_CLIENT_FETCH_DEFAULT),
+		  "client mode server: bytes");
+	kvt_client_close(c);
+
+	o.fetch_mode = KVT_CLIENT_FETCH_DEFAULT;
+	setenv("KVTIER_CLIENT_FETCH", "server", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'S', "environment server");
+	kvt_client_close(c);
+	setenv("KVTIER_CLIENT_FETCH", "local", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L', "environment local");
+	kvt_client_close(c);
+	o.fetch_mode = KVT_CLIENT_FETCH_LOCAL;
+	setenv("KVTIER_CLIENT_FETCH", "server", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L',
+		  "the option wins over the environment");
+	kvt_client_close(c);
+	c = NULL;
+	o.fetch_mode = KVT_CLIENT_FETCH_DEFAULT;
+	setenv("KVTIER_CLIENT_FETCH", "decode", 1);
+	KVT_CHECK(kvt_client_connect(&o, &c, &st) == -EINVAL && st.local && !c &&
+			  strstr(st.message, "KVTIER_CLIENT_FETCH"),
+		  "a bad KVTIER_CLIENT_FETCH is refused: %s", st.message);
+	unsetenv("KVTIER_CLIENT_FETCH");
+	o.fetch_mode = 2;
+	KVT_CHECK(kvt_client_connect(&o, &c, &st) == -EINVAL && st.local && !c &&
+			  strstr(st.message, "fetch_mode"),
+		  "a bad fetch_mode is refused: %s", st.message);
+	/* max_message_bytes is the Fetch stream's own knob: such a range uses the Fetch RPC */
+	{
+		struct kvt_client_stats a, b;
+		struct kvt_client_fetch_range r;
+		static uint8_t k[4 * 80 * 2 * 64 * 2], v[sizeof(k)];
+		KVT_REQUIRE(kvt_client_stats(g_c, &a, &st) == 0, "stats");
+		kvt_client_fetch_range_init(&r);
+		r.max_message_bytes = 64 * 1024;
+		KVT_CHECK(kvt_client_fetch(g_c, s.id, &r, k, sizeof(k), v, sizeof(v), NULL, &st) == 0,
+			  "fetch: %s", st.message);
+		KVT_REQUIRE(kvt_client_stats(g_c, &b, &st) == 0, "stats");
+		KVT_CHECK(kvt_client_stats_counter(&b, "rpc.Fetch.OK") ==
+				  kvt_client_stats_counter(&a, "rpc.Fetch.OK") + 1,
+			  "max_message_bytes: the Fetch RPC");
+		kvt_client_stats_free(&a);
+		kvt_client_stats_free(&b);
+	}
+	kvt_client_drop(g_c, s.id, NULL, &st);
+	kvt_seq_destroy(s.ref);
+}
+
 /* Fetch replies honour a small max_message_bytes and still tile the range. */
 static void test_fetch_small_messages(void)
 {
@@ -807,6 +910,7 @@ int main(void)
 	KVT_RUN(test_health_and_stats);
 	KVT_RUN(test_append_fetch_reference);
 	KVT_RUN(test_fetch_small_messages);
+	KVT_RUN(test_fetch_modes);
 	KVT_RUN(test_attend_new_token);
 	KVT_RUN(test_fork_truncate_drop);
 	KVT_RUN(test_open_pin_ttl_list);
