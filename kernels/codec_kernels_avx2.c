@@ -894,13 +894,14 @@ static KVT_AI void prefetch_out(const struct kvt_decode_rows *j, uint32_t r, uin
 static KVT_AI void prefetch_in(const struct kvt_decode_rows *j, uint32_t r, uint32_t h,
 			       uint32_t np)
 {
-	const char *p = (const char *)(j->codes + h * j->head_codes + (size_t)(r + PF_IN) * j->code_stride);
+	/* addresses as integers: they may point past the chunk */
+	const uintptr_t p = (uintptr_t)j->codes + h * j->head_codes + (r + PF_IN) * j->code_stride;
 	for (uint32_t c = 0; c < j->code_stride; c += 64)
-		_mm_prefetch(p + c, _MM_HINT_T0);
+		_mm_prefetch((const char *)(p + c), _MM_HINT_T0);
 	if (np) {
-		const size_t pp = h * j->head_params + (size_t)(r + PF_IN) * np;
-		_mm_prefetch((const char *)(j->s16 + pp), _MM_HINT_T0);
-		_mm_prefetch((const char *)(j->z16 + pp), _MM_HINT_T0);
+		const size_t pp = 2 * (h * j->head_params + (size_t)(r + PF_IN) * np);
+		_mm_prefetch((const char *)((uintptr_t)j->s16 + pp), _MM_HINT_T0);
+		_mm_prefetch((const char *)((uintptr_t)j->z16 + pp), _MM_HINT_T0);
 	}
 }
 
@@ -944,8 +945,8 @@ static KVT_AI void bfly8(__m256 v[8])
 
 /* The packed row as dword vectors: lane k of word w holds the 32 / BITS codes of elements
  * NV k + (32 / BITS) w ... (see above); a row is d * BITS / 8 bytes, read exactly. */
-static KVT_AI void rot_words(const uint8_t *p, const uint32_t D, const uint32_t BITS,
-			     __m256i w[4])
+static KVT_AI void rot_words_24(const uint8_t *p, const uint32_t D, const uint32_t BITS,
+				__m256i w[4])
 {
 	if (D == 64 && BITS == 2) {
 		w[0] = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -975,14 +976,47 @@ static KVT_AI void rot_words(const uint8_t *p, const uint32_t D, const uint32_t 
 	}
 }
 
+static KVT_AI void rot_words(const uint8_t *p, const uint32_t D, const uint32_t BITS,
+			     __m256i w[4])
+{
+	if (BITS == 3) {
+		/* the low plane (bytes [0, d/4)) is a 2-bit row; in the high plane (d/8 bytes)
+		 * bit i of lane k is element i + NV k: byte k (d 64), 16-bit word k (d 128),
+		 * dword k (d 256), in the word after the low plane's */
+		rot_words_24(p, D, 2, w);
+		const uint8_t *hp = p + D / 4;
+		if (D == 64)
+			w[1] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)hp));
+		else if (D == 128)
+			w[1] = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)hp));
+		else
+			w[2] = _mm256_loadu_si256((const __m256i *)(const void *)hp);
+		return;
+	}
+	rot_words_24(p, D, BITS, w);
+}
+
 /* code vector i of the transposed layout, as floats */
 #define ROT_CODE(w, i, BITS)                                                                \
 	_mm256_cvtepi32_ps(_mm256_and_si256(                                                \
 		_mm256_srli_epi32((w)[(i) / (32 / (BITS))], (int)((BITS) * ((i) % (32 / (BITS))))), \
 		_mm256_set1_epi32((1 << (BITS)) - 1)))
 
+static KVT_AI __m256 rot_code(const __m256i w[4], const uint32_t i, const uint32_t D,
+			      const uint32_t BITS)
+{
+	if (BITS != 3)
+		return ROT_CODE(w, i, BITS);
+	__m256i lo = _mm256_and_si256(_mm256_srli_epi32(w[i / 16], (int)(2 * (i % 16))),
+				      _mm256_set1_epi32(3));
+	__m256i hw = w[D == 256 ? 2 : 1];
+	__m256i hi = i >= 2 ? _mm256_srli_epi32(hw, (int)(i - 2)) : _mm256_slli_epi32(hw, (int)(2 - i));
+	return _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi32(4))));
+}
+
 /* one block of 8 vectors (elements 8 b + r + NV k): dequantize, strides 1, 2, 4 */
-static KVT_AI void rot_block_in(const __m256i w[4], const uint32_t b, const uint32_t BITS,
+static KVT_AI void rot_block_in(const __m256i w[4], const uint32_t b, const uint32_t D,
+				const uint32_t BITS,
 				const bool PER_CH, const float *Ps, const float *Pz, __m256 sv,
 				__m256 zv, __m256 v[8])
 {
@@ -991,7 +1025,7 @@ static KVT_AI void rot_block_in(const __m256i w[4], const uint32_t b, const uint
 		const uint32_t i = 8 * b + r;
 		__m256 sc = PER_CH ? _mm256_load_ps(Ps + 8 * i) : sv;
 		__m256 zc = PER_CH ? _mm256_load_ps(Pz + 8 * i) : zv;
-		v[r] = _mm256_add_ps(_mm256_mul_ps(ROT_CODE(w, i, BITS), sc), zc);
+		v[r] = _mm256_add_ps(_mm256_mul_ps(rot_code(w, i, D, BITS), sc), zc);
 	}
 	bfly8(v);
 }
@@ -1015,17 +1049,17 @@ static KVT_AI void rot_row(const uint8_t *p, uint8_t *o, const uint32_t D, const
 	__m256 v[8];
 	rot_words(p, D, BITS, w);
 	if (NV == 8) {
-		rot_block_in(w, 0, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		rot_block_in(w, 0, D, BITS, PER_CH, Ps, Pz, sv, zv, v);
 		rot_block_out(v, 0, NV, m, o, ODT);
 		return;
 	}
 	float tmp[256] __attribute__((aligned(32)));
 	if (NV == 16) {
 		/* block 0 waits in memory while block 1 stays in registers */
-		rot_block_in(w, 0, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		rot_block_in(w, 0, D, BITS, PER_CH, Ps, Pz, sv, zv, v);
 		for (int r = 0; r < 8; r++)
 			_mm256_store_ps(tmp + 8 * r, v[r]);
-		rot_block_in(w, 1, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		rot_block_in(w, 1, D, BITS, PER_CH, Ps, Pz, sv, zv, v);
 		for (int r = 0; r < 8; r++) { /* stride 8: (i, i + 8) */
 			__m256 a = _mm256_load_ps(tmp + 8 * r);
 			_mm256_store_ps(tmp + 8 * r, _mm256_add_ps(a, v[r]));
@@ -1041,7 +1075,7 @@ static KVT_AI void rot_row(const uint8_t *p, uint8_t *o, const uint32_t D, const
 	 * then (0, 2), (1, 3) */
 	_Pragma("GCC unroll 4") for (uint32_t b = 0; b < 4; b++)
 	{
-		rot_block_in(w, b, BITS, PER_CH, Ps, Pz, sv, zv, v);
+		rot_block_in(w, b, D, BITS, PER_CH, Ps, Pz, sv, zv, v);
 		for (int r = 0; r < 8; r++)
 			_mm256_store_ps(tmp + 64 * b + 8 * r, v[r]);
 	}
@@ -1150,8 +1184,23 @@ static KVT_AI void dec_rows_rot(const struct kvt_decode_rows *j, const uint32_t 
 }
 
 /* rows that are not rotated: code * scale + zero in the natural layout, stored */
-static KVT_AI __m256 nat_code(const uint8_t *p, uint32_t i, const uint32_t BITS)
+static KVT_AI __m256 nat_code(const uint8_t *p, uint32_t i, uint32_t d, const uint32_t BITS)
 {
+	if (BITS == 3) {
+		uint16_t x;
+		memcpy(&x, p + 2 * i, 2);
+		__m256i lo = _mm256_and_si256(
+			_mm256_srlv_epi32(_mm256_set1_epi16((short)x),
+					  _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+			_mm256_set1_epi32(3));
+		/* bit c of the high plane's byte i, moved to bit 2 */
+		__m256i hi = _mm256_slli_epi32(
+			_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(p[d / 4 + i]),
+							   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+					 _mm256_set1_epi32(1)),
+			2);
+		return _mm256_cvtepi32_ps(_mm256_or_si256(lo, hi));
+	}
 	if (BITS == 2) {
 		uint16_t x;
 		memcpy(&x, p + 2 * i, 2);
@@ -1191,7 +1240,7 @@ static KVT_AI void dec_rows_nat(const struct kvt_decode_rows *j, const uint32_t 
 			if (PER_CH) {
 				for (uint32_t i = 0; i < nv; i++)
 					store8(o, 8 * i,
-					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS),
+					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, d, BITS),
 									   _mm256_load_ps(Ps[h] + 8 * i)),
 							     _mm256_load_ps(Pz[h] + 8 * i)),
 					       ODT);
@@ -1205,7 +1254,7 @@ static KVT_AI void dec_rows_nat(const struct kvt_decode_rows *j, const uint32_t 
 				__m256 zv = _mm256_permutevar8x32_ps(wz, _mm256_set1_epi32((int)g));
 				for (uint32_t i = g * vpg; i < (g + 1) * vpg; i++)
 					store8(o, 8 * i,
-					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, BITS), sv), zv),
+					       _mm256_add_ps(_mm256_mul_ps(nat_code(p, i, d, BITS), sv), zv),
 					       ODT);
 			}
 		}
@@ -1228,6 +1277,9 @@ DEC_ROT_PC(128, 2)
 DEC_ROT_PC(128, 4)
 DEC_ROT_PC(256, 2)
 DEC_ROT_PC(256, 4)
+DEC_ROT_PC(64, 3)
+DEC_ROT_PC(128, 3)
+DEC_ROT_PC(256, 3)
 #define DEC_NAT(BITS, PC, ODT)                                                              \
 	static void dec_nat_##BITS##_##PC##_##ODT(const struct kvt_decode_rows *j)          \
 	{                                                                                   \
@@ -1245,29 +1297,37 @@ DEC_NAT(4, 0, 3)
 DEC_NAT(4, 1, 1)
 DEC_NAT(4, 1, 2)
 DEC_NAT(4, 1, 3)
+DEC_NAT(3, 0, 1)
+DEC_NAT(3, 0, 2)
+DEC_NAT(3, 0, 3)
+DEC_NAT(3, 1, 1)
+DEC_NAT(3, 1, 2)
+DEC_NAT(3, 1, 3)
 
 #define ODTS(pre) { pre##_1, pre##_2, pre##_3 }
 #define PCS(pre) { ODTS(pre##_0), ODTS(pre##_1) }
-/* [d 64/128/256][bits 2/4][per_ch][out dtype - 1] */
-static const dec_rows_fn dec_rot_fns[3][2][2][3] = {
-	{ PCS(dec_rot_64_2), PCS(dec_rot_64_4) },
-	{ PCS(dec_rot_128_2), PCS(dec_rot_128_4) },
-	{ PCS(dec_rot_256_2), PCS(dec_rot_256_4) },
+/* [d 64/128/256][bits 2/4/3][per_ch][out dtype - 1] */
+static const dec_rows_fn dec_rot_fns[3][3][2][3] = {
+	{ PCS(dec_rot_64_2), PCS(dec_rot_64_4), PCS(dec_rot_64_3) },
+	{ PCS(dec_rot_128_2), PCS(dec_rot_128_4), PCS(dec_rot_128_3) },
+	{ PCS(dec_rot_256_2), PCS(dec_rot_256_4), PCS(dec_rot_256_3) },
 };
-/* [bits 2/4][per_ch][out dtype - 1] */
-static const dec_rows_fn dec_nat_fns[2][2][3] = { PCS(dec_nat_2), PCS(dec_nat_4) };
+/* [bits 2/4/3][per_ch][out dtype - 1] */
+static const dec_rows_fn dec_nat_fns[3][2][3] = { PCS(dec_nat_2), PCS(dec_nat_4), PCS(dec_nat_3) };
 #undef ODTS
 #undef PCS
 
 static void v_decode_rows(const struct kvt_decode_rows *j)
 {
 	const uint32_t d = j->d, gv = j->gv;
-	const bool fast = (j->bits == 2 || j->bits == 4) && (d == 64 || d == 128 || d == 256) &&
+	const bool fast = (j->bits == 2 || j->bits == 3 || j->bits == 4) &&
+			  (d == 64 || d == 128 || d == 256) &&
 			  (gv == 1 || (gv >= 32 && gv <= d && !(gv & (gv - 1)))) &&
 			  j->out_dtype >= KVT_DTYPE_F16 && j->out_dtype <= KVT_DTYPE_F32 &&
 			  (j->sdt == KVT_DTYPE_F16 || j->sdt == KVT_DTYPE_BF16);
 	if (fast) {
-		const uint32_t bi = j->bits == 4, pc = gv == 1, oi = j->out_dtype - 1;
+		const uint32_t bi = j->bits == 2 ? 0 : j->bits == 4 ? 1 : 2, pc = gv == 1;
+		const uint32_t oi = j->out_dtype - 1;
 		if (j->rot)
 			dec_rot_fns[d == 64 ? 0 : d == 128 ? 1 : 2][bi][pc][oi](j);
 		else
