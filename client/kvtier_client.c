@@ -49,6 +49,7 @@ struct kvt_client {
 	uint32_t call_timeout_ms;
 	uint32_t max_message_bytes;
 	uint32_t max_receive_bytes;
+	bool fetch_local;         /* the fetch mode of KVT_CLIENT_FETCH_DEFAULT ranges */
 };
 
 /* ---- status helpers ------------------------------------------------------------------------ */
@@ -221,6 +222,29 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 		rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -EINVAL,
 			      "max_message_bytes %u is outside %u..%u", c->max_message_bytes,
 			      2 * MSG_OVERHEAD_BYTES, 1u << 30);
+		free(c);
+		return rc;
+	}
+	/* Local decode is the default: it ships the encoded bytes (a fifth of f16 at 2 bits)
+	 * and takes the decode off the daemon that every worker of the node shares. */
+	c->fetch_local = true;
+	if (opts->fetch_mode == KVT_CLIENT_FETCH_SERVER) {
+		c->fetch_local = false;
+	} else if (opts->fetch_mode == KVT_CLIENT_FETCH_DEFAULT) {
+		const char *env = getenv("KVTIER_CLIENT_FETCH");
+		if (env && *env && strcmp(env, "local") && strcmp(env, "server")) {
+			rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -EINVAL,
+				      "KVTIER_CLIENT_FETCH \"%.64s\" is not \"local\" or \"server\"",
+				      env);
+			free(c);
+			return rc;
+		}
+		if (env && !strcmp(env, "server"))
+			c->fetch_local = false;
+	} else if (opts->fetch_mode != KVT_CLIENT_FETCH_LOCAL) {
+		rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -EINVAL,
+			      "fetch_mode %d is not -1 (server), 0 (default) or 1 (local)",
+			      opts->fetch_mode);
 		free(c);
 		return rc;
 	}
@@ -1605,6 +1629,8 @@ static int on_fetch_bb(void *ctx, grpc_byte_buffer *bb, struct kvt_client_status
 	return rc;
 }
 
+/* fetch_local's answer for a range the daemon's Fetch rejects (nothing written, no status). */
+#define FETCH_REJECTED 1
 static int fetch_local(struct kvt_client *c, const char *session_id,
 		       const struct kvt_client_fetch_range *r, uint8_t *ko, size_t k_cap,
 		       uint8_t *vo, size_t v_cap, struct kvt_client_fetch_result *res,
@@ -1685,11 +1711,18 @@ int kvt_client_fetch(struct kvt_client *c, const char *session_id,
 			k_out = v_out = NULL;
 		}
 	}
-	if (r.decode_local && !r.raw) {
+	bool local = r.decode_local == KVT_CLIENT_FETCH_LOCAL ||
+		     (r.decode_local == KVT_CLIENT_FETCH_DEFAULT && c->fetch_local);
+	if (local && !r.raw && !r.max_message_bytes) {
 		rc = fetch_local(c, session_id, &r, k_out, k_cap, v_out, v_cap, res, st);
 		if (res)
 			fetch_result_range(res, &r);
-		return rc;
+		if (rc != FETCH_REJECTED)
+			return rc;
+		/* The daemon's Fetch would refuse this range (layers or dtype): send it as a
+		 * Fetch, so the status is the daemon's own, exactly as without local decode. */
+		if (res)
+			memset(res, 0, sizeof(*res));
 	}
 	req.token_begin = r.token_begin;
 	req.token_end = r.token_end;
@@ -2022,10 +2055,14 @@ static int fetch_local(struct kvt_client *c, const char *session_id,
 	const size_t os = kvt_dtype_size(r->dtype), out_tok = hd * os;
 	const size_t need = (size_t)nt * (l1 - l0) * out_tok;
 	const uint64_t sealed = (uint64_t)info->n_chunks * B;
-	if (l0 > l1 || l1 > info->n_layers || !os || !B) {
-		rc = st_local(st, KVT_CODE_INVALID_ARGUMENT, -EINVAL,
-			      "layer range [%u, %u) / dtype %u do not fit session \"%s\" (%u layers)",
-			      l0, l1, r->dtype, session_id, info->n_layers);
+	if (l0 > l1 || l1 > info->n_layers || !os || r->dtype > KVT_CLIENT_DTYPE_F32) {
+		/* the caller sends the request as a Fetch for the daemon's status */
+		rc = FETCH_REJECTED;
+		goto out;
+	}
+	if (!B) {
+		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO,
+			      "FetchEncoded session info has chunk_tokens 0");
 		goto out;
 	}
 	if ((ko && k_cap < need) || (vo && v_cap < need)) {

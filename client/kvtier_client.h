@@ -166,6 +166,18 @@ struct kvt_client_options {
 	 * between every client of the process with the same target and options, so their calls
 	 * are multiplexed on one HTTP/2 transport. */
 	int own_connection;
+	/* How kvt_client_fetch decodes a range whose decode_local is KVT_CLIENT_FETCH_DEFAULT:
+	 * KVT_CLIENT_FETCH_LOCAL or KVT_CLIENT_FETCH_SERVER; KVT_CLIENT_FETCH_DEFAULT (0): the
+	 * environment's KVTIER_CLIENT_FETCH ("local" or "server", read at connect; anything
+	 * else is an INVALID_ARGUMENT error of kvt_client_connect), else local. (Added last.) */
+	int fetch_mode;
+};
+
+/* kvt_client_fetch_range.decode_local and kvt_client_options.fetch_mode. */
+enum kvt_client_fetch_mode {
+	KVT_CLIENT_FETCH_SERVER = -1,
+	KVT_CLIENT_FETCH_DEFAULT = 0,
+	KVT_CLIENT_FETCH_LOCAL = 1,
 };
 
 struct kvt_client;
@@ -291,10 +303,16 @@ struct kvt_client_fetch_range {
 	uint32_t max_message_bytes;  /* 0: server default */
 	uint32_t timeout_ms;         /* 0: client default */
 	int raw;                     /* 1: send the fields exactly as given (tests); no Stat */
-	/* 1: decode here (FetchEncoded of the chunks overlapping the range, decoded by this
-	 * library's codec into k_out / v_out): the same bytes as the daemon's decode, a fifth
-	 * of the transfer at 2 bits, the decode's CPU in the caller's thread instead of the
-	 * daemon's. 0 (default): the daemon decodes (Fetch). Ignored with raw. */
+	/* Where the range is decoded (enum kvt_client_fetch_mode). KVT_CLIENT_FETCH_LOCAL:
+	 * here (FetchEncoded of the chunks overlapping the token range plus the range's exact
+	 * tail tokens, the chunks decoded by this library's codec into k_out / v_out): the same
+	 * bytes as the daemon's decode, a fifth of the transfer at 2 bits, the decode's CPU in
+	 * the caller's thread instead of the shared daemon's. KVT_CLIENT_FETCH_SERVER: the
+	 * daemon decodes (the Fetch RPC). KVT_CLIENT_FETCH_DEFAULT (0, what init sets): the
+	 * client's mode (kvt_client_options.fetch_mode, else $KVTIER_CLIENT_FETCH, else
+	 * local). A range with max_message_bytes set, or raw, always uses the Fetch RPC.
+	 * Errors are the same either way: a request the daemon would reject is re-sent as a
+	 * Fetch so the status is the daemon's own. */
 	int decode_local;
 };
 void kvt_client_fetch_range_init(struct kvt_client_fetch_range *r);

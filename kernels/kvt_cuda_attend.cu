@@ -4,7 +4,8 @@
  *
  * A host-side plan cuts every (request, KV head, group of up to 4 query heads) into work
  * items: runs of consecutive encoded chunks, sized so the batch fills every multiprocessor
- * several times, plus items for exact tokens (the pinned sinks of a chunk, the tail). One
+ * several times, plus items for exact tokens (the pinned sinks of a chunk, the tail; the
+ * keys-as-B INT2 kernel folds a chunk's pinned tokens into the coded item instead). One
  * thread block computes one item's partial softmax (running max, sum, unnormalised output);
  * a combine kernel merges the partials of each group and rotates the quantized-value part
  * back to the original basis. Two launches for the whole batch, whatever the sessions and

@@ -114,13 +114,16 @@ static inline void *it_xmalloc(size_t n)
 	return p;
 }
 
-/* Fetches [t0, t1) x [l0, l1) of a session in dtype from the daemon (decoded there, or with
- * local != 0 by libkvtier's local-decode Fetch) and from the local reference and compares
- * bytes. Returns 1 when equal. */
+/* Fetches [t0, t1) x [l0, l1) of a session in dtype through libkvtier with range.decode_local
+ * = mode (enum kvt_client_fetch_mode: the client's default, local decode or the daemon's
+ * Fetch) and from the local reference and compares bytes. Returns 1 when equal. */
 static inline int it_fetch_equals_mode(struct kvt_client *c, const char *id,
 				       const struct kvt_seq *ref, uint64_t t0, uint64_t t1,
-				       uint32_t l0, uint32_t l1, uint32_t dtype, int local)
+				       uint32_t l0, uint32_t l1, uint32_t dtype, int mode)
 {
+	const char *how = mode == KVT_CLIENT_FETCH_LOCAL	? " (local)"
+			  : mode == KVT_CLIENT_FETCH_SERVER ? " (server)"
+							    : " (default)";
 	const struct kvt_codec_config *cfg = kvt_seq_config(ref);
 	size_t n = (size_t)(t1 - t0) * (l1 - l0) * cfg->n_kv_heads * cfg->head_dim *
 		   kvt_dtype_size(dtype);
@@ -136,10 +139,10 @@ static inline int it_fetch_equals_mode(struct kvt_client *c, const char *id,
 	r.layer_begin = l0;
 	r.layer_end = l1;
 	r.dtype = dtype;
-	r.decode_local = local;
+	r.decode_local = mode;
 	rc = kvt_client_fetch(c, id, &r, k, n, v, n, NULL, &st);
 	if (rc) {
-		printf("# fetch%s %s [%llu,%llu) x [%u,%u): %d %s: %s\n", local ? " (local)" : "",
+		printf("# fetch%s %s [%llu,%llu) x [%u,%u): %d %s: %s\n", how,
 		       id, (unsigned long long)t0, (unsigned long long)t1, l0, l1, rc,
 		       kvt_client_code_name(st.code), st.message);
 		ok = 0;
@@ -156,7 +159,7 @@ static inline int it_fetch_equals_mode(struct kvt_client *c, const char *id,
 		while (i < n && k[i] == rk[i] && v[i] == rv[i])
 			i++;
 		printf("# fetch%s %s [%llu,%llu) x [%u,%u) dtype %u differs from the local reference at byte %zu of %zu\n",
-		       local ? " (local)" : "", id, (unsigned long long)t0, (unsigned long long)t1,
+		       how, id, (unsigned long long)t0, (unsigned long long)t1,
 		       l0, l1, dtype, i, n);
 		ok = 0;
 	}
@@ -171,7 +174,11 @@ out:
 static inline int it_fetch_equals(struct kvt_client *c, const char *id, const struct kvt_seq *ref,
 				  uint64_t t0, uint64_t t1, uint32_t l0, uint32_t l1, uint32_t dtype)
 {
-	return it_fetch_equals_mode(c, id, ref, t0, t1, l0, l1, dtype, 0);
+	/* both paths: the default (local decode unless the environment says server) and the
+	 * daemon's Fetch */
+	int a = it_fetch_equals_mode(c, id, ref, t0, t1, l0, l1, dtype, KVT_CLIENT_FETCH_DEFAULT);
+	int b = it_fetch_equals_mode(c, id, ref, t0, t1, l0, l1, dtype, KVT_CLIENT_FETCH_SERVER);
+	return a && b;
 }
 
 /* Attention outputs equal up to float summation order: |a-b| <= 1e-4 * (1 + max|b|). */

@@ -437,6 +437,67 @@ static void test_bad_inputs(void)
 		  "victim content intact after all bad inputs");
 }
 
+/* The fetch cases of the table through kvt_client_fetch's ordinary (non-raw) calls: the
+ * default path (local decode), local decode asked for, and the daemon's Fetch answer with
+ * the same status code and message as the raw Fetch, from the daemon, and change nothing. */
+static void test_fetch_errors_every_path(void)
+{
+	static const int mode[] = { KVT_CLIENT_FETCH_DEFAULT, KVT_CLIENT_FETCH_LOCAL,
+				    KVT_CLIENT_FETCH_SERVER };
+	const uint64_t n = kvt_seq_tokens(g_ref);
+	const struct {
+		const char *name, *id;
+		uint64_t t0, t1;
+		uint32_t l0, l1, dtype;
+	} fc[] = {
+		{ "tokens past the end", VICTIM, 0, n + 1, 0, L, KVT_DTYPE_F16 },
+		{ "layer_end past the layers", VICTIM, 0, n, 0, L + 1, KVT_DTYPE_F16 },
+		{ "layer range reversed", VICTIM, 0, n, 2, 1, KVT_DTYPE_F16 },
+		{ "token range reversed", VICTIM, 10, 5, 0, L, KVT_DTYPE_F16 },
+		{ "unknown session", MISSING, 0, 10, 0, L, KVT_DTYPE_F16 },
+		{ "unknown session, defaults", MISSING, 0, KVT_CLIENT_END, 0, KVT_CLIENT_ALL_LAYERS, 0 },
+		{ "dtype 9", VICTIM, 0, n, 0, L, 9 },
+		{ "dtype 9, empty range", VICTIM, 3, 3, 0, L, 9 },
+	};
+	size_t cap = (size_t)L * (n + 1) * ROW_BYTES * 2;
+	uint8_t *k = it_xmalloc(cap), *v = it_xmalloc(cap);
+	for (size_t i = 0; i < sizeof(fc) / sizeof(fc[0]); i++) {
+		struct kvt_client_status st[3];
+		struct kvt_client_session_info a0, a1;
+		struct kvt_client_status hs;
+		int rc[3];
+		KVT_REQUIRE(kvt_client_stat(g_c, VICTIM, &a0, &hs) == 0, "stat: %s", hs.message);
+		for (int m = 0; m < 3; m++) {
+			struct kvt_client_fetch_range r;
+			kvt_client_fetch_range_init(&r);
+			r.token_begin = fc[i].t0;
+			r.token_end = fc[i].t1;
+			r.layer_begin = fc[i].l0;
+			r.layer_end = fc[i].l1;
+			r.dtype = fc[i].dtype;
+			r.decode_local = mode[m];
+			memset(&st[m], 0, sizeof(st[m]));
+			rc[m] = kvt_client_fetch(g_c, fc[i].id, &r, k, cap, v, cap, NULL, &st[m]);
+		}
+		KVT_CHECK(rc[2] < 0 && st[2].code != KVT_CODE_OK && !st[2].local,
+			  "[fetch %s] the daemon's Fetch rejects it: %d %s \"%s\"", fc[i].name, rc[2],
+			  kvt_client_code_name(st[2].code), st[2].message);
+		for (int m = 0; m < 2; m++)
+			KVT_CHECK(rc[m] == rc[2] && st[m].code == st[2].code && !st[m].local &&
+					  !strcmp(st[m].message, st[2].message),
+				  "[fetch %s] mode %d: %d %s \"%s\", the Fetch RPC: %d %s \"%s\"",
+				  fc[i].name, mode[m], rc[m], kvt_client_code_name(st[m].code),
+				  st[m].message, rc[2], kvt_client_code_name(st[2].code),
+				  st[2].message);
+		KVT_CHECK(kvt_client_stat(g_c, VICTIM, &a1, &hs) == 0 && it_same_state(&a0, &a1),
+			  "[fetch %s] victim changed", fc[i].name);
+		printf("#   fetch (every path) %-32s %-18s %s\n", fc[i].name,
+		       kvt_client_code_name(st[0].code), st[0].message);
+	}
+	free(k);
+	free(v);
+}
+
 int main(void)
 {
 	struct kvt_client_session_params p;
@@ -496,6 +557,7 @@ int main(void)
 		goto out;
 	}
 	KVT_RUN(test_bad_inputs);
+	KVT_RUN(test_fetch_errors_every_path);
 	rc = 0;
 out:
 	kvt_client_encoded_free(g_enc);

@@ -195,12 +195,19 @@ static void test_append_fetch_reference(void)
 		const char *id;
 		uint32_t L, H, d, dtype, scheme, kb, vb, G, B, S;
 		uint32_t max_msg; /* 0 = default; small values force splitting */
+		int32_t W;        /* recent_exact_tokens; 0: the daemon's default */
+		float pin_ratio;  /* pin_detect_ratio; 0: the daemon's default */
 	} cases[] = {
-		{ "ref-oscar-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 4, 0 },
-		{ "ref-oscar-bf16-split", 6, 4, 128, KVT_DTYPE_BF16, 4, 4, 2, 32, 64, 2, 64 * 1024 },
-		{ "ref-kivi-f32", 2, 2, 64, KVT_DTYPE_F32, 2, 2, 4, 64, 128, 0, 0 },
-		{ "ref-hadamard-f16-layers", 8, 4, 256, KVT_DTYPE_F16, 3, 4, 4, 128, 128, 4, 20 * 1024 },
-		{ "ref-none-f16", 3, 1, 64, KVT_DTYPE_F16, 1, 0, 0, 32, 32, 0, 0 },
+		{ "ref-oscar-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 4, 0, 0, 0 },
+		{ "ref-oscar-bf16-split", 6, 4, 128, KVT_DTYPE_BF16, 4, 4, 2, 32, 64, 2, 64 * 1024, 0, 0 },
+		{ "ref-kivi-f32", 2, 2, 64, KVT_DTYPE_F32, 2, 2, 4, 64, 128, 0, 0, 0, 0 },
+		{ "ref-hadamard-f16-layers", 8, 4, 256, KVT_DTYPE_F16, 3, 4, 4, 128, 128, 4, 20 * 1024, 0, 0 },
+		{ "ref-none-f16", 3, 1, 64, KVT_DTYPE_F16, 1, 0, 0, 32, 32, 0, 0, 0, 0 },
+		/* 3-bit keys, a recent exact window, and detected pins: the local decode
+		 * must give the daemon's bytes for each */
+		{ "ref-oscar-k3-f16", 4, 2, 64, KVT_DTYPE_F16, 4, 3, 2, 32, 64, 4, 0, 0, 0 },
+		{ "ref-oscar-recent-bf16", 3, 2, 128, KVT_DTYPE_BF16, 4, 2, 2, 32, 32, 4, 0, 64, 0 },
+		{ "ref-oscar-pins-f16", 2, 2, 64, KVT_DTYPE_F16, 4, 2, 2, 32, 64, 0, 0, 0, 0.9f },
 	};
 	for (size_t ci = 0; ci < sizeof(cases) / sizeof(cases[0]); ci++) {
 		struct kvt_client_codec codec;
@@ -216,6 +223,12 @@ static void test_append_fetch_reference(void)
 		codec.group = cases[ci].G;
 		codec.chunk_tokens = B;
 		codec.n_sinks = (int32_t)cases[ci].S;
+		if (cases[ci].W)
+			codec.recent_exact_tokens = cases[ci].W;
+		if (cases[ci].pin_ratio > 0) {
+			codec.pin_detect_ratio = cases[ci].pin_ratio;
+			codec.pin_detect_max = 8;
+		}
 		KVT_REQUIRE(open_session(g_c, &s, cases[ci].id, cases[ci].L, cases[ci].H, cases[ci].d,
 					 cases[ci].dtype, &codec) == 0,
 			    "open %s", cases[ci].id);
@@ -250,18 +263,140 @@ static void test_append_fetch_reference(void)
 			  "%s local fetch of one whole chunk", s.id);
 		KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, T - 1, T, 0, L, cases[ci].dtype, 1),
 			  "%s local fetch of the last token", s.id);
-		for (int k = 0; k < 6; k++) {
+		for (int k = 0; k < 12; k++) {
 			uint64_t a = it_rand_below((uint32_t)T), b = a + 1 + it_rand_below((uint32_t)(T - a));
 			uint32_t la = it_rand_below(L), lb = la + 1 + it_rand_below(L - la);
 			uint32_t dt = 1 + it_rand_below(3);
-			KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, a, b, la, lb, dt, 1),
-				  "%s local fetch [%llu, %llu) x [%u, %u) dtype %u", s.id,
+			KVT_CHECK(it_fetch_equals(g_c, s.id, s.ref, a, b, la, lb, dt),
+				  "%s default and server fetch [%llu, %llu) x [%u, %u) dtype %u", s.id,
 				  (unsigned long long)a, (unsigned long long)b, la, lb, dt);
+		}
+		if (cases[ci].pin_ratio > 0) {
+			/* the case is only worth its name if pins were detected beyond the sinks */
+			struct kvt_client_encoded *e = NULL;
+			struct kvt_client_status est;
+			unsigned pinned = 0;
+			KVT_REQUIRE(kvt_client_fetch_encoded(g_c, s.id, 0, KVT_CLIENT_ALL_CHUNKS, 0,
+							     &e, &est) == 0,
+				    "fetch_encoded %s: %s", s.id, est.message);
+			for (size_t i = 0; i < e->n_chunks; i++) {
+				struct kvt_codec_config ccfg;
+				struct kvt_chunk_header h;
+				char cerr[256];
+				if (!kvt_chunk_parse(e->chunks[i].bytes, e->chunks[i].n_bytes, &ccfg,
+						     &h, cerr, sizeof(cerr)))
+					pinned += h.n_pinned;
+			}
+			kvt_client_encoded_free(e);
+			KVT_CHECK(pinned > 0, "%s has detected pins (%u)", s.id, pinned);
 		}
 		KVT_CHECK(attend_matches(g_c, &s, 1), "%s attend MHA", s.id);
 		KVT_CHECK(attend_matches(g_c, &s, 4), "%s attend GQA x4", s.id);
 		close_session(&s);
 	}
+}
+
+/* Which RPC a fetch used, by the daemon's counters: 'L' FetchEncoded (local decode), 'S'
+ * Fetch (server decode), '?' neither or both. */
+static char fetch_path(struct kvt_client *c, const char *id, int mode)
+{
+	struct kvt_client_stats a, b;
+	struct kvt_client_status st;
+	struct kvt_client_fetch_range r;
+	static uint8_t k[4 * 64 * 2 * 64 * 2], v[sizeof(k)];
+	char path = '?';
+	if (kvt_client_stats(g_c, &a, &st))
+		return '?';
+	kvt_client_fetch_range_init(&r);
+	r.token_end = 64;
+	r.decode_local = mode;
+	int rc = kvt_client_fetch(c, id, &r, k, sizeof(k), v, sizeof(v), NULL, &st);
+	if (!rc && !kvt_client_stats(g_c, &b, &st)) {
+		uint64_t fe = kvt_client_stats_counter(&b, "rpc.FetchEncoded.OK") -
+			      kvt_client_stats_counter(&a, "rpc.FetchEncoded.OK");
+		uint64_t f = kvt_client_stats_counter(&b, "rpc.Fetch.OK") -
+			     kvt_client_stats_counter(&a, "rpc.Fetch.OK");
+		path = fe == 1 && f == 0 ? 'L' : fe == 0 && f == 1 ? 'S' : '?';
+		kvt_client_stats_free(&b);
+	}
+	kvt_client_stats_free(&a);
+	return path;
+}
+
+/* The fetch path: local decode by default, the daemon's Fetch per call
+ * (decode_local KVT_CLIENT_FETCH_SERVER), per client (options.fetch_mode) and by
+ * KVTIER_CLIENT_FETCH; bad modes are refused at connect. */
+static void test_fetch_modes(void)
+{
+	struct it_session s;
+	struct kvt_client_codec codec;
+	struct kvt_client_options o = { 0 };
+	struct kvt_client_status st;
+	struct kvt_client *c = NULL;
+
+	kvt_client_codec_init(&codec);
+	codec.chunk_tokens = 32;
+	KVT_REQUIRE(open_session(g_c, &s, "modes", 4, 2, 64, KVT_DTYPE_F16, &codec) == 0, "open");
+	KVT_REQUIRE(append_both(g_c, &s, 80, NULL) == 0, "append");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L', "default is local");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_SERVER) == 'S', "per call: server");
+	KVT_CHECK(fetch_path(g_c, s.id, KVT_CLIENT_FETCH_LOCAL) == 'L', "per call: local");
+
+	o.target = g_d.target;
+	o.fetch_mode = KVT_CLIENT_FETCH_SERVER;
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'S', "client mode server");
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_LOCAL) == 'L', "per call overrides");
+	KVT_CHECK(it_fetch_equals_mode(c, s.id, s.ref, 5, 80, 1, 4, KVT_DTYPE_F32,
+				       KVT_CLIENT_FETCH_DEFAULT),
+		  "client mode server: bytes");
+	kvt_client_close(c);
+
+	o.fetch_mode = KVT_CLIENT_FETCH_DEFAULT;
+	setenv("KVTIER_CLIENT_FETCH", "server", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'S', "environment server");
+	kvt_client_close(c);
+	setenv("KVTIER_CLIENT_FETCH", "local", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L', "environment local");
+	kvt_client_close(c);
+	o.fetch_mode = KVT_CLIENT_FETCH_LOCAL;
+	setenv("KVTIER_CLIENT_FETCH", "server", 1);
+	KVT_REQUIRE(kvt_client_connect(&o, &c, &st) == 0, "connect: %s", st.message);
+	KVT_CHECK(fetch_path(c, s.id, KVT_CLIENT_FETCH_DEFAULT) == 'L',
+		  "the option wins over the environment");
+	kvt_client_close(c);
+	c = NULL;
+	o.fetch_mode = KVT_CLIENT_FETCH_DEFAULT;
+	setenv("KVTIER_CLIENT_FETCH", "decode", 1);
+	KVT_CHECK(kvt_client_connect(&o, &c, &st) == -EINVAL && st.local && !c &&
+			  strstr(st.message, "KVTIER_CLIENT_FETCH"),
+		  "a bad KVTIER_CLIENT_FETCH is refused: %s", st.message);
+	unsetenv("KVTIER_CLIENT_FETCH");
+	o.fetch_mode = 2;
+	KVT_CHECK(kvt_client_connect(&o, &c, &st) == -EINVAL && st.local && !c &&
+			  strstr(st.message, "fetch_mode"),
+		  "a bad fetch_mode is refused: %s", st.message);
+	/* max_message_bytes is the Fetch stream's own knob: such a range uses the Fetch RPC */
+	{
+		struct kvt_client_stats a, b;
+		struct kvt_client_fetch_range r;
+		static uint8_t k[4 * 80 * 2 * 64 * 2], v[sizeof(k)];
+		KVT_REQUIRE(kvt_client_stats(g_c, &a, &st) == 0, "stats");
+		kvt_client_fetch_range_init(&r);
+		r.max_message_bytes = 64 * 1024;
+		KVT_CHECK(kvt_client_fetch(g_c, s.id, &r, k, sizeof(k), v, sizeof(v), NULL, &st) == 0,
+			  "fetch: %s", st.message);
+		KVT_REQUIRE(kvt_client_stats(g_c, &b, &st) == 0, "stats");
+		KVT_CHECK(kvt_client_stats_counter(&b, "rpc.Fetch.OK") ==
+				  kvt_client_stats_counter(&a, "rpc.Fetch.OK") + 1,
+			  "max_message_bytes: the Fetch RPC");
+		kvt_client_stats_free(&a);
+		kvt_client_stats_free(&b);
+	}
+	kvt_client_drop(g_c, s.id, NULL, &st);
+	kvt_seq_destroy(s.ref);
 }
 
 /* Fetch replies honour a small max_message_bytes and still tile the range. */
@@ -776,6 +911,7 @@ int main(void)
 	KVT_RUN(test_health_and_stats);
 	KVT_RUN(test_append_fetch_reference);
 	KVT_RUN(test_fetch_small_messages);
+	KVT_RUN(test_fetch_modes);
 	KVT_RUN(test_attend_new_token);
 	KVT_RUN(test_fork_truncate_drop);
 	KVT_RUN(test_open_pin_ttl_list);
