@@ -335,6 +335,7 @@ static void test_fetch_modes(void)
 	struct kvt_client *c = NULL;
 
 	kvt_client_codec_init(&codec);
+	codec.group = 32; /* the default group is 64 (kvtier-int2) */
 	codec.chunk_tokens = 32;
 	KVT_REQUIRE(open_session(g_c, &s, "modes", 4, 2, 64, KVT_DTYPE_F16, &codec) == 0, "open");
 	KVT_REQUIRE(append_both(g_c, &s, 80, NULL) == 0, "append");
