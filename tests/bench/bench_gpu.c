@@ -176,12 +176,15 @@ static int run_att(void *p)
 
 #define N_TEMPLATES 64
 
-static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
+/* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
+static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
+			      int tokens, double copy_bw)
 {
-	const uint32_t H = 8, D = 128, HQ = 32, B = 128;
+	const uint32_t H = 8, D = 128, HQ = 32;
 	struct kvt_codec_config cfg;
 	kvt_codec_config_default(&cfg, 1, H, D, KVT_DTYPE_BF16);
-	cfg.key_bits = cfg.value_bits = bits;
+	cfg.key_bits = bits;
+	cfg.value_bits = vbits;
 	cfg.group = group;
 	cfg.chunk_tokens = B;
 	int rc = -1;
@@ -268,14 +271,15 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 		goto out;
 	double bw = (double)info.read_bytes / t;
 	const struct sdpa_row *sr = find_sdpa(batch, tokens);
-	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,\"G\":%u,"
-	       "\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
+	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,"
+	       "\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
 	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
 	       "\"kernel\":\"%s\"",
-	       bits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
+	       bits, vbits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
 	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores"
+	       : bits != vbits || bits == 3 ? "cuda_cores"
 	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2"))
 		       ? (getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 1
 				  ? "mma_i2_v1"
@@ -302,6 +306,11 @@ out:
 	free(cp);
 	free(reqs);
 	return rc;
+}
+
+static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
+{
+	return bench_attend_split(bits, bits, group, 128, batch, tokens, copy_bw);
 }
 
 /* ---- encode / decode ------------------------------------------------------------------------ */
@@ -449,6 +458,8 @@ int kvt_bench_gpu(int argc, char **argv)
 	if (attend_only)
 		goto out;
 	rc |= bench_attend(4, 128, 1, 131072, bw);
+	/* the daemon's default codec (kvtier-int2: 3-bit keys, 2-bit values, G = B = 64) */
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, bw);
 	/* the CUDA-core kernel on the same case, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);
