@@ -1,7 +1,7 @@
 #!/bin/bash
-# lead, session 3: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
+# lead, sessions 3-4: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
 # Runs in the root of a copy of the repository on the device machine, from a bundle folder B
-# holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore}, test_gpu_arena,
+# holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore,tier}, test_gpu_arena,
 # test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
 # modules (pygen/), built with -DCMAKE_CUDA_ARCHITECTURES=90 and bundled with
 # /work/shared/tools/device-bundle.sh B/lib BINARY...; results go to $OUT.
@@ -12,7 +12,8 @@ r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.
 r codec ./test_gpu_codec
 r attend ./test_gpu_attend
 KVTIERD=$B/kvtierd.sh r restore ./test_gpu_restore
-r arena ./test_gpu_arena
+[ -x ./test_gpu_arena ] && r arena ./test_gpu_arena
+KVTIERD=$B/kvtierd.sh r tier ./test_gpu_tier
 PYTHONPATH=$B/py KVTIER_PYGEN_DIR=$B/pygen KVTIERD=$B/kvtierd.sh N=10 r torch python3 test_gpu_restore_torch.py; tail -4 $OUT/torch.txt
 T=150 r sdpa python3 bench_gpu_sdpa.py
 T=200 r bench ./kvtier-bench gpu --sdpa $OUT/sdpa.txt; grep -v '^#' $OUT/bench.txt | cut -c1-360
