@@ -49,6 +49,53 @@ __device__ __forceinline__ uint64_t v3_lane_codes(const uint8_t *row, int lane, 
 	return v;
 }
 
+/* One key code x of channel c into a lane's logit accumulators (attend_coded's key step, every
+ * width): per-channel keys against the scale-folded query wq; hadamard keys (per-token groups)
+ * summed per group in ga and folded with the token's group scale and zero at the group's end. */
+template <int D>
+__device__ __forceinline__ void key_code_step(const att_params_base &p, float x, uint32_t c,
+					      bool had, uint32_t t, uint32_t h, uint32_t gv,
+					      uint32_t ng, const float *qr, const float *wq,
+					      const uint8_t *sec, bool bf, float (&a)[RQ],
+					      float (&ga)[RQ])
+{
+	if (!had) {
+		float4 w4 = *(const float4 *)(wq + c * RQ);
+		a[0] = fmaf(w4.x, x, a[0]);
+		a[1] = fmaf(w4.y, x, a[1]);
+		a[2] = fmaf(w4.z, x, a[2]);
+		a[3] = fmaf(w4.w, x, a[3]);
+		return;
+	}
+#pragma unroll
+	for (int q = 0; q < RQ; q++)
+		ga[q] = fmaf(qr[q * D + c], x, ga[q]);
+	if ((c + 1) % gv == 0) {
+		size_t si = ((size_t)h * p.B + t) * ng + c / gv;
+		float s = kvt_d_widen16(((const uint16_t *)(sec + p.k_scale_off))[si], bf);
+		float z = kvt_d_widen16(((const uint16_t *)(sec + p.k_zero_off))[si], bf);
+#pragma unroll
+		for (int q = 0; q < RQ; q++) {
+			float qs = wq[(c / gv) * RQ + q];
+			a[q] = fmaf(s, ga[q], fmaf(z, qs, a[q]));
+			ga[q] = 0.0f;
+		}
+	}
+}
+
+/* The token's logits from the accumulated sums: times the joint norm (oscar) plus the zero
+ * term (per-channel keys); a pinned token is masked (its exact item covers it). */
+__device__ __forceinline__ void key_logits(const att_params_base &p, bool oscar, bool had,
+					   bool pinned, uint32_t t, const uint8_t *sec,
+					   const float (&bias)[RQ], const float (&a)[RQ],
+					   float (&lg)[RQ])
+{
+	float n = oscar ? ((const float *)(sec + p.norms_off))[t] : 1.0f;
+#pragma unroll
+	for (int q = 0; q < RQ; q++)
+		lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
+}
+
 /* The logits of one lane's token from a 3-bit key row (attend_coded's key step for KB 3: the
  * same float operations as its 2/4/8-bit loop, the row read as 8-byte low-plane and 4-byte
  * high-plane words since 3D/8-byte rows are only 8-byte aligned at D 64). */
@@ -70,35 +117,11 @@ __device__ __forceinline__ void lg3_keys(const att_params_base &p, const uint8_t
 			const uint32_t c = k * 32 + jb;
 			const uint32_t cd = (((jb < 16 ? lv.x : lv.y) >> ((jb % 16) * 2)) & 3u) |
 					    (((hv >> jb) & 1u) << 2);
-			float x = __uint_as_float(cd | 0x4b000000u) - 8388608.0f;
-			if (!had) {
-				float4 w4 = *(const float4 *)(wq + c * RQ);
-				a[0] = fmaf(w4.x, x, a[0]);
-				a[1] = fmaf(w4.y, x, a[1]);
-				a[2] = fmaf(w4.z, x, a[2]);
-				a[3] = fmaf(w4.w, x, a[3]);
-			} else {
-#pragma unroll
-				for (int q = 0; q < RQ; q++)
-					ga[q] = fmaf(qr[q * D + c], x, ga[q]);
-				if ((c + 1) % gv == 0) {
-					size_t si = ((size_t)h * p.B + t) * ng + c / gv;
-					float s = kvt_d_widen16(((const uint16_t *)(sec + p.k_scale_off))[si], bf);
-					float z = kvt_d_widen16(((const uint16_t *)(sec + p.k_zero_off))[si], bf);
-#pragma unroll
-					for (int q = 0; q < RQ; q++) {
-						float qs = wq[(c / gv) * RQ + q];
-						a[q] = fmaf(s, ga[q], fmaf(z, qs, a[q]));
-						ga[q] = 0.0f;
-					}
-				}
-			}
+			key_code_step<D>(p, __uint_as_float(cd | 0x4b000000u) - 8388608.0f, c, had, t,
+					 h, gv, ng, qr, wq, sec, bf, a, ga);
 		}
 	}
-	float n = oscar ? ((const float *)(sec + p.norms_off))[t] : 1.0f;
-#pragma unroll
-	for (int q = 0; q < RQ; q++)
-		lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
+	key_logits(p, oscar, had, pinned, t, sec, bias, a, lg);
 }
 
 /* Quantized chunks: 32-token units [u0, u1) of the item's chunks. */
@@ -185,39 +208,13 @@ __device__ void attend_coded(const att_params_base &p, const att_item_dev &it, w
 #pragma unroll
 					for (int jb = 0; jb < 32 / KB; jb++) {
 						const uint32_t c = piece * (128 / KB) + w * (32 / KB) + jb;
-						float x = __uint_as_float(((wds[w] >> (jb * KB)) & KMASK) |
-									  0x4b000000u) -
-							  8388608.0f;
-						if (!had) {
-							float4 w4 = *(const float4 *)(wq + c * RQ);
-							a[0] = fmaf(w4.x, x, a[0]);
-							a[1] = fmaf(w4.y, x, a[1]);
-							a[2] = fmaf(w4.z, x, a[2]);
-							a[3] = fmaf(w4.w, x, a[3]);
-						} else {
-#pragma unroll
-							for (int q = 0; q < RQ; q++)
-								ga[q] = fmaf(qr[q * D + c], x, ga[q]);
-							if ((c + 1) % gv == 0) {
-								/* fold the token's group scale and zero */
-								size_t si = ((size_t)h * p.B + t) * ng + c / gv;
-								float s = kvt_d_widen16(((const uint16_t *)(sec + p.k_scale_off))[si], bf);
-								float z = kvt_d_widen16(((const uint16_t *)(sec + p.k_zero_off))[si], bf);
-#pragma unroll
-								for (int q = 0; q < RQ; q++) {
-									float qs = wq[(c / gv) * RQ + q];
-									a[q] = fmaf(s, ga[q], fmaf(z, qs, a[q]));
-									ga[q] = 0.0f;
-								}
-							}
-						}
+						const uint32_t cd = (wds[w] >> (jb * KB)) & KMASK;
+						key_code_step<D>(p, __uint_as_float(cd | 0x4b000000u) - 8388608.0f,
+								 c, had, t, h, gv, ng, qr, wq, sec, bf, a, ga);
 					}
 				}
 			}
-			float n = oscar ? ((const float *)(sec + p.norms_off))[t] : 1.0f;
-#pragma unroll
-			for (int q = 0; q < RQ; q++)
-				lg[q] = pinned ? -INFINITY : (had ? a[q] : n * (a[q] + bias[q]));
+			key_logits(p, oscar, had, pinned, t, sec, bias, a, lg);
 		}
 		__syncwarp();
 		if (!softmax_unit<EPL, RQ>(st, lg, pbuf, lane))
