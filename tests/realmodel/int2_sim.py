@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The key-rounding experiments of docs/realmodel/int2.md: kvtier-int2's sealing (oscar 2/2 bits,
-G 32, chunks of 32, recent window W 128, 8 sinks, f16 session) simulated in process, with the
+"""The experiments of docs/realmodel/int2.md: session 3's kvtier-int2 sealing by default (oscar 2/2
+bits, G 32, chunks of 32, recent window W 128, 8 sinks, f16 session; --bk/--bv/--B/--gv change the
+widths, the chunk and the value group) simulated in process, with the
 per-group rounding of keys (MODE_K) and values (MODE_V) pluggable. f32 math in numpy, not
 byte-exact with the C codec (its 'int' mode reproduces the daemon's kvtier-int2 NLL to ~1 nat per
 context); used to choose the rounding, which was then measured through kvtierd (int2_rows.py).
