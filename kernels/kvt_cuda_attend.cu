@@ -812,6 +812,18 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 
 /* ---- Host: plan ---------------------------------------------------------------------------- */
 
+/* An exact item over one chunk's pinned tokens (their K/V copies in the original basis): a block
+ * of its own, or staged by the coded item that covers the chunk when pins are folded. */
+static att_item_dev pinned_item(const att_item_dev &base, const att_chunk_dev *cd)
+{
+	att_item_dev x = base;
+	x.kind = ITEM_EXACT;
+	x.count = cd->n_pinned;
+	x.xk = cd->sec + cd->k_exact_off;
+	x.xv = cd->sec + cd->v_exact_off;
+	return x;
+}
+
 static bool same_codec(const struct kvt_codec_config *a, const struct kvt_codec_config *b)
 {
 	return a->scheme == b->scheme && a->key_bits == b->key_bits &&
@@ -1066,12 +1078,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						if (!cd->n_pinned)
 							continue;
 						GROW(pins, n_pins, cap_pins);
-						att_item_dev *x = &pins[n_pins++];
-						*x = base;
-						x->kind = ITEM_EXACT;
-						x->count = cd->n_pinned;
-						x->xk = cd->sec + cd->k_exact_off;
-						x->xv = cd->sec + cd->v_exact_off;
+						pins[n_pins++] = pinned_item(base, cd);
 					}
 					items[n_items - 1].xn = (uint32_t)n_pins - items[n_items - 1].xb;
 				}
@@ -1083,12 +1090,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					if (!cd->n_pinned)
 						continue;
 					GROW(items, n_items, cap_items);
-					att_item_dev *it = &items[n_items++];
-					*it = base;
-					it->kind = ITEM_EXACT;
-					it->count = cd->n_pinned;
-					it->xk = cd->sec + cd->k_exact_off;
-					it->xv = cd->sec + cd->v_exact_off;
+					items[n_items++] = pinned_item(base, cd);
 				}
 				/* the tail, in runs of at most 1024 tokens */
 				for (uint32_t t0 = 0; t0 < rq->n_tail; t0 += 1024) {
