@@ -478,17 +478,6 @@ static void attend_vs_cpu(struct kvt_client *c, struct sess *s, const char *what
 	free(ref);
 }
 
-static uint64_t counter(struct kvt_client *c, const char *name)
-{
-	struct kvt_client_stats s;
-	struct kvt_client_status st;
-	if (kvt_client_stats(c, &s, &st))
-		return UINT64_MAX;
-	uint64_t v = kvt_client_stats_counter(&s, name);
-	kvt_client_stats_free(&s);
-	return v;
-}
-
 static void test_resident_attend(void)
 {
 	double worst = 0;
@@ -508,14 +497,14 @@ static void test_resident_attend(void)
 		p.codec.chunk_tokens = 128;
 		p.tier = "gpu";
 		struct sess s;
-		uint64_t before = counter(g_c, "gpu.attends");
+		uint64_t before = it_counter(g_c, "gpu.attends");
 		KVT_REQUIRE(open_fill(g_c, &s, id, &p, 128 * (2 + it_rand_below(6)) + it_rand_below(128)) == 0,
 			    "setup");
 		struct kvt_client_status st;
 		KVT_CHECK(kvt_client_stat(g_c, id, &s.info, &st) == 0 && !strcmp(s.info.tier, "gpu"),
 			  "%s tier \"%s\"", id, s.info.tier);
 		attend_vs_cpu(g_c, &s, id, &worst);
-		uint64_t after = counter(g_c, "gpu.attends");
+		uint64_t after = it_counter(g_c, "gpu.attends");
 		KVT_CHECK(after - before == s.cfg.n_layers, "%s: %llu GPU attends (want %u)", id,
 			  (unsigned long long)(after - before), s.cfg.n_layers);
 		kvt_client_drop(g_c, id, NULL, &st);
@@ -553,9 +542,9 @@ static void test_arena_full(void)
 		  (unsigned long long)stats.tiers[1].chunks, s.info.n_chunks);
 	kvt_client_stats_free(&stats);
 	double worst = 0;
-	uint64_t fb = counter(c2, "gpu.attend_host_fallbacks");
+	uint64_t fb = it_counter(c2, "gpu.attend_host_fallbacks");
 	attend_vs_cpu(c2, &s, "gpu+host attend", &worst);
-	KVT_CHECK(counter(c2, "gpu.attend_host_fallbacks") > fb, "Attend fell back to the CPU");
+	KVT_CHECK(it_counter(c2, "gpu.attend_host_fallbacks") > fb, "Attend fell back to the CPU");
 	/* restore from a mix of arena and host chunks */
 	struct kvt_client *saved = g_c;
 	g_c = c2;

@@ -53,17 +53,6 @@ static struct kvt_client *g_c;
 			return ret;                                                       \
 	} while (0)
 
-static uint64_t counter(struct kvt_client *c, const char *name)
-{
-	struct kvt_client_stats s;
-	struct kvt_client_status st;
-	if (kvt_client_stats(c, &s, &st))
-		return UINT64_MAX;
-	uint64_t v = kvt_client_stats_counter(&s, name);
-	kvt_client_stats_free(&s);
-	return v;
-}
-
 static uint64_t arena_used(struct kvt_client *c, uint64_t *capacity)
 {
 	struct kvt_client_stats s;
@@ -335,12 +324,12 @@ static void test_batched_attend(void)
 		if (!host)
 			gpu_items += s[i].cfg.n_layers;
 	}
-	uint64_t a0 = counter(c, "gpu.attends"), p0 = counter(c, "gpu.attend_plans"),
-		 b0 = counter(c, "gpu.attend_batches");
+	uint64_t a0 = it_counter(c, "gpu.attends"), p0 = it_counter(c, "gpu.attend_plans"),
+		 b0 = it_counter(c, "gpu.attend_batches");
 	double worst = 0;
 	size_t n = attend_all(c, ss, NS, 0, &worst, "batch");
-	uint64_t a1 = counter(c, "gpu.attends"), p1 = counter(c, "gpu.attend_plans"),
-		 b1 = counter(c, "gpu.attend_batches");
+	uint64_t a1 = it_counter(c, "gpu.attends"), p1 = it_counter(c, "gpu.attend_plans"),
+		 b1 = it_counter(c, "gpu.attend_batches");
 	printf("# one Attend RPC of %zu items (%zu on GPU sessions, 2 codecs): gpu.attends +%llu, "
 	       "gpu.attend_plans +%llu, gpu.attend_batches +%llu; worst relative error %.3g; "
 	       "%.2f ms\n",
@@ -354,8 +343,8 @@ static void test_batched_attend(void)
 	/* a staged new token on every item: each session commits inside the RPC */
 	worst = 0;
 	n = attend_all(c, ss, NS, 1, &worst, "batch+new");
-	uint64_t a2 = counter(c, "gpu.attends"), p2 = counter(c, "gpu.attend_plans"),
-		 b2 = counter(c, "gpu.attend_batches");
+	uint64_t a2 = it_counter(c, "gpu.attends"), p2 = it_counter(c, "gpu.attend_plans"),
+		 b2 = it_counter(c, "gpu.attend_batches");
 	printf("# with a new token per item: gpu.attends +%llu, gpu.attend_plans +%llu, "
 	       "gpu.attend_batches +%llu; worst relative error %.3g\n",
 	       (unsigned long long)(a2 - a1), (unsigned long long)(p2 - p1),
@@ -397,12 +386,12 @@ static void test_batch_codec_fallback(void)
 			    "fill");
 		ss[i] = &s[i];
 	}
-	uint64_t a0 = counter(c, "gpu.attends"), p0 = counter(c, "gpu.attend_plans"),
-		 f0 = counter(c, "gpu.attend_host_fallbacks"), b0 = counter(c, "gpu.attend_batches");
+	uint64_t a0 = it_counter(c, "gpu.attends"), p0 = it_counter(c, "gpu.attend_plans"),
+		 f0 = it_counter(c, "gpu.attend_host_fallbacks"), b0 = it_counter(c, "gpu.attend_batches");
 	double worst = 0;
 	size_t n = attend_all(c, ss, S, 0, &worst, "2-bit + 3-bit");
-	uint64_t a1 = counter(c, "gpu.attends"), p1 = counter(c, "gpu.attend_plans"),
-		 f1 = counter(c, "gpu.attend_host_fallbacks"), b1 = counter(c, "gpu.attend_batches");
+	uint64_t a1 = it_counter(c, "gpu.attends"), p1 = it_counter(c, "gpu.attend_plans"),
+		 f1 = it_counter(c, "gpu.attend_host_fallbacks"), b1 = it_counter(c, "gpu.attend_batches");
 	int k3_on_gpu = a1 - a0 == n;
 	printf("# 2-bit and 3-bit sessions in one RPC (%zu items): gpu.attends +%llu, plans +%llu, "
 	       "CPU fallbacks +%llu (3-bit %s); worst relative error %.3g\n",
@@ -436,10 +425,10 @@ static void test_batch_scale(void)
 	}
 	double worst = 0;
 	attend_all(c, ss, S, 0, &worst, "warm-up");
-	uint64_t p0 = counter(c, "gpu.attend_plans");
+	uint64_t p0 = it_counter(c, "gpu.attend_plans");
 	size_t n = attend_all(c, ss, S, 0, &worst, "scale");
 	double t_batch = g_attend_s;
-	uint64_t p1 = counter(c, "gpu.attend_plans");
+	uint64_t p1 = it_counter(c, "gpu.attend_plans");
 	uint32_t d = 128, nq = 4 * 8;
 	float *q = it_xmalloc((size_t)nq * d * 4), *out = it_xmalloc((size_t)nq * d * 4);
 	for (size_t j = 0; j < (size_t)nq * d; j++)
@@ -455,7 +444,7 @@ static void test_batch_scale(void)
 			bad += kvt_client_attend(c, &it, 1, 0, &st) != 0;
 		}
 	double t_single = now_s() - t0;
-	uint64_t p2 = counter(c, "gpu.attend_plans");
+	uint64_t p2 = it_counter(c, "gpu.attend_plans");
 	printf("# %zu items (%d sessions x %d layers, ~1000 tokens, H 8, d 128, INT2): one RPC "
 	       "%.2f ms (%llu plan), %zu single-item RPCs %.2f ms (%llu plans); worst relative "
 	       "error %.3g\n",
@@ -534,8 +523,8 @@ static void test_gpu_encode(void)
 		p.session_id = hid;
 		p.tier = "host";
 		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
-		uint64_t e0 = counter(c, "gpu.encoded_chunks"), ea0 = counter(c, "gpu.encoded_into_arena"),
-			 ec0 = counter(c, "gpu.encoded_on_cpu"), up0 = counter(c, "gpu.arena_uploaded_chunks");
+		uint64_t e0 = it_counter(c, "gpu.encoded_chunks"), ea0 = it_counter(c, "gpu.encoded_into_arena"),
+			 ec0 = it_counter(c, "gpu.encoded_on_cpu"), up0 = it_counter(c, "gpu.arena_uploaded_chunks");
 		struct sess *both[2] = {&g, &h};
 		g_append_s[0] = g_append_s[1] = 0;
 		/* many sizes: single tokens, partial chunks, whole chunks, several at once */
@@ -546,8 +535,8 @@ static void test_gpu_encode(void)
 		KVT_CHECK(same_encoded(c, gid, hid, &nc) == 0,
 			  "variant %d: the GPU-resident session's chunks equal the host session's",
 			  variant);
-		uint64_t e1 = counter(c, "gpu.encoded_chunks"), ea1 = counter(c, "gpu.encoded_into_arena"),
-			 ec1 = counter(c, "gpu.encoded_on_cpu"), up1 = counter(c, "gpu.arena_uploaded_chunks");
+		uint64_t e1 = it_counter(c, "gpu.encoded_chunks"), ea1 = it_counter(c, "gpu.encoded_into_arena"),
+			 ec1 = it_counter(c, "gpu.encoded_on_cpu"), up1 = it_counter(c, "gpu.arena_uploaded_chunks");
 		printf("# encode variant %d: %zu chunks; gpu.encoded_chunks +%llu, "
 		       "gpu.encoded_into_arena +%llu, gpu.encoded_on_cpu +%llu, uploads +%llu; "
 		       "appends %.1f ms (GPU session) vs %.1f ms (host session)\n",
@@ -594,9 +583,9 @@ static void test_encode_scale(void)
 	KVT_REQUIRE(open_sess(c, &h, "encs-host", &p) == 0, "open");
 	struct sess *both[2] = {&g, &h};
 	g_append_s[0] = g_append_s[1] = 0;
-	uint64_t e0 = counter(c, "gpu.encoded_chunks");
+	uint64_t e0 = it_counter(c, "gpu.encoded_chunks");
 	KVT_REQUIRE(append_same(c, both, 2, n) == 0, "append");
-	uint64_t e1 = counter(c, "gpu.encoded_chunks");
+	uint64_t e1 = it_counter(c, "gpu.encoded_chunks");
 	size_t nc = 0;
 	KVT_CHECK(same_encoded(c, "encs-gpu", "encs-host", &nc) == 0, "same chunks");
 	KVT_CHECK(e1 - e0 == nc && nc == n / 128, "%llu GPU encodes of %zu chunks",
@@ -650,10 +639,10 @@ static void test_arena_policy(const char *policy)
 	double worst = 0;
 	struct sess *one[1] = {&a};
 	attend_all(c, one, 1, 0, &worst, "A"); /* A is now more recent than B */
-	uint64_t d0 = counter(c, "gpu.arena_demotions");
+	uint64_t d0 = it_counter(c, "gpu.arena_demotions");
 	p.session_id = "C";
 	KVT_REQUIRE(open_sess(c, &s3, "C", &p) == 0 && fill(c, &s3, per * 128) == 0, "C");
-	uint64_t d1 = counter(c, "gpu.arena_demotions");
+	uint64_t d1 = it_counter(c, "gpu.arena_demotions");
 	char ta[32], tb[32], tc[32];
 	tier_of(c, "A", ta, sizeof ta);
 	tier_of(c, "B", tb, sizeof tb);
@@ -670,10 +659,10 @@ static void test_arena_policy(const char *policy)
 			  "lru: B (least recently used) demoted to the host, A and C in the arena");
 		/* pin A; B's next Attend brings it back by demoting C (A is pinned) */
 		KVT_CHECK(kvt_client_pin(c, "A", NULL, &st) == 0, "pin A: %s", st.message);
-		uint64_t g0 = counter(c, "gpu.attends");
+		uint64_t g0 = it_counter(c, "gpu.attends");
 		one[0] = &b;
 		attend_all(c, one, 1, 0, &worst, "B re-promoted");
-		KVT_CHECK(counter(c, "gpu.attends") - g0 == b.cfg.n_layers,
+		KVT_CHECK(it_counter(c, "gpu.attends") - g0 == b.cfg.n_layers,
 			  "B attended on the GPU after its promotion");
 		tier_of(c, "A", ta, sizeof ta);
 		tier_of(c, "B", tb, sizeof tb);
@@ -690,21 +679,21 @@ static void test_arena_policy(const char *policy)
 		KVT_CHECK(!strcmp(tb, "host") && !strcmp(ta, "gpu"), "B demoted (%s), A pinned (%s)",
 			  tb, ta);
 		/* a session larger than the arena demotes nobody */
-		uint64_t d2 = counter(c, "gpu.arena_demotions");
+		uint64_t d2 = it_counter(c, "gpu.arena_demotions");
 		p.session_id = "BIG";
 		KVT_REQUIRE(open_sess(c, &big, "BIG", &p) == 0 &&
 				    fill(c, &big, (uint64_t)(cap / cs + 4) * 128) == 0,
 			    "BIG");
-		uint64_t d3 = counter(c, "gpu.arena_demotions");
+		uint64_t d3 = it_counter(c, "gpu.arena_demotions");
 		tier_of(c, "BIG", t, sizeof t);
 		tier_of(c, "C", tc, sizeof tc);
 		KVT_CHECK(d3 == d2 && !strcmp(t, "gpu+host") && !strcmp(tc, "gpu"),
 			  "BIG stays gpu+host (%s) without demoting C (%s): demotions +%llu", t, tc,
 			  (unsigned long long)(d3 - d2));
-		uint64_t f0 = counter(c, "gpu.attend_host_fallbacks");
+		uint64_t f0 = it_counter(c, "gpu.attend_host_fallbacks");
 		one[0] = &big;
 		attend_all(c, one, 1, 0, &worst, "BIG on the CPU");
-		KVT_CHECK(counter(c, "gpu.attend_host_fallbacks") > f0, "BIG fell back to the CPU");
+		KVT_CHECK(it_counter(c, "gpu.attend_host_fallbacks") > f0, "BIG fell back to the CPU");
 		kvt_client_drop(c, "BIG", NULL, &st);
 	}
 	/* results stay right for every session, wherever it lives */

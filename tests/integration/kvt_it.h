@@ -106,6 +106,18 @@ static inline void it_gen_kv(uint32_t L, uint32_t H, uint32_t d, uint32_t dtype,
 	free(vf);
 }
 
+/* One of the daemon's Stats counters (UINT64_MAX when Stats fails). */
+static inline uint64_t it_counter(struct kvt_client *c, const char *name)
+{
+	struct kvt_client_stats s;
+	struct kvt_client_status st;
+	if (kvt_client_stats(c, &s, &st))
+		return UINT64_MAX;
+	uint64_t v = kvt_client_stats_counter(&s, name);
+	kvt_client_stats_free(&s);
+	return v;
+}
+
 static inline void *it_xmalloc(size_t n)
 {
 	void *p = malloc(n ? n : 1);
