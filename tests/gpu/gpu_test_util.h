@@ -62,17 +62,11 @@ static inline void random_config(struct kvt_codec_config *cfg, bool equal_bits)
 static inline void k3_preset_config(struct kvt_codec_config *cfg, uint32_t n_layers,
 				    uint32_t n_kv_heads, uint32_t head_dim, uint32_t dtype)
 {
-	memset(cfg, 0, sizeof(*cfg));
-	cfg->scheme = KVT_SCHEME_OSCAR;
+	kvt_codec_config_default(cfg, n_layers, n_kv_heads, head_dim, dtype); /* oscar, rotate_v */
 	cfg->key_bits = 3;
 	cfg->value_bits = 2;
 	cfg->group = 64;
 	cfg->chunk_tokens = 64;
-	cfg->n_layers = n_layers;
-	cfg->n_kv_heads = n_kv_heads;
-	cfg->head_dim = head_dim;
-	cfg->dtype = dtype;
-	cfg->rotate_v = 1;
 	cfg->n_sinks = 8;
 	cfg->recent_exact_tokens = 128;
 }
