@@ -654,6 +654,73 @@ __host__ __device__ constexpr uint32_t i3_factor(int e)
 					       : 0x44004400u /* 4 */;
 }
 
+/* ---- 3-bit keys (kvtier-int2's K3 V2) on the same kernel: KB = 3 ----------------------------
+ * A 3-bit row is the 2-bit row of the low bits (the low plane, read exactly as INT2 codes)
+ * plus a plane of high bits, channel c at bit c % 8 of byte d / 4 + c / 8 (CHUNK_FORMAT.md).
+ * The code low + 4 high goes into the f16 mantissa in one piece: the low pair at half-word
+ * bits SP, SP + 1 (one of three shifts of the low word: SP 3, 5 or 7), the high bit at SP + 2
+ * (the high plane's bytes respaced by one byte permute so that channels e and e + 8 sit 16
+ * bits apart, then one shift per pair), under the 0xBC00 of i3_deq: x = -(1 + code *
+ * 2^(SP - 10)), and fma(x, s', s') with s' = s * 2^(8 - SP) is -code * s / 4 exactly (a 3-bit
+ * code times an 8-bit significand fits f16's 11 bits). Two more LOP3s and one shift per pair
+ * than INT2; the value path, softmax, staging, pins and combine are the INT2 kernel's. The
+ * unit's high planes are staged apart from the low planes (I3_KH), so the low plane keeps
+ * INT2's 32-byte rows in shared memory. Scales up to 2047 (65504 / 32) stay exact. */
+#define I3_KH 3200 /* 3-bit keys: the unit's high planes [32 tokens][16 bytes] */
+template <int KB> __host__ __device__ constexpr int i3_buf_bytes(void)
+{
+	return KB == 3 ? I3_KH + 512 : I2_BUF; /* one unit's bytes */
+}
+
+/* the scale factor 2^(8 - SP) of 3-bit key pair e: SP = 3, 5, 7, 3, 5, 7, 3, 5 */
+__host__ __device__ constexpr uint32_t i3_factor3(int e)
+{
+	return e % 3 == 0 ? 0x50005000u /* 32 */ : e % 3 == 1 ? 0x48004800u /* 8 */
+							      : 0x40004000u /* 2 */;
+}
+
+/* -(code * s' * 2^(SP - 10)) for the 3-bit codes of a pair: low bits at SP (and SP + 16) of
+ * w, the high bits at SP + 2 (and SP + 18) of hs; other bits of w and hs are masked off */
+template <int SP>
+__device__ __forceinline__ uint32_t i3_deq3(uint32_t w, uint32_t hs, uint32_t s2, uint32_t magic)
+{
+	uint32_t hm, x;
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(hm)
+	    : "r"(hs), "n"((1u << (SP + 2)) | (1u << (SP + 18))), "r"(magic));
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(x)
+	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(hm));
+	__half2 s = *(__half2 *)&s2;
+	__half2 r = __hfma2(*(__half2 *)&x, s, s);
+	return *(uint32_t *)&r;
+}
+
+/* 3-bit pair e (channels e, e + 8 of a 16-channel word): the low word's shifts wa = w << 3
+ * (pairs 0, 1, 2 at SP 3, 5, 7), wb = w >> 3 (3, 4, 5), wc = w >> 9 (6, 7); hx holds the
+ * high bits of channel e at bit e and of e + 8 at bit 16 + e */
+template <int E>
+__device__ __forceinline__ uint32_t i3_pair3(uint32_t wa, uint32_t wb, uint32_t wc, uint32_t hx,
+					     uint32_t s2, uint32_t magic)
+{
+	if constexpr (E == 0)
+		return i3_deq3<3>(wa, hx << 5, s2, magic);
+	else if constexpr (E == 1)
+		return i3_deq3<5>(wa, hx << 6, s2, magic);
+	else if constexpr (E == 2)
+		return i3_deq3<7>(wa, hx << 7, s2, magic);
+	else if constexpr (E == 3)
+		return i3_deq3<3>(wb, hx << 2, s2, magic);
+	else if constexpr (E == 4)
+		return i3_deq3<5>(wb, hx << 3, s2, magic);
+	else if constexpr (E == 5)
+		return i3_deq3<7>(wb, hx << 4, s2, magic);
+	else if constexpr (E == 6)
+		return i3_deq3<3>(wc, hx >> 1, s2, magic);
+	else
+		return i3_deq3<5>(wc, hx, s2, magic);
+}
+
 __device__ __forceinline__ uint32_t i3_hmul2(uint32_t a, uint32_t b)
 {
 	__half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
@@ -671,11 +738,11 @@ __device__ __forceinline__ uint32_t i3_split(float x, float y, float lo)
 
 /* Key k-step K: channel pairs 2K (k slots 2tig, 2tig + 1) and 2K + 1 (2tig + 8, 2tig + 9) of
  * the lane's 32 channels, for the unit's four 8-token column tiles; plus the zero term. */
-template <int K>
+template <int K, int KB>
 __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], const uint32_t (&kwl)[4],
 					 const uint32_t (&kw)[4], const uint32_t (&kwr)[4],
-					 const uint4 *afr, const uint32_t *cw, int lane, int tig,
-					 uint32_t magic)
+					 const uint32_t (&khx)[4], const uint4 *afr,
+					 const uint32_t *cw, int lane, int tig, uint32_t magic)
 {
 	const uint4 a4 = afr[K * 32 + lane];
 	const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
@@ -685,8 +752,14 @@ __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], con
 	constexpr int E = 2 * (K & 3);
 #pragma unroll
 	for (int j = 0; j < 4; j++) {
-		const uint32_t b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
-		const uint32_t b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
+		uint32_t b0, b1;
+		if constexpr (KB == 3) {
+			b0 = i3_pair3<E>(kwl[j], kw[j], kwr[j], khx[j], s2.x, magic);
+			b1 = i3_pair3<E + 1>(kwl[j], kw[j], kwr[j], khx[j], s2.y, magic);
+		} else {
+			b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
+			b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
+		}
 		mma16816(acc[j], a, b0, b1);
 	}
 }
@@ -713,19 +786,24 @@ __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&u
  * the per-unit kind selection of i2_stage). */
 struct i3_stager {
 	uint32_t kc;              /* key codes at sb = 0 (this lane's 16 bytes); values at + dv */
-	uint32_t dv;
+	uint32_t dv;              /* (3-bit keys: the values' own offset at sb = 0) */
 	uint32_t a[3], m[3], kg[3];
 	uint32_t on;              /* bit j: piece j is copied */
 };
 
-template <int NG>
+template <int NG, int KB>
 __device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool oscar, uint32_t hB,
 						    uint32_t kgbase, int lane)
 {
 	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
 	i3_stager st;
-	st.kc = p.k_codes_off + hB * 32 + 16 * lane;
-	st.dv = p.v_codes_off - p.k_codes_off;
+	if constexpr (KB == 3) {
+		st.kc = p.k_codes_off + hB * 48 + 16 * lane;
+		st.dv = p.v_codes_off + hB * 32 + 16 * lane;
+	} else {
+		st.kc = p.k_codes_off + hB * 32 + 16 * lane;
+		st.dv = p.v_codes_off - p.k_codes_off;
+	}
 	st.on = 0;
 #pragma unroll
 	for (int j = 0; j < 3; j++) {
@@ -738,12 +816,28 @@ __device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool os
 	return st;
 }
 
+template <int KB>
 __device__ __forceinline__ void i3_stage(const att_params &p, const i3_stager &st,
 					 const uint8_t *sec, uint32_t sb, uint8_t *buf, int lane)
 {
-	const uint8_t *kp = sec + (st.kc + sb * 1024), *vp = kp + st.dv;
-	cp_async16(buf + I2_KC + 16 * lane, kp);
-	cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
+	const uint8_t *vp;
+	if constexpr (KB == 3) {
+		/* 32 rows of 48 bytes = 96 pieces: pieces 3t, 3t + 1 (the low plane) to the
+		 * 32-byte row t at I2_KC, piece 3t + 2 (the high plane) to row t at I3_KH */
+		const uint8_t *kp = sec + (st.kc + sb * 1536);
+		vp = sec + (st.dv + sb * 1024);
+#pragma unroll
+		for (int j = 0; j < 3; j++) {
+			const uint32_t pc = lane + 32 * j, t = pc / 3, part = pc - 3 * t;
+			cp_async16(buf + (part < 2 ? I2_KC + 32 * t + 16 * part : I3_KH + 16 * t),
+				   kp + 512 * j);
+		}
+	} else {
+		const uint8_t *kp = sec + (st.kc + sb * 1024);
+		vp = kp + st.dv;
+		cp_async16(buf + I2_KC + 16 * lane, kp);
+		cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
+	}
 	cp_async16(buf + I2_VC + 16 * lane, vp);
 	cp_async16(buf + I2_VC + 512 + 16 * lane, vp + 512);
 	const uint32_t g = sb >> p.gsh;
@@ -845,14 +939,15 @@ __device__ __forceinline__ void i3_mbar_wait(uint64_t *mb, uint32_t parity)
 #endif
 }
 
-template <int GV, bool BULK0>
+template <int GV, bool BULK0, int KB>
 __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
 						float *rl, float *racc, uint64_t *mb, int lane)
 {
+	static_assert(KB == 2 || (KB == 3 && !BULK0), "3-bit keys: cp.async staging");
 	constexpr bool BULK = BULK0 && I3_BULK_OK;
-	constexpr int D = 128, NG = D / GV;
+	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	const int gid = lane >> 2, tig = lane & 3;
 	const float lo_f = gid >= 4 ? 1.0f : 0.0f; /* B fragment column gid: f16 lo part */
 	const uint32_t upc = p.B / 32, h = it.kv_head;
@@ -865,7 +960,9 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	uint32_t cfac[4];
 #pragma unroll
 	for (int e = 0; e < 4; e++)
-		cfac[e] = ckind ? 0xB400B400u /* -1/4 */ : chalf ? i3_factor(4 + e) : i3_factor(e);
+		cfac[e] = ckind ? 0xB400B400u /* -1/4 */
+			  : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
+				    : chalf ? i3_factor(4 + e) : i3_factor(e);
 
 	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
 	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
@@ -884,7 +981,7 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		bk = i3_bulk_make<NG>(p, oscar, hB, kgbase, lane);
 		i3_mbar_init(mb, lane);
 	} else {
-		stg = i3_stager_make<NG>(p, oscar, hB, kgbase, lane);
+		stg = i3_stager_make<NG, KB>(p, oscar, hB, kgbase, lane);
 	}
 	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
 	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
@@ -898,7 +995,7 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		if constexpr (BULK)
 			i3_stage_bulk(p, bk, chA.sec, sb0, stage, mb, lane);
 		else
-			i3_stage(p, stg, chA.sec, sb0, stage, lane);
+			i3_stage<KB>(p, stg, chA.sec, sb0, stage, lane);
 		if (u0 + 1 < u1)
 			chB = p.chunks[ci1];
 	}
@@ -908,13 +1005,13 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	for (uint32_t u = u0; u < u1; u++) {
 		const uint32_t ci = ci0, sb = sb0;
 		const att_chunk_dev ch = chA;
-		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
+		uint8_t *bf = stage + ((u - u0) & 1) * BUF;
 		if (u + 1 < u1) {
 			if constexpr (BULK)
-				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF,
+				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF,
 					      mb + ((u + 1 - u0) & 1), lane);
 			else
-				i3_stage(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
+				i3_stage<KB>(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF, lane);
 			chA = chB;
 			if (u + 2 < u1)
 				chB = p.chunks[ci2];
@@ -994,29 +1091,47 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		for (int j = 0; j < 4; j++)
 			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 		uint2 kr[4];
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
 #pragma unroll
-		for (int j = 0; j < 4; j++)
+		for (int j = 0; j < 4; j++) {
 			kr[j] = *(const uint2 *)(bf + I2_KC + (8 * j + gid) * 32 + tig * 8);
+			if constexpr (KB == 3)
+				kh[j] = *(const uint32_t *)(bf + I3_KH + (8 * j + gid) * 16 + tig * 4);
+		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].x;
-			kwl[j] = kw[j] << 6;
-			kwr[j] = kw[j] >> 6;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4140); /* channels 0-7, 8-15 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
 		}
-		i3_kstep<0>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<1>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<2>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<3>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].y;
-			kwl[j] = kw[j] << 6;
-			kwr[j] = kw[j] >> 6;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4342); /* channels 16-23, 24-31 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
 		}
-		i3_kstep<4>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<5>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<6>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<7>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 
 		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r */
 		const float bias = cb[0] + cb[2];
@@ -1242,14 +1357,15 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 #define I2_MINB 4
 #endif
 /* V 1: attend_coded_i2, V 2: attend_coded_i3, V 3: attend_coded_i3 with bulk staging; MINB:
- * blocks per SM the registers must allow */
-template <int GV, int V, int MINB>
+ * blocks per SM the registers must allow; KB: key bits (2, or 3 with V 2) */
+template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
-	constexpr int D = 128, EPL = D / 32;
+	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
+	static_assert(KB == 2 || V == 2, "3-bit keys: the keys-as-B kernel with cp.async staging");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
-	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * I2_BUF];
+	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
 	__shared__ __align__(16) uint16_t pbh[V == 1 ? ATT_WARPS : 1][8 * I2_PBS];
 	__shared__ __align__(16) uint4 afr[V >= 2 ? 8 * 32 : 1]; /* q' key A fragments [k][lane] */
 	__shared__ __align__(16) uint32_t cw[V >= 2 ? ATT_WARPS : 1][I3_CW];
@@ -1263,7 +1379,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 #endif
 	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
 	float *red_acc = (float *)&stage[0][0];
-	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
+	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
 	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
@@ -1334,7 +1450,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 			attend_coded_i2<GV>(p, it, u0, u1, qf, &stage[warp][0], pbh[warp], zsm[warp],
 					    red_m[warp], red_l[warp], racc, bq_p, ks_p, lane);
 		else
-			attend_coded_i3<GV, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+			attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						    zsm[warp], red_m[warp], red_l[warp], racc,
 						    mbar[V == 3 ? warp : 0], lane);
 		cp_async_wait_all();
@@ -1352,13 +1468,13 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	}
 	if constexpr (V >= 2) {
 		if (p.fold) {
-			i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4, qo,
+			i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo,
 					 pinrow, npin);
 		} else {
-			block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+			block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 		}
 	} else {
-		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	}
 	if (!p.fused)
 		return;
@@ -1377,7 +1493,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	if (!s_last)
 		return;
 	__threadfence();
-	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * I2_BUF, "fits the stages");
+	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * BUF, "fits the stages");
 	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
 }
 
@@ -1385,26 +1501,28 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 /* p.i2: 1 the session-2 kernel, 2 the keys-as-B kernel. MINB 5 for the keys-as-B kernel
  * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
  * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. */
-template <int GV, int V, int MINB>
+template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_i2_kernel<GV, V, MINB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	attend_i2_kernel<GV, V, MINB, KB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
 		return e;
 	return kvt_att_combine_launch(pl, s);
 }
 
-template <int V, int MINB>
+template <int V, int MINB, int KB = 2>
 static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
 {
-	return gv == 32 ? i2_launch<32, V, MINB>(pl, s)
-	       : gv == 64 ? i2_launch<64, V, MINB>(pl, s) : i2_launch<128, V, MINB>(pl, s);
+	return gv == 32 ? i2_launch<32, V, MINB, KB>(pl, s)
+	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (pl->p.kb == 3)
+		return i2_launch_g<2, 4, 3>(pl, s, gv);
 	if (pl->p.i2 == 1)
 		return i2_launch_g<1, I2_MINB>(pl, s, gv);
 	if (pl->p.i2 == 3)
@@ -1412,24 +1530,26 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	return i2_launch_g<2, 4>(pl, s, gv);
 }
 
-template <int GV, int V, int MINB> static int i2_occupancy(void)
+template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
 {
 	int nb = 0;
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB>,
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB, KB>,
 							  ATT_THREADS, 0) != cudaSuccess)
 		nb = 0;
 	(void)cudaGetLastError();
 	return nb;
 }
 
-template <int V, int MINB> static int i2_occupancy_g(uint32_t gv)
+template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 {
-	return gv == 32 ? i2_occupancy<32, V, MINB>() : gv == 64 ? i2_occupancy<64, V, MINB>()
-							   : i2_occupancy<128, V, MINB>();
+	return gv == 32 ? i2_occupancy<32, V, MINB, KB>()
+	       : gv == 64 ? i2_occupancy<64, V, MINB, KB>() : i2_occupancy<128, V, MINB, KB>();
 }
 
-int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv)
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
+	if (kb == 3)
+		return i2_occupancy_g<2, 4, 3>(gv);
 	if (variant == 1)
 		return i2_occupancy_g<1, I2_MINB>(gv);
 	if (variant == 3)
