@@ -915,8 +915,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool i2 = k3 || (mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
 			       cfg->dtype == KVT_DTYPE_BF16 &&
 			       getenv("KVTIER_CUDA_NO_I2") == NULL);
-	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
-	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
+	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 3 the same with
+	 * bulk staging (KVTIER_CUDA_I2_VARIANT=3, for A/B runs; session 2's kernel, variant 1,
+	 * was removed in session 5) */
 	int ccm = 0; /* compute capability major (bulk copies, programmatic launches: 9) */
 	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
 		ccm = 0;
@@ -926,7 +927,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		/* 3: the keys-as-B kernel staging each unit with bulk copies (sm_90) */
 		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
 		const int vv = v ? atoi(v) : 0;
-		i2v = vv == 1 ? 1 : vv == 3 && ccm >= 9 ? 3 : 2;
+		i2v = vv == 3 && ccm >= 9 ? 3 : 2;
 		if (k3)
 			i2v = 2; /* the 3-bit key path has cp.async staging only */
 	}
