@@ -59,6 +59,10 @@ static const struct opt opts[] = {
 	 0, "calls in flight at once (new ones get RESOURCE_EXHAUSTED beyond it)"},
 	{"reply_pool_buffers", OPT_U64, OFF(reply_pool_buffers), 0, 1024, 0, 0, NULL, "8", 0,
 	 "Fetch reply buffers of max_message_bytes kept for reuse (no page faults per reply)"},
+	{"reply_pool_idle_ms", OPT_U64, OFF(reply_pool_idle_ms), 0, 86400000ull, 0, 0, NULL,
+	 "10000", 1,
+	 "free the idle pooled reply buffers after this long without a Fetch needing one "
+	 "(0 = keep them)"},
 	{"host_capacity_bytes", OPT_SIZE, OFF(host_capacity_bytes), 1 * MIB, 64 * TIB, 0, 0, NULL,
 	 "4GiB", 1, "host DRAM the sessions and append staging may use (N% = share of RAM)"},
 	{"host_page_cache_bytes", OPT_SIZE, OFF(host_page_cache_bytes), 0, 1024 * MIB, 0, 0, NULL,

@@ -32,6 +32,7 @@ struct kvt_config {
 	uint64_t max_message_bytes;
 	uint64_t max_concurrent_calls;
 	uint64_t reply_pool_buffers;
+	uint64_t reply_pool_idle_ms;
 	uint64_t host_capacity_bytes;
 	uint64_t host_page_cache_bytes;
 	uint64_t capacity_policy;

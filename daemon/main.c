@@ -188,6 +188,7 @@ int main(int argc, char **argv)
 			}
 		}
 		kvt_tier_gpu_maintain(gpu, kvt_now_ms());
+		kvt_rpc_reply_pool_trim(kvt_now_ms());
 		uint64_t expired = kvt_sessions_expire(&sessions, kvt_now_ms());
 		if (expired)
 			kvt_log_info("sessions expired", "count=%llu", (unsigned long long)expired);

@@ -1056,6 +1056,7 @@ static void h_stats(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	add_counter(&cl, "append.messages_parsed",
 		    __atomic_load_n(&g_append_fallback, __ATOMIC_RELAXED));
 	add_counter(&cl, "host.allocations", ts.allocations);
+	add_counter(&cl, "rpc.reply_pool_resident", kvt_rpc_reply_pool_resident());
 	if (d->gpu) {
 		kvt_tier_gpu_counters(d->gpu, add_counter, &cl);
 		if (kvt_tier_gpu_tier_enabled(d->gpu))

@@ -161,6 +161,7 @@ static struct {
 	uint64_t made;      /* pooled buffers in existence (<= max) */
 	uint64_t max;       /* reply_pool_buffers, read at first use */
 	size_t buf_bytes;   /* max_message_bytes, read at first use */
+	uint64_t last_take_ms; /* when a buffer last left the pool (kvt_rpc_reply_pool_trim) */
 	int init;
 } g_reply_pool = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
@@ -175,6 +176,7 @@ void *kvt_rpc_reply_buf_get(size_t len)
 		g_reply_pool.init = 1;
 	}
 	if (len <= g_reply_pool.buf_bytes) {
+		g_reply_pool.last_take_ms = kvt_now_ms();
 		if (g_reply_pool.free_list) {
 			h = g_reply_pool.free_list;
 			g_reply_pool.free_list = h->next;
@@ -220,18 +222,47 @@ void kvt_rpc_reply_buf_put(void *buf)
 	pthread_mutex_unlock(&g_reply_pool.mu);
 }
 
-/* Frees the idle pooled buffers (server teardown; buffers still in flight are freed by
- * kvt_rpc_reply_buf_put as pooled ones and simply return to the list). */
-static void reply_pool_drain(void)
+/* Frees the idle pooled buffers; the caller holds the lock. Buffers in flight return to the
+ * list when gRPC is done with them and are freed at a later trim. */
+static uint64_t reply_pool_free_idle(void)
 {
-	pthread_mutex_lock(&g_reply_pool.mu);
+	uint64_t n = 0;
 	while (g_reply_pool.free_list) {
 		struct reply_hdr *h = g_reply_pool.free_list;
 		g_reply_pool.free_list = h->next;
 		g_reply_pool.made--;
 		h->magic = 0;
 		free(h);
+		n++;
 	}
+	return n;
+}
+
+uint64_t kvt_rpc_reply_pool_trim(uint64_t now_ms)
+{
+	uint64_t idle_ms = KVT_CFG(reply_pool_idle_ms), n = 0;
+	if (!idle_ms)
+		return 0;
+	pthread_mutex_lock(&g_reply_pool.mu);
+	if (g_reply_pool.free_list && now_ms - g_reply_pool.last_take_ms >= idle_ms)
+		n = reply_pool_free_idle();
+	pthread_mutex_unlock(&g_reply_pool.mu);
+	return n;
+}
+
+uint64_t kvt_rpc_reply_pool_resident(void)
+{
+	pthread_mutex_lock(&g_reply_pool.mu);
+	uint64_t n = g_reply_pool.made;
+	pthread_mutex_unlock(&g_reply_pool.mu);
+	return n;
+}
+
+/* Server teardown. */
+static void reply_pool_drain(void)
+{
+	pthread_mutex_lock(&g_reply_pool.mu);
+	reply_pool_free_idle();
 	pthread_mutex_unlock(&g_reply_pool.mu);
 }
 

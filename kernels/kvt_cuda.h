@@ -152,11 +152,20 @@ int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, cha
 void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);
 
 /* What a plan reads per run: the codes, scales, zeros, norms and exact tokens of the
- * requested layer (the figure benchmarks divide by time), and its work item count. */
+ * requested layer (the figure benchmarks divide by time), its work item count, and which
+ * kernel it launches (tests and benchmarks say which path a batch took). */
+enum kvt_cuda_attend_kernel {
+	KVT_CUDA_ATT_CUDA_CORES = 0, /* any codec */
+	KVT_CUDA_ATT_MMA = 1,        /* tensor cores, INT2 / INT4, scales on the query side */
+	KVT_CUDA_ATT_I2 = 2,         /* session 2's INT2 kernel (removed in session 5; unused) */
+	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values */
+	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same staging units by bulk copies (INT2) */
+};
 struct kvt_cuda_attend_plan_info {
 	uint64_t read_bytes;
 	uint32_t n_items;
 	uint32_t n_groups;
+	uint32_t kernel; /* enum kvt_cuda_attend_kernel */
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);

@@ -885,30 +885,39 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				     cfg->key_bits, cfg->value_bits);
 	const uint32_t B = cfg->chunk_tokens, H = cfg->n_kv_heads, D = cfg->head_dim;
 	const size_t ws = kvt_dtype_size(cfg->dtype);
-	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
-	 * INT4, head_dim 128 (their fragments read 2/4-bit rows; 3-bit rows and mixed widths
-	 * take the CUDA-core kernel) */
-	const bool mma = (cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI) &&
-			 (cfg->key_bits == 2 || cfg->key_bits == 4) &&
-			 cfg->value_bits == cfg->key_bits && D == 128 &&
-			 getenv("KVTIER_CUDA_NO_MMA") == NULL;
-	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
-	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
-	 * query heads per KV head */
 	uint32_t max_ratio = 0;
 	for (size_t r = 0; r < n_reqs; r++) {
 		const uint32_t ratio = H ? reqs[r].n_q_heads / H : 0;
 		max_ratio = ratio > max_ratio ? ratio : max_ratio;
 	}
-	const uint32_t rqn = mma && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8")) ? RQ8 : RQ;
+	const bool per_channel = cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI;
+	/* 3-bit keys with 2-bit values (kvtier-int2, the daemon's default codec), bf16 scales,
+	 * head_dim 128, <= 4 query heads per KV head: the keys-as-B INT2 kernel with its 3-bit
+	 * key path (KVTIER_CUDA_NO_K3_MMA=1: the CUDA-core kernel, for A/B runs) */
+	const bool k3 = per_channel && cfg->key_bits == 3 && cfg->value_bits == 2 && D == 128 &&
+			cfg->dtype == KVT_DTYPE_BF16 && max_ratio <= RQ &&
+			getenv("KVTIER_CUDA_NO_MMA") == NULL && getenv("KVTIER_CUDA_NO_I2") == NULL &&
+			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
+	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
+	 * INT4, head_dim 128 (their fragments read 2/4-bit rows), and the 3/2 split above; other
+	 * 3-bit rows and mixed widths take the CUDA-core kernel */
+	const bool mma = k3 || (per_channel && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
+				cfg->value_bits == cfg->key_bits && D == 128 &&
+				getenv("KVTIER_CUDA_NO_MMA") == NULL);
+	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
+	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
+	 * query heads per KV head */
+	const uint32_t rqn =
+		mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8")) ? RQ8 : RQ;
 	/* INT2 with bf16 scales and <= 4 query heads per KV head: the scales-on-codes kernel
 	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
-	 * significands) */
-	const bool i2 = mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
-			cfg->dtype == KVT_DTYPE_BF16 &&
-			getenv("KVTIER_CUDA_NO_I2") == NULL;
-	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 1 the session-2
-	 * kernel (KVTIER_CUDA_I2_VARIANT=1, for A/B runs) */
+	 * significands, or 3-bit keys) */
+	const bool i2 = k3 || (mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
+			       cfg->dtype == KVT_DTYPE_BF16 &&
+			       getenv("KVTIER_CUDA_NO_I2") == NULL);
+	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 3 the same with
+	 * bulk staging (KVTIER_CUDA_I2_VARIANT=3, for A/B runs; session 2's kernel, variant 1,
+	 * was removed in session 5) */
 	int ccm = 0; /* compute capability major (bulk copies, programmatic launches: 9) */
 	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
 		ccm = 0;
@@ -918,7 +927,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		/* 3: the keys-as-B kernel staging each unit with bulk copies (sm_90) */
 		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
 		const int vv = v ? atoi(v) : 0;
-		i2v = vv == 1 ? 1 : vv == 3 && ccm >= 9 ? 3 : 2;
+		i2v = vv == 3 && ccm >= 9 ? 3 : 2;
+		if (k3)
+			i2v = 2; /* the 3-bit key path has cp.async staging only */
 	}
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
@@ -939,14 +950,16 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	int bps = 4;
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
-	static int occ_cache[4][3];
+	static int occ_cache[5][3]; /* [4]: the 3-bit key path */
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
-	if (i2v && occ_cache[i2v][occ_i] > 0) {
-		bps = occ_cache[i2v][occ_i];
+	const uint32_t occ_v = k3 ? 4 : i2v;
+	if (i2v && occ_cache[occ_v][occ_i] > 0) {
+		bps = occ_cache[occ_v][occ_i];
 	} else if (i2v) {
-		const int nb = kvt_att_i2_blocks_per_sm(i2v, cfg->group < 128 ? cfg->group : 128);
+		const int nb = kvt_att_i2_blocks_per_sm(i2v, cfg->group < 128 ? cfg->group : 128,
+							k3 ? 3 : 2);
 		if (nb > 0)
-			bps = occ_cache[i2v][occ_i] = nb;
+			bps = occ_cache[occ_v][occ_i] = nb;
 	}
 	if (getenv("KVTIER_CUDA_IPS") && atoi(getenv("KVTIER_CUDA_IPS")) > 0)
 		bps = atoi(getenv("KVTIER_CUDA_IPS"));
@@ -1352,6 +1365,11 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->read_bytes = pl->read_bytes;
 	info->n_items = pl->n_items;
 	info->n_groups = pl->n_groups;
+	info->kernel = !pl->p.mma	   ? KVT_CUDA_ATT_CUDA_CORES
+		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
+		       : pl->p.i2 == 1 ? KVT_CUDA_ATT_I2
+		       : pl->p.i2 == 2 ? KVT_CUDA_ATT_KEYS_AS_B
+				       : KVT_CUDA_ATT_KEYS_AS_B_BULK;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

@@ -367,11 +367,12 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 
 
 /* The plan builder (kvt_cuda_attend.cu) and the INT2 kernels (kvt_cuda_attend_i2.cu) meet
- * here. p.i2: 0 not the INT2 kernel, 1 the session-2 kernel (attend_i2_kernel), 2 the
- * keys-as-B kernel (attend_i3_kernel). */
-/* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv
- * (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
-int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv);
+ * here. p.i2: 0 not the INT2 kernel, 2 the keys-as-B kernel (attend_coded_i3), 3 that kernel
+ * with bulk staging (1, session 2's kernel, was removed in session 5). p.kb 3 (3-bit keys,
+ * 2-bit values: kvtier-int2) runs the keys-as-B kernel with its 3-bit key path (p.i2 2). */
+/* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv with
+ * kb-bit keys (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);
 /* launches the INT2 kernel of pl->p.i2 and, unless fused, the combine */
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 /* the combine kernel for 128-dim heads, RQ heads per group (kvt_cuda_attend.cu) */

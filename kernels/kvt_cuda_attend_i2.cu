@@ -1,7 +1,8 @@
 /*
- * kvt_cuda_attend_i2.cu - the INT2 tensor-core decode-attention kernels (oscar/kivi INT2, bf16
- * scales, head_dim 128, at most 4 query heads per KV head), in their own translation unit so
- * that the other attention kernels compile as they did before these existed.
+ * kvt_cuda_attend_i2.cu - the INT2 tensor-core decode-attention kernel (oscar/kivi INT2, or
+ * 3-bit keys with 2-bit values, bf16 scales, head_dim 128, at most 4 query heads per KV head),
+ * in its own translation unit so that the other attention kernels compile as they did before
+ * it existed.
  */
 #include <stdlib.h>
 
@@ -19,14 +20,9 @@
  * significand) fits f16's 11 bits, so -code * s / 4 = fma(-(1 + code/4), s, s) rounds
  * nothing (the -(1 + code/4) comes from one shift and one and-or with 0xBC00). The query-side fragment
  * is then q' itself (f16 hi + lo, built once per item) and the p-side fragment p (hi + lo,
- * built once per unit).
- *   keys:   A = code * s_k / 4 [16 tokens][16 channels], B = q' [16 channels][4 heads hi,
- *           4 heads lo]; logit = n * (<q', z_k> - 4 * acc), the zero term by FMAs once per
- *           key group;
- *   values: A = code * s_v / 4 [16 channels][16 tokens] (the lane's 32-bit word of a token
- *           row holds 16 channels of one value group; two tokens' words are merged with one
- *           byte permute), B = p [16 tokens][4 heads hi, lo]; the zero term is one more MMA
- *           with A = z_v [value group][16 tokens].
+ * built once per unit). (Session 2's form of it, keys A = code * s_k / 4, B = q', p through
+ * shared memory, was `KVTIER_CUDA_I2_VARIANT=1` until session 5; the keys-as-B form below
+ * replaced it: docs/gpu.md.)
  * Every byte of a unit (codes, norms, scales, zeros) is staged into shared memory by
  * cp.async one unit ahead (double buffer per warp), so loads overlap the previous unit's
  * arithmetic. */
@@ -38,7 +34,6 @@
 #define I2_VS 2688
 /* value zeros at I2_VS + 64 * NG: every piece after the codes lies at I2_NR + 16 * piece */
 #define I2_BUF 3200 /* one unit's bytes (at 4 value groups) */
-#define I2_PBS 48   /* halves per row of the per-warp p buffer (96 bytes: no bank conflicts) */
 
 __device__ __forceinline__ void cp_async_commit(void)
 {
@@ -48,27 +43,6 @@ __device__ __forceinline__ void cp_async_commit(void)
 __device__ __forceinline__ void cp_async_wait1(void)
 {
 	asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-
-/* two bf16 (low, high) -> two f16, exact for |x| in f16's range */
-__device__ __forceinline__ uint32_t bf2_to_h2(uint32_t u)
-{
-	__half2 h = __floats2half2_rn(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
-	return *(uint32_t *)&h;
-}
-
-/* codes at bits SH and SH + 16 of u -> -(code * s / 4) for the two scales of s2, exact:
- * x = -(1 + code / 4) (the code as the top two mantissa bits under sign and exponent
- * 0xBC00), then fma(x, s, s). The sign is taken back where the sums are used. */
-template <int SH> __device__ __forceinline__ uint32_t i2_deq(uint32_t u, uint32_t s2, uint32_t magic)
-{
-	uint32_t x = SH < 8 ? u << (8 - SH) : SH > 8 ? u >> (SH - 8) : u;
-	/* (x & 0x03000300) | magic in one LOP3: the magic (0xBC00BC00) comes in a register,
-	 * else ptxas splits it into two LOP3s with an immediate each */
-	asm("lop3.b32 %0, %0, 0x03000300, %1, 0xEA;" : "+r"(x) : "r"(magic));
-	__half2 s = *(__half2 *)&s2;
-	__half2 r = __hfma2(*(__half2 *)&x, s, s);
-	return *(uint32_t *)&r;
 }
 
 /* What one lane copies per unit besides codes: up to 3 16-byte pieces of the norms, the key
@@ -116,35 +90,10 @@ __device__ __forceinline__ i2_pieces i2_pieces_make(const att_params &p, bool os
 	return r;
 }
 
-/* Stages one unit into buf (per-lane cp.async): row0 = h * B + sb * 32 (the unit's first
- * token row), kgo = the byte offset of its key group's scales within the k_scale array. */
-template <int NG>
-__device__ __forceinline__ void i2_stage(const att_params &p, const i2_pieces &pcs,
-					 const uint8_t *sec, uint32_t row0, uint32_t sb, uint32_t kgo,
-					 uint8_t *buf, int lane)
-{
-	const uint32_t co = row0 * 32 + 16 * lane;
-	cp_async16(buf + I2_KC + 16 * lane, sec + (p.k_codes_off + co));
-	cp_async16(buf + I2_KC + 512 + 16 * lane, sec + (p.k_codes_off + co + 512));
-	cp_async16(buf + I2_VC + 16 * lane, sec + (p.v_codes_off + co));
-	cp_async16(buf + I2_VC + 512 + 16 * lane, sec + (p.v_codes_off + co + 512));
-	const uint32_t d0 = sb * 128, d1 = kgo, d2 = row0 * NG * 2;
-#pragma unroll
-	for (int j = 0; j < 3; j++) {
-		const uint32_t kind = (pcs.kinds >> (2 * j)) & 3;
-		const uint32_t d = kind == 0 ? d0 : kind == 1 ? d1 : d2;
-		if (kind != 3)
-			cp_async16(buf + I2_NR + 16 * (lane + 32 * j), sec + (pcs.off[j] + d));
-	}
-}
-
-#ifndef I2_FRAG_SMEM
-#define I2_FRAG_SMEM 0 /* 1: key fragments (q', scale pairs) in shared memory, 32 fewer registers */
-#endif
-/* A warp's value partial in the reduction layout racc[head][channel] (both INT2 kernels end
- * with it): the lanes holding the two halves of each column pair add theirs (xor 2), the
+/* A warp's value partial in the reduction layout racc[head][channel]: the lanes holding the
+ * two halves of each column pair add theirs (xor 2), the
  * value-zero term goes through zsm to the lanes that own the channels, and vacc, which holds
- * -sum p * code * s / 4 (the sign i2_deq / i3_deq give the codes), becomes
+ * -sum p * code * s / 4 (the sign i3_deq gives the codes), becomes
  * sum p * (code * s + z). D 128; vg is the value group of this lane's channels. */
 template <int NG>
 __device__ __forceinline__ void i2_store_partial(float (&vacc)[8][4], float (&zacc)[2], float *zsm,
@@ -172,322 +121,6 @@ __device__ __forceinline__ void i2_store_partial(float (&vacc)[8][4], float (&za
 			ob[i] = fmaf(-4.0f, vacc[i][1], zb);
 			oa[i + 8] = fmaf(-4.0f, vacc[i][2], za);
 			ob[i + 8] = fmaf(-4.0f, vacc[i][3], zb);
-		}
-	}
-}
-
-template <int GV>
-__device__ __forceinline__ void attend_coded_i2(const att_params &p, const att_item_dev &it, uint32_t u0,
-				uint32_t u1, const float *qf, uint8_t *stage, uint16_t *pbh,
-				float *zsm, float *rm, float *rl, float *racc, const uint2 *bqs,
-				uint2 *kss, int lane)
-{
-	constexpr int D = 128, NG = D / GV;
-	const int gid = lane >> 2, tig = lane & 3;
-	const int hq = gid & 3;          /* fragment row / column gid: head gid & 3 ... */
-	const bool lo_half = gid >= 4;   /* ... its f16 high part (gid < 4) or low part */
-	const int sq = tig & 1;          /* logits: this lane's heads are 2sq, 2sq + 1 */
-	const uint32_t upc = p.B / 32, h = it.kv_head;
-	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
-	const int vg = (16 * gid) / GV;  /* the value group of this lane's channels */
-
-	/* B fragments of the keys: q' of head hq (hi or lo) at this lane's channel pairs
-	 * (c, c + 8), c = tig * 32 + (pr / 8) * 16 + pr % 8 for pair pr (k-step pr / 2) */
-#if !I2_FRAG_SMEM
-	uint32_t bq[8][2];
-#pragma unroll
-	for (int pr = 0; pr < 16; pr++) {
-		const int c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
-		const float x = qf[hq * D + c0], y = qf[hq * D + c0 + 8];
-		uint32_t hi, lo;
-		split_h2(x, y, hi, lo);
-		bq[pr / 2][pr % 2] = lo_half ? lo : hi;
-	}
-#else
-	(void)qf;
-#endif
-
-	float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.0f, 0.0f};
-	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
-#if !I2_FRAG_SMEM
-	uint32_t ks2[16];
-#endif
-	float biasA = 0.0f, biasB = 0.0f;
-	uint32_t cached = 0xffffffffu;
-
-	/* unit positions (chunk index, 32-token block in the chunk) of units u, u+1, u+2,
-	 * advanced by counting (no integer division in the loop) */
-	uint32_t ci0 = it.first + u0 / upc, sb0 = u0 % upc;
-	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
-	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
-	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
-	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
-	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
-	att_chunk_dev chA, chB;
-	chA.sec = NULL;
-	chA.pins = NULL;
-	chA.n_pinned = 0;
-	chB = chA;
-	if (u0 < u1) {
-		chA = p.chunks[ci0];
-		i2_stage<NG>(p, pcs, chA.sec, hB + sb0 * 32, sb0, kgbase + (sb0 >> p.gsh) * 256,
-			     stage, lane);
-		if (u0 + 1 < u1)
-			chB = p.chunks[ci1];
-	}
-	cp_async_commit();
-
-	for (uint32_t u = u0; u < u1; u++) {
-		const uint32_t ci = ci0, sb = sb0;
-		const att_chunk_dev ch = chA;
-		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
-		if (u + 1 < u1) {
-			i2_stage<NG>(p, pcs, chB.sec, hB + sb1 * 32, sb1, kgbase + (sb1 >> p.gsh) * 256,
-				     stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
-			chA = chB;
-			if (u + 2 < u1)
-				chB = p.chunks[ci2];
-		}
-		ci0 = ci1;
-		sb0 = sb1;
-		ci1 = ci2;
-		sb1 = sb2;
-		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
-		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
-		cp_async_commit();
-		cp_async_wait1(); /* this unit's copies (all but the newest group) */
-		__syncwarp();
-
-		/* key group: the scale pairs of this lane's channels, and the zero term */
-		const uint32_t g = sb >> p.gsh;
-		if (ci * 64 + g != cached) {
-			cached = ci * 64 + g;
-			const uint4 *kv = (const uint4 *)(bf + I2_KS + tig * 64);
-			const uint4 a0 = kv[0], a1 = kv[1], a2 = kv[2], a3 = kv[3];
-#if I2_FRAG_SMEM
-			uint32_t ks2[16];
-#endif
-#pragma unroll
-			for (int pr = 0; pr < 16; pr++) {
-				const uint4 &x = pr < 8 ? a0 : a2, &y = pr < 8 ? a1 : a3;
-				const int e = pr % 8;
-				const uint32_t wx = u4_word(x, e / 2), wy = u4_word(y, e / 2);
-				/* bf16 -> f32 is a byte move: (0, 0, lo byte, hi byte) */
-				const uint32_t sel = (e & 1) ? 0x3244 : 0x1044;
-				__half2 hh = __floats2half2_rn(__uint_as_float(__byte_perm(wx, 0, sel)),
-							       __uint_as_float(__byte_perm(wy, 0, sel)));
-				ks2[pr] = *(uint32_t *)&hh;
-			}
-#if I2_FRAG_SMEM
-#pragma unroll
-			for (int k = 0; k < 8; k++)
-				kss[k * 32 + lane] = make_uint2(ks2[2 * k], ks2[2 * k + 1]);
-#endif
-			/* <q', z> for the 4 heads: lane takes channels 4 lane .. 4 lane + 3 */
-			const uint2 zz = *(const uint2 *)(bf + I2_KZ + 8 * lane);
-			const float z0 = __uint_as_float(zz.x << 16), z1 = __uint_as_float(zz.x & 0xffff0000u);
-			const float z2 = __uint_as_float(zz.y << 16), z3 = __uint_as_float(zz.y & 0xffff0000u);
-			float v[4];
-#pragma unroll
-			for (int q = 0; q < 4; q++) {
-				const float4 qq = *(const float4 *)(qf + q * D + 4 * lane);
-				v[q] = fmaf(qq.x, z0, fmaf(qq.y, z1, fmaf(qq.z, z2, qq.w * z3)));
-			}
-			/* reduce-scatter: lane ends with head 2 * bit4 + bit3 summed over the warp */
-			const bool b4 = lane & 16, b3 = lane & 8;
-			float r0 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[0] : v[2], 16);
-			float r1 = __shfl_xor_sync(KVT_FULL_MASK, b4 ? v[1] : v[3], 16);
-			const float k0 = (b4 ? v[2] : v[0]) + r0, k1 = (b4 ? v[3] : v[1]) + r1;
-			float kk = (b3 ? k1 : k0) + __shfl_xor_sync(KVT_FULL_MASK, b3 ? k0 : k1, 8);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 4);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 2);
-			kk += __shfl_xor_sync(KVT_FULL_MASK, kk, 1);
-			biasA = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq);
-			biasB = __shfl_sync(KVT_FULL_MASK, kk, 16 * sq + 8);
-		}
-
-		/* keys: two 16-token tiles; lg[mt][0..3] = (tok gid, head 2sq), (gid, 2sq+1),
-		 * (gid+8, 2sq), (gid+8, 2sq+1) */
-		float lg[2][4];
-		float sacc2[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-		uint2 kr[2][2];
-#pragma unroll
-		for (int mt = 0; mt < 2; mt++) {
-			kr[mt][0] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid) * 32 + tig * 8);
-			kr[mt][1] = *(const uint2 *)(bf + I2_KC + (mt * 16 + gid + 8) * 32 + tig * 8);
-		}
-#if I2_FRAG_SMEM
-		__syncwarp(); /* kss written above (new group) */
-#endif
-#pragma unroll
-		for (int k = 0; k < 8; k++) {
-			const int pa = 2 * k, pb = 2 * k + 1;
-#if I2_FRAG_SMEM
-			const uint2 bb = bqs[k * 32 + lane], kq = kss[k * 32 + lane];
-			const uint32_t b0 = bb.x, b1 = bb.y, sa = kq.x, sbb = kq.y;
-#else
-			const uint32_t b0 = bq[k][0], b1 = bq[k][1], sa = ks2[pa], sbb = ks2[pb];
-#endif
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++) {
-				const uint2 r0 = kr[mt][0], r1 = kr[mt][1];
-				const uint32_t w0a = pa < 8 ? r0.x : r0.y, w1a = pa < 8 ? r1.x : r1.y;
-				const uint32_t w0b = pb < 8 ? r0.x : r0.y, w1b = pb < 8 ? r1.x : r1.y;
-				uint32_t a[4];
-				switch (pa % 8) {
-#define I2_KA(S)                                                                     \
-	case S / 2:                                                                  \
-		a[0] = i2_deq<S>(w0a, sa, magic);                                           \
-		a[1] = i2_deq<S>(w1a, sa, magic);                                           \
-		a[2] = i2_deq<S + 2>(w0b, sbb, magic);                                      \
-		a[3] = i2_deq<S + 2>(w1b, sbb, magic);                                      \
-		break;
-				I2_KA(0) I2_KA(4) I2_KA(8) I2_KA(12)
-#undef I2_KA
-				default:
-					break;
-				}
-				mma16816(sacc2[mt], a, b0, b1);
-			}
-		}
-#pragma unroll
-		for (int mt = 0; mt < 2; mt++) {
-			const int t0 = mt * 16 + gid, t1 = t0 + 8;
-			float *sacc = sacc2[mt];
-			/* columns 2tig, 2tig+1 of lanes tig and tig ^ 2: hi and lo of the same heads */
-#pragma unroll
-			for (int i = 0; i < 4; i++)
-				sacc[i] += __shfl_xor_sync(KVT_FULL_MASK, sacc[i], 2);
-			bool pin0 = false, pin1 = false;
-			for (uint32_t i = 0; i < ch.n_pinned; i++) {
-				const uint32_t pt = ch.pins[i];
-				pin0 |= pt == sb * 32 + t0;
-				pin1 |= pt == sb * 32 + t1;
-			}
-			const float n0 = oscar ? ((const float *)(bf + I2_NR))[t0] : 1.0f;
-			const float n1 = oscar ? ((const float *)(bf + I2_NR))[t1] : 1.0f;
-			/* sacc = -<q', code * s> / 4 (i2_deq's sign) */
-			lg[mt][0] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[0], biasA);
-			lg[mt][1] = pin0 ? -INFINITY : n0 * fmaf(-4.0f, sacc[1], biasB);
-			lg[mt][2] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[2], biasA);
-			lg[mt][3] = pin1 ? -INFINITY : n1 * fmaf(-4.0f, sacc[3], biasB);
-		}
-
-		/* online softmax for heads 2sq, 2sq+1; p goes to pbh as f16 hi (lanes tig < 2) or
-		 * lo (tig >= 2), row part * 4 + head, tokens of a 16-token tile permuted so that
-		 * the value fragment's tokens (tig, tig+4, tig+8, tig+12) are adjacent */
-		float alpha[2];
-		float pv[2][2][2]; /* [mt][row][qi] */
-#pragma unroll
-		for (int qi = 0; qi < 2; qi++) {
-			float mx = fmaxf(fmaxf(lg[0][qi], lg[0][qi + 2]), fmaxf(lg[1][qi], lg[1][qi + 2]));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
-			const float mn = fmaxf(m2[qi], mx);
-			alpha[qi] = 1.0f;
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++)
-				pv[mt][0][qi] = pv[mt][1][qi] = 0.0f;
-			if (mn != -INFINITY) {
-				alpha[qi] = __expf(m2[qi] - mn);
-#pragma unroll
-				for (int mt = 0; mt < 2; mt++) {
-					pv[mt][0][qi] = __expf(lg[mt][qi] - mn);     /* exp(-inf) = 0 */
-					pv[mt][1][qi] = __expf(lg[mt][qi + 2] - mn);
-				}
-				l2[qi] = l2[qi] * alpha[qi] + pv[0][0][qi] + pv[0][1][qi] + pv[1][0][qi] + pv[1][1][qi];
-				m2[qi] = mn;
-			}
-		}
-		{
-			const int part = tig >> 1;
-			uint16_t *row0 = pbh + (part * 4 + 2 * sq) * I2_PBS, *row1 = row0 + I2_PBS;
-#pragma unroll
-			for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-				for (int r = 0; r < 2; r++) {
-					const int tt = gid + 8 * r; /* token in the tile */
-					const int pos = mt * 16 + (tt & 3) * 4 + (tt >> 2);
-					uint32_t hi, lo;
-					split_h2(pv[mt][r][0], pv[mt][r][1], hi, lo);
-					const uint32_t w = part ? lo : hi;
-					row0[pos] = (uint16_t)(w & 0xffff);
-					row1[pos] = (uint16_t)(w >> 16);
-				}
-			}
-		}
-		__syncwarp();
-
-		/* values; the accumulators are rescaled only when some running max moved (after
-		 * the first units of an item it rarely does) */
-		if (!__all_sync(KVT_FULL_MASK, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				vacc[i][0] *= alpha[0];
-				vacc[i][1] *= alpha[1];
-				vacc[i][2] *= alpha[0];
-				vacc[i][3] *= alpha[1];
-			}
-			zacc[0] *= alpha[0];
-			zacc[1] *= alpha[1];
-		}
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			const uint2 pb = *(const uint2 *)(pbh + gid * I2_PBS + kk * 16 + tig * 4);
-			const int T = kk * 16 + tig; /* tokens T, T+4 (pair 0), T+8, T+12 (pair 1) */
-			const uint32_t *vw = (const uint32_t *)(bf + I2_VC) + gid;
-			const uint32_t wa = vw[T * 8], wb = vw[(T + 4) * 8], wc = vw[(T + 8) * 8],
-				       wd = vw[(T + 12) * 8];
-			const uint32_t ul0 = __byte_perm(wa, wb, 0x5410), uh0 = __byte_perm(wa, wb, 0x7632);
-			const uint32_t ul1 = __byte_perm(wc, wd, 0x5410), uh1 = __byte_perm(wc, wd, 0x7632);
-			const uint16_t *vs = (const uint16_t *)(bf + I2_VS),
-				       *vz = (const uint16_t *)(bf + I2_VS + 64 * NG);
-			const uint32_t s0 = bf2_to_h2((uint32_t)vs[T * NG + vg] | ((uint32_t)vs[(T + 4) * NG + vg] << 16));
-			const uint32_t s1 = bf2_to_h2((uint32_t)vs[(T + 8) * NG + vg] | ((uint32_t)vs[(T + 12) * NG + vg] << 16));
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				uint32_t a[4];
-				switch (i) {
-#define I2_VA(I)                                                 \
-	case I:                                                  \
-		a[0] = i2_deq<2 * I>(ul0, s0, magic);                   \
-		a[1] = i2_deq<2 * I>(uh0, s0, magic);                   \
-		a[2] = i2_deq<2 * I>(ul1, s1, magic);                   \
-		a[3] = i2_deq<2 * I>(uh1, s1, magic);                   \
-		break;
-				I2_VA(0) I2_VA(1) I2_VA(2) I2_VA(3) I2_VA(4) I2_VA(5) I2_VA(6) I2_VA(7)
-#undef I2_VA
-				default:
-					break;
-				}
-				mma16816(vacc[i], a, pb.x, pb.y);
-			}
-			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
-			uint32_t az[4] = {0u, 0u, 0u, 0u};
-			if (gid < NG) {
-				az[0] = bf2_to_h2((uint32_t)vz[T * NG + gid] | ((uint32_t)vz[(T + 4) * NG + gid] << 16));
-				az[2] = bf2_to_h2((uint32_t)vz[(T + 8) * NG + gid] | ((uint32_t)vz[(T + 12) * NG + gid] << 16));
-			}
-			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, pb.x, pb.y);
-		}
-		__syncwarp(); /* the next iteration stages into the buffer read here */
-	}
-
-	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
-#pragma unroll
-	for (int qi = 0; qi < 2; qi++) {
-		float l = l2[qi];
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
-		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
-		if (gid == 0 && tig < 2) {
-			rm[2 * sq + qi] = m2[qi];
-			rl[2 * sq + qi] = l;
 		}
 	}
 }
@@ -580,9 +213,9 @@ __device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *
 
 /* ---- The keys-as-B INT2 kernel (p.i2 == 2, the default) --------------------------------------
  *
- * Same staging, same exact code * scale products as attend_coded_i2, but the key MMA has its
- * operands swapped, which removes the shared-memory round trip of p and most of the softmax
- * shuffles, and the code -> f16 step needs one shift per 3-4 code pairs instead of one per pair:
+ * Same exact code * scale products as session 2's kernel, but the key MMA has its operands
+ * swapped, which removes the shared-memory round trip of p and most of the softmax shuffles,
+ * and the code -> f16 step needs one shift per 3-4 code pairs instead of one per pair:
  *   keys:   A = q' [4 heads f16 hi (rows 0-3, again 4-7), the same heads' lo parts (rows 8-15)]
  *           [16 channels], built once per item into shared memory, prescaled by -4 log2(e);
  *           B = -code * s_k / 4 [16 channels][8 tokens]: four MMAs per k-step cover the unit's
@@ -591,7 +224,7 @@ __device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *
  *           which is exactly where the value MMA's B fragment (p) wants them: no transpose;
  *           the zero term <q', z_k> is one more MMA per k-step with B = -z_k / 4;
  *   values: A = -code * s_v / 4 [16 channels][16 tokens], B = p [16 tokens][4 heads hi, lo]
- *           (as in attend_coded_i2, with the tokens in natural pairs), zero term by one MMA.
+ *           (tokens in natural pairs), zero term by one MMA.
  * A code pair at half-word bits S' (4, 6 or 8, after at most one shift of the 32-bit word by
  * 6) is (word & mask) | 0xBC00 = -(1 + code * 2^(S' - 10)); fma(x, s', s') with
  * s' = s * 2^(8 - S') gives -code * s / 4 exactly. The s' words (f16 pairs in fragment order,
@@ -654,6 +287,73 @@ __host__ __device__ constexpr uint32_t i3_factor(int e)
 					       : 0x44004400u /* 4 */;
 }
 
+/* ---- 3-bit keys (kvtier-int2's K3 V2) on the same kernel: KB = 3 ----------------------------
+ * A 3-bit row is the 2-bit row of the low bits (the low plane, read exactly as INT2 codes)
+ * plus a plane of high bits, channel c at bit c % 8 of byte d / 4 + c / 8 (CHUNK_FORMAT.md).
+ * The code low + 4 high goes into the f16 mantissa in one piece: the low pair at half-word
+ * bits SP, SP + 1 (one of three shifts of the low word: SP 3, 5 or 7), the high bit at SP + 2
+ * (the high plane's bytes respaced by one byte permute so that channels e and e + 8 sit 16
+ * bits apart, then one shift per pair), under the 0xBC00 of i3_deq: x = -(1 + code *
+ * 2^(SP - 10)), and fma(x, s', s') with s' = s * 2^(8 - SP) is -code * s / 4 exactly (a 3-bit
+ * code times an 8-bit significand fits f16's 11 bits). Two more LOP3s and one shift per pair
+ * than INT2; the value path, softmax, staging, pins and combine are the INT2 kernel's. The
+ * unit's high planes are staged apart from the low planes (I3_KH), so the low plane keeps
+ * INT2's 32-byte rows in shared memory. Scales up to 2047 (65504 / 32) stay exact. */
+#define I3_KH 3200 /* 3-bit keys: the unit's high planes [32 tokens][16 bytes] */
+template <int KB> __host__ __device__ constexpr int i3_buf_bytes(void)
+{
+	return KB == 3 ? I3_KH + 512 : I2_BUF; /* one unit's bytes */
+}
+
+/* the scale factor 2^(8 - SP) of 3-bit key pair e: SP = 3, 5, 7, 3, 5, 7, 3, 5 */
+__host__ __device__ constexpr uint32_t i3_factor3(int e)
+{
+	return e % 3 == 0 ? 0x50005000u /* 32 */ : e % 3 == 1 ? 0x48004800u /* 8 */
+							      : 0x40004000u /* 2 */;
+}
+
+/* -(code * s' * 2^(SP - 10)) for the 3-bit codes of a pair: low bits at SP (and SP + 16) of
+ * w, the high bits at SP + 2 (and SP + 18) of hs; other bits of w and hs are masked off */
+template <int SP>
+__device__ __forceinline__ uint32_t i3_deq3(uint32_t w, uint32_t hs, uint32_t s2, uint32_t magic)
+{
+	uint32_t hm, x;
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(hm)
+	    : "r"(hs), "n"((1u << (SP + 2)) | (1u << (SP + 18))), "r"(magic));
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(x)
+	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(hm));
+	__half2 s = *(__half2 *)&s2;
+	__half2 r = __hfma2(*(__half2 *)&x, s, s);
+	return *(uint32_t *)&r;
+}
+
+/* 3-bit pair e (channels e, e + 8 of a 16-channel word): the low word's shifts wa = w << 3
+ * (pairs 0, 1, 2 at SP 3, 5, 7), wb = w >> 3 (3, 4, 5), wc = w >> 9 (6, 7); hx holds the
+ * high bits of channel e at bit e and of e + 8 at bit 16 + e */
+template <int E>
+__device__ __forceinline__ uint32_t i3_pair3(uint32_t wa, uint32_t wb, uint32_t wc, uint32_t hx,
+					     uint32_t s2, uint32_t magic)
+{
+	if constexpr (E == 0)
+		return i3_deq3<3>(wa, hx << 5, s2, magic);
+	else if constexpr (E == 1)
+		return i3_deq3<5>(wa, hx << 6, s2, magic);
+	else if constexpr (E == 2)
+		return i3_deq3<7>(wa, hx << 7, s2, magic);
+	else if constexpr (E == 3)
+		return i3_deq3<3>(wb, hx << 2, s2, magic);
+	else if constexpr (E == 4)
+		return i3_deq3<5>(wb, hx << 3, s2, magic);
+	else if constexpr (E == 5)
+		return i3_deq3<7>(wb, hx << 4, s2, magic);
+	else if constexpr (E == 6)
+		return i3_deq3<3>(wc, hx >> 1, s2, magic);
+	else
+		return i3_deq3<5>(wc, hx, s2, magic);
+}
+
 __device__ __forceinline__ uint32_t i3_hmul2(uint32_t a, uint32_t b)
 {
 	__half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
@@ -671,11 +371,11 @@ __device__ __forceinline__ uint32_t i3_split(float x, float y, float lo)
 
 /* Key k-step K: channel pairs 2K (k slots 2tig, 2tig + 1) and 2K + 1 (2tig + 8, 2tig + 9) of
  * the lane's 32 channels, for the unit's four 8-token column tiles; plus the zero term. */
-template <int K>
+template <int K, int KB>
 __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], const uint32_t (&kwl)[4],
 					 const uint32_t (&kw)[4], const uint32_t (&kwr)[4],
-					 const uint4 *afr, const uint32_t *cw, int lane, int tig,
-					 uint32_t magic)
+					 const uint32_t (&khx)[4], const uint4 *afr,
+					 const uint32_t *cw, int lane, int tig, uint32_t magic)
 {
 	const uint4 a4 = afr[K * 32 + lane];
 	const uint32_t a[4] = {a4.x, a4.y, a4.z, a4.w};
@@ -685,8 +385,14 @@ __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], con
 	constexpr int E = 2 * (K & 3);
 #pragma unroll
 	for (int j = 0; j < 4; j++) {
-		const uint32_t b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
-		const uint32_t b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
+		uint32_t b0, b1;
+		if constexpr (KB == 3) {
+			b0 = i3_pair3<E>(kwl[j], kw[j], kwr[j], khx[j], s2.x, magic);
+			b1 = i3_pair3<E + 1>(kwl[j], kw[j], kwr[j], khx[j], s2.y, magic);
+		} else {
+			b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
+			b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
+		}
 		mma16816(acc[j], a, b0, b1);
 	}
 }
@@ -710,22 +416,27 @@ __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&u
 
 /* The keys-as-B kernel's staging: per lane, each copy's offset in the layer section is
  * a + sb * m + (sb >> gsh) * kg with a, m, kg fixed per item (2 IMADs a piece instead of
- * the per-unit kind selection of i2_stage). */
+ * a per-unit selection of the piece's kind). */
 struct i3_stager {
 	uint32_t kc;              /* key codes at sb = 0 (this lane's 16 bytes); values at + dv */
-	uint32_t dv;
+	uint32_t dv;              /* (3-bit keys: the values' own offset at sb = 0) */
 	uint32_t a[3], m[3], kg[3];
 	uint32_t on;              /* bit j: piece j is copied */
 };
 
-template <int NG>
+template <int NG, int KB>
 __device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool oscar, uint32_t hB,
 						    uint32_t kgbase, int lane)
 {
 	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
 	i3_stager st;
-	st.kc = p.k_codes_off + hB * 32 + 16 * lane;
-	st.dv = p.v_codes_off - p.k_codes_off;
+	if constexpr (KB == 3) {
+		st.kc = p.k_codes_off + hB * 48 + 16 * lane;
+		st.dv = p.v_codes_off + hB * 32 + 16 * lane;
+	} else {
+		st.kc = p.k_codes_off + hB * 32 + 16 * lane;
+		st.dv = p.v_codes_off - p.k_codes_off;
+	}
 	st.on = 0;
 #pragma unroll
 	for (int j = 0; j < 3; j++) {
@@ -738,12 +449,28 @@ __device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool os
 	return st;
 }
 
+template <int KB>
 __device__ __forceinline__ void i3_stage(const att_params &p, const i3_stager &st,
 					 const uint8_t *sec, uint32_t sb, uint8_t *buf, int lane)
 {
-	const uint8_t *kp = sec + (st.kc + sb * 1024), *vp = kp + st.dv;
-	cp_async16(buf + I2_KC + 16 * lane, kp);
-	cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
+	const uint8_t *vp;
+	if constexpr (KB == 3) {
+		/* 32 rows of 48 bytes = 96 pieces: pieces 3t, 3t + 1 (the low plane) to the
+		 * 32-byte row t at I2_KC, piece 3t + 2 (the high plane) to row t at I3_KH */
+		const uint8_t *kp = sec + (st.kc + sb * 1536);
+		vp = sec + (st.dv + sb * 1024);
+#pragma unroll
+		for (int j = 0; j < 3; j++) {
+			const uint32_t pc = lane + 32 * j, t = pc / 3, part = pc - 3 * t;
+			cp_async16(buf + (part < 2 ? I2_KC + 32 * t + 16 * part : I3_KH + 16 * t),
+				   kp + 512 * j);
+		}
+	} else {
+		const uint8_t *kp = sec + (st.kc + sb * 1024);
+		vp = kp + st.dv;
+		cp_async16(buf + I2_KC + 16 * lane, kp);
+		cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
+	}
 	cp_async16(buf + I2_VC + 16 * lane, vp);
 	cp_async16(buf + I2_VC + 512 + 16 * lane, vp + 512);
 	const uint32_t g = sb >> p.gsh;
@@ -845,14 +572,15 @@ __device__ __forceinline__ void i3_mbar_wait(uint64_t *mb, uint32_t parity)
 #endif
 }
 
-template <int GV, bool BULK0>
+template <int GV, bool BULK0, int KB>
 __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
 						float *rl, float *racc, uint64_t *mb, int lane)
 {
+	static_assert(KB == 2 || (KB == 3 && !BULK0), "3-bit keys: cp.async staging");
 	constexpr bool BULK = BULK0 && I3_BULK_OK;
-	constexpr int D = 128, NG = D / GV;
+	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	const int gid = lane >> 2, tig = lane & 3;
 	const float lo_f = gid >= 4 ? 1.0f : 0.0f; /* B fragment column gid: f16 lo part */
 	const uint32_t upc = p.B / 32, h = it.kv_head;
@@ -865,7 +593,9 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	uint32_t cfac[4];
 #pragma unroll
 	for (int e = 0; e < 4; e++)
-		cfac[e] = ckind ? 0xB400B400u /* -1/4 */ : chalf ? i3_factor(4 + e) : i3_factor(e);
+		cfac[e] = ckind ? 0xB400B400u /* -1/4 */
+			  : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
+				    : chalf ? i3_factor(4 + e) : i3_factor(e);
 
 	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
 	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
@@ -884,9 +614,11 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		bk = i3_bulk_make<NG>(p, oscar, hB, kgbase, lane);
 		i3_mbar_init(mb, lane);
 	} else {
-		stg = i3_stager_make<NG>(p, oscar, hB, kgbase, lane);
+		stg = i3_stager_make<NG, KB>(p, oscar, hB, kgbase, lane);
 	}
-	uint32_t magic; /* opaque to the compiler: stays in a register (see i2_deq) */
+	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
+	 * two LOP3s with an immediate each */
+	uint32_t magic;
 	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
 	att_chunk_dev chA, chB;
 	chA.sec = NULL;
@@ -898,7 +630,7 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		if constexpr (BULK)
 			i3_stage_bulk(p, bk, chA.sec, sb0, stage, mb, lane);
 		else
-			i3_stage(p, stg, chA.sec, sb0, stage, lane);
+			i3_stage<KB>(p, stg, chA.sec, sb0, stage, lane);
 		if (u0 + 1 < u1)
 			chB = p.chunks[ci1];
 	}
@@ -908,13 +640,13 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	for (uint32_t u = u0; u < u1; u++) {
 		const uint32_t ci = ci0, sb = sb0;
 		const att_chunk_dev ch = chA;
-		uint8_t *bf = stage + ((u - u0) & 1) * I2_BUF;
+		uint8_t *bf = stage + ((u - u0) & 1) * BUF;
 		if (u + 1 < u1) {
 			if constexpr (BULK)
-				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF,
+				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF,
 					      mb + ((u + 1 - u0) & 1), lane);
 			else
-				i3_stage(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * I2_BUF, lane);
+				i3_stage<KB>(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF, lane);
 			chA = chB;
 			if (u + 2 < u1)
 				chB = p.chunks[ci2];
@@ -994,29 +726,47 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 		for (int j = 0; j < 4; j++)
 			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 		uint2 kr[4];
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
 #pragma unroll
-		for (int j = 0; j < 4; j++)
+		for (int j = 0; j < 4; j++) {
 			kr[j] = *(const uint2 *)(bf + I2_KC + (8 * j + gid) * 32 + tig * 8);
+			if constexpr (KB == 3)
+				kh[j] = *(const uint32_t *)(bf + I3_KH + (8 * j + gid) * 16 + tig * 4);
+		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].x;
-			kwl[j] = kw[j] << 6;
-			kwr[j] = kw[j] >> 6;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4140); /* channels 0-7, 8-15 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
 		}
-		i3_kstep<0>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<1>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<2>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<3>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].y;
-			kwl[j] = kw[j] << 6;
-			kwr[j] = kw[j] >> 6;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4342); /* channels 16-23, 24-31 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
 		}
-		i3_kstep<4>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<5>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<6>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
-		i3_kstep<7>(acc, cb, kwl, kw, kwr, afr, cw, lane, tig, magic);
+		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 
 		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r */
 		const float bias = cb[0] + cb[2];
@@ -1238,32 +988,27 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-#ifndef I2_MINB
-#define I2_MINB 4
-#endif
-/* V 1: attend_coded_i2, V 2: attend_coded_i3, V 3: attend_coded_i3 with bulk staging; MINB:
- * blocks per SM the registers must allow */
-template <int GV, int V, int MINB>
+/* V 2: attend_coded_i3, V 3: attend_coded_i3 with bulk staging (V 1, session 2's kernel, was
+ * removed in session 5); MINB: blocks per SM the registers must allow; KB: key bits (2, or 3
+ * with V 2) */
+template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
-	constexpr int D = 128, EPL = D / 32;
+	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
+	static_assert(V == 2 || V == 3, "the keys-as-B kernel");
+	static_assert(KB == 2 || V == 2, "3-bit keys: the keys-as-B kernel with cp.async staging");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
-	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * I2_BUF];
-	__shared__ __align__(16) uint16_t pbh[V == 1 ? ATT_WARPS : 1][8 * I2_PBS];
-	__shared__ __align__(16) uint4 afr[V >= 2 ? 8 * 32 : 1]; /* q' key A fragments [k][lane] */
-	__shared__ __align__(16) uint32_t cw[V >= 2 ? ATT_WARPS : 1][I3_CW];
+	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
+	__shared__ __align__(16) uint4 afr[8 * 32]; /* q' key A fragments [k][lane] */
+	__shared__ __align__(16) uint32_t cw[ATT_WARPS][I3_CW];
 	__shared__ __align__(8) uint64_t mbar[V == 3 ? ATT_WARPS : 1][2]; /* bulk staging */
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
-	__shared__ __align__(16) uint16_t pinrow[V >= 2 ? I3_PMAX : 1][2][D]; /* folded pins */
-#if I2_FRAG_SMEM
-	__shared__ uint2 bqs[8 * 32];            /* q' key fragments [k-step][lane] */
-	__shared__ uint2 kss[ATT_WARPS][8 * 32]; /* per warp: key scale pairs [k-step][lane] */
-#endif
+	__shared__ __align__(16) uint16_t pinrow[I3_PMAX][2][D]; /* folded pins */
 	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
 	float *red_acc = (float *)&stage[0][0];
-	static_assert(RQ * D * 4 <= 2 * I2_BUF, "red_acc fits a warp's stage");
+	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
 	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
@@ -1299,44 +1044,15 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		}
 		__syncthreads();
 	}
-#if I2_FRAG_SMEM
-	{
-		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment (hi or lo) */
-		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			const int k = 2 * warp + kk;
-			uint32_t f[2];
-#pragma unroll
-			for (int j = 0; j < 2; j++) {
-				const int pr = 2 * k + j, c0 = tig * 32 + (pr / 8) * 16 + pr % 8;
-				uint32_t hi, lo;
-				split_h2(qf[hq * D + c0], qf[hq * D + c0 + 8], hi, lo);
-				f[j] = gid >= 4 ? lo : hi;
-			}
-			bqs[k * 32 + lane] = make_uint2(f[0], f[1]);
-		}
-	}
-	__syncthreads();
-	const uint2 *bq_p = bqs;
-	uint2 *ks_p = kss[warp];
-#else
-	const uint2 *bq_p = NULL;
-	uint2 *ks_p = NULL;
-#endif
 	/* a warp's reduction slot is the start of its own stage: its own copies are done */
 	float *racc = (float *)&stage[warp][0];
 	if (it.kind == ITEM_CODED) {
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		if constexpr (V == 1)
-			attend_coded_i2<GV>(p, it, u0, u1, qf, &stage[warp][0], pbh[warp], zsm[warp],
-					    red_m[warp], red_l[warp], racc, bq_p, ks_p, lane);
-		else
-			attend_coded_i3<GV, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
-						    zsm[warp], red_m[warp], red_l[warp], racc,
-						    mbar[V == 3 ? warp : 0], lane);
+		attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+						zsm[warp], red_m[warp], red_l[warp], racc,
+						mbar[V == 3 ? warp : 0], lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1350,16 +1066,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
-	if constexpr (V >= 2) {
-		if (p.fold) {
-			i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4, qo,
-					 pinrow, npin);
-		} else {
-			block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
-		}
-	} else {
-		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * I2_BUF / 4);
-	}
+	if (p.fold)
+		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo, pinrow,
+				 npin);
+	else
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */
@@ -1377,61 +1088,61 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	if (!s_last)
 		return;
 	__threadfence();
-	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * I2_BUF, "fits the stages");
+	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * BUF, "fits the stages");
 	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
 }
 
 
-/* p.i2: 1 the session-2 kernel, 2 the keys-as-B kernel. MINB 5 for the keys-as-B kernel
+/* p.i2: 2 the keys-as-B kernel, 3 with bulk staging. MINB 5 for the keys-as-B kernel
  * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
  * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. */
-template <int GV, int V, int MINB>
+template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_i2_kernel<GV, V, MINB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	attend_i2_kernel<GV, V, MINB, KB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
 		return e;
 	return kvt_att_combine_launch(pl, s);
 }
 
-template <int V, int MINB>
+template <int V, int MINB, int KB = 2>
 static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
 {
-	return gv == 32 ? i2_launch<32, V, MINB>(pl, s)
-	       : gv == 64 ? i2_launch<64, V, MINB>(pl, s) : i2_launch<128, V, MINB>(pl, s);
+	return gv == 32 ? i2_launch<32, V, MINB, KB>(pl, s)
+	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
-	if (pl->p.i2 == 1)
-		return i2_launch_g<1, I2_MINB>(pl, s, gv);
+	if (pl->p.kb == 3)
+		return i2_launch_g<2, 4, 3>(pl, s, gv);
 	if (pl->p.i2 == 3)
 		return i2_launch_g<3, 4>(pl, s, gv);
 	return i2_launch_g<2, 4>(pl, s, gv);
 }
 
-template <int GV, int V, int MINB> static int i2_occupancy(void)
+template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
 {
 	int nb = 0;
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB>,
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB, KB>,
 							  ATT_THREADS, 0) != cudaSuccess)
 		nb = 0;
 	(void)cudaGetLastError();
 	return nb;
 }
 
-template <int V, int MINB> static int i2_occupancy_g(uint32_t gv)
+template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 {
-	return gv == 32 ? i2_occupancy<32, V, MINB>() : gv == 64 ? i2_occupancy<64, V, MINB>()
-							   : i2_occupancy<128, V, MINB>();
+	return gv == 32 ? i2_occupancy<32, V, MINB, KB>()
+	       : gv == 64 ? i2_occupancy<64, V, MINB, KB>() : i2_occupancy<128, V, MINB, KB>();
 }
 
-int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv)
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
-	if (variant == 1)
-		return i2_occupancy_g<1, I2_MINB>(gv);
+	if (kb == 3)
+		return i2_occupancy_g<2, 4, 3>(gv);
 	if (variant == 3)
 		return i2_occupancy_g<3, 4>(gv);
 	return i2_occupancy_g<2, 4>(gv);

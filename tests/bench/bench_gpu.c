@@ -33,7 +33,7 @@
 
 static kvt_cuda_ctx *ctx;
 static int iters = 30;
-static int attend_only; /* --attend-only: the INT2 G32 attention cases alone (A/B runs) */
+static int attend_only; /* --attend-only: the INT2 G32 and K3 V2 G64 attention cases alone (A/B runs) */
 static int codec_only;  /* --codec-only: copy + encode/decode alone (A/B runs, ncu) */
 static char err[512];
 
@@ -176,6 +176,10 @@ static int run_att(void *p)
 
 #define N_TEMPLATES 64
 
+/* enum kvt_cuda_attend_kernel (the plan says which kernel it launches) */
+static const char *const kernel_names[5] = {"cuda_cores", "mma", "mma_i2_v1", "mma_i2",
+					     "mma_i2_bulk"};
+
 /* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
 static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
 			      int tokens, double copy_bw)
@@ -278,14 +282,7 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 	       "\"kernel\":\"%s\"",
 	       bits, vbits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
-	       getenv("KVTIER_CUDA_NO_MMA") ? "cuda_cores"
-	       : bits != vbits || bits == 3 ? "cuda_cores"
-	       : (bits == 2 && !getenv("KVTIER_CUDA_NO_I2"))
-		       ? (getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 1
-				  ? "mma_i2_v1"
-			  : getenv("KVTIER_CUDA_I2_VARIANT") && atoi(getenv("KVTIER_CUDA_I2_VARIANT")) == 3
-				  ? "mma_i2_bulk" : "mma_i2")
-		       : "mma");
+	       info.kernel < 5 ? kernel_names[info.kernel] : "?");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
@@ -455,11 +452,13 @@ int kvt_bench_gpu(int argc, char **argv)
 	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
-	if (attend_only)
-		goto out;
-	rc |= bench_attend(4, 128, 1, 131072, bw);
 	/* the daemon's default codec (kvtier-int2: 3-bit keys, 2-bit values, G = B = 64) */
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, bw);
+	if (attend_only) {
+		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, bw);
+		goto out;
+	}
+	rc |= bench_attend(4, 128, 1, 131072, bw);
 	/* the CUDA-core kernel on the same case, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);

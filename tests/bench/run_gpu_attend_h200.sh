@@ -1,13 +1,13 @@
 #!/bin/bash
-# The H200 A/B run behind docs/gpu.md "Session 4: attention" (helper attn4). It runs in the
+# The H200 A/B run behind docs/gpu.md "Session 5: attention" (helper att5; session 4: attn4). It runs in the
 # root of a copy of the repository on the device machine, from a bundle folder B holding the
 # binaries built with -DCMAKE_CUDA_ARCHITECTURES=90 (test_gpu_attend, kvtier-bench,
 # tests/bench/bench_gpu_sdpa.py) and their libraries (/work/shared/tools/device-bundle.sh
 # B/lib BINARY...); results go to $OUT. Every variant is an environment switch of the same
 # binaries, measured in this one call against the reference (SDPA, D2D copy) of the same call.
-#   VARIANTS="name:ENV=1,ENV2=0 name2:..."  (default: the session-4 list below)
+#   VARIANTS="name:ENV=1,ENV2=0 name2:..."  (default: the session-5 list below)
 #   REPS=2 (each variant's bench repeated, interleaved), SAN=1 (memcheck + racecheck).
-B=${B:-$PWD/.devbundle-attn4}; cd $B
+B=${B:-$PWD/.devbundle-att5}; cd $B
 export LD_LIBRARY_PATH=$B/lib PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 L=$OUT/log.txt
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee -a $L
@@ -25,7 +25,7 @@ if [ -n "$CS" ] && [ "${SAN:-1}" = 1 ]; then
 fi
 T=100 r sdpa0 python3 bench_gpu_sdpa.py; grep '^{' $OUT/tests.txt | grep torch_sdpa > $OUT/sdpa.txt
 cat $OUT/sdpa.txt | cut -c1-300 | tee -a $L
-VARIANTS=${VARIANTS:-"s3:KVTIER_CUDA_FOLD_PINS=0,KVTIER_CUDA_PDL=0 default:X=0 bulk:KVTIER_CUDA_I2_VARIANT=3"}
+VARIANTS=${VARIANTS:-"k3cores:KVTIER_CUDA_NO_K3_MMA=1 default:X=0"}
 for rep in $(seq ${REPS:-2}); do
   for v in $VARIANTS; do n=${v%%:*}; e=${v#*:}; b $n ${e//,/ }; done
 done

@@ -86,14 +86,18 @@ static double rel_err(const float *a, const float *ref, size_t n)
 }
 
 /*
- * fast: the shapes of the INT2 scales-on-codes kernel (oscar or kivi, INT2, bf16, head_dim
- * 128, <= 4 query heads per KV head), with up to 12 chunks a session and items forced to
+ * fast: the shapes of the INT2 scales-on-codes kernel (oscar or kivi, INT2 or 3-bit keys with
+ * 2-bit values (fast_kb), bf16, head_dim 128, <= 4 query heads per KV head), with up to 12 chunks a session and items forced to
  * span 1-4 chunks, so that warps walk many units (double-buffered staging, key groups
  * changing inside and across chunks); half of them with the combine fused into the
  * attention kernel.
  */
 /* chunks with pinned tokens in the INT2 batches, and their pinned tokens (printed) */
 static uint64_t fast_pinned_chunks, fast_pinned_tokens;
+/* key bits of the fast batches: 2 (INT2), or 3 (3-bit keys, 2-bit values: kvtier-int2) */
+static uint32_t fast_kb = 2;
+/* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
+static uint32_t kernel_count[5];
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -113,7 +117,8 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	const uint32_t q_dtype = qdts[kvt_rand_below(3)];
 	if (fast) {
 		cfg.scheme = kvt_rand_below(4) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
-		cfg.key_bits = cfg.value_bits = 2;
+		cfg.key_bits = fast_kb;
+		cfg.value_bits = 2;
 		cfg.dtype = KVT_DTYPE_BF16;
 		cfg.head_dim = 128;
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
@@ -213,7 +218,17 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	}
 	KVT_CHECK(rc == 0, "%s: setup: %s", desc, err);
 	if (!rc) {
-		rc = kvt_cuda_attend(ctx, reqs, n_sess, err, sizeof(err));
+		kvt_cuda_attend_plan *pl = NULL;
+		rc = kvt_cuda_attend_plan_build(ctx, reqs, n_sess, &pl, err, sizeof(err));
+		if (!rc) {
+			struct kvt_cuda_attend_plan_info info;
+			kvt_cuda_attend_plan_info(pl, &info);
+			if (info.kernel < 5)
+				kernel_count[info.kernel]++;
+			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
+			rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+			kvt_cuda_attend_plan_destroy(pl);
+		}
 		KVT_CHECK(rc == 0, "%s: kvt_cuda_attend: %s", desc, err);
 	}
 	unsetenv("KVTIER_CUDA_CPI");
@@ -297,13 +312,41 @@ static void test_fast_path_batches(void)
 	       (unsigned long long)fast_pinned_tokens);
 }
 
+/* The fast batches with 3-bit keys and 2-bit values (oscar or kivi, bf16, head_dim 128, G 32,
+ * 64 or 128): the keys-as-B tensor-core kernel's 3-bit key path, unless switched off. */
+static void test_k3_fast_batches(void)
+{
+	int n = 16;
+	const char *s = getenv("KVT_GPU_FAST_BATCHES");
+	if (s && *s)
+		n = atoi(s);
+	const double before = worst_fast;
+	const uint32_t kab0 = kernel_count[KVT_CUDA_ATT_KEYS_AS_B];
+	worst_fast = 0.0;
+	fast_kb = 3;
+	for (int i = 0; i < n; i++)
+		one_batch(i, true, NULL, 0);
+	fast_kb = 2;
+	const uint32_t kab = kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - kab0;
+	printf("# worst relative error, K3 V2 bf16 d128 batches: gpu %.3e (%u of %d batches on the "
+	       "keys-as-B tensor-core kernel)\n", worst_fast, kab, n);
+	if (!getenv("KVTIER_CUDA_NO_K3_MMA") && !getenv("KVTIER_CUDA_NO_MMA") &&
+	    !getenv("KVTIER_CUDA_NO_I2"))
+		KVT_CHECK(kab == (uint32_t)n, "every K3 V2 bf16 d128 batch takes the keys-as-B kernel "
+			  "(%u of %d)", kab, n);
+	worst_fast = worst_fast > before ? worst_fast : before;
+}
+
 /* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
  * heads, f16) and d128 variants (f16, bf16; GQA 3 and 4), up to 23 chunks + 128 tail tokens
- * per session: the CUDA-core kernel with 3-bit keys and 2-bit values. */
+ * per session: the CUDA-core kernel with 3-bit keys and 2-bit values for d64 and f16, the
+ * keys-as-B tensor-core kernel for bf16 d128 with <= 4 query heads per KV head. */
 static void test_k3_preset_batches(void)
 {
 	struct kvt_codec_config cfg;
 	const double before = worst_gpu;
+	uint32_t k0[5];
+	memcpy(k0, kernel_count, sizeof(k0));
 	worst_gpu = 0.0;
 	for (int i = 0; i < 4; i++) {
 		k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
@@ -312,10 +355,20 @@ static void test_k3_preset_batches(void)
 	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
 	one_batch(0, false, &cfg, 3);
 	one_batch(1, false, &cfg, 4);
+	const uint32_t kab0 = kernel_count[KVT_CUDA_ATT_KEYS_AS_B];
 	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
 	one_batch(0, false, &cfg, 4);
 	one_batch(1, false, &cfg, 1);
-	printf("# worst relative error, K3 V2 preset batches: gpu %.3e\n", worst_gpu);
+	one_batch(2, false, &cfg, 2);
+	const uint32_t kab = kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - kab0;
+	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u keys-as-B "
+	       "tensor-core: %u of the 3 bf16 d128 batches)\n", worst_gpu,
+	       kernel_count[KVT_CUDA_ATT_CUDA_CORES] - k0[KVT_CUDA_ATT_CUDA_CORES],
+	       kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - k0[KVT_CUDA_ATT_KEYS_AS_B], kab);
+	if (!getenv("KVTIER_CUDA_NO_K3_MMA") && !getenv("KVTIER_CUDA_NO_MMA") &&
+	    !getenv("KVTIER_CUDA_NO_I2"))
+		KVT_CHECK(kab == 3, "the bf16 d128 K3 V2 preset batches take the keys-as-B kernel "
+			  "(%u of 3)", kab);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
@@ -366,6 +419,7 @@ int main(void)
 	}
 	KVT_RUN(test_random_batches);
 	KVT_RUN(test_fast_path_batches);
+	KVT_RUN(test_k3_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_plan_errors);
 	kvt_cuda_ctx_destroy(ctx);

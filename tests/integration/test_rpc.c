@@ -726,6 +726,47 @@ static void test_ttl_expiry(void)
 	kvt_client_drop(g_c, "ttl-pinned", NULL, &st);
 }
 
+/* The daemon frees its pooled Fetch reply buffers after reply_pool_idle_ms (1500 ms here)
+ * without a Fetch, not before, and a later Fetch refills the pool with the same bytes. */
+static void test_reply_pool_trim(void)
+{
+	struct it_session s;
+	struct kvt_client_codec codec;
+	struct kvt_client_status st;
+	uint64_t t0, resident = UINT64_MAX, deadline;
+
+	kvt_client_codec_init(&codec);
+	KVT_REQUIRE(open_session(g_c, &s, "pool-trim", 2, 2, 64, KVT_DTYPE_F16, &codec) == 0,
+		    "open");
+	KVT_REQUIRE(append_both(g_c, &s, 200, NULL) == 0, "append");
+	t0 = now_ms();
+	KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, 0, 200, 0, 2, KVT_DTYPE_F16,
+				       KVT_CLIENT_FETCH_SERVER),
+		  "server fetch before the trim");
+	resident = it_counter(g_c, "rpc.reply_pool_resident");
+	if (now_ms() - t0 < 1000) /* a stalled machine may have passed the idle time already */
+		KVT_CHECK(resident >= 1 && resident != UINT64_MAX,
+			  "a Fetch leaves its reply buffer pooled: %llu",
+			  (unsigned long long)resident);
+	deadline = t0 + 15000;
+	while (now_ms() < deadline) {
+		resident = it_counter(g_c, "rpc.reply_pool_resident");
+		if (resident == 0)
+			break;
+		pause_ms(50);
+	}
+	KVT_CHECK(resident == 0, "pooled reply buffers freed after the idle time: %llu left",
+		  (unsigned long long)resident);
+	KVT_CHECK(now_ms() - t0 >= 1400, "trimmed after %llu ms, before reply_pool_idle_ms",
+		  (unsigned long long)(now_ms() - t0));
+	KVT_CHECK(it_fetch_equals_mode(g_c, s.id, s.ref, 3, 170, 1, 2, KVT_DTYPE_F32,
+				       KVT_CLIENT_FETCH_SERVER),
+		  "server fetch after the trim");
+	KVT_CHECK(it_counter(g_c, "rpc.reply_pool_resident") >= 1, "the pool refills");
+	kvt_client_drop(g_c, s.id, NULL, &st);
+	close_session(&s);
+}
+
 /* FetchEncoded -> StoreEncoded into a new session -> identical Fetch; chunks byte-equal to the
  * local encoder's. */
 static void test_encoded_roundtrip(void)
@@ -904,7 +945,8 @@ static void test_capacity_drop_coldest(void) { test_capacity(0); }
 
 int main(void)
 {
-	static const char *const args[] = { "--maintenance_interval_ms=50", NULL };
+	static const char *const args[] = { "--maintenance_interval_ms=50",
+					    "--reply_pool_idle_ms=1500", NULL };
 	kvt_test_init();
 	it_seed(0);
 	if (kvt_daemon_start_client(&g_d, args, &g_c) != 0)
@@ -917,6 +959,7 @@ int main(void)
 	KVT_RUN(test_fork_truncate_drop);
 	KVT_RUN(test_open_pin_ttl_list);
 	KVT_RUN(test_ttl_expiry);
+	KVT_RUN(test_reply_pool_trim);
 	KVT_RUN(test_encoded_roundtrip);
 	KVT_RUN(test_prefetch_stats_restore);
 	kvt_client_close(g_c);
