@@ -1873,6 +1873,260 @@ __global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
 	}
 }
 
+/* ---- Decode, session 5 (fd3_kernel) -------------------------------------------------------
+ *
+ * fd_kernel's grid and block (one block per (job, layer, 32 aligned chunk tokens), 8 warps,
+ * D = 128: 4 lanes per row, 8 rows per warp pass), but for oscar / kivi with 2- or 4-bit keys
+ * and values (the same bits), 16-bit data and output, the pass structure is fixed instead of
+ * computed per pass: warp w always decodes the rows of tokens T0 + (w % 4) * 8 + lane / 4,
+ * K then V, and walks the heads h = w / 4, + 2, ..., so the per-pass index math, the K/V and scheme
+ * branches and the norm load leave the loop (fd_kernel spent ~7 of its 23 instructions per
+ * element there). A lane holds four blocks of 8 consecutive channels: with CL (coalesced
+ * layout) block k is channels 32k + 8q .. +7 (q = lane % 4), so the 4 lanes of a row write 64
+ * contiguous bytes per 16-byte store and the butterflies run strides 1, 2, 4 in registers,
+ * 8 and 16 across the row's lanes (shuffles), 32 and 64 in registers: the CPU's stage order,
+ * so every value is the CPU's bit for bit. Without CL block k is channels 32q + 8k (the
+ * session-3 layout: strides 1..16 in registers, 32 and 64 by shuffles).
+ */
+template <bool BF>
+__device__ __forceinline__ float fd3_lo(uint32_t w)
+{
+	return BF ? __uint_as_float(w << 16) : __half2float(__ushort_as_half((uint16_t)(w & 0xffff)));
+}
+
+template <bool BF>
+__device__ __forceinline__ float fd3_hi(uint32_t w)
+{
+	return BF ? __uint_as_float(w & 0xffff0000u) : __half2float(__ushort_as_half((uint16_t)(w >> 16)));
+}
+
+/* 8 codes of BITS bits (8 * BITS bits at p, aligned to their size) */
+template <int BITS>
+__device__ __forceinline__ uint32_t fd3_ldc(const uint8_t *p)
+{
+	return BITS == 2 ? *(const uint16_t *)p : *(const uint32_t *)p;
+}
+
+/* The lane's 32 codes as floats, x[8k + i] = code i of block k, without I2F (a quarter-rate
+ * conversion): one shift and mask puts a code in the low bits of each of a word's 4 bytes,
+ * one byte permute per byte makes the float 2^23 + code, minus 2^23 is the code (exact). */
+template <int BITS>
+__device__ __forceinline__ void fd3_codes(const uint32_t (&cw)[4], float (&x)[32])
+{
+	constexpr uint32_t BM = BITS == 2 ? 0x03030303u : 0x0f0f0f0fu;
+#pragma unroll
+	for (int wi = 0; wi < BITS; wi++) {
+		/* 2 bits: blocks 2wi, 2wi + 1 (4 codes per byte); 4 bits: block wi (2 per byte) */
+		const uint32_t W = BITS == 2 ? __byte_perm(cw[2 * wi], cw[2 * wi + 1], 0x5410) : cw[wi];
+#pragma unroll
+		for (int jj = 0; jj < 8 / BITS; jj++) {
+			const uint32_t y = (W >> (BITS * jj)) & BM;
+#pragma unroll
+			for (int b = 0; b < 4; b++) {
+				const int e = BITS == 2 ? 8 * (2 * wi + b / 2) + 4 * (b % 2) + jj
+							: 8 * wi + 2 * b + jj;
+				x[e] = __fadd_rn(__uint_as_float(__byte_perm(y, 0x4B000000u, 0x7540 + b)),
+						 -8388608.0f);
+			}
+		}
+	}
+}
+
+/* a lane's 8 16-bit values at p (16 bytes) widened */
+template <bool BF>
+__device__ __forceinline__ void fd3_ld8(const uint8_t *p, float *x)
+{
+	const uint4 v = *(const uint4 *)p;
+	const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		x[2 * i] = fd3_lo<BF>(w[i]);
+		x[2 * i + 1] = fd3_hi<BF>(w[i]);
+	}
+}
+
+/* The CPU's fwht over a row held as described above, then * mult. */
+template <bool CL>
+__device__ __forceinline__ void fd3_fwht(float (&x)[32], int lane, float mult)
+{
+	/* in-register strides over the lane's element index e = 8k + i: 1, 2, 4 are channel
+	 * bits 0-2 either way; 8, 16 are channel bits 5-6 with CL, 3-4 without */
+#pragma unroll
+	for (int s = 1; s < (CL ? 8 : 32); s <<= 1) {
+#pragma unroll
+		for (int e = 0; e < 32; e++) {
+			if (!(e & s)) {
+				float a = x[e], b = x[e + s];
+				x[e] = __fadd_rn(a, b);
+				x[e + s] = __fsub_rn(a, b);
+			}
+		}
+	}
+#pragma unroll
+	for (int m = 1; m < 4; m <<= 1) {
+		/* upper lane: y - x, lower: x + y, each one rounding as fsub / fadd */
+		const float sg = (lane & m) ? -1.0f : 1.0f;
+#pragma unroll
+		for (int e = 0; e < 32; e++) {
+			float y = __shfl_xor_sync(KVT_FULL_MASK, x[e], m);
+			x[e] = __fmaf_rn(x[e], sg, y);
+		}
+	}
+	if (CL) {
+#pragma unroll
+		for (int s = 8; s < 32; s <<= 1) {
+#pragma unroll
+			for (int e = 0; e < 32; e++) {
+				if (!(e & s)) {
+					float a = x[e], b = x[e + s];
+					x[e] = __fadd_rn(a, b);
+					x[e + s] = __fsub_rn(a, b);
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int e = 0; e < 32; e++)
+		x[e] = __fmul_rn(x[e], mult);
+}
+
+__device__ __forceinline__ void fd3_st8(uint8_t *p, const float *x, bool obf)
+{
+	uint32_t w[4];
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (obf) {
+			__nv_bfloat162 b = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+			w[i] = *(uint32_t *)&b;
+		} else {
+			__half2 hh = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+			w[i] = *(uint32_t *)&hh;
+		}
+	}
+	*(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* IS_V: value rows (per-token groups of G channels), else key rows (per-channel scales of the
+ * tokens' key group of G). SBF: bf16 scales and data (else f16); obf (uniform): bf16 output
+ * (else f16). */
+template <int BITS, bool IS_V, bool SBF, bool CL, int G>
+__device__ __forceinline__ void fd3_rows(const dec_params &p, const dec_job_dev &j,
+					 const uint8_t *sec, uint8_t *out, uint32_t l, uint32_t t,
+					 bool valid, int pin, int lane, uint32_t h0, bool obf)
+{
+	constexpr int D = 128, RB = D * BITS / 8; /* code bytes per row */
+	const int q = lane & 3;
+	const uint32_t off0 = CL ? 8 * q : 32 * q, kst = CL ? 32 : 8; /* block k: off0 + k * kst */
+	const uint32_t tc = valid ? t : j.tb;
+	const uint8_t *cr = sec + (IS_V ? p.v_codes_off : p.k_codes_off) +
+			    ((size_t)h0 * p.B + tc) * RB + off0 * BITS / 8;
+	const size_t cstep = (size_t)2 * p.B * RB; /* per step: 2 heads */
+	const uint16_t *sc, *zr;
+	size_t sstep;
+	constexpr uint32_t NG = D / G; /* value groups per row */
+	if (IS_V) {
+		sc = (const uint16_t *)(sec + p.v_scale_off) + ((size_t)h0 * p.B + tc) * NG;
+		zr = (const uint16_t *)(sec + p.v_zero_off) + ((size_t)h0 * p.B + tc) * NG;
+		sstep = (size_t)2 * p.B * NG;
+	} else {
+		const size_t si = ((size_t)h0 * (p.B / G) + tc / G) * D + off0;
+		sc = (const uint16_t *)(sec + p.k_scale_off) + si;
+		zr = (const uint16_t *)(sec + p.k_zero_off) + si;
+		sstep = (size_t)2 * (p.B / G) * D;
+	}
+	const bool rot = IS_V ? p.rotate_v != 0 : p.scheme == KVT_SCHEME_OSCAR;
+	const float mult = IS_V || p.scheme != KVT_SCHEME_OSCAR
+				   ? p.inv_sqrt_d
+				   : __fmul_rn(((const float *)(sec + p.norms_off))[tc], p.inv_sqrt_d);
+	const uint32_t nt = j.te - j.tb;
+	uint8_t *dst = out + ((((size_t)(l - j.lb) * nt + (tc - j.tb)) * p.H + h0) * D + off0) * 2;
+	const uint8_t *ex = pin >= 0 ? sec + (IS_V ? j.v_exact_off : j.k_exact_off) +
+					       (((size_t)pin * p.H + h0) * D + off0) * 2
+				     : nullptr;
+	for (uint32_t h = h0; h < p.H; h += 2) {
+		float x[32];
+		uint32_t cw[4];
+#pragma unroll
+		for (int k = 0; k < 4; k++)
+			cw[k] = fd3_ldc<BITS>(cr + k * kst * BITS / 8);
+		fd3_codes<BITS>(cw, x);
+		if (IS_V) {
+#pragma unroll
+			for (int k = 0; k < 4; k++) {
+				/* block k's group: a constant with CL (G >= 32 > 8q) */
+				const uint32_t g = (CL ? 32 * k : off0 + k * kst) / G;
+				const float s = kvt_d_widen16(sc[g], SBF), z = kvt_d_widen16(zr[g], SBF);
+#pragma unroll
+				for (int i = 0; i < 8; i++)
+					x[8 * k + i] = __fmaf_rn(x[8 * k + i], s, z);
+			}
+		} else {
+#pragma unroll
+			for (int k = 0; k < 4; k++) {
+				const uint4 sv = *(const uint4 *)(sc + k * kst), zv = *(const uint4 *)(zr + k * kst);
+				const uint32_t sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					const float s = i & 1 ? fd3_hi<SBF>(sw[i / 2]) : fd3_lo<SBF>(sw[i / 2]);
+					const float z = i & 1 ? fd3_hi<SBF>(zw[i / 2]) : fd3_lo<SBF>(zw[i / 2]);
+					/* code * s is exact: multiply then add, as the CPU */
+					x[8 * k + i] = __fadd_rn(__fmul_rn(x[8 * k + i], s), z);
+				}
+			}
+		}
+		if (rot) /* uniform */
+			fd3_fwht<CL>(x, lane, mult);
+		if (pin >= 0) { /* the row's 4 lanes agree: the exact copy replaces it */
+#pragma unroll
+			for (int k = 0; k < 4; k++)
+				fd3_ld8<SBF>(ex + k * kst * 2, x + 8 * k);
+			ex += 2 * D * 2;
+		}
+		if (valid) {
+#pragma unroll
+			for (int k = 0; k < 4; k++)
+				fd3_st8(dst + k * kst * 2, x + 8 * k, obf);
+		}
+		cr += cstep;
+		sc += sstep;
+		zr += sstep;
+		dst += 2 * D * 2;
+	}
+}
+
+template <int BITS, bool SBF, bool CL, int G>
+__global__ void __launch_bounds__(FD_THREADS, 4) fd3_kernel(dec_params p)
+{
+	__shared__ int16_t pidx[KVT_MAX_CHUNK_TOKENS];
+	const dec_job_dev &j = p.jobs[blockIdx.z];
+	const uint32_t l = j.lb + blockIdx.y;
+	const uint32_t T0 = (j.tb & ~(uint32_t)(FD_TOK - 1)) + blockIdx.x * FD_TOK;
+	if (l >= j.le || T0 >= j.te)
+		return;
+	if (j.n_pinned) {
+		for (uint32_t t = threadIdx.x; t < p.B; t += FD_THREADS)
+			pidx[t] = -1;
+		__syncthreads();
+		for (uint32_t i = threadIdx.x; i < j.n_pinned; i += FD_THREADS)
+			pidx[j.pins[i]] = (int16_t)i;
+		__syncthreads();
+	}
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	const uint32_t t = T0 + (warp & 3) * 8 + lane / 4;
+	const bool valid = t >= j.tb && t < j.te;
+	const int pin = j.n_pinned && valid ? pidx[t] : -1;
+	const uint8_t *sec = j.chunk + j.data_offset + (size_t)l * j.layer_bytes;
+	const bool obf = j.out_dtype == KVT_DTYPE_BF16;
+	/* warps w and w + 4 split the heads (even / odd), each doing their K and V rows: the
+	 * K rows cost more (per-channel scales), so no warp idles at the block's end */
+	if (j.k_out)
+		fd3_rows<BITS, false, SBF, CL, G>(p, j, sec, (uint8_t *)j.k_out, l, t, valid, pin,
+						  lane, warp >> 2, obf);
+	if (j.v_out)
+		fd3_rows<BITS, true, SBF, CL, G>(p, j, sec, (uint8_t *)j.v_out, l, t, valid, pin,
+						 lane, warp >> 2, obf);
+}
+
 template <int D>
 static void fd_launch_d(int var, dim3 g, cudaStream_t st, const dec_params &p)
 {
@@ -1904,6 +2158,33 @@ static void fd_launch(uint32_t d, int var, dim3 g, cudaStream_t st, const dec_pa
 		fd_launch_d<128>(var, g, st, p);
 	else
 		fd_launch_d<256>(var, g, st, p);
+}
+
+/* fd3_kernel by group, bits and scale/data dtype (kvt_cuda_decode says which calls take it);
+ * without cl (A/B only) the session-3 channel layout, one instantiation */
+template <int BITS, bool SBF>
+static void fd3_launch_b(uint32_t group, dim3 g, cudaStream_t st, const dec_params &p)
+{
+	if (group == 32)
+		fd3_kernel<BITS, SBF, true, 32><<<g, FD_THREADS, 0, st>>>(p);
+	else if (group == 64)
+		fd3_kernel<BITS, SBF, true, 64><<<g, FD_THREADS, 0, st>>>(p);
+	else
+		fd3_kernel<BITS, SBF, true, 128><<<g, FD_THREADS, 0, st>>>(p);
+}
+
+static bool fd3_launch(bool cl, dim3 g, cudaStream_t st, const dec_params &p)
+{
+	if (!cl) {
+		if (p.kb != 2 || !p.sbf || p.G != 32)
+			return false;
+		fd3_kernel<2, true, false, 32><<<g, FD_THREADS, 0, st>>>(p);
+	} else if (p.sbf) {
+		p.kb == 2 ? fd3_launch_b<2, true>(p.G, g, st, p) : fd3_launch_b<4, true>(p.G, g, st, p);
+	} else {
+		p.kb == 2 ? fd3_launch_b<2, false>(p.G, g, st, p) : fd3_launch_b<4, false>(p.G, g, st, p);
+	}
+	return true;
 }
 
 static int header_config(const struct kvt_chunk_header *h, struct kvt_codec_config *cfg)
@@ -1942,7 +2223,7 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	if ((rc = kvt_cuda_stage_acquire(c, err, errlen)))
 		return rc;
 	dec_job_dev *jd = (dec_job_dev *)c->stage_host;
-	uint32_t max_tok = 0, max_lay = 0, max_span = 0;
+	uint32_t max_tok = 0, max_lay = 0, max_span = 0, out_dts = 0;
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(&cfg0, 0, &lay0);
 	for (size_t i = 0; i < n_jobs; i++) {
@@ -1997,6 +2278,7 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 		d->lb = jb->layer_begin;
 		d->le = jb->layer_end;
 		d->out_dtype = jb->out_dtype;
+		out_dts |= 1u << jb->out_dtype;
 		if (jb->tok_end - (jb->tok_begin & ~(uint32_t)(FD_TOK - 1)) > max_span)
 			max_span = jb->tok_end - (jb->tok_begin & ~(uint32_t)(FD_TOK - 1));
 		if (jb->tok_end - jb->tok_begin > max_tok)
@@ -2029,12 +2311,25 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
 	if (!kvt_cuda_codec_old()) {
 		dim3 fgrid((max_span + FD_TOK - 1) / FD_TOK, max_lay, (unsigned)n_jobs);
-		/* KVTIER_CUDA_DEC_VARIANT (A/B runs): 0 per-channel code * s + z as multiply then
-		 * add, 4 blocks/SM (64 registers, default); 1 one fma (same result: the product is
-		 * exact), 4 blocks; 2 fma, 3 blocks (80 registers); 3 multiply-add, 3 blocks */
+		/* KVTIER_CUDA_DEC_VARIANT (A/B runs), fd_kernel: 0 per-channel code * s + z as
+		 * multiply then add, 4 blocks/SM (64 registers, the session-3 default); 1 one fma
+		 * (same result: the product is exact), 4 blocks; 2 fma, 3 blocks (80 registers); 3
+		 * multiply-add, 3 blocks */
 		const char *ve = getenv("KVTIER_CUDA_DEC_VARIANT");
-		const int var = ve && ve[0] >= '0' && ve[0] <= '3' ? ve[0] - '0' : 0;
-		fd_launch(cfg0.head_dim, var, fgrid, c->stream, p);
+		const int var = ve && ve[0] >= '0' && ve[0] <= '9' ? ve[0] - '0' : -1;
+		/* fd3_kernel (session 5, the default where it applies): d 128, oscar / kivi, 2 or 4
+		 * bits for both keys and values, 16-bit data, every job's output 16-bit. Variant 4
+		 * is it with the session-3 channel layout (2 bits, G 32, bf16 only; A/B); 0..3 are
+		 * fd_kernel's variants (0 = the session-3 default). */
+		const bool fd3_ok =
+			cfg0.head_dim == 128 &&
+			(cfg0.scheme == KVT_SCHEME_OSCAR || cfg0.scheme == KVT_SCHEME_KIVI) &&
+			cfg0.key_bits == cfg0.value_bits && (cfg0.key_bits == 2 || cfg0.key_bits == 4) &&
+			cfg0.dtype != KVT_DTYPE_F32 &&
+			(cfg0.group == 32 || cfg0.group == 64 || cfg0.group == 128) &&
+			!(out_dts & (1u << KVT_DTYPE_F32));
+		if (!(fd3_ok && (var < 0 || var >= 4) && fd3_launch(var != 4, fgrid, c->stream, p)))
+			fd_launch(cfg0.head_dim, var >= 0 && var <= 3 ? var : 0, fgrid, c->stream, p);
 		CK(cudaGetLastError(), "decode launch");
 		return 0;
 	}

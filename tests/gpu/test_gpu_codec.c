@@ -9,8 +9,10 @@
  * every output dtype) to the CPU decoder's values. Plus configs forced onto the fast encoder
  * (oscar / kivi whose key tile fits in shared memory), batches of 3 chunks encoded and decoded
  * in one call each, the default config through the session-2 kernels
- * (KVTIER_CUDA_CODEC_OLD=1), and the 3-bit-key preset's shape (test_k3_preset). Bit widths
- * 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h). Exits 77 when there is no GPU.
+ * (KVTIER_CUDA_CODEC_OLD=1), the 3-bit-key preset's shape (test_k3_preset), and 16-bit
+ * decode outputs compared byte for byte with the CPU decoder's under every decode kernel
+ * variant (test_decode_exact). Bit widths 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h).
+ * Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
 
@@ -400,6 +402,151 @@ static void test_k3_preset(void)
 	unsetenv("KVTIER_CUDA_CODEC_OLD");
 }
 
+/*
+ * The GPU decoder's 16-bit outputs equal the CPU decoder's bit for bit (the decode kernels
+ * follow the CPU's float operations one for one): chunks encoded by the CPU, decoded on the
+ * GPU to f16 or bf16 in one call of two jobs (the whole chunk, and a random token and layer
+ * range of a second chunk) and compared byte for byte with kvt_decode_chunk's output in the
+ * same dtype.
+ */
+static uint64_t exact_values, exact_diff;
+
+static void exact_decode(const struct kvt_codec_config *cfg, uint64_t first_token, uint32_t odt)
+{
+	enum { NJ = 2 };
+	char desc[160], err[256];
+	describe(cfg, desc, sizeof(desc));
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim;
+	const size_t ws = kvt_dtype_size(cfg->dtype), os = kvt_dtype_size(odt);
+	const size_t n = (size_t)L * B * H * d, cap = (kvt_chunk_max_bytes(cfg) + 255) & ~(size_t)255;
+	uint8_t *k = malloc(n * ws), *v = malloc(n * ws), *cc = malloc(NJ * cap);
+	uint8_t *gk = malloc(n * os), *gv = malloc(n * os), *ck = malloc(n * os), *cv = malloc(n * os);
+	void *dc = NULL, *dko = NULL, *dvo = NULL;
+	KVT_REQUIRE(k && v && cc && gk && gv && ck && cv, "malloc");
+	struct kvt_chunk_header hdr[NJ];
+	struct kvt_cuda_decode_job dj[NJ];
+	uint32_t tb[NJ], te[NJ], lb[NJ], le[NJ];
+	int rc = kvt_cuda_alloc(ctx, NJ * cap, &dc, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * n * os, &dko, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_alloc(ctx, NJ * n * os, &dvo, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_memset_async(ctx, dko, 0xff, NJ * n * os, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_memset_async(ctx, dvo, 0xff, NJ * n * os, err, sizeof(err));
+	for (int i = 0; i < NJ && rc == 0; i++) {
+		const uint64_t first = first_token + (uint64_t)i * B;
+		random_kv(cfg, first, B, k, v);
+		int64_t nc = kvt_encode_chunk(cfg, first, k, v, cc + i * cap, cap, err, sizeof(err));
+		KVT_REQUIRE(nc > 0, "%s: cpu encode: %s", desc, err);
+		rc = kvt_cuda_upload(ctx, (uint8_t *)dc + i * cap, cc + i * cap, (size_t)nc, err,
+				     sizeof(err));
+		memcpy(&hdr[i], cc + i * cap, sizeof(hdr[i]));
+		tb[i] = i == 0 ? 0 : kvt_rand_below(B);
+		te[i] = i == 0 ? B : tb[i] + 1 + kvt_rand_below(B - tb[i]);
+		lb[i] = i == 0 ? 0 : kvt_rand_below(L);
+		le[i] = i == 0 ? L : lb[i] + 1 + kvt_rand_below(L - lb[i]);
+		dj[i] = (struct kvt_cuda_decode_job){(uint8_t *)dc + i * cap, &hdr[i], tb[i], te[i],
+						     lb[i], le[i], odt, (uint8_t *)dko + i * n * os,
+						     (uint8_t *)dvo + i * n * os};
+	}
+	rc = rc ? rc : kvt_cuda_decode(ctx, dj, NJ, err, sizeof(err));
+	rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
+	KVT_CHECK(rc == 0, "%s: exact decode setup/decode: %s", desc, err);
+	for (int i = 0; i < NJ && rc == 0; i++) {
+		const size_t on = (size_t)(le[i] - lb[i]) * (te[i] - tb[i]) * H * d;
+		rc = kvt_cuda_download(ctx, gk, (uint8_t *)dko + i * n * os, on * os, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_download(ctx, gv, (uint8_t *)dvo + i * n * os, on * os, err,
+						 sizeof(err));
+		KVT_REQUIRE(rc == 0, "%s: download: %s", desc, err);
+		rc = kvt_decode_chunk(cc + i * cap, tb[i], te[i], lb[i], le[i], odt, ck, cv, err,
+				      sizeof(err));
+		KVT_REQUIRE(rc == 0, "%s: cpu decode: %s", desc, err);
+		size_t bad = 0, first_bad = on;
+		for (size_t e = 0; e < 2 * on; e++) {
+			const uint8_t *a = (e < on ? gk : gv) + (e % on) * os;
+			const uint8_t *b = (e < on ? ck : cv) + (e % on) * os;
+			if (memcmp(a, b, os)) {
+				if (!bad)
+					first_bad = e;
+				bad++;
+			}
+		}
+		exact_values += 2 * on;
+		exact_diff += bad;
+		KVT_CHECK(bad == 0, "%s first %llu to %s, job %d (t %u..%u l %u..%u): %zu of %zu values "
+			  "differ from the cpu decoder's (first: %s element %zu)", desc,
+			  (unsigned long long)first_token, kvt_dtype_name(odt), i, tb[i], te[i], lb[i],
+			  le[i], bad, 2 * on, first_bad < on ? "K" : "V", first_bad % on);
+	}
+	kvt_cuda_free(ctx, dc);
+	kvt_cuda_free(ctx, dko);
+	kvt_cuda_free(ctx, dvo);
+	free(k);
+	free(v);
+	free(cc);
+	free(gk);
+	free(gv);
+	free(ck);
+	free(cv);
+}
+
+/* exact_decode under every decode kernel variant (KVTIER_CUDA_DEC_VARIANT unset: fd3_kernel
+ * where it applies (d 128, oscar / kivi, 2 or 4 bits, 16-bit data and output), else
+ * fd_kernel; 0: the session-3 fd_kernel; 4: fd3_kernel in the session-3 channel layout) on
+ * the shapes fd3_kernel takes, sinks included, and fresh random configs. */
+static void test_decode_exact(void)
+{
+	static const char *const vars[] = {NULL, "0", "4"};
+	int n = 8;
+	const char *e = getenv("KVT_GPU_EXACT_CONFIGS");
+	if (e && *e)
+		n = atoi(e);
+	for (size_t vi = 0; vi < sizeof(vars) / sizeof(vars[0]); vi++) {
+		if (vars[vi])
+			setenv("KVTIER_CUDA_DEC_VARIANT", vars[vi], 1);
+		else
+			unsetenv("KVTIER_CUDA_DEC_VARIANT");
+		struct kvt_codec_config cfg;
+		kvt_codec_config_default(&cfg, 3, 8, 128, KVT_DTYPE_BF16); /* oscar 2-bit G32 */
+		exact_decode(&cfg, 0, KVT_DTYPE_BF16);			   /* sinks pinned */
+		exact_decode(&cfg, cfg.chunk_tokens, KVT_DTYPE_F16);
+		cfg.rotate_v = 0;
+		cfg.n_kv_heads = 3;
+		exact_decode(&cfg, 0, KVT_DTYPE_F16);
+		kvt_codec_config_default(&cfg, 2, 4, 128, KVT_DTYPE_F16);
+		cfg.scheme = KVT_SCHEME_KIVI;
+		cfg.rotate_v = 0;
+		cfg.group = 64;
+		cfg.chunk_tokens = 128;
+		exact_decode(&cfg, 0, KVT_DTYPE_BF16);
+		kvt_codec_config_default(&cfg, 2, 2, 128, KVT_DTYPE_BF16);
+		cfg.key_bits = cfg.value_bits = 4;
+		cfg.group = 128;
+		cfg.chunk_tokens = 256;
+		exact_decode(&cfg, 0, KVT_DTYPE_BF16);
+		exact_decode(&cfg, 256, KVT_DTYPE_F16);
+		cfg.chunk_tokens = 128;
+		cfg.group = 64;
+		cfg.n_kv_heads = 1;
+		exact_decode(&cfg, 128, KVT_DTYPE_BF16);
+		for (int i = 0; i < n; i++) {
+			random_config(&cfg, true);
+			if (i % 2 == 0) { /* half of them in fd3_kernel's shapes */
+				cfg.head_dim = 128;
+				cfg.scheme = i % 4 ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
+				cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR && kvt_rand_below(4) != 0;
+				cfg.key_bits = cfg.value_bits = kvt_rand_below(2) ? 2 : 4;
+				if (cfg.dtype == KVT_DTYPE_F32)
+					cfg.dtype = KVT_DTYPE_BF16;
+			}
+			exact_decode(&cfg, kvt_rand_below(2) ? 0 : cfg.chunk_tokens,
+				     kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16);
+		}
+	}
+	unsetenv("KVTIER_CUDA_DEC_VARIANT");
+	printf("# 16-bit decode outputs equal to the CPU decoder's: %llu of %llu\n",
+	       (unsigned long long)(exact_values - exact_diff), (unsigned long long)exact_values);
+}
+
 static void test_errors(void)
 {
 	char err[256];
@@ -447,6 +594,7 @@ int main(void)
 	KVT_RUN(test_random_configs);
 	KVT_RUN(test_fast_path_configs);
 	KVT_RUN(test_k3_preset);
+	KVT_RUN(test_decode_exact);
 	KVT_RUN(test_errors);
 	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
 	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",
