@@ -1095,7 +1095,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 
 /* p.i2: 2 the keys-as-B kernel, 3 with bulk staging. MINB 5 for the keys-as-B kernel
  * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
- * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. */
+ * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. MINB 3
+ * (session 5, the default since: 157-168 registers, no spills) measured faster than 4, same
+ * call: INT2 53.9 vs 54.8 us at 1 x 131072, 75.8 vs 86.2 at 48 x 4096 (most of that from the
+ * plan cutting for 3 resident blocks: fewer, longer items; 4 with that cutting: 77.2), K3 V2
+ * 60.3 vs 64.2 at 1 x 131072 (63.1 with MINB 4 and the same cutting) (docs/gpu.md). */
 template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
@@ -1113,14 +1117,27 @@ static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, u
 	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
+/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers: INT2 158,
+ * K3 164, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) takes the session-4 build for 4 (128
+ * registers) at the benchmark shapes (INT2 G32, K3 G64). */
+static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
+{
+	static int on = -1;
+	if (on < 0)
+		on = getenv("KVTIER_CUDA_MINB4") && atoi(getenv("KVTIER_CUDA_MINB4")) != 0;
+	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
+}
+
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
+		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
-		return i2_launch_g<2, 4, 3>(pl, s, gv);
+		return i2_launch_g<2, 3, 3>(pl, s, gv);
 	if (pl->p.i2 == 3)
 		return i2_launch_g<3, 4>(pl, s, gv);
-	return i2_launch_g<2, 4>(pl, s, gv);
+	return i2_launch_g<2, 3>(pl, s, gv);
 }
 
 template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
@@ -1141,9 +1158,11 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
+	if (i2_minb4(kb, gv, variant))
+		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
-		return i2_occupancy_g<2, 4, 3>(gv);
+		return i2_occupancy_g<2, 3, 3>(gv);
 	if (variant == 3)
 		return i2_occupancy_g<3, 4>(gv);
-	return i2_occupancy_g<2, 4>(gv);
+	return i2_occupancy_g<2, 3>(gv);
 }
