@@ -968,6 +968,29 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	uint32_t max_nc = 0;
 	for (size_t r = 0; r < n_reqs; r++)
 		max_nc = reqs[r].n_chunks > max_nc ? reqs[r].n_chunks : max_nc;
+	/* The keys-as-B kernel (i2v) takes a per-multiprocessor model instead (session 5, att6;
+	 * KVTIER_CUDA_SPLIT=old: the wave model above for it too, A/B runs). It is issue bound,
+	 * so what a multiprocessor does is its items' units shared among the blocks resident on
+	 * it: n = ceil(items / SMs) items on the busiest one, each len units + a per-item cost
+	 * of `ov` units (prologue: query load, rotation, fragments; pins; merge; partial write;
+	 * its share of the combine), run bps at a time at full rate, a last round of fewer
+	 * blocks (or n < bps) at rate r1 (one block) or r2 (more, short of bps) of a full
+	 * multiprocessor's. Fitted on the H200 to 15 forced cuts of the five benchmark cases
+	 * (KVTIER_CUDA_CPI 16-128: 1-12 items per multiprocessor): ov 8 units, r1 0.70, r2
+	 * 0.94, 3% rms error, where the wave model was off by 46% (it took a part-filled wave
+	 * for a full one: 256 items of 32 chunks at 1 x 131072 measured 1.05x the 392 of 21,
+	 * it predicted 1.5x). Both cut the benchmark cases alike (docs/gpu.md "Session 5: work
+	 * split"). KVTIER_CUDA_SPLIT_OV / _R1 / _R2 override them (tuning runs). */
+	const char *sm_env = getenv("KVTIER_CUDA_SPLIT");
+	const bool sm_model = i2v && !(sm_env && !strcmp(sm_env, "old"));
+	double ov = 8.0, r1 = 0.70, r2 = 0.94;
+	if (getenv("KVTIER_CUDA_SPLIT_OV") && atof(getenv("KVTIER_CUDA_SPLIT_OV")) >= 0)
+		ov = atof(getenv("KVTIER_CUDA_SPLIT_OV"));
+	if (getenv("KVTIER_CUDA_SPLIT_R1") && atof(getenv("KVTIER_CUDA_SPLIT_R1")) > 0)
+		r1 = atof(getenv("KVTIER_CUDA_SPLIT_R1"));
+	if (getenv("KVTIER_CUDA_SPLIT_R2") && atof(getenv("KVTIER_CUDA_SPLIT_R2")) > 0)
+		r2 = atof(getenv("KVTIER_CUDA_SPLIT_R2"));
+	const uint64_t n_sm = c->sm_count > 0 ? (uint64_t)c->sm_count : 1;
 	uint32_t cpi = 1;
 	double best = INFINITY;
 	for (uint32_t x = 1; x <= max_nc && x <= 4096; x++) {
@@ -981,7 +1004,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			items += (uint64_t)k * H * ((reqs[r].n_q_heads / (H ? H : 1) + rqn - 1) / rqn);
 			len = l > len ? l : len;
 		}
-		const double cost = (double)((items + resident - 1) / resident) * ((double)len * upc0 + 3.0);
+		double cost = (double)((items + resident - 1) / resident) * ((double)len * upc0 + 3.0);
+		if (sm_model) {
+			const uint64_t n = (items + n_sm - 1) / n_sm, nb = (uint64_t)bps;
+			const double w = (double)len * upc0 + ov;
+			const uint64_t rem = n < nb ? n : n % nb;
+			cost = (double)(n - rem) * w;
+			if (rem)
+				cost += (double)rem * w / (rem == 1 ? r1 : r2);
+		}
 		if (cost <= best) {
 			best = cost;
 			cpi = x;
@@ -1174,21 +1205,25 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * for short groups only. H200, keys-as-B kernel, same call: 1 x 131072 (65 items per
 		 * group) 61.3 us fused vs 58.1 separate (the completing block merges 65 partials x 4
 		 * heads with 4 warps, on the critical path); 8 x 32768 (9 per group) 106.0 vs 107.3;
-		 * 48 x 4096 (5 per group) 100.1 vs 101.9. KVTIER_CUDA_FUSED_COMBINE=1 / 0 forces it
-		 * on / off (tests, A/B runs). */
+		 * 48 x 4096 (5 per group) 100.1 vs 101.9. Since the PDL combine (session 4) and the
+		 * 3-block cutting (session 5), same call: groups of 1 item (48 x 4096) fused 75.6-76.3
+		 * vs 79.0 separate, of 5 equal (session 4), of 6 (8 x 32768) fused 95.9-96.5 vs 95.4:
+		 * fused up to 4. KVTIER_CUDA_FUSED_COMBINE=1 / 0 forces it on / off (tests, A/B runs). */
 		uint32_t longest = 0;
 		for (size_t gi = 0; gi < n_groups; gi++) {
 			const uint32_t n = groups[gi].item_end - groups[gi].item_begin;
 			longest = n > longest ? n : longest;
 		}
-		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
-		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= 16);
-		p.fold = fold;
 		/* the separate combine after the INT2 kernel as a programmatic dependent launch
 		 * (sm_90; KVTIER_CUDA_PDL=0 turns it off). H200, same call: 1 x 131072 55.1 us
-		 * vs 56.7 / 57.3 as an ordinary launch (docs/gpu.md, session 4) */
+		 * vs 56.7 / 57.3 as an ordinary launch (docs/gpu.md, session 4). Without it the
+		 * fused combine stays the choice up to 16 items per group (the session-2 numbers). */
 		const char *pd = getenv("KVTIER_CUDA_PDL");
-		plan->pdl = i2 && !p.fused && ccm >= 9 && (!pd || atoi(pd) != 0);
+		const bool pdl_ok = i2 && ccm >= 9 && (!pd || atoi(pd) != 0);
+		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
+		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
+		p.fold = fold;
+		plan->pdl = pdl_ok && !p.fused;
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 		p.B = B;
