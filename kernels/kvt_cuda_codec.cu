@@ -334,7 +334,6 @@ struct enc_job_dev {
 	uint64_t k_exact_off, v_exact_off;
 	uint32_t n_gaps;
 	uint32_t gap_off[MAX_GAPS], gap_len[MAX_GAPS];
-	uint32_t crc_item0, crc_items; /* fe_kernel's fused crc: this job's 8 KiB regions */
 };
 
 struct enc_params {
@@ -357,8 +356,8 @@ __global__ void enc_prep_kernel(enc_params p)
 			j.out[i] = j.hdr_src[i];
 		if (threadIdx.x == 0)
 			p.crc_acc[blockIdx.y] = 0;
-		if (threadIdx.x < 3 && blockIdx.y == 0 && p.work_ctr)
-			p.work_ctr[threadIdx.x] = 0; /* value units, key tiles, crc regions */
+		if (threadIdx.x == 0 && blockIdx.y == 0 && p.work_ctr)
+			*p.work_ctr = 0;
 		return;
 	}
 	uint8_t *sec = j.out + j.hdr_bytes + (size_t)blockIdx.x * j.layer_bytes;
@@ -767,33 +766,6 @@ __device__ __forceinline__ void fe_ld32(const uint8_t *p, uint32_t dt, float (&x
 	}
 }
 
-/* fe_ld32 for 16-bit dtypes in two steps, so the next row's loads are in flight while this
- * one is computed (session 5): the raw 64 bytes, then their conversion */
-__device__ __forceinline__ void fe_ldraw(const uint8_t *p, uint4 (&w)[4])
-{
-#pragma unroll
-	for (int i = 0; i < 4; i++)
-		w[i] = ((const uint4 *)p)[i];
-}
-
-__device__ __forceinline__ void fe_cvt16(const uint4 (&raw)[4], uint32_t dt, float (&x)[32])
-{
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		const uint32_t w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
-#pragma unroll
-		for (int k = 0; k < 4; k++) {
-			if (dt == KVT_DTYPE_BF16) {
-				x[8 * i + 2 * k] = __uint_as_float(w[k] << 16);
-				x[8 * i + 2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-			} else {
-				x[8 * i + 2 * k] = __half2float(__ushort_as_half((uint16_t)(w[k] & 0xffff)));
-				x[8 * i + 2 * k + 1] = __half2float(__ushort_as_half((uint16_t)(w[k] >> 16)));
-			}
-		}
-	}
-}
-
 /* The CPU's fwht on a row spread over R lanes (lane % R = which 32 channels), then * mult. */
 template <int R>
 __device__ __forceinline__ void fe_fwht(float (&x)[32], int lane, float mult)
@@ -849,52 +821,10 @@ __device__ __forceinline__ int fe_qcode(float x, float s, float rs, float z, int
 	return min(max(ci, 0), qmax);
 }
 
-/* Session 5: a code from one fma. y = fma(x - z, rs, M) rounds the exact product
- * (x - z) * rs once to an integer (M = 1.5 * 2^23: y's bits are 0x4B400000 + code while the
- * code is in [0, 2^22)), and t = fma(x - z, rs, -(y - M)) is the product's distance to that
- * integer, rounded once. The product differs from the CPU's quotient RN((x - z) / s) by at
- * most (qmax + 1) * 2^-23 while the code is in [0, qmax] (both round |(x - z) / s| <= qmax +
- * 1/2 with relative error 2^-24), so when |t| < fe_thr(qmax) = 0.5 - (qmax + 1) * 2^-20 the
- * code is rint of the CPU's quotient. The code is monotone in x, so when the codes of a
- * group's min and max lie in [0, qmax] no element needs the CPU's clamp. A group where
- * either check fails (or t is NaN: a NaN input) is redone with the exact path, so every
- * code is still the CPU's. The caller packs bits(y) << shift by addition and subtracts the
- * 0x4B400000 terms once per word (fe_pack_corr). */
-__device__ __forceinline__ float fe_thr(int qmi)
-{
-	return 0.5f - (float)(qmi + 1) * (1.0f / 1048576.0f);
-}
-
-/* bad |= !(|t| < thr): also set by a NaN element */
-__device__ __forceinline__ uint32_t fe_qfast(float x, float z, float rs, float thr, bool &bad)
-{
-	const float M = 12582912.0f;
-	const float d = __fsub_rn(x, z);
-	const float y = __fmaf_rn(d, rs, M);
-	const float t = __fmaf_rn(d, rs, __fsub_rn(M, y));
-	bad |= !(fabsf(t) < thr);
-	return __float_as_uint(y);
-}
-
-/* whether the codes of a group's min and max (so of every element) lie in [0, qmax] */
-__device__ __forceinline__ bool fe_range_ok(float mn, float mx, float z, float rs, float qmax)
-{
-	const float M = 12582912.0f;
-	const float ylo = __fmaf_rn(__fsub_rn(mn, z), rs, M);
-	const float yhi = __fmaf_rn(__fsub_rn(mx, z), rs, M);
-	return ylo >= M && yhi <= M + qmax;
-}
-
-/* sum of 0x4B400000 << (bits * e) over the n codes packed into one 32-bit word */
-__host__ __device__ constexpr uint32_t fe_pack_corr(int bits, int n)
-{
-	return n == 0 ? 0u : (0x4B400000u << ((bits * (n - 1)) % 32)) + fe_pack_corr(bits, n - 1);
-}
-
 /* One row per R lanes, per-token groups of gv channels (gv >= 32: a lane's 32 channels are in
  * one group): values, or nothing else for now. Lanes whose row is out of range pass valid =
  * false but still take part in the shuffles. */
-template <int R, int bits, bool EXACT, bool FAST = false>
+template <int R, int bits, bool EXACT>
 __device__ __forceinline__ void fe_quant_row(float (&x)[32], int lane, bool valid, bool pinned,
 					     uint32_t gv, bool bf, uint16_t *scale, uint16_t *zero,
 					     uint8_t *codes)
@@ -974,30 +904,12 @@ __device__ __forceinline__ void fe_quant_row(float (&x)[32], int lane, bool vali
 		*(uint32_t *)(codes + R * 8 + q * 4) = w[2];
 		return;
 	}
-	/* FAST: fe_qfast codes; a row that fails its checks is redone below */
-	bool slow = true;
-	if (FAST && use && fe_range_ok(mn[0], mx[0], z, rs, qmax)) {
-		const float thr = fe_thr(qmi);
-		bool bad = false;
-#pragma unroll
-		for (int e = 0; e < 32; e++)
-			w[e * bits / 32] += fe_qfast(x[e], z, rs, thr, bad) << ((e * bits) % 32);
-#pragma unroll
-		for (int i = 0; i < bits; i++)
-			w[i] -= fe_pack_corr(bits, 32 / bits);
-		slow = bad;
-		if (bad) {
-#pragma unroll
-			for (int i = 0; i < 8; i++)
-				w[i] = 0;
-		}
-	}
-	if (slow && use) {
+	if (use) {
 #pragma unroll
 		for (int e = 0; e < 32; e++)
 			w[e * bits / 32] |= (uint32_t)fe_qcode<EXACT>(x[e], s, rs, z, qmi)
 					    << ((e * bits) % 32);
-	} else if (slow && s != 0.0f) {
+	} else if (s != 0.0f) {
 #pragma unroll
 		for (int e = 0; e < 32; e++)
 			w[e * bits / 32] |= kvt_d_qcode(x[e], s, z, qmax) << ((e * bits) % 32);
@@ -1016,18 +928,13 @@ struct fe_params {
 	enc_params p;
 	uint32_t *vctr; /* value units handed out (zeroed by enc_prep_kernel) */
 	uint32_t n_jobs, n_tiles, tile_floats, tok_stride;
-	/* FAST: key tiles from a counter (tctr), and, when ldone is set, the chunk crc in the
-	 * same kernel: ldone[job * L + layer] counts the finished key tiles and value units of
-	 * a layer section, cctr hands out the n_items 8 KiB crc regions */
-	uint32_t *tctr, *cctr, *ldone;
-	uint32_t n_items;
 };
 #define FE_VTOK 16 /* tokens per value unit */
 
 /* Value rows in units of (job, layer, FE_VTOK tokens) x every head, taken from a counter
  * shared by the grid (the K warps join when their tiles are done, so neither role waits for
  * the other); a warp pass is RPW consecutive rows of the unit's [token][head] order. */
-template <int D, bool EXACT, bool HAS3, bool FAST>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_values(const fe_params &f, int lane)
 {
 	constexpr int R = D / 32, RPW = 32 / R;
@@ -1051,22 +958,10 @@ __device__ void fe_values(const fe_params &f, int lane)
 		const uint8_t *vin = (const uint8_t *)j.v + ((size_t)l * p.B + tb) * p.H * D * ws;
 		uint8_t *sec = j.out + j.hdr_bytes + (size_t)l * j.layer_bytes;
 		uint32_t t = tb + (lane / R) / p.H, h = (lane / R) % p.H;
-		/* FAST, 16-bit input: the next pass's row is loaded before this one is computed */
-		const bool pf = FAST && p.dtype != KVT_DTYPE_F32;
-		uint4 nx[4];
-		if (pf)
-			fe_ldraw(vin + ((size_t)(lane / R) * D + q * 32) * ws, nx);
 		for (uint32_t r0 = 0; r0 < rows; r0 += RPW) {
 			const uint32_t r = r0 + lane / R;
 			float x[32];
-			if (pf) {
-				const uint4 cur[4] = {nx[0], nx[1], nx[2], nx[3]};
-				if (r0 + RPW < rows)
-					fe_ldraw(vin + ((size_t)(r + RPW) * D + q * 32) * ws, nx);
-				fe_cvt16(cur, p.dtype, x);
-			} else {
-				fe_ld32(vin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
-			}
+			fe_ld32(vin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
 			if (p.rotate_v)
 				fe_fwht<R>(x, lane, mult);
 			const size_t ridx = (size_t)h * p.B + t;
@@ -1075,160 +970,18 @@ __device__ void fe_values(const fe_params &f, int lane)
 			uint8_t *vc = sec + p.v_codes_off + ridx * (D * p.vb / 8);
 			const bool pin = t < j.n_pin;
 			if (p.vb == 2)
-				fe_quant_row<R, 2, EXACT, FAST>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+				fe_quant_row<R, 2, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else if (HAS3 && p.vb == 3)
 				fe_quant_row<R, 3, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else if (p.vb == 4)
-				fe_quant_row<R, 4, EXACT, FAST>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+				fe_quant_row<R, 4, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			else
-				fe_quant_row<R, 8, EXACT, FAST>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
+				fe_quant_row<R, 8, EXACT>(x, lane, true, pin, gv, p.sbf != 0, vs, vz, vc);
 			/* next pass: RPW rows on */
 			h += RPW;
 			while (h >= p.H) {
 				h -= p.H;
 				t++;
-			}
-		}
-		if (FAST && f.ldone) { /* the unit's bytes, then its count (fe_crc reads both) */
-			__threadfence();
-			__syncwarp();
-			if (lane == 0)
-				atomicAdd(&f.ldone[un / upl], 1u); /* = job * L + layer */
-		}
-	}
-}
-
-/* Keys, phase 3, session 5 (tiles without pinned tokens, KB = 2/4/8): two threads per (head,
- * 4 consecutive channels), lanes l and l ^ 8, each walking half of the G tokens twice with
- * one 16-byte tile access per token (a quarter warp reads one 128-byte segment row: no bank
- * conflicts): x / n written back and the per-channel min/max (the halves combined by one
- * shuffle), the qparams of two channels per thread (exchanged by shuffles), then codes by
- * fe_qfast, one 1/2/4-byte store per token, no shuffles. A thread whose tokens need the
- * exact path (a near-tie, a clamp, a NaN, a zero scale) redoes its codes with kvt_d_qcode. */
-template <int D, int KB>
-__device__ __forceinline__ void fe_kquant(const fe_params &f, float *tile, const float2 *nrm2,
-					  uint8_t *sec, uint32_t gi, uint32_t t0, bool oscar,
-					  int ktid)
-{
-	constexpr int R = D / 32;
-	const enc_params &p = f.p;
-	const uint32_t H = p.H, G = p.G, NG = p.B / p.G, rowb = D * KB / 8, ts = f.tok_stride;
-	const float kqmax = (float)((1u << KB) - 1);
-	const float kthr = fe_thr((1 << KB) - 1);
-	/* H * D / 2 threads: a multiple of 32 (D >= 64), so whole warps take part */
-	for (uint32_t i = ktid; i < H * D / 2; i += FE_KTHREADS) {
-		const uint32_t half = (i >> 3) & 1, qd = (i >> 4) * 8 + (i & 7);
-		const uint32_t h = qd / (D / 4), c = 4 * (qd % (D / 4));
-		const uint32_t tb = half * (G / 2), te = tb + G / 2;
-		float *col = tile + (h * R + c / 32) * FE_SEG + c % 32;
-		float mn[4], mx[4];
-#pragma unroll
-		for (int k = 0; k < 4; k++) {
-			mn[k] = __int_as_float(0x7f800000);
-			mx[k] = -mn[k];
-		}
-		if (oscar) {
-#pragma unroll 4
-			for (uint32_t t = tb; t < te; t++) {
-				float4 v = *(float4 *)(col + t * ts);
-				/* x / n correctly rounded (Markstein, as in the session-3 loop) */
-				const float2 nn = nrm2[t];
-				float a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-				for (int k = 0; k < 4; k++) {
-					const float qk = __fmul_rn(a[k], nn.y);
-					a[k] = __fmaf_rn(__fmaf_rn(-qk, nn.x, a[k]), nn.y, qk);
-					mn[k] = fminf(mn[k], a[k]);
-					mx[k] = fmaxf(mx[k], a[k]);
-				}
-				*(float4 *)(col + t * ts) = make_float4(a[0], a[1], a[2], a[3]);
-			}
-		} else {
-#pragma unroll 4
-			for (uint32_t t = tb; t < te; t++) {
-				const float4 v = *(const float4 *)(col + t * ts);
-				const float a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-				for (int k = 0; k < 4; k++) {
-					mn[k] = fminf(mn[k], a[k]);
-					mx[k] = fmaxf(mx[k], a[k]);
-				}
-			}
-		}
-#pragma unroll
-		for (int k = 0; k < 4; k++) {
-			mn[k] = fminf(mn[k], __shfl_xor_sync(KVT_FULL_MASK, mn[k], 8));
-			mx[k] = fmaxf(mx[k], __shfl_xor_sync(KVT_FULL_MASK, mx[k], 8));
-		}
-		/* this thread's two channels 2 * half + m: qparams, scale and zero words */
-		uint16_t sb[2], zb[2];
-		float so[2], zo[2], ro[2];
-		bool ok = true;
-#pragma unroll
-		for (int m = 0; m < 2; m++) {
-			const float lo = half ? mn[2 + m] : mn[m], hi = half ? mx[2 + m] : mx[m];
-			kvt_d_qparam(lo, hi, true, kqmax, p.sbf, &sb[m], &zb[m], &so[m], &zo[m]);
-			ro[m] = __frcp_rn(so[m]);
-			ok = ok && so[m] != 0.0f && isfinite(ro[m]) &&
-			     fe_range_ok(lo, hi, zo[m], ro[m], kqmax);
-		}
-		const size_t pidx = ((size_t)h * NG + gi) * D + c + 2 * half;
-		*(uint32_t *)((uint16_t *)(sec + p.k_scale_off) + pidx) = sb[0] | ((uint32_t)sb[1] << 16);
-		*(uint32_t *)((uint16_t *)(sec + p.k_zero_off) + pidx) = zb[0] | ((uint32_t)zb[1] << 16);
-		/* the partner's two channels */
-		float s[4], z[4], rs[4];
-#pragma unroll
-		for (int m = 0; m < 2; m++) {
-			const float sp = __shfl_xor_sync(KVT_FULL_MASK, so[m], 8);
-			const float zp = __shfl_xor_sync(KVT_FULL_MASK, zo[m], 8);
-			const float rp = __shfl_xor_sync(KVT_FULL_MASK, ro[m], 8);
-			s[m] = half ? sp : so[m];
-			z[m] = half ? zp : zo[m];
-			rs[m] = half ? rp : ro[m];
-			s[2 + m] = half ? so[m] : sp;
-			z[2 + m] = half ? zo[m] : zp;
-			rs[2 + m] = half ? ro[m] : rp;
-		}
-		/* every lane shuffles (no short-circuit: the mask is the full warp) */
-		const int ok_p = __shfl_xor_sync(KVT_FULL_MASK, (int)ok, 8);
-		ok = ok && ok_p;
-		uint8_t *const cw0 = sec + p.k_codes_off + ((size_t)h * p.B + t0) * rowb + c * KB / 8;
-		bool bad = !ok;
-		if (ok) {
-			uint8_t *cw = cw0 + (size_t)tb * rowb;
-#pragma unroll 4
-			for (uint32_t t = tb; t < te; t++) {
-				const float4 v = *(const float4 *)(col + t * ts);
-				uint32_t w = fe_qfast(v.x, z[0], rs[0], kthr, bad);
-				w += fe_qfast(v.y, z[1], rs[1], kthr, bad) << KB;
-				w += fe_qfast(v.z, z[2], rs[2], kthr, bad) << (2 * KB);
-				w += fe_qfast(v.w, z[3], rs[3], kthr, bad) << (3 * KB);
-				w -= fe_pack_corr(KB, 4);
-				if (KB == 2)
-					*cw = (uint8_t)w;
-				else if (KB == 4)
-					*(uint16_t *)cw = (uint16_t)w;
-				else
-					*(uint32_t *)cw = w;
-				cw += rowb;
-			}
-		}
-		if (bad) {
-			/* the CPU's operations for this thread's tokens */
-			for (uint32_t t = tb; t < te; t++) {
-				const float4 v = *(const float4 *)(col + t * ts);
-				const float a[4] = {v.x, v.y, v.z, v.w};
-				uint32_t w = 0;
-#pragma unroll
-				for (int k = 0; k < 4; k++)
-					w |= kvt_d_qcode(a[k], s[k], z[k], kqmax) << (k * KB);
-				uint8_t *cw = cw0 + (size_t)t * rowb;
-				if (KB == 2)
-					*cw = (uint8_t)w;
-				else if (KB == 4)
-					*(uint16_t *)cw = (uint16_t)w;
-				else
-					*(uint32_t *)cw = w;
 			}
 		}
 	}
@@ -1237,102 +990,10 @@ __device__ __forceinline__ void fe_kquant(const fe_params &f, float *tile, const
 /* named barrier of the K warps only (the V warps never wait) */
 __device__ __forceinline__ void fe_kbar() { asm volatile("bar.sync 1, %0;" ::"n"(FE_KTHREADS)); }
 
-/* end of a key tile: with the fused crc, every K thread's bytes are made visible before the
- * layer's count moves */
-template <bool FAST>
-__device__ __forceinline__ void fe_tile_done(const fe_params &f, uint32_t li, int ktid)
-{
-	if (FAST && f.ldone)
-		__threadfence();
-	fe_kbar();
-	if (FAST && f.ldone && ktid == 0)
-		atomicAdd(&f.ldone[li], 1u);
-}
-
-/*
- * The chunk crc inside fe_kernel (session 5): once the value units are all handed out, warps
- * take crc2_kernel's 8 KiB regions (each job's from its start, so in the order the layers
- * finish) from a counter, wait until every layer section a region touches has all its key
- * tiles and value units counted in ldone (all of them are held by running warps: tiles and
- * units come from counters), then compute the region's raw crc as crc2_kernel does (L2
- * loads: other SMs wrote the bytes) into the job's accumulator.
- */
-__device__ void fe_crc(const fe_params &f, int lane, const uint32_t (*tab)[256])
-{
-	const enc_params &p = f.p;
-	const uint32_t expect = p.B / p.G + p.B / FE_VTOK;
-	for (;;) {
-		uint32_t it = 0;
-		if (lane == 0)
-			it = atomicAdd(f.cctr, 1u);
-		it = __shfl_sync(KVT_FULL_MASK, it, 0);
-		if (it >= f.n_items)
-			return;
-		uint32_t lo = 0, hi = f.n_jobs - 1;
-		while (lo < hi) {
-			const uint32_t mid = (lo + hi + 1) / 2;
-			if (p.jobs[mid].crc_item0 <= it)
-				lo = mid;
-			else
-				hi = mid - 1;
-		}
-		const enc_job_dev &j = p.jobs[lo];
-		const uint64_t r = j.crc_items - 1 - (it - j.crc_item0); /* from the chunk's end */
-		const int64_t re = (int64_t)(j.total_bytes - r * CRC2_REGION);
-		const int64_t rb = re - CRC2_REGION > 0 ? re - CRC2_REGION : 0;
-		if (lane == 0 && re > (int64_t)j.hdr_bytes) {
-			const uint64_t l0 = rb <= (int64_t)j.hdr_bytes ? 0 : (rb - j.hdr_bytes) / j.layer_bytes;
-			uint64_t l1 = (re - 1 - j.hdr_bytes) / j.layer_bytes;
-			l1 = l1 < p.L - 1 ? l1 : p.L - 1;
-			for (uint64_t l = l0; l <= l1; l++)
-				while (*(volatile uint32_t *)&f.ldone[lo * p.L + l] < expect)
-					__nanosleep(256);
-		}
-		__syncwarp();
-		__threadfence();
-		int64_t sb = re - (int64_t)(32 - lane) * CRC2_SEG, se = sb + CRC2_SEG;
-		if (sb < 0)
-			sb = 0;
-		uint32_t crc = 0;
-		if (se > sb) {
-			const uint4 *w = (const uint4 *)(j.out + se - CRC2_SEG);
-			const int skip = (int)((CRC2_SEG - (se - sb)) / 16);
-			/* in two halves: the encoder's 80-register budget holds 32 words, not 64 */
-#pragma unroll
-			for (int hf = 0; hf < 2; hf++) {
-				constexpr int NW = CRC2_SEG / 32;
-				uint4 buf[NW];
-#pragma unroll
-				for (int i = 0; i < NW; i++)
-					buf[i] = hf * NW + i >= skip ? __ldcg(w + hf * NW + i) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-				for (int i = 0; i < 2 * NW; i++) {
-					const uint4 b = buf[i / 2];
-					if (hf * NW + i / 2 < skip)
-						continue;
-					uint32_t x = (i & 1 ? b.z : b.x) ^ crc, y = i & 1 ? b.w : b.y;
-					crc = tab[7][x & 0xff] ^ tab[6][(x >> 8) & 0xff] ^
-					      tab[5][(x >> 16) & 0xff] ^ tab[4][x >> 24] ^ tab[3][y & 0xff] ^
-					      tab[2][(y >> 8) & 0xff] ^ tab[1][(y >> 16) & 0xff] ^ tab[0][y >> 24];
-				}
-			}
-			crc = crc_multmodp(g_crc_lane[lane], crc);
-		}
-#pragma unroll
-		for (int m = 16; m >= 1; m >>= 1)
-			crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
-		if (lane == 0 && crc) {
-			const uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
-			atomicXor(&p.crc_acc[lo], crc_multmodp(mul, crc));
-		}
-	}
-}
-
-template <int D, bool EXACT, bool HAS3, bool FAST>
+template <int D, bool EXACT, bool HAS3>
 __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 {
 	float *rnrm = nrm + f.p.G;
-	float2 *nrm2 = (float2 *)(nrm + 2 * f.p.G); /* (n, RN(1/n)) per token: FAST */
 	constexpr int R = D / 32, RPW = 32 / R;
 	const enc_params &p = f.p;
 	const int lane = ktid & 31, kw = ktid >> 5, q = lane % R;
@@ -1342,17 +1003,7 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 	const float kqmax = (float)((1u << p.kb) - 1);
 	const int kqmi = (1 << p.kb) - 1;
 	const uint32_t rowb = D * p.kb / 8;
-	/* FAST: tiles from a counter, so every tile handed out is held by a running block
-	 * (fe_crc waits for them); s_tile is written after a barrier that follows every
-	 * K thread's read of the previous value */
-	__shared__ uint32_t s_tile;
-	if (FAST) {
-		if (ktid == 0)
-			s_tile = atomicAdd(f.tctr, 1u);
-		fe_kbar();
-	}
-	for (uint32_t tile_i = FAST ? s_tile : blockIdx.x; tile_i < f.n_tiles;
-	     tile_i = FAST ? s_tile : tile_i + gridDim.x) {
+	for (uint32_t tile_i = blockIdx.x; tile_i < f.n_tiles; tile_i += gridDim.x) {
 		const uint32_t jb = tile_i / (p.L * NG), rem = tile_i % (p.L * NG);
 		const uint32_t l = rem / NG, gi = rem % NG, t0 = gi * G;
 		const enc_job_dev &j = p.jobs[jb];
@@ -1375,11 +1026,6 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 
 		/* phase 1: rotated rows into the tile */
 		const uint32_t n_rows = G * H;
-		/* FAST, 16-bit input: the warp's next row is loaded before this one is computed */
-		const bool pf = FAST && p.dtype != KVT_DTYPE_F32;
-		uint4 nx[4];
-		if (pf && kw * RPW < n_rows)
-			fe_ldraw(kin + ((size_t)min(kw * RPW + lane / R, n_rows - 1) * D + q * 32) * ws, nx);
 		for (uint32_t r0 = kw * RPW; r0 < n_rows; r0 += FE_KWARPS * RPW) {
 			uint32_t r = r0 + lane / R;
 			const bool valid = r < n_rows;
@@ -1387,14 +1033,7 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 				r = n_rows - 1;
 			const uint32_t t = r / H, h = r % H;
 			float x[32];
-			if (pf) {
-				const uint4 cur[4] = {nx[0], nx[1], nx[2], nx[3]};
-				if (r0 + FE_KWARPS * RPW < n_rows)
-					fe_ldraw(kin + ((size_t)min(r + FE_KWARPS * RPW, n_rows - 1) * D + q * 32) * ws, nx);
-				fe_cvt16(cur, p.dtype, x);
-			} else {
-				fe_ld32(kin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
-			}
+			fe_ld32(kin + ((size_t)r * D + q * 32) * ws, p.dtype, x);
 			if (oscar)
 				fe_fwht<R>(x, lane, p.inv_sqrt_d);
 			if (valid) {
@@ -1405,8 +1044,6 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 			}
 		}
 		fe_kbar();
-		if (FAST && ktid == 0)
-			s_tile = atomicAdd(f.tctr, 1u);
 
 		/* phase 2: norms, the CPU's summation order */
 		if (oscar) {
@@ -1433,24 +1070,10 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 				if (jl == 0) {
 					nrm[t] = n;
 					rnrm[t] = __frcp_rn(n);
-					if (FAST)
-						nrm2[t] = make_float2(n, rnrm[t]);
 					((float *)(sec + p.norms_off))[t0 + t] = n;
 				}
 			}
 			fe_kbar();
-		}
-
-		/* phase 3, session 5 (tiles without pinned tokens, 2/4/8-bit keys) */
-		if (FAST && t0 >= j.n_pin && p.kb != 3) {
-			if (p.kb == 2)
-				fe_kquant<D, 2>(f, tile, nrm2, sec, gi, t0, oscar, ktid);
-			else if (p.kb == 4)
-				fe_kquant<D, 4>(f, tile, nrm2, sec, gi, t0, oscar, ktid);
-			else
-				fe_kquant<D, 8>(f, tile, nrm2, sec, gi, t0, oscar, ktid);
-			fe_tile_done<FAST>(f, jb * p.L + l, ktid); /* the tile is rewritten next */
-			continue;
 		}
 
 		/* phase 3: per-channel min/max over the group's unpinned tokens, codes */
@@ -1529,33 +1152,25 @@ __device__ void fe_keys(const fe_params &f, float *tile, float *nrm, int ktid)
 				}
 			}
 		}
-		fe_tile_done<FAST>(f, jb * p.L + l, ktid); /* the tile is rewritten next */
+		fe_kbar(); /* the tile is rewritten by the next one */
 	}
 }
 
 /* HAS3: 3-bit keys or values (a separate instantiation: with the 3-bit branches in, ptxas
  * spilled more in the 2/4/8-bit kernels, 8 instead of 4 bytes at d 128) */
-template <int D, bool EXACT, bool HAS3, bool FAST>
+template <int D, bool EXACT, bool HAS3>
 __global__ void __launch_bounds__(FE_THREADS, 1) fe_kernel(fe_params f)
 {
 	extern __shared__ float smem[];
-	__shared__ uint32_t crc_tab[FAST ? 8 : 1][256];
 	const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-	if (FAST && f.ldone) {
-		for (int i = threadIdx.x; i < 8 * 256; i += FE_THREADS)
-			crc_tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
-		__syncthreads();
-	}
 	if (warp < FE_KWARPS)
-		fe_keys<D, EXACT, HAS3, FAST>(f, smem, smem + f.tile_floats, threadIdx.x);
-	fe_values<D, EXACT, HAS3, FAST>(f, lane);
-	if (FAST && f.ldone)
-		fe_crc(f, lane, crc_tab);
+		fe_keys<D, EXACT, HAS3>(f, smem, smem + f.tile_floats, threadIdx.x);
+	fe_values<D, EXACT, HAS3>(f, lane);
 }
 
 /* Tile geometry, or 0 when the fast path does not take this config. */
 static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_floats,
-			    uint32_t *tok_stride, bool fast)
+			    uint32_t *tok_stride)
 {
 	if (cfg->scheme != KVT_SCHEME_OSCAR && cfg->scheme != KVT_SCHEME_KIVI)
 		return 0;
@@ -1564,8 +1179,7 @@ static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_f
 		return 0;
 	const uint32_t ts = H * R * FE_SEG + FE_TPAD;
 	const uint32_t tf = cfg->group * ts;
-	/* + nrm, rnrm (+ nrm2: FAST) */
-	const size_t bytes = ((size_t)tf + (fast ? 4 : 2) * cfg->group) * 4;
+	const size_t bytes = ((size_t)tf + 2 * cfg->group) * 4;
 	if (cfg->chunk_tokens % FE_VTOK)
 		return 0;
 	if (bytes > 200 * 1024)
@@ -1575,40 +1189,18 @@ static size_t fe_smem_bytes(const struct kvt_codec_config *cfg, uint32_t *tile_f
 	return bytes;
 }
 
-template <int D, bool EXACT, bool HAS3, bool FAST = false>
+template <int D, bool EXACT, bool HAS3>
 static cudaError_t fe_launch1(const fe_params &f, size_t smem, int sms, cudaStream_t s)
 {
-	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT, HAS3, FAST>,
+	cudaError_t e = cudaFuncSetAttribute(fe_kernel<D, EXACT, HAS3>,
 					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 	if (e != cudaSuccess)
 		return e;
 	unsigned grid = (unsigned)sms;
 	if (grid > f.n_tiles)
 		grid = f.n_tiles;
-	fe_kernel<D, EXACT, HAS3, FAST><<<grid, FE_THREADS, smem, s>>>(f);
+	fe_kernel<D, EXACT, HAS3><<<grid, FE_THREADS, smem, s>>>(f);
 	return cudaGetLastError();
-}
-
-/* KVTIER_CUDA_ENC_VARIANT: 0 (default) the session-3 encoder; 1 the session-5 one
- * (fe_kernel<..., FAST>: fe_qfast codes, fe_kquant, key tiles from a counter, row prefetch,
- * the crc fused in). Both byte-exact; 1 measured no faster (docs/gpu.md "Session 5:
- * encode"), so it is opt-in for A/B runs. */
-static int fe_variant(void)
-{
-	const char *e = getenv("KVTIER_CUDA_ENC_VARIANT");
-	return e && *e ? atoi(e) : 0;
-}
-
-static bool fe_inexact(void)
-{
-	const char *e = getenv("KVTIER_CUDA_ENC_INEXACT");
-	return e && e[0] == '1';
-}
-
-/* whether fe_launch takes the session-5 kernel (fe_kernel<..., FAST>) for this config */
-static bool fe_fast_variant(const struct kvt_codec_config *cfg)
-{
-	return cfg->key_bits != 3 && cfg->value_bits != 3 && !fe_inexact() && fe_variant() != 0;
 }
 
 /* KVTIER_CUDA_ENC_INEXACT=1: codes from the reciprocal product alone (no near-tie check;
@@ -1618,11 +1210,10 @@ static cudaError_t fe_launch(const fe_params &f, size_t smem, int sms, cudaStrea
 {
 	if (f.p.kb == 3 || f.p.vb == 3) /* exact only (the A/B switch is for the INT2 kernel) */
 		return fe_launch1<D, true, true>(f, smem, sms, s);
-	if (fe_inexact())
+	const char *e = getenv("KVTIER_CUDA_ENC_INEXACT");
+	if (e && e[0] == '1')
 		return fe_launch1<D, false, false>(f, smem, sms, s);
-	if (fe_variant() == 0)
-		return fe_launch1<D, true, false>(f, smem, sms, s);
-	return fe_launch1<D, true, false, true>(f, smem, sms, s);
+	return fe_launch1<D, true, false>(f, smem, sms, s);
 }
 
 static void fill_gaps(const struct kvt_chunk_layout *lay, enc_job_dev *j)
@@ -1688,7 +1279,6 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	if (kvt_chunk_layout(cfg, 0, &lay0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "config has no chunk layout");
 	uint64_t max_total = 0;
-	uint32_t n_items = 0; /* crc regions of all jobs */
 	for (size_t i = 0; i < n_jobs; i++) {
 		const struct kvt_cuda_encode_job *jb = &jobs[i];
 		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
@@ -1758,30 +1348,10 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		d->k_exact_off = lay.k_exact_off;
 		d->v_exact_off = lay.v_exact_off;
 		fill_gaps(&lay, d);
-		d->crc_items = (uint32_t)((lay.total_bytes + CRC2_REGION - 1) / CRC2_REGION);
-		d->crc_item0 = n_items;
-		n_items += d->crc_items;
 		used += (lay.data_offset + 63) & ~(size_t)63;
 		sizes[i] = (int64_t)lay.total_bytes;
 		if (lay.total_bytes > max_total)
 			max_total = lay.total_bytes;
-	}
-	/* the fast encoder's per-layer-section counters for the fused crc, zeroed here (when
-	 * the staging buffer has no room, crc2_kernel runs after the encoder instead) */
-	uint32_t fe_tf = 0, fe_ts = 0;
-	const bool fe_fast_v = fe_fast_variant(cfg);
-	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts, fe_fast_v);
-	const bool fe_on = fe_sm && !kvt_cuda_codec_old();
-	const bool fe_fast = fe_on && fe_fast_v;
-	size_t ldone_off = 0;
-	const size_t ldone_bytes = n_jobs * cfg->n_layers * 4;
-	bool fused_crc = false;
-	const char *fc = getenv("KVTIER_CUDA_ENC_FUSED_CRC"); /* =0: crc2_kernel (A/B runs) */
-	if (fe_fast && !(fc && fc[0] == '0') && ldone_bytes <= c->stage_bytes - used) {
-		ldone_off = used;
-		memset(sh + used, 0, ldone_bytes);
-		used += (ldone_bytes + 63) & ~(size_t)63;
-		fused_crc = true;
 	}
 	if ((rc = kvt_cuda_stage_push(c, used, err, errlen)))
 		return rc;
@@ -1815,7 +1385,9 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
 	cudaError_t e;
-	if (fe_on) {
+	uint32_t fe_tf = 0, fe_ts = 0;
+	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
+	if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
 		f.p = p;
@@ -1824,10 +1396,6 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		f.n_tiles = (uint32_t)n_jobs * p.L * (B / p.G);
 		f.tile_floats = fe_tf;
 		f.tok_stride = fe_ts;
-		f.tctr = c->work_ctr_dev + 1;
-		f.cctr = c->work_ctr_dev + 2;
-		f.ldone = fused_crc ? (uint32_t *)((uint8_t *)c->stage_dev + ldone_off) : NULL;
-		f.n_items = n_items;
 		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, c->stream)
 		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, c->stream)
 			       : fe_launch<256>(f, fe_sm, c->sm_count, c->stream);
@@ -1847,7 +1415,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
 		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										      p.crc_acc);
-	} else if (!fused_crc) {
+	} else {
 		unsigned crc_blocks = (unsigned)((max_total + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
 		crc2_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										       p.crc_acc);

@@ -9,11 +9,10 @@
  * every output dtype) to the CPU decoder's values. Plus configs forced onto the fast encoder
  * (oscar / kivi whose key tile fits in shared memory), batches of 3 chunks encoded and decoded
  * in one call each, the default config through the session-2 kernels
- * (KVTIER_CUDA_CODEC_OLD=1), the session-5 encoder (KVTIER_CUDA_ENC_VARIANT=1,
- * test_enc_variant1), the 3-bit-key preset's shape (test_k3_preset), and 16-bit decode
- * outputs compared byte for byte with the CPU decoder's under every decode kernel variant
- * (test_decode_exact). Bit widths 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h). Exits
- * 77 when there is no GPU.
+ * (KVTIER_CUDA_CODEC_OLD=1), the 3-bit-key preset's shape (test_k3_preset), and 16-bit
+ * decode outputs compared byte for byte with the CPU decoder's under every decode kernel
+ * variant (test_decode_exact). Bit widths 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h).
+ * Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
 
@@ -347,38 +346,6 @@ static void test_fast_path_configs(void)
 	one_batch(&cfg);
 }
 
-/* The session-5 encoder (KVTIER_CUDA_ENC_VARIANT=1, opt-in: fe_qfast codes, two threads per
- * four key channels, the crc fused into the encoder), on forced fast-path configs, batches,
- * the default config with and without sinks, and once with its crc in crc2_kernel
- * (KVTIER_CUDA_ENC_FUSED_CRC=0): byte-identical to the CPU like the default encoder. */
-static void test_enc_variant1(void)
-{
-	int n = 8;
-	const char *e = getenv("KVT_GPU_FAST_CONFIGS");
-	if (e && *e)
-		n = atoi(e) / 2;
-	setenv("KVTIER_CUDA_ENC_VARIANT", "1", 1);
-	for (int i = 0; i < n; i++) {
-		struct kvt_codec_config cfg;
-		do
-			random_config(&cfg, i % 2 == 0);
-		while ((cfg.scheme != KVT_SCHEME_OSCAR && cfg.scheme != KVT_SCHEME_KIVI) ||
-		       (size_t)cfg.group * cfg.n_kv_heads * cfg.head_dim > 32768);
-		one_config(&cfg, kvt_rand_below(2) ? 0 : cfg.chunk_tokens);
-		if (i < 4)
-			one_batch(&cfg);
-	}
-	struct kvt_codec_config cfg;
-	kvt_codec_config_default(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
-	one_config(&cfg, 0);
-	one_config(&cfg, 128);
-	one_batch(&cfg);
-	setenv("KVTIER_CUDA_ENC_FUSED_CRC", "0", 1);
-	one_batch(&cfg);
-	unsetenv("KVTIER_CUDA_ENC_FUSED_CRC");
-	unsetenv("KVTIER_CUDA_ENC_VARIANT");
-}
-
 static void test_random_configs(void)
 {
 	int n = 60;
@@ -626,7 +593,6 @@ int main(void)
 	KVT_RUN(test_default_config);
 	KVT_RUN(test_random_configs);
 	KVT_RUN(test_fast_path_configs);
-	KVT_RUN(test_enc_variant1);
 	KVT_RUN(test_k3_preset);
 	KVT_RUN(test_decode_exact);
 	KVT_RUN(test_errors);
