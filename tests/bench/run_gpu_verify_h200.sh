@@ -1,5 +1,5 @@
 #!/bin/bash
-# lead, sessions 3-4: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
+# lead, sessions 3-5: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
 # Runs in the root of a copy of the repository on the device machine, from a bundle folder B
 # holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore,tier}, test_gpu_arena,
 # test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
