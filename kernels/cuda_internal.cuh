@@ -94,13 +94,15 @@ __device__ __forceinline__ uint16_t kvt_d_round16(float f, bool bf)
  * order, each pair (a, b) -> (a + b, a - b), then every element times mult: the CPU's
  * s_fwht, operation for operation.
  */
-template <int EPL>
-__device__ __forceinline__ void kvt_d_fwht(float (&x)[EPL], int lane, float mult)
+/* The in-register butterflies of that transform at strides S0, 2 S0, ... < S1 over a lane's N
+ * elements, each pair (a, b) -> (a + b, a - b) rounded as the CPU's fadd / fsub. */
+template <int N, int S0, int S1>
+__device__ __forceinline__ void kvt_d_fwht_reg(float (&x)[N])
 {
 #pragma unroll
-	for (int s = 1; s < EPL; s <<= 1) {
+	for (int s = S0; s < S1; s <<= 1) {
 #pragma unroll
-		for (int e = 0; e < EPL; e++) {
+		for (int e = 0; e < N; e++) {
 			if (!(e & s)) {
 				float a = x[e], b = x[e + s];
 				x[e] = __fadd_rn(a, b);
@@ -108,6 +110,12 @@ __device__ __forceinline__ void kvt_d_fwht(float (&x)[EPL], int lane, float mult
 			}
 		}
 	}
+}
+
+template <int EPL>
+__device__ __forceinline__ void kvt_d_fwht(float (&x)[EPL], int lane, float mult)
+{
+	kvt_d_fwht_reg<EPL, 1, EPL>(x);
 #pragma unroll
 	for (int m = 1; m < 32; m <<= 1) {
 #pragma unroll

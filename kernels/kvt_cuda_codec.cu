@@ -766,24 +766,13 @@ __device__ __forceinline__ void fe_ld32(const uint8_t *p, uint32_t dt, float (&x
 	}
 }
 
-/* The CPU's fwht on a row spread over R lanes (lane % R = which 32 channels), then * mult. */
+/* The cross-lane butterflies of the CPU's fwht over lane bits 1, 2, ... < R: the upper lane
+ * gets y - x, the lower x + y, each one rounding as fsub / fadd. */
 template <int R>
-__device__ __forceinline__ void fe_fwht(float (&x)[32], int lane, float mult)
+__device__ __forceinline__ void fe_fwht_lanes(float (&x)[32], int lane)
 {
 #pragma unroll
-	for (int s = 1; s < 32; s <<= 1) {
-#pragma unroll
-		for (int e = 0; e < 32; e++) {
-			if (!(e & s)) {
-				float a = x[e], b = x[e + s];
-				x[e] = __fadd_rn(a, b);
-				x[e + s] = __fsub_rn(a, b);
-			}
-		}
-	}
-#pragma unroll
 	for (int m = 1; m < R; m <<= 1) {
-		/* upper lane: y - x, lower: x + y, each one rounding as fsub / fadd */
 		const float sg = (lane & m) ? -1.0f : 1.0f;
 #pragma unroll
 		for (int e = 0; e < 32; e++) {
@@ -791,9 +780,22 @@ __device__ __forceinline__ void fe_fwht(float (&x)[32], int lane, float mult)
 			x[e] = __fmaf_rn(x[e], sg, y);
 		}
 	}
+}
+
+__device__ __forceinline__ void fe_scale32(float (&x)[32], float mult)
+{
 #pragma unroll
 	for (int e = 0; e < 32; e++)
 		x[e] = __fmul_rn(x[e], mult);
+}
+
+/* The CPU's fwht on a row spread over R lanes (lane % R = which 32 channels), then * mult. */
+template <int R>
+__device__ __forceinline__ void fe_fwht(float (&x)[32], int lane, float mult)
+{
+	kvt_d_fwht_reg<32, 1, 32>(x);
+	fe_fwht_lanes<R>(x, lane);
+	fe_scale32(x, mult);
 }
 
 /* kvt_d_qcode(x, s, z, qmax) for s != 0, rs = 1/s and x in the group's [min, max] (so |q|
@@ -1951,43 +1953,11 @@ __device__ __forceinline__ void fd3_fwht(float (&x)[32], int lane, float mult)
 {
 	/* in-register strides over the lane's element index e = 8k + i: 1, 2, 4 are channel
 	 * bits 0-2 either way; 8, 16 are channel bits 5-6 with CL, 3-4 without */
-#pragma unroll
-	for (int s = 1; s < (CL ? 8 : 32); s <<= 1) {
-#pragma unroll
-		for (int e = 0; e < 32; e++) {
-			if (!(e & s)) {
-				float a = x[e], b = x[e + s];
-				x[e] = __fadd_rn(a, b);
-				x[e + s] = __fsub_rn(a, b);
-			}
-		}
-	}
-#pragma unroll
-	for (int m = 1; m < 4; m <<= 1) {
-		/* upper lane: y - x, lower: x + y, each one rounding as fsub / fadd */
-		const float sg = (lane & m) ? -1.0f : 1.0f;
-#pragma unroll
-		for (int e = 0; e < 32; e++) {
-			float y = __shfl_xor_sync(KVT_FULL_MASK, x[e], m);
-			x[e] = __fmaf_rn(x[e], sg, y);
-		}
-	}
-	if (CL) {
-#pragma unroll
-		for (int s = 8; s < 32; s <<= 1) {
-#pragma unroll
-			for (int e = 0; e < 32; e++) {
-				if (!(e & s)) {
-					float a = x[e], b = x[e + s];
-					x[e] = __fadd_rn(a, b);
-					x[e + s] = __fsub_rn(a, b);
-				}
-			}
-		}
-	}
-#pragma unroll
-	for (int e = 0; e < 32; e++)
-		x[e] = __fmul_rn(x[e], mult);
+	kvt_d_fwht_reg<32, 1, (CL ? 8 : 32)>(x);
+	fe_fwht_lanes<4>(x, lane);
+	if constexpr (CL)
+		kvt_d_fwht_reg<32, 8, 32>(x);
+	fe_scale32(x, mult);
 }
 
 __device__ __forceinline__ void fd3_st8(uint8_t *p, const float *x, bool obf)
