@@ -432,6 +432,16 @@ static void count_status(struct kvt_rpc_call *c, grpc_status_code code)
 		__atomic_fetch_add(&g_counters[m][code], 1, __ATOMIC_RELAXED);
 }
 
+/* The call ends without a status of ours: the peer went away, cancelled it, or the stream
+ * broke. Counted as CANCELLED so every call shows in rpc.<Method>.<CODE> (a client killed
+ * mid-stream included); its state (an Append's staging, a Fetch's decode-ahead) is dropped. */
+static void call_broken(struct kvt_rpc_call *c)
+{
+	set_phase(c, PHASE_DONE);
+	count_status(c, GRPC_STATUS_CANCELLED);
+	call_cleanup_state(c);
+}
+
 static void call_finish(struct kvt_rpc_call *c)
 {
 	struct kvt_rpc_result *res = &c->res;
@@ -626,8 +636,7 @@ static void on_received(struct kvt_rpc_call *c, int success)
 	if (!success) {
 		/* The stream broke or was cancelled: a client stream's staging is dropped by
 		 * cleanup, nothing is committed. */
-		set_phase(c, PHASE_DONE);
-		call_cleanup_state(c);
+		call_broken(c);
 		return;
 	}
 	grpc_byte_buffer *bb = c->recv_buf;
@@ -638,8 +647,7 @@ static void on_received(struct kvt_rpc_call *c, int success)
 			 * tells an error from a half-close; and before committing, the initial
 			 * metadata goes out as a probe: on a cancelled call that batch fails. */
 			if (grpc_call_failed_before_recv_message(c->call)) {
-				set_phase(c, PHASE_DONE);
-				call_cleanup_state(c);
+				call_broken(c);
 				return;
 			}
 			grpc_op op;
@@ -715,8 +723,7 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 		__atomic_fetch_sub(&c->pending, 1, __ATOMIC_RELAXED);
 		c->close_received = 1;
 		if (c->cancelled && get_phase(c) == PHASE_PARKED) {
-			set_phase(c, PHASE_DONE);
-			call_cleanup_state(c);
+			call_broken(c);
 		}
 		maybe_free(c);
 		return;
@@ -729,8 +736,7 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 		break;
 	case PHASE_PROBE:
 		if (!success || c->cancelled) {
-			set_phase(c, PHASE_DONE);
-			call_cleanup_state(c);
+			call_broken(c);
 		} else {
 			if (c->method->pooled & KVT_POOL_END) {
 				to_pool(c, work_end);
@@ -744,8 +750,7 @@ static void call_step_locked(struct kvt_rpc_call *c, unsigned kind, int success)
 		grpc_byte_buffer_destroy(c->send_buf);
 		c->send_buf = NULL;
 		if (!success) {
-			set_phase(c, PHASE_DONE);
-			call_cleanup_state(c);
+			call_broken(c);
 		} else {
 			stream_next(c);
 		}

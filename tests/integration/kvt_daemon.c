@@ -57,6 +57,8 @@ static void remove_dir(const char *dir)
 		fprintf(stdout, "# could not remove %s\n", dir);
 }
 
+static int spawn(struct kvt_daemon *d, const char *const *extra_args, int log_flag);
+
 int kvt_daemon_client(const struct kvt_daemon *d, uint32_t max_message_bytes,
 		      struct kvt_client **out)
 {
@@ -91,17 +93,8 @@ int kvt_daemon_start_client(struct kvt_daemon *d, const char *const *extra_args,
 
 int kvt_daemon_start(struct kvt_daemon *d, const char *const *extra_args)
 {
-	const char *bin = getenv("KVTIERD");
-	const char *argv[64];
-	char sock_arg[400];
-	int n = 0, logfd;
-	uint64_t deadline;
-	struct kvt_client *c = NULL;
-
 	memset(d, 0, sizeof(*d));
 	d->pid = -1;
-	if (!bin || !*bin)
-		bin = KVTIERD_PATH;
 	snprintf(d->dir, sizeof(d->dir), "/tmp/kvtier-it-XXXXXX");
 	if (!mkdtemp(d->dir)) {
 		printf("# mkdtemp: %s\n", strerror(errno));
@@ -111,6 +104,41 @@ int kvt_daemon_start(struct kvt_daemon *d, const char *const *extra_args)
 	snprintf(d->socket_path, sizeof(d->socket_path), "%s/kvtierd.sock", d->dir);
 	snprintf(d->target, sizeof(d->target), "unix:%s", d->socket_path);
 	snprintf(d->log_path, sizeof(d->log_path), "%s/kvtierd.log", d->dir);
+	return spawn(d, extra_args, O_TRUNC);
+}
+
+int kvt_daemon_kill(struct kvt_daemon *d)
+{
+	int status = 0;
+	if (d->pid <= 0)
+		return -1;
+	kill(d->pid, SIGKILL);
+	if (waitpid(d->pid, &status, 0) != d->pid)
+		return -1;
+	d->pid = -1;
+	return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL ? 0 : -1;
+}
+
+int kvt_daemon_restart(struct kvt_daemon *d, const char *const *extra_args)
+{
+	if (d->pid > 0 || !d->dir[0])
+		return -EINVAL; /* only after kvt_daemon_kill, in the directory it kept */
+	return spawn(d, extra_args, O_APPEND);
+}
+
+/* Starts kvtierd in d->dir on d->socket_path (log opened with log_flag: O_TRUNC or O_APPEND)
+ * and waits, bounded, until it answers health SERVING. */
+static int spawn(struct kvt_daemon *d, const char *const *extra_args, int log_flag)
+{
+	const char *bin = getenv("KVTIERD");
+	const char *argv[64];
+	char sock_arg[400];
+	int n = 0, logfd;
+	uint64_t deadline;
+	struct kvt_client *c = NULL;
+
+	if (!bin || !*bin)
+		bin = KVTIERD_PATH;
 	snprintf(sock_arg, sizeof(sock_arg), "--socket=%s", d->socket_path);
 
 	argv[n++] = bin;
@@ -119,7 +147,7 @@ int kvt_daemon_start(struct kvt_daemon *d, const char *const *extra_args)
 		argv[n++] = extra_args[i];
 	argv[n] = NULL;
 
-	logfd = open(d->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	logfd = open(d->log_path, O_WRONLY | O_CREAT | log_flag | O_CLOEXEC, 0600);
 	if (logfd < 0) {
 		printf("# open %s: %s\n", d->log_path, strerror(errno));
 		return -errno;

@@ -27,6 +27,12 @@ int kvt_daemon_start(struct kvt_daemon *d, const char *const *extra_args);
 /* SIGTERM, bounded wait. Returns the exit status (0 = clean), or -1 when it had to be killed
  * or died by a signal. Removes the temporary directory. */
 int kvt_daemon_stop(struct kvt_daemon *d);
+/* SIGKILL, reaped; keeps the directory (socket file and log) for kvt_daemon_restart. Returns 0
+ * when the daemon died by that SIGKILL. */
+int kvt_daemon_kill(struct kvt_daemon *d);
+/* After kvt_daemon_kill: starts a new kvtierd in the same directory on the same socket path
+ * (the dead one's socket file is still there), log appended; like kvt_daemon_start. */
+int kvt_daemon_restart(struct kvt_daemon *d, const char *const *extra_args);
 /* Connects a client to the daemon (connect timeout 5 s). */
 int kvt_daemon_client(const struct kvt_daemon *d, uint32_t max_message_bytes,
 		      struct kvt_client **out);
