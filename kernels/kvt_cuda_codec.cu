@@ -1789,6 +1789,20 @@ __device__ __forceinline__ void fd_dequant3(const uint8_t *lo, const uint8_t *hi
 	}
 }
 
+/* A decode block's table of the chunk's pinned tokens: pidx[t] = which exact row token t is
+ * restored from, -1 for a coded token (every thread of the block calls it). */
+__device__ __forceinline__ void fd_pin_index(const dec_params &p, const dec_job_dev &j, int16_t *pidx)
+{
+	if (j.n_pinned) {
+		for (uint32_t t = threadIdx.x; t < p.B; t += FD_THREADS)
+			pidx[t] = -1;
+		__syncthreads();
+		for (uint32_t i = threadIdx.x; i < j.n_pinned; i += FD_THREADS)
+			pidx[j.pins[i]] = (int16_t)i;
+		__syncthreads();
+	}
+}
+
 /* HAS3: a config with 3-bit keys or values (a separate instantiation, so the 2/4/8-bit
  * kernels compile exactly as before) */
 template <int D, bool FMA, int MINB, bool HAS3 = false>
@@ -1801,14 +1815,7 @@ __global__ void __launch_bounds__(FD_THREADS, MINB) fd_kernel(dec_params p)
 	const uint32_t T0 = (j.tb & ~(uint32_t)(FD_TOK - 1)) + blockIdx.x * FD_TOK;
 	if (l >= j.le || T0 >= j.te)
 		return;
-	if (j.n_pinned) {
-		for (uint32_t t = threadIdx.x; t < p.B; t += FD_THREADS)
-			pidx[t] = -1;
-		__syncthreads();
-		for (uint32_t i = threadIdx.x; i < j.n_pinned; i += FD_THREADS)
-			pidx[j.pins[i]] = (int16_t)i;
-		__syncthreads();
-	}
+	fd_pin_index(p, j, pidx);
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, q = lane % R;
 	const size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
 	const size_t os = j.out_dtype == KVT_DTYPE_F32 ? 4 : 2;
@@ -2073,14 +2080,7 @@ __global__ void __launch_bounds__(FD_THREADS, 4) fd3_kernel(dec_params p)
 	const uint32_t T0 = (j.tb & ~(uint32_t)(FD_TOK - 1)) + blockIdx.x * FD_TOK;
 	if (l >= j.le || T0 >= j.te)
 		return;
-	if (j.n_pinned) {
-		for (uint32_t t = threadIdx.x; t < p.B; t += FD_THREADS)
-			pidx[t] = -1;
-		__syncthreads();
-		for (uint32_t i = threadIdx.x; i < j.n_pinned; i += FD_THREADS)
-			pidx[j.pins[i]] = (int16_t)i;
-		__syncthreads();
-	}
+	fd_pin_index(p, j, pidx);
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	const uint32_t t = T0 + (warp & 3) * 8 + lane / 4;
 	const bool valid = t >= j.tb && t < j.te;

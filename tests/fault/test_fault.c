@@ -62,21 +62,6 @@ static void poll_pause(void)
 	nanosleep(&ts, NULL);
 }
 
-/* Host tier used bytes (UINT64_MAX when Stats fails). */
-static uint64_t host_used(struct kvt_client *c)
-{
-	struct kvt_client_stats s;
-	struct kvt_client_status st;
-	uint64_t v = UINT64_MAX;
-	if (kvt_client_stats(c, &s, &st))
-		return v;
-	for (size_t i = 0; i < s.n_tiers; i++)
-		if (strcmp(s.tiers[i].name, "host") == 0)
-			v = s.tiers[i].used_bytes;
-	kvt_client_stats_free(&s);
-	return v;
-}
-
 /* Calls of one method the daemon has ended, all codes (*ok: those that ended OK). */
 static uint64_t method_calls(struct kvt_client *c, const char *method, uint64_t *ok)
 {
@@ -364,7 +349,7 @@ static void test_client_killed_mid_append(void)
 		/* two acknowledged appends, the second leaving a tail (not chunk-aligned) */
 		KVT_REQUIRE(append_both(&s, 1024) == 0, "append 1");
 		KVT_REQUIRE(append_both(&s, 300) == 0, "append 2");
-		base = host_used(g_c);
+		base = it_tier_used(g_c, "host", NULL);
 		calls0 = method_calls(g_c, "Append", &ok0);
 		KVT_REQUIRE(base != UINT64_MAX && calls0 != UINT64_MAX, "stats");
 
@@ -377,7 +362,7 @@ static void test_client_killed_mid_append(void)
 		/* under way: the daemon has staged part of the stream */
 		deadline = now_ms() + 20000;
 		while (now_ms() < deadline && !child_exited(pid)) {
-			used = host_used(g_c);
+			used = it_tier_used(g_c, "host", NULL);
 			if (used != UINT64_MAX && used > base) {
 				started = 1;
 				break;
@@ -409,7 +394,7 @@ static void test_client_killed_mid_append(void)
 		KVT_CHECK(whole_fetch_equals(g_c, &s), "fetch == reference");
 		/* the staging is released (bounded wait: freed when the call is cleaned up) */
 		deadline = now_ms() + 10000;
-		while (now_ms() < deadline && (used = host_used(g_c)) != base)
+		while (now_ms() < deadline && (used = it_tier_used(g_c, "host", NULL)) != base)
 			poll_pause();
 		KVT_CHECK(used == base, "host used %llu returns to %llu", (unsigned long long)used,
 			  (unsigned long long)base);

@@ -53,23 +53,6 @@ static struct kvt_client *g_c;
 			return ret;                                                       \
 	} while (0)
 
-static uint64_t arena_used(struct kvt_client *c, uint64_t *capacity)
-{
-	struct kvt_client_stats s;
-	struct kvt_client_status st;
-	uint64_t u = UINT64_MAX;
-	if (kvt_client_stats(c, &s, &st))
-		return u;
-	for (size_t i = 0; i < s.n_tiers; i++)
-		if (!strcmp(s.tiers[i].name, "gpu")) {
-			u = s.tiers[i].used_bytes;
-			if (capacity)
-				*capacity = s.tiers[i].capacity_bytes;
-		}
-	kvt_client_stats_free(&s);
-	return u;
-}
-
 static const char *tier_of(struct kvt_client *c, const char *id, char *buf, size_t n)
 {
 	struct kvt_client_session_info info;
@@ -620,9 +603,9 @@ static void test_arena_policy(const char *policy)
 	params(&p, "probe", 2, 8, 128, 2, 128, "gpu");
 	/* the second chunk: the first holds the sinks' exact copies as well */
 	KVT_REQUIRE(open_sess(c, &probe, "probe", &p) == 0 && fill(c, &probe, 128) == 0, "probe");
-	uint64_t cap = 0, u1 = arena_used(c, &cap);
+	uint64_t cap = 0, u1 = it_tier_used(c, "gpu", &cap);
 	KVT_REQUIRE(fill(c, &probe, 128) == 0, "probe");
-	uint64_t cs = arena_used(c, NULL) - u1;
+	uint64_t cs = it_tier_used(c, "gpu", NULL) - u1;
 	KVT_REQUIRE(cs > 0 && cs < cap, "one chunk takes %llu of %llu arena bytes",
 		    (unsigned long long)cs, (unsigned long long)cap);
 	kvt_client_drop(c, "probe", NULL, &st);
@@ -703,7 +686,7 @@ static void test_arena_policy(const char *policy)
 	kvt_client_drop(c, "A", NULL, &st);
 	kvt_client_drop(c, "B", NULL, &st);
 	kvt_client_drop(c, "C", NULL, &st);
-	KVT_CHECK(arena_used(c, NULL) == 0, "arena empty after the drops");
+	KVT_CHECK(it_tier_used(c, "gpu", NULL) == 0, "arena empty after the drops");
 	kvt_client_close(c);
 	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0");
 }

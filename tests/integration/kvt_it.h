@@ -118,6 +118,25 @@ static inline uint64_t it_counter(struct kvt_client *c, const char *name)
 	return v;
 }
 
+/* A tier's used bytes from Stats (UINT64_MAX when Stats fails or the daemon has no such
+ * tier); *capacity (may be NULL) gets its capacity. */
+static inline uint64_t it_tier_used(struct kvt_client *c, const char *tier, uint64_t *capacity)
+{
+	struct kvt_client_stats s;
+	struct kvt_client_status st;
+	uint64_t u = UINT64_MAX;
+	if (kvt_client_stats(c, &s, &st))
+		return u;
+	for (size_t i = 0; i < s.n_tiers; i++)
+		if (!strcmp(s.tiers[i].name, tier)) {
+			u = s.tiers[i].used_bytes;
+			if (capacity)
+				*capacity = s.tiers[i].capacity_bytes;
+		}
+	kvt_client_stats_free(&s);
+	return u;
+}
+
 static inline void *it_xmalloc(size_t n)
 {
 	void *p = malloc(n ? n : 1);
