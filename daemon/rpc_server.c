@@ -161,7 +161,8 @@ static struct {
 	uint64_t made;      /* pooled buffers in existence (<= max) */
 	uint64_t max;       /* reply_pool_buffers, read at first use */
 	size_t buf_bytes;   /* max_message_bytes, read at first use */
-	uint64_t last_take_ms; /* when a buffer last left the pool (kvt_rpc_reply_pool_trim) */
+	int taken;             /* a buffer left the pool since the last trim tick */
+	uint64_t active_ms;    /* the last trim tick that saw one leave */
 	int init;
 } g_reply_pool = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
@@ -176,7 +177,7 @@ void *kvt_rpc_reply_buf_get(size_t len)
 		g_reply_pool.init = 1;
 	}
 	if (len <= g_reply_pool.buf_bytes) {
-		g_reply_pool.last_take_ms = kvt_now_ms();
+		g_reply_pool.taken = 1; /* the trim tick reads the clock, not this hot path */
 		if (g_reply_pool.free_list) {
 			h = g_reply_pool.free_list;
 			g_reply_pool.free_list = h->next;
@@ -244,8 +245,12 @@ uint64_t kvt_rpc_reply_pool_trim(uint64_t now_ms)
 	if (!idle_ms)
 		return 0;
 	pthread_mutex_lock(&g_reply_pool.mu);
-	if (g_reply_pool.free_list && now_ms - g_reply_pool.last_take_ms >= idle_ms)
+	if (g_reply_pool.taken) {
+		g_reply_pool.taken = 0;
+		g_reply_pool.active_ms = now_ms;
+	} else if (g_reply_pool.free_list && now_ms - g_reply_pool.active_ms >= idle_ms) {
 		n = reply_pool_free_idle();
+	}
 	pthread_mutex_unlock(&g_reply_pool.mu);
 	return n;
 }

@@ -34,7 +34,8 @@ int kvt_rpc_server_start(const struct kvt_config *cfg, struct kvt_daemon *d,
 int kvt_rpc_server_stop(struct kvt_rpc_server *srv, uint64_t grace_ms);
 void kvt_rpc_server_destroy(struct kvt_rpc_server *srv);
 /* Frees the idle pooled Fetch reply buffers once no buffer was taken from the pool for
- * reply_pool_idle_ms (called on the maintenance tick): a burst of large Fetches leaves no
+ * reply_pool_idle_ms (called on the maintenance tick, which notes activity, so the hot path
+ * reads no clock): a burst of large Fetches leaves no
  * resident reply memory behind when the daemon goes quiet; the next burst refaults it.
  * Returns how many were freed. */
 uint64_t kvt_rpc_reply_pool_trim(uint64_t now_ms);

@@ -968,6 +968,28 @@ static void teardown_workers(struct svc *s)
 }
 
 /* Checks the loaded data through the daemon: the token count, and for scheme none the bytes. */
+/* Redis' RSS growth over kvtierd's (NAN when kvtierd did not grow). */
+static double growth_ratio(long redis, long redis0, long kv, long kv0)
+{
+	return kv - kv0 > 0 ? (double)(redis - redis0) / (double)(kv - kv0) : NAN;
+}
+
+/* The fields the memory rows share: the data set, kvtierd's accounting and RSS growth, and
+ * Redis' growth with the ratio (when Redis runs). */
+static void memory_fields(struct kvt_bench_json *j, double logical, uint64_t bytes_held,
+			  long kv, long kv0, int redis_on, long redis, long redis0)
+{
+	kvt_bench_json_num(j, "logical_bytes", logical);
+	kvt_bench_json_int(j, "kvtierd_bytes_held", (long long)bytes_held);
+	kvt_bench_json_int(j, "kvtierd_rss_bytes", kv);
+	kvt_bench_json_int(j, "kvtierd_rss_delta_bytes", kv - kv0);
+	if (redis_on) {
+		kvt_bench_json_int(j, "redis_rss_bytes", redis);
+		kvt_bench_json_int(j, "redis_rss_delta_bytes", redis - redis0);
+		kvt_bench_json_num(j, "ratio_vs_redis", growth_ratio(redis, redis0, kv, kv0));
+	}
+}
+
 static int verify_load(struct svc *s)
 {
 	const struct svc_opts *o = &s->o;
@@ -1076,19 +1098,12 @@ int kvt_bench_service(int argc, char **argv)
 	long kv_rss = vm_rss_bytes(s.kv_pid), redis_rss = o->redis ? vm_rss_bytes(s.redis_child) : -1;
 	struct kvt_bench_json j;
 	common_fields(&j, &s, "memory");
-	kvt_bench_json_num(&j, "logical_bytes", logical);
-	kvt_bench_json_int(&j, "kvtierd_bytes_held", (long long)stats.bytes_held);
-	kvt_bench_json_int(&j, "kvtierd_rss_bytes", kv_rss);
-	kvt_bench_json_int(&j, "kvtierd_rss_delta_bytes", kv_rss - kv_rss0);
+	memory_fields(&j, logical, stats.bytes_held, kv_rss, kv_rss0, o->redis, redis_rss,
+		      redis_rss0);
 	kvt_bench_json_str(&j, "codec_isa", stats.codec_isa);
 	kvt_bench_json_str(&j, "reference", "redis-server RSS holding the same f16 bytes");
 	if (o->redis) {
-		kvt_bench_json_int(&j, "redis_rss_bytes", redis_rss);
-		kvt_bench_json_int(&j, "redis_rss_delta_bytes", redis_rss - redis_rss0);
-		double ratio = kv_rss - kv_rss0 > 0
-				       ? (double)(redis_rss - redis_rss0) / (double)(kv_rss - kv_rss0)
-				       : NAN;
-		kvt_bench_json_num(&j, "ratio_vs_redis", ratio);
+		double ratio = growth_ratio(redis_rss, redis_rss0, kv_rss, kv_rss0);
 		kvt_bench_json_num(&j, "target_ratio", 4.5);
 		kvt_bench_json_bool(&j, "meets_target", ratio >= 4.5);
 		/* Beside the measured ratio (not instead of it): how much the kvtierd RSS
@@ -1105,13 +1120,9 @@ int kvt_bench_service(int argc, char **argv)
 		kvt_bench_json_int(&j, "kvtierd_rss_delta_settled_min_bytes", lo - kv_rss0);
 		kvt_bench_json_int(&j, "kvtierd_rss_delta_settled_max_bytes", hi - kv_rss0);
 		kvt_bench_json_num(&j, "ratio_vs_redis_settled_min",
-				   hi - kv_rss0 > 0 ? (double)(redis_rss - redis_rss0) /
-							      (double)(hi - kv_rss0)
-						    : NAN);
+				   growth_ratio(redis_rss, redis_rss0, hi, kv_rss0));
 		kvt_bench_json_num(&j, "ratio_vs_redis_settled_max",
-				   lo - kv_rss0 > 0 ? (double)(redis_rss - redis_rss0) /
-							      (double)(lo - kv_rss0)
-						    : NAN);
+				   growth_ratio(redis_rss, redis_rss0, lo, kv_rss0));
 		kvt_bench_json_num(&j, "ratio_redis_rss_vs_bytes_held",
 				   stats.bytes_held ? (double)(redis_rss - redis_rss0) /
 							      (double)stats.bytes_held
@@ -1173,19 +1184,8 @@ int kvt_bench_service(int argc, char **argv)
 			long redis_end = o->redis ? vm_rss_bytes(s.redis_child) : -1;
 			struct kvt_bench_json jm;
 			common_fields(&jm, &s, "memory_after_reads");
-			kvt_bench_json_num(&jm, "logical_bytes", logical);
-			kvt_bench_json_int(&jm, "kvtierd_bytes_held", (long long)st2.bytes_held);
-			kvt_bench_json_int(&jm, "kvtierd_rss_bytes", kv_end);
-			kvt_bench_json_int(&jm, "kvtierd_rss_delta_bytes", kv_end - kv_rss0);
-			if (o->redis) {
-				kvt_bench_json_int(&jm, "redis_rss_bytes", redis_end);
-				kvt_bench_json_int(&jm, "redis_rss_delta_bytes", redis_end - redis_rss0);
-				kvt_bench_json_num(&jm, "ratio_vs_redis",
-						   kv_end - kv_rss0 > 0
-							   ? (double)(redis_end - redis_rss0) /
-								     (double)(kv_end - kv_rss0)
-							   : NAN);
-			}
+			memory_fields(&jm, logical, st2.bytes_held, kv_end, kv_rss0, o->redis,
+				      redis_end, redis_rss0);
 			kvt_bench_json_end(&jm);
 			kvt_client_stats_free(&st2);
 		}
