@@ -3,7 +3,8 @@
 # Runs in the root of a copy of the repository on the device machine, from a bundle folder B
 # holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore,tier}, test_gpu_arena,
 # test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
-# modules (pygen/), built with -DCMAKE_CUDA_ARCHITECTURES=90 and bundled with
+# modules (pygen/), test_gpu_attend_real with a real-model dump in kvq/ (build/realmodel/kvq-gpu,
+# made by ctest's realmodel_kvq_dump), built with -DCMAKE_CUDA_ARCHITECTURES=90 and bundled with
 # /work/shared/tools/device-bundle.sh B/lib BINARY...; results go to $OUT.
 B=${B:-$PWD/.devbundle-lead}; cd $B
 export LD_LIBRARY_PATH=$B/lib PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -11,6 +12,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.txt 2>&1; local rc=$?; echo "== $n rc=$rc $(( $(date +%s)-t0 ))s"; grep -E "^not ok|^# " $OUT/$n.txt | tail -${N:-6}; }
 r codec ./test_gpu_codec
 r attend ./test_gpu_attend
+N=14 r attendreal ./test_gpu_attend_real $B/kvq
 KVTIERD=$B/kvtierd.sh r restore ./test_gpu_restore
 [ -x ./test_gpu_arena ] && r arena ./test_gpu_arena
 KVTIERD=$B/kvtierd.sh r tier ./test_gpu_tier

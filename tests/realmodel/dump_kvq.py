@@ -4,13 +4,15 @@ tokens act as attention sinks.
 
 Usage:
   dump_kvq.py OUT_DIR [--text FILE | --chat "QUESTION" [--generate N]] [--tokens N]
-              [--dtype f32|f16] [--report]
+              [--dtype f32|f16] [--layers I,J,...] [--report]
 
 Writes into OUT_DIR (keep it out of git, e.g. under build/):
   k.npy  [layers][tokens][kv_heads][head_dim]   post-RoPE keys (what attention consumes)
   v.npy  [layers][tokens][kv_heads][head_dim]
   q.npy  [layers][tokens][q_heads][head_dim]    post-RoPE queries (GQA: q head h reads kv head h // 3)
-  ids.npy [tokens] (int32), meta.json (shapes, model, text, softmax scale)
+  ids.npy [tokens] (int32), meta.json (shapes, model, text, softmax scale, the layers kept)
+--layers keeps only those layers (in that order) in k/v/q.npy: a small real-model set, e.g.
+for tests/gpu/test_gpu_attend_real.c on a GPU machine.
 --report prints, per layer, the tokens that take the most attention with their key and value
 norms relative to the layer's median (the evidence docs/realmodel/sinks.md records), and one
 JSON line per layer.
@@ -124,6 +126,8 @@ def main():
                     help="with --chat: append this many greedily generated answer tokens")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dtype", choices=("f32", "f16"), default="f32")
+    ap.add_argument("--layers", default=None,
+                    help="comma-separated layer indices to keep in k/v/q.npy (default: all)")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     m = SmolLM(default_model_path())
@@ -139,6 +143,13 @@ def main():
         ids = tok.encode(texts.read_text(a.text)[0])
     ids = ids[:a.tokens]
     K, V, Q = dump(m, ids)
+    layers = list(range(m.n_layers))
+    if a.layers:
+        layers = [int(x) for x in a.layers.split(",")]
+        bad = [li for li in layers if not 0 <= li < m.n_layers]
+        if bad:
+            sys.exit(f"dump_kvq: --layers {bad} outside 0..{m.n_layers - 1}")
+        K, V, Q = K[layers], V[layers], Q[layers]
     os.makedirs(a.out, exist_ok=True)
     dt = np.float32 if a.dtype == "f32" else np.float16
     np.save(os.path.join(a.out, "k.npy"), K.astype(dt))
@@ -146,7 +157,7 @@ def main():
     np.save(os.path.join(a.out, "q.npy"), Q.astype(dt))
     np.save(os.path.join(a.out, "ids.npy"), np.asarray(ids, np.int32))
     meta = dict(model=os.path.basename(default_model_path()), source=src, tokens=len(ids),
-                n_layers=m.n_layers, n_kv_heads=m.n_kv_heads, n_q_heads=m.n_heads,
+                n_layers=len(layers), model_layers=layers, n_kv_heads=m.n_kv_heads, n_q_heads=m.n_heads,
                 head_dim=m.head_dim, softmax_scale=float(m.scale), dtype=a.dtype,
                 layout=dict(k="[layer][token][kv_head][dim]", v="[layer][token][kv_head][dim]",
                             q="[layer][token][q_head][dim]"), rope="post-RoPE, adjacent-pair (GGUF order)")
@@ -155,7 +166,7 @@ def main():
     print(f"wrote {a.out}: {len(ids)} tokens, K {K.shape}, Q {Q.shape}", file=sys.stderr)
     if not a.report:
         return
-    stats = sink_stats(K, V, Q, m.scale)
+    stats = sink_stats(K, V, Q, m.scale)  # per kept layer (row "layer" = index into --layers)
     pieces = [tok.decode([t]) for t in ids]
     for li, s in enumerate(stats):
         kmed, vmed = np.median(s["key_norm"]), np.median(s["value_norm"])
