@@ -884,6 +884,436 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	}
 }
 
+/* ---- Session 6 (att7): the same unit loop with less bookkeeping per unit (V 2, the default;
+ * the session-5 loop above is V 4, KVTIER_CUDA_I3_OLD=1, for A/B runs) ----------------------
+ * Same arithmetic, same bytes, same results as attend_coded_i3; what changed (counted in the
+ * SASS of the INT2 G32 build; docs/gpu.md "Session 6: attention"):
+ * - staging: a lane's pieces are grouped by kind so that each of its copies has one stride:
+ *   copy 0 of every lane is a key scale / zero piece (16 + 16 of them: offset + key group x
+ *   256), copy 1 a value scale / zero piece (8 NG, lanes < 8 NG: + block x 64 NG), copy 2 a
+ *   norm piece (lanes < 8, oscar: + block x 128), besides the 2 (3-bit: 3) key code and 2
+ *   value code pieces. Each copy's source is then one IMAD.WIDE (block x stride + the
+ *   chunk's base pointer); the base pointers are set when the staged unit enters a new chunk
+ *   (every B / 32 units), whose descriptor was loaded one chunk ahead (the section pointer
+ *   and pin count only; the pins themselves are read where a chunk has any);
+ * - the stage buffers are read by 32-bit shared addresses with immediate offsets (ptxas
+ *   rebuilt each generic buffer pointer's shared-window address, per use);
+ * - the key-scale factors stay in registers (opaque moves); the key group changes when the
+ *   block index crosses a multiple of G / 32 (no chunk-index compare);
+ * - kivi (no norms): both buffers' norm slots hold 1.0 from the start, so the logits always
+ *   multiply by the staged norm (no per-unit selects). */
+template <int OFF> __device__ __forceinline__ uint32_t i4_lds32(uint32_t a)
+{
+	uint32_t v;
+	asm volatile("ld.shared.u32 %0, [%1+%2];" : "=r"(v) : "r"(a), "n"(OFF));
+	return v;
+}
+
+template <int OFF> __device__ __forceinline__ uint2 i4_lds64(uint32_t a)
+{
+	uint2 v;
+	asm volatile("ld.shared.v2.u32 {%0,%1}, [%2+%3];" : "=r"(v.x), "=r"(v.y) : "r"(a), "n"(OFF));
+	return v;
+}
+
+template <int OFF> __device__ __forceinline__ uint4 i4_lds128(uint32_t a)
+{
+	uint4 v;
+	asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4+%5];"
+		     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+		     : "r"(a), "n"(OFF));
+	return v;
+}
+
+template <int SO, int GO> __device__ __forceinline__ void i4_cp16(uint32_t s, const uint8_t *g)
+{
+	asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(s), "l"(g), "n"(SO),
+		     "n"(GO));
+}
+
+/* a value the compiler cannot rematerialise (it stays in a register) */
+__device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
+{
+	uint32_t y;
+	asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(x));
+	return y;
+}
+
+template <int GV, int KB>
+__device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
+						uint32_t u0, uint32_t u1, const uint4 *afr,
+						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
+						float *rl, float *racc, int lane)
+{
+	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
+	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
+	const int gid = lane >> 2, tig = lane & 3;
+	/* B fragment column gid: f16 lo part (opaque values below stay in registers: ptxas
+	 * would rebuild them per unit) */
+	const float lo_f = __uint_as_float(i4_opaque(gid >= 4 ? 0x3f800000u : 0u));
+	const uint32_t zero = i4_opaque(0u);
+	const uint32_t upc = p.B / 32, h = it.kv_head;
+	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
+	const int vg = (16 * gid) / GV; /* the value group of this lane's value channels */
+	const uint32_t gmask = (1u << p.gsh) - 1u;
+
+	/* key-word converter: lane converts words 4 half .. 4 half + 3 of the 16-channel block
+	 * blk of the scales (kind 0) or zeros (kind 1) */
+	const int ckind = lane >> 4, cblk = (lane >> 1) & 7, chalf = lane & 1;
+	uint32_t cfac[4];
+#pragma unroll
+	for (int e = 0; e < 4; e++)
+		cfac[e] = i4_opaque(ckind ? 0xB400B400u /* -1/4 */
+				    : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
+					      : chalf ? i3_factor(4 + e) : i3_factor(e));
+
+	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
+	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
+
+	/* this lane's copies: source offsets in the layer section at block 0 of the item's key
+	 * group base, shared destinations at the buffer's start */
+	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
+	const uint32_t oK = p.k_codes_off + hB * (KB == 3 ? 48 : 32) + 16 * lane;
+	const uint32_t oV = p.v_codes_off + hB * 32 + 16 * lane;
+	const uint32_t o0 = (lane < 16 ? p.k_scale_off + 16 * lane : p.k_zero_off + 16 * (lane - 16)) +
+			    kgbase;
+	const uint32_t o1 = (lane < 4 * NG ? p.v_scale_off + 16 * lane
+					   : p.v_zero_off + 16 * (lane - 4 * NG)) +
+			    hB * NG * 2;
+	const uint32_t o2 = p.norms_off + 16 * lane;
+	const bool on1 = lane < 8 * NG, on2 = oscar && lane < 8;
+	uint32_t kd[3] = {0u, 0u, 0u}; /* 3-bit keys: the key pieces' destinations */
+	if constexpr (KB == 3) {
+#pragma unroll
+		for (int j = 0; j < 3; j++) {
+			const uint32_t pc = lane + 32 * j, t = pc / 3, part = pc - 3 * t;
+			kd[j] = part < 2 ? I2_KC + 32 * t + 16 * part : I3_KH + 16 * t;
+		}
+	}
+	const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(stage);
+	const uint32_t bx = i4_opaque(s0 ^ (s0 + BUF)); /* buffer toggle */
+	if (!oscar) { /* kivi: the norm slots of both buffers hold 1.0 (never staged) */
+		*(float *)(stage + I2_NR + 4 * lane) = 1.0f;
+		*(float *)(stage + BUF + I2_NR + 4 * lane) = 1.0f;
+	}
+
+	/* the staged unit's chunk cs and block ss; the next chunk's descriptor, loaded ahead */
+	const uint32_t cend = it.first + it.count;
+	uint32_t cs = it.first + u0 / upc, ss = u0 % upc, np_s = 0, nnp = 0;
+	const uint8_t *bK = NULL, *bV = NULL, *b0 = NULL, *b1 = NULL, *b2 = NULL, *nsec = NULL;
+	auto rebase = [&](const uint8_t *sec) {
+		bK = sec + oK;
+		bV = sec + oV;
+		b0 = sec + o0;
+		b1 = sec + o1;
+		b2 = sec + o2;
+	};
+	auto stage_unit = [&](uint32_t sb, uint32_t blk) {
+		/* sb: the buffer's shared address */
+		const uint8_t *pk = bK + blk * KSTR, *pv = bV + blk * 1024u;
+		const uint32_t sl = sb + 16 * lane;
+		if constexpr (KB == 3) {
+			i4_cp16<0, 0>(sb + kd[0], pk);
+			i4_cp16<0, 512>(sb + kd[1], pk);
+			i4_cp16<0, 1024>(sb + kd[2], pk);
+		} else {
+			i4_cp16<I2_KC, 0>(sl, pk);
+			i4_cp16<I2_KC + 512, 512>(sl, pk);
+		}
+		i4_cp16<I2_VC, 0>(sl, pv);
+		i4_cp16<I2_VC + 512, 512>(sl, pv);
+		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> p.gsh) * 256u);
+		if (on1)
+			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG));
+		if (on2)
+			i4_cp16<I2_NR, 0>(sl, b2 + blk * 128u);
+	};
+	if (u0 < u1) {
+		rebase(p.chunks[cs].sec);
+		np_s = p.chunks[cs].n_pinned;
+		if (cs + 1 < cend) {
+			nsec = p.chunks[cs + 1].sec;
+			nnp = p.chunks[cs + 1].n_pinned;
+		}
+		stage_unit(s0, ss);
+	}
+	cp_async_commit();
+	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
+	 * two LOP3s with an immediate each */
+	uint32_t magic;
+	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
+	/* per-lane read offsets in a buffer */
+	const uint32_t kro = gid * 32 + tig * 8, khro = I3_KH + gid * 16 + tig * 4;
+	const uint32_t kcs = i4_opaque((ckind ? I2_KZ : I2_KS) + 2 * (16 * cblk + 4 * chalf));
+	/* the zero term's A rows >= NG (gid >= NG) are never read (i2_store_partial): they may
+	 * repeat row gid % NG instead of holding zeros */
+	const uint32_t vzo = (uint32_t)(gid & (NG - 1));
+	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
+	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
+	uint32_t bcur = s0; /* this unit's buffer */
+	bool first = true;
+
+	for (uint32_t rem = u1 - u0; rem; rem--) {
+		const uint32_t sb = ss, cc = cs, npin = np_s;
+		if (rem > 1) {
+			if (++ss == upc) { /* the next unit starts a chunk */
+				ss = 0;
+				cs++;
+				rebase(nsec);
+				np_s = nnp;
+				if (cs + 1 < cend) {
+					nsec = p.chunks[cs + 1].sec;
+					nnp = p.chunks[cs + 1].n_pinned;
+				}
+			}
+			stage_unit(bcur ^ bx, ss);
+		}
+		cp_async_commit();
+		cp_async_wait1(); /* this unit's copies (all but the newest group) */
+		__syncwarp();
+
+		/* conversions into the warp's word area: the key group's scale and zero pairs (when
+		 * the group changed), the unit's value scale and zero pairs */
+		if (first || (sb & gmask) == 0) {
+			const uint32_t ka = bcur + kcs;
+			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
+			uint4 o;
+			uint32_t *ow = (uint32_t *)&o;
+#pragma unroll
+			for (int e = 0; e < 4; e++) {
+				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
+				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+				__half2 hh = __floats2half2_rn(fx, fy);
+				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			}
+			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		}
+		{
+			/* lane: token pair P = lane & 15 of the value scales (lane < 16) or zeros */
+			const int P = lane & 15;
+			uint32_t *dst = cw + I3_VS + ckind * (16 * NG) + P * NG;
+			if constexpr (NG == 4) {
+				const uint4 v = i4_lds128<0>(bcur + vcs); /* tokens 2P (x, y), 2P + 1 (z, w) */
+				uint4 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
+				o.z = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
+				o.w = *(uint32_t *)&t;
+				*(uint4 *)dst = o;
+			} else if constexpr (NG == 2) {
+				const uint2 v = i4_lds64<0>(bcur + vcs); /* tokens 2P (x), 2P + 1 (y) */
+				uint2 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				*(uint2 *)dst = o;
+			} else {
+				const uint32_t v = i4_lds32<0>(bcur + vcs); /* tokens 2P (low), 2P + 1 */
+				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+				*dst = *(uint32_t *)&t;
+			}
+		}
+		__syncwarp();
+
+		/* keys: the lane's B columns are tokens 8j + gid; its C holds tokens 8j + 2tig (+1) */
+		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+		uint32_t kwl[4], kw[4], kwr[4];
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+		uint2 kr[4];
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
+		{
+			const uint32_t ka = bcur + kro;
+			kr[0] = i4_lds64<0>(ka);
+			kr[1] = i4_lds64<256>(ka);
+			kr[2] = i4_lds64<512>(ka);
+			kr[3] = i4_lds64<768>(ka);
+			if constexpr (KB == 3) {
+				const uint32_t kha = bcur + khro;
+				kh[0] = i4_lds32<0>(kha);
+				kh[1] = i4_lds32<128>(kha);
+				kh[2] = i4_lds32<256>(kha);
+				kh[3] = i4_lds32<384>(kha);
+			}
+		}
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			kw[j] = kr[j].x;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4140); /* channels 0-7, 8-15 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
+		}
+		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			kw[j] = kr[j].y;
+			if constexpr (KB == 3) {
+				kwl[j] = kw[j] << 3;
+				kwr[j] = kw[j] >> 9;
+				kw[j] = kw[j] >> 3;
+				khx[j] = __byte_perm(kh[j], 0, 0x4342); /* channels 16-23, 24-31 */
+			} else {
+				kwl[j] = kw[j] << 6;
+				kwr[j] = kw[j] >> 6;
+			}
+		}
+		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+
+		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r (kivi: the
+		 * norm slots hold 1.0) */
+		const float bias = cb[0] + cb[2];
+		float lg[4][2];
+		{
+			const uint32_t na = bcur + 8 * tig;
+			uint2 nr[4];
+			nr[0] = i4_lds64<I2_NR>(na);
+			nr[1] = i4_lds64<I2_NR + 32>(na);
+			nr[2] = i4_lds64<I2_NR + 64>(na);
+			nr[3] = i4_lds64<I2_NR + 96>(na);
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				lg[j][0] = (acc[j][0] + acc[j][2] + bias) * __uint_as_float(nr[j].x);
+				lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
+			}
+		}
+		if (npin) { /* pinned tokens are masked here (their exact item covers them) */
+			const uint16_t *pins = p.chunks[cc].pins;
+			for (uint32_t i = 0; i < npin; i++) {
+				const uint32_t pt = pins[i];
+#pragma unroll
+				for (int j = 0; j < 4; j++) {
+					const uint32_t t = sb * 32 + 8 * j + 2 * tig;
+					if (pt == t)
+						lg[j][0] = -INFINITY;
+					if (pt == t + 1)
+						lg[j][1] = -INFINITY;
+				}
+			}
+		}
+
+		/* online softmax (the 4 lanes of a row gid hold its 32 tokens) */
+		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
+				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
+		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
+		const float mn = fmaxf(m2, mx);
+		const float ms = mn == -INFINITY ? 0.0f : mn; /* all masked so far: p = 0 */
+		const float alpha = i3_ex2(m2 - ms);
+		float pv[4][2];
+		float ls = 0.0f;
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			pv[j][0] = i3_ex2(lg[j][0] - ms);
+			pv[j][1] = i3_ex2(lg[j][1] - ms);
+			ls += pv[j][0] + pv[j][1];
+		}
+		l2 = fmaf(l2, alpha, ls);
+		m2 = mn;
+
+		/* values; the accumulators are rescaled only when some running max moved */
+		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
+			/* value C columns 2tig, 2tig + 1: heads 2 (tig & 1), 2 (tig & 1) + 1 */
+			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
+			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				vacc[i][0] *= a0;
+				vacc[i][1] *= a1;
+				vacc[i][2] *= a0;
+				vacc[i][3] *= a1;
+			}
+			zacc[0] *= a0;
+			zacc[1] *= a1;
+		}
+#pragma unroll
+		for (int kk = 0; kk < 2; kk++) {
+			/* tokens T0, T0 + 1 (k slots 2tig, 2tig + 1) and T0 + 8, T0 + 9 */
+			const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
+			const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+			const uint32_t va = bcur + vwo;
+			uint32_t wa, wb, wc, wd;
+			if (kk == 0) {
+				wa = i4_lds32<0>(va);
+				wb = i4_lds32<32>(va);
+				wc = i4_lds32<256>(va);
+				wd = i4_lds32<288>(va);
+			} else {
+				wa = i4_lds32<512>(va);
+				wb = i4_lds32<512 + 32>(va);
+				wc = i4_lds32<512 + 256>(va);
+				wd = i4_lds32<512 + 288>(va);
+			}
+			uint32_t u[4], ul[4], ur[4];
+			u[0] = __byte_perm(wa, wb, 0x5410);
+			u[1] = __byte_perm(wa, wb, 0x7632);
+			u[2] = __byte_perm(wc, wd, 0x5410);
+			u[3] = __byte_perm(wc, wd, 0x7632);
+#pragma unroll
+			for (int r = 0; r < 4; r++) {
+				ul[r] = u[r] << 6;
+				ur[r] = u[r] >> 6;
+			}
+			const uint32_t *vs = cw + I3_VS, *vz = cw + I3_VS + 16 * NG;
+			const int P0 = 8 * kk + tig; /* token pair T0 / 2; (T0 + 8) / 2 = P0 + 4 */
+			uint32_t s[2][3];
+			s[0][0] = vs[P0 * NG + vg];
+			s[1][0] = vs[(P0 + 4) * NG + vg];
+#pragma unroll
+			for (int r = 0; r < 2; r++) {
+				s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
+				s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
+			}
+			i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
+			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
+			uint32_t az[4] = {vz[P0 * NG + vzo], zero, vz[(P0 + 4) * NG + vzo], zero};
+			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
+		}
+		bcur ^= bx;
+		first = false;
+		__syncwarp(); /* the next iteration stages into the buffer read here */
+	}
+
+	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
+	float l = l2;
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
+	if (gid < 4 && tig == 0) {
+		rm[gid] = m2 * 0.69314718055994531f; /* back to the natural-log domain */
+		rl[gid] = l;
+	}
+}
+
 /* ---- Pins folded into the coded items (p.fold) --------------------------------------------
  * The pinned tokens of an item's chunks (attention sinks: 4 per session in the benchmark)
  * used to be one exact item (one block) per chunk; at 48 x 4096 that is 384 of 1920 blocks,
@@ -988,15 +1418,15 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-/* V 2: attend_coded_i3, V 3: attend_coded_i3 with bulk staging (V 1, session 2's kernel, was
- * removed in session 5); MINB: blocks per SM the registers must allow; KB: key bits (2, or 3
- * with V 2) */
+/* V 2: attend_coded_i4 (session 6), V 3: attend_coded_i3 with bulk staging, V 4:
+ * attend_coded_i3 (session 5's loop; V 1, session 2's kernel, was removed in session 5);
+ * MINB: blocks per SM the registers must allow; KB: key bits (2, or 3 with V 2 or 4) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2 || V == 3, "the keys-as-B kernel");
-	static_assert(KB == 2 || V == 2, "3-bit keys: the keys-as-B kernel with cp.async staging");
+	static_assert(V == 2 || V == 3 || V == 4, "the keys-as-B kernel");
+	static_assert(KB == 2 || V != 3, "3-bit keys: the keys-as-B kernel with cp.async staging");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
@@ -1050,9 +1480,13 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
-						zsm[warp], red_m[warp], red_l[warp], racc,
-						mbar[V == 3 ? warp : 0], lane);
+		if constexpr (V == 2)
+			attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+						zsm[warp], red_m[warp], red_l[warp], racc, lane);
+		else
+			attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+							zsm[warp], red_m[warp], red_l[warp], racc,
+							mbar[V == 3 ? warp : 0], lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1128,9 +1562,21 @@ static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
+/* KVTIER_CUDA_I3_OLD=1 (A/B runs): session 5's unit loop (attend_coded_i3, V 4) instead of
+ * session 6's (attend_coded_i4) at the benchmark shapes (INT2 G32, K3 G64), 3 blocks per SM */
+static bool i2_old(uint32_t kb, uint32_t gv, uint32_t variant)
+{
+	static int on = -1;
+	if (on < 0)
+		on = getenv("KVTIER_CUDA_I3_OLD") && atoi(getenv("KVTIER_CUDA_I3_OLD")) != 0;
+	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
+}
+
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
+	if (i2_old(pl->p.kb, gv, pl->p.i2))
+		return pl->p.kb == 3 ? i2_launch<64, 4, 3, 3>(pl, s) : i2_launch<32, 4, 3, 2>(pl, s);
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
@@ -1158,6 +1604,8 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
+	if (i2_old(kb, gv, variant))
+		return kb == 3 ? i2_occupancy<64, 4, 3, 3>() : i2_occupancy<32, 4, 3, 2>();
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
