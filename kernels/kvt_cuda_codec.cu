@@ -67,6 +67,12 @@ __device__ uint32_t g_crc_reg[CRC2_NREG];
  * one): g_crc_sh[k] moves a chain's crc over the (3 - k) * 64 bytes after it, as a linear map
  * of its 4 bytes (multiplication by x^(8n) mod P is linear over GF(2)) */
 __device__ uint32_t g_crc_sh[3][4][256];
+/* crc3_kernel (coalesced loads): a lane's 16-byte words sit 512 bytes apart in the region;
+ * g_crc_sh3[0] moves a chain's crc over 1008 bytes (to its next word, two apart), [1] over 512
+ * (the even chain onto the odd one's end), g_crc_lane16[l] over the 16 (31 - l) bytes that
+ * follow lane l's last word in the region */
+__device__ uint32_t g_crc_sh3[2][4][256];
+__device__ uint32_t g_crc_lane16[32];
 
 /* a * b mod P in the reflected representation (a != 0), as zlib's multmodp */
 __host__ __device__ static uint32_t crc_multmodp(uint32_t a, uint32_t b)
@@ -141,6 +147,24 @@ static int crc_tables_upload(char *err, size_t errlen)
 			for (uint32_t b = 0; b < 256; b++)
 				sh[k][jb][b] = crc_multmodp(xs3[k], b << (8 * jb));
 	CK(cudaMemcpyToSymbol(g_crc_sh, sh, sizeof(sh)), "crc table upload");
+	static uint32_t sh3[2][4][256], lane16[32];
+	uint32_t x16 = 1u << 31;
+	for (uint32_t b = 0; b < 8 * 16; b++)
+		x16 = crc_multmodp(1u << 30, x16);
+	const uint32_t x512 = crc_multmodp(x128, crc_multmodp(x128, crc_multmodp(x128, x128)));
+	uint32_t x1008 = x512;
+	for (int k = 0; k < 31; k++) /* 512 + 31 * 16 */
+		x1008 = crc_multmodp(x16, x1008);
+	const uint32_t xs2[2] = {x1008, x512};
+	for (int k = 0; k < 2; k++)
+		for (int jb = 0; jb < 4; jb++)
+			for (uint32_t b = 0; b < 256; b++)
+				sh3[k][jb][b] = crc_multmodp(xs2[k], b << (8 * jb));
+	lane16[31] = 1u << 31;
+	for (int l = 30; l >= 0; l--)
+		lane16[l] = crc_multmodp(x16, lane16[l + 1]);
+	CK(cudaMemcpyToSymbol(g_crc_sh3, sh3, sizeof(sh3)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc_lane16, lane16, sizeof(lane16)), "crc table upload");
 	return 0;
 }
 
@@ -685,6 +709,71 @@ __global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint
 			       sh[c][2][(cc[c] >> 16) & 0xff] ^ sh[c][3][cc[c] >> 24];
 		crc = crc_multmodp(g_crc_lane[lane], crc);
 	}
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
+	if (lane == 0 && crc) {
+		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
+		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
+	}
+}
+
+/*
+ * crc2_kernel's raw crc sum with coalesced loads (the default since session 6;
+ * KVTIER_CUDA_CRC2=1 runs crc2_kernel): the same 8 KiB warp
+ * regions from the chunk's end, but lane l reads the region's 16-byte words l, l + 32, ...,
+ * l + 480 (one 512-byte line per warp load instead of 32 scattered pieces). Two chains per
+ * lane (even and odd words), each moved over the 1008 bytes between its words by a table
+ * map; the even chain then onto the odd one's end (512 bytes), the lane onto the region's end
+ * (g_crc_lane16). Words before the chunk's start (a short first region) are zeros that lead
+ * their chains, so they leave a raw crc from 0 unchanged.
+ */
+__global__ void __launch_bounds__(256) crc3_kernel(const enc_job_dev *jobs, uint32_t *acc)
+{
+	__shared__ uint32_t tab[8][256];
+	__shared__ uint32_t sh[2][4][256];
+	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
+		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
+	for (int i = threadIdx.x; i < 2 * 4 * 256; i += blockDim.x)
+		(&sh[0][0][0])[i] = (&g_crc_sh3[0][0][0])[i];
+	__syncthreads();
+	const enc_job_dev &j = jobs[blockIdx.y];
+	const int lane = threadIdx.x & 31;
+	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+	if (r * CRC2_REGION >= j.total_bytes)
+		return; /* whole warp */
+	const int64_t rs = (int64_t)(j.total_bytes - r * CRC2_REGION) - CRC2_REGION;
+	uint4 buf[16];
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		const int64_t off = rs + (int64_t)(32 * i + lane) * 16;
+		buf[i] = off >= 0 ? *(const uint4 *)(j.out + off) : make_uint4(0, 0, 0, 0);
+	}
+	/* keeps the 16 loads ahead of the first lookup (all in flight at once) */
+	__syncwarp();
+	uint32_t cc[2] = {0, 0};
+#pragma unroll
+	for (int i = 0; i < 16; i += 2)
+#pragma unroll
+		for (int c = 0; c < 2; c++) {
+			uint32_t x = cc[c];
+			if (i >= 2) /* over the 1008 bytes since this chain's previous word */
+				x = sh[0][0][x & 0xff] ^ sh[0][1][(x >> 8) & 0xff] ^
+				    sh[0][2][(x >> 16) & 0xff] ^ sh[0][3][x >> 24];
+			const uint4 b = buf[i + c];
+#pragma unroll
+			for (int h = 0; h < 2; h++) {
+				const uint32_t lo = (h ? b.z : b.x) ^ x, hi = h ? b.w : b.y;
+				x = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
+				    tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
+				    tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+			}
+			cc[c] = x;
+		}
+	uint32_t crc = cc[1] ^ sh[1][0][cc[0] & 0xff] ^ sh[1][1][(cc[0] >> 8) & 0xff] ^
+		       sh[1][2][(cc[0] >> 16) & 0xff] ^ sh[1][3][cc[0] >> 24];
+	if (crc)
+		crc = crc_multmodp(g_crc_lane16[lane], crc);
 #pragma unroll
 	for (int m = 16; m >= 1; m >>= 1)
 		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
@@ -1437,8 +1526,14 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 										      p.crc_acc);
 	} else {
 		unsigned crc_blocks = (unsigned)((max_total + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
-		crc2_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
-										       p.crc_acc);
+		/* crc3_kernel (coalesced loads; session 6) unless KVTIER_CUDA_CRC2=1 (A/B) */
+		const char *c2 = getenv("KVTIER_CUDA_CRC2");
+		if (!(c2 && c2[0] == '1'))
+			crc3_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+											       p.crc_acc);
+		else
+			crc2_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+											       p.crc_acc);
 	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(

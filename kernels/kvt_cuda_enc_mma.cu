@@ -36,6 +36,8 @@
 #include "cuda_internal.cuh"
 #include "kvt_cuda_enc.cuh"
 
+#include <stdlib.h>
+
 #define MX_WARPS 4
 #define MX_THREADS (MX_WARPS * 32)
 #define MX_G 32
@@ -234,7 +236,7 @@ __device__ __forceinline__ void mx_kcodes(const float (&acc)[4][NB][4], const fl
 		}
 }
 
-template <int D, bool F16>
+template <int D, bool F16, int KB, int VB>
 __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 {
 	constexpr int NB = D / 16;  /* register-stage blocks = words per run */
@@ -257,6 +259,8 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 	const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 	const bool oscar = p.scheme == KVT_SCHEME_OSCAR, rotv = p.rotate_v != 0, bf = p.sbf != 0;
 	const uint32_t n_pin = j.n_pin;
+	/* KB / VB 0: the bit widths from p (one kernel for all; KVTIER_CUDA_MX_RT=1, A/B) */
+	const uint32_t kbits = KB ? (uint32_t)KB : p.kb, vbits = VB ? (uint32_t)VB : p.vb;
 
 	/* 1. the key tile into shared memory */
 	for (uint32_t i = tid; i < MX_G * tok_chunks; i += MX_THREADS) {
@@ -289,9 +293,9 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 				    (mx_pm<F16>(mx_bval(2 * t + 9, n, rotv)) << 16);
 		}
 		const float vmult = rotv ? p.inv_sqrt_d : 1.0f;
-		const float vqmax = (float)((1u << p.vb) - 1);
+		const float vqmax = (float)((1u << vbits) - 1);
 		const float vtop = MX_MAGIC + vqmax;
-		const uint32_t vrowb = D * p.vb / 8, ng = D / 32;
+		const uint32_t vrowb = D * vbits / 8, ng = D / 32;
 		for (uint32_t h = warp; h < H; h += MX_WARPS) {
 			/* words [m-tile][token g / g + 8][run][word], every load issued first */
 			uint32_t w[2][2][2][NB];
@@ -386,7 +390,7 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 								bw[2 * b + o] = cb[c];
 							}
 						uint32_t pk[2];
-						if (p.vb == 2)
+						if (vbits == 2)
 							mx_pack<RUN, 2>(v, av, bw, vtop, pk);
 						else
 							mx_pack<RUN, 4>(v, av, bw, vtop, pk);
@@ -394,8 +398,8 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 						if (t0 + tok < n_pin)
 							pk[0] = pk[1] = 0;
 						mx_store_run<RUN>(sec + p.v_codes_off + ((size_t)h * B + t0 + tok) * vrowb +
-									  (RUN * t + (D / 2) * nt) * p.vb / 8,
-								  p.vb, pk);
+									  (RUN * t + (D / 2) * nt) * vbits / 8,
+								  vbits, pk);
 					}
 			}
 		}
@@ -451,9 +455,9 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 			(mx_pm<F16>(mx_akey(g, 2 * t + 9, oscar)) << 16);
 		ak[3] = mx_pm<F16>(mx_akey(g + 8, 2 * t + 8, oscar)) |
 			(mx_pm<F16>(mx_akey(g + 8, 2 * t + 9, oscar)) << 16);
-		const float kqmax = (float)((1u << p.kb) - 1);
+		const float kqmax = (float)((1u << kbits) - 1);
 		const float ktop = MX_MAGIC + kqmax;
-		const uint32_t krowb = D * p.kb / 8, NG = B / MX_G;
+		const uint32_t krowb = D * kbits / 8, NG = B / MX_G;
 		const bool any = n_pin < t0 + MX_G;
 		const bool pinned_here = t0 < n_pin;
 		const float INF = __int_as_float(0x7f800000);
@@ -535,16 +539,11 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 				((uint16_t *)(sec + p.k_scale_off))[si] = sb;
 				((uint16_t *)(sec + p.k_zero_off))[si] = zb;
 			}
-			if (p.kb == 2)
-				mx_kcodes<RUN, NB, 2>(acc, la, lb, ktop, lane, t0, n_pin,
-						      sec + p.k_codes_off + ((size_t)h * B + t0) * krowb +
-							      RUN * g * 2 / 8,
-						      krowb);
+			uint8_t *kdst = sec + p.k_codes_off + ((size_t)h * B + t0) * krowb + RUN * g * kbits / 8;
+			if (kbits == 2)
+				mx_kcodes<RUN, NB, 2>(acc, la, lb, ktop, lane, t0, n_pin, kdst, krowb);
 			else
-				mx_kcodes<RUN, NB, 4>(acc, la, lb, ktop, lane, t0, n_pin,
-						      sec + p.k_codes_off + ((size_t)h * B + t0) * krowb +
-							      RUN * g * 4 / 8,
-						      krowb);
+				mx_kcodes<RUN, NB, 4>(acc, la, lb, ktop, lane, t0, n_pin, kdst, krowb);
 		}
 	}
 }
@@ -572,17 +571,32 @@ bool kvt_mx_supports(const struct kvt_codec_config *cfg)
 	return mx_smem_bytes(cfg->n_kv_heads, cfg->head_dim) <= MX_SMEM_MAX;
 }
 
-template <int D, bool F16>
+/* one instantiation per (d, dtype, key bits, value bits): each kernel holds only its own
+ * code paths (a smaller kernel body than runtime branches on the bit widths) */
+template <int D, bool F16, int KB, int VB>
 static cudaError_t mx_launch1(const enc_params &p, uint32_t n_jobs, cudaStream_t s)
 {
 	const size_t sm = mx_smem_bytes(p.H, D);
-	cudaError_t e = cudaFuncSetAttribute(mx_kernel<D, F16>,
+	cudaError_t e = cudaFuncSetAttribute(mx_kernel<D, F16, KB, VB>,
 					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
 	if (e != cudaSuccess)
 		return e;
 	dim3 grid(p.B / MX_G, p.L, n_jobs);
-	mx_kernel<D, F16><<<grid, MX_THREADS, sm, s>>>(p);
+	mx_kernel<D, F16, KB, VB><<<grid, MX_THREADS, sm, s>>>(p);
 	return cudaGetLastError();
+}
+
+template <int D, bool F16>
+static cudaError_t mx_launch_b(const enc_params &p, uint32_t n_jobs, cudaStream_t s)
+{
+	const char *rt = getenv("KVTIER_CUDA_MX_RT");
+	if (rt && rt[0] == '1')
+		return mx_launch1<D, F16, 0, 0>(p, n_jobs, s);
+	if (p.kb == 2)
+		return p.vb == 2 ? mx_launch1<D, F16, 2, 2>(p, n_jobs, s)
+				 : mx_launch1<D, F16, 2, 4>(p, n_jobs, s);
+	return p.vb == 2 ? mx_launch1<D, F16, 4, 2>(p, n_jobs, s)
+			 : mx_launch1<D, F16, 4, 4>(p, n_jobs, s);
 }
 
 cudaError_t kvt_mx_launch(const enc_params &p, uint32_t n_jobs, uint32_t head_dim,
@@ -590,6 +604,6 @@ cudaError_t kvt_mx_launch(const enc_params &p, uint32_t n_jobs, uint32_t head_di
 {
 	const bool f16 = p.dtype == KVT_DTYPE_F16;
 	if (head_dim == 64)
-		return f16 ? mx_launch1<64, true>(p, n_jobs, s) : mx_launch1<64, false>(p, n_jobs, s);
-	return f16 ? mx_launch1<128, true>(p, n_jobs, s) : mx_launch1<128, false>(p, n_jobs, s);
+		return f16 ? mx_launch_b<64, true>(p, n_jobs, s) : mx_launch_b<64, false>(p, n_jobs, s);
+	return f16 ? mx_launch_b<128, true>(p, n_jobs, s) : mx_launch_b<128, false>(p, n_jobs, s);
 }
