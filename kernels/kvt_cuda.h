@@ -149,7 +149,8 @@ int kvt_cuda_attend_plan_build(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_r
 /* Enqueues the attention kernel and its combine step (two launches for the whole batch).
  * A/B switches (not for production) are listed in docs/gpu.md ("What exists"); since session
  * 6 KVTIER_CUDA_I3_OLD=1 runs the INT2 G32 / K3 G64 keys-as-B kernel with session 5's unit
- * loop (read once per process). */
+ * loop, KVTIER_CUDA_I3_PIPE=0 with session 6's loop holding one unit in flight instead of two
+ * (read once per process). */
 int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, char *err,
 			size_t errlen);
 void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);

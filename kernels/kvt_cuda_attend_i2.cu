@@ -884,16 +884,17 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
 	}
 }
 
-/* ---- Session 6 (att7): the same unit loop with less bookkeeping per unit (V 2, the default;
- * the session-5 loop above is V 4, KVTIER_CUDA_I3_OLD=1, for A/B runs) ----------------------
+/* ---- Session 6 (att7): the same unit loop with less bookkeeping per unit and two units in
+ * flight (V 2, the default; V 5, KVTIER_CUDA_I3_PIPE=0: one unit in flight; the session-5 loop
+ * above is V 4, KVTIER_CUDA_I3_OLD=1; A/B runs) ------------------------------------------
  * Same arithmetic, same bytes, same results as attend_coded_i3; what changed (counted in the
  * SASS of the INT2 G32 build; docs/gpu.md "Session 6: attention"):
  * - staging: a lane's pieces are grouped by kind so that each of its copies has one stride:
  *   copy 0 of every lane is a key scale / zero piece (16 + 16 of them: offset + key group x
  *   256), copy 1 a value scale / zero piece (8 NG, lanes < 8 NG: + block x 64 NG), copy 2 a
  *   norm piece (lanes < 8, oscar: + block x 128), besides the 2 (3-bit: 3) key code and 2
- *   value code pieces. Each copy's source is then one IMAD.WIDE (block x stride + the
- *   chunk's base pointer); the base pointers are set when the staged unit enters a new chunk
+ *   value code pieces. Each copy's source is then the block index times a constant on the
+ *   chunk's base pointer; the base pointers are set when the staged unit enters a new chunk
  *   (every B / 32 units), whose descriptor was loaded one chunk ahead (the section pointer
  *   and pin count only; the pins themselves are read where a chunk has any);
  * - the stage buffers are read by 32-bit shared addresses with immediate offsets (ptxas
@@ -901,7 +902,10 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
  * - the key-scale factors stay in registers (opaque moves); the key group changes when the
  *   block index crosses a multiple of G / 32 (no chunk-index compare);
  * - kivi (no norms): both buffers' norm slots hold 1.0 from the start, so the logits always
- *   multiply by the staged norm (no per-unit selects). */
+ *   multiply by the staged norm (no per-unit selects);
+ * - two units in flight: unit u + 1's wait and scale conversions sit between unit u's key
+ *   MMAs and its softmax (see the loop). INT2 G32: 897 -> 824 static instructions in the loop,
+ *   727 -> 629 per benchmark unit; H200 -9 to -10% per step (docs/gpu.md). */
 template <int OFF> __device__ __forceinline__ uint32_t i4_lds32(uint32_t a)
 {
 	uint32_t v;
@@ -939,11 +943,11 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-template <int GV, int KB>
+template <int GV, int KB, bool PIPE>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, int lane)
+						float *rl, float *racc, uint32_t *vs2, int lane)
 {
 	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
@@ -955,7 +959,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t upc = p.B / 32, h = it.kv_head;
 	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
 	const int vg = (16 * gid) / GV; /* the value group of this lane's value channels */
-	const uint32_t gmask = (1u << p.gsh) - 1u;
+	/* key group of block sb: sb >> gsh, gsh = log2(G / 32) (GV = G below 128: gsh 0 or 1) */
+	const uint32_t gsh = GV == 32 ? 0u : GV == 64 ? 1u : p.gsh, gmask = (1u << gsh) - 1u;
 
 	/* key-word converter: lane converts words 4 half .. 4 half + 3 of the 16-channel block
 	 * blk of the scales (kind 0) or zeros (kind 1) */
@@ -1025,7 +1030,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 		i4_cp16<I2_VC, 0>(sl, pv);
 		i4_cp16<I2_VC + 512, 512>(sl, pv);
-		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> p.gsh) * 256u);
+		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> gsh) * 256u);
 		if (on1)
 			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG));
 		if (on2)
@@ -1054,8 +1059,289 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
 	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
 	uint32_t bcur = s0; /* this unit's buffer */
-	bool first = true;
+	if constexpr (PIPE) {
+		/* Two units in flight (the default; KVTIER_CUDA_I3_PIPE=0: the loop below with one
+		 * at the benchmark shapes, for A/B runs): unit u + 1's wait and conversions
+		 * are issued between unit u's key MMAs and its softmax, so the scheduler has them
+		 * to interleave with the softmax's shuffle / ex2 chain; unit u's value codes are
+		 * read into registers before unit u + 2 is staged into its buffer; the value scale
+		 * words alternate between the warp's word area and vs2 (the rotated query's shared
+		 * memory, unused after the prologue). */
+		const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
+		const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
+		const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
+		const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
+		auto conv_key = [&](uint32_t bf) {
+			const uint32_t ka = bf + kcs;
+			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
+			uint4 o;
+			uint32_t *ow = (uint32_t *)&o;
+#pragma unroll
+			for (int e = 0; e < 4; e++) {
+				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
+				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+				__half2 hh = __floats2half2_rn(fx, fy);
+				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			}
+			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		};
+		auto conv_val = [&](uint32_t bf, uint32_t vdst) {
+			const uint32_t d = vdst + vdo;
+			if constexpr (NG == 4) {
+				const uint4 v = i4_lds128<0>(bf + vcs);
+				uint4 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
+				o.z = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
+				o.w = *(uint32_t *)&t;
+				asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d), "r"(o.x), "r"(o.y),
+					     "r"(o.z), "r"(o.w));
+			} else if constexpr (NG == 2) {
+				const uint2 v = i4_lds64<0>(bf + vcs);
+				uint2 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d), "r"(o.x), "r"(o.y));
+			} else {
+				const uint32_t v = i4_lds32<0>(bf + vcs);
+				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+				asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
+			}
+		};
+		uint32_t rem = u1 - u0;
+		uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
+		auto advance = [&]() {
+			if (++ss == upc) { /* the staged unit starts a chunk */
+				ss = 0;
+				cs++;
+				rebase(nsec);
+				np_s = nnp;
+				if (cs + 1 < cend) {
+					nsec = p.chunks[cs + 1].sec;
+					nnp = p.chunks[cs + 1].n_pinned;
+				}
+			}
+		};
+		if (rem > 1) {
+			advance();
+			stage_unit(s0 ^ bx, ss);
+		}
+		cp_async_commit();
+		uint32_t vcur = va0; /* this unit's value scale words */
+		if (rem) {
+			cp_async_wait1();
+			__syncwarp();
+			conv_key(s0);
+			conv_val(s0, vcur);
+			__syncwarp();
+		}
+		for (; rem; rem--) {
+			/* keys of this unit */
+			float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+			uint32_t kwl[4], kw[4], kwr[4];
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+			uint2 kr[4];
+			uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u};
+			{
+				const uint32_t ka = bcur + kro;
+				kr[0] = i4_lds64<0>(ka);
+				kr[1] = i4_lds64<256>(ka);
+				kr[2] = i4_lds64<512>(ka);
+				kr[3] = i4_lds64<768>(ka);
+				if constexpr (KB == 3) {
+					const uint32_t kha = bcur + khro;
+					kh[0] = i4_lds32<0>(kha);
+					kh[1] = i4_lds32<128>(kha);
+					kh[2] = i4_lds32<256>(kha);
+					kh[3] = i4_lds32<384>(kha);
+				}
+			}
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				kw[j] = kr[j].x;
+				if constexpr (KB == 3) {
+					kwl[j] = kw[j] << 3;
+					kwr[j] = kw[j] >> 9;
+					kw[j] = kw[j] >> 3;
+					khx[j] = __byte_perm(kh[j], 0, 0x4140);
+				} else {
+					kwl[j] = kw[j] << 6;
+					kwr[j] = kw[j] >> 6;
+				}
+			}
+			i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				kw[j] = kr[j].y;
+				if constexpr (KB == 3) {
+					kwl[j] = kw[j] << 3;
+					kwr[j] = kw[j] >> 9;
+					kw[j] = kw[j] >> 3;
+					khx[j] = __byte_perm(kh[j], 0, 0x4342);
+				} else {
+					kwl[j] = kw[j] << 6;
+					kwr[j] = kw[j] >> 6;
+				}
+			}
+			i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 
+			const float bias = cb[0] + cb[2];
+			float lg[4][2];
+			{
+				const uint32_t na = bcur + 8 * tig;
+				uint2 nr[4];
+				nr[0] = i4_lds64<I2_NR>(na);
+				nr[1] = i4_lds64<I2_NR + 32>(na);
+				nr[2] = i4_lds64<I2_NR + 64>(na);
+				nr[3] = i4_lds64<I2_NR + 96>(na);
+#pragma unroll
+				for (int j = 0; j < 4; j++) {
+					lg[j][0] = (acc[j][0] + acc[j][2] + bias) * __uint_as_float(nr[j].x);
+					lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
+				}
+			}
+			/* this unit's value codes, before the buffer takes unit u + 2 */
+			uint32_t vcw[2][4];
+			{
+				const uint32_t va = bcur + vwo;
+				vcw[0][0] = i4_lds32<0>(va);
+				vcw[0][1] = i4_lds32<32>(va);
+				vcw[0][2] = i4_lds32<256>(va);
+				vcw[0][3] = i4_lds32<288>(va);
+				vcw[1][0] = i4_lds32<512>(va);
+				vcw[1][1] = i4_lds32<512 + 32>(va);
+				vcw[1][2] = i4_lds32<512 + 256>(va);
+				vcw[1][3] = i4_lds32<512 + 288>(va);
+			}
+			if (npc) {
+				const uint16_t *pins = p.chunks[ccc].pins;
+				for (uint32_t i = 0; i < npc; i++) {
+					const uint32_t pt = pins[i];
+#pragma unroll
+					for (int j = 0; j < 4; j++) {
+						const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
+						if (pt == t)
+							lg[j][0] = -INFINITY;
+						if (pt == t + 1)
+							lg[j][1] = -INFINITY;
+					}
+				}
+			}
+			__syncwarp(); /* every lane is done with this buffer */
+			const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
+			if (rem > 2) {
+				advance();
+				stage_unit(bcur, ss);
+			}
+			cp_async_commit();
+			/* unit u + 1: its bytes, its conversions (the last iteration converts stale
+			 * bytes of a finished buffer into words nobody reads) */
+			cp_async_wait1();
+			__syncwarp();
+			if (GV == 32 || (sbn & gmask) == 0)
+				conv_key(bcur ^ bx);
+			conv_val(bcur ^ bx, vcur ^ vx);
+
+			/* online softmax of unit u */
+			float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
+					 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
+			const float mn = fmaxf(m2, mx);
+			const float ms = mn == -INFINITY ? 0.0f : mn;
+			const float alpha = i3_ex2(m2 - ms);
+			float pv[4][2];
+			float ls = 0.0f;
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				pv[j][0] = i3_ex2(lg[j][0] - ms);
+				pv[j][1] = i3_ex2(lg[j][1] - ms);
+				ls += pv[j][0] + pv[j][1];
+			}
+			l2 = fmaf(l2, alpha, ls);
+			m2 = mn;
+			if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
+				const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
+				const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					vacc[i][0] *= a0;
+					vacc[i][1] *= a1;
+					vacc[i][2] *= a0;
+					vacc[i][3] *= a1;
+				}
+				zacc[0] *= a0;
+				zacc[1] *= a1;
+			}
+#pragma unroll
+			for (int kk = 0; kk < 2; kk++) {
+				const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
+				const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+				uint32_t u[4], ul[4], ur[4];
+				u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
+				u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
+				u[2] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x5410);
+				u[3] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x7632);
+#pragma unroll
+				for (int r = 0; r < 4; r++) {
+					ul[r] = u[r] << 6;
+					ur[r] = u[r] >> 6;
+				}
+				uint32_t s[2][3];
+				uint32_t az[4];
+				if (kk == 0) {
+					s[0][0] = i4_lds32<0>(vcur + vso);
+					s[1][0] = i4_lds32<16 * NG>(vcur + vso);
+					az[0] = i4_lds32<0>(vcur + vzb);
+					az[2] = i4_lds32<16 * NG>(vcur + vzb);
+				} else {
+					s[0][0] = i4_lds32<32 * NG>(vcur + vso);
+					s[1][0] = i4_lds32<48 * NG>(vcur + vso);
+					az[0] = i4_lds32<32 * NG>(vcur + vzb);
+					az[2] = i4_lds32<48 * NG>(vcur + vzb);
+				}
+				az[1] = az[3] = zero;
+#pragma unroll
+				for (int r = 0; r < 2; r++) {
+					s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
+					s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
+				}
+				i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
+				mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
+			}
+			bcur ^= bx;
+			vcur ^= vx;
+			sbc = sbn;
+			ccc = ccn;
+			npc = npn;
+			__syncwarp(); /* unit u + 1's words are visible */
+		}
+	} else {
+	bool first = true;
 	for (uint32_t rem = u1 - u0; rem; rem--) {
 		const uint32_t sb = ss, cc = cs, npin = np_s;
 		if (rem > 1) {
@@ -1075,9 +1361,27 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		cp_async_wait1(); /* this unit's copies (all but the newest group) */
 		__syncwarp();
 
+		/* the unit's key codes first (their loads overlap the conversions) */
+		uint2 kr[4];
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
+		{
+			const uint32_t ka = bcur + kro;
+			kr[0] = i4_lds64<0>(ka);
+			kr[1] = i4_lds64<256>(ka);
+			kr[2] = i4_lds64<512>(ka);
+			kr[3] = i4_lds64<768>(ka);
+			if constexpr (KB == 3) {
+				const uint32_t kha = bcur + khro;
+				kh[0] = i4_lds32<0>(kha);
+				kh[1] = i4_lds32<128>(kha);
+				kh[2] = i4_lds32<256>(kha);
+				kh[3] = i4_lds32<384>(kha);
+			}
+		}
 		/* conversions into the warp's word area: the key group's scale and zero pairs (when
-		 * the group changed), the unit's value scale and zero pairs */
-		if (first || (sb & gmask) == 0) {
+		 * the group changed: every unit at G 32, no branch), the unit's value scale and zero
+		 * pairs */
+		if (GV == 32 || first || (sb & gmask) == 0) {
 			const uint32_t ka = bcur + kcs;
 			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
 			uint4 o;
@@ -1132,22 +1436,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 #pragma unroll
 		for (int j = 0; j < 4; j++)
 			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-		uint2 kr[4];
-		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
-		{
-			const uint32_t ka = bcur + kro;
-			kr[0] = i4_lds64<0>(ka);
-			kr[1] = i4_lds64<256>(ka);
-			kr[2] = i4_lds64<512>(ka);
-			kr[3] = i4_lds64<768>(ka);
-			if constexpr (KB == 3) {
-				const uint32_t kha = bcur + khro;
-				kh[0] = i4_lds32<0>(kha);
-				kh[1] = i4_lds32<128>(kha);
-				kh[2] = i4_lds32<256>(kha);
-				kh[3] = i4_lds32<384>(kha);
-			}
-		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].x;
@@ -1303,6 +1591,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		first = false;
 		__syncwarp(); /* the next iteration stages into the buffer read here */
 	}
+	}
 
 	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 	float l = l2;
@@ -1418,14 +1707,15 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-/* V 2: attend_coded_i4 (session 6), V 3: attend_coded_i3 with bulk staging, V 4:
- * attend_coded_i3 (session 5's loop; V 1, session 2's kernel, was removed in session 5);
+/* V 2: attend_coded_i4 (session 6: two units in flight), V 3: attend_coded_i3 with bulk
+ * staging, V 4: attend_coded_i3 (session 5's loop; V 1, session 2's kernel, was removed in
+ * session 5), V 5: attend_coded_i4 with one unit in flight (session 6's first loop);
  * MINB: blocks per SM the registers must allow; KB: key bits (2, or 3 with V 2 or 4) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2 || V == 3 || V == 4, "the keys-as-B kernel");
+	static_assert(V >= 2 && V <= 5, "the keys-as-B kernel");
 	static_assert(KB == 2 || V != 3, "3-bit keys: the keys-as-B kernel with cp.async staging");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
@@ -1480,9 +1770,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		if constexpr (V == 2)
-			attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
-						zsm[warp], red_m[warp], red_l[warp], racc, lane);
+		if constexpr (V == 2 || V == 5)
+			attend_coded_i4<GV, KB, V == 2>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+							zsm[warp], red_m[warp], red_l[warp], racc,
+							(uint32_t *)qf + warp * 128, lane);
 		else
 			attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 							zsm[warp], red_m[warp], red_l[warp], racc,
@@ -1551,9 +1842,9 @@ static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, u
 	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
-/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers: INT2 158,
- * K3 164, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) takes the session-4 build for 4 (128
- * registers) at the benchmark shapes (INT2 G32, K3 G64). */
+/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers; session 6's
+ * loop: INT2 G32 154, K3 G64 158, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) builds the same
+ * loop for 4 (128 registers) at the benchmark shapes (INT2 G32, K3 G64). */
 static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 {
 	static int on = -1;
@@ -1572,11 +1863,23 @@ static bool i2_old(uint32_t kb, uint32_t gv, uint32_t variant)
 	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
+/* KVTIER_CUDA_I3_PIPE=0 (A/B runs): session 6's loop with one unit in flight (V 5) instead
+ * of two at the benchmark shapes */
+static bool i2_nopipe(uint32_t kb, uint32_t gv, uint32_t variant)
+{
+	static int on = -1;
+	if (on < 0)
+		on = getenv("KVTIER_CUDA_I3_PIPE") && atoi(getenv("KVTIER_CUDA_I3_PIPE")) == 0;
+	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
+}
+
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (i2_old(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 4, 3, 3>(pl, s) : i2_launch<32, 4, 3, 2>(pl, s);
+	if (i2_nopipe(pl->p.kb, gv, pl->p.i2))
+		return pl->p.kb == 3 ? i2_launch<64, 5, 3, 3>(pl, s) : i2_launch<32, 5, 3, 2>(pl, s);
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
@@ -1606,6 +1909,8 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
 	if (i2_old(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 4, 3, 3>() : i2_occupancy<32, 4, 3, 2>();
+	if (i2_nopipe(kb, gv, variant))
+		return kb == 3 ? i2_occupancy<64, 5, 3, 3>() : i2_occupancy<32, 5, 3, 2>();
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
