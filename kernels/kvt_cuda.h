@@ -77,17 +77,32 @@ struct kvt_cuda_encode_job {
 
 /*
  * Enqueues the encoding of n_jobs chunks of one config; sizes[i] receives chunk i's size in
- * bytes. The bytes equal kvt_encode_chunk's for the same input, crc32c included (computed
- * on the GPU), except that where a group's min or max is a zero reached by both -0 and +0
- * the stored zero may carry the other sign (same decoded values). Sinks are pinned as on the
+ * bytes. The chunk layout (header, pin table, every offset and dtype) is kvt_encode_chunk's
+ * and its crc32c (computed on the GPU) is that of the bytes written. Two encoders:
+ *  - the tensor-core encoder (default for oscar / kivi, f16 / bf16 input, head_dim 64 or 128,
+ *    G 32, 2- or 4-bit keys and values, G x H x d key tile <= 200 KB; session 6): the CPU's
+ *    math in another float order, so codes may differ from the CPU's at rounding ties (by
+ *    one; decoded values within one quantization step), scales / zeros by a rounding of the
+ *    16-bit dtype (a zero by one step where its rint(-mn / s) was a tie), norms by a few f32
+ *    ulps; NaN inputs give unspecified codes;
+ *  - the byte-exact encoder (every other config, or KVTIER_CUDA_ENC_EXACT=1): bytes equal to
+ *    kvt_encode_chunk's, except that where a group's min or max is a zero reached by both -0
+ *    and +0 the stored zero may carry the other sign (same decoded values).
+ * kvt_cuda_encode_is_exact(cfg) says which one a call takes now. Sinks are pinned as on the
  * CPU; pin detection (pin_detect_ratio > 0) is CPU-only for now: -EOPNOTSUPP.
- * A/B switches read at each call (not for production): KVTIER_CUDA_CODEC_OLD=1 (session 2's
- * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (codes from a reciprocal product
- * alone: may differ from the CPU's at rounding ties), KVTIER_CUDA_DEC_VARIANT=0..3.
+ * Switches read at each call: KVTIER_CUDA_ENC_EXACT=1 (the byte-exact encoder for every
+ * config); A/B switches (not for production): KVTIER_CUDA_CODEC_OLD=1 (session 2's
+ * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (the byte-exact encoder's codes
+ * from a reciprocal product alone), KVTIER_CUDA_DEC_VARIANT=0..3.
  */
 int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,
 		    const struct kvt_cuda_encode_job *jobs, size_t n_jobs, int64_t *sizes,
 		    char *err, size_t errlen);
+
+/* 1 when kvt_cuda_encode, called now with cfg, writes kvt_encode_chunk's bytes (the
+ * byte-exact encoder: cfg outside the tensor-core encoder's set, or KVTIER_CUDA_ENC_EXACT=1
+ * or KVTIER_CUDA_CODEC_OLD=1 in the environment), 0 when it takes the tensor-core encoder. */
+int kvt_cuda_encode_is_exact(const struct kvt_codec_config *cfg);
 
 /* ---- Decode ------------------------------------------------------------------------------ */
 

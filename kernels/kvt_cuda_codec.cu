@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "cuda_internal.cuh"
+#include "kvt_cuda_enc.cuh"
 
 #define STAGE_BYTES (4u << 20)
 
@@ -62,6 +63,10 @@ __device__ uint32_t g_crc_x2n[32];
 #define CRC2_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
 __device__ uint32_t g_crc_lane[32];
 __device__ uint32_t g_crc_reg[CRC2_NREG];
+/* crc2_kernel runs a lane's segment as 4 chains of 64 bytes (4 lookup chains in flight, not
+ * one): g_crc_sh[k] moves a chain's crc over the (3 - k) * 64 bytes after it, as a linear map
+ * of its 4 bytes (multiplication by x^(8n) mod P is linear over GF(2)) */
+__device__ uint32_t g_crc_sh[3][4][256];
 
 /* a * b mod P in the reflected representation (a != 0), as zlib's multmodp */
 __host__ __device__ static uint32_t crc_multmodp(uint32_t a, uint32_t b)
@@ -125,6 +130,17 @@ static int crc_tables_upload(char *err, size_t errlen)
 		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
 	CK(cudaMemcpyToSymbol(g_crc_lane, lane, sizeof(lane)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
+	static uint32_t sh[3][4][256];
+	uint32_t x64 = 1u << 31;
+	for (uint32_t b = 0; b < 8 * 64; b++)
+		x64 = crc_multmodp(1u << 30, x64);
+	const uint32_t x128 = crc_multmodp(x64, x64), x192 = crc_multmodp(x128, x64);
+	const uint32_t xs3[3] = {x192, x128, x64};
+	for (int k = 0; k < 3; k++)
+		for (int jb = 0; jb < 4; jb++)
+			for (uint32_t b = 0; b < 256; b++)
+				sh[k][jb][b] = crc_multmodp(xs3[k], b << (8 * jb));
+	CK(cudaMemcpyToSymbol(g_crc_sh, sh, sizeof(sh)), "crc table upload");
 	return 0;
 }
 
@@ -313,6 +329,20 @@ static bool kvt_cuda_codec_old(void)
 	return s && s[0] == '1';
 }
 
+/* KVTIER_CUDA_ENC_EXACT=1: the byte-exact encoders only (kvt_cuda.h) */
+static bool kvt_cuda_enc_exact(void)
+{
+	const char *s = getenv("KVTIER_CUDA_ENC_EXACT");
+	return s && s[0] == '1';
+}
+
+extern "C" int kvt_cuda_encode_is_exact(const struct kvt_codec_config *cfg)
+{
+	if (!cfg)
+		return 0;
+	return kvt_cuda_codec_old() || kvt_cuda_enc_exact() || !kvt_mx_supports(cfg);
+}
+
 /* ---- Encode ------------------------------------------------------------------------------- */
 
 #define ENC_THREADS 256
@@ -321,31 +351,6 @@ static bool kvt_cuda_codec_old(void)
 #define XS_STRIDE(D) ((D) + 1)
 #define C8_STRIDE(D) ((D) + 4)
 #define ENC_WARPS (ENC_THREADS / 32)
-#define MAX_GAPS 10
-
-struct enc_job_dev {
-	const void *k, *v;
-	uint8_t *out;
-	const uint8_t *hdr_src; /* header + pin table in device staging */
-	uint32_t hdr_bytes;     /* data_offset */
-	uint32_t n_pin;         /* sinks: chunk tokens 0..n_pin-1 */
-	uint64_t layer_bytes;
-	uint64_t total_bytes;
-	uint64_t k_exact_off, v_exact_off;
-	uint32_t n_gaps;
-	uint32_t gap_off[MAX_GAPS], gap_len[MAX_GAPS];
-};
-
-struct enc_params {
-	const enc_job_dev *jobs;
-	uint32_t *crc_acc;
-	uint32_t *work_ctr; /* fe_kernel's value-unit counter, zeroed by enc_prep_kernel */
-	uint32_t B, G, H, L, scheme, kb, vb, dtype, rotate_v, sbf, crc_field_off;
-	uint32_t norms_off, k_scale_off, k_zero_off, v_scale_off, v_zero_off, k_codes_off,
-		v_codes_off;
-	float inv_sqrt_d;
-};
-
 /* Header + pin table copy (block x == L) and the zeroing of the gaps between arrays of each
  * layer section (blocks x < L); also clears the crc accumulator. */
 __global__ void enc_prep_kernel(enc_params p)
@@ -634,8 +639,11 @@ __global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint3
 __global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint32_t *acc)
 {
 	__shared__ uint32_t tab[8][256];
+	__shared__ uint32_t sh[3][4][256];
 	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
 		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
+	for (int i = threadIdx.x; i < 3 * 4 * 256; i += blockDim.x)
+		(&sh[0][0][0])[i] = (&g_crc_sh[0][0][0])[i];
 	__syncthreads();
 	const enc_job_dev &j = jobs[blockIdx.y];
 	const int lane = threadIdx.x & 31;
@@ -657,16 +665,24 @@ __global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint
 #pragma unroll
 		for (int i = 0; i < CRC2_SEG / 16; i++)
 			buf[i] = i >= skip ? w[i] : make_uint4(0, 0, 0, 0);
+		/* four chains of 64 bytes, interleaved (a raw crc from 0 stays 0 over the
+		 * zero-filled words a short segment skips, so they need no test) */
+		uint32_t cc[4] = {0, 0, 0, 0};
 #pragma unroll
-		for (int i = 0; i < 2 * (CRC2_SEG / 16); i++) {
-			const uint4 b = buf[i / 2];
-			if (i / 2 < skip)
-				continue;
-			uint32_t lo = (i & 1 ? b.z : b.x) ^ crc, hi = i & 1 ? b.w : b.y;
-			crc = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
-			      tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
-			      tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
-		}
+		for (int i = 0; i < 8; i++)
+#pragma unroll
+			for (int c = 0; c < 4; c++) {
+				const uint4 b = buf[4 * c + i / 2];
+				uint32_t lo = (i & 1 ? b.z : b.x) ^ cc[c], hi = i & 1 ? b.w : b.y;
+				cc[c] = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^
+					tab[5][(lo >> 16) & 0xff] ^ tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^
+					tab[2][(hi >> 8) & 0xff] ^ tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+			}
+		crc = cc[3];
+#pragma unroll
+		for (int c = 0; c < 3; c++)
+			crc ^= sh[c][0][cc[c] & 0xff] ^ sh[c][1][(cc[c] >> 8) & 0xff] ^
+			       sh[c][2][(cc[c] >> 16) & 0xff] ^ sh[c][3][cc[c] >> 24];
 		crc = crc_multmodp(g_crc_lane[lane], crc);
 	}
 #pragma unroll
@@ -1389,7 +1405,9 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	cudaError_t e;
 	uint32_t fe_tf = 0, fe_ts = 0;
 	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
-	if (fe_sm && !kvt_cuda_codec_old()) {
+	if (!kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg)) {
+		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream);
+	} else if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
 		f.p = p;

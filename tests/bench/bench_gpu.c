@@ -335,8 +335,9 @@ static int run_dec(void *p)
 	return kvt_cuda_decode(ctx, ((struct dec_arg *)p)->jobs, ED_CHUNKS, err, sizeof(err));
 }
 
-/* kernel: "fast" (default) or "session2" (KVTIER_CUDA_CODEC_OLD=1, the previous kernels,
- * measured in the same run for the record) */
+/* kernel: "fast" (default: the tensor-core encoder, fd3 decode), "exact" (the byte-exact
+ * encoder, KVTIER_CUDA_ENC_EXACT=1) or "session2" (KVTIER_CUDA_CODEC_OLD=1, the previous
+ * kernels, measured in the same run for the record) */
 static int bench_encode_decode(double copy_bw, const char *kernel)
 {
 	const uint32_t L = 32, H = 8, D = 128, B = 128;
@@ -464,7 +465,12 @@ int kvt_bench_gpu(int argc, char **argv)
 	rc |= bench_attend(2, 32, 1, 131072, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
 codec:
+	/* the default (tensor-core encoder since session 6), then the byte-exact encoder
+	 * (KVTIER_CUDA_ENC_EXACT=1), then the session-2 kernels, all against the same copy */
 	rc |= bench_encode_decode(bw, "fast");
+	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
+	rc |= bench_encode_decode(bw, "exact");
+	unsetenv("KVTIER_CUDA_ENC_EXACT");
 	setenv("KVTIER_CUDA_CODEC_OLD", "1", 1);
 	rc |= bench_encode_decode(bw, "session2");
 	unsetenv("KVTIER_CUDA_CODEC_OLD");

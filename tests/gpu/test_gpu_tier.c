@@ -710,6 +710,11 @@ int main(int argc, char **argv)
 		setenv("KVTIER_TEST_GPU_EMULATE", "1", 1);
 	else
 		unsetenv("KVTIER_TEST_GPU_EMULATE");
+	/* test_gpu_encode / test_encode_scale compare a GPU-resident session's chunks with a
+	 * host session's byte for byte: the daemon runs the byte-exact GPU encoder for that
+	 * (its default for these oscar G32 bf16 sessions is the tensor-core encoder, whose codes
+	 * may differ from the CPU's at rounding ties; test_gpu_codec checks it against the CPU) */
+	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
 	struct kvt_daemon d;
 	struct kvt_client *c;
 	static const char *const args[] = {"--gpu_arena_bytes=256MiB", "--gpu_staging_bytes=32MiB",
