@@ -165,8 +165,9 @@ int kvt_cuda_attend_plan_build(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_r
 			       size_t errlen);
 /* Enqueues the attention kernel and its combine step (two launches for the whole batch).
  * A/B switches (not for production) are listed in docs/gpu.md ("What exists"); since session
- * 6 KVTIER_CUDA_I3_OLD=1 runs the INT2 G32 / K3 G64 keys-as-B kernel with session 5's unit
- * loop (read once per process). */
+ * 6 KVTIER_CUDA_I3_PIPE=0 runs the INT2 G32 / K3 G64 keys-as-B kernel with one unit in
+ * flight per warp instead of two (read once per process; session 5's loop, which
+ * KVTIER_CUDA_I3_OLD=1 selected, and KVTIER_CUDA_I2_VARIANT=3 were removed after session 6). */
 int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, char *err,
 			size_t errlen);
 void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);
@@ -179,7 +180,8 @@ enum kvt_cuda_attend_kernel {
 	KVT_CUDA_ATT_MMA = 1,        /* tensor cores, INT2 / INT4, scales on the query side */
 	KVT_CUDA_ATT_I2 = 2,         /* session 2's INT2 kernel (removed in session 5; unused) */
 	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values */
-	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same staging units by bulk copies (INT2) */
+	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same with bulk-copy staging (removed after
+					  * session 6; unused) */
 };
 struct kvt_cuda_attend_plan_info {
 	uint64_t read_bytes;

@@ -915,22 +915,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool i2 = k3 || (mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
 			       cfg->dtype == KVT_DTYPE_BF16 &&
 			       getenv("KVTIER_CUDA_NO_I2") == NULL);
-	/* which INT2 kernel: 2 the keys-as-B kernel (attend_coded_i3, default), 3 the same with
-	 * bulk staging (KVTIER_CUDA_I2_VARIANT=3, for A/B runs; session 2's kernel, variant 1,
-	 * was removed in session 5) */
-	int ccm = 0; /* compute capability major (bulk copies, programmatic launches: 9) */
+	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2 (session 2's kernel, variant 1, was
+	 * removed in session 5, the bulk-copy staging variant 3 after session 6) */
+	int ccm = 0; /* compute capability major (programmatic launches: 9) */
 	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
 		ccm = 0;
 	(void)cudaGetLastError();
-	uint32_t i2v = 0;
-	if (i2) {
-		/* 3: the keys-as-B kernel staging each unit with bulk copies (sm_90) */
-		const char *v = getenv("KVTIER_CUDA_I2_VARIANT");
-		const int vv = v ? atoi(v) : 0;
-		i2v = vv == 3 && ccm >= 9 ? 3 : 2;
-		if (k3)
-			i2v = 2; /* the 3-bit key path has cp.async staging only */
-	}
+	const uint32_t i2v = i2 ? 2 : 0;
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
 	const char *fp = getenv("KVTIER_CUDA_FOLD_PINS");
@@ -1400,11 +1391,8 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->read_bytes = pl->read_bytes;
 	info->n_items = pl->n_items;
 	info->n_groups = pl->n_groups;
-	info->kernel = !pl->p.mma	   ? KVT_CUDA_ATT_CUDA_CORES
-		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
-		       : pl->p.i2 == 1 ? KVT_CUDA_ATT_I2
-		       : pl->p.i2 == 2 ? KVT_CUDA_ATT_KEYS_AS_B
-				       : KVT_CUDA_ATT_KEYS_AS_B_BULK;
+	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
+		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA : KVT_CUDA_ATT_KEYS_AS_B;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

@@ -367,9 +367,9 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 
 
 /* The plan builder (kvt_cuda_attend.cu) and the INT2 kernels (kvt_cuda_attend_i2.cu) meet
- * here. p.i2: 0 not the INT2 kernel, 2 the keys-as-B kernel (attend_coded_i4; session 5's
- * attend_coded_i3 with KVTIER_CUDA_I3_OLD=1), 3 that kernel (attend_coded_i3) with bulk staging (1, session 2's kernel, was removed in session 5). p.kb 3 (3-bit keys,
- * 2-bit values: kvtier-int2) runs the keys-as-B kernel with its 3-bit key path (p.i2 2). */
+ * here. p.i2: 0 not the INT2 kernel, 2 the keys-as-B kernel (attend_coded_i4; 1, session 2's
+ * kernel, and 3, bulk-copy staging, were removed in sessions 5 and 6). p.kb 3 (3-bit keys,
+ * 2-bit values: kvtier-int2) runs the keys-as-B kernel with its 3-bit key path. */
 /* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv with
  * kb-bit keys (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);

@@ -45,51 +45,6 @@ __device__ __forceinline__ void cp_async_wait1(void)
 	asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
 
-/* What one lane copies per unit besides codes: up to 3 16-byte pieces of the norms, the key
- * group's scales and zeros, and the unit's value scales and zeros (40 + 8 NG pieces, laid
- * out contiguously from I2_NR in this order). off = the piece's offset in the layer section
- * less its per-unit part; kind (2 bits a slot) says which per-unit part to add: 0 the
- * token block (sb * 128), 1 the key group (kgo), 2 the value rows (row0 * NG * 2), 3 none. */
-struct i2_pieces {
-	uint32_t off[3];
-	uint32_t kinds;
-};
-
-template <int NG>
-__device__ __forceinline__ i2_pieces i2_pieces_make(const att_params &p, bool oscar, int lane)
-{
-	constexpr int NP = 40 + 8 * NG;
-	i2_pieces r;
-	r.kinds = 0;
-#pragma unroll
-	for (int j = 0; j < 3; j++) {
-		const int pc = lane + 32 * j;
-		uint32_t kind, off;
-		if (pc >= NP) {
-			kind = 3;
-			off = 0;
-		} else if (pc < 8) {
-			kind = oscar ? 0 : 3;
-			off = p.norms_off + 16 * pc;
-		} else if (pc < 24) {
-			kind = 1;
-			off = p.k_scale_off + 16 * (pc - 8);
-		} else if (pc < 40) {
-			kind = 1;
-			off = p.k_zero_off + 16 * (pc - 24);
-		} else if (pc < 40 + 4 * NG) {
-			kind = 2;
-			off = p.v_scale_off + 16 * (pc - 40);
-		} else {
-			kind = 2;
-			off = p.v_zero_off + 16 * (pc - 40 - 4 * NG);
-		}
-		r.off[j] = off;
-		r.kinds |= kind << (2 * j);
-	}
-	return r;
-}
-
 /* A warp's value partial in the reduction layout racc[head][channel]: the lanes holding the
  * two halves of each column pair add theirs (xor 2), the
  * value-zero term goes through zsm to the lanes that own the channels, and vacc, which holds
@@ -414,486 +369,17 @@ __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&u
 	mma16816(vacc[I], a, b0, b1);
 }
 
-/* The keys-as-B kernel's staging: per lane, each copy's offset in the layer section is
- * a + sb * m + (sb >> gsh) * kg with a, m, kg fixed per item (2 IMADs a piece instead of
- * a per-unit selection of the piece's kind). */
-struct i3_stager {
-	uint32_t kc;              /* key codes at sb = 0 (this lane's 16 bytes); values at + dv */
-	uint32_t dv;              /* (3-bit keys: the values' own offset at sb = 0) */
-	uint32_t a[3], m[3], kg[3];
-	uint32_t on;              /* bit j: piece j is copied */
-};
-
-template <int NG, int KB>
-__device__ __forceinline__ i3_stager i3_stager_make(const att_params &p, bool oscar, uint32_t hB,
-						    uint32_t kgbase, int lane)
-{
-	const i2_pieces pcs = i2_pieces_make<NG>(p, oscar, lane);
-	i3_stager st;
-	if constexpr (KB == 3) {
-		st.kc = p.k_codes_off + hB * 48 + 16 * lane;
-		st.dv = p.v_codes_off + hB * 32 + 16 * lane;
-	} else {
-		st.kc = p.k_codes_off + hB * 32 + 16 * lane;
-		st.dv = p.v_codes_off - p.k_codes_off;
-	}
-	st.on = 0;
-#pragma unroll
-	for (int j = 0; j < 3; j++) {
-		const uint32_t kind = (pcs.kinds >> (2 * j)) & 3;
-		st.a[j] = pcs.off[j] + (kind == 1 ? kgbase : kind == 2 ? hB * NG * 2 : 0);
-		st.m[j] = kind == 0 ? 128 : kind == 2 ? 64 * NG : 0;
-		st.kg[j] = kind == 1 ? 256 : 0;
-		st.on |= (kind != 3 ? 1u : 0u) << j;
-	}
-	return st;
-}
-
-template <int KB>
-__device__ __forceinline__ void i3_stage(const att_params &p, const i3_stager &st,
-					 const uint8_t *sec, uint32_t sb, uint8_t *buf, int lane)
-{
-	const uint8_t *vp;
-	if constexpr (KB == 3) {
-		/* 32 rows of 48 bytes = 96 pieces: pieces 3t, 3t + 1 (the low plane) to the
-		 * 32-byte row t at I2_KC, piece 3t + 2 (the high plane) to row t at I3_KH */
-		const uint8_t *kp = sec + (st.kc + sb * 1536);
-		vp = sec + (st.dv + sb * 1024);
-#pragma unroll
-		for (int j = 0; j < 3; j++) {
-			const uint32_t pc = lane + 32 * j, t = pc / 3, part = pc - 3 * t;
-			cp_async16(buf + (part < 2 ? I2_KC + 32 * t + 16 * part : I3_KH + 16 * t),
-				   kp + 512 * j);
-		}
-	} else {
-		const uint8_t *kp = sec + (st.kc + sb * 1024);
-		vp = kp + st.dv;
-		cp_async16(buf + I2_KC + 16 * lane, kp);
-		cp_async16(buf + I2_KC + 512 + 16 * lane, kp + 512);
-	}
-	cp_async16(buf + I2_VC + 16 * lane, vp);
-	cp_async16(buf + I2_VC + 512 + 16 * lane, vp + 512);
-	const uint32_t g = sb >> p.gsh;
-#pragma unroll
-	for (int j = 0; j < 3; j++)
-		if (st.on & (1u << j))
-			cp_async16(buf + I2_NR + 16 * (lane + 32 * j),
-				   sec + (st.a[j] + sb * st.m[j] + g * st.kg[j]));
-}
-
-/* ---- Bulk staging (p.i2 == 3, sm_90): a unit's 7 pieces (key codes, value codes, norms, key
- * scales, key zeros, value scales, value zeros: each contiguous in the layer section) are 7
- * bulk copies, one per lane 0..6 in one warp instruction, completing on the buffer's
- * mbarrier (lane 0 arms it with the byte count), instead of 4-7 per-lane 16-byte cp.async
- * with per-lane addresses, commit and wait_group. The warp waits on the mbarrier's phase. */
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define I3_BULK_OK 0 /* (older targets compile variant 3 as variant 2; the plan picks it on sm_90 only) */
-#else
-#define I3_BULK_OK 1
-#endif
-
-struct i3_bulk {
-	uint32_t a, m, kg; /* source offset a + sb * m + (sb >> gsh) * kg in the layer section */
-	uint32_t dst, size; /* in the unit buffer; size 0: this lane copies nothing */
-	uint32_t tx;        /* bytes of a unit (lane 0 arms the barrier with it) */
-};
-
-template <int NG>
-__device__ __forceinline__ i3_bulk i3_bulk_make(const att_params &p, bool oscar, uint32_t hB,
-						uint32_t kgbase, int lane)
-{
-	i3_bulk b;
-	b.a = b.m = b.kg = b.dst = b.size = 0;
-	b.tx = 2048 + 512 + 128 * NG + (oscar ? 128 : 0);
-	switch (lane) {
-	case 0: b.a = p.k_codes_off + hB * 32; b.m = 1024; b.dst = I2_KC; b.size = 1024; break;
-	case 1: b.a = p.v_codes_off + hB * 32; b.m = 1024; b.dst = I2_VC; b.size = 1024; break;
-	case 2: b.a = p.norms_off; b.m = 128; b.dst = I2_NR; b.size = oscar ? 128 : 0; break;
-	case 3: b.a = p.k_scale_off + kgbase; b.kg = 256; b.dst = I2_KS; b.size = 256; break;
-	case 4: b.a = p.k_zero_off + kgbase; b.kg = 256; b.dst = I2_KZ; b.size = 256; break;
-	case 5: b.a = p.v_scale_off + hB * NG * 2; b.m = 64 * NG; b.dst = I2_VS; b.size = 64 * NG; break;
-	case 6: b.a = p.v_zero_off + hB * NG * 2; b.m = 64 * NG; b.dst = I2_VS + 64 * NG; b.size = 64 * NG; break;
-	default: break;
-	}
-	return b;
-}
-
-__device__ __forceinline__ void i3_mbar_init(uint64_t *mb, int lane)
-{
-#if I3_BULK_OK
-	if (lane == 0) {
-		const uint32_t a = (uint32_t)__cvta_generic_to_shared(mb);
-		asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a) : "memory");
-		asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(a + 8) : "memory");
-		asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-	}
-	__syncwarp();
-#endif
-}
-
-/* stages one unit into buf; the warp's reads of buf's previous unit are done (the caller's
- * __syncwarp at the end of that iteration) */
-__device__ __forceinline__ void i3_stage_bulk(const att_params &p, const i3_bulk &b,
-					      const uint8_t *sec, uint32_t sb, uint8_t *buf,
-					      uint64_t *mb, int lane)
-{
-#if I3_BULK_OK
-	const uint32_t m = (uint32_t)__cvta_generic_to_shared(mb);
-	/* the generic-proxy reads of buf before the async proxy's writes */
-	asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-	if (lane == 0)
-		asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(m),
-			     "r"(b.tx)
-			     : "memory");
-	__syncwarp();
-	if (b.size) {
-		const uint8_t *src = sec + (b.a + sb * b.m + (sb >> p.gsh) * b.kg);
-		const uint32_t d = (uint32_t)__cvta_generic_to_shared(buf + b.dst);
-		asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], "
-			     "[%1], %2, [%3];\n" ::"r"(d),
-			     "l"(src), "r"(b.size), "r"(m)
-			     : "memory");
-	}
-#endif
-}
-
-__device__ __forceinline__ void i3_mbar_wait(uint64_t *mb, uint32_t parity)
-{
-#if I3_BULK_OK
-	const uint32_t m = (uint32_t)__cvta_generic_to_shared(mb);
-	asm volatile("{\n"
-		     ".reg .pred P1;\n"
-		     "I3_WAIT_%=:\n"
-		     "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-		     "@!P1 bra I3_WAIT_%=;\n"
-		     "}\n" ::"r"(m),
-		     "r"(parity)
-		     : "memory");
-#endif
-}
-
-template <int GV, bool BULK0, int KB>
-__device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_item_dev &it,
-						uint32_t u0, uint32_t u1, const uint4 *afr,
-						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, uint64_t *mb, int lane)
-{
-	static_assert(KB == 2 || (KB == 3 && !BULK0), "3-bit keys: cp.async staging");
-	constexpr bool BULK = BULK0 && I3_BULK_OK;
-	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
-	const int gid = lane >> 2, tig = lane & 3;
-	const float lo_f = gid >= 4 ? 1.0f : 0.0f; /* B fragment column gid: f16 lo part */
-	const uint32_t upc = p.B / 32, h = it.kv_head;
-	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
-	const int vg = (16 * gid) / GV; /* the value group of this lane's value channels */
-
-	/* key-word converter: lane converts words 4 half .. 4 half + 3 of the 16-channel block
-	 * blk of the scales (kind 0) or zeros (kind 1) */
-	const int ckind = lane >> 4, cblk = (lane >> 1) & 7, chalf = lane & 1;
-	uint32_t cfac[4];
-#pragma unroll
-	for (int e = 0; e < 4; e++)
-		cfac[e] = ckind ? 0xB400B400u /* -1/4 */
-			  : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
-				    : chalf ? i3_factor(4 + e) : i3_factor(e);
-
-	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
-	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
-	uint32_t cached = 0xffffffffu;
-
-	uint32_t ci0 = it.first + u0 / upc, sb0 = u0 % upc;
-	uint32_t ci1 = sb0 + 1 == upc ? ci0 + 1 : ci0, sb1 = sb0 + 1 == upc ? 0 : sb0 + 1;
-	uint32_t ci2 = sb1 + 1 == upc ? ci1 + 1 : ci1, sb2 = sb1 + 1 == upc ? 0 : sb1 + 1;
-	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	i3_stager stg;
-	i3_bulk bk;
-	if constexpr (BULK) {
-		bk = i3_bulk_make<NG>(p, oscar, hB, kgbase, lane);
-		i3_mbar_init(mb, lane);
-	} else {
-		stg = i3_stager_make<NG, KB>(p, oscar, hB, kgbase, lane);
-	}
-	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
-	 * two LOP3s with an immediate each */
-	uint32_t magic;
-	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
-	att_chunk_dev chA, chB;
-	chA.sec = NULL;
-	chA.pins = NULL;
-	chA.n_pinned = 0;
-	chB = chA;
-	if (u0 < u1) {
-		chA = p.chunks[ci0];
-		if constexpr (BULK)
-			i3_stage_bulk(p, bk, chA.sec, sb0, stage, mb, lane);
-		else
-			i3_stage<KB>(p, stg, chA.sec, sb0, stage, lane);
-		if (u0 + 1 < u1)
-			chB = p.chunks[ci1];
-	}
-	if constexpr (!BULK)
-		cp_async_commit();
-
-	for (uint32_t u = u0; u < u1; u++) {
-		const uint32_t ci = ci0, sb = sb0;
-		const att_chunk_dev ch = chA;
-		uint8_t *bf = stage + ((u - u0) & 1) * BUF;
-		if (u + 1 < u1) {
-			if constexpr (BULK)
-				i3_stage_bulk(p, bk, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF,
-					      mb + ((u + 1 - u0) & 1), lane);
-			else
-				i3_stage<KB>(p, stg, chB.sec, sb1, stage + ((u + 1 - u0) & 1) * BUF, lane);
-			chA = chB;
-			if (u + 2 < u1)
-				chB = p.chunks[ci2];
-		}
-		ci0 = ci1;
-		sb0 = sb1;
-		ci1 = ci2;
-		sb1 = sb2;
-		ci2 = sb2 + 1 == upc ? ci2 + 1 : ci2;
-		sb2 = sb2 + 1 == upc ? 0 : sb2 + 1;
-		if constexpr (BULK) {
-			i3_mbar_wait(mb + ((u - u0) & 1), ((u - u0) >> 1) & 1); /* this unit's bytes */
-		} else {
-			cp_async_commit();
-			cp_async_wait1(); /* this unit's copies (all but the newest group) */
-			__syncwarp();
-		}
-
-		/* conversions into the warp's word area: the key group's scale and zero pairs (when
-		 * the group changed), the unit's value scale and zero pairs */
-		const uint32_t g = sb >> p.gsh;
-		if (ci * 64 + g != cached) {
-			cached = ci * 64 + g;
-			const uint8_t *src = bf + (ckind ? I2_KZ : I2_KS) + 2 * (16 * cblk + 4 * chalf);
-			const uint2 x = *(const uint2 *)src, y = *(const uint2 *)(src + 16);
-			uint4 o;
-			uint32_t *ow = (uint32_t *)&o;
-#pragma unroll
-			for (int e = 0; e < 4; e++) {
-				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
-				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
-				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
-				__half2 hh = __floats2half2_rn(fx, fy);
-				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
-			}
-			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
-		}
-		{
-			/* lane: token pair P = lane & 15 of the value scales (lane < 16) or zeros */
-			const int P = lane & 15;
-			const uint8_t *src = bf + I2_VS + ckind * (64 * NG) + (2 * P) * NG * 2;
-			uint32_t *dst = cw + I3_VS + ckind * (16 * NG) + P * NG;
-			if constexpr (NG == 4) {
-				const uint4 v = *(const uint4 *)src; /* tokens 2P (x, y), 2P + 1 (z, w) */
-				uint4 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
-				o.z = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
-				o.w = *(uint32_t *)&t;
-				*(uint4 *)dst = o;
-			} else if constexpr (NG == 2) {
-				const uint2 v = *(const uint2 *)src; /* tokens 2P (x), 2P + 1 (y) */
-				uint2 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				*(uint2 *)dst = o;
-			} else {
-				const uint32_t v = *(const uint32_t *)src; /* tokens 2P (low), 2P + 1 */
-				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-				*dst = *(uint32_t *)&t;
-			}
-		}
-		__syncwarp();
-
-		/* keys: the lane's B columns are tokens 8j + gid; its C holds tokens 8j + 2tig (+1) */
-		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-		uint32_t kwl[4], kw[4], kwr[4];
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-		uint2 kr[4];
-		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kr[j] = *(const uint2 *)(bf + I2_KC + (8 * j + gid) * 32 + tig * 8);
-			if constexpr (KB == 3)
-				kh[j] = *(const uint32_t *)(bf + I3_KH + (8 * j + gid) * 16 + tig * 4);
-		}
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].x;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4140); /* channels 0-7, 8-15 */
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
-			}
-		}
-		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].y;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4342); /* channels 16-23, 24-31 */
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
-			}
-		}
-		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-
-		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r */
-		const float bias = cb[0] + cb[2];
-		float lg[4][2];
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			const float2 nn = oscar ? *(const float2 *)(bf + I2_NR + 4 * (8 * j + 2 * tig))
-						: make_float2(1.0f, 1.0f);
-			lg[j][0] = (acc[j][0] + acc[j][2] + bias) * nn.x;
-			lg[j][1] = (acc[j][1] + acc[j][3] + bias) * nn.y;
-		}
-		if (ch.n_pinned) { /* pinned tokens are masked here (their exact item covers them) */
-			for (uint32_t i = 0; i < ch.n_pinned; i++) {
-				const uint32_t pt = ch.pins[i];
-#pragma unroll
-				for (int j = 0; j < 4; j++) {
-					const uint32_t t = sb * 32 + 8 * j + 2 * tig;
-					if (pt == t)
-						lg[j][0] = -INFINITY;
-					if (pt == t + 1)
-						lg[j][1] = -INFINITY;
-				}
-			}
-		}
-
-		/* online softmax (the 4 lanes of a row gid hold its 32 tokens) */
-		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
-				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
-		const float mn = fmaxf(m2, mx);
-		const float ms = mn == -INFINITY ? 0.0f : mn; /* all masked so far: p = 0 */
-		const float alpha = i3_ex2(m2 - ms);
-		float pv[4][2];
-		float ls = 0.0f;
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			pv[j][0] = i3_ex2(lg[j][0] - ms);
-			pv[j][1] = i3_ex2(lg[j][1] - ms);
-			ls += pv[j][0] + pv[j][1];
-		}
-		l2 = fmaf(l2, alpha, ls);
-		m2 = mn;
-
-		/* values; the accumulators are rescaled only when some running max moved */
-		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
-			/* value C columns 2tig, 2tig + 1: heads 2 (tig & 1), 2 (tig & 1) + 1 */
-			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
-			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				vacc[i][0] *= a0;
-				vacc[i][1] *= a1;
-				vacc[i][2] *= a0;
-				vacc[i][3] *= a1;
-			}
-			zacc[0] *= a0;
-			zacc[1] *= a1;
-		}
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			/* tokens T0, T0 + 1 (k slots 2tig, 2tig + 1) and T0 + 8, T0 + 9 */
-			const int T0 = 16 * kk + 2 * tig;
-			const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
-			const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
-			const uint32_t *vw = (const uint32_t *)(bf + I2_VC) + gid;
-			const uint32_t wa = vw[T0 * 8], wb = vw[(T0 + 1) * 8], wc = vw[(T0 + 8) * 8],
-				       wd = vw[(T0 + 9) * 8];
-			uint32_t u[4], ul[4], ur[4];
-			u[0] = __byte_perm(wa, wb, 0x5410);
-			u[1] = __byte_perm(wa, wb, 0x7632);
-			u[2] = __byte_perm(wc, wd, 0x5410);
-			u[3] = __byte_perm(wc, wd, 0x7632);
-#pragma unroll
-			for (int r = 0; r < 4; r++) {
-				ul[r] = u[r] << 6;
-				ur[r] = u[r] >> 6;
-			}
-			const uint32_t *vs = cw + I3_VS, *vz = cw + I3_VS + 16 * NG;
-			const int P0 = 8 * kk + tig; /* token pair T0 / 2; (T0 + 8) / 2 = P0 + 4 */
-			uint32_t s[2][3];
-			s[0][0] = vs[P0 * NG + vg];
-			s[1][0] = vs[(P0 + 4) * NG + vg];
-#pragma unroll
-			for (int r = 0; r < 2; r++) {
-				s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
-				s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
-			}
-			i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
-			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
-			uint32_t az[4] = {0u, 0u, 0u, 0u};
-			if (gid < NG) {
-				az[0] = vz[P0 * NG + gid];
-				az[2] = vz[(P0 + 4) * NG + gid];
-			}
-			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
-		}
-		__syncwarp(); /* the next iteration stages into the buffer read here */
-	}
-
-	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
-	float l = l2;
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
-	if (gid < 4 && tig == 0) {
-		rm[gid] = m2 * 0.69314718055994531f; /* back to the natural-log domain */
-		rl[gid] = l;
-	}
-}
-
-/* ---- Session 6 (att7): the same unit loop with less bookkeeping per unit (V 2, the default;
- * the session-5 loop above is V 4, KVTIER_CUDA_I3_OLD=1, for A/B runs) ----------------------
- * Same arithmetic, same bytes, same results as attend_coded_i3; what changed (counted in the
- * SASS of the INT2 G32 build; docs/gpu.md "Session 6: attention"):
+/* ---- The unit loop (session 6, att7): two units in flight (V 2, the default; V 5,
+ * KVTIER_CUDA_I3_PIPE=0: one unit in flight; A/B runs) ----------------------------------
+ * Same arithmetic, same bytes, same results as session 5's loop (attend_coded_i3, removed
+ * after session 6 with its bulk-copy staging variant; commit d5a5da5 has both); what changed
+ * (counted in the SASS of the INT2 G32 build; docs/gpu.md "Session 6: attention"):
  * - staging: a lane's pieces are grouped by kind so that each of its copies has one stride:
  *   copy 0 of every lane is a key scale / zero piece (16 + 16 of them: offset + key group x
  *   256), copy 1 a value scale / zero piece (8 NG, lanes < 8 NG: + block x 64 NG), copy 2 a
  *   norm piece (lanes < 8, oscar: + block x 128), besides the 2 (3-bit: 3) key code and 2
- *   value code pieces. Each copy's source is then one IMAD.WIDE (block x stride + the
- *   chunk's base pointer); the base pointers are set when the staged unit enters a new chunk
+ *   value code pieces. Each copy's source is then the block index times a constant on the
+ *   chunk's base pointer; the base pointers are set when the staged unit enters a new chunk
  *   (every B / 32 units), whose descriptor was loaded one chunk ahead (the section pointer
  *   and pin count only; the pins themselves are read where a chunk has any);
  * - the stage buffers are read by 32-bit shared addresses with immediate offsets (ptxas
@@ -901,7 +387,10 @@ __device__ __forceinline__ void attend_coded_i3(const att_params &p, const att_i
  * - the key-scale factors stay in registers (opaque moves); the key group changes when the
  *   block index crosses a multiple of G / 32 (no chunk-index compare);
  * - kivi (no norms): both buffers' norm slots hold 1.0 from the start, so the logits always
- *   multiply by the staged norm (no per-unit selects). */
+ *   multiply by the staged norm (no per-unit selects);
+ * - two units in flight: unit u + 1's wait and scale conversions sit between unit u's key
+ *   MMAs and its softmax (see the loop). INT2 G32: 897 -> 824 static instructions in the loop,
+ *   727 -> 629 per benchmark unit; H200 -9 to -10% per step (docs/gpu.md). */
 template <int OFF> __device__ __forceinline__ uint32_t i4_lds32(uint32_t a)
 {
 	uint32_t v;
@@ -939,11 +428,11 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-template <int GV, int KB>
+template <int GV, int KB, bool PIPE>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, int lane)
+						float *rl, float *racc, uint32_t *vs2, int lane)
 {
 	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
@@ -955,7 +444,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t upc = p.B / 32, h = it.kv_head;
 	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
 	const int vg = (16 * gid) / GV; /* the value group of this lane's value channels */
-	const uint32_t gmask = (1u << p.gsh) - 1u;
+	/* key group of block sb: sb >> gsh, gsh = log2(G / 32) (GV = G below 128: gsh 0 or 1) */
+	const uint32_t gsh = GV == 32 ? 0u : GV == 64 ? 1u : p.gsh, gmask = (1u << gsh) - 1u;
 
 	/* key-word converter: lane converts words 4 half .. 4 half + 3 of the 16-channel block
 	 * blk of the scales (kind 0) or zeros (kind 1) */
@@ -1025,7 +515,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 		i4_cp16<I2_VC, 0>(sl, pv);
 		i4_cp16<I2_VC + 512, 512>(sl, pv);
-		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> p.gsh) * 256u);
+		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> gsh) * 256u);
 		if (on1)
 			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG));
 		if (on2)
@@ -1054,8 +544,289 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
 	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
 	uint32_t bcur = s0; /* this unit's buffer */
-	bool first = true;
+	if constexpr (PIPE) {
+		/* Two units in flight (the default; KVTIER_CUDA_I3_PIPE=0: the loop below with one
+		 * at the benchmark shapes, for A/B runs): unit u + 1's wait and conversions
+		 * are issued between unit u's key MMAs and its softmax, so the scheduler has them
+		 * to interleave with the softmax's shuffle / ex2 chain; unit u's value codes are
+		 * read into registers before unit u + 2 is staged into its buffer; the value scale
+		 * words alternate between the warp's word area and vs2 (the rotated query's shared
+		 * memory, unused after the prologue). */
+		const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
+		const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
+		const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
+		const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
+		auto conv_key = [&](uint32_t bf) {
+			const uint32_t ka = bf + kcs;
+			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
+			uint4 o;
+			uint32_t *ow = (uint32_t *)&o;
+#pragma unroll
+			for (int e = 0; e < 4; e++) {
+				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
+				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+				__half2 hh = __floats2half2_rn(fx, fy);
+				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			}
+			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		};
+		auto conv_val = [&](uint32_t bf, uint32_t vdst) {
+			const uint32_t d = vdst + vdo;
+			if constexpr (NG == 4) {
+				const uint4 v = i4_lds128<0>(bf + vcs);
+				uint4 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
+				o.z = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
+				o.w = *(uint32_t *)&t;
+				asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d), "r"(o.x), "r"(o.y),
+					     "r"(o.z), "r"(o.w));
+			} else if constexpr (NG == 2) {
+				const uint2 v = i4_lds64<0>(bf + vcs);
+				uint2 o;
+				__half2 t;
+				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
+				o.x = *(uint32_t *)&t;
+				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
+				o.y = *(uint32_t *)&t;
+				asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d), "r"(o.x), "r"(o.y));
+			} else {
+				const uint32_t v = i4_lds32<0>(bf + vcs);
+				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+				asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
+			}
+		};
+		uint32_t rem = u1 - u0;
+		uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
+		auto advance = [&]() {
+			if (++ss == upc) { /* the staged unit starts a chunk */
+				ss = 0;
+				cs++;
+				rebase(nsec);
+				np_s = nnp;
+				if (cs + 1 < cend) {
+					nsec = p.chunks[cs + 1].sec;
+					nnp = p.chunks[cs + 1].n_pinned;
+				}
+			}
+		};
+		if (rem > 1) {
+			advance();
+			stage_unit(s0 ^ bx, ss);
+		}
+		cp_async_commit();
+		uint32_t vcur = va0; /* this unit's value scale words */
+		if (rem) {
+			cp_async_wait1();
+			__syncwarp();
+			conv_key(s0);
+			conv_val(s0, vcur);
+			__syncwarp();
+		}
+		for (; rem; rem--) {
+			/* keys of this unit */
+			float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+			uint32_t kwl[4], kw[4], kwr[4];
+#pragma unroll
+			for (int j = 0; j < 4; j++)
+				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+			uint2 kr[4];
+			uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u};
+			{
+				const uint32_t ka = bcur + kro;
+				kr[0] = i4_lds64<0>(ka);
+				kr[1] = i4_lds64<256>(ka);
+				kr[2] = i4_lds64<512>(ka);
+				kr[3] = i4_lds64<768>(ka);
+				if constexpr (KB == 3) {
+					const uint32_t kha = bcur + khro;
+					kh[0] = i4_lds32<0>(kha);
+					kh[1] = i4_lds32<128>(kha);
+					kh[2] = i4_lds32<256>(kha);
+					kh[3] = i4_lds32<384>(kha);
+				}
+			}
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				kw[j] = kr[j].x;
+				if constexpr (KB == 3) {
+					kwl[j] = kw[j] << 3;
+					kwr[j] = kw[j] >> 9;
+					kw[j] = kw[j] >> 3;
+					khx[j] = __byte_perm(kh[j], 0, 0x4140);
+				} else {
+					kwl[j] = kw[j] << 6;
+					kwr[j] = kw[j] >> 6;
+				}
+			}
+			i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				kw[j] = kr[j].y;
+				if constexpr (KB == 3) {
+					kwl[j] = kw[j] << 3;
+					kwr[j] = kw[j] >> 9;
+					kw[j] = kw[j] >> 3;
+					khx[j] = __byte_perm(kh[j], 0, 0x4342);
+				} else {
+					kwl[j] = kw[j] << 6;
+					kwr[j] = kw[j] >> 6;
+				}
+			}
+			i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 
+			const float bias = cb[0] + cb[2];
+			float lg[4][2];
+			{
+				const uint32_t na = bcur + 8 * tig;
+				uint2 nr[4];
+				nr[0] = i4_lds64<I2_NR>(na);
+				nr[1] = i4_lds64<I2_NR + 32>(na);
+				nr[2] = i4_lds64<I2_NR + 64>(na);
+				nr[3] = i4_lds64<I2_NR + 96>(na);
+#pragma unroll
+				for (int j = 0; j < 4; j++) {
+					lg[j][0] = (acc[j][0] + acc[j][2] + bias) * __uint_as_float(nr[j].x);
+					lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
+				}
+			}
+			/* this unit's value codes, before the buffer takes unit u + 2 */
+			uint32_t vcw[2][4];
+			{
+				const uint32_t va = bcur + vwo;
+				vcw[0][0] = i4_lds32<0>(va);
+				vcw[0][1] = i4_lds32<32>(va);
+				vcw[0][2] = i4_lds32<256>(va);
+				vcw[0][3] = i4_lds32<288>(va);
+				vcw[1][0] = i4_lds32<512>(va);
+				vcw[1][1] = i4_lds32<512 + 32>(va);
+				vcw[1][2] = i4_lds32<512 + 256>(va);
+				vcw[1][3] = i4_lds32<512 + 288>(va);
+			}
+			if (npc) {
+				const uint16_t *pins = p.chunks[ccc].pins;
+				for (uint32_t i = 0; i < npc; i++) {
+					const uint32_t pt = pins[i];
+#pragma unroll
+					for (int j = 0; j < 4; j++) {
+						const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
+						if (pt == t)
+							lg[j][0] = -INFINITY;
+						if (pt == t + 1)
+							lg[j][1] = -INFINITY;
+					}
+				}
+			}
+			__syncwarp(); /* every lane is done with this buffer */
+			const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
+			if (rem > 2) {
+				advance();
+				stage_unit(bcur, ss);
+			}
+			cp_async_commit();
+			/* unit u + 1: its bytes, its conversions (the last iteration converts stale
+			 * bytes of a finished buffer into words nobody reads) */
+			cp_async_wait1();
+			__syncwarp();
+			if (GV == 32 || (sbn & gmask) == 0)
+				conv_key(bcur ^ bx);
+			conv_val(bcur ^ bx, vcur ^ vx);
+
+			/* online softmax of unit u */
+			float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
+					 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
+			const float mn = fmaxf(m2, mx);
+			const float ms = mn == -INFINITY ? 0.0f : mn;
+			const float alpha = i3_ex2(m2 - ms);
+			float pv[4][2];
+			float ls = 0.0f;
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				pv[j][0] = i3_ex2(lg[j][0] - ms);
+				pv[j][1] = i3_ex2(lg[j][1] - ms);
+				ls += pv[j][0] + pv[j][1];
+			}
+			l2 = fmaf(l2, alpha, ls);
+			m2 = mn;
+			if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
+				const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
+				const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					vacc[i][0] *= a0;
+					vacc[i][1] *= a1;
+					vacc[i][2] *= a0;
+					vacc[i][3] *= a1;
+				}
+				zacc[0] *= a0;
+				zacc[1] *= a1;
+			}
+#pragma unroll
+			for (int kk = 0; kk < 2; kk++) {
+				const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
+				const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+				uint32_t u[4], ul[4], ur[4];
+				u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
+				u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
+				u[2] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x5410);
+				u[3] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x7632);
+#pragma unroll
+				for (int r = 0; r < 4; r++) {
+					ul[r] = u[r] << 6;
+					ur[r] = u[r] >> 6;
+				}
+				uint32_t s[2][3];
+				uint32_t az[4];
+				if (kk == 0) {
+					s[0][0] = i4_lds32<0>(vcur + vso);
+					s[1][0] = i4_lds32<16 * NG>(vcur + vso);
+					az[0] = i4_lds32<0>(vcur + vzb);
+					az[2] = i4_lds32<16 * NG>(vcur + vzb);
+				} else {
+					s[0][0] = i4_lds32<32 * NG>(vcur + vso);
+					s[1][0] = i4_lds32<48 * NG>(vcur + vso);
+					az[0] = i4_lds32<32 * NG>(vcur + vzb);
+					az[2] = i4_lds32<48 * NG>(vcur + vzb);
+				}
+				az[1] = az[3] = zero;
+#pragma unroll
+				for (int r = 0; r < 2; r++) {
+					s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
+					s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
+				}
+				i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
+				i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
+				mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
+			}
+			bcur ^= bx;
+			vcur ^= vx;
+			sbc = sbn;
+			ccc = ccn;
+			npc = npn;
+			__syncwarp(); /* unit u + 1's words are visible */
+		}
+	} else {
+	bool first = true;
 	for (uint32_t rem = u1 - u0; rem; rem--) {
 		const uint32_t sb = ss, cc = cs, npin = np_s;
 		if (rem > 1) {
@@ -1075,9 +846,27 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		cp_async_wait1(); /* this unit's copies (all but the newest group) */
 		__syncwarp();
 
+		/* the unit's key codes first (their loads overlap the conversions) */
+		uint2 kr[4];
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
+		{
+			const uint32_t ka = bcur + kro;
+			kr[0] = i4_lds64<0>(ka);
+			kr[1] = i4_lds64<256>(ka);
+			kr[2] = i4_lds64<512>(ka);
+			kr[3] = i4_lds64<768>(ka);
+			if constexpr (KB == 3) {
+				const uint32_t kha = bcur + khro;
+				kh[0] = i4_lds32<0>(kha);
+				kh[1] = i4_lds32<128>(kha);
+				kh[2] = i4_lds32<256>(kha);
+				kh[3] = i4_lds32<384>(kha);
+			}
+		}
 		/* conversions into the warp's word area: the key group's scale and zero pairs (when
-		 * the group changed), the unit's value scale and zero pairs */
-		if (first || (sb & gmask) == 0) {
+		 * the group changed: every unit at G 32, no branch), the unit's value scale and zero
+		 * pairs */
+		if (GV == 32 || first || (sb & gmask) == 0) {
 			const uint32_t ka = bcur + kcs;
 			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
 			uint4 o;
@@ -1132,22 +921,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 #pragma unroll
 		for (int j = 0; j < 4; j++)
 			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-		uint2 kr[4];
-		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
-		{
-			const uint32_t ka = bcur + kro;
-			kr[0] = i4_lds64<0>(ka);
-			kr[1] = i4_lds64<256>(ka);
-			kr[2] = i4_lds64<512>(ka);
-			kr[3] = i4_lds64<768>(ka);
-			if constexpr (KB == 3) {
-				const uint32_t kha = bcur + khro;
-				kh[0] = i4_lds32<0>(kha);
-				kh[1] = i4_lds32<128>(kha);
-				kh[2] = i4_lds32<256>(kha);
-				kh[3] = i4_lds32<384>(kha);
-			}
-		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].x;
@@ -1303,6 +1076,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		first = false;
 		__syncwarp(); /* the next iteration stages into the buffer read here */
 	}
+	}
 
 	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 	float l = l2;
@@ -1418,21 +1192,20 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-/* V 2: attend_coded_i4 (session 6), V 3: attend_coded_i3 with bulk staging, V 4:
- * attend_coded_i3 (session 5's loop; V 1, session 2's kernel, was removed in session 5);
- * MINB: blocks per SM the registers must allow; KB: key bits (2, or 3 with V 2 or 4) */
+/* V 2: attend_coded_i4 (session 6: two units in flight), V 5: attend_coded_i4 with one unit
+ * in flight (session 6's first loop); V 1 (session 2's kernel), V 3 (bulk-copy staging) and
+ * V 4 (session 5's loop) were removed in sessions 5 and 6;
+ * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2 || V == 3 || V == 4, "the keys-as-B kernel");
-	static_assert(KB == 2 || V != 3, "3-bit keys: the keys-as-B kernel with cp.async staging");
+	static_assert(V == 2 || V == 5, "the keys-as-B kernel");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
 	__shared__ __align__(16) uint4 afr[8 * 32]; /* q' key A fragments [k][lane] */
 	__shared__ __align__(16) uint32_t cw[ATT_WARPS][I3_CW];
-	__shared__ __align__(8) uint64_t mbar[V == 3 ? ATT_WARPS : 1][2]; /* bulk staging */
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
 	__shared__ __align__(16) uint16_t pinrow[I3_PMAX][2][D]; /* folded pins */
@@ -1445,18 +1218,16 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	uint32_t npin = 0;
-	if constexpr (V >= 2) {
-		if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
-			npin = i3_pins_stage<D>(p, it, pinrow);
-			cp_async_commit();
-		}
+	if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
+		npin = i3_pins_stage<D>(p, it, pinrow);
+		cp_async_commit();
 	}
 	att_load_queries<D, RQ>(
 		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
 		[&](int q, int c) -> float & { return qf[q * D + c]; });
 	__syncthreads();
 
-	if constexpr (V >= 2) {
+	{
 		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment: head gid & 3,
 		 * channel pairs 2k, 2k + 1, f16 hi and lo of q' * -4 log2(e) */
 		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
@@ -1480,13 +1251,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		if constexpr (V == 2)
-			attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
-						zsm[warp], red_m[warp], red_l[warp], racc, lane);
-		else
-			attend_coded_i3<GV, V == 3, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
-							zsm[warp], red_m[warp], red_l[warp], racc,
-							mbar[V == 3 ? warp : 0], lane);
+		attend_coded_i4<GV, KB, V == 2>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+						zsm[warp], red_m[warp], red_l[warp], racc,
+						(uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1527,7 +1294,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 }
 
 
-/* p.i2: 2 the keys-as-B kernel, 3 with bulk staging. MINB 5 for the keys-as-B kernel
+/* p.i2: 2 the keys-as-B kernel. MINB 5 for the keys-as-B kernel
  * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
  * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. MINB 3
  * (session 5, the default since: 157-168 registers, no spills) measured faster than 4, same
@@ -1551,9 +1318,9 @@ static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, u
 	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
-/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers: INT2 158,
- * K3 164, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) takes the session-4 build for 4 (128
- * registers) at the benchmark shapes (INT2 G32, K3 G64). */
+/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers; session 6's
+ * loop: INT2 G32 154, K3 G64 158, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) builds the same
+ * loop for 4 (128 registers) at the benchmark shapes (INT2 G32, K3 G64). */
 static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 {
 	static int on = -1;
@@ -1562,27 +1329,25 @@ static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
-/* KVTIER_CUDA_I3_OLD=1 (A/B runs): session 5's unit loop (attend_coded_i3, V 4) instead of
- * session 6's (attend_coded_i4) at the benchmark shapes (INT2 G32, K3 G64), 3 blocks per SM */
-static bool i2_old(uint32_t kb, uint32_t gv, uint32_t variant)
+/* KVTIER_CUDA_I3_PIPE=0 (A/B runs): session 6's loop with one unit in flight (V 5) instead
+ * of two at the benchmark shapes */
+static bool i2_nopipe(uint32_t kb, uint32_t gv, uint32_t variant)
 {
 	static int on = -1;
 	if (on < 0)
-		on = getenv("KVTIER_CUDA_I3_OLD") && atoi(getenv("KVTIER_CUDA_I3_OLD")) != 0;
+		on = getenv("KVTIER_CUDA_I3_PIPE") && atoi(getenv("KVTIER_CUDA_I3_PIPE")) == 0;
 	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
-	if (i2_old(pl->p.kb, gv, pl->p.i2))
-		return pl->p.kb == 3 ? i2_launch<64, 4, 3, 3>(pl, s) : i2_launch<32, 4, 3, 2>(pl, s);
+	if (i2_nopipe(pl->p.kb, gv, pl->p.i2))
+		return pl->p.kb == 3 ? i2_launch<64, 5, 3, 3>(pl, s) : i2_launch<32, 5, 3, 2>(pl, s);
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
 		return i2_launch_g<2, 3, 3>(pl, s, gv);
-	if (pl->p.i2 == 3)
-		return i2_launch_g<3, 4>(pl, s, gv);
 	return i2_launch_g<2, 3>(pl, s, gv);
 }
 
@@ -1604,13 +1369,11 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
-	if (i2_old(kb, gv, variant))
-		return kb == 3 ? i2_occupancy<64, 4, 3, 3>() : i2_occupancy<32, 4, 3, 2>();
+	if (i2_nopipe(kb, gv, variant))
+		return kb == 3 ? i2_occupancy<64, 5, 3, 3>() : i2_occupancy<32, 5, 3, 2>();
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
 		return i2_occupancy_g<2, 3, 3>(gv);
-	if (variant == 3)
-		return i2_occupancy_g<3, 4>(gv);
 	return i2_occupancy_g<2, 3>(gv);
 }

@@ -159,4 +159,48 @@ static inline float chunk_dq(const uint8_t *chunk, const struct kvt_codec_config
 	return (float)chunk_code(row, c, bits, d) * s + z;
 }
 
+/* The attention reference of the GPU tests: naive softmax attention in double of nq query
+ * rows q [nq][d] over ntok rows of k, v [ntok][H][d] (f32); query head i reads KV head
+ * i / (nq / H). out [nq][d]. */
+static inline void naive_attention(const float *q, uint32_t nq, const float *k, const float *v,
+				   size_t ntok, uint32_t H, uint32_t d, float scale, float *out)
+{
+	double *lg = malloc((ntok ? ntok : 1) * sizeof(double));
+	const uint32_t R = nq / H;
+	for (uint32_t i = 0; i < nq; i++) {
+		const uint32_t h = i / R;
+		double mx = -INFINITY, sum = 0.0;
+		for (size_t t = 0; t < ntok; t++) {
+			double a = 0.0;
+			for (uint32_t c = 0; c < d; c++)
+				a += (double)q[(size_t)i * d + c] * k[(t * H + h) * d + c];
+			lg[t] = a * scale;
+			mx = lg[t] > mx ? lg[t] : mx;
+		}
+		for (size_t t = 0; t < ntok; t++)
+			sum += lg[t] = exp(lg[t] - mx);
+		for (uint32_t c = 0; c < d; c++) {
+			double o = 0.0;
+			for (size_t t = 0; t < ntok; t++)
+				o += lg[t] * v[(t * H + h) * d + c];
+			out[(size_t)i * d + c] = (float)(o / sum);
+		}
+	}
+	free(lg);
+}
+
+/* ||a - ref|| / ||ref|| (infinite when a holds a NaN or an infinity) */
+static inline double rel_err(const float *a, const float *ref, size_t n)
+{
+	double num = 0.0, den = 0.0;
+	for (size_t i = 0; i < n; i++) {
+		if (!isfinite(a[i]))
+			return INFINITY;
+		double e = (double)a[i] - ref[i];
+		num += e * e;
+		den += (double)ref[i] * ref[i];
+	}
+	return sqrt(num / (den > 0 ? den : 1e-30));
+}
+
 #endif

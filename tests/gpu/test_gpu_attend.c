@@ -46,43 +46,9 @@ static void reference(const struct kvt_codec_config *cfg, struct sess *s, uint32
 	kvt_convert(s->tail_v, cfg->dtype, V + (size_t)s->n_chunks * B * row, KVT_DTYPE_F32,
 		    s->n_tail * row);
 	kvt_convert(s->q, q_dtype, qf, KVT_DTYPE_F32, (size_t)nq * d);
-	double *lg = malloc(ntok * sizeof(double));
-	uint32_t R = nq / H;
-	for (uint32_t i = 0; i < nq; i++) {
-		uint32_t h = i / R;
-		double mx = -INFINITY, sum = 0.0;
-		for (size_t t = 0; t < ntok; t++) {
-			double a = 0.0;
-			for (uint32_t c = 0; c < d; c++)
-				a += (double)qf[i * d + c] * K[(t * H + h) * d + c];
-			lg[t] = a * scale;
-			mx = lg[t] > mx ? lg[t] : mx;
-		}
-		for (size_t t = 0; t < ntok; t++)
-			sum += lg[t] = exp(lg[t] - mx);
-		for (uint32_t c = 0; c < d; c++) {
-			double o = 0.0;
-			for (size_t t = 0; t < ntok; t++)
-				o += lg[t] * V[(t * H + h) * d + c];
-			s->ref[i * d + c] = (float)(o / sum);
-		}
-	}
-	free(lg);
+	naive_attention(qf, nq, K, V, ntok, H, d, scale, s->ref);
 	free(K);
 	free(V);
-}
-
-static double rel_err(const float *a, const float *ref, size_t n)
-{
-	double num = 0.0, den = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		double e = (double)a[i] - ref[i];
-		num += e * e;
-		den += (double)ref[i] * ref[i];
-		if (!isfinite(a[i]))
-			return INFINITY;
-	}
-	return sqrt(num / (den > 0 ? den : 1e-30));
 }
 
 /*

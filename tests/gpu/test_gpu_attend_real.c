@@ -82,46 +82,6 @@ static int load(const char *dir)
 	return same ? 0 : -1;
 }
 
-/* naive attention in double of query row q (HQ x D) over rows [0, n) of k/v ([n][H][D] f32) */
-static void attend_ref(const float *q, const float *k, const float *v, uint32_t n, float *out)
-{
-	double *lg = malloc((size_t)n * sizeof(double));
-	const uint32_t R = HQ / H;
-	for (uint32_t i = 0; i < HQ; i++) {
-		const uint32_t h = i / R;
-		double mx = -INFINITY, sum = 0.0;
-		for (uint32_t t = 0; t < n; t++) {
-			double a = 0.0;
-			for (uint32_t c = 0; c < D; c++)
-				a += (double)q[i * D + c] * k[((size_t)t * H + h) * D + c];
-			lg[t] = a * softmax_scale;
-			mx = lg[t] > mx ? lg[t] : mx;
-		}
-		for (uint32_t t = 0; t < n; t++)
-			sum += lg[t] = exp(lg[t] - mx);
-		for (uint32_t c = 0; c < D; c++) {
-			double o = 0.0;
-			for (uint32_t t = 0; t < n; t++)
-				o += lg[t] * v[((size_t)t * H + h) * D + c];
-			out[i * D + c] = (float)(o / sum);
-		}
-	}
-	free(lg);
-}
-
-static double rel_err(const float *a, const float *ref, size_t n)
-{
-	double num = 0.0, den = 0.0;
-	for (size_t i = 0; i < n; i++) {
-		if (!isfinite(a[i]))
-			return INFINITY;
-		double e = (double)a[i] - ref[i];
-		num += e * e;
-		den += (double)ref[i] * ref[i];
-	}
-	return sqrt(num / (den > 0 ? den : 1e-30));
-}
-
 struct req_data {
 	uint32_t layer, pos, n_chunks, n_tail;
 	void *q_dev, *tail_k_dev, *tail_v_dev;
@@ -255,7 +215,7 @@ static void one_codec(const char *name, const struct kvt_codec_config *cfg, uint
 		memcpy(vrows, vd + lb, nc * row * 4);
 		memcpy(krows + nc * row, kx + lb + nc * row, (size_t)x->n_tail * row * 4);
 		memcpy(vrows + nc * row, vx + lb + nc * row, (size_t)x->n_tail * row * 4);
-		attend_ref(qf, krows, vrows, x->pos + 1, ref);
+		naive_attention(qf, HQ, krows, vrows, x->pos + 1, H, D, softmax_scale, ref);
 		/* the CPU kernel on the same chunks, tail and query */
 		const size_t t0 = ((size_t)x->layer * T + nc) * row * ws;
 		struct kvt_attend_request cr = {
@@ -281,7 +241,7 @@ static void one_codec(const char *name, const struct kvt_codec_config *cfg, uint
 		}
 		/* what the codec costs here (the GPU's output, or the CPU's with --cpu): the
 		 * unquantized rows */
-		attend_ref(qf, kx + lb, vx + lb, x->pos + 1, exact);
+		naive_attention(qf, HQ, kx + lb, vx + lb, x->pos + 1, H, D, softmax_scale, exact);
 		const double ec = rel_err(out, exact, (size_t)HQ * D);
 		worst_codec = ec > worst_codec ? ec : worst_codec;
 		sum_codec += ec;
