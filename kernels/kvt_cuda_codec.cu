@@ -2,12 +2,14 @@
  * kvt_cuda_codec.cu - the CUDA context, device memory helpers, chunk encode and decode
  * (OSCAR.md section 2, the chunk layout of kvt_codec.h), and the chunk crc32c on the GPU.
  *
- * Encode: fe_kernel (oscar / kivi when the key tile fits in shared memory: the benchmark's
- * and the default shapes) or enc_kernel (everything else, and KVTIER_CUDA_CODEC_OLD=1); both
- * follow the CPU's float operations (cuda_internal.cuh), so the bytes match
- * kvt_encode_chunk's (fe_kernel: up to which zero a -0 / +0 tie of a min or max keeps). The
- * crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
- * multiplication, so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * Encode: the tensor-core encoder mx_kernel (kvt_cuda_enc_mma.cu; the default for oscar /
+ * kivi f16/bf16 d 64/128 G 32 2/4-bit, codes equal to the CPU's except at rounding ties), else
+ * fe_kernel (oscar / kivi when the key tile fits in shared memory) or enc_kernel (everything
+ * else, and KVTIER_CUDA_CODEC_OLD=1); those two follow the CPU's float operations
+ * (cuda_internal.cuh), so their bytes match kvt_encode_chunk's (fe_kernel: up to which zero a
+ * -0 / +0 tie of a min or max keeps); KVTIER_CUDA_ENC_EXACT=1 takes them for every config.
+ * The crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
+ * multiplication (crc3_kernel), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
  * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>

@@ -12,6 +12,11 @@
  * (KVTIER_CUDA_CODEC_OLD=1), the 3-bit-key preset's shape (test_k3_preset), and 16-bit
  * decode outputs compared byte for byte with the CPU decoder's under every decode kernel
  * variant (test_decode_exact). Bit widths 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h).
+ * The tensor-core encoder (session 6; kvt_cuda_encode_is_exact() == 0) is checked code by
+ * code: a code differs from the CPU's by exactly one or not at all, under 2e-4 of its codes
+ * overall (printed), scales one 16-bit ulp, zeros one step, norms 4e-6 apart at most
+ * (test_tensor_core_encoder covers its configs; KVTIER_CUDA_ENC_EXACT=1 runs of some of them
+ * must give the byte-exact encoder's equal codes, scales and zeros).
  * Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
