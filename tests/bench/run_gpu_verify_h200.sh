@@ -1,5 +1,5 @@
 #!/bin/bash
-# lead, sessions 3-5: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
+# lead, sessions 3-6: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
 # Runs in the root of a copy of the repository on the device machine, from a bundle folder B
 # holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore,tier}, test_gpu_arena,
 # test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
@@ -11,6 +11,7 @@ export LD_LIBRARY_PATH=$B/lib PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.txt 2>&1; local rc=$?; echo "== $n rc=$rc $(( $(date +%s)-t0 ))s"; grep -E "^not ok|^# " $OUT/$n.txt | tail -${N:-6}; }
 r codec ./test_gpu_codec
+KVTIER_CUDA_ENC_EXACT=1 r codecexact ./test_gpu_codec
 r attend ./test_gpu_attend
 N=14 r attendreal ./test_gpu_attend_real $B/kvq
 KVTIERD=$B/kvtierd.sh r restore ./test_gpu_restore
