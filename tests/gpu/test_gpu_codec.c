@@ -445,6 +445,10 @@ static void test_fast_path_configs(void)
  */
 static void test_tensor_core_encoder(void)
 {
+	/* the whole run under KVTIER_CUDA_ENC_EXACT=1 (the byte-exact encoder everywhere): these
+	 * configs then take it, and one_config holds them to the CPU's bytes */
+	const char *ex = getenv("KVTIER_CUDA_ENC_EXACT");
+	const bool forced_exact = ex && ex[0] == '1';
 	static const uint32_t bits[][2] = {{2, 2}, {4, 4}, {2, 4}, {4, 2}};
 	static const uint32_t heads[] = {1, 2, 4, 8, 16, 3};
 	static const uint32_t btok[] = {32, 64, 128, 256};
@@ -470,11 +474,12 @@ static void test_tensor_core_encoder(void)
 		cfg.n_sinks = r == 0 ? 0 : r == 1 ? 4 : r == 2 ? 32 : 1 + kvt_rand_below(8);
 		if (cfg.n_sinks > cfg.chunk_tokens)
 			cfg.n_sinks = cfg.chunk_tokens;
-		KVT_CHECK(!kvt_cuda_encode_is_exact(&cfg), "config %d should take the tensor-core encoder", i);
+		KVT_CHECK(kvt_cuda_encode_is_exact(&cfg) == forced_exact, "config %d should take the %s "
+			  "encoder", i, forced_exact ? "byte-exact (KVTIER_CUDA_ENC_EXACT=1)" : "tensor-core");
 		one_config(&cfg, kvt_rand_below(2) ? 0 : cfg.chunk_tokens * (1 + kvt_rand_below(3)));
 		if (i % 3 == 0)
 			one_batch(&cfg);
-		if (i < 4) {
+		if (i < 4 && !forced_exact) {
 			setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
 			KVT_CHECK(kvt_cuda_encode_is_exact(&cfg), "KVTIER_CUDA_ENC_EXACT=1 ignored");
 			one_config(&cfg, 0);
@@ -753,9 +758,14 @@ int main(void)
 	/* ties are rare: the two float orders differ by a few ulps; most differing codes come
 	 * in groups, where a zero's rint(-mn / s) sat on a tie (measured 1.5e-5 .. 7.6e-5 per
 	 * run on the H200, session 6) */
-	KVT_CHECK(fast_codes > 0 && (double)fast_diff < 2e-4 * (double)fast_codes,
-		  "tensor-core encoder: %llu of %llu codes differ from the CPU's (bound 2e-4)",
-		  (unsigned long long)fast_diff, (unsigned long long)fast_codes);
+	const char *ex = getenv("KVTIER_CUDA_ENC_EXACT");
+	if (ex && ex[0] == '1') /* a run on the byte-exact encoder only */
+		KVT_CHECK(fast_chunks == 0, "KVTIER_CUDA_ENC_EXACT=1: %llu chunks took the "
+			  "tensor-core encoder", (unsigned long long)fast_chunks);
+	else
+		KVT_CHECK(fast_codes > 0 && (double)fast_diff < 2e-4 * (double)fast_codes,
+			  "tensor-core encoder: %llu of %llu codes differ from the CPU's (bound 2e-4)",
+			  (unsigned long long)fast_diff, (unsigned long long)fast_codes);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();
 }
