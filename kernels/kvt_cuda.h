@@ -164,10 +164,9 @@ int kvt_cuda_attend_plan_build(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_r
 			       size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
 			       size_t errlen);
 /* Enqueues the attention kernel and its combine step (two launches for the whole batch).
- * A/B switches (not for production) are listed in docs/gpu.md ("What exists"); since session
- * 6 KVTIER_CUDA_I3_PIPE=0 runs the INT2 G32 / K3 G64 keys-as-B kernel with one unit in
- * flight per warp instead of two (read once per process; session 5's loop, which
- * KVTIER_CUDA_I3_OLD=1 selected, and KVTIER_CUDA_I2_VARIANT=3 were removed after session 6). */
+ * A/B switches (not for production) are listed in docs/gpu.md ("What exists"; session 6
+ * removed KVTIER_CUDA_I3_OLD, KVTIER_CUDA_I3_PIPE and KVTIER_CUDA_I2_VARIANT=3 with the
+ * unit loops they selected). */
 int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, char *err,
 			size_t errlen);
 void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);

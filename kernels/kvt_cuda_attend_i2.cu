@@ -369,10 +369,10 @@ __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&u
 	mma16816(vacc[I], a, b0, b1);
 }
 
-/* ---- The unit loop (session 6, att7): two units in flight (V 2, the default; V 5,
- * KVTIER_CUDA_I3_PIPE=0: one unit in flight; A/B runs) ----------------------------------
+/* ---- The unit loop (session 6, att7): two units in flight ---------------------------------
  * Same arithmetic, same bytes, same results as session 5's loop (attend_coded_i3, removed
- * after session 6 with its bulk-copy staging variant; commit d5a5da5 has both); what changed
+ * after session 6 with its bulk-copy staging variant, and with session 6's first loop, one
+ * unit in flight, KVTIER_CUDA_I3_PIPE=0: commit d5a5da5 has all three); what changed
  * (counted in the SASS of the INT2 G32 build; docs/gpu.md "Session 6: attention"):
  * - staging: a lane's pieces are grouped by kind so that each of its copies has one stride:
  *   copy 0 of every lane is a key scale / zero piece (16 + 16 of them: offset + key group x
@@ -428,7 +428,7 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-template <int GV, int KB, bool PIPE>
+template <int GV, int KB>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
@@ -544,311 +544,98 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
 	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
 	uint32_t bcur = s0; /* this unit's buffer */
-	if constexpr (PIPE) {
-		/* Two units in flight (the default; KVTIER_CUDA_I3_PIPE=0: the loop below with one
-		 * at the benchmark shapes, for A/B runs): unit u + 1's wait and conversions
-		 * are issued between unit u's key MMAs and its softmax, so the scheduler has them
-		 * to interleave with the softmax's shuffle / ex2 chain; unit u's value codes are
-		 * read into registers before unit u + 2 is staged into its buffer; the value scale
-		 * words alternate between the warp's word area and vs2 (the rotated query's shared
-		 * memory, unused after the prologue). */
-		const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
-		const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
-		const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
-		const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
-		auto conv_key = [&](uint32_t bf) {
-			const uint32_t ka = bf + kcs;
-			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
+	/* Two units in flight: unit u + 1's wait and conversions
+	 * are issued between unit u's key MMAs and its softmax, so the scheduler has them
+	 * to interleave with the softmax's shuffle / ex2 chain; unit u's value codes are
+	 * read into registers before unit u + 2 is staged into its buffer; the value scale
+	 * words alternate between the warp's word area and vs2 (the rotated query's shared
+	 * memory, unused after the prologue). */
+	const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
+	const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
+	const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
+	const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
+	auto conv_key = [&](uint32_t bf) {
+		const uint32_t ka = bf + kcs;
+		const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
+		uint4 o;
+		uint32_t *ow = (uint32_t *)&o;
+#pragma unroll
+		for (int e = 0; e < 4; e++) {
+			const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
+			const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+			const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+			__half2 hh = __floats2half2_rn(fx, fy);
+			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+		}
+		*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+	};
+	auto conv_val = [&](uint32_t bf, uint32_t vdst) {
+		const uint32_t d = vdst + vdo;
+		if constexpr (NG == 4) {
+			const uint4 v = i4_lds128<0>(bf + vcs);
 			uint4 o;
-			uint32_t *ow = (uint32_t *)&o;
-#pragma unroll
-			for (int e = 0; e < 4; e++) {
-				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
-				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
-				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
-				__half2 hh = __floats2half2_rn(fx, fy);
-				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
-			}
-			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
-		};
-		auto conv_val = [&](uint32_t bf, uint32_t vdst) {
-			const uint32_t d = vdst + vdo;
-			if constexpr (NG == 4) {
-				const uint4 v = i4_lds128<0>(bf + vcs);
-				uint4 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
-				o.z = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
-				o.w = *(uint32_t *)&t;
-				asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d), "r"(o.x), "r"(o.y),
-					     "r"(o.z), "r"(o.w));
-			} else if constexpr (NG == 2) {
-				const uint2 v = i4_lds64<0>(bf + vcs);
-				uint2 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d), "r"(o.x), "r"(o.y));
-			} else {
-				const uint32_t v = i4_lds32<0>(bf + vcs);
-				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-				asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
-			}
-		};
-		uint32_t rem = u1 - u0;
-		uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
-		auto advance = [&]() {
-			if (++ss == upc) { /* the staged unit starts a chunk */
-				ss = 0;
-				cs++;
-				rebase(nsec);
-				np_s = nnp;
-				if (cs + 1 < cend) {
-					nsec = p.chunks[cs + 1].sec;
-					nnp = p.chunks[cs + 1].n_pinned;
-				}
-			}
-		};
-		if (rem > 1) {
-			advance();
-			stage_unit(s0 ^ bx, ss);
+			__half2 t;
+			t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
+			o.x = *(uint32_t *)&t;
+			t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
+			o.y = *(uint32_t *)&t;
+			t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
+			o.z = *(uint32_t *)&t;
+			t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
+			o.w = *(uint32_t *)&t;
+			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d), "r"(o.x), "r"(o.y),
+				     "r"(o.z), "r"(o.w));
+		} else if constexpr (NG == 2) {
+			const uint2 v = i4_lds64<0>(bf + vcs);
+			uint2 o;
+			__half2 t;
+			t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
+			o.x = *(uint32_t *)&t;
+			t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
+			o.y = *(uint32_t *)&t;
+			asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d), "r"(o.x), "r"(o.y));
+		} else {
+			const uint32_t v = i4_lds32<0>(bf + vcs);
+			__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+			asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
 		}
-		cp_async_commit();
-		uint32_t vcur = va0; /* this unit's value scale words */
-		if (rem) {
-			cp_async_wait1();
-			__syncwarp();
-			conv_key(s0);
-			conv_val(s0, vcur);
-			__syncwarp();
+	};
+	uint32_t rem = u1 - u0;
+	uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
+	auto advance = [&]() {
+		if (++ss == upc) { /* the staged unit starts a chunk */
+			ss = 0;
+			cs++;
+			rebase(nsec);
+			np_s = nnp;
+			if (cs + 1 < cend) {
+				nsec = p.chunks[cs + 1].sec;
+				nnp = p.chunks[cs + 1].n_pinned;
+			}
 		}
-		for (; rem; rem--) {
-			/* keys of this unit */
-			float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-			uint32_t kwl[4], kw[4], kwr[4];
-#pragma unroll
-			for (int j = 0; j < 4; j++)
-				acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-			uint2 kr[4];
-			uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u};
-			{
-				const uint32_t ka = bcur + kro;
-				kr[0] = i4_lds64<0>(ka);
-				kr[1] = i4_lds64<256>(ka);
-				kr[2] = i4_lds64<512>(ka);
-				kr[3] = i4_lds64<768>(ka);
-				if constexpr (KB == 3) {
-					const uint32_t kha = bcur + khro;
-					kh[0] = i4_lds32<0>(kha);
-					kh[1] = i4_lds32<128>(kha);
-					kh[2] = i4_lds32<256>(kha);
-					kh[3] = i4_lds32<384>(kha);
-				}
-			}
-#pragma unroll
-			for (int j = 0; j < 4; j++) {
-				kw[j] = kr[j].x;
-				if constexpr (KB == 3) {
-					kwl[j] = kw[j] << 3;
-					kwr[j] = kw[j] >> 9;
-					kw[j] = kw[j] >> 3;
-					khx[j] = __byte_perm(kh[j], 0, 0x4140);
-				} else {
-					kwl[j] = kw[j] << 6;
-					kwr[j] = kw[j] >> 6;
-				}
-			}
-			i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-#pragma unroll
-			for (int j = 0; j < 4; j++) {
-				kw[j] = kr[j].y;
-				if constexpr (KB == 3) {
-					kwl[j] = kw[j] << 3;
-					kwr[j] = kw[j] >> 9;
-					kw[j] = kw[j] >> 3;
-					khx[j] = __byte_perm(kh[j], 0, 0x4342);
-				} else {
-					kwl[j] = kw[j] << 6;
-					kwr[j] = kw[j] >> 6;
-				}
-			}
-			i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-
-			const float bias = cb[0] + cb[2];
-			float lg[4][2];
-			{
-				const uint32_t na = bcur + 8 * tig;
-				uint2 nr[4];
-				nr[0] = i4_lds64<I2_NR>(na);
-				nr[1] = i4_lds64<I2_NR + 32>(na);
-				nr[2] = i4_lds64<I2_NR + 64>(na);
-				nr[3] = i4_lds64<I2_NR + 96>(na);
-#pragma unroll
-				for (int j = 0; j < 4; j++) {
-					lg[j][0] = (acc[j][0] + acc[j][2] + bias) * __uint_as_float(nr[j].x);
-					lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
-				}
-			}
-			/* this unit's value codes, before the buffer takes unit u + 2 */
-			uint32_t vcw[2][4];
-			{
-				const uint32_t va = bcur + vwo;
-				vcw[0][0] = i4_lds32<0>(va);
-				vcw[0][1] = i4_lds32<32>(va);
-				vcw[0][2] = i4_lds32<256>(va);
-				vcw[0][3] = i4_lds32<288>(va);
-				vcw[1][0] = i4_lds32<512>(va);
-				vcw[1][1] = i4_lds32<512 + 32>(va);
-				vcw[1][2] = i4_lds32<512 + 256>(va);
-				vcw[1][3] = i4_lds32<512 + 288>(va);
-			}
-			if (npc) {
-				const uint16_t *pins = p.chunks[ccc].pins;
-				for (uint32_t i = 0; i < npc; i++) {
-					const uint32_t pt = pins[i];
-#pragma unroll
-					for (int j = 0; j < 4; j++) {
-						const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
-						if (pt == t)
-							lg[j][0] = -INFINITY;
-						if (pt == t + 1)
-							lg[j][1] = -INFINITY;
-					}
-				}
-			}
-			__syncwarp(); /* every lane is done with this buffer */
-			const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
-			if (rem > 2) {
-				advance();
-				stage_unit(bcur, ss);
-			}
-			cp_async_commit();
-			/* unit u + 1: its bytes, its conversions (the last iteration converts stale
-			 * bytes of a finished buffer into words nobody reads) */
-			cp_async_wait1();
-			__syncwarp();
-			if (GV == 32 || (sbn & gmask) == 0)
-				conv_key(bcur ^ bx);
-			conv_val(bcur ^ bx, vcur ^ vx);
-
-			/* online softmax of unit u */
-			float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
-					 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
-			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
-			const float mn = fmaxf(m2, mx);
-			const float ms = mn == -INFINITY ? 0.0f : mn;
-			const float alpha = i3_ex2(m2 - ms);
-			float pv[4][2];
-			float ls = 0.0f;
-#pragma unroll
-			for (int j = 0; j < 4; j++) {
-				pv[j][0] = i3_ex2(lg[j][0] - ms);
-				pv[j][1] = i3_ex2(lg[j][1] - ms);
-				ls += pv[j][0] + pv[j][1];
-			}
-			l2 = fmaf(l2, alpha, ls);
-			m2 = mn;
-			if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
-				const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
-				const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
-#pragma unroll
-				for (int i = 0; i < 8; i++) {
-					vacc[i][0] *= a0;
-					vacc[i][1] *= a1;
-					vacc[i][2] *= a0;
-					vacc[i][3] *= a1;
-				}
-				zacc[0] *= a0;
-				zacc[1] *= a1;
-			}
-#pragma unroll
-			for (int kk = 0; kk < 2; kk++) {
-				const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
-				const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
-				uint32_t u[4], ul[4], ur[4];
-				u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
-				u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
-				u[2] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x5410);
-				u[3] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x7632);
-#pragma unroll
-				for (int r = 0; r < 4; r++) {
-					ul[r] = u[r] << 6;
-					ur[r] = u[r] >> 6;
-				}
-				uint32_t s[2][3];
-				uint32_t az[4];
-				if (kk == 0) {
-					s[0][0] = i4_lds32<0>(vcur + vso);
-					s[1][0] = i4_lds32<16 * NG>(vcur + vso);
-					az[0] = i4_lds32<0>(vcur + vzb);
-					az[2] = i4_lds32<16 * NG>(vcur + vzb);
-				} else {
-					s[0][0] = i4_lds32<32 * NG>(vcur + vso);
-					s[1][0] = i4_lds32<48 * NG>(vcur + vso);
-					az[0] = i4_lds32<32 * NG>(vcur + vzb);
-					az[2] = i4_lds32<48 * NG>(vcur + vzb);
-				}
-				az[1] = az[3] = zero;
-#pragma unroll
-				for (int r = 0; r < 2; r++) {
-					s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
-					s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
-				}
-				i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
-				i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
-				mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
-			}
-			bcur ^= bx;
-			vcur ^= vx;
-			sbc = sbn;
-			ccc = ccn;
-			npc = npn;
-			__syncwarp(); /* unit u + 1's words are visible */
-		}
-	} else {
-	bool first = true;
-	for (uint32_t rem = u1 - u0; rem; rem--) {
-		const uint32_t sb = ss, cc = cs, npin = np_s;
-		if (rem > 1) {
-			if (++ss == upc) { /* the next unit starts a chunk */
-				ss = 0;
-				cs++;
-				rebase(nsec);
-				np_s = nnp;
-				if (cs + 1 < cend) {
-					nsec = p.chunks[cs + 1].sec;
-					nnp = p.chunks[cs + 1].n_pinned;
-				}
-			}
-			stage_unit(bcur ^ bx, ss);
-		}
-		cp_async_commit();
-		cp_async_wait1(); /* this unit's copies (all but the newest group) */
+	};
+	if (rem > 1) {
+		advance();
+		stage_unit(s0 ^ bx, ss);
+	}
+	cp_async_commit();
+	uint32_t vcur = va0; /* this unit's value scale words */
+	if (rem) {
+		cp_async_wait1();
 		__syncwarp();
-
-		/* the unit's key codes first (their loads overlap the conversions) */
+		conv_key(s0);
+		conv_val(s0, vcur);
+		__syncwarp();
+	}
+	for (; rem; rem--) {
+		/* keys of this unit */
+		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+		uint32_t kwl[4], kw[4], kwr[4];
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 		uint2 kr[4];
-		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u}; /* 3-bit keys: the lane's 32 high bits of token 8j + gid */
+		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u};
 		{
 			const uint32_t ka = bcur + kro;
 			kr[0] = i4_lds64<0>(ka);
@@ -863,64 +650,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kh[3] = i4_lds32<384>(kha);
 			}
 		}
-		/* conversions into the warp's word area: the key group's scale and zero pairs (when
-		 * the group changed: every unit at G 32, no branch), the unit's value scale and zero
-		 * pairs */
-		if (GV == 32 || first || (sb & gmask) == 0) {
-			const uint32_t ka = bcur + kcs;
-			const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
-			uint4 o;
-			uint32_t *ow = (uint32_t *)&o;
-#pragma unroll
-			for (int e = 0; e < 4; e++) {
-				const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
-				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
-				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
-				__half2 hh = __floats2half2_rn(fx, fy);
-				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
-			}
-			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
-		}
-		{
-			/* lane: token pair P = lane & 15 of the value scales (lane < 16) or zeros */
-			const int P = lane & 15;
-			uint32_t *dst = cw + I3_VS + ckind * (16 * NG) + P * NG;
-			if constexpr (NG == 4) {
-				const uint4 v = i4_lds128<0>(bcur + vcs); /* tokens 2P (x, y), 2P + 1 (z, w) */
-				uint4 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
-				o.z = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
-				o.w = *(uint32_t *)&t;
-				*(uint4 *)dst = o;
-			} else if constexpr (NG == 2) {
-				const uint2 v = i4_lds64<0>(bcur + vcs); /* tokens 2P (x), 2P + 1 (y) */
-				uint2 o;
-				__half2 t;
-				t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
-				o.x = *(uint32_t *)&t;
-				t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
-				o.y = *(uint32_t *)&t;
-				*(uint2 *)dst = o;
-			} else {
-				const uint32_t v = i4_lds32<0>(bcur + vcs); /* tokens 2P (low), 2P + 1 */
-				__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-				*dst = *(uint32_t *)&t;
-			}
-		}
-		__syncwarp();
-
-		/* keys: the lane's B columns are tokens 8j + gid; its C holds tokens 8j + 2tig (+1) */
-		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-		uint32_t kwl[4], kw[4], kwr[4];
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].x;
@@ -928,7 +657,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kwl[j] = kw[j] << 3;
 				kwr[j] = kw[j] >> 9;
 				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4140); /* channels 0-7, 8-15 */
+				khx[j] = __byte_perm(kh[j], 0, 0x4140);
 			} else {
 				kwl[j] = kw[j] << 6;
 				kwr[j] = kw[j] >> 6;
@@ -945,7 +674,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kwl[j] = kw[j] << 3;
 				kwr[j] = kw[j] >> 9;
 				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4342); /* channels 16-23, 24-31 */
+				khx[j] = __byte_perm(kh[j], 0, 0x4342);
 			} else {
 				kwl[j] = kw[j] << 6;
 				kwr[j] = kw[j] >> 6;
@@ -956,8 +685,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 
-		/* log2-domain logits of head gid & 3: lg[j][r] at token 8j + 2tig + r (kivi: the
-		 * norm slots hold 1.0) */
 		const float bias = cb[0] + cb[2];
 		float lg[4][2];
 		{
@@ -973,13 +700,26 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
 			}
 		}
-		if (npin) { /* pinned tokens are masked here (their exact item covers them) */
-			const uint16_t *pins = p.chunks[cc].pins;
-			for (uint32_t i = 0; i < npin; i++) {
+		/* this unit's value codes, before the buffer takes unit u + 2 */
+		uint32_t vcw[2][4];
+		{
+			const uint32_t va = bcur + vwo;
+			vcw[0][0] = i4_lds32<0>(va);
+			vcw[0][1] = i4_lds32<32>(va);
+			vcw[0][2] = i4_lds32<256>(va);
+			vcw[0][3] = i4_lds32<288>(va);
+			vcw[1][0] = i4_lds32<512>(va);
+			vcw[1][1] = i4_lds32<512 + 32>(va);
+			vcw[1][2] = i4_lds32<512 + 256>(va);
+			vcw[1][3] = i4_lds32<512 + 288>(va);
+		}
+		if (npc) {
+			const uint16_t *pins = p.chunks[ccc].pins;
+			for (uint32_t i = 0; i < npc; i++) {
 				const uint32_t pt = pins[i];
 #pragma unroll
 				for (int j = 0; j < 4; j++) {
-					const uint32_t t = sb * 32 + 8 * j + 2 * tig;
+					const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
 					if (pt == t)
 						lg[j][0] = -INFINITY;
 					if (pt == t + 1)
@@ -987,14 +727,28 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				}
 			}
 		}
+		__syncwarp(); /* every lane is done with this buffer */
+		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
+		if (rem > 2) {
+			advance();
+			stage_unit(bcur, ss);
+		}
+		cp_async_commit();
+		/* unit u + 1: its bytes, its conversions (the last iteration converts stale
+		 * bytes of a finished buffer into words nobody reads) */
+		cp_async_wait1();
+		__syncwarp();
+		if (GV == 32 || (sbn & gmask) == 0)
+			conv_key(bcur ^ bx);
+		conv_val(bcur ^ bx, vcur ^ vx);
 
-		/* online softmax (the 4 lanes of a row gid hold its 32 tokens) */
+		/* online softmax of unit u */
 		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
 				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
 		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
 		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
 		const float mn = fmaxf(m2, mx);
-		const float ms = mn == -INFINITY ? 0.0f : mn; /* all masked so far: p = 0 */
+		const float ms = mn == -INFINITY ? 0.0f : mn;
 		const float alpha = i3_ex2(m2 - ms);
 		float pv[4][2];
 		float ls = 0.0f;
@@ -1006,10 +760,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 		l2 = fmaf(l2, alpha, ls);
 		m2 = mn;
-
-		/* values; the accumulators are rescaled only when some running max moved */
 		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
-			/* value C columns 2tig, 2tig + 1: heads 2 (tig & 1), 2 (tig & 1) + 1 */
 			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
 			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
 #pragma unroll
@@ -1024,37 +775,32 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 #pragma unroll
 		for (int kk = 0; kk < 2; kk++) {
-			/* tokens T0, T0 + 1 (k slots 2tig, 2tig + 1) and T0 + 8, T0 + 9 */
 			const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
 			const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
-			const uint32_t va = bcur + vwo;
-			uint32_t wa, wb, wc, wd;
-			if (kk == 0) {
-				wa = i4_lds32<0>(va);
-				wb = i4_lds32<32>(va);
-				wc = i4_lds32<256>(va);
-				wd = i4_lds32<288>(va);
-			} else {
-				wa = i4_lds32<512>(va);
-				wb = i4_lds32<512 + 32>(va);
-				wc = i4_lds32<512 + 256>(va);
-				wd = i4_lds32<512 + 288>(va);
-			}
 			uint32_t u[4], ul[4], ur[4];
-			u[0] = __byte_perm(wa, wb, 0x5410);
-			u[1] = __byte_perm(wa, wb, 0x7632);
-			u[2] = __byte_perm(wc, wd, 0x5410);
-			u[3] = __byte_perm(wc, wd, 0x7632);
+			u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
+			u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
+			u[2] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x5410);
+			u[3] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x7632);
 #pragma unroll
 			for (int r = 0; r < 4; r++) {
 				ul[r] = u[r] << 6;
 				ur[r] = u[r] >> 6;
 			}
-			const uint32_t *vs = cw + I3_VS, *vz = cw + I3_VS + 16 * NG;
-			const int P0 = 8 * kk + tig; /* token pair T0 / 2; (T0 + 8) / 2 = P0 + 4 */
 			uint32_t s[2][3];
-			s[0][0] = vs[P0 * NG + vg];
-			s[1][0] = vs[(P0 + 4) * NG + vg];
+			uint32_t az[4];
+			if (kk == 0) {
+				s[0][0] = i4_lds32<0>(vcur + vso);
+				s[1][0] = i4_lds32<16 * NG>(vcur + vso);
+				az[0] = i4_lds32<0>(vcur + vzb);
+				az[2] = i4_lds32<16 * NG>(vcur + vzb);
+			} else {
+				s[0][0] = i4_lds32<32 * NG>(vcur + vso);
+				s[1][0] = i4_lds32<48 * NG>(vcur + vso);
+				az[0] = i4_lds32<32 * NG>(vcur + vzb);
+				az[2] = i4_lds32<48 * NG>(vcur + vzb);
+			}
+			az[1] = az[3] = zero;
 #pragma unroll
 			for (int r = 0; r < 2; r++) {
 				s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
@@ -1068,14 +814,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
 			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
 			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
-			/* zero term: A rows = value groups, Z[g][col] += sum_t z_v(t, g) p[t][col] */
-			uint32_t az[4] = {vz[P0 * NG + vzo], zero, vz[(P0 + 4) * NG + vzo], zero};
 			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
 		}
 		bcur ^= bx;
-		first = false;
-		__syncwarp(); /* the next iteration stages into the buffer read here */
-	}
+		vcur ^= vx;
+		sbc = sbn;
+		ccc = ccn;
+		npc = npn;
+		__syncwarp(); /* unit u + 1's words are visible */
 	}
 
 	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
@@ -1192,15 +938,15 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-/* V 2: attend_coded_i4 (session 6: two units in flight), V 5: attend_coded_i4 with one unit
- * in flight (session 6's first loop); V 1 (session 2's kernel), V 3 (bulk-copy staging) and
- * V 4 (session 5's loop) were removed in sessions 5 and 6;
+/* V 2: attend_coded_i4 (session 6: two units in flight); V 1 (session 2's kernel), V 3
+ * (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
+ * sessions 5 and 6;
  * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2 || V == 5, "the keys-as-B kernel");
+	static_assert(V == 2, "the keys-as-B kernel");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
@@ -1251,7 +997,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i4<GV, KB, V == 2>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+		attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
 						(uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
@@ -1329,21 +1075,9 @@ static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
-/* KVTIER_CUDA_I3_PIPE=0 (A/B runs): session 6's loop with one unit in flight (V 5) instead
- * of two at the benchmark shapes */
-static bool i2_nopipe(uint32_t kb, uint32_t gv, uint32_t variant)
-{
-	static int on = -1;
-	if (on < 0)
-		on = getenv("KVTIER_CUDA_I3_PIPE") && atoi(getenv("KVTIER_CUDA_I3_PIPE")) == 0;
-	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
-}
-
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
-	if (i2_nopipe(pl->p.kb, gv, pl->p.i2))
-		return pl->p.kb == 3 ? i2_launch<64, 5, 3, 3>(pl, s) : i2_launch<32, 5, 3, 2>(pl, s);
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
@@ -1369,8 +1103,6 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
-	if (i2_nopipe(kb, gv, variant))
-		return kb == 3 ? i2_occupancy<64, 5, 3, 3>() : i2_occupancy<32, 5, 3, 2>();
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
