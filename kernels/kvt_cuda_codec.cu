@@ -655,6 +655,45 @@ __global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint3
 	atomicXor(&acc[blockIdx.y], crc_multmodp(crc_x2nmodp(after, 3), crc));
 }
 
+/* What crc2_kernel and crc3_kernel share: the slicing tables in shared memory (tab: the 8
+ * byte tables; sh: NSH chain-shift maps of 4 byte tables each, from src), one 8-byte step of
+ * a chain (lo = the chain's crc xor the low word), a chain moved over a fixed byte count by a
+ * 4-table map, and a warp region's finish (the lanes' crcs xor-ed, moved over the regions
+ * after it, into the job's accumulator). */
+template <int NSH>
+__device__ __forceinline__ void crc_tables_load(uint32_t (*tab)[256], uint32_t (*sh)[4][256],
+						const uint32_t (*src)[4][256])
+{
+	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
+		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
+	for (int i = threadIdx.x; i < NSH * 4 * 256; i += blockDim.x)
+		(&sh[0][0][0])[i] = (&src[0][0][0])[i];
+	__syncthreads();
+}
+
+__device__ __forceinline__ uint32_t crc_slice8(const uint32_t (*tab)[256], uint32_t lo, uint32_t hi)
+{
+	return tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
+	       tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
+	       tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+}
+
+__device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t x)
+{
+	return m[0][x & 0xff] ^ m[1][(x >> 8) & 0xff] ^ m[2][(x >> 16) & 0xff] ^ m[3][x >> 24];
+}
+
+__device__ __forceinline__ void crc_region_done(uint32_t crc, uint64_t r, int lane, uint32_t *acc)
+{
+#pragma unroll
+	for (int m = 16; m >= 1; m >>= 1)
+		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
+	if (lane == 0 && crc) {
+		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
+		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
+	}
+}
+
 /*
  * The same raw crc sum, in warp regions of CRC2_REGION bytes laid from the chunk's end (so
  * every multiplier is a table entry): lane l reads its CRC2_SEG bytes (slicing by 8), moves
@@ -666,11 +705,7 @@ __global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint
 {
 	__shared__ uint32_t tab[8][256];
 	__shared__ uint32_t sh[3][4][256];
-	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
-		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
-	for (int i = threadIdx.x; i < 3 * 4 * 256; i += blockDim.x)
-		(&sh[0][0][0])[i] = (&g_crc_sh[0][0][0])[i];
-	__syncthreads();
+	crc_tables_load<3>(tab, sh, g_crc_sh);
 	const enc_job_dev &j = jobs[blockIdx.y];
 	const int lane = threadIdx.x & 31;
 	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -700,24 +735,15 @@ __global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint
 			for (int c = 0; c < 4; c++) {
 				const uint4 b = buf[4 * c + i / 2];
 				uint32_t lo = (i & 1 ? b.z : b.x) ^ cc[c], hi = i & 1 ? b.w : b.y;
-				cc[c] = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^
-					tab[5][(lo >> 16) & 0xff] ^ tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^
-					tab[2][(hi >> 8) & 0xff] ^ tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+				cc[c] = crc_slice8(tab, lo, hi);
 			}
 		crc = cc[3];
 #pragma unroll
 		for (int c = 0; c < 3; c++)
-			crc ^= sh[c][0][cc[c] & 0xff] ^ sh[c][1][(cc[c] >> 8) & 0xff] ^
-			       sh[c][2][(cc[c] >> 16) & 0xff] ^ sh[c][3][cc[c] >> 24];
+			crc ^= crc_map4(sh[c], cc[c]);
 		crc = crc_multmodp(g_crc_lane[lane], crc);
 	}
-#pragma unroll
-	for (int m = 16; m >= 1; m >>= 1)
-		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
-	if (lane == 0 && crc) {
-		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
-		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
-	}
+	crc_region_done(crc, r, lane, acc);
 }
 
 /*
@@ -734,11 +760,7 @@ __global__ void __launch_bounds__(256) crc3_kernel(const enc_job_dev *jobs, uint
 {
 	__shared__ uint32_t tab[8][256];
 	__shared__ uint32_t sh[2][4][256];
-	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
-		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
-	for (int i = threadIdx.x; i < 2 * 4 * 256; i += blockDim.x)
-		(&sh[0][0][0])[i] = (&g_crc_sh3[0][0][0])[i];
-	__syncthreads();
+	crc_tables_load<2>(tab, sh, g_crc_sh3);
 	const enc_job_dev &j = jobs[blockIdx.y];
 	const int lane = threadIdx.x & 31;
 	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -760,29 +782,19 @@ __global__ void __launch_bounds__(256) crc3_kernel(const enc_job_dev *jobs, uint
 		for (int c = 0; c < 2; c++) {
 			uint32_t x = cc[c];
 			if (i >= 2) /* over the 1008 bytes since this chain's previous word */
-				x = sh[0][0][x & 0xff] ^ sh[0][1][(x >> 8) & 0xff] ^
-				    sh[0][2][(x >> 16) & 0xff] ^ sh[0][3][x >> 24];
+				x = crc_map4(sh[0], x);
 			const uint4 b = buf[i + c];
 #pragma unroll
 			for (int h = 0; h < 2; h++) {
 				const uint32_t lo = (h ? b.z : b.x) ^ x, hi = h ? b.w : b.y;
-				x = tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
-				    tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
-				    tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
+				x = crc_slice8(tab, lo, hi);
 			}
 			cc[c] = x;
 		}
-	uint32_t crc = cc[1] ^ sh[1][0][cc[0] & 0xff] ^ sh[1][1][(cc[0] >> 8) & 0xff] ^
-		       sh[1][2][(cc[0] >> 16) & 0xff] ^ sh[1][3][cc[0] >> 24];
+	uint32_t crc = cc[1] ^ crc_map4(sh[1], cc[0]);
 	if (crc)
 		crc = crc_multmodp(g_crc_lane16[lane], crc);
-#pragma unroll
-	for (int m = 16; m >= 1; m >>= 1)
-		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
-	if (lane == 0 && crc) {
-		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
-		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
-	}
+	crc_region_done(crc, r, lane, acc);
 }
 
 __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
