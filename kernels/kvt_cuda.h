@@ -93,8 +93,7 @@ struct kvt_cuda_encode_job {
  * Switches read at each call: KVTIER_CUDA_ENC_EXACT=1 (the byte-exact encoder for every
  * config); A/B switches (not for production): KVTIER_CUDA_CODEC_OLD=1 (session 2's
  * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (the byte-exact encoder's codes
- * from a reciprocal product alone), KVTIER_CUDA_MX_RT=1 (the tensor-core encoder as one
- * kernel for every bit width), KVTIER_CUDA_CRC2=1 (session 3's crc kernel instead of the
+ * from a reciprocal product alone), KVTIER_CUDA_CRC2=1 (session 3's crc kernel instead of the
  * coalesced one), KVTIER_CUDA_DEC_VARIANT=0..3.
  */
 int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,

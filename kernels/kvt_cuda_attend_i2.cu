@@ -391,6 +391,15 @@ __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&u
  * - two units in flight: unit u + 1's wait and scale conversions sit between unit u's key
  *   MMAs and its softmax (see the loop). INT2 G32: 897 -> 824 static instructions in the loop,
  *   727 -> 629 per benchmark unit; H200 -9 to -10% per step (docs/gpu.md). */
+/* the f16 pair (bf16 half hi of a, the same half of b): the low halves (hi false) or the
+ * high halves of two words of bf16 pairs */
+__device__ __forceinline__ uint32_t i4_bf2h(uint32_t a, uint32_t b, bool hi)
+{
+	const __half2 t = __floats2half2_rn(__uint_as_float(hi ? a & 0xffff0000u : a << 16),
+					    __uint_as_float(hi ? b & 0xffff0000u : b << 16));
+	return *(const uint32_t *)&t;
+}
+
 template <int OFF> __device__ __forceinline__ uint32_t i4_lds32(uint32_t a)
 {
 	uint32_t v;
@@ -572,30 +581,16 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	auto conv_val = [&](uint32_t bf, uint32_t vdst) {
 		const uint32_t d = vdst + vdo;
 		if constexpr (NG == 4) {
-			const uint4 v = i4_lds128<0>(bf + vcs);
-			uint4 o;
-			__half2 t;
-			t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.z << 16));
-			o.x = *(uint32_t *)&t;
-			t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.z & 0xffff0000u));
-			o.y = *(uint32_t *)&t;
-			t = __floats2half2_rn(__uint_as_float(v.y << 16), __uint_as_float(v.w << 16));
-			o.z = *(uint32_t *)&t;
-			t = __floats2half2_rn(__uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.w & 0xffff0000u));
-			o.w = *(uint32_t *)&t;
-			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d), "r"(o.x), "r"(o.y),
-				     "r"(o.z), "r"(o.w));
+			const uint4 v = i4_lds128<0>(bf + vcs); /* tokens 2P (x, y), 2P + 1 (z, w) */
+			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d),
+				     "r"(i4_bf2h(v.x, v.z, false)), "r"(i4_bf2h(v.x, v.z, true)),
+				     "r"(i4_bf2h(v.y, v.w, false)), "r"(i4_bf2h(v.y, v.w, true)));
 		} else if constexpr (NG == 2) {
-			const uint2 v = i4_lds64<0>(bf + vcs);
-			uint2 o;
-			__half2 t;
-			t = __floats2half2_rn(__uint_as_float(v.x << 16), __uint_as_float(v.y << 16));
-			o.x = *(uint32_t *)&t;
-			t = __floats2half2_rn(__uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y & 0xffff0000u));
-			o.y = *(uint32_t *)&t;
-			asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d), "r"(o.x), "r"(o.y));
+			const uint2 v = i4_lds64<0>(bf + vcs); /* tokens 2P (x), 2P + 1 (y) */
+			asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d),
+				     "r"(i4_bf2h(v.x, v.y, false)), "r"(i4_bf2h(v.x, v.y, true)));
 		} else {
-			const uint32_t v = i4_lds32<0>(bf + vcs);
+			const uint32_t v = i4_lds32<0>(bf + vcs); /* tokens 2P (low), 2P + 1 */
 			__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 			asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
 		}

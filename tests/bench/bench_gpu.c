@@ -468,10 +468,6 @@ codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder
 	 * (KVTIER_CUDA_ENC_EXACT=1), then the session-2 kernels, all against the same copy */
 	rc |= bench_encode_decode(bw, "fast");
-	/* the same kernel with the bit widths as run-time values (KVTIER_CUDA_MX_RT=1, A/B) */
-	setenv("KVTIER_CUDA_MX_RT", "1", 1);
-	rc |= bench_encode_decode(bw, "fast_rt");
-	unsetenv("KVTIER_CUDA_MX_RT");
 	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
 	rc |= bench_encode_decode(bw, "exact");
 	unsetenv("KVTIER_CUDA_ENC_EXACT");
