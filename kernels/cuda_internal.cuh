@@ -30,6 +30,7 @@
 struct kvt_cuda_ctx {
 	int device;
 	int sm_count;
+	int cc_major; /* compute capability major (programmatic dependent launches: 9+) */
 	char name[256];
 	cudaStream_t stream;
 	/* staging for job descriptors and chunk headers: pinned host -> device, reused per
@@ -39,7 +40,8 @@ struct kvt_cuda_ctx {
 	size_t stage_bytes;
 	cudaEvent_t stage_done;
 	uint32_t *crc_acc_dev; /* KVT_CUDA_MAX_JOBS partial crcs */
-	uint32_t *work_ctr_dev; /* the fast encoder's grid-wide work counter (64 bytes) */
+	uint32_t *work_ctr_dev; /* the fast encoder's grid-wide work counter, then the crc pass's
+				 * counters (CRC_SYNC_WORDS words, kvt_cuda_enc.cuh) */
 };
 
 int kvt_cuda_errf(char *err, size_t errlen, int rc, const char *fmt, ...)

@@ -208,6 +208,7 @@ extern "C" int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, si
 		goto fail;
 	}
 	c->sm_count = prop.multiProcessorCount;
+	c->cc_major = prop.major;
 	snprintf(c->name, sizeof(c->name), "%s", prop.name);
 	c->stage_bytes = STAGE_BYTES;
 	if ((rc = kvt_cuda_check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
@@ -223,7 +224,8 @@ extern "C" int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, si
 	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->crc_acc_dev,
 					    KVT_CUDA_MAX_JOBS * sizeof(uint32_t)),
 				 "crc scratch alloc", err, errlen)) ||
-	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->work_ctr_dev, 64), "counter alloc",
+	    (rc = kvt_cuda_check(cudaMalloc((void **)&c->work_ctr_dev,
+					    CRC_SYNC_WORDS * sizeof(uint32_t)), "counter alloc",
 				 err, errlen)) ||
 	    (rc = crc_tables_upload(err, errlen)))
 		goto fail;
@@ -387,8 +389,12 @@ __global__ void enc_prep_kernel(enc_params p)
 			j.out[i] = j.hdr_src[i];
 		if (threadIdx.x == 0)
 			p.crc_acc[blockIdx.y] = 0;
-		if (threadIdx.x == 0 && blockIdx.y == 0 && p.work_ctr)
-			*p.work_ctr = 0;
+		/* fe_kernel's counter and the crc pass's (kvt_cuda_enc.cuh) */
+		if (blockIdx.y == 0 && p.work_ctr)
+			for (uint32_t i = threadIdx.x; i < CRC_SYNC_JOB; i += blockDim.x)
+				p.work_ctr[i] = 0;
+		if (threadIdx.x == 0 && p.work_ctr)
+			p.work_ctr[CRC_SYNC_JOB + blockIdx.y] = 0;
 		return;
 	}
 	uint8_t *sec = j.out + j.hdr_bytes + (size_t)blockIdx.x * j.layer_bytes;
@@ -797,15 +803,353 @@ __global__ void __launch_bounds__(256) crc3_kernel(const enc_job_dev *jobs, uint
 	crc_region_done(crc, r, lane, acc);
 }
 
-__global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
-				  uint32_t field_off)
+/*
+ * crc8 (session 7): the same raw crc sum in work items of CRC8_R warp regions (8 KiB, laid
+ * from the chunk's end as crc3's), claimed in chunk order from a grid-wide counter. Lane l
+ * reads the region's 16-byte words l, l + 32, ... (coalesced) by cp.async into a ring of
+ * CRC8_ST half-region stages per warp, so the next halves are in flight while one is chained;
+ * its even and odd words form two chains that run on across the item's regions (consecutive
+ * words of a chain are 1024 bytes apart there too: a 1008-byte map between them), and only
+ * the item's end maps the even chain onto the odd one (512 bytes), the lane onto the
+ * region's end (g_crc_lane16) and the item onto the chunk's end (g_crc_reg). Zeros before a
+ * chunk's start (its first region may be short) lead their chains: a raw crc from 0 stays 0.
+ *
+ * Three ways to run it (kvt_cuda_encode): after the encoder (a plain launch); as the
+ * encoder's programmatic dependent (its blocks start once every encoder block has started,
+ * and wait for a chunk's encoder blocks by the per-chunk counters); or "front": one warp
+ * per SM launched before the encoder, which is its programmatic dependent, so the warps hash
+ * each chunk as soon as its encoder blocks are done (while its bytes are in L2) on the
+ * resources the encoder leaves free. Front warps never wait on an item they hold: they claim
+ * an item only when its chunk is complete, and give up after CRC8_FRONT_TIMEOUT_NS without
+ * any encoder block finishing (the encoder not running beside them); a plain launch after
+ * the encoder takes what is left.
+ */
+#define CRC8_R 8
+#define CRC8_ST 3
+#define CRC8_W 4 /* warps per block of the plain / dependent pass */
+#define CRC8_FRONT_TIMEOUT_NS 2000000ull
+
+struct crc8_args {
+	const enc_job_dev *jobs;
+	uint32_t n_jobs, n_items;
+	uint32_t need; /* encoder blocks per chunk to wait for (0: the chunks are written) */
+	uint32_t *acc, *sync;
+};
+
+struct crc8_tabs {
+	uint32_t tab[8][256];
+	uint32_t gm[4][256]; /* over 1008 bytes: a chain to its next word */
+	uint32_t em[4][256]; /* over 512 bytes: the even chain onto the odd one's end */
+};
+
+__device__ __forceinline__ uint32_t crc8_ld_acquire(const uint32_t *p)
 {
+	uint32_t v;
+	asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+	return v;
+}
+
+__device__ __forceinline__ uint32_t crc8_ld_relaxed(const uint32_t *p)
+{
+	uint32_t v;
+	asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+	return v;
+}
+
+__device__ __forceinline__ uint64_t crc8_now(void)
+{
+	uint64_t t;
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	return t;
+}
+
+__device__ __forceinline__ void crc8_cp16(void *smem, const void *gmem, bool valid)
+{
+	const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
+		     "r"(valid ? 16 : 0)
+		     : "memory");
+}
+
+__device__ __forceinline__ uint32_t crc8_job_of(const crc8_args &a, uint32_t jc, uint32_t idx)
+{
+	while (jc + 1 < a.n_jobs && idx >= a.jobs[jc + 1].crc_item0)
+		jc++;
+	return jc;
+}
+
+/* The next item for this warp (a.n_items when none is left), its chunk in *jc; every lane
+ * returns the same. */
+template <bool FRONT>
+__device__ uint32_t crc8_claim(const crc8_args &a, uint32_t *jc)
+{
+	const int lane = threadIdx.x & 31;
+	uint32_t idx = 0, j = *jc;
+	if (!FRONT) {
+		if (lane == 0)
+			idx = atomicAdd(a.sync + CRC_SYNC_WORK, 1u);
+		idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
+		if (idx >= a.n_items)
+			return idx;
+		j = crc8_job_of(a, j, idx);
+		/* every encoder block is resident or done (a dependent launch starts after all
+		 * have started), so this wait ends. Polled by relaxed loads (an acquire load
+		 * invalidates the SM's L1, which the encoder blocks beside it use), then one
+		 * acquire that orders this lane's reads of the chunk after the encoder's stores. */
+		if (a.need) {
+			while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
+				__nanosleep(256);
+			(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
+		}
+		*jc = j;
+		return idx;
+	}
+	if (lane == 0) {
+		uint32_t seen = crc8_ld_relaxed(a.sync + CRC_SYNC_PROGRESS);
+		uint64_t since = crc8_now();
+		for (;;) {
+			idx = crc8_ld_relaxed(a.sync + CRC_SYNC_WORK);
+			if (idx >= a.n_items)
+				break;
+			j = crc8_job_of(a, j, idx);
+			if (!a.need || crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) >= a.need) {
+				if (atomicCAS(a.sync + CRC_SYNC_WORK, idx, idx + 1) == idx)
+					break;
+				continue;
+			}
+			const uint32_t pg = crc8_ld_relaxed(a.sync + CRC_SYNC_PROGRESS);
+			const uint64_t now = crc8_now();
+			if (pg != seen) {
+				seen = pg;
+				since = now;
+			} else if (now - since > CRC8_FRONT_TIMEOUT_NS) {
+				idx = a.n_items; /* the plain pass after the encoder takes the rest */
+				break;
+			}
+			__nanosleep(512);
+		}
+	}
+	idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
+	j = __shfl_sync(KVT_FULL_MASK, j, 0);
+	if (idx < a.n_items && a.need)
+		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j); /* orders this lane's reads */
+	*jc = j;
+	return idx;
+}
+
+template <bool FRONT>
+__device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, uint32_t *meta)
+{
+	const int lane = threadIdx.x & 31;
+	const uint32_t l16 = g_crc_lane16[lane];
+	uint32_t jc = 0, r_end = 0, nh = 0, hs = 0;
+	int64_t ms = 0;
+	const uint8_t *src = NULL;
+	bool more = true;
+	uint32_t issued = 0, computed = 0, e = 0, o = 0;
+	/* issues the next half region into stage `slot`; false when no item is left */
+	auto issue = [&](uint32_t slot) -> bool {
+		if (hs == nh) {
+			const uint32_t idx = crc8_claim<FRONT>(a, &jc);
+			if (idx >= a.n_items)
+				return false;
+			const enc_job_dev &j = a.jobs[jc];
+			const uint32_t k = idx - j.crc_item0;
+			const uint64_t nr = (j.total_bytes + CRC2_REGION - 1) / CRC2_REGION;
+			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * CRC8_R < CRC8_R ? nr - (uint64_t)k * CRC8_R : CRC8_R);
+			r_end = k * CRC8_R;
+			ms = (int64_t)j.total_bytes - (int64_t)CRC2_REGION * (r_end + nreg);
+			src = j.out;
+			nh = 2 * nreg;
+			hs = 0;
+		}
+		uint4 *dst = buf + slot * 256;
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			const int64_t off = ms + 4096 * (int64_t)hs + 16 * (32 * i + lane);
+			crc8_cp16(dst + 32 * i + lane, off >= 0 ? src + off : src, off >= 0);
+		}
+		if (lane == 0) {
+			meta[2 * slot] = jc;
+			meta[2 * slot + 1] = r_end | (hs + 1 == nh ? 0x80000000u : 0u);
+		}
+		hs++;
+		return true;
+	};
+	for (int q = 0; q < CRC8_ST - 1; q++) {
+		if (more && (more = issue(issued % CRC8_ST)))
+			issued++;
+		asm volatile("cp.async.commit_group;\n" ::);
+	}
+	while (computed < issued) {
+		__syncwarp();
+		if (more && (more = issue(issued % CRC8_ST)))
+			issued++;
+		asm volatile("cp.async.commit_group;\n" ::);
+		asm volatile("cp.async.wait_group %0;\n" ::"n"(CRC8_ST - 1));
+		__syncwarp();
+		const uint32_t slot = computed % CRC8_ST;
+		const uint4 *b = buf + slot * 256;
+#pragma unroll
+		for (int i = 0; i < 8; i += 2) {
+			const uint4 we = b[32 * i + lane], wo = b[32 * (i + 1) + lane];
+			uint32_t xe = crc_map4(T.gm, e), xo = crc_map4(T.gm, o);
+			xe = crc_slice8(T.tab, xe ^ we.x, we.y);
+			xo = crc_slice8(T.tab, xo ^ wo.x, wo.y);
+			e = crc_slice8(T.tab, xe ^ we.z, we.w);
+			o = crc_slice8(T.tab, xo ^ wo.z, wo.w);
+		}
+		const uint32_t m1 = meta[2 * slot + 1];
+		if (m1 & 0x80000000u) {
+			uint32_t c = o ^ crc_map4(T.em, e);
+			if (c)
+				c = crc_multmodp(l16, c);
+#pragma unroll
+			for (int m = 16; m >= 1; m >>= 1)
+				c ^= __shfl_xor_sync(KVT_FULL_MASK, c, m);
+			if (lane == 0 && c) {
+				const uint32_t r = m1 & 0x7fffffffu;
+				const uint32_t mul = r < CRC2_NREG ? g_crc_reg[r]
+								   : crc_x2nmodp((uint64_t)r * CRC2_REGION, 3);
+				atomicXor(a.acc + meta[2 * slot], crc_multmodp(mul, c));
+			}
+			e = o = 0;
+		}
+		computed++;
+	}
+}
+
+__device__ __forceinline__ void crc8_tables_load(crc8_tabs &T)
+{
+	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
+		(&T.tab[0][0])[i] = (&g_crc_table[0][0])[i];
+	for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
+		(&T.gm[0][0])[i] = (&g_crc_sh3[0][0][0])[i];
+		(&T.em[0][0])[i] = (&g_crc_sh3[1][0][0])[i];
+	}
+	__syncthreads();
+}
+
+static size_t crc8_dyn_bytes(int warps)
+{
+	return (size_t)warps * CRC8_ST * (4096 + 8);
+}
+
+/* the plain pass (after the encoder, or as its programmatic dependent): CRC8_W warps */
+__global__ void __launch_bounds__(CRC8_W * 32) crc8_kernel(crc8_args a)
+{
+	__shared__ crc8_tabs T;
+	extern __shared__ uint4 crc8_dyn[];
+	crc8_tables_load(T);
+	const int w = threadIdx.x >> 5;
+	uint4 *buf = crc8_dyn + (size_t)w * CRC8_ST * 256;
+	uint32_t *meta = (uint32_t *)(crc8_dyn + (size_t)CRC8_W * CRC8_ST * 256) + w * 2 * CRC8_ST;
+	crc8_warp<false>(a, T, buf, meta);
+}
+
+/* the front warps: one per SM (a second block on an SM leaves at once), 32 registers, so that
+ * three encoder blocks (4 warps x 168 registers, 65.7 KB of shared memory each) still fit */
+__global__ void __maxnreg__(32) crc8_front_kernel(crc8_args a)
+{
+	__shared__ crc8_tabs T;
+	extern __shared__ uint4 crc8_dyn[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.launch_dependents;");
+#endif
+	uint32_t smid;
+	asm("mov.u32 %0, %%smid;" : "=r"(smid));
+	uint32_t dup = 0;
+	if (threadIdx.x == 0)
+		dup = smid < CRC_SYNC_NSM ? atomicExch(a.sync + CRC_SYNC_SM + smid, 1u) : 0u;
+	dup = __shfl_sync(KVT_FULL_MASK, dup, 0);
+	if (!dup) {
+		crc8_tables_load(T);
+		crc8_warp<true>(a, T, crc8_dyn, (uint32_t *)(crc8_dyn + CRC8_ST * 256));
+	}
+	__syncwarp();
+	if (threadIdx.x == 0) {
+		__threadfence();
+		atomicAdd(a.sync + CRC_SYNC_EXITED, 1u);
+	}
+}
+
+/* front_blocks: the front crc blocks of this call, whose items are in acc once they have all
+ * left (they hold no item they cannot finish, so the wait ends) */
+__global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
+				  uint32_t field_off, const uint32_t *sync, uint32_t front_blocks)
+{
+	if (front_blocks) {
+		while (crc8_ld_relaxed(sync + CRC_SYNC_EXITED) < front_blocks)
+			__nanosleep(256);
+		(void)crc8_ld_acquire(sync + CRC_SYNC_EXITED);
+	}
 	uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
 	if (i >= n)
 		return;
 	const enc_job_dev &j = jobs[i];
 	uint32_t crc = ~(acc[i] ^ crc_multmodp(crc_x2nmodp(j.total_bytes, 3), 0xffffffffu));
 	*(uint32_t *)(j.out + field_off) = crc;
+}
+
+/* the crc pass (KVTIER_CUDA_CRC, measuring only: crc3 = session 6's crc3_kernel after the
+ * encoder, seq = crc8 after it, pdl = crc8 as the encoder's programmatic dependent, front =
+ * the front warps + crc8 after the encoder, none = no crc pass: the chunks' crc is wrong) */
+enum { CRC_MODE_FRONT, CRC_MODE_PDL, CRC_MODE_SEQ, CRC_MODE_CRC3, CRC_MODE_NONE };
+static int crc_mode(void)
+{
+	const char *s = getenv("KVTIER_CUDA_CRC");
+	if (!s || !*s)
+		return CRC_MODE_FRONT;
+	if (!strcmp(s, "pdl"))
+		return CRC_MODE_PDL;
+	if (!strcmp(s, "seq"))
+		return CRC_MODE_SEQ;
+	if (!strcmp(s, "crc3"))
+		return CRC_MODE_CRC3;
+	if (!strcmp(s, "none"))
+		return CRC_MODE_NONE;
+	return CRC_MODE_FRONT;
+}
+
+/* crc8_kernel on 3 blocks per SM (4 warps, 65.1 KB of shared memory each: one fits where one
+ * tensor-core encoder block was), as a plain launch or the encoder's programmatic dependent */
+static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaStream_t s)
+{
+	const size_t dyn = crc8_dyn_bytes(CRC8_W);
+	cudaError_t e = cudaFuncSetAttribute(crc8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+					     (int)dyn);
+	if (e != cudaSuccess)
+		return e;
+	cudaLaunchConfig_t lc;
+	memset(&lc, 0, sizeof(lc));
+	lc.gridDim = dim3(3 * (unsigned)sm_count);
+	lc.blockDim = dim3(CRC8_W * 32);
+	lc.dynamicSmemBytes = dyn;
+	lc.stream = s;
+	cudaLaunchAttribute at[1];
+	memset(at, 0, sizeof(at));
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	lc.attrs = at;
+	lc.numAttrs = pdl ? 1 : 0;
+	return cudaLaunchKernelEx(&lc, crc8_kernel, a);
+}
+
+/* the front warps: blocks of one warp, sm_count of them; the carveout at the maximum shared
+ * memory, so an SM that runs one still takes three encoder blocks */
+static cudaError_t crc8_launch_front(const crc8_args &a, uint32_t blocks, cudaStream_t s)
+{
+	const size_t dyn = crc8_dyn_bytes(1);
+	cudaError_t e = cudaFuncSetAttribute(crc8_front_kernel,
+					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
+	if (e == cudaSuccess)
+		e = cudaFuncSetAttribute(crc8_front_kernel,
+					 cudaFuncAttributePreferredSharedMemoryCarveout,
+					 cudaSharedmemCarveoutMaxShared);
+	if (e != cudaSuccess)
+		return e;
+	crc8_front_kernel<<<blocks, 32, dyn, s>>>(a);
+	return cudaGetLastError();
 }
 
 static size_t enc_smem_bytes(uint32_t G, uint32_t D)
@@ -1399,7 +1743,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	struct kvt_chunk_layout lay0;
 	if (kvt_chunk_layout(cfg, 0, &lay0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "config has no chunk layout");
-	uint64_t max_total = 0;
+	uint64_t max_total = 0, n_items = 0;
 	for (size_t i = 0; i < n_jobs; i++) {
 		const struct kvt_cuda_encode_job *jb = &jobs[i];
 		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
@@ -1469,6 +1813,8 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		d->k_exact_off = lay.k_exact_off;
 		d->v_exact_off = lay.v_exact_off;
 		fill_gaps(&lay, d);
+		d->crc_item0 = (uint32_t)n_items;
+		n_items += ((lay.total_bytes + CRC2_REGION - 1) / CRC2_REGION + CRC8_R - 1) / CRC8_R;
 		used += (lay.data_offset + 63) & ~(size_t)63;
 		sizes[i] = (int64_t)lay.total_bytes;
 		if (lay.total_bytes > max_total)
@@ -1505,11 +1851,35 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
 	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
+	if (n_items > UINT32_MAX / 2)
+		return kvt_cuda_errf(err, errlen, -EINVAL, "%llu crc items in one call",
+				     (unsigned long long)n_items);
+	const bool mx = !kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg);
+	int mode = crc_mode();
+	if (!mx && (mode == CRC_MODE_PDL || mode == CRC_MODE_FRONT))
+		mode = CRC_MODE_SEQ; /* only the tensor-core encoder counts its blocks */
+	if (c->cc_major < 9 && (mode == CRC_MODE_PDL || mode == CRC_MODE_FRONT))
+		mode = CRC_MODE_SEQ;
+	crc8_args ca;
+	ca.jobs = p.jobs;
+	ca.n_jobs = (uint32_t)n_jobs;
+	ca.n_items = (uint32_t)n_items;
+	ca.need = mx ? (B / 32) * p.L : 0;
+	ca.acc = p.crc_acc;
+	ca.sync = c->work_ctr_dev;
+	uint32_t front_blocks = 0;
+	if (mode == CRC_MODE_FRONT) {
+		front_blocks = (uint32_t)c->sm_count;
+		const char *fb = getenv("KVTIER_CUDA_CRC_FRONT_BLOCKS"); /* measuring only */
+		if (fb && atoi(fb) > 0 && atoi(fb) < c->sm_count)
+			front_blocks = (uint32_t)atoi(fb);
+		CK(crc8_launch_front(ca, front_blocks, c->stream), "crc front launch");
+	}
 	cudaError_t e;
 	uint32_t fe_tf = 0, fe_ts = 0;
 	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
-	if (!kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg)) {
-		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream);
+	if (mx) {
+		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream, mode == CRC_MODE_FRONT);
 	} else if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
@@ -1538,22 +1908,92 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
 		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										      p.crc_acc);
-	} else {
+	} else if (mode == CRC_MODE_CRC3) {
 		unsigned crc_blocks = (unsigned)((max_total + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
-		/* crc3_kernel (coalesced loads; session 6) unless KVTIER_CUDA_CRC2=1 (A/B) */
-		const char *c2 = getenv("KVTIER_CUDA_CRC2");
-		if (!(c2 && c2[0] == '1'))
-			crc3_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
-											       p.crc_acc);
-		else
-			crc2_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
-											       p.crc_acc);
+		crc3_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+										       p.crc_acc);
+	} else if (mode != CRC_MODE_NONE) {
+		/* front: what the front warps left, after the encoder */
+		CK(crc8_launch(ca, c->sm_count, mode == CRC_MODE_PDL, c->stream), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
-		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
+		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off, c->work_ctr_dev, front_blocks);
 	CK(cudaGetLastError(), "crc finish launch");
 	return 0;
+}
+
+/* The crc passes alone, for test_gpu_codec's direct test (not public API): the crc32c of len
+ * bytes at align_off of a device buffer, by pass `which` (8: crc8 as a plain launch; 9: the
+ * front warps, then the plain pass for what they left, with no encoder; 3: crc3). */
+extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
+				 int which, uint32_t *crc, char *err, size_t errlen)
+{
+	if (len == 0 || len % 64 || align_off % 16 || (which != 3 && which != 8 && which != 9))
+		return kvt_cuda_errf(err, errlen, -EINVAL,
+				     "crc test: len %zu (a positive multiple of 64), align_off %zu "
+				     "(a multiple of 16), which %d (3, 8 or 9)",
+				     len, align_off, which);
+	uint8_t *buf = NULL;
+	enc_job_dev *jd = NULL;
+	int rc = 0;
+	enc_job_dev job;
+	memset(&job, 0, sizeof(job));
+	crc8_args ca;
+	memset(&ca, 0, sizeof(ca));
+	uint32_t front = 0;
+	if ((rc = kvt_cuda_check(cudaMalloc((void **)&buf, align_off + len + 64), "crc test alloc",
+				 err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMalloc((void **)&jd, sizeof(*jd)), "crc test alloc", err,
+				 errlen)))
+		goto out;
+	job.out = buf + align_off;
+	job.total_bytes = len;
+	ca.jobs = jd;
+	ca.n_jobs = 1;
+	ca.n_items = (uint32_t)(((len + CRC2_REGION - 1) / CRC2_REGION + CRC8_R - 1) / CRC8_R);
+	ca.acc = c->crc_acc_dev;
+	ca.sync = c->work_ctr_dev;
+	if ((rc = kvt_cuda_check(cudaMemcpy(buf + align_off, host, len, cudaMemcpyHostToDevice),
+				 "crc test copy", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMemcpy(jd, &job, sizeof(job), cudaMemcpyHostToDevice),
+				 "crc test copy", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMemsetAsync(c->crc_acc_dev, 0, sizeof(uint32_t), c->stream),
+				 "crc test memset", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
+						 CRC_SYNC_WORDS * sizeof(uint32_t), c->stream),
+				 "crc test memset", err, errlen)))
+		goto out;
+	if (which == 3) {
+		const unsigned blocks = (unsigned)((len + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
+		crc3_kernel<<<blocks, 256, 0, c->stream>>>(jd, c->crc_acc_dev);
+		rc = kvt_cuda_check(cudaGetLastError(), "crc test launch", err, errlen);
+	} else {
+		if (which == 9) {
+			front = (uint32_t)c->sm_count;
+			rc = kvt_cuda_check(crc8_launch_front(ca, front, c->stream), "crc test launch",
+					    err, errlen);
+		}
+		if (!rc)
+			rc = kvt_cuda_check(crc8_launch(ca, c->sm_count, false, c->stream),
+					    "crc test launch", err, errlen);
+	}
+	if (rc)
+		goto out;
+	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len,
+						    c->work_ctr_dev, front);
+	if ((rc = kvt_cuda_check(cudaGetLastError(), "crc test finish", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaMemcpyAsync(crc, buf + align_off + len, 4,
+					       cudaMemcpyDeviceToHost, c->stream),
+				 "crc test copy back", err, errlen)) ||
+	    (rc = kvt_cuda_check(cudaStreamSynchronize(c->stream), "crc test sync", err, errlen)))
+		goto out;
+out:
+	if (buf)
+		cudaFree(buf);
+	if (jd)
+		cudaFree(jd);
+	return rc;
 }
 
 /* ---- Decode ------------------------------------------------------------------------------- */

@@ -690,6 +690,89 @@ static void test_decode_exact(void)
 	       (unsigned long long)(exact_values - exact_diff), (unsigned long long)exact_values);
 }
 
+/* kvt_cuda_codec.cu's crc test hook (not public API): the crc32c of len bytes at align_off of
+ * a device buffer, by crc pass `which` (8: crc8 as a plain launch; 9: crc8's front warps and
+ * the plain pass after them; 3: crc3, session 6's pass) */
+int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
+		      int which, uint32_t *crc, char *err, size_t errlen);
+
+static void crc_direct_one(uint8_t *buf, size_t len, int which)
+{
+	static const size_t aligns[] = {0, 16, 32, 48, 64, 256};
+	char err[256];
+	const size_t al = aligns[kvt_rand_below(6)];
+	const uint32_t want = kvt_crc32c(0, buf, len);
+	uint32_t got = 0;
+	int rc = kvt_cuda_crc_test(ctx, buf, len, al, which, &got, err, sizeof(err));
+	KVT_CHECK(rc == 0, "crc test len %zu: %s", len, err);
+	KVT_CHECK(got == want, "crc pass %d, len %zu, offset %zu: GPU %08x, CPU %08x", which, len,
+		  al, got, want);
+	/* one byte flipped (anywhere, by a nonzero pattern): a crc catches every such error */
+	const size_t at = (size_t)(kvt_rand_u64() % len);
+	const uint8_t flip = (uint8_t)(1 + kvt_rand_below(255));
+	buf[at] ^= flip;
+	const uint32_t want2 = kvt_crc32c(0, buf, len);
+	uint32_t got2 = 0;
+	rc = kvt_cuda_crc_test(ctx, buf, len, al, which, &got2, err, sizeof(err));
+	buf[at] ^= flip;
+	KVT_CHECK(rc == 0, "crc test len %zu: %s", len, err);
+	KVT_CHECK(got2 == want2 && got2 != got,
+		  "crc pass %d, len %zu, byte %zu ^ %02x: GPU %08x (before %08x), CPU %08x", which,
+		  len, at, flip, got2, got, want2);
+}
+
+/* The crc passes against the CPU's crc32c over random bytes of the lengths chunks have (64-byte
+ * multiples): short ones (a partial first 8 KiB region), region boundaries, a few MB, and one
+ * past the 64 MiB of precomputed region multipliers; zero runs at the start (a chunk's zero
+ * gaps) too. crc8 runs as a plain pass and as front warps (no encoder to wait for: they take
+ * items at once, the plain pass after them what is left); crc3 on a quarter of the lengths. */
+static void test_crc_direct(void)
+{
+	const size_t big = (size_t)64 << 20;
+	size_t lens[64];
+	int n = 0;
+	for (size_t k = 1; k <= 20; k++)
+		lens[n++] = 64 * k;
+	const size_t edges[] = {8192 - 64, 8192, 8192 + 64, 16384 - 64, 16384, 16384 + 64,
+				7 * 8192 + 1024, 3276864, 3325952};
+	for (size_t i = 0; i < sizeof(edges) / sizeof(edges[0]); i++)
+		lens[n++] = edges[i];
+	for (int i = 0; i < 12; i++)
+		lens[n++] = 64 * (1 + (size_t)kvt_rand_below(1 << 16));
+	/* KVT_GPU_CRC_BIG=0 leaves the 64 MiB length out (sanitizer runs) */
+	const char *cb = getenv("KVT_GPU_CRC_BIG");
+	const bool with_big = !(cb && cb[0] == '0');
+	if (with_big)
+		lens[n++] = big + 8192 + 64;
+	uint8_t *buf = malloc(big + 8192 + 64);
+	KVT_CHECK(buf != NULL, "alloc");
+	if (!buf)
+		return;
+	for (size_t i = 0; i < big + 8192 + 64; i += 8) {
+		uint64_t r = kvt_rand_u64();
+		memcpy(buf + i, &r, 8);
+	}
+	for (int i = 0; i < n; i++) {
+		const size_t len = lens[i];
+		size_t zeros = 0;
+		if (kvt_rand_below(3) == 0) { /* a zero run at the start */
+			zeros = 64 * (size_t)kvt_rand_below((uint32_t)(len / 64));
+			memset(buf, 0, zeros);
+		}
+		crc_direct_one(buf, len, 8);
+		crc_direct_one(buf, len, 9);
+		if (i % 4 == 0 && len < big)
+			crc_direct_one(buf, len, 3);
+		for (size_t z = 0; z < zeros; z += 8) {
+			uint64_t r = kvt_rand_u64();
+			memcpy(buf + z, &r, 8);
+		}
+	}
+	printf("# crc direct: %d lengths, crc8 (plain, front) / crc3 against the CPU's crc32c\n",
+	       n);
+	free(buf);
+}
+
 static void test_errors(void)
 {
 	char err[256];
@@ -740,6 +823,7 @@ int main(void)
 	KVT_RUN(test_k3_preset);
 	KVT_RUN(test_decode_exact);
 	KVT_RUN(test_errors);
+	KVT_RUN(test_crc_direct);
 	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
 	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",
 	       n_chunks, n_identical, (unsigned long long)diff_bytes, (unsigned long long)total_bytes,
