@@ -93,8 +93,9 @@ struct kvt_cuda_encode_job {
  * Switches read at each call: KVTIER_CUDA_ENC_EXACT=1 (the byte-exact encoder for every
  * config); A/B switches (not for production): KVTIER_CUDA_CODEC_OLD=1 (session 2's
  * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (the byte-exact encoder's codes
- * from a reciprocal product alone), KVTIER_CUDA_CRC2=1 (session 3's crc kernel instead of the
- * coalesced one), KVTIER_CUDA_DEC_VARIANT=0..3.
+ * from a reciprocal product alone), KVTIER_CUDA_CRC_PDL=0 (the crc pass as a plain launch
+ * after the tensor-core encoder instead of its programmatic dependent; session 7),
+ * KVTIER_CUDA_DEC_VARIANT=0..3.
  */
 int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,
 		    const struct kvt_cuda_encode_job *jobs, size_t n_jobs, int64_t *sizes,

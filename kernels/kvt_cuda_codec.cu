@@ -9,7 +9,9 @@
  * (cuda_internal.cuh), so their bytes match kvt_encode_chunk's (fe_kernel: up to which zero a
  * -0 / +0 tie of a min or max keeps); KVTIER_CUDA_ENC_EXACT=1 takes them for every config.
  * The crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
- * multiplication (crc3_kernel), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * multiplication (crc8_kernel, launched as the tensor-core encoder's programmatic dependent so
+ * that it hashes finished chunks during the encoder's last wave), so the chunk never visits the
+ * host. Decode: fd_kernel (R lanes per row) or
  * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
@@ -58,21 +60,15 @@ int kvt_cuda_check(cudaError_t e, const char *what, char *err, size_t errlen)
 
 __device__ uint32_t g_crc_table[8][256];
 __device__ uint32_t g_crc_x2n[32];
-/* crc2_kernel's multipliers: lane l of a warp region moves its CRC2_SEG bytes over the
- * (31 - l) segments after it, and region r (counted from the chunk's end) over r regions */
-#define CRC2_SEG 256
-#define CRC2_REGION (32 * CRC2_SEG)
+/* crc8_kernel's warp regions of CRC2_REGION bytes, laid from the chunk's end: g_crc_reg[r]
+ * moves a crc over r regions (x^(8 CRC2_REGION r)); lane l's 16-byte words sit 512 bytes apart
+ * in a region: g_crc_sh3[0] moves a chain's crc over 1008 bytes (to its next word, two apart),
+ * [1] over 512 (the even chain onto the odd one's end), each as a linear map of the crc's 4
+ * bytes (multiplication by x^(8n) mod P is linear over GF(2)); g_crc_lane16[l] over the
+ * 16 (31 - l) bytes that follow lane l's last word in the region */
+#define CRC2_REGION 8192
 #define CRC2_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
-__device__ uint32_t g_crc_lane[32];
 __device__ uint32_t g_crc_reg[CRC2_NREG];
-/* crc2_kernel runs a lane's segment as 4 chains of 64 bytes (4 lookup chains in flight, not
- * one): g_crc_sh[k] moves a chain's crc over the (3 - k) * 64 bytes after it, as a linear map
- * of its 4 bytes (multiplication by x^(8n) mod P is linear over GF(2)) */
-__device__ uint32_t g_crc_sh[3][4][256];
-/* crc3_kernel (coalesced loads): a lane's 16-byte words sit 512 bytes apart in the region;
- * g_crc_sh3[0] moves a chain's crc over 1008 bytes (to its next word, two apart), [1] over 512
- * (the even chain onto the odd one's end), g_crc_lane16[l] over the 16 (31 - l) bytes that
- * follow lane l's last word in the region */
 __device__ uint32_t g_crc_sh3[2][4][256];
 __device__ uint32_t g_crc_lane16[32];
 
@@ -123,40 +119,25 @@ static int crc_tables_upload(char *err, size_t errlen)
 		x2n[n] = p = crc_multmodp(p, p);
 	CK(cudaMemcpyToSymbol(g_crc_table, t, sizeof(t)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc_x2n, x2n, sizeof(x2n)), "crc table upload");
-	/* x^(8 n) for n = CRC2_SEG * (31 - l) and CRC2_REGION * r, by repeated multiplication */
-	static uint32_t lane[32], reg[CRC2_NREG];
-	uint32_t xs = 1u << 31, one_seg;
-	for (uint32_t b = 0; b < 8 * CRC2_SEG; b++) /* x^(8 * CRC2_SEG) = x^1 multiplied in */
-		xs = crc_multmodp(1u << 30, xs);
-	one_seg = xs;
-	lane[31] = 1u << 31;
-	for (int l = 30; l >= 0; l--)
-		lane[l] = crc_multmodp(one_seg, lane[l + 1]);
-	uint32_t one_reg = crc_multmodp(one_seg, lane[0]); /* 32 segments */
-	reg[0] = 1u << 31;
-	for (int r = 1; r < CRC2_NREG; r++)
-		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
-	CK(cudaMemcpyToSymbol(g_crc_lane, lane, sizeof(lane)), "crc table upload");
-	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
-	static uint32_t sh[3][4][256];
-	uint32_t x64 = 1u << 31;
-	for (uint32_t b = 0; b < 8 * 64; b++)
-		x64 = crc_multmodp(1u << 30, x64);
-	const uint32_t x128 = crc_multmodp(x64, x64), x192 = crc_multmodp(x128, x64);
-	const uint32_t xs3[3] = {x192, x128, x64};
-	for (int k = 0; k < 3; k++)
-		for (int jb = 0; jb < 4; jb++)
-			for (uint32_t b = 0; b < 256; b++)
-				sh[k][jb][b] = crc_multmodp(xs3[k], b << (8 * jb));
-	CK(cudaMemcpyToSymbol(g_crc_sh, sh, sizeof(sh)), "crc table upload");
-	static uint32_t sh3[2][4][256], lane16[32];
+	/* x^(8 n) for n = 16, 128, 512, 1008, CRC2_REGION * r, by repeated multiplication */
 	uint32_t x16 = 1u << 31;
-	for (uint32_t b = 0; b < 8 * 16; b++)
+	for (uint32_t b = 0; b < 8 * 16; b++) /* x^1 multiplied in 128 times */
 		x16 = crc_multmodp(1u << 30, x16);
-	const uint32_t x512 = crc_multmodp(x128, crc_multmodp(x128, crc_multmodp(x128, x128)));
+	uint32_t x512 = 1u << 31;
+	for (int k = 0; k < 32; k++)
+		x512 = crc_multmodp(x16, x512);
 	uint32_t x1008 = x512;
 	for (int k = 0; k < 31; k++) /* 512 + 31 * 16 */
 		x1008 = crc_multmodp(x16, x1008);
+	uint32_t one_reg = crc_multmodp(x1008, x16); /* x^(8 * 1024), squared three times */
+	for (int k = 0; k < 3; k++)
+		one_reg = crc_multmodp(one_reg, one_reg);
+	static uint32_t reg[CRC2_NREG];
+	reg[0] = 1u << 31;
+	for (int r = 1; r < CRC2_NREG; r++)
+		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
+	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
+	static uint32_t sh3[2][4][256], lane16[32];
 	const uint32_t xs2[2] = {x1008, x512};
 	for (int k = 0; k < 2; k++)
 		for (int jb = 0; jb < 4; jb++)
@@ -661,22 +642,8 @@ __global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint3
 	atomicXor(&acc[blockIdx.y], crc_multmodp(crc_x2nmodp(after, 3), crc));
 }
 
-/* What crc2_kernel and crc3_kernel share: the slicing tables in shared memory (tab: the 8
- * byte tables; sh: NSH chain-shift maps of 4 byte tables each, from src), one 8-byte step of
- * a chain (lo = the chain's crc xor the low word), a chain moved over a fixed byte count by a
- * 4-table map, and a warp region's finish (the lanes' crcs xor-ed, moved over the regions
- * after it, into the job's accumulator). */
-template <int NSH>
-__device__ __forceinline__ void crc_tables_load(uint32_t (*tab)[256], uint32_t (*sh)[4][256],
-						const uint32_t (*src)[4][256])
-{
-	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
-		tab[i / 256][i % 256] = g_crc_table[i / 256][i % 256];
-	for (int i = threadIdx.x; i < NSH * 4 * 256; i += blockDim.x)
-		(&sh[0][0][0])[i] = (&src[0][0][0])[i];
-	__syncthreads();
-}
-
+/* One 8-byte step of a chain (lo = the chain's crc xor the low word; slicing by 8 from the
+ * tables in shared memory) and a chain moved over a fixed byte count by a 4-table map. */
 __device__ __forceinline__ uint32_t crc_slice8(const uint32_t (*tab)[256], uint32_t lo, uint32_t hi)
 {
 	return tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
@@ -689,145 +656,29 @@ __device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t 
 	return m[0][x & 0xff] ^ m[1][(x >> 8) & 0xff] ^ m[2][(x >> 16) & 0xff] ^ m[3][x >> 24];
 }
 
-__device__ __forceinline__ void crc_region_done(uint32_t crc, uint64_t r, int lane, uint32_t *acc)
-{
-#pragma unroll
-	for (int m = 16; m >= 1; m >>= 1)
-		crc ^= __shfl_xor_sync(KVT_FULL_MASK, crc, m);
-	if (lane == 0 && crc) {
-		uint32_t mul = r < CRC2_NREG ? g_crc_reg[r] : crc_x2nmodp(r * CRC2_REGION, 3);
-		atomicXor(&acc[blockIdx.y], crc_multmodp(mul, crc));
-	}
-}
-
 /*
- * The same raw crc sum, in warp regions of CRC2_REGION bytes laid from the chunk's end (so
- * every multiplier is a table entry): lane l reads its CRC2_SEG bytes (slicing by 8), moves
- * its crc over the segments after it in the region (g_crc_lane), the warp xors the 32, and
- * lane 0 moves the region's crc over the regions after it (g_crc_reg) into the accumulator.
- * The first region of a chunk may be short: its lanes read only what lies in the chunk.
- */
-__global__ void __launch_bounds__(256) crc2_kernel(const enc_job_dev *jobs, uint32_t *acc)
-{
-	__shared__ uint32_t tab[8][256];
-	__shared__ uint32_t sh[3][4][256];
-	crc_tables_load<3>(tab, sh, g_crc_sh);
-	const enc_job_dev &j = jobs[blockIdx.y];
-	const int lane = threadIdx.x & 31;
-	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-	if (r * CRC2_REGION >= j.total_bytes)
-		return; /* whole warp */
-	const int64_t re = (int64_t)(j.total_bytes - r * CRC2_REGION);
-	int64_t sb = re - (int64_t)(32 - lane) * CRC2_SEG, se = sb + CRC2_SEG;
-	if (sb < 0)
-		sb = 0;
-	uint32_t crc = 0;
-	if (se > sb) {
-		/* the whole segment is loaded first (one memory round trip, not one per 8 bytes);
-		 * a short first segment (chunks are 64-byte multiples) starts at a 64-byte step
-		 * from its end, so its leading 16-byte words are skipped */
-		const uint4 *w = (const uint4 *)(j.out + se - CRC2_SEG);
-		const int skip = (int)((CRC2_SEG - (se - sb)) / 16);
-		uint4 buf[CRC2_SEG / 16];
-#pragma unroll
-		for (int i = 0; i < CRC2_SEG / 16; i++)
-			buf[i] = i >= skip ? w[i] : make_uint4(0, 0, 0, 0);
-		/* four chains of 64 bytes, interleaved (a raw crc from 0 stays 0 over the
-		 * zero-filled words a short segment skips, so they need no test) */
-		uint32_t cc[4] = {0, 0, 0, 0};
-#pragma unroll
-		for (int i = 0; i < 8; i++)
-#pragma unroll
-			for (int c = 0; c < 4; c++) {
-				const uint4 b = buf[4 * c + i / 2];
-				uint32_t lo = (i & 1 ? b.z : b.x) ^ cc[c], hi = i & 1 ? b.w : b.y;
-				cc[c] = crc_slice8(tab, lo, hi);
-			}
-		crc = cc[3];
-#pragma unroll
-		for (int c = 0; c < 3; c++)
-			crc ^= crc_map4(sh[c], cc[c]);
-		crc = crc_multmodp(g_crc_lane[lane], crc);
-	}
-	crc_region_done(crc, r, lane, acc);
-}
-
-/*
- * crc2_kernel's raw crc sum with coalesced loads (the default since session 6;
- * KVTIER_CUDA_CRC2=1 runs crc2_kernel): the same 8 KiB warp
- * regions from the chunk's end, but lane l reads the region's 16-byte words l, l + 32, ...,
- * l + 480 (one 512-byte line per warp load instead of 32 scattered pieces). Two chains per
- * lane (even and odd words), each moved over the 1008 bytes between its words by a table
- * map; the even chain then onto the odd one's end (512 bytes), the lane onto the region's end
- * (g_crc_lane16). Words before the chunk's start (a short first region) are zeros that lead
- * their chains, so they leave a raw crc from 0 unchanged.
- */
-__global__ void __launch_bounds__(256) crc3_kernel(const enc_job_dev *jobs, uint32_t *acc)
-{
-	__shared__ uint32_t tab[8][256];
-	__shared__ uint32_t sh[2][4][256];
-	crc_tables_load<2>(tab, sh, g_crc_sh3);
-	const enc_job_dev &j = jobs[blockIdx.y];
-	const int lane = threadIdx.x & 31;
-	const uint64_t r = (uint64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-	if (r * CRC2_REGION >= j.total_bytes)
-		return; /* whole warp */
-	const int64_t rs = (int64_t)(j.total_bytes - r * CRC2_REGION) - CRC2_REGION;
-	uint4 buf[16];
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		const int64_t off = rs + (int64_t)(32 * i + lane) * 16;
-		buf[i] = off >= 0 ? *(const uint4 *)(j.out + off) : make_uint4(0, 0, 0, 0);
-	}
-	/* keeps the 16 loads ahead of the first lookup (all in flight at once) */
-	__syncwarp();
-	uint32_t cc[2] = {0, 0};
-#pragma unroll
-	for (int i = 0; i < 16; i += 2)
-#pragma unroll
-		for (int c = 0; c < 2; c++) {
-			uint32_t x = cc[c];
-			if (i >= 2) /* over the 1008 bytes since this chain's previous word */
-				x = crc_map4(sh[0], x);
-			const uint4 b = buf[i + c];
-#pragma unroll
-			for (int h = 0; h < 2; h++) {
-				const uint32_t lo = (h ? b.z : b.x) ^ x, hi = h ? b.w : b.y;
-				x = crc_slice8(tab, lo, hi);
-			}
-			cc[c] = x;
-		}
-	uint32_t crc = cc[1] ^ crc_map4(sh[1], cc[0]);
-	if (crc)
-		crc = crc_multmodp(g_crc_lane16[lane], crc);
-	crc_region_done(crc, r, lane, acc);
-}
-
-/*
- * crc8 (session 7): the same raw crc sum in work items of CRC8_R warp regions (8 KiB, laid
- * from the chunk's end as crc3's), claimed in chunk order from a grid-wide counter. Lane l
- * reads the region's 16-byte words l, l + 32, ... (coalesced) by cp.async into a ring of
- * CRC8_ST half-region stages per warp, so the next halves are in flight while one is chained;
- * its even and odd words form two chains that run on across the item's regions (consecutive
- * words of a chain are 1024 bytes apart there too: a 1008-byte map between them), and only
- * the item's end maps the even chain onto the odd one (512 bytes), the lane onto the
- * region's end (g_crc_lane16) and the item onto the chunk's end (g_crc_reg). Zeros before a
- * chunk's start (its first region may be short) lead their chains: a raw crc from 0 stays 0.
+ * crc8 (session 7): the raw crc sum (init 0, no final xor; crc_finish_kernel completes it) in
+ * work items of CRC8_R warp regions of CRC2_REGION bytes, laid from the chunk's end, claimed
+ * in chunk order from a grid-wide counter. Lane l reads the region's 16-byte words l, l + 32,
+ * ... (coalesced) by cp.async into a ring of CRC8_ST half-region stages per warp, so the next
+ * halves are in flight while one is chained; its even and odd words form two chains that run
+ * on across the item's regions (consecutive words of a chain are 1024 bytes apart there too:
+ * a 1008-byte map between them), and only the item's end maps the even chain onto the odd
+ * one (512 bytes), the lane onto the region's end (g_crc_lane16) and the item onto the
+ * chunk's end (g_crc_reg). Zeros before a chunk's start (its first region may be short) lead
+ * their chains: a raw crc from 0 stays 0.
  *
- * Three ways to run it (kvt_cuda_encode): after the encoder (a plain launch); as the
- * encoder's programmatic dependent (its blocks start once every encoder block has started,
- * and wait for a chunk's encoder blocks by the per-chunk counters); or "front": one warp
- * per SM launched before the encoder, which is its programmatic dependent, so the warps hash
- * each chunk as soon as its encoder blocks are done (while its bytes are in L2) on the
- * resources the encoder leaves free. Front warps never wait on an item they hold: they claim
- * an item only when its chunk is complete, and give up after CRC8_FRONT_TIMEOUT_NS without
- * any encoder block finishing (the encoder not running beside them); a plain launch after
- * the encoder takes what is left.
+ * After the tensor-core encoder it runs as the encoder's programmatic dependent: its blocks
+ * start once every encoder block has started (mx_kernel allows it at its start), so they run
+ * in the encoder's last wave on the slots finished blocks leave (one crc block fits where one
+ * encoder block was), and wait for a chunk's encoder blocks by the per-chunk counters the
+ * encoder bumps at its end. The wait always ends: every encoder block is then resident or
+ * done. After the other encoders (which count nothing), or with KVTIER_CUDA_CRC_PDL=0, it is
+ * a plain launch after the encoder. docs/gpu.md "Session 7: encode crc" has the numbers.
  */
 #define CRC8_R 8
 #define CRC8_ST 3
-#define CRC8_W 4 /* warps per block of the plain / dependent pass */
-#define CRC8_FRONT_TIMEOUT_NS 2000000ull
+#define CRC8_W 4 /* warps per block */
 
 struct crc8_args {
 	const enc_job_dev *jobs;
@@ -856,13 +707,6 @@ __device__ __forceinline__ uint32_t crc8_ld_relaxed(const uint32_t *p)
 	return v;
 }
 
-__device__ __forceinline__ uint64_t crc8_now(void)
-{
-	uint64_t t;
-	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-	return t;
-}
-
 __device__ __forceinline__ void crc8_cp16(void *smem, const void *gmem, bool valid)
 {
 	const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
@@ -880,64 +724,28 @@ __device__ __forceinline__ uint32_t crc8_job_of(const crc8_args &a, uint32_t jc,
 
 /* The next item for this warp (a.n_items when none is left), its chunk in *jc; every lane
  * returns the same. */
-template <bool FRONT>
 __device__ uint32_t crc8_claim(const crc8_args &a, uint32_t *jc)
 {
 	const int lane = threadIdx.x & 31;
 	uint32_t idx = 0, j = *jc;
-	if (!FRONT) {
-		if (lane == 0)
-			idx = atomicAdd(a.sync + CRC_SYNC_WORK, 1u);
-		idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
-		if (idx >= a.n_items)
-			return idx;
-		j = crc8_job_of(a, j, idx);
-		/* every encoder block is resident or done (a dependent launch starts after all
-		 * have started), so this wait ends. Polled by relaxed loads (an acquire load
-		 * invalidates the SM's L1, which the encoder blocks beside it use), then one
-		 * acquire that orders this lane's reads of the chunk after the encoder's stores. */
-		if (a.need) {
-			while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
-				__nanosleep(256);
-			(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
-		}
-		*jc = j;
-		return idx;
-	}
-	if (lane == 0) {
-		uint32_t seen = crc8_ld_relaxed(a.sync + CRC_SYNC_PROGRESS);
-		uint64_t since = crc8_now();
-		for (;;) {
-			idx = crc8_ld_relaxed(a.sync + CRC_SYNC_WORK);
-			if (idx >= a.n_items)
-				break;
-			j = crc8_job_of(a, j, idx);
-			if (!a.need || crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) >= a.need) {
-				if (atomicCAS(a.sync + CRC_SYNC_WORK, idx, idx + 1) == idx)
-					break;
-				continue;
-			}
-			const uint32_t pg = crc8_ld_relaxed(a.sync + CRC_SYNC_PROGRESS);
-			const uint64_t now = crc8_now();
-			if (pg != seen) {
-				seen = pg;
-				since = now;
-			} else if (now - since > CRC8_FRONT_TIMEOUT_NS) {
-				idx = a.n_items; /* the plain pass after the encoder takes the rest */
-				break;
-			}
-			__nanosleep(512);
-		}
-	}
+	if (lane == 0)
+		idx = atomicAdd(a.sync + CRC_SYNC_WORK, 1u);
 	idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
-	j = __shfl_sync(KVT_FULL_MASK, j, 0);
-	if (idx < a.n_items && a.need)
-		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j); /* orders this lane's reads */
+	if (idx >= a.n_items)
+		return idx;
+	j = crc8_job_of(a, j, idx);
+	/* Polled by relaxed loads (an acquire load invalidates the SM's L1, which the encoder
+	 * blocks beside it use), then one acquire that orders this lane's reads of the chunk
+	 * after the encoder's stores. */
+	if (a.need) {
+		while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
+			__nanosleep(256);
+		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
+	}
 	*jc = j;
 	return idx;
 }
 
-template <bool FRONT>
 __device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, uint32_t *meta)
 {
 	const int lane = threadIdx.x & 31;
@@ -947,16 +755,19 @@ __device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, ui
 	const uint8_t *src = NULL;
 	bool more = true;
 	uint32_t issued = 0, computed = 0, e = 0, o = 0;
-	/* issues the next half region into stage `slot`; false when no item is left */
+	/* issues the next half region into stage `slot`; false when no item is left. meta[slot]:
+	 * the chunk, the item's last region (from the chunk's end), bit 31 on its last half */
 	auto issue = [&](uint32_t slot) -> bool {
 		if (hs == nh) {
-			const uint32_t idx = crc8_claim<FRONT>(a, &jc);
+			const uint32_t idx = crc8_claim(a, &jc);
 			if (idx >= a.n_items)
 				return false;
 			const enc_job_dev &j = a.jobs[jc];
 			const uint32_t k = idx - j.crc_item0;
 			const uint64_t nr = (j.total_bytes + CRC2_REGION - 1) / CRC2_REGION;
-			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * CRC8_R < CRC8_R ? nr - (uint64_t)k * CRC8_R : CRC8_R);
+			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * CRC8_R < CRC8_R
+								 ? nr - (uint64_t)k * CRC8_R
+								 : CRC8_R);
 			r_end = k * CRC8_R;
 			ms = (int64_t)j.total_bytes - (int64_t)CRC2_REGION * (r_end + nreg);
 			src = j.out;
@@ -1019,8 +830,16 @@ __device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, ui
 	}
 }
 
-__device__ __forceinline__ void crc8_tables_load(crc8_tabs &T)
+static size_t crc8_dyn_bytes(void)
 {
+	return (size_t)CRC8_W * CRC8_ST * (4096 + 8);
+}
+
+/* CRC8_W warps sharing the tables (16 KB) with a ring of stages each (49.2 KB, dynamic) */
+__global__ void __launch_bounds__(CRC8_W * 32) crc8_kernel(crc8_args a)
+{
+	__shared__ crc8_tabs T;
+	extern __shared__ uint4 crc8_dyn[];
 	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
 		(&T.tab[0][0])[i] = (&g_crc_table[0][0])[i];
 	for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
@@ -1028,61 +847,15 @@ __device__ __forceinline__ void crc8_tables_load(crc8_tabs &T)
 		(&T.em[0][0])[i] = (&g_crc_sh3[1][0][0])[i];
 	}
 	__syncthreads();
-}
-
-static size_t crc8_dyn_bytes(int warps)
-{
-	return (size_t)warps * CRC8_ST * (4096 + 8);
-}
-
-/* the plain pass (after the encoder, or as its programmatic dependent): CRC8_W warps */
-__global__ void __launch_bounds__(CRC8_W * 32) crc8_kernel(crc8_args a)
-{
-	__shared__ crc8_tabs T;
-	extern __shared__ uint4 crc8_dyn[];
-	crc8_tables_load(T);
 	const int w = threadIdx.x >> 5;
 	uint4 *buf = crc8_dyn + (size_t)w * CRC8_ST * 256;
 	uint32_t *meta = (uint32_t *)(crc8_dyn + (size_t)CRC8_W * CRC8_ST * 256) + w * 2 * CRC8_ST;
-	crc8_warp<false>(a, T, buf, meta);
+	crc8_warp(a, T, buf, meta);
 }
 
-/* the front warps: one per SM (a second block on an SM leaves at once), 32 registers, so that
- * three encoder blocks (4 warps x 168 registers, 65.7 KB of shared memory each) still fit */
-__global__ void __maxnreg__(32) crc8_front_kernel(crc8_args a)
-{
-	__shared__ crc8_tabs T;
-	extern __shared__ uint4 crc8_dyn[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-	asm volatile("griddepcontrol.launch_dependents;");
-#endif
-	uint32_t smid;
-	asm("mov.u32 %0, %%smid;" : "=r"(smid));
-	uint32_t dup = 0;
-	if (threadIdx.x == 0)
-		dup = smid < CRC_SYNC_NSM ? atomicExch(a.sync + CRC_SYNC_SM + smid, 1u) : 0u;
-	dup = __shfl_sync(KVT_FULL_MASK, dup, 0);
-	if (!dup) {
-		crc8_tables_load(T);
-		crc8_warp<true>(a, T, crc8_dyn, (uint32_t *)(crc8_dyn + CRC8_ST * 256));
-	}
-	__syncwarp();
-	if (threadIdx.x == 0) {
-		__threadfence();
-		atomicAdd(a.sync + CRC_SYNC_EXITED, 1u);
-	}
-}
-
-/* front_blocks: the front crc blocks of this call, whose items are in acc once they have all
- * left (they hold no item they cannot finish, so the wait ends) */
 __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
-				  uint32_t field_off, const uint32_t *sync, uint32_t front_blocks)
+				  uint32_t field_off)
 {
-	if (front_blocks) {
-		while (crc8_ld_relaxed(sync + CRC_SYNC_EXITED) < front_blocks)
-			__nanosleep(256);
-		(void)crc8_ld_acquire(sync + CRC_SYNC_EXITED);
-	}
 	uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
 	if (i >= n)
 		return;
@@ -1091,31 +864,12 @@ __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, 
 	*(uint32_t *)(j.out + field_off) = crc;
 }
 
-/* the crc pass (KVTIER_CUDA_CRC, measuring only: crc3 = session 6's crc3_kernel after the
- * encoder, seq = crc8 after it, pdl = crc8 as the encoder's programmatic dependent, front =
- * the front warps + crc8 after the encoder, none = no crc pass: the chunks' crc is wrong) */
-enum { CRC_MODE_FRONT, CRC_MODE_PDL, CRC_MODE_SEQ, CRC_MODE_CRC3, CRC_MODE_NONE };
-static int crc_mode(void)
-{
-	const char *s = getenv("KVTIER_CUDA_CRC");
-	if (!s || !*s)
-		return CRC_MODE_FRONT;
-	if (!strcmp(s, "pdl"))
-		return CRC_MODE_PDL;
-	if (!strcmp(s, "seq"))
-		return CRC_MODE_SEQ;
-	if (!strcmp(s, "crc3"))
-		return CRC_MODE_CRC3;
-	if (!strcmp(s, "none"))
-		return CRC_MODE_NONE;
-	return CRC_MODE_FRONT;
-}
-
 /* crc8_kernel on 3 blocks per SM (4 warps, 65.1 KB of shared memory each: one fits where one
- * tensor-core encoder block was), as a plain launch or the encoder's programmatic dependent */
+ * tensor-core encoder block was), as a plain launch or as the encoder's programmatic
+ * dependent (pdl) */
 static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaStream_t s)
 {
-	const size_t dyn = crc8_dyn_bytes(CRC8_W);
+	const size_t dyn = crc8_dyn_bytes();
 	cudaError_t e = cudaFuncSetAttribute(crc8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
 					     (int)dyn);
 	if (e != cudaSuccess)
@@ -1135,21 +889,12 @@ static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaS
 	return cudaLaunchKernelEx(&lc, crc8_kernel, a);
 }
 
-/* the front warps: blocks of one warp, sm_count of them; the carveout at the maximum shared
- * memory, so an SM that runs one still takes three encoder blocks */
-static cudaError_t crc8_launch_front(const crc8_args &a, uint32_t blocks, cudaStream_t s)
+/* KVTIER_CUDA_CRC_PDL=0: the crc pass as a plain launch after the tensor-core encoder too
+ * (A/B; the default launches it as the encoder's programmatic dependent on sm_90+) */
+static bool crc_pdl_off(void)
 {
-	const size_t dyn = crc8_dyn_bytes(1);
-	cudaError_t e = cudaFuncSetAttribute(crc8_front_kernel,
-					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
-	if (e == cudaSuccess)
-		e = cudaFuncSetAttribute(crc8_front_kernel,
-					 cudaFuncAttributePreferredSharedMemoryCarveout,
-					 cudaSharedmemCarveoutMaxShared);
-	if (e != cudaSuccess)
-		return e;
-	crc8_front_kernel<<<blocks, 32, dyn, s>>>(a);
-	return cudaGetLastError();
+	const char *s = getenv("KVTIER_CUDA_CRC_PDL");
+	return s && s[0] == '0';
 }
 
 static size_t enc_smem_bytes(uint32_t G, uint32_t D)
@@ -1820,6 +1565,9 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		if (lay.total_bytes > max_total)
 			max_total = lay.total_bytes;
 	}
+	if (n_items > UINT32_MAX / 2) /* 8 KiB regions in items of CRC8_R: ~2^47 bytes */
+		return kvt_cuda_errf(err, errlen, -EINVAL, "%llu crc items in one call (at most %u)",
+				     (unsigned long long)n_items, UINT32_MAX / 2);
 	if ((rc = kvt_cuda_stage_push(c, used, err, errlen)))
 		return rc;
 
@@ -1851,35 +1599,22 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
 	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
-	if (n_items > UINT32_MAX / 2)
-		return kvt_cuda_errf(err, errlen, -EINVAL, "%llu crc items in one call",
-				     (unsigned long long)n_items);
 	const bool mx = !kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg);
-	int mode = crc_mode();
-	if (!mx && (mode == CRC_MODE_PDL || mode == CRC_MODE_FRONT))
-		mode = CRC_MODE_SEQ; /* only the tensor-core encoder counts its blocks */
-	if (c->cc_major < 9 && (mode == CRC_MODE_PDL || mode == CRC_MODE_FRONT))
-		mode = CRC_MODE_SEQ;
+	/* the crc pass as the encoder's programmatic dependent: only mx_kernel counts its
+	 * finished blocks per chunk and allows the dependent's launch (sm_90+) */
+	const bool pdl = mx && c->cc_major >= 9 && !crc_pdl_off();
 	crc8_args ca;
 	ca.jobs = p.jobs;
 	ca.n_jobs = (uint32_t)n_jobs;
 	ca.n_items = (uint32_t)n_items;
-	ca.need = mx ? (B / 32) * p.L : 0;
+	ca.need = pdl ? (B / 32) * p.L : 0; /* mx_kernel's blocks per chunk */
 	ca.acc = p.crc_acc;
 	ca.sync = c->work_ctr_dev;
-	uint32_t front_blocks = 0;
-	if (mode == CRC_MODE_FRONT) {
-		front_blocks = (uint32_t)c->sm_count;
-		const char *fb = getenv("KVTIER_CUDA_CRC_FRONT_BLOCKS"); /* measuring only */
-		if (fb && atoi(fb) > 0 && atoi(fb) < c->sm_count)
-			front_blocks = (uint32_t)atoi(fb);
-		CK(crc8_launch_front(ca, front_blocks, c->stream), "crc front launch");
-	}
 	cudaError_t e;
 	uint32_t fe_tf = 0, fe_ts = 0;
 	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
 	if (mx) {
-		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream, mode == CRC_MODE_FRONT);
+		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream);
 	} else if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
@@ -1908,32 +1643,26 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
 		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										      p.crc_acc);
-	} else if (mode == CRC_MODE_CRC3) {
-		unsigned crc_blocks = (unsigned)((max_total + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
-		crc3_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
-										       p.crc_acc);
-	} else if (mode != CRC_MODE_NONE) {
-		/* front: what the front warps left, after the encoder */
-		CK(crc8_launch(ca, c->sm_count, mode == CRC_MODE_PDL, c->stream), "crc launch");
+	} else {
+		CK(crc8_launch(ca, c->sm_count, pdl, c->stream), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
-		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off, c->work_ctr_dev, front_blocks);
+		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
 	CK(cudaGetLastError(), "crc finish launch");
 	return 0;
 }
 
-/* The crc passes alone, for test_gpu_codec's direct test (not public API): the crc32c of len
- * bytes at align_off of a device buffer, by pass `which` (8: crc8 as a plain launch; 9: the
- * front warps, then the plain pass for what they left, with no encoder; 3: crc3). */
+/* The crc pass alone, for test_gpu_codec's direct test (not public API): the crc32c of len
+ * bytes at align_off of a device buffer, by crc8_kernel as a plain launch. */
 extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
-				 int which, uint32_t *crc, char *err, size_t errlen)
+				 uint32_t *crc, char *err, size_t errlen)
 {
-	if (len == 0 || len % 64 || align_off % 16 || (which != 3 && which != 8 && which != 9))
+	if (len == 0 || len % 64 || align_off % 16)
 		return kvt_cuda_errf(err, errlen, -EINVAL,
 				     "crc test: len %zu (a positive multiple of 64), align_off %zu "
-				     "(a multiple of 16), which %d (3, 8 or 9)",
-				     len, align_off, which);
+				     "(a multiple of 16)",
+				     len, align_off);
 	uint8_t *buf = NULL;
 	enc_job_dev *jd = NULL;
 	int rc = 0;
@@ -1941,7 +1670,6 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	memset(&job, 0, sizeof(job));
 	crc8_args ca;
 	memset(&ca, 0, sizeof(ca));
-	uint32_t front = 0;
 	if ((rc = kvt_cuda_check(cudaMalloc((void **)&buf, align_off + len + 64), "crc test alloc",
 				 err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMalloc((void **)&jd, sizeof(*jd)), "crc test alloc", err,
@@ -1962,26 +1690,11 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 				 "crc test memset", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
 						 CRC_SYNC_WORDS * sizeof(uint32_t), c->stream),
-				 "crc test memset", err, errlen)))
+				 "crc test memset", err, errlen)) ||
+	    (rc = kvt_cuda_check(crc8_launch(ca, c->sm_count, false, c->stream), "crc test launch",
+				 err, errlen)))
 		goto out;
-	if (which == 3) {
-		const unsigned blocks = (unsigned)((len + 8 * CRC2_REGION - 1) / (8 * CRC2_REGION));
-		crc3_kernel<<<blocks, 256, 0, c->stream>>>(jd, c->crc_acc_dev);
-		rc = kvt_cuda_check(cudaGetLastError(), "crc test launch", err, errlen);
-	} else {
-		if (which == 9) {
-			front = (uint32_t)c->sm_count;
-			rc = kvt_cuda_check(crc8_launch_front(ca, front, c->stream), "crc test launch",
-					    err, errlen);
-		}
-		if (!rc)
-			rc = kvt_cuda_check(crc8_launch(ca, c->sm_count, false, c->stream),
-					    "crc test launch", err, errlen);
-	}
-	if (rc)
-		goto out;
-	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len,
-						    c->work_ctr_dev, front);
+	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
 	if ((rc = kvt_cuda_check(cudaGetLastError(), "crc test finish", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemcpyAsync(crc, buf + align_off + len, 4,
 					       cudaMemcpyDeviceToHost, c->stream),

@@ -35,16 +35,12 @@ struct enc_params {
 	float inv_sqrt_d;
 };
 
-/* The crc pass's synchronisation words, after fe_kernel's counter in work_ctr (all zeroed by
- * enc_prep_kernel): the next unclaimed work item, the front crc blocks that have exited, the
- * encoder blocks finished (all chunks), per-SM claims of the front blocks, and per chunk the
- * encoder blocks finished (each bumped after the block's last store, __threadfence first). */
+/* The crc pass's synchronisation words, after fe_kernel's counter in work_ctr (zeroed by
+ * enc_prep_kernel): the next unclaimed crc work item, and per chunk the tensor-core encoder
+ * blocks finished (each bumped by the block's thread 0 after a barrier and a fence, i.e.
+ * after all of the block's stores). */
 #define CRC_SYNC_WORK 16
-#define CRC_SYNC_EXITED 17
-#define CRC_SYNC_PROGRESS 18
-#define CRC_SYNC_SM 64
-#define CRC_SYNC_NSM 1024
-#define CRC_SYNC_JOB (CRC_SYNC_SM + CRC_SYNC_NSM)
+#define CRC_SYNC_JOB 64
 #define CRC_SYNC_WORDS (CRC_SYNC_JOB + KVT_CUDA_MAX_JOBS)
 
 /* The tensor-core encoder (kvt_cuda_enc_mma.cu): true when it takes cfg (oscar / kivi, f16 /
@@ -52,6 +48,6 @@ struct enc_params {
  * shared memory); its launch, one block per (job, layer, key group). */
 bool kvt_mx_supports(const struct kvt_codec_config *cfg);
 cudaError_t kvt_mx_launch(const enc_params &p, uint32_t n_jobs, uint32_t head_dim,
-			  cudaStream_t s, bool pdl);
+			  cudaStream_t s);
 
 #endif

@@ -37,7 +37,6 @@
 #include "kvt_cuda_enc.cuh"
 
 #include <stdlib.h>
-#include <string.h>
 
 #define MX_WARPS 4
 #define MX_THREADS (MX_WARPS * 32)
@@ -261,8 +260,8 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 	const bool oscar = p.scheme == KVT_SCHEME_OSCAR, rotv = p.rotate_v != 0, bf = p.sbf != 0;
 	const uint32_t n_pin = j.n_pin;
 	static_assert((KB == 2 || KB == 4) && (VB == 2 || VB == 4), "2- or 4-bit codes");
-	/* a crc pass launched as this grid's programmatic dependent may start once every block
-	 * has started (it waits on the per-chunk counters bumped at the end, never on a block
+	/* the crc pass, this grid's programmatic dependent, may start once every block has
+	 * started (it waits on the per-chunk counters bumped at the end, so never on a block
 	 * that is not resident) */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	asm volatile("griddepcontrol.launch_dependents;");
@@ -559,7 +558,6 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 	if (tid == 0) {
 		__threadfence();
 		atomicAdd(p.work_ctr + CRC_SYNC_JOB + blockIdx.z, 1u);
-		atomicAdd(p.work_ctr + CRC_SYNC_PROGRESS, 1u);
 	}
 }
 
@@ -590,7 +588,7 @@ bool kvt_mx_supports(const struct kvt_codec_config *cfg)
  * code paths (one kernel for all bit widths, branching at run time, measured 7.6-8 us slower
  * per call on the H200; it was KVTIER_CUDA_MX_RT=1 until the end of session 6) */
 template <int D, bool F16, int KB, int VB>
-static cudaError_t mx_launch1(const enc_params &p, uint32_t n_jobs, cudaStream_t s, bool pdl)
+static cudaError_t mx_launch1(const enc_params &p, uint32_t n_jobs, cudaStream_t s)
 {
 	const size_t sm = mx_smem_bytes(p.H, D);
 	cudaError_t e = cudaFuncSetAttribute(mx_kernel<D, F16, KB, VB>,
@@ -598,41 +596,25 @@ static cudaError_t mx_launch1(const enc_params &p, uint32_t n_jobs, cudaStream_t
 	if (e != cudaSuccess)
 		return e;
 	dim3 grid(p.B / MX_G, p.L, n_jobs);
-	if (!pdl) {
-		mx_kernel<D, F16, KB, VB><<<grid, MX_THREADS, sm, s>>>(p);
-		return cudaGetLastError();
-	}
-	/* a programmatic dependent of the front crc blocks (kvt_cuda_codec.cu) */
-	cudaLaunchConfig_t lc;
-	memset(&lc, 0, sizeof(lc));
-	lc.gridDim = grid;
-	lc.blockDim = dim3(MX_THREADS);
-	lc.dynamicSmemBytes = sm;
-	lc.stream = s;
-	cudaLaunchAttribute at[1];
-	memset(at, 0, sizeof(at));
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	lc.attrs = at;
-	lc.numAttrs = 1;
-	return cudaLaunchKernelEx(&lc, mx_kernel<D, F16, KB, VB>, p);
+	mx_kernel<D, F16, KB, VB><<<grid, MX_THREADS, sm, s>>>(p);
+	return cudaGetLastError();
 }
 
 template <int D, bool F16>
-static cudaError_t mx_launch_b(const enc_params &p, uint32_t n_jobs, cudaStream_t s, bool pdl)
+static cudaError_t mx_launch_b(const enc_params &p, uint32_t n_jobs, cudaStream_t s)
 {
 	if (p.kb == 2)
-		return p.vb == 2 ? mx_launch1<D, F16, 2, 2>(p, n_jobs, s, pdl)
-				 : mx_launch1<D, F16, 2, 4>(p, n_jobs, s, pdl);
-	return p.vb == 2 ? mx_launch1<D, F16, 4, 2>(p, n_jobs, s, pdl)
-			 : mx_launch1<D, F16, 4, 4>(p, n_jobs, s, pdl);
+		return p.vb == 2 ? mx_launch1<D, F16, 2, 2>(p, n_jobs, s)
+				 : mx_launch1<D, F16, 2, 4>(p, n_jobs, s);
+	return p.vb == 2 ? mx_launch1<D, F16, 4, 2>(p, n_jobs, s)
+			 : mx_launch1<D, F16, 4, 4>(p, n_jobs, s);
 }
 
 cudaError_t kvt_mx_launch(const enc_params &p, uint32_t n_jobs, uint32_t head_dim,
-			  cudaStream_t s, bool pdl)
+			  cudaStream_t s)
 {
 	const bool f16 = p.dtype == KVT_DTYPE_F16;
 	if (head_dim == 64)
-		return f16 ? mx_launch_b<64, true>(p, n_jobs, s, pdl) : mx_launch_b<64, false>(p, n_jobs, s, pdl);
-	return f16 ? mx_launch_b<128, true>(p, n_jobs, s, pdl) : mx_launch_b<128, false>(p, n_jobs, s, pdl);
+		return f16 ? mx_launch_b<64, true>(p, n_jobs, s) : mx_launch_b<64, false>(p, n_jobs, s);
+	return f16 ? mx_launch_b<128, true>(p, n_jobs, s) : mx_launch_b<128, false>(p, n_jobs, s);
 }

@@ -382,11 +382,8 @@ static int bench_encode_decode(double copy_bw, const char *kernel)
 	       "\"chunk_bytes\":%lld}\n",
 	       kernel, H, D, B, ED_CHUNKS, L, in_bytes, te * 1e6, in_bytes / te / 1e12,
 	       copy_bw / 1e12, in_bytes / te / copy_bw, (long long)sizes[0]);
-	/* the last timed call's chunks pass kvt_chunk_parse (crc included), except under
-	 * KVTIER_CUDA_CRC=none (no crc pass: measures the encoder alone) */
+	/* the last timed call's chunks pass kvt_chunk_parse (crc included) */
 	{
-		const char *cm = getenv("KVTIER_CUDA_CRC");
-		const int want_ok = !(cm && !strcmp(cm, "none"));
 		int parsed = 0;
 		uint8_t *hc = malloc((size_t)sizes[0] + 64);
 		for (int i = 0; hc && i < ED_CHUNKS; i++) {
@@ -398,13 +395,13 @@ static int bench_encode_decode(double copy_bw, const char *kernel)
 				break;
 			if (kvt_chunk_parse(hc, (size_t)sizes[i], &pc, NULL, perr, sizeof(perr)) == 0)
 				parsed++;
-			else if (want_ok)
+			else
 				fprintf(stderr, "encode %s: chunk %d: %s\n", kernel, i, perr);
 		}
 		free(hc);
 		printf("{\"bench\":\"gpu\",\"op\":\"encode_parse\",\"kernel\":\"%s\","
 		       "\"chunks_parse\":%d,\"chunks\":%d}\n", kernel, parsed, ED_CHUNKS);
-		if (want_ok && parsed != ED_CHUNKS)
+		if (parsed != ED_CHUNKS)
 			goto out;
 	}
 	for (int i = 0; i < ED_CHUNKS; i++) {
@@ -493,27 +490,10 @@ codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder
 	 * (KVTIER_CUDA_ENC_EXACT=1), then the session-2 kernels, all against the same copy */
 	rc |= bench_encode_decode(bw, "fast");
-	/* the crc pass's variants, interleaved, twice (measuring only): KVT_BENCH_CRC_AB holds
-	 * KVTIER_CUDA_CRC values, "MODE@N" also sets KVTIER_CUDA_CRC_FRONT_BLOCKS=N */
-	const char *ab = getenv("KVT_BENCH_CRC_AB");
-	for (int rep = 0; ab && rep < 2; rep++) {
-		char list[256];
-		snprintf(list, sizeof(list), "%s", ab);
-		for (char *sv = NULL, *tok = strtok_r(list, " ", &sv); tok;
-		     tok = strtok_r(NULL, " ", &sv)) {
-			char vname[64];
-			snprintf(vname, sizeof(vname), "fast_crc_%s", tok);
-			char *at = strchr(tok, '@');
-			if (at) {
-				*at = 0;
-				setenv("KVTIER_CUDA_CRC_FRONT_BLOCKS", at + 1, 1);
-			}
-			setenv("KVTIER_CUDA_CRC", tok, 1);
-			rc |= bench_encode_decode(bw, vname);
-			unsetenv("KVTIER_CUDA_CRC");
-			unsetenv("KVTIER_CUDA_CRC_FRONT_BLOCKS");
-		}
-	}
+	/* the crc pass as a plain launch after the encoder (A/B of its programmatic launch) */
+	setenv("KVTIER_CUDA_CRC_PDL", "0", 1);
+	rc |= bench_encode_decode(bw, "fast_crc_plain");
+	unsetenv("KVTIER_CUDA_CRC_PDL");
 	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
 	rc |= bench_encode_decode(bw, "exact");
 	unsetenv("KVTIER_CUDA_ENC_EXACT");

@@ -691,41 +691,38 @@ static void test_decode_exact(void)
 }
 
 /* kvt_cuda_codec.cu's crc test hook (not public API): the crc32c of len bytes at align_off of
- * a device buffer, by crc pass `which` (8: crc8 as a plain launch; 9: crc8's front warps and
- * the plain pass after them; 3: crc3, session 6's pass) */
+ * a device buffer, by the encoder's crc pass (crc8_kernel) as a plain launch */
 int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
-		      int which, uint32_t *crc, char *err, size_t errlen);
+		      uint32_t *crc, char *err, size_t errlen);
 
-static void crc_direct_one(uint8_t *buf, size_t len, int which)
+static void crc_direct_one(uint8_t *buf, size_t len)
 {
 	static const size_t aligns[] = {0, 16, 32, 48, 64, 256};
 	char err[256];
 	const size_t al = aligns[kvt_rand_below(6)];
 	const uint32_t want = kvt_crc32c(0, buf, len);
 	uint32_t got = 0;
-	int rc = kvt_cuda_crc_test(ctx, buf, len, al, which, &got, err, sizeof(err));
+	int rc = kvt_cuda_crc_test(ctx, buf, len, al, &got, err, sizeof(err));
 	KVT_CHECK(rc == 0, "crc test len %zu: %s", len, err);
-	KVT_CHECK(got == want, "crc pass %d, len %zu, offset %zu: GPU %08x, CPU %08x", which, len,
-		  al, got, want);
+	KVT_CHECK(got == want, "crc len %zu, offset %zu: GPU %08x, CPU %08x", len, al, got, want);
 	/* one byte flipped (anywhere, by a nonzero pattern): a crc catches every such error */
 	const size_t at = (size_t)(kvt_rand_u64() % len);
 	const uint8_t flip = (uint8_t)(1 + kvt_rand_below(255));
 	buf[at] ^= flip;
 	const uint32_t want2 = kvt_crc32c(0, buf, len);
 	uint32_t got2 = 0;
-	rc = kvt_cuda_crc_test(ctx, buf, len, al, which, &got2, err, sizeof(err));
+	rc = kvt_cuda_crc_test(ctx, buf, len, al, &got2, err, sizeof(err));
 	buf[at] ^= flip;
 	KVT_CHECK(rc == 0, "crc test len %zu: %s", len, err);
 	KVT_CHECK(got2 == want2 && got2 != got,
-		  "crc pass %d, len %zu, byte %zu ^ %02x: GPU %08x (before %08x), CPU %08x", which,
-		  len, at, flip, got2, got, want2);
+		  "crc len %zu, byte %zu ^ %02x: GPU %08x (before %08x), CPU %08x", len, at, flip,
+		  got2, got, want2);
 }
 
-/* The crc passes against the CPU's crc32c over random bytes of the lengths chunks have (64-byte
+/* The crc pass against the CPU's crc32c over random bytes of the lengths chunks have (64-byte
  * multiples): short ones (a partial first 8 KiB region), region boundaries, a few MB, and one
  * past the 64 MiB of precomputed region multipliers; zero runs at the start (a chunk's zero
- * gaps) too. crc8 runs as a plain pass and as front warps (no encoder to wait for: they take
- * items at once, the plain pass after them what is left); crc3 on a quarter of the lengths. */
+ * gaps) too; each also with one byte flipped. */
 static void test_crc_direct(void)
 {
 	const size_t big = (size_t)64 << 20;
@@ -759,17 +756,13 @@ static void test_crc_direct(void)
 			zeros = 64 * (size_t)kvt_rand_below((uint32_t)(len / 64));
 			memset(buf, 0, zeros);
 		}
-		crc_direct_one(buf, len, 8);
-		crc_direct_one(buf, len, 9);
-		if (i % 4 == 0 && len < big)
-			crc_direct_one(buf, len, 3);
+		crc_direct_one(buf, len);
 		for (size_t z = 0; z < zeros; z += 8) {
 			uint64_t r = kvt_rand_u64();
 			memcpy(buf + z, &r, 8);
 		}
 	}
-	printf("# crc direct: %d lengths, crc8 (plain, front) / crc3 against the CPU's crc32c\n",
-	       n);
+	printf("# crc direct: %d lengths against the CPU's crc32c\n", n);
 	free(buf);
 }
 
