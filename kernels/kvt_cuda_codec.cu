@@ -864,7 +864,7 @@ __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, 
 	*(uint32_t *)(j.out + field_off) = crc;
 }
 
-/* crc8_kernel on 3 blocks per SM (4 warps, 65.1 KB of shared memory each: one fits where one
+/* crc8_kernel on 3 blocks per SM (4 warps, 65,632 bytes of shared memory each: one fits where one
  * tensor-core encoder block was), as a plain launch or as the encoder's programmatic
  * dependent (pdl) */
 static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaStream_t s)
