@@ -45,12 +45,6 @@ __device__ __forceinline__ void cp_async_wait1(void)
 	asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
 
-/* wait until at most N committed groups are pending */
-template <int N> __device__ __forceinline__ void cp_async_waitn(void)
-{
-	asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 /* A warp's value partial in the reduction layout racc[head][channel]: the lanes holding the
  * two halves of each column pair add theirs (xor 2), the
  * value-zero term goes through zsm to the lanes that own the channels, and vacc, which holds
@@ -443,24 +437,7 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-/* The chunk descriptors a warp reads in its loop ([c0, c1): its units' chunks and the one
- * after, loaded a chunk ahead), prefetched into L1 before the loop. Why: the loop loads the
- * next chunk's descriptor (section pointer, pin count) when it enters a chunk, but ptxas
- * copies the loaded pin count into its loop register right away, so the warp waited one
- * L2 / DRAM round trip at every chunk boundary (every B / 32 units; ncu: long-scoreboard
- * stalls 0.40 per issued instruction, session 6's loop). From L1 that wait is short. */
-__device__ __forceinline__ void i4_prefetch_chunks(const att_params &p, const att_item_dev &it,
-						   uint32_t u0, uint32_t u1, uint32_t upc, int lane)
-{
-	if (u0 >= u1)
-		return;
-	const uint32_t cend = it.first + it.count, c0 = it.first + u0 / upc;
-	const uint32_t c1 = min(cend, it.first + (u1 - 1) / upc + 2);
-	for (uint32_t c = c0 + lane; c < c1; c += 32)
-		asm volatile("prefetch.global.L1 [%0];" ::"l"(p.chunks + c));
-}
-
-template <int GV, int KB, int NB, bool PF>
+template <int GV, int KB>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
@@ -516,26 +493,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 	}
 	const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(stage);
-	/* NB 2: two buffers, toggled; NB 3: three, in turn (unit u + 3 is staged while unit u
-	 * is computed, so its bytes have two units' time to arrive instead of one) */
-	const uint32_t bx = i4_opaque(NB == 2 ? s0 ^ (s0 + BUF) : s0 + 2 * BUF); /* toggle / last */
-	const uint32_t sfirst = i4_opaque(s0);
-	auto bnext = [&](uint32_t b) -> uint32_t {
-		if constexpr (NB == 2)
-			return b ^ bx;
-		else
-			return b == bx ? sfirst : b + BUF;
-	};
-	if (!oscar) { /* kivi: the norm slots of every buffer hold 1.0 (never staged) */
-#pragma unroll
-		for (int i = 0; i < NB; i++)
-			*(float *)(stage + i * BUF + I2_NR + 4 * lane) = 1.0f;
+	const uint32_t bx = i4_opaque(s0 ^ (s0 + BUF)); /* buffer toggle */
+	if (!oscar) { /* kivi: the norm slots of both buffers hold 1.0 (never staged) */
+		*(float *)(stage + I2_NR + 4 * lane) = 1.0f;
+		*(float *)(stage + BUF + I2_NR + 4 * lane) = 1.0f;
 	}
 
 	/* the staged unit's chunk cs and block ss; the next chunk's descriptor, loaded ahead */
 	const uint32_t cend = it.first + it.count;
-	if constexpr (PF)
-		i4_prefetch_chunks(p, it, u0, u1, upc, lane);
 	uint32_t cs = it.first + u0 / upc, ss = u0 % upc, np_s = 0, nnp = 0;
 	const uint8_t *bK = NULL, *bV = NULL, *b0 = NULL, *b1 = NULL, *b2 = NULL, *nsec = NULL;
 	auto rebase = [&](const uint8_t *sec) {
@@ -632,7 +597,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	};
 	uint32_t rem = u1 - u0;
 	uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
-	uint32_t sb1 = ss, cc1 = cs, np1 = np_s;  /* NB 3: unit u + 1's */
 	auto advance = [&]() {
 		if (++ss == upc) { /* the staged unit starts a chunk */
 			ss = 0;
@@ -647,22 +611,12 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	};
 	if (rem > 1) {
 		advance();
-		stage_unit(s0 + BUF, ss);
+		stage_unit(s0 ^ bx, ss);
 	}
 	cp_async_commit();
-	if constexpr (NB == 3) {
-		sb1 = ss;
-		cc1 = cs;
-		np1 = np_s;
-		if (rem > 2) {
-			advance();
-			stage_unit(s0 + 2 * BUF, ss);
-		}
-		cp_async_commit();
-	}
 	uint32_t vcur = va0; /* this unit's value scale words */
 	if (rem) {
-		cp_async_waitn<NB - 1>();
+		cp_async_wait1();
 		__syncwarp();
 		conv_key(s0);
 		conv_val(s0, vcur);
@@ -769,21 +723,19 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			}
 		}
 		__syncwarp(); /* every lane is done with this buffer */
-		/* NB 2: the staged cursor is at unit u + 1; NB 3: at u + 2 (u + 1's is sb1..) */
-		const uint32_t sbn = ss, ccn = cs, npn = np_s;
-		if (rem > NB) {
+		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
+		if (rem > 2) {
 			advance();
 			stage_unit(bcur, ss);
 		}
 		cp_async_commit();
 		/* unit u + 1: its bytes, its conversions (the last iteration converts stale
 		 * bytes of a finished buffer into words nobody reads) */
-		cp_async_waitn<NB - 1>();
+		cp_async_wait1();
 		__syncwarp();
-		const uint32_t bnx = bnext(bcur);
-		if (GV == 32 || ((NB == 2 ? sbn : sb1) & gmask) == 0)
-			conv_key(bnx);
-		conv_val(bnx, vcur ^ vx);
+		if (GV == 32 || (sbn & gmask) == 0)
+			conv_key(bcur ^ bx);
+		conv_val(bcur ^ bx, vcur ^ vx);
 
 		/* online softmax of unit u */
 		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
@@ -859,20 +811,11 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
 			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
 		}
-		bcur = bnx;
+		bcur ^= bx;
 		vcur ^= vx;
-		if constexpr (NB == 2) {
-			sbc = sbn;
-			ccc = ccn;
-			npc = npn;
-		} else {
-			sbc = sb1;
-			ccc = cc1;
-			npc = np1;
-			sb1 = sbn;
-			cc1 = ccn;
-			np1 = npn;
-		}
+		sbc = sbn;
+		ccc = ccn;
+		npc = npn;
 		__syncwarp(); /* unit u + 1's words are visible */
 	}
 
@@ -882,446 +825,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
 	if (gid < 4 && tig == 0) {
 		rm[gid] = m2 * 0.69314718055994531f; /* back to the natural-log domain */
-		rl[gid] = l;
-	}
-}
-
-/* ---- The unit loop software-pipelined (session 7, att8; KVTIER_CUDA_I5) -------------------
- * The same arithmetic, bytes and results as attend_coded_i4 with three stage buffers, but
- * one loop trip holds unit u's value MMAs and unit u + 1's key MMAs in one basic block: the
- * two are independent, so the scheduler has a second dependency chain in every warp to
- * interleave (attend_coded_i4 runs keys, softmax and values of a unit one after the other,
- * and its blocks are split by the pins, staging and rescale branches). A trip:
- *   1. stage unit u + 3 into unit u's buffer (its value codes are already in registers);
- *   2. softmax maximum of unit u (its logits came from the previous trip), the rescale;
- *   3. one block: p of unit u, its value MMAs; unit u + 1's key MMAs, logits (norms) and value
- *      codes (into registers);
- *   4. unit u + 1's pins (rare branch); wait for unit u + 2, convert its scales.
- * The prologue runs unit u0's keys, the epilogue the last unit's values. */
-template <int GV, int KB, bool PF>
-__device__ __forceinline__ void attend_coded_i5(const att_params &p, const att_item_dev &it,
-						uint32_t u0, uint32_t u1, const uint4 *afr,
-						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, uint32_t *vs2, int lane)
-{
-	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>(), NB = 3;
-	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
-	const int gid = lane >> 2, tig = lane & 3;
-	const float lo_f = __uint_as_float(i4_opaque(gid >= 4 ? 0x3f800000u : 0u));
-	const uint32_t zero = i4_opaque(0u);
-	const uint32_t upc = p.B / 32, h = it.kv_head;
-	const bool oscar = p.scheme == KVT_SCHEME_OSCAR;
-	const int vg = (16 * gid) / GV;
-	const uint32_t gsh = GV == 32 ? 0u : GV == 64 ? 1u : p.gsh, gmask = (1u << gsh) - 1u;
-	const int ckind = lane >> 4, cblk = (lane >> 1) & 7, chalf = lane & 1;
-	uint32_t cfac[4];
-#pragma unroll
-	for (int e = 0; e < 4; e++)
-		cfac[e] = i4_opaque(ckind ? 0xB400B400u /* -1/4 */
-				    : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
-					      : chalf ? i3_factor(4 + e) : i3_factor(e));
-
-	float m2 = -INFINITY, l2 = 0.0f;
-	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
-#pragma unroll
-	for (int i = 0; i < 8; i++)
-		vacc[i][0] = vacc[i][1] = vacc[i][2] = vacc[i][3] = 0.0f;
-
-	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	const uint32_t oK = p.k_codes_off + hB * (KB == 3 ? 48 : 32) + 16 * lane;
-	const uint32_t oV = p.v_codes_off + hB * 32 + 16 * lane;
-	const uint32_t o0 = (lane < 16 ? p.k_scale_off + 16 * lane : p.k_zero_off + 16 * (lane - 16)) +
-			    kgbase;
-	const uint32_t o1 = (lane < 4 * NG ? p.v_scale_off + 16 * lane
-					   : p.v_zero_off + 16 * (lane - 4 * NG)) +
-			    hB * NG * 2;
-	const uint32_t o2 = p.norms_off + 16 * lane;
-	const bool on1 = lane < 8 * NG, on2 = oscar && lane < 8;
-	uint32_t kd[3] = {0u, 0u, 0u};
-	if constexpr (KB == 3) {
-#pragma unroll
-		for (int j = 0; j < 3; j++) {
-			const uint32_t pc = lane + 32 * j, t = pc / 3, part = pc - 3 * t;
-			kd[j] = part < 2 ? I2_KC + 32 * t + 16 * part : I3_KH + 16 * t;
-		}
-	}
-	const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(stage);
-	const uint32_t blast = i4_opaque(s0 + 2 * BUF), sfirst = i4_opaque(s0);
-	auto bnext = [&](uint32_t b) -> uint32_t { return b == blast ? sfirst : b + BUF; };
-	if (!oscar) {
-#pragma unroll
-		for (int i = 0; i < NB; i++)
-			*(float *)(stage + i * BUF + I2_NR + 4 * lane) = 1.0f;
-	}
-
-	const uint32_t cend = it.first + it.count;
-	if constexpr (PF)
-		i4_prefetch_chunks(p, it, u0, u1, upc, lane);
-	uint32_t cs = it.first + u0 / upc, ss = u0 % upc, np_s = 0, nnp = 0;
-	const uint8_t *bK = NULL, *bV = NULL, *b0 = NULL, *b1 = NULL, *b2 = NULL, *nsec = NULL;
-	auto rebase = [&](const uint8_t *sec) {
-		bK = sec + oK;
-		bV = sec + oV;
-		b0 = sec + o0;
-		b1 = sec + o1;
-		b2 = sec + o2;
-	};
-	auto stage_unit = [&](uint32_t sb, uint32_t blk) {
-		const uint8_t *pk = bK + blk * KSTR, *pv = bV + blk * 1024u;
-		const uint32_t sl = sb + 16 * lane;
-		if constexpr (KB == 3) {
-			i4_cp16<0, 0>(sb + kd[0], pk);
-			i4_cp16<0, 512>(sb + kd[1], pk);
-			i4_cp16<0, 1024>(sb + kd[2], pk);
-		} else {
-			i4_cp16<I2_KC, 0>(sl, pk);
-			i4_cp16<I2_KC + 512, 512>(sl, pk);
-		}
-		i4_cp16<I2_VC, 0>(sl, pv);
-		i4_cp16<I2_VC + 512, 512>(sl, pv);
-		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> gsh) * 256u);
-		if (on1)
-			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG));
-		if (on2)
-			i4_cp16<I2_NR, 0>(sl, b2 + blk * 128u);
-	};
-	auto advance = [&]() {
-		if (++ss == upc) {
-			ss = 0;
-			cs++;
-			rebase(nsec);
-			np_s = nnp;
-			if (cs + 1 < cend) {
-				nsec = p.chunks[cs + 1].sec;
-				nnp = p.chunks[cs + 1].n_pinned;
-			}
-		}
-	};
-	uint32_t magic;
-	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
-	const uint32_t kro = gid * 32 + tig * 8, khro = I3_KH + gid * 16 + tig * 4;
-	const uint32_t kcs = i4_opaque((ckind ? I2_KZ : I2_KS) + 2 * (16 * cblk + 4 * chalf));
-	const uint32_t vzo = (uint32_t)(gid & (NG - 1));
-	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
-	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
-	const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
-	const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
-	const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
-	const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
-	auto conv_key = [&](uint32_t bf) {
-		const uint32_t ka = bf + kcs;
-		const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
-		uint4 o;
-		uint32_t *ow = (uint32_t *)&o;
-#pragma unroll
-		for (int e = 0; e < 4; e++) {
-			const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
-			const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
-			const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
-			__half2 hh = __floats2half2_rn(fx, fy);
-			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
-		}
-		*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
-	};
-	auto conv_val = [&](uint32_t bf, uint32_t vdst) {
-		const uint32_t d = vdst + vdo;
-		if constexpr (NG == 4) {
-			const uint4 v = i4_lds128<0>(bf + vcs);
-			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d),
-				     "r"(i4_bf2h(v.x, v.z, false)), "r"(i4_bf2h(v.x, v.z, true)),
-				     "r"(i4_bf2h(v.y, v.w, false)), "r"(i4_bf2h(v.y, v.w, true)));
-		} else if constexpr (NG == 2) {
-			const uint2 v = i4_lds64<0>(bf + vcs);
-			asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d),
-				     "r"(i4_bf2h(v.x, v.y, false)), "r"(i4_bf2h(v.x, v.y, true)));
-		} else {
-			const uint32_t v = i4_lds32<0>(bf + vcs);
-			__half2 t = __floats2half2_rn(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-			asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(*(uint32_t *)&t));
-		}
-	};
-	/* keys of the unit in buffer bf: logits (log2 domain, norms applied) into lg */
-	auto key_phase = [&](uint32_t bf, float (&lg)[4][2]) {
-		float acc[4][4], cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-		uint32_t kwl[4], kw[4], kwr[4];
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-		uint2 kr[4];
-		uint32_t kh[4] = {0u, 0u, 0u, 0u}, khx[4] = {0u, 0u, 0u, 0u};
-		{
-			const uint32_t ka = bf + kro;
-			kr[0] = i4_lds64<0>(ka);
-			kr[1] = i4_lds64<256>(ka);
-			kr[2] = i4_lds64<512>(ka);
-			kr[3] = i4_lds64<768>(ka);
-			if constexpr (KB == 3) {
-				const uint32_t kha = bf + khro;
-				kh[0] = i4_lds32<0>(kha);
-				kh[1] = i4_lds32<128>(kha);
-				kh[2] = i4_lds32<256>(kha);
-				kh[3] = i4_lds32<384>(kha);
-			}
-		}
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].x;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4140);
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
-			}
-		}
-		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].y;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4342);
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
-			}
-		}
-		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		const float bias = cb[0] + cb[2];
-		const uint32_t na = bf + 8 * tig;
-		uint2 nr[4];
-		nr[0] = i4_lds64<I2_NR>(na);
-		nr[1] = i4_lds64<I2_NR + 32>(na);
-		nr[2] = i4_lds64<I2_NR + 64>(na);
-		nr[3] = i4_lds64<I2_NR + 96>(na);
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			lg[j][0] = (acc[j][0] + acc[j][2] + bias) * __uint_as_float(nr[j].x);
-			lg[j][1] = (acc[j][1] + acc[j][3] + bias) * __uint_as_float(nr[j].y);
-		}
-	};
-	auto read_vcw = [&](uint32_t bf, uint32_t (&vcw)[2][4]) {
-		const uint32_t va = bf + vwo;
-		vcw[0][0] = i4_lds32<0>(va);
-		vcw[0][1] = i4_lds32<32>(va);
-		vcw[0][2] = i4_lds32<256>(va);
-		vcw[0][3] = i4_lds32<288>(va);
-		vcw[1][0] = i4_lds32<512>(va);
-		vcw[1][1] = i4_lds32<512 + 32>(va);
-		vcw[1][2] = i4_lds32<512 + 256>(va);
-		vcw[1][3] = i4_lds32<512 + 288>(va);
-	};
-	auto pins = [&](float (&lg)[4][2], uint32_t npc, uint32_t ccc, uint32_t sbc) {
-		if (npc) {
-			const uint16_t *pn = p.chunks[ccc].pins;
-			for (uint32_t i = 0; i < npc; i++) {
-				const uint32_t pt = pn[i];
-#pragma unroll
-				for (int j = 0; j < 4; j++) {
-					const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
-					if (pt == t)
-						lg[j][0] = -INFINITY;
-					if (pt == t + 1)
-						lg[j][1] = -INFINITY;
-				}
-			}
-		}
-	};
-	/* softmax maximum of a unit and the rescale; returns the subtrahend ms */
-	auto soft_max = [&](const float (&lg)[4][2]) -> float {
-		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
-				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
-		const float mn = fmaxf(m2, mx);
-		const float ms = mn == -INFINITY ? 0.0f : mn;
-		const float alpha = i3_ex2(m2 - ms);
-		l2 *= alpha;
-		m2 = mn;
-		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
-			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
-			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				vacc[i][0] *= a0;
-				vacc[i][1] *= a1;
-				vacc[i][2] *= a0;
-				vacc[i][3] *= a1;
-			}
-			zacc[0] *= a0;
-			zacc[1] *= a1;
-		}
-		return ms;
-	};
-	/* p of a unit (logits lg, subtrahend ms) and its value MMAs (codes vcw, scale words at
-	 * vw) */
-	auto value_phase = [&](const float (&lg)[4][2], float ms, const uint32_t (&vcw)[2][4],
-			       uint32_t vw) {
-		float pv[4][2];
-		float ls = 0.0f;
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			pv[j][0] = i3_ex2(lg[j][0] - ms);
-			pv[j][1] = i3_ex2(lg[j][1] - ms);
-			ls += pv[j][0] + pv[j][1];
-		}
-		l2 += ls;
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++) {
-			const uint32_t bb0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
-			const uint32_t bb1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
-			uint32_t u[4], ul[4], ur[4];
-			u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
-			u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
-			u[2] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x5410);
-			u[3] = __byte_perm(vcw[kk][2], vcw[kk][3], 0x7632);
-#pragma unroll
-			for (int r = 0; r < 4; r++) {
-				ul[r] = u[r] << 6;
-				ur[r] = u[r] >> 6;
-			}
-			uint32_t sv[2][3];
-			uint32_t az[4];
-			if (kk == 0) {
-				sv[0][0] = i4_lds32<0>(vw + vso);
-				sv[1][0] = i4_lds32<16 * NG>(vw + vso);
-				az[0] = i4_lds32<0>(vw + vzb);
-				az[2] = i4_lds32<16 * NG>(vw + vzb);
-			} else {
-				sv[0][0] = i4_lds32<32 * NG>(vw + vso);
-				sv[1][0] = i4_lds32<48 * NG>(vw + vso);
-				az[0] = i4_lds32<32 * NG>(vw + vzb);
-				az[2] = i4_lds32<48 * NG>(vw + vzb);
-			}
-			az[1] = az[3] = zero;
-#pragma unroll
-			for (int r = 0; r < 2; r++) {
-				sv[r][1] = i3_hmul2(sv[r][0], 0x44004400u);
-				sv[r][2] = i3_hmul2(sv[r][0], 0x4C004C00u);
-			}
-			i3_vstep<0>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<1>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<2>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<3>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<4>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<5>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<6>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			i3_vstep<7>(vacc, ul, u, ur, sv, bb0, bb1, magic);
-			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, bb0, bb1);
-		}
-	};
-
-	/* prologue: stage units u0 .. u0 + 2, convert and run u0's keys, convert u0 + 1 */
-	uint32_t rem = u1 - u0;
-	if (rem) {
-		rebase(p.chunks[cs].sec);
-		np_s = p.chunks[cs].n_pinned;
-		if (cs + 1 < cend) {
-			nsec = p.chunks[cs + 1].sec;
-			nnp = p.chunks[cs + 1].n_pinned;
-		}
-		stage_unit(s0, ss);
-	}
-	cp_async_commit();
-	const uint32_t sb0 = ss, cc0 = cs, np0 = np_s; /* unit u0 */
-	if (rem > 1) {
-		advance();
-		stage_unit(s0 + BUF, ss);
-	}
-	cp_async_commit();
-	uint32_t sb1 = ss, cc1 = cs, np1 = np_s; /* unit u + 1 (here u0 + 1) */
-	if (rem > 2) {
-		advance();
-		stage_unit(s0 + 2 * BUF, ss);
-	}
-	cp_async_commit();
-	uint32_t vcur = va0;	/* unit u's value scale words */
-	uint32_t bcur = s0;	/* unit u's buffer */
-	float lg[4][2];		/* unit u's logits */
-	uint32_t vcw[2][4];	/* unit u's value codes */
-	if (rem) {
-		cp_async_waitn<2>();
-		__syncwarp();
-		conv_key(s0);
-		conv_val(s0, vcur);
-		__syncwarp();
-		key_phase(s0, lg);
-		read_vcw(s0, vcw);
-		pins(lg, np0, cc0, sb0);
-		if (rem > 1) {
-			cp_async_waitn<1>(); /* unit u0 + 1 */
-			__syncwarp();
-			if (GV == 32 || (sb1 & gmask) == 0)
-				conv_key(s0 + BUF);
-			conv_val(s0 + BUF, vcur ^ vx);
-		}
-		__syncwarp();
-	}
-	for (; rem > 1; rem--) {
-		/* 1. unit u + 3 into unit u's buffer (every lane is done with it) */
-		const uint32_t sb2 = ss, np2 = np_s, cc2 = cs; /* unit u + 2 (staged cursor) */
-		if (rem > 3) {
-			advance();
-			stage_unit(bcur, ss);
-		}
-		cp_async_commit();
-		/* 2. unit u's maximum and rescale */
-		const float ms = soft_max(lg);
-		/* 3. unit u's values and unit u + 1's keys */
-		const uint32_t bn = bnext(bcur);
-		float lgn[4][2];
-		uint32_t vcwn[2][4];
-		value_phase(lg, ms, vcw, vcur);
-		key_phase(bn, lgn);
-		read_vcw(bn, vcwn);
-		/* 4. unit u + 1's pins; unit u + 2's bytes and conversions */
-		pins(lgn, np1, cc1, sb1);
-		__syncwarp(); /* every lane is done with the key and value words of u + 1, u */
-		if (rem > 2) {
-			cp_async_waitn<1>();
-			__syncwarp();
-			if (GV == 32 || (sb2 & gmask) == 0)
-				conv_key(bnext(bn));
-			conv_val(bnext(bn), vcur);
-		}
-		__syncwarp();
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			lg[j][0] = lgn[j][0];
-			lg[j][1] = lgn[j][1];
-		}
-#pragma unroll
-		for (int kk = 0; kk < 2; kk++)
-#pragma unroll
-			for (int r = 0; r < 4; r++)
-				vcw[kk][r] = vcwn[kk][r];
-		bcur = bn;
-		vcur ^= vx;
-		sb1 = sb2;
-		cc1 = cc2;
-		np1 = np2;
-	}
-	if (rem) { /* the last unit's values */
-		const float ms = soft_max(lg);
-		value_phase(lg, ms, vcw, vcur);
-	}
-
-	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
-	float l = l2;
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
-	if (gid < 4 && tig == 0) {
-		rm[gid] = m2 * 0.69314718055994531f;
 		rl[gid] = l;
 	}
 }
@@ -1434,32 +937,21 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
  * (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
  * sessions 5 and 6;
  * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
-/* NB 3: the stage buffers are dynamic shared memory (over the 48 KB of static shared memory) */
-extern __shared__ __align__(16) uint8_t i4_dyn_stage[];
-
-template <int KB, int NB> __host__ __device__ constexpr int i4_dyn_bytes(void)
-{
-	return NB == 2 ? 0 : ATT_WARPS * NB * i3_buf_bytes<KB>();
-}
-
-template <int GV, int V, int MINB, int KB = 2, int NB = 2, bool PL = false, bool PF = true>
+template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
 	static_assert(V == 2, "the keys-as-B kernel");
-	static_assert(NB == 2 || NB == 3, "two or three stage buffers per warp");
-	static_assert(!PL || NB == 3, "the pipelined loop takes three stage buffers");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
-	__shared__ __align__(16) uint8_t stage_s[NB == 2 ? ATT_WARPS : 1][NB == 2 ? 2 * BUF : 16];
-	uint8_t *const stage0 = NB == 2 ? &stage_s[0][0] : i4_dyn_stage; /* [ATT_WARPS][NB * BUF] */
+	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
 	__shared__ __align__(16) uint4 afr[8 * 32]; /* q' key A fragments [k][lane] */
 	__shared__ __align__(16) uint32_t cw[ATT_WARPS][I3_CW];
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
 	__shared__ __align__(16) uint16_t pinrow[I3_PMAX][2][D]; /* folded pins */
 	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
-	float *red_acc = (float *)stage0;
+	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
 	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
@@ -1495,25 +987,20 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		__syncthreads();
 	}
 	/* a warp's reduction slot is the start of its own stage: its own copies are done */
-	float *racc = (float *)(stage0 + warp * NB * BUF);
+	float *racc = (float *)&stage[warp][0];
 	if (it.kind == ITEM_CODED) {
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		if constexpr (PL)
-			attend_coded_i5<GV, KB, PF>(p, it, u0, u1, afr, stage0 + warp * NB * BUF, cw[warp],
+		attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
 						(uint32_t *)qf + warp * 128, lane);
-		else
-			attend_coded_i4<GV, KB, NB, PF>(p, it, u0, u1, afr, stage0 + warp * NB * BUF,
-						    cw[warp], zsm[warp], red_m[warp], red_l[warp],
-						    racc, (uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
 		warp_state<EPL, RQ> st;
 		state_init<EPL, RQ>(st);
-		float *pbuf = (float *)(stage0 + warp * NB * BUF + RQ * D * 4); /* 32 x RQ floats after racc */
+		float *pbuf = (float *)&stage[warp][RQ * D * 4]; /* 32 x RQ floats after racc */
 		uint32_t per = (it.count + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
 		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
@@ -1522,10 +1009,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
 	if (p.fold)
-		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, NB * BUF / 4, qo, pinrow,
+		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo, pinrow,
 				 npin);
 	else
-		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, NB * BUF / 4);
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */
@@ -1544,7 +1031,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		return;
 	__threadfence();
 	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * BUF, "fits the stages");
-	combine_group_in_block<D>(p, it.group, (float *)stage0);
+	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
 }
 
 
@@ -1555,35 +1042,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
  * call: INT2 53.9 vs 54.8 us at 1 x 131072, 75.8 vs 86.2 at 48 x 4096 (most of that from the
  * plan cutting for 3 resident blocks: fewer, longer items; 4 with that cutting: 77.2), K3 V2
  * 60.3 vs 64.2 at 1 x 131072 (63.1 with MINB 4 and the same cutting) (docs/gpu.md). */
-/* NB 3: the kernel's dynamic shared memory allowed, and the largest shared-memory carveout
- * preferred (else the driver may pick one that holds fewer blocks than the registers allow);
- * done once, before the first launch or occupancy query */
-template <int GV, int V, int MINB, int KB, int NB, bool PL, bool PF> static cudaError_t i2_attrs(void)
-{
-	constexpr int dyn = i4_dyn_bytes<KB, NB>();
-	if constexpr (dyn > 0) {
-		static const cudaError_t set = [] {
-			cudaError_t e = cudaFuncSetAttribute(attend_i2_kernel<GV, V, MINB, KB, NB, PL, PF>,
-							    cudaFuncAttributeMaxDynamicSharedMemorySize, dyn);
-			if (e == cudaSuccess)
-				e = cudaFuncSetAttribute(attend_i2_kernel<GV, V, MINB, KB, NB, PL, PF>,
-							 cudaFuncAttributePreferredSharedMemoryCarveout,
-							 cudaSharedmemCarveoutMaxShared);
-			return e;
-		}();
-		return set;
-	}
-	return cudaSuccess;
-}
-
-template <int GV, int V, int MINB, int KB = 2, int NB = 2, bool PL = false, bool PF = true>
+template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	constexpr int dyn = i4_dyn_bytes<KB, NB>();
-	const cudaError_t set = i2_attrs<GV, V, MINB, KB, NB, PL, PF>();
-	if (set != cudaSuccess)
-		return set;
-	attend_i2_kernel<GV, V, MINB, KB, NB, PL, PF><<<pl->n_items, ATT_THREADS, dyn, s>>>(pl->p);
+	attend_i2_kernel<GV, V, MINB, KB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 	cudaError_t e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
 		return e;
@@ -1597,61 +1059,32 @@ static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, u
 	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
 }
 
-/* A/B variants of the keys-as-B kernel at the benchmark shapes (INT2 G32, K3 G64), read once
- * per process: KVTIER_CUDA_MINB4=1 the loop built for 4 blocks per SM (128 registers);
- * KVTIER_CUDA_I4_PF=0 no descriptor prefetch (session 6's kernel); KVTIER_CUDA_I4_NB=3 three
- * stage buffers per warp; KVTIER_CUDA_I5=1 the software-pipelined loop (three buffers). */
-enum { I2_DEFAULT, I2_MINB4, I2_NOPF, I2_NB3, I2_PL };
-static int i2_variant(uint32_t kb, uint32_t gv, uint32_t variant)
+/* The keys-as-B kernel (V 2) is compiled for 3 blocks per SM (up to 168 registers; session 6's
+ * loop: INT2 G32 154, K3 G64 158, no spills); KVTIER_CUDA_MINB4=1 (A/B runs) builds the same
+ * loop for 4 (128 registers) at the benchmark shapes (INT2 G32, K3 G64). */
+static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 {
-	static int v = -1;
-	if (v < 0) {
-		const char *e;
-		v = I2_DEFAULT;
-		if ((e = getenv("KVTIER_CUDA_MINB4")) && atoi(e) != 0)
-			v = I2_MINB4;
-		else if ((e = getenv("KVTIER_CUDA_I4_PF")) && atoi(e) == 0)
-			v = I2_NOPF;
-		else if ((e = getenv("KVTIER_CUDA_I4_NB")) && atoi(e) == 3)
-			v = I2_NB3;
-		else if ((e = getenv("KVTIER_CUDA_I5")) && atoi(e) == 1)
-			v = I2_PL;
-	}
-	return variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32)) ? v : I2_DEFAULT;
+	static int on = -1;
+	if (on < 0)
+		on = getenv("KVTIER_CUDA_MINB4") && atoi(getenv("KVTIER_CUDA_MINB4")) != 0;
+	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
-	const bool k3 = pl->p.kb == 3;
-	switch (i2_variant(pl->p.kb, gv, pl->p.i2)) {
-	case I2_MINB4:
-		return k3 ? i2_launch<64, 2, 4, 3, 2, false, false>(pl, s)
-			  : i2_launch<32, 2, 4, 2, 2, false, false>(pl, s);
-	case I2_NOPF:
-		return k3 ? i2_launch<64, 2, 3, 3, 2, false, false>(pl, s)
-			  : i2_launch<32, 2, 3, 2, 2, false, false>(pl, s);
-	case I2_NB3:
-		return k3 ? i2_launch<64, 2, 3, 3, 3, false, true>(pl, s)
-			  : i2_launch<32, 2, 3, 2, 3, false, true>(pl, s);
-	case I2_PL:
-		return k3 ? i2_launch<64, 2, 3, 3, 3, true, true>(pl, s)
-			  : i2_launch<32, 2, 3, 2, 3, true, true>(pl, s);
-	default:
-		break;
-	}
-	if (k3)
+	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
+		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
+	if (pl->p.kb == 3)
 		return i2_launch_g<2, 3, 3>(pl, s, gv);
 	return i2_launch_g<2, 3>(pl, s, gv);
 }
 
-template <int GV, int V, int MINB, int KB = 2, int NB = 2, bool PL = false, bool PF = true>
-static int i2_occupancy(void)
+template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
 {
 	int nb = 0;
-	if (i2_attrs<GV, V, MINB, KB, NB, PL, PF>() != cudaSuccess ||
-	    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB, KB, NB, PL, PF>,
-							  ATT_THREADS, i4_dyn_bytes<KB, NB>()) != cudaSuccess)
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB, KB>,
+							  ATT_THREADS, 0) != cudaSuccess)
 		nb = 0;
 	(void)cudaGetLastError();
 	return nb;
@@ -1665,20 +1098,9 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
-	const bool k3 = kb == 3;
-	switch (i2_variant(kb, gv, variant)) {
-	case I2_MINB4:
-		return k3 ? i2_occupancy<64, 2, 4, 3, 2, false, false>() : i2_occupancy<32, 2, 4, 2, 2, false, false>();
-	case I2_NOPF:
-		return k3 ? i2_occupancy<64, 2, 3, 3, 2, false, false>() : i2_occupancy<32, 2, 3, 2, 2, false, false>();
-	case I2_NB3:
-		return k3 ? i2_occupancy<64, 2, 3, 3, 3, false, true>() : i2_occupancy<32, 2, 3, 2, 3, false, true>();
-	case I2_PL:
-		return k3 ? i2_occupancy<64, 2, 3, 3, 3, true, true>() : i2_occupancy<32, 2, 3, 2, 3, true, true>();
-	default:
-		break;
-	}
-	if (k3)
+	if (i2_minb4(kb, gv, variant))
+		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
+	if (kb == 3)
 		return i2_occupancy_g<2, 3, 3>(gv);
 	return i2_occupancy_g<2, 3>(gv);
 }
