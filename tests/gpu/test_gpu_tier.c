@@ -11,7 +11,11 @@
  * - GPU encode: a GPU-resident session and a host session appended the same tokens in many
  *   sizes (W = 0 and a recent window W > 0): FetchEncoded chunks byte-identical, the tails
  *   equal; gpu.encoded_chunks / gpu.encoded_into_arena count every chunk; a pin-detection
- *   config (CPU-only encoder) is counted in gpu.encoded_on_cpu, same bytes.
+ *   config (CPU-only encoder) is counted in gpu.encoded_on_cpu, same bytes. These run the
+ *   daemon on the byte-exact GPU encoder (KVTIER_CUDA_ENC_EXACT=1).
+ * - The default (tensor-core) GPU encoder through its own kvtierd: a GPU-resident session's
+ *   chunks against a host session's, INT2 and INT4: same sizes, headers, pins, exact copies,
+ *   codes at most one apart, values within a step, < 2e-4 of the codes differing.
  * - Arena policy: a small arena holding about two sessions: a third demotes the least
  *   recently used one (tier "host"), a pinned one is never demoted, a demoted one comes back
  *   on its next Attend (demoting the coldest unpinned) and on Prefetch, a session larger than
@@ -29,6 +33,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "gpu_test_util.h"
 #include "kvt_it.h"
 
 static double now_s(void)
@@ -113,16 +118,6 @@ static int fill(struct kvt_client *c, struct sess *s, uint64_t n)
 {
 	struct sess *one[1] = {s};
 	return append_same(c, one, 1, (uint32_t)n);
-}
-
-static double rel_err(const float *a, const float *b, size_t n)
-{
-	double num = 0, den = 0;
-	for (size_t i = 0; i < n; i++) {
-		num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-		den += (double)b[i] * b[i];
-	}
-	return sqrt(num / (den > 0 ? den : 1e-300));
 }
 
 /* kvt_attend over the session's stored chunks + tail (+ one new token when nk != NULL). */
@@ -551,6 +546,158 @@ static void test_gpu_encode(void)
 	}
 }
 
+/* The GPU tier's default encoder for oscar G32 bf16 sessions is the tensor-core one, whose codes
+ * may differ from the CPU's at rounding ties (test_gpu_codec checks the kernel against the CPU
+ * call by call). Here the same through kvtierd: a GPU-resident session's FetchEncoded chunks
+ * against a host session's (CPU encode) of the same tokens: same sizes, headers (crc aside), pin
+ * tables and exact copies, every chunk parses (crc of its own bytes), each code equal or one
+ * apart, each dequantized value within one quantization step (+ qmax 16-bit scale ulps), and
+ * few codes differing overall. Counts go to *codes / *diff. */
+static int near_encoded(struct kvt_client *c, const char *gid, const char *hid,
+			const struct kvt_codec_config *cfg, uint64_t *codes, uint64_t *diff,
+			double *worst_steps)
+{
+	struct kvt_client_encoded *eg = NULL, *eh = NULL;
+	struct kvt_client_status st;
+	char err[256];
+	int bad = 0;
+	if (kvt_client_fetch_encoded(c, gid, 0, KVT_CLIENT_ALL_CHUNKS, 1, &eg, &st) ||
+	    kvt_client_fetch_encoded(c, hid, 0, KVT_CLIENT_ALL_CHUNKS, 1, &eh, &st)) {
+		printf("# fetch_encoded: %s\n", st.message);
+		kvt_client_encoded_free(eg);
+		return -1;
+	}
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim, bits = cfg->key_bits > cfg->value_bits ? cfg->key_bits
+										 : cfg->value_bits;
+	const double tol = 1.001 + (double)((1u << bits) - 1) * 0x1p-8;
+	if (eg->n_chunks != eh->n_chunks || eg->n_chunks == 0)
+		bad = 1;
+	for (size_t i = 0; !bad && i < eg->n_chunks; i++) {
+		const uint8_t *g = eg->chunks[i].bytes, *h = eh->chunks[i].bytes;
+		struct kvt_chunk_header hg, hh;
+		if (eg->chunks[i].n_bytes != eh->chunks[i].n_bytes ||
+		    kvt_chunk_parse(g, eg->chunks[i].n_bytes, NULL, &hg, err, sizeof err) ||
+		    kvt_chunk_parse(h, eh->chunks[i].n_bytes, NULL, &hh, err, sizeof err)) {
+			printf("# chunk %zu: %zu vs %zu bytes, or it does not parse: %s\n", i,
+			       eg->chunks[i].n_bytes, eh->chunks[i].n_bytes, err);
+			bad = 1;
+			break;
+		}
+		hg.crc32c = hh.crc32c = 0;
+		struct kvt_chunk_layout lay;
+		kvt_chunk_layout(cfg, hh.n_pinned, &lay);
+		if (memcmp(&hg, &hh, sizeof hg) || memcmp(g + 64, h + 64, hh.data_offset - 64)) {
+			printf("# chunk %zu: headers or pin tables differ\n", i);
+			bad = 1;
+		}
+		for (uint32_t l = 0; !bad && l < L; l++) {
+			const size_t so = lay.data_offset + (size_t)l * lay.layer_bytes;
+			if (memcmp(g + so + lay.k_exact_off, h + so + lay.k_exact_off, lay.exact_bytes) ||
+			    memcmp(g + so + lay.v_exact_off, h + so + lay.v_exact_off, lay.exact_bytes)) {
+				printf("# chunk %zu layer %u: exact copies differ\n", i, l);
+				bad = 1;
+			}
+			for (int is_v = 0; is_v < 2; is_v++)
+				for (uint32_t hd = 0; hd < H; hd++)
+					for (uint32_t t = 0; t < B; t++)
+						for (uint32_t ch = 0; ch < d; ch++) {
+							const uint32_t b = is_v ? cfg->value_bits : cfg->key_bits;
+							const size_t ro = so + (is_v ? lay.v_codes_off : lay.k_codes_off) +
+									  ((size_t)hd * B + t) * d * b / 8;
+							const int cg = (int)chunk_code(g + ro, ch, b, d);
+							const int chh = (int)chunk_code(h + ro, ch, b, d);
+							float sg, sh;
+							const float a = chunk_dq(g, cfg, &lay, l, is_v, hd, t, ch, &sg);
+							const float r = chunk_dq(h, cfg, &lay, l, is_v, hd, t, ch, &sh);
+							const float step = sg > sh ? sg : sh;
+							const double ex = a == r ? 0.0 : fabs((double)a - r) / (step > 0 ? step : 1e-30);
+							(*codes)++;
+							*diff += cg != chh;
+							if (ex > *worst_steps)
+								*worst_steps = ex;
+							if (cg - chh > 1 || chh - cg > 1 || ex > tol) {
+								if (!bad)
+									printf("# chunk %zu l%u %s h%u t%u c%u: code %d vs %d, "
+									       "%g vs %g (%.3f steps)\n", i, l, is_v ? "v" : "k",
+									       hd, t, ch, cg, chh, (double)a, (double)r, ex);
+								bad = 1;
+							}
+						}
+		}
+	}
+	if (!bad && (eg->tail_tokens != eh->tail_tokens ||
+		     (eg->tail_tokens && memcmp(eg->tail_k, eh->tail_k,
+						(size_t)L * eg->tail_tokens * H * d * 2))))
+		bad = 1;
+	kvt_client_encoded_free(eg);
+	kvt_client_encoded_free(eh);
+	return bad ? -1 : 0;
+}
+
+/* Runs on its own kvtierd, without the byte-exact switch the other encode tests set. */
+static void test_tensor_core_encode(void)
+{
+	unsetenv("KVTIER_CUDA_ENC_EXACT");
+	struct kvt_daemon d;
+	struct kvt_client *c;
+	static const char *const args[] = {"--gpu_arena_bytes=256MiB", "--gpu_staging_bytes=32MiB",
+					   NULL};
+	KVT_REQUIRE(kvt_daemon_start(&d, args) == 0, "daemon");
+	KVT_REQUIRE(kvt_daemon_client(&d, 0, &c) == 0, "connect");
+	uint64_t codes = 0, diff = 0;
+	double worst = 0.0;
+	for (int variant = 0; variant < 2; variant++) {
+		struct kvt_client_session_params p;
+		struct sess g, h;
+		char gid[32], hid[32];
+		snprintf(gid, sizeof gid, "tc-gpu-%d", variant);
+		snprintf(hid, sizeof hid, "tc-host-%d", variant);
+		/* INT2 with sinks; INT4 with sinks and a recent window */
+		params(&p, gid, 3, 8, 128, variant ? 4 : 2, 128, "gpu");
+		p.codec.n_sinks = 4;
+		if (variant)
+			p.codec.recent_exact_tokens = 192;
+		KVT_REQUIRE(open_sess(c, &g, gid, &p) == 0, "open");
+		p.session_id = hid;
+		p.tier = "host";
+		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
+#ifdef KVT_HAVE_CUDA
+		/* the daemon inherits this process's environment: the same choice of encoder */
+		if (!g_emulate)
+			KVT_CHECK(kvt_cuda_encode_is_exact(&g.cfg) == 0,
+				  "variant %d: the config takes the tensor-core encoder", variant);
+#endif
+		uint64_t e0 = it_counter(c, "gpu.encoded_chunks");
+		struct sess *both[2] = {&g, &h};
+		static const uint32_t sizes[] = {1, 130, 64, 300, 7, 200, 128, 256, 1, 63};
+		for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+			KVT_REQUIRE(append_same(c, both, 2, sizes[i]) == 0, "append %u", sizes[i]);
+		const uint64_t nc = it_counter(c, "gpu.encoded_chunks") - e0;
+		KVT_CHECK(nc == g.n / 128, /* the window pins tokens in place: chunks seal as B fills */
+			  "variant %d: %llu chunks encoded on the device", variant,
+			  (unsigned long long)nc);
+		KVT_CHECK(near_encoded(c, gid, hid, &g.cfg, &codes, &diff, &worst) == 0,
+			  "variant %d: the GPU-resident session's chunks match the host session's "
+			  "(codes at most one apart, values within a step)", variant);
+		double w2 = 0;
+		struct sess *one[1] = {&g};
+		attend_all(c, one, 1, 0, &w2, "tensor-core encoded session");
+		struct kvt_client_status st;
+		kvt_client_drop(c, gid, NULL, &st);
+		kvt_client_drop(c, hid, NULL, &st);
+	}
+	/* ties are rare (test_gpu_codec measures 1.6e-5 .. 6.2e-5 of the codes) */
+	printf("# tensor-core encode through kvtierd: %llu of %llu codes differ from the CPU's "
+	       "(%.2e), worst %.4f steps\n", (unsigned long long)diff, (unsigned long long)codes,
+	       codes ? (double)diff / (double)codes : 0.0, worst);
+	KVT_CHECK(codes > 0 && diff * 5000 < codes, "%llu of %llu codes differ (bound 2e-4)",
+		  (unsigned long long)diff, (unsigned long long)codes);
+	kvt_client_close(c);
+	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0");
+	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
+}
+
 /* One large append into a GPU-resident and a host session (timings printed, bytes checked):
  * the GPU session's chunks are encoded on the device, the host session's on the CPU. */
 static void test_encode_scale(void)
@@ -748,6 +895,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_encode_scale);
 	kvt_client_close(c);
 	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0");
+	KVT_RUN(test_tensor_core_encode);
 	KVT_RUN(test_arena_lru);
 	KVT_RUN(test_arena_keep);
 	return kvt_test_done();
