@@ -1,5 +1,6 @@
 #!/bin/bash
-# The H200 A/B run behind docs/gpu.md "Session 5: attention" (helper att5; session 4: attn4). It runs in the
+# The H200 A/B run behind docs/gpu.md "Session 7: attention" (helper att8; sessions 4-6: attn4,
+# att5, att7). It runs in the
 # root of a copy of the repository on the device machine, from a bundle folder B holding the
 # binaries built with -DCMAKE_CUDA_ARCHITECTURES=90 (test_gpu_attend, kvtier-bench,
 # tests/bench/bench_gpu_sdpa.py) and their libraries (/work/shared/tools/device-bundle.sh
@@ -15,6 +16,9 @@ r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-150} "$@" > $OUT/$n.
 b() { local n=$1; shift; env "$@" timeout 120 ./kvtier-bench gpu --attend-only --sdpa $OUT/sdpa.txt > $OUT/b.txt 2>&1; echo "== $n $*: $(grep '"op":"attend"' $OUT/b.txt | grep -oE '"batch":[0-9]+|"us_per_step":[0-9.]+|"ratio_to_copy":[0-9.]+|"speedup_vs_sdpa":[0-9.]+|"items":[0-9]+' | sed 's/"//g' | paste -sd' ')" | tee -a $L; grep '^{' $OUT/b.txt | grep '"op":"attend"' | sed "s/}\$/,\"variant\":\"$n\",\"env\":\"$*\"}/" >> $OUT/bench_all.jsonl; grep -v '^{' $OUT/b.txt | head -3; rm -f $OUT/b.txt; }
 # tests of the default build (fresh seeds), then the previous default forced
 r attend ./test_gpu_attend
+# the real-model K/V/Q test where the bundle holds the dump (ctest -R realmodel_kvq_dump
+# writes build/realmodel/kvq-gpu; copy it to B/kvq-gpu)
+[ -x ./test_gpu_attend_real ] && [ -d kvq-gpu ] && export KVTIER_REAL_KVQ_DIR=$B/kvq-gpu && N=6 r attend_real ./test_gpu_attend_real
 [ -n "$TEST_ENV" ] && { for e in $TEST_ENV; do env ${e//,/ } ./test_gpu_attend > $OUT/t.txt 2>&1; echo "== attend $e rc=$?: $(grep -E '^# (worst|[0-9]+ checks)' $OUT/t.txt | paste -sd' ')" | tee -a $L; cat $OUT/t.txt >> $OUT/tests.txt; done; rm -f $OUT/t.txt; }
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$CS" ] && [ "${SAN:-1}" = 1 ]; then
