@@ -13,13 +13,19 @@
  * decode outputs compared byte for byte with the CPU decoder's under every decode kernel
  * variant (test_decode_exact). Bit widths 2, 3, 4, 8 (3-bit rows: two planes, kvt_codec.h).
  * The tensor-core encoder (session 6; kvt_cuda_encode_is_exact() == 0) is checked code by
- * code: a code differs from the CPU's by exactly one or not at all, under 2e-4 of its codes
- * overall (printed), scales one 16-bit ulp, zeros one step, norms 4e-6 apart at most
+ * code: a code differs from the CPU's by exactly one or not at all, and only at a rounding tie
+ * (check_ties: the CPU's pre-rounding value, recomputed with the CPU codec's kernels, within
+ * a float-error tolerance of a half-integer; the tie fraction is printed; under 1e-3 of its
+ * codes overall as a sanity net), scales one 16-bit ulp, zeros one step, norms 4e-6 apart at most
  * (test_tensor_core_encoder covers its configs; KVTIER_CUDA_ENC_EXACT=1 runs of some of them
  * must give the byte-exact encoder's equal codes, scales and zeros).
  * Exits 77 when there is no GPU.
  */
 #include "gpu_test_util.h"
+#include "codec_internal.h"
+
+#include <math.h>
+#include <stdio.h>
 
 static kvt_cuda_ctx *ctx;
 static uint64_t total_codes, diff_codes, total_scales, diff_scales, total_bytes, diff_bytes;
@@ -30,11 +36,237 @@ static uint32_t n_identical, n_chunks;
 static uint64_t fast_codes, fast_diff, fast_chunks, fast_scales, fast_scale_diff,
 	fast_zero_diff, exact_chunks;
 static double fast_worst_norm_rel, fast_worst_steps;
+static struct tie_stats fast_ties; /* check_ties over the tensor-core encoder's chunks */
 
 static float tol_for(uint32_t dtype, float ref, float rowmax)
 {
 	float rel = dtype == KVT_DTYPE_BF16 ? 1.0f / 128 : dtype == KVT_DTYPE_F16 ? 1.0f / 1024 : 1e-6f;
 	return rel * fabsf(ref) + 1e-6f * rowmax + 1e-30f;
+}
+
+/*
+ * The tie check (issue 4: tensor-core codes "equal to the CPU's except at rounding ties").
+ * cpu_prevalues recomputes, with the CPU codec's own kernels (kvt_codec_ops_get: load_f32,
+ * fwht, sumsq, div, in kvt_encode_chunk's order), the f32 values the CPU quantizer rounds:
+ * [L][B][H][d], rotated and norm-scaled as the scheme says. check_ties then holds every code
+ * pair of two chunks of the same K/V to them (pinned tokens: codes 0 by rule, skipped):
+ *  - the CPU chunk's code is kvt_qcode(x, s, z) (its stored scale / zero): this proves the
+ *    recomputed x are the ones the CPU rounded;
+ *  - a code of the other chunk that differs from the CPU's must round v = (x - z') / s' (in
+ *    double; s', z' that chunk's own stored scale / zero, which the scale / zero checks hold
+ *    to one ulp / one step of the CPU's) to within 1/2 + tol: |v - code| <= 1/2 + tol, or
+ *    v <= 1/2 + tol for code 0, v >= qmax - 1/2 - tol for code qmax. Where s', z' equal the
+ *    CPU's, the CPU's code is the other neighbour of v, so v lies within tol of a half-integer:
+ *    a tie. Where they differ (a scale / zero tie moved the group's grid), the code is its own
+ *    grid's rounding: counted apart ("moved").
+ * tol, in units of v, bounds the two encoders' f32 arithmetic with a margin of 4-8x (u =
+ * 2^-24, the unit roundoff): the CPU rounds x - z (u (|x| + |z|)) and the division (u |v|);
+ * the tensor-core encoder rounds 1/s, the coefficients a = 1/(s qmax), b = -z/(s qmax) and the
+ * sat fma (about 4u (|x| + |z|) / s + u qmax), rotates on the tensor cores with f32
+ * accumulation and register add/sub stages (log2 d roundings of partial sums, each at most the
+ * rotated head row's norm R: 8 log2(d) u R / s) and divides keys by its own token norm (oscar:
+ * |x| times the two chunks' relative norm difference, which the norm check holds to 4e-6,
+ * plus 8u). So tol = ((|x| + |z'|) 8u + |x| dn + 8 log2(d) u R) / s' + 4u (qmax + 1), dn the
+ * relative norm difference (0 but for oscar keys), R 0 where the rows are not rotated.
+ * Anything further from a half-integer than that is a wrong code, not a tie.
+ */
+struct tie_stats {
+	uint64_t codes, ties, moved, bad, replica_bad;
+	double max_tol; /* the largest tol at a differing code */
+};
+
+static float *cpu_prevalues(const struct kvt_codec_config *cfg, const void *src, int is_v)
+{
+	const struct kvt_codec_ops *ops = kvt_codec_ops_get();
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim;
+	const size_t ws = kvt_dtype_size(cfg->dtype), row = (size_t)H * d;
+	float *x = malloc((size_t)L * B * row * 4);
+	if (!x) {
+		fprintf(stderr, "cpu_prevalues: out of memory\n");
+		abort();
+	}
+	const bool rot = is_v ? cfg->rotate_v != 0 : kvt_scheme_rotates_keys(cfg->scheme);
+	for (uint32_t l = 0; l < L; l++) {
+		float *xl = x + (size_t)l * B * row;
+		ops->load_f32((const uint8_t *)src + (size_t)l * B * row * ws, cfg->dtype, xl,
+			      (size_t)B * row);
+		if (rot)
+			ops->fwht(xl, (size_t)B * H, d, kvt_inv_sqrt_dim(d));
+		for (uint32_t t = 0; !is_v && cfg->scheme == KVT_SCHEME_OSCAR && t < B; t++) {
+			float n = sqrtf(ops->sumsq(xl + t * row, row));
+			if (n == 0.0f || !isfinite(n))
+				n = 1.0f;
+			ops->div(xl + t * row, row, n);
+		}
+	}
+	return x;
+}
+
+/* Every code of chunk g against the CPU chunk c (both of cfg, one K/V; xk / xv from
+ * cpu_prevalues); adds to *st, prints the first few rejected codes */
+static void check_ties(const struct kvt_codec_config *cfg, const struct kvt_chunk_layout *lay_in,
+		       uint32_t n_pinned, const uint8_t *c, const uint8_t *g, const float *xk,
+		       const float *xv, const char *desc, struct tie_stats *st)
+{
+	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
+		       d = cfg->head_dim, G = cfg->group;
+	const uint32_t gv = (uint32_t)kvt_value_group(cfg), ng = d / gv;
+	const struct kvt_chunk_layout lay = *lay_in;
+	uint8_t pin[KVT_MAX_CHUNK_TOKENS] = {0};
+	for (uint32_t i = 0; i < n_pinned; i++) {
+		uint16_t p;
+		memcpy(&p, c + KVT_CHUNK_HEADER_BYTES + 2 * i, 2);
+		pin[p] = 1;
+	}
+	const double u = 0x1p-24, lg = log2((double)d);
+	uint64_t shown = 0;
+	for (uint32_t l = 0; l < L; l++) {
+		const uint8_t *sc = c + lay.data_offset + l * lay.layer_bytes;
+		const uint8_t *sg = g + lay.data_offset + l * lay.layer_bytes;
+		for (int is_v = 0; is_v < 2; is_v++) {
+			const uint32_t bits = is_v ? cfg->value_bits : cfg->key_bits;
+			const float qmax = (float)((1u << bits) - 1);
+			const bool per_chan = !is_v && cfg->scheme != KVT_SCHEME_HADAMARD;
+			const bool rot = is_v ? cfg->rotate_v != 0 : kvt_scheme_rotates_keys(cfg->scheme);
+			const float *x = is_v ? xv : xk;
+			const size_t so = is_v ? lay.v_scale_off : lay.k_scale_off;
+			const size_t zo = is_v ? lay.v_zero_off : lay.k_zero_off;
+			const size_t co = is_v ? lay.v_codes_off : lay.k_codes_off;
+			for (uint32_t h = 0; h < H; h++)
+				for (uint32_t t = 0; t < B; t++) {
+					if (pin[t])
+						continue;
+					const size_t ro = co + ((size_t)h * B + t) * d * bits / 8;
+					const float *xr = x + (((size_t)l * B + t) * H + h) * d;
+					double dn = 0.0;
+					if (!is_v && cfg->scheme == KVT_SCHEME_OSCAR) {
+						float n1, n2;
+						memcpy(&n1, sc + lay.norms_off + 4 * t, 4);
+						memcpy(&n2, sg + lay.norms_off + 4 * t, 4);
+						dn = n1 != 0.0f ? fabs((double)n1 - n2) / fabs(n1) : 0.0;
+					}
+					double R = -1.0;
+					for (uint32_t ch = 0; ch < d; ch++) {
+						const size_t gi = per_chan
+							? ((size_t)h * (B / G) + t / G) * d + ch
+							: ((size_t)h * B + t) * ng + ch / gv;
+						uint16_t s1, s2, z1, z2;
+						memcpy(&s1, sc + so + 2 * gi, 2);
+						memcpy(&s2, sg + so + 2 * gi, 2);
+						memcpy(&z1, sc + zo + 2 * gi, 2);
+						memcpy(&z2, sg + zo + 2 * gi, 2);
+						const float fs1 = widen_scale(s1, cfg->dtype), fz1 = widen_scale(z1, cfg->dtype);
+						const float fs2 = widen_scale(s2, cfg->dtype), fz2 = widen_scale(z2, cfg->dtype);
+						const uint32_t c1 = chunk_code(sc + ro, ch, bits, d);
+						const uint32_t c2 = chunk_code(sg + ro, ch, bits, d);
+						st->codes++;
+						if (c1 != kvt_qcode(xr[ch], fs1, fz1, qmax)) {
+							st->replica_bad++;
+							if (shown++ < 4)
+								printf("# %s: l%u %s h%u t%u c%u: cpu code %u, "
+								       "kvt_qcode of the recomputed value %u\n",
+								       desc, l, is_v ? "v" : "k", h, t, ch, c1,
+								       kvt_qcode(xr[ch], fs1, fz1, qmax));
+						}
+						if (c1 == c2)
+							continue;
+						if (R < 0.0) {
+							R = 0.0;
+							for (uint32_t e = 0; e < d && rot; e++)
+								R += (double)xr[e] * xr[e];
+							R = sqrt(R);
+						}
+						const double xv1 = xr[ch];
+						const double v = fs2 != 0.0f ? (xv1 - fz2) / fs2 : NAN;
+						const double tol = fs2 != 0.0f
+							? ((fabs(xv1) + fabs(fz2)) * 8 * u + fabs(xv1) * dn +
+							   8 * lg * u * R) / fs2 + 4 * u * (qmax + 1)
+							: 0.0;
+						const bool ok = fs2 != 0.0f &&
+							(c2 == 0 ? v <= 0.5 + tol
+							 : c2 == (uint32_t)qmax ? v >= qmax - 0.5 - tol
+							 : fabs(v - c2) <= 0.5 + tol);
+						if (tol > st->max_tol)
+							st->max_tol = tol;
+						if (!ok) {
+							st->bad++;
+							if (shown++ < 4)
+								printf("# %s: l%u %s h%u t%u c%u: code %u vs cpu %u, "
+								       "v = %.9f (x %.9g, scale %g, zero %g), "
+								       "tol %.3g: not a tie\n",
+								       desc, l, is_v ? "v" : "k", h, t, ch, c2, c1,
+								       v, xv1, (double)fs2, (double)fz2, tol);
+						} else if (s1 == s2 && z1 == z2) {
+							st->ties++;
+						} else {
+							st->moved++;
+						}
+					}
+				}
+		}
+	}
+}
+
+/* check_ties can fail: a CPU chunk against itself passes with no differing code; the same
+ * chunk with one key code and then one value code moved by one (last layer, head and token)
+ * is rejected exactly once. CPU only: it runs without a GPU too. */
+static void test_tie_check_self(void)
+{
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 2, 4, 128, KVT_DTYPE_BF16); /* oscar, INT2, rotate_v */
+	cfg.n_sinks = 4;
+	char desc[160], err[256];
+	describe(&cfg, desc, sizeof(desc));
+	const uint32_t B = cfg.chunk_tokens, H = cfg.n_kv_heads, d = cfg.head_dim, L = cfg.n_layers;
+	const size_t n = (size_t)L * B * H * d, cap = kvt_chunk_max_bytes(&cfg);
+	uint8_t *k = malloc(n * 2), *v = malloc(n * 2), *c = malloc(cap), *g = malloc(cap);
+	KVT_REQUIRE(k && v && c && g, "malloc");
+	random_kv(&cfg, 0, B, k, v);
+	const int64_t nc = kvt_encode_chunk(&cfg, 0, k, v, c, cap, err, sizeof(err));
+	KVT_REQUIRE(nc > 0, "%s: cpu encode: %s", desc, err);
+	struct kvt_chunk_header hc;
+	KVT_REQUIRE(kvt_chunk_parse(c, (size_t)nc, NULL, &hc, err, sizeof(err)) == 0, "parse: %s", err);
+	struct kvt_chunk_layout lay;
+	kvt_chunk_layout(&cfg, hc.n_pinned, &lay);
+	float *xk = cpu_prevalues(&cfg, k, 0), *xv = cpu_prevalues(&cfg, v, 1);
+	struct tie_stats st;
+	memset(&st, 0, sizeof(st));
+	memcpy(g, c, (size_t)nc);
+	check_ties(&cfg, &lay, hc.n_pinned, c, g, xk, xv, desc, &st);
+	KVT_CHECK(st.codes == 2 * (n - (size_t)hc.n_pinned * L * H * d) && st.replica_bad == 0 &&
+			  st.bad == 0 && st.ties == 0 && st.moved == 0,
+		  "%s: a chunk against itself: %llu codes, %llu not kvt_qcode, %llu rejected", desc,
+		  (unsigned long long)st.codes, (unsigned long long)st.replica_bad,
+		  (unsigned long long)st.bad);
+	for (int is_v = 0; is_v < 2; is_v++) {
+		const uint32_t bits = is_v ? cfg.value_bits : cfg.key_bits, per = 8 / bits;
+		const size_t ro = lay.data_offset + (size_t)(L - 1) * lay.layer_bytes +
+				  (is_v ? lay.v_codes_off : lay.k_codes_off) +
+				  ((size_t)(H - 1) * B + B - 1) * d * bits / 8;
+		uint64_t caught = 0;
+		/* a channel whose value sits at a tie (~1e-5 of them) is accepted: try three */
+		for (uint32_t ch = 0; ch < 3 && caught == 0; ch++) {
+			memcpy(g, c, (size_t)nc);
+			const uint32_t c1 = chunk_code(c + ro, ch, bits, d), qmax = (1u << bits) - 1;
+			const uint32_t c2 = c1 < qmax ? c1 + 1 : c1 - 1, sh = (ch % per) * bits;
+			g[ro + ch / per] = (uint8_t)((g[ro + ch / per] & ~(qmax << sh)) | (c2 << sh));
+			KVT_CHECK(chunk_code(g + ro, ch, bits, d) == c2, "perturbing a code");
+			memset(&st, 0, sizeof(st));
+			check_ties(&cfg, &lay, hc.n_pinned, c, g, xk, xv, desc, &st);
+			KVT_CHECK(st.bad <= 1 && st.replica_bad == 0, "%s: one moved code, %llu rejected",
+				  desc, (unsigned long long)st.bad);
+			caught = st.bad;
+		}
+		KVT_CHECK(caught == 1, "%s: a %s code moved by one is not caught by check_ties", desc,
+			  is_v ? "value" : "key");
+	}
+	free(xk);
+	free(xv);
+	free(k);
+	free(v);
+	free(c);
+	free(g);
 }
 
 /* One config: encode on both, compare, cross-decode. */
@@ -211,6 +443,28 @@ static void one_config(const struct kvt_codec_config *cfg, uint64_t first_token)
 		KVT_CHECK(code_bad == 0, "%s: %llu codes differ from the cpu's by more than one%s",
 			  desc, (unsigned long long)code_bad,
 			  exact_enc ? " (byte-exact encoder: must be 0 differing)" : "");
+		/* every differing code at a rounding tie (check_ties) */
+		{
+			float *xk = cpu_prevalues(cfg, k, 0), *xv = cpu_prevalues(cfg, v, 1);
+			struct tie_stats st;
+			memset(&st, 0, sizeof(st));
+			check_ties(cfg, &lay, hc.n_pinned, c_cpu, c_gpu, xk, xv, desc, &st);
+			KVT_CHECK(st.replica_bad == 0, "%s: %llu cpu codes are not kvt_qcode of the "
+				  "recomputed values", desc, (unsigned long long)st.replica_bad);
+			KVT_CHECK(st.bad == 0, "%s: %llu of %llu codes differ from the cpu's away from a "
+				  "rounding tie", desc, (unsigned long long)st.bad,
+				  (unsigned long long)st.codes);
+			if (!exact_enc) {
+				fast_ties.codes += st.codes;
+				fast_ties.ties += st.ties;
+				fast_ties.moved += st.moved;
+				fast_ties.bad += st.bad;
+				if (st.max_tol > fast_ties.max_tol)
+					fast_ties.max_tol = st.max_tol;
+			}
+			free(xk);
+			free(xv);
+		}
 		if (exact_enc) {
 			exact_chunks++;
 		} else {
@@ -797,9 +1051,10 @@ static void test_errors(void)
 int main(void)
 {
 	kvt_test_init();
+	KVT_RUN(test_tie_check_self);
 	if (kvt_cuda_device_count() == 0) {
 		printf("# no CUDA device: skipped\n");
-		return GPU_SKIP;
+		return kvt_test_failures ? kvt_test_done() : GPU_SKIP;
 	}
 	char err[256];
 	if (kvt_cuda_ctx_create(0, &ctx, err, sizeof(err))) {
@@ -832,16 +1087,26 @@ int main(void)
 	       (unsigned long long)fast_scale_diff, (unsigned long long)fast_zero_diff,
 	       (unsigned long long)fast_scales, fast_worst_norm_rel, fast_worst_steps,
 	       (unsigned long long)exact_chunks);
-	/* ties are rare: the two float orders differ by a few ulps; most differing codes come
-	 * in groups, where a zero's rint(-mn / s) sat on a tie (measured 1.5e-5 .. 7.6e-5 per
-	 * run on the H200, session 6) */
+	printf("# tie check (check_ties): tensor-core codes %llu, differing at code ties %llu "
+	       "(%.2e), in groups whose scale / zero moved %llu (%.2e), not at a tie %llu; "
+	       "largest tolerance at a differing code %.3g\n",
+	       (unsigned long long)fast_ties.codes, (unsigned long long)fast_ties.ties,
+	       fast_ties.codes ? (double)fast_ties.ties / fast_ties.codes : 0.0,
+	       (unsigned long long)fast_ties.moved,
+	       fast_ties.codes ? (double)fast_ties.moved / fast_ties.codes : 0.0,
+	       (unsigned long long)fast_ties.bad, fast_ties.max_tol);
+	/* Each differing code is held to a tie by check_ties (one_config). The overall fraction
+	 * is only a sanity net against a check that lets everything through: measured 1.5e-5 ..
+	 * 7.6e-5 per run for the session-6 / session-7 (enc9) quantizers, 4e-5 .. 2.6e-4 with
+	 * MODE 1 (exact half-way values, common with bf16 data and 16-bit scales, computed one
+	 * ulp off the tie); 1e-3 is 4x the highest */
 	const char *ex = getenv("KVTIER_CUDA_ENC_EXACT");
 	if (ex && ex[0] == '1') /* a run on the byte-exact encoder only */
 		KVT_CHECK(fast_chunks == 0, "KVTIER_CUDA_ENC_EXACT=1: %llu chunks took the "
 			  "tensor-core encoder", (unsigned long long)fast_chunks);
 	else
-		KVT_CHECK(fast_codes > 0 && (double)fast_diff < 2e-4 * (double)fast_codes,
-			  "tensor-core encoder: %llu of %llu codes differ from the CPU's (bound 2e-4)",
+		KVT_CHECK(fast_codes > 0 && (double)fast_diff < 1e-3 * (double)fast_codes,
+			  "tensor-core encoder: %llu of %llu codes differ from the CPU's (bound 1e-3)",
 			  (unsigned long long)fast_diff, (unsigned long long)fast_codes);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();
