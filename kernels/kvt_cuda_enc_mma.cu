@@ -29,11 +29,10 @@
  * shared memory by cp.async, sums squares from there, then every warp rotates and quantizes
  * whole heads from the tile. Value rows come from global memory while the tile is in
  * flight. Codes: u = sat(x * a + b) (one fma; sat clamps to [0, 1] and sends NaN to 0, as
- * kvt_qcode does) with a = 1/(s P), b = -z/(s P), then u * P rounded by adding 1.5 * 2^23
- * (a second fma), packed by shift-add: P = 2^bits, which keeps u * P exactly x / s - z / s
- * (the session-6 codes, ties included), where the group's largest code stays <= qmax; P =
- * qmax for the rare groups whose rounded scale / zero push it past (mx_qp). Scales and zeros follow kvt_d_qparam (the CPU's rule, IEEE operations) from the
- * group's min/max.
+ * kvt_qcode does) with a = 1/(s qmax), b = -z/(s qmax), then u * qmax rounded by adding
+ * 1.5 * 2^23 (a second fma), packed by shift-add (mx_qp: exact half-way values may round
+ * either way). Scales and zeros follow kvt_d_qparam (the CPU's rule, IEEE operations) from
+ * the group's min/max.
  */
 #include "cuda_internal.cuh"
 #include "kvt_cuda_enc.cuh"
@@ -126,14 +125,15 @@ __device__ __forceinline__ uint32_t mx_swz(uint32_t tok)
 	return (tok & 1u) * (D == 64 ? 4u : 1u);
 }
 
-/* The code of x, the bits of M + code: a, b are the coefficients over the group's multiplier
- * m (mx_qp), so u = sat(x a + b) is clamped to [0, 1] by the fma itself (NaN -> +0), and
- * u m + M rounds it: two fma-pipe instructions (session 6: fma, add M, fmin, fmax) */
-__device__ __forceinline__ uint32_t mx_code_bits(float x, float a, float b, float m)
+/* The code of x, the bits of M + code: a, b are the group's coefficients over qmax (mx_qp),
+ * so u = sat(x a + b) is clamped to [0, 1] by the fma itself (NaN -> +0), and u qmax + M
+ * rounds it: two fma-pipe instructions (session 6: fma, add M, fmin, fmax) */
+template <int BITS>
+__device__ __forceinline__ uint32_t mx_code_bits(float x, float a, float b)
 {
 	float u;
 	asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(u) : "f"(x), "f"(a), "f"(b));
-	return __float_as_uint(__fmaf_rn(u, m, MX_MAGIC));
+	return __float_as_uint(__fmaf_rn(u, (float)((1 << BITS) - 1), MX_MAGIC));
 }
 
 /* sum over e < n of (MAGIC_BITS << (bits * e)) mod 2^32: what packing by addition adds */
@@ -150,7 +150,7 @@ __device__ __forceinline__ constexpr uint32_t mx_bias()
  * INT2 run fills 16 bits). v[e] are the values of channels e = 0..RUN-1. */
 template <int RUN, int BITS>
 __device__ __forceinline__ void mx_pack(const float (&v)[RUN], const float (&a)[RUN],
-					const float (&b)[RUN], float m, uint32_t (&w)[2])
+					const float (&b)[RUN], uint32_t (&w)[2])
 {
 	constexpr int PER = 32 / BITS; /* codes per word */
 	constexpr int NW = (RUN * BITS + 31) / 32;
@@ -160,7 +160,7 @@ __device__ __forceinline__ void mx_pack(const float (&v)[RUN], const float (&a)[
 		uint32_t acc = 0u - mx_bias<BITS, IN>();
 #pragma unroll
 		for (int e = 0; e < IN; e++)
-			acc += mx_code_bits(v[k * PER + e], a[k * PER + e], b[k * PER + e], m)
+			acc += mx_code_bits<BITS>(v[k * PER + e], a[k * PER + e], b[k * PER + e])
 			       << (BITS * e);
 		w[k] = acc;
 	}
@@ -181,34 +181,22 @@ __device__ __forceinline__ void mx_store_run(uint8_t *dst, uint32_t bits, const 
 		*(uint16_t *)dst = (uint16_t)w[0];
 }
 
-/* qparams of a group: stored halves, and the code coefficients for values x * mult; xmax is
- * the group's largest x (not times mult). The codes are rint(y) clamped to [0, qmax], y =
- * fma(x, A, B) with A = mult / s, B = -z / s. When y(xmax) < qmax + 1/2 (y is monotone in x:
- * no code of the group exceeds qmax) the coefficients are A / P, B / P with P = 2^bits
- * (exact: u = sat(y / P) is y / P or 0, so u P + M rounds exactly y, ties as the session-6
- * fmin/fmax clamp) and *m = P; else (a group whose rounded scale or zero sends its top past
- * qmax + 1/2) A / qmax, B / qmax, *m = qmax (sat clamps at qmax; ties there may differ from
- * the CPU's by one: with these coefficients for every group, 2.6e-4 of test_gpu_codec's codes
- * differed, over its 2e-4 bound). */
-__device__ __forceinline__ void mx_qp(float mn, float mx, float xmax, bool any, float qmax,
-				      float P, bool bf, float mult, uint16_t *sb, uint16_t *zb,
-				      float *a, float *b, float *m)
+/* qparams of a group: stored halves, and the code coefficients for values x * mult: the codes
+ * are rint(y) clamped to [0, qmax], y = x mult / s - z / s, computed as u = sat(x a + b) with
+ * a = mult / (s qmax), b = -z / (s qmax), then u qmax rounded (mx_code_bits). Codes equal the
+ * CPU's but at rounding ties: besides the float order, an exact half-way y (common with bf16
+ * data and 16-bit scales) comes out of u = RN(y / qmax) one ulp off the tie and may round
+ * either way (test_gpu_codec's check_ties holds every differing code to a tie). */
+__device__ __forceinline__ void mx_qp(float mn, float mx, bool any, float qmax, bool bf,
+				      float mult, uint16_t *sb, uint16_t *zb, float *a, float *b)
 {
 	float s, z;
 	kvt_d_qparam(mn, mx, any, qmax, bf, sb, zb, &s, &z);
 	const float rs = __frcp_rn(s);
-	*m = qmax;
 	if (s != 0.0f && isfinite(rs)) {
-		const float A = __fmul_rn(mult, rs), B = -__fmul_rn(z, rs);
-		if (__fmaf_rn(xmax, A, B) < qmax + 0.5f && A >= 0x1p-100f) {
-			*a = __fmul_rn(A, 1.0f / P);
-			*b = __fmul_rn(B, 1.0f / P);
-			*m = P;
-		} else {
-			const float rq = __fmul_rn(rs, 1.0f / qmax);
-			*a = __fmul_rn(mult, rq);
-			*b = -__fmul_rn(z, rq);
-		}
+		const float rq = __fmul_rn(rs, 1.0f / qmax);
+		*a = __fmul_rn(mult, rq);
+		*b = -__fmul_rn(z, rq);
 	} else {
 		*a = 0.0f;
 		*b = 0.0f;
@@ -221,7 +209,7 @@ __device__ __forceinline__ void mx_qp(float mn, float mx, float xmax, bool any, 
  * the lane's run, token 8 nt + 2t + u; dst is the run's place in token t0's row. */
 template <int RUN, int NB, int BITS>
 __device__ __forceinline__ void mx_kcodes(const float (&acc)[4][NB][4], const float (&la)[RUN / 4],
-					  const float (&lb)[RUN / 4], const float (&lm)[RUN / 4], int lane, uint32_t t0,
+					  const float (&lb)[RUN / 4], int lane, uint32_t t0,
 					  uint32_t n_pin, uint8_t *dst, uint32_t rowb)
 {
 	constexpr int PER = 32 / BITS;
@@ -238,13 +226,12 @@ __device__ __forceinline__ void mx_kcodes(const float (&acc)[4][NB][4], const fl
 	for (int c = 0; c < RUN; c++) {
 		const float a = __shfl_sync(KVT_FULL_MASK, la[c / 4], (lane & ~3) | (c % 4));
 		const float b = __shfl_sync(KVT_FULL_MASK, lb[c / 4], (lane & ~3) | (c % 4));
-		const float m = __shfl_sync(KVT_FULL_MASK, lm[c / 4], (lane & ~3) | (c % 4));
 #pragma unroll
 		for (int nt = 0; nt < 4; nt++)
 #pragma unroll
 			for (int u = 0; u < 2; u++)
 				w[2 * nt + u][c / PER] +=
-					mx_code_bits(acc[nt][c / 2][2 * (c % 2) + u], a, b, m)
+					mx_code_bits<BITS>(acc[nt][c / 2][2 * (c % 2) + u], a, b)
 					<< (BITS * (c % PER));
 	}
 #pragma unroll
@@ -323,7 +310,6 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 		}
 		const float vmult = rotv ? p.inv_sqrt_d : 1.0f;
 		const float vqmax = (float)((1u << vbits) - 1);
-		const float vP = (float)(1u << vbits);
 		const uint32_t vrowb = D * vbits / 8, ng = D / 32;
 		for (uint32_t h = warp; h < H; h += MX_WARPS) {
 			/* words [m-tile][token g / g + 8][run][word], every load issued first */
@@ -381,7 +367,7 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 					}
 				/* the S lanes of a group share its 4 (token, n-tile) qparams: lane t
 				 * computes combos c = k S + t % S, then every lane gathers all four */
-				float la[4 / S], lb[4 / S], lm[4 / S];
+				float la[4 / S], lb[4 / S];
 #pragma unroll
 				for (int k = 0; k < 4 / S; k++) {
 					const int c = k * S + (t % S), s = c >> 1, nt = c & 1;
@@ -390,20 +376,19 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 					const uint32_t tok = 16 * m + 8 * s + g;
 					const bool any = t0 + tok >= n_pin;
 					uint16_t sb, zb;
-					mx_qp(__fmul_rn(cmn, vmult), __fmul_rn(cmx, vmult), cmx, any, vqmax,
-						   vP, bf, vmult, &sb, &zb, &la[k], &lb[k], &lm[k]);
+					mx_qp(__fmul_rn(cmn, vmult), __fmul_rn(cmx, vmult), any, vqmax, bf,
+					      vmult, &sb, &zb, &la[k], &lb[k]);
 					const size_t si = ((size_t)h * B + t0 + tok) * ng +
 							  (RUN * t + (D / 2) * nt) / 32;
 					((uint16_t *)(sec + p.v_scale_off))[si] = sb;
 					((uint16_t *)(sec + p.v_zero_off))[si] = zb;
 				}
-				float ca[4], cb[4], cm[4];
+				float ca[4], cb[4];
 #pragma unroll
 				for (int c = 0; c < 4; c++) {
 					const int src = (lane & ~(S - 1)) | (c % S);
 					ca[c] = __shfl_sync(KVT_FULL_MASK, la[c / S], src);
 					cb[c] = __shfl_sync(KVT_FULL_MASK, lb[c / S], src);
-					cm[c] = __shfl_sync(KVT_FULL_MASK, lm[c / S], src);
 				}
 #pragma unroll
 				for (int s = 0; s < 2; s++)
@@ -421,9 +406,9 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 							}
 						uint32_t pk[2];
 						if (vbits == 2)
-							mx_pack<RUN, 2>(v, av, bw, cm[c], pk);
+							mx_pack<RUN, 2>(v, av, bw, pk);
 						else
-							mx_pack<RUN, 4>(v, av, bw, cm[c], pk);
+							mx_pack<RUN, 4>(v, av, bw, pk);
 						const uint32_t tok = 16 * m + 8 * s + g;
 						if (t0 + tok < n_pin)
 							pk[0] = pk[1] = 0;
@@ -486,7 +471,6 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 		ak[3] = mx_pm<F16>(mx_akey(g + 8, 2 * t + 8, oscar)) |
 			(mx_pm<F16>(mx_akey(g + 8, 2 * t + 9, oscar)) << 16);
 		const float kqmax = (float)((1u << kbits) - 1);
-		const float kP = (float)(1u << kbits);
 		const uint32_t krowb = D * kbits / 8, NG = B / MX_G;
 		const bool any = n_pin < t0 + MX_G;
 		const bool pinned_here = t0 < n_pin;
@@ -560,21 +544,20 @@ __global__ void __launch_bounds__(MX_THREADS, 3) mx_kernel(enc_params p)
 						smx[c / 4] = a1;
 					}
 				}
-			float la[RUN / 4], lb[RUN / 4], lm[RUN / 4];
+			float la[RUN / 4], lb[RUN / 4];
 #pragma unroll
 			for (int k = 0; k < RUN / 4; k++) {
 				uint16_t sb, zb;
-				mx_qp(smn[k], smx[k], smx[k], any, kqmax, kP, bf, 1.0f, &sb, &zb, &la[k],
-					   &lb[k], &lm[k]);
+				mx_qp(smn[k], smx[k], any, kqmax, bf, 1.0f, &sb, &zb, &la[k], &lb[k]);
 				const size_t si = ((size_t)h * NG + gi) * D + RUN * g + 4 * k + t;
 				((uint16_t *)(sec + p.k_scale_off))[si] = sb;
 				((uint16_t *)(sec + p.k_zero_off))[si] = zb;
 			}
 			uint8_t *kdst = sec + p.k_codes_off + ((size_t)h * B + t0) * krowb + RUN * g * kbits / 8;
 			if (kbits == 2)
-				mx_kcodes<RUN, NB, 2>(acc, la, lb, lm, lane, t0, n_pin, kdst, krowb);
+				mx_kcodes<RUN, NB, 2>(acc, la, lb, lane, t0, n_pin, kdst, krowb);
 			else
-				mx_kcodes<RUN, NB, 4>(acc, la, lb, lm, lane, t0, n_pin, kdst, krowb);
+				mx_kcodes<RUN, NB, 4>(acc, la, lb, lane, t0, n_pin, kdst, krowb);
 		}
 	}
 	/* this block's bytes are written: count it for the crc pass (a release: the barrier
