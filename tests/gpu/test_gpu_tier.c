@@ -439,6 +439,17 @@ static void test_batch_scale(void)
 	}
 }
 
+/* Opens gid (p's tier) and hid (the same codec and shape on the host tier; p ends as hid's). */
+static void open_pair(struct kvt_client *c, struct kvt_client_session_params *p, const char *gid,
+		      const char *hid, struct sess *g, struct sess *h)
+{
+	p->session_id = gid;
+	KVT_REQUIRE(open_sess(c, g, gid, p) == 0, "open %s", gid);
+	p->session_id = hid;
+	p->tier = "host";
+	KVT_REQUIRE(open_sess(c, h, hid, p) == 0, "open %s", hid);
+}
+
 /* Every chunk and the tail of sessions a and b (*ea, *eb; free both with
  * kvt_client_encoded_free); -1 (nothing to free) when a fetch fails. */
 static int fetch_both(struct kvt_client *c, const char *a, const char *b,
@@ -509,10 +520,7 @@ static void test_gpu_encode(void)
 			p.codec.pin_detect_ratio = 0.5f;
 			p.codec.pin_detect_max = 4;
 		}
-		KVT_REQUIRE(open_sess(c, &g, gid, &p) == 0, "open");
-		p.session_id = hid;
-		p.tier = "host";
-		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
+		open_pair(c, &p, gid, hid, &g, &h);
 		uint64_t e0 = it_counter(c, "gpu.encoded_chunks"), ea0 = it_counter(c, "gpu.encoded_into_arena"),
 			 ec0 = it_counter(c, "gpu.encoded_on_cpu"), up0 = it_counter(c, "gpu.arena_uploaded_chunks");
 		struct sess *both[2] = {&g, &h};
@@ -665,10 +673,7 @@ static void test_tensor_core_encode(void)
 		p.codec.n_sinks = 4;
 		if (variant)
 			p.codec.recent_exact_tokens = 192;
-		KVT_REQUIRE(open_sess(c, &g, gid, &p) == 0, "open");
-		p.session_id = hid;
-		p.tier = "host";
-		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
+		open_pair(c, &p, gid, hid, &g, &h);
 #ifdef KVT_HAVE_CUDA
 		/* the daemon inherits this process's environment: the same choice of encoder */
 		if (!g_emulate)
