@@ -439,17 +439,40 @@ static void test_batch_scale(void)
 	}
 }
 
-static int same_encoded(struct kvt_client *c, const char *a, const char *b, size_t *n_chunks)
+/* Opens gid (p's tier) and hid (the same codec and shape on the host tier; p ends as hid's). */
+static void open_pair(struct kvt_client *c, struct kvt_client_session_params *p, const char *gid,
+		      const char *hid, struct sess *g, struct sess *h)
 {
-	struct kvt_client_encoded *ea = NULL, *eb = NULL;
+	p->session_id = gid;
+	KVT_REQUIRE(open_sess(c, g, gid, p) == 0, "open %s", gid);
+	p->session_id = hid;
+	p->tier = "host";
+	KVT_REQUIRE(open_sess(c, h, hid, p) == 0, "open %s", hid);
+}
+
+/* Every chunk and the tail of sessions a and b (*ea, *eb; free both with
+ * kvt_client_encoded_free); -1 (nothing to free) when a fetch fails. */
+static int fetch_both(struct kvt_client *c, const char *a, const char *b,
+		      struct kvt_client_encoded **ea, struct kvt_client_encoded **eb)
+{
 	struct kvt_client_status st;
-	int bad = 0;
-	if (kvt_client_fetch_encoded(c, a, 0, KVT_CLIENT_ALL_CHUNKS, 1, &ea, &st) ||
-	    kvt_client_fetch_encoded(c, b, 0, KVT_CLIENT_ALL_CHUNKS, 1, &eb, &st)) {
+	*ea = *eb = NULL;
+	if (kvt_client_fetch_encoded(c, a, 0, KVT_CLIENT_ALL_CHUNKS, 1, ea, &st) ||
+	    kvt_client_fetch_encoded(c, b, 0, KVT_CLIENT_ALL_CHUNKS, 1, eb, &st)) {
 		printf("# fetch_encoded: %s\n", st.message);
-		kvt_client_encoded_free(ea);
+		kvt_client_encoded_free(*ea);
+		*ea = NULL;
 		return -1;
 	}
+	return 0;
+}
+
+static int same_encoded(struct kvt_client *c, const char *a, const char *b, size_t *n_chunks)
+{
+	struct kvt_client_encoded *ea, *eb;
+	int bad = 0;
+	if (fetch_both(c, a, b, &ea, &eb))
+		return -1;
 	*n_chunks = ea->n_chunks;
 	if (ea->n_chunks != eb->n_chunks || ea->tail_tokens != eb->tail_tokens) {
 		printf("# %s: %zu chunks + %u tail, %s: %zu + %u\n", a, ea->n_chunks,
@@ -497,10 +520,7 @@ static void test_gpu_encode(void)
 			p.codec.pin_detect_ratio = 0.5f;
 			p.codec.pin_detect_max = 4;
 		}
-		KVT_REQUIRE(open_sess(c, &g, gid, &p) == 0, "open");
-		p.session_id = hid;
-		p.tier = "host";
-		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
+		open_pair(c, &p, gid, hid, &g, &h);
 		uint64_t e0 = it_counter(c, "gpu.encoded_chunks"), ea0 = it_counter(c, "gpu.encoded_into_arena"),
 			 ec0 = it_counter(c, "gpu.encoded_on_cpu"), up0 = it_counter(c, "gpu.arena_uploaded_chunks");
 		struct sess *both[2] = {&g, &h};
@@ -557,16 +577,11 @@ static int near_encoded(struct kvt_client *c, const char *gid, const char *hid,
 			const struct kvt_codec_config *cfg, uint64_t *codes, uint64_t *diff,
 			double *worst_steps)
 {
-	struct kvt_client_encoded *eg = NULL, *eh = NULL;
-	struct kvt_client_status st;
-	char err[256];
+	struct kvt_client_encoded *eg, *eh;
+	char err[256] = "";
 	int bad = 0;
-	if (kvt_client_fetch_encoded(c, gid, 0, KVT_CLIENT_ALL_CHUNKS, 1, &eg, &st) ||
-	    kvt_client_fetch_encoded(c, hid, 0, KVT_CLIENT_ALL_CHUNKS, 1, &eh, &st)) {
-		printf("# fetch_encoded: %s\n", st.message);
-		kvt_client_encoded_free(eg);
+	if (fetch_both(c, gid, hid, &eg, &eh))
 		return -1;
-	}
 	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
 		       d = cfg->head_dim, bits = cfg->key_bits > cfg->value_bits ? cfg->key_bits
 										 : cfg->value_bits;
@@ -658,10 +673,7 @@ static void test_tensor_core_encode(void)
 		p.codec.n_sinks = 4;
 		if (variant)
 			p.codec.recent_exact_tokens = 192;
-		KVT_REQUIRE(open_sess(c, &g, gid, &p) == 0, "open");
-		p.session_id = hid;
-		p.tier = "host";
-		KVT_REQUIRE(open_sess(c, &h, hid, &p) == 0, "open");
+		open_pair(c, &p, gid, hid, &g, &h);
 #ifdef KVT_HAVE_CUDA
 		/* the daemon inherits this process's environment: the same choice of encoder */
 		if (!g_emulate)
