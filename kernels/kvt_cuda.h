@@ -82,7 +82,8 @@ struct kvt_cuda_encode_job {
  *  - the tensor-core encoder (default for oscar / kivi, f16 / bf16 input, head_dim 64 or 128,
  *    G 32, 2- or 4-bit keys and values, G x H x d key tile <= 200 KB; session 6): the CPU's
  *    math in another float order, so codes may differ from the CPU's at rounding ties (by
- *    one; decoded values within one quantization step), scales / zeros by a rounding of the
+ *    one; exact half-way values may round either way; decoded values within one quantization
+ *    step), scales / zeros by a rounding of the
  *    16-bit dtype (a zero by one step where its rint(-mn / s) was a tie), norms by a few f32
  *    ulps; NaN inputs give unspecified codes;
  *  - the byte-exact encoder (every other config, or KVTIER_CUDA_ENC_EXACT=1): bytes equal to

@@ -15,7 +15,7 @@
  *   daemon on the byte-exact GPU encoder (KVTIER_CUDA_ENC_EXACT=1).
  * - The default (tensor-core) GPU encoder through its own kvtierd: a GPU-resident session's
  *   chunks against a host session's, INT2 and INT4: same sizes, headers, pins, exact copies,
- *   codes at most one apart, values within a step, < 2e-4 of the codes differing.
+ *   codes at most one apart, values within a step, < 1e-3 of the codes differing (ties).
  * - Arena policy: a small arena holding about two sessions: a third demotes the least
  *   recently used one (tier "host"), a pinned one is never demoted, a demoted one comes back
  *   on its next Attend (demoting the coldest unpinned) and on Prefetch, a session larger than
@@ -699,11 +699,13 @@ static void test_tensor_core_encode(void)
 		kvt_client_drop(c, gid, NULL, &st);
 		kvt_client_drop(c, hid, NULL, &st);
 	}
-	/* ties are rare (test_gpu_codec measures 1.6e-5 .. 6.2e-5 of the codes) */
+	/* ties: test_gpu_codec holds each differing code to a rounding tie (check_ties); this
+	 * fraction is a sanity net only, as there: 2.3e-4 .. 4.3e-4 of the codes with the
+	 * encoder's codes over qmax for every group (session 7, enc10), 1e-3 is over 2x that */
 	printf("# tensor-core encode through kvtierd: %llu of %llu codes differ from the CPU's "
 	       "(%.2e), worst %.4f steps\n", (unsigned long long)diff, (unsigned long long)codes,
 	       codes ? (double)diff / (double)codes : 0.0, worst);
-	KVT_CHECK(codes > 0 && diff * 5000 < codes, "%llu of %llu codes differ (bound 2e-4)",
+	KVT_CHECK(codes > 0 && diff * 1000 < codes, "%llu of %llu codes differ (bound 1e-3)",
 		  (unsigned long long)diff, (unsigned long long)codes);
 	kvt_client_close(c);
 	KVT_CHECK(kvt_daemon_stop(&d) == 0, "daemon exit 0");
