@@ -17,6 +17,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 /* kvt_codec.h is C17; its one C-only keyword has a C++ spelling */
 #if defined(__cplusplus) && !defined(_Static_assert)
@@ -56,6 +57,28 @@ int kvt_cuda_stage_push(kvt_cuda_ctx *ctx, size_t bytes, char *err, size_t errle
 static inline uint32_t kvt_sdt_of(uint32_t dtype)
 {
 	return dtype == KVT_DTYPE_BF16 ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+}
+
+/* A launch configuration for cudaLaunchKernelEx; with pdl, the launch is the programmatic
+ * dependent of the kernel before it in the stream (sm_90+): its blocks may start once every
+ * block of that kernel has started or executed griddepcontrol.launch_dependents, so the
+ * kernel must not read that kernel's output without its own wait. *at holds the attribute
+ * and must live until the launch. */
+static inline cudaLaunchConfig_t kvt_launch_config(dim3 grid, dim3 block, size_t smem,
+						   cudaStream_t s, bool pdl, cudaLaunchAttribute *at)
+{
+	cudaLaunchConfig_t lc;
+	memset(&lc, 0, sizeof(lc));
+	lc.gridDim = grid;
+	lc.blockDim = block;
+	lc.dynamicSmemBytes = smem;
+	lc.stream = s;
+	memset(at, 0, sizeof(*at));
+	at->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at->val.programmaticStreamSerializationAllowed = 1;
+	lc.attrs = at;
+	lc.numAttrs = pdl ? 1 : 0;
+	return lc;
 }
 
 /* ---- Device building blocks --------------------------------------------------------------- */

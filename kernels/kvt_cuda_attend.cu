@@ -1324,17 +1324,9 @@ cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	}
 	/* programmatic dependent launch: the combine's launch and block start overlap the end of
 	 * the attention kernel, whose blocks allow it at their start (kvt_grid_dep_launch) */
-	cudaLaunchConfig_t lc;
-	memset(&lc, 0, sizeof(lc));
-	lc.gridDim = dim3(pl->n_groups, RQ);
-	lc.blockDim = dim3(32 * CMB_W);
-	lc.stream = s;
-	cudaLaunchAttribute at[1];
-	memset(at, 0, sizeof(at));
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	lc.attrs = at;
-	lc.numAttrs = 1;
+	cudaLaunchAttribute at;
+	const cudaLaunchConfig_t lc =
+		kvt_launch_config(dim3(pl->n_groups, RQ), dim3(32 * CMB_W), 0, s, true, &at);
 	return cudaLaunchKernelEx(&lc, combine_kernel<128, RQ>, pl->p);
 }
 

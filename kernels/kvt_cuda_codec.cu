@@ -874,18 +874,9 @@ static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaS
 					     (int)dyn);
 	if (e != cudaSuccess)
 		return e;
-	cudaLaunchConfig_t lc;
-	memset(&lc, 0, sizeof(lc));
-	lc.gridDim = dim3(3 * (unsigned)sm_count);
-	lc.blockDim = dim3(CRC8_W * 32);
-	lc.dynamicSmemBytes = dyn;
-	lc.stream = s;
-	cudaLaunchAttribute at[1];
-	memset(at, 0, sizeof(at));
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	lc.attrs = at;
-	lc.numAttrs = pdl ? 1 : 0;
+	cudaLaunchAttribute at;
+	const cudaLaunchConfig_t lc =
+		kvt_launch_config(dim3(3 * (unsigned)sm_count), dim3(CRC8_W * 32), dyn, s, pdl, &at);
 	return cudaLaunchKernelEx(&lc, crc8_kernel, a);
 }
 
