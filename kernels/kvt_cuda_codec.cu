@@ -60,15 +60,15 @@ int kvt_cuda_check(cudaError_t e, const char *what, char *err, size_t errlen)
 
 __device__ uint32_t g_crc_table[8][256];
 __device__ uint32_t g_crc_x2n[32];
-/* crc8_kernel's warp regions of CRC2_REGION bytes, laid from the chunk's end: g_crc_reg[r]
- * moves a crc over r regions (x^(8 CRC2_REGION r)); lane l's 16-byte words sit 512 bytes apart
+/* crc8_kernel's warp regions of CRC_REGION bytes, laid from the chunk's end: g_crc_reg[r]
+ * moves a crc over r regions (x^(8 CRC_REGION r)); lane l's 16-byte words sit 512 bytes apart
  * in a region: g_crc_sh3[0] moves a chain's crc over 1008 bytes (to its next word, two apart),
  * [1] over 512 (the even chain onto the odd one's end), each as a linear map of the crc's 4
  * bytes (multiplication by x^(8n) mod P is linear over GF(2)); g_crc_lane16[l] over the
  * 16 (31 - l) bytes that follow lane l's last word in the region */
-#define CRC2_REGION 8192
-#define CRC2_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
-__device__ uint32_t g_crc_reg[CRC2_NREG];
+#define CRC_REGION 8192
+#define CRC_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
+__device__ uint32_t g_crc_reg[CRC_NREG];
 __device__ uint32_t g_crc_sh3[2][4][256];
 __device__ uint32_t g_crc_lane16[32];
 
@@ -119,7 +119,7 @@ static int crc_tables_upload(char *err, size_t errlen)
 		x2n[n] = p = crc_multmodp(p, p);
 	CK(cudaMemcpyToSymbol(g_crc_table, t, sizeof(t)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc_x2n, x2n, sizeof(x2n)), "crc table upload");
-	/* x^(8 n) for n = 16, 128, 512, 1008, CRC2_REGION * r, by repeated multiplication */
+	/* x^(8 n) for n = 16, 128, 512, 1008, CRC_REGION * r, by repeated multiplication */
 	uint32_t x16 = 1u << 31;
 	for (uint32_t b = 0; b < 8 * 16; b++) /* x^1 multiplied in 128 times */
 		x16 = crc_multmodp(1u << 30, x16);
@@ -132,9 +132,9 @@ static int crc_tables_upload(char *err, size_t errlen)
 	uint32_t one_reg = crc_multmodp(x1008, x16); /* x^(8 * 1024), squared three times */
 	for (int k = 0; k < 3; k++)
 		one_reg = crc_multmodp(one_reg, one_reg);
-	static uint32_t reg[CRC2_NREG];
+	static uint32_t reg[CRC_NREG];
 	reg[0] = 1u << 31;
-	for (int r = 1; r < CRC2_NREG; r++)
+	for (int r = 1; r < CRC_NREG; r++)
 		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
 	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
 	static uint32_t sh3[2][4][256], lane16[32];
@@ -658,7 +658,7 @@ __device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t 
 
 /*
  * crc8 (session 7): the raw crc sum (init 0, no final xor; crc_finish_kernel completes it) in
- * work items of CRC8_R warp regions of CRC2_REGION bytes, laid from the chunk's end, claimed
+ * work items of CRC8_R warp regions of CRC_REGION bytes, laid from the chunk's end, claimed
  * in chunk order from a grid-wide counter. Lane l reads the region's 16-byte words l, l + 32,
  * ... (coalesced) by cp.async into a ring of CRC8_ST half-region stages per warp, so the next
  * halves are in flight while one is chained; its even and odd words form two chains that run
@@ -679,6 +679,12 @@ __device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t 
 #define CRC8_R 8
 #define CRC8_ST 3
 #define CRC8_W 4 /* warps per block */
+
+/* crc8's work items for a chunk of `bytes`: CRC_REGION regions, CRC8_R to an item */
+static uint64_t crc8_items(uint64_t bytes)
+{
+	return ((bytes + CRC_REGION - 1) / CRC_REGION + CRC8_R - 1) / CRC8_R;
+}
 
 struct crc8_args {
 	const enc_job_dev *jobs;
@@ -764,12 +770,12 @@ __device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, ui
 				return false;
 			const enc_job_dev &j = a.jobs[jc];
 			const uint32_t k = idx - j.crc_item0;
-			const uint64_t nr = (j.total_bytes + CRC2_REGION - 1) / CRC2_REGION;
+			const uint64_t nr = (j.total_bytes + CRC_REGION - 1) / CRC_REGION;
 			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * CRC8_R < CRC8_R
 								 ? nr - (uint64_t)k * CRC8_R
 								 : CRC8_R);
 			r_end = k * CRC8_R;
-			ms = (int64_t)j.total_bytes - (int64_t)CRC2_REGION * (r_end + nreg);
+			ms = (int64_t)j.total_bytes - (int64_t)CRC_REGION * (r_end + nreg);
 			src = j.out;
 			nh = 2 * nreg;
 			hs = 0;
@@ -820,8 +826,8 @@ __device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, ui
 				c ^= __shfl_xor_sync(KVT_FULL_MASK, c, m);
 			if (lane == 0 && c) {
 				const uint32_t r = m1 & 0x7fffffffu;
-				const uint32_t mul = r < CRC2_NREG ? g_crc_reg[r]
-								   : crc_x2nmodp((uint64_t)r * CRC2_REGION, 3);
+				const uint32_t mul = r < CRC_NREG ? g_crc_reg[r]
+								   : crc_x2nmodp((uint64_t)r * CRC_REGION, 3);
 				atomicXor(a.acc + meta[2 * slot], crc_multmodp(mul, c));
 			}
 			e = o = 0;
@@ -1550,7 +1556,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		d->v_exact_off = lay.v_exact_off;
 		fill_gaps(&lay, d);
 		d->crc_item0 = (uint32_t)n_items;
-		n_items += ((lay.total_bytes + CRC2_REGION - 1) / CRC2_REGION + CRC8_R - 1) / CRC8_R;
+		n_items += crc8_items(lay.total_bytes);
 		used += (lay.data_offset + 63) & ~(size_t)63;
 		sizes[i] = (int64_t)lay.total_bytes;
 		if (lay.total_bytes > max_total)
@@ -1670,7 +1676,7 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	job.total_bytes = len;
 	ca.jobs = jd;
 	ca.n_jobs = 1;
-	ca.n_items = (uint32_t)(((len + CRC2_REGION - 1) / CRC2_REGION + CRC8_R - 1) / CRC8_R);
+	ca.n_items = (uint32_t)crc8_items(len);
 	ca.acc = c->crc_acc_dev;
 	ca.sync = c->work_ctr_dev;
 	if ((rc = kvt_cuda_check(cudaMemcpy(buf + align_off, host, len, cudaMemcpyHostToDevice),

@@ -135,22 +135,30 @@ static inline float widen_scale(uint16_t b, uint32_t dtype)
 	return dtype == KVT_DTYPE_BF16 ? kvt_bf16_to_f32(b) : kvt_f16_to_f32(b);
 }
 
+/* Index of the scale / zero pair of element (head h, token t, channel c) in a layer's key
+ * (is_v 0) or value arrays: keys per channel over G tokens (but hadamard: per token),
+ * values per token over the value group of channels. */
+static inline size_t chunk_qp_index(const struct kvt_codec_config *cfg, int is_v, uint32_t h,
+				    uint32_t t, uint32_t c)
+{
+	const uint32_t B = cfg->chunk_tokens, d = cfg->head_dim, G = cfg->group;
+	const uint32_t gv = G < d ? G : d, ng = d / gv;
+	if (!is_v && cfg->scheme != KVT_SCHEME_HADAMARD)
+		return ((size_t)h * (B / G) + t / G) * d + c;
+	return ((size_t)h * B + t) * ng + c / gv;
+}
+
 /* Dequantized element (code * scale + zero, the rotated/normalised domain) and its step. */
 static inline float chunk_dq(const uint8_t *chunk, const struct kvt_codec_config *cfg,
 			     const struct kvt_chunk_layout *lay, uint32_t l, int is_v, uint32_t h,
 			     uint32_t t, uint32_t c, float *step)
 {
-	uint32_t B = cfg->chunk_tokens, d = cfg->head_dim, G = cfg->group;
-	uint32_t gv = G < d ? G : d, ng = d / gv;
+	const uint32_t B = cfg->chunk_tokens, d = cfg->head_dim;
 	const uint8_t *sec = chunk + lay->data_offset + (size_t)l * lay->layer_bytes;
 	uint32_t bits = is_v ? cfg->value_bits : cfg->key_bits;
 	const uint8_t *row = sec + (is_v ? lay->v_codes_off : lay->k_codes_off) +
 			     ((size_t)h * B + t) * d * bits / 8;
-	size_t si;
-	if (!is_v && cfg->scheme != KVT_SCHEME_HADAMARD)
-		si = ((size_t)h * (B / G) + t / G) * d + c;
-	else
-		si = ((size_t)h * B + t) * ng + c / gv;
+	const size_t si = chunk_qp_index(cfg, is_v, h, t, c);
 	uint16_t sb, zb;
 	memcpy(&sb, sec + (is_v ? lay->v_scale_off : lay->k_scale_off) + si * 2, 2);
 	memcpy(&zb, sec + (is_v ? lay->v_zero_off : lay->k_zero_off) + si * 2, 2);

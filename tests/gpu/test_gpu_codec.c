@@ -110,8 +110,7 @@ static void check_ties(const struct kvt_codec_config *cfg, const struct kvt_chun
 		       const float *xv, const char *desc, struct tie_stats *st)
 {
 	const uint32_t B = cfg->chunk_tokens, L = cfg->n_layers, H = cfg->n_kv_heads,
-		       d = cfg->head_dim, G = cfg->group;
-	const uint32_t gv = (uint32_t)kvt_value_group(cfg), ng = d / gv;
+		       d = cfg->head_dim;
 	const struct kvt_chunk_layout lay = *lay_in;
 	uint8_t pin[KVT_MAX_CHUNK_TOKENS] = {0};
 	for (uint32_t i = 0; i < n_pinned; i++) {
@@ -127,7 +126,6 @@ static void check_ties(const struct kvt_codec_config *cfg, const struct kvt_chun
 		for (int is_v = 0; is_v < 2; is_v++) {
 			const uint32_t bits = is_v ? cfg->value_bits : cfg->key_bits;
 			const float qmax = (float)((1u << bits) - 1);
-			const bool per_chan = !is_v && cfg->scheme != KVT_SCHEME_HADAMARD;
 			const bool rot = is_v ? cfg->rotate_v != 0 : kvt_scheme_rotates_keys(cfg->scheme);
 			const float *x = is_v ? xv : xk;
 			const size_t so = is_v ? lay.v_scale_off : lay.k_scale_off;
@@ -148,9 +146,7 @@ static void check_ties(const struct kvt_codec_config *cfg, const struct kvt_chun
 					}
 					double R = -1.0;
 					for (uint32_t ch = 0; ch < d; ch++) {
-						const size_t gi = per_chan
-							? ((size_t)h * (B / G) + t / G) * d + ch
-							: ((size_t)h * B + t) * ng + ch / gv;
+						const size_t gi = chunk_qp_index(cfg, is_v, h, t, ch);
 						uint16_t s1, s2, z1, z2;
 						memcpy(&s1, sc + so + 2 * gi, 2);
 						memcpy(&s2, sg + so + 2 * gi, 2);
