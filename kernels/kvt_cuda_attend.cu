@@ -915,13 +915,20 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool i2 = k3 || (mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
 			       cfg->dtype == KVT_DTYPE_BF16 &&
 			       getenv("KVTIER_CUDA_NO_I2") == NULL);
-	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2 (session 2's kernel, variant 1, was
-	 * removed in session 5, the bulk-copy staging variant 3 after session 6) */
+	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2, or its swapped unit loop, p.i2 = 3
+	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
+	 * 3 after session 6) */
 	int ccm = 0; /* compute capability major (programmatic launches: 9) */
 	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
 		ccm = 0;
 	(void)cudaGetLastError();
-	const uint32_t i2v = i2 ? 2 : 0;
+	/* INT2 runs the swapped key orientation (p.i2 = 3: keys as the A operand, p through
+	 * movmatrix; kvt_cuda_attend_i2.cu; session 8: -8 to -10% per step on the H200, docs/gpu.md);
+	 * KVTIER_CUDA_I2_SWAP=0 (read per plan, for A/B runs) the keys-as-B loop; 3-bit keys keep
+	 * the keys-as-B loop */
+	const char *swe = getenv("KVTIER_CUDA_I2_SWAP");
+	const bool swap = !k3 && (!swe || atoi(swe) != 0);
+	const uint32_t i2v = i2 ? (swap ? 3 : 2) : 0;
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
 	const char *fp = getenv("KVTIER_CUDA_FOLD_PINS");

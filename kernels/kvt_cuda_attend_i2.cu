@@ -166,7 +166,8 @@ __device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *
 		o[e] = (r[e] + x[e]) * inv;
 }
 
-/* ---- The keys-as-B INT2 kernel (p.i2 == 2, the default) --------------------------------------
+/* ---- The keys-as-B INT2 kernel (p.i2 == 2: 3-bit keys, KVTIER_CUDA_I2_SWAP=0; p.i2 == 3, the
+ * INT2 default since session 8, swaps the key MMA's operands in the same kernel: see below) ----
  *
  * Same exact code * scale products as session 2's kernel, but the key MMA has its operands
  * swapped, which removes the shared-memory round trip of p and most of the softmax shuffles,
@@ -437,7 +438,99 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-template <int GV, int KB>
+/* ---- The swapped key orientation (p.i2 == 3, the INT2 default; session 8, att9) -------------
+ * H200, INT2 G32 Hq 32 Hkv 8: 45.2-45.6 vs 49.4-49.7 us at 1 x 131072, 78.2-78.6 vs 86.4-86.7 at
+ * 8 x 32768, 62.9-63.0 vs 69.2-69.3 at 48 x 4096 (same call; docs/gpu.md "Session 8").
+ * KVTIER_CUDA_I2_SWAP=0: the keys-as-B loop, for A/B runs.
+ * INT2 keys only (K3 keeps the keys-as-B loop). The unit loop above with three pieces swapped:
+ *   keys:   A = -code * s_k / 4 [16 tokens (gid, gid + 8 of a 16-token half)][16 channels],
+ *           with the k permutation of the keys-as-B loop (k slots 2tig, 2tig + 1 = the pair
+ *           (e, e + 8) the lane's code word holds), so the lane reads and converts the very
+ *           same words with the same fixed shifts; B = q' [16 channels][8 columns: head 0 hi,
+ *           head 0 lo, head 1 hi, ...], 16 registers per lane taken once per item from the
+ *           prologue's A fragments (afr). 2 halves x 8 k-steps = 16 MMAs per unit (was 32, half
+ *           of every A a duplicate row), C[token][2h] + C[token][2h + 1] = head h's logit: the
+ *           lane (gid, tig) holds head tig's hi and lo at tokens gid, gid + 8 (+ 16): added in
+ *           the lane. Key zeros: A = -z_k / 4 in every row, B = q', one MMA per k-step;
+ *           The key MMAs accumulate in four chains (k-step parity x token half), four deep;
+ *           the zeros are stored as (x, x, y, y) A fragments in rows padded against bank
+ *           conflicts (without the padding the swapped loop was 2-3% slower than keys-as-B);
+ *   softmax: head tig at 4 tokens gid + 8j per lane (was 8 logits, each twice in the warp):
+ *           4 ex2; lazy rescaling (the reference maximum moves only when a logit passes it
+ *           by I5_SLACK: one vote per unit instead of the shuffles and alpha), and when it
+ *           moves, the maximum over the gid bits (xor 4, 8, 16), alpha local (no SHFL.IDX);
+ *   p:      the f16 pair (hi, lo) of p at token gid + 8j is row gid, columns 2tig, 2tig + 1 of
+ *           the 8 x 8 tile P_j[token][2h + {hi, lo}], the m8n8 fragment layout; movmatrix.trans
+ *           gives lane (gid, tig) P_j[2tig, 2tig + 1][gid] = the value MMA's B fragment
+ *           (k = tokens, n = gid = head gid / 2 hi or lo): 4 movmatrix per unit;
+ *   values: unchanged A; the columns of vacc are head tig's hi and lo parts, added in the lane
+ *           when the partial is stored (i5_store_partial). */
+#define I5_ZROW 144u /* bytes per tig row of the key zeros: 8 k-steps x 16 + 16 of padding */
+static_assert(4 * I5_ZROW <= 1024, "a warp's key zeros fit its quarter of afr");
+#define I5_SLACK 8.0f /* log2 domain: p up to 256 before the reference moves */
+__device__ __forceinline__ uint32_t i5_trans(uint32_t x)
+{
+	uint32_t y;
+	asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+	return y;
+}
+
+/* the f16 pair (hi, lo) of x: hi = f16(x), lo = f16(x - hi) */
+__device__ __forceinline__ uint32_t i5_hilo(float x)
+{
+	const float h = __half2float(__float2half_rn(x));
+	__half2 r = __floats2half2_rn(x, x - h);
+	return *(uint32_t *)&r;
+}
+
+/* Key k-step K of the swapped orientation: tokens gid + 8j (word j), channel pairs 2K, 2K + 1
+ * of the lane's words; qb: the lane's q' B fragments; kdr: the shared address of the lane's
+ * row of key zeros ((x, x, y, y) at 16 K); plus the zero term. */
+template <int K>
+__device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
+					 const uint32_t (&kwl)[4], const uint32_t (&kw)[4],
+					 const uint32_t (&kwr)[4], const uint32_t (&qb)[8][2],
+					 const uint32_t *cw, int tig, uint32_t kdr, uint32_t magic)
+{
+	const uint2 s2 = *(const uint2 *)(cw + tig * 16 + 2 * K);
+	const uint4 z4 = i4_lds128<16 * K>(kdr);
+	const uint32_t az[4] = {z4.x, z4.y, z4.z, z4.w};
+	mma16816(cz, az, qb[K][0], qb[K][1]);
+	constexpr int E = 2 * (K & 3);
+#pragma unroll
+	for (int h = 0; h < 2; h++) {
+		uint32_t a[4];
+		a[0] = i3_pair<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.x, magic);
+		a[1] = i3_pair<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.x, magic);
+		a[2] = i3_pair<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.y, magic);
+		a[3] = i3_pair<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.y, magic);
+		mma16816(acc[K & 1][h], a, qb[K][0], qb[K][1]);
+	}
+}
+
+/* The swapped loop's value partial in the reduction layout racc[head][channel]: lane (gid, tig)
+ * holds head tig's hi and lo columns for channels 16 gid + i, 16 gid + 8 + i; the value-zero
+ * term of value group g sits in lane (g, tig) (zacc rows >= NG repeat row gid % NG). */
+template <int NG>
+__device__ __forceinline__ void i5_store_partial(const float (&vacc)[8][4], const float (&zacc)[2],
+						 float *racc, int gid, int tig, int vg)
+{
+	constexpr int D = 128;
+	const float z = __shfl_sync(KVT_FULL_MASK, zacc[0] + zacc[1], 4 * vg + tig);
+	float o[16];
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		o[i] = fmaf(-4.0f, vacc[i][0] + vacc[i][1], z);
+		o[i + 8] = fmaf(-4.0f, vacc[i][2] + vacc[i][3], z);
+	}
+	float4 *dst = (float4 *)(racc + tig * D + 16 * gid);
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		dst[i] = make_float4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+}
+
+/* SW: the swapped key orientation (p.i2 == 3, INT2 only; see above) */
+template <int GV, int KB, bool SW>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
@@ -563,6 +656,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
 	const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
 	const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
+	/* swapped keys: the warp's key zeros [tig][k-step][x, x, y, y] in the prologue's
+	 * A-fragment area (afr: 256 words a warp, free once qb is read below), so that the zero
+	 * MMA's A fragment (x, x, y, y) is one LDS.128 (from [x, y] pairs ptxas builds it with 4
+	 * moves per k-step); the scales stay in cw. Rows of I5_ZROW bytes: the 4 addresses of a
+	 * k-step's read (one per tig) fall in different banks (one wavefront, not four) */
+	const uint32_t kdb = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5);
+	const uint32_t kdw = kdb + I5_ZROW * (cblk >> 1) + 64 * (cblk & 1) + 32 * chalf;
+	const uint32_t kdr = kdb + I5_ZROW * tig; /* the reader's row */
 	auto conv_key = [&](uint32_t bf) {
 		const uint32_t ka = bf + kcs;
 		const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
@@ -576,7 +677,12 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			__half2 hh = __floats2half2_rn(fx, fy);
 			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
 		}
-		*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		if (SW && ckind) /* zeros as duplicated pairs (x, x, y, y) per k-step */
+			asm volatile("st.shared.v4.u32 [%0], {%1,%1,%2,%2};\n"
+				     "st.shared.v4.u32 [%0+16], {%3,%3,%4,%4};" ::"r"(kdw),
+				     "r"(o.x), "r"(o.y), "r"(o.z), "r"(o.w));
+		else
+			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
 	};
 	auto conv_val = [&](uint32_t bf, uint32_t vdst) {
 		const uint32_t d = vdst + vdo;
@@ -615,6 +721,18 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	}
 	cp_async_commit();
 	uint32_t vcur = va0; /* this unit's value scale words */
+	/* swapped keys: the lane's q' B fragments (head gid / 2, f16 hi at even gid, lo at odd) are
+	 * the prologue's A fragments of lane (gid / 2, tig): hi parts in .x, .z, lo in .y, .w */
+	uint32_t qb[8][2];
+	if constexpr (SW) {
+#pragma unroll
+		for (int k = 0; k < 8; k++) {
+			const uint4 f = afr[k * 32 + (gid >> 1) * 4 + tig];
+			qb[k][0] = i4_opaque(gid & 1 ? f.y : f.x);
+			qb[k][1] = i4_opaque(gid & 1 ? f.w : f.z);
+		}
+		__syncthreads(); /* every warp has its fragments: afr takes the key words */
+	}
 	if (rem) {
 		cp_async_wait1();
 		__syncwarp();
@@ -658,10 +776,23 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kwr[j] = kw[j] >> 6;
 			}
 		}
+		/* swapped keys: [k-step parity][token half]: four accumulator chains of four MMAs */
+		float sacc[2][2][4], cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+		if constexpr (SW) {
+#pragma unroll
+			for (int h = 0; h < 4; h++)
+				sacc[h >> 1][h & 1][0] = sacc[h >> 1][h & 1][1] = sacc[h >> 1][h & 1][2] =
+					sacc[h >> 1][h & 1][3] = 0.0f;
+			i5_kstep<0>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<1>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<2>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<3>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+		} else {
 		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
 			kw[j] = kr[j].y;
@@ -675,14 +806,35 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kwr[j] = kw[j] >> 6;
 			}
 		}
+		if constexpr (SW) {
+			i5_kstep<4>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<5>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<6>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			i5_kstep<7>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+		} else {
 		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+		}
 
 		const float bias = cb[0] + cb[2];
-		float lg[4][2];
-		{
+		float lg[4][2], slg[4]; /* slg: swapped, head tig at token gid + 8j */
+		if constexpr (SW) {
+			/* token gid + 8j: sacc[.][j / 2][2 (j & 1)] hi, [.. + 1] lo; the norms at 4 token */
+			const float sbias = cz[0] + cz[1];
+			const uint32_t na = bcur + 4 * gid;
+			const float nr[4] = {__uint_as_float(i4_lds32<I2_NR>(na)),
+					     __uint_as_float(i4_lds32<I2_NR + 32>(na)),
+					     __uint_as_float(i4_lds32<I2_NR + 64>(na)),
+					     __uint_as_float(i4_lds32<I2_NR + 96>(na))};
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				const int h = j >> 1, c = 2 * (j & 1);
+				slg[j] = ((sacc[0][h][c] + sacc[1][h][c]) +
+					  (sacc[0][h][c + 1] + sacc[1][h][c + 1]) + sbias) * nr[j];
+			}
+		} else {
 			const uint32_t na = bcur + 8 * tig;
 			uint2 nr[4];
 			nr[0] = i4_lds64<I2_NR>(na);
@@ -714,6 +866,11 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				const uint32_t pt = pins[i];
 #pragma unroll
 				for (int j = 0; j < 4; j++) {
+					if constexpr (SW) {
+						if (pt == sbc * 32 + 8 * j + gid)
+							slg[j] = -INFINITY;
+						continue;
+					}
 					const uint32_t t = sbc * 32 + 8 * j + 2 * tig;
 					if (pt == t)
 						lg[j][0] = -INFINITY;
@@ -738,6 +895,39 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		conv_val(bcur ^ bx, vcur ^ vx);
 
 		/* online softmax of unit u */
+		uint32_t pt[4]; /* swapped: the value B fragments of the unit's 4 token tiles */
+		float pv[4][2];
+		if constexpr (SW) {
+			/* lazy rescaling: the reference m2 moves only when a logit exceeds it by more
+			 * than I5_SLACK (p <= 2^I5_SLACK otherwise, exact in the f16 hi / lo split and
+			 * fp32 sums), so the common unit needs no cross-lane maximum and no alpha */
+			float mx = fmaxf(fmaxf(slg[0], slg[1]), fmaxf(slg[2], slg[3]));
+			if (__any_sync(KVT_FULL_MASK, mx > m2 + I5_SLACK)) {
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
+				const float mn = fmaxf(m2, mx);
+				const float alpha = i3_ex2(m2 - (mn == -INFINITY ? 0.0f : mn));
+#pragma unroll
+				for (int i = 0; i < 8; i++)
+#pragma unroll
+					for (int j = 0; j < 4; j++)
+						vacc[i][j] *= alpha;
+				zacc[0] *= alpha;
+				zacc[1] *= alpha;
+				l2 *= alpha;
+				m2 = mn;
+			}
+			const float ms = m2 == -INFINITY ? 0.0f : m2;
+			float ls = 0.0f;
+#pragma unroll
+			for (int j = 0; j < 4; j++) {
+				const float pj = i3_ex2(slg[j] - ms);
+				ls += pj;
+				pt[j] = i5_trans(i5_hilo(pj));
+			}
+			l2 += ls;
+		} else {
 		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
 				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
 		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
@@ -745,7 +935,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		const float mn = fmaxf(m2, mx);
 		const float ms = mn == -INFINITY ? 0.0f : mn;
 		const float alpha = i3_ex2(m2 - ms);
-		float pv[4][2];
 		float ls = 0.0f;
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
@@ -768,10 +957,17 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			zacc[0] *= a0;
 			zacc[1] *= a1;
 		}
+		}
 #pragma unroll
 		for (int kk = 0; kk < 2; kk++) {
-			const uint32_t b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
-			const uint32_t b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+			uint32_t b0, b1;
+			if constexpr (SW) {
+				b0 = pt[2 * kk];
+				b1 = pt[2 * kk + 1];
+			} else {
+				b0 = i3_split(pv[2 * kk][0], pv[2 * kk][1], lo_f);
+				b1 = i3_split(pv[2 * kk + 1][0], pv[2 * kk + 1][1], lo_f);
+			}
 			uint32_t u[4], ul[4], ur[4];
 			u[0] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x5410);
 			u[1] = __byte_perm(vcw[kk][0], vcw[kk][1], 0x7632);
@@ -819,8 +1015,19 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		__syncwarp(); /* unit u + 1's words are visible */
 	}
 
-	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 	float l = l2;
+	if constexpr (SW) { /* head tig; the lanes of one tig hold 4 tokens each */
+		i5_store_partial<NG>(vacc, zacc, racc, gid, tig, vg);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 4);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 8);
+		l += __shfl_xor_sync(KVT_FULL_MASK, l, 16);
+		if (gid == 0) {
+			rm[tig] = m2 * 0.69314718055994531f; /* back to the natural-log domain */
+			rl[tig] = l;
+		}
+		return;
+	}
+	i2_store_partial<NG>(vacc, zacc, zsm, racc, gid, tig, vg);
 	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
 	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
 	if (gid < 4 && tig == 0) {
@@ -933,15 +1140,16 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 }
 
-/* V 2: attend_coded_i4 (session 6: two units in flight); V 1 (session 2's kernel), V 3
- * (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
- * sessions 5 and 6;
+/* V 2: attend_coded_i4 (session 6: two units in flight); V 3: the same loop with the swapped
+ * key orientation (session 8, INT2 only); V 1 (session 2's kernel), the first V 3 (bulk-copy
+ * staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in sessions 5
+ * and 6;
  * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2, "the keys-as-B kernel");
+	static_assert(V == 2 || (V == 3 && KB == 2), "keys-as-B, or swapped keys (INT2)");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
@@ -992,7 +1200,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i4<GV, KB>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+		attend_coded_i4<GV, KB, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
 						(uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
@@ -1035,7 +1243,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 }
 
 
-/* p.i2: 2 the keys-as-B kernel. MINB 5 for the keys-as-B kernel
+/* p.i2: 2 the keys-as-B kernel (3: its swapped unit loop, INT2). MINB 5 for the keys-as-B kernel
  * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
  * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. MINB 3
  * (session 5, the default since: 157-168 registers, no spills) measured faster than 4, same
@@ -1077,6 +1285,8 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
 		return i2_launch_g<2, 3, 3>(pl, s, gv);
+	if (pl->p.i2 == 3) /* the swapped key orientation (INT2) */
+		return i2_launch_g<3, 3>(pl, s, gv);
 	return i2_launch_g<2, 3>(pl, s, gv);
 }
 
@@ -1102,5 +1312,7 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
 		return i2_occupancy_g<2, 3, 3>(gv);
+	if (variant == 3)
+		return i2_occupancy_g<3, 3>(gv);
 	return i2_occupancy_g<2, 3>(gv);
 }

@@ -264,18 +264,36 @@ static void test_random_batches(void)
 	printf("# worst relative error: gpu %.3e, cpu kvt_attend %.3e\n", worst_gpu, worst_cpu);
 }
 
+/* The INT2 batches run under both unit loops of the keys-as-B kernel: the keys-as-B key
+ * orientation (KVTIER_CUDA_I2_SWAP=0) and the swapped one (=1: keys as the A operand, p
+ * through movmatrix), each with fresh batches; a KVTIER_CUDA_I2_SWAP set by the caller picks
+ * one of them. */
 static void test_fast_path_batches(void)
 {
 	int n = 24;
 	const char *s = getenv("KVT_GPU_FAST_BATCHES");
 	if (s && *s)
 		n = atoi(s);
-	for (int i = 0; i < n; i++)
-		one_batch(i, true, NULL, 0);
-	printf("# worst relative error, INT2 bf16 d128 batches: gpu %.3e (%llu chunks with %llu "
-	       "pinned tokens)\n",
-	       worst_fast, (unsigned long long)fast_pinned_chunks,
-	       (unsigned long long)fast_pinned_tokens);
+	const char *fixed = getenv("KVTIER_CUDA_I2_SWAP");
+	for (int sw = 0; sw < 2; sw++) {
+		if (fixed && sw)
+			break;
+		if (!fixed)
+			setenv("KVTIER_CUDA_I2_SWAP", sw ? "1" : "0", 1);
+		const double before = worst_fast;
+		const uint64_t pc = fast_pinned_chunks, pt = fast_pinned_tokens;
+		worst_fast = 0.0;
+		for (int i = 0; i < n; i++)
+			one_batch(i, true, NULL, 0);
+		printf("# worst relative error, INT2 bf16 d128 batches, KVTIER_CUDA_I2_SWAP=%s: gpu "
+		       "%.3e (%llu chunks with %llu pinned tokens)\n",
+		       fixed ? fixed : sw ? "1" : "0", worst_fast,
+		       (unsigned long long)(fast_pinned_chunks - pc),
+		       (unsigned long long)(fast_pinned_tokens - pt));
+		worst_fast = worst_fast > before ? worst_fast : before;
+	}
+	if (!fixed)
+		unsetenv("KVTIER_CUDA_I2_SWAP");
 }
 
 /* The fast batches with 3-bit keys and 2-bit values (oscar or kivi, bf16, head_dim 128, G 32,
