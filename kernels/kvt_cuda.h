@@ -191,6 +191,12 @@ struct kvt_cuda_attend_plan_info {
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);
+#ifdef KVT_ATT_TIMELINE
+#include <stdio.h>
+/* Diagnostic builds only (-DKVT_ATT_TIMELINE for C and CUDA): prints one JSON line with the
+ * last run's per-block phase times (docs/gpu.md, "Session 8: where the step's time goes"). */
+int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *plan, FILE *f, const char *label);
+#endif
 
 /* Build + run + sync + destroy, for callers with one batch and no reuse. */
 int kvt_cuda_attend(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_request *reqs,

@@ -19,6 +19,7 @@
  * weight. The query rotation is fused into the block's prologue.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -719,6 +720,8 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
 	 * (a no-op for an ordinary launch) */
 	kvt_grid_dep_wait();
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
@@ -808,6 +811,8 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		o[e] = (rot[e] + ex[e]) * inv;
+	if (lane == 0)
+		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2 + 1);
 }
 
 /* ---- Host: plan ---------------------------------------------------------------------------- */
@@ -1165,6 +1170,10 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
 		size_t o_acc = (o_ml + n_launch * rqn * 2 * 4 + 255) & ~(size_t)255;
 		size_t total = o_acc + n_launch * rqn * D * 4;
+#ifdef KVT_ATT_TIMELINE
+		const size_t o_tl = (total + 255) & ~(size_t)255, o_tlc = o_tl + n_launch * ATT_TL_SLOTS * 8;
+		total = o_tlc + n_groups * rqn * 2 * 8;
+#endif
 		char *host = (char *)calloc(1, o_ml);
 		if (!host) {
 			rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -1217,6 +1226,14 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		plan->pdl = pdl_ok && !p.fused;
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
+#ifdef KVT_ATT_TIMELINE
+		p.tl = (unsigned long long *)(db + o_tl);
+		p.tlc = (unsigned long long *)(db + o_tlc);
+		if (cudaMemset(db + o_tl, 0, total - o_tl) != cudaSuccess) {
+			rc = kvt_cuda_errf(err, errlen, -EIO, "timeline memset");
+			goto out;
+		}
+#endif
 		p.B = B;
 		p.G = cfg->group;
 		p.H = H;
@@ -1376,6 +1393,106 @@ extern "C" void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *pl)
 		cudaFree(pl->dev_block);
 	free(pl);
 }
+
+#ifdef KVT_ATT_TIMELINE
+static int tl_cmp(const void *a, const void *b)
+{
+	const double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* min / median / max of v[0..n) in us, as JSON members named k */
+static void tl_stats(FILE *f, const char *k, double *v, size_t n)
+{
+	if (!n)
+		return;
+	qsort(v, n, sizeof(*v), tl_cmp);
+	fprintf(f, ",\"%s_us\":[%.2f,%.2f,%.2f]", k, v[0] / 1e3, v[n / 2] / 1e3, v[n - 1] / 1e3);
+}
+
+/* The last run's stamps (docs/gpu.md, "Session 8: where the step's time goes"): every time
+ * is in us from the first block's entry; [min, median, max] over blocks (or warps, or
+ * combine blocks). */
+extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FILE *f,
+					      const char *label)
+{
+	const size_t ni = pl->n_items, nc = (size_t)pl->n_groups * pl->p.rqn;
+	unsigned long long *t = (unsigned long long *)malloc((ni * ATT_TL_SLOTS + nc * 2) * 8);
+	double *v = (double *)malloc((ni * ATT_WARPS + nc + 1) * sizeof(double));
+	int rc = -ENOMEM;
+	if (!t || !v)
+		goto out;
+	rc = -EIO;
+	if (cudaMemcpy(t, pl->p.tl, ni * ATT_TL_SLOTS * 8, cudaMemcpyDeviceToHost) != cudaSuccess ||
+	    cudaMemcpy(t + ni * ATT_TL_SLOTS, pl->p.tlc, nc * 2 * 8, cudaMemcpyDeviceToHost) !=
+		    cudaSuccess)
+		goto out;
+	{
+		const unsigned long long *tc = t + ni * ATT_TL_SLOTS;
+		unsigned long long t0 = ~0ull;
+		for (size_t i = 0; i < ni; i++)
+			t0 = t[i * ATT_TL_SLOTS] < t0 ? t[i * ATT_TL_SLOTS] : t0;
+		fprintf(f, "{\"bench\":\"gpu\",\"op\":\"attend_timeline\",\"case\":\"%s\",\"blocks\":%zu",
+			label, ni);
+#define TL(i, s) ((double)(t[(i) * ATT_TL_SLOTS + (s)] - t0))
+		size_t n = 0;
+		for (size_t i = 0; i < ni; i++)
+			v[n++] = TL(i, ATT_TL_ENTRY);
+		tl_stats(f, "entry", v, n);
+		n = 0;
+		for (size_t i = 0; i < ni; i++)
+			v[n++] = TL(i, ATT_TL_PROLOGUE) - TL(i, ATT_TL_ENTRY);
+		tl_stats(f, "prologue", v, n);
+		n = 0;
+		for (size_t i = 0; i < ni; i++)
+			for (int w = 0; w < ATT_WARPS; w++)
+				v[n++] = TL(i, ATT_TL_LOOP + w) - TL(i, ATT_TL_PROLOGUE);
+		tl_stats(f, "warp_loop", v, n);
+		n = 0;
+		for (size_t i = 0; i < ni; i++) {
+			double lo = 1e300, hi = 0.0;
+			for (int w = 0; w < ATT_WARPS; w++) {
+				const double x = TL(i, ATT_TL_LOOP + w);
+				lo = x < lo ? x : lo;
+				hi = x > hi ? x : hi;
+			}
+			v[n++] = hi - lo;
+		}
+		tl_stats(f, "warp_skew", v, n);
+		n = 0;
+		for (size_t i = 0; i < ni; i++) {
+			double hi = 0.0;
+			for (int w = 0; w < ATT_WARPS; w++) {
+				const double x = TL(i, ATT_TL_LOOP + w);
+				hi = x > hi ? x : hi;
+			}
+			v[n++] = TL(i, ATT_TL_MERGE) - hi;
+		}
+		tl_stats(f, "merge", v, n);
+		n = 0;
+		for (size_t i = 0; i < ni; i++)
+			v[n++] = TL(i, ATT_TL_MERGE);
+		tl_stats(f, "block_end", v, n);
+#undef TL
+		n = 0;
+		for (size_t i = 0; i < nc; i++)
+			if (tc[2 * i])
+				v[n++] = (double)(tc[2 * i] - t0);
+		tl_stats(f, "combine_start", v, n);
+		n = 0;
+		for (size_t i = 0; i < nc; i++)
+			if (tc[2 * i + 1])
+				v[n++] = (double)(tc[2 * i + 1] - t0);
+		tl_stats(f, "combine_end", v, n);
+		fprintf(f, "}\n");
+	}
+	rc = 0;
+out:
+	free(t);
+	free(v);
+	return rc;
+}
+#endif
 
 extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 					  struct kvt_cuda_attend_plan_info *info)

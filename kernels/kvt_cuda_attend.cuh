@@ -81,7 +81,33 @@ struct att_params : att_params_base {
 	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
 	 * items and no rotated partials (exact_begin = item_begin) */
 	uint32_t fold;
+#ifdef KVT_ATT_TIMELINE
+	/* diagnostic builds only (-DKVT_ATT_TIMELINE; never in a production build): %globaltimer
+	 * stamps of the INT2 kernel's blocks, tl[item][ATT_TL_SLOTS], and of the combine's,
+	 * tlc[group][RQ][2]; kvt_cuda_attend_timeline_print reads them */
+	unsigned long long *tl, *tlc;
+#endif
 };
+
+/* the INT2 kernel's stamps per block: entry, prologue done, each warp's unit loop done,
+ * merge done */
+#define ATT_TL_SLOTS 8
+#define ATT_TL_ENTRY 0
+#define ATT_TL_PROLOGUE 1
+#define ATT_TL_LOOP 2 /* + warp */
+#define ATT_TL_MERGE 6
+
+#ifdef KVT_ATT_TIMELINE
+__device__ __forceinline__ void kvt_att_stamp(unsigned long long *slot)
+{
+	unsigned long long t;
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	*slot = t;
+}
+#define ATT_TL(arr, idx) kvt_att_stamp(&(arr)[idx])
+#else
+#define ATT_TL(arr, idx) ((void)0) /* arr is not evaluated: the fields do not exist */
+#endif
 
 struct kvt_cuda_attend_plan {
 	att_params p;

@@ -958,6 +958,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	if (threadIdx.x == 0)
+		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_ENTRY);
 	uint32_t npin = 0;
 	if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
 		npin = i3_pins_stage<D>(p, it, pinrow);
@@ -986,6 +988,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		}
 		__syncthreads();
 	}
+	if (threadIdx.x == 0)
+		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_PROLOGUE);
 	/* a warp's reduction slot is the start of its own stage: its own copies are done */
 	float *racc = (float *)&stage[warp][0];
 	if (it.kind == ITEM_CODED) {
@@ -1008,11 +1012,15 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
+	if (lane == 0)
+		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_LOOP + warp);
 	if (p.fold)
 		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo, pinrow,
 				 npin);
 	else
 		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
+	if (threadIdx.x == 0)
+		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_MERGE);
 	if (!p.fused)
 		return;
 	/* fused combine: the block that completes its group merges it */

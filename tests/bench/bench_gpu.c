@@ -287,6 +287,13 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
 	printf("}\n");
+#ifdef KVT_ATT_TIMELINE
+	{
+		char label[64];
+		snprintf(label, sizeof(label), "K%uV%u G%u %dx%d", bits, vbits, group, batch, tokens);
+		kvt_cuda_attend_timeline_print(plan, stdout, label);
+	}
+#endif
 	rc = 0;
 out:
 	if (rc)
