@@ -10,8 +10,8 @@
  * -0 / +0 tie of a min or max keeps); KVTIER_CUDA_ENC_EXACT=1 takes them for every config.
  * The crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
  * multiplication (crc8_kernel, launched as the tensor-core encoder's programmatic dependent so
- * that it hashes finished chunks during the encoder's last wave), so the chunk never visits the
- * host. Decode: fd_kernel (R lanes per row) or
+ * that it hashes finished chunks during the encoder's last wave; KVTIER_CUDA_CRC=10 takes
+ * crc10_kernel, its table lookups by shfl from registers), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
  * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
@@ -71,6 +71,17 @@ __device__ uint32_t g_crc_x2n[32];
 __device__ uint32_t g_crc_reg[CRC_NREG];
 __device__ uint32_t g_crc_sh3[2][4][256];
 __device__ uint32_t g_crc_lane16[32];
+/* crc10_kernel's, per stage size SB = 4096 >> z (lane runs of SB / 32 bytes, two chains of
+ * SB / 64 bytes each; z = 1 is not instantiated): g_crc10_xh[z] = x^(8 SB / 64) (chain A onto
+ * B's end), g_crc10_lane[z][l] = x^(8 (SB / 32) (31 - l)) (lane l's run onto the stage's end);
+ * the lookup tables, one entry per lane (read by shfl): g_crc10_t[p][v] = raw crc of the
+ * 16-byte word whose bits 5p .. 5p + 4 are v (the rest 0), p = 0..25; g_crc10_g[z][p][v] = the
+ * map of the 32-bit value v << 5p over SB - SB / 64 bytes (a chain to its run in the next
+ * stage), p = 0..6 */
+__device__ uint32_t g_crc10_xh[2];
+__device__ uint32_t g_crc10_lane[2][32];
+__device__ uint32_t g_crc10_t[26][32];
+__device__ uint32_t g_crc10_g[2][7][32];
 
 /* a * b mod P in the reflected representation (a != 0), as zlib's multmodp */
 __host__ __device__ static uint32_t crc_multmodp(uint32_t a, uint32_t b)
@@ -147,6 +158,49 @@ static int crc_tables_upload(char *err, size_t errlen)
 	for (int l = 30; l >= 0; l--)
 		lane16[l] = crc_multmodp(x16, lane16[l + 1]);
 	CK(cudaMemcpyToSymbol(g_crc_sh3, sh3, sizeof(sh3)), "crc table upload");
+	/* crc10: for SB = 4096, 2048: x^(8 SB / 64) = x16^(SB / 1024), x^(8 (SB - SB / 64)) =
+	 * (x^(8 SB / 64))^63 (as a 4-table map gm9, then per 5-bit piece), x^(8 (SB / 32) (31 - l)) */
+	static uint32_t gm9[2][4][256], xh9[2], lane9[2][32];
+	for (int z = 0; z < 2; z++) {
+		const int sb = 4096 >> z;
+		uint32_t xh = 1u << 31;
+		for (int k = 0; k < sb / 1024; k++)
+			xh = crc_multmodp(x16, xh);
+		uint32_t xg = 1u << 31;
+		for (int k = 0; k < 63; k++)
+			xg = crc_multmodp(xh, xg);
+		const uint32_t xrun = crc_multmodp(xh, xh);
+		xh9[z] = xh;
+		for (int jb = 0; jb < 4; jb++)
+			for (uint32_t b = 0; b < 256; b++)
+				gm9[z][jb][b] = crc_multmodp(xg, b << (8 * jb));
+		lane9[z][31] = 1u << 31;
+		for (int l = 30; l >= 0; l--)
+			lane9[z][l] = crc_multmodp(xrun, lane9[z][l + 1]);
+	}
+	static uint32_t t10[26][32], g10[2][7][32];
+	for (int q = 0; q < 26; q++)
+		for (uint32_t v = 0; v < 32; v++) {
+			uint8_t m[16] = {0};
+			for (int bit = 0; bit < 5; bit++)
+				if ((v >> bit) & 1 && 5 * q + bit < 128)
+					m[(5 * q + bit) >> 3] |= (uint8_t)(1u << ((5 * q + bit) & 7));
+			uint32_t c = 0;
+			for (int k = 0; k < 16; k++)
+				c = (c >> 8) ^ t[0][(c ^ m[k]) & 0xff];
+			t10[q][v] = c;
+		}
+	for (int z = 0; z < 2; z++)
+		for (int q = 0; q < 7; q++)
+			for (uint32_t v = 0; v < 32; v++) {
+				const uint32_t x = (uint32_t)((uint64_t)v << (5 * q));
+				g10[z][q][v] = gm9[z][0][x & 0xff] ^ gm9[z][1][(x >> 8) & 0xff] ^
+					       gm9[z][2][(x >> 16) & 0xff] ^ gm9[z][3][x >> 24];
+			}
+	CK(cudaMemcpyToSymbol(g_crc10_t, t10, sizeof(t10)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc10_g, g10, sizeof(g10)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc10_xh, xh9, sizeof(xh9)), "crc table upload");
+	CK(cudaMemcpyToSymbol(g_crc10_lane, lane9, sizeof(lane9)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc_lane16, lane16, sizeof(lane16)), "crc table upload");
 	return 0;
 }
@@ -680,15 +734,17 @@ __device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t 
 #define CRC8_ST 3
 #define CRC8_W 4 /* warps per block */
 
-/* crc8's work items for a chunk of `bytes`: CRC_REGION regions, CRC8_R to an item */
-static uint64_t crc8_items(uint64_t bytes)
+/* the crc pass's work items for a chunk of `bytes`: CRC_REGION regions, rpi to an item
+ * (crc8: CRC8_R, crc10: CRC10_R) */
+static uint64_t crc_items(uint64_t bytes, uint32_t rpi)
 {
-	return ((bytes + CRC_REGION - 1) / CRC_REGION + CRC8_R - 1) / CRC8_R;
+	return ((bytes + CRC_REGION - 1) / CRC_REGION + rpi - 1) / rpi;
 }
 
 struct crc8_args {
 	const enc_job_dev *jobs;
 	uint32_t n_jobs, n_items;
+	uint32_t rpi; /* regions per item (crc10; crc8 takes CRC8_R) */
 	uint32_t need; /* encoder blocks per chunk to wait for (0: the chunks are written) */
 	uint32_t *acc, *sync;
 };
@@ -884,6 +940,269 @@ static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaS
 	const cudaLaunchConfig_t lc =
 		kvt_launch_config(dim3(3 * (unsigned)sm_count), dim3(CRC8_W * 32), dyn, s, pdl, &at);
 	return cudaLaunchKernelEx(&lc, crc8_kernel, a);
+}
+
+/*
+ * crc10 (session 8; KVTIER_CUDA_CRC=10, opt-in): crc8's regions, claims, waits and region
+ * multipliers, in items of CRC10_R regions, with each lane's bytes contiguous and the table
+ * lookups done by shfl from registers instead of from shared memory.
+ * - Stage = SB bytes (4 KiB); lane l owns the stage's bytes [128 l, 128 l + 128): two chains,
+ *   A on the first 64 bytes and B on the last 64, each stepping 16 bytes at a time (c' = crc of
+ *   the word with c xored into its first 4 bytes, a sum of table lookups of which only those on
+ *   the first 35 bits depend on c) and moved over the 4032 bytes to its run in the next stage
+ *   by one map per stage (crc8: per 16 bytes).
+ * - The cp.async writes a stage swizzled (16-byte word w at slot w ^ ((w >> 3) & 7)), so the
+ *   coalesced global reads and the lanes' strided shared reads (lane l's word k at
+ *   8 l + (k ^ (l & 7))) are both conflict-free per quarter warp.
+ * - Lookups (crc10_lk): tables of 32 entries indexed by 5 bits, entry v of table p in lane v's
+ *   register t[p], read by one shfl (no bank conflicts; crc8's byte-indexed tables in shared
+ *   memory cost ~3 wavefronts per lookup): 26 per 16-byte word, 7 per map.
+ * - At the item's end: c = A x^(8 * 64) + B (lane l's run), times x^(8 * 128 (31 - l)) (onto
+ *   the stage's end), xor over the warp, times the item's region multiplier, as crc8.
+ * - The chunk of a claimed item by a lane-parallel search (crc8_job_of walks the chunks one
+ *   dependent load at a time, up to 31 on a warp's first claim of the last chunk).
+ * docs/gpu.md "Session 8: encode crc" has the numbers (ncu: crc8 alone 76.6 us, shared-memory
+ * pipe ~70% busy with 3-way conflicts; crc10 alone 51.7 us).
+ */
+#define CRC10_R 2 /* regions per item */
+
+/* The chunk of item idx, searching from chunk jc on: 32 chunks' first items per step, one
+ * load per lane */
+__device__ __forceinline__ uint32_t crc10_job_of(const crc8_args &a, uint32_t jc, uint32_t idx)
+{
+	const uint32_t lane = threadIdx.x & 31;
+	for (;;) {
+		const uint32_t jj = jc + 1 + lane;
+		const bool in = jj < a.n_jobs && idx >= a.jobs[jj].crc_item0;
+		/* first items increase with the chunk, so `in` holds for a prefix of the lanes */
+		const uint32_t n = __popc(__ballot_sync(KVT_FULL_MASK, in));
+		jc += n;
+		if (n < 32)
+			return jc;
+	}
+}
+
+__device__ uint32_t crc10_claim(const crc8_args &a, uint32_t *jc)
+{
+	const int lane = threadIdx.x & 31;
+	uint32_t idx = 0, j = *jc;
+	if (lane == 0)
+		idx = atomicAdd(a.sync + CRC_SYNC_WORK, 1u);
+	idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
+	if (idx >= a.n_items)
+		return idx;
+	j = crc10_job_of(a, j, idx);
+	if (a.need) { /* as crc8_claim */
+		while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
+			__nanosleep(256);
+		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
+	}
+	*jc = j;
+	return idx;
+}
+
+/* shfl.sync.idx reads the source lane from the index's bits 0-4 only (PTX ISA: bval = b[4:0]) */
+__device__ __forceinline__ uint32_t crc_shfl(uint32_t t, uint32_t i)
+{
+	uint32_t r;
+	asm("shfl.sync.idx.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(t), "r"(i));
+	return r;
+}
+
+/* crc10's lookups: 5-bit-indexed tables held one entry per lane in registers, read by shfl
+ * (one per lookup, no bank conflicts): a 16-byte word is 26 lookups (slicing-by-16 from
+ * shared memory: 16 at ~3 wavefronts each), of which the 7 on the word's first 35 bits depend
+ * on the chain */
+struct crc10_lk {
+	uint32_t t[26], g[7];
+	__device__ __forceinline__ uint32_t map(uint32_t c) const
+	{
+		uint32_t r0 = 0, r1 = 0;
+#pragma unroll
+		for (int q = 0; q < 7; q++) {
+			const uint32_t v = crc_shfl(g[q], c >> (5 * q));
+			if (q & 1)
+				r1 ^= v;
+			else
+				r0 ^= v;
+		}
+		return r0 ^ r1;
+	}
+	__device__ __forceinline__ uint32_t word(uint32_t c, uint4 w) const
+	{
+		const uint32_t x[5] = {w.x ^ c, w.y, w.z, w.w, 0u};
+		uint32_t ri0 = 0, ri1 = 0, rd0 = 0, rd1 = 0;
+#pragma unroll
+		for (int q = 7; q < 26; q++) { /* independent of the chain */
+			const int b = 5 * q, i = b >> 5, sh = b & 31;
+			const uint32_t v = crc_shfl(t[q], sh <= 27 ? x[i] >> sh
+								 : __funnelshift_r(x[i], x[i + 1], sh));
+			if (q & 1)
+				ri1 ^= v;
+			else
+				ri0 ^= v;
+		}
+#pragma unroll
+		for (int q = 0; q < 7; q++) {
+			const int b = 5 * q, i = b >> 5, sh = b & 31;
+			const uint32_t v = crc_shfl(t[q], sh <= 27 ? x[i] >> sh
+								 : __funnelshift_r(x[i], x[i + 1], sh));
+			if (q & 1)
+				rd1 ^= v;
+			else
+				rd0 ^= v;
+		}
+		return (ri0 ^ ri1) ^ (rd0 ^ rd1);
+	}
+};
+
+/* SB: stage bytes (4096 or 2048); lane l's run is RUN = SB / 32 bytes, RW = RUN / 16 words */
+template <int ST, int SB, class LK>
+__device__ void crc10_warp(const crc8_args &a, const LK &L, uint4 *buf, uint32_t *meta)
+{
+	constexpr int RW = SB / 512, Z = SB == 4096 ? 0 : 1, SPR = CRC_REGION / SB;
+	static_assert(SB == 4096 || SB == 2048, "stage size");
+	const int lane = threadIdx.x & 31;
+	const uint32_t lmul = g_crc10_lane[Z][lane], xh = g_crc10_xh[Z];
+	const uint32_t sw = ((RW * lane) >> 3) & (RW - 1);
+	uint32_t jc = 0, r_end = 0, nh = 0, hs = 0;
+	int64_t ms = 0;
+	const uint8_t *src = NULL;
+	bool more = true;
+	uint32_t issued = 0, computed = 0, ca = 0, cb = 0;
+	auto issue = [&](uint32_t slot) -> bool {
+		if (hs == nh) {
+			const uint32_t idx = crc10_claim(a, &jc);
+			if (idx >= a.n_items)
+				return false;
+			const enc_job_dev &j = a.jobs[jc];
+			const uint32_t k = idx - j.crc_item0;
+			const uint64_t nr = (j.total_bytes + CRC_REGION - 1) / CRC_REGION;
+			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * a.rpi < a.rpi
+								 ? nr - (uint64_t)k * a.rpi
+								 : a.rpi);
+			r_end = k * a.rpi;
+			ms = (int64_t)j.total_bytes - (int64_t)CRC_REGION * (r_end + nreg);
+			src = j.out;
+			nh = SPR * nreg;
+			hs = 0;
+		}
+		uint4 *dst = buf + slot * (SB / 16);
+#pragma unroll
+		for (int i = 0; i < SB / 512; i++) {
+			const uint32_t wd = 32 * i + lane;
+			const int64_t off = ms + SB * (int64_t)hs + 16 * wd;
+			crc8_cp16(dst + (wd ^ ((wd >> 3) & (RW - 1))), off >= 0 ? src + off : src,
+				  off >= 0);
+		}
+		if (lane == 0) {
+			meta[2 * slot] = jc;
+			meta[2 * slot + 1] = r_end | (hs + 1 == nh ? 0x80000000u : 0u);
+		}
+		hs++;
+		return true;
+	};
+	for (int q = 0; q < ST - 1; q++) {
+		if (more && (more = issue(issued % ST)))
+			issued++;
+		asm volatile("cp.async.commit_group;\n" ::);
+	}
+	while (computed < issued) {
+		__syncwarp();
+		if (more && (more = issue(issued % ST)))
+			issued++;
+		asm volatile("cp.async.commit_group;\n" ::);
+		asm volatile("cp.async.wait_group %0;\n" ::"n"(ST - 1));
+		__syncwarp();
+		const uint32_t slot = computed % ST;
+		const uint4 *b = buf + slot * (SB / 16) + RW * lane;
+		ca = L.map(ca);
+		cb = L.map(cb);
+#pragma unroll
+		for (uint32_t k = 0; k < RW / 2; k++) {
+			const uint4 wa = b[k ^ sw], wb = b[(k + RW / 2) ^ sw];
+			ca = L.word(ca, wa);
+			cb = L.word(cb, wb);
+		}
+		const uint32_t m1 = meta[2 * slot + 1];
+		if (m1 & 0x80000000u) {
+			uint32_t c = ca ? crc_multmodp(xh, ca) ^ cb : cb;
+			if (c)
+				c = crc_multmodp(lmul, c);
+#pragma unroll
+			for (int m = 16; m >= 1; m >>= 1)
+				c ^= __shfl_xor_sync(KVT_FULL_MASK, c, m);
+			if (lane == 0 && c) {
+				const uint32_t r = m1 & 0x7fffffffu;
+				const uint32_t mul = r < CRC_NREG ? g_crc_reg[r]
+								   : crc_x2nmodp((uint64_t)r * CRC_REGION, 3);
+				atomicXor(a.acc + meta[2 * slot], crc_multmodp(mul, c));
+			}
+			ca = cb = 0;
+		}
+		computed++;
+	}
+}
+
+/* W warps, each with a ring of ST stages (no tables in shared memory) */
+template <int W, int ST, int SB>
+__global__ void __launch_bounds__(W * 32) crc10_kernel(crc8_args a)
+{
+	extern __shared__ uint4 crc10_dyn[];
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	crc10_lk L;
+#pragma unroll
+	for (int q = 0; q < 26; q++)
+		L.t[q] = g_crc10_t[q][lane];
+#pragma unroll
+	for (int q = 0; q < 7; q++)
+		L.g[q] = g_crc10_g[SB == 4096 ? 0 : 1][q][lane];
+	uint4 *buf = crc10_dyn + (size_t)w * ST * (SB / 16);
+	uint32_t *meta = (uint32_t *)(crc10_dyn + (size_t)W * ST * (SB / 16)) + w * 2 * ST;
+	crc10_warp<ST, SB>(a, L, buf, meta);
+}
+
+/* on as many blocks per SM as fit (persistent; the blocks claim items) */
+template <int W, int ST, int SB>
+static cudaError_t crc10_launch(const crc8_args &a, int sm_count, bool pdl,
+				cudaStream_t s)
+{
+	const size_t dyn = (size_t)W * ST * (SB + 8);
+	cudaError_t e = cudaFuncSetAttribute(crc10_kernel<W, ST, SB>,
+					     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn);
+	if (e != cudaSuccess)
+		return e;
+	static int per_sm = 0;
+	if (!per_sm &&
+	    (e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, crc10_kernel<W, ST, SB>,
+								W * 32, dyn)) != cudaSuccess)
+		return e;
+	if (per_sm < 1)
+		return cudaErrorInvalidConfiguration;
+	cudaLaunchAttribute at;
+	const cudaLaunchConfig_t lc = kvt_launch_config(dim3((unsigned)per_sm * (unsigned)sm_count),
+							dim3(W * 32), dyn, s, pdl, &at);
+	return cudaLaunchKernelEx(&lc, crc10_kernel<W, ST, SB>, a);
+}
+
+/* KVTIER_CUDA_CRC=10 (read at each call): the crc pass is crc10 (8 warps x 2 stages of 4 KiB
+ * per block, items of CRC10_R regions) instead of crc8 */
+static bool crc10_on(void)
+{
+	const char *v = getenv("KVTIER_CUDA_CRC");
+	return v && !strcmp(v, "10");
+}
+
+static uint32_t crc_rpi(bool crc10)
+{
+	return crc10 ? CRC10_R : CRC8_R;
+}
+
+static cudaError_t crc_pass_launch(const crc8_args &a, bool crc10, int sm_count, bool pdl,
+				   cudaStream_t s)
+{
+	return crc10 ? crc10_launch<8, 2, 4096>(a, sm_count, pdl, s)
+		     : crc8_launch(a, sm_count, pdl, s);
 }
 
 /* KVTIER_CUDA_CRC_PDL=0: the crc pass as a plain launch after the tensor-core encoder too
@@ -1486,6 +1805,8 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	if (kvt_chunk_layout(cfg, 0, &lay0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "config has no chunk layout");
 	uint64_t max_total = 0, n_items = 0;
+	const bool cv = crc10_on();
+	const uint32_t rpi = crc_rpi(cv);
 	for (size_t i = 0; i < n_jobs; i++) {
 		const struct kvt_cuda_encode_job *jb = &jobs[i];
 		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
@@ -1556,7 +1877,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		d->v_exact_off = lay.v_exact_off;
 		fill_gaps(&lay, d);
 		d->crc_item0 = (uint32_t)n_items;
-		n_items += crc8_items(lay.total_bytes);
+		n_items += crc_items(lay.total_bytes, rpi);
 		used += (lay.data_offset + 63) & ~(size_t)63;
 		sizes[i] = (int64_t)lay.total_bytes;
 		if (lay.total_bytes > max_total)
@@ -1604,6 +1925,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	ca.jobs = p.jobs;
 	ca.n_jobs = (uint32_t)n_jobs;
 	ca.n_items = (uint32_t)n_items;
+	ca.rpi = rpi;
 	ca.need = pdl ? (B / 32) * p.L : 0; /* mx_kernel's blocks per chunk */
 	ca.acc = p.crc_acc;
 	ca.sync = c->work_ctr_dev;
@@ -1641,7 +1963,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										      p.crc_acc);
 	} else {
-		CK(crc8_launch(ca, c->sm_count, pdl, c->stream), "crc launch");
+		CK(crc_pass_launch(ca, cv, c->sm_count, pdl, c->stream), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
@@ -1651,7 +1973,8 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 }
 
 /* The crc pass alone, for test_gpu_codec's direct test (not public API): the crc32c of len
- * bytes at align_off of a device buffer, by crc8_kernel as a plain launch. */
+ * bytes at align_off of a device buffer, by crc8_kernel (crc10_kernel under KVTIER_CUDA_CRC=10)
+ * as a plain launch. */
 extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
 				 uint32_t *crc, char *err, size_t errlen)
 {
@@ -1667,6 +1990,8 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	memset(&job, 0, sizeof(job));
 	crc8_args ca;
 	memset(&ca, 0, sizeof(ca));
+	const bool cv = crc10_on();
+	const uint32_t rpi = crc_rpi(cv);
 	if ((rc = kvt_cuda_check(cudaMalloc((void **)&buf, align_off + len + 64), "crc test alloc",
 				 err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMalloc((void **)&jd, sizeof(*jd)), "crc test alloc", err,
@@ -1676,7 +2001,8 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	job.total_bytes = len;
 	ca.jobs = jd;
 	ca.n_jobs = 1;
-	ca.n_items = (uint32_t)crc8_items(len);
+	ca.n_items = (uint32_t)crc_items(len, rpi);
+	ca.rpi = rpi;
 	ca.acc = c->crc_acc_dev;
 	ca.sync = c->work_ctr_dev;
 	if ((rc = kvt_cuda_check(cudaMemcpy(buf + align_off, host, len, cudaMemcpyHostToDevice),
@@ -1688,7 +2014,7 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
 						 CRC_SYNC_WORDS * sizeof(uint32_t), c->stream),
 				 "crc test memset", err, errlen)) ||
-	    (rc = kvt_cuda_check(crc8_launch(ca, c->sm_count, false, c->stream), "crc test launch",
+	    (rc = kvt_cuda_check(crc_pass_launch(ca, cv, c->sm_count, false, c->stream), "crc test launch",
 				 err, errlen)))
 		goto out;
 	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
