@@ -9,9 +9,10 @@
  * (cuda_internal.cuh), so their bytes match kvt_encode_chunk's (fe_kernel: up to which zero a
  * -0 / +0 tie of a min or max keeps); KVTIER_CUDA_ENC_EXACT=1 takes them for every config.
  * The crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
- * multiplication (crc8_kernel, launched as the tensor-core encoder's programmatic dependent so
- * that it hashes finished chunks during the encoder's last wave; KVTIER_CUDA_CRC=10 takes
- * crc10_kernel, its table lookups by shfl from registers), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * multiplication (crc10_kernel, its table lookups by shfl from registers, launched as the
+ * tensor-core encoder's programmatic dependent so that it hashes finished chunks during the
+ * encoder's last wave; KVTIER_CUDA_CRC=8 takes session 7's crc8_kernel, table lookups in
+ * shared memory), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
  * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
@@ -943,7 +944,7 @@ static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaS
 }
 
 /*
- * crc10 (session 8; KVTIER_CUDA_CRC=10, opt-in): crc8's regions, claims, waits and region
+ * crc10 (session 8, the default; KVTIER_CUDA_CRC=8 takes crc8): crc8's regions, claims, waits and region
  * multipliers, in items of CRC10_R regions, with each lane's bytes contiguous and the table
  * lookups done by shfl from registers instead of from shared memory.
  * - Stage = SB bytes (4 KiB); lane l owns the stage's bytes [128 l, 128 l + 128): two chains,
@@ -1185,12 +1186,13 @@ static cudaError_t crc10_launch(const crc8_args &a, int sm_count, bool pdl,
 	return cudaLaunchKernelEx(&lc, crc10_kernel<W, ST, SB>, a);
 }
 
-/* KVTIER_CUDA_CRC=10 (read at each call): the crc pass is crc10 (8 warps x 2 stages of 4 KiB
- * per block, items of CRC10_R regions) instead of crc8 */
+/* The crc pass is crc10 (8 warps x 2 stages of 4 KiB per block, items of CRC10_R regions;
+ * the default since session 8: encode 334.5-337.7 us against crc8's 357.7-359.6 on the H200,
+ * docs/gpu.md "Session 8: encode crc"); KVTIER_CUDA_CRC=8 (read at each call) takes crc8 */
 static bool crc10_on(void)
 {
 	const char *v = getenv("KVTIER_CUDA_CRC");
-	return v && !strcmp(v, "10");
+	return !(v && !strcmp(v, "8"));
 }
 
 static uint32_t crc_rpi(bool crc10)
@@ -1973,7 +1975,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 }
 
 /* The crc pass alone, for test_gpu_codec's direct test (not public API): the crc32c of len
- * bytes at align_off of a device buffer, by crc8_kernel (crc10_kernel under KVTIER_CUDA_CRC=10)
+ * bytes at align_off of a device buffer, by crc10_kernel (crc8_kernel under KVTIER_CUDA_CRC=8)
  * as a plain launch. */
 extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
 				 uint32_t *crc, char *err, size_t errlen)
