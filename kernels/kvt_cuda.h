@@ -96,7 +96,6 @@ struct kvt_cuda_encode_job {
  * encode, crc and decode kernels), KVTIER_CUDA_ENC_INEXACT=1 (the byte-exact encoder's codes
  * from a reciprocal product alone), KVTIER_CUDA_CRC_PDL=0 (the crc pass as a plain launch
  * after the tensor-core encoder instead of its programmatic dependent; session 7),
- * KVTIER_CUDA_CRC=8 (session 7's crc pass, crc8, instead of crc10),
  * KVTIER_CUDA_DEC_VARIANT=0..3.
  */
 int kvt_cuda_encode(kvt_cuda_ctx *ctx, const struct kvt_codec_config *cfg,

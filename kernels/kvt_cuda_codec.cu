@@ -11,8 +11,7 @@
  * The crc32c is computed on the GPU from per-segment CRCs combined by GF(2) polynomial
  * multiplication (crc10_kernel, its table lookups by shfl from registers, launched as the
  * tensor-core encoder's programmatic dependent so that it hashes finished chunks during the
- * encoder's last wave; KVTIER_CUDA_CRC=8 takes session 7's crc8_kernel, table lookups in
- * shared memory), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
+ * encoder's last wave), so the chunk never visits the host. Decode: fd_kernel (R lanes per row) or
  * dec_kernel (KVTIER_CUDA_CODEC_OLD=1), both exact. docs/gpu.md "session 3" has the numbers.
  */
 #include <stddef.h>
@@ -61,17 +60,12 @@ int kvt_cuda_check(cudaError_t e, const char *what, char *err, size_t errlen)
 
 __device__ uint32_t g_crc_table[8][256];
 __device__ uint32_t g_crc_x2n[32];
-/* crc8_kernel's warp regions of CRC_REGION bytes, laid from the chunk's end: g_crc_reg[r]
- * moves a crc over r regions (x^(8 CRC_REGION r)); lane l's 16-byte words sit 512 bytes apart
- * in a region: g_crc_sh3[0] moves a chain's crc over 1008 bytes (to its next word, two apart),
- * [1] over 512 (the even chain onto the odd one's end), each as a linear map of the crc's 4
- * bytes (multiplication by x^(8n) mod P is linear over GF(2)); g_crc_lane16[l] over the
- * 16 (31 - l) bytes that follow lane l's last word in the region */
+/* the crc pass's regions of CRC_REGION bytes, laid from the chunk's end: g_crc_reg[r] moves a
+ * crc over r regions (x^(8 CRC_REGION r); multiplication by x^(8n) mod P is linear over
+ * GF(2)) */
 #define CRC_REGION 8192
 #define CRC_NREG 8192 /* regions in the table: chunks up to 64 MiB; longer ones compute it */
 __device__ uint32_t g_crc_reg[CRC_NREG];
-__device__ uint32_t g_crc_sh3[2][4][256];
-__device__ uint32_t g_crc_lane16[32];
 /* crc10_kernel's, per stage size SB = 4096 >> z (lane runs of SB / 32 bytes, two chains of
  * SB / 64 bytes each; z = 1 is not instantiated): g_crc10_xh[z] = x^(8 SB / 64) (chain A onto
  * B's end), g_crc10_lane[z][l] = x^(8 (SB / 32) (31 - l)) (lane l's run onto the stage's end);
@@ -149,16 +143,6 @@ static int crc_tables_upload(char *err, size_t errlen)
 	for (int r = 1; r < CRC_NREG; r++)
 		reg[r] = crc_multmodp(one_reg, reg[r - 1]);
 	CK(cudaMemcpyToSymbol(g_crc_reg, reg, sizeof(reg)), "crc table upload");
-	static uint32_t sh3[2][4][256], lane16[32];
-	const uint32_t xs2[2] = {x1008, x512};
-	for (int k = 0; k < 2; k++)
-		for (int jb = 0; jb < 4; jb++)
-			for (uint32_t b = 0; b < 256; b++)
-				sh3[k][jb][b] = crc_multmodp(xs2[k], b << (8 * jb));
-	lane16[31] = 1u << 31;
-	for (int l = 30; l >= 0; l--)
-		lane16[l] = crc_multmodp(x16, lane16[l + 1]);
-	CK(cudaMemcpyToSymbol(g_crc_sh3, sh3, sizeof(sh3)), "crc table upload");
 	/* crc10: for SB = 4096, 2048: x^(8 SB / 64) = x16^(SB / 1024), x^(8 (SB - SB / 64)) =
 	 * (x^(8 SB / 64))^63 (as a 4-table map gm9, then per 5-bit piece), x^(8 (SB / 32) (31 - l)) */
 	static uint32_t gm9[2][4][256], xh9[2], lane9[2][32];
@@ -202,7 +186,6 @@ static int crc_tables_upload(char *err, size_t errlen)
 	CK(cudaMemcpyToSymbol(g_crc10_g, g10, sizeof(g10)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc10_xh, xh9, sizeof(xh9)), "crc table upload");
 	CK(cudaMemcpyToSymbol(g_crc10_lane, lane9, sizeof(lane9)), "crc table upload");
-	CK(cudaMemcpyToSymbol(g_crc_lane16, lane16, sizeof(lane16)), "crc table upload");
 	return 0;
 }
 
@@ -697,223 +680,59 @@ __global__ void __launch_bounds__(256) crc_kernel(const enc_job_dev *jobs, uint3
 	atomicXor(&acc[blockIdx.y], crc_multmodp(crc_x2nmodp(after, 3), crc));
 }
 
-/* One 8-byte step of a chain (lo = the chain's crc xor the low word; slicing by 8 from the
- * tables in shared memory) and a chain moved over a fixed byte count by a 4-table map. */
-__device__ __forceinline__ uint32_t crc_slice8(const uint32_t (*tab)[256], uint32_t lo, uint32_t hi)
-{
-	return tab[7][lo & 0xff] ^ tab[6][(lo >> 8) & 0xff] ^ tab[5][(lo >> 16) & 0xff] ^
-	       tab[4][lo >> 24] ^ tab[3][hi & 0xff] ^ tab[2][(hi >> 8) & 0xff] ^
-	       tab[1][(hi >> 16) & 0xff] ^ tab[0][hi >> 24];
-}
-
-__device__ __forceinline__ uint32_t crc_map4(const uint32_t (*m)[256], uint32_t x)
-{
-	return m[0][x & 0xff] ^ m[1][(x >> 8) & 0xff] ^ m[2][(x >> 16) & 0xff] ^ m[3][x >> 24];
-}
-
 /*
- * crc8 (session 7): the raw crc sum (init 0, no final xor; crc_finish_kernel completes it) in
- * work items of CRC8_R warp regions of CRC_REGION bytes, laid from the chunk's end, claimed
- * in chunk order from a grid-wide counter. Lane l reads the region's 16-byte words l, l + 32,
- * ... (coalesced) by cp.async into a ring of CRC8_ST half-region stages per warp, so the next
- * halves are in flight while one is chained; its even and odd words form two chains that run
- * on across the item's regions (consecutive words of a chain are 1024 bytes apart there too:
- * a 1008-byte map between them), and only the item's end maps the even chain onto the odd
- * one (512 bytes), the lane onto the region's end (g_crc_lane16) and the item onto the
- * chunk's end (g_crc_reg). Zeros before a chunk's start (its first region may be short) lead
- * their chains: a raw crc from 0 stays 0.
+ * The crc pass (crc10_kernel below): the raw crc sum (init 0, no final xor; crc_finish_kernel
+ * completes it) in work items of CRC10_R regions of CRC_REGION bytes, laid from the chunk's
+ * end, claimed in chunk order from a grid-wide counter; each item's sum is moved onto the
+ * chunk's end by g_crc_reg and xor-ed into the chunk's accumulator. Zeros before a chunk's
+ * start (its first region may be short) lead their chains: a raw crc from 0 stays 0.
  *
  * After the tensor-core encoder it runs as the encoder's programmatic dependent: its blocks
  * start once every encoder block has started (mx_kernel allows it at its start), so they run
- * in the encoder's last wave on the slots finished blocks leave (one crc block fits where one
- * encoder block was), and wait for a chunk's encoder blocks by the per-chunk counters the
- * encoder bumps at its end. The wait always ends: every encoder block is then resident or
- * done. After the other encoders (which count nothing), or with KVTIER_CUDA_CRC_PDL=0, it is
- * a plain launch after the encoder. docs/gpu.md "Session 7: encode crc" has the numbers.
+ * in the encoder's last wave on the slots finished blocks leave, and wait for a chunk's encoder
+ * blocks by the per-chunk counters the encoder bumps at its end. The wait always ends: every
+ * encoder block is then resident or done. After the other encoders (which count nothing), or
+ * with KVTIER_CUDA_CRC_PDL=0, it is a plain launch after the encoder. Session 7's pass (crc8:
+ * lanes striding over a region, byte tables in shared memory; 357.7-359.9 us per encode call
+ * against crc10's 334.5-339.8) is in the history up to commit fd8eeb8; docs/gpu.md "Session
+ * 7: encode crc" and "Session 8: encode crc" have the numbers.
  */
-#define CRC8_R 8
-#define CRC8_ST 3
-#define CRC8_W 4 /* warps per block */
+#define CRC10_R 2 /* regions per item */
 
-/* the crc pass's work items for a chunk of `bytes`: CRC_REGION regions, rpi to an item
- * (crc8: CRC8_R, crc10: CRC10_R) */
-static uint64_t crc_items(uint64_t bytes, uint32_t rpi)
+/* the crc pass's work items for a chunk of `bytes` */
+static uint64_t crc_items(uint64_t bytes)
 {
-	return ((bytes + CRC_REGION - 1) / CRC_REGION + rpi - 1) / rpi;
+	return ((bytes + CRC_REGION - 1) / CRC_REGION + CRC10_R - 1) / CRC10_R;
 }
 
-struct crc8_args {
+struct crc_args {
 	const enc_job_dev *jobs;
 	uint32_t n_jobs, n_items;
-	uint32_t rpi; /* regions per item (crc10; crc8 takes CRC8_R) */
+	uint32_t rpi; /* regions per item (CRC10_R) */
 	uint32_t need; /* encoder blocks per chunk to wait for (0: the chunks are written) */
 	uint32_t *acc, *sync;
 };
 
-struct crc8_tabs {
-	uint32_t tab[8][256];
-	uint32_t gm[4][256]; /* over 1008 bytes: a chain to its next word */
-	uint32_t em[4][256]; /* over 512 bytes: the even chain onto the odd one's end */
-};
-
-__device__ __forceinline__ uint32_t crc8_ld_acquire(const uint32_t *p)
+__device__ __forceinline__ uint32_t crc_ld_acquire(const uint32_t *p)
 {
 	uint32_t v;
 	asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
 	return v;
 }
 
-__device__ __forceinline__ uint32_t crc8_ld_relaxed(const uint32_t *p)
+__device__ __forceinline__ uint32_t crc_ld_relaxed(const uint32_t *p)
 {
 	uint32_t v;
 	asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
 	return v;
 }
 
-__device__ __forceinline__ void crc8_cp16(void *smem, const void *gmem, bool valid)
+__device__ __forceinline__ void crc_cp16(void *smem, const void *gmem, bool valid)
 {
 	const uint32_t sa = (uint32_t)__cvta_generic_to_shared(smem);
 	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem),
 		     "r"(valid ? 16 : 0)
 		     : "memory");
-}
-
-__device__ __forceinline__ uint32_t crc8_job_of(const crc8_args &a, uint32_t jc, uint32_t idx)
-{
-	while (jc + 1 < a.n_jobs && idx >= a.jobs[jc + 1].crc_item0)
-		jc++;
-	return jc;
-}
-
-/* The next item for this warp (a.n_items when none is left), its chunk in *jc; every lane
- * returns the same. */
-__device__ uint32_t crc8_claim(const crc8_args &a, uint32_t *jc)
-{
-	const int lane = threadIdx.x & 31;
-	uint32_t idx = 0, j = *jc;
-	if (lane == 0)
-		idx = atomicAdd(a.sync + CRC_SYNC_WORK, 1u);
-	idx = __shfl_sync(KVT_FULL_MASK, idx, 0);
-	if (idx >= a.n_items)
-		return idx;
-	j = crc8_job_of(a, j, idx);
-	/* Polled by relaxed loads (an acquire load invalidates the SM's L1, which the encoder
-	 * blocks beside it use), then one acquire that orders this lane's reads of the chunk
-	 * after the encoder's stores. */
-	if (a.need) {
-		while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
-			__nanosleep(256);
-		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
-	}
-	*jc = j;
-	return idx;
-}
-
-__device__ void crc8_warp(const crc8_args &a, const crc8_tabs &T, uint4 *buf, uint32_t *meta)
-{
-	const int lane = threadIdx.x & 31;
-	const uint32_t l16 = g_crc_lane16[lane];
-	uint32_t jc = 0, r_end = 0, nh = 0, hs = 0;
-	int64_t ms = 0;
-	const uint8_t *src = NULL;
-	bool more = true;
-	uint32_t issued = 0, computed = 0, e = 0, o = 0;
-	/* issues the next half region into stage `slot`; false when no item is left. meta[slot]:
-	 * the chunk, the item's last region (from the chunk's end), bit 31 on its last half */
-	auto issue = [&](uint32_t slot) -> bool {
-		if (hs == nh) {
-			const uint32_t idx = crc8_claim(a, &jc);
-			if (idx >= a.n_items)
-				return false;
-			const enc_job_dev &j = a.jobs[jc];
-			const uint32_t k = idx - j.crc_item0;
-			const uint64_t nr = (j.total_bytes + CRC_REGION - 1) / CRC_REGION;
-			const uint32_t nreg = (uint32_t)(nr - (uint64_t)k * CRC8_R < CRC8_R
-								 ? nr - (uint64_t)k * CRC8_R
-								 : CRC8_R);
-			r_end = k * CRC8_R;
-			ms = (int64_t)j.total_bytes - (int64_t)CRC_REGION * (r_end + nreg);
-			src = j.out;
-			nh = 2 * nreg;
-			hs = 0;
-		}
-		uint4 *dst = buf + slot * 256;
-#pragma unroll
-		for (int i = 0; i < 8; i++) {
-			const int64_t off = ms + 4096 * (int64_t)hs + 16 * (32 * i + lane);
-			crc8_cp16(dst + 32 * i + lane, off >= 0 ? src + off : src, off >= 0);
-		}
-		if (lane == 0) {
-			meta[2 * slot] = jc;
-			meta[2 * slot + 1] = r_end | (hs + 1 == nh ? 0x80000000u : 0u);
-		}
-		hs++;
-		return true;
-	};
-	for (int q = 0; q < CRC8_ST - 1; q++) {
-		if (more && (more = issue(issued % CRC8_ST)))
-			issued++;
-		asm volatile("cp.async.commit_group;\n" ::);
-	}
-	while (computed < issued) {
-		__syncwarp();
-		if (more && (more = issue(issued % CRC8_ST)))
-			issued++;
-		asm volatile("cp.async.commit_group;\n" ::);
-		asm volatile("cp.async.wait_group %0;\n" ::"n"(CRC8_ST - 1));
-		__syncwarp();
-		const uint32_t slot = computed % CRC8_ST;
-		const uint4 *b = buf + slot * 256;
-#pragma unroll
-		for (int i = 0; i < 8; i += 2) {
-			const uint4 we = b[32 * i + lane], wo = b[32 * (i + 1) + lane];
-			uint32_t xe = crc_map4(T.gm, e), xo = crc_map4(T.gm, o);
-			xe = crc_slice8(T.tab, xe ^ we.x, we.y);
-			xo = crc_slice8(T.tab, xo ^ wo.x, wo.y);
-			e = crc_slice8(T.tab, xe ^ we.z, we.w);
-			o = crc_slice8(T.tab, xo ^ wo.z, wo.w);
-		}
-		const uint32_t m1 = meta[2 * slot + 1];
-		if (m1 & 0x80000000u) {
-			uint32_t c = o ^ crc_map4(T.em, e);
-			if (c)
-				c = crc_multmodp(l16, c);
-#pragma unroll
-			for (int m = 16; m >= 1; m >>= 1)
-				c ^= __shfl_xor_sync(KVT_FULL_MASK, c, m);
-			if (lane == 0 && c) {
-				const uint32_t r = m1 & 0x7fffffffu;
-				const uint32_t mul = r < CRC_NREG ? g_crc_reg[r]
-								   : crc_x2nmodp((uint64_t)r * CRC_REGION, 3);
-				atomicXor(a.acc + meta[2 * slot], crc_multmodp(mul, c));
-			}
-			e = o = 0;
-		}
-		computed++;
-	}
-}
-
-static size_t crc8_dyn_bytes(void)
-{
-	return (size_t)CRC8_W * CRC8_ST * (4096 + 8);
-}
-
-/* CRC8_W warps sharing the tables (16 KB) with a ring of stages each (49.2 KB, dynamic) */
-__global__ void __launch_bounds__(CRC8_W * 32) crc8_kernel(crc8_args a)
-{
-	__shared__ crc8_tabs T;
-	extern __shared__ uint4 crc8_dyn[];
-	for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x)
-		(&T.tab[0][0])[i] = (&g_crc_table[0][0])[i];
-	for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
-		(&T.gm[0][0])[i] = (&g_crc_sh3[0][0][0])[i];
-		(&T.em[0][0])[i] = (&g_crc_sh3[1][0][0])[i];
-	}
-	__syncthreads();
-	const int w = threadIdx.x >> 5;
-	uint4 *buf = crc8_dyn + (size_t)w * CRC8_ST * 256;
-	uint32_t *meta = (uint32_t *)(crc8_dyn + (size_t)CRC8_W * CRC8_ST * 256) + w * 2 * CRC8_ST;
-	crc8_warp(a, T, buf, meta);
 }
 
 __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, uint32_t n,
@@ -927,26 +746,10 @@ __global__ void crc_finish_kernel(const enc_job_dev *jobs, const uint32_t *acc, 
 	*(uint32_t *)(j.out + field_off) = crc;
 }
 
-/* crc8_kernel on 3 blocks per SM (4 warps, 65,632 bytes of shared memory each: one fits where one
- * tensor-core encoder block was), as a plain launch or as the encoder's programmatic
- * dependent (pdl) */
-static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaStream_t s)
-{
-	const size_t dyn = crc8_dyn_bytes();
-	cudaError_t e = cudaFuncSetAttribute(crc8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-					     (int)dyn);
-	if (e != cudaSuccess)
-		return e;
-	cudaLaunchAttribute at;
-	const cudaLaunchConfig_t lc =
-		kvt_launch_config(dim3(3 * (unsigned)sm_count), dim3(CRC8_W * 32), dyn, s, pdl, &at);
-	return cudaLaunchKernelEx(&lc, crc8_kernel, a);
-}
-
 /*
- * crc10 (session 8, the default; KVTIER_CUDA_CRC=8 takes crc8): crc8's regions, claims, waits and region
- * multipliers, in items of CRC10_R regions, with each lane's bytes contiguous and the table
- * lookups done by shfl from registers instead of from shared memory.
+ * crc10 (session 8): the items above, each lane's bytes contiguous and the table lookups done
+ * by shfl from registers (session 7's crc8 had lanes striding over a region and byte tables
+ * in shared memory).
  * - Stage = SB bytes (4 KiB); lane l owns the stage's bytes [128 l, 128 l + 128): two chains,
  *   A on the first 64 bytes and B on the last 64, each stepping 16 bytes at a time (c' = crc of
  *   the word with c xored into its first 4 bytes, a sum of table lookups of which only those on
@@ -959,17 +762,15 @@ static cudaError_t crc8_launch(const crc8_args &a, int sm_count, bool pdl, cudaS
  *   register t[p], read by one shfl (no bank conflicts; crc8's byte-indexed tables in shared
  *   memory cost ~3 wavefronts per lookup): 26 per 16-byte word, 7 per map.
  * - At the item's end: c = A x^(8 * 64) + B (lane l's run), times x^(8 * 128 (31 - l)) (onto
- *   the stage's end), xor over the warp, times the item's region multiplier, as crc8.
- * - The chunk of a claimed item by a lane-parallel search (crc8_job_of walks the chunks one
+ *   the stage's end), xor over the warp, times the item's region multiplier (g_crc_reg).
+ * - The chunk of a claimed item by a lane-parallel search (crc8 walked the chunks one
  *   dependent load at a time, up to 31 on a warp's first claim of the last chunk).
  * docs/gpu.md "Session 8: encode crc" has the numbers (ncu: crc8 alone 76.6 us, shared-memory
  * pipe ~70% busy with 3-way conflicts; crc10 alone 51.7 us).
  */
-#define CRC10_R 2 /* regions per item */
-
 /* The chunk of item idx, searching from chunk jc on: 32 chunks' first items per step, one
  * load per lane */
-__device__ __forceinline__ uint32_t crc10_job_of(const crc8_args &a, uint32_t jc, uint32_t idx)
+__device__ __forceinline__ uint32_t crc10_job_of(const crc_args &a, uint32_t jc, uint32_t idx)
 {
 	const uint32_t lane = threadIdx.x & 31;
 	for (;;) {
@@ -983,7 +784,7 @@ __device__ __forceinline__ uint32_t crc10_job_of(const crc8_args &a, uint32_t jc
 	}
 }
 
-__device__ uint32_t crc10_claim(const crc8_args &a, uint32_t *jc)
+__device__ uint32_t crc10_claim(const crc_args &a, uint32_t *jc)
 {
 	const int lane = threadIdx.x & 31;
 	uint32_t idx = 0, j = *jc;
@@ -993,10 +794,13 @@ __device__ uint32_t crc10_claim(const crc8_args &a, uint32_t *jc)
 	if (idx >= a.n_items)
 		return idx;
 	j = crc10_job_of(a, j, idx);
-	if (a.need) { /* as crc8_claim */
-		while (crc8_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
+	/* Polled by relaxed loads (an acquire load invalidates the SM's L1, which the encoder
+	 * blocks beside it use), then one acquire that orders this lane's reads of the chunk
+	 * after the encoder's stores. */
+	if (a.need) {
+		while (crc_ld_relaxed(a.sync + CRC_SYNC_JOB + j) < a.need)
 			__nanosleep(256);
-		(void)crc8_ld_acquire(a.sync + CRC_SYNC_JOB + j);
+		(void)crc_ld_acquire(a.sync + CRC_SYNC_JOB + j);
 	}
 	*jc = j;
 	return idx;
@@ -1029,37 +833,29 @@ struct crc10_lk {
 		}
 		return r0 ^ r1;
 	}
+	/* table q's entry for bits 5q .. 5q + 4 of the 128-bit word x (x[4] = 0) */
+	__device__ __forceinline__ uint32_t lookup(int q, const uint32_t (&x)[5]) const
+	{
+		const int b = 5 * q, i = b >> 5, sh = b & 31;
+		return crc_shfl(t[q], sh <= 27 ? x[i] >> sh : __funnelshift_r(x[i], x[i + 1], sh));
+	}
 	__device__ __forceinline__ uint32_t word(uint32_t c, uint4 w) const
 	{
 		const uint32_t x[5] = {w.x ^ c, w.y, w.z, w.w, 0u};
-		uint32_t ri0 = 0, ri1 = 0, rd0 = 0, rd1 = 0;
+		uint32_t ri[2] = {0, 0}, rd[2] = {0, 0};
 #pragma unroll
-		for (int q = 7; q < 26; q++) { /* independent of the chain */
-			const int b = 5 * q, i = b >> 5, sh = b & 31;
-			const uint32_t v = crc_shfl(t[q], sh <= 27 ? x[i] >> sh
-								 : __funnelshift_r(x[i], x[i + 1], sh));
-			if (q & 1)
-				ri1 ^= v;
-			else
-				ri0 ^= v;
-		}
+		for (int q = 7; q < 26; q++) /* independent of the chain */
+			ri[q & 1] ^= lookup(q, x);
 #pragma unroll
-		for (int q = 0; q < 7; q++) {
-			const int b = 5 * q, i = b >> 5, sh = b & 31;
-			const uint32_t v = crc_shfl(t[q], sh <= 27 ? x[i] >> sh
-								 : __funnelshift_r(x[i], x[i + 1], sh));
-			if (q & 1)
-				rd1 ^= v;
-			else
-				rd0 ^= v;
-		}
-		return (ri0 ^ ri1) ^ (rd0 ^ rd1);
+		for (int q = 0; q < 7; q++)
+			rd[q & 1] ^= lookup(q, x);
+		return (ri[0] ^ ri[1]) ^ (rd[0] ^ rd[1]);
 	}
 };
 
 /* SB: stage bytes (4096 or 2048); lane l's run is RUN = SB / 32 bytes, RW = RUN / 16 words */
 template <int ST, int SB, class LK>
-__device__ void crc10_warp(const crc8_args &a, const LK &L, uint4 *buf, uint32_t *meta)
+__device__ void crc10_warp(const crc_args &a, const LK &L, uint4 *buf, uint32_t *meta)
 {
 	constexpr int RW = SB / 512, Z = SB == 4096 ? 0 : 1, SPR = CRC_REGION / SB;
 	static_assert(SB == 4096 || SB == 2048, "stage size");
@@ -1093,7 +889,7 @@ __device__ void crc10_warp(const crc8_args &a, const LK &L, uint4 *buf, uint32_t
 		for (int i = 0; i < SB / 512; i++) {
 			const uint32_t wd = 32 * i + lane;
 			const int64_t off = ms + SB * (int64_t)hs + 16 * wd;
-			crc8_cp16(dst + (wd ^ ((wd >> 3) & (RW - 1))), off >= 0 ? src + off : src,
+			crc_cp16(dst + (wd ^ ((wd >> 3) & (RW - 1))), off >= 0 ? src + off : src,
 				  off >= 0);
 		}
 		if (lane == 0) {
@@ -1147,7 +943,7 @@ __device__ void crc10_warp(const crc8_args &a, const LK &L, uint4 *buf, uint32_t
 
 /* W warps, each with a ring of ST stages (no tables in shared memory) */
 template <int W, int ST, int SB>
-__global__ void __launch_bounds__(W * 32) crc10_kernel(crc8_args a)
+__global__ void __launch_bounds__(W * 32) crc10_kernel(crc_args a)
 {
 	extern __shared__ uint4 crc10_dyn[];
 	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -1165,7 +961,7 @@ __global__ void __launch_bounds__(W * 32) crc10_kernel(crc8_args a)
 
 /* on as many blocks per SM as fit (persistent; the blocks claim items) */
 template <int W, int ST, int SB>
-static cudaError_t crc10_launch(const crc8_args &a, int sm_count, bool pdl,
+static cudaError_t crc10_launch(const crc_args &a, int sm_count, bool pdl,
 				cudaStream_t s)
 {
 	const size_t dyn = (size_t)W * ST * (SB + 8);
@@ -1184,27 +980,6 @@ static cudaError_t crc10_launch(const crc8_args &a, int sm_count, bool pdl,
 	const cudaLaunchConfig_t lc = kvt_launch_config(dim3((unsigned)per_sm * (unsigned)sm_count),
 							dim3(W * 32), dyn, s, pdl, &at);
 	return cudaLaunchKernelEx(&lc, crc10_kernel<W, ST, SB>, a);
-}
-
-/* The crc pass is crc10 (8 warps x 2 stages of 4 KiB per block, items of CRC10_R regions;
- * the default since session 8: encode 334.5-337.7 us against crc8's 357.7-359.6 on the H200,
- * docs/gpu.md "Session 8: encode crc"); KVTIER_CUDA_CRC=8 (read at each call) takes crc8 */
-static bool crc10_on(void)
-{
-	const char *v = getenv("KVTIER_CUDA_CRC");
-	return !(v && !strcmp(v, "8"));
-}
-
-static uint32_t crc_rpi(bool crc10)
-{
-	return crc10 ? CRC10_R : CRC8_R;
-}
-
-static cudaError_t crc_pass_launch(const crc8_args &a, bool crc10, int sm_count, bool pdl,
-				   cudaStream_t s)
-{
-	return crc10 ? crc10_launch<8, 2, 4096>(a, sm_count, pdl, s)
-		     : crc8_launch(a, sm_count, pdl, s);
 }
 
 /* KVTIER_CUDA_CRC_PDL=0: the crc pass as a plain launch after the tensor-core encoder too
@@ -1807,8 +1582,6 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	if (kvt_chunk_layout(cfg, 0, &lay0))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "config has no chunk layout");
 	uint64_t max_total = 0, n_items = 0;
-	const bool cv = crc10_on();
-	const uint32_t rpi = crc_rpi(cv);
 	for (size_t i = 0; i < n_jobs; i++) {
 		const struct kvt_cuda_encode_job *jb = &jobs[i];
 		if (!jb->k_dev || !jb->v_dev || !jb->out_dev)
@@ -1879,13 +1652,13 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		d->v_exact_off = lay.v_exact_off;
 		fill_gaps(&lay, d);
 		d->crc_item0 = (uint32_t)n_items;
-		n_items += crc_items(lay.total_bytes, rpi);
+		n_items += crc_items(lay.total_bytes);
 		used += (lay.data_offset + 63) & ~(size_t)63;
 		sizes[i] = (int64_t)lay.total_bytes;
 		if (lay.total_bytes > max_total)
 			max_total = lay.total_bytes;
 	}
-	if (n_items > UINT32_MAX / 2) /* 8 KiB regions in items of CRC8_R: ~2^47 bytes */
+	if (n_items > UINT32_MAX / 2) /* 8 KiB regions in items of CRC10_R: ~2^44 bytes */
 		return kvt_cuda_errf(err, errlen, -EINVAL, "%llu crc items in one call (at most %u)",
 				     (unsigned long long)n_items, UINT32_MAX / 2);
 	if ((rc = kvt_cuda_stage_push(c, used, err, errlen)))
@@ -1923,11 +1696,11 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	/* the crc pass as the encoder's programmatic dependent: only mx_kernel counts its
 	 * finished blocks per chunk and allows the dependent's launch (sm_90+) */
 	const bool pdl = mx && c->cc_major >= 9 && !crc_pdl_off();
-	crc8_args ca;
+	crc_args ca;
 	ca.jobs = p.jobs;
 	ca.n_jobs = (uint32_t)n_jobs;
 	ca.n_items = (uint32_t)n_items;
-	ca.rpi = rpi;
+	ca.rpi = CRC10_R;
 	ca.need = pdl ? (B / 32) * p.L : 0; /* mx_kernel's blocks per chunk */
 	ca.acc = p.crc_acc;
 	ca.sync = c->work_ctr_dev;
@@ -1965,7 +1738,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
 										      p.crc_acc);
 	} else {
-		CK(crc_pass_launch(ca, cv, c->sm_count, pdl, c->stream), "crc launch");
+		CK((crc10_launch<8, 2, 4096>(ca, c->sm_count, pdl, c->stream)), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
 	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
@@ -1975,8 +1748,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 }
 
 /* The crc pass alone, for test_gpu_codec's direct test (not public API): the crc32c of len
- * bytes at align_off of a device buffer, by crc10_kernel (crc8_kernel under KVTIER_CUDA_CRC=8)
- * as a plain launch. */
+ * bytes at align_off of a device buffer, by crc10_kernel as a plain launch. */
 extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
 				 uint32_t *crc, char *err, size_t errlen)
 {
@@ -1990,10 +1762,8 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	int rc = 0;
 	enc_job_dev job;
 	memset(&job, 0, sizeof(job));
-	crc8_args ca;
+	crc_args ca;
 	memset(&ca, 0, sizeof(ca));
-	const bool cv = crc10_on();
-	const uint32_t rpi = crc_rpi(cv);
 	if ((rc = kvt_cuda_check(cudaMalloc((void **)&buf, align_off + len + 64), "crc test alloc",
 				 err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMalloc((void **)&jd, sizeof(*jd)), "crc test alloc", err,
@@ -2003,8 +1773,8 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	job.total_bytes = len;
 	ca.jobs = jd;
 	ca.n_jobs = 1;
-	ca.n_items = (uint32_t)crc_items(len, rpi);
-	ca.rpi = rpi;
+	ca.n_items = (uint32_t)crc_items(len);
+	ca.rpi = CRC10_R;
 	ca.acc = c->crc_acc_dev;
 	ca.sync = c->work_ctr_dev;
 	if ((rc = kvt_cuda_check(cudaMemcpy(buf + align_off, host, len, cudaMemcpyHostToDevice),
@@ -2016,8 +1786,8 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
 						 CRC_SYNC_WORDS * sizeof(uint32_t), c->stream),
 				 "crc test memset", err, errlen)) ||
-	    (rc = kvt_cuda_check(crc_pass_launch(ca, cv, c->sm_count, false, c->stream), "crc test launch",
-				 err, errlen)))
+	    (rc = kvt_cuda_check(crc10_launch<8, 2, 4096>(ca, c->sm_count, false, c->stream),
+				 "crc test launch", err, errlen)))
 		goto out;
 	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
 	if ((rc = kvt_cuda_check(cudaGetLastError(), "crc test finish", err, errlen)) ||

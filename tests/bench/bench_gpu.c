@@ -501,34 +501,7 @@ codec:
 	setenv("KVTIER_CUDA_CRC_PDL", "0", 1);
 	rc |= bench_encode_decode(bw, "fast_crc_plain");
 	unsetenv("KVTIER_CUDA_CRC_PDL");
-	/* session 7's crc pass (KVTIER_CUDA_CRC=8; crc10 is the default since session 8), as the
-	 * encoder's dependent and after it */
-	setenv("KVTIER_CUDA_CRC", "8", 1);
-	rc |= bench_encode_decode(bw, "fast_crc8");
-	setenv("KVTIER_CUDA_CRC_PDL", "0", 1);
-	rc |= bench_encode_decode(bw, "fast_crc8_plain");
-	unsetenv("KVTIER_CUDA_CRC_PDL");
-	unsetenv("KVTIER_CUDA_CRC");
-	/* KVT_BENCH_CRC_AB="V1 V2 ...": each crc pass (KVTIER_CUDA_CRC=V: 8 or 10), as the
-	 * encoder's dependent and after it, interleaved, twice; KVT_BENCH_FAST_ONLY=1 then skips
-	 * the byte-exact and session-2 rows */
-	const char *ab = getenv("KVT_BENCH_CRC_AB");
-	for (int round = 0; ab && round < 2; round++) {
-		char list[128], rname[64];
-		snprintf(list, sizeof(list), "%s", ab);
-		for (char *save = NULL, *v = strtok_r(list, " ", &save); v;
-		     v = strtok_r(NULL, " ", &save)) {
-			setenv("KVTIER_CUDA_CRC", v, 1);
-			snprintf(rname, sizeof(rname), "fast_crc%s", v);
-			rc |= bench_encode_decode(bw, rname);
-			setenv("KVTIER_CUDA_CRC_PDL", "0", 1);
-			snprintf(rname, sizeof(rname), "fast_crc%s_plain", v);
-			rc |= bench_encode_decode(bw, rname);
-			unsetenv("KVTIER_CUDA_CRC_PDL");
-		}
-		unsetenv("KVTIER_CUDA_CRC");
-	}
-	if (getenv("KVT_BENCH_FAST_ONLY"))
+	if (getenv("KVT_BENCH_FAST_ONLY")) /* A/B runs of the default path only */
 		goto out;
 	setenv("KVTIER_CUDA_ENC_EXACT", "1", 1);
 	rc |= bench_encode_decode(bw, "exact");

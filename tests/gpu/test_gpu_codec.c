@@ -941,8 +941,7 @@ static void test_decode_exact(void)
 }
 
 /* kvt_cuda_codec.cu's crc test hook (not public API): the crc32c of len bytes at align_off of
- * a device buffer, by the encoder's crc pass (crc10_kernel, or crc8_kernel under
- * KVTIER_CUDA_CRC=8) as a plain launch */
+ * a device buffer, by the encoder's crc pass (crc10_kernel) as a plain launch */
 int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
 		      uint32_t *crc, char *err, size_t errlen);
 
@@ -1069,17 +1068,6 @@ int main(void)
 	KVT_RUN(test_decode_exact);
 	KVT_RUN(test_errors);
 	KVT_RUN(test_crc_direct);
-	/* the previous crc pass, crc8 (KVTIER_CUDA_CRC=8, kvt_cuda_codec.cu; crc10 is the default
-	 * since session 8) on the direct test and on the tensor-core and random configs (every
-	 * chunk parsed, crc included), unless the environment already picks the pass */
-	if (!getenv("KVTIER_CUDA_CRC")) {
-		setenv("KVTIER_CUDA_CRC", "8", 1);
-		printf("# crc pass crc8 (KVTIER_CUDA_CRC=8):\n");
-		KVT_RUN(test_crc_direct);
-		KVT_RUN(test_tensor_core_encoder);
-		KVT_RUN(test_random_configs);
-		unsetenv("KVTIER_CUDA_CRC");
-	}
 	printf("# %u chunks, %u byte-identical to the CPU's; bytes differing %llu of %llu; codes "
 	       "differing (ties) %llu of %llu (%.2e); scale/zero halves differing %llu of %llu\n",
 	       n_chunks, n_identical, (unsigned long long)diff_bytes, (unsigned long long)total_bytes,
