@@ -788,10 +788,10 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			i5_kstep<2>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
 			i5_kstep<3>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
 		} else {
-		i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		}
 #pragma unroll
 		for (int j = 0; j < 4; j++) {
@@ -812,10 +812,10 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			i5_kstep<6>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
 			i5_kstep<7>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
 		} else {
-		i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		}
 
 		const float bias = cb[0] + cb[2];
@@ -928,35 +928,35 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			}
 			l2 += ls;
 		} else {
-		float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
-				 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
-		mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
-		const float mn = fmaxf(m2, mx);
-		const float ms = mn == -INFINITY ? 0.0f : mn;
-		const float alpha = i3_ex2(m2 - ms);
-		float ls = 0.0f;
+			float mx = fmaxf(fmaxf(fmaxf(lg[0][0], lg[0][1]), fmaxf(lg[1][0], lg[1][1])),
+					 fmaxf(fmaxf(lg[2][0], lg[2][1]), fmaxf(lg[3][0], lg[3][1])));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 1));
+			mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 2));
+			const float mn = fmaxf(m2, mx);
+			const float ms = mn == -INFINITY ? 0.0f : mn;
+			const float alpha = i3_ex2(m2 - ms);
+			float ls = 0.0f;
 #pragma unroll
-		for (int j = 0; j < 4; j++) {
-			pv[j][0] = i3_ex2(lg[j][0] - ms);
-			pv[j][1] = i3_ex2(lg[j][1] - ms);
-			ls += pv[j][0] + pv[j][1];
-		}
-		l2 = fmaf(l2, alpha, ls);
-		m2 = mn;
-		if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
-			const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
-			const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
-#pragma unroll
-			for (int i = 0; i < 8; i++) {
-				vacc[i][0] *= a0;
-				vacc[i][1] *= a1;
-				vacc[i][2] *= a0;
-				vacc[i][3] *= a1;
+			for (int j = 0; j < 4; j++) {
+				pv[j][0] = i3_ex2(lg[j][0] - ms);
+				pv[j][1] = i3_ex2(lg[j][1] - ms);
+				ls += pv[j][0] + pv[j][1];
 			}
-			zacc[0] *= a0;
-			zacc[1] *= a1;
-		}
+			l2 = fmaf(l2, alpha, ls);
+			m2 = mn;
+			if (!__all_sync(KVT_FULL_MASK, alpha == 1.0f)) {
+				const float a0 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1));
+				const float a1 = __shfl_sync(KVT_FULL_MASK, alpha, 8 * (tig & 1) + 4);
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					vacc[i][0] *= a0;
+					vacc[i][1] *= a1;
+					vacc[i][2] *= a0;
+					vacc[i][3] *= a1;
+				}
+				zacc[0] *= a0;
+				zacc[1] *= a1;
+			}
 		}
 #pragma unroll
 		for (int kk = 0; kk < 2; kk++) {

@@ -193,8 +193,8 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				kernel_count[info.kernel]++;
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
-			 * one run leaves in the plan, e.g. the fused combine's group counters, must not change
-			 * the next one's result) and check the second run's outputs */
+			 * one run leaves in the plan, e.g. the fused combine's group counters, must
+			 * not change the next one's result) and check the second run's outputs */
 			for (uint32_t si = 0; si < n_sess && !rc; si++)
 				rc = kvt_cuda_memset_async(ctx, ss[si].out_dev, 0xff,
 							   (size_t)nq * d * 4, err, sizeof(err));
