@@ -923,10 +923,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2, or its swapped unit loop, p.i2 = 3
 	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
 	 * 3 after session 6) */
-	int ccm = 0; /* compute capability major (programmatic launches: 9) */
-	if (cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess)
-		ccm = 0;
-	(void)cudaGetLastError();
+	const int ccm = c->cc_major; /* compute capability major (programmatic launches: 9) */
 	/* INT2 runs the swapped key orientation (p.i2 = 3: keys as the A operand, p through
 	 * movmatrix; kvt_cuda_attend_i2.cu; session 8: -8 to -10% per step on the H200, docs/gpu.md);
 	 * KVTIER_CUDA_I2_SWAP=0 (read per plan, for A/B runs) the keys-as-B loop; 3-bit keys keep
