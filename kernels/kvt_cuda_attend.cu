@@ -1414,6 +1414,17 @@ static void tl_stats(FILE *f, const char *k, double *v, size_t n)
 	fprintf(f, ",\"%s_us\":[%.2f,%.2f,%.2f]", k, v[0] / 1e3, v[n / 2] / 1e3, v[n - 1] / 1e3);
 }
 
+/* the earliest and latest end of block i's unit loops (its warps' ATT_TL_LOOP stamps) */
+static void tl_loop_ends(const unsigned long long *t, size_t i, double *lo, double *hi)
+{
+	*lo = *hi = (double)t[i * ATT_TL_SLOTS + ATT_TL_LOOP];
+	for (int w = 1; w < ATT_WARPS; w++) {
+		const double x = (double)t[i * ATT_TL_SLOTS + ATT_TL_LOOP + w];
+		*lo = x < *lo ? x : *lo;
+		*hi = x > *hi ? x : *hi;
+	}
+}
+
 /* The last run's stamps (docs/gpu.md, "Session 8: where the step's time goes"): every time
  * is in us from the first block's entry; [min, median, max] over blocks (or warps, or
  * combine blocks). */
@@ -1454,23 +1465,16 @@ extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FI
 		tl_stats(f, "warp_loop", v, n);
 		n = 0;
 		for (size_t i = 0; i < ni; i++) {
-			double lo = 1e300, hi = 0.0;
-			for (int w = 0; w < ATT_WARPS; w++) {
-				const double x = TL(i, ATT_TL_LOOP + w);
-				lo = x < lo ? x : lo;
-				hi = x > hi ? x : hi;
-			}
+			double lo, hi;
+			tl_loop_ends(t, i, &lo, &hi);
 			v[n++] = hi - lo;
 		}
 		tl_stats(f, "warp_skew", v, n);
 		n = 0;
 		for (size_t i = 0; i < ni; i++) {
-			double hi = 0.0;
-			for (int w = 0; w < ATT_WARPS; w++) {
-				const double x = TL(i, ATT_TL_LOOP + w);
-				hi = x > hi ? x : hi;
-			}
-			v[n++] = TL(i, ATT_TL_MERGE) - hi;
+			double lo, hi;
+			tl_loop_ends(t, i, &lo, &hi);
+			v[n++] = (double)t[i * ATT_TL_SLOTS + ATT_TL_MERGE] - hi;
 		}
 		tl_stats(f, "merge", v, n);
 		n = 0;

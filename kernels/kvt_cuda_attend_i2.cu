@@ -6,6 +6,8 @@
  */
 #include <stdlib.h>
 
+#include <type_traits>
+
 #include "kvt_cuda_attend.cuh"
 
 
@@ -763,19 +765,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				kh[3] = i4_lds32<384>(kha);
 			}
 		}
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].x;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4140);
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
-			}
-		}
 		/* swapped keys: [k-step parity][token half]: four accumulator chains of four MMAs */
 		float sacc[2][2][4], cz[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 		if constexpr (SW) {
@@ -783,40 +772,38 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			for (int h = 0; h < 4; h++)
 				sacc[h >> 1][h & 1][0] = sacc[h >> 1][h & 1][1] = sacc[h >> 1][h & 1][2] =
 					sacc[h >> 1][h & 1][3] = 0.0f;
-			i5_kstep<0>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<1>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<2>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<3>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-		} else {
-			i3_kstep<0, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 		}
+		/* the code words of k-steps 4 H .. 4 H + 3 (H = 0: the low words kr[].x, 1: .y) and
+		 * their shifts, then those four k-steps in the loop's orientation */
+		auto key_half = [&](auto hc) {
+			constexpr int H = decltype(hc)::value;
 #pragma unroll
-		for (int j = 0; j < 4; j++) {
-			kw[j] = kr[j].y;
-			if constexpr (KB == 3) {
-				kwl[j] = kw[j] << 3;
-				kwr[j] = kw[j] >> 9;
-				kw[j] = kw[j] >> 3;
-				khx[j] = __byte_perm(kh[j], 0, 0x4342);
-			} else {
-				kwl[j] = kw[j] << 6;
-				kwr[j] = kw[j] >> 6;
+			for (int j = 0; j < 4; j++) {
+				kw[j] = H ? kr[j].y : kr[j].x;
+				if constexpr (KB == 3) {
+					kwl[j] = kw[j] << 3;
+					kwr[j] = kw[j] >> 9;
+					kw[j] = kw[j] >> 3;
+					khx[j] = __byte_perm(kh[j], 0, H ? 0x4342 : 0x4140);
+				} else {
+					kwl[j] = kw[j] << 6;
+					kwr[j] = kw[j] >> 6;
+				}
 			}
-		}
-		if constexpr (SW) {
-			i5_kstep<4>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<5>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<6>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-			i5_kstep<7>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-		} else {
-			i3_kstep<4, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<5, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<6, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-			i3_kstep<7, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
-		}
+			if constexpr (SW) {
+				i5_kstep<4 * H>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 1>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 2>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 3>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+			} else {
+				i3_kstep<4 * H, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+				i3_kstep<4 * H + 1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+				i3_kstep<4 * H + 2, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+				i3_kstep<4 * H + 3, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
+			}
+		};
+		key_half(std::integral_constant<int, 0>());
+		key_half(std::integral_constant<int, 1>());
 
 		const float bias = cb[0] + cb[2];
 		float lg[4][2], slg[4]; /* slg: swapped, head tig at token gid + 8j */
