@@ -851,6 +851,39 @@ static bool same_codec(const struct kvt_codec_config *a, const struct kvt_codec_
 		}                                                                          \
 	} while (0)
 
+/* The combine after the INT2 kernel (p.fused): 0 the separate combine kernel, 1 the block that
+ * completes a group merges it (combine_group_in_block), 2 the two-level merge
+ * (combine_two_level). KVTIER_CUDA_FUSED_COMBINE=0 / 1 / 2 forces one (tests, A/B runs). */
+static uint32_t att_fused_default(uint32_t longest, bool pdl_ok)
+{
+	(void)longest;
+	(void)pdl_ok;
+	return 2;
+}
+
+/* items per subset of the two-level combine: the whole group up to 8 items (one merge, loads
+ * in flight together), else ~sqrt(n) (two merges of ~sqrt(n) partials each);
+ * KVTIER_CUDA_COMBINE_SUBSET=N forces N (tests, A/B runs) */
+static void att_cmb2_subsets(att_group_dev *groups, size_t n_groups)
+{
+	const char *fs = getenv("KVTIER_CUDA_COMBINE_SUBSET");
+	const uint32_t forced = fs && atoi(fs) > 0 ? (uint32_t)atoi(fs) : 0;
+	uint32_t next = (uint32_t)n_groups;
+	for (size_t gi = 0; gi < n_groups; gi++) {
+		att_group_dev *g = &groups[gi];
+		const uint32_t n = g->item_end - g->item_begin;
+		uint32_t sub = n;
+		if (forced)
+			sub = forced < n ? forced : n;
+		else if (n > 8)
+			for (sub = 1; sub * sub < n; sub++)
+				;
+		g->sub = sub ? sub : 1;
+		g->cnt1 = next;
+		next += (n + g->sub - 1) / g->sub;
+	}
+}
+
 extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					  const struct kvt_cuda_attend_request *reqs,
 					  size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
@@ -1171,7 +1204,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
 		size_t o_cnt = (o_reqs + sz_reqs + 255) & ~(size_t)255;
-		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
+		/* counters (upload as 0): one per group, then one per subset of the two-level
+		 * combine (at most one per item) */
+		size_t o_ml = (o_cnt + (n_groups + n_launch) * 4 + 255) & ~(size_t)255;
 		size_t o_acc = (o_ml + n_launch * rqn * 2 * 4 + 255) & ~(size_t)255;
 		size_t total = o_acc + n_launch * rqn * D * 4;
 #ifdef KVT_ATT_TIMELINE
@@ -1185,6 +1220,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		}
 		memcpy(host + o_items, items, sz_items);
 		memcpy(host + o_chunks, chunks, sz_chunks);
+		att_cmb2_subsets(groups, n_groups);
 		memcpy(host + o_groups, groups, sz_groups);
 		memcpy(host + o_reqs, rds, sz_reqs);
 		rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen);
@@ -1225,7 +1261,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const char *pd = getenv("KVTIER_CUDA_PDL");
 		const bool pdl_ok = i2 && ccm >= 9 && (!pd || atoi(pd) != 0);
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
-		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
+		if (!i2)
+			p.fused = 0;
+		else if (fz)
+			p.fused = (uint32_t)(atoi(fz) < 0 ? 0 : atoi(fz) > 2 ? 2 : atoi(fz));
+		else
+			p.fused = att_fused_default(longest, pdl_ok);
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
 		p.part_ml = (float *)(db + o_ml);

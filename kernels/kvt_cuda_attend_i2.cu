@@ -168,6 +168,146 @@ __device__ void combine_group_in_block(const att_params &p, uint32_t gi, float *
 		o[e] = (r[e] + x[e]) * inv;
 }
 
+/* ---- The two-level fused combine (p.fused == 2, session 9) ----------------------------------
+ * A group's items are cut into subsets of g.sub consecutive items (the plan: all of them up to
+ * 8, else ~sqrt(n): 7 of 7 at 1 x 131072). The block that completes a subset (its counter,
+ * counters[g.cnt1 + subset]) merges the subset's partials; if the group has more than one
+ * subset it writes the result into the partial slot of the subset's first item (no longer read
+ * by anyone else; rotated sums are rotated back here, so the results are in the original
+ * basis) and counts it on the group's counter (counters[group]), and the block that completes
+ * the last subset merges the subset results and writes the output. Each merge is warp q =
+ * head q with all loads of a batch of CMB2_B partials in flight: the step's last block pays
+ * two short merges of ~sqrt(n) partials (one for short groups, no counter at all for a group
+ * of one item) instead of a second kernel after the grid's end. The block that completes a
+ * counter sets it back to 0 for the next run of the plan. */
+#define CMB2_B 4
+
+/* merges partials i0, i0 + stride, ... (n of them) of head q into (M, L, r, x) with a running
+ * maximum; r collects the items before rot_end (rotated values), x the others */
+template <int D>
+__device__ __forceinline__ void cmb2_acc(const att_params &p, uint32_t i0, uint32_t n,
+					 uint32_t stride, uint32_t rot_end, int q, int lane, float &M,
+					 float &L, float (&r)[4], float (&x)[4])
+{
+	static_assert(D == 128, "4 channels a lane");
+	for (uint32_t j0 = 0; j0 < n; j0 += CMB2_B) {
+		float2 ml[CMB2_B];
+		float4 av[CMB2_B];
+#pragma unroll
+		for (int b = 0; b < CMB2_B; b++) {
+			const size_t i = i0 + (size_t)(j0 + b) * stride;
+			if (j0 + b < n) { /* written by other blocks of this grid: through L2 */
+				ml[b] = __ldcg((const float2 *)(p.part_ml + (i * RQ + q) * 2));
+				av[b] = __ldcg((const float4 *)(p.part_acc + (i * RQ + q) * D + lane * 4));
+			}
+		}
+#pragma unroll
+		for (int b = 0; b < CMB2_B; b++) {
+			if (j0 + b >= n)
+				break;
+			const uint32_t i = i0 + (j0 + b) * stride;
+			const float Mn = fmaxf(M, ml[b].x);
+			const float fo = M == Mn ? 1.0f : __expf(M - Mn);
+			const float f = ml[b].x == -INFINITY ? 0.0f : __expf(ml[b].x - Mn);
+			M = Mn;
+			L = fmaf(ml[b].y, f, L * fo);
+			const float fr = i < rot_end ? f : 0.0f, fe = f - fr;
+			const float a4[4] = {av[b].x, av[b].y, av[b].z, av[b].w};
+#pragma unroll
+			for (int e = 0; e < 4; e++) {
+				r[e] = fmaf(a4[e], fr, r[e] * fo);
+				x[e] = fmaf(a4[e], fe, x[e] * fo);
+			}
+		}
+	}
+}
+
+/* thread 0 counts one more arrival on counters[c]; true (for the whole block) when it was the
+ * last of n, after setting the counter back to 0 */
+__device__ __forceinline__ bool cmb2_last(const att_params &p, uint32_t c, uint32_t n,
+					  uint32_t *s_flag)
+{
+	__threadfence(); /* this block's partials are visible before they are counted */
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		const uint32_t done = atomicAdd(&p.counters[c], 1u) + 1u;
+		*s_flag = done == n;
+		if (done == n)
+			p.counters[c] = 0; /* every arrival of this run has counted */
+	}
+	__syncthreads();
+	const bool last = *s_flag != 0;
+	if (last)
+		__threadfence();
+	return last;
+}
+
+template <int D>
+__device__ void combine_two_level(const att_params &p, uint32_t item, uint32_t gi)
+{
+	__shared__ uint32_t s_flag;
+	const att_group_dev g = p.groups[gi];
+	const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+	const uint32_t n = g.item_end - g.item_begin, S = g.sub;
+	const uint32_t k = (item - g.item_begin) / S, sb = g.item_begin + k * S;
+	const uint32_t sn = min(S, g.item_end - sb), ns = (n + S - 1) / S;
+	const bool act = (uint32_t)q < g.nq; /* uniform over the warp */
+	if (sn > 1) {
+		if (!cmb2_last(p, g.cnt1 + k, sn, &s_flag))
+			return;
+	} else {
+		__syncthreads(); /* a subset of one item: this block's own partial */
+	}
+	/* level 1: the subset's partials; level 2 (ns > 1): the subset results, all in the
+	 * original basis (one merge loop for both keeps the kernel's register allocation) */
+	uint32_t i0 = sb, cnt = sn, stride = 1, rot_end = p.rotv ? g.exact_begin : 0u;
+	bool final = ns == 1;
+	float M, L, x[4];
+	for (;;) {
+		if (final && threadIdx.x == 0)
+			ATT_TL(p.tlc, gi * RQ * 2);
+		float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+		M = -INFINITY;
+		L = 0.0f;
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+			x[e] = 0.0f;
+		if (act) {
+			cmb2_acc<D>(p, i0, cnt, stride, rot_end, q, lane, M, L, r, x);
+			if (i0 < rot_end) /* uniform */
+				kvt_d_fwht<4>(r, lane, p.inv_sqrt_d);
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+				x[e] += r[e];
+		}
+		if (final)
+			break;
+		if (act) {
+			__syncwarp(); /* every lane has read the slot that the subset result replaces */
+			*(float4 *)(p.part_acc + ((size_t)sb * RQ + q) * D + lane * 4) =
+				make_float4(x[0], x[1], x[2], x[3]);
+			if (lane == 0)
+				*(float2 *)(p.part_ml + ((size_t)sb * RQ + q) * 2) = make_float2(M, L);
+		}
+		if (!cmb2_last(p, gi, ns, &s_flag))
+			return;
+		i0 = g.item_begin;
+		cnt = ns;
+		stride = S;
+		rot_end = 0u;
+		final = true;
+	}
+	if (!act)
+		return;
+	const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+	float *o = p.reqs[g.req].out + (size_t)(g.q_base + q) * D + lane * 4;
+#pragma unroll
+	for (int e = 0; e < 4; e++)
+		o[e] = x[e] * inv;
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, gi * RQ * 2 + 1);
+}
+
 /* ---- The keys-as-B INT2 kernel (p.i2 == 2: 3-bit keys, KVTIER_CUDA_I2_SWAP=0; p.i2 == 3, the
  * INT2 default since session 8, swaps the key MMA's operands in the same kernel: see below) ----
  *
@@ -1218,6 +1358,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_MERGE);
 	if (!p.fused)
 		return;
+	if (p.fused == 2) { /* uniform */
+		combine_two_level<D>(p, blockIdx.x, it.group);
+		return;
+	}
 	/* fused combine: the block that completes its group merges it */
 	__shared__ uint32_t s_last;
 	__threadfence(); /* this block's partial is visible before it is counted */
@@ -1234,7 +1378,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		return;
 	__threadfence();
 	static_assert(RQ * ATT_WARPS * (2 + 2 * D) * 4 <= ATT_WARPS * 2 * BUF, "fits the stages");
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, it.group * RQ * 2);
 	combine_group_in_block<D>(p, it.group, (float *)&stage[0][0]);
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, it.group * RQ * 2 + 1);
 }
 
 

@@ -94,9 +94,20 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
-		/* half the batches merge the partials inside the attention kernel */
-		if (kvt_rand_below(2))
-			setenv("KVTIER_CUDA_FUSED_COMBINE", "1", 1);
+		/* the combine: a quarter each the plan's choice, the separate kernel, one block
+		 * merging the group, the two-level merge (with subsets of 1-3 items in half of
+		 * those, so that short groups take both levels) */
+		const uint32_t fc = kvt_rand_below(4);
+		if (fc) {
+			char fv[8];
+			snprintf(fv, sizeof(fv), "%u", fc - 1);
+			setenv("KVTIER_CUDA_FUSED_COMBINE", fv, 1);
+		}
+		if (kvt_rand_below(2)) {
+			char sv[8];
+			snprintf(sv, sizeof(sv), "%u", 1 + kvt_rand_below(3));
+			setenv("KVTIER_CUDA_COMBINE_SUBSET", sv, 1);
+		}
 		/* a third pin tokens in any chunk (pin detection): items whose folded pins
 		 * come from several chunks, more than the 8 rows the kernel stages */
 		if (kvt_rand_below(3) == 0) {
@@ -199,6 +210,9 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				rc = kvt_cuda_memset_async(ctx, ss[si].out_dev, 0xff,
 							   (size_t)nq * d * 4, err, sizeof(err));
 			rc = rc ? rc : kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
+			/* and a third time right after it (the INT2 kernel then is the programmatic
+			 * dependent of the second run's last kernel) */
+			rc = rc ? rc : kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
 			kvt_cuda_attend_plan_destroy(pl);
 		}
@@ -206,6 +220,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	}
 	unsetenv("KVTIER_CUDA_CPI");
 	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
+	unsetenv("KVTIER_CUDA_COMBINE_SUBSET");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
