@@ -720,6 +720,9 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
 	 * (a no-op for an ordinary launch) */
 	kvt_grid_dep_wait();
+	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for this
+	 * grid's end before they read anything */
+	kvt_grid_dep_launch();
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
@@ -1228,6 +1231,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
+		/* the INT2 kernel itself as a programmatic dependent launch (KVTIER_CUDA_PDL_CHAIN=0
+		 * turns it off): back-to-back steps no longer pay a kernel launch between the
+		 * previous step's end and the first block (docs/gpu.md "Session 9") */
+		const char *pc = getenv("KVTIER_CUDA_PDL_CHAIN");
+		plan->chain = pdl_ok && (!pc || atoi(pc) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 #ifdef KVT_ATT_TIMELINE

@@ -1161,7 +1161,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
-	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
+	/* launched as a programmatic dependent of the previous step's last kernel (plan->chain):
+	 * nothing is read before that grid has completed and its writes are visible (a no-op for
+	 * an ordinary launch); then the combine may launch once every block has started */
+	kvt_grid_dep_wait();
+	kvt_grid_dep_launch();
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1260,8 +1264,14 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_i2_kernel<GV, V, MINB, KB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	cudaError_t e = cudaGetLastError();
+	/* plan->chain: a programmatic dependent launch, so that the blocks are resident (waiting
+	 * in kvt_grid_dep_wait) when the kernel before them ends, instead of being launched then */
+	cudaLaunchAttribute at;
+	const cudaLaunchConfig_t lc = kvt_launch_config(dim3(pl->n_items), dim3(ATT_THREADS), 0, s,
+							pl->chain != 0, &at);
+	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB>, pl->p);
+	if (e == cudaSuccess)
+		e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
 		return e;
 	return kvt_att_combine_launch(pl, s);
