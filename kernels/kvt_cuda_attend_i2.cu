@@ -308,8 +308,9 @@ __device__ void combine_two_level(const att_params &p, uint32_t item, uint32_t g
 		ATT_TL(p.tlc, gi * RQ * 2 + 1);
 }
 
-/* ---- The keys-as-B INT2 kernel (p.i2 == 2: 3-bit keys, KVTIER_CUDA_I2_SWAP=0; p.i2 == 3, the
- * INT2 default since session 8, swaps the key MMA's operands in the same kernel: see below) ----
+/* ---- The keys-as-B INT2 kernel (p.i2 == 2: KVTIER_CUDA_I2_SWAP=0; p.i2 == 3, the default
+ * since session 8 (INT2) and session 9 (3-bit keys), swaps the key MMA's operands in the same
+ * kernel: see below) ----
  *
  * Same exact code * scale products as session 2's kernel, but the key MMA has its operands
  * swapped, which removes the shared-memory round trip of p and most of the softmax shuffles,
@@ -580,11 +581,12 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 	return y;
 }
 
-/* ---- The swapped key orientation (p.i2 == 3, the INT2 default; session 8, att9) -------------
+/* ---- The swapped key orientation (p.i2 == 3, the default; session 8, att9; 3-bit keys: 9) ---
  * H200, INT2 G32 Hq 32 Hkv 8: 45.2-45.6 vs 49.4-49.7 us at 1 x 131072, 78.2-78.6 vs 86.4-86.7 at
  * 8 x 32768, 62.9-63.0 vs 69.2-69.3 at 48 x 4096 (same call; docs/gpu.md "Session 8").
  * KVTIER_CUDA_I2_SWAP=0: the keys-as-B loop, for A/B runs.
- * INT2 keys only (K3 keeps the keys-as-B loop). The unit loop above with three pieces swapped:
+ * INT2 or 3-bit keys (the same code words, shifts and pair conversions, i3_pair / i3_pair3,
+ * as the keys-as-B loop). The unit loop above with three pieces swapped:
  *   keys:   A = -code * s_k / 4 [16 tokens (gid, gid + 8 of a 16-token half)][16 channels],
  *           with the k permutation of the keys-as-B loop (k slots 2tig, 2tig + 1 = the pair
  *           (e, e + 8) the lane's code word holds), so the lane reads and converts the very
@@ -628,10 +630,11 @@ __device__ __forceinline__ uint32_t i5_hilo(float x)
 /* Key k-step K of the swapped orientation: tokens gid + 8j (word j), channel pairs 2K, 2K + 1
  * of the lane's words; qb: the lane's q' B fragments; kdr: the shared address of the lane's
  * row of key zeros ((x, x, y, y) at 16 K); plus the zero term. */
-template <int K>
+template <int K, int KB>
 __device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
 					 const uint32_t (&kwl)[4], const uint32_t (&kw)[4],
-					 const uint32_t (&kwr)[4], const uint32_t (&qb)[8][2],
+					 const uint32_t (&kwr)[4], const uint32_t (&khx)[4],
+					 const uint32_t (&qb)[8][2],
 					 const uint32_t *cw, int tig, uint32_t kdr, uint32_t magic)
 {
 	const uint2 s2 = *(const uint2 *)(cw + tig * 16 + 2 * K);
@@ -642,10 +645,19 @@ __device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
 #pragma unroll
 	for (int h = 0; h < 2; h++) {
 		uint32_t a[4];
-		a[0] = i3_pair<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.x, magic);
-		a[1] = i3_pair<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.x, magic);
-		a[2] = i3_pair<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.y, magic);
-		a[3] = i3_pair<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.y, magic);
+		if constexpr (KB == 3) {
+			a[0] = i3_pair3<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], khx[2 * h], s2.x, magic);
+			a[1] = i3_pair3<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], khx[2 * h + 1],
+					   s2.x, magic);
+			a[2] = i3_pair3<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], khx[2 * h], s2.y, magic);
+			a[3] = i3_pair3<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1],
+					       khx[2 * h + 1], s2.y, magic);
+		} else {
+			a[0] = i3_pair<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.x, magic);
+			a[1] = i3_pair<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.x, magic);
+			a[2] = i3_pair<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.y, magic);
+			a[3] = i3_pair<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.y, magic);
+		}
 		mma16816(acc[K & 1][h], a, qb[K][0], qb[K][1]);
 	}
 }
@@ -671,7 +683,7 @@ __device__ __forceinline__ void i5_store_partial(const float (&vacc)[8][4], cons
 		dst[i] = make_float4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
 }
 
-/* SW: the swapped key orientation (p.i2 == 3, INT2 only; see above) */
+/* SW: the swapped key orientation (p.i2 == 3; see above) */
 template <int GV, int KB, bool SW>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
@@ -931,10 +943,10 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				}
 			}
 			if constexpr (SW) {
-				i5_kstep<4 * H>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-				i5_kstep<4 * H + 1>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-				i5_kstep<4 * H + 2>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
-				i5_kstep<4 * H + 3>(sacc, cz, kwl, kw, kwr, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H, KB>(sacc, cz, kwl, kw, kwr, khx, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 1, KB>(sacc, cz, kwl, kw, kwr, khx, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 2, KB>(sacc, cz, kwl, kw, kwr, khx, qb, cw, tig, kdr, magic);
+				i5_kstep<4 * H + 3, KB>(sacc, cz, kwl, kw, kwr, khx, qb, cw, tig, kdr, magic);
 			} else {
 				i3_kstep<4 * H, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
 				i3_kstep<4 * H + 1, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
@@ -1268,7 +1280,7 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 }
 
 /* V 2: attend_coded_i4 (session 6: two units in flight); V 3: the same loop with the swapped
- * key orientation (session 8, INT2 only); V 1 (session 2's kernel), the first V 3 (bulk-copy
+ * key orientation (session 8; 3-bit keys since session 9); V 1 (session 2's kernel), the first V 3 (bulk-copy
  * staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in sessions 5
  * and 6;
  * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
@@ -1276,7 +1288,7 @@ template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
-	static_assert(V == 2 || (V == 3 && KB == 2), "keys-as-B, or swapped keys (INT2)");
+	static_assert(V == 2 || V == 3, "keys-as-B, or swapped keys");
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
@@ -1289,7 +1301,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
-	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
+	/* launched as a programmatic dependent of the previous step's last kernel (plan->chain):
+	 * nothing is read before that grid has completed and its writes are visible (a no-op for
+	 * an ordinary launch); then the combine may launch once every block has started */
+	kvt_grid_dep_wait();
+	kvt_grid_dep_launch();
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1396,8 +1412,14 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	attend_i2_kernel<GV, V, MINB, KB><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	cudaError_t e = cudaGetLastError();
+	/* plan->chain: a programmatic dependent launch, so that the blocks are resident (waiting
+	 * in kvt_grid_dep_wait) when the kernel before them ends, instead of being launched then */
+	cudaLaunchAttribute at;
+	const cudaLaunchConfig_t lc = kvt_launch_config(dim3(pl->n_items), dim3(ATT_THREADS), 0, s,
+							pl->chain != 0, &at);
+	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB>, pl->p);
+	if (e == cudaSuccess)
+		e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
 		return e;
 	return kvt_att_combine_launch(pl, s);
@@ -1427,8 +1449,8 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
-		return i2_launch_g<2, 3, 3>(pl, s, gv);
-	if (pl->p.i2 == 3) /* the swapped key orientation (INT2) */
+		return pl->p.i2 == 3 ? i2_launch_g<3, 3, 3>(pl, s, gv) : i2_launch_g<2, 3, 3>(pl, s, gv);
+	if (pl->p.i2 == 3) /* the swapped key orientation */
 		return i2_launch_g<3, 3>(pl, s, gv);
 	return i2_launch_g<2, 3>(pl, s, gv);
 }
@@ -1454,7 +1476,7 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
-		return i2_occupancy_g<2, 3, 3>(gv);
+		return variant == 3 ? i2_occupancy_g<3, 3, 3>(gv) : i2_occupancy_g<2, 3, 3>(gv);
 	if (variant == 3)
 		return i2_occupancy_g<3, 3>(gv);
 	return i2_occupancy_g<2, 3>(gv);
