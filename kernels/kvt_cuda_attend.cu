@@ -854,39 +854,6 @@ static bool same_codec(const struct kvt_codec_config *a, const struct kvt_codec_
 		}                                                                          \
 	} while (0)
 
-/* The combine after the INT2 kernel (p.fused): 0 the separate combine kernel, 1 the block that
- * completes a group merges it (combine_group_in_block), 2 the two-level merge
- * (combine_two_level). KVTIER_CUDA_FUSED_COMBINE=0 / 1 / 2 forces one (tests, A/B runs). */
-static uint32_t att_fused_default(uint32_t longest, bool pdl_ok)
-{
-	(void)longest;
-	(void)pdl_ok;
-	return 2;
-}
-
-/* items per subset of the two-level combine: the whole group up to 8 items (one merge, loads
- * in flight together), else ~sqrt(n) (two merges of ~sqrt(n) partials each);
- * KVTIER_CUDA_COMBINE_SUBSET=N forces N (tests, A/B runs) */
-static void att_cmb2_subsets(att_group_dev *groups, size_t n_groups)
-{
-	const char *fs = getenv("KVTIER_CUDA_COMBINE_SUBSET");
-	const uint32_t forced = fs && atoi(fs) > 0 ? (uint32_t)atoi(fs) : 0;
-	uint32_t next = (uint32_t)n_groups;
-	for (size_t gi = 0; gi < n_groups; gi++) {
-		att_group_dev *g = &groups[gi];
-		const uint32_t n = g->item_end - g->item_begin;
-		uint32_t sub = n;
-		if (forced)
-			sub = forced < n ? forced : n;
-		else if (n > 8)
-			for (sub = 1; sub * sub < n; sub++)
-				;
-		g->sub = sub ? sub : 1;
-		g->cnt1 = next;
-		next += (n + g->sub - 1) / g->sub;
-	}
-}
-
 extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					  const struct kvt_cuda_attend_request *reqs,
 					  size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
@@ -1207,9 +1174,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
 		size_t o_cnt = (o_reqs + sz_reqs + 255) & ~(size_t)255;
-		/* counters (upload as 0): one per group, then one per subset of the two-level
-		 * combine (at most one per item) */
-		size_t o_ml = (o_cnt + (n_groups + n_launch) * 4 + 255) & ~(size_t)255;
+		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
 		size_t o_acc = (o_ml + n_launch * rqn * 2 * 4 + 255) & ~(size_t)255;
 		size_t total = o_acc + n_launch * rqn * D * 4;
 #ifdef KVT_ATT_TIMELINE
@@ -1223,7 +1188,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		}
 		memcpy(host + o_items, items, sz_items);
 		memcpy(host + o_chunks, chunks, sz_chunks);
-		att_cmb2_subsets(groups, n_groups);
 		memcpy(host + o_groups, groups, sz_groups);
 		memcpy(host + o_reqs, rds, sz_reqs);
 		rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen);
@@ -1264,12 +1228,17 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const char *pd = getenv("KVTIER_CUDA_PDL");
 		const bool pdl_ok = i2 && ccm >= 9 && (!pd || atoi(pd) != 0);
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
-		if (!i2)
-			p.fused = 0;
-		else if (fz)
-			p.fused = (uint32_t)(atoi(fz) < 0 ? 0 : atoi(fz) > 2 ? 2 : atoi(fz));
-		else
-			p.fused = att_fused_default(longest, pdl_ok);
+		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
+		/* Every group one item, pins folded (48 x 4096): the item's merge writes the output
+		 * (p.fused 2, no partial, counter or combine). H200, session 9, same call: INT2 60.4
+		 * vs 61.0 us (main) / 62.0 (fused combine, same build), K3 V2 72.9 vs 75.5 / 74.2.
+		 * KVTIER_CUDA_FUSED_COMBINE=2 asks for it where it applies (else 1), =1 / 0 force the
+		 * fused combine / the separate one. A two-level fused merge for long groups (subsets
+		 * of ~sqrt(n) items merged by their last block, then the subset results by the last
+		 * subset's) measured slower than the separate combine (docs/gpu.md, session 9). */
+		const bool solo = i2 && fold && longest == 1;
+		if (solo && (fz ? atoi(fz) >= 2 : true))
+			p.fused = 2;
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
 		/* the INT2 kernel itself as a programmatic dependent launch (KVTIER_CUDA_PDL_CHAIN=0

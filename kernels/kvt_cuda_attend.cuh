@@ -47,9 +47,6 @@ struct att_item_dev {
 struct att_group_dev {
 	uint32_t req, q_base, nq, item_begin, item_end;
 	uint32_t exact_begin; /* items [item_begin, exact_begin) are quantized chunk runs */
-	/* the two-level fused combine (p.fused 2): items per subset, and the counter of the
-	 * group's first subset (counters[cnt1 + subset]; counters[group] counts the subsets) */
-	uint32_t sub, cnt1;
 };
 
 /* What the CUDA-core kernel (attend_kernel) reads: session 1's parameter block, kept apart
@@ -76,9 +73,8 @@ struct att_params : att_params_base {
 	uint32_t gsh; /* log2(G / 32): the key group of 32-token block sb is sb >> gsh */
 	/* fused combine (INT2 kernel, KVTIER_CUDA_FUSED_COMBINE): items done per group; the
 	 * block that completes a group merges it (and sets its counter back to 0 for the next
-	 * run of the plan). fused 1: one block merges the whole group (combine_group_in_block);
-	 * 2: the two-level merge (combine_two_level; counters[group] then counts the group's
-	 * subsets, counters[n_groups...] the items of each subset) */
+	 * run of the plan); fused 2 (every group one item, pins folded): the item's merge writes
+	 * the output, no counter */
 	uint32_t *counters;
 	uint32_t fused;
 	/* pins folded into the coded items (KVTIER_CUDA_FOLD_PINS, default on for the keys-as-B

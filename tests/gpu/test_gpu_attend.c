@@ -80,6 +80,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	static const uint32_t ratios[] = {1, 2, 4, 8, 4};
 	static const uint32_t qdts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
 	uint32_t R = fixed ? fixed_r : ratios[kvt_rand_below(5)];
+	bool solo = false;
 	const uint32_t q_dtype = qdts[kvt_rand_below(3)];
 	if (fast) {
 		cfg.scheme = kvt_rand_below(4) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
@@ -94,20 +95,17 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
-		/* the combine: a quarter each the plan's choice, the separate kernel, one block
-		 * merging the group, the two-level merge (with subsets of 1-3 items in half of
-		 * those, so that short groups take both levels) */
+		/* the combine: a quarter each the plan's choice, the separate kernel, the fused
+		 * combine, the output written by the item's merge (where every group is one
+		 * item, else the fused combine) */
 		const uint32_t fc = kvt_rand_below(4);
 		if (fc) {
 			char fv[8];
 			snprintf(fv, sizeof(fv), "%u", fc - 1);
 			setenv("KVTIER_CUDA_FUSED_COMBINE", fv, 1);
 		}
-		if (kvt_rand_below(2)) {
-			char sv[8];
-			snprintf(sv, sizeof(sv), "%u", 1 + kvt_rand_below(3));
-			setenv("KVTIER_CUDA_COMBINE_SUBSET", sv, 1);
-		}
+		/* a quarter with one chunk and no tail per session: every group one item */
+		solo = kvt_rand_below(4) == 0;
 		/* a third pin tokens in any chunk (pin detection): items whose folded pins
 		 * come from several chunks, more than the 8 rows the kernel stages */
 		if (kvt_rand_below(3) == 0) {
@@ -135,6 +133,10 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		s->n_tail = kvt_rand_below(fixed && cfg.recent_exact_tokens ? cfg.recent_exact_tokens + 1 : B);
 		if (s->n_chunks + s->n_tail == 0)
 			s->n_tail = 1 + kvt_rand_below(B - 1);
+		if (solo) {
+			s->n_chunks = 1;
+			s->n_tail = 0;
+		}
 		s->layer = kvt_rand_below(L);
 		s->chunks = calloc(s->n_chunks + 1, sizeof(*s->chunks));
 		s->chunks_dev = calloc(s->n_chunks + 1, sizeof(*s->chunks_dev));
@@ -220,7 +222,6 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	}
 	unsetenv("KVTIER_CUDA_CPI");
 	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
-	unsetenv("KVTIER_CUDA_COMBINE_SUBSET");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
