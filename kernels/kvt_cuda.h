@@ -188,8 +188,6 @@ struct kvt_cuda_attend_plan_info {
 	uint32_t n_items;
 	uint32_t n_groups;
 	uint32_t kernel; /* enum kvt_cuda_attend_kernel */
-	uint32_t pool_units; /* units in the INT2 kernel's tail pools (KVTIER_CUDA_TAIL) */
-	uint32_t shaped; /* 1: the INT2 kernel's items re-cut and reordered (KVTIER_CUDA_SHAPE) */
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);

@@ -837,16 +837,6 @@ static bool same_codec(const struct kvt_codec_config *a, const struct kvt_codec_
 	       a->head_dim == b->head_dim && a->dtype == b->dtype && a->rotate_v == b->rotate_v;
 }
 
-/* KVTIER_CUDA_TAIL's default (percent of a coded item's units in its group's tail pool;
- * 0: the static split) */
-#ifndef KVT_ATT_TAIL_DEFAULT
-#define KVT_ATT_TAIL_DEFAULT 0
-#endif
-/* KVTIER_CUDA_SHAPE's default (percent: the rank weights' slope; 0: equal cuts in item order) */
-#ifndef KVT_ATT_SHAPE_DEFAULT
-#define KVT_ATT_SHAPE_DEFAULT 6.5
-#endif
-
 #define GROW(arr, n, cap)                                                                  \
 	do {                                                                               \
 		if ((n) == (cap)) {                                                        \
@@ -873,9 +863,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	att_group_dev *groups = NULL;
 	att_req_dev *rds = NULL;
 	att_item_dev *pins = NULL; /* folded pin descriptors, appended to items at the end */
-	att_pool_dev *pool = NULL; /* the tail pools' units (session 9) */
-	size_t *lpos = NULL; /* the INT2 kernel's launch position of item i (NULL: i) */
-	size_t n_pool = 0, cap_pool = 0;
 	size_t n_pins = 0, cap_pins = 0, n_launch = 0;
 	size_t n_items = 0, cap_items = 0, n_chunks = 0, cap_chunks = 0, n_groups = 0,
 	       cap_groups = 0;
@@ -1163,184 +1150,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			}
 		}
 	}
-	/* Rank shaping (session 9, tail10; docs/gpu.md "Session 9: balancing the unit loops"):
-	 * when the INT2 kernel's blocks are all resident at once (one wave of n_sm x bps), a
-	 * multiprocessor's warp schedulers favour its older blocks: on the H200 (timeline build,
-	 * %smid) the first block to arrive on a multiprocessor ran its equal units in 31.1 us, the
-	 * second in 33.1, the third in 35.2 (1 x 131072; 8 x 32768: 60.4 / 64.5 / 68.6), and the
-	 * blocks past 2 x n_sm in launch order are always a third one. So the step waited for the
-	 * third blocks while the first ones idled. The blocks are launched in an order that spreads
-	 * each group's items over the ranks (block b is the rank min(b / n_sm, bps - 1); item i
-	 * goes to rank i % bps), and each group's chunks are cut in proportion to its items' rank
-	 * weights 1 + a (1 - 2 rank / (bps - 1)), a = KVTIER_CUDA_SHAPE percent (0: equal cuts
-	 * in item order, as before). Groups of one item (48 x 4096) are left alone; the order is
-	 * kept when no group has two coded items. */
-	{
-		const char *se = getenv("KVTIER_CUDA_SHAPE");
-		const double a = (se ? atof(se) : KVT_ATT_SHAPE_DEFAULT) / 100.0;
-		size_t S = (size_t)n_sm, R = (size_t)bps;
-		const size_t N = n_items;
-		/* tests: KVTIER_CUDA_SHAPE_SMS pretends S multiprocessors and as many ranks as
-		 * the items fill (small batches get shaped) */
-		const char *sse = getenv("KVTIER_CUDA_SHAPE_SMS");
-		if (sse && atoi(sse) > 0) {
-			S = (size_t)atoi(sse);
-			R = (N + S - 1) / S < 2 ? 2 : (N + S - 1) / S;
-		}
-		bool multi = false;
-		for (size_t gi = 0; gi < n_groups && !multi; gi++) {
-			uint32_t nc = 0;
-			for (uint32_t i = groups[gi].item_begin; i < groups[gi].item_end; i++)
-				nc += items[i].kind == ITEM_CODED;
-			multi = nc >= 2;
-		}
-		if (i2v && a > 0.0 && a < 0.5 && R >= 2 && R <= 64 && N > S && N <= S * R && multi) {
-			lpos = (size_t *)malloc(N * sizeof(*lpos));
-			/* rank r's positions [r S, min((r + 1) S, N)) take the items i % R == r in
-			 * order; what does not fit fills the positions left, in order */
-			size_t next[64] = {0};
-			bool *used = (bool *)calloc(N, sizeof(bool));
-			if (!lpos || !used) {
-				free(used);
-				rc = kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
-				goto out;
-			}
-			for (size_t i = 0; i < N; i++)
-				lpos[i] = (size_t)-1;
-			for (size_t i = 0; i < N; i++) {
-				const size_t r = i % R, p0 = r * S + next[r],
-					     end = (r + 1) * S < N ? (r + 1) * S : N;
-				if (p0 < end) {
-					lpos[i] = p0;
-					used[p0] = true;
-					next[r]++;
-				}
-			}
-			size_t fp = 0;
-			for (size_t i = 0; i < N; i++) {
-				if (lpos[i] != (size_t)-1)
-					continue;
-				while (used[fp])
-					fp++;
-				lpos[i] = fp;
-				used[fp] = true;
-			}
-			free(used);
-			/* each group's coded items (consecutive, contiguous chunk runs) re-cut by
-			 * the weights of their ranks */
-			for (size_t gi = 0; gi < n_groups; gi++) {
-				const att_group_dev *g = &groups[gi];
-				uint32_t i0 = g->item_begin, i1 = i0;
-				while (i1 < g->item_end && items[i1].kind == ITEM_CODED)
-					i1++;
-				if (i1 - i0 < 2)
-					continue;
-				double W = 0.0;
-				uint32_t nc = 0;
-				for (uint32_t i = i0; i < i1; i++) {
-					const size_t rk = lpos[i] / S < R - 1 ? lpos[i] / S : R - 1;
-					W += 1.0 + a * (1.0 - 2.0 * (double)rk / (double)(R - 1));
-					nc += items[i].count;
-				}
-				const uint32_t c0 = items[i0].first;
-				double acc = 0.0;
-				uint32_t prev = 0;
-				bool ok = true;
-				uint32_t cut[4096];
-				if (i1 - i0 > 4096)
-					continue;
-				for (uint32_t i = i0; i < i1; i++) {
-					const size_t rk = lpos[i] / S < R - 1 ? lpos[i] / S : R - 1;
-					acc += 1.0 + a * (1.0 - 2.0 * (double)rk / (double)(R - 1));
-					const uint32_t b = i + 1 == i1 ? nc : (uint32_t)floor(nc * acc / W + 0.5);
-					ok = ok && b > prev;
-					cut[i - i0] = b;
-					prev = b;
-				}
-				if (!ok)
-					continue;
-				prev = 0;
-				for (uint32_t i = i0; i < i1; i++) {
-					items[i].first = c0 + prev;
-					items[i].count = cut[i - i0] - prev;
-					prev = cut[i - i0];
-				}
-			}
-			/* the folded pins again: the items' chunk runs moved */
-			if (fold) {
-				n_pins = 0;
-				for (size_t i = 0; i < N; i++) {
-					att_item_dev *it = &items[i];
-					if (it->kind != ITEM_CODED)
-						continue;
-					att_item_dev base = *it;
-					base.first = base.xb = base.xn = 0;
-					it->xb = (uint32_t)n_pins;
-					for (uint32_t c = it->first; c < it->first + it->count; c++) {
-						if (!chunks[c].n_pinned)
-							continue;
-						GROW(pins, n_pins, cap_pins);
-						pins[n_pins++] = pinned_item(base, &chunks[c]);
-					}
-					items[i].xn = (uint32_t)n_pins - items[i].xb;
-				}
-			}
-		}
-	}
-	for (size_t i = 0; i < n_items; i++)
-		items[i].slot = (uint32_t)i;
-	/* The tail pools (session 9, tail10; docs/gpu.md "Session 9: balancing the unit loops"):
-	 * KVTIER_CUDA_TAIL percent of each coded item's units (rounded) leave its warps' static
-	 * split for its group's pool, which the group's warps claim one unit at a time once
-	 * their static units are done (attend_coded_i4), so that warps that run fast (or start
-	 * early) take more of the group's work. A group gets a pool only if each of its coded
-	 * items keeps >= 4 static units a warp (the claim pipeline starts 4 units before a
-	 * warp's static end); 0: the static split of every warp (the default before). */
-	{
-		const char *te = getenv("KVTIER_CUDA_TAIL");
-		const int tail_pct = te ? atoi(te) : KVT_ATT_TAIL_DEFAULT;
-		const uint32_t upc = B / 32;
-		for (size_t gi = 0; i2v && tail_pct > 0 && tail_pct < 100 && upc && gi < n_groups;
-		     gi++) {
-			const att_group_dev *g = &groups[gi];
-			uint32_t nw = 0;
-			bool ok = true;
-			for (uint32_t i = g->item_begin; i < g->item_end; i++) {
-				if (items[i].kind != ITEM_CODED)
-					continue;
-				const uint32_t U = items[i].count * upc,
-					       T = (uint32_t)(((uint64_t)U * tail_pct + 50) / 100);
-				ok = ok && T > 0 && U - T >= 4 * ATT_WARPS;
-				nw += ATT_WARPS;
-			}
-			if (!ok || !nw)
-				continue;
-			const uint32_t pb = (uint32_t)n_pool;
-			for (uint32_t i = g->item_begin; i < g->item_end; i++) {
-				att_item_dev *it = &items[i];
-				if (it->kind != ITEM_CODED)
-					continue;
-				const uint32_t U = it->count * upc,
-					       T = (uint32_t)(((uint64_t)U * tail_pct + 50) / 100);
-				it->pool_t = T;
-				for (uint32_t t = U - T; t < U; t++) {
-					GROW(pool, n_pool, cap_pool);
-					const att_chunk_dev *cd = &chunks[it->first + t / upc];
-					pool[n_pool].sec = cd->sec;
-					pool[n_pool].cs = it->first + t / upc;
-					pool[n_pool].ssnp = t % upc | cd->n_pinned << 16;
-					n_pool++;
-				}
-			}
-			for (uint32_t i = g->item_begin; i < g->item_end; i++) {
-				if (items[i].kind != ITEM_CODED)
-					continue;
-				items[i].pool = pb;
-				items[i].pool_n = (uint32_t)n_pool - pb;
-				items[i].pool_w = nw;
-			}
-		}
-	}
 	/* the folded pin descriptors go past the launched items */
 	n_launch = n_items;
 	for (size_t i = 0; i < n_launch; i++)
@@ -1362,12 +1171,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t o_groups = (o_chunks + sz_chunks + 255) & ~(size_t)255;
 		size_t o_reqs = (o_groups + sz_groups + 255) & ~(size_t)255;
 		size_t o_cnt = (o_reqs + sz_reqs + 255) & ~(size_t)255;
-		size_t o_pool = (o_cnt + n_groups * 4 + 255) & ~(size_t)255;
-		size_t o_claims = (o_pool + n_pool * sizeof(att_pool_dev) + 255) & ~(size_t)255;
-		/* counters and claim counters upload as 0 */
-		size_t o_litems = (o_claims + (n_pool ? n_groups * 128 : 0) + 255) & ~(size_t)255;
-		size_t o_ml = (o_litems + (lpos ? n_launch * sizeof(att_item_dev) : 0) + 255) &
-			      ~(size_t)255;
+		size_t o_ml = (o_cnt + n_groups * 4 + 255) & ~(size_t)255; /* counters upload as 0 */
 		size_t o_acc = (o_ml + n_launch * rqn * 2 * 4 + 255) & ~(size_t)255;
 		size_t total = o_acc + n_launch * rqn * D * 4;
 #ifdef KVT_ATT_TIMELINE
@@ -1383,11 +1187,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		memcpy(host + o_chunks, chunks, sz_chunks);
 		memcpy(host + o_groups, groups, sz_groups);
 		memcpy(host + o_reqs, rds, sz_reqs);
-		if (n_pool)
-			memcpy(host + o_pool, pool, n_pool * sizeof(att_pool_dev));
-		for (size_t i = 0; lpos && i < n_launch; i++)
-			memcpy(host + o_litems + lpos[i] * sizeof(att_item_dev), &items[i],
-			       sizeof(att_item_dev));
 		rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen);
 		if (!rc)
 			rc = kvt_cuda_check(cudaMalloc(&plan->dev_block, total), "plan alloc", err,
@@ -1406,9 +1205,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.groups = (const att_group_dev *)(db + o_groups);
 		p.reqs = (const att_req_dev *)(db + o_reqs);
 		p.counters = (uint32_t *)(db + o_cnt);
-		p.pool = n_pool ? (const att_pool_dev *)(db + o_pool) : NULL;
-		p.claims = n_pool ? (uint32_t *)(db + o_claims) : NULL;
-		p.litems = lpos ? (const att_item_dev *)(db + o_litems) : p.items;
 		/* Fused combine (the block that completes a group merges it: one launch per step)
 		 * for short groups only. H200, keys-as-B kernel, same call: 1 x 131072 (65 items per
 		 * group) 61.3 us fused vs 58.1 separate (the completing block merges 65 partials x 4
@@ -1468,7 +1264,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		plan->n_items = (uint32_t)n_launch;
 		plan->n_groups = (uint32_t)n_groups;
 		plan->read_bytes = read_bytes;
-		plan->n_pool = (uint32_t)n_pool;
 	}
 	*out = plan;
 	plan = NULL;
@@ -1480,8 +1275,6 @@ out:
 	}
 	free(items);
 	free(pins);
-	free(pool);
-	free(lpos);
 	free(chunks);
 	free(groups);
 	free(rds);
@@ -1632,11 +1425,14 @@ static void tl_loop_ends(const unsigned long long *t, size_t i, double *lo, doub
 	}
 }
 
-/* Session 9 (tail10): where the loop ends spread from. Blocks per multiprocessor (%smid), the
- * latest loop end of blocks by their multiprocessor's block count, the Pearson correlation of
- * a block's latest loop end with its entry and with its item's units; warps' loop ends by
+/* Session 9 (tail10; docs/gpu.md "Session 9: balancing the unit loops"): where the loop ends
+ * spread from. Blocks per multiprocessor (%smid); the latest loop end of blocks by their
+ * multiprocessor's block count; each busiest multiprocessor's last loop end (what the grid
+ * waits for); warps' loop times by their block's rank on its multiprocessor (0: the lowest
+ * block index there, the oldest: its warps are issued first); the Pearson correlation of a
+ * block's latest loop end with its entry and with its item's units; warps' loop times by
  * scheduler (%warpid % 4). KVT_TL_DUMP=FILE appends every block's raw stamps (ns from the
- * first entry) to FILE for offline analysis. */
+ * first entry) to FILE (tests/bench/tl_analyze.py reads it). */
 static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned long long *t,
 		     unsigned long long t0, const char *label)
 {
@@ -1644,8 +1440,8 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 	enum { NSM = 256 };
 	int cnt[NSM] = {0};
 	att_item_dev *it = (att_item_dev *)malloc(ni * sizeof(*it));
-	double *e = (double *)malloc(ni * 3 * sizeof(double));
-	if (!it || !e || cudaMemcpy(it, pl->p.litems, ni * sizeof(*it), cudaMemcpyDeviceToHost) !=
+	double *e = (double *)malloc((ni + NSM) * sizeof(double));
+	if (!it || !e || cudaMemcpy(it, pl->p.items, ni * sizeof(*it), cudaMemcpyDeviceToHost) !=
 				 cudaSuccess) {
 		free(it);
 		free(e);
@@ -1671,6 +1467,42 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		char k_[32];
 		snprintf(k_, sizeof(k_), "loop_end_sm%d", k);
 		tl_stats(f, k_, e, n);
+	}
+	/* the busiest multiprocessors' last loop ends; warps' loop times by block rank */
+	{
+		int most = 0, seen[NSM] = {0};
+		double last[NSM];
+		for (int s = 0; s < NSM; s++) {
+			most = cnt[s] > most ? cnt[s] : most;
+			last[s] = 0.0;
+		}
+		for (size_t i = 0; i < ni; i++) {
+			double lo, hi;
+			tl_loop_ends(t, i, &lo, &hi);
+			const int s = (int)((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM);
+			last[s] = hi - (double)t0 > last[s] ? hi - (double)t0 : last[s];
+		}
+		size_t n = 0;
+		for (int s = 0; s < NSM; s++)
+			if (cnt[s] == most)
+				e[n++] = last[s];
+		tl_stats(f, "sm_last_loop_end", e, n);
+		double *wr = (double *)malloc(ni * ATT_WARPS * sizeof(double));
+		int *rk = (int *)malloc(ni * sizeof(int));
+		for (size_t i = 0; wr && rk && i < ni; i++)
+			rk[i] = seen[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
+		for (int r = 0; wr && rk && r < most && r < 4; r++) {
+			n = 0;
+			for (size_t i = 0; i < ni; i++)
+				for (int ww = 0; rk[i] == r && ww < ATT_WARPS; ww++)
+					wr[n++] = (double)(t[i * ATT_TL_SLOTS + ATT_TL_LOOP + ww] -
+							   t[i * ATT_TL_SLOTS + ATT_TL_PROLOGUE]);
+			char k_[32];
+			snprintf(k_, sizeof(k_), "warp_loop_rank%d", r);
+			tl_stats(f, k_, wr, n);
+		}
+		free(wr);
+		free(rk);
 	}
 	/* correlations over blocks: loop end with entry, with units */
 	double sx = 0, sy = 0, sz = 0, sxx = 0, syy = 0, szz = 0, sxy = 0, syz = 0;
@@ -1806,8 +1638,6 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->read_bytes = pl->read_bytes;
 	info->n_items = pl->n_items;
 	info->n_groups = pl->n_groups;
-	info->pool_units = pl->n_pool;
-	info->shaped = pl->p.litems != pl->p.items;
 	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA : KVT_CUDA_ATT_KEYS_AS_B;
 }

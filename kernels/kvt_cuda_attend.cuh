@@ -42,22 +42,6 @@ struct att_item_dev {
 	 * the item's chunks are ITEM_EXACT descriptors [xb, xb + xn) of the items array, past
 	 * the launched ones; the item's block attends them in its merge */
 	uint32_t xb, xn;
-	/* the unit-loop tail pool (session 9, INT2 kernel; docs/gpu.md "Session 9: balancing the
-	 * unit loops"): the item's last pool_t units are left out of its warps' static split and
-	 * go to its group's pool, p.pool[pool, pool + pool_n), which the pool_w warps of the
-	 * group's coded items claim one unit at a time from counter p.claims[32 group] once their
-	 * static units run out; pool_w 0: no pool (the static split of every warp) */
-	uint32_t pool, pool_n, pool_w, pool_t;
-	/* its index in p.items: where its partial goes (the INT2 kernel's block b runs
-	 * p.litems[b], the items in launch order: session 9's rank shaping) */
-	uint32_t slot;
-};
-
-/* one pool unit: its chunk (descriptor index cs, section pointer, pins), its 32-token block */
-struct att_pool_dev {
-	const uint8_t *sec;
-	uint32_t cs;
-	uint32_t ssnp; /* block in the chunk | n_pinned << 16 */
 };
 
 struct att_group_dev {
@@ -92,12 +76,6 @@ struct att_params : att_params_base {
 	 * run of the plan) */
 	uint32_t *counters;
 	uint32_t fused;
-	/* the tail pools (att_item_dev.pool): units, and a claim counter per group (128-byte
-	 * lines, [32 group]); the group's last claimer sets its counter back to 0 */
-	const att_pool_dev *pool;
-	uint32_t *claims;
-	/* the items in launch order (block b runs litems[b]; p.items when not reordered) */
-	const att_item_dev *litems;
 	/* pins folded into the coded items (KVTIER_CUDA_FOLD_PINS, default on for the keys-as-B
 	 * kernel): every coded item's block rotates its value partial back to the original basis
 	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
@@ -128,8 +106,8 @@ __device__ __forceinline__ void kvt_att_stamp(unsigned long long *slot)
 	*slot = t;
 }
 #define ATT_TL(arr, idx) kvt_att_stamp(&(arr)[idx])
-/* where block / warp runs: the multiprocessor (thread 0) and each warp's slot on it (lane 0),
- * as separate bytes of one slot */
+/* where a block and its warps run: the multiprocessor (warp 0's lane 0) and each warp's slot
+ * on it (lane 0), as separate bytes of one slot */
 __device__ __forceinline__ void kvt_att_where(unsigned long long *slot, int warp, int lane)
 {
 	uint32_t v;
@@ -152,7 +130,6 @@ struct kvt_cuda_attend_plan {
 	att_params p;
 	uint32_t D, n_items, n_groups; /* n_items: launched (folded pin descriptors follow them) */
 	uint32_t pdl; /* the combine as a programmatic dependent launch */
-	uint32_t n_pool; /* units in the tail pools */
 	uint64_t read_bytes;
 	void *dev_block; /* descriptors + scratch, one allocation */
 };
@@ -343,11 +320,8 @@ __device__ __forceinline__ void att_load_queries(const att_params_base &p, const
  * dense: wstride N * D). */
 template <int D, int N>
 __device__ __forceinline__ void block_merge(const att_params_base &p, const float *red_m, const float *red_l,
-			    const float *red_acc, size_t wstride = (size_t)N * D,
-			    uint32_t slot = 0xffffffffu)
+			    const float *red_acc, size_t wstride = (size_t)N * D)
 {
-	/* slot: the item's partial index (the INT2 kernel's it.slot); else the block's */
-	const size_t b = slot == 0xffffffffu ? (size_t)blockIdx.x : (size_t)slot;
 	__syncthreads();
 	for (int i = threadIdx.x; i < N * D; i += ATT_THREADS) {
 		int q = i / D;
@@ -364,10 +338,10 @@ __device__ __forceinline__ void block_merge(const att_params_base &p, const floa
 				A += red_acc[(size_t)w * wstride + i] * f;
 			}
 		}
-		p.part_acc[b * N * D + i] = A;
+		p.part_acc[(size_t)blockIdx.x * N * D + i] = A;
 		if (i % D == 0) {
-			p.part_ml[(b * N + q) * 2] = M;
-			p.part_ml[(b * N + q) * 2 + 1] = L;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2] = M;
+			p.part_ml[((size_t)blockIdx.x * N + q) * 2 + 1] = L;
 		}
 	}
 }

@@ -536,7 +536,7 @@ template <int GV, int KB, bool SW>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, uint32_t *vs2, uint4 *tsh, int lane)
+						float *rl, float *racc, uint32_t *vs2, int lane)
 {
 	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
@@ -717,75 +717,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			}
 		}
 	};
-	/* The tail pool (session 9; it.pool_w != 0): once the warp's static units are staged,
-	 * it stages units of its group's pool, claimed one at a time from the group's counter.
-	 * The loop runs tail() instead of the plain advance from rem == 4 on (rem: the units
-	 * left, the computed one included; the staged unit is u + 2), so the common unit pays
-	 * nothing: each tail() call stages u + 2 (a static unit, else the oldest claimed unit
-	 * whose descriptor is in shared memory), then takes the claim issued in the call before
-	 * (an atomicAdd, one unit of latency hidden): a unit -> its descriptor is copied
-	 * (cp.async) into a free slot of tsh[0..1], rem grows by one, the next claim is issued;
-	 * no unit -> no more claims (the warp that gets the group's last ticket, pool_n +
-	 * pool_w - 1, sets the counter back to 0 for the next run: every claimer fails exactly
-	 * once). The unit staged in a call was claimed two calls and described one call before
-	 * (the slot's copy is waited with the unit u + 1 bytes). The plan gives every claiming
-	 * warp >= 4 static units, so the first call comes at rem == 4 with two static units left.
-	 * ts: bits 0-1 claim state (0 none yet, 1 one in flight, 2 done), 2-3 static units left
-	 * to stage, 4-5 claimed units described and not staged, 6 the oldest one's slot, 7 pool
-	 * on, 8 the staged unit was claimed (its key group's scales are converted). */
-	uint32_t ts = it.pool_w ? 0x80u : 0u, tk = 0u;
-	if (it.pool_w && lane == 0)
-		tsh[2] = make_uint4(it.pool, it.pool_n, it.pool_w, 32u * it.group);
-	auto tail = [&]() -> bool { /* true: stage the unit at (cs, ss) */
-		if (!(ts & 0x80u)) { /* no pool: the static split's last two units */
-			if (rem > 2)
-				advance();
-			return rem > 2;
-		}
-		uint32_t cst = ts & 3u, nst = cst ? (ts >> 2) & 3u : rem - 2u, q = (ts >> 4) & 3u,
-			 rs = (ts >> 6) & 1u, cl = ts & 0x100u;
-		bool stg = true;
-		if (nst) {
-			nst--;
-			advance();
-		} else if (q) {
-			cp_async_wait_all(); /* lane 0's descriptor copy (and unit u + 1's bytes) */
-			__syncwarp();
-			const uint4 d = tsh[rs];
-			cs = d.z;
-			ss = d.w & 0xffffu;
-			np_s = d.w >> 16;
-			rebase((const uint8_t *)(((uint64_t)d.y << 32) | d.x));
-			cl = 0x100u;
-			q--;
-			rs ^= 1u;
-		} else {
-			stg = false;
-		}
-		if (cst == 1u) {
-			const uint32_t t = __shfl_sync(KVT_FULL_MASK, tk, 0);
-			const uint4 pm = tsh[2]; /* pool, pool_n, pool_w, counter */
-			if (t < pm.y) {
-				if (lane == 0) {
-					i4_cp16<0, 0>((uint32_t)__cvta_generic_to_shared(&tsh[(rs + q) & 1u]),
-						      (const uint8_t *)&p.pool[pm.x + t]);
-					tk = atomicAdd(&p.claims[pm.w], 1u);
-				}
-				q++;
-				rem++;
-			} else {
-				cst = 2u;
-				if (lane == 0 && t == pm.y + pm.z - 1u)
-					p.claims[pm.w] = 0u; /* the group's last claim: clean for the next run */
-			}
-		} else if (cst == 0u) {
-			if (lane == 0)
-				tk = atomicAdd(&p.claims[tsh[2].w], 1u);
-			cst = 1u;
-		}
-		ts = 0x80u | cl | rs << 6 | q << 4 | nst << 2 | cst;
-		return stg;
-	};
 	if (rem > 1) {
 		advance();
 		stage_unit(s0 ^ bx, ss);
@@ -937,20 +868,16 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		}
 		__syncwarp(); /* every lane is done with this buffer */
 		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
-		const bool cln = GV > 32 && (ts & 0x100u); /* unit u + 1 was claimed */
-		bool stg = true;
-		if (rem > 4)
+		if (rem > 2) {
 			advance();
-		else
-			stg = tail();
-		if (stg)
 			stage_unit(bcur, ss);
+		}
 		cp_async_commit();
 		/* unit u + 1: its bytes, its conversions (the last iteration converts stale
 		 * bytes of a finished buffer into words nobody reads) */
 		cp_async_wait1();
 		__syncwarp();
-		if (GV == 32 || (sbn & gmask) == 0 || cln) /* a claimed unit: its key group's too */
+		if (GV == 32 || (sbn & gmask) == 0)
 			conv_key(bcur ^ bx);
 		conv_val(bcur ^ bx, vcur ^ vx);
 
@@ -1192,11 +1119,11 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 			}
 		}
 	}
-	*(float4 *)(p.part_acc + ((size_t)it.slot * RQ + q) * D + lane * EPL) =
+	*(float4 *)(p.part_acc + ((size_t)blockIdx.x * RQ + q) * D + lane * EPL) =
 		make_float4(a[0], a[1], a[2], a[3]);
 	if (lane == 0) {
-		p.part_ml[((size_t)it.slot * RQ + q) * 2] = M;
-		p.part_ml[((size_t)it.slot * RQ + q) * 2 + 1] = L;
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2] = M;
+		p.part_ml[((size_t)blockIdx.x * RQ + q) * 2 + 1] = L;
 	}
 }
 
@@ -1218,13 +1145,12 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
 	__shared__ __align__(16) uint16_t pinrow[I3_PMAX][2][D]; /* folded pins */
-	__shared__ __align__(16) uint4 tsh[ATT_WARPS][3]; /* tail pool: 2 unit slots, parameters */
 	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
 	kvt_grid_dep_launch(); /* the combine may launch once every block has started */
-	const att_item_dev it = p.litems[blockIdx.x]; /* launch order (rank shaping) */
+	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	if (threadIdx.x == 0)
@@ -1266,14 +1192,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		if (it.pool_w) { /* tail pool: the first units - pool_t split evenly (>= 4 a warp) */
-			const uint32_t st = units - it.pool_t;
-			u0 = warp * st / ATT_WARPS;
-			u1 = (warp + 1) * st / ATT_WARPS;
-		}
 		attend_coded_i4<GV, KB, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
-						(uint32_t *)qf + warp * 128, tsh[warp], lane);
+						(uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1293,7 +1214,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo, pinrow,
 				 npin);
 	else
-		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, it.slot);
+		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	if (threadIdx.x == 0)
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_MERGE);
 	if (!p.fused)

@@ -64,14 +64,6 @@ static uint64_t fast_pinned_chunks, fast_pinned_tokens;
 static uint32_t fast_kb = 2;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
 static uint32_t kernel_count[5];
-/* batches whose plan has tail pools (session 9), their pool units; KVTIER_CUDA_TAIL set by
- * the caller (the fast batches then keep it) */
-static uint32_t pool_batches;
-static uint64_t pool_units;
-static bool tail_fixed;
-/* batches whose plan reordered and re-cut the items (rank shaping, session 9) */
-static uint32_t shaped_batches;
-static bool shape_fixed;
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -101,24 +93,6 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			R = 4;
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
-		/* the tail pools (KVTIER_CUDA_TAIL, unless the caller set it): off, the default
-		 * or 40%, and a quarter of the batches with up to 12 chunks an item (pools need
-		 * >= 4 static units a warp) */
-		if (!tail_fixed) {
-			static const char *const tails[] = {"0", "15", "40"};
-			setenv("KVTIER_CUDA_TAIL", tails[kvt_rand_below(3)], 1);
-			if (kvt_rand_below(4) == 0)
-				snprintf(cpi, sizeof(cpi), "%u", 5 + kvt_rand_below(8));
-		}
-		/* rank shaping (KVTIER_CUDA_SHAPE, unless the caller set it) on these small
-		 * batches: 1-4 pretended multiprocessors, slopes 0, the default, 30% */
-		if (!shape_fixed) {
-			static const char *const shapes[] = {"0", "6.5", "30"};
-			char sms[16];
-			snprintf(sms, sizeof(sms), "%u", 1 + kvt_rand_below(4));
-			setenv("KVTIER_CUDA_SHAPE", shapes[kvt_rand_below(3)], 1);
-			setenv("KVTIER_CUDA_SHAPE_SMS", sms, 1);
-		}
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
 		/* half the batches merge the partials inside the attention kernel */
 		if (kvt_rand_below(2))
@@ -217,11 +191,6 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			kvt_cuda_attend_plan_info(pl, &info);
 			if (info.kernel < 5)
 				kernel_count[info.kernel]++;
-			if (info.pool_units) {
-				pool_batches++;
-				pool_units += info.pool_units;
-			}
-			shaped_batches += info.shaped;
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
 			 * one run leaves in the plan, e.g. the fused combine's group counters, must
@@ -237,12 +206,6 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	}
 	unsetenv("KVTIER_CUDA_CPI");
 	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
-	if (!tail_fixed)
-		unsetenv("KVTIER_CUDA_TAIL");
-	if (!shape_fixed) {
-		unsetenv("KVTIER_CUDA_SHAPE");
-		unsetenv("KVTIER_CUDA_SHAPE_SMS");
-	}
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
@@ -445,15 +408,9 @@ int main(void)
 		printf("# no usable CUDA device (%s): skipped\n", err);
 		return GPU_SKIP;
 	}
-	tail_fixed = getenv("KVTIER_CUDA_TAIL") != NULL;
-	shape_fixed = getenv("KVTIER_CUDA_SHAPE") != NULL;
 	KVT_RUN(test_random_batches);
 	KVT_RUN(test_fast_path_batches);
 	KVT_RUN(test_k3_fast_batches);
-	printf("# %u batches with tail pools (%llu pool units; KVTIER_CUDA_TAIL %s), %u with "
-	       "rank-shaped items (KVTIER_CUDA_SHAPE %s)\n", pool_batches,
-	       (unsigned long long)pool_units, tail_fixed ? getenv("KVTIER_CUDA_TAIL") : "random",
-	       shaped_batches, shape_fixed ? getenv("KVTIER_CUDA_SHAPE") : "random");
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_plan_errors);
 	kvt_cuda_ctx_destroy(ctx);
