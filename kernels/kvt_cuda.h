@@ -182,6 +182,8 @@ enum kvt_cuda_attend_kernel {
 	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values */
 	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same with bulk-copy staging (removed after
 					  * session 6; unused) */
+	KVT_CUDA_ATT_SWAPPED = 5,    /* the same kernel with the swapped key orientation (keys as
+				      * the MMA's A operand): INT2, or 3-bit keys + 2-bit values */
 };
 struct kvt_cuda_attend_plan_info {
 	uint64_t read_bytes;

@@ -720,6 +720,9 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
 	 * (a no-op for an ordinary launch) */
 	kvt_grid_dep_wait();
+	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for this
+	 * grid's end before they read anything */
+	kvt_grid_dep_launch();
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
@@ -924,12 +927,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
 	 * 3 after session 6) */
 	const int ccm = c->cc_major; /* compute capability major (programmatic launches: 9) */
-	/* INT2 runs the swapped key orientation (p.i2 = 3: keys as the A operand, p through
-	 * movmatrix; kvt_cuda_attend_i2.cu; session 8: -8 to -10% per step on the H200, docs/gpu.md);
-	 * KVTIER_CUDA_I2_SWAP=0 (read per plan, for A/B runs) the keys-as-B loop; 3-bit keys keep
-	 * the keys-as-B loop */
+	/* INT2 and 3-bit keys run the swapped key orientation (p.i2 = 3: keys as the A operand,
+	 * p through movmatrix; kvt_cuda_attend_i2.cu; INT2 since session 8: -8 to -10% per step
+	 * on the H200, 3-bit keys since session 9: docs/gpu.md); KVTIER_CUDA_I2_SWAP=0 (read per
+	 * plan, for A/B runs) the keys-as-B loop */
 	const char *swe = getenv("KVTIER_CUDA_I2_SWAP");
-	const bool swap = !k3 && (!swe || atoi(swe) != 0);
+	const bool swap = !swe || atoi(swe) != 0;
 	const uint32_t i2v = i2 ? (swap ? 3 : 2) : 0;
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
@@ -950,9 +953,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	int bps = 4;
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
-	static int occ_cache[5][3]; /* [4]: the 3-bit key path */
+	static int occ_cache[6][3]; /* [4], [5]: the 3-bit key path, keys-as-B / swapped */
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
-	const uint32_t occ_v = k3 ? 4 : i2v;
+	const uint32_t occ_v = k3 ? (i2v == 3 ? 5 : 4) : i2v;
 	if (i2v && occ_cache[occ_v][occ_i] > 0) {
 		bps = occ_cache[occ_v][occ_i];
 	} else if (i2v) {
@@ -1228,6 +1231,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
+		/* the INT2 kernel itself as a programmatic dependent launch (KVTIER_CUDA_PDL_CHAIN=0
+		 * turns it off): back-to-back steps no longer pay a kernel launch between the
+		 * previous step's end and the first block (docs/gpu.md "Session 9") */
+		const char *pc = getenv("KVTIER_CUDA_PDL_CHAIN");
+		plan->chain = pdl_ok && (!pc || atoi(pc) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 #ifdef KVT_ATT_TIMELINE
@@ -1639,7 +1647,8 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->n_items = pl->n_items;
 	info->n_groups = pl->n_groups;
 	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
-		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA : KVT_CUDA_ATT_KEYS_AS_B;
+		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
+		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

@@ -130,6 +130,8 @@ struct kvt_cuda_attend_plan {
 	att_params p;
 	uint32_t D, n_items, n_groups; /* n_items: launched (folded pin descriptors follow them) */
 	uint32_t pdl; /* the combine as a programmatic dependent launch */
+	uint32_t chain; /* the INT2 kernel as a programmatic dependent launch (of whatever kernel
+			 * precedes it in the stream: it waits for it before reading anything) */
 	uint64_t read_bytes;
 	void *dev_block; /* descriptors + scratch, one allocation */
 };

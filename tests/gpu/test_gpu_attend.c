@@ -63,7 +63,7 @@ static uint64_t fast_pinned_chunks, fast_pinned_tokens;
 /* key bits of the fast batches: 2 (INT2), or 3 (3-bit keys, 2-bit values: kvtier-int2) */
 static uint32_t fast_kb = 2;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
-static uint32_t kernel_count[5];
+static uint32_t kernel_count[KVT_CUDA_ATT_SWAPPED + 1];
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -189,7 +189,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		if (!rc) {
 			struct kvt_cuda_attend_plan_info info;
 			kvt_cuda_attend_plan_info(pl, &info);
-			if (info.kernel < 5)
+			if (info.kernel <= KVT_CUDA_ATT_SWAPPED)
 				kernel_count[info.kernel]++;
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
@@ -271,73 +271,86 @@ static void test_random_batches(void)
 	printf("# worst relative error: gpu %.3e, cpu kvt_attend %.3e\n", worst_gpu, worst_cpu);
 }
 
-/* The INT2 batches run under both unit loops of the keys-as-B kernel: the keys-as-B key
- * orientation (KVTIER_CUDA_I2_SWAP=0) and the swapped one (=1: keys as the A operand, p
- * through movmatrix), each with fresh batches; a KVTIER_CUDA_I2_SWAP set by the caller picks
- * one of them. */
-static void test_fast_path_batches(void)
+/* the tensor-core INT2 kernel takes bf16 d128 batches of these key bits (no switch turned it
+ * off) */
+static bool i2_kernel_on(uint32_t key_bits)
 {
-	int n = 24;
-	const char *s = getenv("KVT_GPU_FAST_BATCHES");
-	if (s && *s)
-		n = atoi(s);
+	return !getenv("KVTIER_CUDA_NO_MMA") && !getenv("KVTIER_CUDA_NO_I2") &&
+	       (key_bits != 3 || !getenv("KVTIER_CUDA_NO_K3_MMA"));
+}
+
+/* n fast batches of fast_kb key bits under both unit loops of the INT2 kernel: the keys-as-B
+ * key orientation (KVTIER_CUDA_I2_SWAP=0) and the swapped one (=1: keys as the A operand, p
+ * through movmatrix), each with fresh batches, and each batch on the kernel its setting
+ * names; a KVTIER_CUDA_I2_SWAP set by the caller picks one of them. */
+static void fast_batches_both_loops(const char *what, int n)
+{
 	const char *fixed = getenv("KVTIER_CUDA_I2_SWAP");
 	for (int sw = 0; sw < 2; sw++) {
 		if (fixed && sw)
 			break;
 		if (!fixed)
 			setenv("KVTIER_CUDA_I2_SWAP", sw ? "1" : "0", 1);
+		const bool swapped = fixed ? atoi(fixed) != 0 : sw;
+		const uint32_t want = swapped ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
 		const double before = worst_fast;
 		const uint64_t pc = fast_pinned_chunks, pt = fast_pinned_tokens;
+		const uint32_t k0 = kernel_count[want];
 		worst_fast = 0.0;
 		for (int i = 0; i < n; i++)
 			one_batch(i, true, NULL, 0);
-		printf("# worst relative error, INT2 bf16 d128 batches, KVTIER_CUDA_I2_SWAP=%s: gpu "
-		       "%.3e (%llu chunks with %llu pinned tokens)\n",
-		       fixed ? fixed : sw ? "1" : "0", worst_fast,
+		const uint32_t got = kernel_count[want] - k0;
+		printf("# worst relative error, %s bf16 d128 batches, KVTIER_CUDA_I2_SWAP=%s: gpu "
+		       "%.3e (%llu chunks with %llu pinned tokens; %u of %d batches on the %s loop)\n",
+		       what, fixed ? fixed : sw ? "1" : "0", worst_fast,
 		       (unsigned long long)(fast_pinned_chunks - pc),
-		       (unsigned long long)(fast_pinned_tokens - pt));
+		       (unsigned long long)(fast_pinned_tokens - pt), got, n,
+		       swapped ? "swapped" : "keys-as-B");
+		if (i2_kernel_on(fast_kb))
+			KVT_CHECK(got == (uint32_t)n, "%s: every batch takes the %s loop (%u of %d)",
+				  what, swapped ? "swapped" : "keys-as-B", got, n);
 		worst_fast = worst_fast > before ? worst_fast : before;
 	}
 	if (!fixed)
 		unsetenv("KVTIER_CUDA_I2_SWAP");
 }
 
+static void test_fast_path_batches(void)
+{
+	int n = 24;
+	const char *s = getenv("KVT_GPU_FAST_BATCHES");
+	if (s && *s)
+		n = atoi(s);
+	fast_batches_both_loops("INT2", n);
+}
+
 /* The fast batches with 3-bit keys and 2-bit values (oscar or kivi, bf16, head_dim 128, G 32,
- * 64 or 128): the keys-as-B tensor-core kernel's 3-bit key path, unless switched off. */
+ * 64 or 128): the INT2 kernel's 3-bit key path under both unit loops, unless switched off. */
 static void test_k3_fast_batches(void)
 {
 	int n = 16;
 	const char *s = getenv("KVT_GPU_FAST_BATCHES");
 	if (s && *s)
 		n = atoi(s);
-	const double before = worst_fast;
-	const uint32_t kab0 = kernel_count[KVT_CUDA_ATT_KEYS_AS_B];
-	worst_fast = 0.0;
 	fast_kb = 3;
-	for (int i = 0; i < n; i++)
-		one_batch(i, true, NULL, 0);
+	fast_batches_both_loops("K3 V2", n);
 	fast_kb = 2;
-	const uint32_t kab = kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - kab0;
-	printf("# worst relative error, K3 V2 bf16 d128 batches: gpu %.3e (%u of %d batches on the "
-	       "keys-as-B tensor-core kernel)\n", worst_fast, kab, n);
-	if (!getenv("KVTIER_CUDA_NO_K3_MMA") && !getenv("KVTIER_CUDA_NO_MMA") &&
-	    !getenv("KVTIER_CUDA_NO_I2"))
-		KVT_CHECK(kab == (uint32_t)n, "every K3 V2 bf16 d128 batch takes the keys-as-B kernel "
-			  "(%u of %d)", kab, n);
-	worst_fast = worst_fast > before ? worst_fast : before;
 }
 
 /* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
  * heads, f16) and d128 variants (f16, bf16; GQA 3 and 4), up to 23 chunks + 128 tail tokens
  * per session: the CUDA-core kernel with 3-bit keys and 2-bit values for d64 and f16, the
- * keys-as-B tensor-core kernel for bf16 d128 with <= 4 query heads per KV head. */
+ * tensor-core INT2 kernel (either unit loop) for bf16 d128 with <= 4 query heads per KV head. */
+static uint32_t tensor_core_i2_count(void)
+{
+	return kernel_count[KVT_CUDA_ATT_KEYS_AS_B] + kernel_count[KVT_CUDA_ATT_SWAPPED];
+}
+
 static void test_k3_preset_batches(void)
 {
 	struct kvt_codec_config cfg;
 	const double before = worst_gpu;
-	uint32_t k0[5];
-	memcpy(k0, kernel_count, sizeof(k0));
+	const uint32_t cc0 = kernel_count[KVT_CUDA_ATT_CUDA_CORES], tc0 = tensor_core_i2_count();
 	worst_gpu = 0.0;
 	for (int i = 0; i < 4; i++) {
 		k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
@@ -346,20 +359,18 @@ static void test_k3_preset_batches(void)
 	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
 	one_batch(0, false, &cfg, 3);
 	one_batch(1, false, &cfg, 4);
-	const uint32_t kab0 = kernel_count[KVT_CUDA_ATT_KEYS_AS_B];
+	const uint32_t kab0 = tensor_core_i2_count();
 	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
 	one_batch(0, false, &cfg, 4);
 	one_batch(1, false, &cfg, 1);
 	one_batch(2, false, &cfg, 2);
-	const uint32_t kab = kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - kab0;
-	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u keys-as-B "
-	       "tensor-core: %u of the 3 bf16 d128 batches)\n", worst_gpu,
-	       kernel_count[KVT_CUDA_ATT_CUDA_CORES] - k0[KVT_CUDA_ATT_CUDA_CORES],
-	       kernel_count[KVT_CUDA_ATT_KEYS_AS_B] - k0[KVT_CUDA_ATT_KEYS_AS_B], kab);
-	if (!getenv("KVTIER_CUDA_NO_K3_MMA") && !getenv("KVTIER_CUDA_NO_MMA") &&
-	    !getenv("KVTIER_CUDA_NO_I2"))
-		KVT_CHECK(kab == 3, "the bf16 d128 K3 V2 preset batches take the keys-as-B kernel "
-			  "(%u of 3)", kab);
+	const uint32_t kab = tensor_core_i2_count() - kab0;
+	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u tensor-core "
+	       "INT2 kernel: %u of the 3 bf16 d128 batches)\n", worst_gpu,
+	       kernel_count[KVT_CUDA_ATT_CUDA_CORES] - cc0, tensor_core_i2_count() - tc0, kab);
+	if (i2_kernel_on(3))
+		KVT_CHECK(kab == 3, "the bf16 d128 K3 V2 preset batches take the tensor-core INT2 "
+			  "kernel (%u of 3)", kab);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
