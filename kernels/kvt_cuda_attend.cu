@@ -1443,6 +1443,135 @@ static void tl_loop_ends(const unsigned long long *t, size_t i, double *lo, doub
 	}
 }
 
+/* Session 9 (tail10; docs/gpu.md "Session 9: balancing the unit loops"): where the loop ends
+ * spread from. Blocks per multiprocessor (%smid); the latest loop end of blocks by their
+ * multiprocessor's block count; each busiest multiprocessor's last loop end (what the grid
+ * waits for); warps' loop times by their block's rank on its multiprocessor (0: the lowest
+ * block index there, the oldest: its warps are issued first); the Pearson correlation of a
+ * block's latest loop end with its entry and with its item's units; warps' loop times by
+ * scheduler (%warpid % 4). KVT_TL_DUMP=FILE appends every block's raw stamps (ns from the
+ * first entry) to FILE (tests/bench/tl_analyze.py reads it). */
+static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned long long *t,
+		     unsigned long long t0, const char *label)
+{
+	const size_t ni = pl->n_items;
+	enum { NSM = 256 };
+	int cnt[NSM] = {0};
+	att_item_dev *it = (att_item_dev *)malloc(ni * sizeof(*it));
+	double *e = (double *)malloc((ni + NSM) * sizeof(double));
+	if (!it || !e || cudaMemcpy(it, pl->p.items, ni * sizeof(*it), cudaMemcpyDeviceToHost) !=
+				 cudaSuccess) {
+		free(it);
+		free(e);
+		return;
+	}
+	for (size_t i = 0; i < ni; i++)
+		cnt[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
+	int hist[6] = {0};
+	for (int s = 0; s < NSM; s++)
+		hist[cnt[s] < 5 ? cnt[s] : 5]++;
+	fprintf(f, ",\"sms_with_0_1_2_3_4_5plus_blocks\":[%d,%d,%d,%d,%d,%d]", hist[0], hist[1],
+		hist[2], hist[3], hist[4], hist[5]);
+	/* latest loop end per block, by the block count of its multiprocessor */
+	for (int k = 1; k <= 4; k++) {
+		size_t n = 0;
+		for (size_t i = 0; i < ni; i++) {
+			double lo, hi;
+			if (cnt[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM] != k)
+				continue;
+			tl_loop_ends(t, i, &lo, &hi);
+			e[n++] = hi - (double)t0;
+		}
+		char k_[32];
+		snprintf(k_, sizeof(k_), "loop_end_sm%d", k);
+		tl_stats(f, k_, e, n);
+	}
+	/* the busiest multiprocessors' last loop ends; warps' loop times by block rank */
+	{
+		int most = 0, seen[NSM] = {0};
+		double last[NSM];
+		for (int s = 0; s < NSM; s++) {
+			most = cnt[s] > most ? cnt[s] : most;
+			last[s] = 0.0;
+		}
+		for (size_t i = 0; i < ni; i++) {
+			double lo, hi;
+			tl_loop_ends(t, i, &lo, &hi);
+			const int s = (int)((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM);
+			last[s] = hi - (double)t0 > last[s] ? hi - (double)t0 : last[s];
+		}
+		size_t n = 0;
+		for (int s = 0; s < NSM; s++)
+			if (cnt[s] == most)
+				e[n++] = last[s];
+		tl_stats(f, "sm_last_loop_end", e, n);
+		double *wr = (double *)malloc(ni * ATT_WARPS * sizeof(double));
+		int *rk = (int *)malloc(ni * sizeof(int));
+		for (size_t i = 0; wr && rk && i < ni; i++)
+			rk[i] = seen[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
+		for (int r = 0; wr && rk && r < most && r < 4; r++) {
+			n = 0;
+			for (size_t i = 0; i < ni; i++)
+				for (int ww = 0; rk[i] == r && ww < ATT_WARPS; ww++)
+					wr[n++] = (double)(t[i * ATT_TL_SLOTS + ATT_TL_LOOP + ww] -
+							   t[i * ATT_TL_SLOTS + ATT_TL_PROLOGUE]);
+			char k_[32];
+			snprintf(k_, sizeof(k_), "warp_loop_rank%d", r);
+			tl_stats(f, k_, wr, n);
+		}
+		free(wr);
+		free(rk);
+	}
+	/* correlations over blocks: loop end with entry, with units */
+	double sx = 0, sy = 0, sz = 0, sxx = 0, syy = 0, szz = 0, sxy = 0, syz = 0;
+	for (size_t i = 0; i < ni; i++) {
+		double lo, hi;
+		tl_loop_ends(t, i, &lo, &hi);
+		const double y = hi - (double)t0, x = (double)(t[i * ATT_TL_SLOTS] - t0),
+			     z = (double)it[i].count;
+		sx += x, sy += y, sz += z, sxx += x * x, syy += y * y, szz += z * z;
+		sxy += x * y, syz += y * z;
+	}
+	const double N = (double)ni, vx = sxx / N - sx * sx / N / N, vy = syy / N - sy * sy / N / N,
+		     vz = szz / N - sz * sz / N / N;
+	fprintf(f, ",\"corr_end_entry\":%.3f,\"corr_end_units\":%.3f",
+		vx > 0 && vy > 0 ? (sxy / N - sx * sy / N / N) / sqrt(vx * vy) : 0.0,
+		vz > 0 && vy > 0 ? (syz / N - sz * sy / N / N) / sqrt(vz * vy) : 0.0);
+	/* warps' loop ends (from their block's prologue) by scheduler */
+	double *w = (double *)malloc(ni * ATT_WARPS * sizeof(double));
+	for (int q = 0; w && q < 4; q++) {
+		size_t n = 0;
+		for (size_t i = 0; i < ni; i++)
+			for (int ww = 0; ww < ATT_WARPS; ww++)
+				if (((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] >> (32 + 8 * ww)) & 0xff) % 4 ==
+				    (unsigned)q)
+					w[n++] = (double)(t[i * ATT_TL_SLOTS + ATT_TL_LOOP + ww] -
+							  t[i * ATT_TL_SLOTS + ATT_TL_PROLOGUE]);
+		char k_[32];
+		snprintf(k_, sizeof(k_), "warp_loop_sched%d", q);
+		tl_stats(f, k_, w, n);
+	}
+	free(w);
+	const char *dp = getenv("KVT_TL_DUMP");
+	FILE *d = dp ? fopen(dp, "a") : NULL;
+	if (d) {
+		/* block smid warpids(hex) group kv_head first count entry prologue loop0-3 merge */
+		for (size_t i = 0; i < ni; i++) {
+			const unsigned long long *b = t + i * ATT_TL_SLOTS;
+			fprintf(d, "%zu %u %08llx %u %u %u %u %llu %llu %llu %llu %llu %llu %llu\n", i,
+				(unsigned)(b[ATT_TL_WHERE] & 0xffff), b[ATT_TL_WHERE] >> 32,
+				it[i].group, it[i].kv_head, it[i].first, it[i].count,
+				b[ATT_TL_ENTRY] - t0, b[ATT_TL_PROLOGUE] - t0, b[ATT_TL_LOOP] - t0,
+				b[ATT_TL_LOOP + 1] - t0, b[ATT_TL_LOOP + 2] - t0, b[ATT_TL_LOOP + 3] - t0,
+				b[ATT_TL_MERGE] - t0);
+		}
+		fprintf(d, "end %zu %s\n", ni, label);
+		fclose(d);
+	}
+	free(it);
+	free(e);
+}
+
 /* The last run's stamps (docs/gpu.md, "Session 8: where the step's time goes"): every time
  * is in us from the first block's entry; [min, median, max] over blocks (or warps, or
  * combine blocks). */
@@ -1500,6 +1629,7 @@ extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FI
 			v[n++] = TL(i, ATT_TL_MERGE);
 		tl_stats(f, "block_end", v, n);
 #undef TL
+		tl_where(f, pl, t, t0, label);
 		n = 0;
 		for (size_t i = 0; i < nc; i++)
 			if (tc[2 * i])

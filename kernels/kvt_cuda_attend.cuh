@@ -97,6 +97,7 @@ struct att_params : att_params_base {
 #define ATT_TL_PROLOGUE 1
 #define ATT_TL_LOOP 2 /* + warp */
 #define ATT_TL_MERGE 6
+#define ATT_TL_WHERE 7 /* bytes 0-1: %smid; byte 4 + w: warp w's %warpid (session 9) */
 
 #ifdef KVT_ATT_TIMELINE
 __device__ __forceinline__ void kvt_att_stamp(unsigned long long *slot)
@@ -106,8 +107,24 @@ __device__ __forceinline__ void kvt_att_stamp(unsigned long long *slot)
 	*slot = t;
 }
 #define ATT_TL(arr, idx) kvt_att_stamp(&(arr)[idx])
+/* where a block and its warps run: the multiprocessor (warp 0's lane 0) and each warp's slot
+ * on it (lane 0), as separate bytes of one slot */
+__device__ __forceinline__ void kvt_att_where(unsigned long long *slot, int warp, int lane)
+{
+	uint32_t v;
+	if (lane)
+		return;
+	if (warp == 0) {
+		asm volatile("mov.u32 %0, %%smid;" : "=r"(v));
+		((uint16_t *)slot)[0] = (uint16_t)v;
+	}
+	asm volatile("mov.u32 %0, %%warpid;" : "=r"(v));
+	((uint8_t *)slot)[4 + warp] = (uint8_t)v;
+}
+#define ATT_TL_AT(arr, idx, warp, lane) kvt_att_where(&(arr)[idx], warp, lane)
 #else
 #define ATT_TL(arr, idx) ((void)0) /* arr is not evaluated: the fields do not exist */
+#define ATT_TL_AT(arr, idx, warp, lane) ((void)0)
 #endif
 
 struct kvt_cuda_attend_plan {

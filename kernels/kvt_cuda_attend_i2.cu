@@ -1258,6 +1258,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	if (threadIdx.x == 0)
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_ENTRY);
+	ATT_TL_AT(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_WHERE, warp, lane);
 	uint32_t npin = 0;
 	if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
 		npin = i3_pins_stage<D>(p, it, pinrow);
