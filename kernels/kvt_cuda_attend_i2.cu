@@ -548,16 +548,10 @@ __device__ __forceinline__ void i5_store_partial(const float (&vacc)[8][4], cons
 		dst[i] = make_float4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
 }
 
-/* SW: the swapped key orientation (p.i2 == 3; see above).
- * LEAN: its form for 4 blocks per SM (INT2 G32, KVTIER_CUDA_MINB4=1; session 9): 128 registers
- * without spills and 573 instructions per unit, like the MINB 3 build (ptxas alone, at 128
- * registers, spilled 24 bytes and rebuilt addresses per unit: 644). Fewer values live across the
- * loop: the q' B fragments (16 registers) stay in shared memory after afr, one LDS.128 per two
- * k-steps; the key converter's factors (4) too, one LDS.128 per unit; the staging offsets (5)
- * are recomputed at each chunk's rebase (rare); the scale and zero words' destinations share a
- * register; the value-zero MMA's unused rows are not carried over the loop. Measured slower
- * than MINB 3 (docs/gpu.md "Session 9: four blocks per SM"), so off by default. */
-template <int GV, int KB, bool SW, bool LEAN = false>
+/* SW: the swapped key orientation (p.i2 == 3; see above). (Session 9's LEAN form of it for 4
+ * blocks per SM, KVTIER_CUDA_MINB4=1, measured slower than 3 blocks and was removed: 65258f4
+ * has it; docs/gpu.md "Session 9: four blocks per SM".) */
+template <int GV, int KB, bool SW>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
@@ -581,13 +575,10 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const int ckind = lane >> 4, cblk = (lane >> 1) & 7, chalf = lane & 1;
 	uint32_t cfac[4];
 #pragma unroll
-	for (int e = 0; e < 4; e++) {
-		cfac[e] = ckind ? 0xB400B400u /* -1/4 */
-			  : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
-				    : chalf ? i3_factor(4 + e) : i3_factor(e);
-		if constexpr (!LEAN)
-			cfac[e] = i4_opaque(cfac[e]);
-	}
+	for (int e = 0; e < 4; e++)
+		cfac[e] = i4_opaque(ckind ? 0xB400B400u /* -1/4 */
+				    : KB == 3 ? (chalf ? i3_factor3(4 + e) : i3_factor3(e))
+					      : chalf ? i3_factor(4 + e) : i3_factor(e));
 
 	float m2 = -INFINITY, l2 = 0.0f; /* head gid & 3, log2 domain */
 	float vacc[8][4], zacc[2] = {0.0f, 0.0f}, zs0 = 0.0f, zs1 = 0.0f;
@@ -598,18 +589,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	/* this lane's copies: source offsets in the layer section at block 0 of the item's key
 	 * group base, shared destinations at the buffer's start */
 	const uint32_t hB = h * p.B, kgbase = h * (p.B >> 5 >> p.gsh) * 256;
-	struct {
-		uint32_t k, v, s, vs, n;
-	} oo;
-	auto offsets = [&](uint32_t ln) {
-		oo.k = p.k_codes_off + hB * (KB == 3 ? 48 : 32) + 16 * ln;
-		oo.v = p.v_codes_off + hB * 32 + 16 * ln;
-		oo.s = (ln < 16 ? p.k_scale_off + 16 * ln : p.k_zero_off + 16 * (ln - 16)) + kgbase;
-		oo.vs = (ln < 4 * NG ? p.v_scale_off + 16 * ln : p.v_zero_off + 16 * (ln - 4 * NG)) +
-			hB * NG * 2;
-		oo.n = p.norms_off + 16 * ln;
-	};
-	offsets(lane);
+	const uint32_t oK = p.k_codes_off + hB * (KB == 3 ? 48 : 32) + 16 * lane;
+	const uint32_t oV = p.v_codes_off + hB * 32 + 16 * lane;
+	const uint32_t o0 = (lane < 16 ? p.k_scale_off + 16 * lane : p.k_zero_off + 16 * (lane - 16)) +
+			    kgbase;
+	const uint32_t o1 = (lane < 4 * NG ? p.v_scale_off + 16 * lane
+					   : p.v_zero_off + 16 * (lane - 4 * NG)) +
+			    hB * NG * 2;
+	const uint32_t o2 = p.norms_off + 16 * lane;
 	const bool on1 = lane < 8 * NG, on2 = oscar && lane < 8;
 	uint32_t kd[3] = {0u, 0u, 0u}; /* 3-bit keys: the key pieces' destinations */
 	if constexpr (KB == 3) {
@@ -631,13 +618,11 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	uint32_t cs = it.first + u0 / upc, ss = u0 % upc, np_s = 0, nnp = 0;
 	const uint8_t *bK = NULL, *bV = NULL, *b0 = NULL, *b1 = NULL, *b2 = NULL, *nsec = NULL;
 	auto rebase = [&](const uint8_t *sec) {
-		if constexpr (LEAN) /* recomputed here (rare) rather than kept in 5 registers */
-			offsets(i4_opaque(lane));
-		bK = sec + oo.k;
-		bV = sec + oo.v;
-		b0 = sec + oo.s;
-		b1 = sec + oo.vs;
-		b2 = sec + oo.n;
+		bK = sec + oK;
+		bV = sec + oV;
+		b0 = sec + o0;
+		b1 = sec + o1;
+		b2 = sec + o2;
 	};
 	auto stage_unit = [&](uint32_t sb, uint32_t blk) {
 		/* sb: the buffer's shared address */
@@ -700,35 +685,20 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t kdb = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5);
 	const uint32_t kdw = kdb + I5_ZROW * (cblk >> 1) + 64 * (cblk & 1) + 32 * chalf;
 	const uint32_t kdr = kdb + I5_ZROW * tig; /* the reader's row */
-	const uint32_t qba = (uint32_t)__cvta_generic_to_shared(afr + 8 * 32) + 16 * lane;
-	/* LEAN: the scale words' destination in the same register as the zeros' */
-	const uint32_t kst = ckind ? kdw
-				   : (uint32_t)__cvta_generic_to_shared(cw + cblk * 8 + 4 * chalf);
 	auto conv_key = [&](uint32_t bf) {
 		const uint32_t ka = bf + kcs;
 		const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
 		uint4 o;
 		uint32_t *ow = (uint32_t *)&o;
-		uint4 cf = make_uint4(cfac[0], cfac[1], cfac[2], cfac[3]);
-		if constexpr (LEAN) /* the lane's factors, kept in shared memory (qba + 2048) */
-			cf = i4_lds128<2048>(qba);
-		const uint32_t *cfw = (const uint32_t *)&cf;
 #pragma unroll
 		for (int e = 0; e < 4; e++) {
 			const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
 			const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
 			const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
 			__half2 hh = __floats2half2_rn(fx, fy);
-			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfw[e]);
+			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
 		}
-		if (LEAN && ckind)
-			asm volatile("st.shared.v4.u32 [%0], {%1,%1,%2,%2};\n"
-				     "st.shared.v4.u32 [%0+16], {%3,%3,%4,%4};" ::"r"(kst),
-				     "r"(o.x), "r"(o.y), "r"(o.z), "r"(o.w));
-		else if (LEAN)
-			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(kst), "r"(o.x),
-				     "r"(o.y), "r"(o.z), "r"(o.w));
-		else if (SW && ckind) /* zeros as duplicated pairs (x, x, y, y) per k-step */
+		if (SW && ckind) /* zeros as duplicated pairs (x, x, y, y) per k-step */
 			asm volatile("st.shared.v4.u32 [%0], {%1,%1,%2,%2};\n"
 				     "st.shared.v4.u32 [%0+16], {%3,%3,%4,%4};" ::"r"(kdw),
 				     "r"(o.x), "r"(o.y), "r"(o.z), "r"(o.w));
@@ -775,19 +745,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	/* swapped keys: the lane's q' B fragments (head gid / 2, f16 hi at even gid, lo at odd) are
 	 * the prologue's A fragments of lane (gid / 2, tig): hi parts in .x, .z, lo in .y, .w */
 	uint32_t qb[8][2];
-	/* LEAN: the fragments stay in shared memory, [k-step pair][lane] (k-steps 2P, 2P + 1) after
-	 * afr's 256 entries, read by one LDS.128 per k-step pair (16 registers fewer) */
-	if constexpr (SW && LEAN) {
-		static_assert(ATT_WARPS == 4, "warp w writes k-step pair w");
-		const int w = threadIdx.x >> 5;
-		const uint4 f = afr[2 * w * 32 + (gid >> 1) * 4 + tig];
-		const uint4 g = afr[(2 * w + 1) * 32 + (gid >> 1) * 4 + tig];
-		((uint4 *)afr)[8 * 32 + w * 32 + lane] =
-			gid & 1 ? make_uint4(f.y, f.w, g.y, g.w) : make_uint4(f.x, f.z, g.x, g.z);
-		if (w == 0) /* the key converter's factors, [lane] after the fragments */
-			((uint4 *)afr)[12 * 32 + lane] = make_uint4(cfac[0], cfac[1], cfac[2], cfac[3]);
-		__syncthreads(); /* every warp has read afr: it takes the key words */
-	} else if constexpr (SW) {
+	if constexpr (SW) {
 #pragma unroll
 		for (int k = 0; k < 8; k++) {
 			const uint4 f = afr[k * 32 + (gid >> 1) * 4 + tig];
@@ -852,18 +810,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 					kwr[j] = kw[j] >> 6;
 				}
 			}
-			if constexpr (SW && LEAN) {
-				const uint4 q0 = i4_lds128<2 * H * 512>(qba);
-				i5_kstep<4 * H, KB>(sacc, cz, kwl, kw, kwr, khx, q0.x, q0.y, cw, tig, kdr,
-						    magic);
-				i5_kstep<4 * H + 1, KB>(sacc, cz, kwl, kw, kwr, khx, q0.z, q0.w, cw, tig, kdr,
-							magic);
-				const uint4 q1 = i4_lds128<(2 * H + 1) * 512>(qba);
-				i5_kstep<4 * H + 2, KB>(sacc, cz, kwl, kw, kwr, khx, q1.x, q1.y, cw, tig, kdr,
-							magic);
-				i5_kstep<4 * H + 3, KB>(sacc, cz, kwl, kw, kwr, khx, q1.z, q1.w, cw, tig, kdr,
-							magic);
-			} else if constexpr (SW) {
+			if constexpr (SW) {
 				i5_kstep<4 * H, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H][0], qb[4 * H][1],
 						    cw, tig, kdr, magic);
 				i5_kstep<4 * H + 1, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 1][0],
@@ -1072,12 +1019,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
 			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
 			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
-			if constexpr (LEAN) { /* rows 8-15: discarded, not carried over the loop */
-				float d0 = 0.0f, d1 = 0.0f;
-				mma16816_top(zacc[0], zacc[1], d0, d1, az, b0, b1);
-			} else {
-				mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
-			}
+			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
 		}
 		bcur ^= bx;
 		vcur ^= vx;
@@ -1239,8 +1181,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	__shared__ __align__(16) float qo[RQ * D]; /* scaled query, original basis */
 	__shared__ __align__(16) float qf[RQ * D]; /* scaled query, rotated basis */
 	__shared__ __align__(16) uint8_t stage[ATT_WARPS][2 * BUF];
-	/* q' key A fragments [k][lane]; MINB 4 swapped: then its B fragments [k pair][lane] */
-	__shared__ __align__(16) uint4 afr[8 * 32 + (V == 3 && KB == 2 && MINB >= 4 ? 5 * 32 : 0)];
+	__shared__ __align__(16) uint4 afr[8 * 32]; /* q' key A fragments [k][lane] */
 	__shared__ __align__(16) uint32_t cw[ATT_WARPS][I3_CW];
 	__shared__ float zsm[ATT_WARPS][16];
 	__shared__ float red_m[ATT_WARPS][RQ], red_l[ATT_WARPS][RQ];
@@ -1296,9 +1237,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i4<GV, KB, V == 3, V == 3 && KB == 2 && MINB >= 4>(
-			p, it, u0, u1, afr, &stage[warp][0], cw[warp], zsm[warp], red_m[warp],
-			red_l[warp], racc, (uint32_t *)qf + warp * 128, lane);
+		attend_coded_i4<GV, KB, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+						zsm[warp], red_m[warp], red_l[warp], racc,
+						(uint32_t *)qf + warp * 128, lane);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
@@ -1350,10 +1291,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
  * call: INT2 53.9 vs 54.8 us at 1 x 131072, 75.8 vs 86.2 at 48 x 4096 (most of that from the
  * plan cutting for 3 resident blocks: fewer, longer items; 4 with that cutting: 77.2), K3 V2
  * 60.3 vs 64.2 at 1 x 131072 (63.1 with MINB 4 and the same cutting) (docs/gpu.md). Session 9,
- * the swapped INT2 G32 loop at MINB 4 (its lean form, 128 registers, no spills, the same 573
+ * the swapped INT2 G32 loop at MINB 4 (a lean form, 128 registers, no spills, the same 573
  * instructions per unit as MINB 3, 512 items instead of 392 at 1 x 131072) measured slower
  * than at MINB 3, same call: 45.2-45.3 vs 44.3-44.5 us at 1 x 131072, 77.2-77.7 vs 75.9-76.6
- * at 8 x 32768, 62.3-62.5 vs 61.0-61.8 at 48 x 4096 (KVTIER_CUDA_MINB4=1 keeps it for A/B). */
+ * at 8 x 32768, 62.3-62.5 vs 61.0-61.8 at 48 x 4096; removed again (65258f4 has it). */
 template <int GV, int V, int MINB, int KB = 2>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
@@ -1379,26 +1320,22 @@ static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, u
 
 /* The unit loops are compiled for 3 blocks per SM (up to 168 registers; session 6's keys-as-B
  * loop: INT2 G32 154, K3 G64 158; session 9's swapped INT2 G32 loop 157; no spills).
- * KVTIER_CUDA_MINB4=1 (A/B runs) takes the same loops built for 4 (128 registers) at the
- * benchmark shapes: keys-as-B INT2 G32 and K3 G64, and the swapped INT2 G32 loop in its lean
- * form (attend_coded_i4's LEAN). The launch, the occupancy query and hence the plan's cut
- * follow the same choice. */
+ * KVTIER_CUDA_MINB4=1 (A/B runs) takes the keys-as-B loop built for 4 (128 registers) at the
+ * benchmark shapes (INT2 G32, K3 G64; with KVTIER_CUDA_I2_SWAP=0). The launch, the occupancy
+ * query and hence the plan's cut follow the same choice. */
 static bool i2_minb4(uint32_t kb, uint32_t gv, uint32_t variant)
 {
 	static int on = -1;
 	if (on < 0)
 		on = getenv("KVTIER_CUDA_MINB4") && atoi(getenv("KVTIER_CUDA_MINB4")) != 0;
-	return on && ((variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32))) ||
-		      (variant == 3 && kb == 2 && gv == 32));
+	return on && variant == 2 && ((kb == 3 && gv == 64) || (kb == 2 && gv == 32));
 }
 
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
-		return pl->p.kb == 3   ? i2_launch<64, 2, 4, 3>(pl, s)
-		       : pl->p.i2 == 3 ? i2_launch<32, 3, 4, 2>(pl, s)
-				       : i2_launch<32, 2, 4, 2>(pl, s);
+		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
 	if (pl->p.kb == 3)
 		return pl->p.i2 == 3 ? i2_launch_g<3, 3, 3>(pl, s, gv) : i2_launch_g<2, 3, 3>(pl, s, gv);
 	if (pl->p.i2 == 3) /* the swapped key orientation */
@@ -1425,9 +1362,7 @@ template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 {
 	if (i2_minb4(kb, gv, variant))
-		return kb == 3	       ? i2_occupancy<64, 2, 4, 3>()
-		       : variant == 3 ? i2_occupancy<32, 3, 4, 2>()
-				      : i2_occupancy<32, 2, 4, 2>();
+		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
 		return variant == 3 ? i2_occupancy_g<3, 3, 3>(gv) : i2_occupancy_g<2, 3, 3>(gv);
 	if (variant == 3)
