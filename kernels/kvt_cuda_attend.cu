@@ -1443,6 +1443,22 @@ static void tl_loop_ends(const unsigned long long *t, size_t i, double *lo, doub
 	}
 }
 
+/* the unit-loop times (from the block's prologue) of the warps that rank (blocks' ranks on their
+ * multiprocessor) selects, rank[i] == r, or else of the warps on scheduler r; into w, counted */
+static size_t tl_warp_loops(const unsigned long long *t, size_t ni, const int *rank, int r,
+			    double *w)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < ni; i++) {
+		const unsigned long long *b = t + i * ATT_TL_SLOTS;
+		for (int ww = 0; ww < ATT_WARPS; ww++)
+			if (rank ? rank[i] == r
+				 : ((b[ATT_TL_WHERE] >> (32 + 8 * ww)) & 0xff) % 4 == (unsigned)r)
+				w[n++] = (double)(b[ATT_TL_LOOP + ww] - b[ATT_TL_PROLOGUE]);
+	}
+	return n;
+}
+
 /* Session 9 (tail10; docs/gpu.md "Session 9: balancing the unit loops"): where the loop ends
  * spread from. Blocks per multiprocessor (%smid); the latest loop end of blocks by their
  * multiprocessor's block count; each busiest multiprocessor's last loop end (what the grid
@@ -1510,11 +1526,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		for (size_t i = 0; wr && rk && i < ni; i++)
 			rk[i] = seen[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
 		for (int r = 0; wr && rk && r < most && r < 4; r++) {
-			n = 0;
-			for (size_t i = 0; i < ni; i++)
-				for (int ww = 0; rk[i] == r && ww < ATT_WARPS; ww++)
-					wr[n++] = (double)(t[i * ATT_TL_SLOTS + ATT_TL_LOOP + ww] -
-							   t[i * ATT_TL_SLOTS + ATT_TL_PROLOGUE]);
+			n = tl_warp_loops(t, ni, rk, r, wr);
 			char k_[32];
 			snprintf(k_, sizeof(k_), "warp_loop_rank%d", r);
 			tl_stats(f, k_, wr, n);
@@ -1540,13 +1552,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 	/* warps' loop ends (from their block's prologue) by scheduler */
 	double *w = (double *)malloc(ni * ATT_WARPS * sizeof(double));
 	for (int q = 0; w && q < 4; q++) {
-		size_t n = 0;
-		for (size_t i = 0; i < ni; i++)
-			for (int ww = 0; ww < ATT_WARPS; ww++)
-				if (((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] >> (32 + 8 * ww)) & 0xff) % 4 ==
-				    (unsigned)q)
-					w[n++] = (double)(t[i * ATT_TL_SLOTS + ATT_TL_LOOP + ww] -
-							  t[i * ATT_TL_SLOTS + ATT_TL_PROLOGUE]);
+		const size_t n = tl_warp_loops(t, ni, NULL, q, w);
 		char k_[32];
 		snprintf(k_, sizeof(k_), "warp_loop_sched%d", q);
 		tl_stats(f, k_, w, n);
