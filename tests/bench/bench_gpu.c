@@ -177,8 +177,8 @@ static int run_att(void *p)
 #define N_TEMPLATES 64
 
 /* enum kvt_cuda_attend_kernel (the plan says which kernel it launches) */
-static const char *const kernel_names[5] = {"cuda_cores", "mma", "mma_i2_v1", "mma_i2",
-					     "mma_i2_bulk"};
+static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
+	"cuda_cores", "mma", "mma_i2_v1", "mma_i2", "mma_i2_bulk", "mma_i2_swapped"};
 
 /* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
 static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
@@ -282,7 +282,7 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 	       "\"kernel\":\"%s\"",
 	       bits, vbits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
-	       info.kernel < 5 ? kernel_names[info.kernel] : "?");
+	       info.kernel <= KVT_CUDA_ATT_SWAPPED ? kernel_names[info.kernel] : "?");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
