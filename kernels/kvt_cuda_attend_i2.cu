@@ -433,6 +433,12 @@ template <int SO, int GO> __device__ __forceinline__ void i4_cp16(uint32_t s, co
 		     "n"(GO));
 }
 
+/* a 16-byte copy of n (16 or 0) bytes, the rest zero-filled: n = 0 reads nothing */
+__device__ __forceinline__ void i4_cp16_n(uint32_t s, const uint8_t *g, uint32_t n)
+{
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g), "r"(n));
+}
+
 /* a value the compiler cannot rematerialise (it stays in a register) */
 __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
 {
@@ -474,7 +480,10 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
  *   values: unchanged A; the columns of vacc are head tig's hi and lo parts, added in the lane
  *           when the partial is stored (i5_store_partial). */
 #define I5_ZROW 144u /* bytes per tig row of the key zeros: 8 k-steps x 16 + 16 of padding */
-static_assert(4 * I5_ZROW <= 1024, "a warp's key zeros fit its quarter of afr");
+static_assert(4 * I5_ZROW + 24 * 16 <= 1024,
+	      "a warp's key zeros and 24 lanes' 16 scratch bytes fit its quarter of afr");
+/* 16 bytes of 1.0f: the norm pieces of a kivi chunk (no norms) in the swapped loop's staging */
+__device__ __align__(16) const float i5_ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
 #define I5_SLACK 8.0f /* log2 domain: p up to 256 before the reference moves */
 __device__ __forceinline__ uint32_t i5_trans(uint32_t x)
 {
@@ -622,9 +631,18 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		bV = sec + oV;
 		b0 = sec + o0;
 		b1 = sec + o1;
-		b2 = sec + o2;
+		b2 = SW && !oscar ? (const uint8_t *)i5_ones : sec + o2;
 	};
-	auto stage_unit = [&](uint32_t sb, uint32_t blk) {
+	/* swapped keys, in the loop, the norm copy without a branch around it (ptxas gives a
+	 * branched-around copy a block and an LDGSTS preamble of its own: 5 instructions per unit):
+	 * lanes 0-7 copy the unit's norm pieces (kivi: 16 bytes of 1.0 from i5_ones, stride 0),
+	 * lanes 8-31 zero-fill 16 scratch bytes of their own past the warp's key-zero rows in afr
+	 * (never read; not before the loop, while afr still holds the q' fragments other warps
+	 * read), reading nothing */
+	const uint32_t nscr = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5) +
+			      4 * I5_ZROW + 16 * (lane - 8);
+	const uint32_t nlen = lane < 8 ? 16u : 0u, nstr = oscar ? 128u : 0u;
+	auto stage_unit = [&](uint32_t sb, uint32_t blk, auto in_loop) {
 		/* sb: the buffer's shared address */
 		const uint8_t *pk = bK + blk * KSTR, *pv = bV + blk * 1024u;
 		const uint32_t sl = sb + 16 * lane;
@@ -641,7 +659,9 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> gsh) * 256u);
 		if (on1)
 			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG));
-		if (on2)
+		if constexpr (SW && decltype(in_loop)::value)
+			i4_cp16_n(lane < 8 ? sl + I2_NR : nscr, b2 + blk * nstr, nlen);
+		else if (on2)
 			i4_cp16<I2_NR, 0>(sl, b2 + blk * 128u);
 	};
 	if (u0 < u1) {
@@ -651,7 +671,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			nsec = p.chunks[cs + 1].sec;
 			nnp = p.chunks[cs + 1].n_pinned;
 		}
-		stage_unit(s0, ss);
+		stage_unit(s0, ss, std::false_type());
 	}
 	cp_async_commit();
 	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
@@ -738,7 +758,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	};
 	if (rem > 1) {
 		advance();
-		stage_unit(s0 ^ bx, ss);
+		stage_unit(s0 ^ bx, ss, std::false_type());
 	}
 	cp_async_commit();
 	uint32_t vcur = va0; /* this unit's value scale words */
@@ -897,7 +917,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
 		if (rem > 2) {
 			advance();
-			stage_unit(bcur, ss);
+			stage_unit(bcur, ss, std::true_type());
 		}
 		cp_async_commit();
 		/* unit u + 1: its bytes, its conversions (the last iteration converts stale
