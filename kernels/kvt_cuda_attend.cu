@@ -1233,9 +1233,10 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * (p.fused 2, no partial, counter or combine). H200, session 9, same call: INT2
 		 * 57.4-57.6 vs 59.9-60.0 us (main) / 59.9-60.6 (fused combine, same build), K3 V2
 		 * 71.5-71.7 vs 74.9-75.0 / 73.9-74.0. KVTIER_CUDA_FUSED_COMBINE=2 asks for it where it
-		 * applies (else 1), =1 / 0 force the fused combine / the separate one. A two-level fused merge for long groups (subsets
-		 * of ~sqrt(n) items merged by their last block, then the subset results by the last
-		 * subset's) measured slower than the separate combine (docs/gpu.md, session 9). */
+		 * applies (else 1), =1 / 0 force the fused combine / the separate one. A two-level
+		 * fused merge for long groups (subsets of ~sqrt(n) items merged by their last block,
+		 * then the subset results by the last subset's) measured slower than the separate
+		 * combine (docs/gpu.md, session 9). */
 		const bool solo = i2 && fold && longest == 1;
 		if (solo && (fz ? atoi(fz) >= 2 : true))
 			p.fused = 2;

@@ -1189,10 +1189,9 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 }
 
 /* V 2: attend_coded_i4 (session 6: two units in flight); V 3: the same loop with the swapped
- * key orientation (session 8; 3-bit keys since session 9); V 1 (session 2's kernel), the first V 3 (bulk-copy
- * staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in sessions 5
- * and 6;
- * MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
+ * key orientation (session 8; 3-bit keys since session 9); V 1 (session 2's kernel), the first
+ * V 3 (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
+ * sessions 5 and 6; MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
 template <int GV, int V, int MINB, int KB = 2>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
