@@ -1238,7 +1238,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * then the subset results by the last subset's) measured slower than the separate
 		 * combine (docs/gpu.md, session 9). */
 		const bool solo = i2 && fold && longest == 1;
-		if (solo && (fz ? atoi(fz) >= 2 : true))
+		if (solo && (!fz || atoi(fz) >= 2))
 			p.fused = 2;
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
@@ -1473,6 +1473,10 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 {
 	const size_t ni = pl->n_items;
 	enum { NSM = 256 };
+	/* block i's multiprocessor (its ATT_TL_WHERE bytes 0-1), as an index below NSM */
+	auto sm_of = [t](size_t i) {
+		return (int)((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM);
+	};
 	int cnt[NSM] = {0};
 	att_item_dev *it = (att_item_dev *)malloc(ni * sizeof(*it));
 	double *e = (double *)malloc((ni + NSM) * sizeof(double));
@@ -1483,7 +1487,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		return;
 	}
 	for (size_t i = 0; i < ni; i++)
-		cnt[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
+		cnt[sm_of(i)]++;
 	int hist[6] = {0};
 	for (int s = 0; s < NSM; s++)
 		hist[cnt[s] < 5 ? cnt[s] : 5]++;
@@ -1494,7 +1498,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		size_t n = 0;
 		for (size_t i = 0; i < ni; i++) {
 			double lo, hi;
-			if (cnt[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM] != k)
+			if (cnt[sm_of(i)] != k)
 				continue;
 			tl_loop_ends(t, i, &lo, &hi);
 			e[n++] = hi - (double)t0;
@@ -1514,7 +1518,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		for (size_t i = 0; i < ni; i++) {
 			double lo, hi;
 			tl_loop_ends(t, i, &lo, &hi);
-			const int s = (int)((t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM);
+			const int s = sm_of(i);
 			last[s] = hi - (double)t0 > last[s] ? hi - (double)t0 : last[s];
 		}
 		size_t n = 0;
@@ -1525,7 +1529,7 @@ static void tl_where(FILE *f, const kvt_cuda_attend_plan *pl, const unsigned lon
 		double *wr = (double *)malloc(ni * ATT_WARPS * sizeof(double));
 		int *rk = (int *)malloc(ni * sizeof(int));
 		for (size_t i = 0; wr && rk && i < ni; i++)
-			rk[i] = seen[(t[i * ATT_TL_SLOTS + ATT_TL_WHERE] & 0xffff) % NSM]++;
+			rk[i] = seen[sm_of(i)]++;
 		for (int r = 0; wr && rk && r < most && r < 4; r++) {
 			n = tl_warp_loops(t, ni, rk, r, wr);
 			char k_[32];

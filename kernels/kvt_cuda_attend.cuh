@@ -414,10 +414,10 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 
 /* The plan builder (kvt_cuda_attend.cu) and the INT2 kernels (kvt_cuda_attend_i2.cu) meet
  * here. p.i2: 0 not the INT2 kernel, 2 the keys-as-B loop (attend_coded_i4<..., false>), 3
- * the swapped key orientation (attend_coded_i4<..., true>, the INT2 default since session 8;
- * KVTIER_CUDA_I2_SWAP=0 gives 2). Session 2's kernel (1) and session 4's bulk-copy staging
- * (the first 3) were removed in sessions 5 and 6. p.kb 3 (3-bit keys, 2-bit values:
- * kvtier-int2) runs the keys-as-B loop with its 3-bit key path. */
+ * the swapped key orientation (attend_coded_i4<..., true>, the default since session 8 for
+ * INT2 and session 9 for 3-bit keys; KVTIER_CUDA_I2_SWAP=0 gives 2). Session 2's kernel (1) and
+ * session 4's bulk-copy staging (the first 3) were removed in sessions 5 and 6. p.kb 3 (3-bit
+ * keys, 2-bit values: kvtier-int2) runs either loop with its 3-bit key path. */
 /* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv with
  * kb-bit keys (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
 int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);

@@ -328,6 +328,17 @@ __device__ __forceinline__ uint32_t i3_split(float x, float y, float lo)
 	return *(uint32_t *)&r;
 }
 
+/* pair E of a key code word, KB-bit keys (i3_pair for 2, i3_pair3 for 3: khx unused for 2) */
+template <int E, int KB>
+__device__ __forceinline__ uint32_t i3_key_pair(uint32_t wl, uint32_t w, uint32_t wr, uint32_t hx,
+						uint32_t s2, uint32_t magic)
+{
+	if constexpr (KB == 3)
+		return i3_pair3<E>(wl, w, wr, hx, s2, magic);
+	else
+		return i3_pair<E>(wl, w, wr, s2, magic);
+}
+
 /* Key k-step K: channel pairs 2K (k slots 2tig, 2tig + 1) and 2K + 1 (2tig + 8, 2tig + 9) of
  * the lane's 32 channels, for the unit's four 8-token column tiles; plus the zero term. */
 template <int K, int KB>
@@ -344,14 +355,8 @@ __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], con
 	constexpr int E = 2 * (K & 3);
 #pragma unroll
 	for (int j = 0; j < 4; j++) {
-		uint32_t b0, b1;
-		if constexpr (KB == 3) {
-			b0 = i3_pair3<E>(kwl[j], kw[j], kwr[j], khx[j], s2.x, magic);
-			b1 = i3_pair3<E + 1>(kwl[j], kw[j], kwr[j], khx[j], s2.y, magic);
-		} else {
-			b0 = i3_pair<E>(kwl[j], kw[j], kwr[j], s2.x, magic);
-			b1 = i3_pair<E + 1>(kwl[j], kw[j], kwr[j], s2.y, magic);
-		}
+		const uint32_t b0 = i3_key_pair<E, KB>(kwl[j], kw[j], kwr[j], khx[j], s2.x, magic);
+		const uint32_t b1 = i3_key_pair<E + 1, KB>(kwl[j], kw[j], kwr[j], khx[j], s2.y, magic);
 		mma16816(acc[j], a, b0, b1);
 	}
 }
@@ -517,20 +522,12 @@ __device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
 	constexpr int E = 2 * (K & 3);
 #pragma unroll
 	for (int h = 0; h < 2; h++) {
-		uint32_t a[4];
-		if constexpr (KB == 3) {
-			a[0] = i3_pair3<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], khx[2 * h], s2.x, magic);
-			a[1] = i3_pair3<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], khx[2 * h + 1],
-					   s2.x, magic);
-			a[2] = i3_pair3<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], khx[2 * h], s2.y, magic);
-			a[3] = i3_pair3<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1],
-					       khx[2 * h + 1], s2.y, magic);
-		} else {
-			a[0] = i3_pair<E>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.x, magic);
-			a[1] = i3_pair<E>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.x, magic);
-			a[2] = i3_pair<E + 1>(kwl[2 * h], kw[2 * h], kwr[2 * h], s2.y, magic);
-			a[3] = i3_pair<E + 1>(kwl[2 * h + 1], kw[2 * h + 1], kwr[2 * h + 1], s2.y, magic);
-		}
+		const int j0 = 2 * h, j1 = 2 * h + 1; /* words of tokens gid, gid + 8 of half h */
+		const uint32_t a[4] = {
+			i3_key_pair<E, KB>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.x, magic),
+			i3_key_pair<E, KB>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.x, magic),
+			i3_key_pair<E + 1, KB>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.y, magic),
+			i3_key_pair<E + 1, KB>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.y, magic)};
 		/* INT2: two chains (token half); 3-bit keys: four (k-step parity x token half) */
 		mma16816(acc[KB == 2 ? 0 : K & 1][h], a, qb0, qb1);
 	}
@@ -639,8 +636,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * lanes 8-31 zero-fill 16 scratch bytes of their own past the warp's key-zero rows in afr
 	 * (never read; not before the loop, while afr still holds the q' fragments other warps
 	 * read), reading nothing */
-	const uint32_t nscr = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5) +
-			      4 * I5_ZROW + 16 * (lane - 8);
+	const uint32_t kdb = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5);
+	const uint32_t nscr = kdb + 4 * I5_ZROW + 16 * (lane - 8);
 	const uint32_t nlen = lane < 8 ? 16u : 0u, nstr = oscar ? 128u : 0u;
 	auto stage_unit = [&](uint32_t sb, uint32_t blk, auto in_loop) {
 		/* sb: the buffer's shared address */
@@ -701,8 +698,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * A-fragment area (afr: 256 words a warp, free once qb is read below), so that the zero
 	 * MMA's A fragment (x, x, y, y) is one LDS.128 (from [x, y] pairs ptxas builds it with 4
 	 * moves per k-step); the scales stay in cw. Rows of I5_ZROW bytes: the 4 addresses of a
-	 * k-step's read (one per tig) fall in different banks (one wavefront, not four) */
-	const uint32_t kdb = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5);
+	 * k-step's read (one per tig) fall in different banks (one wavefront, not four); kdb: the
+	 * warp's quarter of afr (above) */
 	const uint32_t kdw = kdb + I5_ZROW * (cblk >> 1) + 64 * (cblk & 1) + 32 * chalf;
 	const uint32_t kdr = kdb + I5_ZROW * tig; /* the reader's row */
 	auto conv_key = [&](uint32_t bf) {
@@ -1303,9 +1300,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 }
 
 
-/* p.i2: 2 the keys-as-B kernel (3: its swapped unit loop, INT2). MINB 5 for the keys-as-B kernel
- * (96 registers, 152 bytes of spills, 5 blocks per SM) measured slower on the H200: 68.0 vs
- * 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. MINB 3
+/* p.i2: 2 the keys-as-B loop, 3 its swapped key orientation (INT2 and 3-bit keys). MINB 5
+ * for the keys-as-B kernel (96 registers, 152 bytes of spills, 5 blocks per SM) measured
+ * slower on the H200: 68.0 vs 58.1 us at 1 x 131072, 124.8 vs 106.9 at 8 x 32768, 110.0 vs 99.8 at 48 x 4096. MINB 3
  * (session 5, the default since: 157-168 registers, no spills) measured faster than 4, same
  * call: INT2 53.9 vs 54.8 us at 1 x 131072, 75.8 vs 86.2 at 48 x 4096 (most of that from the
  * plan cutting for 3 resident blocks: fewer, longer items; 4 with that cutting: 77.2), K3 V2
@@ -1355,11 +1352,9 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	const uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (i2_minb4(pl->p.kb, gv, pl->p.i2))
 		return pl->p.kb == 3 ? i2_launch<64, 2, 4, 3>(pl, s) : i2_launch<32, 2, 4, 2>(pl, s);
-	if (pl->p.kb == 3)
+	if (pl->p.kb == 3) /* p.i2 3: the swapped key orientation */
 		return pl->p.i2 == 3 ? i2_launch_g<3, 3, 3>(pl, s, gv) : i2_launch_g<2, 3, 3>(pl, s, gv);
-	if (pl->p.i2 == 3) /* the swapped key orientation */
-		return i2_launch_g<3, 3>(pl, s, gv);
-	return i2_launch_g<2, 3>(pl, s, gv);
+	return pl->p.i2 == 3 ? i2_launch_g<3, 3>(pl, s, gv) : i2_launch_g<2, 3>(pl, s, gv);
 }
 
 template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
@@ -1384,7 +1379,5 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)
 		return variant == 3 ? i2_occupancy_g<3, 3, 3>(gv) : i2_occupancy_g<2, 3, 3>(gv);
-	if (variant == 3)
-		return i2_occupancy_g<3, 3>(gv);
-	return i2_occupancy_g<2, 3>(gv);
+	return variant == 3 ? i2_occupancy_g<3, 3>(gv) : i2_occupancy_g<2, 3>(gv);
 }
