@@ -702,6 +702,27 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
  * running maximum (its loads never wait on another load: no separate max pass), then the
  * warps merge through shared memory, the quantized-value sum is rotated back (H is its own
  * inverse) and normalised. A group of 65 items costs about two memory round trips. */
+/* the combine's loads of the partials: volatile (ld.volatile, kept in program order by the
+ * compiler; served by L2 like ld.cg) */
+__device__ __forceinline__ void cmb_ld4(const float *a, float &x, float &y, float &z, float &w)
+{
+	asm volatile("ld.volatile.global.v4.f32 {%0, %1, %2, %3}, [%4];"
+		     : "=f"(x), "=f"(y), "=f"(z), "=f"(w)
+		     : "l"(a));
+}
+
+__device__ __forceinline__ void cmb_ld2(const float *a, float &x, float &y)
+{
+	asm volatile("ld.volatile.global.v2.f32 {%0, %1}, [%2];" : "=f"(x), "=f"(y) : "l"(a));
+}
+
+__device__ __forceinline__ float cmb_ld1(const float *a)
+{
+	float x;
+	asm volatile("ld.volatile.global.f32 %0, [%1];" : "=f"(x) : "l"(a));
+	return x;
+}
+
 #define CMB_W 8
 #define CMB_B 8 /* items per warp whose loads are in flight together */
 template <int D, int N>
@@ -712,70 +733,119 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	__shared__ __align__(16) float s_rot[CMB_W][D], s_ex[CMB_W][D];
 	const att_group_dev g = p.groups[blockIdx.x];
 	const int q = blockIdx.y;
-	if ((uint32_t)q >= g.nq)
-		return; /* uniform over the block */
 	const int lane = threadIdx.x & 31, part = threadIdx.x >> 5;
 	float *out = p.reqs[g.req].out; /* loaded now, used at the end */
-	/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block may
-	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
-	 * (a no-op for an ordinary launch) */
-	kvt_grid_dep_wait();
-	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for this
-	 * grid's end before they read anything */
-	kvt_grid_dep_launch();
+	const size_t tlc = ((size_t)blockIdx.x * gridDim.y + blockIdx.y) * ATT_TLC_SLOTS;
+	(void)tlc;
 	if (threadIdx.x == 0)
-		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2);
+		ATT_TL(p.tlc, tlc);
+	if (p.cwait) { /* uniform */
+		/* the INT2 kernel counts its blocks' warps per group (p.cwait): this block runs
+		 * as soon as its own group is done, not when the whole INT2 grid has ended and
+		 * its writes are flushed. Launched once every INT2 block has started (or after
+		 * the INT2 grid, without PDL), so the blocks it polls for are all running. The
+		 * next step's INT2 kernel may launch now: its blocks wait for this grid's end. */
+		kvt_grid_dep_launch();
+		if (threadIdx.x == 0) {
+			uint32_t *c = &p.counters[blockIdx.x];
+			const uint32_t want = (g.item_end - g.item_begin) * ATT_WARPS;
+			while (kvt_ld_acquire(c) < want)
+				__nanosleep(32);
+			/* every block of the group counts itself after seeing the count; the last
+			 * one sets it back to 0 for the next run (whose INT2 blocks only count after
+			 * this grid has ended) */
+			const uint32_t had = atomicAdd(c, 1u);
+			/* more than every block counts: a count left over from a run before
+			 * (asserts stay on: the launch fails instead of reading stale partials) */
+			if (had >= want + gridDim.y)
+				__trap();
+			if (had == want + gridDim.y - 1)
+				atomicExch(c, 0u);
+		}
+		__syncthreads();
+	} else {
+		/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block
+		 * may start before that grid ends; wait for it (and its writes) here, after the
+		 * plan loads (a no-op for an ordinary launch) */
+		kvt_grid_dep_wait();
+		/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for
+		 * this grid's end before they read anything */
+		kvt_grid_dep_launch();
+	}
+	if ((uint32_t)q >= g.nq)
+		return; /* uniform over the block */
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, tlc + 1);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		rot[e] = ex[e] = 0.0f;
 	/* items in batches of CMB_B per warp: every load of a batch is issued before the first
 	 * use (a loop with one item per trip waited one memory round trip per item: 7.4 us for
-	 * 65 items at 1 x 131072, measured) */
+	 * 65 items at 1 x 131072, measured). Nothing in the batch may branch on the item count:
+	 * with a `break` at the group's end, the compiler sank every load below it, one round
+	 * trip per item again (session 10: ~1.8 us from the wait to the items merged for the 6-7
+	 * items a warp has at 1 x 131072, ~0.8 us for one). L2 loads: the partials were written
+	 * by other multiprocessors, and with p.cwait this grid may run beside the INT2 grid. */
 	for (uint32_t i0 = g.item_begin + part; i0 < g.item_end; i0 += CMB_B * CMB_W) {
 		float mb[CMB_B], lb[CMB_B], av[CMB_B][EPL];
+		/* volatile loads, which the compiler keeps in this order: the values first, then
+		 * the maxima the exponentials need (plain loads were scheduled after the first
+		 * exponentials, i.e. one round trip later) */
 #pragma unroll
 		for (int b = 0; b < CMB_B; b++) {
 			const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
-			const float2 ml = *(const float2 *)(p.part_ml + ((size_t)i * N + q) * 2);
-			mb[b] = ml.x;
-			lb[b] = ml.y;
 			const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
 			if constexpr (EPL % 4 == 0) {
 #pragma unroll
-				for (int e = 0; e < EPL; e += 4) {
-					const float4 v = *(const float4 *)(a + e);
-					av[b][e] = v.x;
-					av[b][e + 1] = v.y;
-					av[b][e + 2] = v.z;
-					av[b][e + 3] = v.w;
-				}
+				for (int e = 0; e < EPL; e += 4)
+					cmb_ld4(a + e, av[b][e], av[b][e + 1], av[b][e + 2], av[b][e + 3]);
 			} else {
 #pragma unroll
 				for (int e = 0; e < EPL; e++)
-					av[b][e] = a[e];
+					av[b][e] = cmb_ld1(a + e);
 			}
+		}
+#pragma unroll
+		for (int b = 0; b < CMB_B; b++) {
+			const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
+			cmb_ld2(p.part_ml + ((size_t)i * N + q) * 2, mb[b], lb[b]);
+		}
+		/* the batch's maximum first, so that its exponentials do not wait on each other
+		 * (a running maximum per item chained CMB_B of them); the repeats of item i0 past
+		 * the group's end do not change it */
+		float Mn = Mw;
+#pragma unroll
+		for (int b = 0; b < CMB_B; b++)
+			Mn = fmaxf(Mn, mb[b]);
+		/* rescale what is merged; the exponentials without branches (a branch around
+		 * one let the compiler issue the value loads after it) */
+		const float fo = __expf(Mw == Mn ? 0.0f : Mw - Mn);
+		Mw = Mn;
+		L *= fo;
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			rot[e] *= fo;
+			ex[e] *= fo;
 		}
 #pragma unroll
 		for (int b = 0; b < CMB_B; b++) {
 			const uint32_t i = i0 + b * CMB_W;
-			if (i >= g.item_end)
-				break;
-			const float m = mb[b], l = lb[b];
-			const float Mn = fmaxf(Mw, m);
-			const float fo = Mw == Mn ? 1.0f : __expf(Mw - Mn); /* rescale what is merged */
-			const float f = m == -INFINITY ? 0.0f : __expf(m - Mn);
-			Mw = Mn;
-			L = fmaf(l, f, L * fo);
+			const float m = mb[b];
+			/* a repeat of item i0 (past the group's end) weighs 0: exp(-inf) */
+			const float f = __expf(i >= g.item_end || m == -INFINITY ? -INFINITY : m - Mn);
+			L = fmaf(lb[b], f, L);
 			/* quantized chunk runs hold rotated values (when the codec rotates them) */
 			const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
 #pragma unroll
 			for (int e = 0; e < EPL; e++) {
-				rot[e] = fmaf(av[b][e], fr, rot[e] * fo);
-				ex[e] = fmaf(av[b][e], fe, ex[e] * fo);
+				rot[e] = fmaf(av[b][e], fr, rot[e]);
+				ex[e] = fmaf(av[b][e], fe, ex[e]);
 			}
 		}
 	}
+	if (threadIdx.x == 0)
+		ATT_TL(p.tlc, tlc + 2);
 	if (lane == 0) {
 		s_m[part] = Mw;
 		s_l[part] = L;
@@ -815,7 +885,7 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	for (int e = 0; e < EPL; e++)
 		o[e] = (rot[e] + ex[e]) * inv;
 	if (lane == 0)
-		ATT_TL(p.tlc, (blockIdx.x * gridDim.y + blockIdx.y) * 2 + 1);
+		ATT_TL(p.tlc, tlc + 3);
 }
 
 /* ---- Host: plan ---------------------------------------------------------------------------- */
@@ -1179,7 +1249,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		size_t total = o_acc + n_launch * rqn * D * 4;
 #ifdef KVT_ATT_TIMELINE
 		const size_t o_tl = (total + 255) & ~(size_t)255, o_tlc = o_tl + n_launch * ATT_TL_SLOTS * 8;
-		total = o_tlc + n_groups * rqn * 2 * 8;
+		total = o_tlc + n_groups * rqn * ATT_TLC_SLOTS * 8;
 #endif
 		char *host = (char *)calloc(1, o_ml);
 		if (!host) {
@@ -1228,7 +1298,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const char *pd = getenv("KVTIER_CUDA_PDL");
 		const bool pdl_ok = i2 && ccm >= 9 && (!pd || atoi(pd) != 0);
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
-		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
+		const int fv = fz ? atoi(fz) : -1;
+		p.fused = i2 && (fz ? fv != 0 && fv != 3 : longest <= (pdl_ok ? 4u : 16u));
 		/* Every group one item, pins folded (48 x 4096): the item's merge writes the output
 		 * (p.fused 2, no partial, counter or combine). H200, session 9, same call: INT2
 		 * 57.4-57.6 vs 59.9-60.0 us (main) / 59.9-60.6 (fused combine, same build), K3 V2
@@ -1238,8 +1309,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * then the subset results by the last subset's) measured slower than the separate
 		 * combine (docs/gpu.md, session 9). */
 		const bool solo = i2 && fold && longest == 1;
-		if (solo && (!fz || atoi(fz) >= 2))
+		if (solo && (!fz || fv == 2 || fv > 3))
 			p.fused = 2;
+		/* KVTIER_CUDA_FUSED_COMBINE=3: the separate combine waits for its group's count,
+		 * not for the INT2 grid's end (p.cwait) */
+		p.cwait = i2 && !p.fused && fv == 3;
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
 		/* the INT2 kernel itself as a programmatic dependent launch (KVTIER_CUDA_PDL_CHAIN=0
@@ -1590,14 +1664,16 @@ extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FI
 					      const char *label)
 {
 	const size_t ni = pl->n_items, nc = (size_t)pl->n_groups * pl->p.rqn;
-	unsigned long long *t = (unsigned long long *)malloc((ni * ATT_TL_SLOTS + nc * 2) * 8);
+	unsigned long long *t =
+		(unsigned long long *)malloc((ni * ATT_TL_SLOTS + nc * ATT_TLC_SLOTS) * 8);
 	double *v = (double *)malloc((ni * ATT_WARPS + nc + 1) * sizeof(double));
 	int rc = -ENOMEM;
 	if (!t || !v)
 		goto out;
 	rc = -EIO;
 	if (cudaMemcpy(t, pl->p.tl, ni * ATT_TL_SLOTS * 8, cudaMemcpyDeviceToHost) != cudaSuccess ||
-	    cudaMemcpy(t + ni * ATT_TL_SLOTS, pl->p.tlc, nc * 2 * 8, cudaMemcpyDeviceToHost) !=
+	    cudaMemcpy(t + ni * ATT_TL_SLOTS, pl->p.tlc, nc * ATT_TLC_SLOTS * 8,
+		       cudaMemcpyDeviceToHost) !=
 		    cudaSuccess)
 		goto out;
 	{
@@ -1641,16 +1717,17 @@ extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FI
 		tl_stats(f, "block_end", v, n);
 #undef TL
 		tl_where(f, pl, t, t0, label);
-		n = 0;
-		for (size_t i = 0; i < nc; i++)
-			if (tc[2 * i])
-				v[n++] = (double)(tc[2 * i] - t0);
-		tl_stats(f, "combine_start", v, n);
-		n = 0;
-		for (size_t i = 0; i < nc; i++)
-			if (tc[2 * i + 1])
-				v[n++] = (double)(tc[2 * i + 1] - t0);
-		tl_stats(f, "combine_end", v, n);
+		/* the combine's blocks (session 10): entry (resident, before its wait), wait
+		 * done, its warp 0's items merged, output written */
+		static const char *const cn[ATT_TLC_SLOTS] = {"combine_entry", "combine_start",
+							      "combine_loaded", "combine_end"};
+		for (int k = 0; k < ATT_TLC_SLOTS; k++) {
+			n = 0;
+			for (size_t i = 0; i < nc; i++)
+				if (tc[ATT_TLC_SLOTS * i + k])
+					v[n++] = (double)tc[ATT_TLC_SLOTS * i + k] - (double)t0;
+			tl_stats(f, cn[k], v, n);
+		}
 		fprintf(f, "}\n");
 	}
 	rc = 0;

@@ -95,10 +95,11 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
-		/* the combine: a quarter each the plan's choice, the separate kernel, the fused
-		 * combine, the output written by the item's merge (where every group is one
-		 * item, else the fused combine) */
-		const uint32_t fc = kvt_rand_below(4);
+		/* the combine: a fifth each the plan's choice, the separate kernel after the
+		 * INT2 grid (0), the fused combine (1), the output written by the item's merge
+		 * (2: where every group is one item, else the fused combine), the separate
+		 * kernel polling its group's count (3) */
+		const uint32_t fc = kvt_rand_below(5);
 		if (fc) {
 			char fv[8];
 			snprintf(fv, sizeof(fv), "%u", fc - 1);
