@@ -695,14 +695,16 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * two LOP3s with an immediate each */
 	uint32_t magic;
 	asm volatile("mov.b32 %0, 0xBC00BC00;" : "=r"(magic));
-	/* per-lane read offsets in a buffer */
-	const uint32_t kro = gid * 32 + tig * 8, khro = I3_KH + gid * 16 + tig * 4;
+	/* per-lane read offsets in a buffer; kro, vwo, vso and vzb opaque: ptxas rebuilt them from
+	 * the lane index in every unit (14 ALU instructions per unit; session 10, with the early
+	 * rescale below: -0.8 to -1.8 us per step, docs/gpu.md) */
+	const uint32_t kro = i4_opaque(gid * 32 + tig * 8), khro = I3_KH + gid * 16 + tig * 4;
 	const uint32_t kcs = i4_opaque((ckind ? I2_KZ : I2_KS) + 2 * (16 * cblk + 4 * chalf));
 	/* the zero term's A rows >= NG (gid >= NG) are never read (i2_store_partial): they may
 	 * repeat row gid % NG instead of holding zeros */
 	const uint32_t vzo = (uint32_t)(gid & (NG - 1));
 	const uint32_t vcs = I2_VS + ckind * (64 * NG) + (2 * (lane & 15)) * NG * 2;
-	const uint32_t vwo = I2_VC + 4 * gid + 64 * tig;
+	const uint32_t vwo = i4_opaque(I2_VC + 4 * gid + 64 * tig);
 	uint32_t bcur = s0; /* this unit's buffer */
 	/* Two units in flight: unit u + 1's wait and conversions
 	 * are issued between unit u's key MMAs and its softmax, so the scheduler has them
@@ -712,7 +714,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * memory, unused after the prologue). */
 	const uint32_t va0 = (uint32_t)__cvta_generic_to_shared(cw + I3_VS);
 	const uint32_t vx = i4_opaque(va0 ^ (uint32_t)__cvta_generic_to_shared(vs2));
-	const uint32_t vso = 4 * (tig * NG + vg), vzb = 64 * NG + 4 * (tig * NG + vzo);
+	const uint32_t vso = i4_opaque(4 * (tig * NG + vg)),
+		       vzb = i4_opaque(64 * NG + 4 * (tig * NG + vzo));
 	const uint32_t vdo = 64 * NG * ckind + 4 * (lane & 15) * NG;
 	/* swapped keys: the warp's key zeros [tig][k-step][x, x, y, y] in the prologue's
 	 * A-fragment area (afr: 256 words a warp, free once qb is read below), so that the zero
@@ -931,6 +934,32 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				}
 			}
 		}
+		/* swapped keys: the softmax's lazy rescaling of unit u, here before the staging and
+		 * the conversions of unit u + 1 rather than after them, so that its branch does not
+		 * end the block they share with the ex2 / hi-lo / movmatrix chain below (ptxas
+		 * schedules within a block: the conversions' shared loads now overlap that chain).
+		 * The reference m2 moves only when a logit exceeds it by more than I5_SLACK
+		 * (p <= 2^I5_SLACK otherwise, exact in the f16 hi / lo split and fp32 sums), so the
+		 * common unit needs no cross-lane maximum and no alpha. */
+		if constexpr (SW) {
+			float mx = fmaxf(fmaxf(slg[0], slg[1]), fmaxf(slg[2], slg[3]));
+			if (__any_sync(KVT_FULL_MASK, mx > m2 + I5_SLACK)) {
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
+				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
+				const float mn = fmaxf(m2, mx);
+				const float alpha = i3_ex2(m2 - (mn == -INFINITY ? 0.0f : mn));
+#pragma unroll
+				for (int i = 0; i < 8; i++)
+#pragma unroll
+					for (int j = 0; j < 4; j++)
+						vacc[i][j] *= alpha;
+				zacc[0] *= alpha;
+				zacc[1] *= alpha;
+				l2 *= alpha;
+				m2 = mn;
+			}
+		}
 		__syncwarp(); /* every lane is done with this buffer */
 		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
 		if (rem > 2) {
@@ -950,26 +979,6 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		uint32_t pt[4]; /* swapped: the value B fragments of the unit's 4 token tiles */
 		float pv[4][2];
 		if constexpr (SW) {
-			/* lazy rescaling: the reference m2 moves only when a logit exceeds it by more
-			 * than I5_SLACK (p <= 2^I5_SLACK otherwise, exact in the f16 hi / lo split and
-			 * fp32 sums), so the common unit needs no cross-lane maximum and no alpha */
-			float mx = fmaxf(fmaxf(slg[0], slg[1]), fmaxf(slg[2], slg[3]));
-			if (__any_sync(KVT_FULL_MASK, mx > m2 + I5_SLACK)) {
-				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 4));
-				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 8));
-				mx = fmaxf(mx, __shfl_xor_sync(KVT_FULL_MASK, mx, 16));
-				const float mn = fmaxf(m2, mx);
-				const float alpha = i3_ex2(m2 - (mn == -INFINITY ? 0.0f : mn));
-#pragma unroll
-				for (int i = 0; i < 8; i++)
-#pragma unroll
-					for (int j = 0; j < 4; j++)
-						vacc[i][j] *= alpha;
-				zacc[0] *= alpha;
-				zacc[1] *= alpha;
-				l2 *= alpha;
-				m2 = mn;
-			}
 			const float ms = m2 == -INFINITY ? 0.0f : m2;
 			float ls = 0.0f;
 #pragma unroll
