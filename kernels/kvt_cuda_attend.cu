@@ -1264,10 +1264,17 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		if (!rc)
 			rc = kvt_cuda_check(cudaMalloc(&plan->dev_block, total), "plan alloc", err,
 					    errlen);
+		/* on the ctx's stream, then waited for: a plain cudaMemcpy from pageable memory may
+		 * return before its DMA has landed, and it is not ordered with the ctx's
+		 * (non-blocking) stream, where the INT2 kernel reads the descriptors, since session
+		 * 10 even before its grid-dependency wait */
 		if (!rc)
-			rc = kvt_cuda_check(cudaMemcpy(plan->dev_block, host, o_ml,
-						       cudaMemcpyHostToDevice),
+			rc = kvt_cuda_check(cudaMemcpyAsync(plan->dev_block, host, o_ml,
+							    cudaMemcpyHostToDevice, c->stream),
 					    "plan upload", err, errlen);
+		if (!rc)
+			rc = kvt_cuda_check(cudaStreamSynchronize(c->stream), "plan upload", err,
+					    errlen);
 		free(host);
 		if (rc)
 			goto out;

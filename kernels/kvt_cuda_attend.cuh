@@ -141,7 +141,8 @@ struct kvt_cuda_attend_plan {
 	uint32_t D, n_items, n_groups; /* n_items: launched (folded pin descriptors follow them) */
 	uint32_t pdl; /* the combine as a programmatic dependent launch */
 	uint32_t chain; /* the INT2 kernel as a programmatic dependent launch (of whatever kernel
-			 * precedes it in the stream: it waits for it before reading anything) */
+			 * precedes it in the stream: it waits for it before reading any data; only
+			 * the plan's own descriptors, which no kernel writes, are read before) */
 	uint64_t read_bytes;
 	void *dev_block; /* descriptors + scratch, one allocation */
 };

@@ -570,11 +570,12 @@ __device__ __forceinline__ void i5_store_partial(const float (&vacc)[8][4], cons
 /* SW: the swapped key orientation (p.i2 == 3; see above). (Session 9's LEAN form of it for 4
  * blocks per SM, KVTIER_CUDA_MINB4=1, measured slower than 3 blocks and was removed: 65258f4
  * has it; docs/gpu.md "Session 9: four blocks per SM".) */
-template <int GV, int KB, bool SW>
+template <int GV, int KB, bool SW, class Pre, class Mid>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
-						float *rl, float *racc, uint32_t *vs2, int lane)
+						float *rl, float *racc, uint32_t *vs2, int lane,
+						Pre &&pre, Mid &&mid)
 {
 	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
@@ -675,6 +676,9 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		else if (on2)
 			i4_cp16<I2_NR, 0>(sl, b2 + blk * 128u, pol);
 	};
+	/* the block prologue (session 10): the chunk descriptors are read before the grid
+	 * dependency wait (pre: the wait, then the query loads), the first two units are staged
+	 * right after it, and the query rotation and fragments (mid) run while they arrive */
 	if (u0 < u1) {
 		rebase(p.chunks[cs].sec);
 		np_s = p.chunks[cs].n_pinned;
@@ -682,8 +686,10 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			nsec = p.chunks[cs + 1].sec;
 			nnp = p.chunks[cs + 1].n_pinned;
 		}
-		stage_unit(s0, ss, std::false_type());
 	}
+	pre();
+	if (u0 < u1)
+		stage_unit(s0, ss, std::false_type());
 	cp_async_commit();
 	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
 	 * two LOP3s with an immediate each */
@@ -775,6 +781,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		stage_unit(s0 ^ bx, ss, std::false_type());
 	}
 	cp_async_commit();
+	mid();
 	uint32_t vcur = va0; /* this unit's value scale words */
 	/* swapped keys: the lane's q' B fragments (head gid / 2, f16 hi at even gid, lo at odd) are
 	 * the prologue's A fragments of lane (gid / 2, tig): hi parts in .x, .z, lo in .y, .w */
@@ -1101,14 +1108,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 #define I3_PMAX 8
 
 /* prologue: stages up to I3_PMAX pinned rows of the item's folded pin descriptors; returns
- * how many (uniform over the block) */
+ * how many (uniform over the block). x0: the first descriptor (it.xb), read by the caller
+ * before the grid dependency wait, so that its rows' copies wait for no load */
 template <int D>
 __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att_item_dev &it,
-						  uint16_t (*pinrow)[2][D])
+						  uint16_t (*pinrow)[2][D], const att_item_dev &x0)
 {
 	uint32_t np = 0;
-	for (uint32_t x = it.xb; x < it.xb + it.xn && np < I3_PMAX; x++) {
-		const att_item_dev xi = p.items[x];
+	auto rows = [&](const att_item_dev &xi) {
 		const uint32_t n = min(xi.count, I3_PMAX - np);
 		for (uint32_t i = threadIdx.x; i < n * 32; i += ATT_THREADS) {
 			const uint32_t t = i >> 5, kv = (i >> 4) & 1, pc = i & 15;
@@ -1117,7 +1124,10 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
 			cp_async16(&pinrow[np + t][kv][8 * pc], src);
 		}
 		np += n;
-	}
+	};
+	rows(x0);
+	for (uint32_t x = it.xb + 1; x < it.xb + it.xn && np < I3_PMAX; x++)
+		rows(p.items[x]);
 	return np;
 }
 
@@ -1230,27 +1240,56 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
 
 	/* launched as a programmatic dependent of the previous step's last kernel (plan->chain):
-	 * nothing is read before that grid has completed and its writes are visible (a no-op for
-	 * an ordinary launch); then the combine may launch once every block has started */
-	kvt_grid_dep_wait();
-	kvt_grid_dep_launch();
+	 * the plan's descriptors (item, request, chunks) are read before the grid dependency wait
+	 * (session 10): they are written once, by the plan build's synchronous copies, and never by
+	 * a kernel, so the kernel before this one cannot change them; everything else (queries,
+	 * chunk bytes, exact rows) is read after the wait, which returns once that grid has
+	 * completed and its writes are visible (a no-op for an ordinary launch); then the combine
+	 * may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
+	att_item_dev x0; /* the first folded pin descriptor (set and read only when it.xn) */
+	if (it.xn)
+		x0 = p.items[it.xb];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	if (threadIdx.x == 0)
-		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_ENTRY);
-	ATT_TL_AT(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_WHERE, warp, lane);
+	static_assert(RQ == ATT_WARPS, "warp q loads query head q");
+	/* pre: the wait, then warp q's loads of query head q (raw bits: widened in mid, so that
+	 * no instruction waits for them before the first units' copies are issued) */
+	uint32_t xr[EPL];
+	auto pre = [&]() {
+		kvt_grid_dep_wait();
+		kvt_grid_dep_launch();
+		if (threadIdx.x == 0)
+			ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_ENTRY);
+		ATT_TL_AT(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_WHERE, warp, lane);
+		const size_t qi = (size_t)(it.q_base + warp) * D + lane * EPL;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			xr[e] = (uint32_t)warp >= it.nq ? 0u
+				: rq.q_dtype == KVT_DTYPE_F32 ? ((const uint32_t *)rq.q)[qi + e]
+							      : ((const uint16_t *)rq.q)[qi + e];
+	};
+	/* mid: the folded pins' rows (copied while the loop starts: the next commit takes them),
+	 * the query rotation, then every lane's q' fragments */
 	uint32_t npin = 0;
-	if (it.xn) { /* folded pins (p.fold): their rows while the prologue runs */
-		npin = i3_pins_stage<D>(p, it, pinrow);
-		cp_async_commit();
-	}
-	att_load_queries<D, RQ>(
-		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
-		[&](int q, int c) -> float & { return qf[q * D + c]; });
-	__syncthreads();
-
-	{
+	auto mid = [&]() {
+		if (it.xn) /* folded pins (p.fold): their rows, for the merge */
+			npin = i3_pins_stage<D>(p, it, pinrow, x0);
+		float x[EPL];
+#pragma unroll
+		for (int e = 0; e < EPL; e++) {
+			const float v = rq.q_dtype == KVT_DTYPE_F32    ? __uint_as_float(xr[e])
+					: rq.q_dtype == KVT_DTYPE_BF16 ? __uint_as_float(xr[e] << 16)
+								       : __half2float(__ushort_as_half((uint16_t)xr[e]));
+			x[e] = (uint32_t)warp < it.nq ? v * rq.scale : 0.0f;
+			qo[warp * D + lane * EPL + e] = x[e];
+		}
+		if (p.rotk)
+			kvt_d_fwht<EPL>(x, lane, p.inv_sqrt_d);
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			qf[warp * D + lane * EPL + e] = x[e];
+		__syncthreads();
 		/* warp w builds k-steps 2w, 2w + 1 of every lane's q' fragment: head gid & 3,
 		 * channel pairs 2k, 2k + 1, f16 hi and lo of q' * -4 log2(e) */
 		const int gid = lane >> 2, tig = lane & 3, hq = gid & 3;
@@ -1267,9 +1306,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 			afr[k * 32 + lane] = make_uint4(f[0], f[1], f[2], f[3]);
 		}
 		__syncthreads();
-	}
-	if (threadIdx.x == 0)
-		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_PROLOGUE);
+		if (threadIdx.x == 0)
+			ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_PROLOGUE);
+	};
 	/* a warp's reduction slot is the start of its own stage: its own copies are done */
 	float *racc = (float *)&stage[warp][0];
 	if (it.kind == ITEM_CODED) {
@@ -1278,10 +1317,13 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
 		attend_coded_i4<GV, KB, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
-						(uint32_t *)qf + warp * 128, lane);
+						(uint32_t *)qf + warp * 128, lane, pre, mid);
 		cp_async_wait_all();
 		__syncwarp();
 	} else {
+		pre();
+		mid();
+		cp_async_commit();
 		warp_state<EPL, RQ> st;
 		state_init<EPL, RQ>(st);
 		float *pbuf = (float *)&stage[warp][RQ * D * 4]; /* 32 x RQ floats after racc */
