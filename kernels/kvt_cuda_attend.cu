@@ -701,9 +701,13 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 /* One block per (group, query head): CMB_W warps, each merging every CMB_W-th item with a
  * running maximum (its loads never wait on another load: no separate max pass), then the
  * warps merge through shared memory, the quantized-value sum is rotated back (H is its own
- * inverse) and normalised. A group of 65 items costs about two memory round trips. */
-/* the combine's loads of the partials: volatile (ld.volatile, kept in program order by the
- * compiler; served by L2 like ld.cg) */
+ * inverse) and normalised. A group of 65 items costs about two memory round trips, if the
+ * loads of a batch are in flight together: ALL (session 10) makes sure they are. */
+#define CMB_W 8
+#define CMB_B 8 /* items per warp whose loads are in flight together */
+
+/* ALL's loads of the partials: volatile (ld.volatile: the compiler keeps them in program
+ * order; served by L2 like ld.cg) */
 __device__ __forceinline__ void cmb_ld4(const float *a, float &x, float &y, float &z, float &w)
 {
 	asm volatile("ld.volatile.global.v4.f32 {%0, %1, %2, %3}, [%4];"
@@ -723,9 +727,14 @@ __device__ __forceinline__ float cmb_ld1(const float *a)
 	return x;
 }
 
-#define CMB_W 8
-#define CMB_B 8 /* items per warp whose loads are in flight together */
-template <int D, int N>
+/* ALL (plan->cmb_all, long groups): a batch's loads really all in flight before the first
+ * use. Without it (the form before session 10, kept for short groups) the compiler sinks
+ * each item's loads below the batch's `break` at the group's end: one L2 round trip per item
+ * a warp merges (session 10 timeline, H200, 1 x 131072, 6-7 items per warp: 1.8 us from the
+ * wait to warp 0's items merged; ALL: 0.77 us). ALL issues the loads of the batch's repeats
+ * of item i0 past the group's end too (weight 0), which cost more than the round trips they
+ * save when a warp has one item (8 x 32768: +0.9 to +1.3 us per step). */
+template <int D, int N, bool ALL = false>
 __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 {
 	constexpr int EPL = D / 32;
@@ -733,114 +742,131 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	__shared__ __align__(16) float s_rot[CMB_W][D], s_ex[CMB_W][D];
 	const att_group_dev g = p.groups[blockIdx.x];
 	const int q = blockIdx.y;
+	if ((uint32_t)q >= g.nq)
+		return; /* uniform over the block */
 	const int lane = threadIdx.x & 31, part = threadIdx.x >> 5;
 	float *out = p.reqs[g.req].out; /* loaded now, used at the end */
 	const size_t tlc = ((size_t)blockIdx.x * gridDim.y + blockIdx.y) * ATT_TLC_SLOTS;
 	(void)tlc;
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, tlc);
-	if (p.cwait) { /* uniform */
-		/* the INT2 kernel counts its blocks' warps per group (p.cwait): this block runs
-		 * as soon as its own group is done, not when the whole INT2 grid has ended and
-		 * its writes are flushed. Launched once every INT2 block has started (or after
-		 * the INT2 grid, without PDL), so the blocks it polls for are all running. The
-		 * next step's INT2 kernel may launch now: its blocks wait for this grid's end. */
-		kvt_grid_dep_launch();
-		if (threadIdx.x == 0) {
-			uint32_t *c = &p.counters[blockIdx.x];
-			const uint32_t want = (g.item_end - g.item_begin) * ATT_WARPS;
-			while (kvt_ld_acquire(c) < want)
-				__nanosleep(32);
-			/* every block of the group counts itself after seeing the count; the last
-			 * one sets it back to 0 for the next run (whose INT2 blocks only count after
-			 * this grid has ended) */
-			const uint32_t had = atomicAdd(c, 1u);
-			/* more than every block counts: a count left over from a run before
-			 * (asserts stay on: the launch fails instead of reading stale partials) */
-			if (had >= want + gridDim.y)
-				__trap();
-			if (had == want + gridDim.y - 1)
-				atomicExch(c, 0u);
-		}
-		__syncthreads();
-	} else {
-		/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block
-		 * may start before that grid ends; wait for it (and its writes) here, after the
-		 * plan loads (a no-op for an ordinary launch) */
-		kvt_grid_dep_wait();
-		/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for
-		 * this grid's end before they read anything */
-		kvt_grid_dep_launch();
-	}
-	if ((uint32_t)q >= g.nq)
-		return; /* uniform over the block */
+	/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block may
+	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
+	 * (a no-op for an ordinary launch) */
+	kvt_grid_dep_wait();
+	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for this
+	 * grid's end before they read anything */
+	kvt_grid_dep_launch();
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, tlc + 1);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
 #pragma unroll
 	for (int e = 0; e < EPL; e++)
 		rot[e] = ex[e] = 0.0f;
-	/* items in batches of CMB_B per warp: every load of a batch is issued before the first
-	 * use (a loop with one item per trip waited one memory round trip per item: 7.4 us for
-	 * 65 items at 1 x 131072, measured). Nothing in the batch may branch on the item count:
-	 * with a `break` at the group's end, the compiler sank every load below it, one round
-	 * trip per item again (session 10: ~1.8 us from the wait to the items merged for the 6-7
-	 * items a warp has at 1 x 131072, ~0.8 us for one). L2 loads: the partials were written
-	 * by other multiprocessors, and with p.cwait this grid may run beside the INT2 grid. */
+	/* items in batches of CMB_B per warp (a loop with one item per trip waited one memory
+	 * round trip per item: 7.4 us for 65 items at 1 x 131072, measured) */
 	for (uint32_t i0 = g.item_begin + part; i0 < g.item_end; i0 += CMB_B * CMB_W) {
 		float mb[CMB_B], lb[CMB_B], av[CMB_B][EPL];
-		/* volatile loads, which the compiler keeps in this order: the values first, then
-		 * the maxima the exponentials need (plain loads were scheduled after the first
-		 * exponentials, i.e. one round trip later) */
+		if constexpr (ALL) {
+			/* the values first, then the maxima the exponentials need: nothing of the
+			 * batch branches on the item count, and the volatile loads stay in this
+			 * order (plain loads were scheduled after the first exponentials) */
 #pragma unroll
-		for (int b = 0; b < CMB_B; b++) {
-			const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
-			const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
-			if constexpr (EPL % 4 == 0) {
+			for (int b = 0; b < CMB_B; b++) {
+				const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
+				const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
+				if constexpr (EPL % 4 == 0) {
 #pragma unroll
-				for (int e = 0; e < EPL; e += 4)
-					cmb_ld4(a + e, av[b][e], av[b][e + 1], av[b][e + 2], av[b][e + 3]);
-			} else {
+					for (int e = 0; e < EPL; e += 4)
+						cmb_ld4(a + e, av[b][e], av[b][e + 1], av[b][e + 2],
+							av[b][e + 3]);
+				} else {
 #pragma unroll
-				for (int e = 0; e < EPL; e++)
-					av[b][e] = cmb_ld1(a + e);
+					for (int e = 0; e < EPL; e++)
+						av[b][e] = cmb_ld1(a + e);
+				}
 			}
-		}
 #pragma unroll
-		for (int b = 0; b < CMB_B; b++) {
-			const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
-			cmb_ld2(p.part_ml + ((size_t)i * N + q) * 2, mb[b], lb[b]);
-		}
-		/* the batch's maximum first, so that its exponentials do not wait on each other
-		 * (a running maximum per item chained CMB_B of them); the repeats of item i0 past
-		 * the group's end do not change it */
-		float Mn = Mw;
+			for (int b = 0; b < CMB_B; b++) {
+				const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
+				cmb_ld2(p.part_ml + ((size_t)i * N + q) * 2, mb[b], lb[b]);
+			}
+			/* the batch's maximum first, so that its exponentials do not wait on each
+			 * other; the repeats of item i0 do not change it */
+			float Mn = Mw;
 #pragma unroll
-		for (int b = 0; b < CMB_B; b++)
-			Mn = fmaxf(Mn, mb[b]);
-		/* rescale what is merged; the exponentials without branches (a branch around
-		 * one let the compiler issue the value loads after it) */
-		const float fo = __expf(Mw == Mn ? 0.0f : Mw - Mn);
-		Mw = Mn;
-		L *= fo;
-#pragma unroll
-		for (int e = 0; e < EPL; e++) {
-			rot[e] *= fo;
-			ex[e] *= fo;
-		}
-#pragma unroll
-		for (int b = 0; b < CMB_B; b++) {
-			const uint32_t i = i0 + b * CMB_W;
-			const float m = mb[b];
-			/* a repeat of item i0 (past the group's end) weighs 0: exp(-inf) */
-			const float f = __expf(i >= g.item_end || m == -INFINITY ? -INFINITY : m - Mn);
-			L = fmaf(lb[b], f, L);
-			/* quantized chunk runs hold rotated values (when the codec rotates them) */
-			const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
+			for (int b = 0; b < CMB_B; b++)
+				Mn = fmaxf(Mn, mb[b]);
+			/* rescale what is merged; no branch around an exponential (one let the
+			 * compiler issue the value loads after it) */
+			const float fo = __expf(Mw == Mn ? 0.0f : Mw - Mn);
+			Mw = Mn;
+			L *= fo;
 #pragma unroll
 			for (int e = 0; e < EPL; e++) {
-				rot[e] = fmaf(av[b][e], fr, rot[e]);
-				ex[e] = fmaf(av[b][e], fe, ex[e]);
+				rot[e] *= fo;
+				ex[e] *= fo;
+			}
+#pragma unroll
+			for (int b = 0; b < CMB_B; b++) {
+				const uint32_t i = i0 + b * CMB_W;
+				const float m = mb[b];
+				/* a repeat of item i0 (past the group's end) weighs exp(-inf) = 0 */
+				const float f =
+					__expf(i >= g.item_end || m == -INFINITY ? -INFINITY : m - Mn);
+				L = fmaf(lb[b], f, L);
+				/* quantized chunk runs hold rotated values (when the codec rotates
+				 * them) */
+				const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
+#pragma unroll
+				for (int e = 0; e < EPL; e++) {
+					rot[e] = fmaf(av[b][e], fr, rot[e]);
+					ex[e] = fmaf(av[b][e], fe, ex[e]);
+				}
+			}
+		} else {
+#pragma unroll
+			for (int b = 0; b < CMB_B; b++) {
+				const uint32_t i = i0 + b * CMB_W < g.item_end ? i0 + b * CMB_W : i0;
+				const float2 ml = *(const float2 *)(p.part_ml + ((size_t)i * N + q) * 2);
+				mb[b] = ml.x;
+				lb[b] = ml.y;
+				const float *a = p.part_acc + ((size_t)i * N + q) * D + lane * EPL;
+				if constexpr (EPL % 4 == 0) {
+#pragma unroll
+					for (int e = 0; e < EPL; e += 4) {
+						const float4 v = *(const float4 *)(a + e);
+						av[b][e] = v.x;
+						av[b][e + 1] = v.y;
+						av[b][e + 2] = v.z;
+						av[b][e + 3] = v.w;
+					}
+				} else {
+#pragma unroll
+					for (int e = 0; e < EPL; e++)
+						av[b][e] = a[e];
+				}
+			}
+#pragma unroll
+			for (int b = 0; b < CMB_B; b++) {
+				const uint32_t i = i0 + b * CMB_W;
+				if (i >= g.item_end)
+					break;
+				const float m = mb[b], l = lb[b];
+				const float Mn = fmaxf(Mw, m);
+				/* rescale what is merged */
+				const float fo = Mw == Mn ? 1.0f : __expf(Mw - Mn);
+				const float f = m == -INFINITY ? 0.0f : __expf(m - Mn);
+				Mw = Mn;
+				L = fmaf(l, f, L * fo);
+				/* quantized chunk runs hold rotated values (when the codec rotates
+				 * them) */
+				const float fr = i < g.exact_begin && p.rotv ? f : 0.0f, fe = f - fr;
+#pragma unroll
+				for (int e = 0; e < EPL; e++) {
+					rot[e] = fmaf(av[b][e], fr, rot[e] * fo);
+					ex[e] = fmaf(av[b][e], fe, ex[e] * fo);
+				}
 			}
 		}
 	}
@@ -1305,8 +1331,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const char *pd = getenv("KVTIER_CUDA_PDL");
 		const bool pdl_ok = i2 && ccm >= 9 && (!pd || atoi(pd) != 0);
 		const char *fz = getenv("KVTIER_CUDA_FUSED_COMBINE");
-		const int fv = fz ? atoi(fz) : -1;
-		p.fused = i2 && (fz ? fv != 0 && fv != 3 : longest <= (pdl_ok ? 4u : 16u));
+		p.fused = i2 && (fz ? atoi(fz) != 0 : longest <= (pdl_ok ? 4u : 16u));
 		/* Every group one item, pins folded (48 x 4096): the item's merge writes the output
 		 * (p.fused 2, no partial, counter or combine). H200, session 9, same call: INT2
 		 * 57.4-57.6 vs 59.9-60.0 us (main) / 59.9-60.6 (fused combine, same build), K3 V2
@@ -1316,11 +1341,16 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * then the subset results by the last subset's) measured slower than the separate
 		 * combine (docs/gpu.md, session 9). */
 		const bool solo = i2 && fold && longest == 1;
-		if (solo && (!fz || fv == 2 || fv > 3))
+		if (solo && (!fz || atoi(fz) >= 2))
 			p.fused = 2;
-		/* KVTIER_CUDA_FUSED_COMBINE=3: the separate combine waits for its group's count,
-		 * not for the INT2 grid's end (p.cwait) */
-		p.cwait = i2 && !p.fused && fv == 3;
+		/* The INT2 plan's separate combine with all of a batch's loads in flight (session
+		 * 10, H200, same call: 40.4 / 40.8 vs 41.2 / 41.2 us at 1 x 131072, 49 items per
+		 * group; K3 V2 50.1 / 50.4 vs 50.6 / 51.0) for groups longer than 2 CMB_W, i.e.
+		 * where a warp merges 3 items or more; with one item per warp (8 x 32768, 6 per
+		 * group) it measured slower, 73.5 / 73.8 vs 72.6 / 72.5 (the loads of the batch's
+		 * repeats). KVTIER_CUDA_COMBINE_ALL=1 / 0 forces it on / off (tests, A/B runs). */
+		const char *ca = getenv("KVTIER_CUDA_COMBINE_ALL");
+		plan->cmb_all = ca ? atoi(ca) != 0 : longest > 2 * CMB_W;
 		p.fold = fold;
 		plan->pdl = pdl_ok && !p.fused;
 		/* the INT2 kernel itself as a programmatic dependent launch (KVTIER_CUDA_PDL_CHAIN=0
@@ -1439,16 +1469,16 @@ static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s
 
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	if (!pl->pdl) {
-		combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
-		return cudaGetLastError();
-	}
-	/* programmatic dependent launch: the combine's launch and block start overlap the end of
-	 * the attention kernel, whose blocks allow it at their start (kvt_grid_dep_launch) */
+	/* programmatic dependent launch (plan->pdl): the combine's launch and block start
+	 * overlap the end of the attention kernel, whose blocks allow it at their start
+	 * (kvt_grid_dep_launch); else an ordinary launch */
 	cudaLaunchAttribute at;
 	const cudaLaunchConfig_t lc =
-		kvt_launch_config(dim3(pl->n_groups, RQ), dim3(32 * CMB_W), 0, s, true, &at);
-	return cudaLaunchKernelEx(&lc, combine_kernel<128, RQ>, pl->p);
+		kvt_launch_config(dim3(pl->n_groups, RQ), dim3(32 * CMB_W), 0, s, pl->pdl != 0, &at);
+	const cudaError_t e = cudaLaunchKernelEx(
+		&lc, pl->cmb_all ? combine_kernel<128, RQ, true> : combine_kernel<128, RQ, false>,
+		pl->p);
+	return e == cudaSuccess ? cudaGetLastError() : e;
 }
 
 static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)

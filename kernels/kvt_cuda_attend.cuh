@@ -77,12 +77,6 @@ struct att_params : att_params_base {
 	 * the output, no counter */
 	uint32_t *counters;
 	uint32_t fused;
-	/* the separate combine waits for its group's count instead of the INT2 grid's end
-	 * (KVTIER_CUDA_FUSED_COMBINE=3, session 10): every warp of an INT2 block fences its part
-	 * of the partial and adds 1 to counters[group]; the combine's blocks (launched once every
-	 * INT2 block has started, so none of them can wait on a block that is not running) poll
-	 * it until it reaches items x ATT_WARPS, count themselves, and the last sets it back to 0 */
-	uint32_t cwait;
 	/* pins folded into the coded items (KVTIER_CUDA_FOLD_PINS, default on for the keys-as-B
 	 * kernel): every coded item's block rotates its value partial back to the original basis
 	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
@@ -104,8 +98,8 @@ struct att_params : att_params_base {
 #define ATT_TL_LOOP 2 /* + warp */
 #define ATT_TL_MERGE 6
 #define ATT_TL_WHERE 7 /* bytes 0-1: %smid; byte 4 + w: warp w's %warpid (session 9) */
-/* the combine's stamps per block (session 10): entry (before the wait), wait done, its
- * items merged (per warp, before the block's merge), output written */
+/* the combine's stamps per block (session 10): entry (resident, before its wait), wait
+ * done, warp 0's items merged, output written */
 #define ATT_TLC_SLOTS 4
 
 #ifdef KVT_ATT_TIMELINE
@@ -140,6 +134,7 @@ struct kvt_cuda_attend_plan {
 	att_params p;
 	uint32_t D, n_items, n_groups; /* n_items: launched (folded pin descriptors follow them) */
 	uint32_t pdl; /* the combine as a programmatic dependent launch */
+	uint32_t cmb_all; /* the INT2 plan's combine issues a whole batch's loads at once */
 	uint32_t chain; /* the INT2 kernel as a programmatic dependent launch (of whatever kernel
 			 * precedes it in the stream: it waits for it before reading any data; only
 			 * the plan's own descriptors, which no kernel writes, are read before) */
@@ -160,13 +155,6 @@ __device__ __forceinline__ void kvt_grid_dep_launch(void)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 	asm volatile("griddepcontrol.launch_dependents;");
 #endif
-}
-
-__device__ __forceinline__ uint32_t kvt_ld_acquire(const uint32_t *a)
-{
-	uint32_t v;
-	asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
-	return v;
 }
 
 __device__ __forceinline__ float warp_max(float v)

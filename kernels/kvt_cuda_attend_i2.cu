@@ -1343,15 +1343,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	if (threadIdx.x == 0)
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_MERGE);
-	if (p.fused != 1) { /* 2: the output is written (i3_fold_merge) */
-		if (p.cwait) { /* uniform: the separate combine polls the group's count */
-			__threadfence(); /* this warp's part of the partial is visible, then counted */
-			__syncwarp();
-			if (lane == 0)
-				atomicAdd(&p.counters[it.group], 1u);
-		}
+	if (p.fused != 1) /* 2: the output is written (i3_fold_merge) */
 		return;
-	}
 	/* fused combine: the block that completes its group merges it */
 	__shared__ uint32_t s_last;
 	__threadfence(); /* this block's partial is visible before it is counted */

@@ -95,16 +95,20 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
-		/* the combine: a fifth each the plan's choice, the separate kernel after the
-		 * INT2 grid (0), the fused combine (1), the output written by the item's merge
-		 * (2: where every group is one item, else the fused combine), the separate
-		 * kernel polling its group's count (3) */
-		const uint32_t fc = kvt_rand_below(5);
+		/* the combine: a quarter each the plan's choice, the separate kernel, the fused
+		 * combine, the output written by the item's merge (where every group is one
+		 * item, else the fused combine) */
+		const uint32_t fc = kvt_rand_below(4);
 		if (fc) {
 			char fv[8];
 			snprintf(fv, sizeof(fv), "%u", fc - 1);
 			setenv("KVTIER_CUDA_FUSED_COMBINE", fv, 1);
 		}
+		/* the separate combine: a third each the plan's choice, every load of a batch
+		 * issued at once (1), the form before session 10 (0) */
+		const uint32_t ca = kvt_rand_below(3);
+		if (ca)
+			setenv("KVTIER_CUDA_COMBINE_ALL", ca == 1 ? "1" : "0", 1);
 		/* a quarter with one chunk and no tail per session: every group one item */
 		solo = kvt_rand_below(4) == 0;
 		/* a third pin tokens in any chunk (pin detection): items whose folded pins
@@ -223,6 +227,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	}
 	unsetenv("KVTIER_CUDA_CPI");
 	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
+	unsetenv("KVTIER_CUDA_COMBINE_ALL");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
