@@ -764,13 +764,26 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	};
 	uint32_t rem = u1 - u0;
 	uint32_t sbc = ss, ccc = cs, npc = np_s; /* the computed unit's block, chunk, pins */
+	/* INT2: the next chunk's descriptor through a pointer that lives across the loop, cnx =
+	 * chunk min(cs + 1, cend - 1), read unpredicated. Read through a temporary address (the
+	 * form 3-bit keys keep), the address registers were rewritten a few instructions after
+	 * the load, and a register a load reads may be rewritten only once the load has left the
+	 * memory queue, which the unit copies keep long: ncu put 2% of all warp time on that
+	 * wait. H200, session 10: INT2 -0.4 to -0.8 us per step; 3-bit keys +0.1 to +0.4 (their
+	 * loop allocates differently), so they keep the old form (docs/gpu.md). */
+	constexpr bool CNX = KB == 2;
+	const att_chunk_dev *cnx = p.chunks + (cs + 1 < cend ? cs + 1 : cend - 1);
 	auto advance = [&]() {
 		if (++ss == upc) { /* the staged unit starts a chunk */
 			ss = 0;
 			cs++;
 			rebase(nsec);
 			np_s = nnp;
-			if (cs + 1 < cend) {
+			if constexpr (CNX) {
+				cnx += cs + 1 < cend ? 1 : 0;
+				nsec = cnx->sec;
+				nnp = cnx->n_pinned;
+			} else if (cs + 1 < cend) {
 				nsec = p.chunks[cs + 1].sec;
 				nnp = p.chunks[cs + 1].n_pinned;
 			}
