@@ -1254,11 +1254,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 
 	/* launched as a programmatic dependent of the previous step's last kernel (plan->chain):
 	 * the plan's descriptors (item, request, chunks) are read before the grid dependency wait
-	 * (session 10): they are written once, by the plan build's synchronous copies, and never by
-	 * a kernel, so the kernel before this one cannot change them; everything else (queries,
-	 * chunk bytes, exact rows) is read after the wait, which returns once that grid has
-	 * completed and its writes are visible (a no-op for an ordinary launch); then the combine
-	 * may launch once every block has started */
+	 * (session 10): they are written once, by the plan build's upload (waited for before the
+	 * build returns), and never by a kernel, so the kernel before this one cannot change
+	 * them; everything else (queries, chunk bytes, exact rows) is read after the wait, which
+	 * returns once that grid has completed and its writes are visible (a no-op for an
+	 * ordinary launch); then the combine may launch once every block has started */
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	att_item_dev x0; /* the first folded pin descriptor (set and read only when it.xn) */
