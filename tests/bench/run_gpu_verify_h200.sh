@@ -9,7 +9,9 @@
 B=${B:-$PWD/.devbundle-lead}; cd $B
 export LD_LIBRARY_PATH=$B/lib PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.txt 2>&1; local rc=$?; echo "== $n rc=$rc $(( $(date +%s)-t0 ))s"; grep -E "^not ok|^# " $OUT/$n.txt | tail -${N:-6}; }
+# every failing check is printed (stdout always comes back; only some of $OUT's files do),
+# then the last N summary lines
+r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.txt 2>&1; local rc=$?; echo "== $n rc=$rc $(( $(date +%s)-t0 ))s"; grep -E "^not ok" $OUT/$n.txt | head -20 | cut -c1-400; grep -E "^# " $OUT/$n.txt | tail -${N:-6}; }
 r codec ./test_gpu_codec
 KVTIER_CUDA_ENC_EXACT=1 r codecexact ./test_gpu_codec
 r attend ./test_gpu_attend
