@@ -83,6 +83,23 @@ static inline cudaLaunchConfig_t kvt_launch_config(dim3 grid, dim3 block, size_t
 
 /* ---- Device building blocks --------------------------------------------------------------- */
 
+/* element i's bits (f32, or the f16 / bf16 in the low half), and their value: a load split
+ * from its conversion, for code that issues loads long before it needs their values (the
+ * INT2 attention prologue) */
+__device__ __forceinline__ uint32_t kvt_d_ld_raw(const void *p, size_t i, uint32_t dt)
+{
+	return dt == KVT_DTYPE_F32 ? ((const uint32_t *)p)[i] : ((const uint16_t *)p)[i];
+}
+
+__device__ __forceinline__ float kvt_d_widen(uint32_t raw, uint32_t dt)
+{
+	return dt == KVT_DTYPE_F32    ? __uint_as_float(raw)
+	       : dt == KVT_DTYPE_BF16 ? __uint_as_float(raw << 16)
+				      : __half2float(__ushort_as_half((uint16_t)raw));
+}
+
+/* the load and the conversion in one (written out: as kvt_d_widen(kvt_d_ld_raw()) ptxas
+ * compiles the attention and codec kernels differently, and those were measured as they are) */
 __device__ __forceinline__ float kvt_d_ld(const void *p, size_t i, uint32_t dt)
 {
 	if (dt == KVT_DTYPE_F16)

@@ -1278,9 +1278,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		const size_t qi = (size_t)(it.q_base + warp) * D + lane * EPL;
 #pragma unroll
 		for (int e = 0; e < EPL; e++)
-			xr[e] = (uint32_t)warp >= it.nq ? 0u
-				: rq.q_dtype == KVT_DTYPE_F32 ? ((const uint32_t *)rq.q)[qi + e]
-							      : ((const uint16_t *)rq.q)[qi + e];
+			xr[e] = (uint32_t)warp >= it.nq ? 0u : kvt_d_ld_raw(rq.q, qi + e, rq.q_dtype);
 	};
 	/* mid: the folded pins' rows (copied while the loop starts: the next commit takes them),
 	 * the query rotation, then every lane's q' fragments */
@@ -1291,9 +1289,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		float x[EPL];
 #pragma unroll
 		for (int e = 0; e < EPL; e++) {
-			const float v = rq.q_dtype == KVT_DTYPE_F32    ? __uint_as_float(xr[e])
-					: rq.q_dtype == KVT_DTYPE_BF16 ? __uint_as_float(xr[e] << 16)
-								       : __half2float(__ushort_as_half((uint16_t)xr[e]));
+			const float v = kvt_d_widen(xr[e], rq.q_dtype);
 			x[e] = (uint32_t)warp < it.nq ? v * rq.scale : 0.0f;
 			qo[warp * D + lane * EPL + e] = x[e];
 		}
