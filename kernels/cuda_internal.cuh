@@ -33,7 +33,12 @@ struct kvt_cuda_ctx {
 	int sm_count;
 	int cc_major; /* compute capability major (programmatic dependent launches: 9+) */
 	char name[256];
-	cudaStream_t stream;
+	cudaStream_t stream; /* every op but an attention run takes it by kvt_cuda_stream() */
+	/* the stream's last op was an attention run (kvt_cuda_attend_run sets it, every other op
+	 * clears it through kvt_cuda_stream): no kernel still queued or running on the stream
+	 * writes chunk bytes, so the next run's INT2 kernel may copy chunk bytes before its grid
+	 * dependency wait (att_params.early; docs/gpu.md "Session 11") */
+	bool after_attend;
 	/* staging for job descriptors and chunk headers: pinned host -> device, reused per
 	 * call once the previous call's copy has finished (staging_done) */
 	void *stage_host;
@@ -44,6 +49,13 @@ struct kvt_cuda_ctx {
 	uint32_t *work_ctr_dev; /* the fast encoder's grid-wide work counter, then the crc pass's
 				 * counters (CRC_SYNC_WORDS words, kvt_cuda_enc.cuh) */
 };
+
+/* the ctx's stream for any op other than an attention run (see after_attend) */
+static inline cudaStream_t kvt_cuda_stream(kvt_cuda_ctx *c)
+{
+	c->after_attend = false;
+	return c->stream;
+}
 
 int kvt_cuda_errf(char *err, size_t errlen, int rc, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));

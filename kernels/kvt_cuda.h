@@ -165,9 +165,14 @@ int kvt_cuda_attend_plan_build(kvt_cuda_ctx *ctx, const struct kvt_cuda_attend_r
 			       size_t n_reqs, kvt_cuda_attend_plan **out, char *err,
 			       size_t errlen);
 /* Enqueues the attention kernel and its combine step (two launches for the whole batch).
- * A/B switches (not for production) are listed in docs/gpu.md ("What exists"; session 6
- * removed KVTIER_CUDA_I3_OLD, KVTIER_CUDA_I3_PIPE and KVTIER_CUDA_I2_VARIANT=3 with the
- * unit loops they selected). */
+ * The chunks a plan reads must not change while it may run. When the op enqueued right
+ * before on ctx is itself an attention run (a decode loop's steps, layer after layer), the
+ * INT2 kernel copies its first units' chunk bytes while the kernel ahead of it still runs
+ * (an "early" run; every other input, queries and tail included, is read after that kernel
+ * has completed): whatever wrote the chunks ran before that earlier run's first kernel
+ * (session 11, docs/gpu.md). A/B switches (not for production) are listed in docs/gpu.md
+ * ("What exists"; session 6 removed KVTIER_CUDA_I3_OLD, KVTIER_CUDA_I3_PIPE and
+ * KVTIER_CUDA_I2_VARIANT=3 with the unit loops they selected). */
 int kvt_cuda_attend_run(kvt_cuda_ctx *ctx, const kvt_cuda_attend_plan *plan, char *err,
 			size_t errlen);
 void kvt_cuda_attend_plan_destroy(kvt_cuda_attend_plan *plan);
@@ -190,6 +195,9 @@ struct kvt_cuda_attend_plan_info {
 	uint32_t n_items;
 	uint32_t n_groups;
 	uint32_t kernel; /* enum kvt_cuda_attend_kernel */
+	uint32_t chained;    /* 1: its INT2 kernel is a programmatic dependent launch (sm_90+) */
+	uint32_t early_runs; /* runs so far that copied chunk bytes ahead of the kernel before
+			      * them (kvt_cuda_attend_run) */
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);

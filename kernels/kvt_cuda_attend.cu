@@ -750,13 +750,19 @@ __global__ void __launch_bounds__(32 * CMB_W) combine_kernel(att_params p)
 	(void)tlc;
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, tlc);
+	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks read no data of
+	 * this step before their own wait, which returns once this grid has ended. With
+	 * p.cmb_trig0 (session 11) that launch is allowed at this block's start, so the next
+	 * step's blocks take the multiprocessors the INT2 kernel's blocks leave during its tail
+	 * and, on an early run, copy their first units then; else after this block's wait. */
+	if (p.cmb_trig0)
+		kvt_grid_dep_launch();
 	/* launched as a programmatic dependent of the INT2 kernel (plan->pdl): the block may
 	 * start before that grid ends; wait for it (and its writes) here, after the plan loads
 	 * (a no-op for an ordinary launch) */
 	kvt_grid_dep_wait();
-	/* the next step's INT2 kernel (plan->chain) may launch now: its blocks wait for this
-	 * grid's end before they read anything */
-	kvt_grid_dep_launch();
+	if (!p.cmb_trig0)
+		kvt_grid_dep_launch();
 	if (threadIdx.x == 0)
 		ATT_TL(p.tlc, tlc + 1);
 	float Mw = -INFINITY, L = 0.0f, rot[EPL], ex[EPL];
@@ -1296,10 +1302,10 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * 10 even before its grid-dependency wait */
 		if (!rc)
 			rc = kvt_cuda_check(cudaMemcpyAsync(plan->dev_block, host, o_ml,
-							    cudaMemcpyHostToDevice, c->stream),
+							    cudaMemcpyHostToDevice, kvt_cuda_stream(c)),
 					    "plan upload", err, errlen);
 		if (!rc)
-			rc = kvt_cuda_check(cudaStreamSynchronize(c->stream), "plan upload", err,
+			rc = kvt_cuda_check(cudaStreamSynchronize(kvt_cuda_stream(c)), "plan upload", err,
 					    errlen);
 		free(host);
 		if (rc)
@@ -1500,22 +1506,38 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or plan is NULL");
 	if (pl->n_items == 0)
 		return 0;
+	/* this run's copy of the plan, with the per-run fields (session 11): early when the
+	 * INT2 kernel is chained after the stream's previous attention run (c->after_attend:
+	 * whatever wrote the chunks ran before that run's first kernel, whose blocks waited for
+	 * it before they let anything after them launch); the combine lets the next step launch
+	 * at its start. KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn them off (A/B runs). */
+	static int early_on = -1, trig_on = -1;
+	if (early_on < 0)
+		early_on = !getenv("KVTIER_CUDA_EARLY") || atoi(getenv("KVTIER_CUDA_EARLY")) != 0;
+	if (trig_on < 0)
+		trig_on = !getenv("KVTIER_CUDA_CMB_TRIG0") || atoi(getenv("KVTIER_CUDA_CMB_TRIG0")) != 0;
+	kvt_cuda_attend_plan run = *pl;
+	run.p.early = early_on && pl->chain && c->after_attend;
+	run.p.cmb_trig0 = trig_on && pl->pdl;
 	cudaError_t e;
-	if (pl->p.mma) {
-		e = att_launch_mma_any(pl, c->stream);
-		return kvt_cuda_check(e, "attention launch", err, errlen);
+	if (run.p.mma) {
+		e = att_launch_mma_any(&run, c->stream);
+	} else {
+		switch (run.D) {
+		case 64:
+			e = att_launch_bits<64>(&run, c->stream);
+			break;
+		case 128:
+			e = att_launch_bits<128>(&run, c->stream);
+			break;
+		default:
+			e = att_launch_bits<256>(&run, c->stream);
+			break;
+		}
 	}
-	switch (pl->D) {
-	case 64:
-		e = att_launch_bits<64>(pl, c->stream);
-		break;
-	case 128:
-		e = att_launch_bits<128>(pl, c->stream);
-		break;
-	default:
-		e = att_launch_bits<256>(pl, c->stream);
-		break;
-	}
+	c->after_attend = e == cudaSuccess;
+	if (e == cudaSuccess && run.p.early) /* the plan's one field a run writes (a counter) */
+		const_cast<kvt_cuda_attend_plan *>(pl)->early_runs++;
 	return kvt_cuda_check(e, "attention launch", err, errlen);
 }
 
@@ -1725,6 +1747,10 @@ extern "C" int kvt_cuda_attend_timeline_print(const kvt_cuda_attend_plan *pl, FI
 		for (size_t i = 0; i < ni; i++)
 			v[n++] = TL(i, ATT_TL_ENTRY);
 		tl_stats(f, "entry", v, n);
+		n = 0; /* resident before the first entry: negative */
+		for (size_t i = 0; i < ni; i++)
+			v[n++] = (double)(long long)(t[i * ATT_TL_SLOTS + ATT_TL_RESIDENT] - t0);
+		tl_stats(f, "resident", v, n);
 		n = 0;
 		for (size_t i = 0; i < ni; i++)
 			v[n++] = TL(i, ATT_TL_PROLOGUE) - TL(i, ATT_TL_ENTRY);
@@ -1784,6 +1810,8 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
 		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
+	info->chained = pl->p.mma && pl->p.i2 && pl->chain;
+	info->early_runs = pl->early_runs;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

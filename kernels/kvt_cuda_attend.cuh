@@ -82,6 +82,12 @@ struct att_params : att_params_base {
 	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
 	 * items and no rotated partials (exact_begin = item_begin) */
 	uint32_t fold;
+	/* set per run (kvt_cuda_attend_run), not by the plan build: early 1 when the INT2 kernel
+	 * copies its first units' chunk bytes before its grid dependency wait (the stream's last
+	 * op was an attention run, so nothing still running writes chunk bytes; session 11);
+	 * cmb_trig0 1 when the combine lets the next kernel launch at its start instead of
+	 * after its own wait */
+	uint32_t early, cmb_trig0;
 #ifdef KVT_ATT_TIMELINE
 	/* diagnostic builds only (-DKVT_ATT_TIMELINE; never in a production build): %globaltimer
 	 * stamps of the INT2 kernel's blocks, tl[item][ATT_TL_SLOTS], and of the combine's,
@@ -90,14 +96,16 @@ struct att_params : att_params_base {
 #endif
 };
 
-/* the INT2 kernel's stamps per block: entry, prologue done, each warp's unit loop done,
- * merge done */
-#define ATT_TL_SLOTS 8
+/* the INT2 kernel's stamps per block: entry (its wait done), prologue done, each warp's unit
+ * loop done, merge done, where, resident */
+#define ATT_TL_SLOTS 9
 #define ATT_TL_ENTRY 0
 #define ATT_TL_PROLOGUE 1
 #define ATT_TL_LOOP 2 /* + warp */
 #define ATT_TL_MERGE 6
 #define ATT_TL_WHERE 7 /* bytes 0-1: %smid; byte 4 + w: warp w's %warpid (session 9) */
+#define ATT_TL_RESIDENT 8 /* the block's first instruction, before its grid dependency wait
+			   * (session 11) */
 /* the combine's stamps per block (session 10): entry (resident, before its wait), wait
  * done, warp 0's items merged, output written */
 #define ATT_TLC_SLOTS 4
@@ -136,8 +144,11 @@ struct kvt_cuda_attend_plan {
 	uint32_t pdl; /* the combine as a programmatic dependent launch */
 	uint32_t cmb_all; /* the INT2 plan's combine issues a whole batch's loads at once */
 	uint32_t chain; /* the INT2 kernel as a programmatic dependent launch (of whatever kernel
-			 * precedes it in the stream: it waits for it before reading any data; only
-			 * the plan's own descriptors, which no kernel writes, are read before) */
+			 * precedes it in the stream: it waits for it before reading any data but
+			 * the plan's own descriptors, which no kernel writes, and on an early run
+			 * (att_params.early) its first units' chunk bytes) */
+	uint32_t early_runs; /* runs whose INT2 kernel copied chunk bytes before its wait
+			      * (kvt_cuda_attend_plan_info; tests) */
 	uint64_t read_bytes;
 	void *dev_block; /* descriptors + scratch, one allocation */
 };

@@ -687,7 +687,13 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			nnp = p.chunks[cs + 1].n_pinned;
 		}
 	}
-	pre();
+	/* p.early (session 11: the stream's previous op was an attention run, so nothing still
+	 * running writes chunk bytes; kvt_cuda_attend_run): the first two units are copied before
+	 * the wait, while the kernel ahead (the previous step's combine) ends; else right after
+	 * the wait and the query loads */
+	const bool early = p.early;
+	if (!early)
+		pre();
 	if (u0 < u1)
 		stage_unit(s0, ss, std::false_type());
 	cp_async_commit();
@@ -794,6 +800,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		stage_unit(s0 ^ bx, ss, std::false_type());
 	}
 	cp_async_commit();
+	if (early)
+		pre();
 	mid();
 	uint32_t vcur = va0; /* this unit's value scale words */
 	/* swapped keys: the lane's q' B fragments (head gid / 2, f16 hi at even gid, lo at odd) are
@@ -1259,6 +1267,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	 * them; everything else (queries, chunk bytes, exact rows) is read after the wait, which
 	 * returns once that grid has completed and its writes are visible (a no-op for an
 	 * ordinary launch); then the combine may launch once every block has started */
+	if (threadIdx.x == 0)
+		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_RESIDENT);
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	att_item_dev x0; /* the first folded pin descriptor (set and read only when it.xn) */

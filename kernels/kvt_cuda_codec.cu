@@ -289,7 +289,7 @@ extern "C" int kvt_cuda_ctx_info(kvt_cuda_ctx *c, char *name, size_t namelen, in
 
 extern "C" int kvt_cuda_sync(kvt_cuda_ctx *c, char *err, size_t errlen)
 {
-	CK(cudaStreamSynchronize(c->stream), "stream synchronize");
+	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "stream synchronize");
 	CK(cudaGetLastError(), "asynchronous kernel error");
 	return 0;
 }
@@ -326,30 +326,30 @@ extern "C" void kvt_cuda_free_host(kvt_cuda_ctx *c, void *host)
 extern "C" int kvt_cuda_upload(kvt_cuda_ctx *c, void *dev, const void *host, size_t bytes,
 			       char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, c->stream), "upload");
-	CK(cudaStreamSynchronize(c->stream), "upload");
+	CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, kvt_cuda_stream(c)), "upload");
+	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "upload");
 	return 0;
 }
 
 extern "C" int kvt_cuda_download(kvt_cuda_ctx *c, void *host, const void *dev, size_t bytes,
 				 char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
-	CK(cudaStreamSynchronize(c->stream), "download");
+	CK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, kvt_cuda_stream(c)), "download");
+	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "download");
 	return 0;
 }
 
 extern "C" int kvt_cuda_copy_async(kvt_cuda_ctx *c, void *dst, const void *src, size_t bytes,
 				   char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream), "copy");
+	CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, kvt_cuda_stream(c)), "copy");
 	return 0;
 }
 
 extern "C" int kvt_cuda_memset_async(kvt_cuda_ctx *c, void *dev, int value, size_t bytes,
 				     char *err, size_t errlen)
 {
-	CK(cudaMemsetAsync(dev, value, bytes, c->stream), "memset");
+	CK(cudaMemsetAsync(dev, value, bytes, kvt_cuda_stream(c)), "memset");
 	return 0;
 }
 
@@ -362,9 +362,9 @@ int kvt_cuda_stage_acquire(kvt_cuda_ctx *c, char *err, size_t errlen)
 int kvt_cuda_stage_push(kvt_cuda_ctx *c, size_t bytes, char *err, size_t errlen)
 {
 	CK(cudaMemcpyAsync(c->stage_dev, c->stage_host, bytes, cudaMemcpyHostToDevice,
-			   c->stream),
+			   kvt_cuda_stream(c)),
 	   "staging copy");
-	CK(cudaEventRecord(c->stage_done, c->stream), "staging event");
+	CK(cudaEventRecord(c->stage_done, kvt_cuda_stream(c)), "staging event");
 	return 0;
 }
 
@@ -1690,7 +1690,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
 
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
-	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, c->stream>>>(p);
+	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, kvt_cuda_stream(c)>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
 	const bool mx = !kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg);
 	/* the crc pass as the encoder's programmatic dependent: only mx_kernel counts its
@@ -1708,7 +1708,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	uint32_t fe_tf = 0, fe_ts = 0;
 	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
 	if (mx) {
-		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, c->stream);
+		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, kvt_cuda_stream(c));
 	} else if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
@@ -1718,30 +1718,30 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		f.n_tiles = (uint32_t)n_jobs * p.L * (B / p.G);
 		f.tile_floats = fe_tf;
 		f.tok_stride = fe_ts;
-		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, c->stream)
-		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, c->stream)
-			       : fe_launch<256>(f, fe_sm, c->sm_count, c->stream);
+		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, kvt_cuda_stream(c))
+		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, kvt_cuda_stream(c))
+			       : fe_launch<256>(f, fe_sm, c->sm_count, kvt_cuda_stream(c));
 	} else switch (D) {
 	case 64:
-		e = enc_launch<64>(p, (uint32_t)n_jobs, c->stream);
+		e = enc_launch<64>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
 		break;
 	case 128:
-		e = enc_launch<128>(p, (uint32_t)n_jobs, c->stream);
+		e = enc_launch<128>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
 		break;
 	default:
-		e = enc_launch<256>(p, (uint32_t)n_jobs, c->stream);
+		e = enc_launch<256>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
 		break;
 	}
 	CK(e, "encode launch");
 	if (kvt_cuda_codec_old()) {
 		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
-		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, c->stream>>>(p.jobs,
+		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, kvt_cuda_stream(c)>>>(p.jobs,
 										      p.crc_acc);
 	} else {
-		CK((crc10_launch<8, 2, 4096>(ca, c->sm_count, pdl, c->stream)), "crc launch");
+		CK((crc10_launch<8, 2, 4096>(ca, c->sm_count, pdl, kvt_cuda_stream(c))), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
-	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, c->stream>>>(
+	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, kvt_cuda_stream(c)>>>(
 		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
 	CK(cudaGetLastError(), "crc finish launch");
 	return 0;
@@ -1781,20 +1781,20 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 				 "crc test copy", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemcpy(jd, &job, sizeof(job), cudaMemcpyHostToDevice),
 				 "crc test copy", err, errlen)) ||
-	    (rc = kvt_cuda_check(cudaMemsetAsync(c->crc_acc_dev, 0, sizeof(uint32_t), c->stream),
+	    (rc = kvt_cuda_check(cudaMemsetAsync(c->crc_acc_dev, 0, sizeof(uint32_t), kvt_cuda_stream(c)),
 				 "crc test memset", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
-						 CRC_SYNC_WORDS * sizeof(uint32_t), c->stream),
+						 CRC_SYNC_WORDS * sizeof(uint32_t), kvt_cuda_stream(c)),
 				 "crc test memset", err, errlen)) ||
-	    (rc = kvt_cuda_check(crc10_launch<8, 2, 4096>(ca, c->sm_count, false, c->stream),
+	    (rc = kvt_cuda_check(crc10_launch<8, 2, 4096>(ca, c->sm_count, false, kvt_cuda_stream(c)),
 				 "crc test launch", err, errlen)))
 		goto out;
-	crc_finish_kernel<<<1, 128, 0, c->stream>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
+	crc_finish_kernel<<<1, 128, 0, kvt_cuda_stream(c)>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
 	if ((rc = kvt_cuda_check(cudaGetLastError(), "crc test finish", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemcpyAsync(crc, buf + align_off + len, 4,
-					       cudaMemcpyDeviceToHost, c->stream),
+					       cudaMemcpyDeviceToHost, kvt_cuda_stream(c)),
 				 "crc test copy back", err, errlen)) ||
-	    (rc = kvt_cuda_check(cudaStreamSynchronize(c->stream), "crc test sync", err, errlen)))
+	    (rc = kvt_cuda_check(cudaStreamSynchronize(kvt_cuda_stream(c)), "crc test sync", err, errlen)))
 		goto out;
 out:
 	if (buf)
@@ -2673,21 +2673,21 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 			cfg0.dtype != KVT_DTYPE_F32 &&
 			(cfg0.group == 32 || cfg0.group == 64 || cfg0.group == 128) &&
 			!(out_dts & (1u << KVT_DTYPE_F32));
-		if (!(fd3_ok && (var < 0 || var >= 4) && fd3_launch(var != 4, fgrid, c->stream, p)))
-			fd_launch(cfg0.head_dim, var >= 0 && var <= 3 ? var : 0, fgrid, c->stream, p);
+		if (!(fd3_ok && (var < 0 || var >= 4) && fd3_launch(var != 4, fgrid, kvt_cuda_stream(c), p)))
+			fd_launch(cfg0.head_dim, var >= 0 && var <= 3 ? var : 0, fgrid, kvt_cuda_stream(c), p);
 		CK(cudaGetLastError(), "decode launch");
 		return 0;
 	}
 	dim3 grid((max_tok + DEC_TOKENS - 1) / DEC_TOKENS, max_lay, (unsigned)n_jobs);
 	switch (cfg0.head_dim) {
 	case 64:
-		dec_kernel<64><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		dec_kernel<64><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
 		break;
 	case 128:
-		dec_kernel<128><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		dec_kernel<128><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
 		break;
 	default:
-		dec_kernel<256><<<grid, DEC_THREADS, 0, c->stream>>>(p);
+		dec_kernel<256><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
 		break;
 	}
 	CK(cudaGetLastError(), "decode launch");

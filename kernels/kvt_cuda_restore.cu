@@ -513,7 +513,7 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 	uint64_t n = y - x;
 	size_t need = 2 * (size_t)nl * n * d->row_bytes;
 	if (need > r->tail_bytes) {
-		CK(cudaStreamSynchronize(c->stream), "restore tail wait");
+		CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "restore tail wait");
 		if (r->tail_host)
 			cudaFreeHost(r->tail_host);
 		r->tail_host = NULL;
@@ -540,7 +540,7 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 			size_t w = run * d->row_bytes;
 			CK(cudaMemcpy2DAsync(dst, nl > 1 ? d->layer_stride : w,
 					     st + (t - x) * d->row_bytes, lb, w, nl,
-					     cudaMemcpyHostToDevice, c->stream),
+					     cudaMemcpyHostToDevice, kvt_cuda_stream(c)),
 			   "tail copy");
 			t += run;
 		}
@@ -626,7 +626,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		}
 		h2d += off;
 		CK(cudaEventRecord(r->copied[slot], r->copy), "event record");
-		CK(cudaStreamWaitEvent(c->stream, r->copied[slot], 0), "stream wait");
+		CK(cudaStreamWaitEvent(kvt_cuda_stream(c), r->copied[slot], 0), "stream wait");
 		off = 0;
 		for (size_t k = i; k < j; k++) {
 			if ((rc = chunk_jobs(c, r, a, &a->chunks[k], ds + off, &n_jobs, &rows, err,
@@ -636,7 +636,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		}
 		if ((rc = flush_jobs(c, r, &n_jobs, err, errlen)))
 			return rc;
-		CK(cudaEventRecord(r->decoded[slot], c->stream), "event record");
+		CK(cudaEventRecord(r->decoded[slot], kvt_cuda_stream(c)), "event record");
 		r->used[slot] = 1;
 		slot = (slot + 1) % KVT_RESTORE_SLOTS;
 		i = j;
@@ -645,7 +645,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		return rc;
 	if (a->n_tail && (rc = restore_tail(c, r, a, &rows, err, errlen)))
 		return rc;
-	CK(cudaStreamSynchronize(c->stream), "restore");
+	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "restore");
 	CK(cudaGetLastError(), "restore (asynchronous error)");
 	if (stats) {
 		stats->rows = rows;
