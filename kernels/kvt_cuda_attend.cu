@@ -1300,12 +1300,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * return before its DMA has landed, and it is not ordered with the ctx's
 		 * (non-blocking) stream, where the INT2 kernel reads the descriptors, since session
 		 * 10 even before its grid-dependency wait */
+		cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
 		if (!rc)
 			rc = kvt_cuda_check(cudaMemcpyAsync(plan->dev_block, host, o_ml,
-							    cudaMemcpyHostToDevice, kvt_cuda_stream(c)),
+							    cudaMemcpyHostToDevice, st),
 					    "plan upload", err, errlen);
 		if (!rc)
-			rc = kvt_cuda_check(cudaStreamSynchronize(kvt_cuda_stream(c)), "plan upload", err,
+			rc = kvt_cuda_check(cudaStreamSynchronize(st), "plan upload", err,
 					    errlen);
 		free(host);
 		if (rc)
@@ -1512,10 +1513,11 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	 * it before they let anything after them launch); the combine lets the next step launch
 	 * at its start. KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn them off (A/B runs). */
 	static int early_on = -1, trig_on = -1;
-	if (early_on < 0)
-		early_on = !getenv("KVTIER_CUDA_EARLY") || atoi(getenv("KVTIER_CUDA_EARLY")) != 0;
-	if (trig_on < 0)
-		trig_on = !getenv("KVTIER_CUDA_CMB_TRIG0") || atoi(getenv("KVTIER_CUDA_CMB_TRIG0")) != 0;
+	if (early_on < 0) {
+		const char *e = getenv("KVTIER_CUDA_EARLY"), *t = getenv("KVTIER_CUDA_CMB_TRIG0");
+		early_on = !e || atoi(e) != 0;
+		trig_on = !t || atoi(t) != 0;
+	}
 	kvt_cuda_attend_plan run = *pl;
 	run.p.early = early_on && pl->chain && c->after_attend;
 	run.p.cmb_trig0 = trig_on && pl->pdl;

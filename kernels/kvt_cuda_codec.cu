@@ -326,16 +326,18 @@ extern "C" void kvt_cuda_free_host(kvt_cuda_ctx *c, void *host)
 extern "C" int kvt_cuda_upload(kvt_cuda_ctx *c, void *dev, const void *host, size_t bytes,
 			       char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, kvt_cuda_stream(c)), "upload");
-	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "upload");
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
+	CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, st), "upload");
+	CK(cudaStreamSynchronize(st), "upload");
 	return 0;
 }
 
 extern "C" int kvt_cuda_download(kvt_cuda_ctx *c, void *host, const void *dev, size_t bytes,
 				 char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, kvt_cuda_stream(c)), "download");
-	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "download");
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
+	CK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, st), "download");
+	CK(cudaStreamSynchronize(st), "download");
 	return 0;
 }
 
@@ -361,10 +363,10 @@ int kvt_cuda_stage_acquire(kvt_cuda_ctx *c, char *err, size_t errlen)
 
 int kvt_cuda_stage_push(kvt_cuda_ctx *c, size_t bytes, char *err, size_t errlen)
 {
-	CK(cudaMemcpyAsync(c->stage_dev, c->stage_host, bytes, cudaMemcpyHostToDevice,
-			   kvt_cuda_stream(c)),
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
+	CK(cudaMemcpyAsync(c->stage_dev, c->stage_host, bytes, cudaMemcpyHostToDevice, st),
 	   "staging copy");
-	CK(cudaEventRecord(c->stage_done, kvt_cuda_stream(c)), "staging event");
+	CK(cudaEventRecord(c->stage_done, st), "staging event");
 	return 0;
 }
 
@@ -1550,6 +1552,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	char why[200];
 	if (!c || !cfg || (n_jobs && (!jobs || !sizes)))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx, cfg, jobs or sizes is NULL");
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
 	if ((rc = kvt_codec_config_validate(cfg, why, sizeof(why))))
 		return kvt_cuda_errf(err, errlen, rc, "%s", why);
 	if (cfg->pin_detect_ratio > 0.0f && cfg->pin_detect_max > 0)
@@ -1690,7 +1693,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
 
 	CK(cudaSetDevice(c->device), "cudaSetDevice");
-	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, kvt_cuda_stream(c)>>>(p);
+	enc_prep_kernel<<<dim3(p.L + 1, (unsigned)n_jobs), 256, 0, st>>>(p);
 	CK(cudaGetLastError(), "encode prep launch");
 	const bool mx = !kvt_cuda_codec_old() && !kvt_cuda_enc_exact() && kvt_mx_supports(cfg);
 	/* the crc pass as the encoder's programmatic dependent: only mx_kernel counts its
@@ -1708,7 +1711,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 	uint32_t fe_tf = 0, fe_ts = 0;
 	const size_t fe_sm = fe_smem_bytes(cfg, &fe_tf, &fe_ts);
 	if (mx) {
-		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, kvt_cuda_stream(c));
+		e = kvt_mx_launch(p, (uint32_t)n_jobs, D, st);
 	} else if (fe_sm && !kvt_cuda_codec_old()) {
 		fe_params f;
 		memset(&f, 0, sizeof(f));
@@ -1718,30 +1721,30 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 		f.n_tiles = (uint32_t)n_jobs * p.L * (B / p.G);
 		f.tile_floats = fe_tf;
 		f.tok_stride = fe_ts;
-		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, kvt_cuda_stream(c))
-		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, kvt_cuda_stream(c))
-			       : fe_launch<256>(f, fe_sm, c->sm_count, kvt_cuda_stream(c));
+		e = D == 64    ? fe_launch<64>(f, fe_sm, c->sm_count, st)
+		    : D == 128 ? fe_launch<128>(f, fe_sm, c->sm_count, st)
+			       : fe_launch<256>(f, fe_sm, c->sm_count, st);
 	} else switch (D) {
 	case 64:
-		e = enc_launch<64>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
+		e = enc_launch<64>(p, (uint32_t)n_jobs, st);
 		break;
 	case 128:
-		e = enc_launch<128>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
+		e = enc_launch<128>(p, (uint32_t)n_jobs, st);
 		break;
 	default:
-		e = enc_launch<256>(p, (uint32_t)n_jobs, kvt_cuda_stream(c));
+		e = enc_launch<256>(p, (uint32_t)n_jobs, st);
 		break;
 	}
 	CK(e, "encode launch");
 	if (kvt_cuda_codec_old()) {
 		unsigned crc_blocks = (unsigned)((max_total + 256 * CRC_SEG - 1) / (256 * CRC_SEG));
-		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, kvt_cuda_stream(c)>>>(p.jobs,
+		crc_kernel<<<dim3(crc_blocks, (unsigned)n_jobs), 256, 0, st>>>(p.jobs,
 										      p.crc_acc);
 	} else {
-		CK((crc10_launch<8, 2, 4096>(ca, c->sm_count, pdl, kvt_cuda_stream(c))), "crc launch");
+		CK((crc10_launch<8, 2, 4096>(ca, c->sm_count, pdl, st)), "crc launch");
 	}
 	CK(cudaGetLastError(), "crc launch");
-	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, kvt_cuda_stream(c)>>>(
+	crc_finish_kernel<<<(unsigned)((n_jobs + 127) / 128), 128, 0, st>>>(
 		p.jobs, p.crc_acc, (uint32_t)n_jobs, p.crc_field_off);
 	CK(cudaGetLastError(), "crc finish launch");
 	return 0;
@@ -1752,6 +1755,7 @@ extern "C" int kvt_cuda_encode(kvt_cuda_ctx *c, const struct kvt_codec_config *c
 extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, size_t align_off,
 				 uint32_t *crc, char *err, size_t errlen)
 {
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
 	if (len == 0 || len % 64 || align_off % 16)
 		return kvt_cuda_errf(err, errlen, -EINVAL,
 				     "crc test: len %zu (a positive multiple of 64), align_off %zu "
@@ -1781,20 +1785,20 @@ extern "C" int kvt_cuda_crc_test(kvt_cuda_ctx *c, const void *host, size_t len, 
 				 "crc test copy", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemcpy(jd, &job, sizeof(job), cudaMemcpyHostToDevice),
 				 "crc test copy", err, errlen)) ||
-	    (rc = kvt_cuda_check(cudaMemsetAsync(c->crc_acc_dev, 0, sizeof(uint32_t), kvt_cuda_stream(c)),
+	    (rc = kvt_cuda_check(cudaMemsetAsync(c->crc_acc_dev, 0, sizeof(uint32_t), st),
 				 "crc test memset", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemsetAsync(c->work_ctr_dev, 0,
-						 CRC_SYNC_WORDS * sizeof(uint32_t), kvt_cuda_stream(c)),
+						 CRC_SYNC_WORDS * sizeof(uint32_t), st),
 				 "crc test memset", err, errlen)) ||
-	    (rc = kvt_cuda_check(crc10_launch<8, 2, 4096>(ca, c->sm_count, false, kvt_cuda_stream(c)),
+	    (rc = kvt_cuda_check(crc10_launch<8, 2, 4096>(ca, c->sm_count, false, st),
 				 "crc test launch", err, errlen)))
 		goto out;
-	crc_finish_kernel<<<1, 128, 0, kvt_cuda_stream(c)>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
+	crc_finish_kernel<<<1, 128, 0, st>>>(jd, c->crc_acc_dev, 1, (uint32_t)len);
 	if ((rc = kvt_cuda_check(cudaGetLastError(), "crc test finish", err, errlen)) ||
 	    (rc = kvt_cuda_check(cudaMemcpyAsync(crc, buf + align_off + len, 4,
-					       cudaMemcpyDeviceToHost, kvt_cuda_stream(c)),
+					       cudaMemcpyDeviceToHost, st),
 				 "crc test copy back", err, errlen)) ||
-	    (rc = kvt_cuda_check(cudaStreamSynchronize(kvt_cuda_stream(c)), "crc test sync", err, errlen)))
+	    (rc = kvt_cuda_check(cudaStreamSynchronize(st), "crc test sync", err, errlen)))
 		goto out;
 out:
 	if (buf)
@@ -2557,6 +2561,7 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 	int rc;
 	if (!c || (n_jobs && !jobs))
 		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or jobs is NULL");
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
 	if (n_jobs > KVT_CUDA_MAX_JOBS)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "n_jobs %zu is above %d", n_jobs,
 				     KVT_CUDA_MAX_JOBS);
@@ -2673,21 +2678,21 @@ extern "C" int kvt_cuda_decode(kvt_cuda_ctx *c, const struct kvt_cuda_decode_job
 			cfg0.dtype != KVT_DTYPE_F32 &&
 			(cfg0.group == 32 || cfg0.group == 64 || cfg0.group == 128) &&
 			!(out_dts & (1u << KVT_DTYPE_F32));
-		if (!(fd3_ok && (var < 0 || var >= 4) && fd3_launch(var != 4, fgrid, kvt_cuda_stream(c), p)))
-			fd_launch(cfg0.head_dim, var >= 0 && var <= 3 ? var : 0, fgrid, kvt_cuda_stream(c), p);
+		if (!(fd3_ok && (var < 0 || var >= 4) && fd3_launch(var != 4, fgrid, st, p)))
+			fd_launch(cfg0.head_dim, var >= 0 && var <= 3 ? var : 0, fgrid, st, p);
 		CK(cudaGetLastError(), "decode launch");
 		return 0;
 	}
 	dim3 grid((max_tok + DEC_TOKENS - 1) / DEC_TOKENS, max_lay, (unsigned)n_jobs);
 	switch (cfg0.head_dim) {
 	case 64:
-		dec_kernel<64><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
+		dec_kernel<64><<<grid, DEC_THREADS, 0, st>>>(p);
 		break;
 	case 128:
-		dec_kernel<128><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
+		dec_kernel<128><<<grid, DEC_THREADS, 0, st>>>(p);
 		break;
 	default:
-		dec_kernel<256><<<grid, DEC_THREADS, 0, kvt_cuda_stream(c)>>>(p);
+		dec_kernel<256><<<grid, DEC_THREADS, 0, st>>>(p);
 		break;
 	}
 	CK(cudaGetLastError(), "decode launch");

@@ -503,6 +503,7 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 			const struct kvt_cuda_restore_args *a, uint64_t *rows, char *err,
 			size_t errlen)
 {
+	cudaStream_t stream = kvt_cuda_stream(c); /* any op but an attention run */
 	uint64_t t0 = a->tail_first, t1 = a->tail_first + a->n_tail;
 	uint64_t x = t0 > a->token_begin ? t0 : a->token_begin;
 	uint64_t y = t1 < a->token_end ? t1 : a->token_end;
@@ -513,7 +514,7 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 	uint64_t n = y - x;
 	size_t need = 2 * (size_t)nl * n * d->row_bytes;
 	if (need > r->tail_bytes) {
-		CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "restore tail wait");
+		CK(cudaStreamSynchronize(stream), "restore tail wait");
 		if (r->tail_host)
 			cudaFreeHost(r->tail_host);
 		r->tail_host = NULL;
@@ -540,7 +541,7 @@ static int restore_tail(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 			size_t w = run * d->row_bytes;
 			CK(cudaMemcpy2DAsync(dst, nl > 1 ? d->layer_stride : w,
 					     st + (t - x) * d->row_bytes, lb, w, nl,
-					     cudaMemcpyHostToDevice, kvt_cuda_stream(c)),
+					     cudaMemcpyHostToDevice, stream),
 			   "tail copy");
 			t += run;
 		}
@@ -553,6 +554,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 				const struct kvt_cuda_restore_args *a,
 				struct kvt_cuda_restore_stats *stats, char *err, size_t errlen)
 {
+	cudaStream_t st = kvt_cuda_stream(c); /* any op but an attention run */
 	int rc;
 	if ((rc = check_args(a, err, errlen)))
 		return rc;
@@ -626,7 +628,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		}
 		h2d += off;
 		CK(cudaEventRecord(r->copied[slot], r->copy), "event record");
-		CK(cudaStreamWaitEvent(kvt_cuda_stream(c), r->copied[slot], 0), "stream wait");
+		CK(cudaStreamWaitEvent(st, r->copied[slot], 0), "stream wait");
 		off = 0;
 		for (size_t k = i; k < j; k++) {
 			if ((rc = chunk_jobs(c, r, a, &a->chunks[k], ds + off, &n_jobs, &rows, err,
@@ -636,7 +638,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		}
 		if ((rc = flush_jobs(c, r, &n_jobs, err, errlen)))
 			return rc;
-		CK(cudaEventRecord(r->decoded[slot], kvt_cuda_stream(c)), "event record");
+		CK(cudaEventRecord(r->decoded[slot], st), "event record");
 		r->used[slot] = 1;
 		slot = (slot + 1) % KVT_RESTORE_SLOTS;
 		i = j;
@@ -645,7 +647,7 @@ extern "C" int kvt_cuda_restore(kvt_cuda_ctx *c, kvt_cuda_restorer *r,
 		return rc;
 	if (a->n_tail && (rc = restore_tail(c, r, a, &rows, err, errlen)))
 		return rc;
-	CK(cudaStreamSynchronize(kvt_cuda_stream(c)), "restore");
+	CK(cudaStreamSynchronize(st), "restore");
 	CK(cudaGetLastError(), "restore (asynchronous error)");
 	if (stats) {
 		stats->rows = rows;
