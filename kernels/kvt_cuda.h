@@ -84,8 +84,9 @@ struct kvt_cuda_encode_job {
  *    math in another float order, so codes may differ from the CPU's at rounding ties (by
  *    one; exact half-way values may round either way; decoded values within one quantization
  *    step), scales / zeros by a rounding of the
- *    16-bit dtype (a zero by one step where its rint(-mn / s) was a tie), norms by a few f32
- *    ulps; NaN inputs give unspecified codes;
+ *    16-bit dtype (a zero by one step where its rint(-mn / s) was a tie; in such a group the
+ *    two grids differ and codes may be more than one apart, decoded values still within one
+ *    step), norms by a few f32 ulps; NaN inputs give unspecified codes;
  *  - the byte-exact encoder (every other config, or KVTIER_CUDA_ENC_EXACT=1): bytes equal to
  *    kvt_encode_chunk's, except that where a group's min or max is a zero reached by both -0
  *    and +0 the stored zero may carry the other sign (same decoded values).

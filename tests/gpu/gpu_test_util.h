@@ -151,7 +151,7 @@ static inline size_t chunk_qp_index(const struct kvt_codec_config *cfg, int is_v
 /* Dequantized element (code * scale + zero, the rotated/normalised domain) and its step. */
 static inline float chunk_dq(const uint8_t *chunk, const struct kvt_codec_config *cfg,
 			     const struct kvt_chunk_layout *lay, uint32_t l, int is_v, uint32_t h,
-			     uint32_t t, uint32_t c, float *step)
+			     uint32_t t, uint32_t c, float *step, float *zero)
 {
 	const uint32_t B = cfg->chunk_tokens, d = cfg->head_dim;
 	const uint8_t *sec = chunk + lay->data_offset + (size_t)l * lay->layer_bytes;
@@ -164,6 +164,8 @@ static inline float chunk_dq(const uint8_t *chunk, const struct kvt_codec_config
 	memcpy(&zb, sec + (is_v ? lay->v_zero_off : lay->k_zero_off) + si * 2, 2);
 	float s = widen_scale(sb, cfg->dtype), z = widen_scale(zb, cfg->dtype);
 	*step = s;
+	if (zero)
+		*zero = z;
 	return (float)chunk_code(row, c, bits, d) * s + z;
 }
 

@@ -397,8 +397,8 @@ static void one_config(const struct kvt_codec_config *cfg, uint64_t first_token)
 					for (uint32_t t = 0; t < B; t++)
 						for (uint32_t c = 0; c < d; c++) {
 							float s1, s2;
-							float a = chunk_dq(c_cpu, cfg, &lay, l, is_v, h, t, c, &s1);
-							float b = chunk_dq(c_gpu, cfg, &lay, l, is_v, h, t, c, &s2);
+							float a = chunk_dq(c_cpu, cfg, &lay, l, is_v, h, t, c, &s1, NULL);
+							float b = chunk_dq(c_gpu, cfg, &lay, l, is_v, h, t, c, &s2, NULL);
 							const uint32_t bits = is_v ? cfg->value_bits : cfg->key_bits;
 							const size_t ro = (is_v ? lay.v_codes_off : lay.k_codes_off) +
 									  ((size_t)h * B + t) * d * bits / 8;

@@ -575,7 +575,7 @@ static void test_gpu_encode(void)
  * few codes differing overall. Counts go to *codes / *diff. */
 static int near_encoded(struct kvt_client *c, const char *gid, const char *hid,
 			const struct kvt_codec_config *cfg, uint64_t *codes, uint64_t *diff,
-			double *worst_steps)
+			uint64_t *far, double *worst_steps)
 {
 	struct kvt_client_encoded *eg, *eh;
 	char err[256] = "";
@@ -622,20 +622,31 @@ static int near_encoded(struct kvt_client *c, const char *gid, const char *hid,
 									  ((size_t)hd * B + t) * d * b / 8;
 							const int cg = (int)chunk_code(g + ro, ch, b, d);
 							const int chh = (int)chunk_code(h + ro, ch, b, d);
-							float sg, sh;
-							const float a = chunk_dq(g, cfg, &lay, l, is_v, hd, t, ch, &sg);
-							const float r = chunk_dq(h, cfg, &lay, l, is_v, hd, t, ch, &sh);
+							float sg, sh, zg, zh;
+							const float a = chunk_dq(g, cfg, &lay, l, is_v, hd, t, ch, &sg, &zg);
+							const float r = chunk_dq(h, cfg, &lay, l, is_v, hd, t, ch, &sh, &zh);
 							const float step = sg > sh ? sg : sh;
 							const double ex = a == r ? 0.0 : fabs((double)a - r) / (step > 0 ? step : 1e-30);
+							/* codes one apart at a rounding tie where the group's 16-bit
+							 * scale and zero agree; where one of them rounded the other way
+							 * the two grids differ (a one-ulp scale moves a code of a group far
+							 * from 0 by a fraction, the zero then by a step), so codes may be
+							 * further apart there: the values stay within a step either way
+							 * (seen on the H200, session 11: an INT4 key 8 vs 10, 0.959
+							 * steps apart) */
+							const int moved = sg != sh || zg != zh;
 							(*codes)++;
 							*diff += cg != chh;
+							*far += moved && (cg - chh > 1 || chh - cg > 1);
 							if (ex > *worst_steps)
 								*worst_steps = ex;
-							if (cg - chh > 1 || chh - cg > 1 || ex > tol) {
+							if ((!moved && (cg - chh > 1 || chh - cg > 1)) || ex > tol) {
 								if (!bad)
 									printf("# chunk %zu l%u %s h%u t%u c%u: code %d vs %d, "
-									       "%g vs %g (%.3f steps)\n", i, l, is_v ? "v" : "k",
-									       hd, t, ch, cg, chh, (double)a, (double)r, ex);
+									       "%g vs %g (%.3f steps; scale %g vs %g, zero "
+									       "%g vs %g)\n", i, l, is_v ? "v" : "k", hd, t,
+									       ch, cg, chh, (double)a, (double)r, ex,
+									       (double)sg, (double)sh, (double)zg, (double)zh);
 								bad = 1;
 							}
 						}
@@ -660,7 +671,7 @@ static void test_tensor_core_encode(void)
 					   NULL};
 	KVT_REQUIRE(kvt_daemon_start(&d, args) == 0, "daemon");
 	KVT_REQUIRE(kvt_daemon_client(&d, 0, &c) == 0, "connect");
-	uint64_t codes = 0, diff = 0;
+	uint64_t codes = 0, diff = 0, far = 0;
 	double worst = 0.0;
 	for (int variant = 0; variant < 2; variant++) {
 		struct kvt_client_session_params p;
@@ -689,9 +700,10 @@ static void test_tensor_core_encode(void)
 		KVT_CHECK(nc == g.n / 128, /* the window pins tokens in place: chunks seal as B fills */
 			  "variant %d: %llu chunks encoded on the device", variant,
 			  (unsigned long long)nc);
-		KVT_CHECK(near_encoded(c, gid, hid, &g.cfg, &codes, &diff, &worst) == 0,
+		KVT_CHECK(near_encoded(c, gid, hid, &g.cfg, &codes, &diff, &far, &worst) == 0,
 			  "variant %d: the GPU-resident session's chunks match the host session's "
-			  "(codes at most one apart, values within a step)", variant);
+			  "(values within a step; codes at most one apart where the group's scale "
+			  "and zero agree)", variant);
 		double w2 = 0;
 		struct sess *one[1] = {&g};
 		attend_all(c, one, 1, 0, &w2, "tensor-core encoded session");
@@ -703,8 +715,9 @@ static void test_tensor_core_encode(void)
 	 * fraction is a sanity net only, as there: 2.3e-4 .. 4.3e-4 of the codes with the
 	 * encoder's codes over qmax for every group (session 7, enc10), 1e-3 is over 2x that */
 	printf("# tensor-core encode through kvtierd: %llu of %llu codes differ from the CPU's "
-	       "(%.2e), worst %.4f steps\n", (unsigned long long)diff, (unsigned long long)codes,
-	       codes ? (double)diff / (double)codes : 0.0, worst);
+	       "(%.2e; %llu by more than one, in groups whose scale or zero rounded the other "
+	       "way), worst %.4f steps\n", (unsigned long long)diff, (unsigned long long)codes,
+	       codes ? (double)diff / (double)codes : 0.0, (unsigned long long)far, worst);
 	KVT_CHECK(codes > 0 && diff * 1000 < codes, "%llu of %llu codes differ (bound 1e-3)",
 		  (unsigned long long)diff, (unsigned long long)codes);
 	kvt_client_close(c);
