@@ -396,19 +396,23 @@ static void one_config(const struct kvt_codec_config *cfg, uint64_t first_token)
 				for (uint32_t h = 0; h < H; h++)
 					for (uint32_t t = 0; t < B; t++)
 						for (uint32_t c = 0; c < d; c++) {
-							float s1, s2;
-							float a = chunk_dq(c_cpu, cfg, &lay, l, is_v, h, t, c, &s1, NULL);
-							float b = chunk_dq(c_gpu, cfg, &lay, l, is_v, h, t, c, &s2, NULL);
+							float s1, s2, z1, z2;
+							float a = chunk_dq(c_cpu, cfg, &lay, l, is_v, h, t, c, &s1, &z1);
+							float b = chunk_dq(c_gpu, cfg, &lay, l, is_v, h, t, c, &s2, &z2);
 							const uint32_t bits = is_v ? cfg->value_bits : cfg->key_bits;
 							const size_t ro = (is_v ? lay.v_codes_off : lay.k_codes_off) +
 									  ((size_t)h * B + t) * d * bits / 8;
 							const int c1 = (int)chunk_code(sc + ro, c, bits, d);
 							const int c2 = (int)chunk_code(sg + ro, c, bits, d);
-							/* a code differs by exactly one or not at all */
+							/* a code differs by exactly one or not at all, but where the
+							 * group's 16-bit scale or zero rounded the other way (the two
+							 * grids differ: test_gpu_tier met an INT4 code two apart there,
+							 * session 11); the values' bound below holds everywhere */
 							if (c1 != c2) {
 								if (!exact_enc)
 									fast_diff++;
-								if (exact_enc || (c1 - c2 != 1 && c2 - c1 != 1))
+								if (exact_enc || ((c1 - c2 != 1 && c2 - c1 != 1) &&
+										  s1 == s2 && z1 == z2))
 									code_bad++;
 							}
 							if (!exact_enc)
@@ -436,7 +440,8 @@ static void one_config(const struct kvt_codec_config *cfg, uint64_t first_token)
 		if (!exact_enc && worst > fast_worst_steps)
 			fast_worst_steps = worst;
 		KVT_CHECK(worst <= wtol, "%s: a dequantized value differs by %.3f steps", desc, worst);
-		KVT_CHECK(code_bad == 0, "%s: %llu codes differ from the cpu's by more than one%s",
+		KVT_CHECK(code_bad == 0, "%s: %llu codes differ from the cpu's by more than one (in a "
+			  "group with the same scale and zero)%s",
 			  desc, (unsigned long long)code_bad,
 			  exact_enc ? " (byte-exact encoder: must be 0 differing)" : "");
 		/* every differing code at a rounding tie (check_ties) */
