@@ -1365,6 +1365,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * previous step's end and the first block (docs/gpu.md "Session 9") */
 		const char *pc = getenv("KVTIER_CUDA_PDL_CHAIN");
 		plan->chain = pdl_ok && (!pc || atoi(pc) != 0);
+		/* session 11: runs right after an attention run copy their first units before the
+		 * grid dependency wait (kvt_cuda_attend_run), and the combine lets the next step
+		 * launch at its start; KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn either off
+		 * (A/B runs) */
+		const char *ce = getenv("KVTIER_CUDA_EARLY"), *ct = getenv("KVTIER_CUDA_CMB_TRIG0");
+		plan->early = plan->chain && (!ce || atoi(ce) != 0);
+		p.cmb_trig0 = plan->pdl && (!ct || atoi(ct) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
 #ifdef KVT_ATT_TIMELINE
@@ -1507,20 +1514,12 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or plan is NULL");
 	if (pl->n_items == 0)
 		return 0;
-	/* this run's copy of the plan, with the per-run fields (session 11): early when the
-	 * INT2 kernel is chained after the stream's previous attention run (c->after_attend:
+	/* this run's copy of the plan with its one per-run field (session 11): early when the
+	 * chained INT2 kernel follows the stream's previous attention run (c->after_attend:
 	 * whatever wrote the chunks ran before that run's first kernel, whose blocks waited for
-	 * it before they let anything after them launch); the combine lets the next step launch
-	 * at its start. KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn them off (A/B runs). */
-	static int early_on = -1, trig_on = -1;
-	if (early_on < 0) {
-		const char *e = getenv("KVTIER_CUDA_EARLY"), *t = getenv("KVTIER_CUDA_CMB_TRIG0");
-		early_on = !e || atoi(e) != 0;
-		trig_on = !t || atoi(t) != 0;
-	}
+	 * it before they let anything after them launch) */
 	kvt_cuda_attend_plan run = *pl;
-	run.p.early = early_on && pl->chain && c->after_attend;
-	run.p.cmb_trig0 = trig_on && pl->pdl;
+	run.p.early = pl->early && c->after_attend;
 	cudaError_t e;
 	if (run.p.mma) {
 		e = att_launch_mma_any(&run, c->stream);
@@ -1812,7 +1811,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
 		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
-	info->chained = pl->p.mma && pl->p.i2 && pl->chain;
+	info->chained = pl->chain; /* set for INT2 plans only */
 	info->early_runs = pl->early_runs;
 }
 
