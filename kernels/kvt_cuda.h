@@ -197,6 +197,7 @@ struct kvt_cuda_attend_plan_info {
 	uint32_t n_groups;
 	uint32_t kernel; /* enum kvt_cuda_attend_kernel */
 	uint32_t chained;    /* 1: its INT2 kernel is a programmatic dependent launch (sm_90+) */
+	uint32_t early;      /* 1: chained, and its runs may start early (KVTIER_CUDA_EARLY not 0) */
 	uint32_t early_runs; /* runs so far that copied chunk bytes ahead of the kernel before
 			      * them (kvt_cuda_attend_run) */
 };

@@ -1812,6 +1812,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
 		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
 	info->chained = pl->chain; /* set for INT2 plans only */
+	info->early = pl->early;
 	info->early_runs = pl->early_runs;
 }
 

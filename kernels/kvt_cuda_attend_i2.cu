@@ -450,11 +450,11 @@ __device__ __forceinline__ void i4_cp16(uint32_t s, const uint8_t *g, uint64_t p
 		     "l"(g), "n"(SO), "n"(GO), "l"(pol));
 }
 
-/* a 16-byte copy of n (16 or 0) bytes, the rest zero-filled: n = 0 reads nothing */
-__device__ __forceinline__ void i4_cp16_n(uint32_t s, const uint8_t *g, uint32_t n, uint64_t pol)
+/* a 4-byte copy (cp.async.cg copies 16 bytes only; .ca also 4 and 8) */
+__device__ __forceinline__ void i4_cp4(uint32_t s, const uint8_t *g, uint64_t pol)
 {
-	asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s),
-		     "l"(g), "r"(n), "l"(pol));
+	asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;\n" ::"r"(s),
+		     "l"(g), "l"(pol));
 }
 
 /* a value the compiler cannot rematerialise (it stays in a register) */
@@ -498,8 +498,7 @@ __device__ __forceinline__ uint32_t i4_opaque(uint32_t x)
  *   values: unchanged A; the columns of vacc are head tig's hi and lo parts, added in the lane
  *           when the partial is stored (i5_store_partial). */
 #define I5_ZROW 144u /* bytes per tig row of the key zeros: 8 k-steps x 16 + 16 of padding */
-static_assert(4 * I5_ZROW + 24 * 16 <= 1024,
-	      "a warp's key zeros and 24 lanes' 16 scratch bytes fit its quarter of afr");
+static_assert(4 * I5_ZROW <= 1024, "a warp's key zeros fit its quarter of afr");
 /* 16 bytes of 1.0f: the norm pieces of a kivi chunk (no norms) in the swapped loop's staging */
 __device__ __align__(16) const float i5_ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
 #define I5_SLACK 8.0f /* log2 domain: p up to 256 before the reference moves */
@@ -616,7 +615,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	const uint32_t o1 = (lane < 4 * NG ? p.v_scale_off + 16 * lane
 					   : p.v_zero_off + 16 * (lane - 4 * NG)) +
 			    hB * NG * 2;
-	const uint32_t o2 = p.norms_off + 16 * lane;
+	/* the norm pieces: swapped keys, 4 bytes a lane (token lane); else 16 bytes, lanes 0-7 */
+	const uint32_t o2 = p.norms_off + (SW ? 4 : 16) * lane;
 	const bool on1 = lane < 8 * NG, on2 = oscar && lane < 8;
 	uint32_t kd[3] = {0u, 0u, 0u}; /* 3-bit keys: the key pieces' destinations */
 	if constexpr (KB == 3) {
@@ -628,7 +628,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	}
 	const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(stage);
 	const uint32_t bx = i4_opaque(s0 ^ (s0 + BUF)); /* buffer toggle */
-	if (!oscar) { /* kivi: the norm slots of both buffers hold 1.0 (never staged) */
+	if (!SW && !oscar) { /* kivi: the norm slots of both buffers hold 1.0 (never staged; the
+			      * swapped loop stages 1.0 from i5_ones with every unit) */
 		*(float *)(stage + I2_NR + 4 * lane) = 1.0f;
 		*(float *)(stage + BUF + I2_NR + 4 * lane) = 1.0f;
 	}
@@ -642,19 +643,18 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		bV = sec + oV;
 		b0 = sec + o0;
 		b1 = sec + o1;
-		b2 = SW && !oscar ? (const uint8_t *)i5_ones : sec + o2;
+		b2 = SW && !oscar ? (const uint8_t *)i5_ones + 4 * (lane & 3) : sec + o2;
 	};
-	/* swapped keys, in the loop, the norm copy without a branch around it (ptxas gives a
-	 * branched-around copy a block and an LDGSTS preamble of its own: 5 instructions per unit):
-	 * lanes 0-7 copy the unit's norm pieces (kivi: 16 bytes of 1.0 from i5_ones, stride 0),
-	 * lanes 8-31 zero-fill 16 scratch bytes of their own past the warp's key-zero rows in afr
-	 * (never read; not before the loop, while afr still holds the q' fragments other warps
-	 * read), reading nothing */
+	/* swapped keys: the norm copy without a branch around it (ptxas gives a branched-around
+	 * copy a block and an LDGSTS preamble of its own: 5 instructions per unit): every lane
+	 * copies its token's 4 bytes (kivi: 1.0 from i5_ones, stride 0). Sessions 9-10 copied 16
+	 * bytes in lanes 0-7 while lanes 8-31 zero-filled a scratch slot of their own, which the
+	 * copies of two units in flight both wrote: racecheck's write-write hazards (docs/gpu.md,
+	 * session 11) */
 	const uint32_t kdb = (uint32_t)__cvta_generic_to_shared(afr) + 1024u * (threadIdx.x >> 5);
-	const uint32_t nscr = kdb + 4 * I5_ZROW + 16 * (lane - 8);
-	const uint32_t nlen = lane < 8 ? 16u : 0u, nstr = oscar ? 128u : 0u;
+	const uint32_t nstr = oscar ? 128u : 0u;
 	const uint64_t pol = i4_stream_policy(); /* the unit copies: L2 evict-first */
-	auto stage_unit = [&](uint32_t sb, uint32_t blk, auto in_loop) {
+	auto stage_unit = [&](uint32_t sb, uint32_t blk) {
 		/* sb: the buffer's shared address */
 		const uint8_t *pk = bK + blk * KSTR, *pv = bV + blk * 1024u;
 		const uint32_t sl = sb + 16 * lane;
@@ -671,8 +671,8 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		i4_cp16<I2_KS, 0>(sl, b0 + (blk >> gsh) * 256u, pol);
 		if (on1)
 			i4_cp16<I2_VS, 0>(sl, b1 + blk * (64u * NG), pol);
-		if constexpr (SW && decltype(in_loop)::value)
-			i4_cp16_n(lane < 8 ? sl + I2_NR : nscr, b2 + blk * nstr, nlen, pol);
+		if constexpr (SW)
+			i4_cp4(sb + I2_NR + 4 * lane, b2 + blk * nstr, pol);
 		else if (on2)
 			i4_cp16<I2_NR, 0>(sl, b2 + blk * 128u, pol);
 	};
@@ -695,7 +695,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	if (!early)
 		pre();
 	if (u0 < u1)
-		stage_unit(s0, ss, std::false_type());
+		stage_unit(s0, ss);
 	cp_async_commit();
 	/* opaque to the compiler: stays in a register, else ptxas splits (x & mask) | magic into
 	 * two LOP3s with an immediate each */
@@ -797,7 +797,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	};
 	if (rem > 1) {
 		advance();
-		stage_unit(s0 ^ bx, ss, std::false_type());
+		stage_unit(s0 ^ bx, ss);
 	}
 	cp_async_commit();
 	if (early)
@@ -985,7 +985,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 		const uint32_t sbn = ss, ccn = cs, npn = np_s; /* unit u + 1 */
 		if (rem > 2) {
 			advance();
-			stage_unit(bcur, ss, std::true_type());
+			stage_unit(bcur, ss);
 		}
 		cp_async_commit();
 		/* unit u + 1: its bytes, its conversions (the last iteration converts stale

@@ -1,5 +1,6 @@
 #!/bin/bash
-# lead, sessions 3-6: final verification of main on the H200: every GPU test + kvtier-bench gpu + gpu-restore
+# lead, sessions 3-12: final verification of main on the H200: every GPU test, the sanitizers on the
+# attention kernels, kvtier-bench gpu + gpu-restore
 # Runs in the root of a copy of the repository on the device machine, from a bundle folder B
 # holding kvtierd (+ kvtierd.sh), kvtier-bench, test_gpu_{codec,attend,restore,tier}, test_gpu_arena,
 # test_gpu_restore_torch.py, bench_gpu_sdpa.py, the Python client (py/) and its generated
@@ -15,6 +16,15 @@ r() { local n=$1; shift; local t0=$(date +%s); timeout ${T:-240} "$@" > $OUT/$n.
 r codec ./test_gpu_codec
 KVTIER_CUDA_ENC_EXACT=1 r codecexact ./test_gpu_codec
 r attend ./test_gpu_attend
+# the sanitizers on the attention kernels (4 fast batches: session 11's 2 missed racecheck's
+# hazards in the swapped loop's norm copy, which 4 found): 0 errors and 0 hazards expected
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$CS" ]; then
+	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=4 T=300 r racecheck $CS --tool racecheck ./test_gpu_attend
+	grep -E "SUMMARY" $OUT/racecheck.txt
+	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=2 T=300 r memcheck $CS --tool memcheck ./test_gpu_attend
+	grep -E "SUMMARY" $OUT/memcheck.txt
+fi
 N=14 r attendreal ./test_gpu_attend_real $B/kvq
 KVTIERD=$B/kvtierd.sh r restore ./test_gpu_restore
 [ -x ./test_gpu_arena ] && r arena ./test_gpu_arena
