@@ -46,6 +46,10 @@ int kvt_cuda_ctx_create(int device, kvt_cuda_ctx **out, char *err, size_t errlen
 void kvt_cuda_ctx_destroy(kvt_cuda_ctx *ctx);
 /* Device name and multiprocessor count, for logs and benchmarks. */
 int kvt_cuda_ctx_info(kvt_cuda_ctx *ctx, char *name, size_t namelen, int *sm_count);
+/* The device's free and total memory in bytes (cudaMemGetInfo): what every process on it
+ * leaves free, e.g. to see that memory another process held is given back. */
+int kvt_cuda_mem_info(kvt_cuda_ctx *ctx, uint64_t *free_bytes, uint64_t *total_bytes, char *err,
+		      size_t errlen);
 /* Waits for everything enqueued on the context's stream. */
 int kvt_cuda_sync(kvt_cuda_ctx *ctx, char *err, size_t errlen);
 

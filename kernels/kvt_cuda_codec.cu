@@ -294,6 +294,18 @@ extern "C" int kvt_cuda_sync(kvt_cuda_ctx *c, char *err, size_t errlen)
 	return 0;
 }
 
+extern "C" int kvt_cuda_mem_info(kvt_cuda_ctx *c, uint64_t *free_bytes, uint64_t *total_bytes,
+				 char *err, size_t errlen)
+{
+	size_t f = 0, t = 0;
+	*free_bytes = *total_bytes = 0;
+	CK(cudaSetDevice(c->device), "cudaSetDevice");
+	CK(cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
+	*free_bytes = f;
+	*total_bytes = t;
+	return 0;
+}
+
 extern "C" int kvt_cuda_alloc(kvt_cuda_ctx *c, size_t bytes, void **dev, char *err,
 			      size_t errlen)
 {

@@ -16,13 +16,22 @@
  * (tier "gpu+host"), falls back to the CPU for Attend, restores from a mix of arena and host
  * chunks, and gives every arena byte back when the session is dropped.
  *
+ * A worker killed while it restores (test_killed_worker): the daemon keeps serving, restores
+ * stay right, every CUDA IPC mapping it opened is closed once idle, and the dead worker's
+ * device memory, which those mappings kept alive, goes back to the device.
+ *
  * Exits 77 when there is no CUDA device.
  */
 #include <errno.h>
 #include <math.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "kvt_cuda.h"
 #include "kvt_it.h"
@@ -560,9 +569,236 @@ static void test_arena_full(void)
 	KVT_CHECK(kvt_daemon_stop(&d2) == 0, "second daemon exit 0");
 }
 
-int main(void)
+
+/* ---- A worker killed while it restores -------------------------------------------------- */
+
+/* The child worker: this binary run again as `--restore-worker TARGET SESSION MIB` (a CUDA
+ * context does not survive fork). It allocates MIB MiB of device memory, restores the whole
+ * session into it (K, then V after it) over and over, and prints each finished restore's
+ * number on stdout; it runs until it is killed. Exits 2 on a setup error, 3 on a failed
+ * restore (both on stderr). */
+static int restore_worker(const char *target, const char *sid, unsigned mib)
 {
 	char err[256];
+	struct kvt_cuda_ctx *ctx;
+	if (kvt_cuda_ctx_create(0, &ctx, err, sizeof err)) {
+		fprintf(stderr, "worker: CUDA context: %s\n", err);
+		return 2;
+	}
+	struct kvt_client_options o;
+	memset(&o, 0, sizeof o);
+	o.target = target;
+	o.connect_timeout_ms = 5000;
+	o.own_connection = 1;
+	struct kvt_client *c;
+	struct kvt_client_status st;
+	struct kvt_client_session_info info;
+	if (kvt_client_connect(&o, &c, &st) || kvt_client_stat(c, sid, &info, &st)) {
+		fprintf(stderr, "worker: %s\n", st.message);
+		return 2;
+	}
+	size_t region = (size_t)info.n_layers * info.n_tokens * info.n_kv_heads * info.head_dim * 2;
+	size_t v_off = (region + 255) & ~(size_t)255, bytes = (size_t)mib << 20;
+	void *buf;
+	if (bytes < v_off + region || kvt_cuda_alloc(ctx, bytes, &buf, err, sizeof err)) {
+		fprintf(stderr, "worker: %zu bytes for a %zu-byte restore: %s\n", bytes,
+			2 * region, err);
+		return 2;
+	}
+	struct kvt_client_restore r;
+	memset(&r, 0, sizeof r);
+	r.session_id = sid;
+	r.layout = 1;
+	r.token_begin = 0;
+	r.token_end = KVT_CLIENT_END;
+	r.layer_begin = 0;
+	r.layer_end = KVT_CLIENT_ALL_LAYERS;
+	r.device_ordinal = -1;
+	for (unsigned long long n = 1;; n++) {
+		struct kvt_client_restore_result res;
+		if (kvt_client_restore_to_device_ptr(c, &r, buf, (uint8_t *)buf + v_off, &res, &st)) {
+			fprintf(stderr, "worker: restore %llu: %s %s\n", n,
+				kvt_client_code_name(st.code), st.message);
+			return 3;
+		}
+		printf("%llu\n", n);
+		fflush(stdout);
+	}
+}
+
+static uint64_t device_free(void)
+{
+	uint64_t f = 0, t = 0;
+	char err[256];
+	KVT_CHECK(kvt_cuda_mem_info(g_ctx, &f, &t, err, sizeof err) == 0, "mem_info: %s", err);
+	return f;
+}
+
+/* Starts a restore worker on session sid, waits until it has finished min_restores restores,
+ * lets it run for another delay_us (so that the kill lands at a random point of a restore,
+ * most likely inside one: the worker spends its time in them) and SIGKILLs it. 0 when it died
+ * by that signal, with its restore count in *restores. */
+static int kill_worker_mid_restore(const struct kvt_daemon *d, const char *sid, unsigned mib,
+				   unsigned min_restores, unsigned delay_us,
+				   unsigned long long *restores)
+{
+	int fds[2];
+	if (pipe(fds) != 0) {
+		KVT_CHECK(0, "pipe: %s", strerror(errno));
+		return -1;
+	}
+	char mibs[16];
+	snprintf(mibs, sizeof mibs, "%u", mib);
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid < 0) {
+		KVT_CHECK(0, "fork: %s", strerror(errno));
+		close(fds[0]);
+		close(fds[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		dup2(fds[1], 1);
+		close(fds[0]);
+		close(fds[1]);
+		execl("/proc/self/exe", "test_gpu_restore", "--restore-worker", d->target, sid, mibs,
+		      (char *)NULL);
+		_exit(127);
+	}
+	close(fds[1]);
+	unsigned long long last = 0;
+	char line[64];
+	size_t ll = 0;
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	int done = 0;
+	while (!done) {
+		struct pollfd pf = {.fd = fds[0], .events = POLLIN};
+		int pr = poll(&pf, 1, 1000);
+		struct timespec t1;
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		if (t1.tv_sec - t0.tv_sec > 60)
+			break;
+		if (pr <= 0)
+			continue;
+		char b[256];
+		ssize_t n = read(fds[0], b, sizeof b);
+		if (n <= 0)
+			break; /* the worker ended by itself */
+		for (ssize_t i = 0; i < n; i++) {
+			if (b[i] != '\n') {
+				if (ll + 1 < sizeof line)
+					line[ll++] = b[i];
+				continue;
+			}
+			line[ll] = 0;
+			ll = 0;
+			last = strtoull(line, NULL, 10);
+			if (last >= min_restores)
+				done = 1;
+		}
+	}
+	if (done)
+		usleep(delay_us);
+	kill(pid, SIGKILL);
+	int ws = 0;
+	waitpid(pid, &ws, 0);
+	/* what it printed after min_restores: the count at the kill */
+	for (;;) {
+		char b[256];
+		ssize_t n = read(fds[0], b, sizeof b);
+		if (n <= 0)
+			break;
+		for (ssize_t i = 0; i < n; i++) {
+			if (b[i] != '\n') {
+				if (ll + 1 < sizeof line)
+					line[ll++] = b[i];
+				continue;
+			}
+			line[ll] = 0;
+			ll = 0;
+			last = strtoull(line, NULL, 10);
+		}
+	}
+	close(fds[0]);
+	*restores = last;
+	KVT_CHECK(done, "worker on %s: %llu restores before it %s (exit status %d)", sid, last,
+		  WIFEXITED(ws) ? "exited" : "was killed", WIFEXITED(ws) ? WEXITSTATUS(ws) : -1);
+	return done && WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL ? 0 : -1;
+}
+
+static void test_killed_worker(void)
+{
+	struct kvt_daemon d3;
+	struct kvt_client *c3;
+	static const char *const args[] = {"--gpu_arena_bytes=256MiB", "--gpu_staging_bytes=32MiB",
+					   "--gpu_ipc_idle_seconds=1", NULL};
+	KVT_REQUIRE(kvt_daemon_start(&d3, args) == 0, "daemon with 1 s IPC idle");
+	KVT_REQUIRE(kvt_daemon_client(&d3, 0, &c3) == 0, "connect");
+	/* one session per tier: host chunks go H2D then decode, arena chunks decode in place */
+	static const char *const tiers[2] = {"host", "gpu"};
+	struct sess s[2];
+	for (int i = 0; i < 2; i++) {
+		struct kvt_client_session_params p;
+		char id[16];
+		snprintf(id, sizeof id, "kw-%s", tiers[i]);
+		kvt_client_session_params_init(&p, id, 4, 8, 128, KVT_DTYPE_BF16);
+		p.tier = tiers[i];
+		KVT_REQUIRE(open_fill(c3, &s[i], id, &p, 128 * 48 + 77) == 0, "session %s", id);
+	}
+	const unsigned mib = 1024; /* the worker's allocation, large enough to see it come back */
+	uint64_t free0 = device_free();
+	struct kvt_client *saved = g_c;
+	g_c = c3;
+	for (int round = 0; round < 4; round++) {
+		struct sess *ss = &s[round % 2];
+		unsigned long long n = 0;
+		unsigned delay = 200 + it_rand_below(3000);
+		int rc = kill_worker_mid_restore(&d3, ss->id, mib, 2, delay, &n);
+		uint64_t held = device_free();
+		printf("# round %d: worker on %s killed %u us after restore 2, after %llu restores; "
+		       "device free %.0f MiB below the start while the daemon's mapping holds its "
+		       "memory\n",
+		       round, ss->id, delay, n, ((double)free0 - (double)held) / 1048576.0);
+		KVT_CHECK(rc == 0, "round %d: the worker did not die by SIGKILL mid-run", round);
+		int serving = 0;
+		struct kvt_client_status st;
+		KVT_CHECK(kvt_client_health(c3, "", 5000, &serving, &st) == 0 && serving == 1,
+			  "round %d: daemon serves after the kill: %s", round, st.message);
+		/* the same session, restored into this process's memory, element by element */
+		restore_case(ss, 3000 + round);
+	}
+	g_c = saved;
+	/* every mapping closed within the 1 s idle time (+ the daemon's maintenance tick), and
+	 * the killed workers' memory given back to the device */
+	uint64_t opens = 0, closes = 0, freed = 0;
+	for (int t = 0; t < 100; t++) {
+		opens = it_counter(c3, "gpu.ipc_opens");
+		closes = it_counter(c3, "gpu.ipc_closes");
+		freed = device_free();
+		if (opens == closes && freed + (256ull << 20) >= free0)
+			break;
+		usleep(100 * 1000);
+	}
+	KVT_CHECK(opens >= 8 && opens == closes, "IPC mappings: %llu opened, %llu closed",
+		  (unsigned long long)opens, (unsigned long long)closes);
+	KVT_CHECK(freed + (256ull << 20) >= free0,
+		  "device memory back: %.0f MiB free vs %.0f MiB before the workers",
+		  (double)freed / 1048576.0, (double)free0 / 1048576.0);
+	printf("# killed workers: %llu IPC mappings opened and closed; device free %.0f MiB vs %.0f "
+	       "before\n",
+	       (unsigned long long)opens, (double)freed / 1048576.0, (double)free0 / 1048576.0);
+	for (int i = 0; i < 2; i++)
+		sess_free(&s[i]);
+	kvt_client_close(c3);
+	KVT_CHECK(kvt_daemon_stop(&d3) == 0, "daemon exit 0 after the killed workers");
+}
+
+int main(int argc, char **argv)
+{
+	char err[256];
+	if (argc == 5 && !strcmp(argv[1], "--restore-worker"))
+		return restore_worker(argv[2], argv[3], (unsigned)atoi(argv[4]));
 	kvt_test_init();
 	it_seed(0);
 	if (kvt_cuda_device_count() == 0) {
@@ -583,6 +819,7 @@ int main(void)
 	kvt_client_close(g_c);
 	KVT_CHECK(kvt_daemon_stop(&g_d) == 0, "daemon exit 0 after SIGTERM");
 	KVT_RUN(test_arena_full);
+	KVT_RUN(test_killed_worker);
 	kvt_cuda_ctx_destroy(g_ctx);
 	return kvt_test_done();
 }
