@@ -1370,7 +1370,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		 * launch at its start; KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn either off
 		 * (A/B runs) */
 		const char *ce = getenv("KVTIER_CUDA_EARLY"), *ct = getenv("KVTIER_CUDA_CMB_TRIG0");
-		plan->early = plan->chain && (!ce || atoi(ce) != 0);
+		plan->early = !plan->chain ? 0u : !ce ? 1u : (uint32_t)(atoi(ce) < 0 ? 0 : atoi(ce) > 2 ? 2 : atoi(ce));
+		{
+			const char *w1 = getenv("KVTIER_CUDA_WAIT1");
+			p.wait1 = w1 && atoi(w1) != 0;
+		}
 		p.cmb_trig0 = plan->pdl && (!ct || atoi(ct) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);
@@ -1519,7 +1523,7 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	 * whatever wrote the chunks ran before that run's first kernel, whose blocks waited for
 	 * it before they let anything after them launch) */
 	kvt_cuda_attend_plan run = *pl;
-	run.p.early = pl->early && c->after_attend;
+	run.p.early = c->after_attend ? pl->early : 0u;
 	cudaError_t e;
 	if (run.p.mma) {
 		e = att_launch_mma_any(&run, c->stream);
@@ -1812,7 +1816,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
 		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
 	info->chained = pl->chain; /* set for INT2 plans only */
-	info->early = pl->early;
+	info->early = pl->early != 0;
 	info->early_runs = pl->early_runs;
 }
 

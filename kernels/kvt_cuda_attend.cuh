@@ -87,6 +87,7 @@ struct att_params : att_params_base {
 	 * an attention run, so nothing still running writes chunk bytes); cmb_trig0 (plan build)
 	 * 1 when the combine lets the next kernel launch at its start instead of after its wait */
 	uint32_t early, cmb_trig0;
+	uint32_t wait1; /* exp12: only thread 0 waits, the block meets it at a barrier */
 #ifdef KVT_ATT_TIMELINE
 	/* diagnostic builds only (-DKVT_ATT_TIMELINE; never in a production build): %globaltimer
 	 * stamps of the INT2 kernel's blocks, tl[item][ATT_TL_SLOTS], and of the combine's,

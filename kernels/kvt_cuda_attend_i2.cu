@@ -691,7 +691,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * running writes chunk bytes; kvt_cuda_attend_run): the first two units are copied before
 	 * the wait, while the kernel ahead (the previous step's combine) ends; else right after
 	 * the wait and the query loads */
-	const bool early = p.early;
+	const uint32_t early = p.early; /* exp12: 1 two units before the wait, 2 one */
 	if (!early)
 		pre();
 	if (u0 < u1)
@@ -795,12 +795,14 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 			}
 		}
 	};
+	if (early == 2)
+		pre();
 	if (rem > 1) {
 		advance();
 		stage_unit(s0 ^ bx, ss);
 	}
 	cp_async_commit();
-	if (early)
+	if (early == 1)
 		pre();
 	mid();
 	uint32_t vcur = va0; /* this unit's value scale words */
@@ -1280,7 +1282,10 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	 * no instruction waits for them before the first units' copies are issued) */
 	uint32_t xr[EPL];
 	auto pre = [&]() {
-		kvt_grid_dep_wait();
+		if (!p.wait1 || threadIdx.x == 0)
+			kvt_grid_dep_wait();
+		if (p.wait1)
+			__syncthreads();
 		kvt_grid_dep_launch();
 		if (threadIdx.x == 0)
 			ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_ENTRY);
