@@ -1368,13 +1368,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		/* session 11: runs right after an attention run copy their first units before the
 		 * grid dependency wait (kvt_cuda_attend_run), and the combine lets the next step
 		 * launch at its start; KVTIER_CUDA_EARLY=0 / KVTIER_CUDA_CMB_TRIG0=0 turn either off
-		 * (A/B runs) */
+		 * (A/B runs). plan->early: 0 never, 1 two units (the default), 2 one unit */
 		const char *ce = getenv("KVTIER_CUDA_EARLY"), *ct = getenv("KVTIER_CUDA_CMB_TRIG0");
-		plan->early = !plan->chain ? 0u : !ce ? 1u : (uint32_t)(atoi(ce) < 0 ? 0 : atoi(ce) > 2 ? 2 : atoi(ce));
-		{
-			const char *w1 = getenv("KVTIER_CUDA_WAIT1");
-			p.wait1 = w1 && atoi(w1) != 0;
-		}
+		/* session 12, A/B only, both measured no faster: KVTIER_CUDA_EARLY=2 copies one
+		 * unit before the wait instead of two, KVTIER_CUDA_WAIT1=1 waits in thread 0 alone
+		 * (docs/gpu.md "Session 12: the step boundary") */
+		const int cev = ce ? atoi(ce) : 1;
+		plan->early = !plan->chain ? 0u : (uint32_t)(cev < 0 ? 0 : cev > 2 ? 2 : cev);
+		const char *w1 = getenv("KVTIER_CUDA_WAIT1");
+		p.wait1 = w1 && atoi(w1) != 0;
 		p.cmb_trig0 = plan->pdl && (!ct || atoi(ct) != 0);
 		p.part_ml = (float *)(db + o_ml);
 		p.part_acc = (float *)(db + o_acc);

@@ -82,12 +82,13 @@ struct att_params : att_params_base {
 	 * and adds its chunks' pinned tokens from their exact copies, so the groups have no pin
 	 * items and no rotated partials (exact_begin = item_begin) */
 	uint32_t fold;
-	/* session 11: early (set per run by kvt_cuda_attend_run) 1 when the INT2 kernel copies
-	 * its first units' chunk bytes before its grid dependency wait (the stream's last op was
-	 * an attention run, so nothing still running writes chunk bytes); cmb_trig0 (plan build)
-	 * 1 when the combine lets the next kernel launch at its start instead of after its wait */
+	/* session 11: early (set per run by kvt_cuda_attend_run) 1 (2: one unit, A/B only) when
+	 * the INT2 kernel copies its first units' chunk bytes before its grid dependency wait
+	 * (the stream's last op was an attention run, so nothing still running writes chunk
+	 * bytes); cmb_trig0 (plan build) 1 when the combine lets the next kernel launch at its
+	 * start instead of after its wait */
 	uint32_t early, cmb_trig0;
-	uint32_t wait1; /* exp12: only thread 0 waits, the block meets it at a barrier */
+	uint32_t wait1; /* the INT2 kernel's grid dependency wait in thread 0 only (A/B only) */
 #ifdef KVT_ATT_TIMELINE
 	/* diagnostic builds only (-DKVT_ATT_TIMELINE; never in a production build): %globaltimer
 	 * stamps of the INT2 kernel's blocks, tl[item][ATT_TL_SLOTS], and of the combine's,
@@ -147,7 +148,7 @@ struct kvt_cuda_attend_plan {
 			 * precedes it in the stream: it waits for it before reading any data but
 			 * the plan's own descriptors, which no kernel writes, and on an early run
 			 * (att_params.early) its first units' chunk bytes) */
-	uint32_t early; /* runs may be early (chain, unless KVTIER_CUDA_EARLY=0) */
+	uint32_t early; /* runs may be early (chain, unless KVTIER_CUDA_EARLY=0); 2: one unit */
 	uint32_t early_runs; /* runs whose INT2 kernel copied chunk bytes before its wait
 			      * (kvt_cuda_attend_plan_info; tests) */
 	uint64_t read_bytes;

@@ -691,7 +691,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * running writes chunk bytes; kvt_cuda_attend_run): the first two units are copied before
 	 * the wait, while the kernel ahead (the previous step's combine) ends; else right after
 	 * the wait and the query loads */
-	const uint32_t early = p.early; /* exp12: 1 two units before the wait, 2 one */
+	const uint32_t early = p.early; /* 1: two units before the wait; 2: one (A/B only) */
 	if (!early)
 		pre();
 	if (u0 < u1)
@@ -1281,6 +1281,9 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	/* pre: the wait, then warp q's loads of query head q (raw bits: widened in mid, so that
 	 * no instruction waits for them before the first units' copies are issued) */
 	uint32_t xr[EPL];
+	/* p.wait1 (KVTIER_CUDA_WAIT1=1, A/B only, session 12): thread 0 alone waits (the wait
+	 * makes the previous grid's writes visible to this grid) and the block meets it at a
+	 * barrier */
 	auto pre = [&]() {
 		if (!p.wait1 || threadIdx.x == 0)
 			kvt_grid_dep_wait();
