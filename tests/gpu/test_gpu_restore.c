@@ -585,11 +585,8 @@ static int restore_worker(const char *target, const char *sid, unsigned mib)
 		fprintf(stderr, "worker: CUDA context: %s\n", err);
 		return 2;
 	}
-	struct kvt_client_options o;
-	memset(&o, 0, sizeof o);
-	o.target = target;
-	o.connect_timeout_ms = 5000;
-	o.own_connection = 1;
+	const struct kvt_client_options o = {
+		.target = target, .connect_timeout_ms = 5000, .own_connection = 1};
 	struct kvt_client *c;
 	struct kvt_client_status st;
 	struct kvt_client_session_info info;
@@ -605,15 +602,12 @@ static int restore_worker(const char *target, const char *sid, unsigned mib)
 			2 * region, err);
 		return 2;
 	}
-	struct kvt_client_restore r;
-	memset(&r, 0, sizeof r);
-	r.session_id = sid;
-	r.layout = 1;
-	r.token_begin = 0;
-	r.token_end = KVT_CLIENT_END;
-	r.layer_begin = 0;
-	r.layer_end = KVT_CLIENT_ALL_LAYERS;
-	r.device_ordinal = -1;
+	/* the whole session, contiguous, in its own dtype */
+	const struct kvt_client_restore r = {.session_id = sid,
+					     .layout = 1,
+					     .token_end = KVT_CLIENT_END,
+					     .layer_end = KVT_CLIENT_ALL_LAYERS,
+					     .device_ordinal = -1};
 	for (unsigned long long n = 1;; n++) {
 		struct kvt_client_restore_result res;
 		if (kvt_client_restore_to_device_ptr(c, &r, buf, (uint8_t *)buf + v_off, &res, &st)) {
@@ -632,6 +626,27 @@ static uint64_t device_free(void)
 	char err[256];
 	KVT_CHECK(kvt_cuda_mem_info(g_ctx, &f, &t, err, sizeof err) == 0, "mem_info: %s", err);
 	return f;
+}
+
+/* The worker's stdout, a restore count per line: the last complete line's number. */
+struct count_reader {
+	char line[64];
+	size_t len;
+	unsigned long long last;
+};
+
+static void count_feed(struct count_reader *r, const char *b, ssize_t n)
+{
+	for (ssize_t i = 0; i < n; i++) {
+		if (b[i] != '\n') {
+			if (r->len + 1 < sizeof r->line)
+				r->line[r->len++] = b[i];
+			continue;
+		}
+		r->line[r->len] = 0;
+		r->len = 0;
+		r->last = strtoull(r->line, NULL, 10);
+	}
 }
 
 /* Starts a restore worker on session sid, waits until it has finished min_restores restores,
@@ -666,9 +681,7 @@ static int kill_worker_mid_restore(const struct kvt_daemon *d, const char *sid, 
 		_exit(127);
 	}
 	close(fds[1]);
-	unsigned long long last = 0;
-	char line[64];
-	size_t ll = 0;
+	struct count_reader cr = {.len = 0, .last = 0};
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	int done = 0;
@@ -685,18 +698,8 @@ static int kill_worker_mid_restore(const struct kvt_daemon *d, const char *sid, 
 		ssize_t n = read(fds[0], b, sizeof b);
 		if (n <= 0)
 			break; /* the worker ended by itself */
-		for (ssize_t i = 0; i < n; i++) {
-			if (b[i] != '\n') {
-				if (ll + 1 < sizeof line)
-					line[ll++] = b[i];
-				continue;
-			}
-			line[ll] = 0;
-			ll = 0;
-			last = strtoull(line, NULL, 10);
-			if (last >= min_restores)
-				done = 1;
-		}
+		count_feed(&cr, b, n);
+		done = cr.last >= min_restores;
 	}
 	if (done)
 		usleep(delay_us);
@@ -709,20 +712,11 @@ static int kill_worker_mid_restore(const struct kvt_daemon *d, const char *sid, 
 		ssize_t n = read(fds[0], b, sizeof b);
 		if (n <= 0)
 			break;
-		for (ssize_t i = 0; i < n; i++) {
-			if (b[i] != '\n') {
-				if (ll + 1 < sizeof line)
-					line[ll++] = b[i];
-				continue;
-			}
-			line[ll] = 0;
-			ll = 0;
-			last = strtoull(line, NULL, 10);
-		}
+		count_feed(&cr, b, n);
 	}
 	close(fds[0]);
-	*restores = last;
-	KVT_CHECK(done, "worker on %s: %llu restores before it %s (exit status %d)", sid, last,
+	*restores = cr.last;
+	KVT_CHECK(done, "worker on %s: %llu restores before it %s (exit status %d)", sid, cr.last,
 		  WIFEXITED(ws) ? "exited" : "was killed", WIFEXITED(ws) ? WEXITSTATUS(ws) : -1);
 	return done && WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL ? 0 : -1;
 }
