@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
@@ -2361,6 +2363,14 @@ int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_r
 	int rc;
 
 	req.session_id = (char *)r->session_id;
+	/* this process exported the handles: the daemon drops its mappings once we are gone */
+	struct stat ns;
+	req.has_worker_pid = 1;
+	req.worker_pid = (uint32_t)getpid();
+	if (stat("/proc/self/ns/pid", &ns) == 0) {
+		req.has_worker_pid_ns = 1;
+		req.worker_pid_ns = (uint64_t)ns.st_ino;
+	}
 	if (r->ipc_mem_handle) {
 		req.has_ipc_mem_handle = 1;
 		req.ipc_mem_handle.data = (uint8_t *)r->ipc_mem_handle;

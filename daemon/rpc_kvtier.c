@@ -808,6 +808,8 @@ static void h_restore(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 	rq.k_offset = r->has_k_offset_bytes ? r->k_offset_bytes : 0;
 	rq.v_offset = r->has_v_offset_bytes ? r->v_offset_bytes : 0;
 	rq.buffer_bytes = r->has_buffer_bytes ? r->buffer_bytes : 0;
+	rq.worker_pid = r->has_worker_pid ? r->worker_pid : 0;
+	rq.worker_pid_ns = r->has_worker_pid_ns ? r->worker_pid_ns : 0;
 	rq.token_begin = r->has_token_begin ? r->token_begin : 0;
 	rq.token_end = r->has_token_end ? r->token_end : have;
 	rq.layer_begin = r->has_layer_begin ? r->layer_begin : 0;

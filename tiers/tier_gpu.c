@@ -1,9 +1,11 @@
 #include "tier_gpu.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 /* Declarations only (no CUDA types): the device calls below are made only with
@@ -169,6 +171,7 @@ struct ipc_entry {
 	uint64_t bytes;
 	uint64_t last_ms;
 	const void *owner;
+	pid_t pid; /* the exporting process when known (same pid namespace), else 0 */
 	int live;
 };
 
@@ -218,9 +221,10 @@ struct kvt_tier_gpu {
 	struct kvt_gpu_mirror *mirrors; /* every live mirror */
 	uint64_t tick;
 	struct ipc_entry ipc[IPC_CACHE_SLOTS];
+	uint64_t pid_ns; /* inode of this process's pid namespace (0: unknown) */
 	/* counters (under mu) */
 	uint64_t n_restores, restore_bytes, restore_h2d_bytes, ipc_opens, ipc_closes;
-	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks, ipc_stale_closes;
+	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks, ipc_stale_closes, ipc_dead_closes;
 	uint64_t restore_pinned_chunks, restore_staged_chunks;
 	uint64_t n_attend_plans, n_attend_batches, n_attend_errors;
 	uint64_t n_encodes, n_encodes_arena, n_encodes_cpu, n_encode_errors;
@@ -286,6 +290,8 @@ int kvt_tier_gpu_init(const struct kvt_tier_gpu_config *cfg, struct kvt_tier_gpu
 		return -ENOMEM;
 	g->cfg = *cfg;
 	pthread_mutex_init(&g->mu, NULL);
+	struct stat ns;
+	g->pid_ns = stat("/proc/self/ns/pid", &ns) == 0 ? (uint64_t)ns.st_ino : 0;
 	if (kvt_arena_init(&g->arena, 0)) {
 		free(g);
 		return -ENOMEM;
@@ -426,6 +432,10 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.ipc_stale_remaps", stale);
 	pthread_mutex_lock(&g->mu);
+	uint64_t dead = g->ipc_dead_closes;
+	pthread_mutex_unlock(&g->mu);
+	fn(ctx, "gpu.ipc_dead_worker_closes", dead);
+	pthread_mutex_lock(&g->mu);
 	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.restore_dma_chunks", pc);
@@ -460,9 +470,19 @@ void kvt_tier_gpu_maintain(struct kvt_tier_gpu *g, uint64_t now)
 	if (!g)
 		return;
 	pthread_mutex_lock(&g->mu);
-	for (int i = 0; i < IPC_CACHE_SLOTS; i++)
-		if (g->ipc[i].live && now - g->ipc[i].last_ms >= g->cfg.ipc_idle_ms)
-			ipc_close_locked(g, &g->ipc[i]);
+	for (int i = 0; i < IPC_CACHE_SLOTS; i++) {
+		struct ipc_entry *e = &g->ipc[i];
+		if (!e->live)
+			continue;
+		if (now - e->last_ms >= g->cfg.ipc_idle_ms) {
+			ipc_close_locked(g, e);
+		} else if (e->pid > 0 && kill(e->pid, 0) != 0 && errno == ESRCH) {
+			/* the worker that exported it is gone: our mapping is all that keeps its
+			 * memory allocated (a recycled pid only delays this to the idle time) */
+			ipc_close_locked(g, e);
+			g->ipc_dead_closes++;
+		}
+	}
 	pthread_mutex_unlock(&g->mu);
 }
 
@@ -1192,7 +1212,7 @@ static int check_extent(const char *field, const char *side, uint64_t offset, ui
 }
 
 /* mu held: the mapping of handle (opened now or cached). */
-static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *owner,
+static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *owner, pid_t pid,
 		   const struct ipc_entry *keep, struct ipc_entry **out, const char *which,
 		   char *err, size_t errlen)
 {
@@ -1208,6 +1228,7 @@ static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *ow
 		if (memcmp(e->handle, handle, KVT_GPU_IPC_HANDLE_BYTES) == 0) {
 			e->last_ms = now;
 			e->owner = owner;
+			e->pid = pid;
 			*out = e;
 			return 0;
 		}
@@ -1244,6 +1265,7 @@ static int ipc_get(struct kvt_tier_gpu *g, const uint8_t *handle, const void *ow
 	free_slot->bytes = bytes;
 	free_slot->last_ms = now;
 	free_slot->owner = owner;
+	free_slot->pid = pid;
 	free_slot->live = 1;
 	g->ipc_opens++;
 	*out = free_slot;
@@ -1284,9 +1306,15 @@ int kvt_tier_gpu_restore(struct kvt_tier_gpu *g, const struct kvt_seq *seq,
 		goto out;
 	}
 	struct ipc_entry *ek = NULL, *ev = NULL;
-	if ((rc = ipc_get(g, r->handle_k, r->owner, NULL, &ek, "ipc_mem_handle", err, errlen)))
+	/* the exporter's pid counts only when it is a pid of our namespace */
+	const pid_t pid = r->worker_pid && g->pid_ns && r->worker_pid_ns == g->pid_ns
+				  ? (pid_t)r->worker_pid
+				  : 0;
+	if ((rc = ipc_get(g, r->handle_k, r->owner, pid, NULL, &ek, "ipc_mem_handle", err,
+			  errlen)))
 		goto out;
-	if ((rc = ipc_get(g, r->handle_v, r->owner, ek, &ev, "ipc_mem_handle_v", err, errlen)))
+	if ((rc = ipc_get(g, r->handle_v, r->owner, pid, ek, &ev, "ipc_mem_handle_v", err,
+			  errlen)))
 		goto out;
 	/* the true allocation sizes bound what we write, whatever buffer_bytes said */
 	if ((rc = check_extent("k_offset_bytes", "K", r->k_offset, extent, ek->bytes, err,

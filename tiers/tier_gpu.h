@@ -211,6 +211,8 @@ struct kvt_gpu_restore {
 	uint32_t layer_begin, layer_end;
 	uint32_t dtype;               /* f16 or bf16 */
 	int device_ordinal;           /* -1: any (the daemon's) */
+	uint32_t worker_pid;          /* the exporting process, 0: unknown (RestoreToDevice) */
+	uint64_t worker_pid_ns;       /* inode of its pid namespace: worker_pid counts only in ours */
 };
 #define KVT_GPU_IPC_HANDLE_BYTES 64
 

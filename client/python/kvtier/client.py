@@ -12,6 +12,7 @@ Every failed RPC raises KvtierError with the gRPC status code and the daemon's m
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -681,6 +682,12 @@ class Client:
             req.layer_stride_bytes = layer_stride_bytes
         if device_ordinal is not None:
             req.device_ordinal = device_ordinal
+        # this process exported the handles: the daemon drops its mappings once it is gone
+        req.worker_pid = os.getpid()
+        try:
+            req.worker_pid_ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            pass
         r = self._call("RestoreToDevice", req, timeout)
         return {"n_tokens": r.n_tokens, "bytes_written": r.bytes_written,
                 "elapsed_us": r.elapsed_us}
