@@ -52,6 +52,7 @@ struct kvt_client {
 	uint32_t max_message_bytes;
 	uint32_t max_receive_bytes;
 	bool fetch_local;         /* the fetch mode of KVT_CLIENT_FETCH_DEFAULT ranges */
+	uint64_t pid_ns;          /* inode of this process's pid namespace, 0: unknown */
 };
 
 /* ---- status helpers ------------------------------------------------------------------------ */
@@ -227,6 +228,9 @@ int kvt_client_connect(const struct kvt_client_options *opts, struct kvt_client 
 		free(c);
 		return rc;
 	}
+	/* sent with RestoreToDevice (the worker named there is this process) */
+	struct stat ns;
+	c->pid_ns = stat("/proc/self/ns/pid", &ns) == 0 ? (uint64_t)ns.st_ino : 0;
 	/* Local decode is the default: it ships the encoded bytes (a fifth of f16 at 2 bits)
 	 * and takes the decode off the daemon that every worker of the node shares. */
 	c->fetch_local = true;
@@ -2364,13 +2368,10 @@ int kvt_client_restore_to_device(struct kvt_client *c, const struct kvt_client_r
 
 	req.session_id = (char *)r->session_id;
 	/* this process exported the handles: the daemon drops its mappings once we are gone */
-	struct stat ns;
 	req.has_worker_pid = 1;
 	req.worker_pid = (uint32_t)getpid();
-	if (stat("/proc/self/ns/pid", &ns) == 0) {
-		req.has_worker_pid_ns = 1;
-		req.worker_pid_ns = (uint64_t)ns.st_ino;
-	}
+	req.has_worker_pid_ns = c->pid_ns != 0;
+	req.worker_pid_ns = c->pid_ns;
 	if (r->ipc_mem_handle) {
 		req.has_ipc_mem_handle = 1;
 		req.ipc_mem_handle.data = (uint8_t *)r->ipc_mem_handle;

@@ -428,12 +428,9 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 		fn(ctx, names[i], v[i]);
 	fn(ctx, "gpu.ipc_cached", cached);
 	pthread_mutex_lock(&g->mu);
-	uint64_t stale = g->ipc_stale_closes;
+	uint64_t stale = g->ipc_stale_closes, dead = g->ipc_dead_closes;
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.ipc_stale_remaps", stale);
-	pthread_mutex_lock(&g->mu);
-	uint64_t dead = g->ipc_dead_closes;
-	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.ipc_dead_worker_closes", dead);
 	pthread_mutex_lock(&g->mu);
 	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;

@@ -595,7 +595,8 @@ static int restore_worker(const char *target, const char *sid, unsigned mib)
 		fprintf(stderr, "worker: %s\n", st.message);
 		return 2;
 	}
-	size_t region = (size_t)info.n_layers * info.n_tokens * info.n_kv_heads * info.head_dim * 2;
+	const struct kvt_client_shape shape = it_shape(&info);
+	size_t region = kvt_client_kv_bytes(&shape, info.n_tokens); /* one of K, V */
 	size_t v_off = (region + 255) & ~(size_t)255, bytes = (size_t)mib << 20;
 	void *buf;
 	if (bytes < v_off + region || kvt_cuda_alloc(ctx, bytes, &buf, err, sizeof err)) {

@@ -232,6 +232,10 @@ class Client:
         self._methods.update(self._bind(self._health_pb, "Health"))
         self._shapes: dict[str, tuple[int, int, int, int]] = {}
         self._shapes_lock = threading.Lock()
+        try:  # sent with RestoreToDevice (the worker named there is this process)
+            self._pid_ns: int | None = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            self._pid_ns = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -684,10 +688,8 @@ class Client:
             req.device_ordinal = device_ordinal
         # this process exported the handles: the daemon drops its mappings once it is gone
         req.worker_pid = os.getpid()
-        try:
-            req.worker_pid_ns = os.stat("/proc/self/ns/pid").st_ino
-        except OSError:
-            pass
+        if self._pid_ns is not None:
+            req.worker_pid_ns = self._pid_ns
         r = self._call("RestoreToDevice", req, timeout)
         return {"n_tokens": r.n_tokens, "bytes_written": r.bytes_written,
                 "elapsed_us": r.elapsed_us}
