@@ -317,6 +317,41 @@ static void *xalloc(size_t n)
 	return p;
 }
 
+/* Tensors need only their element's alignment (kvt_codec.h), so the kernels must not assume
+ * more: talloc places n bytes 0..7 elements past a 64-byte boundary, still ending where the
+ * allocation ends; tfree finds the allocation again. */
+static struct {
+	void *p, *base;
+} tallocs[32];
+
+static void *talloc(size_t n, size_t elem)
+{
+	size_t skew = coin(2) ? 0 : elem * rb(8);
+	uint8_t *base = xalloc(n + skew);
+	for (size_t i = 0; i < sizeof(tallocs) / sizeof(tallocs[0]); i++)
+		if (!tallocs[i].base) {
+			tallocs[i].base = base;
+			tallocs[i].p = base + skew;
+			return base + skew;
+		}
+	printf("# talloc: too many live tensors\n");
+	abort();
+}
+
+static void tfree(void *p)
+{
+	if (!p)
+		return;
+	for (size_t i = 0; i < sizeof(tallocs) / sizeof(tallocs[0]); i++)
+		if (tallocs[i].p == p) {
+			free(tallocs[i].base);
+			tallocs[i].base = tallocs[i].p = NULL;
+			return;
+		}
+	printf("# tfree: %p was not from talloc\n", p);
+	abort();
+}
+
 /* A random config the codec's validation accepts: fields come from supersets of the valid
  * values, and kvt_codec_config_validate decides. */
 static void pick_config(struct kvt_codec_config *c)
@@ -331,9 +366,11 @@ static void pick_config(struct kvt_codec_config *c)
 		c->key_bits = none && !coin(8) ? 16 * rb(2) : bits[rb(10)];
 		c->value_bits = none && !coin(8) ? 16 * rb(2) : bits[rb(10)];
 		c->group = groups[rb(3)];
-		c->chunk_tokens = coin(16) ? 32 * (1 + rb(8)) : c->group * (1 + rb(4));
+		c->chunk_tokens = !coin(8) ? c->group * (1 + rb(4)) : coin(2) ? 32 * (1 + rb(8))
+										: KVT_MAX_CHUNK_TOKENS;
 		c->n_layers = 1 + rb(3);
-		c->n_kv_heads = coin(8) ? 1 + rb(16) : 1 + rb(3); /* > 8: decode's head blocks */
+		/* more than 8 heads: decode's head blocks */
+		c->n_kv_heads = !coin(8) ? 1 + rb(3) : coin(4) ? 17 + rb(48) : 1 + rb(16);
 		c->head_dim = dims[rb(3)];
 		c->dtype = 1 + rb(3);
 		c->rotate_v = coin(4) || kvt_scheme_rotates_keys(c->scheme) ? rb(2) : 0;
@@ -1201,8 +1238,8 @@ static void check_decode(const struct seed *s, const uint8_t *chunk,
 	int rc;
 	kvt_codec_set_isa(ia);
 	for (uint32_t dt = KVT_DTYPE_F16; dt <= KVT_DTYPE_F32; dt++) {
-		k[dt] = xalloc(n * kvt_dtype_size(dt));
-		v[dt] = xalloc(n * kvt_dtype_size(dt));
+		k[dt] = talloc(n * kvt_dtype_size(dt), kvt_dtype_size(dt));
+		v[dt] = talloc(n * kvt_dtype_size(dt), kvt_dtype_size(dt));
 		err[0] = 0;
 		rc = kvt_decode_chunk(chunk, 0, B, 0, L, dt, k[dt], v[dt], err, sizeof(err));
 		FCHECK(rc == 0, "decode all to %s: rc %d '%s'", kvt_dtype_name(dt), rc, err);
@@ -1218,8 +1255,8 @@ static void check_decode(const struct seed *s, const uint8_t *chunk,
 	}
 	if (avx2) {
 		kvt_codec_set_isa(ib);
-		k2 = xalloc(n * 4);
-		v2 = xalloc(n * 4);
+		k2 = talloc(n * 4, 4);
+		v2 = talloc(n * 4, 4);
 		rc = kvt_decode_chunk(chunk, 0, B, 0, L, KVT_DTYPE_F32, k2, v2, err, sizeof(err));
 		FCHECK(rc == 0, "decode on the other path: rc %d '%s'", rc, err);
 		if (!rc) {
@@ -1238,8 +1275,8 @@ static void check_decode(const struct seed *s, const uint8_t *chunk,
 		const uint32_t l0 = rb(L + 1), l1 = l0 + rb(L - l0 + 1);
 		const uint32_t dt = 1 + rb(3), which = rb(3);
 		const size_t sn = (size_t)(l1 - l0) * (t1 - t0) * row, es = kvt_dtype_size(dt);
-		ks = which != 1 ? xalloc(sn * es) : NULL;
-		vs = which != 0 ? xalloc(sn * es) : NULL;
+		ks = which != 1 ? talloc(sn * es, es) : NULL;
+		vs = which != 0 ? talloc(sn * es, es) : NULL;
 		rc = kvt_decode_chunk(chunk, t0, t1, l0, l1, dt, ks, vs, err, sizeof(err));
 		FCHECK(rc == 0, "decode tokens [%u, %u) layers [%u, %u) to %s: rc %d '%s'", t0, t1, l0,
 		       l1, kvt_dtype_name(dt), rc, err);
@@ -1294,13 +1331,13 @@ static void check_decode(const struct seed *s, const uint8_t *chunk,
 	}
 out:
 	for (int dt = 0; dt < 4; dt++) {
-		free(k[dt]);
-		free(v[dt]);
+		tfree(k[dt]);
+		tfree(v[dt]);
 	}
-	free(k2);
-	free(v2);
-	free(ks);
-	free(vs);
+	tfree(k2);
+	tfree(v2);
+	tfree(ks);
+	tfree(vs);
 }
 
 static void check_attend(const uint8_t *chunk, const struct kvt_codec_config *c, bool finite,
@@ -1310,9 +1347,9 @@ static void check_attend(const uint8_t *chunk, const struct kvt_codec_config *c,
 	const uint32_t nt = rb(4);
 	const size_t ws = kvt_dtype_size(c->dtype), tn = (size_t)nt * H * d;
 	const size_t no = (size_t)nq * d;
-	float *q = xalloc(no * 4), *o[2] = {xalloc(no * 4), xalloc(no * 4)};
+	float *q = talloc(no * 4, 4), *o[2] = {talloc(no * 4, 4), talloc(no * 4, 4)};
 	float *tf = xalloc(tn * 4 + 4);
-	void *tk = nt ? xalloc(tn * ws) : NULL, *tv = nt ? xalloc(tn * ws) : NULL;
+	void *tk = nt ? talloc(tn * ws, ws) : NULL, *tv = nt ? talloc(tn * ws, ws) : NULL;
 	fill_f32(q, no, 1.0f);
 	if (nt) {
 		fill_f32(tf, tn, 1.0f);
@@ -1363,12 +1400,12 @@ static void check_attend(const uint8_t *chunk, const struct kvt_codec_config *c,
 		       "attend on a chunk twice: rc %d '%s'", rc2, err);
 	}
 	kvt_codec_set_isa(ia);
-	free(q);
-	free(o[0]);
-	free(o[1]);
+	tfree(q);
+	tfree(o[0]);
+	tfree(o[1]);
 	free(tf);
-	free(tk);
-	free(tv);
+	tfree(tk);
+	tfree(tv);
 }
 
 /* ---- One iteration ----------------------------------------------------------------------- */
