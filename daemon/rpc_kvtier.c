@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "kvtier/v1/kvtier.pb-c.h"
+#include "kvt_tsan.h"
 #include "kvt_wire_reader.h"
 #include "log.h"
 #include "rpc.h"
@@ -1941,6 +1942,7 @@ static void fetch_cleanup(struct kvt_rpc_call *c)
 
 static void chunk_unref(void *p)
 {
+	KVT_TSAN_ACQUIRE(p);
 	kvt_chunk_put(p);
 }
 
@@ -2090,6 +2092,7 @@ static int fenc_next(struct kvt_rpc_call *c, grpc_byte_buffer **out, struct kvt_
 		p = put_varint(p, take);
 		grpc_slice slices[2];
 		slices[0] = grpc_slice_from_copied_buffer((const char *)hdr, (size_t)(p - hdr));
+		KVT_TSAN_RELEASE(ch); /* unreferenced by gRPC's slice destructor, on any thread */
 		slices[1] = grpc_slice_new_with_user_data((void *)(ch->bytes + f->offset), take,
 							  chunk_unref, (void *)ch);
 		*out = grpc_raw_byte_buffer_create(slices, 2);

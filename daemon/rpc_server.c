@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvt_tsan.h"
 #include "log.h"
 
 #define TAG_NEW 0u
@@ -131,11 +132,13 @@ void kvt_rpc_fail(struct kvt_rpc_result *res, grpc_status_code code, const char 
 
 static void free_user_buf(void *p)
 {
+	KVT_TSAN_ACQUIRE(p);
 	free(p);
 }
 
 grpc_byte_buffer *kvt_rpc_buffer_take(void *buf, size_t len)
 {
+	KVT_TSAN_RELEASE(buf); /* freed by gRPC, on any thread */
 	grpc_slice s = grpc_slice_new_with_user_data(buf, len, free_user_buf, buf);
 	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
 	grpc_slice_unref(s);
@@ -273,11 +276,13 @@ static void reply_pool_drain(void)
 
 static void reply_buf_destroy(void *p)
 {
+	KVT_TSAN_ACQUIRE(p);
 	kvt_rpc_reply_buf_put(p);
 }
 
 grpc_byte_buffer *kvt_rpc_reply_buf_take(void *buf, size_t len)
 {
+	KVT_TSAN_RELEASE(buf); /* given back by gRPC's slice destructor, on any thread */
 	grpc_slice s = grpc_slice_new_with_user_data(buf, len, reply_buf_destroy, buf);
 	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
 	grpc_slice_unref(s);
@@ -354,6 +359,7 @@ static int is_parkable(const struct kvt_rpc_call *c)
 static void start_batch(struct kvt_rpc_call *c, const grpc_op *ops, size_t n, unsigned kind)
 {
 	__atomic_fetch_add(&c->pending, 1, __ATOMIC_RELAXED);
+	KVT_TSAN_RELEASE(c); /* the completion comes back to cq_main through gRPC */
 	grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag_of(c, kind), NULL);
 	/* Every batch we start is well formed by construction: failure is a bug. */
 	assert(e == GRPC_CALL_OK && "grpc_call_start_batch refused a batch");
@@ -381,6 +387,7 @@ static void request_one(struct kvt_rpc_server *srv, struct kvt_rpc_cq *cq)
 		kvt_log_error("out of memory requesting a call", NULL);
 		return;
 	}
+	KVT_TSAN_RELEASE(c);
 	grpc_call_error e = grpc_server_request_call(srv->server, &c->call, &c->details,
 						     &c->request_md, cq->cq, cq->cq,
 						     tag_of(c, TAG_NEW));
@@ -806,6 +813,7 @@ static void *cq_main(void *arg)
 			continue;
 		}
 		struct kvt_rpc_call *c = p;
+		KVT_TSAN_ACQUIRE(c);
 		if (kind == TAG_NEW) {
 			if (!ev.success) {
 				/* The server is shutting down: this slot never got a call. */
