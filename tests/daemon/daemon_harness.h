@@ -13,6 +13,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,10 +49,14 @@ static int kvt_harness_start(struct kvt_harness *h, const char *kvtierd, char *c
 	for (int i = 0; extra && extra[i] && n < 30; i++)
 		argv[n++] = extra[i];
 	argv[n] = NULL;
+	const pid_t parent = getpid();
 	h->pid = fork();
 	if (h->pid < 0)
 		return -errno;
 	if (h->pid == 0) {
+		/* dies with the test (see tests/integration/kvt_daemon.c) */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+			_exit(125);
 		FILE *f = freopen(h->log, "w", stderr);
 		(void)f;
 		execv(kvtierd, argv);

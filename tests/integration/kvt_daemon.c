@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -153,12 +154,17 @@ static int spawn(struct kvt_daemon *d, const char *const *extra_args, int log_fl
 		return -errno;
 	}
 	fflush(stdout);
+	const pid_t parent = getpid();
 	d->pid = fork();
 	if (d->pid < 0) {
 		close(logfd);
 		return -errno;
 	}
 	if (d->pid == 0) {
+		/* a test that dies (a sanitizer report, a ctest timeout) takes its daemon along
+		 * instead of leaving it running with its socket and memory */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+			_exit(125);
 		dup2(logfd, STDERR_FILENO);
 		dup2(logfd, STDOUT_FILENO);
 		if (chdir(d->dir) != 0)
