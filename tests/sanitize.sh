@@ -33,7 +33,7 @@ export TSAN_OPTIONS="log_path=$logs/tsan:ignore_noninstrumented_modules=1:second
 # fault and the daemon's unit tests). The single-threaded codec tests only get 5-15x slower
 # under it, so they run in the address/undefined pass only.
 skip=()
-case "$kind" in *thread*) skip=(-E '^(codec_|seq_|fidelity_|bench_codec_|bench_fidelity_)') ;; esac
+case "$kind" in *thread*) skip=(-E '^(codec_|seq_|fuzz_chunk|fidelity_|bench_codec_|bench_fidelity_)') ;; esac
 
 cd "$build"
 rc=0

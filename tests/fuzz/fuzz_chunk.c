@@ -21,6 +21,9 @@
  *     a sub-range equals the same slice of the whole, and the scalar and AVX2 paths agree
  *     (NaN equal to NaN); when only code bytes changed, every other row decodes exactly as
  *     the seed did and all values stay finite (codes are bounded, scales are untouched);
+ *   - what the daemon does with an upload that parsed (check_seq): the chunk at token 0 goes
+ *     into a sequence by kvt_seq_append_chunk (at another token it is refused), fetch equals
+ *     the chunk's decode, attend succeeds, a fork and a truncate fetch what it decodes to;
  *   - nothing reads or writes outside its buffer: chunks, outputs, queries and error buffers
  *     have their exact sizes, and the test is meant to run under ASan + UBSan.
  * Every iteration draws from its own stream of (run seed, iteration), so KVT_SEED=<s>
@@ -37,6 +40,7 @@
 #endif
 
 #include "codec_test_util.h"
+#include "kvt_seq.h"
 
 #define N_SEEDS 16
 #define POOL_PERIOD 2048u            /* iterations per seed pool: long runs see many configs */
@@ -1408,12 +1412,116 @@ static void check_attend(const uint8_t *chunk, const struct kvt_codec_config *c,
 	tfree(tv);
 }
 
-/* ---- One iteration ----------------------------------------------------------------------- */
-
+/* outcome counts for the summary line */
 static struct {
 	uint64_t iters, accepted, by_reason[R_COUNT], by_class[4], kind_n[N_KINDS],
-		kind_acc[N_KINDS], bursts;
+		kind_acc[N_KINDS], bursts, in_seq;
 } st;
+
+/* What the daemon does with an uploaded chunk that parsed (StoreEncoded, then Fetch, Attend,
+ * Fork, Truncate): kvt_seq_append_chunk into an empty sequence of the chunk's config (only a
+ * chunk at token 0 fits one), then kvt_seq_fetch of a random range equals kvt_decode_chunk's,
+ * kvt_seq_attend succeeds, and a fork and a truncate to a random length (a cut inside the
+ * chunk decodes its prefix into the tail, in the wire dtype) fetch what the chunk decodes to
+ * in the wire dtype; the chunk again at token 0 does not fit. */
+static void check_seq(const uint8_t *chunk, size_t len, const struct kvt_codec_config *c,
+		      const struct kvt_chunk_header *h)
+{
+	const uint32_t B = c->chunk_tokens, L = c->n_layers, H = c->n_kv_heads, d = c->head_dim;
+	const uint32_t wdt = c->dtype;
+	const size_t ws = kvt_dtype_size(wdt);
+	struct kvt_seq *seq = NULL, *fork = NULL;
+	void *a = NULL, *b = NULL, *av = NULL, *bv = NULL;
+	float *q = NULL, *o = NULL;
+	char err[256] = "";
+	int rc = kvt_seq_create(c, NULL, &seq, err, sizeof(err));
+	FCHECK(rc == 0, "kvt_seq_create with a parsed chunk's config: rc %d '%s'", rc, err);
+	if (rc)
+		return;
+	err[0] = 0;
+	rc = kvt_seq_append_chunk(seq, chunk, len, err, sizeof(err));
+	if (h->first_token != 0) {
+		FCHECK(rc != 0 && err[0] && kvt_seq_tokens(seq) == 0, "a chunk at token %llu into an "
+		       "empty sequence: rc %d '%s', %llu tokens", (unsigned long long)h->first_token,
+		       rc, err, (unsigned long long)kvt_seq_tokens(seq));
+		goto out;
+	}
+	FCHECK(rc == 0 && kvt_seq_tokens(seq) == B && kvt_seq_n_chunks(seq) == 1,
+	       "append_chunk of a chunk that parsed: rc %d '%s', %llu tokens", rc, err,
+	       (unsigned long long)kvt_seq_tokens(seq));
+	if (rc)
+		goto out;
+	st.in_seq++;
+
+	/* Fetch: a random range, f32 */
+	uint32_t t0 = rb(B), t1 = t0 + 1 + rb(B - t0), l0 = rb(L), l1 = l0 + 1 + rb(L - l0);
+	size_t n = (size_t)(l1 - l0) * (t1 - t0) * H * d;
+	a = talloc(n * 4, 4), av = talloc(n * 4, 4), b = talloc(n * 4, 4), bv = talloc(n * 4, 4);
+	rc = kvt_seq_fetch(seq, t0, t1, l0, l1, KVT_DTYPE_F32, a, av, err, sizeof(err));
+	FCHECK(rc == 0, "seq fetch [%u, %u) layers [%u, %u): rc %d '%s'", t0, t1, l0, l1, rc, err);
+	int rd = kvt_decode_chunk(chunk, t0, t1, l0, l1, KVT_DTYPE_F32, b, bv, err, sizeof(err));
+	if (!rc && !rd) {
+		size_t i = first_diff(a, KVT_DTYPE_F32, b, KVT_DTYPE_F32, n);
+		size_t j = first_diff(av, KVT_DTYPE_F32, bv, KVT_DTYPE_F32, n);
+		FCHECK(i == n && j == n, "seq fetch differs from the chunk's decode at k %zu v %zu of "
+		       "%zu", i, j, n);
+	}
+	tfree(a), tfree(av), tfree(b), tfree(bv);
+	a = av = b = bv = NULL;
+
+	/* Attend */
+	const uint32_t nq = H * (1 + rb(3));
+	q = talloc((size_t)nq * d * 4, 4), o = talloc((size_t)nq * d * 4, 4);
+	fill_f32(q, (size_t)nq * d, 1.0f);
+	const uint32_t layer = rb(L);
+	rc = kvt_seq_attend(seq, layer, nq, 1.0f / sqrtf((float)d), q, o, err, sizeof(err));
+	FCHECK(rc == 0, "seq attend layer %u, %u query heads: rc %d '%s'", layer, nq, rc, err);
+
+	/* Fork and truncate to n_tok: tokens [0, n_tok) in the wire dtype, as the chunk decodes */
+	const uint32_t n_tok = rb(B + 1);
+	n = (size_t)L * n_tok * H * d;
+	if (n_tok) {
+		a = talloc(n * ws, ws), av = talloc(n * ws, ws), b = talloc(n * ws, ws);
+		bv = talloc(n * ws, ws);
+		rd = kvt_decode_chunk(chunk, 0, n_tok, 0, L, wdt, b, bv, err, sizeof(err));
+		FCHECK(rd == 0, "decode [0, %u) in the wire dtype: rc %d '%s'", n_tok, rd, err);
+	}
+	rc = kvt_seq_fork(seq, n_tok, NULL, &fork, err, sizeof(err));
+	FCHECK(rc == 0 && kvt_seq_tokens(fork) == n_tok, "fork at %u: rc %d '%s'", n_tok, rc, err);
+	for (int pass = 0; pass < 2 && n_tok; pass++) {
+		/* pass 0: the fork; pass 1: the sequence itself, truncated */
+		struct kvt_seq *x = pass ? seq : fork;
+		if (pass) {
+			rc = kvt_seq_truncate(seq, n_tok, err, sizeof(err));
+			FCHECK(rc == 0 && kvt_seq_tokens(seq) == n_tok, "truncate to %u: rc %d '%s'",
+			       n_tok, rc, err);
+		}
+		if (rc || !x)
+			continue;
+		rc = kvt_seq_fetch(x, 0, n_tok, 0, L, wdt, a, av, err, sizeof(err));
+		FCHECK(rc == 0, "fetch [0, %u) of the %s: rc %d '%s'", n_tok,
+		       pass ? "truncated sequence" : "fork", rc, err);
+		if (!rc && !rd) {
+			size_t i = first_diff(a, wdt, b, wdt, n), j = first_diff(av, wdt, bv, wdt, n);
+			FCHECK(i == n && j == n, "the %s's tokens [0, %u) differ from the chunk's decode "
+			       "at k %zu v %zu of %zu", pass ? "truncated sequence" : "fork", n_tok,
+			       i, j, n);
+		}
+	}
+	if (kvt_seq_tokens(seq) == B) { /* (not truncated) the chunk again does not fit */
+		rc = kvt_seq_append_chunk(seq, chunk, len, err, sizeof(err));
+		FCHECK(rc != 0 && kvt_seq_tokens(seq) == B, "the same chunk appended twice: rc %d",
+		       rc);
+	}
+out:
+	kvt_seq_destroy(fork);
+	kvt_seq_destroy(seq);
+	tfree(a), tfree(av), tfree(b), tfree(bv);
+	tfree(q), tfree(o);
+}
+
+/* ---- One iteration ----------------------------------------------------------------------- */
+
 static uint8_t *mbuf;
 
 static void run_iteration(uint64_t it)
@@ -1521,6 +1629,8 @@ static void run_iteration(uint64_t it)
 		FCHECK(memcmp(&pc, &hc, sizeof(pc)) == 0, "parse's config is not the header's");
 		check_decode(s, chunk, &pc, mc, rows, ia, ib);
 		check_attend(chunk, &pc, mc <= MC_CODES && pc.scheme != KVT_SCHEME_NONE, ia, ib);
+		/* the daemon keeps exactly total_bytes of an upload (parse allows more after it) */
+		check_seq(chunk, ph.total_bytes, &pc, &ph);
 	} else {
 		st.by_reason[got]++;
 	}
@@ -1590,7 +1700,8 @@ static void test_fuzz(void)
 		if (st.by_reason[r])
 			n += (size_t)snprintf(line + n, sizeof(line) - n, " %s %llu", reasons[r].name,
 					      (unsigned long long)st.by_reason[r]);
-	printf("%s; %d failing iterations\n", line, failing_iters);
+	printf("%s; through a sequence (append, fetch, attend, fork, truncate) %llu; %d failing "
+	       "iterations\n", line, (unsigned long long)st.in_seq, failing_iters);
 	n = 0;
 	for (uint32_t k = 0; k < N_KINDS && n < sizeof(line); k++)
 		n += (size_t)snprintf(line + n, sizeof(line) - n, "%s %s %llu/%llu", k ? "," : "",
