@@ -449,12 +449,87 @@ static void fail_errno(struct kvt_rpc_result *res, int rc, const char *what, con
 	kvt_rpc_fail(res, code, "%s: %s", what, err && *err ? err : strerror(-rc));
 }
 
-#define UNPACK(type, fn, var)                                                              \
-	type *var = fn##__unpack(NULL, len, req);                                          \
-	if (!var) {                                                                        \
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed " #type);        \
-		return;                                                                    \
+/*
+ * protobuf-c keeps a string's bytes up to its first NUL: a session_id "a\0b" on the wire reads
+ * as "a", so a request naming one session could act on another (DropSession of "x\0y" drops
+ * "x"), and check_id never sees the byte it exists to refuse. So every string field of a
+ * request (at any depth) is checked on the wire for a NUL before the message is used.
+ * 0 = none; -1 = res names the field. Only called on bytes protobuf-c parsed.
+ */
+static int wire_strings_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n,
+			   const char *parent, int depth, struct kvt_rpc_result *res)
+{
+	size_t pos = 0;
+	while (pos < n) {
+		uint64_t tag = 0, len = 0;
+		int shift = 0;
+		do {
+			if (pos >= n || shift > 63)
+				return 0;
+			tag |= (uint64_t)(p[pos] & 0x7f) << shift;
+			shift += 7;
+		} while (p[pos++] & 0x80);
+		switch (tag & 7) {
+		case 0:
+			while (pos < n && (p[pos] & 0x80))
+				pos++;
+			pos++;
+			continue;
+		case 1: pos += 8; continue;
+		case 5: pos += 4; continue;
+		case 2: break;
+		default: return 0; /* groups: nothing of ours */
+		}
+		shift = 0;
+		do {
+			if (pos >= n || shift > 63)
+				return 0;
+			len |= (uint64_t)(p[pos] & 0x7f) << shift;
+			shift += 7;
+		} while (p[pos++] & 0x80);
+		if (len > n - pos)
+			return 0;
+		const ProtobufCFieldDescriptor *f =
+			protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3));
+		if (f && f->type == PROTOBUF_C_TYPE_STRING) {
+			const uint8_t *z = memchr(p + pos, 0, (size_t)len);
+			if (z) {
+				kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+					     "%s%s%s has a NUL byte at offset %zu (printable ASCII only)",
+					     parent, *parent ? "." : "", f->name,
+					     (size_t)(z - (p + pos)));
+				return -1;
+			}
+		} else if (f && f->type == PROTOBUF_C_TYPE_MESSAGE && depth < 8) {
+			if (wire_strings_ok(f->descriptor, p + pos, (size_t)len, f->name, depth + 1,
+					    res))
+				return -1;
+		}
+		pos += (size_t)len;
 	}
+	return 0;
+}
+
+/* protobuf-c's unpack, then the NUL check above; NULL = res says why. */
+static void *unpack_checked(const ProtobufCMessageDescriptor *d, const uint8_t *req, size_t len,
+			    struct kvt_rpc_result *res)
+{
+	ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, req);
+	if (!m) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed %s", d->short_name);
+		return NULL;
+	}
+	if (wire_strings_ok(d, req, len, "", 0, res)) {
+		protobuf_c_message_free_unpacked(m, NULL);
+		return NULL;
+	}
+	return m;
+}
+
+#define UNPACK(type, fn, var)                                                              \
+	type *var = unpack_checked(&fn##__descriptor, req, len, res);                      \
+	if (!var)                                                                          \
+		return;
 
 /* ---- session management ---------------------------------------------------------------- */
 
@@ -1346,12 +1421,11 @@ static int append_message(struct kvt_rpc_call *c, const uint8_t *req, size_t len
 			  struct kvt_rpc_result *res)
 {
 	struct append_state *a = c->state;
-	Kvtier__V1__AppendRequest *r = kvtier__v1__append_request__unpack(NULL, len, req);
+	Kvtier__V1__AppendRequest *r =
+		unpack_checked(&kvtier__v1__append_request__descriptor, req, len, res);
 	int rc = -1;
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed AppendRequest");
+	if (!r)
 		return -1;
-	}
 	if (!a) {
 		a = append_begin(c, r->session_id, res);
 		if (!a)
@@ -1791,13 +1865,12 @@ struct fetch_state {
 static int fetch_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		       struct kvt_rpc_result *res)
 {
-	Kvtier__V1__FetchRequest *r = kvtier__v1__fetch_request__unpack(NULL, len, req);
+	Kvtier__V1__FetchRequest *r =
+		unpack_checked(&kvtier__v1__fetch_request__descriptor, req, len, res);
 	struct kvt_session *s = NULL;
 	int rc = -1;
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed FetchRequest");
+	if (!r)
 		return -1;
-	}
 	if (get_session(c, r->session_id, "session_id", &s, res))
 		goto out;
 	const struct kvt_codec_config *cfg = &s->cfg;
@@ -1960,13 +2033,11 @@ static int fenc_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		      struct kvt_rpc_result *res)
 {
 	Kvtier__V1__FetchEncodedRequest *r =
-		kvtier__v1__fetch_encoded_request__unpack(NULL, len, req);
+		unpack_checked(&kvtier__v1__fetch_encoded_request__descriptor, req, len, res);
 	struct kvt_session *s = NULL;
 	int rc = -1;
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed FetchEncodedRequest");
+	if (!r)
 		return -1;
-	}
 	if (get_session(c, r->session_id, "session_id", &s, res))
 		goto out;
 	kvt_session_lock(s);
@@ -2270,12 +2341,10 @@ static int store_message(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 {
 	struct store_state *ss = c->state;
 	Kvtier__V1__StoreEncodedRequest *r =
-		kvtier__v1__store_encoded_request__unpack(NULL, len, req);
+		unpack_checked(&kvtier__v1__store_encoded_request__descriptor, req, len, res);
 	int rc = -1;
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed StoreEncodedRequest");
+	if (!r)
 		return -1;
-	}
 	if (!ss) {
 		if (!r->open) {
 			kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,

@@ -8,6 +8,12 @@
 
 #include <ctype.h>
 
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
 #define L 2
 #define H 2
 #define D 64
@@ -107,7 +113,7 @@ enum {
 	C_ATTEND_Q_SIZE, C_ATTEND_LAYER, C_ATTEND_UNKNOWN, C_ATTEND_NEW_K, C_ATTEND_EMPTY,
 	C_TRUNCATE_PAST, C_FORK_UNKNOWN, C_FORK_PAST, C_FORK_EXISTING, C_TTL_MAX, C_LIST_PAGE,
 	C_STAT_ID_LONG, C_FENC_CHUNK_END, C_STORE_CORRUPT, C_STORE_SHAPE, C_OPEN_RECENT_SMALL,
-	C_OPEN_RECENT_BIG, C_OPEN_PRESET,
+	C_OPEN_RECENT_BIG, C_OPEN_PRESET, C_DROP_ID_NUL, C_TRUNCATE_ID_NUL, C_STAT_ID_NUL,
 };
 
 /* Codes follow ARCHITECTURE.md: a range past the session (tokens, layers, chunks, the
@@ -187,7 +193,80 @@ static const struct bad_case cases[] = {
 	  "crc32c" },
 	{ C_STORE_SHAPE, "store_encoded: open shape differs from the chunks",
 	  KVT_CODE_INVALID_ARGUMENT, "head_dim" },
+	/* protobuf-c cuts a string at its first NUL: "victim\0x" used to act on "victim"
+	 * (found by fuzz_rpc; libkvtier cannot send such an id, so these go raw) */
+	{ C_DROP_ID_NUL, "drop: session_id \"victim\\0x\" (raw)", KVT_CODE_INVALID_ARGUMENT,
+	  "session_id" },
+	{ C_TRUNCATE_ID_NUL, "truncate: session_id \"victim\\0\" to 0 tokens (raw)",
+	  KVT_CODE_INVALID_ARGUMENT, "session_id" },
+	{ C_STAT_ID_NUL, "stat: session_id \"victim\\0victim2\" (raw)", KVT_CODE_INVALID_ARGUMENT,
+	  "session_id" },
 };
+
+/* One unary call with a request written byte by byte (what libkvtier would never send). */
+static int raw_unary(const char *method, const uint8_t *req, size_t len,
+		     struct kvt_client_status *st)
+{
+	grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+	grpc_channel *ch = grpc_channel_create(g_d.target, creds, NULL);
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+	grpc_slice m = grpc_slice_from_static_string(method), s, details = grpc_empty_slice();
+	grpc_call *call = grpc_channel_create_call(
+		ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m, NULL,
+		gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(10000, GPR_TIMESPAN)),
+		NULL);
+	grpc_metadata_array imd, tmd;
+	grpc_byte_buffer *bb, *recv = NULL;
+	grpc_status_code code = GRPC_STATUS_UNKNOWN;
+	grpc_op ops[6];
+	grpc_event ev;
+	size_t n;
+
+	grpc_channel_credentials_release(creds);
+	grpc_metadata_array_init(&imd);
+	grpc_metadata_array_init(&tmd);
+	s = grpc_slice_from_copied_buffer((const char *)req, len);
+	bb = grpc_raw_byte_buffer_create(&s, 1);
+	grpc_slice_unref(s);
+	memset(ops, 0, sizeof(ops));
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = bb;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
+	ops[4].op = GRPC_OP_RECV_MESSAGE;
+	ops[4].data.recv_message.recv_message = &recv;
+	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	ops[5].data.recv_status_on_client.trailing_metadata = &tmd;
+	ops[5].data.recv_status_on_client.status = &code;
+	ops[5].data.recv_status_on_client.status_details = &details;
+	if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK)
+		ev = grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME),
+						 NULL);
+	(void)ev;
+	st->code = (int)code;
+	st->local = 0;
+	n = GRPC_SLICE_LENGTH(details);
+	if (n >= sizeof(st->message))
+		n = sizeof(st->message) - 1;
+	memcpy(st->message, GRPC_SLICE_START_PTR(details), n);
+	st->message[n] = '\0';
+	grpc_byte_buffer_destroy(bb);
+	if (recv)
+		grpc_byte_buffer_destroy(recv);
+	grpc_slice_unref(details);
+	grpc_metadata_array_destroy(&imd);
+	grpc_metadata_array_destroy(&tmd);
+	grpc_call_unref(call);
+	grpc_completion_queue_shutdown(cq);
+	do {
+		ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+	} while (ev.type != GRPC_QUEUE_SHUTDOWN);
+	grpc_completion_queue_destroy(cq);
+	grpc_channel_destroy(ch);
+	return kvt_client_errno_from_code(st->code);
+}
 
 static int run_case(int id, struct kvt_client_status *st)
 {
@@ -351,6 +430,21 @@ static int run_case(int id, struct kvt_client_status *st)
 		int rc = kvt_client_store_encoded(g_c, &p, g_enc, NULL, st);
 		g_enc->chunks[0].bytes[g_enc->chunks[0].n_bytes / 2] ^= 0x40;
 		return rc;
+	}
+	case C_DROP_ID_NUL: {
+		/* DropSessionRequest { session_id = "victim\0x" } */
+		static const uint8_t req[] = { 0x0a, 8, 'v', 'i', 'c', 't', 'i', 'm', 0, 'x' };
+		return raw_unary("/kvtier.v1.KvTier/DropSession", req, sizeof(req), st);
+	}
+	case C_TRUNCATE_ID_NUL: {
+		/* TruncateRequest { session_id = "victim\0", n_tokens = 0 } */
+		static const uint8_t req[] = { 0x0a, 7, 'v', 'i', 'c', 't', 'i', 'm', 0, 0x10, 0 };
+		return raw_unary("/kvtier.v1.KvTier/Truncate", req, sizeof(req), st);
+	}
+	case C_STAT_ID_NUL: {
+		static const uint8_t req[] = { 0x0a, 14, 'v', 'i', 'c', 't', 'i', 'm', 0,
+					       'v', 'i', 'c', 't', 'i', 'm', '2' };
+		return raw_unary("/kvtier.v1.KvTier/StatSession", req, sizeof(req), st);
 	}
 	case C_STORE_SHAPE: {
 		struct kvt_client_session_params p;
