@@ -64,6 +64,7 @@
 #define CHECK_EVERY_DEFAULT 250u
 #define CALL_DEADLINE_MS 15000u
 #define HANG_SLACK_MS 5000u
+#define CANCEL_WAIT_MS 3000u /* a call we cancelled must end within this */
 #define MAX_FAILING_ITERS 20
 #define MAX_MSGS 12
 #define MAX_MSG_BYTES (2u << 20)    /* what we build; the daemon's limit is below */
@@ -267,7 +268,7 @@ static const struct method {
 
 #define N_CODES 17
 static uint64_t by_code[N_CODES + 1], by_method[N_METHODS][2]; /* [OK, not OK] */
-static uint64_t n_calls, n_checks;
+static uint64_t n_calls, n_checks, n_stuck_after_cancel;
 
 static const char *code_name(int code)
 {
@@ -291,6 +292,7 @@ struct call_out {
 	int code;
 	char msg[600];
 	bool hung, cancelled;
+	bool stuck_after_cancel; /* see raw_call */
 	uint32_t n_recv;
 	uint8_t *recv; /* replies, each as [u32 length][bytes] */
 	size_t recv_len, recv_cap;
@@ -329,14 +331,42 @@ static bool wait_tag(grpc_completion_queue *cq, void *tag, gpr_timespec limit, i
 	return true;
 }
 
+struct pending {
+	grpc_metadata_array imd, tmd;
+	grpc_slice details;
+	grpc_status_code status;
+	grpc_byte_buffer *rbb;
+	grpc_call *call;
+	grpc_completion_queue *cq;
+};
+
+/* Calls that never completed: kept reachable (LeakSanitizer) and never touched again. */
+static struct pending *g_stuck[256];
+static size_t g_n_stuck;
+
+static void keep_stuck(struct pending *pd, grpc_call *call, grpc_completion_queue *cq)
+{
+	pd->call = call;
+	pd->cq = cq;
+	if (g_n_stuck < sizeof g_stuck / sizeof g_stuck[0])
+		g_stuck[g_n_stuck++] = pd;
+}
+
 static void raw_call(const char *path, const struct raw_msg *msgs, size_t n_msgs,
 		     enum end_mode mode, uint32_t cancel_after, const ProtobufCMessageDescriptor *resp,
 		     struct call_out *o)
 {
+	/* What gRPC writes into when a batch completes lives on the heap: a call that never
+	 * completes is kept (reachable, never freed) instead of writing into a dead frame. */
+	struct pending *pd = calloc(1, sizeof *pd);
+	if (!pd)
+		abort();
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	grpc_metadata_array imd, tmd;
-	grpc_slice details = grpc_empty_slice();
-	grpc_status_code status = GRPC_STATUS_UNKNOWN;
+	grpc_metadata_array *imd = &pd->imd, *tmd = &pd->tmd;
+	grpc_slice *details_p = &pd->details;
+	grpc_status_code *status_p = &pd->status;
+	*details_p = grpc_empty_slice();
+	*status_p = GRPC_STATUS_UNKNOWN;
 	grpc_op ops[3];
 	int ok = 0;
 	const char *hung_at = "";
@@ -347,25 +377,26 @@ static void raw_call(const char *path, const struct raw_msg *msgs, size_t n_msgs
 	grpc_slice_unref(m);
 	o->n_recv = 0;
 	o->recv_len = 0;
-	o->hung = o->cancelled = o->recv_bad = false;
+	o->hung = o->cancelled = o->recv_bad = o->stuck_after_cancel = false;
 	o->msg[0] = '\0';
 	o->code = -1;
 	if (!call) {
 		o->code = KVT_CODE_INTERNAL;
 		snprintf(o->msg, sizeof o->msg, "(test) cannot create a call to %s", path);
 		grpc_completion_queue_destroy(cq);
+		free(pd);
 		return;
 	}
-	grpc_metadata_array_init(&imd);
-	grpc_metadata_array_init(&tmd);
+	grpc_metadata_array_init(imd);
+	grpc_metadata_array_init(tmd);
 	memset(ops, 0, sizeof ops);
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
 	ops[1].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[1].data.recv_initial_metadata.recv_initial_metadata = &imd;
+	ops[1].data.recv_initial_metadata.recv_initial_metadata = imd;
 	ops[2].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-	ops[2].data.recv_status_on_client.trailing_metadata = &tmd;
-	ops[2].data.recv_status_on_client.status = &status;
-	ops[2].data.recv_status_on_client.status_details = &details;
+	ops[2].data.recv_status_on_client.trailing_metadata = tmd;
+	ops[2].data.recv_status_on_client.status = status_p;
+	ops[2].data.recv_status_on_client.status_details = details_p;
 	if (grpc_call_start_batch(call, ops, 3, (void *)1, NULL) != GRPC_CALL_OK)
 		abort();
 	for (size_t i = 0; i < n_msgs; i++) {
@@ -402,14 +433,16 @@ static void raw_call(const char *path, const struct raw_msg *msgs, size_t n_msgs
 		}
 	}
 	for (;;) {
-		grpc_byte_buffer *rbb = NULL;
-		if (mode == END_CANCEL_RECV && o->n_recv >= cancel_after) {
+		grpc_byte_buffer *rbb;
+		pd->rbb = NULL;
+		if (mode == END_CANCEL_RECV && o->n_recv >= cancel_after && !o->cancelled) {
 			grpc_call_cancel(call, NULL);
 			o->cancelled = true;
+			limit = after_ms(CANCEL_WAIT_MS);
 		}
 		memset(ops, 0, sizeof ops);
 		ops[0].op = GRPC_OP_RECV_MESSAGE;
-		ops[0].data.recv_message.recv_message = &rbb;
+		ops[0].data.recv_message.recv_message = &pd->rbb;
 		if (grpc_call_start_batch(call, ops, 1, (void *)4, NULL) != GRPC_CALL_OK)
 			abort();
 		if (!wait_tag(cq, (void *)4, limit, &ok)) {
@@ -417,6 +450,7 @@ static void raw_call(const char *path, const struct raw_msg *msgs, size_t n_msgs
 			hung_at = "recv";
 			goto cancel_wait;
 		}
+		rbb = pd->rbb;
 		if (!ok || !rbb)
 			break;
 		grpc_byte_buffer_reader r;
@@ -442,11 +476,26 @@ static void raw_call(const char *path, const struct raw_msg *msgs, size_t n_msgs
 	}
 	if (!wait_tag(cq, (void *)1, limit, &ok)) {
 		o->hung = true;
-			hung_at = "status";
+		hung_at = "status";
 		goto cancel_wait;
 	}
 	goto done;
 cancel_wait:
+	if (o->cancelled && mode == END_CANCEL_RECV) {
+		/*
+		 * Seen a few times in 10^5 calls: a server-streaming call with a large request
+		 * (0.3-0.6 MB), cancelled by us after its first reply, never completes on the
+		 * client, not even its status (gRPC core 1.51), while kvtierd stays healthy and
+		 * the same connection keeps serving. Not the daemon's contract: counted, the call
+		 * leaked, the run goes on (the periodic checks still judge the daemon).
+		 */
+		o->stuck_after_cancel = true;
+		o->hung = false;
+		o->code = KVT_CODE_CANCELLED;
+		snprintf(o->msg, sizeof o->msg, "(test) no completion after our cancel");
+		keep_stuck(pd, call, cq);
+		return;
+	}
 	/* A hang: cancel and collect every batch still out so the queue can go. */
 	printf("#   %s: no completion at %s (%u replies in so far); cancelling\n", path,
 	       hung_at, o->n_recv);
@@ -461,21 +510,23 @@ cancel_wait:
 			printf("#   the call to %s does not end even when cancelled\n", path);
 			o->code = KVT_CODE_DEADLINE_EXCEEDED;
 			snprintf(o->msg, sizeof o->msg, "(test) no status");
+			keep_stuck(pd, call, cq);
 			return;
 		}
 	}
 done:
-	o->code = (int)status;
+	o->code = (int)*status_p;
 	{
-		size_t n = GRPC_SLICE_LENGTH(details);
+		size_t n = GRPC_SLICE_LENGTH(*details_p);
 		if (n >= sizeof o->msg)
 			n = sizeof o->msg - 1;
-		memcpy(o->msg, GRPC_SLICE_START_PTR(details), n);
+		memcpy(o->msg, GRPC_SLICE_START_PTR(*details_p), n);
 		o->msg[n] = '\0';
 	}
-	grpc_slice_unref(details);
-	grpc_metadata_array_destroy(&imd);
-	grpc_metadata_array_destroy(&tmd);
+	grpc_slice_unref(*details_p);
+	grpc_metadata_array_destroy(imd);
+	grpc_metadata_array_destroy(tmd);
+	free(pd);
 	grpc_call_unref(call);
 	grpc_completion_queue_shutdown(cq);
 	for (;;) {
@@ -1972,14 +2023,6 @@ static void run_iteration(uint64_t it)
 				t = rb((uint32_t)q->n_msgs);
 		}
 	}
-	if (q->method == M_WATCH && q->n_msgs && q->msgs[0].n > 65536) {
-		/* Left out: a Watch whose request is ~0.5 MB, cancelled after the first reply,
-		 * never completes on the client (not even its status after grpc_call_cancel;
-		 * gRPC core 1.51 here), while kvtierd stays healthy, the same connection keeps
-		 * working and the daemon exits cleanly. Reported, not fuzzed further. */
-		q->msgs[0].n = 65536;
-		ctx_add(" (cut to 64 KiB)");
-	}
 	ctx_add(" | %zu msgs, end %d/%u", q->n_msgs, (int)q->end, q->cancel_after);
 	if (verbose) {
 		printf("# iteration %llu: %s\n", (unsigned long long)it, ctx);
@@ -1994,6 +2037,14 @@ static void run_iteration(uint64_t it)
 	raw_call(q->path, q->msgs, q->n_msgs, q->end, q->cancel_after, methods[q->method].resp,
 		 &g_out);
 	n_calls++;
+	if (g_out.stuck_after_cancel) {
+		n_stuck_after_cancel++;
+		printf("#   iteration %llu: %s did not complete on the client after our cancel "
+		       "(%zu-byte request; KVT_SEED=%llu KVT_FUZZ_ITER=%llu)\n",
+		       (unsigned long long)it, methods[q->method].name,
+		       q->n_msgs ? q->msgs[0].n : 0, (unsigned long long)kvt_test_seed,
+		       (unsigned long long)it);
+	}
 	int code = g_out.code;
 	by_code[code >= 0 && code < N_CODES ? code : N_CODES]++;
 	by_method[q->method][code != 0]++;
@@ -2197,7 +2248,8 @@ static void test_fuzz_rpc(void)
 		n += (size_t)snprintf(line + n, sizeof line - n, " %s %llu/%llu", methods[m].name,
 				      (unsigned long long)by_method[m][0],
 				      (unsigned long long)by_method[m][1]);
-	printf("%s; %d failing iterations\n", line, failing_iters);
+	printf("%s; %llu calls stuck on the client after our cancel; %d failing iterations\n",
+	       line, (unsigned long long)n_stuck_after_cancel, failing_iters);
 }
 
 /* SIGTERM and a bounded wait, here rather than kvt_daemon_stop: the log (with what ASan /
