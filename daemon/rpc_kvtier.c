@@ -449,6 +449,23 @@ static void fail_errno(struct kvt_rpc_result *res, int rc, const char *what, con
 	kvt_rpc_fail(res, code, "%s: %s", what, err && *err ? err : strerror(-rc));
 }
 
+/* A varint at p[*pos] (n bytes in all) into *v; 0, or -1 where it runs off the end. */
+static int wire_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v)
+{
+	uint64_t x = 0;
+	for (int shift = 0; shift <= 63; shift += 7) {
+		if (*pos >= n)
+			return -1;
+		const uint8_t b = p[(*pos)++];
+		x |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80)) {
+			*v = x;
+			return 0;
+		}
+	}
+	return -1;
+}
+
 /*
  * protobuf-c keeps a string's bytes up to its first NUL: a session_id "a\0b" on the wire reads
  * as "a", so a request naming one session could act on another (DropSession of "x\0y" drops
@@ -461,33 +478,20 @@ static int wire_strings_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p
 {
 	size_t pos = 0;
 	while (pos < n) {
-		uint64_t tag = 0, len = 0;
-		int shift = 0;
-		do {
-			if (pos >= n || shift > 63)
-				return 0;
-			tag |= (uint64_t)(p[pos] & 0x7f) << shift;
-			shift += 7;
-		} while (p[pos++] & 0x80);
+		uint64_t tag, len;
+		if (wire_varint(p, n, &pos, &tag))
+			return 0;
 		switch (tag & 7) {
 		case 0:
-			while (pos < n && (p[pos] & 0x80))
-				pos++;
-			pos++;
+			if (wire_varint(p, n, &pos, &len))
+				return 0;
 			continue;
 		case 1: pos += 8; continue;
 		case 5: pos += 4; continue;
 		case 2: break;
 		default: return 0; /* groups: nothing of ours */
 		}
-		shift = 0;
-		do {
-			if (pos >= n || shift > 63)
-				return 0;
-			len |= (uint64_t)(p[pos] & 0x7f) << shift;
-			shift += 7;
-		} while (p[pos++] & 0x80);
-		if (len > n - pos)
+		if (wire_varint(p, n, &pos, &len) || len > n - pos)
 			return 0;
 		const ProtobufCFieldDescriptor *f =
 			protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3));
