@@ -79,18 +79,7 @@
 
 /* ---- Randomness: one stream per iteration ----------------------------------------------- */
 
-static uint64_t mix64(uint64_t z)
-{
-	z += 0x9e3779b97f4a7c15ull;
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-static void rng_stream(uint64_t stream, uint64_t n)
-{
-	kvt_rand_state = mix64(kvt_test_seed ^ mix64(stream ^ mix64(n)));
-}
+static void rng_stream(uint64_t stream, uint64_t n) { kvt_rand_stream(stream, n); }
 
 static uint32_t rb(uint32_t n) { return n ? kvt_rand_below(n) : 0; }
 static bool coin(uint32_t n) { return kvt_rand_below(n) == 0; }

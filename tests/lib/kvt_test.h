@@ -33,6 +33,22 @@ static inline uint64_t kvt_rand_u64(void)
 	return z ^ (z >> 31);
 }
 
+/* Independent random streams for the fuzz tests: the generator state for item n of stream
+ * `stream` comes from the run's seed alone, so one item (an iteration, a seed chunk) replays
+ * from KVT_SEED and its number without running the items before it. */
+static inline uint64_t kvt_mix64(uint64_t z)
+{
+	z += 0x9e3779b97f4a7c15ull;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static inline void kvt_rand_stream(uint64_t stream, uint64_t n)
+{
+	kvt_rand_state = kvt_mix64(kvt_test_seed ^ kvt_mix64(stream ^ kvt_mix64(n)));
+}
+
 static inline uint32_t kvt_rand_below(uint32_t n) { return (uint32_t)(kvt_rand_u64() % n); }
 static inline float kvt_rand_uniform(void) { return (float)((kvt_rand_u64() >> 40) * 0x1p-24); }
 static inline float kvt_rand_normal(void)
