@@ -437,7 +437,9 @@ def test_pin_detection_matches_the_reference(client, sid, rng):
     k, v = _fill(rng, L, 2 * B, H, d, "f16")
     kf = A.to_f32(k, "f16")
     low = [10, 40, 41, 50, B + 5]  # chunk 0 has four candidates (max 3), chunk 1 one
-    for t, f in zip(low, (0.1, 0.2, 0.05, 0.3, 0.1)):
+    # token 50, the fourth, is ~3x above the three picked: the outlier channels make a row's
+    # norm vary by ~13%, which turned 0.2 vs 0.3 around for some seeds (KVT_SEED=3826069682)
+    for t, f in zip(low, (0.1, 0.12, 0.05, 0.35, 0.1)):
         kf[t % 2, t] *= f  # low in one layer is enough
     k = A.from_f32(kf, "f16")
     client.append(s, k, v)
