@@ -69,13 +69,7 @@ static void fail_ctx(void)
 }
 
 /* A check that names the iteration, seed and mutation when it fails. */
-#define FCHECK(cond, ...)                                                                  \
-	do {                                                                               \
-		int fails_before_ = kvt_test_failures;                                     \
-		KVT_CHECK(cond, __VA_ARGS__);                                              \
-		if (kvt_test_failures != fails_before_)                                    \
-			fail_ctx();                                                        \
-	} while (0)
+#define FCHECK(cond, ...) KVT_CHECK_OR(fail_ctx, cond, __VA_ARGS__)
 
 static void print_ctx_raw(void)
 {

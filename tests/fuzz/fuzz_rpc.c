@@ -114,13 +114,7 @@ static void fail_ctx(void)
 	       (unsigned long long)cur_iter);
 }
 
-#define FCHECK(cond, ...)                                                                  \
-	do {                                                                               \
-		int fails_before_ = kvt_test_failures;                                     \
-		KVT_CHECK(cond, __VA_ARGS__);                                              \
-		if (kvt_test_failures != fails_before_)                                    \
-			fail_ctx();                                                        \
-	} while (0)
+#define FCHECK(cond, ...) KVT_CHECK_OR(fail_ctx, cond, __VA_ARGS__)
 
 static void hex_ctx(const char *what, const uint8_t *p, size_t n)
 {

@@ -86,6 +86,16 @@ static inline void kvt_test_init(void)
 		}                                                                         \
 	} while (0)
 
+/* KVT_CHECK that also calls on_fail() when it fails (the fuzz tests print the iteration and
+ * its replay line there). */
+#define KVT_CHECK_OR(on_fail, cond, ...)                                                  \
+	do {                                                                              \
+		int kvt_fails_before_ = kvt_test_failures;                                \
+		KVT_CHECK(cond, __VA_ARGS__);                                             \
+		if (kvt_test_failures != kvt_fails_before_)                               \
+			on_fail();                                                        \
+	} while (0)
+
 #define KVT_REQUIRE(cond, ...)                                                            \
 	do {                                                                              \
 		int kvt_ok_ = (cond);                                                     \
