@@ -3,6 +3,7 @@ real kvtierd on a unix socket in a temporary directory (KVTIERD names the binary
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -44,8 +45,11 @@ class Daemon:
         self.log_path = workdir / "kvtierd.log"
         self.args = [binary, f"--socket={self.socket}", *extra_args]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=workdir)
+        # The daemon gets SIGTERM when this process dies, even by SIGKILL (a killed pytest
+        # left its kvtierd running); setpriv execs it, so proc.pid is kvtierd's.
+        die_with_us = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+        self.proc = subprocess.Popen([*die_with_us, *self.args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=workdir)
         self.target = f"unix:{self.socket}"
 
     def log(self) -> str:
