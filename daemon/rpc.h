@@ -154,6 +154,11 @@ void kvt_rpc_reply(struct kvt_rpc_result *res, const ProtobufCMessage *msg);
 /* A byte buffer over a malloc'd buffer, freed by gRPC when it is done with it (no copy). */
 grpc_byte_buffer *kvt_rpc_buffer_take(void *buf, size_t len);
 grpc_byte_buffer *kvt_rpc_pack(const ProtobufCMessage *msg);
+/* protobuf-c's unpack, then every string field (at any depth) checked on the wire for a NUL
+ * byte (protobuf-c would cut the string there); NULL = res says why (INVALID_ARGUMENT naming
+ * the message or the field). Every request is read through this. */
+void *kvt_rpc_unpack(const ProtobufCMessageDescriptor *d, const uint8_t *req, size_t len,
+		     struct kvt_rpc_result *res);
 /* Reply buffers for large streamed messages (Fetch blocks). A buffer of up to
  * max_message_bytes comes from a pool of reply_pool_buffers reused buffers (already faulted
  * in, so a reply costs no page faults and no madvise); larger ones, or when every pooled

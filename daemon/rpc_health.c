@@ -62,11 +62,9 @@ static void check(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		  struct kvt_rpc_result *res)
 {
 	Grpc__Health__V1__HealthCheckRequest *r =
-		grpc__health__v1__health_check_request__unpack(NULL, len, req);
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
+		kvt_rpc_unpack(&grpc__health__v1__health_check_request__descriptor, req, len, res);
+	if (!r)
 		return;
-	}
 	if (!known_service(r->service)) {
 		kvt_rpc_fail(res, GRPC_STATUS_NOT_FOUND, "unknown service \"%.128s\"", r->service);
 	} else {
@@ -82,11 +80,9 @@ static int watch_start(struct kvt_rpc_call *c, const uint8_t *req, size_t len,
 		       struct kvt_rpc_result *res)
 {
 	Grpc__Health__V1__HealthCheckRequest *r =
-		grpc__health__v1__health_check_request__unpack(NULL, len, req);
-	if (!r) {
-		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest");
+		kvt_rpc_unpack(&grpc__health__v1__health_check_request__descriptor, req, len, res);
+	if (!r)
 		return -1;
-	}
 	struct watch_state *w = calloc(1, sizeof *w);
 	if (!w) {
 		grpc__health__v1__health_check_request__free_unpacked(r, NULL);

@@ -289,6 +289,86 @@ grpc_byte_buffer *kvt_rpc_reply_buf_take(void *buf, size_t len)
 	return bb;
 }
 
+/* A varint at p[*pos] (n bytes in all) into *v; 0, or -1 where it runs off the end. */
+static int wire_varint(const uint8_t *p, size_t n, size_t *pos, uint64_t *v)
+{
+	uint64_t x = 0;
+	for (int shift = 0; shift <= 63; shift += 7) {
+		if (*pos >= n)
+			return -1;
+		const uint8_t b = p[(*pos)++];
+		x |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80)) {
+			*v = x;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/*
+ * protobuf-c keeps a string's bytes up to its first NUL: a session_id "a\0b" on the wire reads
+ * as "a", so a request naming one session could act on another (DropSession of "x\0y" drops
+ * "x"), and check_id never sees the byte it exists to refuse. So every string field of a
+ * request (at any depth) is checked on the wire for a NUL before the message is used.
+ * 0 = none; -1 = res names the field. Only called on bytes protobuf-c parsed.
+ */
+static int wire_strings_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t n,
+			   const char *parent, int depth, struct kvt_rpc_result *res)
+{
+	size_t pos = 0;
+	while (pos < n) {
+		uint64_t tag, len;
+		if (wire_varint(p, n, &pos, &tag))
+			return 0;
+		switch (tag & 7) {
+		case 0:
+			if (wire_varint(p, n, &pos, &len))
+				return 0;
+			continue;
+		case 1: pos += 8; continue;
+		case 5: pos += 4; continue;
+		case 2: break;
+		default: return 0; /* groups: nothing of ours */
+		}
+		if (wire_varint(p, n, &pos, &len) || len > n - pos)
+			return 0;
+		const ProtobufCFieldDescriptor *f =
+			protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3));
+		if (f && f->type == PROTOBUF_C_TYPE_STRING) {
+			const uint8_t *z = memchr(p + pos, 0, (size_t)len);
+			if (z) {
+				kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT,
+					     "%s%s%s has a NUL byte at offset %zu (printable ASCII only)",
+					     parent, *parent ? "." : "", f->name,
+					     (size_t)(z - (p + pos)));
+				return -1;
+			}
+		} else if (f && f->type == PROTOBUF_C_TYPE_MESSAGE && depth < 8) {
+			if (wire_strings_ok(f->descriptor, p + pos, (size_t)len, f->name, depth + 1,
+					    res))
+				return -1;
+		}
+		pos += (size_t)len;
+	}
+	return 0;
+}
+
+void *kvt_rpc_unpack(const ProtobufCMessageDescriptor *d, const uint8_t *req, size_t len,
+		     struct kvt_rpc_result *res)
+{
+	ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, len, req);
+	if (!m) {
+		kvt_rpc_fail(res, GRPC_STATUS_INVALID_ARGUMENT, "malformed %s", d->short_name);
+		return NULL;
+	}
+	if (wire_strings_ok(d, req, len, "", 0, res)) {
+		protobuf_c_message_free_unpacked(m, NULL);
+		return NULL;
+	}
+	return m;
+}
+
 grpc_byte_buffer *kvt_rpc_pack(const ProtobufCMessage *msg)
 {
 	size_t n = protobuf_c_message_get_packed_size(msg);

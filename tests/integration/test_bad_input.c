@@ -114,6 +114,7 @@ enum {
 	C_TRUNCATE_PAST, C_FORK_UNKNOWN, C_FORK_PAST, C_FORK_EXISTING, C_TTL_MAX, C_LIST_PAGE,
 	C_STAT_ID_LONG, C_FENC_CHUNK_END, C_STORE_CORRUPT, C_STORE_SHAPE, C_OPEN_RECENT_SMALL,
 	C_OPEN_RECENT_BIG, C_OPEN_PRESET, C_DROP_ID_NUL, C_TRUNCATE_ID_NUL, C_STAT_ID_NUL,
+	C_HEALTH_SERVICE_NUL,
 };
 
 /* Codes follow ARCHITECTURE.md: a range past the session (tokens, layers, chunks, the
@@ -201,6 +202,9 @@ static const struct bad_case cases[] = {
 	  KVT_CODE_INVALID_ARGUMENT, "session_id" },
 	{ C_STAT_ID_NUL, "stat: session_id \"victim\\0victim2\" (raw)", KVT_CODE_INVALID_ARGUMENT,
 	  "session_id" },
+	/* the same in the health service: "kvtier.v1.KvTier\0x" answered SERVING */
+	{ C_HEALTH_SERVICE_NUL, "health: service \"kvtier.v1.KvTier\\0x\" (raw)",
+	  KVT_CODE_INVALID_ARGUMENT, "service" },
 };
 
 /* One unary call with a request written byte by byte (what libkvtier would never send). */
@@ -445,6 +449,11 @@ static int run_case(int id, struct kvt_client_status *st)
 		static const uint8_t req[] = { 0x0a, 14, 'v', 'i', 'c', 't', 'i', 'm', 0,
 					       'v', 'i', 'c', 't', 'i', 'm', '2' };
 		return raw_unary("/kvtier.v1.KvTier/StatSession", req, sizeof(req), st);
+	}
+	case C_HEALTH_SERVICE_NUL: {
+		static const uint8_t req[] = { 0x0a, 18, 'k', 'v', 't', 'i', 'e', 'r', '.', 'v', '1', '.',
+					       'K', 'v', 'T', 'i', 'e', 'r', 0, 'x' };
+		return raw_unary("/grpc.health.v1.Health/Check", req, sizeof(req), st);
 	}
 	case C_STORE_SHAPE: {
 		struct kvt_client_session_params p;
