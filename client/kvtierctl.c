@@ -17,7 +17,7 @@
 
 #include "kvt_codec.h"
 #include "kvt_synth.h"
-#include "kvtctl_npy.h"
+#include "kvt_npy.h"
 #include "kvtier_client.h"
 
 struct global_opts {
@@ -365,7 +365,7 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	const char *kpath = NULL, *vpath = NULL, *id;
 	struct kvt_client_session_params p;
 	struct kvt_client_codec codec;
-	struct kvtctl_npy kn = { 0 }, vn = { 0 };
+	struct kvt_npy kn = { 0 }, vn = { 0 };
 	struct kvt_client *c = NULL;
 	struct kvt_client_session_info info;
 	struct kvt_client_append_result res;
@@ -414,8 +414,8 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 		fprintf(stderr, "kvtierctl: put needs --k and --v\n");
 		return 2;
 	}
-	if (kvtctl_npy_read(kpath, &kn, err, sizeof(err)) ||
-	    kvtctl_npy_read(vpath, &vn, err, sizeof(err))) {
+	if (kvt_npy_read(kpath, &kn, err, sizeof(err)) ||
+	    kvt_npy_read(vpath, &vn, err, sizeof(err))) {
 		fprintf(stderr, "kvtierctl: %s\n", err);
 		goto out;
 	}
@@ -424,10 +424,14 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 		fprintf(stderr, "kvtierctl: K and V must both be 4-D [layers][tokens][kv_heads][head_dim] of one dtype and shape\n");
 		goto out;
 	}
-	if (kn.shape[1] == 0 || kn.shape[1] > UINT32_MAX) {
-		fprintf(stderr, "kvtierctl: %" PRIu64 " tokens is outside 1..%u\n", kn.shape[1],
-			UINT32_MAX);
-		goto out;
+	/* the session's shape fields and the token count are 32-bit: a larger dim must not wrap */
+	for (int d = 0; d < 4; d++) {
+		static const char *const names[4] = { "layers", "tokens", "kv_heads", "head_dim" };
+		if (kn.shape[d] == 0 || kn.shape[d] > UINT32_MAX) {
+			fprintf(stderr, "kvtierctl: %s: %s %" PRIu64 " is outside 1..%u\n", kpath,
+				names[d], kn.shape[d], UINT32_MAX);
+			goto out;
+		}
 	}
 	if (!dtype)
 		dtype = kn.dtype;
@@ -435,7 +439,7 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	sh.n_kv_heads = (uint32_t)kn.shape[2];
 	sh.head_dim = (uint32_t)kn.shape[3];
 	sh.dtype = dtype;
-	size_t n_el = kn.n_bytes / kvt_dtype_size(kn.dtype);
+	size_t n_el = (size_t)kn.count;
 	kw = malloc(n_el * kvt_dtype_size(dtype));
 	vw = malloc(n_el * kvt_dtype_size(dtype));
 	if (!kw || !vw) {
@@ -468,8 +472,8 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	rc = 0;
 out:
 	kvt_client_close(c);
-	kvtctl_npy_free(&kn);
-	kvtctl_npy_free(&vn);
+	kvt_npy_free(&kn);
+	kvt_npy_free(&vn);
 	free(kw);
 	free(vw);
 	return rc;
@@ -555,8 +559,8 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 		rc = fail_status("fetch", rc, &st);
 		goto out;
 	}
-	if ((kpath && kvtctl_npy_write(kpath, r.dtype, 4, shape, k, err, sizeof(err))) ||
-	    (vpath && kvtctl_npy_write(vpath, r.dtype, 4, shape, v, err, sizeof(err)))) {
+	if ((kpath && kvt_npy_write(kpath, r.dtype, 4, shape, k, err, sizeof(err))) ||
+	    (vpath && kvt_npy_write(vpath, r.dtype, 4, shape, v, err, sizeof(err)))) {
 		fprintf(stderr, "kvtierctl: %s\n", err);
 		rc = 1;
 		goto out;
@@ -712,8 +716,8 @@ static int demo_dump(const struct demo_opts *o, uint32_t Tt, const float *K, con
 
 	for (int i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s/%s", o->dump_dir, names[i]);
-		if (kvtctl_npy_write(path, KVT_DTYPE_F32, 4, i < 2 ? kvs : qs, arrs[i], err,
-				     sizeof(err)) < 0) {
+		if (kvt_npy_write(path, KVT_DTYPE_F32, 4, i < 2 ? kvs : qs, arrs[i], err,
+				  sizeof(err)) < 0) {
 			fprintf(stderr, "kvtierctl: demo: %s\n", err);
 			return -1;
 		}
