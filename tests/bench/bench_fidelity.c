@@ -3,7 +3,7 @@
  * attention output, on real post-RoPE K/V/Q (.npy) or on a seeded synthetic set with Token
  * Norm Imbalance (OSCAR.md section 1).
  *
- * Inputs (little-endian float .npy, C order; see bench_npy.h):
+ * Inputs (little-endian float .npy, C order; see client/kvt_npy.h):
  *   K, V  [layers][tokens][kv_heads][head_dim]  or  [tokens][kv_heads][head_dim] (1 layer)
  *   Q     [layers][n_q][q_heads][head_dim]; [n_q][q_heads][head_dim] or [q_heads][head_dim]
  *         when there is one layer; [layers][q_heads][head_dim] (one query per layer).
@@ -27,8 +27,8 @@
  *   bits_per_element   true storage cost of the encoded chunks, all metadata included
  */
 #include "bench.h"
-#include "bench_npy.h"
 #include "kvt_codec.h"
+#include "kvt_npy.h"
 #include "kvt_synth.h"
 
 #include <math.h>
@@ -141,11 +141,12 @@ static int load_npy(struct dataset *ds, const char *kp, const char *vp, const ch
 	memset(ds, 0, sizeof(*ds));
 	memset(&v, 0, sizeof(v));
 	memset(&q, 0, sizeof(q));
-	if (kvt_npy_read(kp, &k, err, sizeof(err)) < 0) {
+	if (kvt_npy_read_f32(kp, &k, err, sizeof(err)) < 0) {
 		fprintf(stderr, "kvtier-bench: %s\n", err);
 		return -1;
 	}
-	if (kvt_npy_read(vp, &v, err, sizeof(err)) < 0 || kvt_npy_read(qp, &q, err, sizeof(err)) < 0) {
+	if (kvt_npy_read_f32(vp, &v, err, sizeof(err)) < 0 ||
+	    kvt_npy_read_f32(qp, &q, err, sizeof(err)) < 0) {
 		fprintf(stderr, "kvtier-bench: %s\n", err);
 		goto out;
 	}
@@ -754,7 +755,8 @@ int kvt_bench_fidelity(int argc, char **argv)
 
 		for (int i = 0; i < 3; i++) {
 			snprintf(path, sizeof(path), "%s/%s", dump, names[i]);
-			if (kvt_npy_write_f32(path, arrs[i], i < 2 ? kvs : qs, 4, err, sizeof(err)) < 0) {
+			if (kvt_npy_write(path, KVT_DTYPE_F32, 4, i < 2 ? kvs : qs, arrs[i], err,
+					  sizeof(err)) < 0) {
 				fprintf(stderr, "kvtier-bench: %s\n", err);
 				return 2;
 			}

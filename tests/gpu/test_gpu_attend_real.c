@@ -25,7 +25,7 @@
 
 #include "gpu_test_util.h"
 
-#include "bench_npy.h"
+#include "kvt_npy.h"
 
 #define N_POS 6 /* query positions per layer: the last token and 5 random ones */
 
@@ -59,7 +59,7 @@ static int load(const char *dir)
 	const char *names[3] = {"k", "v", "q"};
 	for (int i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s/%s.npy", dir, names[i]);
-		if (kvt_npy_read(path, arr[i], err, sizeof(err))) {
+		if (kvt_npy_read_f32(path, arr[i], err, sizeof(err))) {
 			printf("# %s\n", err);
 			return -1;
 		}
@@ -164,7 +164,7 @@ static void one_codec(const char *name, const struct kvt_codec_config *cfg, uint
 		if (!ctx)
 			continue;
 		void *qh = malloc((size_t)HQ * D * qs);
-		kvt_convert(Q.data + q0, KVT_DTYPE_F32, qh, q_dtype, (size_t)HQ * D);
+		kvt_convert((const float *)Q.data + q0, KVT_DTYPE_F32, qh, q_dtype, (size_t)HQ * D);
 		rc = kvt_cuda_alloc(ctx, tb, &x->tail_k_dev, err, sizeof(err));
 		rc = rc ? rc : kvt_cuda_alloc(ctx, tb, &x->tail_v_dev, err, sizeof(err));
 		rc = rc ? rc : kvt_cuda_upload(ctx, x->tail_k_dev, (uint8_t *)kw + t0, x->n_tail * row * ws, err, sizeof(err));
@@ -206,7 +206,7 @@ static void one_codec(const char *name, const struct kvt_codec_config *cfg, uint
 		/* the query as the GPU read it (rounded to q_dtype) */
 		const size_t q0 = ((size_t)x->layer * T + x->pos) * HQ * D;
 		void *qh = malloc((size_t)HQ * D * qs);
-		kvt_convert(Q.data + q0, KVT_DTYPE_F32, qh, q_dtype, (size_t)HQ * D);
+		kvt_convert((const float *)Q.data + q0, KVT_DTYPE_F32, qh, q_dtype, (size_t)HQ * D);
 		kvt_convert(qh, q_dtype, qf, KVT_DTYPE_F32, (size_t)HQ * D);
 		free(qh);
 		/* decoded chunk rows, then the exact tail */
