@@ -144,13 +144,17 @@ __attribute__((format(printf, 2, 3))) static int lex_fail(struct lex *x, const c
 		    (size_t)(x->p - x->start), msg);
 }
 
-/* What stands at the cursor, for a message. */
+/* What stands at the cursor, for a message (the padding after it left out). */
 static const char *here(const struct lex *x, char *buf, size_t cap)
 {
-	if (x->p == x->end)
+	size_t n = (size_t)(x->end - x->p);
+
+	if (n == 0)
 		return "the end of the header";
+	while (n > 1 && x->p[n - 1] == ' ')
+		n--;
 	buf[0] = '\'';
-	show(x->p, (size_t)(x->end - x->p), buf + 1, cap - 2);
+	show(x->p, n, buf + 1, cap - 2);
 	strcat(buf, "'");
 	return buf;
 }
@@ -249,15 +253,16 @@ static int parse_dim(struct lex *x, uint32_t i, uint64_t *v)
 			*v = *v * 10 + (uint64_t)(*x->p - '0');
 		x->p++;
 	}
-	if (x->p - s > 1 && s[0] == '0') {
+	const size_t n = (size_t)(x->p - s);
+	if (n > 1 && s[0] == '0') {
 		x->p = s;
 		return lex_fail(x, "shape[%u] '%s' has a leading zero (numpy writes plain decimal)", i,
-				show(s, (size_t)(x->end - s), h, sizeof(h)));
+				show(s, n, h, sizeof(h)));
 	}
 	if (over) {
 		x->p = s;
 		return lex_fail(x, "shape[%u] %s is over the limit of " ELEMS_LIMIT_TEXT, i,
-				show(s, (size_t)(x->end - s), h, sizeof(h)));
+				show(s, n, h, sizeof(h)));
 	}
 	return 0;
 }
