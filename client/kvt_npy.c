@@ -469,6 +469,8 @@ out:
 	free(hdr);
 	if (f)
 		fclose(f);
+	if (rc)
+		memset(a, 0, sizeof(*a));
 	return rc;
 }
 
