@@ -32,14 +32,12 @@
  * KVT_FUZZ_SECONDS=<s> run longer.
  */
 #include <errno.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <unistd.h>
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/common_interface_defs.h>
-#endif
 
 #include "codec_test_util.h"
+#include "fuzz_ctx.h"
+#include "fuzz_run.h"
 #include "kvt_seq.h"
 
 #define N_SEEDS 16
@@ -52,47 +50,7 @@
 #define OFF(f) offsetof(struct kvt_chunk_header, f)
 #define FSIZE(f) sizeof(((struct kvt_chunk_header *)0)->f)
 
-/* ---- Context for failures and crashes --------------------------------------------------- */
-
-static char ctx[1600];
-static size_t ctx_len;
-static bool ctx_printed, verbose;
-static int failing_iters;
-
-static void fail_ctx(void)
-{
-	if (ctx_printed)
-		return;
-	ctx_printed = true;
-	failing_iters++;
-	printf("#   %s", ctx);
-}
-
-/* A check that names the iteration, seed and mutation when it fails. */
-#define FCHECK(cond, ...) KVT_CHECK_OR(fail_ctx, cond, __VA_ARGS__)
-
-static void print_ctx_raw(void)
-{
-	if (ctx_len) {
-		ssize_t w = write(STDERR_FILENO, ctx, ctx_len);
-		(void)w;
-	}
-}
-
-static void on_fatal_signal(int sig)
-{
-	print_ctx_raw();
-	signal(sig, SIG_DFL);
-	raise(sig);
-}
-
-#if defined(__SANITIZE_ADDRESS__)
-static void on_sanitizer_death(void)
-{
-	fflush(stdout);
-	print_ctx_raw();
-}
-#endif
+static bool verbose;
 
 /* ---- Randomness ------------------------------------------------------------------------- */
 
@@ -456,11 +414,9 @@ static void pool_ensure(uint64_t gen)
 {
 	if (gen == pool_gen)
 		return;
-	snprintf(ctx, sizeof(ctx), "building seed pool %llu; replay: KVT_SEED=%llu "
-		 "KVT_FUZZ_ITER=%llu\n", (unsigned long long)gen,
-		 (unsigned long long)kvt_test_seed, (unsigned long long)gen * POOL_PERIOD);
-	ctx_len = strlen(ctx);
-	ctx_printed = false;
+	ctx_set("building seed pool %llu; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
+		(unsigned long long)gen, (unsigned long long)kvt_test_seed,
+		(unsigned long long)gen * POOL_PERIOD);
 	for (uint32_t i = 0; i < N_SEEDS; i++) {
 		seed_free(&pool[i]);
 		make_seed(&pool[i], gen, i);
@@ -1518,12 +1474,10 @@ static void run_iteration(uint64_t it)
 	struct mutant m = {.p = mbuf, .len = s->len, .fix = true};
 	memcpy(m.p, s->bytes, s->len);
 	const uint32_t kind = pick_kind(false);
-	snprintf(ctx, sizeof(ctx), "iteration %llu: seed %u (%s), while mutating (%s); replay: "
-		 "KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n", (unsigned long long)it, si,
-		 cfg_str(&s->pcfg), kinds[kind].name, (unsigned long long)kvt_test_seed,
-		 (unsigned long long)it);
-	ctx_len = strlen(ctx);
-	ctx_printed = false;
+	ctx_set("iteration %llu: seed %u (%s), while mutating (%s); replay: "
+		"KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n", (unsigned long long)it, si,
+		cfg_str(&s->pcfg), kinds[kind].name, (unsigned long long)kvt_test_seed,
+		(unsigned long long)it);
 	kinds[kind].fn(&m, s);
 	if (m.fix && coin(10)) {
 		m.fix = false;
@@ -1534,15 +1488,12 @@ static void run_iteration(uint64_t it)
 	const bool changed = m.len != s->len || memcmp(m.p, s->bytes, s->len);
 	const enum kvt_isa ia = avx2 && coin(2) ? KVT_ISA_AVX2 : KVT_ISA_SCALAR;
 	const enum kvt_isa ib = ia == KVT_ISA_AVX2 ? KVT_ISA_SCALAR : KVT_ISA_AVX2;
-	snprintf(ctx, sizeof(ctx),
-		 "iteration %llu: seed %u (%s, first_token %llu, %u pinned, %zu bytes), %s: %s; "
-		 "%zu bytes, %s path first; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
-		 (unsigned long long)it, si, cfg_str(&s->pcfg), (unsigned long long)s->hdr.first_token,
-		 s->hdr.n_pinned, s->len, kinds[kind].name, m.desc, m.len,
-		 ia == KVT_ISA_AVX2 ? "avx2" : "scalar", (unsigned long long)kvt_test_seed,
-		 (unsigned long long)it);
-	ctx_len = strlen(ctx);
-	ctx_printed = false;
+	ctx_set("iteration %llu: seed %u (%s, first_token %llu, %u pinned, %zu bytes), %s: %s; "
+		"%zu bytes, %s path first; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
+		(unsigned long long)it, si, cfg_str(&s->pcfg), (unsigned long long)s->hdr.first_token,
+		s->hdr.n_pinned, s->len, kinds[kind].name, m.desc, m.len,
+		ia == KVT_ISA_AVX2 ? "avx2" : "scalar", (unsigned long long)kvt_test_seed,
+		(unsigned long long)it);
 	if (verbose)
 		printf("# %s", ctx);
 
@@ -1641,31 +1592,12 @@ static void test_model_agrees_on_seeds(void)
 
 static void test_fuzz(void)
 {
-	const char *e;
-	uint64_t iters = DEFAULT_ITERS;
-	double seconds = 0;
-	if ((e = getenv("KVT_FUZZ_ITERS")) && *e)
-		iters = strtoull(e, NULL, 0);
-	if ((e = getenv("KVT_FUZZ_SECONDS")) && *e) {
-		seconds = strtod(e, NULL);
-		if (!getenv("KVT_FUZZ_ITERS"))
-			iters = UINT64_MAX;
-	}
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	double el = 0;
-	for (uint64_t it = 0; it < iters && failing_iters < MAX_FAILING_ITERS; it++) {
+	struct fuzz_run run;
+	fuzz_run_start(&run, DEFAULT_ITERS);
+	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS; it++)
 		run_iteration(it);
-		if (seconds > 0 && (it & 15) == 15) {
-			clock_gettime(CLOCK_MONOTONIC, &t1);
-			el = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
-			if (el >= seconds)
-				break;
-		}
-	}
-	ctx_len = 0;
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	el = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+	ctx_clear();
+	const double el = fuzz_run_elapsed(&run);
 	char line[1200];
 	size_t n = (size_t)snprintf(line, sizeof(line),
 		"# fuzz_chunk: %llu iterations in %.1f s (%.0f/s), %llu seed pools (%llu seeds, %llu "
@@ -1697,7 +1629,7 @@ static void replay_one(uint64_t it)
 {
 	verbose = true;
 	run_iteration(it);
-	ctx_len = 0;
+	ctx_clear();
 }
 
 int main(void)
@@ -1706,16 +1638,7 @@ int main(void)
 	kvt_test_init();
 	avx2 = have_avx2();
 	printf("# avx2 %s\n", avx2 ? "available" : "absent");
-#if defined(__SANITIZE_ADDRESS__)
-	/* ASan and UBSan reports end here: name the iteration that caused them */
-	__sanitizer_set_death_callback(on_sanitizer_death);
-	signal(SIGABRT, on_fatal_signal);
-#else
-	signal(SIGABRT, on_fatal_signal);
-	signal(SIGSEGV, on_fatal_signal);
-	signal(SIGBUS, on_fatal_signal);
-	signal(SIGFPE, on_fatal_signal);
-#endif
+	ctx_catch_crashes();
 	mbuf = xalloc(MUTANT_MAX_BYTES);
 	const char *one = getenv("KVT_FUZZ_ITER");
 	if (one && *one) {

@@ -43,10 +43,9 @@
 #include <stdbool.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/common_interface_defs.h>
-#endif
 
+#include "fuzz_ctx.h"
+#include "fuzz_run.h"
 #include "kvt_codec.h"
 #include "kvt_npy.h"
 #include "kvt_test.h"
@@ -59,46 +58,7 @@
 #define TEXT_CAP 8192
 #define FILE_CAP (16 + TEXT_CAP + 256 + MAX_DATA_ELEMS * 8 + 512)
 
-/* ---- Context for failures and crashes (as in fuzz_chunk.c) ------------------------------ */
-
-static char ctx[1400];
-static size_t ctx_len;
-static bool ctx_printed, verbose;
-static int failing_iters;
-
-static void fail_ctx(void)
-{
-	if (ctx_printed)
-		return;
-	ctx_printed = true;
-	failing_iters++;
-	printf("#   %s", ctx);
-}
-
-#define FCHECK(cond, ...) KVT_CHECK_OR(fail_ctx, cond, __VA_ARGS__)
-
-static void print_ctx_raw(void)
-{
-	if (ctx_len) {
-		ssize_t w = write(STDERR_FILENO, ctx, ctx_len);
-		(void)w;
-	}
-}
-
-static void on_fatal_signal(int sig)
-{
-	print_ctx_raw();
-	signal(sig, SIG_DFL);
-	raise(sig);
-}
-
-#if defined(__SANITIZE_ADDRESS__)
-static void on_sanitizer_death(void)
-{
-	fflush(stdout);
-	print_ctx_raw();
-}
-#endif
+static bool verbose;
 
 static void *xalloc(size_t n)
 {
@@ -1171,14 +1131,12 @@ static void run_iteration(uint64_t it)
 				       m.file[i] >= 0x20 && m.file[i] < 0x7f ? "%c" : "\\x%02x",
 				       m.file[i]);
 	hshow[hn] = 0;
-	snprintf(ctx, sizeof(ctx), "iteration %llu: version %u descr %.3s ndim %u count %llu, "
-		 "%s: %.599s%s; %zu bytes, header '%.399s'; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
-		 (unsigned long long)it, g->version, g->descr, g->ndim,
-		 (unsigned long long)g->count, kind == UINT32_MAX ? "unmutated" : kinds[kind].name,
-		 m.desc, m.must_reject ? " (must reject)" : "", m.len, hshow,
-		 (unsigned long long)kvt_test_seed, (unsigned long long)it);
-	ctx_len = strlen(ctx);
-	ctx_printed = false;
+	ctx_set("iteration %llu: version %u descr %.3s ndim %u count %llu, "
+		"%s: %.599s%s; %zu bytes, header '%.399s'; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
+		(unsigned long long)it, g->version, g->descr, g->ndim,
+		(unsigned long long)g->count, kind == UINT32_MAX ? "unmutated" : kinds[kind].name,
+		m.desc, m.must_reject ? " (must reject)" : "", m.len, hshow,
+		(unsigned long long)kvt_test_seed, (unsigned long long)it);
 	if (verbose)
 		printf("# %s", ctx);
 	const uint64_t acc_before = st.f32_acc;
@@ -1196,31 +1154,12 @@ static void run_iteration(uint64_t it)
 
 static void test_fuzz(void)
 {
-	const char *e;
-	uint64_t iters = DEFAULT_ITERS;
-	double seconds = 0;
-	if ((e = getenv("KVT_FUZZ_ITERS")) && *e)
-		iters = strtoull(e, NULL, 0);
-	if ((e = getenv("KVT_FUZZ_SECONDS")) && *e) {
-		seconds = strtod(e, NULL);
-		if (!getenv("KVT_FUZZ_ITERS"))
-			iters = UINT64_MAX;
-	}
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	double el = 0;
-	for (uint64_t it = 0; it < iters && failing_iters < MAX_FAILING_ITERS; it++) {
+	struct fuzz_run run;
+	fuzz_run_start(&run, DEFAULT_ITERS);
+	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS; it++)
 		run_iteration(it);
-		if (seconds > 0 && (it & 63) == 63) {
-			clock_gettime(CLOCK_MONOTONIC, &t1);
-			el = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
-			if (el >= seconds)
-				break;
-		}
-	}
-	ctx_len = 0;
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	el = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+	ctx_clear();
+	const double el = fuzz_run_elapsed(&run);
 	printf("# fuzz_npy: %llu iterations in %.1f s (%.0f/s): %llu unmutated, %llu must-reject; "
 	       "kvt_npy_read accepted %llu refused %llu, kvt_npy_read_f32 accepted %llu refused "
 	       "%llu; %llu written back and read again; %d failing iterations\n",
@@ -1242,15 +1181,7 @@ int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	kvt_test_init();
-#if defined(__SANITIZE_ADDRESS__)
-	__sanitizer_set_death_callback(on_sanitizer_death);
-	signal(SIGABRT, on_fatal_signal);
-#else
-	signal(SIGABRT, on_fatal_signal);
-	signal(SIGSEGV, on_fatal_signal);
-	signal(SIGBUS, on_fatal_signal);
-	signal(SIGFPE, on_fatal_signal);
-#endif
+	ctx_catch_crashes();
 	const char *tmp = getenv("TMPDIR");
 	snprintf(dir, sizeof(dir), "%s/fuzz_npy.XXXXXX", tmp && *tmp ? tmp : "/tmp");
 	if (!mkdtemp(dir)) {
@@ -1264,7 +1195,7 @@ int main(void)
 	if (one && *one) {
 		verbose = true;
 		run_iteration(strtoull(one, NULL, 0));
-		ctx_len = 0;
+		ctx_clear();
 	} else {
 		KVT_RUN(test_fuzz);
 	}

@@ -59,6 +59,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include "fuzz_run.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "kvt_it.h"
 #include "kvtier/v1/kvtier.pb-c.h"
@@ -2169,16 +2170,8 @@ static int log_has_sanitizer_report(const char *path)
 static void test_fuzz_rpc(void)
 {
 	const char *e;
-	uint64_t iters = DEFAULT_ITERS, check_every = CHECK_EVERY_DEFAULT;
-	double seconds = 0;
+	uint64_t check_every = CHECK_EVERY_DEFAULT;
 	const char *one = getenv("KVT_FUZZ_ITER");
-	if ((e = getenv("KVT_FUZZ_ITERS")) && *e)
-		iters = strtoull(e, NULL, 0);
-	if ((e = getenv("KVT_FUZZ_SECONDS")) && *e) {
-		seconds = strtod(e, NULL);
-		if (!getenv("KVT_FUZZ_ITERS"))
-			iters = UINT64_MAX;
-	}
 	if ((e = getenv("KVT_FUZZ_CHECK_EVERY")) && *e)
 		check_every = strtoull(e, NULL, 0);
 	if (!check_every)
@@ -2190,30 +2183,21 @@ static void test_fuzz_rpc(void)
 	reset_scratch();
 	KVT_REQUIRE(check_daemon("start"), "daemon at start");
 
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	struct fuzz_run run;
+	fuzz_run_start(&run, DEFAULT_ITERS);
 	uint64_t done = 0;
 	if (one && *one) {
 		verbose = true;
 		run_iteration(strtoull(one, NULL, 0));
 		done = 1;
 	} else {
-		for (uint64_t it = 0; it < iters && failing_iters < MAX_FAILING_ITERS; it++) {
-			if (seconds > 0 && (it & 15) == 15) {
-				clock_gettime(CLOCK_MONOTONIC, &t1);
-				if ((double)(t1.tv_sec - t0.tv_sec) +
-					    (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9 >=
-				    seconds)
-					break;
-			}
+		for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS;
+		     it++) {
 			run_iteration(it);
 			done++;
-			if (done % 2000 == 0) {
-				clock_gettime(CLOCK_MONOTONIC, &t1);
+			if (done % 2000 == 0)
 				printf("# %llu iterations, %.1f s\n", (unsigned long long)done,
-				       (double)(t1.tv_sec - t0.tv_sec) +
-					       (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9);
-			}
+				       fuzz_run_elapsed(&run));
 			if (done % check_every == 0) {
 				ctx[0] = '\0';
 				ctx_printed = false;
@@ -2229,8 +2213,7 @@ static void test_fuzz_rpc(void)
 	ctx_printed = false;
 	snprintf(ctx, sizeof ctx, "final check after %llu iterations", (unsigned long long)done);
 	check_daemon("end");
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	double el = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+	const double el = fuzz_run_elapsed(&run);
 
 	char line[2048];
 	size_t n = (size_t)snprintf(line, sizeof line,
