@@ -510,24 +510,10 @@ struct mutant {
 	size_t len;
 	bool fix;   /* recompute the crc32c at the end */
 	bool burst; /* one burst of <= 32 bits and no crc fix-up: must be rejected */
-	char desc[700];
-	size_t dlen;
+	struct fuzz_desc desc;
 };
 
-static void describe(struct mutant *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void describe(struct mutant *m, const char *fmt, ...)
-{
-	if (m->dlen >= sizeof(m->desc) - 1)
-		return;
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(m->desc + m->dlen, sizeof(m->desc) - m->dlen, fmt, ap);
-	va_end(ap);
-	if (n > 0)
-		m->dlen += (size_t)n;
-	if (m->dlen > sizeof(m->desc) - 1)
-		m->dlen = sizeof(m->desc) - 1;
-}
+#define describe(m, ...) fuzz_desc_add(&(m)->desc, __VA_ARGS__)
 
 /* Sets the length; bytes past the old end are junk (zeros or random). */
 static bool resize(struct mutant *m, size_t n)
@@ -1491,7 +1477,7 @@ static void run_iteration(uint64_t it)
 	ctx_set("iteration %llu: seed %u (%s, first_token %llu, %u pinned, %zu bytes), %s: %s; "
 		"%zu bytes, %s path first; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
 		(unsigned long long)it, si, cfg_str(&s->pcfg), (unsigned long long)s->hdr.first_token,
-		s->hdr.n_pinned, s->len, kinds[kind].name, m.desc, m.len,
+		s->hdr.n_pinned, s->len, kinds[kind].name, m.desc.s, m.len,
 		ia == KVT_ISA_AVX2 ? "avx2" : "scalar", (unsigned long long)kvt_test_seed,
 		(unsigned long long)it);
 	if (verbose)

@@ -51,6 +51,28 @@ static void fail_ctx(void)
 	printf("#   %s", ctx);
 }
 
+/* What a mutation did, in words, appended step by step (cut at the buffer's end). */
+struct fuzz_desc {
+	char s[700];
+	size_t n;
+};
+
+static void fuzz_desc_add(struct fuzz_desc *d, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+static void fuzz_desc_add(struct fuzz_desc *d, const char *fmt, ...)
+{
+	if (d->n >= sizeof(d->s) - 1)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(d->s + d->n, sizeof(d->s) - d->n, fmt, ap);
+	va_end(ap);
+	if (n > 0)
+		d->n += (size_t)n;
+	if (d->n > sizeof(d->s) - 1)
+		d->n = sizeof(d->s) - 1;
+}
+
 /* A check that names the iteration, its input and its replay when it fails. */
 #define FCHECK(cond, ...) KVT_CHECK_OR(fail_ctx, cond, __VA_ARGS__)
 

@@ -309,24 +309,10 @@ struct mutant {
 	size_t len;
 	bool must_reject;       /* the format rules refuse every result of this mutation */
 	bool any;               /* a mutation was applied */
-	char desc[600];
-	size_t dlen;
+	struct fuzz_desc desc;
 };
 
-static void describe(struct mutant *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void describe(struct mutant *m, const char *fmt, ...)
-{
-	if (m->dlen >= sizeof(m->desc) - 1)
-		return;
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(m->desc + m->dlen, sizeof(m->desc) - m->dlen, fmt, ap);
-	va_end(ap);
-	if (n > 0)
-		m->dlen += (size_t)n;
-	if (m->dlen > sizeof(m->desc) - 1)
-		m->dlen = sizeof(m->desc) - 1;
-}
+#define describe(m, ...) fuzz_desc_add(&(m)->desc, __VA_ARGS__)
 
 /* Header-text mutations edit the parts (g) before the dict is laid out; text-level ones edit
  * m->dict after. Each returns whether the result must be refused. */
@@ -1118,7 +1104,7 @@ static void run_iteration(uint64_t it)
 			m.any = true;
 		}
 	}
-	if (m.any && !m.dlen)
+	if (m.any && !m.desc.n)
 		describe(&m, "(not applicable here: unmutated)");
 	const bool valid = !m.any;
 	/* the header as text (printable) for replay and failures */
@@ -1135,7 +1121,7 @@ static void run_iteration(uint64_t it)
 		"%s: %.599s%s; %zu bytes, header '%.399s'; replay: KVT_SEED=%llu KVT_FUZZ_ITER=%llu\n",
 		(unsigned long long)it, g->version, g->descr, g->ndim,
 		(unsigned long long)g->count, kind == UINT32_MAX ? "unmutated" : kinds[kind].name,
-		m.desc, m.must_reject ? " (must reject)" : "", m.len, hshow,
+		m.desc.s, m.must_reject ? " (must reject)" : "", m.len, hshow,
 		(unsigned long long)kvt_test_seed, (unsigned long long)it);
 	if (verbose)
 		printf("# %s", ctx);
