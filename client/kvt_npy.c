@@ -6,12 +6,14 @@
 #include "kvt_npy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvt_codec.h"
 
@@ -597,9 +599,24 @@ int kvt_npy_write(const char *path, uint32_t dtype, uint32_t ndim, const uint64_
 	total = (size_t)count * es;
 	const unsigned char pre[10] = { 0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
 					(unsigned char)(n & 0xff), (unsigned char)(n >> 8) };
-	if (!(f = fopen(path, "wb"))) {
+	/* Written beside path and renamed over it: a failed write (disk full) leaves no torn
+	 * file under path, and an existing file is replaced only by a complete one. */
+	const size_t tcap = strlen(path) + 32;
+	char *tmp = malloc(tcap);
+	int fd;
+	if (!tmp)
+		return fail(err, errlen, "%s: out of memory", path);
+	/* O_EXCL on a per-process name (the umask gives the mode, as for any file we write) */
+	snprintf(tmp, tcap, "%s.tmp.%ld", path, (long)getpid());
+	if ((fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666)) < 0 ||
+	    !(f = fdopen(fd, "wb"))) {
 		rc = -errno;
-		snprintf(err, errlen, "%s: %s", path, strerror(-rc));
+		snprintf(err, errlen, "%s: %s", tmp, strerror(-rc));
+		if (fd >= 0) {
+			close(fd);
+			unlink(tmp);
+		}
+		free(tmp);
 		return rc;
 	}
 	errno = 0;
@@ -608,7 +625,12 @@ int kvt_npy_write(const char *path, uint32_t dtype, uint32_t ndim, const uint64_
 		rc = errno ? -errno : -EIO;
 	if (fclose(f) != 0 && !rc)
 		rc = errno ? -errno : -EIO;
-	if (rc)
+	if (!rc && rename(tmp, path) != 0)
+		rc = -errno;
+	if (rc) {
+		unlink(tmp);
 		snprintf(err, errlen, "%s: write failed: %s", path, strerror(-rc));
+	}
+	free(tmp);
 	return rc;
 }

@@ -5,7 +5,9 @@
  * fixtures), and what kvt_npy_write writes, loaded back by numpy. fuzz_npy covers the rest.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdbool.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -306,6 +308,39 @@ static void test_write_limits(void)
 		  err);
 }
 
+/* A write that fails part-way (here: the file size limit, as a full disk would) leaves the
+ * file that was at path whole and no temporary beside it. */
+static void test_write_failure_keeps_old_file(void)
+{
+	char path[512], err[256];
+	const uint64_t small[1] = { 4 }, big[1] = { 1 << 16 };
+	float a[4] = { 1, 2, 3, 4 }, *b = calloc(big[0], sizeof(float));
+	struct kvt_npy r;
+
+	snprintf(path, sizeof(path), "%s/keep.npy", dir);
+	KVT_REQUIRE(b && kvt_npy_write(path, KVT_DTYPE_F32, 1, small, a, err, sizeof(err)) == 0,
+		    "write: %s", err);
+	struct rlimit old, lim;
+	KVT_REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0, "getrlimit");
+	lim = old;
+	lim.rlim_cur = 4096;
+	void (*prev)(int) = signal(SIGXFSZ, SIG_IGN);
+	KVT_REQUIRE(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+	int rc = kvt_npy_write(path, KVT_DTYPE_F32, 1, big, b, err, sizeof(err));
+	setrlimit(RLIMIT_FSIZE, &old);
+	signal(SIGXFSZ, prev);
+	KVT_CHECK(rc == -EFBIG && strstr(err, "write failed"), "over the size limit: rc %d '%s'",
+		  rc, err);
+	KVT_CHECK(kvt_npy_read(path, &r, err, sizeof(err)) == 0 && r.count == 4 &&
+			  !memcmp(r.data, a, sizeof(a)),
+		  "the old file after a failed write: '%s'", err);
+	kvt_npy_free(&r);
+	char tmp[600];
+	snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid());
+	KVT_CHECK(access(tmp, F_OK) != 0, "%s left behind", tmp);
+	free(b);
+}
+
 int main(void)
 {
 	kvt_test_init();
@@ -318,6 +353,7 @@ int main(void)
 	KVT_RUN(test_headers);
 	KVT_RUN(test_preamble);
 	KVT_RUN(test_write_limits);
+	KVT_RUN(test_write_failure_keeps_old_file);
 	KVT_RUN(test_numpy);
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
