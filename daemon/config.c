@@ -418,6 +418,12 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 		if (sources)
 			sources[o - opts] = KVT_SRC_FILE;
 	}
+	/* fgets returns NULL on a read error too (a directory: EISDIR), not only at the end. */
+	if (!rc && ferror(f)) {
+		int e = errno ? errno : EIO;
+		snprintf(err, errlen, "config file %s: %s", path, strerror(e));
+		rc = -e;
+	}
 	fclose(f);
 	return rc;
 }

@@ -140,6 +140,22 @@ static void test_source_order(void)
 	unlink(path);
 }
 
+/* A config file that cannot be read is an error, not an empty file (a directory was loaded
+ * as one: fgets' NULL on a read error was taken for the end of the file). */
+static void test_file_read_error(void)
+{
+	struct kvt_config c;
+	char err[512] = "", arg[320];
+	snprintf(arg, sizeof arg, "--config=%s", g_tmp);
+	char *argv[] = {"kvtierd", arg, NULL};
+	int rc = kvt_config_load(&c, 2, argv, NULL, NULL, err, sizeof err);
+	KVT_CHECK(rc == -EISDIR && strstr(err, g_tmp), "a directory as config file: rc %d '%s'", rc,
+		  err);
+	snprintf(arg, sizeof arg, "--config=%s/none.conf", g_tmp);
+	rc = kvt_config_load(&c, 2, argv, NULL, NULL, err, sizeof err);
+	KVT_CHECK(rc == -ENOENT && strstr(err, "none.conf"), "a missing file: rc %d '%s'", rc, err);
+}
+
 /* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
 static int run_kvtierd(char *const args[], char *out, size_t outlen)
 {
@@ -208,6 +224,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_bounds);
 	KVT_RUN(test_tcp_rules);
 	KVT_RUN(test_source_order);
+	KVT_RUN(test_file_read_error);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
