@@ -365,6 +365,24 @@ static char *trim(char *s)
 	return s;
 }
 
+/* Reads one line, without its '\n', into buf (max + 1 bytes): returns its length, -1 at the end
+ * of the file, or -2 past max bytes. Unlike fgets it sees NUL bytes (*nul): fgets hid the rest
+ * of such a line, or called it too long. */
+static int read_line(FILE *f, char *buf, size_t max, int *nul)
+{
+	size_t n = 0;
+	int c;
+	*nul = 0;
+	while ((c = getc(f)) != EOF && c != '\n') {
+		if (n == max)
+			return -2;
+		*nul |= c == '\0';
+		buf[n++] = (char)c;
+	}
+	buf[n] = '\0';
+	return c == EOF && n == 0 ? -1 : (int)n;
+}
+
 static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_source *sources,
 		     char *err, size_t errlen)
 {
@@ -376,12 +394,18 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 	}
 	char line[1024];
 	char where[320];
-	int lineno = 0, rc = 0;
-	while (fgets(line, sizeof line, f)) {
+	int lineno = 0, rc = 0, len, nul;
+	while ((len = read_line(f, line, sizeof line - 2, &nul)) != -1) {
 		lineno++;
-		if (!strchr(line, '\n') && !feof(f)) {
+		if (len == -2) {
 			snprintf(err, errlen, "%s:%d: line longer than %zu bytes", path, lineno,
 				 sizeof line - 2);
+			rc = -EINVAL;
+			break;
+		}
+		if (nul) {
+			snprintf(err, errlen, "%s:%d: NUL byte in the line (not a text file?)", path,
+				 lineno);
 			rc = -EINVAL;
 			break;
 		}
@@ -418,7 +442,7 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 		if (sources)
 			sources[o - opts] = KVT_SRC_FILE;
 	}
-	/* fgets returns NULL on a read error too (a directory: EISDIR), not only at the end. */
+	/* getc's EOF is also a read error (a directory: EISDIR), not only the end. */
 	if (!rc && ferror(f)) {
 		int e = errno ? errno : EIO;
 		snprintf(err, errlen, "config file %s: %s", path, strerror(e));

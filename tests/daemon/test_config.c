@@ -156,6 +156,58 @@ static void test_file_read_error(void)
 	KVT_CHECK(rc == -ENOENT && strstr(err, "none.conf"), "a missing file: rc %d '%s'", rc, err);
 }
 
+/* Writes n bytes to g_tmp/name and loads it as the config file. */
+static int load_file_bytes(const char *name, const char *bytes, size_t n, struct kvt_config *c,
+			   char *err, size_t errlen)
+{
+	char path[300], arg[320];
+	snprintf(path, sizeof path, "%s/%s", g_tmp, name);
+	FILE *f = fopen(path, "wb");
+	if (!f || fwrite(bytes, 1, n, f) != n || fclose(f) != 0)
+		return -EIO;
+	snprintf(arg, sizeof arg, "--config=%s", path);
+	char *argv[] = {"kvtierd", arg, NULL};
+	int rc = kvt_config_load(c, 2, argv, NULL, NULL, err, errlen);
+	unlink(path);
+	return rc;
+}
+
+/* A NUL byte in a line is refused as such: fgets ignored what followed it on a last line
+ * without a newline, and called any other such line "longer than 1022 bytes". */
+static void test_file_nul(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	static const char last[] = "workers = 5\0junk";
+	int rc = load_file_bytes("nul1.conf", last, sizeof last - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "nul1.conf:1:") && strstr(err, "NUL"),
+		  "NUL in a last line without newline: rc %d '%s'", rc, err);
+	static const char mid[] = "workers = 5\0x\nworkers = 6\n";
+	rc = load_file_bytes("nul2.conf", mid, sizeof mid - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "nul2.conf:1:") && strstr(err, "NUL") &&
+			  !strstr(err, "longer than"),
+		  "NUL in a short line: rc %d '%s'", rc, err);
+	/* the length limit is unchanged: 1022 bytes and a newline, a last line without one */
+	char buf[1100];
+	memset(buf, ' ', sizeof buf);
+	memcpy(buf, "workers = 7", 11);
+	buf[1022] = '\n';
+	rc = load_file_bytes("len1.conf", buf, 1023, &c, err, sizeof err);
+	KVT_CHECK(rc == 0 && c.workers == 7, "a line of 1022 bytes: rc %d '%s'", rc, err);
+	rc = load_file_bytes("len2.conf", buf, 1022, &c, err, sizeof err);
+	KVT_CHECK(rc == 0 && c.workers == 7, "a last line of 1022 bytes: rc %d '%s'", rc, err);
+	rc = load_file_bytes("len3.conf", buf, 1023 + 1, &c, err, sizeof err);
+	KVT_CHECK(rc == 0, "1022 bytes, a newline, a blank: rc %d '%s'", rc, err);
+	buf[1022] = ' ';
+	buf[1023] = '\n';
+	rc = load_file_bytes("len4.conf", buf, 1024, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "len4.conf:1: line longer than 1022 bytes"),
+		  "a line of 1023 bytes: rc %d '%s'", rc, err);
+	rc = load_file_bytes("len5.conf", buf, 1023, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "longer than"), "a last line of 1023 bytes: rc %d "
+		  "'%s'", rc, err);
+}
+
 /* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
 static int run_kvtierd(char *const args[], char *out, size_t outlen)
 {
@@ -225,6 +277,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_tcp_rules);
 	KVT_RUN(test_source_order);
 	KVT_RUN(test_file_read_error);
+	KVT_RUN(test_file_nul);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
