@@ -409,13 +409,33 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 			rc = -EINVAL;
 			break;
 		}
-		char *hash = strchr(line, '#');
-		if (hash)
-			*hash = '\0';
+		/* '#' starts a comment, except inside a quoted value, which runs to its closing
+		 * quote: the first '"' followed only by blanks up to the end or a '#'. */
+		char *eq = strchr(line, '='), *cut = strchr(line, '#');
+		int quoted = 0; /* 1: a quoted value, -1: one without its closing quote */
+		if (eq && (!cut || eq < cut)) {
+			char *v = eq + 1;
+			while (isspace((unsigned char)*v))
+				v++;
+			if (*v == '"') {
+				quoted = -1;
+				for (char *q = strchr(v + 1, '"'); q && quoted < 0; q = strchr(q + 1, '"')) {
+					char *r = q + 1;
+					while (isspace((unsigned char)*r))
+						r++;
+					if (!*r || *r == '#') {
+						cut = q + 1;
+						quoted = 1;
+					}
+				}
+			}
+		}
+		if (cut && quoted >= 0)
+			*cut = '\0';
 		char *s = trim(line);
 		if (!*s)
 			continue;
-		char *eq = strchr(s, '=');
+		eq = strchr(s, '=');
 		if (!eq) {
 			snprintf(err, errlen, "%s:%d: expected `name = value`", path, lineno);
 			rc = -EINVAL;
@@ -423,17 +443,22 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 		}
 		*eq = '\0';
 		char *name = trim(s), *val = trim(eq + 1);
-		size_t vl = strlen(val);
-		if (vl >= 2 && val[0] == '"' && val[vl - 1] == '"') {
-			val[vl - 1] = '\0';
-			val++;
-		}
 		const struct opt *o = find_opt(name, strlen(name));
 		if (!o) {
 			snprintf(err, errlen, "%s:%d: unknown option \"%s\" (kvtierd --help lists them)",
 				 path, lineno, name);
 			rc = -EINVAL;
 			break;
+		}
+		if (quoted < 0) {
+			snprintf(err, errlen, "%s:%d: %s: the quoted value has no closing quote", path,
+				 lineno, o->name);
+			rc = -EINVAL;
+			break;
+		}
+		if (quoted) {
+			val[strlen(val) - 1] = '\0';
+			val++;
 		}
 		snprintf(where, sizeof where, "%s:%d", path, lineno);
 		rc = set_opt(cfg, o, val, where, err, errlen);

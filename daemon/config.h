@@ -3,7 +3,8 @@
  *
  * Every option is one row of a table: name, type, bounds, default, whether SIGHUP may change
  * it at run time, and a one-line help. Sources apply in order, later ones winning: built-in
- * defaults, the config file (--config FILE: `name = value` lines, # comments), KVTIER_<NAME>
+ * defaults, the config file (--config FILE: `name = value` lines, # comments; a value may be
+ * in double quotes, and then holds any '#' and blanks up to its closing quote), KVTIER_<NAME>
  * environment variables, command-line flags (--name=value or --name value; dashes and
  * underscores are the same). Every value is checked against its row's bounds, then the
  * cross-option rules (kvt_config_validate); errors name the option, the value and the limit.

@@ -208,6 +208,46 @@ static void test_file_nul(void)
 		  "'%s'", rc, err);
 }
 
+/* A quoted value runs to its closing quote, '#' included: the comment was cut first, so
+ * `socket = "/tmp/a#b"` loaded the socket "/tmp/a (quote included), and a value with an
+ * opening quote and no closing one was taken literally, its quote included. */
+static void test_file_quotes(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	static const char f1[] = "socket = \"/run/kvt#1.sock\"  # the \"first\" one\n"
+				 "listen_tcp=\"127.0.0.1:7000\"# loopback\n"
+				 "insecure_loopback = \"yes\"\n"
+				 "log_level = \"warn\" \t\n";
+	int rc = load_file_bytes("q1.conf", f1, sizeof f1 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "/run/kvt#1.sock") &&
+			  !strcmp(c.listen_tcp, "127.0.0.1:7000") && c.log_level == 2,
+		  "quoted values: rc %d '%s' socket '%s'", rc, err, c.socket_path);
+	static const char f2[] = "socket = \"a\" b\" # c\n";
+	rc = load_file_bytes("q2.conf", f2, sizeof f2 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "a\" b"), "inner quote: rc %d '%s' '%s'", rc,
+		  err, c.socket_path);
+	static const char f3[] = "workers = 4\nsocket = \"/tmp/a # no closing quote\n";
+	rc = load_file_bytes("q3.conf", f3, sizeof f3 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "q3.conf:2:") && strstr(err, "socket") &&
+			  strstr(err, "closing quote"),
+		  "unterminated quote: rc %d '%s'", rc, err);
+	/* what --print-config prints for a socket with '#' reads back */
+	char *argv[] = {"kvtierd", "--socket=/tmp/x#y \"z\"", NULL};
+	rc = load(&c, err, sizeof err, 2, argv);
+	char *text = NULL;
+	size_t len = 0;
+	FILE *m = open_memstream(&text, &len);
+	KVT_REQUIRE(rc == 0 && m, "load: rc %d '%s'", rc, err);
+	kvt_config_print(m, &c, NULL);
+	fclose(m);
+	struct kvt_config c2;
+	rc = load_file_bytes("q4.conf", text, len, &c2, err, sizeof err);
+	KVT_CHECK(rc == 0 && !strcmp(c2.socket_path, "/tmp/x#y \"z\""),
+		  "print-config output reloads the socket: rc %d '%s' '%s'", rc, err, c2.socket_path);
+	free(text);
+}
+
 /* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
 static int run_kvtierd(char *const args[], char *out, size_t outlen)
 {
@@ -278,6 +318,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_source_order);
 	KVT_RUN(test_file_read_error);
 	KVT_RUN(test_file_nul);
+	KVT_RUN(test_file_quotes);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
