@@ -343,7 +343,13 @@ static void format_value(const struct kvt_config *cfg, const struct opt *o, char
 		return;
 	case OPT_DOUBLE:
 		memcpy(&d, base, sizeof d);
-		snprintf(buf, len, "%g", d);
+		/* The shortest text that reads back as the same double ("%g" kept 6 digits):
+		 * --print-config reloads exactly, and apply_reload sees a change in any digit. */
+		for (int prec = 6; prec <= 17; prec++) {
+			snprintf(buf, len, "%.*g", prec, d);
+			if (strtod(buf, NULL) == d)
+				break;
+		}
 		return;
 	case OPT_STRING:
 		snprintf(buf, len, "%s", base);

@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "kvt_test.h"
+#include "log.h"
 
 static const char *g_kvtierd;
 static char g_tmp[256];
@@ -248,6 +249,47 @@ static void test_file_quotes(void)
 	free(text);
 }
 
+/* Doubles print with every digit they need: "%g" printed 0.1234567 as 0.123457, so
+ * --print-config showed (and reloaded) another value, and a SIGHUP that changed the 7th digit
+ * was not applied (kvt_config_apply_reload compares the printed values). */
+static void test_print_double(void)
+{
+	struct kvt_config c, next;
+	char err[512] = "";
+	char *a1[] = {"kvtierd", "--default-pin-detect-ratio=0.1234567", NULL};
+	int rc = load(&c, err, sizeof err, 2, a1);
+	KVT_REQUIRE(rc == 0, "load: %s", err);
+	char *text = NULL;
+	size_t len = 0;
+	FILE *m = open_memstream(&text, &len);
+	KVT_REQUIRE(m != NULL, "open_memstream");
+	kvt_config_print(m, &c, NULL);
+	fclose(m);
+	KVT_CHECK(strstr(text, "\ndefault_pin_detect_ratio = 0.1234567\n") != NULL,
+		  "printed: %.40s", strstr(text, "default_pin_detect_ratio"));
+	KVT_CHECK(strstr(text, "\nhost_capacity_bytes = 4GiB\n") != NULL, "sizes unchanged");
+	free(text);
+	char *a2[] = {"kvtierd", "--default-pin-detect-ratio=0.5", NULL};
+	rc = load(&next, err, sizeof err, 2, a2);
+	m = open_memstream(&text, &len);
+	KVT_REQUIRE(rc == 0 && m, "load 0.5: %s", err);
+	kvt_config_print(m, &next, NULL);
+	fclose(m);
+	KVT_CHECK(strstr(text, "\ndefault_pin_detect_ratio = 0.5\n") != NULL, "short values stay "
+		  "short: %.40s", strstr(text, "default_pin_detect_ratio"));
+	free(text);
+	char *a3[] = {"kvtierd", "--default-pin-detect-ratio=0.1234568", NULL};
+	rc = load(&next, err, sizeof err, 2, a3);
+	KVT_REQUIRE(rc == 0, "load: %s", err);
+	kvt_log_set_level(KVT_LOG_ERROR); /* the reload logs each change at info */
+	kvt_config_live = c;
+	int changed = kvt_config_apply_reload(&next);
+	kvt_log_set_level(KVT_LOG_INFO);
+	KVT_CHECK(changed == 1 && kvt_config_live.default_pin_detect_ratio == 0.1234568,
+		  "a reload changing the 7th digit: %d changed, live %.17g", changed,
+		  kvt_config_live.default_pin_detect_ratio);
+}
+
 /* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
 static int run_kvtierd(char *const args[], char *out, size_t outlen)
 {
@@ -319,6 +361,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_file_read_error);
 	KVT_RUN(test_file_nul);
 	KVT_RUN(test_file_quotes);
+	KVT_RUN(test_print_double);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
