@@ -30,10 +30,10 @@ export UBSAN_OPTIONS="log_path=$logs/ubsan:print_stacktrace=1:halt_on_error=1"
 export TSAN_OPTIONS="log_path=$logs/tsan:ignore_noninstrumented_modules=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp"
 
 # ThreadSanitizer looks for races between threads: the daemon and its clients (integration,
-# fault and the daemon's unit tests). The single-threaded codec and .npy tests only get
-# 5-15x slower under it, so they run in the address/undefined pass only.
+# fault and the daemon's unit tests). The single-threaded codec, .npy and config fuzz tests
+# only get 5-15x slower under it, so they run in the address/undefined pass only.
 skip=()
-case "$kind" in *thread*) skip=(-E '^(codec_|seq_|fuzz_chunk|fuzz_npy|npy_unit|fidelity_|bench_codec_|bench_fidelity_)') ;; esac
+case "$kind" in *thread*) skip=(-E '^(codec_|seq_|fuzz_chunk|fuzz_npy|fuzz_config|npy_unit|fidelity_|bench_codec_|bench_fidelity_)') ;; esac
 
 cd "$build"
 rc=0
