@@ -37,7 +37,6 @@
 
 #include "codec_test_util.h"
 #include "fuzz_ctx.h"
-#include "fuzz_run.h"
 #include "kvt_seq.h"
 
 #define N_SEEDS 16
@@ -1578,12 +1577,7 @@ static void test_model_agrees_on_seeds(void)
 
 static void test_fuzz(void)
 {
-	struct fuzz_run run;
-	fuzz_run_start(&run, DEFAULT_ITERS);
-	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS; it++)
-		run_iteration(it);
-	ctx_clear();
-	const double el = fuzz_run_elapsed(&run);
+	const double el = ctx_run(DEFAULT_ITERS, MAX_FAILING_ITERS, run_iteration);
 	char line[1200];
 	size_t n = (size_t)snprintf(line, sizeof(line),
 		"# fuzz_chunk: %llu iterations in %.1f s (%.0f/s), %llu seed pools (%llu seeds, %llu "

@@ -51,7 +51,6 @@
 
 #include "config.h"
 #include "fuzz_ctx.h"
-#include "fuzz_run.h"
 #include "kvt_codec.h"
 #include "kvt_test.h"
 
@@ -2172,12 +2171,7 @@ static void test_fuzz(void)
 {
 	if (!check_table())
 		return;
-	struct fuzz_run run;
-	fuzz_run_start(&run, DEFAULT_ITERS);
-	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS; it++)
-		run_iteration(it);
-	ctx_clear();
-	const double el = fuzz_run_elapsed(&run);
+	const double el = ctx_run(DEFAULT_ITERS, MAX_FAILING_ITERS, run_iteration);
 	printf("# fuzz_config: %llu iterations in %.1f s (%.0f/s): accepted %llu, refused %llu "
 	       "(model: must refuse %llu, either %llu); %llu round trips (%llu configurations "
 	       "with strings the file format cannot hold skipped); %llu --help, %llu missing or "

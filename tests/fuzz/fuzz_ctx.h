@@ -18,6 +18,7 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
+#include "fuzz_run.h"
 #include "kvt_test.h"
 
 static char ctx[1600];
@@ -112,6 +113,18 @@ static void ctx_catch_crashes(void)
 	signal(SIGBUS, ctx_on_fatal_signal);
 	signal(SIGFPE, ctx_on_fatal_signal);
 #endif
+}
+
+/* The fuzz loop: iteration(0), iteration(1), ... for as long as fuzz_run.h says, stopping
+ * early after max_failing failing iterations. Returns the seconds it ran. */
+static double ctx_run(uint64_t default_iters, int max_failing, void (*iteration)(uint64_t it))
+{
+	struct fuzz_run run;
+	fuzz_run_start(&run, default_iters);
+	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < max_failing; it++)
+		iteration(it);
+	ctx_clear();
+	return fuzz_run_elapsed(&run);
 }
 
 #endif

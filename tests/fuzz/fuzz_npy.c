@@ -45,7 +45,6 @@
 #include <unistd.h>
 
 #include "fuzz_ctx.h"
-#include "fuzz_run.h"
 #include "kvt_codec.h"
 #include "kvt_npy.h"
 #include "kvt_test.h"
@@ -1140,12 +1139,7 @@ static void run_iteration(uint64_t it)
 
 static void test_fuzz(void)
 {
-	struct fuzz_run run;
-	fuzz_run_start(&run, DEFAULT_ITERS);
-	for (uint64_t it = 0; fuzz_run_more(&run, it) && failing_iters < MAX_FAILING_ITERS; it++)
-		run_iteration(it);
-	ctx_clear();
-	const double el = fuzz_run_elapsed(&run);
+	const double el = ctx_run(DEFAULT_ITERS, MAX_FAILING_ITERS, run_iteration);
 	printf("# fuzz_npy: %llu iterations in %.1f s (%.0f/s): %llu unmutated, %llu must-reject; "
 	       "kvt_npy_read accepted %llu refused %llu, kvt_npy_read_f32 accepted %llu refused "
 	       "%llu; %llu written back and read again; %d failing iterations\n",
