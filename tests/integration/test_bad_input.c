@@ -5,6 +5,7 @@
  * and after are equal), and that the daemon keeps serving (health after each row).
  */
 #include "kvt_it.h"
+#include "kvt_raw_call.h"
 
 #include <ctype.h>
 
@@ -214,55 +215,12 @@ static int raw_unary(const char *method, const uint8_t *req, size_t len,
 	grpc_channel_credentials *creds = grpc_insecure_credentials_create();
 	grpc_channel *ch = grpc_channel_create(g_d.target, creds, NULL);
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	grpc_slice m = grpc_slice_from_static_string(method), s, details = grpc_empty_slice();
-	grpc_call *call = grpc_channel_create_call(
-		ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m, NULL,
-		gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(10000, GPR_TIMESPAN)),
-		NULL);
-	grpc_metadata_array imd, tmd;
-	grpc_byte_buffer *bb, *recv = NULL;
-	grpc_status_code code = GRPC_STATUS_UNKNOWN;
-	grpc_op ops[6];
 	grpc_event ev;
-	size_t n;
 
 	grpc_channel_credentials_release(creds);
-	grpc_metadata_array_init(&imd);
-	grpc_metadata_array_init(&tmd);
-	s = grpc_slice_from_copied_buffer((const char *)req, len);
-	bb = grpc_raw_byte_buffer_create(&s, 1);
-	grpc_slice_unref(s);
-	memset(ops, 0, sizeof(ops));
-	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = bb;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
-	ops[4].op = GRPC_OP_RECV_MESSAGE;
-	ops[4].data.recv_message.recv_message = &recv;
-	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-	ops[5].data.recv_status_on_client.trailing_metadata = &tmd;
-	ops[5].data.recv_status_on_client.status = &code;
-	ops[5].data.recv_status_on_client.status_details = &details;
-	if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK)
-		ev = grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME),
-						 NULL);
-	(void)ev;
-	st->code = (int)code;
+	st->code = (int)kvt_raw_unary(ch, cq, method, req, len, NULL, NULL, st->message,
+				      sizeof(st->message), 0, 10000);
 	st->local = 0;
-	n = GRPC_SLICE_LENGTH(details);
-	if (n >= sizeof(st->message))
-		n = sizeof(st->message) - 1;
-	memcpy(st->message, GRPC_SLICE_START_PTR(details), n);
-	st->message[n] = '\0';
-	grpc_byte_buffer_destroy(bb);
-	if (recv)
-		grpc_byte_buffer_destroy(recv);
-	grpc_slice_unref(details);
-	grpc_metadata_array_destroy(&imd);
-	grpc_metadata_array_destroy(&tmd);
-	grpc_call_unref(call);
 	grpc_completion_queue_shutdown(cq);
 	do {
 		ev = grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
