@@ -363,12 +363,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 #define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
 
 
-template <int BITS, int GV, int NQ>
+template <int D, int BITS, int GV, int NQ>
 __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
 				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
 				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
 {
-	constexpr int D = 128;
+	static_assert(D == 64 || D == 128, "head_dim 64 or 128 (256 needs more than 48 KB of shared memory)");
 	constexpr int NKS = D / 16;          /* k-steps over channels (keys) */
 	constexpr int NW = D * BITS / 128;   /* 32-bit words of a token row per lane */
 	constexpr int PPW = 16 / BITS;       /* channel pairs per word */
@@ -428,7 +428,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 		for (int mt = 0; mt < 2; mt++) {
 			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
-			if constexpr (NW == 2) {
+			if constexpr (NW == 1) {
+				r0[mt][0] = *(const uint32_t *)(kc + (size_t)t0 * RB);
+				r1[mt][0] = *(const uint32_t *)(kc + (size_t)t1 * RB);
+			} else if constexpr (NW == 2) {
 				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RB), b = *(const uint2 *)(kc + (size_t)t1 * RB);
 				r0[mt][0] = a.x; r0[mt][1] = a.y; r1[mt][0] = b.x; r1[mt][1] = b.y;
 			} else {
@@ -440,12 +443,14 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
 		}
 		if (new_group) {
-			/* the key group's D scales and D zeros (2 x 256 bytes): one 16-byte piece a lane */
+			/* the key group's D scales and D zeros (2 x 2D bytes): one 16-byte piece a lane
+			 * (D 64: lanes 0-15) */
+			constexpr int KP = D / 8; /* 16-byte pieces of the scales (and of the zeros) */
 			const size_t ko = ((size_t)h * (p.B / p.G) + g) * D * 2;
-			if (lane < 16)
+			if (lane < KP)
 				cp_async16(ksS + 16 * lane, sec + p.k_scale_off + ko + 16 * lane);
-			else
-				cp_async16(kzS + 16 * (lane - 16), sec + p.k_zero_off + ko + 16 * (lane - 16));
+			else if (lane < 2 * KP)
+				cp_async16(kzS + 16 * (lane - KP), sec + p.k_zero_off + ko + 16 * (lane - KP));
 		}
 		/* ... values, their scales and zeros to shared memory, asynchronously */
 		{
@@ -658,10 +663,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	}
 }
 
-template <int BITS, int GV, int NQ>
+template <int D, int BITS, int GV, int NQ>
 __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
 {
-	constexpr int D = 128, EPL = D / 32, RB = D * BITS / 8;
+	constexpr int EPL = D / 32, RB = D * BITS / 8;
 	__shared__ __align__(16) float qo[NQ * D];
 	__shared__ __align__(16) float qr[NQ * QR_STRIDE];
 	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * NQ];
@@ -683,7 +688,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_mma<BITS, GV, NQ>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
+		attend_coded_mma<D, BITS, GV, NQ>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
 					   red_m[warp], red_l[warp], red_acc[warp], lane);
 	} else {
 		warp_state<EPL, NQ> st;
@@ -1009,10 +1014,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			getenv("KVTIER_CUDA_NO_MMA") == NULL && getenv("KVTIER_CUDA_NO_I2") == NULL &&
 			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
-	 * INT4, head_dim 128 (their fragments read 2/4-bit rows), and the 3/2 split above; other
-	 * 3-bit rows and mixed widths take the CUDA-core kernel */
+	 * INT4 (their fragments read 2/4-bit rows), and the 3/2 split above: head_dim 128, and
+	 * since session 15 head_dim 64 on the packed kernel (attend_mma_kernel; the INT2 kernels
+	 * below are 128 only); other 3-bit rows, mixed widths and head_dim 256 take the CUDA-core
+	 * kernel */
 	const bool mma = k3 || (per_channel && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
-				cfg->value_bits == cfg->key_bits && D == 128 &&
+				cfg->value_bits == cfg->key_bits && (D == 128 || D == 64) &&
 				getenv("KVTIER_CUDA_NO_MMA") == NULL);
 	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
 	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
@@ -1023,7 +1030,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
 	 * significands, or 3-bit keys) */
 	const bool i2 = k3 || (mma && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
-			       cfg->dtype == KVT_DTYPE_BF16 &&
+			       cfg->dtype == KVT_DTYPE_BF16 && D == 128 &&
 			       getenv("KVTIER_CUDA_NO_I2") == NULL);
 	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2, or its swapped unit loop, p.i2 = 3
 	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
@@ -1469,22 +1476,34 @@ static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	}
 }
 
-template <int BITS, int GV>
+template <int D, int BITS, int GV>
 static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	cudaError_t e;
 	if (pl->p.rqn == RQ) {
-		attend_mma_kernel<BITS, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+		attend_mma_kernel<D, BITS, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 		if ((e = cudaGetLastError()) != cudaSuccess)
 			return e;
-		combine_kernel<128, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
+		combine_kernel<D, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
 		return cudaGetLastError();
 	}
-	attend_mma_kernel<BITS, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	attend_mma_kernel<D, BITS, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 	if ((e = cudaGetLastError()) != cudaSuccess)
 		return e;
-	combine_kernel<128, RQ8><<<dim3(pl->n_groups, RQ8), 32 * CMB_W, 0, s>>>(pl->p);
+	combine_kernel<D, RQ8><<<dim3(pl->n_groups, RQ8), 32 * CMB_W, 0, s>>>(pl->p);
 	return cudaGetLastError();
+}
+
+/* the packed tensor-core kernel for one head_dim: value groups of min(G, D) channels */
+template <int D, int BITS>
+static cudaError_t att_launch_mma_d(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	const uint32_t gv = pl->p.G < D ? pl->p.G : D;
+	if constexpr (D == 64)
+		return gv == 32 ? att_launch_mma<64, BITS, 32>(pl, s) : att_launch_mma<64, BITS, 64>(pl, s);
+	else
+		return gv == 32 ? att_launch_mma<D, BITS, 32>(pl, s)
+		       : gv == 64 ? att_launch_mma<D, BITS, 64>(pl, s) : att_launch_mma<D, BITS, 128>(pl, s);
 }
 
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
@@ -1503,14 +1522,11 @@ cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t 
 
 static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	uint32_t gv = pl->p.G < 128 ? pl->p.G : 128;
 	if (pl->p.i2)
 		return kvt_att_i2_launch(pl, s);
-	if (pl->p.kb == 2)
-		return gv == 32 ? att_launch_mma<2, 32>(pl, s)
-		       : gv == 64 ? att_launch_mma<2, 64>(pl, s) : att_launch_mma<2, 128>(pl, s);
-	return gv == 32 ? att_launch_mma<4, 32>(pl, s)
-	       : gv == 64 ? att_launch_mma<4, 64>(pl, s) : att_launch_mma<4, 128>(pl, s);
+	if (pl->D == 64)
+		return pl->p.kb == 2 ? att_launch_mma_d<64, 2>(pl, s) : att_launch_mma_d<64, 4>(pl, s);
+	return pl->p.kb == 2 ? att_launch_mma_d<128, 2>(pl, s) : att_launch_mma_d<128, 4>(pl, s);
 }
 
 extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *pl, char *err,

@@ -123,7 +123,7 @@ static double bench_copy(void)
 /* ---- sdpa reference (from bench_gpu_sdpa.py) ----------------------------------------------- */
 
 struct sdpa_row {
-	int batch, tokens;
+	int batch, tokens, d; /* d: head_dim (rows without one are 128) */
 	double us;
 	char backend[32];
 };
@@ -150,15 +150,17 @@ static void load_sdpa(const char *path)
 			continue;
 		if ((p = strstr(line, "\"best\":\"")))
 			sscanf(p + 8, "%31[^\"]", r.backend);
+		if (!(p = strstr(line, "\"d\":")) || sscanf(p + 4, "%d", &r.d) != 1)
+			r.d = 128;
 		sdpa[n_sdpa++] = r;
 	}
 	fclose(f);
 }
 
-static const struct sdpa_row *find_sdpa(int batch, int tokens)
+static const struct sdpa_row *find_sdpa(int batch, int tokens, int d)
 {
 	for (int i = 0; i < n_sdpa; i++)
-		if (sdpa[i].batch == batch && sdpa[i].tokens == tokens)
+		if (sdpa[i].batch == batch && sdpa[i].tokens == tokens && sdpa[i].d == d)
 			return &sdpa[i];
 	return NULL;
 }
@@ -182,9 +184,9 @@ static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
 
 /* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
 static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
-			      int tokens, double copy_bw)
+			      int tokens, uint32_t D, double copy_bw)
 {
-	const uint32_t H = 8, D = 128, HQ = 32;
+	const uint32_t H = 8, HQ = 32;
 	struct kvt_codec_config cfg;
 	kvt_codec_config_default(&cfg, 1, H, D, KVT_DTYPE_BF16);
 	cfg.key_bits = bits;
@@ -274,7 +276,7 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 	if (t <= 0)
 		goto out;
 	double bw = (double)info.read_bytes / t;
-	const struct sdpa_row *sr = find_sdpa(batch, tokens);
+	const struct sdpa_row *sr = find_sdpa(batch, tokens, (int)D);
 	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,"
 	       "\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
@@ -314,7 +316,7 @@ out:
 
 static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
 {
-	return bench_attend_split(bits, bits, group, 128, batch, tokens, copy_bw);
+	return bench_attend_split(bits, bits, group, 128, batch, tokens, 128, copy_bw);
 }
 
 /* ---- encode / decode ------------------------------------------------------------------------ */
@@ -483,15 +485,20 @@ int kvt_bench_gpu(int argc, char **argv)
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
 	/* the daemon's default codec (kvtier-int2: 3-bit keys, 2-bit values, G = B = 64) */
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, bw);
 	if (attend_only) {
-		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, bw);
+		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, 128, bw);
 		goto out;
 	}
 	rc |= bench_attend(4, 128, 1, 131072, bw);
-	/* the CUDA-core kernel on the same case, for the record */
+	/* head_dim 64 (small models, SmolLM2 among them): the packed tensor-core kernel since
+	 * session 15, INT2 and INT4 */
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, bw);
+	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, bw);
+	/* the CUDA-core kernel on the same cases, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
 codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder

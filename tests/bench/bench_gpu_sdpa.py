@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The reference for `kvtier-bench gpu`: torch scaled_dot_product_attention, one decode step
-(one query token) in bf16, Hq 32, Hkv 8 (GQA), d 128, at the benchmark's batch x tokens.
+(one query token) in bf16, Hq 32, Hkv 8 (GQA), d 128, at the benchmark's batch x tokens (and
+d 64 at 1 x 131072, the benchmark's head_dim-64 case).
 cuDNN and flash backends are each timed and the faster is reported as us_best. Timed as
 kvtier-bench times its own kernels: steps enqueued back to back (CUDA events around 20 calls,
 median of 7 such runs after warm-up), so the GPU never waits for the host between steps. Until
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-HQ, HKV, D = 32, 8, 128
-CASES = [(1, 131072), (8, 32768), (48, 4096)]
+HQ, HKV = 32, 8
+CASES = [(1, 131072, 128), (8, 32768, 128), (48, 4096, 128), (1, 131072, 64)]  # batch, tokens, d
 
 
 def time_us(fn, calls=20, runs=7):
@@ -51,12 +52,12 @@ def time_us_isolated(fn, iters=50):
 
 def main():
     torch.manual_seed(0)
-    for batch, tokens in CASES:
+    for batch, tokens, D in CASES:
         q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.bfloat16)
         row = {"ref": "torch_sdpa_bf16", "torch": torch.__version__, "batch": batch,
-               "tokens": tokens, "kv_bytes": 2 * k.numel() * 2}
+               "tokens": tokens, "d": D, "kv_bytes": 2 * k.numel() * 2}
         best = None
         for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("flash", SDPBackend.FLASH_ATTENTION)):

@@ -409,6 +409,39 @@ static void test_k3_preset_batches(void)
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
+/* head_dim 64 on the packed tensor-core kernel (session 15; before, the CUDA-core kernel):
+ * oscar or kivi, INT2 or INT4, G 32 / 64 / 128 (value groups of min(G, 64) channels), f16 or
+ * bf16 sessions, 1-8 query heads per KV head (8: the 8-head fragments), fresh each run. Each
+ * batch must take that kernel (unless KVTIER_CUDA_NO_MMA) and match the reference. */
+static void test_d64_mma_batches(void)
+{
+	int n = 12;
+	const char *e = getenv("KVT_GPU_D64_BATCHES");
+	if (e && *e)
+		n = atoi(e);
+	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
+	const double before = worst_gpu;
+	const uint32_t m0 = kernel_count[KVT_CUDA_ATT_MMA];
+	worst_gpu = 0.0;
+	for (int i = 0; i < n; i++) {
+		struct kvt_codec_config cfg;
+		random_config(&cfg, true);
+		cfg.scheme = kvt_rand_below(3) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
+		cfg.key_bits = cfg.value_bits = kvt_rand_below(2) ? 2 : 4;
+		cfg.head_dim = 64;
+		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
+		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
+	}
+	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
+	printf("# worst relative error, head_dim 64 INT2/INT4 batches: gpu %.3e (%u of %d on the "
+	       "packed tensor-core kernel)\n", worst_gpu, got, n);
+	if (!getenv("KVTIER_CUDA_NO_MMA"))
+		KVT_CHECK(got == (uint32_t)n, "head_dim 64 INT2/INT4 batches take the packed "
+			  "tensor-core kernel (%u of %d)", got, n);
+	worst_gpu = worst_gpu > before ? worst_gpu : before;
+}
+
 static void test_plan_errors(void)
 {
 	char err[256];
@@ -458,6 +491,7 @@ int main(void)
 	KVT_RUN(test_fast_path_batches);
 	KVT_RUN(test_k3_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
+	KVT_RUN(test_d64_mma_batches);
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
