@@ -306,6 +306,27 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 				 o->name, strlen(val), KVT_CONFIG_STR_MAX - 1);
 			return -EINVAL;
 		}
+		/* Every accepted string must print (--print-config) as a file line that reads
+		 * back the same: a newline would end the line and start another option, and the
+		 * file format has no escapes, so control bytes are refused wherever they come
+		 * from; so is a '"' followed by blanks and '#', which a quoted value ends at. */
+		for (size_t i = 0; val[i]; i++) {
+			unsigned char ch = (unsigned char)val[i];
+			if (ch < 0x20 || ch == 0x7f) {
+				snprintf(err, errlen,
+					 "%s: %s holds the control character 0x%02x at offset %zu "
+					 "(strings may not contain control characters)",
+					 where, o->name, ch, i);
+				return -EINVAL;
+			}
+			if (ch == '"' && val[i + 1 + strspn(val + i + 1, " ")] == '#') {
+				snprintf(err, errlen,
+					 "%s: %s has a '\"' at offset %zu followed by '#': a config "
+					 "file cannot hold that in a value (the quoted value ends there)",
+					 where, o->name, i);
+				return -EINVAL;
+			}
+		}
 		snprintf(base, KVT_CONFIG_STR_MAX, "%s", val);
 		return 0;
 	case OPT_ENUM:
@@ -724,7 +745,16 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 		if (opts[i].offset == OFF(socket_path)) {
 			char path[KVT_CONFIG_STR_MAX + 32];
 			kvt_config_socket_path(cfg, path, sizeof path);
-			fprintf(out, "%s listening on %s", sources ? ";" : "  #", path);
+			fprintf(out, "%s listening on ", sources ? ";" : "  #");
+			/* $RUNTIME_DIRECTORY is not checked like the options: a newline in it
+			 * must not end this comment and start an option line. */
+			for (const char *p = path; *p; p++) {
+				unsigned char ch = (unsigned char)*p;
+				if (ch < 0x20 || ch == 0x7f)
+					fprintf(out, "\\x%02x", ch);
+				else
+					fputc(ch, out);
+			}
 		}
 		if (opts[i].offset == OFF(default_key_rounding)) {
 			/* Name the preset the default codec spells, if any. */

@@ -8,6 +8,8 @@
  * environment variables, command-line flags (--name=value or --name value; dashes and
  * underscores are the same). Every value is checked against its row's bounds, then the
  * cross-option rules (kvt_config_validate); errors name the option, the value and the limit.
+ * Strings may not hold control bytes (< 0x20, 0x7f) nor a '"' followed by blanks and '#', so
+ * that kvt_config_print's output reloads as the same values.
  *
  * Ownership: a struct kvt_config is a plain value. The daemon keeps one live copy
  * (kvt_config_live); reloadable fields of it are updated with atomic stores on SIGHUP and read

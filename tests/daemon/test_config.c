@@ -14,6 +14,8 @@
 static const char *g_kvtierd;
 static char g_tmp[256];
 
+static int run_kvtierd(char *const args[], char *out, size_t outlen);
+
 static int load(struct kvt_config *cfg, char *err, size_t errlen, int argc, char **argv)
 {
 	struct kvt_cmdline cmd;
@@ -249,6 +251,131 @@ static void test_file_quotes(void)
 	free(text);
 }
 
+/* Loads argv, prints the result (with sources or not), reloads the text as a config file and
+ * checks that the socket reads back as want and the text prints again the same. */
+static void check_print_reload(char **argv, int argc, const char *want, int with_sources)
+{
+	struct kvt_config c, c2;
+	enum kvt_config_source src[64];
+	char err[512] = "";
+	int rc = kvt_config_load(&c, argc, argv, NULL, src, err, sizeof err);
+	KVT_REQUIRE(rc == 0, "load '%s': %s", want, err);
+	char *text = NULL, *again = NULL;
+	size_t len = 0, len2 = 0;
+	FILE *m = open_memstream(&text, &len);
+	KVT_REQUIRE(m != NULL, "open_memstream");
+	kvt_config_print(m, &c, with_sources ? src : NULL);
+	fclose(m);
+	rc = load_file_bytes("rt.conf", text, len, &c2, err, sizeof err);
+	KVT_CHECK(rc == 0 && !strcmp(c2.socket_path, want) && c2.workers == c.workers &&
+			  !memcmp(&c, &c2, sizeof c),
+		  "socket '%s' (sources %d) reloads as '%s' (workers %llu): rc %d '%s'", want,
+		  with_sources, c2.socket_path, (unsigned long long)c2.workers, rc, err);
+	m = open_memstream(&again, &len2);
+	KVT_REQUIRE(m != NULL, "open_memstream");
+	kvt_config_print(m, &c2, with_sources ? src : NULL);
+	fclose(m);
+	KVT_CHECK(len == len2 && !memcmp(text, again, len), "socket '%s' prints differently "
+		  "after a reload", want);
+	free(text);
+	free(again);
+}
+
+/* Every string kvtierd accepts prints as a line that reloads to the same string: blanks at
+ * either end, '#', '"' (but before blanks and '#'), '=', non-ASCII bytes and the empty string. */
+static void test_print_strings(void)
+{
+	static const char *const vals[] = {
+		"", " lead", "trail ", "  both  ", "#", "a#b", "#x#", "\"", "\"\"", "a\"b", "\"x",
+		"x\"", "x\" ", "x\" y", " \" ", "#\"", "a\"b#", "= x = y", "caf\xc3\xa9 \xff",
+		"/tmp/x#y \"z\""};
+	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+		char arg[300];
+		snprintf(arg, sizeof arg, "--socket=%s", vals[i]);
+		char *argv[] = {"kvtierd", arg, NULL};
+		check_print_reload(argv, 2, vals[i], (int)(i & 1));
+		check_print_reload(argv, 2, vals[i], !(i & 1));
+	}
+}
+
+/* Control bytes in strings are refused wherever they come from, naming the source, the option
+ * and the offset: a newline in --socket printed (--print-config) as a file that set another
+ * option, `socket = "/tmp/a` then `workers = 9"`. */
+static void test_string_controls(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	char *a1[] = {"kvtierd", "--socket=/tmp/a\nworkers = 9", NULL};
+	int rc = load(&c, err, sizeof err, 2, a1);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "command line: socket") && strstr(err, "0x0a") &&
+			  strstr(err, "offset 6"),
+		  "newline in a flag: rc %d '%s'", rc, err);
+	char *a2[] = {"kvtierd", "--listen-tcp", "127.0.0.1:7000\r", "--insecure-loopback", NULL};
+	rc = load(&c, err, sizeof err, 4, a2);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "listen_tcp") && strstr(err, "0x0d") &&
+			  strstr(err, "offset 14"),
+		  "CR in a separate flag value: rc %d '%s'", rc, err);
+	char *a0[] = {"kvtierd", NULL};
+	setenv("KVTIER_SOCKET", "/tmp/\x1b[31mred", 1);
+	rc = load(&c, err, sizeof err, 1, a0);
+	unsetenv("KVTIER_SOCKET");
+	KVT_CHECK(rc == -EINVAL && strstr(err, "environment KVTIER_SOCKET") &&
+			  strstr(err, "socket") && strstr(err, "0x1b") && strstr(err, "offset 5"),
+		  "escape in the environment: rc %d '%s'", rc, err);
+	setenv("KVTIER_SOCKET", "x\x7f", 1);
+	rc = load(&c, err, sizeof err, 1, a0);
+	unsetenv("KVTIER_SOCKET");
+	KVT_CHECK(rc == -EINVAL && strstr(err, "0x7f") && strstr(err, "offset 1"),
+		  "DEL in the environment: rc %d '%s'", rc, err);
+	static const char f1[] = "workers = 3\nsocket = \"/tmp/a\tb\"\n";
+	rc = load_file_bytes("ctl1.conf", f1, sizeof f1 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "ctl1.conf:2: socket") && strstr(err, "0x09") &&
+			  strstr(err, "offset 6"),
+		  "tab in a quoted file value: rc %d '%s'", rc, err);
+	static const char f2[] = "socket = /tmp/a\x01z  # note\n";
+	rc = load_file_bytes("ctl2.conf", f2, sizeof f2 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "ctl2.conf:1: socket") && strstr(err, "0x01") &&
+			  strstr(err, "offset 6"),
+		  "control byte in an unquoted file value: rc %d '%s'", rc, err);
+	/* CRLF files still load: the '\r' is a blank at the end of the line, not in the value */
+	static const char f3[] = "socket = \"/tmp/q\"\r\nlisten_tcp = 127.0.0.1:7\r\n"
+				 "insecure_loopback = yes\r\n";
+	rc = load_file_bytes("ctl3.conf", f3, sizeof f3 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "/tmp/q") &&
+			  !strcmp(c.listen_tcp, "127.0.0.1:7"),
+		  "CRLF file: rc %d '%s' '%s' '%s'", rc, err, c.socket_path, c.listen_tcp);
+	/* a '"' followed by blanks and '#' would end the printed quoted value there */
+	char *a3[] = {"kvtierd", "--socket=/tmp/a\"  # b", NULL};
+	rc = load(&c, err, sizeof err, 2, a3);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "command line: socket") && strstr(err, "offset 6") &&
+			  strstr(err, "'#'"),
+		  "quote, blanks, hash: rc %d '%s'", rc, err);
+	setenv("KVTIER_SOCKET", "\"#", 1);
+	rc = load(&c, err, sizeof err, 1, a0);
+	unsetenv("KVTIER_SOCKET");
+	KVT_CHECK(rc == -EINVAL && strstr(err, "environment KVTIER_SOCKET") &&
+			  strstr(err, "offset 0"),
+		  "quote, hash in the environment: rc %d '%s'", rc, err);
+	/* what kvtierd itself does with the newline */
+	char out[16384];
+	char *a4[] = {(char *)g_kvtierd, "--print-config", "--socket=/tmp/a\nworkers = 9", NULL};
+	rc = run_kvtierd(a4, out, sizeof out);
+	KVT_CHECK(rc == 1 && strstr(out, "socket") && strstr(out, "0x0a") &&
+			  !strstr(out, "\nworkers = 9"),
+		  "kvtierd --print-config with a newline in --socket: exit %d '%.300s'", rc, out);
+	/* $RUNTIME_DIRECTORY shows in a comment of the socket line: it must stay a comment */
+	char *rd = getenv("RUNTIME_DIRECTORY");
+	char saved[512];
+	snprintf(saved, sizeof saved, "%s", rd ? rd : "");
+	setenv("RUNTIME_DIRECTORY", "/run/a\nbogus_option = 1 #", 1);
+	check_print_reload(a0, 1, "", 0);
+	check_print_reload(a0, 1, "", 1);
+	if (rd)
+		setenv("RUNTIME_DIRECTORY", saved, 1);
+	else
+		unsetenv("RUNTIME_DIRECTORY");
+}
+
 /* Doubles print with every digit they need: "%g" printed 0.1234567 as 0.123457, so
  * --print-config showed (and reloaded) another value, and a SIGHUP that changed the 7th digit
  * was not applied (kvt_config_apply_reload compares the printed values). */
@@ -362,6 +489,8 @@ int main(int argc, char **argv)
 	KVT_RUN(test_file_nul);
 	KVT_RUN(test_file_quotes);
 	KVT_RUN(test_print_double);
+	KVT_RUN(test_print_strings);
+	KVT_RUN(test_string_controls);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
