@@ -504,6 +504,62 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 	return rc;
 }
 
+/* One command-line argument, with its value when it takes one. */
+enum arg_kind {
+	ARG_CHECK, ARG_PRINT, ARG_HELP, ARG_VERSION, ARG_CONFIG, /* the first pass's */
+	ARG_OPTION, ARG_UNKNOWN, ARG_NOT_OPTION                  /* the second pass's */
+};
+
+struct arg {
+	enum arg_kind kind;
+	const char *text;     /* the argument as given */
+	const struct opt *o;  /* ARG_OPTION */
+	const char *val;      /* ARG_CONFIG, ARG_OPTION: the value; NULL when argv ended first */
+	size_t name_len;      /* ARG_UNKNOWN: of the name after "--" */
+};
+
+/* Reads argv[*i] and, for --config / -c and a `--name` (no '=') of a non-bool option, the
+ * next argument as its value; advances *i past both. Both passes of kvt_config_load walk argv
+ * with this, so an argument read as a value (`--socket --config=x`: the socket is
+ * "--config=x") is never also read as a flag by one of them. */
+static void next_arg(int argc, char **argv, int *i, struct arg *a)
+{
+	const char *s = argv[(*i)++];
+	memset(a, 0, sizeof *a);
+	a->text = s;
+	if (!strcmp(s, "--check-config") || !strcmp(s, "-n")) {
+		a->kind = ARG_CHECK;
+	} else if (!strcmp(s, "--print-config")) {
+		a->kind = ARG_PRINT;
+	} else if (!strcmp(s, "--help") || !strcmp(s, "-h")) {
+		a->kind = ARG_HELP;
+	} else if (!strcmp(s, "--version")) {
+		a->kind = ARG_VERSION;
+	} else if (!strncmp(s, "--config=", 9)) {
+		a->kind = ARG_CONFIG;
+		a->val = s + 9;
+	} else if (!strcmp(s, "--config") || !strcmp(s, "-c")) {
+		a->kind = ARG_CONFIG;
+		if (*i < argc)
+			a->val = argv[(*i)++];
+	} else if (strncmp(s, "--", 2) != 0) {
+		a->kind = ARG_NOT_OPTION;
+	} else {
+		const char *name = s + 2, *eq = strchr(name, '=');
+		a->name_len = eq ? (size_t)(eq - name) : strlen(name);
+		a->o = find_opt(name, a->name_len);
+		a->kind = a->o ? ARG_OPTION : ARG_UNKNOWN;
+		if (!a->o)
+			return;
+		if (eq)
+			a->val = eq + 1;
+		else if (a->o->type == OPT_BOOL)
+			a->val = "yes"; /* a bool never takes the next argument */
+		else if (*i < argc)
+			a->val = argv[(*i)++];
+	}
+}
+
 int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cmdline *cmd,
 		    enum kvt_config_source *sources, char *err, size_t errlen)
 {
@@ -522,24 +578,23 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 	}
 	/* First pass over argv: the special flags and --config, which must be known before the
 	 * file is read; option flags are applied after the file and the environment. */
-	for (int i = 1; i < argc; i++) {
-		const char *a = argv[i];
-		if (!strcmp(a, "--check-config") || !strcmp(a, "-n"))
+	struct arg a;
+	for (int i = 1; i < argc;) {
+		next_arg(argc, argv, &i, &a);
+		if (a.kind == ARG_CHECK)
 			cmd->check_config = 1;
-		else if (!strcmp(a, "--print-config"))
+		else if (a.kind == ARG_PRINT)
 			cmd->print_config = 1;
-		else if (!strcmp(a, "--help") || !strcmp(a, "-h"))
+		else if (a.kind == ARG_HELP)
 			cmd->help = 1;
-		else if (!strcmp(a, "--version"))
+		else if (a.kind == ARG_VERSION)
 			cmd->version = 1;
-		else if (!strncmp(a, "--config=", 9))
-			cmd->config_file = a + 9;
-		else if (!strcmp(a, "--config") || !strcmp(a, "-c")) {
-			if (i + 1 >= argc) {
-				snprintf(err, errlen, "%s needs a file name", a);
+		else if (a.kind == ARG_CONFIG) {
+			if (!a.val) {
+				snprintf(err, errlen, "%s needs a file name", a.text);
 				return -EINVAL;
 			}
-			cmd->config_file = argv[++i];
+			cmd->config_file = a.val;
 		}
 	}
 	if (cmd->help || cmd->version)
@@ -565,45 +620,29 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 		if (sources)
 			sources[i] = KVT_SRC_ENV;
 	}
-	for (int i = 1; i < argc; i++) {
-		const char *a = argv[i];
-		if (!strcmp(a, "--check-config") || !strcmp(a, "-n") ||
-		    !strcmp(a, "--print-config") || !strncmp(a, "--config=", 9))
-			continue;
-		if (!strcmp(a, "--config") || !strcmp(a, "-c")) {
-			i++;
-			continue;
-		}
-		if (strncmp(a, "--", 2) != 0) {
+	for (int i = 1; i < argc;) {
+		next_arg(argc, argv, &i, &a);
+		if (a.kind == ARG_NOT_OPTION) {
 			snprintf(err, errlen, "unexpected argument \"%s\" (options are --name=value)",
-				 a);
+				 a.text);
 			return -EINVAL;
 		}
-		const char *name = a + 2;
-		const char *eq = strchr(name, '=');
-		size_t nl = eq ? (size_t)(eq - name) : strlen(name);
-		const struct opt *o = find_opt(name, nl);
-		if (!o) {
+		if (a.kind == ARG_UNKNOWN) {
 			snprintf(err, errlen, "unknown option \"%.*s\" (kvtierd --help lists them)",
-				 (int)nl + 2, a);
+				 (int)a.name_len + 2, a.text);
 			return -EINVAL;
 		}
-		const char *val;
-		if (eq)
-			val = eq + 1;
-		else if (o->type == OPT_BOOL)
-			val = "yes";
-		else if (i + 1 < argc)
-			val = argv[++i];
-		else {
-			snprintf(err, errlen, "option --%s needs a value", o->name);
+		if (a.kind != ARG_OPTION)
+			continue; /* read by the first pass */
+		if (!a.val) {
+			snprintf(err, errlen, "option --%s needs a value", a.o->name);
 			return -EINVAL;
 		}
-		rc = set_opt(cfg, o, val, "command line", err, errlen);
+		rc = set_opt(cfg, a.o, a.val, "command line", err, errlen);
 		if (rc)
 			return rc;
 		if (sources)
-			sources[o - opts] = KVT_SRC_FLAG;
+			sources[a.o - opts] = KVT_SRC_FLAG;
 	}
 	return kvt_config_validate(cfg, err, errlen);
 }

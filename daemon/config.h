@@ -86,7 +86,9 @@ extern struct kvt_config kvt_config_live;
 
 /* Loads every source in order into cfg (sources may be NULL). argv options that are not in the
  * table and not one of --config/--check-config/--print-config/--help/--version are errors.
- * Returns 0, or -EINVAL with err naming the option, value and limit. */
+ * The argument after --config, -c or a `--name` of a non-bool option is its value, never a
+ * flag, whatever it looks like. Returns 0, or -EINVAL with err naming the option, value and
+ * limit. */
 int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cmdline *cmd,
 		    enum kvt_config_source *sources, char *err, size_t errlen);
 /* Cross-option rules (defaults codec coherent, ttl <= max ttl, TCP only on loopback...). */

@@ -376,6 +376,102 @@ static void test_string_controls(void)
 		unsetenv("RUNTIME_DIRECTORY");
 }
 
+/* Loads argv with a kvt_cmdline; NULL-terminated argv. */
+static int load_cmd(struct kvt_config *c, struct kvt_cmdline *cmd, char *err, size_t errlen,
+		    char **argv)
+{
+	int argc = 0;
+	while (argv[argc])
+		argc++;
+	return kvt_config_load(c, argc, argv, cmd, NULL, err, errlen);
+}
+
+/* An argument read as an option's separate value is not also a flag: the first pass over
+ * argv read `--socket --config=x` as a config file and the second as the socket "--config=x",
+ * `--socket --print-config` printed, `--socket -c FILE` loaded FILE and then refused "FILE". */
+static void test_argv_values(void)
+{
+	char good[300], bad[300], good_eq[320], bad_eq[320], err[512] = "";
+	snprintf(good, sizeof good, "%s/argv-good.conf", g_tmp);
+	snprintf(bad, sizeof bad, "%s/argv-bad.conf", g_tmp);
+	snprintf(good_eq, sizeof good_eq, "--config=%s", good);
+	snprintf(bad_eq, sizeof bad_eq, "--config=%s", bad);
+	FILE *f = fopen(good, "w");
+	KVT_REQUIRE(f && fputs("workers = 7\n", f) >= 0 && fclose(f) == 0, "write %s", good);
+	f = fopen(bad, "w");
+	KVT_REQUIRE(f && fputs("bogus_option = 1\n", f) >= 0 && fclose(f) == 0, "write %s", bad);
+	struct kvt_config c;
+	struct kvt_cmdline cmd;
+	int rc;
+
+	char *a1[] = {"kvtierd", "--socket", good_eq, NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a1);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, good_eq) && !cmd.config_file && c.workers == 0,
+		  "--socket --config=FILE: rc %d '%s' socket '%s' config_file %s workers %llu", rc,
+		  err, c.socket_path, cmd.config_file ? cmd.config_file : "(none)",
+		  (unsigned long long)c.workers);
+	char *a2[] = {"kvtierd", "--socket", "--print-config", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a2);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "--print-config") && !cmd.print_config,
+		  "--socket --print-config: rc %d '%s' socket '%s' print %d", rc, err,
+		  c.socket_path, cmd.print_config);
+	char *a3[] = {"kvtierd", "--socket", "-c", bad, NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a3);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "unexpected argument") && strstr(err, bad) &&
+			  !strstr(err, "bogus_option"),
+		  "--socket -c FILE: the socket is \"-c\", FILE is an argument of its own: rc %d '%s'",
+		  rc, err);
+	char *a4[] = {"kvtierd", "--socket", "-c", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a4);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "-c") && !cmd.config_file,
+		  "--socket -c: rc %d '%s' socket '%s'", rc, err, c.socket_path);
+	char *a5[] = {"kvtierd", "-c", good, "--socket", "-n", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a5);
+	KVT_CHECK(rc == 0 && cmd.config_file && !strcmp(cmd.config_file, good) && c.workers == 7 &&
+			  !strcmp(c.socket_path, "-n") && !cmd.check_config,
+		  "-c FILE --socket -n: rc %d '%s' socket '%s' check %d", rc, err, c.socket_path,
+		  cmd.check_config);
+	char *a6[] = {"kvtierd", "--config", good, "--socket", "--config", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a6);
+	KVT_CHECK(rc == 0 && cmd.config_file && !strcmp(cmd.config_file, good) && c.workers == 7 &&
+			  !strcmp(c.socket_path, "--config"),
+		  "--config FILE --socket --config: rc %d '%s' socket '%s'", rc, err, c.socket_path);
+	char *a7[] = {"kvtierd", "--listen-tcp", bad_eq, NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a7);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "listen_tcp") && !strstr(err, "bogus_option") &&
+			  !cmd.config_file,
+		  "--listen-tcp --config=BAD: the value is the address: rc %d '%s'", rc, err);
+	char *a8[] = {"kvtierd", "--socket", "--help", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a8);
+	KVT_CHECK(rc == 0 && !cmd.help && !strcmp(c.socket_path, "--help"),
+		  "--socket --help: rc %d help %d socket '%s'", rc, cmd.help, c.socket_path);
+	char *a9[] = {"kvtierd", "--workers", "--version", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a9);
+	KVT_CHECK(rc == -EINVAL && !cmd.version && strstr(err, "workers") &&
+			  strstr(err, "--version"),
+		  "--workers --version: rc %d version %d '%s'", rc, cmd.version, err);
+	/* a bool never takes the next argument: the flags after it stay flags */
+	char *a10[] = {"kvtierd", "--gpu-enable", "-c", good, "--insecure-loopback", "--print-config",
+		       NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a10);
+	KVT_CHECK(rc == 0 && cmd.config_file && c.workers == 7 && c.gpu_enable == 1 &&
+			  c.insecure_loopback == 1 && cmd.print_config,
+		  "bools before -c FILE and --print-config: rc %d '%s'", rc, err);
+	char *a11[] = {"kvtierd", "--socket=--config=x", "--cq-threads", "3", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a11);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "--config=x") && !cmd.config_file &&
+			  c.cq_threads == 3,
+		  "--socket=--config=x: rc %d '%s'", rc, err);
+	/* and kvtierd itself: checks the configuration, does not print it */
+	char out[16384];
+	char *a12[] = {(char *)g_kvtierd, "--socket", "--print-config", "--check-config", NULL};
+	rc = run_kvtierd(a12, out, sizeof out);
+	KVT_CHECK(rc == 0 && strstr(out, "configuration OK") && !strstr(out, "socket ="),
+		  "kvtierd --socket --print-config --check-config: exit %d '%.200s'", rc, out);
+	unlink(good);
+	unlink(bad);
+}
+
 /* Doubles print with every digit they need: "%g" printed 0.1234567 as 0.123457, so
  * --print-config showed (and reloaded) another value, and a SIGHUP that changed the 7th digit
  * was not applied (kvt_config_apply_reload compares the printed values). */
@@ -491,6 +587,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_print_double);
 	KVT_RUN(test_print_strings);
 	KVT_RUN(test_string_controls);
+	KVT_RUN(test_argv_values);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();

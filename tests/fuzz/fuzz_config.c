@@ -20,7 +20,8 @@
  * values, unterminated quotes, unknown flags, arguments that are not --name, a value-less flag,
  * a trailing --config, a missing or directory config file, bad environment values, --help,
  * string flags and variables the file format cannot hold (a newline or another control byte,
- * a '"' followed by blanks and '#': refused).
+ * a '"' followed by blanks and '#': refused), separate flag values spelled like a flag
+ * (`--socket --print-config`, `--workers -c`: the option's value, never a flag as well).
  * Oracles:
  *   - a load never crashes (under ASan + UBSan too: tests/sanitize.sh);
  *   - the model: this file's reading of each value (spec_parse: what the table and the help
@@ -1011,7 +1012,7 @@ static void make_opt_flag(struct flag *f, int ri, const char *text)
 	if (is_true && coin(3)) {
 		snprintf(f->a, sizeof(f->a), "--%s", nm);
 		text = "yes";
-	} else if (rows[ri].ty != T_BOOL && text[0] != '-' && coin(4)) {
+	} else if (rows[ri].ty != T_BOOL && coin(4)) {
 		snprintf(f->a, sizeof(f->a), "--%s", nm);
 		snprintf(f->b, sizeof(f->b), "%s", text);
 		f->nargs = 2;
@@ -1090,7 +1091,7 @@ enum mkind {
 	M_UNKNOWN_NAME, M_BAD_VALUE, M_NO_EQ, M_LONG, M_NUL, M_NONASCII, M_NO_FINAL_NL, M_DUP,
 	M_EMPTY, M_BLANKS, M_UNTERMINATED, M_HASH, M_LONG_STRING,
 	F_UNKNOWN, F_NOT_DASHDASH, F_NO_VALUE, F_BAD_VALUE, F_NEWLINE, F_UNWRITABLE,
-	F_TRAILING_CONFIG,
+	F_VALUE_IS_FLAG, F_TRAILING_CONFIG,
 	F_BAD_FILE, F_HELP, ENV_BAD_VALUE, ENV_STRAY, N_KINDS
 };
 
@@ -1118,6 +1119,7 @@ static const struct {
 	[F_BAD_VALUE] = {"bad flag value", false, 6},
 	[F_NEWLINE] = {"newline in a string flag", false, 1},
 	[F_UNWRITABLE] = {"string flag or variable a file cannot hold", false, 3},
+	[F_VALUE_IS_FLAG] = {"separate value spelled like a flag", false, 3},
 	[F_TRAILING_CONFIG] = {"trailing --config", false, 1},
 	[F_BAD_FILE] = {"missing or directory config", false, 1},
 	[F_HELP] = {"--help", false, 1},
@@ -1501,6 +1503,28 @@ static bool mutate(struct scen *s, enum mkind k)
 			set_env(s, ri, t);
 			fuzz_desc_add(d, "variable for %s '%s'; ", rows[ri].name, e);
 		}
+		return true;
+	}
+	case F_VALUE_IS_FLAG: {
+		/* `--name VALUE` where VALUE reads like --config, -c, --print-config...: it is
+		 * the option's value and nothing else (a string takes it; a number refuses it) */
+		static const char *const v[] = {"--print-config", "--check-config", "-n", "--help",
+						"-h", "--version", "-c", "--config", bad_cfg_arg,
+						"--workers=3", "--insecure-loopback"};
+		const int ri = coin(2) ? ix_socket : pick_row_of(~(1u << T_BOOL));
+		struct flag *f = flag_insert(s, (int)rb((uint32_t)s->n_flags + 1));
+		if (!f)
+			return false;
+		const char *text = PICK(v);
+		flag_name(ri, nm, sizeof(nm));
+		snprintf(f->a, sizeof(f->a), "--%s", nm);
+		snprintf(f->b, sizeof(f->b), "%s", text);
+		f->nargs = 2;
+		f->row = ri;
+		snprintf(f->must, sizeof(f->must), "%s", rows[ri].name);
+		const enum out o = spec_parse(ri, text, &f->v);
+		f->eff = o == O_OK ? E_SET : o == O_REFUSE ? E_REFUSE : E_ANY;
+		fuzz_desc_add(d, "'%s' '%s'; ", f->a, f->b);
 		return true;
 	}
 	case F_TRAILING_CONFIG:
