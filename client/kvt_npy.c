@@ -59,16 +59,21 @@ static const char *show(const uint8_t *p, size_t n, char *buf, size_t cap)
 	return buf;
 }
 
-static void shape_str(const struct kvt_npy *a, char *buf, size_t cap)
+static void dims_str(const uint64_t *shape, uint32_t ndim, char *buf, size_t cap)
 {
 	size_t o = (size_t)snprintf(buf, cap, "(");
 
-	for (uint32_t i = 0; i < a->ndim && o < cap; i++)
+	for (uint32_t i = 0; i < ndim && o < cap; i++)
 		o += (size_t)snprintf(buf + o, cap - o, "%s%llu%s", i ? " " : "",
-				      (unsigned long long)a->shape[i],
-				      i + 1 < a->ndim || a->ndim == 1 ? "," : "");
+				      (unsigned long long)shape[i],
+				      i + 1 < ndim || ndim == 1 ? "," : "");
 	if (o < cap)
 		snprintf(buf + o, cap - o, ")");
+}
+
+static void shape_str(const struct kvt_npy *a, char *buf, size_t cap)
+{
+	dims_str(a->shape, a->ndim, buf, cap);
 }
 
 /* The product of shape, or -1 when it is over KVT_NPY_MAX_ELEMS. A zero dim makes the count
@@ -562,6 +567,31 @@ void kvt_npy_free(struct kvt_npy *a)
 }
 
 /* ---- Writer ------------------------------------------------------------------------------- */
+
+int kvt_npy_nbytes(uint32_t dtype, uint32_t ndim, const uint64_t *shape, size_t *out,
+		   char *err, size_t errlen)
+{
+	/* 8 dims of up to 20 digits and their separators */
+	char sh[200];
+	const size_t es = kvt_dtype_size(dtype);
+	int64_t count;
+
+	if (!es)
+		return fail(err, errlen, "dtype %u has no element size", dtype);
+	if (ndim > KVT_NPY_MAX_DIMS)
+		return fail(err, errlen, "%u dimensions are over the limit of %d", ndim,
+			    KVT_NPY_MAX_DIMS);
+	/* count_of divides before it multiplies: a product past 2^64 is caught, not wrapped */
+	dims_str(shape, ndim, sh, sizeof(sh));
+	if ((count = count_of(shape, ndim)) < 0)
+		return fail(err, errlen, "shape %s has more elements than the limit of "
+			    ELEMS_LIMIT_TEXT, sh);
+	if ((uint64_t)count > SIZE_MAX / es)
+		return fail(err, errlen, "shape %s of %zu-byte elements is over SIZE_MAX bytes",
+			    sh, es);
+	*out = (size_t)count * es;
+	return 0;
+}
 
 int kvt_npy_write(const char *path, uint32_t dtype, uint32_t ndim, const uint64_t *shape,
 		  const void *data, char *err, size_t errlen)

@@ -64,6 +64,13 @@ int kvt_npy_read_f32(const char *path, struct kvt_npy *out, char *err, size_t er
 int kvt_npy_write(const char *path, uint32_t dtype, uint32_t ndim, const uint64_t *shape,
 		  const void *data, char *err, size_t errlen);
 
+/* The bytes of a [shape] array of dtype, for a caller that allocates one to write with
+ * kvt_npy_write (kvtierctl get sizes its buffers from the daemon's shape and the user's range).
+ * 0, or -EINVAL with a message naming the shape when the element count is over
+ * KVT_NPY_MAX_ELEMS (computed without overflow) or the bytes do not fit in size_t. */
+int kvt_npy_nbytes(uint32_t dtype, uint32_t ndim, const uint64_t *shape, size_t *out,
+		   char *err, size_t errlen);
+
 void kvt_npy_free(struct kvt_npy *a);
 
 #endif

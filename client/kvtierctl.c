@@ -547,7 +547,14 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	}
 	uint64_t shape[4] = { r.layer_end - r.layer_begin, r.token_end - r.token_begin,
 			      info.n_kv_heads, info.head_dim };
-	size_t n = (size_t)(shape[0] * shape[1] * shape[2] * shape[3]) * kvt_dtype_size(r.dtype);
+	size_t n;
+	/* the shape comes from the daemon and the user's range: its product may wrap */
+	if (kvt_npy_nbytes(r.dtype, 4, shape, &n, err, sizeof(err))) {
+		fprintf(stderr, "kvtierctl: get %s [layers][tokens][kv_heads][head_dim]: %s\n", id,
+			err);
+		rc = 1;
+		goto out;
+	}
 	k = malloc(n ? n : 1);
 	v = malloc(n ? n : 1);
 	if (!k || !v) {

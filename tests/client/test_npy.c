@@ -308,6 +308,53 @@ static void test_write_limits(void)
 		  err);
 }
 
+/* kvt_npy_nbytes: what kvtierctl get allocates for a shape from the daemon and the user's
+ * range. Its old product, (size_t)(l * t * h * d) * 2, wrapped: (2^32, 2^32, 1, 1) f16 gave 0
+ * bytes, (1, 2^62, 1, 4) f16 gave 0, (1, 2^61 + 1, 2, 4) f32 gave 32. */
+static void test_nbytes(void)
+{
+	char err[256];
+	size_t n = 7;
+	static const uint64_t ok[4] = { 32, 4096, 8, 128 }, zero[4] = { 32, 0, 8, 1ull << 40 },
+			      limit[4] = { 1, 1ull << 30, 8, 128 },
+			      over[4] = { 1, (1ull << 30) + 1, 8, 128 },
+			      wrap64[4] = { 1ull << 32, 1ull << 32, 1, 1 },
+			      wrap_bytes[4] = { 1, 1ull << 62, 1, 4 },
+			      wrap_small[4] = { 1, (1ull << 61) + 1, 2, 4 };
+
+	int rc = kvt_npy_nbytes(KVT_DTYPE_F16, 4, ok, &n, err, sizeof(err));
+	KVT_CHECK(rc == 0 && n == 32ull * 4096 * 8 * 128 * 2, "a real shape: rc %d n %zu", rc, n);
+	rc = kvt_npy_nbytes(KVT_DTYPE_F32, 4, zero, &n, err, sizeof(err));
+	KVT_CHECK(rc == 0 && n == 0, "a zero dim: rc %d n %zu", rc, n);
+	rc = kvt_npy_nbytes(KVT_DTYPE_F32, 4, limit, &n, err, sizeof(err));
+	KVT_CHECK(rc == 0 && n == (size_t)(1ull << 40) * 4, "2^40 elements: rc %d n %zu '%s'", rc,
+		  n, rc ? err : "");
+	static const struct {
+		const char *what;
+		const uint64_t *shape;
+		uint32_t dtype;
+		const char *want;
+	} bad[] = {
+		{ "one over 2^40 elements", over, KVT_DTYPE_F16, "(1, 1073741825, 8, 128)" },
+		{ "a product past 2^64", wrap64, KVT_DTYPE_F16, "(4294967296, 4294967296, 1, 1)" },
+		{ "bytes past 2^64", wrap_bytes, KVT_DTYPE_F16, "(1, 4611686018427387904, 1, 4)" },
+		{ "bytes wrapping to 32", wrap_small, KVT_DTYPE_F32,
+		  "(1, 2305843009213693953, 2, 4)" },
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		n = 7;
+		err[0] = 0;
+		rc = kvt_npy_nbytes(bad[i].dtype, 4, bad[i].shape, &n, err, sizeof(err));
+		KVT_CHECK(rc == -EINVAL && n == 7 && strstr(err, bad[i].want) &&
+			  strstr(err, "limit of 2^40"),
+			  "%s: rc %d n %zu '%s'", bad[i].what, rc, n, err);
+	}
+	rc = kvt_npy_nbytes(KVT_DTYPE_F16, 9, ok, &n, err, sizeof(err));
+	KVT_CHECK(rc == -EINVAL && strstr(err, "9 dimensions"), "9 dims: rc %d '%s'", rc, err);
+	rc = kvt_npy_nbytes(99, 4, ok, &n, err, sizeof(err));
+	KVT_CHECK(rc == -EINVAL && strstr(err, "dtype 99"), "unknown dtype: rc %d '%s'", rc, err);
+}
+
 /* A write that fails part-way (here: the file size limit, as a full disk would) leaves the
  * file that was at path whole and no temporary beside it. */
 static void test_write_failure_keeps_old_file(void)
@@ -353,6 +400,7 @@ int main(void)
 	KVT_RUN(test_headers);
 	KVT_RUN(test_preamble);
 	KVT_RUN(test_write_limits);
+	KVT_RUN(test_nbytes);
 	KVT_RUN(test_write_failure_keeps_old_file);
 	KVT_RUN(test_numpy);
 	char cmd[300];
