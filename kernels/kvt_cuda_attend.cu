@@ -363,17 +363,46 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 #define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
 
 
-template <int D, int BITS, int GV, int NQ>
+/* 3-bit keys (two planes, CHUNK_FORMAT.md): the pair (channel j, channel j + 8) of a low-plane
+ * word u (codes at bits 2j, 2j + 16) with its high bits from hx (channel j at bit j, j + 8 at
+ * bit 16 + j) -> f16x2 of the 3-bit codes, exact (j is a constant once the caller's loop is
+ * unrolled, so the shifts are immediates) */
+__device__ __forceinline__ uint32_t codes3_h2(uint32_t u, uint32_t hx, int j)
+{
+	const uint32_t lo = (u >> (2 * j)) & 0x00030003u;
+	const uint32_t hb = (j >= 2 ? hx >> (j - 2) : hx << (2 - j)) & 0x00040004u;
+	uint32_t x = lo | hb | 0x64006400u;
+	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
+	return *(uint32_t *)&h;
+}
+
+/* the key A fragment register of channel pair pa of the lane's quarter row: its words w (the
+ * low plane for 3-bit keys) and, for 3-bit keys, their spread high bits hx */
+template <int KB>
+__device__ __forceinline__ uint32_t key_pair_rt(const uint32_t *w, const uint32_t *hx, int pa)
+{
+	constexpr int PPW = KB == 3 ? 8 : 16 / KB;
+	if constexpr (KB == 3)
+		return codes3_h2(w[pa / PPW], hx[pa / PPW], pa % PPW);
+	else
+		return codes_h2<KB>(w[pa / PPW], (pa % PPW) * KB);
+}
+
+template <int D, int KB, int VB, int GV, int NQ>
 __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
 				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
 				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
 {
 	static_assert(D == 64 || D == 128, "head_dim 64 or 128 (256 needs more than 48 KB of shared memory)");
+	static_assert(KB == VB || (KB == 3 && VB == 2), "equal bits, or 3-bit keys and 2-bit values");
+	constexpr int BITS = VB;             /* the value rows' bits (the value path below) */
+	constexpr int KL = KB == 3 ? 2 : KB; /* key bits in the (low) plane the fragments read */
 	constexpr int NKS = D / 16;          /* k-steps over channels (keys) */
-	constexpr int NW = D * BITS / 128;   /* 32-bit words of a token row per lane */
-	constexpr int PPW = 16 / BITS;       /* channel pairs per word */
-	constexpr int CPW = 32 / BITS;       /* channels per word */
-	constexpr int RB = D * BITS / 8;     /* bytes per token row */
+	constexpr int NW = D * KL / 128;     /* 32-bit words of a key row (plane) per lane */
+	constexpr int PPW = 16 / KL;         /* channel pairs per word */
+	constexpr int CPW = 32 / KL;         /* channels per word */
+	constexpr int RBK = D * KB / 8;      /* bytes per key row (3 bits: 2-bit plane + 1-bit) */
+	constexpr int RB = D * VB / 8;       /* bytes per value row */
 	constexpr int NG = D / GV;           /* value groups */
 	constexpr int CT = GV / 8;           /* channels per lane per value group */
 	constexpr int NT = D / 8;            /* value n-tiles */
@@ -423,21 +452,42 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 		/* every load of the unit is issued here, before any of them is used: one memory
 		 * round trip per unit. Keys to registers ... */
 		uint32_t r0[2][NW], r1[2][NW];
+		/* 3-bit keys: the high bits of the words' channels, spread (channel j of word w at
+		 * bit j, j + 8 at bit 16 + j: where codes3_h2 wants them) */
+		uint32_t x0[2][KB == 3 ? NW : 1], x1[2][KB == 3 ? NW : 1];
 		float nrm[2][2];
-		const uint8_t *kc = sec + p.k_codes_off + (size_t)h * p.B * RB + tig * (RB / 4);
+		const uint8_t *kc = sec + p.k_codes_off + (size_t)h * p.B * RBK + tig * (D * KL / 32);
 #pragma unroll
 		for (int mt = 0; mt < 2; mt++) {
 			const uint32_t t0 = sb * 32 + mt * 16 + gid, t1 = t0 + 8;
 			if constexpr (NW == 1) {
-				r0[mt][0] = *(const uint32_t *)(kc + (size_t)t0 * RB);
-				r1[mt][0] = *(const uint32_t *)(kc + (size_t)t1 * RB);
+				r0[mt][0] = *(const uint32_t *)(kc + (size_t)t0 * RBK);
+				r1[mt][0] = *(const uint32_t *)(kc + (size_t)t1 * RBK);
 			} else if constexpr (NW == 2) {
-				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RB), b = *(const uint2 *)(kc + (size_t)t1 * RB);
+				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RBK), b = *(const uint2 *)(kc + (size_t)t1 * RBK);
 				r0[mt][0] = a.x; r0[mt][1] = a.y; r1[mt][0] = b.x; r1[mt][1] = b.y;
 			} else {
-				uint4 a = *(const uint4 *)(kc + (size_t)t0 * RB), b = *(const uint4 *)(kc + (size_t)t1 * RB);
+				uint4 a = *(const uint4 *)(kc + (size_t)t0 * RBK), b = *(const uint4 *)(kc + (size_t)t1 * RBK);
 				r0[mt][0] = a.x; r0[mt][1] = a.y; r0[mt][2] = a.z; r0[mt][3] = a.w;
 				r1[mt][0] = b.x; r1[mt][1] = b.y; r1[mt][2] = b.z; r1[mt][3] = b.w;
+			}
+			if constexpr (KB == 3) {
+				/* the high plane: byte D/4 + c/8 of the row; this lane's D/32 bytes */
+				const uint8_t *hc = kc - tig * (D * KL / 32) + D / 4 + tig * (D / 32);
+				uint32_t h0, h1;
+				if constexpr (D == 64) {
+					h0 = *(const uint16_t *)(hc + (size_t)t0 * RBK);
+					h1 = *(const uint16_t *)(hc + (size_t)t1 * RBK);
+				} else {
+					h0 = *(const uint32_t *)(hc + (size_t)t0 * RBK);
+					h1 = *(const uint32_t *)(hc + (size_t)t1 * RBK);
+				}
+#pragma unroll
+				for (int w = 0; w < NW; w++) {
+					const uint32_t a = (h0 >> (16 * w)) & 0xffffu, b = (h1 >> (16 * w)) & 0xffffu;
+					x0[mt][w] = (a & 0xffu) | ((a & 0xff00u) << 8);
+					x1[mt][w] = (b & 0xffu) | ((b & 0xff00u) << 8);
+				}
 			}
 			nrm[mt][0] = oscar ? ((const float *)(sec + p.norms_off))[t0] : 1.0f;
 			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
@@ -505,10 +555,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			for (int k = 0; k < NKS; k++) {
 				const int pa = 2 * k, pb = 2 * k + 1;
 				uint32_t a[4];
-				a[0] = codes_h2<BITS>(r0[mt][pa / PPW], (pa % PPW) * BITS);
-				a[1] = codes_h2<BITS>(r1[mt][pa / PPW], (pa % PPW) * BITS);
-				a[2] = codes_h2<BITS>(r0[mt][pb / PPW], (pb % PPW) * BITS);
-				a[3] = codes_h2<BITS>(r1[mt][pb / PPW], (pb % PPW) * BITS);
+				a[0] = key_pair_rt<KB>(r0[mt], x0[mt], pa);
+				a[1] = key_pair_rt<KB>(r1[mt], x1[mt], pa);
+				a[2] = key_pair_rt<KB>(r0[mt], x0[mt], pb);
+				a[3] = key_pair_rt<KB>(r1[mt], x1[mt], pb);
 				mma16816(sacc, a, bkh[k][0], bkh[k][1]);
 				if constexpr (!PK)
 					mma16816(sacc, a, bkl[k][0], bkl[k][1]);
@@ -663,10 +713,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	}
 }
 
-template <int D, int BITS, int GV, int NQ>
+template <int D, int KB, int VB, int GV, int NQ>
 __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
 {
-	constexpr int EPL = D / 32, RB = D * BITS / 8;
+	constexpr int EPL = D / 32, RB = D * VB / 8;
 	__shared__ __align__(16) float qo[NQ * D];
 	__shared__ __align__(16) float qr[NQ * QR_STRIDE];
 	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * NQ];
@@ -688,7 +738,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_mma<D, BITS, GV, NQ>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
+		attend_coded_mma<D, KB, VB, GV, NQ>(p, it, u0, u1, qr, pbuf[warp], alpha_s[warp], vst[warp],
 					   red_m[warp], red_l[warp], red_acc[warp], lane);
 	} else {
 		warp_state<EPL, NQ> st;
@@ -1014,13 +1064,20 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			getenv("KVTIER_CUDA_NO_MMA") == NULL && getenv("KVTIER_CUDA_NO_I2") == NULL &&
 			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
-	 * INT4 (their fragments read 2/4-bit rows), and the 3/2 split above: head_dim 128, and
-	 * since session 15 head_dim 64 on the packed kernel (attend_mma_kernel; the INT2 kernels
-	 * below are 128 only); other 3-bit rows, mixed widths and head_dim 256 take the CUDA-core
-	 * kernel */
-	const bool mma = k3 || (per_channel && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
-				cfg->value_bits == cfg->key_bits && (D == 128 || D == 64) &&
-				getenv("KVTIER_CUDA_NO_MMA") == NULL);
+	 * INT4 (their fragments read 2/4-bit rows), and 3-bit keys with 2-bit values: head_dim
+	 * 128, and since session 15 head_dim 64 on the packed kernel (attend_mma_kernel; the INT2
+	 * kernels below are 128 only); other 3-bit splits, mixed widths and head_dim 256 take the
+	 * CUDA-core kernel */
+	const bool mma_shape = per_channel && (D == 128 || D == 64) &&
+			       getenv("KVTIER_CUDA_NO_MMA") == NULL;
+	/* K3 V2 where the INT2 kernel does not take it (f16 sessions, head_dim 64, more than 4
+	 * query heads per KV head): the packed kernel's 3-bit key path (session 15; before, the
+	 * CUDA-core kernel) */
+	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
+			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
+	const bool mma = k3 || k3p ||
+			 (mma_shape && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
+			  cfg->value_bits == cfg->key_bits);
 	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
 	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
 	 * query heads per KV head */
@@ -1476,34 +1533,44 @@ static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	}
 }
 
-template <int D, int BITS, int GV>
+template <int D, int KB, int VB, int GV>
 static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	cudaError_t e;
 	if (pl->p.rqn == RQ) {
-		attend_mma_kernel<D, BITS, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+		attend_mma_kernel<D, KB, VB, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 		if ((e = cudaGetLastError()) != cudaSuccess)
 			return e;
 		combine_kernel<D, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
 		return cudaGetLastError();
 	}
-	attend_mma_kernel<D, BITS, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
+	attend_mma_kernel<D, KB, VB, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
 	if ((e = cudaGetLastError()) != cudaSuccess)
 		return e;
 	combine_kernel<D, RQ8><<<dim3(pl->n_groups, RQ8), 32 * CMB_W, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
 
-/* the packed tensor-core kernel for one head_dim: value groups of min(G, D) channels */
-template <int D, int BITS>
+/* the packed tensor-core kernel for one head_dim and (key, value) bits: value groups of
+ * min(G, D) channels */
+template <int D, int KB, int VB>
 static cudaError_t att_launch_mma_d(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	const uint32_t gv = pl->p.G < D ? pl->p.G : D;
 	if constexpr (D == 64)
-		return gv == 32 ? att_launch_mma<64, BITS, 32>(pl, s) : att_launch_mma<64, BITS, 64>(pl, s);
+		return gv == 32 ? att_launch_mma<64, KB, VB, 32>(pl, s) : att_launch_mma<64, KB, VB, 64>(pl, s);
 	else
-		return gv == 32 ? att_launch_mma<D, BITS, 32>(pl, s)
-		       : gv == 64 ? att_launch_mma<D, BITS, 64>(pl, s) : att_launch_mma<D, BITS, 128>(pl, s);
+		return gv == 32 ? att_launch_mma<D, KB, VB, 32>(pl, s)
+		       : gv == 64 ? att_launch_mma<D, KB, VB, 64>(pl, s)
+				  : att_launch_mma<D, KB, VB, 128>(pl, s);
+}
+
+template <int D>
+static cudaError_t att_launch_mma_bits(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	return pl->p.kb == 2   ? att_launch_mma_d<D, 2, 2>(pl, s)
+	       : pl->p.kb == 3 ? att_launch_mma_d<D, 3, 2>(pl, s)
+			       : att_launch_mma_d<D, 4, 4>(pl, s);
 }
 
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
@@ -1524,9 +1591,7 @@ static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream
 {
 	if (pl->p.i2)
 		return kvt_att_i2_launch(pl, s);
-	if (pl->D == 64)
-		return pl->p.kb == 2 ? att_launch_mma_d<64, 2>(pl, s) : att_launch_mma_d<64, 4>(pl, s);
-	return pl->p.kb == 2 ? att_launch_mma_d<128, 2>(pl, s) : att_launch_mma_d<128, 4>(pl, s);
+	return pl->D == 64 ? att_launch_mma_bits<64>(pl, s) : att_launch_mma_bits<128>(pl, s);
 }
 
 extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *pl, char *err,

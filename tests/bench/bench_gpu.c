@@ -184,11 +184,11 @@ static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
 
 /* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
 static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
-			      int tokens, uint32_t D, double copy_bw)
+			      int tokens, uint32_t D, uint32_t dtype, double copy_bw)
 {
 	const uint32_t H = 8, HQ = 32;
 	struct kvt_codec_config cfg;
-	kvt_codec_config_default(&cfg, 1, H, D, KVT_DTYPE_BF16);
+	kvt_codec_config_default(&cfg, 1, H, D, dtype);
 	cfg.key_bits = bits;
 	cfg.value_bits = vbits;
 	cfg.group = group;
@@ -211,8 +211,13 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 		goto out;
 	/* templates: random K/V (keys with outlier channels), template 0 holds the sinks */
 	uint64_t s = 0x1234567ull + (uint64_t)tokens * 31 + bits;
-	for (size_t i = 0; i < per_in * N_TEMPLATES; i++)
-		hin[i] = bf16_of(randn(&s) * ((i % D) % 16 == 3 ? 6.0f : 1.0f));
+	for (size_t i = 0; i < per_in * N_TEMPLATES; i++) {
+		const float x = randn(&s) * ((i % D) % 16 == 3 ? 6.0f : 1.0f);
+		if (dtype == KVT_DTYPE_F16)
+			kvt_convert(&x, KVT_DTYPE_F32, &hin[i], KVT_DTYPE_F16, 1);
+		else
+			hin[i] = bf16_of(x);
+	}
 	if (kvt_cuda_alloc(ctx, per_in * N_TEMPLATES * 2, &din, err, sizeof(err)) ||
 	    kvt_cuda_upload(ctx, din, hin, per_in * N_TEMPLATES * 2, err, sizeof(err)) ||
 	    kvt_cuda_alloc(ctx, cap * N_TEMPLATES, &tmpl, err, sizeof(err)))
@@ -277,12 +282,13 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 		goto out;
 	double bw = (double)info.read_bytes / t;
 	const struct sdpa_row *sr = find_sdpa(batch, tokens, (int)D);
-	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"bits\":%u,"
-	       "\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
+	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"dtype\":\"%s\","
+	       "\"bits\":%u,\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
 	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
 	       "\"kernel\":\"%s\"",
-	       bits, vbits, group, B, HQ, H, D, batch, tokens, t * 1e6, info.read_bytes, bw / 1e12,
+	       dtype == KVT_DTYPE_F16 ? "f16" : "bf16", bits, vbits, group, B, HQ, H, D, batch,
+	       tokens, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
 	       info.kernel <= KVT_CUDA_ATT_SWAPPED ? kernel_names[info.kernel] : "?");
 	if (sr)
@@ -316,7 +322,7 @@ out:
 
 static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
 {
-	return bench_attend_split(bits, bits, group, 128, batch, tokens, 128, copy_bw);
+	return bench_attend_split(bits, bits, group, 128, batch, tokens, 128, KVT_DTYPE_BF16, copy_bw);
 }
 
 /* ---- encode / decode ------------------------------------------------------------------------ */
@@ -485,20 +491,24 @@ int kvt_bench_gpu(int argc, char **argv)
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
 	/* the daemon's default codec (kvtier-int2: 3-bit keys, 2-bit values, G = B = 64) */
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_BF16, bw);
 	if (attend_only) {
-		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, 128, bw);
+		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, 128, KVT_DTYPE_BF16, bw);
 		goto out;
 	}
 	rc |= bench_attend(4, 128, 1, 131072, bw);
-	/* head_dim 64 (small models, SmolLM2 among them): the packed tensor-core kernel since
-	 * session 15, INT2 and INT4 */
-	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, bw);
-	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, bw);
-	/* the CUDA-core kernel on the same cases, for the record */
+	/* the packed tensor-core kernel since session 15: head_dim 64 (small models, SmolLM2
+	 * among them) INT2, INT4 and the default codec's K3 V2, and K3 V2 in f16 sessions */
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
+	/* the CUDA-core kernel on some of the same cases, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);
-	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
 codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder

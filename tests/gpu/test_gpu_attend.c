@@ -374,8 +374,9 @@ static void test_k3_fast_batches(void)
 
 /* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
  * heads, f16) and d128 variants (f16, bf16; GQA 3 and 4), up to 23 chunks + 128 tail tokens
- * per session: the CUDA-core kernel with 3-bit keys and 2-bit values for d64 and f16, the
- * tensor-core INT2 kernel (either unit loop) for bf16 d128 with <= 4 query heads per KV head. */
+ * per session: the packed tensor-core kernel's 3-bit key path for d64 and f16 (since session
+ * 15; the CUDA-core kernel before), the tensor-core INT2 kernel (either unit loop) for bf16
+ * d128 with <= 4 query heads per KV head. */
 static uint32_t tensor_core_i2_count(void)
 {
 	return kernel_count[KVT_CUDA_ATT_KEYS_AS_B] + kernel_count[KVT_CUDA_ATT_SWAPPED];
@@ -386,6 +387,7 @@ static void test_k3_preset_batches(void)
 	struct kvt_codec_config cfg;
 	const double before = worst_gpu;
 	const uint32_t cc0 = kernel_count[KVT_CUDA_ATT_CUDA_CORES], tc0 = tensor_core_i2_count();
+	const uint32_t pk0 = kernel_count[KVT_CUDA_ATT_MMA];
 	worst_gpu = 0.0;
 	for (int i = 0; i < 4; i++) {
 		k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
@@ -394,51 +396,67 @@ static void test_k3_preset_batches(void)
 	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
 	one_batch(0, false, &cfg, 3);
 	one_batch(1, false, &cfg, 4);
+	const uint32_t pk = kernel_count[KVT_CUDA_ATT_MMA] - pk0;
 	const uint32_t kab0 = tensor_core_i2_count();
 	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
 	one_batch(0, false, &cfg, 4);
 	one_batch(1, false, &cfg, 1);
 	one_batch(2, false, &cfg, 2);
 	const uint32_t kab = tensor_core_i2_count() - kab0;
-	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u tensor-core "
-	       "INT2 kernel: %u of the 3 bf16 d128 batches)\n", worst_gpu,
-	       kernel_count[KVT_CUDA_ATT_CUDA_CORES] - cc0, tensor_core_i2_count() - tc0, kab);
+	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u packed "
+	       "tensor-core: %u of the 6 d64 / f16 batches, %u tensor-core INT2 kernel: %u of the 3 "
+	       "bf16 d128 batches)\n", worst_gpu, kernel_count[KVT_CUDA_ATT_CUDA_CORES] - cc0,
+	       kernel_count[KVT_CUDA_ATT_MMA] - pk0, pk, tensor_core_i2_count() - tc0, kab);
+	if (!getenv("KVTIER_CUDA_NO_MMA") && !getenv("KVTIER_CUDA_NO_K3_MMA"))
+		KVT_CHECK(pk == 6, "the d64 / f16 K3 V2 preset batches take the packed tensor-core "
+			  "kernel (%u of 6)", pk);
 	if (i2_kernel_on(3))
 		KVT_CHECK(kab == 3, "the bf16 d128 K3 V2 preset batches take the tensor-core INT2 "
 			  "kernel (%u of 3)", kab);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
-/* head_dim 64 on the packed tensor-core kernel (session 15; before, the CUDA-core kernel):
- * oscar or kivi, INT2 or INT4, G 32 / 64 / 128 (value groups of min(G, 64) channels), f16 or
- * bf16 sessions, 1-8 query heads per KV head (8: the 8-head fragments), fresh each run. Each
- * batch must take that kernel (unless KVTIER_CUDA_NO_MMA) and match the reference. */
-static void test_d64_mma_batches(void)
+/* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
+ * CUDA-core kernel took them): head_dim 64 with INT2, INT4 or 3-bit keys and 2-bit values
+ * (the default codec), and K3 V2 at head_dim 128 in f16 sessions or with 8 query heads per KV
+ * head; oscar or kivi, G 32 / 64 / 128, fresh each run. Each batch must take that kernel
+ * (unless KVTIER_CUDA_NO_MMA or, for K3 V2, KVTIER_CUDA_NO_K3_MMA) and match the reference. */
+static void test_packed_mma_batches(void)
 {
-	int n = 12;
-	const char *e = getenv("KVT_GPU_D64_BATCHES");
+	int n = 16;
+	const char *e = getenv("KVT_GPU_PACKED_BATCHES");
 	if (e && *e)
 		n = atoi(e);
 	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
 	const double before = worst_gpu;
 	const uint32_t m0 = kernel_count[KVT_CUDA_ATT_MMA];
+	uint32_t want = 0;
 	worst_gpu = 0.0;
 	for (int i = 0; i < n; i++) {
 		struct kvt_codec_config cfg;
 		random_config(&cfg, true);
 		cfg.scheme = kvt_rand_below(3) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
-		cfg.key_bits = cfg.value_bits = kvt_rand_below(2) ? 2 : 4;
-		cfg.head_dim = 64;
+		const uint32_t kind = kvt_rand_below(4); /* 0: INT2, 1: INT4, 2-3: K3 V2 */
+		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : 3;
+		cfg.value_bits = kind == 1 ? 4 : 2;
+		cfg.head_dim = kind < 2 || kvt_rand_below(2) ? 64 : 128;
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+		uint32_t r = ratios[kvt_rand_below(5)];
+		/* K3 V2 at d128: f16, or 8 query heads per KV head (bf16 with <= 4 is the INT2
+		 * kernel's) */
+		if (cfg.head_dim == 128 && cfg.dtype == KVT_DTYPE_BF16)
+			r = 8;
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
-		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
+		const bool off = getenv("KVTIER_CUDA_NO_MMA") ||
+				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA"));
+		want += off ? 0u : 1u;
+		one_batch(i, false, &cfg, r);
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
-	printf("# worst relative error, head_dim 64 INT2/INT4 batches: gpu %.3e (%u of %d on the "
-	       "packed tensor-core kernel)\n", worst_gpu, got, n);
-	if (!getenv("KVTIER_CUDA_NO_MMA"))
-		KVT_CHECK(got == (uint32_t)n, "head_dim 64 INT2/INT4 batches take the packed "
-			  "tensor-core kernel (%u of %d)", got, n);
+	printf("# worst relative error, packed tensor-core batches (d64 INT2 / INT4 / K3 V2, d128 K3 "
+	       "V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel)\n", worst_gpu, got, n);
+	KVT_CHECK(got == want, "the packed tensor-core kernel takes these batches (%u, expected %u)",
+		  got, want);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
@@ -491,7 +509,7 @@ int main(void)
 	KVT_RUN(test_fast_path_batches);
 	KVT_RUN(test_k3_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
-	KVT_RUN(test_d64_mma_batches);
+	KVT_RUN(test_packed_mma_batches);
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
