@@ -359,8 +359,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 #define RQ8 8
 /* rotated query rows in shared memory, padded so that lane (gid, tig) reading channel
  * tig*32 + c of row gid hits bank (gid + 8*tig + c) % 32: no conflicts */
-#define QR_STRIDE 161
-#define QR_AT(q, c) ((q) * QR_STRIDE + (c) + ((c) / 32) * 8)
+#define QR_STRIDE(D) ((D) <= 128 ? 161 : (D) + (D) / 4 + 1) /* = 1 mod 32 */
+#define QR_AT(q, c, D) ((q) * QR_STRIDE(D) + (c) + ((c) / 32) * 8)
 
 
 /* 3-bit keys (two planes, CHUNK_FORMAT.md): the pair (channel j, channel j + 8) of a low-plane
@@ -393,7 +393,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
 				 uint8_t *vst, float *rm, float *rl, float *racc, int lane)
 {
-	static_assert(D == 64 || D == 128, "head_dim 64 or 128 (256 needs more than 48 KB of shared memory)");
+	static_assert(D == 64 || D == 128 || D == 256, "head_dim 64, 128 or 256");
 	static_assert(KB == VB || (KB == 3 && VB == 2), "equal bits, or 3-bit keys and 2-bit values");
 	constexpr int BITS = VB;             /* the value rows' bits (the value path below) */
 	constexpr int KL = KB == 3 ? 2 : KB; /* key bits in the (low) plane the fragments read */
@@ -467,24 +467,32 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				uint2 a = *(const uint2 *)(kc + (size_t)t0 * RBK), b = *(const uint2 *)(kc + (size_t)t1 * RBK);
 				r0[mt][0] = a.x; r0[mt][1] = a.y; r1[mt][0] = b.x; r1[mt][1] = b.y;
 			} else {
-				uint4 a = *(const uint4 *)(kc + (size_t)t0 * RBK), b = *(const uint4 *)(kc + (size_t)t1 * RBK);
-				r0[mt][0] = a.x; r0[mt][1] = a.y; r0[mt][2] = a.z; r0[mt][3] = a.w;
-				r1[mt][0] = b.x; r1[mt][1] = b.y; r1[mt][2] = b.z; r1[mt][3] = b.w;
+#pragma unroll
+				for (int v = 0; v < NW / 4; v++) { /* NW 4, or 8 for INT4 at d256 */
+					uint4 a = *(const uint4 *)(kc + (size_t)t0 * RBK + 16 * v),
+					      b = *(const uint4 *)(kc + (size_t)t1 * RBK + 16 * v);
+					r0[mt][4 * v] = a.x; r0[mt][4 * v + 1] = a.y; r0[mt][4 * v + 2] = a.z; r0[mt][4 * v + 3] = a.w;
+					r1[mt][4 * v] = b.x; r1[mt][4 * v + 1] = b.y; r1[mt][4 * v + 2] = b.z; r1[mt][4 * v + 3] = b.w;
+				}
 			}
 			if constexpr (KB == 3) {
 				/* the high plane: byte D/4 + c/8 of the row; this lane's D/32 bytes */
 				const uint8_t *hc = kc - tig * (D * KL / 32) + D / 4 + tig * (D / 32);
-				uint32_t h0, h1;
+				uint64_t h0, h1; /* D/32 bytes: 2, 4 or 8 */
 				if constexpr (D == 64) {
 					h0 = *(const uint16_t *)(hc + (size_t)t0 * RBK);
 					h1 = *(const uint16_t *)(hc + (size_t)t1 * RBK);
-				} else {
+				} else if constexpr (D == 128) {
 					h0 = *(const uint32_t *)(hc + (size_t)t0 * RBK);
 					h1 = *(const uint32_t *)(hc + (size_t)t1 * RBK);
+				} else {
+					h0 = *(const uint64_t *)(hc + (size_t)t0 * RBK);
+					h1 = *(const uint64_t *)(hc + (size_t)t1 * RBK);
 				}
 #pragma unroll
 				for (int w = 0; w < NW; w++) {
-					const uint32_t a = (h0 >> (16 * w)) & 0xffffu, b = (h1 >> (16 * w)) & 0xffffu;
+					const uint32_t a = (uint32_t)(h0 >> (16 * w)) & 0xffffu,
+						       b = (uint32_t)(h1 >> (16 * w)) & 0xffffu;
 					x0[mt][w] = (a & 0xffu) | ((a & 0xff00u) << 8);
 					x1[mt][w] = (b & 0xffu) | ((b & 0xff00u) << 8);
 				}
@@ -493,14 +501,17 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			nrm[mt][1] = oscar ? ((const float *)(sec + p.norms_off))[t1] : 1.0f;
 		}
 		if (new_group) {
-			/* the key group's D scales and D zeros (2 x 2D bytes): one 16-byte piece a lane
-			 * (D 64: lanes 0-15) */
-			constexpr int KP = D / 8; /* 16-byte pieces of the scales (and of the zeros) */
+			/* the key group's D scales and D zeros (2 x 2D bytes) in 16-byte pieces: D/8
+			 * of each (d64: lanes 0-15 copy one; d256: every lane two) */
+			constexpr int KP = D / 8;
 			const size_t ko = ((size_t)h * (p.B / p.G) + g) * D * 2;
-			if (lane < KP)
-				cp_async16(ksS + 16 * lane, sec + p.k_scale_off + ko + 16 * lane);
-			else if (lane < 2 * KP)
-				cp_async16(kzS + 16 * (lane - KP), sec + p.k_zero_off + ko + 16 * (lane - KP));
+#pragma unroll
+			for (int i = lane; i < 2 * KP; i += 32) {
+				if (i < KP)
+					cp_async16(ksS + 16 * i, sec + p.k_scale_off + ko + 16 * i);
+				else
+					cp_async16(kzS + 16 * (i - KP), sec + p.k_zero_off + ko + 16 * (i - KP));
+			}
 		}
 		/* ... values, their scales and zeros to shared memory, asynchronously */
 		{
@@ -508,11 +519,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 			for (int i = 0; i < 32 * RB / 16 / 32; i++)
 				cp_async16(vst + 16 * (lane + 32 * i), src + 16 * (lane + 32 * i));
+			/* 4 NG 16-byte pieces of scales and 4 NG of zeros (NG 8 at d256: two a lane) */
 			const size_t so = ((size_t)h * p.B + sb * 32) * NG * 2;
-			if (lane < 4 * NG)
-				cp_async16(vsS + 16 * lane, sec + p.v_scale_off + so + 16 * lane);
-			else if (lane < 8 * NG)
-				cp_async16(vzS + 16 * (lane - 4 * NG), sec + p.v_zero_off + so + 16 * (lane - 4 * NG));
+#pragma unroll
+			for (int i = lane; i < 8 * NG; i += 32) {
+				if (i < 4 * NG)
+					cp_async16(vsS + 16 * i, sec + p.v_scale_off + so + 16 * i);
+				else
+					cp_async16(vzS + 16 * (i - 4 * NG), sec + p.v_zero_off + so + 16 * (i - 4 * NG));
+			}
 		}
 
 		if (new_group) {
@@ -520,7 +535,9 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			cp_async_wait_all();
 			__syncwarp();
 			/* w = q' * s for query head gid over this lane's quarter of the channels */
-			const float *qrow = qr + QR_AT(hq, tig * (D / 4));
+			/* this lane's quarter of row hq (QR_AT per channel: a d256 quarter crosses the
+			 * padding every 32 channels) */
+			auto qrow = [&](int c) -> float { return qr[QR_AT(hq, tig * (D / 4) + c, D)]; };
 			const uint16_t *kss = (const uint16_t *)ksS + tig * (D / 4);
 			const uint16_t *kzs = (const uint16_t *)kzS + tig * (D / 4);
 			float bias = 0.0f;
@@ -531,12 +548,12 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
 				if constexpr (PK) {
 					uint32_t hi2, lo2;
-					split_h2(qrow[c0] * s0, qrow[c1] * s1, hi2, lo2);
+					split_h2(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
 					bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
 				} else {
-					split_h2(qrow[c0] * s0, qrow[c1] * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+					split_h2(qrow(c0) * s0, qrow(c1) * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
 				}
-				bias = fmaf(qrow[c0], z0, fmaf(qrow[c1], z1, bias));
+				bias = fmaf(qrow(c0), z0, fmaf(qrow(c1), z1, bias));
 			}
 			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 1);
 			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 2);
@@ -713,25 +730,42 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	}
 }
 
+/* The packed kernel's shared memory, dynamic (d256 needs more than the 48 KB a static
+ * allocation may have): float arrays, then per warp the staged value codes [32][RB], value
+ * scales and zeros [32][D/GV] each and the key group's scales and zeros [D] each. */
+template <int D, int VB, int GV, int NQ> struct mma_smem {
+	static constexpr int QO = 0, QR = QO + NQ * D, PB = QR + NQ * QR_STRIDE(D),
+			     AL = PB + ATT_WARPS * 32 * NQ, RM = AL + ATT_WARPS * NQ,
+			     RL = RM + ATT_WARPS * NQ, RA = RL + ATT_WARPS * NQ,
+			     FLOATS = (RA + ATT_WARPS * NQ * D + 3) & ~3; /* 16-byte aligned end */
+	static constexpr int VST = 32 * (D * VB / 8) + 128 * (D / GV) + 4 * D; /* per warp */
+	static constexpr int BYTES = FLOATS * 4 + ATT_WARPS * VST;
+	/* blocks per multiprocessor the kernel is compiled for (d256: its registers) */
+	static constexpr int MINB = D == 256 ? 2 : 4;
+};
+
 template <int D, int KB, int VB, int GV, int NQ>
-__global__ void __launch_bounds__(ATT_THREADS, 4) attend_mma_kernel(att_params p)
+__global__ void __launch_bounds__(ATT_THREADS, (mma_smem<D, VB, GV, NQ>::MINB))
+	attend_mma_kernel(att_params p)
 {
-	constexpr int EPL = D / 32, RB = D * VB / 8;
-	__shared__ __align__(16) float qo[NQ * D];
-	__shared__ __align__(16) float qr[NQ * QR_STRIDE];
-	__shared__ __align__(16) float pbuf[ATT_WARPS][32 * NQ];
-	__shared__ float alpha_s[ATT_WARPS][NQ];
-	/* per warp: value codes [32][RB], then value scales and zeros [32][D/GV] each */
-	__shared__ __align__(16) uint8_t vst[ATT_WARPS][32 * RB + 128 * (D / GV) + 4 * D];
-	__shared__ float red_m[ATT_WARPS][NQ], red_l[ATT_WARPS][NQ];
-	__shared__ __align__(16) float red_acc[ATT_WARPS][NQ * D];
+	constexpr int EPL = D / 32;
+	using L = mma_smem<D, VB, GV, NQ>;
+	static_assert(L::VST % 16 == 0, "16-byte staging pieces");
+	extern __shared__ __align__(16) float mma_sm[];
+	float *qo = mma_sm + L::QO, *qr = mma_sm + L::QR;
+	float(*pbuf)[32 * NQ] = (float(*)[32 * NQ])(mma_sm + L::PB);
+	float(*alpha_s)[NQ] = (float(*)[NQ])(mma_sm + L::AL);
+	float(*red_m)[NQ] = (float(*)[NQ])(mma_sm + L::RM);
+	float(*red_l)[NQ] = (float(*)[NQ])(mma_sm + L::RL);
+	float(*red_acc)[NQ * D] = (float(*)[NQ * D])(mma_sm + L::RA);
+	uint8_t(*vst)[L::VST] = (uint8_t(*)[L::VST])(mma_sm + L::FLOATS);
 
 	const att_item_dev it = p.items[blockIdx.x];
 	const att_req_dev rq = p.reqs[it.req];
 	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	att_load_queries<D, NQ>(
 		p, it, rq, [&](int q, int c) -> float & { return qo[q * D + c]; },
-		[&](int q, int c) -> float & { return qr[QR_AT(q, c)]; });
+		[&](int q, int c) -> float & { return qr[QR_AT(q, c, D)]; });
 	__syncthreads();
 
 	if (it.kind == ITEM_CODED) {
@@ -1065,10 +1099,10 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
 	 * INT4 (their fragments read 2/4-bit rows), and 3-bit keys with 2-bit values: head_dim
-	 * 128, and since session 15 head_dim 64 on the packed kernel (attend_mma_kernel; the INT2
-	 * kernels below are 128 only); other 3-bit splits, mixed widths and head_dim 256 take the
+	 * 128, and since session 15 head_dim 64 and 256 on the packed kernel (attend_mma_kernel;
+	 * the INT2 kernels below are 128 only); other 3-bit splits and mixed widths take the
 	 * CUDA-core kernel */
-	const bool mma_shape = per_channel && (D == 128 || D == 64) &&
+	const bool mma_shape = per_channel && (D == 64 || D == 128 || D == 256) &&
 			       getenv("KVTIER_CUDA_NO_MMA") == NULL;
 	/* K3 V2 where the INT2 kernel does not take it (f16 sessions, head_dim 64, more than 4
 	 * query heads per KV head): the packed kernel's 3-bit key path (session 15; before, the
@@ -1117,6 +1151,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * of leaving a half-empty second wave. KVTIER_CUDA_IPS (blocks per multiprocessor)
 	 * and KVTIER_CUDA_CPI (chunks per item) override it for tuning runs and tests. */
 	int bps = 4;
+	if (mma && !i2v && D == 256)
+		bps = 2; /* the packed kernel at d256: compiled for 2 blocks (mma_smem::MINB) */
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
 	static int occ_cache[6][3]; /* [4], [5]: the 3-bit key path, keys-as-B / swapped */
@@ -1533,22 +1569,35 @@ static cudaError_t att_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	}
 }
 
+/* one instantiation of the packed kernel with its dynamic shared memory (above 48 KB the
+ * kernel must be allowed it, once), then the combine */
+template <int D, int KB, int VB, int GV, int NQ>
+static cudaError_t att_launch_mma_nq(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	constexpr int bytes = mma_smem<D, VB, GV, NQ>::BYTES;
+	cudaError_t e;
+	if constexpr (bytes > 48 * 1024) {
+		static bool allowed; /* per instantiation; a repeat is harmless */
+		if (!allowed) {
+			e = cudaFuncSetAttribute(attend_mma_kernel<D, KB, VB, GV, NQ>,
+						 cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+			if (e != cudaSuccess)
+				return e;
+			allowed = true;
+		}
+	}
+	attend_mma_kernel<D, KB, VB, GV, NQ><<<pl->n_items, ATT_THREADS, bytes, s>>>(pl->p);
+	if ((e = cudaGetLastError()) != cudaSuccess)
+		return e;
+	combine_kernel<D, NQ><<<dim3(pl->n_groups, NQ), 32 * CMB_W, 0, s>>>(pl->p);
+	return cudaGetLastError();
+}
+
 template <int D, int KB, int VB, int GV>
 static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	cudaError_t e;
-	if (pl->p.rqn == RQ) {
-		attend_mma_kernel<D, KB, VB, GV, RQ><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-		if ((e = cudaGetLastError()) != cudaSuccess)
-			return e;
-		combine_kernel<D, RQ><<<dim3(pl->n_groups, RQ), 32 * CMB_W, 0, s>>>(pl->p);
-		return cudaGetLastError();
-	}
-	attend_mma_kernel<D, KB, VB, GV, RQ8><<<pl->n_items, ATT_THREADS, 0, s>>>(pl->p);
-	if ((e = cudaGetLastError()) != cudaSuccess)
-		return e;
-	combine_kernel<D, RQ8><<<dim3(pl->n_groups, RQ8), 32 * CMB_W, 0, s>>>(pl->p);
-	return cudaGetLastError();
+	return pl->p.rqn == RQ ? att_launch_mma_nq<D, KB, VB, GV, RQ>(pl, s)
+			       : att_launch_mma_nq<D, KB, VB, GV, RQ8>(pl, s);
 }
 
 /* the packed tensor-core kernel for one head_dim and (key, value) bits: value groups of
@@ -1591,7 +1640,9 @@ static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream
 {
 	if (pl->p.i2)
 		return kvt_att_i2_launch(pl, s);
-	return pl->D == 64 ? att_launch_mma_bits<64>(pl, s) : att_launch_mma_bits<128>(pl, s);
+	return pl->D == 64    ? att_launch_mma_bits<64>(pl, s)
+	       : pl->D == 128 ? att_launch_mma_bits<128>(pl, s)
+			      : att_launch_mma_bits<256>(pl, s);
 }
 
 extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *pl, char *err,

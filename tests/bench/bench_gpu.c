@@ -503,12 +503,15 @@ int kvt_bench_gpu(int argc, char **argv)
 	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 256, KVT_DTYPE_BF16, bw);
 	/* the CUDA-core kernel on some of the same cases, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
 codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The reference for `kvtier-bench gpu`: torch scaled_dot_product_attention, one decode step
 (one query token) in bf16, Hq 32, Hkv 8 (GQA), d 128, at the benchmark's batch x tokens (and
-d 64 at 1 x 131072, the benchmark's head_dim-64 case).
+d 64 and 256 at 1 x 131072, the benchmark's other head_dim cases).
 cuDNN and flash backends are each timed and the faster is reported as us_best. Timed as
 kvtier-bench times its own kernels: steps enqueued back to back (CUDA events around 20 calls,
 median of 7 such runs after warm-up), so the GPU never waits for the host between steps. Until
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HQ, HKV = 32, 8
-CASES = [(1, 131072, 128), (8, 32768, 128), (48, 4096, 128), (1, 131072, 64)]  # batch, tokens, d
+CASES = [(1, 131072, 128), (8, 32768, 128), (48, 4096, 128), (1, 131072, 64),
+         (1, 131072, 256)]  # batch, tokens, d
 
 
 def time_us(fn, calls=20, runs=7):

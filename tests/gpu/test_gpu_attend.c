@@ -417,13 +417,13 @@ static void test_k3_preset_batches(void)
 }
 
 /* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
- * CUDA-core kernel took them): head_dim 64 with INT2, INT4 or 3-bit keys and 2-bit values
- * (the default codec), and K3 V2 at head_dim 128 in f16 sessions or with 8 query heads per KV
- * head; oscar or kivi, G 32 / 64 / 128, fresh each run. Each batch must take that kernel
+ * CUDA-core kernel took them): head_dim 64 and 256 with INT2, INT4 or 3-bit keys and 2-bit
+ * values (the default codec), and K3 V2 at head_dim 128 in f16 sessions or with 8 query heads
+ * per KV head; oscar or kivi, G 32 / 64 / 128, fresh each run. Each batch must take that kernel
  * (unless KVTIER_CUDA_NO_MMA or, for K3 V2, KVTIER_CUDA_NO_K3_MMA) and match the reference. */
 static void test_packed_mma_batches(void)
 {
-	int n = 16;
+	int n = 20;
 	const char *e = getenv("KVT_GPU_PACKED_BATCHES");
 	if (e && *e)
 		n = atoi(e);
@@ -439,7 +439,8 @@ static void test_packed_mma_batches(void)
 		const uint32_t kind = kvt_rand_below(4); /* 0: INT2, 1: INT4, 2-3: K3 V2 */
 		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : 3;
 		cfg.value_bits = kind == 1 ? 4 : 2;
-		cfg.head_dim = kind < 2 || kvt_rand_below(2) ? 64 : 128;
+		static const uint32_t dims[] = {64, 256, 128};
+		cfg.head_dim = dims[kvt_rand_below(kind < 2 ? 2 : 3)];
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
 		uint32_t r = ratios[kvt_rand_below(5)];
 		/* K3 V2 at d128: f16, or 8 query heads per KV head (bf16 with <= 4 is the INT2
@@ -453,8 +454,8 @@ static void test_packed_mma_batches(void)
 		one_batch(i, false, &cfg, r);
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
-	printf("# worst relative error, packed tensor-core batches (d64 INT2 / INT4 / K3 V2, d128 K3 "
-	       "V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel)\n", worst_gpu, got, n);
+	printf("# worst relative error, packed tensor-core batches (d64 / d256 INT2 / INT4 / K3 V2, "
+	       "d128 K3 V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel)\n", worst_gpu, got, n);
 	KVT_CHECK(got == want, "the packed tensor-core kernel takes these batches (%u, expected %u)",
 		  got, want);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
