@@ -219,6 +219,28 @@ static void fmt_size(char *buf, size_t len, uint64_t v)
 		snprintf(buf, len, "%" PRIu64, v);
 }
 
+/* Copies at most n bytes of s (up to its NUL) into buf with each control byte (< 0x20, 0x7f)
+ * written as \xNN: an error message quotes what the user gave (a value, an option name, an
+ * argument, a file path), and a newline or an escape sequence in it must not reach the
+ * terminal or the journal as is. Cut short rather than split an escape. Returns buf. */
+static const char *esc(char *buf, size_t len, const char *s, size_t n)
+{
+	size_t o = 0;
+	for (size_t i = 0; i < n && s[i]; i++) {
+		unsigned char ch = (unsigned char)s[i];
+		int ctl = ch < 0x20 || ch == 0x7f;
+		if (o + (ctl ? 4 : 1) >= len)
+			break;
+		if (ctl)
+			o += (size_t)snprintf(buf + o, len - o, "\\x%02x", ch);
+		else
+			buf[o++] = (char)ch;
+	}
+	if (len)
+		buf[o] = '\0';
+	return buf;
+}
+
 static void enum_list(char *buf, size_t len, const char *const *names)
 {
 	size_t o = 0;
@@ -232,7 +254,7 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 		   const char *where, char *err, size_t errlen)
 {
 	char *base = (char *)cfg + o->offset;
-	char lim[256];
+	char lim[256], q[4 * KVT_CONFIG_STR_MAX]; /* q: val for a message, escaped */
 	switch (o->type) {
 	case OPT_BOOL: {
 		uint64_t b;
@@ -244,7 +266,7 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 			b = 0;
 		else {
 			snprintf(err, errlen, "%s: %s = \"%s\" is not a boolean (yes/no)", where,
-				 o->name, val);
+				 o->name, esc(q, sizeof q, val, SIZE_MAX));
 			return -EINVAL;
 		}
 		memcpy(base, &b, sizeof b);
@@ -263,7 +285,8 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 			rc = (!isdigit((unsigned char)*val) || errno || *end) ? -EINVAL : 0;
 		}
 		if (rc) {
-			snprintf(err, errlen, "%s: %s = \"%s\" is not %s", where, o->name, val,
+			snprintf(err, errlen, "%s: %s = \"%s\" is not %s", where, o->name,
+				 esc(q, sizeof q, val, SIZE_MAX),
 				 o->type == OPT_SIZE ? "a size (e.g. 4GiB, 512MiB, 65536, 25%)"
 						     : "a non-negative integer");
 			return -EINVAL;
@@ -278,7 +301,7 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 				snprintf(b, sizeof b, "%" PRIu64, o->max);
 			}
 			snprintf(err, errlen, "%s: %s = %s is out of range %s..%s", where, o->name,
-				 val, a, b);
+				 esc(q, sizeof q, val, SIZE_MAX), a, b);
 			return -EINVAL;
 		}
 		memcpy(base, &v, sizeof v);
@@ -289,12 +312,13 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 		errno = 0;
 		double d = strtod(val, &end);
 		if (errno || *end || end == val || !isfinite(d)) {
-			snprintf(err, errlen, "%s: %s = \"%s\" is not a number", where, o->name, val);
+			snprintf(err, errlen, "%s: %s = \"%s\" is not a number", where, o->name,
+				 esc(q, sizeof q, val, SIZE_MAX));
 			return -EINVAL;
 		}
 		if (d < o->dmin || d > o->dmax) {
 			snprintf(err, errlen, "%s: %s = %s is out of range %g..%g", where, o->name,
-				 val, o->dmin, o->dmax);
+				 esc(q, sizeof q, val, SIZE_MAX), o->dmin, o->dmax);
 			return -EINVAL;
 		}
 		memcpy(base, &d, sizeof d);
@@ -337,7 +361,8 @@ static int set_opt(struct kvt_config *cfg, const struct opt *o, const char *val,
 			}
 		}
 		enum_list(lim, sizeof lim, o->enum_names);
-		snprintf(err, errlen, "%s: %s = \"%s\" is not one of %s", where, o->name, val, lim);
+		snprintf(err, errlen, "%s: %s = \"%s\" is not one of %s", where, o->name,
+			 esc(q, sizeof q, val, SIZE_MAX), lim);
 		return -EINVAL;
 	}
 	return -EINVAL;
@@ -413,25 +438,27 @@ static int read_line(FILE *f, char *buf, size_t max, int *nul)
 static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_source *sources,
 		     char *err, size_t errlen)
 {
+	char qp[512]; /* path for a message, escaped */
+	esc(qp, sizeof qp, path, SIZE_MAX);
 	FILE *f = fopen(path, "r");
 	if (!f) {
 		int e = errno;
-		snprintf(err, errlen, "config file %s: %s", path, strerror(e));
+		snprintf(err, errlen, "config file %s: %s", qp, strerror(e));
 		return -e;
 	}
-	char line[1024];
-	char where[320];
+	char line[1024], qname[4 * sizeof line]; /* qname: an unknown name, escaped */
+	char where[sizeof qp + 16];
 	int lineno = 0, rc = 0, len, nul;
 	while ((len = read_line(f, line, sizeof line - 2, &nul)) != -1) {
 		lineno++;
 		if (len == -2) {
-			snprintf(err, errlen, "%s:%d: line longer than %zu bytes", path, lineno,
+			snprintf(err, errlen, "%s:%d: line longer than %zu bytes", qp, lineno,
 				 sizeof line - 2);
 			rc = -EINVAL;
 			break;
 		}
 		if (nul) {
-			snprintf(err, errlen, "%s:%d: NUL byte in the line (not a text file?)", path,
+			snprintf(err, errlen, "%s:%d: NUL byte in the line (not a text file?)", qp,
 				 lineno);
 			rc = -EINVAL;
 			break;
@@ -464,7 +491,7 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 			continue;
 		eq = strchr(s, '=');
 		if (!eq) {
-			snprintf(err, errlen, "%s:%d: expected `name = value`", path, lineno);
+			snprintf(err, errlen, "%s:%d: expected `name = value`", qp, lineno);
 			rc = -EINVAL;
 			break;
 		}
@@ -473,12 +500,12 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 		const struct opt *o = find_opt(name, strlen(name));
 		if (!o) {
 			snprintf(err, errlen, "%s:%d: unknown option \"%s\" (kvtierd --help lists them)",
-				 path, lineno, name);
+				 qp, lineno, esc(qname, sizeof qname, name, SIZE_MAX));
 			rc = -EINVAL;
 			break;
 		}
 		if (quoted < 0) {
-			snprintf(err, errlen, "%s:%d: %s: the quoted value has no closing quote", path,
+			snprintf(err, errlen, "%s:%d: %s: the quoted value has no closing quote", qp,
 				 lineno, o->name);
 			rc = -EINVAL;
 			break;
@@ -487,7 +514,7 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 			val[strlen(val) - 1] = '\0';
 			val++;
 		}
-		snprintf(where, sizeof where, "%s:%d", path, lineno);
+		snprintf(where, sizeof where, "%s:%d", qp, lineno);
 		rc = set_opt(cfg, o, val, where, err, errlen);
 		if (rc)
 			break;
@@ -497,7 +524,7 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 	/* getc's EOF is also a read error (a directory: EISDIR), not only the end. */
 	if (!rc && ferror(f)) {
 		int e = errno ? errno : EIO;
-		snprintf(err, errlen, "config file %s: %s", path, strerror(e));
+		snprintf(err, errlen, "config file %s: %s", qp, strerror(e));
 		rc = -e;
 	}
 	fclose(f);
@@ -620,16 +647,17 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 		if (sources)
 			sources[i] = KVT_SRC_ENV;
 	}
+	char q[4 * KVT_CONFIG_STR_MAX]; /* an argument for a message, escaped */
 	for (int i = 1; i < argc;) {
 		next_arg(argc, argv, &i, &a);
 		if (a.kind == ARG_NOT_OPTION) {
 			snprintf(err, errlen, "unexpected argument \"%s\" (options are --name=value)",
-				 a.text);
+				 esc(q, sizeof q, a.text, SIZE_MAX));
 			return -EINVAL;
 		}
 		if (a.kind == ARG_UNKNOWN) {
-			snprintf(err, errlen, "unknown option \"%.*s\" (kvtierd --help lists them)",
-				 (int)a.name_len + 2, a.text);
+			snprintf(err, errlen, "unknown option \"%s\" (kvtierd --help lists them)",
+				 esc(q, sizeof q, a.text, a.name_len + 2));
 			return -EINVAL;
 		}
 		if (a.kind != ARG_OPTION)

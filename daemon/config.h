@@ -7,7 +7,8 @@
  * in double quotes, and then holds any '#' and blanks up to its closing quote), KVTIER_<NAME>
  * environment variables, command-line flags (--name=value or --name value; dashes and
  * underscores are the same). Every value is checked against its row's bounds, then the
- * cross-option rules (kvt_config_validate); errors name the option, the value and the limit.
+ * cross-option rules (kvt_config_validate); errors name the option, the value and the limit
+ * (user text they quote shows control bytes as \xNN).
  * Strings may not hold control bytes (< 0x20, 0x7f) nor a '"' followed by blanks and '#', so
  * that kvt_config_print's output reloads as the same values.
  *

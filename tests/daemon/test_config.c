@@ -376,6 +376,73 @@ static void test_string_controls(void)
 		unsetenv("RUNTIME_DIRECTORY");
 }
 
+/* 1 when s holds a control byte (< 0x20 or 0x7f). */
+static int has_ctl(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || (unsigned char)*s == 0x7f)
+			return 1;
+	return 0;
+}
+
+/* Messages quote user text with control bytes as \xNN: a value that is not a string, an
+ * unknown option name, an argument or a file path went to stderr (and the journal) as is, so
+ * `--workers=$'5\n'` split the message and `KVTIER_WORKERS=$'\e[2J'` cleared the screen. */
+static void test_error_escapes(void)
+{
+	struct kvt_config c;
+	char err[512] = "";
+	struct {
+		const char *arg, *want; /* want: in the message */
+	} flags[] = {
+		{"--workers=5\n", "command line: workers = \"5\\x0a\" is not a non-negative integer"},
+		{"--max-message-bytes=1M\x1b[2J", "max_message_bytes = \"1M\\x1b[2J\" is not a size"},
+		{"--default-pin-detect-ratio=0.5\x7f", "\"0.5\\x7f\" is not a number"},
+		{"--log-level=info\r", "log_level = \"info\\x0d\" is not one of"},
+		{"--insecure-loopback=yes\t", "insecure_loopback = \"yes\\x09\" is not a boolean"},
+		{"--no\x1b[31mred=1", "unknown option \"--no\\x1b[31mred\""},
+		{"x\ny", "unexpected argument \"x\\x0ay\""},
+	};
+	for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+		char *a[] = {"kvtierd", (char *)flags[i].arg, NULL};
+		int rc = load(&c, err, sizeof err, 2, a);
+		KVT_CHECK(rc == -EINVAL && !has_ctl(err) && strstr(err, flags[i].want),
+			  "flag %zu: rc %d, want '%s' in '%s'", i, rc, flags[i].want, err);
+	}
+	char *a0[] = {"kvtierd", NULL};
+	setenv("KVTIER_WORKERS", "\x1b[2J", 1);
+	int rc = load(&c, err, sizeof err, 1, a0);
+	unsetenv("KVTIER_WORKERS");
+	KVT_CHECK(rc == -EINVAL && !has_ctl(err) &&
+			  strstr(err, "environment KVTIER_WORKERS: workers = \"\\x1b[2J\""),
+		  "escape in the environment: rc %d '%s'", rc, err);
+	static const char f1[] = "workers = 3\nmax_sessions = 9\x01\n";
+	rc = load_file_bytes("esc1.conf", f1, sizeof f1 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && !has_ctl(err) &&
+			  strstr(err, "esc1.conf:2: max_sessions = \"9\\x01\""),
+		  "control byte in a file value: rc %d '%s'", rc, err);
+	static const char f2[] = "wor\x1b[Kkers = 3\n";
+	rc = load_file_bytes("esc2.conf", f2, sizeof f2 - 1, &c, err, sizeof err);
+	KVT_CHECK(rc == -EINVAL && !has_ctl(err) &&
+			  strstr(err, "esc2.conf:1: unknown option \"wor\\x1b[Kkers\""),
+		  "control byte in a file option name: rc %d '%s'", rc, err);
+	/* the file's path is an argument too */
+	char arg[400];
+	snprintf(arg, sizeof arg, "--config=%s/a\nb.conf", g_tmp);
+	char *a1[] = {"kvtierd", arg, NULL};
+	rc = load(&c, err, sizeof err, 2, a1);
+	KVT_CHECK(rc == -ENOENT && !has_ctl(err) && strstr(err, "/a\\x0ab.conf: "),
+		  "newline in a missing file's path: rc %d '%s'", rc, err);
+	/* what kvtierd prints: one line */
+	char out[4096];
+	char *a2[] = {(char *)g_kvtierd, "--check-config", "--workers=5\n\x1b[2J", NULL};
+	rc = run_kvtierd(a2, out, sizeof out);
+	size_t n = strlen(out);
+	KVT_CHECK(rc == 1 && n && out[n - 1] == '\n' && strchr(out, '\n') == out + n - 1 &&
+			  !strchr(out, '\x1b') && strstr(out, "\"5\\x0a\\x1b[2J\""),
+		  "kvtierd --check-config --workers=5\\n\\e[2J: exit %d '%s'", rc, out);
+}
+
 /* Loads argv with a kvt_cmdline; NULL-terminated argv. */
 static int load_cmd(struct kvt_config *c, struct kvt_cmdline *cmd, char *err, size_t errlen,
 		    char **argv)
@@ -587,6 +654,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_print_double);
 	KVT_RUN(test_print_strings);
 	KVT_RUN(test_string_controls);
+	KVT_RUN(test_error_escapes);
 	KVT_RUN(test_argv_values);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);

@@ -31,7 +31,8 @@
  *     field of struct kvt_config, the sources array and the kvt_cmdline equal to the model's;
  *     one it refuses returns -EINVAL (-ENOENT / -EISDIR for a missing or directory file) with
  *     a non-empty message that names the file and line, the variable or the flag, and the
- *     option where one is involved (a rule: one of the options of a failing rule). Inputs
+ *     option where one is involved (a rule: one of the options of a failing rule), quoting
+ *     user text with its control bytes as \xNN: no message holds a raw control byte. Inputs
  *     the documentation leaves open (a blank before a size unit, hex doubles...) may go
  *     either way; the options they set are then not compared;
  *   - round trip: the kvt_config_print output (with or without sources, with a
@@ -423,6 +424,20 @@ static size_t esc(char *out, size_t cap, const char *b, size_t n)
 	}
 	out[o] = 0;
 	return o;
+}
+
+/* s as config.c's messages quote user text: each control byte (< 0x20, 0x7f) as \xNN */
+static void msg_esc(char *out, size_t cap, const char *s)
+{
+	size_t o = 0;
+	for (; *s && o + 5 < cap; s++) {
+		const unsigned char c = (unsigned char)*s;
+		if (c < 0x20 || c == 0x7f)
+			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", c);
+		else
+			out[o++] = (char)c;
+	}
+	out[o] = 0;
 }
 
 static void show_val(int ri, const struct val *v, char *out, size_t cap)
@@ -2062,6 +2077,14 @@ static void check_load(const struct scen *s, const struct expect *x)
 	else if (rc)
 		FCHECK(memchr(err, 0, el) && (el < 2 || err[0]), "refused (rc %d) without a message "
 		       "in a %zu-byte buffer", rc, el);
+	if (el && rc && memchr(err, 0, el)) {
+		bool ctl = false;
+		for (const char *p = err; *p; p++)
+			ctl |= (unsigned char)*p < 0x20 || (unsigned char)*p == 0x7f;
+		char e[1200];
+		esc(e, sizeof(e), err, strlen(err));
+		FCHECK(!ctl, "the message holds a raw control byte: '%s'", e);
+	}
 
 	if (rc == 0) {
 		st.ok++;
@@ -2109,9 +2132,10 @@ static void check_load(const struct scen *s, const struct expect *x)
 	if (el != 512 || x->loose)
 		return;
 	for (int i = 0; i < x->n_must; i++) {
-		char e[200];
+		char e[200], m[4 * sizeof(x->must[0])];
 		esc(e, sizeof(e), x->must[i], strlen(x->must[i]) < 120 ? strlen(x->must[i]) : 120);
-		FCHECK(strstr(err, x->must[i]), "the message does not name '%s': '%s'", e, err);
+		msg_esc(m, sizeof(m), x->must[i]);
+		FCHECK(strstr(err, m), "the message does not name '%s': '%s'", e, err);
 	}
 	bool any = x->n_any == 0;
 	for (int i = 0; i < x->n_any; i++)
