@@ -1964,12 +1964,12 @@ out:
 /* Runs one FetchEncoded call into x (x->enc allocated by the caller) and checks that every
  * chunk and the tail arrived whole. */
 static int fetch_encoded_run(struct kvt_client *c, const Kvtier__V1__FetchEncodedRequest *req,
-			     struct enc_ctx *x, bool want_tail, uint32_t timeout_ms,
-			     struct kvt_client_status *st)
+			     struct enc_ctx *x, bool want_tail, uint32_t *messages,
+			     uint32_t timeout_ms, struct kvt_client_status *st)
 {
 	int rc = server_stream(c, SVC "FetchEncoded", &req->base,
 			       &kvtier__v1__encoded_piece__descriptor, on_encoded_msg, on_encoded_bb,
-			       x, NULL, timeout_ms, st);
+			       x, messages, timeout_ms, st);
 	if (!rc && !x->have_info)
 		rc = st_local(st, KVT_CODE_INTERNAL, -EPROTO, "FetchEncoded sent no session info");
 	if (!rc && x->enc->n_chunks &&
@@ -2009,7 +2009,7 @@ int kvt_client_fetch_encoded(struct kvt_client *c, const char *session_id,
 	}
 	req.has_include_tail = 1;
 	req.include_tail = include_tail ? 1 : 0;
-	rc = fetch_encoded_run(c, &req, &x, include_tail != 0, 0, st);
+	rc = fetch_encoded_run(c, &req, &x, include_tail != 0, NULL, 0, st);
 	if (!include_tail) {
 		/* no tail was asked for: report none */
 		free(x.enc->tail_k);
@@ -2040,6 +2040,7 @@ static int fetch_local(struct kvt_client *c, const char *session_id,
 	struct enc_ctx x;
 	struct kvt_client_encoded *enc;
 	char err[256];
+	uint32_t msgs = 0;
 	int rc;
 
 	memset(&x, 0, sizeof(x));
@@ -2053,7 +2054,12 @@ static int fetch_local(struct kvt_client *c, const char *session_id,
 	req.has_token_begin = req.has_token_end = 1;
 	req.token_begin = r->token_begin;
 	req.token_end = r->token_end;
-	rc = fetch_encoded_run(c, &req, &x, true, r->timeout_ms, st);
+	rc = fetch_encoded_run(c, &req, &x, true, &msgs, r->timeout_ms, st);
+	if (res) {
+		/* the messages this path received, as the Fetch path counts its own */
+		res->messages = msgs;
+		res->decoded_locally = 1;
+	}
 	if (rc)
 		goto out;
 

@@ -322,7 +322,8 @@ struct kvt_client_fetch_result {
 	uint32_t layer_begin, layer_end;
 	uint32_t dtype;
 	size_t k_bytes, v_bytes;   /* bytes written to each output */
-	uint32_t messages;
+	uint32_t messages;         /* replies received: Fetch's, or FetchEncoded's when local */
+	uint32_t decoded_locally;  /* 1: FetchEncoded, decoded here; 0: the daemon's Fetch */
 };
 
 /*

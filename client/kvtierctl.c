@@ -572,9 +572,13 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 		rc = 1;
 		goto out;
 	}
-	printf("%s: tokens [%" PRIu64 ", %" PRIu64 ") layers [%u, %u) as %s in %u messages\n", id,
-	       r.token_begin, r.token_end, r.layer_begin, r.layer_end, kvt_dtype_name(r.dtype),
-	       res.messages);
+	/* Which RPC answered and who decoded: by default the chunks come encoded (FetchEncoded)
+	 * and are decoded here, KVTIER_CLIENT_FETCH=server has kvtierd decode (Fetch). */
+	printf("%s: tokens [%" PRIu64 ", %" PRIu64 ") layers [%u, %u) as %s in %u %s message%s "
+	       "(decoded %s)\n",
+	       id, r.token_begin, r.token_end, r.layer_begin, r.layer_end, kvt_dtype_name(r.dtype),
+	       res.messages, res.decoded_locally ? "FetchEncoded" : "Fetch",
+	       res.messages == 1 ? "" : "s", res.decoded_locally ? "here" : "by kvtierd");
 	rc = 0;
 out:
 	kvt_client_close(c);

@@ -872,6 +872,60 @@ def test_python_and_c_clients_agree(client, daemon, sid, rng, tmp_path):
     assert "key_rounding mse" in run("stat", c2).stdout
 
 
+def _kvtierctl(daemon, *args, fetch=None):
+    """Runs kvtierctl against the daemon; fetch: KVTIER_CLIENT_FETCH (local/server)."""
+    import os
+    import subprocess
+
+    ctl = os.environ.get("KVTIERCTL")
+    if not ctl or not os.path.isfile(ctl):
+        pytest.fail(f"KVTIERCTL={ctl!r} does not name kvtierctl (ctest sets it)")
+    env = dict(os.environ)
+    env.pop("KVTIER_CLIENT_FETCH", None)
+    if fetch:
+        env["KVTIER_CLIENT_FETCH"] = fetch
+    return subprocess.run([ctl, "--socket", str(daemon.socket), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_kvtierctl_get_summary(client, daemon, sid, rng, tmp_path):
+    """kvtierctl get's summary line names the RPC that answered, who decoded and how many
+    messages came: the default (local decode) path said "in 0 messages", counting only the
+    Fetch RPC's replies. FetchEncoded sends the session info, one piece per chunk under the
+    message limit and the range's exact tail tokens in one block here; Fetch one block (none
+    for an empty range)."""
+    L, H, d, B = 2, 2, 128, 64
+    T = 2 * B + 13
+    s = sid()
+    client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16",
+                        codec=dict(scheme="oscar", key_bits=2, value_bits=2, group=32,
+                                   chunk_tokens=B, n_sinks=4, recent_exact_tokens=0))
+    k, v = _fill(rng, L, T, H, d, "f16")
+    client.append(s, k, v)
+    info = client.stat(s)
+    assert (info.n_tokens, info.n_chunks) == (T, 2), info
+    out_k, out_v = str(tmp_path / "k.npy"), str(tmp_path / "v.npy")
+    # (range, chunks it overlaps, whether it reaches the tail)
+    for (t0, t1), chunks, tail in (((5, T - 3), 2, True), ((0, B), 1, False),
+                                   ((B + 1, B + 2), 1, False), ((2 * B, T), 0, True),
+                                   ((7, 7), 0, False)):
+        for fetch in ("local", "server"):
+            out = _kvtierctl(daemon, "get", s, "--out-k", out_k, "--out-v", out_v,
+                             "--tokens", f"{t0}:{t1}", fetch=fetch)
+            assert out.returncode == 0, f"{fetch} {t0}:{t1}: {out.stderr}{out.stdout}"
+            if fetch == "local":
+                n = 1 + chunks + int(tail)
+                what = f"in {n} FetchEncoded message{'s' if n != 1 else ''} (decoded here)"
+            else:  # an empty range is answered by the status alone
+                what = f"in {1 if t1 > t0 else 0} Fetch message{'' if t1 > t0 else 's'} " \
+                       "(decoded by kvtierd)"
+            want = f"{s}: tokens [{t0}, {t1}) layers [0, {L}) as f16 {what}\n"
+            assert out.stdout == want, (fetch, out.stdout, want)
+            fk, fv = client.fetch(s, tokens=(t0, t1))
+            np.testing.assert_array_equal(np.load(out_k), fk)
+            np.testing.assert_array_equal(np.load(out_v), fv)
+
+
 def test_prefetch(client, sid):
     s = sid()
     info = client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"))
