@@ -534,17 +534,37 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 		rc = fail_status("stat", rc, &st);
 		goto out;
 	}
+	/* Checked against the session here, before the buffers are sized from the range: a
+	 * range past the end was refused as "empty or reversed" (A: with A past the end) or
+	 * as a shape too large or out of memory (a large B) before the daemon could name it. */
+	if (r.token_begin > (r.token_end == KVT_CLIENT_END ? info.n_tokens : r.token_end) ||
+	    (r.token_end != KVT_CLIENT_END && r.token_end > info.n_tokens)) {
+		char end[32] = "end";
+		if (r.token_end != KVT_CLIENT_END)
+			snprintf(end, sizeof(end), "%" PRIu64, r.token_end);
+		fprintf(stderr, "kvtierctl: get %s: token range [%" PRIu64 ", %s) is not inside the "
+			"session's %" PRIu64 " tokens (--tokens A:B with A <= B <= %" PRIu64 ")\n",
+			id, r.token_begin, end, info.n_tokens, info.n_tokens);
+		rc = 2;
+		goto out;
+	}
+	if (r.layer_begin > (r.layer_end == KVT_CLIENT_ALL_LAYERS ? info.n_layers : r.layer_end) ||
+	    (r.layer_end != KVT_CLIENT_ALL_LAYERS && r.layer_end > info.n_layers)) {
+		char end[32] = "end";
+		if (r.layer_end != KVT_CLIENT_ALL_LAYERS)
+			snprintf(end, sizeof(end), "%u", r.layer_end);
+		fprintf(stderr, "kvtierctl: get %s: layer range [%u, %s) is not inside the "
+			"session's %u layers (--layers A:B with A <= B <= %u)\n",
+			id, r.layer_begin, end, info.n_layers, info.n_layers);
+		rc = 2;
+		goto out;
+	}
 	if (r.token_end == KVT_CLIENT_END)
 		r.token_end = info.n_tokens;
 	if (r.layer_end == KVT_CLIENT_ALL_LAYERS)
 		r.layer_end = info.n_layers;
 	if (!r.dtype)
 		r.dtype = info.dtype == KVT_DTYPE_F32 ? KVT_DTYPE_F32 : KVT_DTYPE_F16;
-	if (r.token_end < r.token_begin || r.layer_end < r.layer_begin) {
-		fprintf(stderr, "kvtierctl: empty or reversed range\n");
-		rc = 2;
-		goto out;
-	}
 	uint64_t shape[4] = { r.layer_end - r.layer_begin, r.token_end - r.token_begin,
 			      info.n_kv_heads, info.head_dim };
 	size_t n;

@@ -926,6 +926,39 @@ def test_kvtierctl_get_summary(client, daemon, sid, rng, tmp_path):
             np.testing.assert_array_equal(np.load(out_v), fv)
 
 
+def test_kvtierctl_get_range_errors(client, daemon, sid, rng, tmp_path):
+    """kvtierctl get with --tokens or --layers outside the session names the range asked for
+    and the session's length, on both fetch paths, and writes nothing: `--tokens 150:` past
+    the end said "empty or reversed range", and a large B "shape ... has more elements than
+    the limit" or "out of memory" (the buffers are sized from the range before the fetch)."""
+    L, H, d = 2, 2, 64
+    T = 141
+    s = sid()
+    client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16")
+    k, v = _fill(rng, L, T, H, d, "f16")
+    client.append(s, k, v)
+    out_k = tmp_path / "k.npy"
+    tok = f"is not inside the session's {T} tokens (--tokens A:B with A <= B <= {T})"
+    lay = f"is not inside the session's {L} layers (--layers A:B with A <= B <= {L})"
+    cases = [(("--tokens", f"{T + 9}:"), f"token range [{T + 9}, end) {tok}"),
+             (("--tokens", "0:99999999999"), f"token range [0, 99999999999) {tok}"),
+             (("--tokens", f"0:{T + 1}"), f"token range [0, {T + 1}) {tok}"),
+             (("--tokens", f"{T + 9}:{T + 20}"), f"token range [{T + 9}, {T + 20}) {tok}"),
+             (("--tokens", "10:5"), f"token range [10, 5) {tok}"),
+             (("--layers", f"0:{L + 3}"), f"layer range [0, {L + 3}) {lay}"),
+             (("--layers", f"{L + 1}:"), f"layer range [{L + 1}, end) {lay}")]
+    for args, msg in cases:
+        for fetch in ("local", "server"):
+            out = _kvtierctl(daemon, "get", s, "--out-k", str(out_k), *args, fetch=fetch)
+            assert (out.returncode, out.stdout, out.stderr) == (
+                2, "", f"kvtierctl: get {s}: {msg}\n"), (fetch, args)
+            assert not out_k.exists()
+    # the edges are inside: an empty range at the end, the whole session
+    for args in (("--tokens", f"{T}:"), ("--tokens", f"0:{T}"), ("--layers", f"{L}:")):
+        out = _kvtierctl(daemon, "get", s, "--out-k", str(out_k), *args)
+        assert out.returncode == 0, (args, out.stderr)
+
+
 def test_prefetch(client, sid):
     s = sid()
     info = client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"))
