@@ -346,19 +346,22 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 	block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
 }
 
-/* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4, head_dim 128 ----------------
+/* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4 and 3-bit keys with 2-bit
+ * values, head_dim 64 / 128 / 256 (64, 256 and 3-bit keys since session 15) -------------------
  *
  * mma.sync m16n8k16 (f16 in, f32 accumulate). Keys: A = codes [16 tokens][16 channels] read
  * straight from the packed rows (each quad of lanes shares a token row, each lane 1/4 of it;
  * channels c and c + 16/BITS of a 32-bit word sit at bits b and b + 16, so one shift, one
- * and-or and one subtraction make a pair of f16 codes), B = w = q' * s split into f16 hi +
+ * and-or and one subtraction make a pair of f16 codes; 3-bit keys add the high plane's two
+ * bits, codes3_h2), B = w = q' * s split into f16 hi +
  * lo parts (two MMAs, ~fp32 products) with the channel order matching A's; 8 query heads
  * per item. Values: A = p * s_v (hi + lo), rows = query heads, B = codes [16 tokens][8
  * channels of one value group] staged through shared memory. Softmax is online per warp.
  */
 #define RQ8 8
-/* rotated query rows in shared memory, padded so that lane (gid, tig) reading channel
- * tig*32 + c of row gid hits bank (gid + 8*tig + c) % 32: no conflicts */
+/* rotated query rows in shared memory, padded so that (d128) lane (gid, tig) reading channel
+ * tig*32 + c of row gid hits bank (gid + 8*tig + c) % 32: no conflicts (d64 and d256 use the
+ * same padding; their strides are also 1 mod 32) */
 #define QR_STRIDE(D) ((D) <= 128 ? 161 : (D) + (D) / 4 + 1) /* = 1 mod 32 */
 #define QR_AT(q, c, D) ((q) * QR_STRIDE(D) + (c) + ((c) / 32) * 8)
 
