@@ -82,21 +82,36 @@ static int parse_u32(const char *s, uint32_t *out)
 	return 0;
 }
 
-static int parse_range(const char *s, uint64_t *a, uint64_t *b)
+/* [s, end) as a decimal number <= max: digits only (strtoull would take a sign, so "-1" was
+ * 2^64 - 1, and leading blanks), no overflow */
+static int parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out)
 {
-	char *e;
+	uint64_t v = 0;
+	if (s == end)
+		return -EINVAL;
+	for (; s < end; s++) {
+		if (*s < '0' || *s > '9' || v > (max - (uint64_t)(*s - '0')) / 10)
+			return -EINVAL;
+		v = v * 10 + (uint64_t)(*s - '0');
+	}
+	*out = v;
+	return 0;
+}
+
+/* "A:B", ":B", "A:" or ":" with A, B decimal and <= max; an absent B is KVT_CLIENT_END */
+static int parse_range(const char *s, uint64_t max, uint64_t *a, uint64_t *b)
+{
 	const char *colon = strchr(s, ':');
 	if (!colon)
 		return -EINVAL;
-	*a = colon == s ? 0 : strtoull(s, &e, 10);
-	if (colon != s && e != colon)
+	*a = 0;
+	if (colon != s && parse_dec(s, colon, max, a))
 		return -EINVAL;
 	if (!colon[1]) {
 		*b = KVT_CLIENT_END;
 		return 0;
 	}
-	*b = strtoull(colon + 1, &e, 10);
-	return *e ? -EINVAL : 0;
+	return parse_dec(colon + 1, colon + 1 + strlen(colon + 1), max, b);
 }
 
 static double now_s(void)
@@ -503,14 +518,24 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 			kpath = argv[++i];
 		else if (!strcmp(argv[i], "--out-v") && i + 1 < argc)
 			vpath = argv[++i];
-		else if (!strcmp(argv[i], "--tokens") && i + 1 < argc && !parse_range(argv[i + 1], &a, &b)) {
-			r.token_begin = a;
-			r.token_end = b;
-			i++;
-		} else if (!strcmp(argv[i], "--layers") && i + 1 < argc &&
-			   !parse_range(argv[i + 1], &a, &b) && a <= UINT32_MAX) {
-			r.layer_begin = (uint32_t)a;
-			r.layer_end = b == KVT_CLIENT_END ? KVT_CLIENT_ALL_LAYERS : (uint32_t)b;
+		else if ((!strcmp(argv[i], "--tokens") || !strcmp(argv[i], "--layers")) &&
+			 i + 1 < argc) {
+			/* token indices up to 2^64 - 2 (2^64 - 1 is KVT_CLIENT_END), layers up to
+			 * 2^32 - 2 (a larger end was cut to 32 bits: 0:4294967298 read as 0:2) */
+			const int tokens = argv[i][2] == 't';
+			const uint64_t max = tokens ? UINT64_MAX - 1 : UINT32_MAX - 1;
+			if (parse_range(argv[i + 1], max, &a, &b)) {
+				fprintf(stderr, "kvtierctl: get %s \"%s\": expected A:B, A: or :B with A and B "
+					"decimal numbers <= %" PRIu64 "\n", argv[i], argv[i + 1], max);
+				return 2;
+			}
+			if (tokens) {
+				r.token_begin = a;
+				r.token_end = b;
+			} else {
+				r.layer_begin = (uint32_t)a;
+				r.layer_end = b == KVT_CLIENT_END ? KVT_CLIENT_ALL_LAYERS : (uint32_t)b;
+			}
 			i++;
 		} else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
 			int d = kvt_dtype_parse(argv[++i]);

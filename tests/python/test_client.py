@@ -959,6 +959,33 @@ def test_kvtierctl_get_range_errors(client, daemon, sid, rng, tmp_path):
         assert out.returncode == 0, (args, out.stderr)
 
 
+def test_kvtierctl_get_range_syntax(client, daemon, sid, rng, tmp_path):
+    """kvtierctl get takes --tokens / --layers ranges as decimal A:B only: a sign, blanks,
+    hex, an overflow or a layer index past 2^32 - 2 is refused by name (exit 2, nothing
+    written). Before: "-1:" read as 2^64 - 1, " 5:" as 5, and --layers 0:4294967298 as 0:2."""
+    L, H, d, T = 2, 2, 64, 40
+    s = sid()
+    client.open_session(s, n_layers=L, n_kv_heads=H, head_dim=d, dtype="f16")
+    k, v = _fill(rng, L, T, H, d, "f16")
+    client.append(s, k, v)
+    out_k = tmp_path / "k.npy"
+    tmax, lmax = 2**64 - 2, 2**32 - 2
+    for flag, arg, mx in (("--tokens", "-1:", tmax), ("--tokens", " 5:", tmax),
+                          ("--tokens", "0x10:", tmax), ("--tokens", "5", tmax),
+                          ("--tokens", "1:+3", tmax), ("--tokens", "18446744073709551615:", tmax),
+                          ("--tokens", "0:99999999999999999999", tmax),
+                          ("--layers", "0:4294967298", lmax), ("--layers", "4294967295:", lmax)):
+        out = _kvtierctl(daemon, "get", s, "--out-k", str(out_k), flag, arg)
+        assert (out.returncode, out.stdout, out.stderr) == (
+            2, "", f'kvtierctl: get {flag} "{arg}": expected A:B, A: or :B with A and B decimal '
+            f"numbers <= {mx}\n"), (flag, arg)
+        assert not out_k.exists()
+    # the forms that stay: A:B, A:, :B, :
+    for arg in ("3:7", "3:", ":7", ":"):
+        out = _kvtierctl(daemon, "get", s, "--out-k", str(out_k), "--tokens", arg)
+        assert out.returncode == 0, (arg, out.stderr)
+
+
 def test_prefetch(client, sid):
     s = sid()
     info = client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"))
