@@ -4,8 +4,9 @@
  * Fresh random batches each run: several sessions of one codec (every scheme, 2/3/4/8-bit
  * keys and values, equal or not, G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8,
  * f16/bf16/f32 queries), each with a random number of CPU-encoded chunks (the first holds
- * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape; attended in one
- * batched launch. The reference is naive attention in double over kvt_decode_chunk's output
+ * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape, the INT2 kernel's
+ * shapes (fast batches) and the packed tensor-core kernel's (d64 / d256, K3 V2 in f16 or with
+ * GQA 8; each batch must take the kernel its shape selects); attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
  * and the tail; the GPU's relative error ||o - ref|| / ||ref|| must be <= 1e-3 (fp32
  * accumulation). kvt_attend (the CPU kernel) is checked against the same reference. Exits
  * 77 when there is no GPU.
