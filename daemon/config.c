@@ -810,18 +810,13 @@ void kvt_config_print(FILE *out, const struct kvt_config *cfg,
 		if (sources)
 			fprintf(out, "  # %s", source_name(sources[i]));
 		if (opts[i].offset == OFF(socket_path)) {
-			char path[KVT_CONFIG_STR_MAX + 32];
+			char path[KVT_CONFIG_STR_MAX + 32], shown[4 * sizeof path];
 			kvt_config_socket_path(cfg, path, sizeof path);
-			fprintf(out, "%s listening on ", sources ? ";" : "  #");
 			/* $RUNTIME_DIRECTORY is not checked like the options: a newline in it
-			 * must not end this comment and start an option line. */
-			for (const char *p = path; *p; p++) {
-				unsigned char ch = (unsigned char)*p;
-				if (ch < 0x20 || ch == 0x7f)
-					fprintf(out, "\\x%02x", ch);
-				else
-					fputc(ch, out);
-			}
+			 * must not end this comment and start an option line (shown holds every
+			 * byte escaped, so esc never cuts it) */
+			fprintf(out, "%s listening on %s", sources ? ";" : "  #",
+				esc(shown, sizeof shown, path, sizeof path));
 		}
 		if (opts[i].offset == OFF(default_key_rounding)) {
 			/* Name the preset the default codec spells, if any. */

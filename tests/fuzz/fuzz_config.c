@@ -1186,6 +1186,18 @@ static void bad_name(char *out, size_t cap, bool for_flag)
 
 static int rand_line_pos(const struct scen *s) { return (int)rb((uint32_t)s->n_lines + 1); }
 
+/* an existing line of s, or (one time in n, and always when s has none) a new filler line at
+ * a random place; NULL when s is full */
+static struct line *some_line(struct scen *s, uint32_t n)
+{
+	if (s->n_lines && coin(n) == false)
+		return &s->lines[rb((uint32_t)s->n_lines)];
+	struct line *L = line_insert(s, rand_line_pos(s));
+	if (L)
+		render_filler(L);
+	return L;
+}
+
 /* an existing option line, or -1 */
 static int pick_opt_line(const struct scen *s)
 {
@@ -1271,15 +1283,9 @@ static bool mutate(struct scen *s, enum mkind k)
 		return true;
 	}
 	case M_LONG: {
-		struct line *L;
-		if (s->n_lines && coin(3) == false) {
-			L = &s->lines[rb((uint32_t)s->n_lines)];
-		} else {
-			L = line_insert(s, rand_line_pos(s));
-			if (!L)
-				return false;
-			render_filler(L);
-		}
+		struct line *L = some_line(s, 3);
+		if (!L)
+			return false;
 		static const int targets[] = {1021, 1022, 1022, 1023, 1023, 1024, 1100, 1300};
 		const size_t T = (size_t)PICK(targets), cur = L->n + (s->crlf ? 1 : 0);
 		if (T <= cur)
@@ -1295,15 +1301,9 @@ static bool mutate(struct scen *s, enum mkind k)
 		return true;
 	}
 	case M_NUL: {
-		struct line *L;
-		if (s->n_lines && coin(4) == false) {
-			L = &s->lines[rb((uint32_t)s->n_lines)];
-		} else {
-			L = line_insert(s, rand_line_pos(s));
-			if (!L)
-				return false;
-			render_filler(L);
-		}
+		struct line *L = some_line(s, 4);
+		if (!L)
+			return false;
 		const size_t off = rb((uint32_t)L->n + 1);
 		if (!line_ins(L, off, "", 1, 0))
 			return false;
