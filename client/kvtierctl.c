@@ -494,6 +494,22 @@ out:
 	return rc;
 }
 
+/* [begin, end) (open: up to the end) inside a session of n tokens or layers (what: "token" or
+ * "layer", named by flag)? Else says so on stderr, naming the range and n. */
+static int range_inside(const char *id, const char *what, const char *flag, uint64_t begin,
+			uint64_t end, int open, uint64_t n)
+{
+	if (begin <= (open ? n : end) && (open || end <= n))
+		return 1;
+	char e[32] = "end";
+	if (!open)
+		snprintf(e, sizeof(e), "%" PRIu64, end);
+	fprintf(stderr, "kvtierctl: get %s: %s range [%" PRIu64 ", %s) is not inside the session's %"
+		PRIu64 " %ss (%s A:B with A <= B <= %" PRIu64 ")\n", id, what, begin, e, n, what, flag,
+		n);
+	return 0;
+}
+
 static int cmd_get(const struct global_opts *g, int argc, char **argv)
 {
 	const char *kpath = NULL, *vpath = NULL, *id;
@@ -562,25 +578,10 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	/* Checked against the session here, before the buffers are sized from the range: a
 	 * range past the end was refused as "empty or reversed" (A: with A past the end) or
 	 * as a shape too large or out of memory (a large B) before the daemon could name it. */
-	if (r.token_begin > (r.token_end == KVT_CLIENT_END ? info.n_tokens : r.token_end) ||
-	    (r.token_end != KVT_CLIENT_END && r.token_end > info.n_tokens)) {
-		char end[32] = "end";
-		if (r.token_end != KVT_CLIENT_END)
-			snprintf(end, sizeof(end), "%" PRIu64, r.token_end);
-		fprintf(stderr, "kvtierctl: get %s: token range [%" PRIu64 ", %s) is not inside the "
-			"session's %" PRIu64 " tokens (--tokens A:B with A <= B <= %" PRIu64 ")\n",
-			id, r.token_begin, end, info.n_tokens, info.n_tokens);
-		rc = 2;
-		goto out;
-	}
-	if (r.layer_begin > (r.layer_end == KVT_CLIENT_ALL_LAYERS ? info.n_layers : r.layer_end) ||
-	    (r.layer_end != KVT_CLIENT_ALL_LAYERS && r.layer_end > info.n_layers)) {
-		char end[32] = "end";
-		if (r.layer_end != KVT_CLIENT_ALL_LAYERS)
-			snprintf(end, sizeof(end), "%u", r.layer_end);
-		fprintf(stderr, "kvtierctl: get %s: layer range [%u, %s) is not inside the "
-			"session's %u layers (--layers A:B with A <= B <= %u)\n",
-			id, r.layer_begin, end, info.n_layers, info.n_layers);
+	if (!range_inside(id, "token", "--tokens", r.token_begin, r.token_end,
+			  r.token_end == KVT_CLIENT_END, info.n_tokens) ||
+	    !range_inside(id, "layer", "--layers", r.layer_begin, r.layer_end,
+			  r.layer_end == KVT_CLIENT_ALL_LAYERS, info.n_layers)) {
 		rc = 2;
 		goto out;
 	}
