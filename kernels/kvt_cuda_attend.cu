@@ -1141,6 +1141,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
 	const char *fp = getenv("KVTIER_CUDA_FOLD_PINS");
 	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
+	const char *ft = getenv("KVTIER_CUDA_FOLD_TAIL");
+	const bool fold_tails = !ft || atoi(ft) != 0;
 	struct kvt_chunk_layout lay0;
 	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
@@ -1313,6 +1315,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				/* chunk runs */
 				uint32_t nc = rq->n_chunks;
 				uint32_t k = (nc + cpi - 1) / cpi;
+				/* folded (session 16): the tail goes to the group's last coded item,
+				 * whose merge attends it (bf16 rows read 16 bytes at a time, so only
+				 * 16-byte aligned tails; KVTIER_CUDA_FOLD_TAIL=0: exact items, A/B) */
+				const bool fold_tail = fold && fold_tails && k && rq->n_tail &&
+						       !(((uintptr_t)rq->tail_k_dev |
+							  (uintptr_t)rq->tail_v_dev) & 15);
 				for (uint32_t s = 0; s < k; s++) {
 					uint32_t b0 = (uint32_t)((uint64_t)nc * s / k);
 					uint32_t b1 = (uint32_t)((uint64_t)nc * (s + 1) / k);
@@ -1332,6 +1340,16 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						GROW(pins, n_pins, cap_pins);
 						pins[n_pins++] = pinned_item(base, cd);
 					}
+					for (uint32_t t0 = 0; fold_tail && s == k - 1 && t0 < rq->n_tail;
+					     t0 += 1024) {
+						GROW(pins, n_pins, cap_pins);
+						att_item_dev *x = &pins[n_pins++];
+						*x = base;
+						x->kind = ITEM_TAIL;
+						x->count = rq->n_tail - t0 < 1024 ? rq->n_tail - t0 : 1024;
+						x->xk = (const uint8_t *)rq->tail_k_dev + (size_t)t0 * H * D * ws;
+						x->xv = (const uint8_t *)rq->tail_v_dev + (size_t)t0 * H * D * ws;
+					}
 					items[n_items - 1].xn = (uint32_t)n_pins - items[n_items - 1].xb;
 				}
 				/* folded: the coded items' partials are in the original basis */
@@ -1344,8 +1362,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					GROW(items, n_items, cap_items);
 					items[n_items++] = pinned_item(base, cd);
 				}
-				/* the tail, in runs of at most 1024 tokens */
-				for (uint32_t t0 = 0; t0 < rq->n_tail; t0 += 1024) {
+				/* the tail, in runs of at most 1024 tokens (unless folded) */
+				for (uint32_t t0 = 0; !fold_tail && t0 < rq->n_tail; t0 += 1024) {
 					GROW(items, n_items, cap_items);
 					att_item_dev *it = &items[n_items++];
 					*it = base;

@@ -18,7 +18,13 @@
 #define ATT_WARPS (ATT_THREADS / 32)
 #define RQ 4 /* query heads per item */
 
-enum { ITEM_CODED = 0, ITEM_EXACT = 1, ITEM_NONE_CHUNKS = 2 };
+enum {
+	ITEM_CODED = 0,
+	ITEM_EXACT = 1,
+	ITEM_NONE_CHUNKS = 2,
+	ITEM_TAIL = 3, /* a run of a request's exact tail folded into a coded item (p.fold): never
+			* launched, a descriptor in the item's [xb, xb + xn) after its pins */
+};
 
 struct att_req_dev {
 	const void *q;
@@ -40,7 +46,8 @@ struct att_item_dev {
 	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
 	/* folded pins (p.fold, coded items of the keys-as-B INT2 kernel): the pinned tokens of
 	 * the item's chunks are ITEM_EXACT descriptors [xb, xb + xn) of the items array, past
-	 * the launched ones; the item's block attends them in its merge */
+	 * the launched ones, followed on a group's last coded item by ITEM_TAIL descriptors of
+	 * the request's tail (session 16); the item's block attends them in its merge */
 	uint32_t xb, xn;
 };
 
@@ -234,10 +241,9 @@ __device__ __forceinline__ bool softmax_unit(warp_state<EPL, N> &st, const float
 	return any;
 }
 
-/* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
- * logits against the scaled original-basis query qo [N][D]. */
+/* attend_rows for rows that are not 16-byte aligned: one element load at a time */
 template <int D, int N>
-__device__ void attend_rows(const att_params_base &p, warp_state<D / 32, N> &st, const uint8_t *k,
+__device__ void attend_rows_scalar(const att_params_base &p, warp_state<D / 32, N> &st, const uint8_t *k,
 			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
 			    float *pbuf, int lane)
 {
@@ -283,6 +289,137 @@ __device__ void attend_rows(const att_params_base &p, warp_state<D / 32, N> &st,
 		}
 		__syncwarp();
 	}
+}
+
+/* NW 32-bit words at p, as vector loads (p aligned to min(16, 4 NW) bytes) */
+template <int NW>
+__device__ __forceinline__ void rows_ld_words(const uint8_t *p, uint32_t (&w)[NW])
+{
+	if constexpr (NW == 1) {
+		w[0] = __ldg((const unsigned int *)p);
+	} else if constexpr (NW == 2) {
+		const uint2 x = __ldg((const uint2 *)p);
+		w[0] = x.x;
+		w[1] = x.y;
+	} else {
+		static_assert(NW % 4 == 0, "whole 16-byte pieces");
+#pragma unroll
+		for (int i = 0; i < NW / 4; i++) {
+			const uint4 x = __ldg((const uint4 *)p + i);
+			w[4 * i] = x.x;
+			w[4 * i + 1] = x.y;
+			w[4 * i + 2] = x.z;
+			w[4 * i + 3] = x.w;
+		}
+	}
+}
+
+/* the elements in NW words of dtype DT (f16 / bf16: two per word, the low half first) */
+template <uint32_t DT, int NW>
+__device__ __forceinline__ void rows_widen(const uint32_t (&w)[NW], float *x)
+{
+#pragma unroll
+	for (int i = 0; i < NW; i++) {
+		if constexpr (DT == KVT_DTYPE_F32) {
+			x[i] = __uint_as_float(w[i]);
+		} else if constexpr (DT == KVT_DTYPE_BF16) {
+			x[2 * i] = __uint_as_float(w[i] << 16);
+			x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+		} else {
+			const float2 f = __half22float2(*(const __half2 *)&w[i]);
+			x[2 * i] = f.x;
+			x[2 * i + 1] = f.y;
+		}
+	}
+}
+
+/* attend_rows with the row dtype fixed and 16-byte aligned rows: the key pass reads a lane's
+ * row 16 bytes at a time against float4s of the query (two partial sums per head for
+ * shorter FMA chains), the value pass a lane's EPL channels of a row in one load (session
+ * 16: the element-at-a-time loop with a dtype switch per element made a 127-token tail take
+ * longer than the 4096 INT2 units beside it) */
+template <int D, int N, uint32_t DT>
+__device__ void attend_rows_vec(warp_state<D / 32, N> &st, const uint8_t *k, const uint8_t *v,
+				uint32_t n, size_t stride, const float *qo, float *pbuf, int lane)
+{
+	constexpr int EPL = D / 32;
+	constexpr int WS = DT == KVT_DTYPE_F32 ? 4 : 2; /* bytes per element */
+	constexpr int VE = 16 / WS;                      /* elements per 16-byte piece */
+	constexpr int NWV = EPL * WS / 4;                /* words of a lane's value channels */
+	const size_t sb = stride * WS;
+	for (uint32_t t0 = 0; t0 < n; t0 += 32) {
+		const uint32_t t = t0 + lane;
+		float lg[N];
+#pragma unroll
+		for (int q = 0; q < N; q++)
+			lg[q] = -INFINITY;
+		if (t < n) {
+			const uint8_t *r = k + (size_t)t * sb;
+			float a0[N], a1[N];
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				a0[q] = a1[q] = 0.0f;
+#pragma unroll 1 /* registers: the INT2 kernel's budget is its unit loop's */
+			for (int j = 0; j < D / VE; j++) {
+				uint32_t w[4];
+				rows_ld_words<4>(r + j * 16, w);
+				float x[VE];
+				rows_widen<DT, 4>(w, x);
+#pragma unroll
+				for (int q = 0; q < N; q++) {
+					const float4 *qq = (const float4 *)(qo + q * D + j * VE);
+#pragma unroll
+					for (int e = 0; e < VE / 4; e++) {
+						const float4 c = qq[e];
+						a0[q] = fmaf(c.x, x[4 * e], a0[q]);
+						a1[q] = fmaf(c.y, x[4 * e + 1], a1[q]);
+						a0[q] = fmaf(c.z, x[4 * e + 2], a0[q]);
+						a1[q] = fmaf(c.w, x[4 * e + 3], a1[q]);
+					}
+				}
+			}
+#pragma unroll
+			for (int q = 0; q < N; q++)
+				lg[q] = a0[q] + a1[q];
+		}
+		__syncwarp();
+		if (!softmax_unit<EPL, N>(st, lg, pbuf, lane))
+			continue;
+		const uint32_t m = min(32u, n - t0);
+		const uint8_t *vr = v + (size_t)t0 * sb + (size_t)lane * EPL * WS;
+#pragma unroll 2
+		for (uint32_t jj = 0; jj < m; jj++) {
+			uint32_t w[NWV];
+			rows_ld_words<NWV>(vr + jj * sb, w);
+			float x[EPL];
+			rows_widen<DT, NWV>(w, x);
+#pragma unroll
+			for (int q = 0; q < N; q++) {
+				const float pq = pbuf[jj * N + q];
+#pragma unroll
+				for (int e = 0; e < EPL; e++)
+					st.acc[q][e] = fmaf(pq, x[e], st.acc[q][e]);
+			}
+		}
+		__syncwarp();
+	}
+}
+
+/* Exact rows (pins, tail, scheme none): token j at k + j*stride (elements, head applied),
+ * logits against the scaled original-basis query qo [N][D] (16-byte aligned). */
+template <int D, int N>
+__device__ void attend_rows(const att_params_base &p, warp_state<D / 32, N> &st, const uint8_t *k,
+			    const uint8_t *v, uint32_t n, size_t stride, const float *qo,
+			    float *pbuf, int lane)
+{
+	if (((uintptr_t)k | (uintptr_t)v) & 15)
+		attend_rows_scalar<D, N>(p, st, k, v, n, stride, qo, pbuf, lane);
+	else if (p.dtype == KVT_DTYPE_BF16)
+		attend_rows_vec<D, N, KVT_DTYPE_BF16>(st, k, v, n, stride, qo, pbuf, lane);
+	else if (p.dtype == KVT_DTYPE_F16)
+		attend_rows_vec<D, N, KVT_DTYPE_F16>(st, k, v, n, stride, qo, pbuf, lane);
+	else
+		attend_rows_vec<D, N, KVT_DTYPE_F32>(st, k, v, n, stride, qo, pbuf, lane);
 }
 
 /* Writes a warp's lane-per-channel state to the block's reduction arrays. */

@@ -1139,7 +1139,8 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
 {
 	uint32_t np = 0;
 	auto rows = [&](const att_item_dev &xi) {
-		const uint32_t n = min(xi.count, I3_PMAX - np);
+		/* a folded tail (after the pins) is read in the merge, not staged */
+		const uint32_t n = xi.kind == ITEM_TAIL ? 0 : min(xi.count, I3_PMAX - np);
 		for (uint32_t i = threadIdx.x; i < n * 32; i += ATT_THREADS) {
 			const uint32_t t = i >> 5, kv = (i >> 4) & 1, pc = i & 15;
 			const uint8_t *src = (kv ? xi.xv : xi.xk) +
@@ -1163,6 +1164,83 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
  * red_m / red_l [ATT_WARPS][RQ], warp w's partial at red_acc + w * wstride ([RQ][D]); the
  * pinned rows staged are visible (waited and synced by the caller's cp_async_wait_all and the
  * barrier here). */
+/* a folded tail run (ITEM_TAIL) in the fold merge of warp q (head q; lane: channels lane*EPL..),
+ * 32 tokens at a time: the logits by half warps (half h: tokens 16h + i, i = 0..15, each lane
+ * 16 bytes of the row, so every load is two whole rows; summed over the half by shuffles and
+ * kept by lane 16h + i), one online-softmax step for the 32, then the value rows (weights by
+ * shuffle, the lane's channels). bf16 rows, 16-byte aligned (the plan folds no other tail).
+ * Before session 16 a tail was exact items of its own: blocks with a full prologue, and a
+ * combine where the group had been one item (127 tail tokens: INT2 1 x 131072 64.0 us
+ * instead of 38.9, 48 x 4096 102.6 instead of 53.3; docs/gpu.md "Session 16"). Measured and
+ * not taken: a lane reading its own row (32 rows in flight per load: ~3 us per 32 tokens),
+ * and the tail split over the warps for every head with a second merge through shared
+ * memory (its registers cost the unit loops 2-3 us in every case). */
+template <int D>
+__device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item_dev &it,
+					     const att_item_dev &xi, const float *qv, float &M,
+					     float &L, float (&a)[D / 32], int lane)
+{
+	constexpr int EPL = D / 32, VB = 16; /* value rows in flight */
+	static_assert(EPL == 4 && D / 8 == 16, "d 128: 4 channels a lane, a row in 16 pieces");
+	const size_t sb = (size_t)p.H * D * 2; /* bytes per token row */
+	const int half = lane >> 4, piece = lane & 15;
+	const uint8_t *kb = xi.xk + (size_t)it.kv_head * D * 2 + piece * 16;
+	const uint8_t *vb = xi.xv + (size_t)it.kv_head * D * 2 + lane * EPL * 2;
+	const float4 c0 = *(const float4 *)(qv + 8 * piece);
+	const float4 c1 = *(const float4 *)(qv + 8 * piece + 4);
+	for (uint32_t t0 = 0; t0 < xi.count; t0 += 32) {
+		const uint32_t n = min(32u, xi.count - t0);
+		uint4 w[16];
+#pragma unroll
+		for (int i = 0; i < 16; i++) {
+			const uint32_t r = 16 * half + i;
+			w[i] = r < n ? __ldg((const uint4 *)(kb + (size_t)(t0 + r) * sb))
+				     : make_uint4(0u, 0u, 0u, 0u);
+		}
+		float s = -INFINITY;
+#pragma unroll
+		for (int i = 0; i < 16; i++) {
+			float x = c0.x * __uint_as_float(w[i].x << 16);
+			x = fmaf(c0.y, __uint_as_float(w[i].x & 0xffff0000u), x);
+			x = fmaf(c0.z, __uint_as_float(w[i].y << 16), x);
+			x = fmaf(c0.w, __uint_as_float(w[i].y & 0xffff0000u), x);
+			x = fmaf(c1.x, __uint_as_float(w[i].z << 16), x);
+			x = fmaf(c1.y, __uint_as_float(w[i].z & 0xffff0000u), x);
+			x = fmaf(c1.z, __uint_as_float(w[i].w << 16), x);
+			x = fmaf(c1.w, __uint_as_float(w[i].w & 0xffff0000u), x);
+			x += __shfl_xor_sync(KVT_FULL_MASK, x, 8);
+			x += __shfl_xor_sync(KVT_FULL_MASK, x, 4);
+			x += __shfl_xor_sync(KVT_FULL_MASK, x, 2);
+			x += __shfl_xor_sync(KVT_FULL_MASK, x, 1);
+			if (piece == i && (uint32_t)lane < n)
+				s = x;
+		}
+		const float Mn = fmaxf(M, warp_max(s));
+		const float fo = __expf(M - Mn); /* exp(-inf) = 0 */
+		const float pt = (uint32_t)lane < n ? __expf(s - Mn) : 0.0f;
+		L = fmaf(L, fo, warp_sum(pt));
+		M = Mn;
+#pragma unroll
+		for (int e = 0; e < EPL; e++)
+			a[e] *= fo;
+		for (uint32_t j0 = 0; j0 < n; j0 += VB) { /* uniform */
+			uint2 vv[VB];
+#pragma unroll
+			for (int j = 0; j < VB; j++)
+				vv[j] = j0 + j < n ? __ldg((const uint2 *)(vb + (size_t)(t0 + j0 + j) * sb))
+						   : make_uint2(0u, 0u);
+#pragma unroll
+			for (int j = 0; j < VB; j++) {
+				const float pj = __shfl_sync(KVT_FULL_MASK, pt, j0 + j); /* 0 past n */
+				a[0] = fmaf(pj, __uint_as_float(vv[j].x << 16), a[0]);
+				a[1] = fmaf(pj, __uint_as_float(vv[j].x & 0xffff0000u), a[1]);
+				a[2] = fmaf(pj, __uint_as_float(vv[j].y << 16), a[2]);
+				a[3] = fmaf(pj, __uint_as_float(vv[j].y & 0xffff0000u), a[3]);
+			}
+		}
+	}
+}
+
 template <int D>
 __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
 					      const float *red_m, const float *red_l,
@@ -1197,6 +1275,10 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 		uint32_t j = 0; /* pinned token index over the item's descriptors */
 		for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
 			const att_item_dev xi = p.items[x];
+			if (xi.kind == ITEM_TAIL) {
+				i3_tail_rows<D>(p, it, xi, qo + q * D, M, L, a, lane);
+				continue;
+			}
 			for (uint32_t t = 0; t < xi.count; t++, j++) {
 				uint2 kk, vv;
 				if (j < np) {
@@ -1358,7 +1440,11 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t t0 = min(it.count, warp * per), t1 = min(it.count, t0 + per);
 		size_t ws = p.dtype == KVT_DTYPE_F32 ? 4 : 2;
 		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
-		attend_rows<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf, lane);
+		/* element loads, as before session 16: this kernel's unit loop is compiled
+		 * around this branch (with the vector form its 3-bit-key loop ran 2-3% slower);
+		 * tails are folded into the coded items' merge instead (i3_tail_rows) */
+		attend_rows_scalar<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf,
+					  lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
 	}
 	if (lane == 0)

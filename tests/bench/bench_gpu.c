@@ -1,7 +1,7 @@
 /*
  * bench_gpu.c - `kvtier-bench gpu`.
  *
- *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only] [--codec-only]
+ *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only] [--codec-only] [--schemes-only]
  *
  * Measures, on device 0:
  *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
@@ -35,6 +35,7 @@ static kvt_cuda_ctx *ctx;
 static int iters = 30;
 static int attend_only; /* --attend-only: the INT2 G32 and K3 V2 G64 attention cases alone (A/B runs) */
 static int codec_only;  /* --codec-only: copy + encode/decode alone (A/B runs, ncu) */
+static int schemes_only; /* --schemes-only: copy + bench_other_schemes alone */
 static char err[512];
 
 static double now_s(void)
@@ -182,13 +183,35 @@ static int run_att(void *p)
 static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
 	"cuda_cores", "mma", "mma_i2_v1", "mma_i2", "mma_i2_bulk", "mma_i2_swapped"};
 
-/* key_bits = bits, value_bits = vbits (the default codec kvtier-int2 splits them 3 / 2) */
-static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
-			      int tokens, uint32_t D, uint32_t dtype, double copy_bw)
+static const char *scheme_name(uint32_t scheme)
 {
+	switch (scheme) {
+	case KVT_SCHEME_NONE: return "none";
+	case KVT_SCHEME_KIVI: return "kivi";
+	case KVT_SCHEME_HADAMARD: return "hadamard";
+	default: return "oscar";
+	}
+}
+
+/* One attention case: batch sessions of `tokens` encoded tokens (bits = key bits, vbits =
+ * value bits: the default codec kvtier-int2 splits them 3 / 2; scheme none stores exact
+ * values, bits 16), plus `tail` exact tokens after the chunks (a session's unsealed tail) */
+struct att_case {
+	uint32_t scheme, bits, vbits, group, B, D, dtype;
+	int batch, tokens;
+	uint32_t tail;
+};
+
+static int bench_attend_case(const struct att_case *ac, double copy_bw)
+{
+	const uint32_t scheme = ac->scheme, bits = ac->bits, vbits = ac->vbits, group = ac->group;
+	const uint32_t B = ac->B, D = ac->D, dtype = ac->dtype, tail = ac->tail;
+	const int batch = ac->batch, tokens = ac->tokens;
 	const uint32_t H = 8, HQ = 32;
 	struct kvt_codec_config cfg;
 	kvt_codec_config_default(&cfg, 1, H, D, dtype);
+	cfg.scheme = scheme;
+	cfg.rotate_v = scheme == KVT_SCHEME_HADAMARD || scheme == KVT_SCHEME_OSCAR;
 	cfg.key_bits = bits;
 	cfg.value_bits = vbits;
 	cfg.group = group;
@@ -197,7 +220,7 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 	const size_t row = (size_t)H * D, per_in = (size_t)B * row * 2;
 	const uint32_t nc = (uint32_t)tokens / B;
 	const size_t cap = kvt_chunk_max_bytes(&cfg);
-	void *din = NULL, *tmpl = NULL, *arena = NULL, *qd = NULL, *outd = NULL;
+	void *din = NULL, *tmpl = NULL, *arena = NULL, *qd = NULL, *outd = NULL, *taild = NULL;
 	uint16_t *hin = malloc(per_in * N_TEMPLATES * 2);
 	struct kvt_chunk_header *hdrs = calloc((size_t)batch * nc, sizeof(*hdrs));
 	const struct kvt_chunk_header **hp = calloc((size_t)batch * nc, sizeof(*hp));
@@ -264,12 +287,35 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 	free(hq);
 	if (qrc || kvt_cuda_alloc(ctx, qn * 4, &outd, err, sizeof(err)))
 		goto out;
+	/* each session's exact tail: [t][H][d] keys then values, random rows of the templates'
+	 * input (tail < B, so one template's keys hold it) */
+	const size_t tail_bytes = (size_t)tail * row * 2;
+	if (tail) {
+		if (tail >= B) {
+			snprintf(err, sizeof(err), "tail %u is not below B %u", tail, B);
+			goto out;
+		}
+		if (kvt_cuda_alloc(ctx, tail_bytes * 2 * batch, &taild, err, sizeof(err)))
+			goto out;
+		for (int b = 0; b < batch; b++)
+			for (int kv = 0; kv < 2; kv++) {
+				const uint8_t *src = (const uint8_t *)din +
+						     (size_t)(b % N_TEMPLATES) * 2 * per_in +
+						     (size_t)kv * per_in;
+				if (kvt_cuda_copy_async(ctx, (uint8_t *)taild + ((size_t)b * 2 + kv) * tail_bytes,
+							src, tail_bytes, err, sizeof(err)))
+					goto out;
+			}
+	}
 	for (int b = 0; b < batch; b++)
 		reqs[b] = (struct kvt_cuda_attend_request){
 			.cfg = &cfg, .layer = 0, .n_q_heads = HQ, .softmax_scale = 1.0f / sqrtf((float)D),
 			.q_dev = (uint8_t *)qd + (size_t)b * HQ * D * 2, .q_dtype = KVT_DTYPE_BF16,
 			.chunks_dev = cp + (size_t)b * nc, .chunk_hdrs = hp + (size_t)b * nc,
-			.n_chunks = nc, .out_dev = (float *)outd + (size_t)b * HQ * D};
+			.n_chunks = nc, .out_dev = (float *)outd + (size_t)b * HQ * D,
+			.n_tail = tail,
+			.tail_k_dev = tail ? (uint8_t *)taild + (size_t)b * 2 * tail_bytes : NULL,
+			.tail_v_dev = tail ? (uint8_t *)taild + ((size_t)b * 2 + 1) * tail_bytes : NULL};
 	double tb0 = now_s();
 	if (kvt_cuda_attend_plan_build(ctx, reqs, (size_t)batch, &plan, err, sizeof(err)))
 		goto out;
@@ -282,13 +328,14 @@ static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uin
 		goto out;
 	double bw = (double)info.read_bytes / t;
 	const struct sdpa_row *sr = find_sdpa(batch, tokens, (int)D);
-	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"oscar\",\"dtype\":\"%s\","
-	       "\"bits\":%u,\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,"
+	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"%s\",\"dtype\":\"%s\","
+	       "\"bits\":%u,\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,\"tail\":%u,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
 	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
 	       "\"kernel\":\"%s\"",
-	       dtype == KVT_DTYPE_F16 ? "f16" : "bf16", bits, vbits, group, B, HQ, H, D, batch,
-	       tokens, t * 1e6, info.read_bytes, bw / 1e12,
+	       scheme_name(scheme), dtype == KVT_DTYPE_F16 ? "f16" : "bf16", bits, vbits, group, B,
+	       HQ, H, D, batch,
+	       tokens, tail, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
 	       info.kernel <= KVT_CUDA_ATT_SWAPPED ? kernel_names[info.kernel] : "?");
 	if (sr)
@@ -312,6 +359,7 @@ out:
 	kvt_cuda_free(ctx, arena);
 	kvt_cuda_free(ctx, qd);
 	kvt_cuda_free(ctx, outd);
+	kvt_cuda_free(ctx, taild);
 	free(hin);
 	free(hdrs);
 	free(hp);
@@ -320,9 +368,59 @@ out:
 	return rc;
 }
 
+static int bench_attend_split(uint32_t bits, uint32_t vbits, uint32_t group, uint32_t B, int batch,
+			      int tokens, uint32_t D, uint32_t dtype, double copy_bw)
+{
+	const struct att_case c = {.scheme = KVT_SCHEME_OSCAR, .bits = bits, .vbits = vbits,
+				   .group = group, .B = B, .D = D, .dtype = dtype, .batch = batch,
+				   .tokens = tokens};
+	return bench_attend_case(&c, copy_bw);
+}
+
 static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, double copy_bw)
 {
 	return bench_attend_split(bits, bits, group, 128, batch, tokens, 128, KVT_DTYPE_BF16, copy_bw);
+}
+
+/* exact storage (scheme none: what a session without compression attends over), hadamard's
+ * per-token groups, kivi, 8-bit codes, and the INT2 shapes with an unsealed tail */
+static int bench_other_schemes(double copy_bw)
+{
+	int rc = 0;
+	static const struct att_case others[] = {
+		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072},
+		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 48, .tokens = 4096},
+		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072,
+		 .D = 64},
+		{.scheme = KVT_SCHEME_HADAMARD, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
+		{.scheme = KVT_SCHEME_KIVI, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 8, .vbits = 8, .group = 128, .batch = 1,
+		 .tokens = 131072},
+		/* the benchmark's INT2 shapes with an unsealed tail of 127 exact tokens (B - 1,
+		 * the most a session without a recent window holds) */
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072,
+		 .tail = 127},
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 2, .vbits = 2, .batch = 48, .tokens = 4096,
+		 .tail = 127},
+		/* the default codec (kvtier-int2: K3 V2, G = B = 64) with a 63-token tail */
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 3, .vbits = 2, .group = 64, .B = 64, .batch = 1,
+		 .tokens = 131072, .tail = 63},
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 3, .vbits = 2, .group = 64, .B = 64, .batch = 48,
+		 .tokens = 4096, .tail = 63},
+	};
+	/* KVT_BENCH_TAIL=N: the tail cases with N tokens instead (tuning runs) */
+	const char *te = getenv("KVT_BENCH_TAIL");
+	for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
+		struct att_case c = others[i];
+		if (c.tail && te)
+			c.tail = (uint32_t)atoi(te);
+		c.group = c.group ? c.group : 32;
+		c.B = c.B ? c.B : 128;
+		c.D = c.D ? c.D : 128;
+		c.dtype = KVT_DTYPE_BF16;
+		rc |= bench_attend_case(&c, copy_bw);
+	}
+	return rc;
 }
 
 /* ---- encode / decode ------------------------------------------------------------------------ */
@@ -460,8 +558,10 @@ int kvt_bench_gpu(int argc, char **argv)
 			attend_only = 1;
 		else if (!strcmp(argv[i], "--codec-only"))
 			codec_only = 1;
+		else if (!strcmp(argv[i], "--schemes-only"))
+			schemes_only = 1;
 		else {
-			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only] [--codec-only]\n",
+			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only] [--codec-only] [--schemes-only]\n",
 				argv[0]);
 			return 2;
 		}
@@ -487,6 +587,10 @@ int kvt_bench_gpu(int argc, char **argv)
 	}
 	if (codec_only)
 		goto codec;
+	if (schemes_only) {
+		rc |= bench_other_schemes(bw);
+		goto out;
+	}
 	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
@@ -513,6 +617,7 @@ int kvt_bench_gpu(int argc, char **argv)
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, bw);
 	unsetenv("KVTIER_CUDA_NO_MMA");
+	rc |= bench_other_schemes(bw);
 codec:
 	/* the default (tensor-core encoder since session 6), then the byte-exact encoder
 	 * (KVTIER_CUDA_ENC_EXACT=1), then the session-2 kernels, all against the same copy */

@@ -23,7 +23,8 @@ struct sess {
 	struct kvt_chunk_header *hdrs;
 	const struct kvt_chunk_header **hdr_ptrs;
 	void *tail_k, *tail_v; /* host [n_tail][H][d] of the layer */
-	void *tail_k_dev, *tail_v_dev;
+	void *tail_k_dev, *tail_v_dev; /* allocations; the tail starts tail_off bytes in */
+	size_t tail_off;       /* 0, or one element: rows that are not 16-byte aligned */
 	void *q;               /* host, q dtype */
 	void *q_dev;
 	float *out_dev;
@@ -179,10 +180,15 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			c1.n_layers = 1;
 			random_kv(&c1, (uint64_t)s->n_chunks * B, s->n_tail, s->tail_k, s->tail_v);
 		}
-		rc = rc ? rc : kvt_cuda_alloc(ctx, tb, &s->tail_k_dev, err, sizeof(err));
-		rc = rc ? rc : kvt_cuda_alloc(ctx, tb, &s->tail_v_dev, err, sizeof(err));
-		rc = rc ? rc : kvt_cuda_upload(ctx, s->tail_k_dev, s->tail_k, tb, err, sizeof(err));
-		rc = rc ? rc : kvt_cuda_upload(ctx, s->tail_v_dev, s->tail_v, tb, err, sizeof(err));
+		/* a quarter of the tails one element off 16-byte alignment: the kernels' exact rows
+		 * take vector loads where rows are aligned, element loads where not */
+		s->tail_off = kvt_rand_below(4) == 0 ? ws : 0;
+		rc = rc ? rc : kvt_cuda_alloc(ctx, tb + 16, &s->tail_k_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_alloc(ctx, tb + 16, &s->tail_v_dev, err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_upload(ctx, (uint8_t *)s->tail_k_dev + s->tail_off, s->tail_k, tb,
+					       err, sizeof(err));
+		rc = rc ? rc : kvt_cuda_upload(ctx, (uint8_t *)s->tail_v_dev + s->tail_off, s->tail_v, tb,
+					       err, sizeof(err));
 		/* queries: the keys' scale, so logits spread like a model's */
 		for (size_t i = 0; i < (size_t)nq * d; i++)
 			qf[i] = 1.5f * kvt_rand_normal();
@@ -199,8 +205,10 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			.cfg = &cfg, .layer = s->layer, .n_q_heads = nq, .softmax_scale = scale,
 			.q_dev = s->q_dev, .q_dtype = q_dtype,
 			.chunks_dev = (const void *const *)s->chunks_dev, .chunk_hdrs = s->hdr_ptrs,
-			.n_chunks = s->n_chunks, .tail_k_dev = s->tail_k_dev,
-			.tail_v_dev = s->tail_v_dev, .n_tail = s->n_tail, .out_dev = s->out_dev};
+			.n_chunks = s->n_chunks,
+			.tail_k_dev = (const uint8_t *)s->tail_k_dev + s->tail_off,
+			.tail_v_dev = (const uint8_t *)s->tail_v_dev + s->tail_off, .n_tail = s->n_tail,
+			.out_dev = s->out_dev};
 	}
 	KVT_CHECK(rc == 0, "%s: setup: %s", desc, err);
 	if (!rc) {
