@@ -1061,6 +1061,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	att_req_dev *rds = NULL;
 	att_item_dev *pins = NULL; /* folded pin descriptors, appended to items at the end */
 	size_t n_pins = 0, cap_pins = 0, n_launch = 0;
+	uint32_t n_folded_tails = 0;
 	size_t n_items = 0, cap_items = 0, n_chunks = 0, cap_chunks = 0, n_groups = 0,
 	       cap_groups = 0;
 	kvt_cuda_attend_plan *plan = NULL;
@@ -1346,6 +1347,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						att_item_dev *x = &pins[n_pins++];
 						*x = base;
 						x->kind = ITEM_TAIL;
+						n_folded_tails++;
 						x->count = rq->n_tail - t0 < 1024 ? rq->n_tail - t0 : 1024;
 						x->xk = (const uint8_t *)rq->tail_k_dev + (size_t)t0 * H * D * ws;
 						x->xv = (const uint8_t *)rq->tail_v_dev + (size_t)t0 * H * D * ws;
@@ -1533,6 +1535,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
 		plan->D = D;
 		plan->n_items = (uint32_t)n_launch;
+		plan->folded_tails = n_folded_tails;
 		plan->n_groups = (uint32_t)n_groups;
 		plan->read_bytes = read_bytes;
 	}
@@ -1973,6 +1976,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->chained = pl->chain; /* set for INT2 plans only */
 	info->early = pl->early != 0;
 	info->early_runs = pl->early_runs;
+	info->folded_tails = pl->folded_tails;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

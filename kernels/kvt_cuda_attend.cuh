@@ -156,6 +156,7 @@ struct kvt_cuda_attend_plan {
 			 * the plan's own descriptors, which no kernel writes, and on an early run
 			 * (att_params.early) its first units' chunk bytes) */
 	uint32_t early; /* runs may be early (chain, unless KVTIER_CUDA_EARLY=0); 2: one unit */
+	uint32_t folded_tails; /* ITEM_TAIL descriptors (tail runs attended in coded items' merges) */
 	uint32_t early_runs; /* runs whose INT2 kernel copied chunk bytes before its wait
 			      * (kvt_cuda_attend_plan_info; tests) */
 	uint64_t read_bytes;

@@ -407,6 +407,11 @@ static int bench_other_schemes(double copy_bw)
 		 .tokens = 131072, .tail = 63},
 		{.scheme = KVT_SCHEME_OSCAR, .bits = 3, .vbits = 2, .group = 64, .B = 64, .batch = 48,
 		 .tokens = 4096, .tail = 63},
+		/* ... and at head_dim 64 (SmolLM2's shape; the packed kernel: tails are exact items) */
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 3, .vbits = 2, .group = 64, .B = 64, .batch = 1,
+		 .tokens = 131072, .D = 64},
+		{.scheme = KVT_SCHEME_OSCAR, .bits = 3, .vbits = 2, .group = 64, .B = 64, .batch = 1,
+		 .tokens = 131072, .D = 64, .tail = 63},
 	};
 	/* KVT_BENCH_TAIL=N: the tail cases with N tokens instead (tuning runs) */
 	const char *te = getenv("KVT_BENCH_TAIL");

@@ -67,6 +67,7 @@ static uint32_t fast_kb = 2;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
 static uint32_t kernel_count[KVT_CUDA_ATT_SWAPPED + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
+static uint32_t n_folded_tails; /* tail runs the INT2 kernel's coded items attended */
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -219,6 +220,17 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			kvt_cuda_attend_plan_info(pl, &info);
 			if (info.kernel <= KVT_CUDA_ATT_SWAPPED)
 				kernel_count[info.kernel]++;
+			/* the INT2 kernel folds every 16-byte aligned tail of a session with chunks
+			 * into a coded item (one run per group of query heads); no other plan does */
+			const bool i2k = info.kernel == KVT_CUDA_ATT_KEYS_AS_B ||
+					 info.kernel == KVT_CUDA_ATT_SWAPPED;
+			uint32_t want_folded = 0;
+			for (uint32_t si = 0; si < n_sess && i2k; si++)
+				if (ss[si].n_chunks && ss[si].n_tail && !ss[si].tail_off)
+					want_folded += H * ((R + 3) / 4) * ((ss[si].n_tail + 1023) / 1024);
+			KVT_CHECK(info.folded_tails == want_folded, "%s: %u folded tail runs, want %u",
+				  desc, info.folded_tails, want_folded);
+			n_folded_tails += info.folded_tails;
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
 			 * one run leaves in the plan, e.g. the fused combine's group counters, must
@@ -365,7 +377,10 @@ static void test_fast_path_batches(void)
 	const char *s = getenv("KVT_GPU_FAST_BATCHES");
 	if (s && *s)
 		n = atoi(s);
+	const uint32_t folded0 = n_folded_tails;
 	fast_batches_both_loops("INT2", n);
+	/* most fast batches have sessions with chunks and an aligned tail */
+	KVT_CHECK(n < 8 || n_folded_tails > folded0, "INT2 fast batches: no tail was folded");
 }
 
 /* The fast batches with 3-bit keys and 2-bit values (oscar or kivi, bf16, head_dim 128, G 32,
@@ -523,6 +538,7 @@ int main(void)
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
+	printf("# tail runs folded into the INT2 kernel's coded items: %u\n", n_folded_tails);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();
 }
