@@ -205,9 +205,9 @@ struct kvt_cuda_attend_plan_info {
 	uint32_t early;      /* 1: chained, and its runs may start early (KVTIER_CUDA_EARLY not 0) */
 	uint32_t early_runs; /* runs so far that copied chunk bytes ahead of the kernel before
 			      * them (kvt_cuda_attend_run) */
-	uint32_t folded_tails; /* tail runs (<= 1024 tokens of a request's tail for one group)
-				* attended by the INT2 kernel's coded items instead of items of
-				* their own (16-byte aligned tails, since session 16) */
+	uint64_t folded_tail_tokens; /* tail tokens (summed over the groups of query heads)
+				      * attended by the INT2 kernel's coded items instead of
+				      * items of their own (16-byte aligned tails, session 16) */
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);

@@ -1061,7 +1061,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	att_req_dev *rds = NULL;
 	att_item_dev *pins = NULL; /* folded pin descriptors, appended to items at the end */
 	size_t n_pins = 0, cap_pins = 0, n_launch = 0;
-	uint32_t n_folded_tails = 0;
+	uint64_t n_folded_tails = 0; /* tail tokens x groups */
 	size_t n_items = 0, cap_items = 0, n_chunks = 0, cap_chunks = 0, n_groups = 0,
 	       cap_groups = 0;
 	kvt_cuda_attend_plan *plan = NULL;
@@ -1316,12 +1316,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				/* chunk runs */
 				uint32_t nc = rq->n_chunks;
 				uint32_t k = (nc + cpi - 1) / cpi;
-				/* folded (session 16): the tail goes to the group's last coded item,
-				 * whose merge attends it (bf16 rows read 16 bytes at a time, so only
-				 * 16-byte aligned tails; KVTIER_CUDA_FOLD_TAIL=0: exact items, A/B) */
+				/* folded (session 16): the tail goes to the group's last coded items,
+				 * whose merges attend it (bf16 rows read 16 bytes at a time, so only
+				 * 16-byte aligned tails; KVTIER_CUDA_FOLD_TAIL=0: exact items, A/B):
+				 * runs of ~32 tokens to the last nt items, since a merge takes ~1.7 us
+				 * per 32 tokens and the items run side by side */
 				const bool fold_tail = fold && fold_tails && k && rq->n_tail &&
 						       !(((uintptr_t)rq->tail_k_dev |
 							  (uintptr_t)rq->tail_v_dev) & 15);
+				const uint32_t nt = fold_tail ? min(k, (rq->n_tail + 31) / 32) : 0;
 				for (uint32_t s = 0; s < k; s++) {
 					uint32_t b0 = (uint32_t)((uint64_t)nc * s / k);
 					uint32_t b1 = (uint32_t)((uint64_t)nc * (s + 1) / k);
@@ -1341,14 +1344,17 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						GROW(pins, n_pins, cap_pins);
 						pins[n_pins++] = pinned_item(base, cd);
 					}
-					for (uint32_t t0 = 0; fold_tail && s == k - 1 && t0 < rq->n_tail;
-					     t0 += 1024) {
+					/* item s takes tail run r = s - (k - nt) of nt: [ta, tb) */
+					const uint32_t r = s + nt - k;
+					const uint32_t ta = s + nt >= k ? (uint32_t)((uint64_t)rq->n_tail * r / nt) : 0;
+					const uint32_t tb = s + nt >= k ? (uint32_t)((uint64_t)rq->n_tail * (r + 1) / nt) : 0;
+					for (uint32_t t0 = ta; t0 < tb; t0 += 1024) {
 						GROW(pins, n_pins, cap_pins);
 						att_item_dev *x = &pins[n_pins++];
 						*x = base;
 						x->kind = ITEM_TAIL;
-						n_folded_tails++;
-						x->count = rq->n_tail - t0 < 1024 ? rq->n_tail - t0 : 1024;
+						x->count = tb - t0 < 1024 ? tb - t0 : 1024;
+						n_folded_tails += x->count;
 						x->xk = (const uint8_t *)rq->tail_k_dev + (size_t)t0 * H * D * ws;
 						x->xv = (const uint8_t *)rq->tail_v_dev + (size_t)t0 * H * D * ws;
 					}
@@ -1535,7 +1541,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.inv_sqrt_d = (float)(1.0 / sqrt((double)D));
 		plan->D = D;
 		plan->n_items = (uint32_t)n_launch;
-		plan->folded_tails = n_folded_tails;
+		plan->folded_tail_tokens = n_folded_tails;
 		plan->n_groups = (uint32_t)n_groups;
 		plan->read_bytes = read_bytes;
 	}
@@ -1976,7 +1982,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->chained = pl->chain; /* set for INT2 plans only */
 	info->early = pl->early != 0;
 	info->early_runs = pl->early_runs;
-	info->folded_tails = pl->folded_tails;
+	info->folded_tail_tokens = pl->folded_tail_tokens;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

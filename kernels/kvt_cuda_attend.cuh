@@ -46,8 +46,8 @@ struct att_item_dev {
 	const uint8_t *xk, *xv; /* exact rows (ITEM_EXACT): token 0, head 0 */
 	/* folded pins (p.fold, coded items of the keys-as-B INT2 kernel): the pinned tokens of
 	 * the item's chunks are ITEM_EXACT descriptors [xb, xb + xn) of the items array, past
-	 * the launched ones, followed on a group's last coded item by ITEM_TAIL descriptors of
-	 * the request's tail (session 16); the item's block attends them in its merge */
+	 * the launched ones, followed on a group's last coded items by ITEM_TAIL descriptors
+	 * of runs of the request's tail (session 16); the item's block attends them in its merge */
 	uint32_t xb, xn;
 };
 
@@ -156,7 +156,7 @@ struct kvt_cuda_attend_plan {
 			 * the plan's own descriptors, which no kernel writes, and on an early run
 			 * (att_params.early) its first units' chunk bytes) */
 	uint32_t early; /* runs may be early (chain, unless KVTIER_CUDA_EARLY=0); 2: one unit */
-	uint32_t folded_tails; /* ITEM_TAIL descriptors (tail runs attended in coded items' merges) */
+	uint64_t folded_tail_tokens; /* tail tokens x groups attended in coded items' merges */
 	uint32_t early_runs; /* runs whose INT2 kernel copied chunk bytes before its wait
 			      * (kvt_cuda_attend_plan_info; tests) */
 	uint64_t read_bytes;

@@ -67,7 +67,7 @@ static uint32_t fast_kb = 2;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
 static uint32_t kernel_count[KVT_CUDA_ATT_SWAPPED + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
-static uint32_t n_folded_tails; /* tail runs the INT2 kernel's coded items attended */
+static uint64_t n_folded_tails; /* tail tokens the INT2 kernel's coded items attended */
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -221,16 +221,18 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			if (info.kernel <= KVT_CUDA_ATT_SWAPPED)
 				kernel_count[info.kernel]++;
 			/* the INT2 kernel folds every 16-byte aligned tail of a session with chunks
-			 * into a coded item (one run per group of query heads); no other plan does */
+			 * into its coded items (every token once per group of query heads); no other
+			 * plan does */
 			const bool i2k = info.kernel == KVT_CUDA_ATT_KEYS_AS_B ||
 					 info.kernel == KVT_CUDA_ATT_SWAPPED;
-			uint32_t want_folded = 0;
+			uint64_t want_folded = 0;
 			for (uint32_t si = 0; si < n_sess && i2k; si++)
 				if (ss[si].n_chunks && ss[si].n_tail && !ss[si].tail_off)
-					want_folded += H * ((R + 3) / 4) * ((ss[si].n_tail + 1023) / 1024);
-			KVT_CHECK(info.folded_tails == want_folded, "%s: %u folded tail runs, want %u",
-				  desc, info.folded_tails, want_folded);
-			n_folded_tails += info.folded_tails;
+					want_folded += (uint64_t)H * ((R + 3) / 4) * ss[si].n_tail;
+			KVT_CHECK(info.folded_tail_tokens == want_folded,
+				  "%s: %" PRIu64 " folded tail tokens, want %" PRIu64, desc,
+				  info.folded_tail_tokens, want_folded);
+			n_folded_tails += info.folded_tail_tokens;
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
 			 * one run leaves in the plan, e.g. the fused combine's group counters, must
@@ -538,7 +540,8 @@ int main(void)
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
-	printf("# tail runs folded into the INT2 kernel's coded items: %u\n", n_folded_tails);
+	printf("# tail tokens folded into the INT2 kernel's coded items: %" PRIu64 "\n",
+	       n_folded_tails);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();
 }
