@@ -1344,10 +1344,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						GROW(pins, n_pins, cap_pins);
 						pins[n_pins++] = pinned_item(base, cd);
 					}
-					/* item s takes tail run r = s - (k - nt) of nt: [ta, tb) */
-					const uint32_t r = s + nt - k;
-					const uint32_t ta = s + nt >= k ? (uint32_t)((uint64_t)rq->n_tail * r / nt) : 0;
-					const uint32_t tb = s + nt >= k ? (uint32_t)((uint64_t)rq->n_tail * (r + 1) / nt) : 0;
+					/* the last nt items take tail runs r = 0 .. nt - 1: [ta, tb) */
+					uint32_t ta = 0, tb = 0;
+					if (s + nt >= k) {
+						const uint64_t r = s + nt - k;
+						ta = (uint32_t)(rq->n_tail * r / nt);
+						tb = (uint32_t)(rq->n_tail * (r + 1) / nt);
+					}
 					for (uint32_t t0 = ta; t0 < tb; t0 += 1024) {
 						GROW(pins, n_pins, cap_pins);
 						att_item_dev *x = &pins[n_pins++];

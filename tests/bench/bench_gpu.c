@@ -10,7 +10,10 @@
  *            d 128, bf16 queries, at batch x tokens = 1 x 131072, 8 x 32768, 48 x 4096:
  *            us per step, chunk bytes read per second, the ratio to the copy bandwidth, and
  *            the speedup over torch SDPA bf16 from FILE (bench_gpu_sdpa.py, same machine,
- *            same run);
+ *            same run); then the packed kernel's shapes (d64, d256, f16), the other schemes
+ *            (none, hadamard, kivi, INT8) and the INT2 / K3 V2 cases with an exact tail
+ *            after the chunks, as real sessions hold them (--schemes-only: those alone;
+ *            KVT_BENCH_TAIL=N: tails of N tokens);
  *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
  *   decode   bf16 output bytes per second (the same chunks, every layer and token).
  *   Both measured twice: "kernel":"fast" (default) and "session2" (KVTIER_CUDA_CODEC_OLD=1).
