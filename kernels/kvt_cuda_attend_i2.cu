@@ -1155,15 +1155,6 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
 	return np;
 }
 
-/* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
- * items), adds the pinned tokens (natural-log domain, original-basis scaled query qo) and
- * writes the item's partial, or, when every group of the plan is one item (p.fused 2), the
- * normalised output itself (out: the request's): no partial, no counter, no combine
- * (session 9, H200: -2.4 us per step at 48 x 4096 INT2, -3.4 K3 V2, against the fused
- * combine of one item, which fenced, counted and merged the partial back; docs/gpu.md).
- * red_m / red_l [ATT_WARPS][RQ], warp w's partial at red_acc + w * wstride ([RQ][D]); the
- * pinned rows staged are visible (waited and synced by the caller's cp_async_wait_all and the
- * barrier here). */
 /* a folded tail run (ITEM_TAIL) in the fold merge of warp q (head q; lane: channels lane*EPL..),
  * 32 tokens at a time: the logits by half warps (half h: tokens 16h + i, i = 0..15, each lane
  * 16 bytes of the row, so every load is two whole rows; summed over the half by shuffles and
@@ -1241,6 +1232,16 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
 	}
 }
 
+/* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
+ * items), adds the pinned tokens and the folded tail runs (i3_tail_rows; natural-log domain,
+ * original-basis scaled query qo) and writes the item's partial, or, when every group of the
+ * plan is one item (p.fused 2), the normalised output itself (out: the request's): no
+ * partial, no counter, no combine (session 9, H200: -2.4 us per step at 48 x 4096 INT2, -3.4
+ * K3 V2, against the fused combine of one item, which fenced, counted and merged the partial
+ * back; docs/gpu.md).
+ * red_m / red_l [ATT_WARPS][RQ], warp w's partial at red_acc + w * wstride ([RQ][D]); the
+ * pinned rows staged are visible (waited and synced by the caller's cp_async_wait_all and the
+ * barrier here). */
 template <int D>
 __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
 					      const float *red_m, const float *red_l,
