@@ -337,8 +337,10 @@ __device__ __forceinline__ void rows_widen(const uint32_t (&w)[NW], float *x)
 /* attend_rows with the row dtype fixed and 16-byte aligned rows: the key pass reads a lane's
  * row 16 bytes at a time against float4s of the query (two partial sums per head for
  * shorter FMA chains), the value pass a lane's EPL channels of a row in one load (session
- * 16: the element-at-a-time loop with a dtype switch per element made a 127-token tail take
- * longer than the 4096 INT2 units beside it) */
+ * 16, H200: against the element-at-a-time loop with a dtype switch per element, scheme none
+ * 3.1x faster, and a 127-token tail as exact items 17 us less per step at 1 x 131072). Rows
+ * read cooperatively (several lanes to a row, shuffles) were slower for none and spilled in
+ * the packed kernel (docs/gpu.md "Session 16"). */
 template <int D, int N, uint32_t DT>
 __device__ void attend_rows_vec(warp_state<D / 32, N> &st, const uint8_t *k, const uint8_t *v,
 				uint32_t n, size_t stride, const float *qo, float *pbuf, int lane)
