@@ -220,21 +220,25 @@ static void fmt_size(char *buf, size_t len, uint64_t v)
 }
 
 /* Copies at most n bytes of s (up to its NUL) into buf with each control byte (< 0x20, 0x7f)
- * written as \xNN: an error message quotes what the user gave (a value, an option name, an
- * argument, a file path), and a newline or an escape sequence in it must not reach the
- * terminal or the journal as is. Cut short rather than split an escape. Returns buf. */
+ * written as \xNN and a backslash as \\: an error message quotes what the user gave (a value,
+ * an option name, an argument, a file path), a newline or an escape sequence in it must not
+ * reach the terminal or the journal as is, and a typed "\x0a" must not read like an escaped
+ * newline. Cut short rather than split an escape. Returns buf. */
 static const char *esc(char *buf, size_t len, const char *s, size_t n)
 {
 	size_t o = 0;
 	for (size_t i = 0; i < n && s[i]; i++) {
 		unsigned char ch = (unsigned char)s[i];
 		int ctl = ch < 0x20 || ch == 0x7f;
-		if (o + (ctl ? 4 : 1) >= len)
+		if (o + (ctl ? 4 : ch == '\\' ? 2 : 1) >= len)
 			break;
-		if (ctl)
+		if (ctl) {
 			o += (size_t)snprintf(buf + o, len - o, "\\x%02x", ch);
-		else
+		} else {
+			if (ch == '\\')
+				buf[o++] = '\\';
 			buf[o++] = (char)ch;
+		}
 	}
 	if (len)
 		buf[o] = '\0';

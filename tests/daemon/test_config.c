@@ -402,6 +402,8 @@ static void test_error_escapes(void)
 		{"--insecure-loopback=yes\t", "insecure_loopback = \"yes\\x09\" is not a boolean"},
 		{"--no\x1b[31mred=1", "unknown option \"--no\\x1b[31mred\""},
 		{"x\ny", "unexpected argument \"x\\x0ay\""},
+		/* a typed backslash is doubled: "\x0a" as typed reads apart from a newline */
+		{"--workers=5\\x0a", "command line: workers = \"5\\\\x0a\" is not a non-negative"},
 	};
 	for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
 		char *a[] = {"kvtierd", (char *)flags[i].arg, NULL};

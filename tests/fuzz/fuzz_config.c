@@ -426,16 +426,20 @@ static size_t esc(char *out, size_t cap, const char *b, size_t n)
 	return o;
 }
 
-/* s as config.c's messages quote user text: each control byte (< 0x20, 0x7f) as \xNN */
+/* s as config.c's messages quote user text: each control byte (< 0x20, 0x7f) as \xNN, a
+ * backslash as \\ */
 static void msg_esc(char *out, size_t cap, const char *s)
 {
 	size_t o = 0;
 	for (; *s && o + 5 < cap; s++) {
 		const unsigned char c = (unsigned char)*s;
-		if (c < 0x20 || c == 0x7f)
+		if (c < 0x20 || c == 0x7f) {
 			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", c);
-		else
+		} else {
+			if (c == '\\')
+				out[o++] = '\\';
 			out[o++] = (char)c;
+		}
 	}
 	out[o] = 0;
 }
