@@ -362,7 +362,7 @@ __device__ void attend_rows_vec(warp_state<D / 32, N> &st, const uint8_t *k, con
 #pragma unroll
 			for (int q = 0; q < N; q++)
 				a0[q] = a1[q] = 0.0f;
-#pragma unroll 1 /* registers: the INT2 kernel's budget is its unit loop's */
+#pragma unroll 1 /* registers: the packed kernel has 128 at 4 blocks per SM */
 			for (int j = 0; j < D / VE; j++) {
 				uint32_t w[4];
 				rows_ld_words<4>(r + j * 16, w);

@@ -186,16 +186,6 @@ static int run_att(void *p)
 static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
 	"cuda_cores", "mma", "mma_i2_v1", "mma_i2", "mma_i2_bulk", "mma_i2_swapped"};
 
-static const char *scheme_name(uint32_t scheme)
-{
-	switch (scheme) {
-	case KVT_SCHEME_NONE: return "none";
-	case KVT_SCHEME_KIVI: return "kivi";
-	case KVT_SCHEME_HADAMARD: return "hadamard";
-	default: return "oscar";
-	}
-}
-
 /* One attention case: batch sessions of `tokens` encoded tokens (bits = key bits, vbits =
  * value bits: the default codec kvtier-int2 splits them 3 / 2; scheme none stores exact
  * values, bits 16), plus `tail` exact tokens after the chunks (a session's unsealed tail) */
@@ -336,7 +326,7 @@ static int bench_attend_case(const struct att_case *ac, double copy_bw)
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
 	       "\"copy_tb_per_s\":%.3f,\"ratio_to_copy\":%.3f,\"items\":%u,\"plan_build_us\":%.0f,"
 	       "\"kernel\":\"%s\"",
-	       scheme_name(scheme), dtype == KVT_DTYPE_F16 ? "f16" : "bf16", bits, vbits, group, B,
+	       kvt_scheme_name(scheme), dtype == KVT_DTYPE_F16 ? "f16" : "bf16", bits, vbits, group, B,
 	       HQ, H, D, batch,
 	       tokens, tail, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
