@@ -195,6 +195,8 @@ enum kvt_cuda_attend_kernel {
 					  * session 6; unused) */
 	KVT_CUDA_ATT_SWAPPED = 5,    /* the same kernel with the swapped key orientation (keys as
 				      * the MMA's A operand): INT2, or 3-bit keys + 2-bit values */
+	KVT_CUDA_ATT_EXACT_MMA = 6,  /* tensor cores over exact rows: scheme none, f16 / bf16,
+				      * head_dim 64 / 128, 16-byte aligned tails (session 17) */
 };
 struct kvt_cuda_attend_plan_info {
 	uint64_t read_bytes;

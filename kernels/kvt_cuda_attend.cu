@@ -1121,8 +1121,27 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
 	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
 	 * query heads per KV head */
+	/* scheme none, f16 or bf16, head_dim 64 or 128: the exact rows' tensor-core kernel
+	 * (session 17, kvt_cuda_attend_exact.cu; the CUDA-core kernel before, and with
+	 * KVTIER_CUDA_NO_MMA or KVTIER_CUDA_NO_EXACT_MMA). It reads rows 16 bytes at a time, so
+	 * every tail must be 16-byte aligned (the daemon's are; the API allows element
+	 * alignment) and so must each KV head's rows in a chunk. */
+	bool rows_aligned = true;
+	for (size_t r = 0; r < n_reqs; r++)
+		if (reqs[r].n_tail && (((uintptr_t)reqs[r].tail_k_dev | (uintptr_t)reqs[r].tail_v_dev) & 15))
+			rows_aligned = false;
+	struct kvt_chunk_layout lay0;
+	kvt_chunk_layout(cfg, 0, &lay0);
+	if ((lay0.data_offset | lay0.layer_bytes | lay0.k_codes_off | lay0.v_codes_off) & 15)
+		rows_aligned = false;
+	const bool xmma = none && rows_aligned && (D == 64 || D == 128) && max_ratio <= RQ8 &&
+			  (cfg->dtype == KVT_DTYPE_BF16 || cfg->dtype == KVT_DTYPE_F16) &&
+			  getenv("KVTIER_CUDA_NO_MMA") == NULL &&
+			  getenv("KVTIER_CUDA_NO_EXACT_MMA") == NULL;
 	const uint32_t rqn =
-		mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8")) ? RQ8 : RQ;
+		(mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) || (xmma && max_ratio > RQ)
+			? RQ8
+			: RQ;
 	/* INT2 with bf16 scales and <= 4 query heads per KV head: the scales-on-codes kernel
 	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
 	 * significands, or 3-bit keys) */
@@ -1146,8 +1165,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
 	const char *ft = getenv("KVTIER_CUDA_FOLD_TAIL");
 	const bool fold_tails = !ft || atoi(ft) != 0;
-	struct kvt_chunk_layout lay0;
-	kvt_chunk_layout(cfg, 0, &lay0);
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
 	if (!rds)
 		return kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -1173,6 +1190,14 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 							k3 ? 3 : 2);
 		if (nb > 0)
 			bps = occ_cache[occ_v][occ_i] = nb;
+	}
+	if (xmma) {
+		static int occ_x[2][2][2]; /* [d128][bf16][8 query heads] */
+		int &nb = occ_x[D == 128][cfg->dtype == KVT_DTYPE_BF16][rqn == RQ8];
+		if (nb <= 0)
+			nb = kvt_att_exact_blocks_per_sm(D, cfg->dtype, rqn);
+		if (nb > 0)
+			bps = nb;
 	}
 	if (getenv("KVTIER_CUDA_IPS") && atoi(getenv("KVTIER_CUDA_IPS")) > 0)
 		bps = atoi(getenv("KVTIER_CUDA_IPS"));
@@ -1533,6 +1558,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		p.kb = none ? 16 : cfg->key_bits;
 		p.rqn = rqn;
 		p.mma = mma;
+		p.xmma = xmma;
 		p.i2 = i2v;
 		p.gsh = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
 		p.vb = none ? 16 : cfg->value_bits;
@@ -1671,6 +1697,21 @@ cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t 
 	return e == cudaSuccess ? cudaGetLastError() : e;
 }
 
+cudaError_t kvt_att_combine_launch_dq(const kvt_cuda_attend_plan *pl, cudaStream_t s)
+{
+	const dim3 grid(pl->n_groups, pl->p.rqn), block(32 * CMB_W);
+	if (pl->D == 64)
+		pl->p.rqn == RQ ? combine_kernel<64, RQ><<<grid, block, 0, s>>>(pl->p)
+				: combine_kernel<64, RQ8><<<grid, block, 0, s>>>(pl->p);
+	else if (pl->D == 128)
+		pl->p.rqn == RQ ? combine_kernel<128, RQ><<<grid, block, 0, s>>>(pl->p)
+				: combine_kernel<128, RQ8><<<grid, block, 0, s>>>(pl->p);
+	else
+		pl->p.rqn == RQ ? combine_kernel<256, RQ><<<grid, block, 0, s>>>(pl->p)
+				: combine_kernel<256, RQ8><<<grid, block, 0, s>>>(pl->p);
+	return cudaGetLastError();
+}
+
 static cudaError_t att_launch_mma_any(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	if (pl->p.i2)
@@ -1696,6 +1737,8 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	cudaError_t e;
 	if (run.p.mma) {
 		e = att_launch_mma_any(&run, c->stream);
+	} else if (run.p.xmma) {
+		e = kvt_att_exact_launch(&run, c->stream);
 	} else {
 		switch (run.D) {
 		case 64:
@@ -1981,7 +2024,8 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->read_bytes = pl->read_bytes;
 	info->n_items = pl->n_items;
 	info->n_groups = pl->n_groups;
-	info->kernel = !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
+	info->kernel = pl->p.xmma ? KVT_CUDA_ATT_EXACT_MMA
+		       : !pl->p.mma ? KVT_CUDA_ATT_CUDA_CORES
 		       : pl->p.i2 == 0 ? KVT_CUDA_ATT_MMA
 		       : pl->p.i2 == 3 ? KVT_CUDA_ATT_SWAPPED : KVT_CUDA_ATT_KEYS_AS_B;
 	info->chained = pl->chain; /* set for INT2 plans only */

@@ -96,6 +96,9 @@ struct att_params : att_params_base {
 	 * start instead of after its wait */
 	uint32_t early, cmb_trig0;
 	uint32_t wait1; /* the INT2 kernel's grid dependency wait in thread 0 only (A/B only) */
+	/* scheme none on the exact rows' tensor-core kernel (session 17, kvt_cuda_attend_exact.cu;
+	 * p.mma is 0 for it) */
+	uint32_t xmma;
 #ifdef KVT_ATT_TIMELINE
 	/* diagnostic builds only (-DKVT_ATT_TIMELINE; never in a production build): %globaltimer
 	 * stamps of the INT2 kernel's blocks, tl[item][ATT_TL_SLOTS], and of the combine's,
@@ -583,5 +586,14 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 /* the combine kernel for 128-dim heads, RQ heads per group (kvt_cuda_attend.cu) */
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
+/* the combine kernel for the plan's head_dim and query heads per group (p.rqn), an ordinary
+ * launch (kvt_cuda_attend.cu) */
+cudaError_t kvt_att_combine_launch_dq(const kvt_cuda_attend_plan *pl, cudaStream_t s);
+
+/* The exact rows' tensor-core kernel (kvt_cuda_attend_exact.cu; p.xmma): scheme none, f16 or
+ * bf16, head_dim 64 or 128, RQ or RQ8 query heads per item. Resident blocks per
+ * multiprocessor (0 when the query fails), and the launch of the kernel and the combine. */
+int kvt_att_exact_blocks_per_sm(uint32_t d, uint32_t dtype, uint32_t nq);
+cudaError_t kvt_att_exact_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 
 #endif

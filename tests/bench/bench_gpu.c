@@ -183,8 +183,8 @@ static int run_att(void *p)
 #define N_TEMPLATES 64
 
 /* enum kvt_cuda_attend_kernel (the plan says which kernel it launches) */
-static const char *const kernel_names[KVT_CUDA_ATT_SWAPPED + 1] = {
-	"cuda_cores", "mma", "mma_i2_v1", "mma_i2", "mma_i2_bulk", "mma_i2_swapped"};
+static const char *const kernel_names[KVT_CUDA_ATT_EXACT_MMA + 1] = {
+	"cuda_cores", "mma", "mma_i2_v1", "mma_i2", "mma_i2_bulk", "mma_i2_swapped", "mma_exact"};
 
 /* One attention case: batch sessions of `tokens` encoded tokens (bits = key bits, vbits =
  * value bits: the default codec kvtier-int2 splits them 3 / 2; scheme none stores exact
@@ -330,7 +330,7 @@ static int bench_attend_case(const struct att_case *ac, double copy_bw)
 	       HQ, H, D, batch,
 	       tokens, tail, t * 1e6, info.read_bytes, bw / 1e12,
 	       copy_bw / 1e12, bw / copy_bw, info.n_items, plan_us,
-	       info.kernel <= KVT_CUDA_ATT_SWAPPED ? kernel_names[info.kernel] : "?");
+	       info.kernel <= KVT_CUDA_ATT_EXACT_MMA ? kernel_names[info.kernel] : "?");
 	if (sr)
 		printf(",\"sdpa_bf16_us\":%.1f,\"sdpa_backend\":\"%s\",\"speedup_vs_sdpa\":%.2f",
 		       sr->us, sr->backend, sr->us / (t * 1e6));
@@ -382,7 +382,10 @@ static int bench_other_schemes(double copy_bw)
 	int rc = 0;
 	static const struct att_case others[] = {
 		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072},
+		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 8, .tokens = 32768},
 		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 48, .tokens = 4096},
+		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072,
+		 .tail = 127},
 		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072,
 		 .D = 64},
 		{.scheme = KVT_SCHEME_HADAMARD, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},

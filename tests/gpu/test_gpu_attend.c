@@ -65,9 +65,11 @@ static uint64_t fast_pinned_chunks, fast_pinned_tokens;
 /* key bits of the fast batches: 2 (INT2), or 3 (3-bit keys, 2-bit values: kvtier-int2) */
 static uint32_t fast_kb = 2;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
-static uint32_t kernel_count[KVT_CUDA_ATT_SWAPPED + 1];
+static uint32_t kernel_count[KVT_CUDA_ATT_EXACT_MMA + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
 static uint64_t n_folded_tails; /* tail tokens the INT2 kernel's coded items attended */
+static bool aligned_tails; /* every tail 16-byte aligned (the exact rows' kernel needs it) */
+static uint32_t max_tail; /* tails up to this many tokens where set (else < B) */
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -139,7 +141,8 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		struct sess *s = &ss[si];
 		s->n_chunks = kvt_rand_below(fast ? 13 : fixed ? 24 : 6);
 		/* the preset keeps up to W = recent_exact_tokens exact */
-		s->n_tail = kvt_rand_below(fixed && cfg.recent_exact_tokens ? cfg.recent_exact_tokens + 1 : B);
+		s->n_tail = kvt_rand_below(fixed && cfg.recent_exact_tokens ? cfg.recent_exact_tokens + 1
+				   : max_tail ? max_tail + 1 : B);
 		if (s->n_chunks + s->n_tail == 0)
 			s->n_tail = 1 + kvt_rand_below(B - 1);
 		if (solo) {
@@ -183,7 +186,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		}
 		/* a quarter of the tails one element off 16-byte alignment: the kernels' exact rows
 		 * take vector loads where rows are aligned, element loads where not */
-		s->tail_off = kvt_rand_below(4) == 0 ? ws : 0;
+		s->tail_off = !aligned_tails && kvt_rand_below(4) == 0 ? ws : 0;
 		rc = rc ? rc : kvt_cuda_alloc(ctx, tb + 16, &s->tail_k_dev, err, sizeof(err));
 		rc = rc ? rc : kvt_cuda_alloc(ctx, tb + 16, &s->tail_v_dev, err, sizeof(err));
 		rc = rc ? rc : kvt_cuda_upload(ctx, (uint8_t *)s->tail_k_dev + s->tail_off, s->tail_k, tb,
@@ -218,7 +221,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		if (!rc) {
 			struct kvt_cuda_attend_plan_info info;
 			kvt_cuda_attend_plan_info(pl, &info);
-			if (info.kernel <= KVT_CUDA_ATT_SWAPPED)
+			if (info.kernel <= KVT_CUDA_ATT_EXACT_MMA)
 				kernel_count[info.kernel]++;
 			/* the INT2 kernel folds every 16-byte aligned tail of a session with chunks
 			 * into its coded items (every token once per group of query heads); no other
@@ -487,6 +490,48 @@ static void test_packed_mma_batches(void)
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
+/* Scheme none on the exact rows' tensor-core kernel (session 17): f16 or bf16 chunks,
+ * head_dim 64 or 128, 1-8 query heads per KV head, 16-byte aligned tails up to 1100 tokens
+ * (runs of 1024: two tail items), items of 1-4 chunks; fresh each run. Each batch must take
+ * that kernel (unless KVTIER_CUDA_NO_MMA / KVTIER_CUDA_NO_EXACT_MMA) and match the reference;
+ * the random batches cover the rest (f32, d256, tails one element off alignment: the
+ * CUDA-core kernel). */
+static void test_exact_mma_batches(void)
+{
+	int n = 16;
+	const char *e = getenv("KVT_GPU_EXACT_BATCHES");
+	if (e && *e)
+		n = atoi(e);
+	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
+	const double before = worst_gpu;
+	const uint32_t x0 = kernel_count[KVT_CUDA_ATT_EXACT_MMA];
+	const bool off = getenv("KVTIER_CUDA_NO_MMA") || getenv("KVTIER_CUDA_NO_EXACT_MMA");
+	worst_gpu = 0.0;
+	aligned_tails = true;
+	for (int i = 0; i < n; i++) {
+		struct kvt_codec_config cfg;
+		random_config(&cfg, true);
+		cfg.scheme = KVT_SCHEME_NONE;
+		cfg.key_bits = cfg.value_bits = 16;
+		cfg.rotate_v = 0;
+		cfg.head_dim = kvt_rand_below(2) ? 128 : 64;
+		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+		max_tail = kvt_rand_below(4) == 0 ? 1100 : 0;
+		char cpi[16];
+		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
+		setenv("KVTIER_CUDA_CPI", cpi, 1);
+		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
+	}
+	aligned_tails = false;
+	max_tail = 0;
+	const uint32_t got = kernel_count[KVT_CUDA_ATT_EXACT_MMA] - x0;
+	printf("# worst relative error, scheme none f16 / bf16 d64 / d128 batches: gpu %.3e (%u of "
+	       "%d on the exact rows' tensor-core kernel)\n", worst_gpu, got, n);
+	KVT_CHECK(got == (off ? 0u : (uint32_t)n),
+		  "the exact rows' tensor-core kernel takes these batches (%u of %d)", got, n);
+	worst_gpu = worst_gpu > before ? worst_gpu : before;
+}
+
 static void test_plan_errors(void)
 {
 	char err[256];
@@ -537,6 +582,7 @@ int main(void)
 	KVT_RUN(test_k3_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_packed_mma_batches);
+	KVT_RUN(test_exact_mma_batches);
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
