@@ -21,6 +21,11 @@
  *    transposed 8 x 8 at a time by movmatrix. Each output tile's 8 columns are the channels
  *    the load gave the lanes, so the partial lands in channel order at the end.
  *
+ * H200 (session 17, bf16, Hq 32, Hkv 8; SDPA and the copy in the same call): d128 1 x 131072
+ * 126.2-126.5 us (1.01x SDPA; the CUDA-core kernel 263 us), 8 x 32768 242-243 (0.99x), 48 x
+ * 4096 187 (1.02x), d64 1 x 131072 69.7 (0.97x). Tried: two tiles per step (all their loads
+ * in flight together) needs 232 registers at d128, 2 blocks per multiprocessor: slower.
+ *
  * Items: ITEM_NONE_CHUNKS (a run of chunks, a KV head's rows [B][d] contiguous in each) and
  * ITEM_EXACT (a run of the tail, rows [token][H][d]); warp w takes the item's 16-token tiles
  * w, w + 4, ...; the block merges its warps like the other kernels (block_merge) and the
@@ -77,11 +82,13 @@ __device__ __forceinline__ uint32_t ex_word(const uint4 &v, int i)
 	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-/* a 16-byte piece of a row, streamed (not kept in L1: every byte is read once) */
+/* a 16-byte piece of a row, streamed (not kept in L1: every byte is read once), with the L2
+ * fetching the whole 256-byte row-sized sector group at once (H200, same call: 138.3 ->
+ * 131.0 us at d128 1 x 131072 without the hint's "L2::256B", 77.2 -> 73.2 at d64) */
 __device__ __forceinline__ uint4 ex_ld(const uint8_t *p)
 {
 	uint4 v;
-	asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+	asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
 		     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
 		     : "l"(p));
 	return v;
@@ -150,19 +157,33 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 		acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 	float m = -INFINITY, l = 0.0f; /* head g's running maximum and sum (this lane's tokens) */
 
+	/* chunk runs: the tile's chunk c and row rr in it, walked along (no division), and the
+	 * chunk's section, loaded when c changes and one tile ahead of its use, so that no
+	 * tile's loads wait for a descriptor (H200, with the L2 hint: 131.0 -> 126.3 us at
+	 * d128 1 x 131072, 73.2 -> 69.7 at d64) */
+	const bool chunked = it.kind != ITEM_EXACT;
+	uint32_t c = 0, rr = 16 * warp;
+	while (rr >= p.B)
+		rr -= p.B, c++;
+	const uint8_t *sec = chunked && warp < tiles ? p.chunks[it.first + c].sec : NULL;
 	for (uint32_t tt = warp; tt < tiles; tt += ATT_WARPS) {
 		const uint32_t r0 = tt * 16;
 		const uint8_t *kb, *vb; /* row r0 */
-		if (it.kind == ITEM_EXACT) {
+		if (!chunked) {
 			const size_t off = ((size_t)r0 * p.H + it.kv_head) * D * WS;
 			kb = it.xk + off;
 			vb = it.xv + off;
 		} else {
-			const uint32_t c = r0 / p.B, rr = r0 % p.B;
-			const uint8_t *sec = p.chunks[it.first + c].sec;
 			const size_t off = ((size_t)it.kv_head * p.B + rr) * D * WS;
 			kb = sec + p.k_codes_off + off;
 			vb = sec + p.v_codes_off + off;
+			rr += 16 * ATT_WARPS;
+			if (rr >= p.B) {
+				while (rr >= p.B)
+					rr -= p.B, c++;
+				if (tt + ATT_WARPS < tiles)
+					sec = p.chunks[it.first + c].sec;
+			}
 		}
 		/* rows r0 + g and r0 + 8 + g: key and value pieces t4, t4 + 4, ... */
 		uint4 kw[2][PPL], vw[2][PPL];
