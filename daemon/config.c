@@ -538,7 +538,8 @@ static int load_file(struct kvt_config *cfg, const char *path, enum kvt_config_s
 /* One command-line argument, with its value when it takes one. */
 enum arg_kind {
 	ARG_CHECK, ARG_PRINT, ARG_HELP, ARG_VERSION, ARG_CONFIG, /* the first pass's */
-	ARG_OPTION, ARG_UNKNOWN, ARG_NOT_OPTION                  /* the second pass's */
+	ARG_OPTION, ARG_UNKNOWN, ARG_NOT_OPTION,                 /* the second pass's */
+	ARG_END                                                  /* "--": both passes stop */
 };
 
 struct arg {
@@ -558,7 +559,9 @@ static void next_arg(int argc, char **argv, int *i, struct arg *a)
 	const char *s = argv[(*i)++];
 	memset(a, 0, sizeof *a);
 	a->text = s;
-	if (!strcmp(s, "--check-config") || !strcmp(s, "-n")) {
+	if (!strcmp(s, "--")) {
+		a->kind = ARG_END;
+	} else if (!strcmp(s, "--check-config") || !strcmp(s, "-n")) {
 		a->kind = ARG_CHECK;
 	} else if (!strcmp(s, "--print-config")) {
 		a->kind = ARG_PRINT;
@@ -612,6 +615,8 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 	struct arg a;
 	for (int i = 1; i < argc;) {
 		next_arg(argc, argv, &i, &a);
+		if (a.kind == ARG_END)
+			break; /* what follows is not a flag, whatever it looks like */
 		if (a.kind == ARG_CHECK)
 			cmd->check_config = 1;
 		else if (a.kind == ARG_PRINT)
@@ -654,6 +659,16 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 	char q[4 * KVT_CONFIG_STR_MAX]; /* an argument for a message, escaped */
 	for (int i = 1; i < argc;) {
 		next_arg(argc, argv, &i, &a);
+		if (a.kind == ARG_END) {
+			/* kvtierd takes no operands: anything after "--" is a mistake */
+			if (i < argc) {
+				snprintf(err, errlen, "unexpected argument \"%s\" after \"--\" "
+					 "(kvtierd takes no arguments)",
+					 esc(q, sizeof q, argv[i], SIZE_MAX));
+				return -EINVAL;
+			}
+			break;
+		}
 		if (a.kind == ARG_NOT_OPTION) {
 			snprintf(err, errlen, "unexpected argument \"%s\" (options are --name=value)",
 				 esc(q, sizeof q, a.text, SIZE_MAX));
@@ -888,7 +903,8 @@ void kvt_config_help(FILE *out)
 	fprintf(out, "\n  --config FILE      read options from FILE\n"
 		     "  --check-config     validate the configuration and exit 0 (valid) or 1\n"
 		     "  --print-config     print the effective configuration and exit\n"
-		     "  --help, --version\n");
+		     "  --help, --version\n"
+		     "  --                 end of the options (kvtierd takes no arguments after it)\n");
 }
 
 int kvt_config_apply_reload(const struct kvt_config *next)

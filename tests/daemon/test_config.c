@@ -541,6 +541,63 @@ static void test_argv_values(void)
 	unlink(bad);
 }
 
+/* "--" ends the options (POSIX): what follows is never read as a flag, and since kvtierd takes
+ * no operands it is refused by name. "--" was read as an unknown option with an empty name. */
+static void test_argv_end(void)
+{
+	struct kvt_config c;
+	struct kvt_cmdline cmd;
+	char err[512] = "";
+	int rc;
+
+	char *a1[] = {"kvtierd", "--workers=3", "--", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a1);
+	KVT_CHECK(rc == 0 && c.workers == 3, "--workers=3 --: rc %d '%s'", rc, err);
+	char *a2[] = {"kvtierd", "--", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a2);
+	KVT_CHECK(rc == 0, "--: rc %d '%s'", rc, err);
+	char *a3[] = {"kvtierd", "--", "--check-config", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a3);
+	KVT_CHECK(rc == -EINVAL && !cmd.check_config &&
+			  strstr(err, "unexpected argument \"--check-config\" after \"--\""),
+		  "-- --check-config: rc %d check %d '%s'", rc, cmd.check_config, err);
+	char *a4[] = {"kvtierd", "--", "--help", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a4);
+	KVT_CHECK(rc == -EINVAL && !cmd.help && strstr(err, "\"--help\""),
+		  "-- --help: rc %d help %d '%s'", rc, cmd.help, err);
+	char *a5[] = {"kvtierd", "--", "-c", "/nonexistent", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a5);
+	KVT_CHECK(rc == -EINVAL && !cmd.config_file && strstr(err, "\"-c\" after"),
+		  "-- -c FILE: rc %d '%s'", rc, err);
+	char *a6[] = {"kvtierd", "--", "x\ny", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a6);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "\"x\\x0ay\""), "-- x\\ny: rc %d '%s'", rc, err);
+	char *a7[] = {"kvtierd", "--", "--", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a7);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "unexpected argument \"--\" after"),
+		  "-- --: rc %d '%s'", rc, err);
+	/* a value is read before "--" is looked for: `--socket --` sets the socket to "--" */
+	char *a8[] = {"kvtierd", "--socket", "--", "--workers=2", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a8);
+	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "--") && c.workers == 2,
+		  "--socket -- --workers=2: rc %d '%s' socket '%s'", rc, err, c.socket_path);
+
+	/* kvtierd itself: a usage error exits 1 like the others */
+	char out[16384];
+	char *a9[] = {(char *)g_kvtierd, "--check-config", "--", NULL};
+	rc = run_kvtierd(a9, out, sizeof out);
+	KVT_CHECK(rc == 0 && strstr(out, "configuration OK"), "kvtierd --check-config --: exit %d "
+		  "'%.200s'", rc, out);
+	char *a10[] = {(char *)g_kvtierd, "--check-config", "--", "extra", NULL};
+	rc = run_kvtierd(a10, out, sizeof out);
+	KVT_CHECK(rc == 1 && strstr(out, "unexpected argument \"extra\" after \"--\""),
+		  "kvtierd --check-config -- extra: exit %d '%.200s'", rc, out);
+	char *a11[] = {(char *)g_kvtierd, "--", "--version", NULL};
+	rc = run_kvtierd(a11, out, sizeof out);
+	KVT_CHECK(rc == 1 && !strstr(out, "0.1") && strstr(out, "\"--version\""),
+		  "kvtierd -- --version: exit %d '%.200s'", rc, out);
+}
+
 /* Doubles print with every digit they need: "%g" printed 0.1234567 as 0.123457, so
  * --print-config showed (and reloaded) another value, and a SIGHUP that changed the 7th digit
  * was not applied (kvt_config_apply_reload compares the printed values). */
@@ -658,6 +715,7 @@ int main(int argc, char **argv)
 	KVT_RUN(test_string_controls);
 	KVT_RUN(test_error_escapes);
 	KVT_RUN(test_argv_values);
+	KVT_RUN(test_argv_end);
 	KVT_RUN(test_cli);
 	rmdir(g_tmp);
 	return kvt_test_done();
