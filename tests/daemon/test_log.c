@@ -1,0 +1,197 @@
+/* Unit tests of kvt_log_quote: what a log value may carry to a terminal or the journal (no
+ * control byte, no C1 control, no broken UTF-8), and cutting short safely. */
+#include <stdio.h>
+#include <string.h>
+
+#include "kvt_test.h"
+#include "log.h"
+
+/* Code point of the well-formed UTF-8 sequence at p (its length in *n), or -1. Written apart
+ * from log.c's check, from the Unicode definition: shortest form, no surrogates, <= U+10FFFF. */
+static long decode_utf8(const unsigned char *p, size_t *n)
+{
+	unsigned char c = p[0];
+	long cp, min;
+	if (c < 0x80) {
+		*n = 1;
+		return c;
+	}
+	if ((c & 0xe0) == 0xc0) {
+		*n = 2, cp = c & 0x1f, min = 0x80;
+	} else if ((c & 0xf0) == 0xe0) {
+		*n = 3, cp = c & 0x0f, min = 0x800;
+	} else if ((c & 0xf8) == 0xf0) {
+		*n = 4, cp = c & 0x07, min = 0x10000;
+	} else {
+		return -1;
+	}
+	for (size_t i = 1; i < *n; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return -1;
+		cp = cp << 6 | (p[i] & 0x3f);
+	}
+	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+		return -1;
+	return cp;
+}
+
+static void check_eq(const char *in, const char *want)
+{
+	char buf[256];
+	kvt_log_quote(buf, sizeof buf, in);
+	KVT_CHECK(!strcmp(buf, want), "quote of %zu bytes: got '%s' want '%s'", strlen(in), buf,
+		  want);
+}
+
+static void test_values(void)
+{
+	check_eq("plain", "plain");
+	check_eq("", "\"\"");
+	check_eq("a b", "\"a b\"");
+	check_eq("k=v", "\"k=v\"");
+	check_eq("say \"hi\"", "\"say \\\"hi\\\"\"");
+	check_eq("a\\b", "\"a\\\\b\"");
+	/* control bytes as \xNN, as config errors quote them (a newline included) */
+	check_eq("x\ny", "\"x\\x0ay\"");
+	check_eq("\x1b[2J", "\"\\x1b[2J\"");
+	check_eq("tab\there", "\"tab\\x09here\"");
+	check_eq("del\x7f", "\"del\\x7f\"");
+	check_eq("\x7f", "\"\\x7f\"");
+	/* C1 controls (U+0080..U+009F): CSI 0x9b acts like ESC [ on many terminals */
+	check_eq("\xc2\x9b" "2J", "\"\\xc2\\x9b2J\"");
+	check_eq("nel\xc2\x85", "\"nel\\xc2\\x85\"");
+	check_eq("\xc2\x80", "\"\\xc2\\x80\"");
+	check_eq("\xc2\x9f", "\"\\xc2\\x9f\"");
+	/* well-formed UTF-8 passes unchanged, unquoted when nothing else asks for quotes */
+	check_eq("\xc2\xa0", "\xc2\xa0"); /* U+00A0, just after the C1 block */
+	check_eq("caf\xc3\xa9", "caf\xc3\xa9");
+	check_eq("\xe2\x82\xac 5", "\"\xe2\x82\xac 5\"");
+	check_eq("\xf0\x9f\x98\x80", "\xf0\x9f\x98\x80");
+	check_eq("\xf4\x8f\xbf\xbf", "\xf4\x8f\xbf\xbf"); /* U+10FFFF */
+	check_eq("\xed\x9f\xbf", "\xed\x9f\xbf");         /* U+D7FF */
+	/* a continuation byte alone (0x80..0x9f included) is not a C1 control: \xNN all the same */
+	check_eq("\x85", "\"\\x85\"");
+	check_eq("a\x9b" "b", "\"a\\x9bb\"");
+	check_eq("\xc2", "\"\\xc2\"");
+	check_eq("\xc2" "A", "\"\\xc2A\"");
+	check_eq("\xe2\x82", "\"\\xe2\\x82\"");
+	check_eq("\xe2\x82" "A", "\"\\xe2\\x82A\"");
+	check_eq("\xc0\x80", "\"\\xc0\\x80\"");         /* overlong NUL */
+	check_eq("\xc1\xbf", "\"\\xc1\\xbf\"");         /* overlong */
+	check_eq("\xe0\x80\xaf", "\"\\xe0\\x80\\xaf\"");  /* overlong '/' */
+	check_eq("\xf0\x80\x80\xaf", "\"\\xf0\\x80\\x80\\xaf\"");
+	check_eq("\xed\xa0\x80", "\"\\xed\\xa0\\x80\"");  /* a surrogate */
+	check_eq("\xf4\x90\x80\x80", "\"\\xf4\\x90\\x80\\x80\""); /* above U+10FFFF */
+	check_eq("\xf5\x80\x80\x80", "\"\\xf5\\x80\\x80\\x80\"");
+	check_eq("\xff", "\"\\xff\"");
+	check_eq("\xc3\xa9\x85\xc3\xa9", "\"\xc3\xa9\\x85\xc3\xa9\"");
+}
+
+/* The boundaries of the units of a quoted value's content (no quotes): an escape, or one
+ * UTF-8 sequence; a C1 control's two escapes are one unit. Marks bound[i] = 1 at each. */
+static void unit_bounds(const char *c, size_t n, unsigned char *bound)
+{
+	memset(bound, 0, n + 1);
+	size_t i = 0;
+	while (i < n) {
+		bound[i] = 1;
+		size_t w = 1;
+		if (c[i] == '\\') {
+			w = c[i + 1] == 'x' ? 4 : 2;
+			if (!strncmp(c + i, "\\xc2\\x", 6) && (c[i + 6] == '8' || c[i + 6] == '9'))
+				w = 8;
+		} else {
+			decode_utf8((const unsigned char *)c + i, &w);
+		}
+		i += w;
+	}
+	bound[n] = 1;
+}
+
+/* For every length from 0 to past the full value: NUL-terminated inside len, a quoted value
+ * closed, the content a prefix of the full one cut at a unit boundary, and nothing a terminal
+ * acts on. */
+static void check_cuts(const char *in)
+{
+	char full[1024], buf[1024];
+	unsigned char bound[1024];
+	kvt_log_quote(full, sizeof full, in);
+	size_t fl = strlen(full);
+	int quoted = full[0] == '"';
+	const char *fc = full + quoted;
+	size_t fcl = fl - 2 * (size_t)quoted;
+	unit_bounds(fc, fcl, bound);
+	for (size_t len = 0; len <= fl + 2; len++) {
+		memset(buf, 'Z', sizeof buf);
+		kvt_log_quote(buf, len, in);
+		if (len == 0) {
+			KVT_CHECK(buf[0] == 'Z', "len 0 wrote into buf");
+			continue;
+		}
+		size_t bl = strnlen(buf, len);
+		KVT_REQUIRE(bl < len, "len %zu: not NUL-terminated", len);
+		KVT_CHECK(buf[len] == 'Z' || len == sizeof buf, "len %zu: wrote past len", len);
+		if (len > fl) {
+			KVT_CHECK(!strcmp(buf, full), "len %zu: '%s' != '%s'", len, buf, full);
+			continue;
+		}
+		if (quoted && len < 3) {
+			KVT_CHECK(bl == 0, "len %zu: '%s' (no room for quotes)", len, buf);
+			continue;
+		}
+		if (quoted) {
+			int closed = bl >= 2 && buf[0] == '"' && buf[bl - 1] == '"';
+			KVT_CHECK(closed, "len %zu: quotes not closed: '%s'", len, buf);
+			if (!closed)
+				continue;
+		}
+		size_t cl = bl - 2 * (size_t)quoted;
+		KVT_CHECK(cl <= fcl && !memcmp(buf + quoted, fc, cl) && bound[cl],
+			  "len %zu: '%s' is not '%s' cut at a unit", len, buf, full);
+	}
+	/* nothing raw that a terminal acts on; every byte >= 0x80 in a well-formed sequence */
+	const unsigned char *p = (const unsigned char *)full;
+	while (*p) {
+		size_t w;
+		long cp = decode_utf8(p, &w);
+		KVT_REQUIRE(cp >= 0x20 && cp != 0x7f && !(cp >= 0x80 && cp <= 0x9f),
+			    "'%s' holds code point %ld (-1: broken UTF-8) raw at %zu", full, cp,
+			    (size_t)(p - (const unsigned char *)full));
+		p += w;
+	}
+}
+
+static void test_cuts(void)
+{
+	static const char *const vals[] = {
+		"plain", "", "a b", "say \"hi\" \\ there", "x\ny\x7fz", "\xc2\x85\xc2\x85",
+		"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\x85\xc2\xe2\x82" "A\xf4\x90\x80\x80",
+		"\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9", "\xf0\x9f\x98\x80\xf0\x9f\x98\x80",
+	};
+	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
+		check_cuts(vals[i]);
+	/* fresh random bytes, biased towards the interesting ones */
+	static const unsigned char pick[] = {0x00, 0x0a, 0x1b, 0x20, '"', '=', '\\', 'a', 0x7f,
+					     0x80, 0x85, 0x9b, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xc3,
+					     0xdf, 0xe0, 0xe2, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff};
+	char s[64];
+	for (int it = 0; it < 3000; it++) {
+		size_t n = kvt_rand_below(sizeof s - 1);
+		for (size_t i = 0; i < n; i++) {
+			s[i] = (char)(kvt_rand_below(2) ? pick[kvt_rand_below(sizeof pick)]
+							: kvt_rand_below(256));
+			if (!s[i])
+				s[i] = 'x';
+		}
+		s[n] = '\0';
+		check_cuts(s);
+	}
+}
+
+int main(void)
+{
+	kvt_test_init();
+	KVT_RUN(test_values);
+	KVT_RUN(test_cuts);
+	return kvt_test_done();
+}
