@@ -70,18 +70,6 @@ static int fail_status(const char *what, int rc, const struct kvt_client_status 
 	return 1;
 }
 
-static int parse_u32(const char *s, uint32_t *out)
-{
-	char *e;
-	unsigned long v;
-	errno = 0;
-	v = strtoul(s, &e, 0);
-	if (errno || e == s || *e || v > UINT32_MAX)
-		return -EINVAL;
-	*out = (uint32_t)v;
-	return 0;
-}
-
 /* [s, end) as a decimal number <= max: digits only (strtoull would take a sign, so "-1" was
  * 2^64 - 1, and leading blanks), no overflow */
 static int parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out)
@@ -96,6 +84,29 @@ static int parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out
 	}
 	*out = v;
 	return 0;
+}
+
+/* The value s of option opt (of command cmd; NULL for a global option) as a decimal number
+ * <= max, or a message naming both and the limit: strtoul's base 0 read "010" as 8 and "0x10"
+ * as 16, and took blanks and a sign. */
+static int parse_num(const char *cmd, const char *opt, const char *s, uint64_t max,
+		     uint64_t *out)
+{
+	if (parse_dec(s, s + strlen(s), max, out)) {
+		fprintf(stderr, "kvtierctl: %s%s%s \"%s\": expected a decimal number <= %" PRIu64 "\n",
+			cmd ? cmd : "", cmd ? " " : "", opt, s, max);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int parse_u32(const char *cmd, const char *opt, const char *s, uint32_t *out)
+{
+	uint64_t v;
+	int rc = parse_num(cmd, opt, s, UINT32_MAX, &v);
+	if (!rc)
+		*out = (uint32_t)v;
+	return rc;
 }
 
 /* "A:B", ":B", "A:" or ":" with A, B decimal and <= max; an absent B is KVT_CLIENT_END */
@@ -186,10 +197,8 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		snprintf(c->preset, sizeof c->preset, "%s", val);
 		return 1;
 	}
-	if (parse_u32(val, &v)) {
-		fprintf(stderr, "kvtierctl: %s %s is not a number\n", a, val);
+	if (parse_u32(argv[0], a, val, &v))
 		return -1;
-	}
 	if (!strcmp(a, "--key-bits"))
 		c->key_bits = v;
 	else if (!strcmp(a, "--value-bits"))
@@ -225,9 +234,11 @@ static int cmd_health(const struct global_opts *g, int argc, char **argv)
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--service") && i + 1 < argc)
 			service = argv[++i];
-		else if (!strcmp(argv[i], "--wait-ms") && i + 1 < argc && !parse_u32(argv[i + 1], &wait_ms))
+		else if (!strcmp(argv[i], "--wait-ms") && i + 1 < argc) {
+			if (parse_u32(argv[0], argv[i], argv[i + 1], &wait_ms))
+				return 2;
 			i++;
-		else {
+		} else {
 			usage(stderr);
 			return 2;
 		}
@@ -415,7 +426,9 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 				return 2;
 			}
 			dtype = (uint32_t)d;
-		} else if (!strcmp(argv[i], "--ttl") && i + 1 < argc && !parse_u32(argv[i + 1], &ttl)) {
+		} else if (!strcmp(argv[i], "--ttl") && i + 1 < argc) {
+			if (parse_u32(argv[0], argv[i], argv[i + 1], &ttl))
+				return 2;
 			has_ttl = 1;
 			i++;
 		} else if (!strcmp(argv[i], "--pin"))
@@ -1128,13 +1141,9 @@ static int cmd_demo(const struct global_opts *g, int argc, char **argv, int json
 			continue;
 		}
 		if (!strcmp(argv[i], "--seed") && i + 1 < argc) {
-			char *e;
-			errno = 0;
-			o.seed = strtoull(argv[++i], &e, 0);
-			if (errno || *e) {
-				fprintf(stderr, "kvtierctl: --seed %s is not a number\n", argv[i]);
+			if (parse_num(argv[0], argv[i], argv[i + 1], UINT64_MAX, &o.seed))
 				return 2;
-			}
+			i++;
 			continue;
 		}
 		if (!strcmp(argv[i], "--dump-dir") && i + 1 < argc) {
@@ -1166,10 +1175,12 @@ static int cmd_demo(const struct global_opts *g, int argc, char **argv, int json
 			o.dtype = (uint32_t)d;
 			continue;
 		}
-		if (!dst || i + 1 >= argc || parse_u32(argv[i + 1], dst)) {
+		if (!dst || i + 1 >= argc) {
 			usage(stderr);
 			return 2;
 		}
+		if (parse_u32(argv[0], argv[i], argv[i + 1], dst))
+			return 2;
 		i++;
 	}
 	if (!o.block_tokens)
@@ -1188,10 +1199,11 @@ int main(int argc, char **argv)
 			sock = argv[++i];
 		else if (!strcmp(argv[i], "--target") && i + 1 < argc)
 			g.target = argv[++i];
-		else if (!strcmp(argv[i], "--timeout-ms") && i + 1 < argc &&
-			 !parse_u32(argv[i + 1], &g.timeout_ms))
+		else if (!strcmp(argv[i], "--timeout-ms") && i + 1 < argc) {
+			if (parse_u32(NULL, argv[i], argv[i + 1], &g.timeout_ms))
+				return 2;
 			i++;
-		else if (!strcmp(argv[i], "--token") && i + 1 < argc)
+		} else if (!strcmp(argv[i], "--token") && i + 1 < argc)
 			g.token = argv[++i];
 		else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
 			usage(stdout);

@@ -986,6 +986,53 @@ def test_kvtierctl_get_range_syntax(client, daemon, sid, rng, tmp_path):
         assert out.returncode == 0, (arg, out.stderr)
 
 
+def test_kvtierctl_number_syntax(client, daemon, sid, rng, tmp_path):
+    """kvtierctl's numeric options are decimal digits only: "032" is 32, and a sign, blanks, hex,
+    an empty value, trailing text or a value past the limit exit 2 naming the command, the option
+    and the limit. Before, strtoul's base 0 read "032" as 26 and "0x10" as 16, and took " 5"."""
+    L, H, d, T = 2, 2, 64, 70
+    k, v = _fill(rng, L, T, H, d, "f16")
+    np.save(tmp_path / "k.npy", k)
+    np.save(tmp_path / "v.npy", v)
+    kv_args = ("--k", str(tmp_path / "k.npy"), "--v", str(tmp_path / "v.npy"))
+    u32, u64 = 2**32 - 1, 2**64 - 1
+    s = sid()
+    cases = [((), "--timeout-ms", "0x10", ("stats",), u32),
+             (("put", s, *kv_args), "--ttl", "+5", (), u32),
+             (("put", s, *kv_args), "--ttl", "-1", (), u32),
+             (("put", s, *kv_args), "--ttl", " 5", (), u32),
+             (("put", s, *kv_args), "--ttl", "5 ", (), u32),
+             (("put", s, *kv_args), "--ttl", "", (), u32),
+             (("put", s, *kv_args), "--ttl", "12abc", (), u32),
+             (("put", s, *kv_args), "--ttl", str(u32 + 1), (), u32),
+             (("put", s, *kv_args), "--ttl", "99999999999999999999", (), u32),
+             (("put", s, *kv_args), "--group", "0x20", (), u32),
+             (("put", s, *kv_args, "--chunk-tokens", "0128"), "--ttl", "x", (), u32),
+             (("health",), "--wait-ms", "1e3", (), u32),
+             (("demo",), "--tokens", "0x800", (), u32),
+             (("bench", "--key-bits", "04"), "--tokens", "-1", (), u32),
+             (("demo",), "--seed", "-1", (), u64),
+             (("demo",), "--seed", str(u64 + 1), (), u64)]
+    for before, flag, arg, after, mx in cases:
+        out = _kvtierctl(daemon, *before, flag, arg, *after)
+        where = f"{before[0]} {flag}" if before else flag
+        assert (out.returncode, out.stdout, out.stderr) == (
+            2, "", f'kvtierctl: {where} "{arg}": expected a decimal number <= {mx}\n'), \
+            (before, flag, arg, out.stderr)
+    assert client.list_sessions(s) == []
+    # leading zeros are decimal, the limit itself is in
+    out = _kvtierctl(daemon, "put", s, *kv_args, "--scheme", "oscar", "--key-bits", "02",
+                     "--value-bits", "02", "--group", "032", "--chunk-tokens", "064",
+                     "--sinks", "04", "--ttl", "0600")
+    assert out.returncode == 0, out.stderr
+    info = client.stat(s)
+    c = info.codec
+    assert (c["group"], c["chunk_tokens"], c["n_sinks"], info.ttl_seconds) == (32, 64, 4, 600), \
+        info
+    out = _kvtierctl(daemon, "--timeout-ms", str(u32), "health")
+    assert out.returncode == 0, out.stderr
+
+
 def test_prefetch(client, sid):
     s = sid()
     info = client.open_session(s, **SHAPE, dtype="f16", codec=dict(scheme="none"))
