@@ -434,7 +434,9 @@ uint32_t kvt_chunk_crc(const void *chunk, size_t total_bytes);
 
 /* Header fields -> config, with the checks kvt_chunk_parse does minus the crc (attend and
  * decode use it, with len SIZE_MAX, on chunks that were parsed when they arrived): the pin
- * table is checked too, since they index with it. */
+ * table is checked too, since they index with it. len is the chunk's exact length (what
+ * kvt_chunk_parse passes: shorter or longer than total_bytes is refused), or SIZE_MAX for
+ * "unknown, parsed before" (no length check). */
 int kvt_chunk_view(const void *chunk, size_t len, struct kvt_codec_config *cfg,
 		   struct kvt_chunk_header *hdr, struct kvt_chunk_layout *lay, char *err,
 		   size_t errlen);

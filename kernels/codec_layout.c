@@ -153,9 +153,15 @@ int kvt_chunk_view(const void *chunk, size_t len, struct kvt_codec_config *cfg_o
 			   "match its shape (%zu, %zu, %zu)",
 			   h.data_offset, h.layer_bytes, (unsigned long long)h.total_bytes,
 			   lay.data_offset, lay.layer_bytes, lay.total_bytes);
-	if (len < h.total_bytes)
+	/* SIZE_MAX: a chunk that was parsed when it arrived, whose buffer's size the caller no
+	 * longer has. Otherwise the buffer is the chunk: a trailing byte is as suspect as a
+	 * missing one (an upload's length and its header disagree). */
+	if (len != SIZE_MAX && len < h.total_bytes)
 		return BAD("chunk length %zu is shorter than its total_bytes %llu", len,
 			   (unsigned long long)h.total_bytes);
+	if (len != SIZE_MAX && len > h.total_bytes)
+		return BAD("chunk length %zu is longer than its total_bytes %llu (trailing bytes)",
+			   len, (unsigned long long)h.total_bytes);
 	/* the pin table (decode and attend index with it): strictly ascending below B, zero
 	 * padding */
 	const uint8_t *p = (const uint8_t *)chunk + KVT_CHUNK_HEADER_BYTES;
@@ -189,6 +195,8 @@ int kvt_chunk_parse(const void *chunk, size_t len, struct kvt_codec_config *cfg_
 	int rc;
 	if (!chunk)
 		return kvt_codec_errf(err, errlen, -EINVAL, "chunk is NULL");
+	if (len == SIZE_MAX) /* kvt_chunk_view's "already parsed", never a buffer's length */
+		return kvt_codec_errf(err, errlen, -EINVAL, "chunk length SIZE_MAX is not a length");
 	if (len < KVT_CHUNK_HEADER_BYTES)
 		return BAD("chunk length %zu is shorter than its %u-byte header", len,
 			   KVT_CHUNK_HEADER_BYTES);

@@ -218,8 +218,14 @@ int kvt_chunk_layout(const struct kvt_codec_config *cfg, uint32_t n_pinned,
 /* Largest chunk this config can produce (pins at their maximum). */
 size_t kvt_chunk_max_bytes(const struct kvt_codec_config *cfg);
 
-/* Checks magic, version, sizes against `len`, shape consistency and the crc32c. Fills cfg
- * (pin_detect_* left 0) and hdr when non-NULL. -EBADMSG with a message on any mismatch. */
+/* Checks magic, version, shape consistency, sizes, the pin table and the crc32c of the chunk
+ * in chunk[0, len). len is the chunk's exact length, not a buffer's capacity: len !=
+ * total_bytes (a byte missing, or trailing bytes after the chunk) is -EBADMSG naming both, so a
+ * chunk from the wire is accepted only as the exact bytes its header describes. A caller
+ * holding a chunk in a larger buffer passes the size it was given (kvt_encode_chunk's result,
+ * the upload's length), never the buffer's. Fills cfg (pin_detect_* left 0) and hdr when
+ * non-NULL. -EBADMSG with a message on any mismatch; -EINVAL for a NULL chunk or len
+ * SIZE_MAX. */
 int kvt_chunk_parse(const void *chunk, size_t len, struct kvt_codec_config *cfg,
 		    struct kvt_chunk_header *hdr, char *err, size_t errlen);
 

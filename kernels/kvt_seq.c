@@ -661,14 +661,9 @@ int kvt_seq_append_chunk(struct kvt_seq *seq, const void *chunk, size_t len, cha
 			seq->n_tail);
 		return -EINVAL;
 	}
-	rc = kvt_chunk_parse(chunk, len, &c, &hdr, err, errlen);
+	rc = kvt_chunk_parse(chunk, len, &c, &hdr, err, errlen); /* len == total_bytes too */
 	if (rc < 0)
 		return rc;
-	if (hdr.total_bytes != len) {
-		set_err(err, errlen, "chunk total_bytes %" PRIu64 " differs from its length %zu",
-			(uint64_t)hdr.total_bytes, len);
-		return -EBADMSG;
-	}
 #define SEQ_SAME(field, a, b)                                                             \
 	do {                                                                              \
 		if ((a) != (b)) {                                                         \

@@ -165,8 +165,9 @@ static void check_chunk_against_input(const struct kvt_codec_config *cfg, uint64
 	struct kvt_chunk_layout lay;
 	struct kvt_codec_config pc;
 	char err[256] = "";
-	KVT_REQUIRE(kvt_chunk_parse(chunk, SIZE_MAX, &pc, &hdr, err, sizeof(err)) == 0, "parse: %s",
-		    err);
+	memcpy(&hdr, chunk, sizeof(hdr)); /* the encoder's size: parse wants the exact length */
+	KVT_REQUIRE(kvt_chunk_parse(chunk, hdr.total_bytes, &pc, &hdr, err, sizeof(err)) == 0,
+		    "parse: %s", err);
 	KVT_CHECK(hdr.first_token == first, "first_token");
 	KVT_REQUIRE(kvt_chunk_layout(cfg, hdr.n_pinned, &lay) == 0, "layout");
 	/* sinks pinned */
@@ -640,9 +641,29 @@ static void test_parse_rejects_corruption(void)
 			break;
 		}
 	}
-	KVT_CHECK(kvt_chunk_parse(chunk, len - 1, NULL, NULL, err, sizeof(err)) == -EBADMSG &&
-			  strstr(err, "length"),
-		  "truncated: %s", err);
+	/* len is the chunk's length, not a buffer's capacity: one byte short or one byte over is
+	 * refused naming both sizes (a longer buffer was accepted, so an upload with trailing
+	 * bytes passed) */
+	uint8_t *longer = malloc(len + 1);
+	KVT_REQUIRE(longer != NULL, "malloc");
+	memcpy(longer, chunk, len);
+	longer[len] = 0;
+	char want[128];
+	snprintf(want, sizeof want, "chunk length %zu is shorter than its total_bytes %zu", len - 1,
+		 len);
+	KVT_CHECK(kvt_chunk_parse(longer, len - 1, NULL, NULL, err, sizeof(err)) == -EBADMSG &&
+			  strstr(err, want),
+		  "len = size - 1: '%s'", err);
+	KVT_CHECK(kvt_chunk_parse(longer, len, NULL, NULL, err, sizeof(err)) == 0,
+		  "len = size: '%s'", err);
+	snprintf(want, sizeof want, "chunk length %zu is longer than its total_bytes %zu", len + 1,
+		 len);
+	KVT_CHECK(kvt_chunk_parse(longer, len + 1, NULL, NULL, err, sizeof(err)) == -EBADMSG &&
+			  strstr(err, want),
+		  "len = size + 1: '%s'", err);
+	KVT_CHECK(kvt_chunk_parse(longer, SIZE_MAX, NULL, NULL, err, sizeof(err)) == -EINVAL,
+		  "len = SIZE_MAX: '%s'", err);
+	free(longer);
 	KVT_CHECK(kvt_chunk_parse(chunk, 10, NULL, NULL, err, sizeof(err)) == -EBADMSG, "tiny");
 	chunk[0] ^= 1;
 	KVT_CHECK(kvt_chunk_parse(chunk, len, NULL, NULL, err, sizeof(err)) == -EBADMSG &&

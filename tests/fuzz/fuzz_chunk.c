@@ -211,7 +211,7 @@ static enum reason model_verdict(const uint8_t *p, size_t len, unsigned *late)
 	if (HGET(p, data_offset) != lay.data_offset || HGET(p, layer_bytes) != lay.layer_bytes ||
 	    HGET(p, total_bytes) != lay.total_bytes)
 		return R_SIZES;
-	if (len < lay.total_bytes)
+	if (len != lay.total_bytes) /* a missing byte or a trailing one */
 		return R_LENGTH;
 	if (HGET(p, crc32c) != spec_crc(p, lay.total_bytes))
 		*late |= 1u << R_CRC;
@@ -1112,7 +1112,7 @@ static const char *const mclass_names[] = {"same", "codes", "data", "struct"};
 
 /*
  * How a mutant differs from its seed: MC_STRUCT when the header (but its crc field) or the pin
- * table differ or bytes are missing; else MC_DATA when scales, zeros, norms or exact values
+ * table differ or bytes are missing or appended (parse takes exactly total_bytes); else MC_DATA when scales, zeros, norms or exact values
  * differ; else MC_CODES when code bytes or gaps differ (rows[(l * 2 + kv) * H * B + h * B + t]
  * marks the rows whose code bytes differ); else MC_SAME.
  */
@@ -1120,7 +1120,7 @@ static enum mclass classify(const struct seed *s, const uint8_t *p, size_t len, 
 {
 	const struct kvt_chunk_layout *l = &s->lay;
 	const uint32_t B = s->pcfg.chunk_tokens, H = s->pcfg.n_kv_heads, L = s->pcfg.n_layers;
-	if (len < l->total_bytes || memcmp(p, s->bytes, OFF(crc32c)) ||
+	if (len != l->total_bytes || memcmp(p, s->bytes, OFF(crc32c)) ||
 	    memcmp(p + OFF(crc32c) + 4, s->bytes + OFF(crc32c) + 4, l->data_offset - OFF(crc32c) - 4))
 		return MC_STRUCT;
 	memset(rows, 0, (size_t)L * 2 * H * B);
@@ -1548,8 +1548,10 @@ static void run_iteration(uint64_t it)
 		FCHECK(memcmp(&pc, &hc, sizeof(pc)) == 0, "parse's config is not the header's");
 		check_decode(s, chunk, &pc, mc, rows, ia, ib);
 		check_attend(chunk, &pc, mc <= MC_CODES && pc.scheme != KVT_SCHEME_NONE, ia, ib);
-		/* the daemon keeps exactly total_bytes of an upload (parse allows more after it) */
-		check_seq(chunk, ph.total_bytes, &pc, &ph);
+		/* parse accepts only a length of exactly total_bytes */
+		FCHECK(ph.total_bytes == m.len, "parse accepts %zu bytes of a %llu-byte chunk", m.len,
+		       (unsigned long long)ph.total_bytes);
+		check_seq(chunk, m.len, &pc, &ph);
 	} else {
 		st.by_reason[got]++;
 	}

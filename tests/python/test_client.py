@@ -489,6 +489,23 @@ def test_fetch_encoded_store_encoded_roundtrip(client, sid, rng):
     with pytest.raises(kvtier.KvtierError) as e:
         client.stat(bad_id)
     assert code_of(e) == grpc.StatusCode.NOT_FOUND
+    # a chunk's upload is exactly the bytes its header describes: one trailing byte (the
+    # daemon stored it and counted it in bytes_held) or one missing is refused naming both
+    # sizes. Chunk 1 pins no sinks, so one byte more stays under the codec's largest chunk.
+    c0, c1 = enc.chunks[0], enc.chunks[1]
+    n = len(c1)
+    for chunk, want in ((c1 + b"\0", f"chunk length {n + 1} is longer than its "
+                         f"total_bytes {n}"),
+                        (c1[:-1], f"chunk length {n - 1} is shorter than its "
+                         f"total_bytes {n}")):
+        bad = kvtier.EncodedSession(info=enc.info, chunks=[c0, chunk], chunk_begin=0,
+                                    tail_k=None, tail_v=None, tail_token_begin=None)
+        with pytest.raises(kvtier.KvtierError) as e:
+            client.store_encoded(bad_id, bad)
+        assert code_of(e) == grpc.StatusCode.INVALID_ARGUMENT and want in str(e.value), e.value
+        with pytest.raises(kvtier.KvtierError) as e:
+            client.stat(bad_id)
+        assert code_of(e) == grpc.StatusCode.NOT_FOUND
 
 
 # ---- attend ----------------------------------------------------------------------------------------
