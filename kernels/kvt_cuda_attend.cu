@@ -1638,13 +1638,20 @@ static cudaError_t att_launch_mma_nq(const kvt_cuda_attend_plan *pl, cudaStream_
 	constexpr int bytes = mma_smem<D, VB, GV, NQ>::BYTES;
 	cudaError_t e;
 	if constexpr (bytes > 48 * 1024) {
-		static bool allowed; /* per instantiation; a repeat is harmless */
-		if (!allowed) {
+		/* per instantiation and device: the attribute belongs to the kernel's module in
+		 * one device's context, so a process attending on two GPUs sets it on each
+		 * (devices past 63 every launch); a repeat from a racing thread is harmless */
+		static unsigned long long allowed;
+		int dev = 0;
+		if ((e = cudaGetDevice(&dev)) != cudaSuccess)
+			return e;
+		const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0;
+		if (!bit || !(__atomic_load_n(&allowed, __ATOMIC_ACQUIRE) & bit)) {
 			e = cudaFuncSetAttribute(attend_mma_kernel<D, KB, VB, GV, NQ>,
 						 cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 			if (e != cudaSuccess)
 				return e;
-			allowed = true;
+			__atomic_fetch_or(&allowed, bit, __ATOMIC_RELEASE);
 		}
 	}
 	attend_mma_kernel<D, KB, VB, GV, NQ><<<pl->n_items, ATT_THREADS, bytes, s>>>(pl->p);
@@ -1734,7 +1741,11 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	 * it before they let anything after them launch) */
 	kvt_cuda_attend_plan run = *pl;
 	run.p.early = c->after_attend ? pl->early : 0u;
-	cudaError_t e;
+	/* the ctx's device, as every other op makes it current: a thread that also drives
+	 * another GPU may have switched its current device since the plan was built */
+	cudaError_t e = cudaSetDevice(c->device);
+	if (e != cudaSuccess)
+		return kvt_cuda_check(e, "cudaSetDevice", err, errlen);
 	if (run.p.mma) {
 		e = att_launch_mma_any(&run, c->stream);
 	} else if (run.p.xmma) {

@@ -70,6 +70,9 @@ static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs
 static uint64_t n_folded_tails; /* tail tokens the INT2 kernel's coded items attended */
 static bool aligned_tails; /* every tail 16-byte aligned (the exact rows' kernel needs it) */
 static uint32_t max_tail; /* tails up to this many tokens where set (else < B) */
+/* where set, an op on this ctx (another device) right before each run: the run must make its
+ * own ctx's device current again */
+static kvt_cuda_ctx *switch_ctx;
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -236,6 +239,9 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				  "%s: %" PRIu64 " folded tail tokens, want %" PRIu64, desc,
 				  info.folded_tail_tokens, want_folded);
 			n_folded_tails += info.folded_tail_tokens;
+			void *other = NULL;
+			if (switch_ctx && kvt_cuda_alloc(switch_ctx, 256, &other, err, sizeof(err)) == 0)
+				kvt_cuda_free(switch_ctx, other); /* device 1 is current now */
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
 			 * one run leaves in the plan, e.g. the fused combine's group counters, must
@@ -532,6 +538,41 @@ static void test_exact_mma_batches(void)
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
+/* Two GPUs (skipped with one): the same process attends on device 0 and device 1, the packed
+ * kernel's head_dim-256 INT4 shapes among them (more than 48 KB of shared memory: an attribute
+ * each device's copy of the kernel needs), with the other device made current between a
+ * plan's build and its runs. */
+static void test_second_device(void)
+{
+	if (kvt_cuda_device_count() < 2) {
+		printf("# one device: the second-device batches are skipped\n");
+		return;
+	}
+	char err[256];
+	kvt_cuda_ctx *c1 = NULL, *c0 = ctx;
+	KVT_REQUIRE(kvt_cuda_ctx_create(1, &c1, err, sizeof(err)) == 0, "device 1: %s", err);
+	const double before = worst_gpu;
+	worst_gpu = 0.0;
+	for (int i = 0; i < 8; i++) {
+		struct kvt_codec_config cfg;
+		random_config(&cfg, true);
+		cfg.scheme = KVT_SCHEME_OSCAR;
+		cfg.key_bits = cfg.value_bits = 4;
+		cfg.head_dim = 256;
+		cfg.dtype = KVT_DTYPE_BF16;
+		cfg.rotate_v = 1;
+		/* even i on device 1 with device 0 switched in before each run, odd the reverse */
+		ctx = i % 2 ? c0 : c1;
+		switch_ctx = i % 2 ? c1 : c0;
+		one_batch(i, false, &cfg, 8);
+	}
+	ctx = c0;
+	switch_ctx = NULL;
+	printf("# worst relative error, d256 INT4 batches on devices 0 and 1: gpu %.3e\n", worst_gpu);
+	worst_gpu = worst_gpu > before ? worst_gpu : before;
+	kvt_cuda_ctx_destroy(c1);
+}
+
 static void test_plan_errors(void)
 {
 	char err[256];
@@ -583,6 +624,7 @@ int main(void)
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_packed_mma_batches);
 	KVT_RUN(test_exact_mma_batches);
+	KVT_RUN(test_second_device);
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
