@@ -1071,6 +1071,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	*out = NULL;
 	if (!c || !reqs || n_reqs == 0)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "ctx or reqs is NULL, or n_reqs is 0");
+	/* the ctx's device before any CUDA call (the occupancy queries, the plan's upload) */
+	if ((rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen)))
+		return rc;
 	const struct kvt_codec_config *cfg = reqs[0].cfg;
 	if (!cfg)
 		return kvt_cuda_errf(err, errlen, -EINVAL, "request 0: cfg is NULL");
@@ -1118,30 +1121,30 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool mma = k3 || k3p ||
 			 (mma_shape && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
 			  cfg->value_bits == cfg->key_bits);
-	/* the tensor-core kernel takes 8 query heads per item, or 4 packed with their f16 low
-	 * parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
-	 * query heads per KV head */
 	/* scheme none, f16 or bf16, head_dim 64 or 128: the exact rows' tensor-core kernel
 	 * (session 17, kvt_cuda_attend_exact.cu; the CUDA-core kernel before, and with
 	 * KVTIER_CUDA_NO_MMA or KVTIER_CUDA_NO_EXACT_MMA). It reads rows 16 bytes at a time, so
 	 * every tail must be 16-byte aligned (the daemon's are; the API allows element
-	 * alignment) and so must each KV head's rows in a chunk. */
-	bool rows_aligned = true;
+	 * alignment). A chunk's rows are: chunks are 16-byte aligned (checked below), their
+	 * sections KVT_CHUNK_ALIGN aligned, a KV head's rows B x d x 2 bytes apart. */
+	static_assert(KVT_CHUNK_ALIGN % 16 == 0, "16-byte aligned chunk sections");
+	bool tails_aligned = true;
 	for (size_t r = 0; r < n_reqs; r++)
-		if (reqs[r].n_tail && (((uintptr_t)reqs[r].tail_k_dev | (uintptr_t)reqs[r].tail_v_dev) & 15))
-			rows_aligned = false;
-	struct kvt_chunk_layout lay0;
-	kvt_chunk_layout(cfg, 0, &lay0);
-	if ((lay0.data_offset | lay0.layer_bytes | lay0.k_codes_off | lay0.v_codes_off) & 15)
-		rows_aligned = false;
-	const bool xmma = none && rows_aligned && (D == 64 || D == 128) && max_ratio <= RQ8 &&
+		if (reqs[r].n_tail &&
+		    (((uintptr_t)reqs[r].tail_k_dev | (uintptr_t)reqs[r].tail_v_dev) & 15))
+			tails_aligned = false;
+	const bool xmma = none && tails_aligned && (D == 64 || D == 128) &&
 			  (cfg->dtype == KVT_DTYPE_BF16 || cfg->dtype == KVT_DTYPE_F16) &&
 			  getenv("KVTIER_CUDA_NO_MMA") == NULL &&
 			  getenv("KVTIER_CUDA_NO_EXACT_MMA") == NULL;
-	const uint32_t rqn =
-		(mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) || (xmma && max_ratio > RQ)
-			? RQ8
-			: RQ;
+	/* the packed tensor-core kernel takes 8 query heads per item, or 4 packed with their f16
+	 * low parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
+	 * query heads per KV head; the exact rows' kernel 8 where a request has more than 4
+	 * (a KV head's query heads are cut into groups of rqn either way) */
+	const uint32_t rqn = (mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) ||
+					     (xmma && max_ratio > RQ)
+				     ? RQ8
+				     : RQ;
 	/* INT2 with bf16 scales and <= 4 query heads per KV head: the scales-on-codes kernel
 	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
 	 * significands, or 3-bit keys) */
@@ -1165,6 +1168,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
 	const char *ft = getenv("KVTIER_CUDA_FOLD_TAIL");
 	const bool fold_tails = !ft || atoi(ft) != 0;
+	struct kvt_chunk_layout lay0;
+	if ((rc = kvt_chunk_layout(cfg, 0, &lay0)))
+		return kvt_cuda_errf(err, errlen, rc, "request 0: no chunk layout for its cfg");
 	rds = (att_req_dev *)calloc(n_reqs, sizeof(*rds));
 	if (!rds)
 		return kvt_cuda_errf(err, errlen, -ENOMEM, "out of memory");
@@ -1192,12 +1198,15 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			bps = occ_cache[occ_v][occ_i] = nb;
 	}
 	if (xmma) {
+		/* asked once per process like the INT2 kernel's (one kind of GPU per process);
+		 * threads may race to fill it with the same number */
 		static int occ_x[2][2][2]; /* [d128][bf16][8 query heads] */
-		int &nb = occ_x[D == 128][cfg->dtype == KVT_DTYPE_BF16][rqn == RQ8];
-		if (nb <= 0)
-			nb = kvt_att_exact_blocks_per_sm(D, cfg->dtype, rqn);
-		if (nb > 0)
-			bps = nb;
+		int *nb = &occ_x[D == 128][cfg->dtype == KVT_DTYPE_BF16][rqn == RQ8];
+		int v = __atomic_load_n(nb, __ATOMIC_RELAXED);
+		if (v <= 0 && (v = kvt_att_exact_blocks_per_sm(D, cfg->dtype, rqn)) > 0)
+			__atomic_store_n(nb, v, __ATOMIC_RELAXED);
+		if (v > 0)
+			bps = v;
 	}
 	if (getenv("KVTIER_CUDA_IPS") && atoi(getenv("KVTIER_CUDA_IPS")) > 0)
 		bps = atoi(getenv("KVTIER_CUDA_IPS"));
@@ -1451,10 +1460,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		memcpy(host + o_chunks, chunks, sz_chunks);
 		memcpy(host + o_groups, groups, sz_groups);
 		memcpy(host + o_reqs, rds, sz_reqs);
-		rc = kvt_cuda_check(cudaSetDevice(c->device), "cudaSetDevice", err, errlen);
-		if (!rc)
-			rc = kvt_cuda_check(cudaMalloc(&plan->dev_block, total), "plan alloc", err,
-					    errlen);
+		rc = kvt_cuda_check(cudaMalloc(&plan->dev_block, total), "plan alloc", err, errlen);
 		/* on the ctx's stream, then waited for: a plain cudaMemcpy from pageable memory may
 		 * return before its DMA has landed, and it is not ordered with the ctx's
 		 * (non-blocking) stream, where the INT2 kernel reads the descriptors, since session
@@ -1710,12 +1716,9 @@ cudaError_t kvt_att_combine_launch_dq(const kvt_cuda_attend_plan *pl, cudaStream
 	if (pl->D == 64)
 		pl->p.rqn == RQ ? combine_kernel<64, RQ><<<grid, block, 0, s>>>(pl->p)
 				: combine_kernel<64, RQ8><<<grid, block, 0, s>>>(pl->p);
-	else if (pl->D == 128)
+	else
 		pl->p.rqn == RQ ? combine_kernel<128, RQ><<<grid, block, 0, s>>>(pl->p)
 				: combine_kernel<128, RQ8><<<grid, block, 0, s>>>(pl->p);
-	else
-		pl->p.rqn == RQ ? combine_kernel<256, RQ><<<grid, block, 0, s>>>(pl->p)
-				: combine_kernel<256, RQ8><<<grid, block, 0, s>>>(pl->p);
 	return cudaGetLastError();
 }
 
@@ -1741,8 +1744,8 @@ extern "C" int kvt_cuda_attend_run(kvt_cuda_ctx *c, const kvt_cuda_attend_plan *
 	 * it before they let anything after them launch) */
 	kvt_cuda_attend_plan run = *pl;
 	run.p.early = c->after_attend ? pl->early : 0u;
-	/* the ctx's device, as every other op makes it current: a thread that also drives
-	 * another GPU may have switched its current device since the plan was built */
+	/* the ctx's device (a thread that also drives another GPU may have switched its
+	 * current device since the plan was built) */
 	cudaError_t e = cudaSetDevice(c->device);
 	if (e != cudaSuccess)
 		return kvt_cuda_check(e, "cudaSetDevice", err, errlen);

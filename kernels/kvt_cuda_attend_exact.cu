@@ -31,8 +31,6 @@
  * w, w + 4, ...; the block merges its warps like the other kernels (block_merge) and the
  * combine merges the items of a group.
  */
-#include <stdlib.h>
-
 #include "kvt_cuda_attend.cuh"
 
 namespace {
@@ -94,13 +92,6 @@ __device__ __forceinline__ uint4 ex_ld(const uint8_t *p)
 	return v;
 }
 
-/* what the exact kernel reads of an item: row r's key and value at k + r * rs, v + r * rs
- * (bytes) for chunk runs (ITEM_NONE_CHUNKS, per chunk of B rows) or the tail */
-struct ex_rows {
-	const uint8_t *k, *v;
-	size_t rs; /* bytes from one row to the next */
-};
-
 } // namespace
 
 template <int D, uint32_t DT, int NQ>
@@ -150,6 +141,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 		row_bytes = (size_t)D * WS;
 	}
 	const uint32_t tiles = (n + 15) / 16;
+	/* f16 sessions: p goes into the value MMA times 2^14 (at most 16384), so that small
+	 * weights keep f16's full precision instead of becoming subnormal (bf16 has float's
+	 * exponent range); the partial is scaled back at the end */
+	constexpr float PSC = DT == KVT_DTYPE_F16 ? 16384.0f : 1.0f;
 
 	float acc[4 * PPL][4]; /* output tile (piece i, word w): channels 8 (t4 + 4 i) + 2 w + {0,1} */
 #pragma unroll
@@ -244,8 +239,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 		/* P as the A operand: rows g = head g's high parts, g + 8 the rest; k = the tile's
 		 * tokens, 2 t4 + {0,1} from the first half, 8 + 2 t4 + {0,1} from the second */
 		uint4 pa;
-		ex_split<DT>(pr[0][0], pr[0][1], pa.x, pa.y);
-		ex_split<DT>(pr[1][0], pr[1][1], pa.z, pa.w);
+		ex_split<DT>(PSC * pr[0][0], PSC * pr[0][1], pa.x, pa.y);
+		ex_split<DT>(PSC * pr[1][0], PSC * pr[1][1], pa.z, pa.w);
 #pragma unroll
 		for (int i = 0; i < PPL; i++)
 #pragma unroll
@@ -263,15 +258,15 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 			red_l[warp][g] = l;
 		}
 		float *ra = &red_acc[warp][g * D];
+		constexpr float UN = 1.0f / PSC;
+		/* channel 8 (t4 + 4 i) + 2 w + e: output tile 4 i + w, columns e (high parts) and
+		 * 2 + e (the rest) */
+		auto ch = [&](int i, int w, int e) { return UN * (acc[4 * i + w][e] + acc[4 * i + w][2 + e]); };
 #pragma unroll
 		for (int i = 0; i < PPL; i++) {
 			const int c0 = 8 * (t4 + 4 * i);
-			*(float4 *)&ra[c0] = make_float4(acc[4 * i][0] + acc[4 * i][2], acc[4 * i][1] + acc[4 * i][3],
-							 acc[4 * i + 1][0] + acc[4 * i + 1][2],
-							 acc[4 * i + 1][1] + acc[4 * i + 1][3]);
-			*(float4 *)&ra[c0 + 4] = make_float4(
-				acc[4 * i + 2][0] + acc[4 * i + 2][2], acc[4 * i + 2][1] + acc[4 * i + 2][3],
-				acc[4 * i + 3][0] + acc[4 * i + 3][2], acc[4 * i + 3][1] + acc[4 * i + 3][3]);
+			*(float4 *)&ra[c0] = make_float4(ch(i, 0, 0), ch(i, 0, 1), ch(i, 1, 0), ch(i, 1, 1));
+			*(float4 *)&ra[c0 + 4] = make_float4(ch(i, 2, 0), ch(i, 2, 1), ch(i, 3, 0), ch(i, 3, 1));
 		}
 	}
 	block_merge<D, NQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);

@@ -69,10 +69,23 @@ static uint32_t kernel_count[KVT_CUDA_ATT_EXACT_MMA + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
 static uint64_t n_folded_tails; /* tail tokens the INT2 kernel's coded items attended */
 static bool aligned_tails; /* every tail 16-byte aligned (the exact rows' kernel needs it) */
-static uint32_t max_tail; /* tails up to this many tokens where set (else < B) */
+static uint32_t max_tail;  /* tails up to this many tokens where set (else < B) */
+static uint32_t long_tail; /* where set, every tail long_tail + 0..75 tokens */
 /* where set, an op on this ctx (another device) right before each run: the run must make its
  * own ctx's device current again */
 static kvt_cuda_ctx *switch_ctx;
+
+static void switch_device(void)
+{
+	char err[256];
+	void *other = NULL;
+	if (!switch_ctx)
+		return;
+	int rc = kvt_cuda_alloc(switch_ctx, 256, &other, err, sizeof(err));
+	KVT_CHECK(rc == 0, "alloc on the other device: %s", err);
+	if (!rc)
+		kvt_cuda_free(switch_ctx, other); /* switch_ctx's device is current now */
+}
 
 static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed, uint32_t fixed_r)
 {
@@ -146,6 +159,8 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		/* the preset keeps up to W = recent_exact_tokens exact */
 		s->n_tail = kvt_rand_below(fixed && cfg.recent_exact_tokens ? cfg.recent_exact_tokens + 1
 				   : max_tail ? max_tail + 1 : B);
+		if (long_tail)
+			s->n_tail = long_tail + kvt_rand_below(76);
 		if (s->n_chunks + s->n_tail == 0)
 			s->n_tail = 1 + kvt_rand_below(B - 1);
 		if (solo) {
@@ -239,9 +254,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				  "%s: %" PRIu64 " folded tail tokens, want %" PRIu64, desc,
 				  info.folded_tail_tokens, want_folded);
 			n_folded_tails += info.folded_tail_tokens;
-			void *other = NULL;
-			if (switch_ctx && kvt_cuda_alloc(switch_ctx, 256, &other, err, sizeof(err)) == 0)
-				kvt_cuda_free(switch_ctx, other); /* device 1 is current now */
+			switch_device();
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
 			 * one run leaves in the plan, e.g. the fused combine's group counters, must
@@ -249,9 +262,11 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 			for (uint32_t si = 0; si < n_sess && !rc; si++)
 				rc = kvt_cuda_memset_async(ctx, ss[si].out_dev, 0xff,
 							   (size_t)nq * d * 4, err, sizeof(err));
+			switch_device();
 			rc = rc ? rc : kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* and a third time right after it (the INT2 kernel then is the programmatic
 			 * dependent of the second run's last kernel) */
+			switch_device();
 			rc = rc ? rc : kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			rc = rc ? rc : kvt_cuda_sync(ctx, err, sizeof(err));
 			/* that third run, right after an attention run, is an early one where the
@@ -497,18 +512,19 @@ static void test_packed_mma_batches(void)
 }
 
 /* Scheme none on the exact rows' tensor-core kernel (session 17): f16 or bf16 chunks,
- * head_dim 64 or 128, 1-8 query heads per KV head, 16-byte aligned tails up to 1100 tokens
- * (runs of 1024: two tail items), items of 1-4 chunks; fresh each run. Each batch must take
- * that kernel (unless KVTIER_CUDA_NO_MMA / KVTIER_CUDA_NO_EXACT_MMA) and match the reference;
- * the random batches cover the rest (f32, d256, tails one element off alignment: the
- * CUDA-core kernel). */
+ * head_dim 64 or 128, 1-16 query heads per KV head (groups of 4 or 8), chunks of any multiple
+ * of 32 tokens up to 384 (the kernel walks chunks without dividing), 16-byte aligned tails
+ * (the first batch's past 1024 tokens: two tail items), items of 1-4 chunks; fresh each run.
+ * Each batch must take that kernel (unless KVTIER_CUDA_NO_MMA / KVTIER_CUDA_NO_EXACT_MMA) and
+ * match the reference; the random batches cover the rest (f32, d256, tails one element off
+ * alignment: the CUDA-core kernel). */
 static void test_exact_mma_batches(void)
 {
 	int n = 16;
 	const char *e = getenv("KVT_GPU_EXACT_BATCHES");
 	if (e && *e)
 		n = atoi(e);
-	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
+	static const uint32_t ratios[] = {1, 2, 3, 4, 6, 8, 16};
 	const double before = worst_gpu;
 	const uint32_t x0 = kernel_count[KVT_CUDA_ATT_EXACT_MMA];
 	const bool off = getenv("KVTIER_CUDA_NO_MMA") || getenv("KVTIER_CUDA_NO_EXACT_MMA");
@@ -522,14 +538,21 @@ static void test_exact_mma_batches(void)
 		cfg.rotate_v = 0;
 		cfg.head_dim = kvt_rand_below(2) ? 128 : 64;
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+		if (kvt_rand_below(2)) {
+			cfg.group = 32;
+			cfg.chunk_tokens = 32 * (1 + kvt_rand_below(12));
+			if (cfg.n_sinks > cfg.chunk_tokens) /* at most B sinks */
+				cfg.n_sinks = cfg.chunk_tokens;
+		}
 		max_tail = kvt_rand_below(4) == 0 ? 1100 : 0;
+		long_tail = i == 0 ? 1025 : 0;
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
-		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
+		one_batch(i, false, &cfg, ratios[kvt_rand_below(7)]);
 	}
 	aligned_tails = false;
-	max_tail = 0;
+	max_tail = long_tail = 0;
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_EXACT_MMA] - x0;
 	printf("# worst relative error, scheme none f16 / bf16 d64 / d128 batches: gpu %.3e (%u of "
 	       "%d on the exact rows' tensor-core kernel)\n", worst_gpu, got, n);
@@ -552,6 +575,7 @@ static void test_second_device(void)
 	kvt_cuda_ctx *c1 = NULL, *c0 = ctx;
 	KVT_REQUIRE(kvt_cuda_ctx_create(1, &c1, err, sizeof(err)) == 0, "device 1: %s", err);
 	const double before = worst_gpu;
+	const uint32_t m0 = kernel_count[KVT_CUDA_ATT_MMA];
 	worst_gpu = 0.0;
 	for (int i = 0; i < 8; i++) {
 		struct kvt_codec_config cfg;
@@ -568,7 +592,11 @@ static void test_second_device(void)
 	}
 	ctx = c0;
 	switch_ctx = NULL;
-	printf("# worst relative error, d256 INT4 batches on devices 0 and 1: gpu %.3e\n", worst_gpu);
+	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
+	printf("# worst relative error, d256 INT4 batches on devices 0 and 1: gpu %.3e (%u of 8 on "
+	       "the packed kernel)\n", worst_gpu, got);
+	if (!getenv("KVTIER_CUDA_NO_MMA"))
+		KVT_CHECK(got == 8, "the d256 INT4 batches take the packed kernel (%u of 8)", got);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 	kvt_cuda_ctx_destroy(c1);
 }
