@@ -186,6 +186,40 @@ int kvt_chunk_view(const void *chunk, size_t len, struct kvt_codec_config *cfg_o
 	return 0;
 }
 
+/* max |x| of n 16-bit parameters of dtype sdt at p (INFINITY for inf or NaN) */
+static float param_absmax(const uint8_t *p, size_t n, uint32_t sdt)
+{
+	float m = 0.0f;
+	for (size_t i = 0; i < n; i++) {
+		uint16_t h;
+		memcpy(&h, p + 2 * i, 2);
+		const float x = fabsf(kvt_widen16(h, sdt));
+		if (!(x <= m)) /* also NaN */
+			m = isnan(x) ? INFINITY : x;
+	}
+	return m;
+}
+
+int kvt_chunk_param_max(const void *chunk, float *scale_max, float *zero_max)
+{
+	struct kvt_chunk_header h;
+	struct kvt_codec_config cfg;
+	struct kvt_chunk_layout lay;
+	if (kvt_chunk_view(chunk, SIZE_MAX, &cfg, &h, &lay, NULL, 0))
+		return -EINVAL;
+	float sm = 0.0f, zm = 0.0f;
+	for (uint32_t l = 0; l < cfg.n_layers; l++) {
+		const uint8_t *sec = (const uint8_t *)chunk + lay.data_offset + (size_t)l * lay.layer_bytes;
+		sm = fmaxf(sm, param_absmax(sec + lay.k_scale_off, lay.k_scale_bytes / 2, h.scale_dtype));
+		sm = fmaxf(sm, param_absmax(sec + lay.v_scale_off, lay.v_scale_bytes / 2, h.scale_dtype));
+		zm = fmaxf(zm, param_absmax(sec + lay.k_zero_off, lay.k_scale_bytes / 2, h.scale_dtype));
+		zm = fmaxf(zm, param_absmax(sec + lay.v_zero_off, lay.v_scale_bytes / 2, h.scale_dtype));
+	}
+	*scale_max = sm;
+	*zero_max = zm;
+	return 0;
+}
+
 int kvt_chunk_parse(const void *chunk, size_t len, struct kvt_codec_config *cfg_out,
 		    struct kvt_chunk_header *hdr_out, char *err, size_t errlen)
 {

@@ -229,6 +229,12 @@ size_t kvt_chunk_max_bytes(const struct kvt_codec_config *cfg);
 int kvt_chunk_parse(const void *chunk, size_t len, struct kvt_codec_config *cfg,
 		    struct kvt_chunk_header *hdr, char *err, size_t errlen);
 
+/* The largest magnitude among a parsed chunk's quantizer scales (*scale_max) and zeros
+ * (*zero_max), keys and values of every layer; both 0 for scheme none. A non-finite parameter
+ * gives INFINITY. What the GPU tier checks against the tensor-core kernels' f16 range
+ * (kvt_cuda.h KVT_CUDA_ATTEND_SCALE_MAX). -EINVAL for a chunk kvt_chunk_parse would refuse. */
+int kvt_chunk_param_max(const void *chunk, float *scale_max, float *zero_max);
+
 /* True bits per element of a chunk: total_bytes * 8 / (2 * B * L * H * d). */
 double kvt_chunk_bits_per_element(const struct kvt_chunk_header *hdr);
 

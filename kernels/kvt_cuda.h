@@ -198,6 +198,13 @@ enum kvt_cuda_attend_kernel {
 	KVT_CUDA_ATT_EXACT_MMA = 6,  /* tensor cores over exact rows: scheme none, f16 / bf16,
 				      * head_dim 64 / 128, 16-byte aligned tails (session 17) */
 };
+/* The tensor-core attention kernels hold a chunk's quantizer scales and zeros in f16 (the INT2
+ * kernel a scale times up to 32, the packed kernel a scale times the query): chunks whose
+ * largest |scale| or |zero| (kvt_chunk_param_max) passes these attend elsewhere (the GPU tier
+ * sends them to the CPU; docs/gpu.md "Known limit"). Real models' K/V stay far below. */
+#define KVT_CUDA_ATTEND_SCALE_MAX 2047.0f
+#define KVT_CUDA_ATTEND_ZERO_MAX 16383.0f
+
 struct kvt_cuda_attend_plan_info {
 	uint64_t read_bytes;
 	uint32_t n_items;

@@ -179,7 +179,16 @@ struct mirror_entry {
 	const struct kvt_chunk *chunk; /* referenced */
 	uint64_t off, bytes;           /* arena */
 	int resident;
+	int in_range; /* its scales and zeros fit the tensor-core kernels' f16 (KVT_CUDA_ATTEND_*) */
 };
+
+/* 1 when the chunk's quantizer parameters are within what the GPU attention kernels hold */
+static int chunk_in_range(const struct kvt_chunk *c)
+{
+	float sm, zm;
+	return kvt_chunk_param_max(c->bytes, &sm, &zm) == 0 && sm <= KVT_CUDA_ATTEND_SCALE_MAX &&
+	       zm <= KVT_CUDA_ATTEND_ZERO_MAX;
+}
 
 /* A chunk kvt_tier_gpu_encode wrote into the arena, waiting for its sealing to commit: the
  * next sync adopts it for the sequence's chunk with the same header (the header's crc32c
@@ -225,6 +234,7 @@ struct kvt_tier_gpu {
 	/* counters (under mu) */
 	uint64_t n_restores, restore_bytes, restore_h2d_bytes, ipc_opens, ipc_closes;
 	uint64_t n_attends, n_attend_fallbacks, n_chunk_fallbacks, ipc_stale_closes, ipc_dead_closes;
+	uint64_t n_attend_range_fallbacks; /* of n_attend_fallbacks: parameters out of range */
 	uint64_t restore_pinned_chunks, restore_staged_chunks;
 	uint64_t n_attend_plans, n_attend_batches, n_attend_errors;
 	uint64_t n_encodes, n_encodes_arena, n_encodes_cpu, n_encode_errors;
@@ -432,6 +442,10 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.ipc_stale_remaps", stale);
 	fn(ctx, "gpu.ipc_dead_worker_closes", dead);
+	pthread_mutex_lock(&g->mu);
+	uint64_t rf = g->n_attend_range_fallbacks;
+	pthread_mutex_unlock(&g->mu);
+	fn(ctx, "gpu.attend_range_fallbacks", rf);
 	pthread_mutex_lock(&g->mu);
 	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;
 	pthread_mutex_unlock(&g->mu);
@@ -885,8 +899,10 @@ int kvt_tier_gpu_mirror_sync(struct kvt_tier_gpu *g, struct kvt_gpu_mirror **mp,
 		struct mirror_entry *e = &m->e[i];
 		if (e->chunk != c)
 			mirror_release(g, m, i);
-		if (!e->chunk)
+		if (!e->chunk) {
 			e->chunk = kvt_chunk_get(c);
+			e->in_range = chunk_in_range(c);
+		}
 		if (!e->resident && m->n_pre)
 			adopt_pre(g, m, i);
 	}
@@ -1013,23 +1029,29 @@ static int same_codec(const struct kvt_codec_config *a, const struct kvt_codec_c
 	       a->head_dim == b->head_dim && a->dtype == b->dtype && a->rotate_v == b->rotate_v;
 }
 
-/* mu held: 1 when item it can run from the arena now. */
+enum { ITEM_READY = 0, ITEM_NOT_RESIDENT = 1, ITEM_OUT_OF_RANGE = 2 };
+
+/* mu held: ITEM_READY when item it can run from the arena now; ITEM_OUT_OF_RANGE when a
+ * chunk's scales or zeros are past the GPU kernels' f16 range (KVT_CUDA_ATTEND_*). */
 static int attend_item_ready(const struct kvt_gpu_attend_item *it)
 {
 	const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);
 	const struct kvt_gpu_mirror *m = it->m;
 	if (it->n_chunks + it->n_tail == 0 || !m || m->n < it->n_chunks)
-		return 0;
+		return ITEM_NOT_RESIDENT;
 	/* the GPU kernel takes equal bits, or a split with 3 on one side and 2-4 on the other
 	 * (kvt_cuda_attend_plan_build: the default codec's 3/2 among them) */
 	if (cfg->scheme != KVT_SCHEME_NONE && cfg->key_bits != cfg->value_bits &&
 	    !((cfg->key_bits == 3 || cfg->value_bits == 3) && cfg->key_bits <= 4 &&
 	      cfg->value_bits <= 4))
-		return 0;
+		return ITEM_NOT_RESIDENT;
 	for (uint32_t c = 0; c < it->n_chunks; c++)
 		if (!m->e[c].resident || m->e[c].chunk != kvt_seq_chunk(it->seq, c))
-			return 0;
-	return 1;
+			return ITEM_NOT_RESIDENT;
+	for (uint32_t c = 0; c < it->n_chunks; c++)
+		if (!m->e[c].in_range)
+			return ITEM_OUT_OF_RANGE;
+	return ITEM_READY;
 }
 
 int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item *items,
@@ -1061,8 +1083,10 @@ int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item
 	for (size_t i = 0; i < n; i++) {
 		struct kvt_gpu_attend_item *it = &items[i];
 		group[i] = -1;
-		if (!attend_item_ready(it)) {
+		const int why = attend_item_ready(it);
+		if (why != ITEM_READY) {
 			g->n_attend_fallbacks++;
+			g->n_attend_range_fallbacks += why == ITEM_OUT_OF_RANGE;
 			continue;
 		}
 		const struct kvt_codec_config *cfg = kvt_seq_config(it->seq);

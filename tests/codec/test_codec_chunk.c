@@ -615,6 +615,56 @@ static void test_pins(void)
 	free(v);
 }
 
+/* kvt_chunk_param_max: the largest |scale| and |zero| of a chunk's quantizer parameters (what
+ * the GPU tier checks against the tensor-core kernels' f16 range). kivi's parameters follow the
+ * data (scale = range / (2^bits - 1), zero = a minimum), so the same data times 1024 (exact in
+ * bf16) has exactly 1024 times the parameters; scheme none has none. */
+static void test_param_max(void)
+{
+	struct kvt_codec_config cfg;
+	kvt_codec_config_default(&cfg, 2, 2, 64, KVT_DTYPE_BF16);
+	cfg.scheme = KVT_SCHEME_KIVI;
+	cfg.rotate_v = 0;
+	cfg.key_bits = cfg.value_bits = 2;
+	const uint32_t B = cfg.chunk_tokens;
+	const size_t n = (size_t)cfg.n_layers * B * cfg.n_kv_heads * cfg.head_dim;
+	void *k = random_kv(&cfg, B, 1.0f, NULL, 0), *v = random_kv(&cfg, B, 0.5f, NULL, 0);
+	size_t len;
+	uint8_t *c1 = encode_new(&cfg, 0, k, v, &len);
+	float *f = malloc(n * 4);
+	void *kv[2] = {k, v};
+	for (int t = 0; t < 2; t++) {
+		kvt_convert(kv[t], cfg.dtype, f, KVT_DTYPE_F32, n);
+		for (size_t i = 0; i < n; i++)
+			f[i] *= 1024.0f;
+		kvt_convert(f, KVT_DTYPE_F32, kv[t], cfg.dtype, n);
+	}
+	uint8_t *c2 = encode_new(&cfg, 0, k, v, &len);
+	KVT_REQUIRE(c1 != NULL && c2 != NULL, "encode");
+	float s1 = -1, z1 = -1, s2 = -1, z2 = -1;
+	KVT_CHECK(kvt_chunk_param_max(c1, &s1, &z1) == 0 && kvt_chunk_param_max(c2, &s2, &z2) == 0,
+		  "param_max");
+	KVT_CHECK(s1 > 0.0f && z1 > 0.0f && s2 == 1024.0f * s1 && z2 == 1024.0f * z1,
+		  "scale max %g -> %g, zero max %g -> %g (want x1024)", s1, s2, z1, z2);
+	/* no parameters: 0 */
+	cfg.scheme = KVT_SCHEME_NONE;
+	cfg.key_bits = cfg.value_bits = 16;
+	cfg.n_sinks = 0;
+	uint8_t *c3 = encode_new(&cfg, 0, k, v, &len);
+	KVT_REQUIRE(c3 != NULL, "encode none");
+	KVT_CHECK(kvt_chunk_param_max(c3, &s1, &z1) == 0 && s1 == 0.0f && z1 == 0.0f,
+		  "scheme none: %g, %g", s1, z1);
+	/* not a chunk */
+	c3[0] ^= 0xff;
+	KVT_CHECK(kvt_chunk_param_max(c3, &s1, &z1) == -EINVAL, "bad magic refused");
+	free(c1);
+	free(c2);
+	free(c3);
+	free(f);
+	free(k);
+	free(v);
+}
+
 static void test_parse_rejects_corruption(void)
 {
 	struct kvt_codec_config cfg;
@@ -829,6 +879,7 @@ int main(void)
 	KVT_RUN(test_parse_rejects_corruption);
 	KVT_RUN(test_encode_decode_errors);
 	KVT_RUN(test_deterministic);
+	KVT_RUN(test_param_max);
 	KVT_RUN(test_threads_share_nothing);
 	return kvt_test_done();
 }

@@ -758,6 +758,59 @@ static void test_encode_scale(void)
 }
 
 /* A small arena: the policy demotes the least recently used unpinned sessions. */
+/* A session whose values are ~10^4 (each chunk's value scales past KVT_CUDA_ATTEND_SCALE_MAX,
+ * which the tensor-core kernels' f16 cannot hold) next to an ordinary one, in one Attend RPC:
+ * the large one's items run on the CPU (gpu.attend_range_fallbacks, one per item), the other's
+ * on the GPU, and every result matches the reference (on the GPU the large session's logits
+ * overflowed before session 17). */
+static void test_out_of_range_scales(void)
+{
+	struct kvt_client *c = g_c;
+	struct kvt_client_session_params p;
+	struct sess big, small, *ss[2] = {&big, &small};
+	struct kvt_client_status st;
+	params(&p, "range-big", 2, 2, 128, 2, 64, "gpu");
+	KVT_REQUIRE(open_sess(c, &big, "range-big", &p) == 0, "open range-big");
+	params(&p, "range-small", 2, 2, 128, 2, 64, "gpu");
+	KVT_REQUIRE(open_sess(c, &small, "range-small", &p) == 0 && fill(c, &small, 200) == 0,
+		    "range-small");
+	/* 400 tokens (sealed chunks past the recent window) of the usual data times 10^4 */
+	struct kvt_client_shape shape = it_shape(&big.info);
+	const uint32_t n = 400;
+	const size_t b = kvt_client_kv_bytes(&shape, n), e = b / kvt_dtype_size(shape.dtype);
+	void *k = it_xmalloc(b), *v = it_xmalloc(b);
+	float *f = it_xmalloc(e * 4);
+	it_gen_kv(shape.n_layers, shape.n_kv_heads, shape.head_dim, shape.dtype, 0, n, k, v);
+	void *kv[2] = {k, v};
+	for (int t = 0; t < 2; t++) {
+		kvt_convert(kv[t], shape.dtype, f, KVT_DTYPE_F32, e);
+		for (size_t i = 0; i < e; i++)
+			f[i] *= 1e4f;
+		kvt_convert(f, KVT_DTYPE_F32, kv[t], shape.dtype, e);
+	}
+	KVT_REQUIRE(kvt_client_append(c, big.id, &shape, k, v, n, NULL, NULL, &st) == 0,
+		    "append range-big: %s", st.message);
+	big.n = n;
+	free(k);
+	free(v);
+	free(f);
+	const uint64_t r0 = it_counter(c, "gpu.attend_range_fallbacks"),
+		       a0 = it_counter(c, "gpu.attends");
+	double worst = 0;
+	attend_all(c, ss, 2, 0, &worst, "out-of-range scales");
+	const uint64_t r1 = it_counter(c, "gpu.attend_range_fallbacks"),
+		       a1 = it_counter(c, "gpu.attends");
+	printf("# out-of-range scales: gpu.attend_range_fallbacks +%llu, gpu.attends +%llu; worst "
+	       "relative error %.3g\n", (unsigned long long)(r1 - r0), (unsigned long long)(a1 - a0),
+	       worst);
+	KVT_CHECK(r1 - r0 == big.cfg.n_layers && a1 - a0 == small.cfg.n_layers,
+		  "range-big's %u items on the CPU (+%llu), range-small's %u on the GPU (+%llu)",
+		  big.cfg.n_layers, (unsigned long long)(r1 - r0), small.cfg.n_layers,
+		  (unsigned long long)(a1 - a0));
+	kvt_client_drop(c, big.id, NULL, &st);
+	kvt_client_drop(c, small.id, NULL, &st);
+}
+
 static void test_arena_policy(const char *policy)
 {
 	struct kvt_daemon d;
@@ -917,6 +970,7 @@ int main(int argc, char **argv)
 	g_c = c;
 	KVT_RUN(test_batched_attend);
 	KVT_RUN(test_batch_codec_fallback);
+	KVT_RUN(test_out_of_range_scales);
 	KVT_RUN(test_batch_scale);
 	KVT_RUN(test_gpu_encode);
 	KVT_RUN(test_encode_scale);
