@@ -573,6 +573,17 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 }
 
 
+/* resident blocks per multiprocessor of an attention kernel launched with ATT_THREADS threads
+ * and no dynamic shared memory (0 when the query fails; its error is cleared) */
+template <class Kernel> static int att_blocks_per_sm(Kernel kernel)
+{
+	int nb = 0;
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, ATT_THREADS, 0) != cudaSuccess)
+		nb = 0;
+	(void)cudaGetLastError();
+	return nb;
+}
+
 /* The plan builder (kvt_cuda_attend.cu) and the INT2 kernels (kvt_cuda_attend_i2.cu) meet
  * here. p.i2: 0 not the INT2 kernel, 2 the keys-as-B loop (attend_coded_i4<..., false>), 3
  * the swapped key orientation (attend_coded_i4<..., true>, the default since session 8 for

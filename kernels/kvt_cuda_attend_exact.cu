@@ -75,11 +75,6 @@ __device__ __forceinline__ void ex_split(float x, float y, uint32_t &hi, uint32_
 	}
 }
 
-__device__ __forceinline__ uint32_t ex_word(const uint4 &v, int i)
-{
-	return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 /* a 16-byte piece of a row, streamed (not kept in L1: every byte is read once), with the L2
  * fetching the whole 256-byte row-sized sector group at once (H200, same call: 138.3 ->
  * 131.0 us at d128 1 x 131072 without the hint's "L2::256B", 77.2 -> 73.2 at d64) */
@@ -201,8 +196,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 			const uint4 a = qf[j][lane];
 #pragma unroll
 			for (int hf = 0; hf < 2; hf++)
-				ex_mma<DT>(s[hf], a, ex_word(kw[hf][j >> 1], 2 * (j & 1)),
-					   ex_word(kw[hf][j >> 1], 2 * (j & 1) + 1));
+				ex_mma<DT>(s[hf], a, u4_word(kw[hf][j >> 1], 2 * (j & 1)),
+					   u4_word(kw[hf][j >> 1], 2 * (j & 1) + 1));
 		}
 		float sc[2][2];
 		float mt = -INFINITY;
@@ -245,8 +240,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 		for (int i = 0; i < PPL; i++)
 #pragma unroll
 			for (int w = 0; w < 4; w++)
-				ex_mma<DT>(acc[4 * i + w], pa, ex_trans(ex_word(vw[0][i], w)),
-					   ex_trans(ex_word(vw[1][i], w)));
+				ex_mma<DT>(acc[4 * i + w], pa, ex_trans(u4_word(vw[0][i], w)),
+					   ex_trans(u4_word(vw[1][i], w)));
 	}
 
 	/* the warp's partial: head g's maximum, sum (over the quad) and channels */
@@ -274,20 +269,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 
 namespace {
 
-template <int D, uint32_t DT, int NQ> int ex_occupancy(void)
-{
-	int nb = 0;
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_exact_kernel<D, DT, NQ>,
-							  ATT_THREADS, 0) != cudaSuccess)
-		nb = 0;
-	(void)cudaGetLastError();
-	return nb;
-}
-
 template <int D, int NQ> int ex_occupancy_dt(uint32_t dtype)
 {
-	return dtype == KVT_DTYPE_BF16 ? ex_occupancy<D, KVT_DTYPE_BF16, NQ>()
-				       : ex_occupancy<D, KVT_DTYPE_F16, NQ>();
+	return dtype == KVT_DTYPE_BF16 ? att_blocks_per_sm(attend_exact_kernel<D, KVT_DTYPE_BF16, NQ>)
+				       : att_blocks_per_sm(attend_exact_kernel<D, KVT_DTYPE_F16, NQ>);
 }
 
 template <int D, uint32_t DT, int NQ>

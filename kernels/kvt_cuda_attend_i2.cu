@@ -1538,12 +1538,7 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 
 template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
 {
-	int nb = 0;
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, attend_i2_kernel<GV, V, MINB, KB>,
-							  ATT_THREADS, 0) != cudaSuccess)
-		nb = 0;
-	(void)cudaGetLastError();
-	return nb;
+	return att_blocks_per_sm(attend_i2_kernel<GV, V, MINB, KB>);
 }
 
 template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
