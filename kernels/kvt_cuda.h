@@ -217,6 +217,9 @@ struct kvt_cuda_attend_plan_info {
 	uint64_t folded_tail_tokens; /* tail tokens (summed over the groups of query heads)
 				      * attended by the INT2 kernel's coded items instead of
 				      * items of their own (16-byte aligned tails, session 16) */
+	uint32_t tail_on_tensor_cores; /* 1: those tokens are attended on tensor cores (the
+					* plans whose groups are one item each; session 18), 0: on
+					* CUDA cores */
 };
 void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *plan,
 			       struct kvt_cuda_attend_plan_info *info);

@@ -1515,6 +1515,16 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		const bool solo = i2 && fold && longest == 1;
 		if (solo && (!fz || atoi(fz) >= 2))
 			p.fused = 2;
+		/* the folded tail on tensor cores (session 18, i3_tail_mma, the swapped loop) where
+		 * every group is one item, so that each item carries its request's whole tail:
+		 * H200, same call, 48 x 4096 + 127 tail tokens 61.7-61.9 vs 68.0-68.4 us (INT2), K3
+		 * V2 + 63 71.0 vs 73.7-73.8. Where groups are several items (runs of ~32 tail
+		 * tokens on each of the last few, e.g. 1 x 131072) the kernel built for it measured
+		 * slower, 47.4-48.0 vs 45.0-45.3 us, its unit loop compiled longer (kvt_cuda_
+		 * attend_i2.cu, i2_launch_g). KVTIER_CUDA_TAIL_TC=1 takes it for every plan with a
+		 * folded tail, =0 for none (tests, A/B runs). */
+		const char *ttc = getenv("KVTIER_CUDA_TAIL_TC");
+		p.tail_tc = i2v == 3 && n_folded_tails && (ttc ? atoi(ttc) != 0 : solo);
 		/* The INT2 plan's separate combine with all of a batch's loads in flight (session
 		 * 10, H200, same call: 40.4 / 40.8 vs 41.2 / 41.2 us at 1 x 131072, 49 items per
 		 * group; K3 V2 50.1 / 50.4 vs 50.6 / 51.0) for groups longer than 2 CMB_W, i.e.
@@ -2046,6 +2056,7 @@ extern "C" void kvt_cuda_attend_plan_info(const kvt_cuda_attend_plan *pl,
 	info->early = pl->early != 0;
 	info->early_runs = pl->early_runs;
 	info->folded_tail_tokens = pl->folded_tail_tokens;
+	info->tail_on_tensor_cores = pl->p.tail_tc;
 }
 
 extern "C" int kvt_cuda_attend(kvt_cuda_ctx *c, const struct kvt_cuda_attend_request *reqs,

@@ -33,62 +33,6 @@
  */
 #include "kvt_cuda_attend.cuh"
 
-namespace {
-
-/* d += a * b on f16 or bf16 operands, f32 accumulators (not volatile: no side effects, so
- * the compiler may schedule it) */
-template <uint32_t DT>
-__device__ __forceinline__ void ex_mma(float (&d)[4], const uint4 &a, uint32_t b0, uint32_t b1)
-{
-	if constexpr (DT == KVT_DTYPE_BF16)
-		asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-		    "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-		    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		    : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-	else
-		asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-		    "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-		    : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		    : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-
-/* the 8 x 8 16-bit matrix a warp holds (lane (r, c): row r, columns 2c, 2c + 1), transposed */
-__device__ __forceinline__ uint32_t ex_trans(uint32_t x)
-{
-	uint32_t y;
-	asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
-	return y;
-}
-
-/* (x, y) -> high parts and the rest, each a pair of DT (x = hi + lo to ~16 bits) */
-template <uint32_t DT>
-__device__ __forceinline__ void ex_split(float x, float y, uint32_t &hi, uint32_t &lo)
-{
-	if constexpr (DT == KVT_DTYPE_BF16) {
-		const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-		const float2 hf = __bfloat1622float2(h);
-		const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
-		hi = *(const uint32_t *)&h;
-		lo = *(const uint32_t *)&l;
-	} else {
-		split_h2(x, y, hi, lo);
-	}
-}
-
-/* a 16-byte piece of a row, streamed (not kept in L1: every byte is read once), with the L2
- * fetching the whole 256-byte row-sized sector group at once (H200, same call: 138.3 ->
- * 131.0 us at d128 1 x 131072 without the hint's "L2::256B", 77.2 -> 73.2 at d64) */
-__device__ __forceinline__ uint4 ex_ld(const uint8_t *p)
-{
-	uint4 v;
-	asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-		     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-		     : "l"(p));
-	return v;
-}
-
-} // namespace
-
 template <int D, uint32_t DT, int NQ>
 __global__ void __launch_bounds__(ATT_THREADS) attend_exact_kernel(att_params p)
 {

@@ -1232,8 +1232,161 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
 	}
 }
 
+/* The folded tail (ITEM_TAIL descriptors of the item) on tensor cores, by the whole block
+ * (session 18): warp w takes the runs' 16-token tiles w, w + 4, ... for all of the item's
+ * query heads at once, the way the exact kernel does (kvt_cuda_attend_exact.cu: A = the
+ * heads' high parts in rows 0-7 and the rest in rows 8-15, B = key rows straight from
+ * memory, values transposed by movmatrix), and leaves its partial for head g (maximum, sum,
+ * channels; natural-log domain) in tm / tl / tacc [warp][g]; the caller merges the warps'.
+ * qfr: [D / 16][32] A fragments built here from qo (the original-basis scaled queries);
+ * every thread of the block calls it. bf16 rows, 16-byte aligned (the plan folds no other
+ * tail).
+ * Sessions 16-17 attended the tail with one warp per query head on CUDA cores (16-byte
+ * loads, shuffle sums): ~1,300 instructions per warp per 32 tokens, all of a head's tokens
+ * in one warp. At 48 x 4096 every item carries the whole tail and every block reaches its
+ * merge at once, so that work was 11.6 us of the step's 67.8 (H200, session 18's timeline
+ * of main). */
+template <int D>
+__device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_dev &it,
+					    const float *qo, uint4 *qfr, float *tm, float *tl,
+					    float *tacc, int lane, int warp)
+{
+	constexpr uint32_t DT = KVT_DTYPE_BF16;
+	constexpr int PPL = D / 32; /* 16-byte pieces of a row per lane of a quad */
+	constexpr int KS = D / 16;  /* k steps of the score MMA */
+	static_assert(RQ <= 8, "the score MMA's rows 0-7 hold the query heads");
+	const int g = lane >> 2, t4 = lane & 3;
+	/* A fragments, as the exact kernel's: k step j = 2 pc + h of lane (gg, tt) holds head
+	 * gg's channels 8 (tt + 4 pc) + 4 h + 0..3 (qo is 0 past the item's heads) */
+	for (int i = threadIdx.x; i < KS * 32; i += ATT_THREADS) {
+		const int j = i / 32, gg = (i % 32) >> 2, tt = i & 3;
+		const int c0 = 8 * (tt + 4 * (j >> 1)) + 4 * (j & 1);
+		float x[4];
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+			x[e] = gg < RQ ? qo[gg * D + c0 + e] : 0.0f;
+		uint4 f;
+		ex_split<DT>(x[0], x[1], f.x, f.y);
+		ex_split<DT>(x[2], x[3], f.z, f.w);
+		qfr[i] = f;
+	}
+	__syncthreads();
+
+	float acc[4 * PPL][4]; /* output tile (piece i, word w): channels 8 (t4 + 4 i) + 2 w + {0,1} */
+#pragma unroll
+	for (int i = 0; i < 4 * PPL; i++)
+		acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+	float m = -INFINITY, l = 0.0f; /* head g's running maximum and sum (this lane's tokens) */
+	const size_t row_bytes = (size_t)p.H * D * 2;
+	for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
+		const att_item_dev xi = p.items[x];
+		if (xi.kind != ITEM_TAIL)
+			continue;
+		const uint32_t n = xi.count, tiles = (n + 15) / 16;
+		for (uint32_t tt = warp; tt < tiles; tt += ATT_WARPS) {
+			const uint32_t r0 = tt * 16;
+			const size_t off = ((size_t)r0 * p.H + it.kv_head) * D * 2;
+			const uint8_t *kb = xi.xk + off, *vb = xi.xv + off;
+			/* rows r0 + g and r0 + 8 + g: key and value pieces t4, t4 + 4, ... */
+			uint4 kw[2][PPL], vw[2][PPL];
+#pragma unroll
+			for (int hf = 0; hf < 2; hf++) {
+				const uint32_t r = 8 * hf + g;
+				const bool ok = r0 + r < n;
+				const size_t o = (size_t)r * row_bytes + 16 * t4;
+#pragma unroll
+				for (int i = 0; i < PPL; i++)
+					kw[hf][i] = ok ? ex_ld(kb + o + 64 * i) : make_uint4(0, 0, 0, 0);
+			}
+#pragma unroll
+			for (int hf = 0; hf < 2; hf++) {
+				const uint32_t r = 8 * hf + g;
+				const bool ok = r0 + r < n;
+				const size_t o = (size_t)r * row_bytes + 16 * t4;
+#pragma unroll
+				for (int i = 0; i < PPL; i++)
+					vw[hf][i] = ok ? ex_ld(vb + o + 64 * i) : make_uint4(0, 0, 0, 0);
+			}
+			/* scores: s[hf] rows g (high parts) and g + 8 (the rest) of head g, tokens
+			 * r0 + 8 hf + 2 t4 + {0, 1} */
+			float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+			for (int j = 0; j < KS; j++) {
+				const uint4 a = qfr[j * 32 + lane];
+#pragma unroll
+				for (int hf = 0; hf < 2; hf++)
+					ex_mma<DT>(s[hf], a, u4_word(kw[hf][j >> 1], 2 * (j & 1)),
+						   u4_word(kw[hf][j >> 1], 2 * (j & 1) + 1));
+			}
+			float sc[2][2];
+			float mt = -INFINITY;
+#pragma unroll
+			for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+				for (int e = 0; e < 2; e++) {
+					const uint32_t t = r0 + 8 * hf + 2 * t4 + e;
+					sc[hf][e] = t < n ? s[hf][e] + s[hf][2 + e] : -INFINITY;
+					mt = fmaxf(mt, sc[hf][e]);
+				}
+			mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 1));
+			mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 2));
+			/* a new maximum: rescale (rare after the first tile, so the vote skips it) */
+			if (__any_sync(KVT_FULL_MASK, mt > m)) {
+				const float mn = fmaxf(m, mt);
+				const float al = mn == -INFINITY ? 1.0f : __expf(m - mn);
+				l *= al;
+#pragma unroll
+				for (int i = 0; i < 4 * PPL; i++)
+#pragma unroll
+					for (int e = 0; e < 4; e++)
+						acc[i][e] *= al;
+				m = mn;
+			}
+			float pr[2][2];
+#pragma unroll
+			for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+				for (int e = 0; e < 2; e++) {
+					pr[hf][e] = sc[hf][e] == -INFINITY ? 0.0f : __expf(sc[hf][e] - m);
+					l += pr[hf][e];
+				}
+			/* P as the A operand: rows g = head g's high parts, g + 8 the rest; k = the
+			 * tile's tokens, 2 t4 + {0,1} from the first half, 8 + 2 t4 + {0,1} from the
+			 * second */
+			uint4 pa;
+			ex_split<DT>(pr[0][0], pr[0][1], pa.x, pa.y);
+			ex_split<DT>(pr[1][0], pr[1][1], pa.z, pa.w);
+#pragma unroll
+			for (int i = 0; i < PPL; i++)
+#pragma unroll
+				for (int w = 0; w < 4; w++)
+					ex_mma<DT>(acc[4 * i + w], pa, ex_trans(u4_word(vw[0][i], w)),
+						   ex_trans(u4_word(vw[1][i], w)));
+		}
+	}
+	/* the warp's partial: head g's maximum, sum (over the quad) and channels */
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
+	if (g < RQ) {
+		if (t4 == 0) {
+			tm[warp * RQ + g] = m;
+			tl[warp * RQ + g] = l;
+		}
+		float *ra = tacc + (size_t)(warp * RQ + g) * D;
+		/* channel 8 (t4 + 4 i) + 2 w + e: output tile 4 i + w, columns e (high parts) and
+		 * 2 + e (the rest) */
+		auto ch = [&](int i, int w, int e) { return acc[4 * i + w][e] + acc[4 * i + w][2 + e]; };
+#pragma unroll
+		for (int i = 0; i < PPL; i++) {
+			const int c0 = 8 * (t4 + 4 * i);
+			*(float4 *)&ra[c0] = make_float4(ch(i, 0, 0), ch(i, 0, 1), ch(i, 1, 0), ch(i, 1, 1));
+			*(float4 *)&ra[c0 + 4] = make_float4(ch(i, 2, 0), ch(i, 2, 1), ch(i, 3, 0), ch(i, 3, 1));
+		}
+	}
+}
+
 /* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
- * items), adds the pinned tokens and the folded tail runs (i3_tail_rows; natural-log domain,
+ * items), adds the pinned tokens and the folded tail (i3_tail_mma; natural-log domain,
  * original-basis scaled query qo) and writes the item's partial, or, when every group of the
  * plan is one item (p.fused 2), the normalised output itself (out: the request's): no
  * partial, no counter, no combine (session 9, H200: -2.4 us per step at 48 x 4096 INT2, -3.4
@@ -1241,11 +1394,12 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
  * back; docs/gpu.md).
  * red_m / red_l [ATT_WARPS][RQ], warp w's partial at red_acc + w * wstride ([RQ][D]); the
  * pinned rows staged are visible (waited and synced by the caller's cp_async_wait_all and the
- * barrier here). */
-template <int D>
+ * barrier here). A folded tail reuses red_m / red_l, the stage under red_acc and qfr (the
+ * unit loop's A fragments, [D / 16][32]) once every warp has read its partials. */
+template <int D, bool TC>
 __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
-					      const float *red_m, const float *red_l,
-					      const float *red_acc, size_t wstride, const float *qo,
+					      float *red_m, float *red_l, float *red_acc,
+					      size_t wstride, const float *qo, uint4 *qfr,
 					      const uint16_t (*pinrow)[2][D], uint32_t np, float *out)
 {
 	static_assert(RQ == ATT_WARPS && D == 128, "one warp per query head, 4 channels a lane");
@@ -1271,13 +1425,17 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 	}
 	if (it.kind == ITEM_CODED && p.rotv) /* uniform */
 		kvt_d_fwht<EPL>(a, lane, p.inv_sqrt_d);
+	bool tail = false; /* uniform: every warp walks the same descriptors */
 	if (it.xn) {
 		const float4 qv = *(const float4 *)(qo + q * D + lane * EPL);
 		uint32_t j = 0; /* pinned token index over the item's descriptors */
 		for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
 			const att_item_dev xi = p.items[x];
 			if (xi.kind == ITEM_TAIL) {
-				i3_tail_rows<D>(p, it, xi, qo + q * D, M, L, a, lane);
+				if constexpr (TC)
+					tail = true;
+				else
+					i3_tail_rows<D>(p, it, xi, qo + q * D, M, L, a, lane);
 				continue;
 			}
 			for (uint32_t t = 0; t < xi.count; t++, j++) {
@@ -1306,6 +1464,33 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 			}
 		}
 	}
+	if (TC && tail) {
+		__syncthreads(); /* every warp has read its partials: red_* are free */
+		i3_tail_mma<D>(p, it, qo, qfr, red_m, red_l, red_acc, lane, q);
+		__syncthreads();
+		float Mx = M;
+#pragma unroll
+		for (int w = 0; w < ATT_WARPS; w++)
+			Mx = fmaxf(Mx, red_m[w * RQ + q]);
+		if (Mx != -INFINITY) {
+			const float f0 = __expf(M - Mx); /* exp(-inf) = 0 */
+			L *= f0;
+#pragma unroll
+			for (int e = 0; e < EPL; e++)
+				a[e] *= f0;
+#pragma unroll
+			for (int w = 0; w < ATT_WARPS; w++) {
+				const float f = __expf(red_m[w * RQ + q] - Mx);
+				const float4 v = *(const float4 *)(red_acc + (size_t)(w * RQ + q) * D + lane * EPL);
+				L = fmaf(red_l[w * RQ + q], f, L);
+				a[0] = fmaf(v.x, f, a[0]);
+				a[1] = fmaf(v.y, f, a[1]);
+				a[2] = fmaf(v.z, f, a[2]);
+				a[3] = fmaf(v.w, f, a[3]);
+			}
+			M = Mx;
+		}
+	}
 	if (p.fused == 2) { /* uniform */
 		if ((uint32_t)q < it.nq) {
 			const float inv = L > 0.0f ? 1.0f / L : 0.0f;
@@ -1328,7 +1513,7 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
  * key orientation (session 8; 3-bit keys since session 9); V 1 (session 2's kernel), the first
  * V 3 (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
  * sessions 5 and 6; MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
-template <int GV, int V, int MINB, int KB = 2>
+template <int GV, int V, int MINB, int KB = 2, bool TC = false>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
@@ -1344,6 +1529,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	/* the warps' partial outputs [RQ][D] reuse their own stage buffers once done */
 	float *red_acc = (float *)&stage[0][0];
 	static_assert(RQ * D * 4 <= 2 * BUF, "red_acc fits a warp's stage");
+	static_assert(ATT_WARPS * RQ * D * 4 <= sizeof(stage) && D / 16 * 32 <= 8 * 32,
+		      "the folded tail's partials fit the stages, its A fragments afr");
 
 	/* launched as a programmatic dependent of the previous step's last kernel (plan->chain):
 	 * the plan's descriptors (item, request, chunks) are read before the grid dependency wait
@@ -1443,7 +1630,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		size_t stride = (size_t)p.H * D, off = ((size_t)t0 * stride + (size_t)it.kv_head * D) * ws;
 		/* element loads, as before session 16: this kernel's unit loop is compiled
 		 * around this branch (with the vector form its 3-bit-key loop ran 2-3% slower);
-		 * tails are folded into the coded items' merge instead (i3_tail_rows) */
+		 * tails are folded into the coded items' merge instead (i3_tail_mma) */
 		attend_rows_scalar<D, RQ>(p, st, it.xk + off, it.xv + off, t1 - t0, stride, qo, pbuf,
 					  lane);
 		state_store<D, RQ>(st, red_m[warp], red_l[warp], racc, lane);
@@ -1451,8 +1638,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	if (lane == 0)
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_LOOP + warp);
 	if (p.fold)
-		i3_fold_merge<D>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo, pinrow,
-				 npin, rq.out);
+		i3_fold_merge<D, TC>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo,
+				     afr, pinrow, npin, rq.out);
 	else
 		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
 	if (threadIdx.x == 0)
@@ -1490,7 +1677,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
  * instructions per unit as MINB 3, 512 items instead of 392 at 1 x 131072) measured slower
  * than at MINB 3, same call: 45.2-45.3 vs 44.3-44.5 us at 1 x 131072, 77.2-77.7 vs 75.9-76.6
  * at 8 x 32768, 62.3-62.5 vs 61.0-61.8 at 48 x 4096; removed again (65258f4 has it). */
-template <int GV, int V, int MINB, int KB = 2>
+template <int GV, int V, int MINB, int KB = 2, bool TC = false>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	/* plan->chain: a programmatic dependent launch, so that the blocks are resident (waiting
@@ -1498,7 +1685,7 @@ static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	cudaLaunchAttribute at;
 	const cudaLaunchConfig_t lc = kvt_launch_config(dim3(pl->n_items), dim3(ATT_THREADS), 0, s,
 							pl->chain != 0, &at);
-	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB>, pl->p);
+	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB, TC>, pl->p);
 	if (e == cudaSuccess)
 		e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
@@ -1506,11 +1693,25 @@ static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	return kvt_att_combine_launch(pl, s);
 }
 
+template <int V, int MINB, int KB = 2, bool TC = false>
+static cudaError_t i2_launch_gt(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
+{
+	return gv == 32	  ? i2_launch<32, V, MINB, KB, TC>(pl, s)
+	       : gv == 64 ? i2_launch<64, V, MINB, KB, TC>(pl, s)
+			  : i2_launch<128, V, MINB, KB, TC>(pl, s);
+}
+
+/* p.tail_tc (the folded tail on tensor cores, plan build) has instantiations of its own, for
+ * the swapped loop only: with that code in the merge, ptxas compiles the unit loop ~5% longer
+ * (INT2 G32: 929 instead of 880 instructions; H200, session 18: +1.4 us at 1 x 131072 with
+ * no tail), so plans that do not take it keep the kernel they had */
 template <int V, int MINB, int KB = 2>
 static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
 {
-	return gv == 32 ? i2_launch<32, V, MINB, KB>(pl, s)
-	       : gv == 64 ? i2_launch<64, V, MINB, KB>(pl, s) : i2_launch<128, V, MINB, KB>(pl, s);
+	if constexpr (V == 3 && MINB == 3)
+		if (pl->p.tail_tc)
+			return i2_launch_gt<V, MINB, KB, true>(pl, s, gv);
+	return i2_launch_gt<V, MINB, KB, false>(pl, s, gv);
 }
 
 /* The unit loops are compiled for 3 blocks per SM (up to 168 registers; session 6's keys-as-B

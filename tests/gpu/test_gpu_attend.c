@@ -68,6 +68,7 @@ static uint32_t fast_kb = 2;
 static uint32_t kernel_count[KVT_CUDA_ATT_EXACT_MMA + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
 static uint64_t n_folded_tails; /* tail tokens the INT2 kernel's coded items attended */
+static uint64_t n_folded_tails_tc; /* ... of them on tensor cores (i3_tail_mma) */
 static bool aligned_tails; /* every tail 16-byte aligned (the exact rows' kernel needs it) */
 static uint32_t max_tail;  /* tails up to this many tokens where set (else < B) */
 static uint32_t long_tail; /* where set, every tail long_tail + 0..75 tokens */
@@ -131,6 +132,10 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		const uint32_t ca = kvt_rand_below(3);
 		if (ca)
 			setenv("KVTIER_CUDA_COMBINE_ALL", ca == 1 ? "1" : "0", 1);
+		/* the folded tail: a third each the plan's choice (tensor cores where every group
+		 * is one item), tensor cores for any folded tail (1), CUDA cores (0) */
+		if (iter % 3)
+			setenv("KVTIER_CUDA_TAIL_TC", iter % 3 == 1 ? "1" : "0", 1);
 		/* a quarter with one chunk and no tail per session: every group one item */
 		solo = kvt_rand_below(4) == 0;
 		/* a third pin tokens in any chunk (pin detection): items whose folded pins
@@ -254,6 +259,17 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 				  "%s: %" PRIu64 " folded tail tokens, want %" PRIu64, desc,
 				  info.folded_tail_tokens, want_folded);
 			n_folded_tails += info.folded_tail_tokens;
+			/* ... on tensor cores: the swapped loop's plans whose groups are one item
+			 * each, or all of them with KVTIER_CUDA_TAIL_TC=1, none with =0 */
+			const char *ttc = getenv("KVTIER_CUDA_TAIL_TC");
+			const bool want_tc = info.kernel == KVT_CUDA_ATT_SWAPPED && want_folded &&
+					     (ttc ? atoi(ttc) != 0 : info.n_items == info.n_groups);
+			KVT_CHECK(info.tail_on_tensor_cores == (want_tc ? 1u : 0u),
+				  "%s: folded tail on tensor cores %u, want %d (KVTIER_CUDA_TAIL_TC %s, "
+				  "%u items, %u groups)", desc, info.tail_on_tensor_cores, want_tc,
+				  ttc ? ttc : "unset", info.n_items, info.n_groups);
+			if (info.tail_on_tensor_cores)
+				n_folded_tails_tc += info.folded_tail_tokens;
 			switch_device();
 			rc = kvt_cuda_attend_run(ctx, pl, err, sizeof(err));
 			/* a plan runs once per decode step: run it again over cleared outputs (what
@@ -288,6 +304,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 	unsetenv("KVTIER_CUDA_CPI");
 	unsetenv("KVTIER_CUDA_FUSED_COMBINE");
 	unsetenv("KVTIER_CUDA_COMBINE_ALL");
+	unsetenv("KVTIER_CUDA_TAIL_TC");
 	for (uint32_t si = 0; si < n_sess && !rc; si++) {
 		struct sess *s = &ss[si];
 		rc = kvt_cuda_download(ctx, out, s->out_dev, (size_t)nq * d * 4, err, sizeof(err));
@@ -403,10 +420,14 @@ static void test_fast_path_batches(void)
 	const char *s = getenv("KVT_GPU_FAST_BATCHES");
 	if (s && *s)
 		n = atoi(s);
-	const uint32_t folded0 = n_folded_tails;
+	const uint64_t folded0 = n_folded_tails, tc0 = n_folded_tails_tc;
 	fast_batches_both_loops("INT2", n);
-	/* most fast batches have sessions with chunks and an aligned tail */
+	/* most fast batches have sessions with chunks and an aligned tail, and a third of the
+	 * swapped loop's take the tensor-core tail (KVTIER_CUDA_TAIL_TC=1) */
 	KVT_CHECK(n < 8 || n_folded_tails > folded0, "INT2 fast batches: no tail was folded");
+	const char *sw = getenv("KVTIER_CUDA_I2_SWAP");
+	KVT_CHECK(n < 8 || !i2_kernel_on(2) || (sw && !atoi(sw)) || n_folded_tails_tc > tc0,
+		  "INT2 fast batches: no folded tail on tensor cores");
 }
 
 /* The fast batches with 3-bit keys and 2-bit values (oscar or kivi, bf16, head_dim 128, G 32,
@@ -656,8 +677,8 @@ int main(void)
 	KVT_RUN(test_plan_errors);
 	printf("# plans with a chained INT2 kernel, early runs on: %u (each checked: its third run early, the "
 	       "first two not)\n", n_chained);
-	printf("# tail tokens folded into the INT2 kernel's coded items: %" PRIu64 "\n",
-	       n_folded_tails);
+	printf("# tail tokens folded into the INT2 kernel's coded items: %" PRIu64 " (%" PRIu64
+	       " on tensor cores)\n", n_folded_tails, n_folded_tails_tc);
 	kvt_cuda_ctx_destroy(ctx);
 	return kvt_test_done();
 }
