@@ -612,11 +612,22 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 	}
 	/* First pass over argv: the special flags and --config, which must be known before the
 	 * file is read; option flags are applied after the file and the environment. */
+	char q[4 * KVT_CONFIG_STR_MAX]; /* an argument for a message, escaped */
 	struct arg a;
 	for (int i = 1; i < argc;) {
 		next_arg(argc, argv, &i, &a);
-		if (a.kind == ARG_END)
-			break; /* what follows is not a flag, whatever it looks like */
+		if (a.kind == ARG_END) {
+			/* What follows is not a flag, whatever it looks like, and kvtierd takes no
+			 * operands: refused here, before --help or --version can answer, so
+			 * `kvtierd --help -- x` fails like `kvtierd -- x` does. */
+			if (i < argc) {
+				snprintf(err, errlen, "unexpected argument \"%s\" after \"--\" "
+					 "(kvtierd takes no arguments)",
+					 esc(q, sizeof q, argv[i], SIZE_MAX));
+				return -EINVAL;
+			}
+			break;
+		}
 		if (a.kind == ARG_CHECK)
 			cmd->check_config = 1;
 		else if (a.kind == ARG_PRINT)
@@ -656,19 +667,10 @@ int kvt_config_load(struct kvt_config *cfg, int argc, char **argv, struct kvt_cm
 		if (sources)
 			sources[i] = KVT_SRC_ENV;
 	}
-	char q[4 * KVT_CONFIG_STR_MAX]; /* an argument for a message, escaped */
 	for (int i = 1; i < argc;) {
 		next_arg(argc, argv, &i, &a);
-		if (a.kind == ARG_END) {
-			/* kvtierd takes no operands: anything after "--" is a mistake */
-			if (i < argc) {
-				snprintf(err, errlen, "unexpected argument \"%s\" after \"--\" "
-					 "(kvtierd takes no arguments)",
-					 esc(q, sizeof q, argv[i], SIZE_MAX));
-				return -EINVAL;
-			}
-			break;
-		}
+		if (a.kind == ARG_END)
+			break; /* nothing follows it: the first pass refused anything that did */
 		if (a.kind == ARG_NOT_OPTION) {
 			snprintf(err, errlen, "unexpected argument \"%s\" (options are --name=value)",
 				 esc(q, sizeof q, a.text, SIZE_MAX));

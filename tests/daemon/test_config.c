@@ -582,6 +582,25 @@ static void test_argv_end(void)
 	KVT_CHECK(rc == 0 && !strcmp(c.socket_path, "--") && c.workers == 2,
 		  "--socket -- --workers=2: rc %d '%s' socket '%s'", rc, err, c.socket_path);
 
+	/* --help and --version answer without reading the rest of the configuration, but an
+	 * argument after "--" is refused all the same: `kvtierd --help -- junk` printed the
+	 * help and exited 0. */
+	char *a12[] = {"kvtierd", "--help", "--", "junk", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a12);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "unexpected argument \"junk\" after \"--\""),
+		  "--help -- junk: rc %d '%s'", rc, err);
+	char *a13[] = {"kvtierd", "-h", "--", "--help", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a13);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "\"--help\" after"), "-h -- --help: rc %d '%s'",
+		  rc, err);
+	char *a14[] = {"kvtierd", "--version", "--", "x\ny", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a14);
+	KVT_CHECK(rc == -EINVAL && strstr(err, "\"x\\x0ay\""), "--version -- x\\ny: rc %d '%s'",
+		  rc, err);
+	char *a15[] = {"kvtierd", "--help", "--", NULL};
+	rc = load_cmd(&c, &cmd, err, sizeof err, a15);
+	KVT_CHECK(rc == 0 && cmd.help, "--help --: rc %d help %d '%s'", rc, cmd.help, err);
+
 	/* kvtierd itself: a usage error exits 1 like the others */
 	char out[16384];
 	char *a9[] = {(char *)g_kvtierd, "--check-config", "--", NULL};
@@ -596,6 +615,19 @@ static void test_argv_end(void)
 	rc = run_kvtierd(a11, out, sizeof out);
 	KVT_CHECK(rc == 1 && !strstr(out, "0.1") && strstr(out, "\"--version\""),
 		  "kvtierd -- --version: exit %d '%.200s'", rc, out);
+	char *a16[] = {(char *)g_kvtierd, "--help", "--", "junk", NULL};
+	rc = run_kvtierd(a16, out, sizeof out);
+	KVT_CHECK(rc == 1 && !strstr(out, "usage:") &&
+			  strstr(out, "unexpected argument \"junk\" after \"--\""),
+		  "kvtierd --help -- junk: exit %d '%.200s'", rc, out);
+	char *a17[] = {(char *)g_kvtierd, "--version", "--", "junk", NULL};
+	rc = run_kvtierd(a17, out, sizeof out);
+	KVT_CHECK(rc == 1 && !strstr(out, "0.1") && strstr(out, "\"junk\""),
+		  "kvtierd --version -- junk: exit %d '%.200s'", rc, out);
+	char *a18[] = {(char *)g_kvtierd, "--help", "--", NULL};
+	rc = run_kvtierd(a18, out, sizeof out);
+	KVT_CHECK(rc == 0 && strstr(out, "usage:"), "kvtierd --help --: exit %d '%.200s'", rc,
+		  out);
 }
 
 /* Doubles print with every digit they need: "%g" printed 0.1234567 as 0.123457, so
