@@ -18,7 +18,15 @@
 #include "kvt_codec.h"
 #include "kvt_synth.h"
 #include "kvt_npy.h"
+#include "kvt_text.h"
 #include "kvtier_client.h"
+
+/* User text in a message goes through common/kvt_text.h, as in kvtierd's log: a value (a
+ * flag's, an id, a path, the target) through kvt_text_quote, or kvt_text_escape with
+ * KVT_TEXT_BACKSLASH inside the message's own quotes; a sentence that carries some (the
+ * daemon's status message, a .npy error naming its path) through kvt_text_escape. So a
+ * control byte or an escape sequence shows as \xNN instead of acting on the terminal. */
+#define Q_MAX 512 /* a value in a message: longer ones are cut */
 
 struct global_opts {
 	const char *target;
@@ -65,8 +73,9 @@ static void usage(FILE *out)
 
 static int fail_status(const char *what, int rc, const struct kvt_client_status *st)
 {
-	fprintf(stderr, "kvtierctl: %s: %s (%d): %s\n", what, kvt_client_code_name(st->code), rc,
-		st->message);
+	char q[Q_MAX], m[4 * sizeof st->message];
+	fprintf(stderr, "kvtierctl: %s: %s (%d): %s\n", kvt_text_quote(q, sizeof q, what),
+		kvt_client_code_name(st->code), rc, kvt_text_escape(m, sizeof m, st->message, 0));
 	return 1;
 }
 
@@ -93,8 +102,10 @@ static int parse_num(const char *cmd, const char *opt, const char *s, uint64_t m
 		     uint64_t *out)
 {
 	if (parse_dec(s, s + strlen(s), max, out)) {
+		char q[Q_MAX];
 		fprintf(stderr, "kvtierctl: %s%s%s \"%s\": expected a decimal number <= %" PRIu64 "\n",
-			cmd ? cmd : "", cmd ? " " : "", opt, s, max);
+			cmd ? cmd : "", cmd ? " " : "", opt,
+			kvt_text_escape(q, sizeof q, s, KVT_TEXT_BACKSLASH), max);
 		return -EINVAL;
 	}
 	return 0;
@@ -168,11 +179,12 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		return -1;
 	}
 	const char *val = argv[++*i];
+	char q[Q_MAX];
 	if (!strcmp(a, "--scheme")) {
 		int s = kvt_scheme_parse(val);
 		if (s < 0) {
 			fprintf(stderr, "kvtierctl: --scheme %s is not none, kivi, hadamard or oscar\n",
-				val);
+				kvt_text_quote(q, sizeof q, val));
 			return -1;
 		}
 		c->scheme = (uint32_t)s + 1; /* the wire numbering starts at DEFAULT = 0 */
@@ -180,7 +192,8 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 	}
 	if (!strcmp(a, "--key-rounding")) {
 		if (kvt_rounding_parse(val) < 0) {
-			fprintf(stderr, "kvtierctl: --key-rounding %s is not minmax or mse\n", val);
+			fprintf(stderr, "kvtierctl: --key-rounding %s is not minmax or mse\n",
+				kvt_text_quote(q, sizeof q, val));
 			return -1;
 		}
 		snprintf(c->key_rounding, sizeof c->key_rounding, "%s", val);
@@ -191,7 +204,7 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 		char perr[160];
 		memset(&probe, 0, sizeof probe);
 		if (kvt_codec_preset(&probe, val, perr, sizeof perr)) {
-			fprintf(stderr, "kvtierctl: --%s\n", perr);
+			fprintf(stderr, "kvtierctl: --%s\n", kvt_text_escape(q, sizeof q, perr, 0));
 			return -1;
 		}
 		snprintf(c->preset, sizeof c->preset, "%s", val);
@@ -261,8 +274,9 @@ static int cmd_health(const struct global_opts *g, int argc, char **argv)
 	}
 	kvt_client_close(c);
 	if (rc) {
-		printf("NOT REACHABLE %s: %s: %s\n", g->target, kvt_client_code_name(st.code),
-		       st.message);
+		char q[Q_MAX], m[4 * sizeof st.message];
+		printf("NOT REACHABLE %s: %s: %s\n", kvt_text_quote(q, sizeof q, g->target),
+		       kvt_client_code_name(st.code), kvt_text_escape(m, sizeof m, st.message, 0));
 		return 1;
 	}
 	printf("%s\n", serving == 1 ? "SERVING" : serving == 2 ? "NOT_SERVING" : "UNKNOWN");
@@ -400,7 +414,7 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	uint32_t dtype = 0, ttl = 0;
 	int has_ttl = 0, pin = -1, rc = 1;
 	void *kw = NULL, *vw = NULL;
-	char err[256];
+	char err[256], q[4 * sizeof err];
 	double t0;
 
 	if (argc < 2) {
@@ -422,7 +436,8 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 		else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
 			int d = kvt_dtype_parse(argv[++i]);
 			if (d < 0) {
-				fprintf(stderr, "kvtierctl: --dtype %s is not f16, bf16 or f32\n", argv[i]);
+				fprintf(stderr, "kvtierctl: --dtype %s is not f16, bf16 or f32\n",
+					kvt_text_quote(q, sizeof q, argv[i]));
 				return 2;
 			}
 			dtype = (uint32_t)d;
@@ -444,7 +459,7 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	}
 	if (kvt_npy_read(kpath, &kn, err, sizeof(err)) ||
 	    kvt_npy_read(vpath, &vn, err, sizeof(err))) {
-		fprintf(stderr, "kvtierctl: %s\n", err);
+		fprintf(stderr, "kvtierctl: %s\n", kvt_text_escape(q, sizeof q, err, 0));
 		goto out;
 	}
 	if (kn.ndim != 4 || vn.ndim != 4 || memcmp(kn.shape, vn.shape, sizeof(kn.shape)) ||
@@ -456,8 +471,8 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	for (int d = 0; d < 4; d++) {
 		static const char *const names[4] = { "layers", "tokens", "kv_heads", "head_dim" };
 		if (kn.shape[d] == 0 || kn.shape[d] > UINT32_MAX) {
-			fprintf(stderr, "kvtierctl: %s: %s %" PRIu64 " is outside 1..%u\n", kpath,
-				names[d], kn.shape[d], UINT32_MAX);
+			fprintf(stderr, "kvtierctl: %s: %s %" PRIu64 " is outside 1..%u\n",
+				kvt_text_quote(q, sizeof q, kpath), names[d], kn.shape[d], UINT32_MAX);
 			goto out;
 		}
 	}
@@ -514,12 +529,12 @@ static int range_inside(const char *id, const char *what, const char *flag, uint
 {
 	if (begin <= (open ? n : end) && (open || end <= n))
 		return 1;
-	char e[32] = "end";
+	char e[32] = "end", q[Q_MAX];
 	if (!open)
 		snprintf(e, sizeof(e), "%" PRIu64, end);
 	fprintf(stderr, "kvtierctl: get %s: %s range [%" PRIu64 ", %s) is not inside the session's %"
-		PRIu64 " %ss (%s A:B with A <= B <= %" PRIu64 ")\n", id, what, begin, e, n, what, flag,
-		n);
+		PRIu64 " %ss (%s A:B with A <= B <= %" PRIu64 ")\n", kvt_text_quote(q, sizeof q, id),
+		what, begin, e, n, what, flag, n);
 	return 0;
 }
 
@@ -533,7 +548,7 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	struct kvt_client *c = NULL;
 	uint64_t a, b;
 	void *k = NULL, *v = NULL;
-	char err[256];
+	char err[256], q[4 * sizeof err];
 	int rc = 1;
 
 	if (argc < 2) {
@@ -555,7 +570,9 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 			const uint64_t max = tokens ? UINT64_MAX - 1 : UINT32_MAX - 1;
 			if (parse_range(argv[i + 1], max, &a, &b)) {
 				fprintf(stderr, "kvtierctl: get %s \"%s\": expected A:B, A: or :B with A and B "
-					"decimal numbers <= %" PRIu64 "\n", argv[i], argv[i + 1], max);
+					"decimal numbers <= %" PRIu64 "\n", argv[i],
+					kvt_text_escape(q, sizeof q, argv[i + 1], KVT_TEXT_BACKSLASH),
+					max);
 				return 2;
 			}
 			if (tokens) {
@@ -609,8 +626,8 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	size_t n;
 	/* the shape comes from the daemon and the user's range: its product may wrap */
 	if (kvt_npy_nbytes(r.dtype, 4, shape, &n, err, sizeof(err))) {
-		fprintf(stderr, "kvtierctl: get %s [layers][tokens][kv_heads][head_dim]: %s\n", id,
-			err);
+		fprintf(stderr, "kvtierctl: get %s [layers][tokens][kv_heads][head_dim]: %s\n",
+			kvt_text_quote(q, sizeof q, id), err);
 		rc = 1;
 		goto out;
 	}
@@ -627,7 +644,7 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	}
 	if ((kpath && kvt_npy_write(kpath, r.dtype, 4, shape, k, err, sizeof(err))) ||
 	    (vpath && kvt_npy_write(vpath, r.dtype, 4, shape, v, err, sizeof(err)))) {
-		fprintf(stderr, "kvtierctl: %s\n", err);
+		fprintf(stderr, "kvtierctl: %s\n", kvt_text_escape(q, sizeof q, err, 0));
 		rc = 1;
 		goto out;
 	}
@@ -782,13 +799,13 @@ static int demo_dump(const struct demo_opts *o, uint32_t Tt, const float *K, con
 	uint64_t qs[4] = { o->layers, o->attend_steps, o->q_heads, o->head_dim };
 	const char *names[3] = { "K.npy", "V.npy", "Q.npy" };
 	const float *arrs[3] = { K, V, Q };
-	char path[1024], err[512];
+	char path[1024], err[512], q[4 * sizeof err];
 
 	for (int i = 0; i < 3; i++) {
 		snprintf(path, sizeof(path), "%s/%s", o->dump_dir, names[i]);
 		if (kvt_npy_write(path, KVT_DTYPE_F32, 4, i < 2 ? kvs : qs, arrs[i], err,
 				  sizeof(err)) < 0) {
-			fprintf(stderr, "kvtierctl: demo: %s\n", err);
+			fprintf(stderr, "kvtierctl: demo: %s\n", kvt_text_escape(q, sizeof q, err, 0));
 			return -1;
 		}
 	}
@@ -1169,7 +1186,9 @@ static int cmd_demo(const struct global_opts *g, int argc, char **argv, int json
 		else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
 			int d = kvt_dtype_parse(argv[++i]);
 			if (d < 0) {
-				fprintf(stderr, "kvtierctl: --dtype %s is not f16, bf16 or f32\n", argv[i]);
+				char q[Q_MAX];
+				fprintf(stderr, "kvtierctl: --dtype %s is not f16, bf16 or f32\n",
+					kvt_text_quote(q, sizeof q, argv[i]));
 				return 2;
 			}
 			o.dtype = (uint32_t)d;
@@ -1247,7 +1266,8 @@ int main(int argc, char **argv)
 		return cmd_demo(&g, argc, argv, 0);
 	if (!strcmp(argv[0], "bench"))
 		return cmd_demo(&g, argc, argv, 1);
-	fprintf(stderr, "kvtierctl: unknown command %s\n", argv[0]);
+	char q[Q_MAX];
+	fprintf(stderr, "kvtierctl: unknown command %s\n", kvt_text_quote(q, sizeof q, argv[0]));
 	usage(stderr);
 	return 2;
 }

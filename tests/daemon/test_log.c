@@ -4,36 +4,9 @@
 #include <string.h>
 
 #include "kvt_test.h"
+#include "kvt_test_text.h"
+#include "kvt_text.h"
 #include "log.h"
-
-/* Code point of the well-formed UTF-8 sequence at p (its length in *n), or -1. Written apart
- * from log.c's check, from the Unicode definition: shortest form, no surrogates, <= U+10FFFF. */
-static long decode_utf8(const unsigned char *p, size_t *n)
-{
-	unsigned char c = p[0];
-	long cp, min;
-	if (c < 0x80) {
-		*n = 1;
-		return c;
-	}
-	if ((c & 0xe0) == 0xc0) {
-		*n = 2, cp = c & 0x1f, min = 0x80;
-	} else if ((c & 0xf0) == 0xe0) {
-		*n = 3, cp = c & 0x0f, min = 0x800;
-	} else if ((c & 0xf8) == 0xf0) {
-		*n = 4, cp = c & 0x07, min = 0x10000;
-	} else {
-		return -1;
-	}
-	for (size_t i = 1; i < *n; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return -1;
-		cp = cp << 6 | (p[i] & 0x3f);
-	}
-	if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-		return -1;
-	return cp;
-}
 
 static void check_eq(const char *in, const char *want)
 {
@@ -101,7 +74,7 @@ static void unit_bounds(const char *c, size_t n, unsigned char *bound)
 			if (!strncmp(c + i, "\\xc2\\x", 6) && (c[i + 6] == '8' || c[i + 6] == '9'))
 				w = 8;
 		} else {
-			decode_utf8((const unsigned char *)c + i, &w);
+			kvt_test_decode_utf8((const unsigned char *)c + i, &w);
 		}
 		i += w;
 	}
@@ -153,8 +126,8 @@ static void check_cuts(const char *in)
 	const unsigned char *p = (const unsigned char *)full;
 	while (*p) {
 		size_t w;
-		long cp = decode_utf8(p, &w);
-		KVT_REQUIRE(cp >= 0x20 && cp != 0x7f && !(cp >= 0x80 && cp <= 0x9f),
+		long cp = kvt_test_decode_utf8(p, &w);
+		KVT_REQUIRE(kvt_test_shown_raw_ok(cp),
 			    "'%s' holds code point %ld (-1: broken UTF-8) raw at %zu", full, cp,
 			    (size_t)(p - (const unsigned char *)full));
 		p += w;
@@ -188,10 +161,42 @@ static void test_cuts(void)
 	}
 }
 
+/* kvt_text_escape, the core kvtierctl uses apart from the logfmt quoting: with
+ * KVT_TEXT_BACKSLASH for a value inside the caller's quotes, without for a sentence that holds
+ * its own (the daemon's "session \"x\" not found"), the same \xNN escapes either way. */
+static void test_escape_flags(void)
+{
+	static const struct {
+		const char *in, *plain, *backslash;
+	} cases[] = {
+		{"say \"hi\" \\ ok", "say \"hi\" \\ ok", "say \\\"hi\\\" \\\\ ok"},
+		{"a\x1b[2Jb\n", "a\\x1b[2Jb\\x0a", "a\\x1b[2Jb\\x0a"},
+		{"\xc2\x9b\xff caf\xc3\xa9", "\\xc2\\x9b\\xff caf\xc3\xa9",
+		 "\\xc2\\x9b\\xff caf\xc3\xa9"},
+		{"", "", ""},
+	};
+	char buf[128];
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		kvt_text_escape(buf, sizeof buf, cases[i].in, 0);
+		KVT_CHECK(!strcmp(buf, cases[i].plain), "case %zu: '%s' want '%s'", i, buf,
+			  cases[i].plain);
+		kvt_text_escape(buf, sizeof buf, cases[i].in, KVT_TEXT_BACKSLASH);
+		KVT_CHECK(!strcmp(buf, cases[i].backslash), "case %zu: '%s' want '%s'", i, buf,
+			  cases[i].backslash);
+	}
+	/* cut before an escape, never inside: "ab" and the NUL fit in 6, "\x1b" does not */
+	KVT_CHECK(!strcmp(kvt_text_escape(buf, 6, "ab\x1b", 0), "ab"), "cut: '%s'", buf);
+	KVT_CHECK(!strcmp(kvt_text_escape(buf, 7, "ab\x1b", 0), "ab\\x1b"), "fit: '%s'", buf);
+	memset(buf, 'Z', sizeof buf);
+	kvt_text_escape(buf, 0, "ab", 0);
+	KVT_CHECK(buf[0] == 'Z', "len 0 wrote into buf");
+}
+
 int main(void)
 {
 	kvt_test_init();
 	KVT_RUN(test_values);
+	KVT_RUN(test_escape_flags);
 	KVT_RUN(test_cuts);
 	return kvt_test_done();
 }

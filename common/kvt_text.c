@@ -1,0 +1,117 @@
+#include "kvt_text.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Bytes of the well-formed UTF-8 sequence at p (RFC 3629: no overlongs, no surrogates, nothing
+ * above U+10FFFF), or 0. p is NUL-terminated and each byte is checked before the next is read. */
+static size_t utf8_len(const unsigned char *p)
+{
+	unsigned char c = p[0], lo = 0x80, hi = 0xbf;
+	size_t n;
+	if (c >= 0xc2 && c <= 0xdf)
+		n = 2;
+	else if (c >= 0xe0 && c <= 0xef)
+		n = 3;
+	else if (c >= 0xf0 && c <= 0xf4)
+		n = 4;
+	else
+		return 0;
+	if (c == 0xe0)
+		lo = 0xa0;
+	else if (c == 0xed)
+		hi = 0x9f;
+	else if (c == 0xf0)
+		lo = 0x90;
+	else if (c == 0xf4)
+		hi = 0x8f;
+	if (p[1] < lo || p[1] > hi)
+		return 0;
+	for (size_t i = 2; i < n; i++)
+		if (p[i] < 0x80 || p[i] > 0xbf)
+			return 0;
+	return n;
+}
+
+enum unit_kind { UNIT_PLAIN, UNIT_BACKSLASH, UNIT_HEX };
+
+/* The next unit of s: *raw bytes of s written as they are (printable ASCII, well-formed
+ * UTF-8), after a backslash ('"' and '\\' with KVT_TEXT_BACKSLASH), or each as \xNN (a control
+ * byte, 0x7f, a C1 control U+0080..U+009F, which a terminal acts on like ESC sequences, a byte
+ * of no well-formed sequence). Returns the characters it writes. */
+static size_t unit(const unsigned char *p, unsigned flags, size_t *raw, enum unit_kind *kind)
+{
+	unsigned char c = p[0];
+	*raw = 1;
+	if (c >= 0x80) {
+		size_t n = utf8_len(p);
+		if (n && !(c == 0xc2 && p[1] <= 0x9f)) {
+			*raw = n;
+			*kind = UNIT_PLAIN;
+			return n;
+		}
+		if (n)
+			*raw = n; /* a C1 control: both bytes */
+		*kind = UNIT_HEX;
+		return 4 * *raw;
+	}
+	if (c < 0x20 || c == 0x7f) {
+		*kind = UNIT_HEX;
+		return 4;
+	}
+	*kind = (flags & KVT_TEXT_BACKSLASH) && (c == '"' || c == '\\') ? UNIT_BACKSLASH
+									 : UNIT_PLAIN;
+	return *kind == UNIT_BACKSLASH ? 2 : 1;
+}
+
+const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags)
+{
+	size_t o = 0, raw;
+	enum unit_kind kind;
+	if (!len)
+		return buf;
+	/* Whole units only, with room kept for the NUL. */
+	for (const unsigned char *p = (const unsigned char *)s; *p; p += raw) {
+		size_t w = unit(p, flags, &raw, &kind);
+		if (o + w >= len)
+			break;
+		if (kind == UNIT_HEX) {
+			for (size_t i = 0; i < raw; i++)
+				o += (size_t)snprintf(buf + o, len - o, "\\x%02x", p[i]);
+			continue;
+		}
+		if (kind == UNIT_BACKSLASH)
+			buf[o++] = '\\';
+		memcpy(buf + o, p, raw);
+		o += raw;
+	}
+	buf[o] = '\0';
+	return buf;
+}
+
+const char *kvt_text_quote(char *buf, size_t len, const char *s)
+{
+	size_t raw;
+	enum unit_kind kind;
+	int quote = *s == '\0';
+	if (!len)
+		return buf;
+	for (const unsigned char *p = (const unsigned char *)s; *p && !quote; p += raw) {
+		unit(p, KVT_TEXT_BACKSLASH, &raw, &kind);
+		quote = kind != UNIT_PLAIN || *p == ' ' || *p == '=';
+	}
+	if (!quote) {
+		kvt_text_escape(buf, len, s, KVT_TEXT_BACKSLASH);
+		return buf;
+	}
+	if (len < 3) {
+		buf[0] = '\0';
+		return buf;
+	}
+	/* the content gets len - 2: room for both quotes and the NUL, as one cut */
+	size_t n = strlen(kvt_text_escape(buf + 1, len - 2, s, KVT_TEXT_BACKSLASH));
+	buf[0] = '"';
+	buf[n + 1] = '"';
+	buf[n + 2] = '\0';
+	return buf;
+}

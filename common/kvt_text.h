@@ -1,0 +1,31 @@
+/*
+ * kvt_text.h - user text on its way to a terminal or a log: one copy of the escaping for
+ * kvtierd's log (kvt_log_quote), its messages and kvtierctl's, so what one tool shows as
+ * \xNN the others show the same way.
+ *
+ * Every pointer is borrowed; output goes into the caller's buffer, which is always
+ * NUL-terminated when len > 0. A short buffer cuts the text before an escape or a UTF-8
+ * sequence, never inside one.
+ */
+#ifndef KVT_TEXT_H
+#define KVT_TEXT_H
+
+#include <stddef.h>
+
+/* kvt_text_escape's flags */
+#define KVT_TEXT_BACKSLASH 1u /* '"' and '\\' take a backslash: text shown inside quotes */
+
+/* Writes s into buf with every byte a terminal acts on as \xNN: control bytes (< 0x20, 0x7f),
+ * C1 controls in UTF-8 (0xc2 0x80..0x9f) and bytes of no well-formed UTF-8 sequence;
+ * well-formed UTF-8 passes as is. With KVT_TEXT_BACKSLASH, '"' and '\\' are written "\"" and
+ * "\\" (so a typed "\x0a" reads apart from an escaped newline); without, they pass (a message
+ * that quotes its own values). Returns buf. */
+const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags);
+
+/* s as one value of a message or a logfmt line: as it is when it is not empty and holds no
+ * space, '=', '"', '\\' nor a byte kvt_text_escape escapes; else in double quotes, escaped with
+ * KVT_TEXT_BACKSLASH. A quoted value is always closed (len >= 3; below that buf is ""). Returns
+ * buf. */
+const char *kvt_text_quote(char *buf, size_t len, const char *s);
+
+#endif
