@@ -79,29 +79,13 @@ static int fail_status(const char *what, int rc, const struct kvt_client_status 
 	return 1;
 }
 
-/* [s, end) as a decimal number <= max: digits only (strtoull would take a sign, so "-1" was
- * 2^64 - 1, and leading blanks), no overflow */
-static int parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out)
-{
-	uint64_t v = 0;
-	if (s == end)
-		return -EINVAL;
-	for (; s < end; s++) {
-		if (*s < '0' || *s > '9' || v > (max - (uint64_t)(*s - '0')) / 10)
-			return -EINVAL;
-		v = v * 10 + (uint64_t)(*s - '0');
-	}
-	*out = v;
-	return 0;
-}
-
 /* The value s of option opt (of command cmd; NULL for a global option) as a decimal number
  * <= max, or a message naming both and the limit: strtoul's base 0 read "010" as 8 and "0x10"
  * as 16, and took blanks and a sign. */
 static int parse_num(const char *cmd, const char *opt, const char *s, uint64_t max,
 		     uint64_t *out)
 {
-	if (parse_dec(s, s + strlen(s), max, out)) {
+	if (kvt_text_parse_dec(s, s + strlen(s), max, out)) {
 		char q[Q_MAX];
 		fprintf(stderr, "kvtierctl: %s%s%s \"%s\": expected a decimal number <= %" PRIu64 "\n",
 			cmd ? cmd : "", cmd ? " " : "", opt,
@@ -127,13 +111,13 @@ static int parse_range(const char *s, uint64_t max, uint64_t *a, uint64_t *b)
 	if (!colon)
 		return -EINVAL;
 	*a = 0;
-	if (colon != s && parse_dec(s, colon, max, a))
+	if (colon != s && kvt_text_parse_dec(s, colon, max, a))
 		return -EINVAL;
 	if (!colon[1]) {
 		*b = KVT_CLIENT_END;
 		return 0;
 	}
-	return parse_dec(colon + 1, colon + 1 + strlen(colon + 1), max, b);
+	return kvt_text_parse_dec(colon + 1, colon + 1 + strlen(colon + 1), max, b);
 }
 
 static double now_s(void)

@@ -1,5 +1,6 @@
 #include "kvt_text.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -114,4 +115,18 @@ const char *kvt_text_quote(char *buf, size_t len, const char *s)
 	buf[n + 1] = '"';
 	buf[n + 2] = '\0';
 	return buf;
+}
+
+int kvt_text_parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out)
+{
+	uint64_t v = 0;
+	if (s == end)
+		return -EINVAL;
+	for (; s < end; s++) {
+		if (*s < '0' || *s > '9' || v > (max - (uint64_t)(*s - '0')) / 10)
+			return -EINVAL;
+		v = v * 10 + (uint64_t)(*s - '0');
+	}
+	*out = v;
+	return 0;
 }

@@ -1,7 +1,8 @@
 /*
- * kvt_text.h - user text on its way to a terminal or a log: one copy of the escaping for
- * kvtierd's log (kvt_log_quote), its messages and kvtierctl's, so what one tool shows as
- * \xNN the others show the same way.
+ * kvt_text.h - user text on its way to a terminal or a log, and numbers read from it: one
+ * copy of the escaping for kvtierd's log (kvt_log_quote), its messages and kvtierctl's, so what
+ * one tool shows as \xNN the others show the same way, and one strict decimal reader for the
+ * numeric flags of kvtierctl and kvtier-bench.
  *
  * Every pointer is borrowed; output goes into the caller's buffer, which is always
  * NUL-terminated when len > 0. A short buffer cuts the text before an escape or a UTF-8
@@ -11,6 +12,7 @@
 #define KVT_TEXT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* kvt_text_escape's flags */
 #define KVT_TEXT_BACKSLASH 1u /* '"' and '\\' take a backslash: text shown inside quotes */
@@ -27,5 +29,11 @@ const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags
  * KVT_TEXT_BACKSLASH. A quoted value is always closed (len >= 3; below that buf is ""). Returns
  * buf. */
 const char *kvt_text_quote(char *buf, size_t len, const char *s);
+
+/* [s, end) as a decimal number <= max into *out: digits only, at least one, no overflow.
+ * strtoul and atoi took a sign ("-1" was 2^64 - 1), blanks, "0x10" (base 0) and trailing
+ * junk ("12x" was 12). Returns 0 or -EINVAL (*out untouched); the caller names the flag and
+ * the limit. */
+int kvt_text_parse_dec(const char *s, const char *end, uint64_t max, uint64_t *out);
 
 #endif

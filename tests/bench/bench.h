@@ -39,7 +39,11 @@ void *kvt_bench_alloc(size_t bytes);      /* 64-byte aligned, pages touched; exi
 unsigned kvt_bench_ncpu(void);
 size_t kvt_bench_l3_bytes(void);          /* 0 when unknown */
 
-/* Parses "1.5" / "12" strictly; 0 on success, -1 (with a message on stderr) otherwise. */
+/* The value s of flag opt (NULL: it was missing) as a decimal number in lo..hi: "1.5" / "12",
+ * digits and (for a double) one '.', nothing else (no sign, blank, exponent, hex, trailing
+ * junk), no overflow; integers through common/kvt_text.h's kvt_text_parse_dec, as kvtierctl
+ * reads its flags. 0 on success, -1 with a message naming opt and the limits on stderr (the
+ * caller exits 2). */
 int kvt_bench_parse_double(const char *opt, const char *s, double lo, double hi, double *out);
 int kvt_bench_parse_uint(const char *opt, const char *s, unsigned long lo, unsigned long hi,
 			 unsigned long *out);

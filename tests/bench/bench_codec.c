@@ -13,7 +13,9 @@
  */
 #include "bench.h"
 #include "kvt_codec.h"
+#include "kvt_text.h"
 
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -143,19 +145,30 @@ static struct kvt_bench_result thread_body(unsigned t, void *arg)
 	return r;
 }
 
+/* "LxHxD": each part decimal and inside its limit (sscanf's %u took a sign, blanks and
+ * overflow: "2x2x-64" was 2x2x4294967232); kvt_codec_config_validate checks the rest. */
 static int parse_shape(const char *s, uint32_t out[3])
 {
-	unsigned a, b, c;
-	char tail;
+	static const char *const names[3] = { "LAYERS", "KV_HEADS", "HEAD_DIM" };
+	static const uint64_t max[3] = { KVT_MAX_LAYERS, KVT_MAX_KV_HEADS, 256 };
+	const char *p = s ? s : "";
+	char q[512];
 
-	if (!s || sscanf(s, "%ux%ux%u%c", &a, &b, &c, &tail) != 3) {
-		fprintf(stderr, "kvtier-bench: --shape '%s' is not LAYERSxKV_HEADSxHEAD_DIM "
-				"(e.g. 32x8x128)\n", s ? s : "");
-		return -1;
+	for (int i = 0; i < 3; i++) {
+		const char *x = i < 2 ? strchr(p, 'x') : p + strlen(p);
+		uint64_t v;
+
+		if (!x || kvt_text_parse_dec(p, x, max[i], &v) || v == 0) {
+			fprintf(stderr, "kvtier-bench: --shape \"%s\": expected "
+					"LAYERSxKV_HEADSxHEAD_DIM (e.g. 32x8x128), %s a decimal number "
+					"in 1..%" PRIu64 "\n",
+				kvt_text_escape(q, sizeof q, s ? s : "", KVT_TEXT_BACKSLASH),
+				names[i], max[i]);
+			return -1;
+		}
+		out[i] = (uint32_t)v;
+		p = x + 1;
 	}
-	out[0] = a;
-	out[1] = b;
-	out[2] = c;
 	return 0;
 }
 

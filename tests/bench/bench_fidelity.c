@@ -30,7 +30,9 @@
 #include "kvt_codec.h"
 #include "kvt_npy.h"
 #include "kvt_synth.h"
+#include "kvt_text.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -597,23 +599,33 @@ static void fidelity_usage(FILE *f)
 		"missed target. --dump-dir writes the synthetic set as K.npy, V.npy, Q.npy.\n");
 }
 
+/* A comma list of at most max numbers out of allowed[], each decimal (atoi read "2x" as 2). */
 static int parse_int_list(const char *opt, const char *s, int *out, int max, const int *allowed,
 			  int n_allowed)
 {
-	char buf[128], *save = NULL;
+	char buf[128], *save = NULL, q[512], list[64] = "";
 	int n = 0;
 
+	for (int i = 0; i < n_allowed; i++)
+		snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%d", i ? ", " : "",
+			 allowed[i]);
 	snprintf(buf, sizeof(buf), "%s", s ? s : "");
 	for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		int v = atoi(tok), ok = 0;
+		uint64_t v;
+		int ok = !kvt_text_parse_dec(tok, tok + strlen(tok), INT_MAX, &v), found = 0;
 
-		for (int i = 0; i < n_allowed; i++)
-			ok |= allowed[i] == v;
-		if (!ok || n == max) {
-			fprintf(stderr, "kvtier-bench: %s: '%s' is not allowed\n", opt, tok);
+		for (int i = 0; ok && i < n_allowed; i++)
+			found |= allowed[i] == (int)v;
+		if (!found) {
+			fprintf(stderr, "kvtier-bench: %s \"%s\": expected decimal numbers out of %s\n",
+				opt, kvt_text_escape(q, sizeof q, tok, KVT_TEXT_BACKSLASH), list);
 			return -1;
 		}
-		out[n++] = v;
+		if (n == max) {
+			fprintf(stderr, "kvtier-bench: %s: at most %d entries\n", opt, max);
+			return -1;
+		}
+		out[n++] = (int)v;
 	}
 	if (n == 0)
 		fprintf(stderr, "kvtier-bench: %s needs a comma-separated list\n", opt);

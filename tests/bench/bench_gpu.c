@@ -36,6 +36,7 @@
 
 static kvt_cuda_ctx *ctx;
 static int iters = 30;
+static long tail_tokens = -1; /* KVT_BENCH_TAIL, read with the flags; -1: the cases' own */
 static int attend_only; /* --attend-only: the INT2 G32 and K3 V2 G64 attention cases alone (A/B runs) */
 static int codec_only;  /* --codec-only: copy + encode/decode alone (A/B runs, ncu) */
 static int schemes_only; /* --schemes-only: copy + bench_other_schemes alone */
@@ -410,11 +411,10 @@ static int bench_other_schemes(double copy_bw)
 		 .tokens = 131072, .D = 64, .tail = 63},
 	};
 	/* KVT_BENCH_TAIL=N: the tail cases with N tokens instead (tuning runs) */
-	const char *te = getenv("KVT_BENCH_TAIL");
 	for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
 		struct att_case c = others[i];
-		if (c.tail && te)
-			c.tail = (uint32_t)atoi(te);
+		if (c.tail && tail_tokens >= 0)
+			c.tail = (uint32_t)tail_tokens;
 		c.group = c.group ? c.group : 32;
 		c.B = c.B ? c.B : 128;
 		c.D = c.D ? c.D : 128;
@@ -550,12 +550,17 @@ out:
 
 int kvt_bench_gpu(int argc, char **argv)
 {
+	unsigned long u;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--sdpa") && i + 1 < argc)
 			load_sdpa(argv[++i]);
-		else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
-			iters = atoi(argv[++i]);
-		else if (!strcmp(argv[i], "--attend-only"))
+		else if (!strcmp(argv[i], "--iters") && i + 1 < argc) {
+			/* atoi took "abc" as 0 and "-5" as -5: no timed run at all */
+			if (kvt_bench_parse_uint(argv[i], argv[i + 1], 1, 100000, &u))
+				return 2;
+			iters = (int)u;
+			i++;
+		} else if (!strcmp(argv[i], "--attend-only"))
 			attend_only = 1;
 		else if (!strcmp(argv[i], "--codec-only"))
 			codec_only = 1;
@@ -566,6 +571,13 @@ int kvt_bench_gpu(int argc, char **argv)
 				argv[0]);
 			return 2;
 		}
+	}
+	/* a tail is below B, and B is at most 1024 (the cases' own check names their B) */
+	const char *te = getenv("KVT_BENCH_TAIL");
+	if (te) {
+		if (kvt_bench_parse_uint("KVT_BENCH_TAIL", te, 0, 1023, &u))
+			return 2;
+		tail_tokens = (long)u;
 	}
 	if (kvt_cuda_device_count() == 0) {
 		fprintf(stderr, "no CUDA device\n");

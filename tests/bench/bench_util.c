@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvt_text.h"
+
 double kvt_bench_now_s(void)
 {
 	struct timespec ts;
@@ -48,20 +50,35 @@ size_t kvt_bench_l3_bytes(void)
 	return n > 0 ? (size_t)n : 0;
 }
 
+/* A decimal number as a person types one: digits with at most one '.', at least one digit.
+ * strtod alone also took blanks, a sign, "inf", "nan", "1e3" and hex ("0x1p-3"). */
+static int is_decimal(const char *s)
+{
+	int digits = 0, dots = 0;
+	for (; *s; s++) {
+		if (*s >= '0' && *s <= '9')
+			digits++;
+		else if (*s == '.' && !dots)
+			dots++;
+		else
+			return 0;
+	}
+	return digits > 0;
+}
+
 int kvt_bench_parse_double(const char *opt, const char *s, double lo, double hi, double *out)
 {
-	char *end = NULL;
+	char q[256];
 	double v;
 
 	if (!s) {
 		fprintf(stderr, "kvtier-bench: %s needs a value\n", opt);
 		return -1;
 	}
-	errno = 0;
-	v = strtod(s, &end);
-	if (errno || end == s || *end || !(v >= lo && v <= hi)) {
-		fprintf(stderr, "kvtier-bench: %s '%s' is not a number in [%g, %g]\n", opt, s, lo,
-			hi);
+	v = is_decimal(s) ? strtod(s, NULL) : NAN;
+	if (!(v >= lo && v <= hi)) {
+		fprintf(stderr, "kvtier-bench: %s \"%s\": expected a decimal number in %g..%g\n",
+			opt, kvt_text_escape(q, sizeof q, s, KVT_TEXT_BACKSLASH), lo, hi);
 		return -1;
 	}
 	*out = v;
@@ -71,21 +88,19 @@ int kvt_bench_parse_double(const char *opt, const char *s, double lo, double hi,
 int kvt_bench_parse_uint(const char *opt, const char *s, unsigned long lo, unsigned long hi,
 			 unsigned long *out)
 {
-	char *end = NULL;
-	unsigned long v;
+	char q[256];
+	uint64_t v;
 
 	if (!s) {
 		fprintf(stderr, "kvtier-bench: %s needs a value\n", opt);
 		return -1;
 	}
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || end == s || *end || *s == '-' || v < lo || v > hi) {
-		fprintf(stderr, "kvtier-bench: %s '%s' is not an integer in [%lu, %lu]\n", opt, s,
-			lo, hi);
+	if (kvt_text_parse_dec(s, s + strlen(s), hi, &v) || v < lo) {
+		fprintf(stderr, "kvtier-bench: %s \"%s\": expected a decimal number in %lu..%lu\n",
+			opt, kvt_text_escape(q, sizeof q, s, KVT_TEXT_BACKSLASH), lo, hi);
 		return -1;
 	}
-	*out = v;
+	*out = (unsigned long)v;
 	return 0;
 }
 
