@@ -1,6 +1,7 @@
 #include "kvt_text.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -34,25 +35,55 @@ static size_t utf8_len(const unsigned char *p)
 	return n;
 }
 
+/* Unicode's format characters (general category Cf: bidi embeddings, overrides and isolates,
+ * zero-width characters, the BOM, tags...) and the line and paragraph separators (Zl, Zp), as
+ * of Unicode 15.1. A terminal or a log viewer shows them as nothing or acts on them: U+202E
+ * reverses what follows, U+2028 breaks the line, so a value could make a log line read as
+ * another. */
+static const struct {
+	uint32_t lo, hi;
+} format_chars[] = {
+	{0x00ad, 0x00ad},   {0x0600, 0x0605},   {0x061c, 0x061c},   {0x06dd, 0x06dd},
+	{0x070f, 0x070f},   {0x0890, 0x0891},   {0x08e2, 0x08e2},   {0x180e, 0x180e},
+	{0x200b, 0x200f},   {0x2028, 0x202e},   {0x2060, 0x2064},   {0x2066, 0x206f},
+	{0xfeff, 0xfeff},   {0xfff9, 0xfffb},   {0x110bd, 0x110bd}, {0x110cd, 0x110cd},
+	{0x13430, 0x1343f}, {0x1bca0, 0x1bca3}, {0x1d173, 0x1d17a}, {0xe0001, 0xe0001},
+	{0xe0020, 0xe007f},
+};
+
+/* The code point of the well-formed sequence of n bytes at p is a format character. */
+static int is_format(const unsigned char *p, size_t n)
+{
+	static const unsigned char lead_mask[5] = {0, 0, 0x1f, 0x0f, 0x07};
+	uint32_t cp = p[0] & lead_mask[n];
+	for (size_t i = 1; i < n; i++)
+		cp = cp << 6 | (p[i] & 0x3fu);
+	for (size_t i = 0; i < sizeof format_chars / sizeof format_chars[0]; i++)
+		if (cp >= format_chars[i].lo && cp <= format_chars[i].hi)
+			return 1;
+	return 0;
+}
+
 enum unit_kind { UNIT_PLAIN, UNIT_BACKSLASH, UNIT_HEX };
 
 /* The next unit of s: *raw bytes of s written as they are (printable ASCII, well-formed
  * UTF-8), after a backslash ('"' and '\\' with KVT_TEXT_BACKSLASH), or each as \xNN (a control
- * byte, 0x7f, a C1 control U+0080..U+009F, which a terminal acts on like ESC sequences, a byte
- * of no well-formed sequence). Returns the characters it writes. */
+ * byte, 0x7f, a C1 control U+0080..U+009F, which a terminal acts on like ESC sequences, a
+ * format character or separator, a byte of no well-formed sequence). Returns the characters
+ * it writes. */
 static size_t unit(const unsigned char *p, unsigned flags, size_t *raw, enum unit_kind *kind)
 {
 	unsigned char c = p[0];
 	*raw = 1;
 	if (c >= 0x80) {
 		size_t n = utf8_len(p);
-		if (n && !(c == 0xc2 && p[1] <= 0x9f)) {
+		if (n && !(c == 0xc2 && p[1] <= 0x9f) && !is_format(p, n)) {
 			*raw = n;
 			*kind = UNIT_PLAIN;
 			return n;
 		}
 		if (n)
-			*raw = n; /* a C1 control: both bytes */
+			*raw = n; /* a C1 control or a format character: all its bytes */
 		*kind = UNIT_HEX;
 		return 4 * *raw;
 	}

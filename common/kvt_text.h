@@ -18,8 +18,10 @@
 #define KVT_TEXT_BACKSLASH 1u /* '"' and '\\' take a backslash: text shown inside quotes */
 
 /* Writes s into buf with every byte a terminal acts on as \xNN: control bytes (< 0x20, 0x7f),
- * C1 controls in UTF-8 (0xc2 0x80..0x9f) and bytes of no well-formed UTF-8 sequence;
- * well-formed UTF-8 passes as is. With KVT_TEXT_BACKSLASH, '"' and '\\' are written "\"" and
+ * C1 controls in UTF-8 (0xc2 0x80..0x9f), Unicode's format characters and separators (Cf, Zl,
+ * Zp: U+202E RIGHT-TO-LEFT OVERRIDE, U+200B..U+200F, U+2028, U+2066..U+2069, U+FEFF, ...; each
+ * byte of the sequence) and bytes of no well-formed UTF-8 sequence; other well-formed UTF-8
+ * passes as is. With KVT_TEXT_BACKSLASH, '"' and '\\' are written "\"" and
  * "\\" (so a typed "\x0a" reads apart from an escaped newline); without, they pass (a message
  * that quotes its own values). Returns buf. */
 const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags);

@@ -24,9 +24,11 @@ void kvt_log(int level, const char *msg, const char *fmt, ...)
 /* Writes s as a logfmt value into buf; returns buf. kvt_text_quote (common/kvt_text.h), the
  * one copy kvtierctl uses too: the value is quoted when s is empty or holds a space, '=', '"',
  * '\\' or a byte it escapes; inside the quotes '"' and '\\' take a backslash, and control bytes
- * (< 0x20, 0x7f), C1 controls in UTF-8 (0xc2 0x80..0x9f) and bytes of no well-formed UTF-8
- * sequence are written as \xNN (as config errors quote user text), so no byte a terminal acts
- * on reaches it; well-formed UTF-8 passes as is. A short buffer cuts the value before an
+ * (< 0x20, 0x7f), C1 controls in UTF-8 (0xc2 0x80..0x9f), Unicode format characters and
+ * separators (bidi overrides and isolates, zero-width characters, U+2028/2029, the BOM: a client
+ * cannot make a line read as another) and bytes of no well-formed UTF-8 sequence are written as
+ * \xNN (as config errors quote user text), so no byte a terminal acts on reaches it; other
+ * well-formed UTF-8 passes as is. A short buffer cuts the value before an
  * escape or a UTF-8 sequence, never inside one; buf is always NUL-terminated (len > 0) and a
  * quoted value always closed (len >= 3). */
 const char *kvt_log_quote(char *buf, size_t len, const char *s);

@@ -60,6 +60,9 @@ static void test_escapes(void)
 		{{"put", "s", "--dtype", "x\ny", NULL}, 2, "--dtype \"x\\x0ay\" is not"},
 		{{"demo", "--dtype", "\xff", NULL}, 2, "--dtype \"\\xff\" is not"},
 		{{"\x1b]0;title\a", NULL}, 2, "unknown command \"\\x1b]0;title\\x07\""},
+		/* a format character: U+202E RIGHT-TO-LEFT OVERRIDE, U+2066 LRI */
+		{{"put", "s", "--scheme", "a\xe2\x80\xae" "b\xe2\x81\xa6", NULL}, 2,
+		 "--scheme \"a\\xe2\\x80\\xaeb\\xe2\\x81\\xa6\" is not"},
 		/* inside the message's own quotes: escaped, '"' and '\\' with a backslash */
 		{{"put", "s", "--key-bits", "1\x1b", NULL}, 2, "put --key-bits \"1\\x1b\": expected"},
 		{{"put", "s", "--key-bits", "a\"b\\", NULL}, 2, "put --key-bits \"a\\\"b\\\\\": expected"},

@@ -58,10 +58,36 @@ static void test_values(void)
 	check_eq("\xf5\x80\x80\x80", "\"\\xf5\\x80\\x80\\x80\"");
 	check_eq("\xff", "\"\\xff\"");
 	check_eq("\xc3\xa9\x85\xc3\xa9", "\"\xc3\xa9\\x85\xc3\xa9\"");
+	/* Unicode format characters and separators, each byte as \xNN: U+202E RIGHT-TO-LEFT
+	 * OVERRIDE made "user=\u202eevil" display reversed, U+2028 broke a line in viewers */
+	check_eq("user\xe2\x80\xae" "evil", "\"user\\xe2\\x80\\xaeevil\"");
+	check_eq("\xe2\x80\x8b", "\"\\xe2\\x80\\x8b\"");   /* U+200B ZERO WIDTH SPACE */
+	check_eq("\xe2\x80\x8f", "\"\\xe2\\x80\\x8f\"");   /* U+200F RLM */
+	check_eq("\xe2\x80\xa8", "\"\\xe2\\x80\\xa8\"");   /* U+2028 LINE SEPARATOR */
+	check_eq("\xe2\x80\xa9", "\"\\xe2\\x80\\xa9\"");   /* U+2029 PARAGRAPH SEPARATOR */
+	check_eq("\xe2\x80\xaa", "\"\\xe2\\x80\\xaa\"");   /* U+202A LRE */
+	check_eq("\xe2\x81\xa6", "\"\\xe2\\x81\\xa6\"");   /* U+2066 LRI */
+	check_eq("\xe2\x81\xa9", "\"\\xe2\\x81\\xa9\"");   /* U+2069 PDI */
+	check_eq("\xe2\x81\xa0", "\"\\xe2\\x81\\xa0\"");   /* U+2060 WORD JOINER */
+	check_eq("\xef\xbb\xbf" "x", "\"\\xef\\xbb\\xbfx\""); /* U+FEFF BOM */
+	check_eq("\xd8\x9c", "\"\\xd8\\x9c\"");             /* U+061C ARABIC LETTER MARK */
+	check_eq("\xc2\xad", "\"\\xc2\\xad\"");             /* U+00AD SOFT HYPHEN */
+	check_eq("\xf3\xa0\x81\x81", "\"\\xf3\\xa0\\x81\\x81\""); /* U+E0041 TAG A */
+	check_eq("\xf3\xa0\x80\x81", "\"\\xf3\\xa0\\x80\\x81\""); /* U+E0001 LANGUAGE TAG */
+	/* their neighbours are ordinary characters and pass */
+	check_eq("\xe2\x80\x8a", "\xe2\x80\x8a"); /* U+200A HAIR SPACE */
+	check_eq("\xe2\x80\x90", "\xe2\x80\x90"); /* U+2010 HYPHEN */
+	check_eq("\xe2\x80\xa7", "\xe2\x80\xa7"); /* U+2027 HYPHENATION POINT */
+	check_eq("\xe2\x80\xaf", "\xe2\x80\xaf"); /* U+202F NARROW NO-BREAK SPACE */
+	check_eq("\xe2\x81\xb0", "\xe2\x81\xb0"); /* U+2070 SUPERSCRIPT ZERO */
+	check_eq("\xef\xbb\xbc", "\xef\xbb\xbc"); /* U+FEFC */
+	check_eq("\xc2\xac", "\xc2\xac");           /* U+00AC NOT SIGN */
+	check_eq("\xf3\xa0\x84\x80", "\xf3\xa0\x84\x80"); /* U+E0100 VARIATION SELECTOR-17 */
 }
 
 /* The boundaries of the units of a quoted value's content (no quotes): an escape, or one
- * UTF-8 sequence; a C1 control's two escapes are one unit. Marks bound[i] = 1 at each. */
+ * UTF-8 sequence; the escapes of one well-formed sequence (a C1 control, a format character)
+ * are one unit. Marks bound[i] = 1 at each. */
 static void unit_bounds(const char *c, size_t n, unsigned char *bound)
 {
 	memset(bound, 0, n + 1);
@@ -69,10 +95,17 @@ static void unit_bounds(const char *c, size_t n, unsigned char *bound)
 	while (i < n) {
 		bound[i] = 1;
 		size_t w = 1;
-		if (c[i] == '\\') {
-			w = c[i + 1] == 'x' ? 4 : 2;
-			if (!strncmp(c + i, "\\xc2\\x", 6) && (c[i + 6] == '8' || c[i + 6] == '9'))
-				w = 8;
+		if (c[i] == '\\' && c[i + 1] == 'x') {
+			/* the bytes of the run of \xNN escapes here, up to a sequence's 4 */
+			unsigned char b[5] = {0};
+			unsigned v;
+			size_t k = 0, len;
+			while (k < 4 && i + 4 * k + 4 <= n && !strncmp(c + i + 4 * k, "\\x", 2) &&
+			       sscanf(c + i + 4 * k + 2, "%2x", &v) == 1)
+				b[k++] = (unsigned char)v;
+			w = kvt_test_decode_utf8(b, &len) >= 0 && len <= k ? 4 * len : 4;
+		} else if (c[i] == '\\') {
+			w = 2;
 		} else {
 			kvt_test_decode_utf8((const unsigned char *)c + i, &w);
 		}
@@ -140,13 +173,16 @@ static void test_cuts(void)
 		"plain", "", "a b", "say \"hi\" \\ there", "x\ny\x7fz", "\xc2\x85\xc2\x85",
 		"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\x85\xc2\xe2\x82" "A\xf4\x90\x80\x80",
 		"\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9", "\xf0\x9f\x98\x80\xf0\x9f\x98\x80",
+		"a\xe2\x80\xae" "b\xe2\x81\xa6\xef\xbb\xbf\xf3\xa0\x81\x81\xe2\x80\xa8",
+		"\xe2\x80\x8b\xe2\x80\x8a\xc2\xad\xc2\xac",
 	};
 	for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
 		check_cuts(vals[i]);
 	/* fresh random bytes, biased towards the interesting ones */
 	static const unsigned char pick[] = {0x00, 0x0a, 0x1b, 0x20, '"', '=', '\\', 'a', 0x7f,
-					     0x80, 0x85, 0x9b, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xc3,
-					     0xdf, 0xe0, 0xe2, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff};
+					     0x80, 0x81, 0x85, 0x9b, 0x9f, 0xa0, 0xa8, 0xad, 0xae,
+					     0xbb, 0xbf, 0xc0, 0xc2, 0xc3, 0xdf, 0xe0, 0xe2, 0xed,
+					     0xef, 0xf0, 0xf3, 0xf4, 0xf5, 0xff};
 	char s[64];
 	for (int it = 0; it < 3000; it++) {
 		size_t n = kvt_rand_below(sizeof s - 1);
