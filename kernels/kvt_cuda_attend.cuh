@@ -631,6 +631,154 @@ __device__ __forceinline__ uint4 ex_ld(const uint8_t *p)
 	return v;
 }
 
+/* the score MMA's A fragments for NQ query heads, built by the whole block (callers sync)
+ * from the scaled queries q [NQ][D] into qf [D / 16][32]: rows 0-7 the heads' high parts,
+ * 8-15 the rest; k step j = 2 pc + h of lane (gg, tt) holds head gg's channels
+ * 8 (tt + 4 pc) + 4 h + 0..3, the ones its quad partner loads from a key row as words 2h,
+ * 2h + 1 of piece pc (ex_tile_load) */
+template <int D, uint32_t DT, int NQ>
+__device__ __forceinline__ void ex_query_frags(const float *q, uint4 *qf)
+{
+	for (int i = threadIdx.x; i < D / 16 * 32; i += ATT_THREADS) {
+		const int j = i / 32, gg = (i % 32) >> 2, tt = i & 3;
+		const int c0 = 8 * (tt + 4 * (j >> 1)) + 4 * (j & 1);
+		float x[4];
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+			x[e] = gg < NQ ? q[gg * D + c0 + e] : 0.0f;
+		uint4 f;
+		ex_split<DT>(x[0], x[1], f.x, f.y);
+		ex_split<DT>(x[2], x[3], f.z, f.w);
+		qf[i] = f;
+	}
+}
+
+/* a 16-token tile's rows r0 + g and r0 + 8 + g (g = lane / 4; zeros from row n on): the key
+ * and value pieces t4, t4 + 4, ... (t4 = lane % 4) of each, from kb / vb (row r0's), rows
+ * row_bytes apart */
+template <int PPL>
+__device__ __forceinline__ void ex_tile_load(uint4 (&kw)[2][PPL], uint4 (&vw)[2][PPL],
+					     const uint8_t *kb, const uint8_t *vb,
+					     size_t row_bytes, uint32_t r0, uint32_t n, int lane)
+{
+#pragma unroll
+	for (int hf = 0; hf < 2; hf++) {
+		const uint32_t r = 8 * hf + (lane >> 2);
+		const bool ok = r0 + r < n;
+		const size_t o = (size_t)r * row_bytes + 16 * (lane & 3);
+#pragma unroll
+		for (int i = 0; i < PPL; i++) {
+			kw[hf][i] = ok ? ex_ld(kb + o + 64 * i) : make_uint4(0, 0, 0, 0);
+			vw[hf][i] = ok ? ex_ld(vb + o + 64 * i) : make_uint4(0, 0, 0, 0);
+		}
+	}
+}
+
+/* f16: p goes into the value MMA times 2^14 (at most 16384), so that small weights keep f16's
+ * full precision instead of becoming subnormal (bf16 has float's exponent range); the
+ * partial is scaled back at the end (ex_partial_store's un = 1 / ex_p_scale) */
+template <uint32_t DT> __host__ __device__ constexpr float ex_p_scale(void)
+{
+	return DT == KVT_DTYPE_F16 ? 16384.0f : 1.0f;
+}
+
+/* one 16-token tile (ex_tile_load's rows, r0 the first token, n the run's length) for the
+ * heads of qf (ex_query_frags): the scores, head g's online softmax (m, l: this lane's
+ * tokens; the running maximum kept unless the tile exceeds it, one vote per tile), then
+ * O += P V with P times ex_p_scale. acc: output tile
+ * (piece i, word w) holds channels 8 (t4 + 4 i) + 2 w + {0,1}, columns e (high parts) and
+ * 2 + e (the rest) */
+template <int D, uint32_t DT>
+__device__ __forceinline__ void ex_tile_attend(const uint4 *qf, const uint4 (&kw)[2][D / 32],
+					       const uint4 (&vw)[2][D / 32], uint32_t r0,
+					       uint32_t n, float &m, float &l, float (&acc)[D / 8][4],
+					       int lane)
+{
+	constexpr int PPL = D / 32, KS = D / 16;
+	constexpr float psc = ex_p_scale<DT>();
+	const int t4 = lane & 3;
+	/* scores: s[hf] rows g (high parts) and g + 8 (the rest) of head g, tokens
+	 * r0 + 8 hf + 2 t4 + {0, 1} */
+	float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+	for (int j = 0; j < KS; j++) {
+		const uint4 a = qf[j * 32 + lane];
+#pragma unroll
+		for (int hf = 0; hf < 2; hf++)
+			ex_mma<DT>(s[hf], a, u4_word(kw[hf][j >> 1], 2 * (j & 1)),
+				   u4_word(kw[hf][j >> 1], 2 * (j & 1) + 1));
+	}
+	float sc[2][2];
+	float mt = -INFINITY;
+#pragma unroll
+	for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+		for (int e = 0; e < 2; e++) {
+			const uint32_t t = r0 + 8 * hf + 2 * t4 + e;
+			sc[hf][e] = t < n ? s[hf][e] + s[hf][2 + e] : -INFINITY;
+			mt = fmaxf(mt, sc[hf][e]);
+		}
+	mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 1));
+	mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 2));
+	/* a new maximum: rescale (rare after the first tiles, so the vote skips it) */
+	if (__any_sync(KVT_FULL_MASK, mt > m)) {
+		const float mn = fmaxf(m, mt);
+		const float al = mn == -INFINITY ? 1.0f : __expf(m - mn);
+		l *= al;
+#pragma unroll
+		for (int i = 0; i < 4 * PPL; i++)
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+				acc[i][e] *= al;
+		m = mn;
+	}
+	float pr[2][2];
+#pragma unroll
+	for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+		for (int e = 0; e < 2; e++) {
+			pr[hf][e] = sc[hf][e] == -INFINITY ? 0.0f : __expf(sc[hf][e] - m);
+			l += pr[hf][e];
+		}
+	/* P as the A operand: rows g = head g's high parts, g + 8 the rest; k = the tile's
+	 * tokens, 2 t4 + {0,1} from the first half, 8 + 2 t4 + {0,1} from the second */
+	uint4 pa;
+	ex_split<DT>(psc * pr[0][0], psc * pr[0][1], pa.x, pa.y);
+	ex_split<DT>(psc * pr[1][0], psc * pr[1][1], pa.z, pa.w);
+#pragma unroll
+	for (int i = 0; i < PPL; i++)
+#pragma unroll
+		for (int w = 0; w < 4; w++)
+			ex_mma<DT>(acc[4 * i + w], pa, ex_trans(u4_word(vw[0][i], w)),
+				   ex_trans(u4_word(vw[1][i], w)));
+}
+
+/* the warp's partial after ex_tile_attend, for heads g < NQ: maximum and sum (summed over
+ * the quad) into pm[g] / pl[g], channels (times un) into pa[g * D ...] */
+template <int D, int NQ>
+__device__ __forceinline__ void ex_partial_store(float m, float l, const float (&acc)[D / 8][4],
+						 float un, float *pm, float *pl, float *pa, int lane)
+{
+	const int g = lane >> 2, t4 = lane & 3;
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
+	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
+	if (g < NQ) {
+		if (t4 == 0) {
+			pm[g] = m;
+			pl[g] = l;
+		}
+		float *ra = pa + g * D;
+		/* channel 8 (t4 + 4 i) + 2 w + e: output tile 4 i + w, columns e and 2 + e */
+		auto ch = [&](int i, int w, int e) { return un * (acc[4 * i + w][e] + acc[4 * i + w][2 + e]); };
+#pragma unroll
+		for (int i = 0; i < D / 32; i++) {
+			const int c0 = 8 * (t4 + 4 * i);
+			*(float4 *)&ra[c0] = make_float4(ch(i, 0, 0), ch(i, 0, 1), ch(i, 1, 0), ch(i, 1, 1));
+			*(float4 *)&ra[c0 + 4] = make_float4(ch(i, 2, 0), ch(i, 2, 1), ch(i, 3, 0), ch(i, 3, 1));
+		}
+	}
+}
+
 /* resident blocks per multiprocessor of an attention kernel launched with ATT_THREADS threads
  * and no dynamic shared memory (0 when the query fails; its error is cleared) */
 template <class Kernel> static int att_blocks_per_sm(Kernel kernel)

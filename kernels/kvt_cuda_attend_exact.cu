@@ -26,6 +26,13 @@
  * 4096 187 (1.02x), d64 1 x 131072 69.7 (0.97x). Tried: two tiles per step (all their loads
  * in flight together) needs 232 registers at d128, 2 blocks per multiprocessor: slower.
  *
+ * The INT2 kernel's folded tail does the same tiles through kvt_cuda_attend.cuh's
+ * ex_query_frags / ex_tile_load / ex_tile_attend / ex_partial_store, which hold this
+ * kernel's code. This kernel keeps its own copy: with the load or the tile helper in it
+ * (session 18) ptxas compiled its tile loop to 447 instead of 356 instructions at d128,
+ * rebuilding the loads' addresses every tile, as a session-17 form with the tile in a
+ * function did (20% slower on the H200).
+ *
  * Items: ITEM_NONE_CHUNKS (a run of chunks, a KV head's rows [B][d] contiguous in each) and
  * ITEM_EXACT (a run of the tail, rows [token][H][d]); warp w takes the item's 16-token tiles
  * w, w + 4, ...; the block merges its warps like the other kernels (block_merge) and the

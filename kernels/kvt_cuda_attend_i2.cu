@@ -1253,30 +1253,14 @@ __device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_
 {
 	constexpr uint32_t DT = KVT_DTYPE_BF16;
 	constexpr int PPL = D / 32; /* 16-byte pieces of a row per lane of a quad */
-	constexpr int KS = D / 16;  /* k steps of the score MMA */
 	static_assert(RQ <= 8, "the score MMA's rows 0-7 hold the query heads");
-	const int g = lane >> 2, t4 = lane & 3;
-	/* A fragments, as the exact kernel's: k step j = 2 pc + h of lane (gg, tt) holds head
-	 * gg's channels 8 (tt + 4 pc) + 4 h + 0..3 (qo is 0 past the item's heads) */
-	for (int i = threadIdx.x; i < KS * 32; i += ATT_THREADS) {
-		const int j = i / 32, gg = (i % 32) >> 2, tt = i & 3;
-		const int c0 = 8 * (tt + 4 * (j >> 1)) + 4 * (j & 1);
-		float x[4];
-#pragma unroll
-		for (int e = 0; e < 4; e++)
-			x[e] = gg < RQ ? qo[gg * D + c0 + e] : 0.0f;
-		uint4 f;
-		ex_split<DT>(x[0], x[1], f.x, f.y);
-		ex_split<DT>(x[2], x[3], f.z, f.w);
-		qfr[i] = f;
-	}
+	ex_query_frags<D, DT, RQ>(qo, qfr); /* qo is 0 past the item's heads */
 	__syncthreads();
-
-	float acc[4 * PPL][4]; /* output tile (piece i, word w): channels 8 (t4 + 4 i) + 2 w + {0,1} */
+	float acc[4 * PPL][4]; /* ex_tile_attend's output tiles */
 #pragma unroll
 	for (int i = 0; i < 4 * PPL; i++)
 		acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-	float m = -INFINITY, l = 0.0f; /* head g's running maximum and sum (this lane's tokens) */
+	float m = -INFINITY, l = 0.0f; /* head lane / 4's running maximum and sum */
 	const size_t row_bytes = (size_t)p.H * D * 2;
 	for (uint32_t x = it.xb; x < it.xb + it.xn; x++) {
 		const att_item_dev xi = p.items[x];
@@ -1286,103 +1270,13 @@ __device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_
 		for (uint32_t tt = warp; tt < tiles; tt += ATT_WARPS) {
 			const uint32_t r0 = tt * 16;
 			const size_t off = ((size_t)r0 * p.H + it.kv_head) * D * 2;
-			const uint8_t *kb = xi.xk + off, *vb = xi.xv + off;
-			/* rows r0 + g and r0 + 8 + g: key and value pieces t4, t4 + 4, ... */
 			uint4 kw[2][PPL], vw[2][PPL];
-#pragma unroll
-			for (int hf = 0; hf < 2; hf++) {
-				const uint32_t r = 8 * hf + g;
-				const bool ok = r0 + r < n;
-				const size_t o = (size_t)r * row_bytes + 16 * t4;
-#pragma unroll
-				for (int i = 0; i < PPL; i++)
-					kw[hf][i] = ok ? ex_ld(kb + o + 64 * i) : make_uint4(0, 0, 0, 0);
-			}
-#pragma unroll
-			for (int hf = 0; hf < 2; hf++) {
-				const uint32_t r = 8 * hf + g;
-				const bool ok = r0 + r < n;
-				const size_t o = (size_t)r * row_bytes + 16 * t4;
-#pragma unroll
-				for (int i = 0; i < PPL; i++)
-					vw[hf][i] = ok ? ex_ld(vb + o + 64 * i) : make_uint4(0, 0, 0, 0);
-			}
-			/* scores: s[hf] rows g (high parts) and g + 8 (the rest) of head g, tokens
-			 * r0 + 8 hf + 2 t4 + {0, 1} */
-			float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-			for (int j = 0; j < KS; j++) {
-				const uint4 a = qfr[j * 32 + lane];
-#pragma unroll
-				for (int hf = 0; hf < 2; hf++)
-					ex_mma<DT>(s[hf], a, u4_word(kw[hf][j >> 1], 2 * (j & 1)),
-						   u4_word(kw[hf][j >> 1], 2 * (j & 1) + 1));
-			}
-			float sc[2][2];
-			float mt = -INFINITY;
-#pragma unroll
-			for (int hf = 0; hf < 2; hf++)
-#pragma unroll
-				for (int e = 0; e < 2; e++) {
-					const uint32_t t = r0 + 8 * hf + 2 * t4 + e;
-					sc[hf][e] = t < n ? s[hf][e] + s[hf][2 + e] : -INFINITY;
-					mt = fmaxf(mt, sc[hf][e]);
-				}
-			mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 1));
-			mt = fmaxf(mt, __shfl_xor_sync(KVT_FULL_MASK, mt, 2));
-			/* a new maximum: rescale (rare after the first tile, so the vote skips it) */
-			if (__any_sync(KVT_FULL_MASK, mt > m)) {
-				const float mn = fmaxf(m, mt);
-				const float al = mn == -INFINITY ? 1.0f : __expf(m - mn);
-				l *= al;
-#pragma unroll
-				for (int i = 0; i < 4 * PPL; i++)
-#pragma unroll
-					for (int e = 0; e < 4; e++)
-						acc[i][e] *= al;
-				m = mn;
-			}
-			float pr[2][2];
-#pragma unroll
-			for (int hf = 0; hf < 2; hf++)
-#pragma unroll
-				for (int e = 0; e < 2; e++) {
-					pr[hf][e] = sc[hf][e] == -INFINITY ? 0.0f : __expf(sc[hf][e] - m);
-					l += pr[hf][e];
-				}
-			/* P as the A operand: rows g = head g's high parts, g + 8 the rest; k = the
-			 * tile's tokens, 2 t4 + {0,1} from the first half, 8 + 2 t4 + {0,1} from the
-			 * second */
-			uint4 pa;
-			ex_split<DT>(pr[0][0], pr[0][1], pa.x, pa.y);
-			ex_split<DT>(pr[1][0], pr[1][1], pa.z, pa.w);
-#pragma unroll
-			for (int i = 0; i < PPL; i++)
-#pragma unroll
-				for (int w = 0; w < 4; w++)
-					ex_mma<DT>(acc[4 * i + w], pa, ex_trans(u4_word(vw[0][i], w)),
-						   ex_trans(u4_word(vw[1][i], w)));
+			ex_tile_load<PPL>(kw, vw, xi.xk + off, xi.xv + off, row_bytes, r0, n, lane);
+			ex_tile_attend<D, DT>(qfr, kw, vw, r0, n, m, l, acc, lane);
 		}
 	}
-	/* the warp's partial: head g's maximum, sum (over the quad) and channels */
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 1);
-	l += __shfl_xor_sync(KVT_FULL_MASK, l, 2);
-	if (g < RQ) {
-		if (t4 == 0) {
-			tm[warp * RQ + g] = m;
-			tl[warp * RQ + g] = l;
-		}
-		float *ra = tacc + (size_t)(warp * RQ + g) * D;
-		/* channel 8 (t4 + 4 i) + 2 w + e: output tile 4 i + w, columns e (high parts) and
-		 * 2 + e (the rest) */
-		auto ch = [&](int i, int w, int e) { return acc[4 * i + w][e] + acc[4 * i + w][2 + e]; };
-#pragma unroll
-		for (int i = 0; i < PPL; i++) {
-			const int c0 = 8 * (t4 + 4 * i);
-			*(float4 *)&ra[c0] = make_float4(ch(i, 0, 0), ch(i, 0, 1), ch(i, 1, 0), ch(i, 1, 1));
-			*(float4 *)&ra[c0 + 4] = make_float4(ch(i, 2, 0), ch(i, 2, 1), ch(i, 3, 0), ch(i, 3, 1));
-		}
-	}
+	ex_partial_store<D, RQ>(m, l, acc, 1.0f, tm + warp * RQ, tl + warp * RQ,
+				tacc + (size_t)warp * RQ * D, lane);
 }
 
 /* the merge of a folded item: warp q merges head q over the warps, rotates it back (coded
