@@ -5,42 +5,17 @@
  * Usage: test_kvtierctl PATH_TO_KVTIERCTL */
 #include <stdio.h>
 #include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "kvt_test.h"
+#include "kvt_test_proc.h"
 #include "kvt_test_text.h"
 
 static const char *g_ctl;
 
-/* Runs kvtierctl with args (argv[0] included), stdout and stderr together into out. */
+/* Runs kvtierctl with args; its exit status and output (kvt_test_run_capture). */
 static int run_ctl(char *const args[], char *out, size_t outlen)
 {
-	int pfd[2];
-	if (pipe(pfd))
-		return -1;
-	pid_t pid = fork();
-	if (pid == 0) {
-		dup2(pfd[1], 1);
-		dup2(pfd[1], 2);
-		close(pfd[0]);
-		execv(g_ctl, args);
-		_exit(127);
-	}
-	close(pfd[1]);
-	size_t n = 0;
-	ssize_t r;
-	while (n + 1 < outlen && (r = read(pfd[0], out + n, outlen - 1 - n)) > 0)
-		n += (size_t)r;
-	out[n] = '\0';
-	char sink[256];
-	while (read(pfd[0], sink, sizeof sink) > 0)
-		;
-	close(pfd[0]);
-	int st;
-	if (waitpid(pid, &st, 0) < 0)
-		return -1;
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return kvt_test_run_capture(g_ctl, args, out, outlen);
 }
 
 struct ctl_case {

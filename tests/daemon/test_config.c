@@ -4,11 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include "config.h"
 #include "kvt_test.h"
+#include "kvt_test_proc.h"
 #include "log.h"
 
 static const char *g_kvtierd;
@@ -671,33 +670,10 @@ static void test_print_double(void)
 		  kvt_config_live.default_pin_detect_ratio);
 }
 
-/* Runs kvtierd with args; returns the exit status and the first bytes of its output. */
+/* Runs kvtierd with args; its exit status and output (kvt_test_run_capture). */
 static int run_kvtierd(char *const args[], char *out, size_t outlen)
 {
-	int pfd[2];
-	if (pipe(pfd))
-		return -1;
-	pid_t pid = fork();
-	if (pid == 0) {
-		dup2(pfd[1], 1);
-		dup2(pfd[1], 2);
-		close(pfd[0]);
-		execv(g_kvtierd, args);
-		_exit(127);
-	}
-	close(pfd[1]);
-	size_t n = 0;
-	ssize_t r;
-	while ((r = read(pfd[0], out + n, outlen - 1 - n)) > 0 && n + 1 < outlen)
-		n += (size_t)r;
-	out[n] = '\0';
-	char sink[256];
-	while (read(pfd[0], sink, sizeof sink) > 0)
-		;
-	close(pfd[0]);
-	int st;
-	waitpid(pid, &st, 0);
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return kvt_test_run_capture(g_kvtierd, args, out, outlen);
 }
 
 static void test_cli(void)
