@@ -98,14 +98,20 @@ static size_t unit(const unsigned char *p, unsigned flags, size_t *raw, enum uni
 
 const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags)
 {
+	return kvt_text_escape_n(buf, len, s, SIZE_MAX, flags);
+}
+
+const char *kvt_text_escape_n(char *buf, size_t len, const char *s, size_t n, unsigned flags)
+{
 	size_t o = 0, raw;
 	enum unit_kind kind;
 	if (!len)
 		return buf;
-	/* Whole units only, with room kept for the NUL. */
-	for (const unsigned char *p = (const unsigned char *)s; *p; p += raw) {
+	/* Whole units only, with room kept for the NUL, none reaching past s + n. */
+	const unsigned char *p0 = (const unsigned char *)s;
+	for (const unsigned char *p = p0; *p; p += raw) {
 		size_t w = unit(p, flags, &raw, &kind);
-		if (o + w >= len)
+		if ((size_t)(p - p0) + raw > n || o + w >= len)
 			break;
 		if (kind == UNIT_HEX) {
 			for (size_t i = 0; i < raw; i++)

@@ -26,6 +26,10 @@
  * that quotes its own values). Returns buf. */
 const char *kvt_text_escape(char *buf, size_t len, const char *s, unsigned flags);
 
+/* kvt_text_escape of at most the first n bytes of s (up to its NUL); a UTF-8 sequence that
+ * would reach past them is left out whole. */
+const char *kvt_text_escape_n(char *buf, size_t len, const char *s, size_t n, unsigned flags);
+
 /* s as one value of a message or a logfmt line: as it is when it is not empty and holds no
  * space, '=', '"', '\\' nor a byte kvt_text_escape escapes; else in double quotes, escaped with
  * KVT_TEXT_BACKSLASH. A quoted value is always closed (len >= 3; below that buf is ""). Returns

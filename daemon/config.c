@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "kvt_codec.h"
+#include "kvt_text.h"
 #include "log.h"
 
 struct kvt_config kvt_config_live;
@@ -219,30 +220,15 @@ static void fmt_size(char *buf, size_t len, uint64_t v)
 		snprintf(buf, len, "%" PRIu64, v);
 }
 
-/* Copies at most n bytes of s (up to its NUL) into buf with each control byte (< 0x20, 0x7f)
- * written as \xNN and a backslash as \\: an error message quotes what the user gave (a value,
- * an option name, an argument, a file path), a newline or an escape sequence in it must not
- * reach the terminal or the journal as is, and a typed "\x0a" must not read like an escaped
- * newline. Cut short rather than split an escape. Returns buf. */
+/* At most n bytes of s (up to its NUL) for an error message that quotes what the user gave (a
+ * value, an option name, an argument, a file path): escaped as kvtierd's log and kvtierctl
+ * escape user text (kvt_text_escape_n with KVT_TEXT_BACKSLASH: control bytes, C1 controls,
+ * Unicode format characters and broken UTF-8 as \xNN, '"' and '\\' after a backslash), so
+ * nothing in it acts on the terminal or the journal, and a typed "\x0a" does not read like an
+ * escaped newline. Cut short rather than split an escape. Returns buf. */
 static const char *esc(char *buf, size_t len, const char *s, size_t n)
 {
-	size_t o = 0;
-	for (size_t i = 0; i < n && s[i]; i++) {
-		unsigned char ch = (unsigned char)s[i];
-		int ctl = ch < 0x20 || ch == 0x7f;
-		if (o + (ctl ? 4 : ch == '\\' ? 2 : 1) >= len)
-			break;
-		if (ctl) {
-			o += (size_t)snprintf(buf + o, len - o, "\\x%02x", ch);
-		} else {
-			if (ch == '\\')
-				buf[o++] = '\\';
-			buf[o++] = (char)ch;
-		}
-	}
-	if (len)
-		buf[o] = '\0';
-	return buf;
+	return kvt_text_escape_n(buf, len, s, n, KVT_TEXT_BACKSLASH);
 }
 
 static void enum_list(char *buf, size_t len, const char *const *names)

@@ -8,6 +8,7 @@
 #include "config.h"
 #include "kvt_test.h"
 #include "kvt_test_proc.h"
+#include "kvt_test_text.h"
 #include "log.h"
 
 static const char *g_kvtierd;
@@ -376,12 +377,11 @@ static void test_string_controls(void)
 }
 
 /* 1 when s holds a control byte (< 0x20 or 0x7f). */
+/* something in s a terminal would act on (kvt_test_raw_unsafe: C0, DEL, C1, format
+ * characters, broken UTF-8) */
 static int has_ctl(const char *s)
 {
-	for (; *s; s++)
-		if ((unsigned char)*s < 0x20 || (unsigned char)*s == 0x7f)
-			return 1;
-	return 0;
+	return kvt_test_raw_unsafe(s, 0) >= 0;
 }
 
 /* Messages quote user text with control bytes as \xNN: a value that is not a string, an
@@ -403,6 +403,12 @@ static void test_error_escapes(void)
 		{"x\ny", "unexpected argument \"x\\x0ay\""},
 		/* a typed backslash is doubled: "\x0a" as typed reads apart from a newline */
 		{"--workers=5\\x0a", "command line: workers = \"5\\\\x0a\" is not a non-negative"},
+		/* as kvtierd's log and kvtierctl escape them (kvt_text): a C1 control (CSI), a
+		 * bidi override, broken UTF-8, and a quote inside the message's quotes */
+		{"--log-level=info\xc2\x9b" "2J", "log_level = \"info\\xc2\\x9b2J\" is not one of"},
+		{"--log-level=\xe2\x80\xaeofni", "log_level = \"\\xe2\\x80\\xaeofni\" is not one of"},
+		{"--workers=5\xff", "workers = \"5\\xff\" is not a non-negative integer"},
+		{"--workers=5\"", "workers = \"5\\\"\" is not a non-negative integer"},
 	};
 	for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
 		char *a[] = {"kvtierd", (char *)flags[i].arg, NULL};

@@ -226,6 +226,26 @@ static void test_escape_flags(void)
 	memset(buf, 'Z', sizeof buf);
 	kvt_text_escape(buf, 0, "ab", 0);
 	KVT_CHECK(buf[0] == 'Z', "len 0 wrote into buf");
+	/* kvt_text_escape_n (config.c's messages: a name out of a longer argument): at most n
+	 * bytes of the input, a sequence that would reach past them left out whole */
+	static const struct {
+		const char *in;
+		size_t n;
+		const char *want;
+	} bounded[] = {
+		{"ab\ncd", 3, "ab\\x0a"},
+		{"ab\ncd", 0, ""},
+		{"a\xe2\x80\xae!", 3, "a"},
+		{"a\xe2\x80\xae!", 4, "a\\xe2\\x80\\xae"},
+		{"caf\xc3\xa9s", 4, "caf"},
+		{"caf\xc3\xa9s", 5, "caf\xc3\xa9"},
+		{"q\"x", SIZE_MAX, "q\\\"x"},
+	};
+	for (size_t i = 0; i < sizeof bounded / sizeof bounded[0]; i++) {
+		kvt_text_escape_n(buf, sizeof buf, bounded[i].in, bounded[i].n, KVT_TEXT_BACKSLASH);
+		KVT_CHECK(!strcmp(buf, bounded[i].want), "bounded %zu: '%s' want '%s'", i, buf,
+			  bounded[i].want);
+	}
 }
 
 int main(void)

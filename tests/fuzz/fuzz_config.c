@@ -56,8 +56,10 @@
 
 #include "config.h"
 #include "fuzz_ctx.h"
+#include "kvt_test_text.h"
 #include "kvt_codec.h"
 #include "kvt_test.h"
+#include "kvt_test_text.h"
 
 #define DEFAULT_ITERS 6000u
 #define MAX_FAILING_ITERS 20
@@ -426,20 +428,29 @@ static size_t esc(char *out, size_t cap, const char *b, size_t n)
 	return o;
 }
 
-/* s as config.c's messages quote user text: each control byte (< 0x20, 0x7f) as \xNN, a
- * backslash as \\ */
+/* s as config.c's messages quote user text (kvtierd's log and kvtierctl alike), modelled from
+ * kvt_test_text.h rather than common/kvt_text.c: a code point a terminal acts on (C0, DEL,
+ * C1, a format character or separator) as \xNN per byte, a byte of no well-formed UTF-8
+ * sequence as \xNN, '"' and '\\' after a backslash, the rest as is */
 static void msg_esc(char *out, size_t cap, const char *s)
 {
 	size_t o = 0;
-	for (; *s && o + 5 < cap; s++) {
-		const unsigned char c = (unsigned char)*s;
-		if (c < 0x20 || c == 0x7f) {
-			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", c);
+	const unsigned char *p = (const unsigned char *)s;
+	while (*p && o + 17 < cap) {
+		size_t w;
+		const long cp = kvt_test_decode_utf8(p, &w);
+		if (cp < 0)
+			w = 1;
+		if (cp < 0 || !kvt_test_shown_raw_ok(cp)) {
+			for (size_t i = 0; i < w; i++)
+				o += (size_t)snprintf(out + o, cap - o, "\\x%02x", p[i]);
 		} else {
-			if (c == '\\')
+			if (cp == '"' || cp == '\\')
 				out[o++] = '\\';
-			out[o++] = (char)c;
+			memcpy(out + o, p, w);
+			o += w;
 		}
+		p += w;
 	}
 	out[o] = 0;
 }
