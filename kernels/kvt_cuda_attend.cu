@@ -1168,6 +1168,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool fold = i2v >= 2 && (!fp || atoi(fp) != 0);
 	const char *ft = getenv("KVTIER_CUDA_FOLD_TAIL");
 	const bool fold_tails = !ft || atoi(ft) != 0;
+	/* what a folded tail token costs its item's merge, in 32-token units of the unit loop
+	 * (H200, session 18: 8 units per 32-token run fit INT2 and K3 V2 alike; 4 and 12 within
+	 * 0.7 us of it); KVTIER_CUDA_TAIL_UNITS overrides it, 0 cuts as if the tail were free
+	 * (before session 18; A/B runs) */
+	const char *tue = getenv("KVTIER_CUDA_TAIL_UNITS");
+	const double tail_units = tue && atof(tue) >= 0.0 ? atof(tue) : 0.25;
 	struct kvt_chunk_layout lay0;
 	if ((rc = kvt_chunk_layout(cfg, 0, &lay0)))
 		return kvt_cuda_errf(err, errlen, rc, "request 0: no chunk layout for its cfg");
@@ -1361,9 +1367,31 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 						       !(((uintptr_t)rq->tail_k_dev |
 							  (uintptr_t)rq->tail_v_dev) & 15);
 				const uint32_t nt = fold_tail ? min(k, (rq->n_tail + 31) / 32) : 0;
+				/* ... and those items take fewer chunks, so that a group's items end
+				 * together: a run costs tail_units per tail token (in 32-token units of
+				 * the unit loop), tw chunks; the cut spreads nc + nt tw over the k items.
+				 * Capped at nc / k - 1, so that every item keeps a chunk more than the
+				 * one before it ends (the boundaries stay strictly increasing). H200,
+				 * session 18, same call: INT2 1 x 131072 + 127 tail tokens 45.5-46.3 ->
+				 * 39.6-39.9 us (no tail: 39.0), K3 V2 + 63 49.7 -> 48.3-48.6; before, the
+				 * tail items ended ~3 us after the others and, with the combine's early
+				 * launch of the next step, one next-step block found no free slot for
+				 * 25 us (docs/gpu.md "Session 18") */
+				double tw = nt ? (double)rq->n_tail / nt * tail_units / upc0 : 0.0;
+				if (tw > (double)nc / k - 1.0)
+					tw = (double)nc / k - 1.0;
+				auto cut = [&](uint32_t s) -> uint32_t {
+					if (tw <= 0.0 || s == 0 || s >= k)
+						return (uint32_t)((uint64_t)nc * s / k);
+					double b = (nc + nt * tw) * s / k;
+					if (s > k - nt)
+						b -= (s - (k - nt)) * tw;
+					const uint32_t bi = (uint32_t)llround(b);
+					return bi < s ? s : bi > nc - (k - s) ? nc - (k - s) : bi;
+				};
 				for (uint32_t s = 0; s < k; s++) {
-					uint32_t b0 = (uint32_t)((uint64_t)nc * s / k);
-					uint32_t b1 = (uint32_t)((uint64_t)nc * (s + 1) / k);
+					uint32_t b0 = cut(s);
+					uint32_t b1 = cut(s + 1);
 					GROW(items, n_items, cap_items);
 					att_item_dev *it = &items[n_items++];
 					*it = base;
