@@ -1370,8 +1370,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				/* ... and those items take fewer chunks, so that a group's items end
 				 * together: a run costs tail_units per tail token (in 32-token units of
 				 * the unit loop), tw chunks; the cut spreads nc + nt tw over the k items.
-				 * Capped at nc / k - 1, so that every item keeps a chunk more than the
-				 * one before it ends (the boundaries stay strictly increasing). H200,
+				 * tw is capped at nc / k - 1, so that the boundaries stay strictly
+				 * increasing (every item keeps at least one chunk). H200,
 				 * session 18, same call: INT2 1 x 131072 + 127 tail tokens 45.5-46.3 ->
 				 * 39.6-39.9 us (no tail: 39.0), K3 V2 + 63 49.7 -> 48.3-48.6; before, the
 				 * tail items ended ~3 us after the others and, with the combine's early
@@ -1545,12 +1545,12 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			p.fused = 2;
 		/* the folded tail on tensor cores (session 18, i3_tail_mma, the swapped loop) where
 		 * every group is one item, so that each item carries its request's whole tail:
-		 * H200, same call, 48 x 4096 + 127 tail tokens 61.7-61.9 vs 68.0-68.4 us (INT2), K3
-		 * V2 + 63 71.0 vs 73.7-73.8. Where groups are several items (runs of ~32 tail
+		 * H200, same call, 48 x 4096 + 127 tail tokens 59.6-59.9 vs 67.8-68.1 us (INT2), K3
+		 * V2 + 63 70.9-71.2 vs 73.7-73.8. Where groups are several items (runs of ~32 tail
 		 * tokens on each of the last few, e.g. 1 x 131072) the kernel built for it measured
-		 * slower, 47.4-48.0 vs 45.0-45.3 us, its unit loop compiled longer (kvt_cuda_
-		 * attend_i2.cu, i2_launch_g). KVTIER_CUDA_TAIL_TC=1 takes it for every plan with a
-		 * folded tail, =0 for none (tests, A/B runs). */
+		 * slower, 47.6-47.7 vs 45.3-45.6 us: its unit loop is compiled longer
+		 * (i2_launch_g). KVTIER_CUDA_TAIL_TC=1 takes it for every plan with a folded tail,
+		 * =0 for none (tests, A/B runs). */
 		const char *ttc = getenv("KVTIER_CUDA_TAIL_TC");
 		p.tail_tc = i2v == 3 && n_folded_tails && (ttc ? atoi(ttc) != 0 : solo);
 		/* The INT2 plan's separate combine with all of a batch's loads in flight (session
