@@ -439,16 +439,12 @@ void kvt_tier_gpu_counters(struct kvt_tier_gpu *g,
 	fn(ctx, "gpu.ipc_cached", cached);
 	pthread_mutex_lock(&g->mu);
 	uint64_t stale = g->ipc_stale_closes, dead = g->ipc_dead_closes;
+	uint64_t rf = g->n_attend_range_fallbacks;
+	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;
 	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.ipc_stale_remaps", stale);
 	fn(ctx, "gpu.ipc_dead_worker_closes", dead);
-	pthread_mutex_lock(&g->mu);
-	uint64_t rf = g->n_attend_range_fallbacks;
-	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.attend_range_fallbacks", rf);
-	pthread_mutex_lock(&g->mu);
-	uint64_t pc = g->restore_pinned_chunks, sc = g->restore_staged_chunks;
-	pthread_mutex_unlock(&g->mu);
 	fn(ctx, "gpu.restore_dma_chunks", pc);
 	fn(ctx, "gpu.restore_staged_chunks", sc);
 	pthread_mutex_lock(&g->mu);
@@ -1045,13 +1041,13 @@ static int attend_item_ready(const struct kvt_gpu_attend_item *it)
 	    !((cfg->key_bits == 3 || cfg->value_bits == 3) && cfg->key_bits <= 4 &&
 	      cfg->value_bits <= 4))
 		return ITEM_NOT_RESIDENT;
-	for (uint32_t c = 0; c < it->n_chunks; c++)
+	int out_of_range = 0;
+	for (uint32_t c = 0; c < it->n_chunks; c++) {
 		if (!m->e[c].resident || m->e[c].chunk != kvt_seq_chunk(it->seq, c))
 			return ITEM_NOT_RESIDENT;
-	for (uint32_t c = 0; c < it->n_chunks; c++)
-		if (!m->e[c].in_range)
-			return ITEM_OUT_OF_RANGE;
-	return ITEM_READY;
+		out_of_range |= !m->e[c].in_range;
+	}
+	return out_of_range ? ITEM_OUT_OF_RANGE : ITEM_READY;
 }
 
 int kvt_tier_gpu_attend_batch(struct kvt_tier_gpu *g, struct kvt_gpu_attend_item *items,

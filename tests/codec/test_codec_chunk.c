@@ -6,6 +6,7 @@
 #include <pthread.h>
 
 #include "codec_test_util.h"
+#include "kvt_test_kv.h"
 
 static bool avx2;
 
@@ -633,12 +634,7 @@ static void test_param_max(void)
 	uint8_t *c1 = encode_new(&cfg, 0, k, v, &len);
 	float *f = malloc(n * 4);
 	void *kv[2] = {k, v};
-	for (int t = 0; t < 2; t++) {
-		kvt_convert(kv[t], cfg.dtype, f, KVT_DTYPE_F32, n);
-		for (size_t i = 0; i < n; i++)
-			f[i] *= 1024.0f;
-		kvt_convert(f, KVT_DTYPE_F32, kv[t], cfg.dtype, n);
-	}
+	kvt_test_scale_kv(kv, cfg.dtype, n, 1024.0f, f);
 	uint8_t *c2 = encode_new(&cfg, 0, k, v, &len);
 	KVT_REQUIRE(c1 != NULL && c2 != NULL, "encode");
 	float s1 = -1, z1 = -1, s2 = -1, z2 = -1;

@@ -35,6 +35,7 @@
 
 #include "gpu_test_util.h"
 #include "kvt_it.h"
+#include "kvt_test_kv.h"
 
 static double now_s(void)
 {
@@ -782,12 +783,7 @@ static void test_out_of_range_scales(void)
 	float *f = it_xmalloc(e * 4);
 	it_gen_kv(shape.n_layers, shape.n_kv_heads, shape.head_dim, shape.dtype, 0, n, k, v);
 	void *kv[2] = {k, v};
-	for (int t = 0; t < 2; t++) {
-		kvt_convert(kv[t], shape.dtype, f, KVT_DTYPE_F32, e);
-		for (size_t i = 0; i < e; i++)
-			f[i] *= 1e4f;
-		kvt_convert(f, KVT_DTYPE_F32, kv[t], shape.dtype, e);
-	}
+	kvt_test_scale_kv(kv, shape.dtype, e, 1e4f, f);
 	KVT_REQUIRE(kvt_client_append(c, big.id, &shape, k, v, n, NULL, NULL, &st) == 0,
 		    "append range-big: %s", st.message);
 	big.n = n;
