@@ -48,6 +48,15 @@ int kvt_bench_parse_double(const char *opt, const char *s, double lo, double hi,
 int kvt_bench_parse_uint(const char *opt, const char *s, unsigned long lo, unsigned long hi,
 			 unsigned long *out);
 
+/* The value s of list flag opt (NULL: it was missing) split at its commas: s is copied into
+ * buf (len bytes: the longest list is len - 1 bytes) and items[] gets up to max entries,
+ * pointers into buf. Every entry must be non-empty and the whole list must fit: strtok_r
+ * skipped empty entries ("2,,4", ",2", "2,") and snprintf cut a long list silently. Returns
+ * the number of entries (>= 1), or -1 with a message naming opt and what was wrong (and the
+ * limit) on stderr (the caller exits 2). The caller checks each entry's value. */
+int kvt_bench_split_list(const char *opt, const char *s, char *buf, size_t len, char **items,
+			 int max);
+
 /* Runs fn(thread_index, arg) on n threads released together by a barrier; each returns the
  * bytes it processed and its own elapsed seconds. Returns the total bytes / the slowest
  * thread's seconds (bytes per second; conservative when threads do not overlap perfectly).

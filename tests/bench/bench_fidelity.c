@@ -599,37 +599,32 @@ static void fidelity_usage(FILE *f)
 		"missed target. --dump-dir writes the synthetic set as K.npy, V.npy, Q.npy.\n");
 }
 
-/* A comma list of at most max numbers out of allowed[], each decimal (atoi read "2x" as 2). */
+/* A comma list of at most max (<= 4) numbers out of allowed[], each decimal (atoi read "2x"
+ * as 2). */
 static int parse_int_list(const char *opt, const char *s, int *out, int max, const int *allowed,
 			  int n_allowed)
 {
-	char buf[128], *save = NULL, q[512], list[64] = "";
-	int n = 0;
+	char buf[128], *items[4], q[512], list[64] = "";
+	int n = kvt_bench_split_list(opt, s, buf, sizeof buf, items, max);
 
 	for (int i = 0; i < n_allowed; i++)
 		snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%d", i ? ", " : "",
 			 allowed[i]);
-	snprintf(buf, sizeof(buf), "%s", s ? s : "");
-	for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+	for (int i = 0; i < n; i++) {
 		uint64_t v;
-		int ok = !kvt_text_parse_dec(tok, tok + strlen(tok), INT_MAX, &v), found = 0;
+		int ok = !kvt_text_parse_dec(items[i], items[i] + strlen(items[i]), INT_MAX, &v);
+		int found = 0;
 
-		for (int i = 0; ok && i < n_allowed; i++)
-			found |= allowed[i] == (int)v;
+		for (int j = 0; ok && j < n_allowed; j++)
+			found |= allowed[j] == (int)v;
 		if (!found) {
 			fprintf(stderr, "kvtier-bench: %s \"%s\": expected decimal numbers out of %s\n",
-				opt, kvt_text_escape(q, sizeof q, tok, KVT_TEXT_BACKSLASH), list);
+				opt, kvt_text_escape(q, sizeof q, items[i], KVT_TEXT_BACKSLASH), list);
 			return -1;
 		}
-		if (n == max) {
-			fprintf(stderr, "kvtier-bench: %s: at most %d entries\n", opt, max);
-			return -1;
-		}
-		out[n++] = (int)v;
+		out[i] = (int)v;
 	}
-	if (n == 0)
-		fprintf(stderr, "kvtier-bench: %s needs a comma-separated list\n", opt);
-	return n ? n : -1;
+	return n;
 }
 
 int kvt_bench_fidelity(int argc, char **argv)
@@ -674,22 +669,19 @@ int kvt_bench_fidelity(int argc, char **argv)
 			check = strict = 1;
 			continue;
 		} else if (!strcmp(a, "--schemes")) {
-			char buf[128], *save = NULL;
+			char buf[128], *items[4], q[512];
 
-			n_schemes = 0;
-			snprintf(buf, sizeof(buf), "%s", val ? val : "");
-			for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-				int s = kvt_scheme_parse(t);
-
-				if (s < 0 || n_schemes == 4) {
-					fprintf(stderr, "kvtier-bench: --schemes: '%s' is not none, kivi, "
-							"hadamard or oscar\n", t);
+			if ((n_schemes = kvt_bench_split_list(a, val, buf, sizeof buf, items, 4)) < 0)
+				return 2;
+			for (int j = 0; j < n_schemes; j++) {
+				if ((schemes[j] = kvt_scheme_parse(items[j])) < 0) {
+					fprintf(stderr, "kvtier-bench: --schemes \"%s\": expected none, "
+							"kivi, hadamard or oscar\n",
+						kvt_text_escape(q, sizeof q, items[j],
+								KVT_TEXT_BACKSLASH));
 					return 2;
 				}
-				schemes[n_schemes++] = s;
 			}
-			if (n_schemes == 0)
-				return 2;
 			i++;
 			continue;
 		} else if (!strcmp(a, "--bits")) {

@@ -104,6 +104,47 @@ int kvt_bench_parse_uint(const char *opt, const char *s, unsigned long lo, unsig
 	return 0;
 }
 
+int kvt_bench_split_list(const char *opt, const char *s, char *buf, size_t len, char **items,
+			 int max)
+{
+	char q[512];
+	size_t n_bytes;
+	int n = 0;
+
+	if (!s) {
+		fprintf(stderr, "kvtier-bench: %s needs a comma-separated list\n", opt);
+		return -1;
+	}
+	n_bytes = strlen(s);
+	if (n_bytes >= len) {
+		fprintf(stderr, "kvtier-bench: %s: a list of %zu bytes, at most %zu\n", opt, n_bytes,
+			len - 1);
+		return -1;
+	}
+	kvt_text_escape(q, sizeof q, s, KVT_TEXT_BACKSLASH);
+	memcpy(buf, s, n_bytes + 1);
+	for (char *p = buf, *comma;; p = comma + 1) {
+		comma = strchr(p, ',');
+		if (comma)
+			*comma = '\0';
+		if (!*p) {
+			fprintf(stderr, "kvtier-bench: %s \"%s\": entry %d of the comma-separated "
+					"list is empty\n", opt, q, n + 1);
+			return -1;
+		}
+		if (n < max)
+			items[n] = p;
+		n++;
+		if (!comma)
+			break;
+	}
+	if (n > max) {
+		fprintf(stderr, "kvtier-bench: %s \"%s\": %d entries, at most %d\n", opt, q, n, max);
+		return -1;
+	}
+	return n;
+}
+
 struct run_ctx {
 	pthread_barrier_t barrier;
 	kvt_bench_thread_fn fn;
