@@ -25,8 +25,19 @@
  * flag's, an id, a path, the target) through kvt_text_quote, or kvt_text_escape with
  * KVT_TEXT_BACKSLASH inside the message's own quotes; a sentence that carries some (the
  * daemon's status message, a .npy error naming its path) through kvt_text_escape. So a
- * control byte or an escape sequence shows as \xNN instead of acting on the terminal. */
+ * control byte or an escape sequence shows as \xNN instead of acting on the terminal. A
+ * string the daemon sends (a session id, a tier or counter name, the version) goes through
+ * shown(): plain printable ASCII prints as it is, so scripts that read the listings still
+ * match, and a buggy or hostile daemon cannot drive the terminal either. */
 #define Q_MAX 512 /* a value in a message: longer ones are cut */
+
+/* Room for a daemon string of n bytes (its NUL included) after escaping: \xNN per byte. */
+#define SHOWN_MAX(n) (4 * (n))
+
+static const char *shown(char *buf, size_t len, const char *s)
+{
+	return kvt_text_escape(buf, len, s, 0);
+}
 
 struct global_opts {
 	const char *target;
@@ -213,7 +224,9 @@ static int parse_codec_flag(int argc, char **argv, int *i, struct kvt_client_cod
 
 static const char *wire_scheme_name(uint32_t s)
 {
-	return s >= 1 ? kvt_scheme_name(s - 1) : "default";
+	const char *name = s >= 1 ? kvt_scheme_name(s - 1) : "default";
+
+	return name ? name : "?"; /* a scheme this build does not know (printf of NULL) */
 }
 
 /* ---- simple commands --------------------------------------------------------------------------- */
@@ -269,7 +282,10 @@ static int cmd_health(const struct global_opts *g, int argc, char **argv)
 
 static void print_info(const struct kvt_client_session_info *i)
 {
-	printf("session_id        %s\n", i->session_id);
+	char id[SHOWN_MAX(sizeof i->session_id)], kr[SHOWN_MAX(sizeof i->codec.key_rounding)];
+	char pre[SHOWN_MAX(sizeof i->codec.preset)], tier[SHOWN_MAX(sizeof i->tier)];
+
+	printf("session_id        %s\n", shown(id, sizeof id, i->session_id));
 	printf("shape             layers %u, kv_heads %u, head_dim %u, dtype %s\n", i->n_layers,
 	       i->n_kv_heads, i->head_dim, kvt_dtype_name(i->dtype) ? kvt_dtype_name(i->dtype) : "?");
 	printf("codec             %s K%u/V%u G%u B%u sinks %d rotate_v %d pin_detect %.3f/%d "
@@ -277,8 +293,8 @@ static void print_info(const struct kvt_client_session_info *i)
 	       wire_scheme_name(i->codec.scheme), i->codec.key_bits, i->codec.value_bits,
 	       i->codec.group, i->codec.chunk_tokens, i->codec.n_sinks, i->codec.rotate_v,
 	       i->codec.pin_detect_ratio, i->codec.pin_detect_max, i->codec.recent_exact_tokens,
-	       i->codec.key_rounding[0] ? i->codec.key_rounding : "?",
-	       i->codec.preset[0] ? " preset " : "", i->codec.preset);
+	       i->codec.key_rounding[0] ? shown(kr, sizeof kr, i->codec.key_rounding) : "?",
+	       i->codec.preset[0] ? " preset " : "", shown(pre, sizeof pre, i->codec.preset));
 	printf("tokens            %" PRIu64 " (%u chunks sealed, %u in the exact tail)\n",
 	       i->n_tokens, i->n_chunks, i->tail_tokens);
 	printf("bytes_held        %" PRIu64 " (dense f16: %" PRIu64 ", %.2fx)\n", i->bytes_held,
@@ -288,7 +304,7 @@ static void print_info(const struct kvt_client_session_info *i)
 	printf("pinned            %s\n", i->pinned ? "yes" : "no");
 	printf("ttl_seconds       %u%s\n", i->ttl_seconds, i->ttl_seconds ? "" : " (never expires)");
 	printf("idle_ms           %" PRIu64 "\n", i->idle_ms);
-	printf("tier              %s\n", i->tier[0] ? i->tier : "-");
+	printf("tier              %s\n", i->tier[0] ? shown(tier, sizeof tier, i->tier) : "-");
 }
 
 static int cmd_stats(const struct global_opts *g, int argc, char **argv)
@@ -296,6 +312,7 @@ static int cmd_stats(const struct global_opts *g, int argc, char **argv)
 	struct kvt_client *c;
 	struct kvt_client_stats s;
 	struct kvt_client_status st;
+	char q[SHOWN_MAX(sizeof s.counters[0].name)];
 	int rc;
 
 	if (argc != 1) {
@@ -308,19 +325,20 @@ static int cmd_stats(const struct global_opts *g, int argc, char **argv)
 	kvt_client_close(c);
 	if (rc)
 		return fail_status("stats", rc, &st);
-	printf("version        %s\n", s.version);
+	printf("version        %s\n", shown(q, sizeof q, s.version));
 	printf("uptime_ms      %" PRIu64 "\n", s.uptime_ms);
-	printf("codec_isa      %s, gpu %s\n", s.codec_isa, s.gpu ? "yes" : "no");
+	printf("codec_isa      %s, gpu %s\n", shown(q, sizeof q, s.codec_isa), s.gpu ? "yes" : "no");
 	printf("sessions       %" PRIu64 "\n", s.sessions);
 	printf("tokens         %" PRIu64 "\n", s.tokens);
 	printf("bytes_held     %" PRIu64 " (dense f16: %" PRIu64 ", %.2fx)\n", s.bytes_held,
 	       s.logical_bytes, s.bytes_held ? (double)s.logical_bytes / (double)s.bytes_held : 0.0);
 	for (size_t i = 0; i < s.n_tiers; i++)
 		printf("tier %-9s used %" PRIu64 " of %" PRIu64 " bytes, %" PRIu64 " chunks\n",
-		       s.tiers[i].name, s.tiers[i].used_bytes, s.tiers[i].capacity_bytes,
-		       s.tiers[i].chunks);
+		       shown(q, sizeof q, s.tiers[i].name), s.tiers[i].used_bytes,
+		       s.tiers[i].capacity_bytes, s.tiers[i].chunks);
 	for (size_t i = 0; i < s.n_counters; i++)
-		printf("counter %-40s %" PRIu64 "\n", s.counters[i].name, s.counters[i].value);
+		printf("counter %-40s %" PRIu64 "\n", shown(q, sizeof q, s.counters[i].name),
+		       s.counters[i].value);
 	kvt_client_stats_free(&s);
 	return 0;
 }
@@ -330,6 +348,7 @@ static int cmd_sessions(const struct global_opts *g, int argc, char **argv)
 	struct kvt_client *c;
 	struct kvt_client_session_info *list;
 	struct kvt_client_status st;
+	char id[SHOWN_MAX(sizeof list->session_id)];
 	size_t n;
 	int rc;
 
@@ -347,7 +366,8 @@ static int cmd_sessions(const struct global_opts *g, int argc, char **argv)
 	       "PINNED", "CODEC");
 	for (size_t i = 0; i < n; i++)
 		printf("%-40s %10" PRIu64 " %8u %12" PRIu64 " %6.2fx %6s %s/%u/%u\n",
-		       list[i].session_id, list[i].n_tokens, list[i].n_chunks, list[i].bytes_held,
+		       shown(id, sizeof id, list[i].session_id), list[i].n_tokens, list[i].n_chunks,
+		       list[i].bytes_held,
 		       list[i].bytes_held ? (double)list[i].logical_bytes / (double)list[i].bytes_held :
 					    0.0,
 		       list[i].pinned ? "yes" : "no", wire_scheme_name(list[i].codec.scheme),
