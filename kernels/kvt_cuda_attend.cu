@@ -393,6 +393,16 @@ __device__ __forceinline__ uint32_t key_pair_rt(const uint32_t *w, const uint32_
 		return codes_h2<KB>(w[pa / PPW], (pa % PPW) * KB);
 }
 
+/* N (4 or 8) bytes of shared memory at an N-aligned address, as the low bits of a word */
+template <int N> __device__ __forceinline__ uint64_t ld_piece(const uint8_t *a)
+{
+	static_assert(N == 4 || N == 8, "a word or two");
+	if constexpr (N == 4)
+		return *(const uint32_t *)a;
+	else
+		return *(const uint64_t *)a;
+}
+
 template <int D, int KB, int VB, int GV, int NQ>
 __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, uint32_t u0,
 				 uint32_t u1, const float *qr, float *pbuf, float *alpha_s,
@@ -412,7 +422,9 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	constexpr int CT = GV / 8;           /* channels per lane per value group */
 	constexpr int NT = D / 8;            /* value n-tiles */
 	constexpr int TB = CT * BITS;        /* bits per lane per group per token */
-	constexpr int NSL = TB > 16 ? TB / 16 : 1;
+	constexpr int NPC = TB > 64 ? TB / 64 : 1; /* 64-bit pieces of them (8-bit codes, GV 128) */
+	constexpr int TBP = TB / NPC;        /* bits per piece */
+	constexpr int NSL = TBP > 16 ? TBP / 16 : 1; /* 16-bit slices per piece */
 	constexpr int CPS = TB > 16 ? 16 / BITS : CT; /* codes per 16-bit slice */
 	const int gid = lane >> 2, tig = lane & 3;
 	/* NQ == 4 (packed): at most 4 query heads, so the fragment rows / columns that would hold
@@ -420,6 +432,12 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	 * gid & 3, its high part for gid < 4 and its low part for gid >= 4. One MMA then does
 	 * what the hi and lo MMAs did, and the two halves are summed in fp32 afterwards. */
 	constexpr bool PK = NQ == 4;
+	/* INT8 (packed only): the low parts scaled by 2^11 (split_h2_ls), unscaled when the
+	 * halves are summed (without it INT8 batches missed 1e-3: 1.0-1.5e-3; with it 1-3e-6).
+	 * For every bit width it would take INT4's worst from ~2e-4 to ~2e-5 but cost the other
+	 * packed shapes 4-12% (session 19), so it stays INT8's */
+	constexpr bool LOX = PK && BITS == 8;
+	static_assert(BITS != 8 || PK, "INT8 takes the packed form (<= 4 query heads)");
 	const int hq = PK ? (gid & 3) : gid; /* the query head of fragment row / column gid */
 	const bool lo_half = PK && gid >= 4;
 	const int sq = PK ? (tig & 1) : tig; /* logits: this lane's heads are 2sq, 2sq + 1 */
@@ -553,7 +571,10 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
 				if constexpr (PK) {
 					uint32_t hi2, lo2;
-					split_h2(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
+					if constexpr (LOX)
+						split_h2_ls(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
+					else
+						split_h2(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
 					bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
 				} else {
 					split_h2(qrow(c0) * s0, qrow(c1) * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
@@ -585,7 +606,15 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				if constexpr (!PK)
 					mma16816(sacc, a, bkl[k][0], bkl[k][1]);
 			}
-			if constexpr (PK) {
+			if constexpr (LOX) {
+				/* the same, the lo part (lanes tig >= 2) times 2^-11 */
+				const float own = tig >= 2 ? KVT_LO_UNSCALE : 1.0f,
+					    oth = tig >= 2 ? 1.0f : KVT_LO_UNSCALE;
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					sacc[i] = fmaf(__shfl_xor_sync(KVT_FULL_MASK, sacc[i], 2), oth,
+						       sacc[i] * own);
+			} else if constexpr (PK) {
 				/* columns 2tig, 2tig+1 of lanes tig and tig ^ 2 are the hi and lo parts of
 				 * the same two heads */
 #pragma unroll
@@ -663,35 +692,54 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				float zc = kvt_d_widen16(vz[tc * NG + gg], bf), zd = kvt_d_widen16(vz[td * NG + gg], bf);
 				zacc[gg] = fmaf(pa, za, fmaf(pb, zb, fmaf(pc, zc, fmaf(pd, zd, zacc[gg]))));
 				uint32_t ah[4], alo[4];
-				split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
-				split_h2(pc * sc, pd * sd, ah[2], alo[2]);
+				if constexpr (LOX) {
+					split_h2_ls(pa * sa, pb * sb_, ah[0], alo[0]);
+					split_h2_ls(pc * sc, pd * sd, ah[2], alo[2]);
+				} else {
+					split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
+					split_h2(pc * sc, pd * sd, ah[2], alo[2]);
+				}
 				ah[1] = ah[3] = alo[1] = alo[3] = 0u;
 				if constexpr (PK) {
 					ah[0] = lo_half ? alo[0] : ah[0];
 					ah[2] = lo_half ? alo[2] : ah[2];
 				}
-				/* this lane's CT channels of group gg for the four tokens */
+				/* this lane's CT channels of group gg for the four tokens, in pieces of
+				 * up to 64 bits (8-bit codes at GV 128: two) */
 				const int boff = (gg * GV + gid * CT) * BITS / 8;
-				uint64_t ca = 0, cb = 0, cc = 0, cd = 0;
 #pragma unroll
-				for (int i = 0; i < TB / 8; i++) {
-					ca |= (uint64_t)vst[ta * RB + boff + i] << (8 * i);
-					cb |= (uint64_t)vst[tb * RB + boff + i] << (8 * i);
-					cc |= (uint64_t)vst[tc * RB + boff + i] << (8 * i);
-					cd |= (uint64_t)vst[td * RB + boff + i] << (8 * i);
-				}
+				for (int pc = 0; pc < NPC; pc++) {
+					uint64_t ca = 0, cb = 0, cc = 0, cd = 0;
+					if constexpr (BITS == 8) {
+						/* whole words: boff is a multiple of the piece (TB / 8
+						 * bytes, at most 8), and so are the rows (RB = D) */
+						const int o = boff + 8 * pc;
+						ca = ld_piece<TBP / 8>(vst + ta * RB + o);
+						cb = ld_piece<TBP / 8>(vst + tb * RB + o);
+						cc = ld_piece<TBP / 8>(vst + tc * RB + o);
+						cd = ld_piece<TBP / 8>(vst + td * RB + o);
+					} else {
 #pragma unroll
-				for (int sl = 0; sl < NSL; sl++) {
-					uint32_t uab = (uint32_t)((ca >> (16 * sl)) & 0xffff) | ((uint32_t)((cb >> (16 * sl)) & 0xffff) << 16);
-					uint32_t ucd = (uint32_t)((cc >> (16 * sl)) & 0xffff) | ((uint32_t)((cd >> (16 * sl)) & 0xffff) << 16);
+						for (int i = 0; i < TB / 8; i++) {
+							ca |= (uint64_t)vst[ta * RB + boff + i] << (8 * i);
+							cb |= (uint64_t)vst[tb * RB + boff + i] << (8 * i);
+							cc |= (uint64_t)vst[tc * RB + boff + i] << (8 * i);
+							cd |= (uint64_t)vst[td * RB + boff + i] << (8 * i);
+						}
+					}
 #pragma unroll
-					for (int j = 0; j < CPS; j++) {
-						const int nt = gg * CT + sl * CPS + j;
-						uint32_t b0 = codes_h2<BITS>(uab, j * BITS);
-						uint32_t b1 = codes_h2<BITS>(ucd, j * BITS);
-						mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, ah, b0, b1);
-						if constexpr (!PK)
-							mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
+					for (int sl = 0; sl < NSL; sl++) {
+						uint32_t uab = (uint32_t)((ca >> (16 * sl)) & 0xffff) | ((uint32_t)((cb >> (16 * sl)) & 0xffff) << 16);
+						uint32_t ucd = (uint32_t)((cc >> (16 * sl)) & 0xffff) | ((uint32_t)((cd >> (16 * sl)) & 0xffff) << 16);
+#pragma unroll
+						for (int j = 0; j < CPS; j++) {
+							const int nt = gg * CT + (pc * NSL + sl) * CPS + j;
+							uint32_t b0 = codes_h2<BITS>(uab, j * BITS);
+							uint32_t b1 = codes_h2<BITS>(ucd, j * BITS);
+							mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, ah, b0, b1);
+							if constexpr (!PK)
+								mma16816_top(vacc[nt][0], vacc[nt][1], vz0, vz1, alo, b0, b1);
+						}
 					}
 				}
 			}
@@ -706,11 +754,21 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 		zacc[gg] += __shfl_xor_sync(KVT_FULL_MASK, zacc[gg], 2);
 	}
 	if constexpr (PK) {
-		/* rows gid and gid + 4 (lane ^ 16) are the hi and lo parts of head gid & 3 */
+		/* rows gid and gid + 4 (lane ^ 16) are the hi and lo parts of head gid & 3 (LOX:
+		 * the lo part times 2^-11) */
+		const float own = LOX && gid >= 4 ? KVT_LO_UNSCALE : 1.0f,
+			    oth = LOX && gid < 4 ? KVT_LO_UNSCALE : 1.0f;
 #pragma unroll
 		for (int n = 0; n < NT; n++) {
-			vacc[n][0] += __shfl_xor_sync(KVT_FULL_MASK, vacc[n][0], 16);
-			vacc[n][1] += __shfl_xor_sync(KVT_FULL_MASK, vacc[n][1], 16);
+			const float x0 = __shfl_xor_sync(KVT_FULL_MASK, vacc[n][0], 16),
+				    x1 = __shfl_xor_sync(KVT_FULL_MASK, vacc[n][1], 16);
+			if constexpr (LOX) {
+				vacc[n][0] = fmaf(x0, oth, vacc[n][0] * own);
+				vacc[n][1] = fmaf(x1, oth, vacc[n][1] * own);
+			} else {
+				vacc[n][0] += x0;
+				vacc[n][1] += x1;
+			}
 		}
 	}
 	if (!PK || gid < 4) {
@@ -745,8 +803,10 @@ template <int D, int VB, int GV, int NQ> struct mma_smem {
 			     FLOATS = (RA + ATT_WARPS * NQ * D + 3) & ~3; /* 16-byte aligned end */
 	static constexpr int VST = 32 * (D * VB / 8) + 128 * (D / GV) + 4 * D; /* per warp */
 	static constexpr int BYTES = FLOATS * 4 + ATT_WARPS * VST;
-	/* blocks per multiprocessor the kernel is compiled for (d256: its registers) */
-	static constexpr int MINB = D == 256 ? 2 : 4;
+	/* blocks per multiprocessor the kernel is compiled for: d256 2 (its registers); d128
+	 * INT8 3 (H200, session 19: 98 / 166 us at 1 x 131072 / 48 x 4096, 4 blocks 132 / 206;
+	 * d128 INT4 stays at 4: 3 blocks were 103.5 / 173 us vs 101.5 / 161) */
+	static constexpr int MINB = D == 256 ? 2 : D == 128 && VB == 8 ? 3 : 4;
 };
 
 template <int D, int KB, int VB, int GV, int NQ>
@@ -790,6 +850,36 @@ __global__ void __launch_bounds__(ATT_THREADS, (mma_smem<D, VB, GV, NQ>::MINB))
 		state_store<D, NQ>(st, red_m[warp], red_l[warp], red_acc[warp], lane);
 	}
 	block_merge<D, NQ>(p, &red_m[0][0], &red_l[0][0], &red_acc[0][0]);
+}
+
+/* Resident blocks per multiprocessor of the packed kernel at d128 with KB-bit keys and values
+ * (4 or 8) and 4 query heads per item, for the plan's work split; asked once per process
+ * and instantiation (one kind of GPU per process; racing threads store the same number).
+ * Its shared memory stays under 48 KB there, so no attribute is needed first. */
+template <int KB, int GV> static int mma_occupancy_d128(void)
+{
+	static int cached;
+	int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+	if (v > 0)
+		return v;
+	constexpr int bytes = mma_smem<128, KB, GV, RQ>::BYTES;
+	static_assert(bytes <= 48 * 1024, "no dynamic shared memory attribute needed");
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, attend_mma_kernel<128, KB, KB, GV, RQ>,
+							  ATT_THREADS, bytes) != cudaSuccess)
+		v = 0;
+	(void)cudaGetLastError();
+	if (v > 0)
+		__atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+	return v;
+}
+
+static int mma_blocks_per_sm_d128(uint32_t kb, uint32_t gv)
+{
+	if (kb == 8)
+		return gv == 32 ? mma_occupancy_d128<8, 32>() : gv == 64 ? mma_occupancy_d128<8, 64>()
+								 : mma_occupancy_d128<8, 128>();
+	return gv == 32 ? mma_occupancy_d128<4, 32>() : gv == 64 ? mma_occupancy_d128<4, 64>()
+							 : mma_occupancy_d128<4, 128>();
 }
 
 /* One block per (group, query head): CMB_W warps, each merging every CMB_W-th item with a
@@ -1118,9 +1208,14 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * CUDA-core kernel) */
 	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
 			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
+	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), at
+	 * most 4 query heads per KV head (the packed form: its f16 low parts are scaled apart,
+	 * split_h2_ls) */
 	const bool mma = k3 || k3p ||
 			 (mma_shape && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
-			  cfg->value_bits == cfg->key_bits);
+			  cfg->value_bits == cfg->key_bits) ||
+			 (mma_shape && D <= 128 && cfg->key_bits == 8 && cfg->value_bits == 8 &&
+			  max_ratio <= RQ && getenv("KVTIER_CUDA_NO_INT8_MMA") == NULL);
 	/* scheme none, f16 or bf16, head_dim 64 or 128: the exact rows' tensor-core kernel
 	 * (session 17, kvt_cuda_attend_exact.cu; the CUDA-core kernel before, and with
 	 * KVTIER_CUDA_NO_MMA or KVTIER_CUDA_NO_EXACT_MMA). It reads rows 16 bytes at a time, so
@@ -1141,7 +1236,8 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * low parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
 	 * query heads per KV head; the exact rows' kernel 8 where a request has more than 4
 	 * (a KV head's query heads are cut into groups of rqn either way) */
-	const uint32_t rqn = (mma && !k3 && (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) ||
+	const uint32_t rqn = (mma && !k3 && cfg->key_bits != 8 &&
+			      (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) ||
 					     (xmma && max_ratio > RQ)
 				     ? RQ8
 				     : RQ;
@@ -1190,6 +1286,13 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	int bps = 4;
 	if (mma && !i2v && D == 256)
 		bps = 2; /* the packed kernel at d256: compiled for 2 blocks (mma_smem::MINB) */
+	/* the packed kernel at d128 with 4- or 8-bit codes (INT8 is compiled for 3 blocks:
+	 * mma_smem::MINB): what the device holds (session 19) */
+	if (mma && !i2v && D == 128 && rqn == RQ && (cfg->key_bits == 4 || cfg->key_bits == 8)) {
+		const int nb = mma_blocks_per_sm_d128(cfg->key_bits, cfg->group < D ? cfg->group : D);
+		if (nb > 0)
+			bps = nb;
+	}
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
 	static int occ_cache[6][3]; /* [4], [5]: the 3-bit key path, keys-as-B / swapped */
@@ -1708,8 +1811,11 @@ static cudaError_t att_launch_mma_nq(const kvt_cuda_attend_plan *pl, cudaStream_
 template <int D, int KB, int VB, int GV>
 static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	return pl->p.rqn == RQ ? att_launch_mma_nq<D, KB, VB, GV, RQ>(pl, s)
-			       : att_launch_mma_nq<D, KB, VB, GV, RQ8>(pl, s);
+	if constexpr (KB == 8) /* the packed form only (plan build) */
+		return att_launch_mma_nq<D, KB, VB, GV, RQ>(pl, s);
+	else
+		return pl->p.rqn == RQ ? att_launch_mma_nq<D, KB, VB, GV, RQ>(pl, s)
+				       : att_launch_mma_nq<D, KB, VB, GV, RQ8>(pl, s);
 }
 
 /* the packed tensor-core kernel for one head_dim and (key, value) bits: value groups of
@@ -1729,6 +1835,9 @@ static cudaError_t att_launch_mma_d(const kvt_cuda_attend_plan *pl, cudaStream_t
 template <int D>
 static cudaError_t att_launch_mma_bits(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
+	if constexpr (D <= 128)
+		if (pl->p.kb == 8)
+			return att_launch_mma_d<D, 8, 8>(pl, s);
 	return pl->p.kb == 2   ? att_launch_mma_d<D, 2, 2>(pl, s)
 	       : pl->p.kb == 3 ? att_launch_mma_d<D, 3, 2>(pl, s)
 			       : att_launch_mma_d<D, 4, 4>(pl, s);

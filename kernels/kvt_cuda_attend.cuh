@@ -524,11 +524,20 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 		     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* (code at bit sh, code at bit sh + 16) -> f16x2, exact */
+/* (code at bit sh, code at bit sh + 16) -> f16x2, exact (codes up to 255 fit the mantissa
+ * under 0x6400 = 1024) */
 template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
 {
-	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
-	uint32_t x = ((u >> sh) & M2) | 0x64006400u;
+	static_assert(BITS == 2 || BITS == 4 || BITS == 8, "2-, 4- or 8-bit codes");
+	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : BITS == 4 ? 0x000f000fu : 0x00ff00ffu;
+	uint32_t x;
+	if constexpr (BITS == 8) /* bytes sh/8 and sh/8 + 2 under 0x64 in one byte permute (H200,
+				  * session 19: -8% per step against shift + and-or) */
+		asm("prmt.b32 %0, %1, %2, %3;"
+		    : "=r"(x)
+		    : "r"(u), "r"(0x64646464u), "r"(0x4240u + 0x0101u * (uint32_t)(sh >> 3)));
+	else
+		x = ((u >> sh) & M2) | 0x64006400u;
 	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
 	return *(uint32_t *)&h;
 }
@@ -572,6 +581,22 @@ __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_
 	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
 	__half2 h = __halves2half2(hx, hy);
 	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
+	hi = *(uint32_t *)&h;
+	lo = *(uint32_t *)&l;
+}
+
+/* split_h2 with the low parts times 2^11 (KVT_LO_SCALE), i.e. in the high parts' range: for
+ * small products (INT8's scales are 1/255 of a group's range) the plain low part falls below
+ * f16's normal range and loses its bits. The caller accumulates the low parts apart and
+ * multiplies them by 2^-11 before adding them to the high parts (exact: a power of two). */
+#define KVT_LO_SCALE 2048.0f
+#define KVT_LO_UNSCALE (1.0f / 2048.0f)
+__device__ __forceinline__ void split_h2_ls(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
+	__half2 h = __halves2half2(hx, hy);
+	__half2 l = __floats2half2_rn((x - __half2float(hx)) * KVT_LO_SCALE,
+				      (y - __half2float(hy)) * KVT_LO_SCALE);
 	hi = *(uint32_t *)&h;
 	lo = *(uint32_t *)&l;
 }

@@ -2,6 +2,7 @@
  * bench_gpu.c - `kvtier-bench gpu`.
  *
  *   kvtier-bench gpu [--sdpa FILE] [--iters N] [--attend-only] [--codec-only] [--schemes-only]
+ *                    [--packed-only]
  *
  * Measures, on device 0:
  *   copy     device-to-device cudaMemcpy bandwidth (bytes read + written per second): the
@@ -10,10 +11,10 @@
  *            d 128, bf16 queries, at batch x tokens = 1 x 131072, 8 x 32768, 48 x 4096:
  *            us per step, chunk bytes read per second, the ratio to the copy bandwidth, and
  *            the speedup over torch SDPA bf16 from FILE (bench_gpu_sdpa.py, same machine,
- *            same run); then the packed kernel's shapes (d64, d256, f16), the other schemes
- *            (none, hadamard, kivi, INT8) and the INT2 / K3 V2 cases with an exact tail
- *            after the chunks, as real sessions hold them (--schemes-only: those alone;
- *            KVT_BENCH_TAIL=N: tails of N tokens);
+ *            same run); then the packed kernel's shapes (INT4 and INT8 at d128, d64, d256,
+ *            f16; --packed-only: those alone), the other schemes (none, hadamard, kivi) and
+ *            the INT2 / K3 V2 cases with an exact tail after the chunks, as real sessions
+ *            hold them (--schemes-only: those alone; KVT_BENCH_TAIL=N: tails of N tokens);
  *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
  *   decode   bf16 output bytes per second (the same chunks, every layer and token).
  *   Both measured twice: "kernel":"fast" (default) and "session2" (KVTIER_CUDA_CODEC_OLD=1).
@@ -40,6 +41,7 @@ static long tail_tokens = -1; /* KVT_BENCH_TAIL, read with the flags; -1: the ca
 static int attend_only; /* --attend-only: the INT2 G32 and K3 V2 G64 attention cases alone (A/B runs) */
 static int codec_only;  /* --codec-only: copy + encode/decode alone (A/B runs, ncu) */
 static int schemes_only; /* --schemes-only: copy + bench_other_schemes alone */
+static int packed_only;  /* --packed-only: copy + bench_packed alone (A/B runs) */
 static char err[512];
 
 static double now_s(void)
@@ -377,7 +379,7 @@ static int bench_attend(uint32_t bits, uint32_t group, int batch, int tokens, do
 }
 
 /* exact storage (scheme none: what a session without compression attends over), hadamard's
- * per-token groups, kivi, 8-bit codes, and the INT2 shapes with an unsealed tail */
+ * per-token groups, kivi, and the INT2 shapes with an unsealed tail */
 static int bench_other_schemes(double copy_bw)
 {
 	int rc = 0;
@@ -391,8 +393,6 @@ static int bench_other_schemes(double copy_bw)
 		 .D = 64},
 		{.scheme = KVT_SCHEME_HADAMARD, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
 		{.scheme = KVT_SCHEME_KIVI, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
-		{.scheme = KVT_SCHEME_OSCAR, .bits = 8, .vbits = 8, .group = 128, .batch = 1,
-		 .tokens = 131072},
 		/* the benchmark's INT2 shapes with an unsealed tail of 127 exact tokens (B - 1,
 		 * the most a session without a recent window holds) */
 		{.scheme = KVT_SCHEME_OSCAR, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072,
@@ -421,6 +421,25 @@ static int bench_other_schemes(double copy_bw)
 		c.dtype = KVT_DTYPE_BF16;
 		rc |= bench_attend_case(&c, copy_bw);
 	}
+	return rc;
+}
+
+/* the packed tensor-core kernel's cases: INT4 and INT8 (since session 19; the CUDA-core
+ * kernel before) at head_dim 128, and since session 15 head_dim 64 (small models, SmolLM2
+ * among them) INT2, INT4 and the default codec's K3 V2, K3 V2 in f16 sessions, head_dim 256 */
+static int bench_packed(double copy_bw)
+{
+	int rc = 0;
+	rc |= bench_attend(4, 128, 1, 131072, copy_bw);
+	rc |= bench_attend(4, 128, 48, 4096, copy_bw);
+	rc |= bench_attend(8, 128, 1, 131072, copy_bw);
+	rc |= bench_attend(8, 128, 48, 4096, copy_bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
+	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
 	return rc;
 }
 
@@ -566,8 +585,11 @@ int kvt_bench_gpu(int argc, char **argv)
 			codec_only = 1;
 		else if (!strcmp(argv[i], "--schemes-only"))
 			schemes_only = 1;
+		else if (!strcmp(argv[i], "--packed-only"))
+			packed_only = 1;
 		else {
-			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only] [--codec-only] [--schemes-only]\n",
+			fprintf(stderr, "usage: %s [--sdpa FILE] [--iters N] [--attend-only] [--codec-only] "
+				"[--schemes-only] [--packed-only]\n",
 				argv[0]);
 			return 2;
 		}
@@ -604,6 +626,10 @@ int kvt_bench_gpu(int argc, char **argv)
 		rc |= bench_other_schemes(bw);
 		goto out;
 	}
+	if (packed_only) {
+		rc |= bench_packed(bw);
+		goto out;
+	}
 	static const int cases[][2] = {{1, 131072}, {8, 32768}, {48, 4096}};
 	for (int i = 0; i < 3; i++)
 		rc |= bench_attend(2, 32, cases[i][0], cases[i][1], bw);
@@ -613,15 +639,7 @@ int kvt_bench_gpu(int argc, char **argv)
 		rc |= bench_attend_split(3, 2, 64, 64, 48, 4096, 128, KVT_DTYPE_BF16, bw);
 		goto out;
 	}
-	rc |= bench_attend(4, 128, 1, 131072, bw);
-	/* the packed tensor-core kernel since session 15: head_dim 64 (small models, SmolLM2
-	 * among them) INT2, INT4 and the default codec's K3 V2, and K3 V2 in f16 sessions */
-	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
-	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, bw);
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, bw);
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, bw);
-	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, bw);
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 256, KVT_DTYPE_BF16, bw);
+	rc |= bench_packed(bw);
 	/* the CUDA-core kernel on some of the same cases, for the record */
 	setenv("KVTIER_CUDA_NO_MMA", "1", 1);
 	rc |= bench_attend(2, 32, 1, 131072, bw);

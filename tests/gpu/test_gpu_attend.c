@@ -489,8 +489,9 @@ static void test_k3_preset_batches(void)
 
 /* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
  * CUDA-core kernel took them): head_dim 64 and 256 with INT2, INT4 or 3-bit keys and 2-bit
- * values (the default codec), and K3 V2 at head_dim 128 in f16 sessions or with 8 query heads
- * per KV head; oscar or kivi, G 32 / 64 / 128, fresh each run. Each batch must take that kernel
+ * values (the default codec), K3 V2 at head_dim 128 in f16 sessions or with 8 query heads
+ * per KV head, and (session 19) INT8 at head_dim 64 and 128; oscar or kivi, G 32 / 64 / 128,
+ * fresh each run. Each batch must take that kernel
  * (unless KVTIER_CUDA_NO_MMA or, for K3 V2, KVTIER_CUDA_NO_K3_MMA) and match the reference. */
 static void test_packed_mma_batches(void)
 {
@@ -501,32 +502,47 @@ static void test_packed_mma_batches(void)
 	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
 	const double before = worst_gpu;
 	const uint32_t m0 = kernel_count[KVT_CUDA_ATT_MMA];
-	uint32_t want = 0;
+	uint32_t want = 0, n_k[3] = {0, 0, 0};
+	double worst_k[3] = {0.0, 0.0, 0.0}; /* INT2, INT4, INT8 */
 	worst_gpu = 0.0;
 	for (int i = 0; i < n; i++) {
 		struct kvt_codec_config cfg;
 		random_config(&cfg, true);
 		cfg.scheme = kvt_rand_below(3) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
-		const uint32_t kind = kvt_rand_below(4); /* 0: INT2, 1: INT4, 2-3: K3 V2 */
-		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : 3;
-		cfg.value_bits = kind == 1 ? 4 : 2;
-		static const uint32_t dims[] = {64, 256, 128};
-		cfg.head_dim = dims[kvt_rand_below(kind < 2 ? 2 : 3)];
+		/* 0: INT2, 1: INT4, 2: INT8 (d64 / d128 only), 3-4: K3 V2 */
+		const uint32_t kind = kvt_rand_below(5);
+		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : kind == 2 ? 8 : 3;
+		cfg.value_bits = kind == 1 ? 4 : kind == 2 ? 8 : 2;
+		static const uint32_t dims[] = {64, 256, 128}, dims8[] = {64, 128};
+		cfg.head_dim = kind == 2 ? dims8[kvt_rand_below(2)]
+					 : dims[kvt_rand_below(kind < 2 ? 2 : 3)];
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
 		uint32_t r = ratios[kvt_rand_below(5)];
 		/* K3 V2 at d128: f16, or 8 query heads per KV head (bf16 with <= 4 is the INT2
 		 * kernel's) */
-		if (cfg.head_dim == 128 && cfg.dtype == KVT_DTYPE_BF16)
+		if (cfg.head_dim == 128 && cfg.dtype == KVT_DTYPE_BF16 && kind >= 3)
 			r = 8;
+		if (kind == 2 && r > 4) /* INT8: the packed form only (<= 4 per KV head) */
+			r = 1 + kvt_rand_below(4);
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
 		const bool off = getenv("KVTIER_CUDA_NO_MMA") ||
-				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA"));
+				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA")) ||
+				 (cfg.key_bits == 8 && getenv("KVTIER_CUDA_NO_INT8_MMA"));
 		want += off ? 0u : 1u;
+		const double w0 = worst_gpu;
+		worst_gpu = 0.0;
 		one_batch(i, false, &cfg, r);
+		if (kind < 3) {
+			worst_k[kind] = worst_gpu > worst_k[kind] ? worst_gpu : worst_k[kind];
+			n_k[kind]++;
+		}
+		worst_gpu = worst_gpu > w0 ? worst_gpu : w0;
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
 	printf("# worst relative error, packed tensor-core batches (d64 / d256 INT2 / INT4 / K3 V2, "
-	       "d128 K3 V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel)\n", worst_gpu, got, n);
+	       "d64 / d128 INT8, d128 K3 V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel; "
+	       "INT2 %.3e in %u, INT4 %.3e in %u, INT8 %.3e in %u)\n",
+	       worst_gpu, got, n, worst_k[0], n_k[0], worst_k[1], n_k[1], worst_k[2], n_k[2]);
 	KVT_CHECK(got == want, "the packed tensor-core kernel takes these batches (%u, expected %u)",
 		  got, want);
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
