@@ -529,17 +529,34 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 template <int BITS> __device__ __forceinline__ uint32_t codes_h2(uint32_t u, int sh)
 {
 	static_assert(BITS == 2 || BITS == 4 || BITS == 8, "2-, 4- or 8-bit codes");
-	constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : BITS == 4 ? 0x000f000fu : 0x00ff00ffu;
 	uint32_t x;
-	if constexpr (BITS == 8) /* bytes sh/8 and sh/8 + 2 under 0x64 in one byte permute (H200,
-				  * session 19: -8% per step against shift + and-or) */
+	if constexpr (BITS == 8) {
+		/* bytes sh/8 and sh/8 + 2 under 0x64 in one byte permute (H200, session 19: -8%
+		 * per step against shift + and-or), minus 1024 */
 		asm("prmt.b32 %0, %1, %2, %3;"
 		    : "=r"(x)
 		    : "r"(u), "r"(0x64646464u), "r"(0x4240u + 0x0101u * (uint32_t)(sh >> 3)));
-	else
-		x = ((u >> sh) & M2) | 0x64006400u;
-	__half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400)));
-	return *(uint32_t *)&h;
+		const __half2 h = __hsub2(*(__half2 *)&x, __half2(__ushort_as_half(0x6400),
+								  __ushort_as_half(0x6400)));
+		return *(const uint32_t *)&h;
+	} else {
+		/* codes at bits p..p + BITS - 1 <= 9 of each half stay where they are: x = 1024 +
+		 * code * 2^p, and fma(x, 2^-p, -2^(10 - p)) = code exactly (powers of two); codes
+		 * higher up come from u >> 8, which every pair of the word shares (one shift per
+		 * word instead of one per pair; H200, session 19: -2 to -5.5% per step on the
+		 * packed kernel's INT2 / INT4 / K3 V2 shapes) */
+		constexpr uint32_t M2 = BITS == 2 ? 0x00030003u : 0x000f000fu;
+		const bool low = sh + BITS <= 10;
+		const uint32_t w = low ? u : u >> 8;
+		const int p = low ? sh : sh - 8;
+		x = (w & (M2 << p)) | 0x64006400u;
+		const uint16_t sc = (uint16_t)((15 - p) << 10);           /* 2^-p */
+		const uint16_t bi = (uint16_t)(0x8000u | ((25 - p) << 10)); /* -2^(10 - p) */
+		const __half2 h = __hfma2(*(__half2 *)&x,
+					  __halves2half2(__ushort_as_half(sc), __ushort_as_half(sc)),
+					  __halves2half2(__ushort_as_half(bi), __ushort_as_half(bi)));
+		return *(const uint32_t *)&h;
+	}
 }
 
 /* d[0..1] += A * B for the output rows 0..7 only: A's rows 8..15 are zero, so the other two
