@@ -263,13 +263,19 @@ int kvt_bench_codec(int argc, char **argv)
 					      !strcmp(val, "avx2") ? KVT_ISA_AVX2 : -1;
 
 			if (isa < 0 || kvt_codec_set_isa((enum kvt_isa)isa) < 0) {
-				fprintf(stderr, "kvtier-bench: --isa '%s' is not available here\n",
-					val ? val : "");
+				char q[256];
+
+				fprintf(stderr, "kvtier-bench: --isa \"%s\" is not available here (auto, "
+						"scalar or avx2)\n",
+					kvt_text_escape(q, sizeof q, val ? val : "", KVT_TEXT_BACKSLASH));
 				return 2;
 			}
 			i++;
 		} else {
-			fprintf(stderr, "kvtier-bench codec: unknown option '%s'\n", a);
+			char q[256];
+
+			fprintf(stderr, "kvtier-bench codec: unknown option \"%s\"\n",
+				kvt_text_escape(q, sizeof q, a, KVT_TEXT_BACKSLASH));
 			codec_usage(stderr);
 			return 2;
 		}

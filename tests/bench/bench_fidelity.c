@@ -722,7 +722,10 @@ int kvt_bench_fidelity(int argc, char **argv)
 			lo = 0;
 			hi = KVT_MAX_SINKS;
 		} else {
-			fprintf(stderr, "kvtier-bench fidelity: unknown option '%s'\n", a);
+			char q[256];
+
+			fprintf(stderr, "kvtier-bench fidelity: unknown option \"%s\"\n",
+				kvt_text_escape(q, sizeof q, a, KVT_TEXT_BACKSLASH));
 			fidelity_usage(stderr);
 			return 2;
 		}

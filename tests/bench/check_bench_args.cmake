@@ -58,12 +58,16 @@ list(APPEND cases "codec|--bits|${long}|--bits \"${long}\": 128 entries, at most
                   "codec|--bits|${long}2|--bits: a list of 256 bytes, at most 255"
                   "fidelity|--groups|${long}|--groups: a list of 255 bytes, at most 127"
                   "fidelity|--schemes|${long}|--schemes: a list of 255 bytes, at most 127")
-# an entry echoed in a message is escaped (it reached the terminal raw)
+# an entry echoed in a message is escaped (it reached the terminal raw), and so are a bad --isa
+# and an unknown option
 # (no '[' in a case: CMake does not split a list inside square brackets)
 string(ASCII 27 esc)
 string(ASCII 7 bel)
 list(APPEND cases "fidelity|--schemes|kivi,${esc}c|--schemes \"\\x1bc\": expected none"
-                  "codec|--schemes|a${bel}b|--schemes \"a\\x07b\": expected none")
+                  "codec|--schemes|a${bel}b|--schemes \"a\\x07b\": expected none"
+                  "codec|--isa|a${esc}b|--isa \"a\\x1bb\" is not available here"
+                  "codec|--x${bel}|1|unknown option \"--x\\x07\""
+                  "fidelity|--x${esc}y|1|unknown option \"--x\\x1by\"")
 if(SERVICE)
   list(APPEND cases "service|--rounds|1x|--rounds \"1x\": expected a decimal number in 1..1000")
 endif()
