@@ -1208,14 +1208,14 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * CUDA-core kernel) */
 	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
 			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
-	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), at
-	 * most 4 query heads per KV head (the packed form: its f16 low parts are scaled apart,
-	 * split_h2_ls) */
+	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), in
+	 * the packed form only (its f16 low parts are scaled apart, split_h2_ls): more than 4
+	 * query heads per KV head are cut into groups of 4 (rqn below) */
 	const bool mma = k3 || k3p ||
 			 (mma_shape && (cfg->key_bits == 2 || cfg->key_bits == 4) &&
 			  cfg->value_bits == cfg->key_bits) ||
 			 (mma_shape && D <= 128 && cfg->key_bits == 8 && cfg->value_bits == 8 &&
-			  max_ratio <= RQ && getenv("KVTIER_CUDA_NO_INT8_MMA") == NULL);
+			  getenv("KVTIER_CUDA_NO_INT8_MMA") == NULL);
 	/* scheme none, f16 or bf16, head_dim 64 or 128: the exact rows' tensor-core kernel
 	 * (session 17, kvt_cuda_attend_exact.cu; the CUDA-core kernel before, and with
 	 * KVTIER_CUDA_NO_MMA or KVTIER_CUDA_NO_EXACT_MMA). It reads rows 16 bytes at a time, so

@@ -196,6 +196,7 @@ struct att_case {
 	uint32_t scheme, bits, vbits, group, B, D, dtype;
 	int batch, tokens;
 	uint32_t tail;
+	uint32_t hq; /* query heads over the 8 KV heads (0: 32; SDPA is measured for 32 only) */
 };
 
 static int bench_attend_case(const struct att_case *ac, double copy_bw)
@@ -203,7 +204,7 @@ static int bench_attend_case(const struct att_case *ac, double copy_bw)
 	const uint32_t scheme = ac->scheme, bits = ac->bits, vbits = ac->vbits, group = ac->group;
 	const uint32_t B = ac->B, D = ac->D, dtype = ac->dtype, tail = ac->tail;
 	const int batch = ac->batch, tokens = ac->tokens;
-	const uint32_t H = 8, HQ = 32;
+	const uint32_t H = 8, HQ = ac->hq ? ac->hq : 32;
 	struct kvt_codec_config cfg;
 	kvt_codec_config_default(&cfg, 1, H, D, dtype);
 	cfg.scheme = scheme;
@@ -323,7 +324,7 @@ static int bench_attend_case(const struct att_case *ac, double copy_bw)
 	if (t <= 0)
 		goto out;
 	double bw = (double)info.read_bytes / t;
-	const struct sdpa_row *sr = find_sdpa(batch, tokens, (int)D);
+	const struct sdpa_row *sr = HQ == 32 ? find_sdpa(batch, tokens, (int)D) : NULL;
 	printf("{\"bench\":\"gpu\",\"op\":\"attend\",\"scheme\":\"%s\",\"dtype\":\"%s\","
 	       "\"bits\":%u,\"value_bits\":%u,\"G\":%u,\"B\":%u,\"hq\":%u,\"hkv\":%u,\"d\":%u,\"batch\":%d,\"tokens\":%d,\"tail\":%u,"
 	       "\"us_per_step\":%.1f,\"read_bytes\":%" PRIu64 ",\"tb_per_s\":%.3f,"
@@ -434,6 +435,11 @@ static int bench_packed(double copy_bw)
 	rc |= bench_attend(4, 128, 48, 4096, copy_bw);
 	rc |= bench_attend(8, 128, 1, 131072, copy_bw);
 	rc |= bench_attend(8, 128, 48, 4096, copy_bw);
+	/* INT8 with 8 query heads per KV head (two items of 4 per KV head on the packed kernel) */
+	const struct att_case gqa8 = {.scheme = KVT_SCHEME_OSCAR, .bits = 8, .vbits = 8, .group = 128,
+				      .B = 128, .D = 128, .dtype = KVT_DTYPE_BF16, .batch = 1,
+				      .tokens = 131072, .hq = 64};
+	rc |= bench_attend_case(&gqa8, copy_bw);
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);

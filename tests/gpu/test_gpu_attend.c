@@ -509,7 +509,8 @@ static void test_packed_mma_batches(void)
 		struct kvt_codec_config cfg;
 		random_config(&cfg, true);
 		cfg.scheme = kvt_rand_below(3) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
-		/* 0: INT2, 1: INT4, 2: INT8 (d64 / d128 only), 3-4: K3 V2 */
+		/* 0: INT2, 1: INT4, 2: INT8 (d64 / d128 only; 8 query heads per KV head as two
+		 * groups of 4), 3-4: K3 V2 */
 		const uint32_t kind = kvt_rand_below(5);
 		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : kind == 2 ? 8 : 3;
 		cfg.value_bits = kind == 1 ? 4 : kind == 2 ? 8 : 2;
@@ -522,8 +523,6 @@ static void test_packed_mma_batches(void)
 		 * kernel's) */
 		if (cfg.head_dim == 128 && cfg.dtype == KVT_DTYPE_BF16 && kind >= 3)
 			r = 8;
-		if (kind == 2 && r > 4) /* INT8: the packed form only (<= 4 per KV head) */
-			r = 1 + kvt_rand_below(4);
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
 		const bool off = getenv("KVTIER_CUDA_NO_MMA") ||
 				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA")) ||
