@@ -437,7 +437,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	 * For every bit width it would take INT4's worst from ~2e-4 to ~2e-5 but cost the other
 	 * packed shapes 4-12% (session 19), so it stays INT8's */
 	constexpr bool LOX = PK && BITS == 8;
-	static_assert(BITS != 8 || PK, "INT8 takes the packed form (<= 4 query heads)");
+	static_assert(BITS != 8 || PK, "INT8 takes the packed form (<= 4 query heads per item)");
 	const int hq = PK ? (gid & 3) : gid; /* the query head of fragment row / column gid */
 	const bool lo_half = PK && gid >= 4;
 	const int sq = PK ? (tig & 1) : tig; /* logits: this lane's heads are 2sq, 2sq + 1 */
