@@ -349,13 +349,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attend_kernel(att_params_base p)
 }
 
 /* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4 and 3-bit keys with 2-bit
- * values, head_dim 64 / 128 / 256 (64, 256 and 3-bit keys since session 15) -------------------
+ * values, head_dim 64 / 128 / 256 (64, 256 and 3-bit keys since session 15); INT8 at head_dim
+ * 64 / 128 (session 19) --------------------------------------------------------------------------
  *
  * mma.sync m16n8k16 (f16 in, f32 accumulate). Keys: A = codes [16 tokens][16 channels] read
  * straight from the packed rows (each quad of lanes shares a token row, each lane 1/4 of it;
- * channels c and c + 16/BITS of a 32-bit word sit at bits b and b + 16, so one shift, one
- * and-or and one subtraction make a pair of f16 codes; 3-bit keys add the high plane's two
- * bits, codes3_h2), B = w = q' * s split into f16 hi +
+ * channels c and c + 16/BITS of a 32-bit word sit at bits b and b + 16, so an and-or and one
+ * HFMA2 make a pair of f16 codes (codes_h2; 8-bit: a byte permute and a subtraction); 3-bit
+ * keys add the high plane's two bits, codes3_h2), B = w = q' * s split into f16 hi +
  * lo parts (two MMAs, ~fp32 products) with the channel order matching A's; 8 query heads
  * per item. Values: A = p * s_v (hi + lo), rows = query heads, B = codes [16 tokens][8
  * channels of one value group] staged through shared memory. Softmax is online per warp.
