@@ -433,7 +433,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	 * gid & 3, its high part for gid < 4 and its low part for gid >= 4. One MMA then does
 	 * what the hi and lo MMAs did, and the two halves are summed in fp32 afterwards. */
 	constexpr bool PK = NQ == 4;
-	/* INT8 (packed only): the low parts scaled by 2^11 (split_h2_ls), unscaled when the
+	/* INT8 (packed only): the low parts scaled by 2^11 (split_h2<true>), unscaled when the
 	 * halves are summed (without it INT8 batches missed 1e-3: 1.0-1.5e-3; with it 1-3e-6).
 	 * For every bit width it would take INT4's worst from ~2e-4 to ~2e-5 but cost the other
 	 * packed shapes 4-12% (session 19), so it stays INT8's */
@@ -572,10 +572,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
 				if constexpr (PK) {
 					uint32_t hi2, lo2;
-					if constexpr (LOX)
-						split_h2_ls(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
-					else
-						split_h2(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
+					split_h2<LOX>(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
 					bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
 				} else {
 					split_h2(qrow(c0) * s0, qrow(c1) * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
@@ -693,13 +690,8 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				float zc = kvt_d_widen16(vz[tc * NG + gg], bf), zd = kvt_d_widen16(vz[td * NG + gg], bf);
 				zacc[gg] = fmaf(pa, za, fmaf(pb, zb, fmaf(pc, zc, fmaf(pd, zd, zacc[gg]))));
 				uint32_t ah[4], alo[4];
-				if constexpr (LOX) {
-					split_h2_ls(pa * sa, pb * sb_, ah[0], alo[0]);
-					split_h2_ls(pc * sc, pd * sd, ah[2], alo[2]);
-				} else {
-					split_h2(pa * sa, pb * sb_, ah[0], alo[0]);
-					split_h2(pc * sc, pd * sd, ah[2], alo[2]);
-				}
+				split_h2<LOX>(pa * sa, pb * sb_, ah[0], alo[0]);
+				split_h2<LOX>(pc * sc, pd * sd, ah[2], alo[2]);
 				ah[1] = ah[3] = alo[1] = alo[3] = 0u;
 				if constexpr (PK) {
 					ah[0] = lo_half ? alo[0] : ah[0];
@@ -865,11 +857,7 @@ template <int KB, int GV> static int mma_occupancy_d128(void)
 		return v;
 	constexpr int bytes = mma_smem<128, KB, GV, RQ>::BYTES;
 	static_assert(bytes <= 48 * 1024, "no dynamic shared memory attribute needed");
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, attend_mma_kernel<128, KB, KB, GV, RQ>,
-							  ATT_THREADS, bytes) != cudaSuccess)
-		v = 0;
-	(void)cudaGetLastError();
-	if (v > 0)
+	if ((v = att_blocks_per_sm(attend_mma_kernel<128, KB, KB, GV, RQ>, bytes)) > 0)
 		__atomic_store_n(&cached, v, __ATOMIC_RELAXED);
 	return v;
 }
@@ -1210,7 +1198,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
 			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), in
-	 * the packed form only (its f16 low parts are scaled apart, split_h2_ls): more than 4
+	 * the packed form only (its f16 low parts are scaled apart, split_h2<true>): more than 4
 	 * query heads per KV head are cut into groups of 4 (rqn below) */
 	const bool mma = k3 || k3p ||
 			 (mma_shape && (cfg->key_bits == 2 || cfg->key_bits == 4) &&

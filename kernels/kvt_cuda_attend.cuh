@@ -593,27 +593,24 @@ template <int N> __device__ __forceinline__ uint16_t u4_half(const uint4 (&v)[N]
 	return (uint16_t)((c & 1) ? w >> 16 : w & 0xffff);
 }
 
+/* LS (session 19): the low parts times 2^11 (KVT_LO_SCALE), i.e. in the high parts' range:
+ * for small products (INT8's scales are 1/255 of a group's range) the plain low part falls
+ * below f16's normal range and loses its bits. The caller then accumulates the low parts
+ * apart and multiplies them by 2^-11 before adding them to the high parts (exact: a power of
+ * two). */
+#define KVT_LO_SCALE 2048.0f
+#define KVT_LO_UNSCALE (1.0f / 2048.0f)
+template <bool LS = false>
 __device__ __forceinline__ void split_h2(float x, float y, uint32_t &hi, uint32_t &lo)
 {
 	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
 	__half2 h = __halves2half2(hx, hy);
-	__half2 l = __floats2half2_rn(x - __half2float(hx), y - __half2float(hy));
-	hi = *(uint32_t *)&h;
-	lo = *(uint32_t *)&l;
-}
-
-/* split_h2 with the low parts times 2^11 (KVT_LO_SCALE), i.e. in the high parts' range: for
- * small products (INT8's scales are 1/255 of a group's range) the plain low part falls below
- * f16's normal range and loses its bits. The caller accumulates the low parts apart and
- * multiplies them by 2^-11 before adding them to the high parts (exact: a power of two). */
-#define KVT_LO_SCALE 2048.0f
-#define KVT_LO_UNSCALE (1.0f / 2048.0f)
-__device__ __forceinline__ void split_h2_ls(float x, float y, uint32_t &hi, uint32_t &lo)
-{
-	__half hx = __float2half_rn(x), hy = __float2half_rn(y);
-	__half2 h = __halves2half2(hx, hy);
-	__half2 l = __floats2half2_rn((x - __half2float(hx)) * KVT_LO_SCALE,
-				      (y - __half2float(hy)) * KVT_LO_SCALE);
+	float lx = x - __half2float(hx), ly = y - __half2float(hy);
+	if constexpr (LS) {
+		lx *= KVT_LO_SCALE;
+		ly *= KVT_LO_SCALE;
+	}
+	__half2 l = __floats2half2_rn(lx, ly);
 	hi = *(uint32_t *)&h;
 	lo = *(uint32_t *)&l;
 }
@@ -823,10 +820,11 @@ __device__ __forceinline__ void ex_partial_store(float m, float l, const float (
 
 /* resident blocks per multiprocessor of an attention kernel launched with ATT_THREADS threads
  * and no dynamic shared memory (0 when the query fails; its error is cleared) */
-template <class Kernel> static int att_blocks_per_sm(Kernel kernel)
+template <class Kernel> static int att_blocks_per_sm(Kernel kernel, size_t dyn_smem = 0)
 {
 	int nb = 0;
-	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, ATT_THREADS, 0) != cudaSuccess)
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, ATT_THREADS, dyn_smem) !=
+	    cudaSuccess)
 		nb = 0;
 	(void)cudaGetLastError();
 	return nb;

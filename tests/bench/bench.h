@@ -57,6 +57,12 @@ int kvt_bench_parse_uint(const char *opt, const char *s, unsigned long lo, unsig
 int kvt_bench_split_list(const char *opt, const char *s, char *buf, size_t len, char **items,
 			 int max);
 
+/* A list flag of names: kvt_bench_split_list with a list of at most len - 1 (<= 255) bytes
+ * and max (<= 4) entries, each of which parse() turns into out[i] >= 0 (expect names the
+ * choices for the message). Returns the number of entries or -1 (message on stderr). */
+int kvt_bench_parse_names(const char *opt, const char *s, size_t len, int (*parse)(const char *),
+			  const char *expect, int *out, int max);
+
 /* Runs fn(thread_index, arg) on n threads released together by a barrier; each returns the
  * bytes it processed and its own elapsed seconds. Returns the total bytes / the slowest
  * thread's seconds (bytes per second; conservative when threads do not overlap perfectly).

@@ -172,26 +172,6 @@ static int parse_shape(const char *s, uint32_t out[3])
 	return 0;
 }
 
-/* A comma list of at most 4 names into out[4], each one parse() knows (expect names them). */
-static int parse_list(const char *opt, const char *s, int (*parse)(const char *),
-		      const char *expect, int *out)
-{
-	char buf[256], *items[4], q[512];
-	int n = kvt_bench_split_list(opt, s, buf, sizeof buf, items, 4);
-
-	for (int i = 0; i < n; i++) {
-		int v = parse(items[i]);
-
-		if (v < 0) {
-			fprintf(stderr, "kvtier-bench: %s \"%s\": expected %s\n", opt,
-				kvt_text_escape(q, sizeof q, items[i], KVT_TEXT_BACKSLASH), expect);
-			return -1;
-		}
-		out[i] = v;
-	}
-	return n;
-}
-
 static int parse_bits(const char *s)
 {
 	return !strcmp(s, "2") ? 2 : !strcmp(s, "3") ? 3 : !strcmp(s, "4") ? 4 : !strcmp(s, "8") ? 8 : -1;
@@ -249,12 +229,14 @@ int kvt_bench_codec(int argc, char **argv)
 			n_shapes++;
 			i++;
 		} else if (!strcmp(a, "--schemes")) {
-			if ((n_schemes = parse_list(a, val, kvt_scheme_parse,
-							"none, kivi, hadamard or oscar", schemes)) < 0)
+			if ((n_schemes = kvt_bench_parse_names(a, val, 256, kvt_scheme_parse,
+							       "none, kivi, hadamard or oscar",
+							       schemes, 4)) < 0)
 				return 2;
 			i++;
 		} else if (!strcmp(a, "--bits")) {
-			if ((n_bits = parse_list(a, val, parse_bits, "2, 3, 4 or 8", bits)) < 0)
+			if ((n_bits = kvt_bench_parse_names(a, val, 256, parse_bits, "2, 3, 4 or 8",
+							    bits, 4)) < 0)
 				return 2;
 			i++;
 		} else if (!strcmp(a, "--isa")) {

@@ -669,19 +669,10 @@ int kvt_bench_fidelity(int argc, char **argv)
 			check = strict = 1;
 			continue;
 		} else if (!strcmp(a, "--schemes")) {
-			char buf[128], *items[4], q[512];
-
-			if ((n_schemes = kvt_bench_split_list(a, val, buf, sizeof buf, items, 4)) < 0)
+			if ((n_schemes = kvt_bench_parse_names(a, val, 128, kvt_scheme_parse,
+							       "none, kivi, hadamard or oscar",
+							       schemes, 4)) < 0)
 				return 2;
-			for (int j = 0; j < n_schemes; j++) {
-				if ((schemes[j] = kvt_scheme_parse(items[j])) < 0) {
-					fprintf(stderr, "kvtier-bench: --schemes \"%s\": expected none, "
-							"kivi, hadamard or oscar\n",
-						kvt_text_escape(q, sizeof q, items[j],
-								KVT_TEXT_BACKSLASH));
-					return 2;
-				}
-			}
 			i++;
 			continue;
 		} else if (!strcmp(a, "--bits")) {

@@ -145,6 +145,26 @@ int kvt_bench_split_list(const char *opt, const char *s, char *buf, size_t len, 
 	return n;
 }
 
+int kvt_bench_parse_names(const char *opt, const char *s, size_t len, int (*parse)(const char *),
+			  const char *expect, int *out, int max)
+{
+	char buf[256], *items[4], q[512];
+	int n;
+
+	if (len > sizeof buf || max > 4)
+		return -1;
+	if ((n = kvt_bench_split_list(opt, s, buf, len, items, max)) < 0)
+		return -1;
+	for (int i = 0; i < n; i++) {
+		if ((out[i] = parse(items[i])) < 0) {
+			fprintf(stderr, "kvtier-bench: %s \"%s\": expected %s\n", opt,
+				kvt_text_escape(q, sizeof q, items[i], KVT_TEXT_BACKSLASH), expect);
+			return -1;
+		}
+	}
+	return n;
+}
+
 struct run_ctx {
 	pthread_barrier_t barrier;
 	kvt_bench_thread_fn fn;
