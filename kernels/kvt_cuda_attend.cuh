@@ -843,9 +843,12 @@ int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 /* the combine kernel for 128-dim heads, RQ heads per group (kvt_cuda_attend.cu) */
 cudaError_t kvt_att_combine_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
-/* the combine kernel for the plan's head_dim (64 or 128) and query heads per group (p.rqn),
- * an ordinary launch (kvt_cuda_attend.cu) */
+/* the combine kernel for the plan's head_dim (64, 128 or 256) and query heads per group
+ * (p.rqn), an ordinary launch (kvt_cuda_attend.cu) */
 cudaError_t kvt_att_combine_launch_dq(const kvt_cuda_attend_plan *pl, cudaStream_t s);
+/* hadamard (per-token key groups, INT2 / INT4, head_dim 64 / 128 / 256) on the packed
+ * tensor-core kernel, then the combine (kvt_cuda_attend_had.cu, session 20) */
+cudaError_t kvt_att_had_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 
 /* The exact rows' tensor-core kernel (kvt_cuda_attend_exact.cu; p.xmma): scheme none, f16 or
  * bf16, head_dim 64 or 128, RQ or RQ8 query heads per item. Resident blocks per

@@ -393,6 +393,8 @@ static int bench_other_schemes(double copy_bw)
 		{.scheme = KVT_SCHEME_NONE, .bits = 16, .vbits = 16, .batch = 1, .tokens = 131072,
 		 .D = 64},
 		{.scheme = KVT_SCHEME_HADAMARD, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
+		{.scheme = KVT_SCHEME_HADAMARD, .bits = 2, .vbits = 2, .batch = 48, .tokens = 4096},
+		{.scheme = KVT_SCHEME_HADAMARD, .bits = 4, .vbits = 4, .batch = 1, .tokens = 131072},
 		{.scheme = KVT_SCHEME_KIVI, .bits = 2, .vbits = 2, .batch = 1, .tokens = 131072},
 		/* the benchmark's INT2 shapes with an unsealed tail of 127 exact tokens (B - 1,
 		 * the most a session without a recent window holds) */

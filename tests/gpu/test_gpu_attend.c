@@ -6,7 +6,7 @@
  * f16/bf16/f32 queries), each with a random number of CPU-encoded chunks (the first holds
  * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape, the INT2 kernel's
  * shapes (fast batches) and the packed tensor-core kernel's (d64 / d256, K3 V2 in f16 or with
- * GQA 8; each batch must take the kernel its shape selects); attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
+ * GQA 8, INT8, hadamard INT2 / INT4; each batch must take the kernel its shape selects); attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
  * and the tail; the GPU's relative error ||o - ref|| / ||ref|| must be <= 1e-3 (fp32
  * accumulation). kvt_attend (the CPU kernel) is checked against the same reference. Exits
  * 77 when there is no GPU.
@@ -547,6 +547,52 @@ static void test_packed_mma_batches(void)
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
+/* Hadamard on the packed tensor-core kernel (session 20; before, the CUDA-core kernel took
+ * it): its per-token key groups (the scale on the codes, the zero through per-group query
+ * sums), INT2 or INT4, head_dim 64 / 128 / 256, G 32 / 64 / 128, f16 or bf16, 1-8 query heads
+ * per KV head, fresh each run. Each batch must take that kernel (unless KVTIER_CUDA_NO_MMA or
+ * KVTIER_CUDA_NO_HAD_MMA) and match the reference; the random batches keep hadamard's other
+ * widths (3-bit, 8-bit, splits) on the CUDA-core kernel. */
+static void test_hadamard_mma_batches(void)
+{
+	int n = 16;
+	const char *e = getenv("KVT_GPU_HAD_BATCHES");
+	if (e && *e)
+		n = atoi(e);
+	static const uint32_t ratios[] = {1, 2, 3, 4, 8};
+	static const uint32_t dims[] = {64, 128, 256, 128};
+	const double before = worst_gpu;
+	const uint32_t m0 = kernel_count[KVT_CUDA_ATT_MMA];
+	uint32_t want = 0, n_k[2] = {0, 0};
+	double worst_k[2] = {0.0, 0.0}; /* INT2, INT4 */
+	worst_gpu = 0.0;
+	for (int i = 0; i < n; i++) {
+		struct kvt_codec_config cfg;
+		random_config(&cfg, true);
+		cfg.scheme = KVT_SCHEME_HADAMARD;
+		const uint32_t kind = kvt_rand_below(2);
+		cfg.key_bits = cfg.value_bits = kind ? 4 : 2;
+		cfg.head_dim = dims[kvt_rand_below(4)];
+		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
+		cfg.rotate_v = kvt_rand_below(4) != 0;
+		const bool off = getenv("KVTIER_CUDA_NO_MMA") || getenv("KVTIER_CUDA_NO_HAD_MMA");
+		want += off ? 0u : 1u;
+		const double w0 = worst_gpu;
+		worst_gpu = 0.0;
+		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
+		worst_k[kind] = worst_gpu > worst_k[kind] ? worst_gpu : worst_k[kind];
+		n_k[kind]++;
+		worst_gpu = worst_gpu > w0 ? worst_gpu : w0;
+	}
+	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
+	printf("# worst relative error, hadamard batches (INT2 / INT4, d64 / d128 / d256): gpu %.3e "
+	       "(%u of %d on the packed tensor-core kernel; INT2 %.3e in %u, INT4 %.3e in %u)\n",
+	       worst_gpu, got, n, worst_k[0], n_k[0], worst_k[1], n_k[1]);
+	KVT_CHECK(got == want, "the packed tensor-core kernel takes the hadamard batches (%u, "
+		  "expected %u)", got, want);
+	worst_gpu = worst_gpu > before ? worst_gpu : before;
+}
+
 /* Scheme none on the exact rows' tensor-core kernel (session 17): f16 or bf16 chunks,
  * head_dim 64 or 128, 1-16 query heads per KV head (groups of 4 or 8), chunks of any multiple
  * of 32 tokens up to 384 (the kernel walks chunks without dividing), 16-byte aligned tails
@@ -687,6 +733,7 @@ int main(void)
 	KVT_RUN(test_k3_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_packed_mma_batches);
+	KVT_RUN(test_hadamard_mma_batches);
 	KVT_RUN(test_exact_mma_batches);
 	KVT_RUN(test_second_device);
 	KVT_RUN(test_plan_errors);
