@@ -189,7 +189,8 @@ enum kvt_cuda_attend_kernel {
 	KVT_CUDA_ATT_CUDA_CORES = 0, /* any codec */
 	KVT_CUDA_ATT_MMA = 1,        /* tensor cores, INT2 / INT4 / 3-bit keys + 2-bit values,
 				      * head_dim 64 / 128 / 256, scales on the query side; INT8
-				      * at head_dim 64 / 128 (session 19) */
+				      * at head_dim 64 / 128 (session 19); hadamard INT2 / INT4,
+				      * its key scales on the codes (session 20) */
 	KVT_CUDA_ATT_I2 = 2,         /* session 2's INT2 kernel (removed in session 5; unused) */
 	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values */
 	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same with bulk-copy staging (removed after

@@ -44,6 +44,22 @@ __device__ __forceinline__ uint32_t codes3_h2(uint32_t u, uint32_t hx, int j)
 	return *(uint32_t *)&h;
 }
 
+/* A unit's 32 tokens x N 16-bit quantizer scales and as many zeros (64 N bytes each: the
+ * values', and hadamard's keys) into shared memory, asynchronously, in 16-byte pieces over the
+ * warp (N 8 at d256 G32: two a lane) */
+template <int N>
+__device__ __forceinline__ void stage_unit_params(uint8_t *ds, uint8_t *dz, const uint8_t *ss,
+						  const uint8_t *sz, int lane)
+{
+#pragma unroll
+	for (int i = lane; i < 8 * N; i += 32) {
+		if (i < 4 * N)
+			cp_async16(ds + 16 * i, ss + 16 * i);
+		else
+			cp_async16(dz + 16 * (i - 4 * N), sz + 16 * (i - 4 * N));
+	}
+}
+
 /* an f16 pair times an f16 pair (hadamard keys: the codes times their token's group scale,
  * exact where attend_coded_mma's HK uses it) */
 __device__ __forceinline__ uint32_t h2_mul(uint32_t a, __half2 b)
@@ -144,6 +160,17 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 	uint32_t bkh[NKS][2], bkl[PK ? 1 : NKS][2];
 	float biasA = 0.0f, biasB = 0.0f;
 	uint32_t cached = 0xffffffffu;
+	/* B fragment pair pr of the keys: w0, w1 (q' times the key scale, or q' alone for
+	 * hadamard) as f16 hi + lo: in rows gid < 4 / gid >= 4 packed, else bkh and bkl */
+	auto key_b_pair = [&](int pr, float w0, float w1) {
+		if constexpr (PK) {
+			uint32_t hi2, lo2;
+			split_h2<LOX>(w0, w1, hi2, lo2);
+			bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
+		} else {
+			split_h2(w0, w1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
+		}
+	};
 	/* hadamard: the sums of q' over each key group for this lane's heads 2sq, 2sq + 1 */
 	float qz[2][HK ? NGK : 1];
 	if constexpr (HK != 0) {
@@ -166,15 +193,8 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 		for (int pr = 0; pr < D / 8; pr++) {
 			const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
-			const float w0 = qr[QR_AT(hq, tig * (D / 4) + c0, D)],
-				    w1 = qr[QR_AT(hq, tig * (D / 4) + c1, D)];
-			if constexpr (PK) {
-				uint32_t hi2, lo2;
-				split_h2<LOX>(w0, w1, hi2, lo2);
-				bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
-			} else {
-				split_h2(w0, w1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
-			}
+			key_b_pair(pr, qr[QR_AT(hq, tig * (D / 4) + c0, D)],
+				   qr[QR_AT(hq, tig * (D / 4) + c1, D)]);
 		}
 	}
 	uint8_t *vsS = vst + 32 * RB, *vzS = vsS + 64 * NG; /* staged value scales, zeros */
@@ -260,13 +280,8 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 			/* hadamard: the unit's 32 x NGK key scales and zeros, laid out like the
 			 * values' (64 NGK bytes each: at most the 2D the per-channel ones take) */
 			const size_t ko = ((size_t)h * p.B + sb * 32) * NGK * 2;
-#pragma unroll
-			for (int i = lane; i < 8 * NGK; i += 32) {
-				if (i < 4 * NGK)
-					cp_async16(ksS + 16 * i, sec + p.k_scale_off + ko + 16 * i);
-				else
-					cp_async16(kzS + 16 * (i - 4 * NGK), sec + p.k_zero_off + ko + 16 * (i - 4 * NGK));
-			}
+			stage_unit_params<NGK>(ksS, kzS, sec + p.k_scale_off + ko, sec + p.k_zero_off + ko,
+					       lane);
 		}
 		/* ... values, their scales and zeros to shared memory, asynchronously */
 		{
@@ -274,15 +289,9 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 #pragma unroll
 			for (int i = 0; i < 32 * RB / 16 / 32; i++)
 				cp_async16(vst + 16 * (lane + 32 * i), src + 16 * (lane + 32 * i));
-			/* 4 NG 16-byte pieces of scales and 4 NG of zeros (NG 8 at d256: two a lane) */
 			const size_t so = ((size_t)h * p.B + sb * 32) * NG * 2;
-#pragma unroll
-			for (int i = lane; i < 8 * NG; i += 32) {
-				if (i < 4 * NG)
-					cp_async16(vsS + 16 * i, sec + p.v_scale_off + so + 16 * i);
-				else
-					cp_async16(vzS + 16 * (i - 4 * NG), sec + p.v_zero_off + so + 16 * (i - 4 * NG));
-			}
+			stage_unit_params<NG>(vsS, vzS, sec + p.v_scale_off + so, sec + p.v_zero_off + so,
+					      lane);
 		}
 
 		if (new_group) {
@@ -301,13 +310,7 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 				const int c0 = (pr / PPW) * CPW + (pr % PPW), c1 = c0 + PPW;
 				float s0 = kvt_d_widen16(kss[c0], bf), s1 = kvt_d_widen16(kss[c1], bf);
 				float z0 = kvt_d_widen16(kzs[c0], bf), z1 = kvt_d_widen16(kzs[c1], bf);
-				if constexpr (PK) {
-					uint32_t hi2, lo2;
-					split_h2<LOX>(qrow(c0) * s0, qrow(c1) * s1, hi2, lo2);
-					bkh[pr / 2][pr % 2] = lo_half ? lo2 : hi2;
-				} else {
-					split_h2(qrow(c0) * s0, qrow(c1) * s1, bkh[pr / 2][pr % 2], bkl[pr / 2][pr % 2]);
-				}
+				key_b_pair(pr, qrow(c0) * s0, qrow(c1) * s1);
 				bias = fmaf(qrow(c0), z0, fmaf(qrow(c1), z1, bias));
 			}
 			bias += __shfl_xor_sync(KVT_FULL_MASK, bias, 1);
