@@ -7,7 +7,8 @@
  * softmax_scale), named by KVTIER_REAL_KVQ_DIR or argv[1]. ctest passes the dump that the
  * realmodel_kvq_dump fixture makes (SmolLM2-135M: 3 KV heads, 9 query heads, head_dim 64).
  *
- * For each codec (the kvtier-int2 and oscar-int2 presets, oscar INT4, kivi INT2, exact none),
+ * For each codec (the kvtier-int2 and oscar-int2 presets, oscar INT4, kivi INT2, hadamard INT2
+ * and INT4, exact none),
  * f16 and bf16 sessions: the CPU encodes the dump's chunks (all kept layers), then one batched
  * launch attends every (layer, query position) pair as its own session: query token p reads
  * tokens 0..p, sealed into chunks as kvt_seq seals them (the last recent_exact_tokens stay
@@ -308,6 +309,9 @@ static void test_real_model(void)
 		{"oscar-int2", "oscar-int2", 0, 0, 0, 0},
 		{"oscar INT4", NULL, KVT_SCHEME_OSCAR, 4, 4, 128},
 		{"kivi INT2", NULL, KVT_SCHEME_KIVI, 2, 2, 32},
+		/* hadamard's per-token key groups (the packed kernel's HK forms since session 20) */
+		{"hadamard INT2", NULL, KVT_SCHEME_HADAMARD, 2, 2, 32},
+		{"hadamard INT4", NULL, KVT_SCHEME_HADAMARD, 4, 4, 32},
 		{"none", NULL, KVT_SCHEME_NONE, 16, 16, 32},
 	};
 	static const uint32_t qdts[] = {KVT_DTYPE_F16, KVT_DTYPE_BF16, KVT_DTYPE_F32};
@@ -326,7 +330,8 @@ static void test_real_model(void)
 				cfg.value_bits = codecs[i].value_bits;
 				cfg.group = codecs[i].group;
 				cfg.chunk_tokens = codecs[i].group < 64 ? 64 : codecs[i].group;
-				cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR;
+				cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ||
+					       cfg.scheme == KVT_SCHEME_HADAMARD;
 			}
 			one_codec(codecs[i].name, &cfg, qdts[kvt_rand_below(3)], pos);
 		}
