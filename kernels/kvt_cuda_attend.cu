@@ -1298,18 +1298,11 @@ static cudaError_t att_launch_mma(const kvt_cuda_attend_plan *pl, cudaStream_t s
 				       : att_launch_mma_nq<D, KB, VB, GV, RQ8>(pl, s);
 }
 
-/* the packed tensor-core kernel for one head_dim and (key, value) bits: value groups of
- * min(G, D) channels */
+/* the packed tensor-core kernel for one head_dim and (key, value) bits */
 template <int D, int KB, int VB>
 static cudaError_t att_launch_mma_d(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	const uint32_t gv = pl->p.G < D ? pl->p.G : D;
-	if constexpr (D == 64)
-		return gv == 32 ? att_launch_mma<64, KB, VB, 32>(pl, s) : att_launch_mma<64, KB, VB, 64>(pl, s);
-	else
-		return gv == 32 ? att_launch_mma<D, KB, VB, 32>(pl, s)
-		       : gv == 64 ? att_launch_mma<D, KB, VB, 64>(pl, s)
-				  : att_launch_mma<D, KB, VB, 128>(pl, s);
+	return with_gv<D>(pl->p.G, [&](auto gv) { return att_launch_mma<D, KB, VB, decltype(gv)::value>(pl, s); });
 }
 
 template <int D>

@@ -26,14 +26,8 @@ static cudaError_t had_launch_nq(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 template <int D, int BITS, int HK>
 static cudaError_t had_launch_gv(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
-	const uint32_t gv = pl->p.G < D ? pl->p.G : D;
-	if constexpr (D == 64)
-		return gv == 32 ? had_launch_nq<64, BITS, 32, HK>(pl, s)
-				: had_launch_nq<64, BITS, 64, HK>(pl, s);
-	else
-		return gv == 32   ? had_launch_nq<D, BITS, 32, HK>(pl, s)
-		       : gv == 64 ? had_launch_nq<D, BITS, 64, HK>(pl, s)
-				  : had_launch_nq<D, BITS, 128, HK>(pl, s);
+	return with_gv<D>(pl->p.G,
+			  [&](auto gv) { return had_launch_nq<D, BITS, decltype(gv)::value, HK>(pl, s); });
 }
 
 template <int D> static cudaError_t had_launch_bits(const kvt_cuda_attend_plan *pl, cudaStream_t s)

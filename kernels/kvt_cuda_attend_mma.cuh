@@ -7,6 +7,8 @@
 #ifndef KVT_CUDA_ATTEND_MMA_CUH
 #define KVT_CUDA_ATTEND_MMA_CUH
 
+#include <type_traits>
+
 #include "kvt_cuda_attend.cuh"
 
 /* ---- Tensor-core path: per-channel keys (oscar, kivi), INT2/INT4 and 3-bit keys with 2-bit
@@ -66,6 +68,32 @@ __device__ __forceinline__ uint32_t h2_mul(uint32_t a, __half2 b)
 {
 	const __half2 r = __hmul2(*(const __half2 *)&a, b);
 	return *(const uint32_t *)&r;
+}
+
+/* A key A fragment (a[0], a[2]: token row gid; a[1], a[3]: row gid + 8) times its rows' scale
+ * pairs st (row gid) and sb (row gid + 8) of the key groups la (a[0], a[1]) and lb (a[2],
+ * a[3]); o may be a, each element reads only its own */
+__device__ __forceinline__ void rows_scaled(uint32_t (&o)[4], const uint32_t (&a)[4],
+					    const __half2 *st, const __half2 *sb, int la, int lb)
+{
+	o[0] = h2_mul(a[0], st[la]);
+	o[1] = h2_mul(a[1], sb[la]);
+	o[2] = h2_mul(a[2], st[lb]);
+	o[3] = h2_mul(a[3], sb[lb]);
+}
+
+/* The packed kernel's value groups (and hadamard's key groups) of min(G, D) channels: calls
+ * f with std::integral_constant<int, GV> for the instantiated widths (d64: 32 or 64) */
+template <int D, class F> static cudaError_t with_gv(uint32_t G, F f)
+{
+	const uint32_t gv = G < D ? G : D;
+	if constexpr (D == 64)
+		return gv == 32 ? f(std::integral_constant<int, 32>{})
+				: f(std::integral_constant<int, 64>{});
+	else
+		return gv == 32	  ? f(std::integral_constant<int, 32>{})
+		       : gv == 64 ? f(std::integral_constant<int, 64>{})
+				  : f(std::integral_constant<int, 128>{});
 }
 
 /* the key A fragment register of channel pair pa of the lane's quarter row: its words w (the
@@ -381,19 +409,13 @@ __device__ void attend_coded_mma(const att_params &p, const att_item_dev &it, ui
 					/* the pairs' word's key group (a word never spans two) */
 					const int la = (pa / PPW) * CPW / GV, lb = (pb / PPW) * CPW / GV;
 					if constexpr (HKS) {
-						uint32_t al[4];
-						al[0] = h2_mul(a[0], sl0[la]);
-						al[1] = h2_mul(a[1], sl1[la]);
-						al[2] = h2_mul(a[2], sl0[lb]);
-						al[3] = h2_mul(a[3], sl1[lb]);
+						uint32_t al[4]; /* the scales' low parts first */
+						rows_scaled(al, a, sl0, sl1, la, lb);
 						mma16816(sacc, al, bkh[k][0], bkh[k][1]);
 						if constexpr (!PK)
 							mma16816(sacc, al, bkl[k][0], bkl[k][1]);
 					}
-					a[0] = h2_mul(a[0], sk0[la]);
-					a[1] = h2_mul(a[1], sk1[la]);
-					a[2] = h2_mul(a[2], sk0[lb]);
-					a[3] = h2_mul(a[3], sk1[lb]);
+					rows_scaled(a, a, sk0, sk1, la, lb);
 				}
 				mma16816(sacc, a, bkh[k][0], bkh[k][1]);
 				if constexpr (!PK)

@@ -487,6 +487,18 @@ static void test_k3_preset_batches(void)
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
+/* One fixed-config batch (one_batch) whose own worst GPU error is returned; worst_gpu keeps
+ * the running worst across it */
+static double one_batch_worst(int iter, const struct kvt_codec_config *cfg, uint32_t r)
+{
+	const double w0 = worst_gpu;
+	worst_gpu = 0.0;
+	one_batch(iter, false, cfg, r);
+	const double w = worst_gpu;
+	worst_gpu = w > w0 ? w : w0;
+	return w;
+}
+
 /* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
  * CUDA-core kernel took them): head_dim 64 and 256 with INT2, INT4 or 3-bit keys and 2-bit
  * values (the default codec), K3 V2 at head_dim 128 in f16 sessions or with 8 query heads
@@ -528,14 +540,11 @@ static void test_packed_mma_batches(void)
 				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA")) ||
 				 (cfg.key_bits == 8 && getenv("KVTIER_CUDA_NO_INT8_MMA"));
 		want += off ? 0u : 1u;
-		const double w0 = worst_gpu;
-		worst_gpu = 0.0;
-		one_batch(i, false, &cfg, r);
+		const double w = one_batch_worst(i, &cfg, r);
 		if (kind < 3) {
-			worst_k[kind] = worst_gpu > worst_k[kind] ? worst_gpu : worst_k[kind];
+			worst_k[kind] = w > worst_k[kind] ? w : worst_k[kind];
 			n_k[kind]++;
 		}
-		worst_gpu = worst_gpu > w0 ? worst_gpu : w0;
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
 	printf("# worst relative error, packed tensor-core batches (d64 / d256 INT2 / INT4 / K3 V2, "
@@ -577,12 +586,9 @@ static void test_hadamard_mma_batches(void)
 		cfg.rotate_v = kvt_rand_below(4) != 0;
 		const bool off = getenv("KVTIER_CUDA_NO_MMA") || getenv("KVTIER_CUDA_NO_HAD_MMA");
 		want += off ? 0u : 1u;
-		const double w0 = worst_gpu;
-		worst_gpu = 0.0;
-		one_batch(i, false, &cfg, ratios[kvt_rand_below(5)]);
-		worst_k[kind] = worst_gpu > worst_k[kind] ? worst_gpu : worst_k[kind];
+		const double w = one_batch_worst(i, &cfg, ratios[kvt_rand_below(5)]);
+		worst_k[kind] = w > worst_k[kind] ? w : worst_k[kind];
 		n_k[kind]++;
-		worst_gpu = worst_gpu > w0 ? worst_gpu : w0;
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
 	printf("# worst relative error, hadamard batches (INT2 / INT4, d64 / d128 / d256): gpu %.3e "
