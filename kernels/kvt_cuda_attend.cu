@@ -682,11 +682,20 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 		max_ratio = ratio > max_ratio ? ratio : max_ratio;
 	}
 	const bool per_channel = cfg->scheme == KVT_SCHEME_OSCAR || cfg->scheme == KVT_SCHEME_KIVI;
-	/* 3-bit keys with 2-bit values (kvtier-int2, the daemon's default codec), bf16 scales,
-	 * head_dim 128, <= 4 query heads per KV head: the keys-as-B INT2 kernel with its 3-bit
-	 * key path (KVTIER_CUDA_NO_K3_MMA=1: the CUDA-core kernel, for A/B runs) */
+	/* the INT2 kernel's swapped loop takes f16 sessions too since session 21 (their scales
+	 * split in two exact parts, one more MMA each: attend_i2_kernel's F16);
+	 * KVTIER_CUDA_NO_I2_F16=1 leaves them to the packed kernel (A/B runs), and so does the
+	 * keys-as-B loop (KVTIER_CUDA_I2_SWAP=0), which has no f16 form */
+	const char *swe = getenv("KVTIER_CUDA_I2_SWAP");
+	const bool swap = !swe || atoi(swe) != 0;
+	const bool i2_dtype = cfg->dtype == KVT_DTYPE_BF16 ||
+			      (cfg->dtype == KVT_DTYPE_F16 && swap &&
+			       getenv("KVTIER_CUDA_NO_I2_F16") == NULL);
+	/* 3-bit keys with 2-bit values (kvtier-int2, the daemon's default codec), bf16 or f16,
+	 * head_dim 128, <= 4 query heads per KV head: the INT2 kernel with its 3-bit key path
+	 * (KVTIER_CUDA_NO_K3_MMA=1: the CUDA-core kernel, for A/B runs) */
 	const bool k3 = per_channel && cfg->key_bits == 3 && cfg->value_bits == 2 && D == 128 &&
-			cfg->dtype == KVT_DTYPE_BF16 && max_ratio <= RQ &&
+			i2_dtype && max_ratio <= RQ &&
 			getenv("KVTIER_CUDA_NO_MMA") == NULL && getenv("KVTIER_CUDA_NO_I2") == NULL &&
 			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
@@ -696,9 +705,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * CUDA-core kernel */
 	const bool mma_shape = per_channel && (D == 64 || D == 128 || D == 256) &&
 			       getenv("KVTIER_CUDA_NO_MMA") == NULL;
-	/* K3 V2 where the INT2 kernel does not take it (f16 sessions, head_dim 64, more than 4
-	 * query heads per KV head): the packed kernel's 3-bit key path (session 15; before, the
-	 * CUDA-core kernel) */
+	/* K3 V2 where the INT2 kernel does not take it (head_dim 64 or 256, more than 4 query
+	 * heads per KV head; f16 sessions before session 21): the packed kernel's 3-bit key path
+	 * (session 15; before, the CUDA-core kernel) */
 	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
 			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), in
@@ -741,11 +750,11 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 					     (xmma && max_ratio > RQ)
 				     ? RQ8
 				     : RQ;
-	/* INT2 with bf16 scales and <= 4 query heads per KV head: the scales-on-codes kernel
-	 * (attend_i2_kernel; its products are exact only for 2-bit codes and 8-bit scale
-	 * significands, or 3-bit keys) */
+	/* INT2 with bf16 or f16 scales and <= 4 query heads per KV head: the scales-on-codes
+	 * kernel (attend_i2_kernel; its products are exact for 2-bit codes, or 3-bit keys, times
+	 * 8 significant bits of a scale: a bf16 scale, or each part of an f16 scale) */
 	const bool i2 = k3 || (mma && per_channel && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
-			       cfg->dtype == KVT_DTYPE_BF16 && D == 128 &&
+			       i2_dtype && D == 128 &&
 			       getenv("KVTIER_CUDA_NO_I2") == NULL);
 	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2, or its swapped unit loop, p.i2 = 3
 	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
@@ -755,8 +764,6 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * p through movmatrix; kvt_cuda_attend_i2.cu; INT2 since session 8: -8 to -10% per step
 	 * on the H200, 3-bit keys since session 9: docs/gpu.md); KVTIER_CUDA_I2_SWAP=0 (read per
 	 * plan, for A/B runs) the keys-as-B loop */
-	const char *swe = getenv("KVTIER_CUDA_I2_SWAP");
-	const bool swap = !swe || atoi(swe) != 0;
 	const uint32_t i2v = i2 ? (swap ? 3 : 2) : 0;
 	/* fold each chunk's pinned tokens into the coded item that covers the chunk (keys-as-B
 	 * kernel; KVTIER_CUDA_FOLD_PINS=0: one exact item per chunk with pins, as before) */
@@ -795,16 +802,18 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	}
 	/* resident blocks per multiprocessor of the INT2 kernel, per (variant, G) (asked once:
 	 * the first query costs milliseconds) */
-	static int occ_cache[6][3]; /* [4], [5]: the 3-bit key path, keys-as-B / swapped */
+	static int occ_cache[6][3][2]; /* [4], [5]: the 3-bit key path, keys-as-B / swapped;
+				       * [f16] */
 	const int occ_i = cfg->group >= 128 ? 2 : cfg->group >= 64 ? 1 : 0;
 	const uint32_t occ_v = k3 ? (i2v == 3 ? 5 : 4) : i2v;
-	if (i2v && occ_cache[occ_v][occ_i] > 0) {
-		bps = occ_cache[occ_v][occ_i];
+	const bool f16 = cfg->dtype == KVT_DTYPE_F16;
+	if (i2v && occ_cache[occ_v][occ_i][f16] > 0) {
+		bps = occ_cache[occ_v][occ_i][f16];
 	} else if (i2v) {
 		const int nb = kvt_att_i2_blocks_per_sm(i2v, cfg->group < 128 ? cfg->group : 128,
-							k3 ? 3 : 2);
+							k3 ? 3 : 2, f16);
 		if (nb > 0)
-			bps = occ_cache[occ_v][occ_i] = nb;
+			bps = occ_cache[occ_v][occ_i][f16] = nb;
 	}
 	if (xmma) {
 		/* asked once per process like the INT2 kernel's (one kind of GPU per process);
@@ -962,7 +971,7 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 				uint32_t nc = rq->n_chunks;
 				uint32_t k = (nc + cpi - 1) / cpi;
 				/* folded (session 16): the tail goes to the group's last coded items,
-				 * whose merges attend it (bf16 rows read 16 bytes at a time, so only
+				 * whose merges attend it (16-bit rows read 16 bytes at a time, so only
 				 * 16-byte aligned tails; KVTIER_CUDA_FOLD_TAIL=0: exact items, A/B):
 				 * runs of ~32 tokens to the last nt items, since a merge takes ~1.7 us
 				 * per 32 tokens and the items run side by side */

@@ -838,7 +838,7 @@ template <class Kernel> static int att_blocks_per_sm(Kernel kernel, size_t dyn_s
  * keys, 2-bit values: kvtier-int2) runs either loop with its 3-bit key path. */
 /* resident blocks per multiprocessor of the INT2 kernel `variant` at value group gv with
  * kb-bit keys (cudaOccupancyMaxActiveBlocksPerMultiprocessor; 0 when it fails) */
-int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb);
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb, bool f16);
 /* launches the INT2 kernel of pl->p.i2 and, unless fused, the combine */
 cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s);
 /* the combine kernel for 128-dim heads, RQ heads per group (kvt_cuda_attend.cu) */

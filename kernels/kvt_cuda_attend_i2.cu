@@ -202,40 +202,49 @@ __device__ __forceinline__ float i3_ex2(float x)
 	return y;
 }
 
-/* the code pair at half-word bits SP of w -> -(code * s' * 2^(SP - 10)) for the pair of s2 */
-template <int SP> __device__ __forceinline__ uint32_t i3_deq(uint32_t w, uint32_t s2, uint32_t magic)
+/* fma(x, s, s) = -(code * s' * 2^(SP - 10)) for the x = -(1 + code * 2^(SP - 10)) of a code
+ * pair (x + 1 is exact, so the product rounds only where code * s' needs more than 11 bits) */
+__device__ __forceinline__ uint32_t i3_scale(uint32_t x, uint32_t s2)
 {
-	uint32_t x;
-	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
-	    : "=r"(x)
-	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(magic));
 	__half2 s = *(__half2 *)&s2;
 	__half2 r = __hfma2(*(__half2 *)&x, s, s);
 	return *(uint32_t *)&r;
 }
 
+/* the code pair at half-word bits SP of w -> -(code * s' * 2^(SP - 10)) for the pair of s2;
+ * RAW: the x = -(1 + code * 2^(SP - 10)) before the scale (f16 sessions scale it twice) */
+template <int SP, bool RAW = false>
+__device__ __forceinline__ uint32_t i3_deq(uint32_t w, uint32_t s2, uint32_t magic)
+{
+	uint32_t x;
+	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
+	    : "=r"(x)
+	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(magic));
+	return RAW ? x : i3_scale(x, s2);
+}
+
 /* pair e (0..7) of a 16-channel code word: e = 0, 1 from w << 6 at 6, 8; 2, 3, 4 from w at 4,
  * 6, 8; 5, 6, 7 from w >> 6 at 4, 6, 8. wl = w << 6, wr = w >> 6. */
-template <int E>
+template <int E, bool RAW = false>
 __device__ __forceinline__ uint32_t i3_pair(uint32_t wl, uint32_t w, uint32_t wr, uint32_t s2,
 					    uint32_t magic)
 {
 	if constexpr (E == 0)
-		return i3_deq<6>(wl, s2, magic);
+		return i3_deq<6, RAW>(wl, s2, magic);
 	else if constexpr (E == 1)
-		return i3_deq<8>(wl, s2, magic);
+		return i3_deq<8, RAW>(wl, s2, magic);
 	else if constexpr (E == 2)
-		return i3_deq<4>(w, s2, magic);
+		return i3_deq<4, RAW>(w, s2, magic);
 	else if constexpr (E == 3)
-		return i3_deq<6>(w, s2, magic);
+		return i3_deq<6, RAW>(w, s2, magic);
 	else if constexpr (E == 4)
-		return i3_deq<8>(w, s2, magic);
+		return i3_deq<8, RAW>(w, s2, magic);
 	else if constexpr (E == 5)
-		return i3_deq<4>(wr, s2, magic);
+		return i3_deq<4, RAW>(wr, s2, magic);
 	else if constexpr (E == 6)
-		return i3_deq<6>(wr, s2, magic);
+		return i3_deq<6, RAW>(wr, s2, magic);
 	else
-		return i3_deq<8>(wr, s2, magic);
+		return i3_deq<8, RAW>(wr, s2, magic);
 }
 
 /* the scale factor 2^(8 - S') of pair e, as an f16 pair */
@@ -273,7 +282,7 @@ __host__ __device__ constexpr uint32_t i3_factor3(int e)
 
 /* -(code * s' * 2^(SP - 10)) for the 3-bit codes of a pair: low bits at SP (and SP + 16) of
  * w, the high bits at SP + 2 (and SP + 18) of hs; other bits of w and hs are masked off */
-template <int SP>
+template <int SP, bool RAW = false>
 __device__ __forceinline__ uint32_t i3_deq3(uint32_t w, uint32_t hs, uint32_t s2, uint32_t magic)
 {
 	uint32_t hm, x;
@@ -283,34 +292,32 @@ __device__ __forceinline__ uint32_t i3_deq3(uint32_t w, uint32_t hs, uint32_t s2
 	asm("lop3.b32 %0, %1, %2, %3, 0xEA;"
 	    : "=r"(x)
 	    : "r"(w), "n"((3u << SP) | (3u << (SP + 16))), "r"(hm));
-	__half2 s = *(__half2 *)&s2;
-	__half2 r = __hfma2(*(__half2 *)&x, s, s);
-	return *(uint32_t *)&r;
+	return RAW ? x : i3_scale(x, s2);
 }
 
 /* 3-bit pair e (channels e, e + 8 of a 16-channel word): the low word's shifts wa = w << 3
  * (pairs 0, 1, 2 at SP 3, 5, 7), wb = w >> 3 (3, 4, 5), wc = w >> 9 (6, 7); hx holds the
  * high bits of channel e at bit e and of e + 8 at bit 16 + e */
-template <int E>
+template <int E, bool RAW = false>
 __device__ __forceinline__ uint32_t i3_pair3(uint32_t wa, uint32_t wb, uint32_t wc, uint32_t hx,
 					     uint32_t s2, uint32_t magic)
 {
 	if constexpr (E == 0)
-		return i3_deq3<3>(wa, hx << 5, s2, magic);
+		return i3_deq3<3, RAW>(wa, hx << 5, s2, magic);
 	else if constexpr (E == 1)
-		return i3_deq3<5>(wa, hx << 6, s2, magic);
+		return i3_deq3<5, RAW>(wa, hx << 6, s2, magic);
 	else if constexpr (E == 2)
-		return i3_deq3<7>(wa, hx << 7, s2, magic);
+		return i3_deq3<7, RAW>(wa, hx << 7, s2, magic);
 	else if constexpr (E == 3)
-		return i3_deq3<3>(wb, hx << 2, s2, magic);
+		return i3_deq3<3, RAW>(wb, hx << 2, s2, magic);
 	else if constexpr (E == 4)
-		return i3_deq3<5>(wb, hx << 3, s2, magic);
+		return i3_deq3<5, RAW>(wb, hx << 3, s2, magic);
 	else if constexpr (E == 5)
-		return i3_deq3<7>(wb, hx << 4, s2, magic);
+		return i3_deq3<7, RAW>(wb, hx << 4, s2, magic);
 	else if constexpr (E == 6)
-		return i3_deq3<3>(wc, hx >> 1, s2, magic);
+		return i3_deq3<3, RAW>(wc, hx >> 1, s2, magic);
 	else
-		return i3_deq3<5>(wc, hx, s2, magic);
+		return i3_deq3<5, RAW>(wc, hx, s2, magic);
 }
 
 __device__ __forceinline__ uint32_t i3_hmul2(uint32_t a, uint32_t b)
@@ -329,14 +336,14 @@ __device__ __forceinline__ uint32_t i3_split(float x, float y, float lo)
 }
 
 /* pair E of a key code word, KB-bit keys (i3_pair for 2, i3_pair3 for 3: khx unused for 2) */
-template <int E, int KB>
+template <int E, int KB, bool RAW = false>
 __device__ __forceinline__ uint32_t i3_key_pair(uint32_t wl, uint32_t w, uint32_t wr, uint32_t hx,
 						uint32_t s2, uint32_t magic)
 {
 	if constexpr (KB == 3)
-		return i3_pair3<E>(wl, w, wr, hx, s2, magic);
+		return i3_pair3<E, RAW>(wl, w, wr, hx, s2, magic);
 	else
-		return i3_pair<E>(wl, w, wr, s2, magic);
+		return i3_pair<E, RAW>(wl, w, wr, s2, magic);
 }
 
 /* Key k-step K: channel pairs 2K (k slots 2tig, 2tig + 1) and 2K + 1 (2tig + 8, 2tig + 9) of
@@ -361,20 +368,30 @@ __device__ __forceinline__ void i3_kstep(float (&acc)[4][4], float (&cb)[4], con
 	}
 }
 
-/* Value channel tile I (channels 16 gid + I, 16 gid + 8 + I) of one 16-token step. */
-template <int I>
+/* Value channel tile I (channels 16 gid + I, 16 gid + 8 + I) of one 16-token step; F16: the
+ * scales are f16, split into a high part s (8 significant bits: a 2-bit code times it is exact
+ * in f16, as for a bf16 scale) and the rest sl (3 bits), one MMA each */
+template <int I, bool F16>
 __device__ __forceinline__ void i3_vstep(float (&vacc)[8][4], const uint32_t (&ul)[4],
 					 const uint32_t (&u)[4], const uint32_t (&ur)[4],
-					 const uint32_t (&s)[2][3], uint32_t b0, uint32_t b1,
-					 uint32_t magic)
+					 const uint32_t (&s)[2][3], const uint32_t (&sl)[2][3],
+					 uint32_t b0, uint32_t b1, uint32_t magic)
 {
 	/* the scale variant of pair I: factor 1, 4 or 16 */
 	constexpr int F = i3_factor(I) == 0x3C003C00u ? 0 : i3_factor(I) == 0x44004400u ? 1 : 2;
 	uint32_t a[4];
-	a[0] = i3_pair<I>(ul[0], u[0], ur[0], s[0][F], magic);
-	a[1] = i3_pair<I>(ul[1], u[1], ur[1], s[0][F], magic);
-	a[2] = i3_pair<I>(ul[2], u[2], ur[2], s[1][F], magic);
-	a[3] = i3_pair<I>(ul[3], u[3], ur[3], s[1][F], magic);
+	a[0] = i3_pair<I, F16>(ul[0], u[0], ur[0], s[0][F], magic);
+	a[1] = i3_pair<I, F16>(ul[1], u[1], ur[1], s[0][F], magic);
+	a[2] = i3_pair<I, F16>(ul[2], u[2], ur[2], s[1][F], magic);
+	a[3] = i3_pair<I, F16>(ul[3], u[3], ur[3], s[1][F], magic);
+	if constexpr (F16) {
+		const uint32_t al[4] = {i3_scale(a[0], sl[0][F]), i3_scale(a[1], sl[0][F]),
+					i3_scale(a[2], sl[1][F]), i3_scale(a[3], sl[1][F])};
+#pragma unroll
+		for (int r = 0; r < 4; r++)
+			a[r] = i3_scale(a[r], s[r >> 1][F]);
+		mma16816(vacc[I], al, b0, b1);
+	}
 	mma16816(vacc[I], a, b0, b1);
 }
 
@@ -520,7 +537,7 @@ __device__ __forceinline__ uint32_t i5_hilo(float x)
 /* Key k-step K of the swapped orientation: tokens gid + 8j (word j), channel pairs 2K, 2K + 1
  * of the lane's words; qb: the lane's q' B fragments; kdr: the shared address of the lane's
  * row of key zeros ((x, x, y, y) at 16 K); plus the zero term. */
-template <int K, int KB>
+template <int K, int KB, bool F16>
 __device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
 					 const uint32_t (&kwl)[4], const uint32_t (&kw)[4],
 					 const uint32_t (&kwr)[4], const uint32_t (&khx)[4], uint32_t qb0,
@@ -535,13 +552,29 @@ __device__ __forceinline__ void i5_kstep(float (&acc)[2][2][4], float (&cz)[4],
 #pragma unroll
 	for (int h = 0; h < 2; h++) {
 		const int j0 = 2 * h, j1 = 2 * h + 1; /* words of tokens gid, gid + 8 of half h */
-		const uint32_t a[4] = {
-			i3_key_pair<E, KB>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.x, magic),
-			i3_key_pair<E, KB>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.x, magic),
-			i3_key_pair<E + 1, KB>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.y, magic),
-			i3_key_pair<E + 1, KB>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.y, magic)};
-		/* INT2: two chains (token half); 3-bit keys: four (k-step parity x token half) */
-		mma16816(acc[KB == 2 ? 0 : K & 1][h], a, qb0, qb1);
+		uint32_t a[4] = {
+			i3_key_pair<E, KB, F16>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.x, magic),
+			i3_key_pair<E, KB, F16>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.x, magic),
+			i3_key_pair<E + 1, KB, F16>(kwl[j0], kw[j0], kwr[j0], khx[j0], s2.y, magic),
+			i3_key_pair<E + 1, KB, F16>(kwl[j1], kw[j1], kwr[j1], khx[j1], s2.y, magic)};
+		if constexpr (F16) {
+			/* f16 scales: high parts s2 (cw), the rest sl (cw + I3_KZ, free in the
+			 * swapped loop: its zeros live in afr), one MMA each, in chains of their
+			 * own (acc[1]) */
+			const uint2 sl = *(const uint2 *)(cw + I3_KZ + tig * 16 + 2 * K);
+			const uint32_t al[4] = {i3_scale(a[0], sl.x), i3_scale(a[1], sl.x),
+						i3_scale(a[2], sl.y), i3_scale(a[3], sl.y)};
+			a[0] = i3_scale(a[0], s2.x);
+			a[1] = i3_scale(a[1], s2.x);
+			a[2] = i3_scale(a[2], s2.y);
+			a[3] = i3_scale(a[3], s2.y);
+			mma16816(acc[1][h], al, qb0, qb1);
+			mma16816(acc[0][h], a, qb0, qb1);
+		} else {
+			/* INT2: two chains (token half); 3-bit keys: four (k-step parity x token
+			 * half) */
+			mma16816(acc[KB == 2 ? 0 : K & 1][h], a, qb0, qb1);
+		}
 	}
 }
 
@@ -569,7 +602,7 @@ __device__ __forceinline__ void i5_store_partial(const float (&vacc)[8][4], cons
 /* SW: the swapped key orientation (p.i2 == 3; see above). (Session 9's LEAN form of it for 4
  * blocks per SM, KVTIER_CUDA_MINB4=1, measured slower than 3 blocks and was removed: 65258f4
  * has it; docs/gpu.md "Session 9: four blocks per SM".) */
-template <int GV, int KB, bool SW, class Pre, class Mid>
+template <int GV, int KB, bool SW, bool F16, class Pre, class Mid>
 __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_item_dev &it,
 						uint32_t u0, uint32_t u1, const uint4 *afr,
 						uint8_t *stage, uint32_t *cw, float *zsm, float *rm,
@@ -578,6 +611,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 {
 	constexpr int D = 128, NG = D / GV, BUF = i3_buf_bytes<KB>();
 	constexpr uint32_t KSTR = KB == 3 ? 1536 : 1024; /* key code bytes of a 32-token block */
+	static_assert(!F16 || SW, "f16 sessions take the swapped loop only");
 	const int gid = lane >> 2, tig = lane & 3;
 	/* B fragment column gid: f16 lo part (opaque values below stay in registers: ptxas
 	 * would rebuild them per unit) */
@@ -731,18 +765,36 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 	 * warp's quarter of afr (above) */
 	const uint32_t kdw = kdb + I5_ZROW * (cblk >> 1) + 64 * (cblk & 1) + 32 * chalf;
 	const uint32_t kdr = kdb + I5_ZROW * tig; /* the reader's row */
+	/* f16 sessions: a scale's high part keeps its top 8 significant bits (the rest goes to
+	 * the low part, exact: an f16 difference of the low 3 bits); zeros are not split */
+	const uint32_t hmask = ckind ? 0xffffffffu : 0xfff8fff8u; /* conv_key's lane kind */
+	/* an f16 pair -> its high part under mask m (returned) and the rest (lo) */
+	auto f16_split = [](uint32_t pr, uint32_t &lo, uint32_t m = 0xfff8fff8u) {
+		const uint32_t hi = pr & m;
+		const __half2 r = __hsub2(*(const __half2 *)&pr, *(const __half2 *)&hi);
+		lo = *(const uint32_t *)&r;
+		return hi;
+	};
 	auto conv_key = [&](uint32_t bf) {
 		const uint32_t ka = bf + kcs;
 		const uint2 x = i4_lds64<0>(ka), y = i4_lds64<16>(ka);
-		uint4 o;
-		uint32_t *ow = (uint32_t *)&o;
+		uint4 o, ol;
+		uint32_t *ow = (uint32_t *)&o, *olw = (uint32_t *)&ol;
 #pragma unroll
 		for (int e = 0; e < 4; e++) {
 			const uint32_t wx = e < 2 ? x.x : x.y, wy = e < 2 ? y.x : y.y;
-			const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
-			const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
-			__half2 hh = __floats2half2_rn(fx, fy);
-			ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			if constexpr (F16) {
+				uint32_t lo;
+				const uint32_t hi =
+					f16_split(__byte_perm(wx, wy, e & 1 ? 0x7632 : 0x5410), lo, hmask);
+				ow[e] = i3_hmul2(hi, cfac[e]);
+				olw[e] = i3_hmul2(lo, cfac[e]);
+			} else {
+				const float fx = __uint_as_float(e & 1 ? wx & 0xffff0000u : wx << 16);
+				const float fy = __uint_as_float(e & 1 ? wy & 0xffff0000u : wy << 16);
+				__half2 hh = __floats2half2_rn(fx, fy);
+				ow[e] = i3_hmul2(*(uint32_t *)&hh, cfac[e]);
+			}
 		}
 		if (SW && ckind) /* zeros as duplicated pairs (x, x, y, y) per k-step */
 			asm volatile("st.shared.v4.u32 [%0], {%1,%1,%2,%2};\n"
@@ -750,9 +802,26 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				     "r"(o.x), "r"(o.y), "r"(o.z), "r"(o.w));
 		else
 			*(uint4 *)(cw + ckind * I3_KZ + cblk * 8 + 4 * chalf) = o;
+		if (F16 && !ckind) /* the scales' low parts where keys-as-B keeps its zeros */
+			*(uint4 *)(cw + I3_KZ + cblk * 8 + 4 * chalf) = ol;
 	};
 	auto conv_val = [&](uint32_t bf, uint32_t vdst) {
 		const uint32_t d = vdst + vdo;
+		if constexpr (F16) { /* the f16 pairs (token 2P, 2P + 1) of each group, as they are */
+			if constexpr (NG == 4) {
+				const uint4 v = i4_lds128<0>(bf + vcs);
+				asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d),
+					     "r"(__byte_perm(v.x, v.z, 0x5410)), "r"(__byte_perm(v.x, v.z, 0x7632)),
+					     "r"(__byte_perm(v.y, v.w, 0x5410)), "r"(__byte_perm(v.y, v.w, 0x7632)));
+			} else if constexpr (NG == 2) {
+				const uint2 v = i4_lds64<0>(bf + vcs);
+				asm volatile("st.shared.v2.u32 [%0], {%1,%2};" ::"r"(d),
+					     "r"(__byte_perm(v.x, v.y, 0x5410)), "r"(__byte_perm(v.x, v.y, 0x7632)));
+			} else {
+				asm volatile("st.shared.u32 [%0], %1;" ::"r"(d), "r"(i4_lds32<0>(bf + vcs)));
+			}
+			return;
+		}
 		if constexpr (NG == 4) {
 			const uint4 v = i4_lds128<0>(bf + vcs); /* tokens 2P (x, y), 2P + 1 (z, w) */
 			asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" ::"r"(d),
@@ -875,13 +944,13 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				}
 			}
 			if constexpr (SW) {
-				i5_kstep<4 * H, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H][0], qb[4 * H][1],
+				i5_kstep<4 * H, KB, F16>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H][0], qb[4 * H][1],
 						    cw, tig, kdr, magic);
-				i5_kstep<4 * H + 1, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 1][0],
+				i5_kstep<4 * H + 1, KB, F16>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 1][0],
 							qb[4 * H + 1][1], cw, tig, kdr, magic);
-				i5_kstep<4 * H + 2, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 2][0],
+				i5_kstep<4 * H + 2, KB, F16>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 2][0],
 							qb[4 * H + 2][1], cw, tig, kdr, magic);
-				i5_kstep<4 * H + 3, KB>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 3][0],
+				i5_kstep<4 * H + 3, KB, F16>(sacc, cz, kwl, kw, kwr, khx, qb[4 * H + 3][0],
 							qb[4 * H + 3][1], cw, tig, kdr, magic);
 			} else {
 				i3_kstep<4 * H, KB>(acc, cb, kwl, kw, kwr, khx, afr, cw, lane, tig, magic);
@@ -906,7 +975,7 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 #pragma unroll
 			for (int j = 0; j < 4; j++) {
 				const int h = j >> 1, c = 2 * (j & 1);
-				if constexpr (KB == 2) /* two key chains (session 9) */
+				if constexpr (KB == 2 && !F16) /* two key chains (session 9) */
 					slg[j] = (sacc[0][h][c] + sacc[0][h][c + 1] + sbias) * nr[j];
 				else
 					slg[j] = ((sacc[0][h][c] + sacc[1][h][c]) +
@@ -1076,19 +1145,25 @@ __device__ __forceinline__ void attend_coded_i4(const att_params &p, const att_i
 				az[2] = i4_lds32<48 * NG>(vcur + vzb);
 			}
 			az[1] = az[3] = zero;
+			uint32_t sl[2][3]; /* f16 sessions: the scales' low parts */
 #pragma unroll
 			for (int r = 0; r < 2; r++) {
+				if constexpr (F16) {
+					s[r][0] = f16_split(s[r][0], sl[r][0]);
+					sl[r][1] = i3_hmul2(sl[r][0], 0x44004400u);
+					sl[r][2] = i3_hmul2(sl[r][0], 0x4C004C00u);
+				}
 				s[r][1] = i3_hmul2(s[r][0], 0x44004400u);
 				s[r][2] = i3_hmul2(s[r][0], 0x4C004C00u);
 			}
-			i3_vstep<0>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<1>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<2>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<3>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<4>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<5>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<6>(vacc, ul, u, ur, s, b0, b1, magic);
-			i3_vstep<7>(vacc, ul, u, ur, s, b0, b1, magic);
+			i3_vstep<0, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<1, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<2, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<3, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<4, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<5, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<6, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
+			i3_vstep<7, F16>(vacc, ul, u, ur, s, sl, b0, b1, magic);
 			mma16816_top(zacc[0], zacc[1], zs0, zs1, az, b0, b1);
 		}
 		bcur ^= bx;
@@ -1155,6 +1230,24 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
 	return np;
 }
 
+/* the low / high 16-bit element of a word of a session's exact rows (pins, tails), widened:
+ * bf16, or f16 in f16 sessions */
+template <bool F16> __device__ __forceinline__ float i3_lo16(uint32_t w)
+{
+	if constexpr (F16)
+		return __half2float(__ushort_as_half((uint16_t)w));
+	else
+		return __uint_as_float(w << 16);
+}
+
+template <bool F16> __device__ __forceinline__ float i3_hi16(uint32_t w)
+{
+	if constexpr (F16)
+		return __half2float(__ushort_as_half((uint16_t)(w >> 16)));
+	else
+		return __uint_as_float(w & 0xffff0000u);
+}
+
 /* a folded tail run (ITEM_TAIL) in the fold merge of warp q (head q; lane: channels lane*EPL..),
  * 32 tokens at a time: the logits by half warps (half h: tokens 16h + i, i = 0..15, each lane
  * 16 bytes of the row, so every load is two whole rows; summed over the half by shuffles and
@@ -1166,7 +1259,7 @@ __device__ __forceinline__ uint32_t i3_pins_stage(const att_params &p, const att
  * not taken: a lane reading its own row (32 rows in flight per load: ~3 us per 32 tokens),
  * and the tail split over the warps for every head with a second merge through shared
  * memory (its registers cost the unit loops 2-3 us in every case). */
-template <int D>
+template <int D, bool F16>
 __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item_dev &it,
 					     const att_item_dev &xi, const float *qv, float &M,
 					     float &L, float (&a)[D / 32], int lane)
@@ -1191,14 +1284,14 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
 		float s = -INFINITY;
 #pragma unroll
 		for (int i = 0; i < 16; i++) {
-			float x = c0.x * __uint_as_float(w[i].x << 16);
-			x = fmaf(c0.y, __uint_as_float(w[i].x & 0xffff0000u), x);
-			x = fmaf(c0.z, __uint_as_float(w[i].y << 16), x);
-			x = fmaf(c0.w, __uint_as_float(w[i].y & 0xffff0000u), x);
-			x = fmaf(c1.x, __uint_as_float(w[i].z << 16), x);
-			x = fmaf(c1.y, __uint_as_float(w[i].z & 0xffff0000u), x);
-			x = fmaf(c1.z, __uint_as_float(w[i].w << 16), x);
-			x = fmaf(c1.w, __uint_as_float(w[i].w & 0xffff0000u), x);
+			float x = c0.x * i3_lo16<F16>(w[i].x);
+			x = fmaf(c0.y, i3_hi16<F16>(w[i].x), x);
+			x = fmaf(c0.z, i3_lo16<F16>(w[i].y), x);
+			x = fmaf(c0.w, i3_hi16<F16>(w[i].y), x);
+			x = fmaf(c1.x, i3_lo16<F16>(w[i].z), x);
+			x = fmaf(c1.y, i3_hi16<F16>(w[i].z), x);
+			x = fmaf(c1.z, i3_lo16<F16>(w[i].w), x);
+			x = fmaf(c1.w, i3_hi16<F16>(w[i].w), x);
 			x += __shfl_xor_sync(KVT_FULL_MASK, x, 8);
 			x += __shfl_xor_sync(KVT_FULL_MASK, x, 4);
 			x += __shfl_xor_sync(KVT_FULL_MASK, x, 2);
@@ -1223,10 +1316,10 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
 #pragma unroll
 			for (int j = 0; j < VB; j++) {
 				const float pj = __shfl_sync(KVT_FULL_MASK, pt, j0 + j); /* 0 past n */
-				a[0] = fmaf(pj, __uint_as_float(vv[j].x << 16), a[0]);
-				a[1] = fmaf(pj, __uint_as_float(vv[j].x & 0xffff0000u), a[1]);
-				a[2] = fmaf(pj, __uint_as_float(vv[j].y << 16), a[2]);
-				a[3] = fmaf(pj, __uint_as_float(vv[j].y & 0xffff0000u), a[3]);
+				a[0] = fmaf(pj, i3_lo16<F16>(vv[j].x), a[0]);
+				a[1] = fmaf(pj, i3_hi16<F16>(vv[j].x), a[1]);
+				a[2] = fmaf(pj, i3_lo16<F16>(vv[j].y), a[2]);
+				a[3] = fmaf(pj, i3_hi16<F16>(vv[j].y), a[3]);
 			}
 		}
 	}
@@ -1239,19 +1332,19 @@ __device__ __forceinline__ void i3_tail_rows(const att_params &p, const att_item
  * memory, values transposed by movmatrix), and leaves its partial for head g (maximum, sum,
  * channels; natural-log domain) in tm / tl / tacc [warp][g]; the caller merges the warps'.
  * qfr: [D / 16][32] A fragments built here from qo (the original-basis scaled queries);
- * every thread of the block calls it. bf16 rows, 16-byte aligned (the plan folds no other
- * tail).
+ * every thread of the block calls it. bf16 (F16: f16) rows, 16-byte aligned (the plan folds
+ * no other tail).
  * Sessions 16-17 attended the tail with one warp per query head on CUDA cores (16-byte
  * loads, shuffle sums): ~1,300 instructions per warp per 32 tokens, all of a head's tokens
  * in one warp. At 48 x 4096 every item carries the whole tail and every block reaches its
  * merge at once, so that work was 11.6 us of the step's 67.8 (H200, session 18's timeline
  * of main). */
-template <int D>
+template <int D, bool F16>
 __device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_dev &it,
 					    const float *qo, uint4 *qfr, float *tm, float *tl,
 					    float *tacc, int lane, int warp)
 {
-	constexpr uint32_t DT = KVT_DTYPE_BF16;
+	constexpr uint32_t DT = F16 ? KVT_DTYPE_F16 : KVT_DTYPE_BF16;
 	constexpr int PPL = D / 32; /* 16-byte pieces of a row per lane of a quad */
 	static_assert(RQ <= 8, "the score MMA's rows 0-7 hold the query heads");
 	ex_query_frags<D, DT, RQ>(qo, qfr); /* qo is 0 past the item's heads */
@@ -1275,7 +1368,7 @@ __device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_
 			ex_tile_attend<D, DT>(qfr, kw, vw, r0, n, m, l, acc, lane);
 		}
 	}
-	ex_partial_store<D, RQ>(m, l, acc, 1.0f, tm + warp * RQ, tl + warp * RQ,
+	ex_partial_store<D, RQ>(m, l, acc, 1.0f / ex_p_scale<DT>(), tm + warp * RQ, tl + warp * RQ,
 				tacc + (size_t)warp * RQ * D, lane);
 }
 
@@ -1290,7 +1383,7 @@ __device__ __forceinline__ void i3_tail_mma(const att_params &p, const att_item_
  * pinned rows staged are visible (waited and synced by the caller's cp_async_wait_all and the
  * barrier here). A folded tail reuses red_m / red_l, the stage under red_acc and qfr (the
  * unit loop's A fragments, [D / 16][32]) once every warp has read its partials. */
-template <int D, bool TC>
+template <int D, bool TC, bool F16>
 __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_item_dev &it,
 					      float *red_m, float *red_l, float *red_acc,
 					      size_t wstride, const float *qo, uint4 *qfr,
@@ -1329,7 +1422,7 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 				if constexpr (TC)
 					tail = true;
 				else
-					i3_tail_rows<D>(p, it, xi, qo + q * D, M, L, a, lane);
+					i3_tail_rows<D, F16>(p, it, xi, qo + q * D, M, L, a, lane);
 				continue;
 			}
 			for (uint32_t t = 0; t < xi.count; t++, j++) {
@@ -1342,25 +1435,25 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 					kk = *(const uint2 *)(xi.xk + o);
 					vv = *(const uint2 *)(xi.xv + o);
 				}
-				float s = qv.x * __uint_as_float(kk.x << 16);
-				s = fmaf(qv.y, __uint_as_float(kk.x & 0xffff0000u), s);
-				s = fmaf(qv.z, __uint_as_float(kk.y << 16), s);
-				s = fmaf(qv.w, __uint_as_float(kk.y & 0xffff0000u), s);
+				float s = qv.x * i3_lo16<F16>(kk.x);
+				s = fmaf(qv.y, i3_hi16<F16>(kk.x), s);
+				s = fmaf(qv.z, i3_lo16<F16>(kk.y), s);
+				s = fmaf(qv.w, i3_hi16<F16>(kk.y), s);
 				s = warp_sum(s);
 				const float Mn = fmaxf(M, s);
 				const float fo = __expf(M - Mn), pt = __expf(s - Mn); /* exp(-inf) = 0 */
 				M = Mn;
 				L = fmaf(L, fo, pt);
-				a[0] = fmaf(a[0], fo, pt * __uint_as_float(vv.x << 16));
-				a[1] = fmaf(a[1], fo, pt * __uint_as_float(vv.x & 0xffff0000u));
-				a[2] = fmaf(a[2], fo, pt * __uint_as_float(vv.y << 16));
-				a[3] = fmaf(a[3], fo, pt * __uint_as_float(vv.y & 0xffff0000u));
+				a[0] = fmaf(a[0], fo, pt * i3_lo16<F16>(vv.x));
+				a[1] = fmaf(a[1], fo, pt * i3_hi16<F16>(vv.x));
+				a[2] = fmaf(a[2], fo, pt * i3_lo16<F16>(vv.y));
+				a[3] = fmaf(a[3], fo, pt * i3_hi16<F16>(vv.y));
 			}
 		}
 	}
 	if (TC && tail) {
 		__syncthreads(); /* every warp has read its partials: red_* are free */
-		i3_tail_mma<D>(p, it, qo, qfr, red_m, red_l, red_acc, lane, q);
+		i3_tail_mma<D, F16>(p, it, qo, qfr, red_m, red_l, red_acc, lane, q);
 		__syncthreads();
 		float Mx = M;
 #pragma unroll
@@ -1406,8 +1499,10 @@ __device__ __forceinline__ void i3_fold_merge(const att_params &p, const att_ite
 /* V 2: attend_coded_i4 (session 6: two units in flight); V 3: the same loop with the swapped
  * key orientation (session 8; 3-bit keys since session 9); V 1 (session 2's kernel), the first
  * V 3 (bulk-copy staging), V 4 (session 5's loop) and V 5 (one unit in flight) were removed in
- * sessions 5 and 6; MINB: blocks per SM the registers must allow; KB: key bits (2 or 3) */
-template <int GV, int V, int MINB, int KB = 2, bool TC = false>
+ * sessions 5 and 6; MINB: blocks per SM the registers must allow; KB: key bits (2 or 3); TC:
+ * the folded tail on tensor cores; F16: an f16 session (scales, exact rows; swapped loop only,
+ * session 21), else bf16 */
+template <int GV, int V, int MINB, int KB = 2, bool TC = false, bool F16 = false>
 __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params p)
 {
 	constexpr int D = 128, EPL = D / 32, BUF = i3_buf_bytes<KB>();
@@ -1506,7 +1601,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 		uint32_t units = it.count * (p.B / 32);
 		uint32_t per = (units + ATT_WARPS - 1) / ATT_WARPS;
 		uint32_t u0 = min(units, warp * per), u1 = min(units, u0 + per);
-		attend_coded_i4<GV, KB, V == 3>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
+		attend_coded_i4<GV, KB, V == 3, F16>(p, it, u0, u1, afr, &stage[warp][0], cw[warp],
 						zsm[warp], red_m[warp], red_l[warp], racc,
 						(uint32_t *)qf + warp * 128, lane, pre, mid);
 		cp_async_wait_all();
@@ -1532,7 +1627,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
 	if (lane == 0)
 		ATT_TL(p.tl, blockIdx.x * ATT_TL_SLOTS + ATT_TL_LOOP + warp);
 	if (p.fold)
-		i3_fold_merge<D, TC>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo,
+		i3_fold_merge<D, TC, F16>(p, it, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4, qo,
 				     afr, pinrow, npin, rq.out);
 	else
 		block_merge<D, RQ>(p, &red_m[0][0], &red_l[0][0], red_acc, 2 * BUF / 4);
@@ -1571,7 +1666,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) attend_i2_kernel(att_params
  * instructions per unit as MINB 3, 512 items instead of 392 at 1 x 131072) measured slower
  * than at MINB 3, same call: 45.2-45.3 vs 44.3-44.5 us at 1 x 131072, 77.2-77.7 vs 75.9-76.6
  * at 8 x 32768, 62.3-62.5 vs 61.0-61.8 at 48 x 4096; removed again (65258f4 has it). */
-template <int GV, int V, int MINB, int KB = 2, bool TC = false>
+template <int GV, int V, int MINB, int KB = 2, bool TC = false, bool F16 = false>
 static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 {
 	/* plan->chain: a programmatic dependent launch, so that the blocks are resident (waiting
@@ -1579,7 +1674,7 @@ static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	cudaLaunchAttribute at;
 	const cudaLaunchConfig_t lc = kvt_launch_config(dim3(pl->n_items), dim3(ATT_THREADS), 0, s,
 							pl->chain != 0, &at);
-	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB, TC>, pl->p);
+	cudaError_t e = cudaLaunchKernelEx(&lc, attend_i2_kernel<GV, V, MINB, KB, TC, F16>, pl->p);
 	if (e == cudaSuccess)
 		e = cudaGetLastError();
 	if (e != cudaSuccess || pl->p.fused)
@@ -1587,12 +1682,12 @@ static cudaError_t i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	return kvt_att_combine_launch(pl, s);
 }
 
-template <int V, int MINB, int KB = 2, bool TC = false>
+template <int V, int MINB, int KB = 2, bool TC = false, bool F16 = false>
 static cudaError_t i2_launch_gt(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
 {
-	return gv == 32	  ? i2_launch<32, V, MINB, KB, TC>(pl, s)
-	       : gv == 64 ? i2_launch<64, V, MINB, KB, TC>(pl, s)
-			  : i2_launch<128, V, MINB, KB, TC>(pl, s);
+	return gv == 32	  ? i2_launch<32, V, MINB, KB, TC, F16>(pl, s)
+	       : gv == 64 ? i2_launch<64, V, MINB, KB, TC, F16>(pl, s)
+			  : i2_launch<128, V, MINB, KB, TC, F16>(pl, s);
 }
 
 /* p.tail_tc (the folded tail on tensor cores, plan build) has instantiations of its own, for
@@ -1602,9 +1697,13 @@ static cudaError_t i2_launch_gt(const kvt_cuda_attend_plan *pl, cudaStream_t s, 
 template <int V, int MINB, int KB = 2>
 static cudaError_t i2_launch_g(const kvt_cuda_attend_plan *pl, cudaStream_t s, uint32_t gv)
 {
-	if constexpr (V == 3 && MINB == 3)
+	if constexpr (V == 3 && MINB == 3) {
+		if (pl->p.dtype == KVT_DTYPE_F16) /* f16 sessions (session 21): their own forms */
+			return pl->p.tail_tc ? i2_launch_gt<V, MINB, KB, true, true>(pl, s, gv)
+					     : i2_launch_gt<V, MINB, KB, false, true>(pl, s, gv);
 		if (pl->p.tail_tc)
 			return i2_launch_gt<V, MINB, KB, true>(pl, s, gv);
+	}
 	return i2_launch_gt<V, MINB, KB, false>(pl, s, gv);
 }
 
@@ -1631,19 +1730,22 @@ cudaError_t kvt_att_i2_launch(const kvt_cuda_attend_plan *pl, cudaStream_t s)
 	return pl->p.i2 == 3 ? i2_launch_g<3, 3>(pl, s, gv) : i2_launch_g<2, 3>(pl, s, gv);
 }
 
-template <int GV, int V, int MINB, int KB = 2> static int i2_occupancy(void)
+template <int GV, int V, int MINB, int KB = 2, bool F16 = false> static int i2_occupancy(void)
 {
-	return att_blocks_per_sm(attend_i2_kernel<GV, V, MINB, KB>);
+	return att_blocks_per_sm(attend_i2_kernel<GV, V, MINB, KB, false, F16>);
 }
 
-template <int V, int MINB, int KB = 2> static int i2_occupancy_g(uint32_t gv)
+template <int V, int MINB, int KB = 2, bool F16 = false> static int i2_occupancy_g(uint32_t gv)
 {
-	return gv == 32 ? i2_occupancy<32, V, MINB, KB>()
-	       : gv == 64 ? i2_occupancy<64, V, MINB, KB>() : i2_occupancy<128, V, MINB, KB>();
+	return gv == 32	  ? i2_occupancy<32, V, MINB, KB, F16>()
+	       : gv == 64 ? i2_occupancy<64, V, MINB, KB, F16>()
+			  : i2_occupancy<128, V, MINB, KB, F16>();
 }
 
-int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb)
+int kvt_att_i2_blocks_per_sm(uint32_t variant, uint32_t gv, uint32_t kb, bool f16)
 {
+	if (f16) /* the swapped loop only (the plan takes no other for f16 sessions) */
+		return kb == 3 ? i2_occupancy_g<3, 3, 3, true>(gv) : i2_occupancy_g<3, 3, 2, true>(gv);
 	if (i2_minb4(kb, gv, variant))
 		return kb == 3 ? i2_occupancy<64, 2, 4, 3>() : i2_occupancy<32, 2, 4, 2>();
 	if (kb == 3)

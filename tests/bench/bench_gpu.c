@@ -11,8 +11,9 @@
  *            d 128, bf16 queries, at batch x tokens = 1 x 131072, 8 x 32768, 48 x 4096:
  *            us per step, chunk bytes read per second, the ratio to the copy bandwidth, and
  *            the speedup over torch SDPA bf16 from FILE (bench_gpu_sdpa.py, same machine,
- *            same run); then the packed kernel's shapes (INT4 and INT8 at d128, d64, d256,
- *            f16; --packed-only: those alone), the other schemes (none, hadamard, kivi) and
+ *            same run); then the packed kernel's shapes (INT4 and INT8 at d128, d64, d256)
+ *            and f16 sessions at d128 (the INT2 kernel's f16 form, and the packed kernel
+ *            they took before; --packed-only: those alone), the other schemes (none, hadamard, kivi) and
  *            the INT2 / K3 V2 cases with an exact tail after the chunks, as real sessions
  *            hold them (--schemes-only: those alone; KVT_BENCH_TAIL=N: tails of N tokens);
  *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
@@ -427,9 +428,25 @@ static int bench_other_schemes(double copy_bw)
 	return rc;
 }
 
+/* f16 sessions at head_dim 128 (session 21: the INT2 kernel's swapped loop in its f16 form;
+ * the packed kernel before, measured again here with KVTIER_CUDA_NO_I2_F16=1): INT2 G32 and
+ * the default codec's K3 V2 */
+static int bench_f16(double copy_bw)
+{
+	int rc = 0;
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
+	rc |= bench_attend_split(2, 2, 32, 128, 48, 4096, 128, KVT_DTYPE_F16, copy_bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
+	setenv("KVTIER_CUDA_NO_I2_F16", "1", 1);
+	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
+	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
+	unsetenv("KVTIER_CUDA_NO_I2_F16");
+	return rc;
+}
+
 /* the packed tensor-core kernel's cases: INT4 and INT8 (since session 19; the CUDA-core
  * kernel before) at head_dim 128, and since session 15 head_dim 64 (small models, SmolLM2
- * among them) INT2, INT4 and the default codec's K3 V2, K3 V2 in f16 sessions, head_dim 256 */
+ * among them) INT2, INT4 and the default codec's K3 V2, head_dim 256; then the f16 cases */
 static int bench_packed(double copy_bw)
 {
 	int rc = 0;
@@ -445,9 +462,9 @@ static int bench_packed(double copy_bw)
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(4, 4, 128, 128, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 64, KVT_DTYPE_BF16, copy_bw);
-	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 128, KVT_DTYPE_F16, copy_bw);
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
+	rc |= bench_f16(copy_bw);
 	return rc;
 }
 

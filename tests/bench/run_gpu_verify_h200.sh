@@ -20,9 +20,9 @@ r attend ./test_gpu_attend
 # hazards in the swapped loop's norm copy, which 4 found): 0 errors and 0 hazards expected
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$CS" ]; then
-	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=4 KVT_GPU_PACKED_BATCHES=8 KVT_GPU_EXACT_BATCHES=6 KVT_GPU_HAD_BATCHES=4 T=300 r racecheck $CS --tool racecheck ./test_gpu_attend
+	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=4 KVT_GPU_PACKED_BATCHES=8 KVT_GPU_EXACT_BATCHES=6 KVT_GPU_HAD_BATCHES=4 KVT_GPU_F16_BATCHES=2 T=300 r racecheck $CS --tool racecheck ./test_gpu_attend
 	grep -E "SUMMARY" $OUT/racecheck.txt
-	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=2 KVT_GPU_PACKED_BATCHES=10 KVT_GPU_EXACT_BATCHES=6 KVT_GPU_HAD_BATCHES=6 T=300 r memcheck $CS --tool memcheck ./test_gpu_attend
+	KVT_GPU_BATCHES=0 KVT_GPU_FAST_BATCHES=2 KVT_GPU_PACKED_BATCHES=10 KVT_GPU_EXACT_BATCHES=6 KVT_GPU_HAD_BATCHES=6 KVT_GPU_F16_BATCHES=2 T=300 r memcheck $CS --tool memcheck ./test_gpu_attend
 	grep -E "SUMMARY" $OUT/memcheck.txt
 fi
 N=14 r attendreal ./test_gpu_attend_real $B/kvq

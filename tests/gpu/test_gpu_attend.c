@@ -5,8 +5,9 @@
  * keys and values, equal or not, G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8,
  * f16/bf16/f32 queries), each with a random number of CPU-encoded chunks (the first holds
  * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape, the INT2 kernel's
- * shapes (fast batches) and the packed tensor-core kernel's (d64 / d256, K3 V2 in f16 or with
- * GQA 8, INT8, hadamard INT2 / INT4; each batch must take the kernel its shape selects); attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
+ * shapes (fast batches, bf16 and f16) and the packed tensor-core kernel's (d64 / d256, K3 V2
+ * with GQA 8, INT8, hadamard INT2 / INT4; each batch must take the kernel its shape selects);
+ * attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
  * and the tail; the GPU's relative error ||o - ref|| / ||ref|| must be <= 1e-3 (fp32
  * accumulation). kvt_attend (the CPU kernel) is checked against the same reference. Exits
  * 77 when there is no GPU.
@@ -55,7 +56,8 @@ static void reference(const struct kvt_codec_config *cfg, struct sess *s, uint32
 
 /*
  * fast: the shapes of the INT2 scales-on-codes kernel (oscar or kivi, INT2 or 3-bit keys with
- * 2-bit values (fast_kb), bf16, head_dim 128, <= 4 query heads per KV head), with up to 12 chunks a session and items forced to
+ * 2-bit values (fast_kb), bf16 or f16 (fast_dtype), head_dim 128, <= 4 query heads per KV
+ * head), with up to 12 chunks a session and items forced to
  * span 1-4 chunks, so that warps walk many units (double-buffered staging, key groups
  * changing inside and across chunks); half of them with the combine fused into the
  * attention kernel.
@@ -64,6 +66,8 @@ static void reference(const struct kvt_codec_config *cfg, struct sess *s, uint32
 static uint64_t fast_pinned_chunks, fast_pinned_tokens;
 /* key bits of the fast batches: 2 (INT2), or 3 (3-bit keys, 2-bit values: kvtier-int2) */
 static uint32_t fast_kb = 2;
+/* their sessions' dtype: bf16, or f16 (the swapped loop's f16 form, session 21) */
+static uint32_t fast_dtype = KVT_DTYPE_BF16;
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
 static uint32_t kernel_count[KVT_CUDA_ATT_EXACT_MMA + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
@@ -109,7 +113,7 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		cfg.scheme = kvt_rand_below(4) ? KVT_SCHEME_OSCAR : KVT_SCHEME_KIVI;
 		cfg.key_bits = fast_kb;
 		cfg.value_bits = 2;
-		cfg.dtype = KVT_DTYPE_BF16;
+		cfg.dtype = fast_dtype;
 		cfg.head_dim = 128;
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
 		R = ratios[kvt_rand_below(3)];
@@ -443,11 +447,67 @@ static void test_k3_fast_batches(void)
 	fast_kb = 2;
 }
 
+/* The fast batches in f16 sessions (session 21): INT2 and K3 V2 on the swapped loop's f16 form
+ * (each f16 scale split into two exact parts, one MMA each), pins and folded tails (f16 rows)
+ * included; the keys-as-B loop has no f16 form, so KVTIER_CUDA_I2_SWAP=0 must leave f16
+ * sessions to the packed tensor-core kernel. KVTIER_CUDA_NO_I2_F16=1 does that for both (A/B
+ * runs). */
+static void test_f16_fast_batches(void)
+{
+	int n = 16;
+	const char *s = getenv("KVT_GPU_F16_BATCHES");
+	if (s && *s)
+		n = atoi(s);
+	const bool on = !getenv("KVTIER_CUDA_NO_I2_F16") && !getenv("KVTIER_CUDA_NO_MMA");
+	const char *fixed = getenv("KVTIER_CUDA_I2_SWAP");
+	fast_dtype = KVT_DTYPE_F16;
+	for (uint32_t kb = 2; kb <= 3; kb++) {
+		fast_kb = kb;
+		const bool kon = on && i2_kernel_on(kb) && (!fixed || atoi(fixed) != 0);
+		const uint32_t sw0 = kernel_count[KVT_CUDA_ATT_SWAPPED];
+		const uint64_t f0 = n_folded_tails, ftc0 = n_folded_tails_tc;
+		const uint64_t pt0 = fast_pinned_tokens;
+		const double before = worst_fast;
+		worst_fast = 0.0;
+		for (int i = 0; i < n; i++)
+			one_batch(i, true, NULL, 0);
+		const uint32_t got = kernel_count[KVT_CUDA_ATT_SWAPPED] - sw0;
+		printf("# worst relative error, %s f16 d128 batches: gpu %.3e (%u of %d on the swapped "
+		       "loop; %llu pinned tokens, %llu folded tail tokens, %llu of them on tensor "
+		       "cores)\n", kb == 2 ? "INT2" : "K3 V2", worst_fast, got, n,
+		       (unsigned long long)(fast_pinned_tokens - pt0),
+		       (unsigned long long)(n_folded_tails - f0),
+		       (unsigned long long)(n_folded_tails_tc - ftc0));
+		if (kon) {
+			KVT_CHECK(got == (uint32_t)n, "%s f16: every batch takes the swapped loop (%u "
+				  "of %d)", kb == 2 ? "INT2" : "K3 V2", got, n);
+			KVT_CHECK(n < 8 || (n_folded_tails > f0 && n_folded_tails_tc > ftc0),
+				  "%s f16: folded tails on CUDA cores and on tensor cores",
+				  kb == 2 ? "INT2" : "K3 V2");
+		}
+		worst_fast = worst_fast > before ? worst_fast : before;
+		/* the keys-as-B loop: no f16 form, the packed kernel takes them */
+		if (!fixed && n >= 2) {
+			setenv("KVTIER_CUDA_I2_SWAP", "0", 1);
+			const uint32_t p0 = kernel_count[KVT_CUDA_ATT_MMA];
+			one_batch(0, true, NULL, 0);
+			one_batch(1, true, NULL, 0);
+			unsetenv("KVTIER_CUDA_I2_SWAP");
+			if (!getenv("KVTIER_CUDA_NO_MMA") && (kb == 2 || !getenv("KVTIER_CUDA_NO_K3_MMA")))
+				KVT_CHECK(kernel_count[KVT_CUDA_ATT_MMA] - p0 == 2,
+					  "%s f16 with KVTIER_CUDA_I2_SWAP=0: the packed kernel (%u of 2)",
+					  kb == 2 ? "INT2" : "K3 V2", kernel_count[KVT_CUDA_ATT_MMA] - p0);
+		}
+	}
+	fast_kb = 2;
+	fast_dtype = KVT_DTYPE_BF16;
+}
+
 /* The default codec's shape (oscar K3 V2 G64 B64 S8 W128; SmolLM2-135M: L30 H3 d64, 9 query
  * heads, f16) and d128 variants (f16, bf16; GQA 3 and 4), up to 23 chunks + 128 tail tokens
- * per session: the packed tensor-core kernel's 3-bit key path for d64 and f16 (since session
- * 15; the CUDA-core kernel before), the tensor-core INT2 kernel (either unit loop) for bf16
- * d128 with <= 4 query heads per KV head. */
+ * per session: the packed tensor-core kernel's 3-bit key path for d64 (since session 15; the
+ * CUDA-core kernel before), the tensor-core INT2 kernel for d128 with <= 4 query heads per KV
+ * head (bf16: either unit loop; f16: the swapped loop, since session 21). */
 static uint32_t tensor_core_i2_count(void)
 {
 	return kernel_count[KVT_CUDA_ATT_KEYS_AS_B] + kernel_count[KVT_CUDA_ATT_SWAPPED];
@@ -464,10 +524,12 @@ static void test_k3_preset_batches(void)
 		k3_preset_config(&cfg, 30, 3, 64, KVT_DTYPE_F16);
 		one_batch(i, false, &cfg, 3);
 	}
+	const uint32_t pk = kernel_count[KVT_CUDA_ATT_MMA] - pk0;
+	const uint32_t f0 = kernel_count[KVT_CUDA_ATT_SWAPPED];
 	k3_preset_config(&cfg, 30, 3, 128, KVT_DTYPE_F16);
 	one_batch(0, false, &cfg, 3);
 	one_batch(1, false, &cfg, 4);
-	const uint32_t pk = kernel_count[KVT_CUDA_ATT_MMA] - pk0;
+	const uint32_t f16i2 = kernel_count[KVT_CUDA_ATT_SWAPPED] - f0;
 	const uint32_t kab0 = tensor_core_i2_count();
 	k3_preset_config(&cfg, 4, 8, 128, KVT_DTYPE_BF16);
 	one_batch(0, false, &cfg, 4);
@@ -475,15 +537,21 @@ static void test_k3_preset_batches(void)
 	one_batch(2, false, &cfg, 2);
 	const uint32_t kab = tensor_core_i2_count() - kab0;
 	printf("# worst relative error, K3 V2 preset batches: gpu %.3e (%u CUDA-core, %u packed "
-	       "tensor-core: %u of the 6 d64 / f16 batches, %u tensor-core INT2 kernel: %u of the 3 "
-	       "bf16 d128 batches)\n", worst_gpu, kernel_count[KVT_CUDA_ATT_CUDA_CORES] - cc0,
-	       kernel_count[KVT_CUDA_ATT_MMA] - pk0, pk, tensor_core_i2_count() - tc0, kab);
+	       "tensor-core: %u of the 4 d64 batches, %u tensor-core INT2 kernel: %u of the 2 f16 "
+	       "d128 and %u of the 3 bf16 d128 batches)\n", worst_gpu,
+	       kernel_count[KVT_CUDA_ATT_CUDA_CORES] - cc0, kernel_count[KVT_CUDA_ATT_MMA] - pk0, pk,
+	       tensor_core_i2_count() - tc0, f16i2, kab);
 	if (!getenv("KVTIER_CUDA_NO_MMA") && !getenv("KVTIER_CUDA_NO_K3_MMA"))
-		KVT_CHECK(pk == 6, "the d64 / f16 K3 V2 preset batches take the packed tensor-core "
-			  "kernel (%u of 6)", pk);
-	if (i2_kernel_on(3))
+		KVT_CHECK(pk == 4, "the d64 K3 V2 preset batches take the packed tensor-core "
+			  "kernel (%u of 4)", pk);
+	if (i2_kernel_on(3)) {
 		KVT_CHECK(kab == 3, "the bf16 d128 K3 V2 preset batches take the tensor-core INT2 "
 			  "kernel (%u of 3)", kab);
+		const char *sw = getenv("KVTIER_CUDA_I2_SWAP");
+		if (!getenv("KVTIER_CUDA_NO_I2_F16") && !(sw && !atoi(sw)))
+			KVT_CHECK(f16i2 == 2, "the f16 d128 K3 V2 preset batches take the INT2 "
+				  "kernel's swapped loop (%u of 2)", f16i2);
+	}
 	worst_gpu = worst_gpu > before ? worst_gpu : before;
 }
 
@@ -501,8 +569,8 @@ static double one_batch_worst(int iter, const struct kvt_codec_config *cfg, uint
 
 /* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
  * CUDA-core kernel took them): head_dim 64 and 256 with INT2, INT4 or 3-bit keys and 2-bit
- * values (the default codec), K3 V2 at head_dim 128 in f16 sessions or with 8 query heads
- * per KV head, and (session 19) INT8 at head_dim 64 and 128; oscar or kivi, G 32 / 64 / 128,
+ * values (the default codec), K3 V2 at head_dim 128 with 8 query heads per KV head (and
+ * before session 21 in f16 sessions), and (session 19) INT8 at head_dim 64 and 128; oscar or kivi, G 32 / 64 / 128,
  * fresh each run. Each batch must take that kernel
  * (unless KVTIER_CUDA_NO_MMA or, for K3 V2, KVTIER_CUDA_NO_K3_MMA) and match the reference. */
 static void test_packed_mma_batches(void)
@@ -531,9 +599,9 @@ static void test_packed_mma_batches(void)
 					 : dims[kvt_rand_below(kind < 2 ? 2 : 3)];
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
 		uint32_t r = ratios[kvt_rand_below(5)];
-		/* K3 V2 at d128: f16, or 8 query heads per KV head (bf16 with <= 4 is the INT2
-		 * kernel's) */
-		if (cfg.head_dim == 128 && cfg.dtype == KVT_DTYPE_BF16 && kind >= 3)
+		/* K3 V2 at d128: 8 query heads per KV head (<= 4 is the INT2 kernel's, in f16
+		 * sessions too since session 21) */
+		if (cfg.head_dim == 128 && kind >= 3)
 			r = 8;
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
 		const bool off = getenv("KVTIER_CUDA_NO_MMA") ||
@@ -548,7 +616,7 @@ static void test_packed_mma_batches(void)
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
 	printf("# worst relative error, packed tensor-core batches (d64 / d256 INT2 / INT4 / K3 V2, "
-	       "d64 / d128 INT8, d128 K3 V2 f16 or GQA 8): gpu %.3e (%u of %d on that kernel; "
+	       "d64 / d128 INT8, d128 K3 V2 GQA 8): gpu %.3e (%u of %d on that kernel; "
 	       "INT2 %.3e in %u, INT4 %.3e in %u, INT8 %.3e in %u)\n",
 	       worst_gpu, got, n, worst_k[0], n_k[0], worst_k[1], n_k[1], worst_k[2], n_k[2]);
 	KVT_CHECK(got == want, "the packed tensor-core kernel takes these batches (%u, expected %u)",
@@ -737,6 +805,7 @@ int main(void)
 	KVT_RUN(test_random_batches);
 	KVT_RUN(test_fast_path_batches);
 	KVT_RUN(test_k3_fast_batches);
+	KVT_RUN(test_f16_fast_batches);
 	KVT_RUN(test_k3_preset_batches);
 	KVT_RUN(test_packed_mma_batches);
 	KVT_RUN(test_hadamard_mma_batches);
