@@ -691,11 +691,17 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	const bool i2_dtype = cfg->dtype == KVT_DTYPE_BF16 ||
 			      (cfg->dtype == KVT_DTYPE_F16 && swap &&
 			       getenv("KVTIER_CUDA_NO_I2_F16") == NULL);
+	/* more than 4 query heads per KV head (GQA 8: Llama 3 70B, Qwen2 72B; 7: Qwen2.5 7B)
+	 * take the INT2 kernel too since session 21, their query heads cut into groups of 4,
+	 * each group its own items (so each reads the chunks); KVTIER_CUDA_I2_GQA_SPLIT=0 leaves
+	 * them to the packed kernel's 8-head items, as before (A/B runs) */
+	const char *gse = getenv("KVTIER_CUDA_I2_GQA_SPLIT");
+	const bool i2_ratio = max_ratio <= RQ || !gse || atoi(gse) != 0;
 	/* 3-bit keys with 2-bit values (kvtier-int2, the daemon's default codec), bf16 or f16,
-	 * head_dim 128, <= 4 query heads per KV head: the INT2 kernel with its 3-bit key path
-	 * (KVTIER_CUDA_NO_K3_MMA=1: the CUDA-core kernel, for A/B runs) */
+	 * head_dim 128: the INT2 kernel with its 3-bit key path (KVTIER_CUDA_NO_K3_MMA=1: the
+	 * CUDA-core kernel, for A/B runs) */
 	const bool k3 = per_channel && cfg->key_bits == 3 && cfg->value_bits == 2 && D == 128 &&
-			i2_dtype && max_ratio <= RQ &&
+			i2_dtype && i2_ratio &&
 			getenv("KVTIER_CUDA_NO_MMA") == NULL && getenv("KVTIER_CUDA_NO_I2") == NULL &&
 			getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* the tensor-core kernels take per-channel keys with equal key and value bits, INT2 or
@@ -705,9 +711,9 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 	 * CUDA-core kernel */
 	const bool mma_shape = per_channel && (D == 64 || D == 128 || D == 256) &&
 			       getenv("KVTIER_CUDA_NO_MMA") == NULL;
-	/* K3 V2 where the INT2 kernel does not take it (head_dim 64 or 256, more than 4 query
-	 * heads per KV head; f16 sessions before session 21): the packed kernel's 3-bit key path
-	 * (session 15; before, the CUDA-core kernel) */
+	/* K3 V2 where the INT2 kernel does not take it (head_dim 64 or 256; before session 21
+	 * f16 sessions and more than 4 query heads per KV head): the packed kernel's 3-bit key
+	 * path (session 15; before, the CUDA-core kernel) */
 	const bool k3p = mma_shape && !k3 && cfg->key_bits == 3 && cfg->value_bits == 2 &&
 			 getenv("KVTIER_CUDA_NO_K3_MMA") == NULL;
 	/* INT8 (session 19): head_dim 64 and 128 only (a d256 lane would hold 64 key words), in
@@ -741,21 +747,21 @@ extern "C" int kvt_cuda_attend_plan_build(kvt_cuda_ctx *c,
 			  (cfg->dtype == KVT_DTYPE_BF16 || cfg->dtype == KVT_DTYPE_F16) &&
 			  getenv("KVTIER_CUDA_NO_MMA") == NULL &&
 			  getenv("KVTIER_CUDA_NO_EXACT_MMA") == NULL;
+	/* INT2 with bf16 or f16 scales: the scales-on-codes kernel (attend_i2_kernel; its
+	 * products are exact for 2-bit codes, or 3-bit keys, times 8 significant bits of a scale:
+	 * a bf16 scale, or each part of an f16 scale), 4 query heads per item */
+	const bool i2_int2 = mma && per_channel && cfg->key_bits == 2 && cfg->value_bits == 2 &&
+			     i2_dtype && D == 128 && i2_ratio && getenv("KVTIER_CUDA_NO_I2") == NULL;
 	/* the packed tensor-core kernel takes 8 query heads per item, or 4 packed with their f16
 	 * low parts in the other 4 fragment rows (half the MMAs) when no request has more than 4
 	 * query heads per KV head; the exact rows' kernel 8 where a request has more than 4
 	 * (a KV head's query heads are cut into groups of rqn either way) */
-	const uint32_t rqn = (mma && !k3 && cfg->key_bits != 8 &&
+	const uint32_t rqn = (mma && !k3 && !i2_int2 && cfg->key_bits != 8 &&
 			      (max_ratio > RQ || getenv("KVTIER_CUDA_MMA_RQ8"))) ||
 					     (xmma && max_ratio > RQ)
 				     ? RQ8
 				     : RQ;
-	/* INT2 with bf16 or f16 scales and <= 4 query heads per KV head: the scales-on-codes
-	 * kernel (attend_i2_kernel; its products are exact for 2-bit codes, or 3-bit keys, times
-	 * 8 significant bits of a scale: a bf16 scale, or each part of an f16 scale) */
-	const bool i2 = k3 || (mma && per_channel && rqn == RQ && cfg->key_bits == 2 && cfg->value_bits == 2 &&
-			       i2_dtype && D == 128 &&
-			       getenv("KVTIER_CUDA_NO_I2") == NULL);
+	const bool i2 = k3 || i2_int2;
 	/* the INT2 kernel is the keys-as-B kernel, p.i2 = 2, or its swapped unit loop, p.i2 = 3
 	 * (session 2's kernel, variant 1, was removed in session 5, the bulk-copy staging variant
 	 * 3 after session 6) */

@@ -12,8 +12,9 @@
  *            us per step, chunk bytes read per second, the ratio to the copy bandwidth, and
  *            the speedup over torch SDPA bf16 from FILE (bench_gpu_sdpa.py, same machine,
  *            same run); then the packed kernel's shapes (INT4 and INT8 at d128, d64, d256)
- *            and f16 sessions at d128 (the INT2 kernel's f16 form, and the packed kernel
- *            they took before; --packed-only: those alone), the other schemes (none, hadamard, kivi) and
+ *            and f16 sessions at d128 and GQA 8 (the INT2 kernel's f16 form and query-head
+ *            groups, and the packed kernel they took before; --packed-only: those alone),
+ *            the other schemes (none, hadamard, kivi) and
  *            the INT2 / K3 V2 cases with an exact tail after the chunks, as real sessions
  *            hold them (--schemes-only: those alone; KVT_BENCH_TAIL=N: tails of N tokens);
  *   encode   bf16 input bytes per second (32 chunks x 32 layers, oscar INT2 G32);
@@ -444,6 +445,28 @@ static int bench_f16(double copy_bw)
 	return rc;
 }
 
+/* 8 query heads per KV head (Llama 3 70B's ratio), INT2 G32 and K3 V2 at 1 x 131072: the INT2
+ * kernel with the query heads in two groups of 4 (session 21), and the packed kernel's 8-head
+ * items they took before (KVTIER_CUDA_I2_GQA_SPLIT=0) */
+static int bench_gqa8(double copy_bw)
+{
+	int rc = 0;
+	struct att_case c = {.scheme = KVT_SCHEME_OSCAR, .bits = 2, .vbits = 2, .group = 32,
+			     .B = 128, .D = 128, .dtype = KVT_DTYPE_BF16, .batch = 1,
+			     .tokens = 131072, .hq = 64};
+	struct att_case k3 = c;
+	k3.bits = 3;
+	k3.group = k3.B = 64;
+	for (int old = 0; old < 2; old++) {
+		if (old)
+			setenv("KVTIER_CUDA_I2_GQA_SPLIT", "0", 1);
+		rc |= bench_attend_case(&c, copy_bw);
+		rc |= bench_attend_case(&k3, copy_bw);
+	}
+	unsetenv("KVTIER_CUDA_I2_GQA_SPLIT");
+	return rc;
+}
+
 /* the packed tensor-core kernel's cases: INT4 and INT8 (since session 19; the CUDA-core
  * kernel before) at head_dim 128, and since session 15 head_dim 64 (small models, SmolLM2
  * among them) INT2, INT4 and the default codec's K3 V2, head_dim 256; then the f16 cases */
@@ -465,6 +488,7 @@ static int bench_packed(double copy_bw)
 	rc |= bench_attend_split(2, 2, 32, 128, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_attend_split(3, 2, 64, 64, 1, 131072, 256, KVT_DTYPE_BF16, copy_bw);
 	rc |= bench_f16(copy_bw);
+	rc |= bench_gqa8(copy_bw);
 	return rc;
 }
 

@@ -5,8 +5,8 @@
  * keys and values, equal or not, G, B, head_dim 64/128/256, wire dtype, GQA ratio 1..8,
  * f16/bf16/f32 queries), each with a random number of CPU-encoded chunks (the first holds
  * pinned sinks) and a random exact tail, plus the 3-bit-key preset's shape, the INT2 kernel's
- * shapes (fast batches, bf16 and f16) and the packed tensor-core kernel's (d64 / d256, K3 V2
- * with GQA 8, INT8, hadamard INT2 / INT4; each batch must take the kernel its shape selects);
+ * shapes (fast batches, bf16 and f16, GQA 1-8) and the packed tensor-core kernel's (d64 /
+ * d256, INT8, hadamard INT2 / INT4; each batch must take the kernel its shape selects);
  * attended in one batched launch. The reference is naive attention in double over kvt_decode_chunk's output
  * and the tail; the GPU's relative error ||o - ref|| / ||ref|| must be <= 1e-3 (fp32
  * accumulation). kvt_attend (the CPU kernel) is checked against the same reference. Exits
@@ -68,6 +68,15 @@ static uint64_t fast_pinned_chunks, fast_pinned_tokens;
 static uint32_t fast_kb = 2;
 /* their sessions' dtype: bf16, or f16 (the swapped loop's f16 form, session 21) */
 static uint32_t fast_dtype = KVT_DTYPE_BF16;
+/* fast batches with more than 4 query heads per KV head (the INT2 kernel cuts them into groups
+ * of 4 since session 21, unless KVTIER_CUDA_I2_GQA_SPLIT=0) */
+static uint32_t fast_gqa_split;
+
+static bool gqa_split_on(void)
+{
+	const char *e = getenv("KVTIER_CUDA_I2_GQA_SPLIT");
+	return !e || atoi(e) != 0;
+}
 /* batches per kernel (enum kvt_cuda_attend_kernel), counted from the plans */
 static uint32_t kernel_count[KVT_CUDA_ATT_EXACT_MMA + 1];
 static uint32_t n_chained; /* plans whose INT2 kernel is chained with early runs on: their third run was early */
@@ -119,6 +128,12 @@ static void one_batch(int iter, bool fast, const struct kvt_codec_config *fixed,
 		R = ratios[kvt_rand_below(3)];
 		if (kvt_rand_below(2))
 			R = 4;
+		else if (kvt_rand_below(3) == 0 && gqa_split_on()) {
+			/* 5-8 query heads per KV head: two groups of query heads, each its own
+			 * items (session 21) */
+			R = 5 + kvt_rand_below(4);
+			fast_gqa_split++;
+		}
 		char cpi[16];
 		snprintf(cpi, sizeof(cpi), "%u", 1 + kvt_rand_below(4));
 		setenv("KVTIER_CUDA_CPI", cpi, 1);
@@ -425,7 +440,9 @@ static void test_fast_path_batches(void)
 	if (s && *s)
 		n = atoi(s);
 	const uint64_t folded0 = n_folded_tails, tc0 = n_folded_tails_tc;
+	const uint32_t g0 = fast_gqa_split;
 	fast_batches_both_loops("INT2", n);
+	printf("# INT2 fast batches with 5-8 query heads per KV head: %u\n", fast_gqa_split - g0);
 	/* most fast batches have sessions with chunks and an aligned tail, and a third of the
 	 * swapped loop's take the tensor-core tail (KVTIER_CUDA_TAIL_TC=1) */
 	KVT_CHECK(n < 8 || n_folded_tails > folded0, "INT2 fast batches: no tail was folded");
@@ -569,8 +586,9 @@ static double one_batch_worst(int iter, const struct kvt_codec_config *cfg, uint
 
 /* The packed tensor-core kernel's shapes beyond the INT2 kernel's (session 15; before, the
  * CUDA-core kernel took them): head_dim 64 and 256 with INT2, INT4 or 3-bit keys and 2-bit
- * values (the default codec), K3 V2 at head_dim 128 with 8 query heads per KV head (and
- * before session 21 in f16 sessions), and (session 19) INT8 at head_dim 64 and 128; oscar or kivi, G 32 / 64 / 128,
+ * values (the default codec; at head_dim 128 the INT2 kernel's since session 21, in f16
+ * sessions and with 8 query heads per KV head too), and (session 19) INT8 at head_dim 64 and
+ * 128; oscar or kivi, G 32 / 64 / 128,
  * fresh each run. Each batch must take that kernel
  * (unless KVTIER_CUDA_NO_MMA or, for K3 V2, KVTIER_CUDA_NO_K3_MMA) and match the reference. */
 static void test_packed_mma_batches(void)
@@ -594,15 +612,10 @@ static void test_packed_mma_batches(void)
 		const uint32_t kind = kvt_rand_below(5);
 		cfg.key_bits = kind == 0 ? 2 : kind == 1 ? 4 : kind == 2 ? 8 : 3;
 		cfg.value_bits = kind == 1 ? 4 : kind == 2 ? 8 : 2;
-		static const uint32_t dims[] = {64, 256, 128}, dims8[] = {64, 128};
-		cfg.head_dim = kind == 2 ? dims8[kvt_rand_below(2)]
-					 : dims[kvt_rand_below(kind < 2 ? 2 : 3)];
+		static const uint32_t dims[] = {64, 256}, dims8[] = {64, 128};
+		cfg.head_dim = kind == 2 ? dims8[kvt_rand_below(2)] : dims[kvt_rand_below(2)];
 		cfg.dtype = kvt_rand_below(2) ? KVT_DTYPE_BF16 : KVT_DTYPE_F16;
 		uint32_t r = ratios[kvt_rand_below(5)];
-		/* K3 V2 at d128: 8 query heads per KV head (<= 4 is the INT2 kernel's, in f16
-		 * sessions too since session 21) */
-		if (cfg.head_dim == 128 && kind >= 3)
-			r = 8;
 		cfg.rotate_v = cfg.scheme == KVT_SCHEME_OSCAR ? kvt_rand_below(4) != 0 : 0;
 		const bool off = getenv("KVTIER_CUDA_NO_MMA") ||
 				 (cfg.key_bits == 3 && getenv("KVTIER_CUDA_NO_K3_MMA")) ||
@@ -616,7 +629,7 @@ static void test_packed_mma_batches(void)
 	}
 	const uint32_t got = kernel_count[KVT_CUDA_ATT_MMA] - m0;
 	printf("# worst relative error, packed tensor-core batches (d64 / d256 INT2 / INT4 / K3 V2, "
-	       "d64 / d128 INT8, d128 K3 V2 GQA 8): gpu %.3e (%u of %d on that kernel; "
+	       "d64 / d128 INT8): gpu %.3e (%u of %d on that kernel; "
 	       "INT2 %.3e in %u, INT4 %.3e in %u, INT8 %.3e in %u)\n",
 	       worst_gpu, got, n, worst_k[0], n_k[0], worst_k[1], n_k[1], worst_k[2], n_k[2]);
 	KVT_CHECK(got == want, "the packed tensor-core kernel takes these batches (%u, expected %u)",
