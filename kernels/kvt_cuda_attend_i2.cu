@@ -1,8 +1,8 @@
 /*
  * kvt_cuda_attend_i2.cu - the INT2 tensor-core decode-attention kernel (oscar/kivi INT2, or
- * 3-bit keys with 2-bit values, bf16 scales, head_dim 128, at most 4 query heads per KV head),
- * in its own translation unit so that the other attention kernels compile as they did before
- * it existed.
+ * 3-bit keys with 2-bit values, bf16 or (since session 21, swapped loop) f16 scales, head_dim
+ * 128, 4 query heads per item: a KV head with more is cut into groups of 4), in its own
+ * translation unit so that the other attention kernels compile as they did before it existed.
  */
 #include <stdlib.h>
 
@@ -27,7 +27,15 @@
  * replaced it: docs/gpu.md.)
  * Every byte of a unit (codes, norms, scales, zeros) is staged into shared memory by
  * cp.async one unit ahead (double buffer per warp), so loads overlap the previous unit's
- * arithmetic. */
+ * arithmetic.
+ * f16 sessions (F16, session 21): an f16 scale has 11 significant bits, so code * s would
+ * round; it is split into s_hi (its top 8 bits: the low 3 of the significand masked off) and
+ * s_lo = s - s_hi (3 bits, an exact f16 difference), and each code pair's x = -(1 + code *
+ * 2^(SP - 10)) is scaled by both (two HFMA2, both exact: 2- or 3-bit codes times 8 or 3
+ * bits) into two A fragments, one MMA each against the same B. The key scales' low parts
+ * sit in the word area the swapped loop leaves free (its zeros live in afr), the value
+ * scales are split where the value step reads them. H200: INT2 G32 52.9-53.8 us at
+ * 1 x 131072 against 102.5-103.2 on the packed kernel before (docs/gpu.md "Session 21"). */
 #define I2_KC 0
 #define I2_VC 1024
 #define I2_NR 2048
