@@ -395,8 +395,10 @@ static int cmd_stat_drop(const struct global_opts *g, int argc, char **argv, int
 	kvt_client_close(c);
 	if (rc)
 		return fail_status(argv[0], rc, &st);
-	if (drop)
-		printf("dropped %s (%" PRIu64 " bytes freed)\n", argv[1], freed);
+	char q[Q_MAX];
+	if (drop) /* the id as the listings show it (kvtierd refuses unprintable ids; a
+		   * non-conforming server might not) */
+		printf("dropped %s (%" PRIu64 " bytes freed)\n", shown(q, sizeof q, argv[1]), freed);
 	else
 		print_info(&i);
 	return 0;
@@ -514,7 +516,7 @@ static int cmd_put(const struct global_opts *g, int argc, char **argv)
 	double dt = now_s() - t0;
 	printf("%s: appended %" PRIu64 " tokens in %u messages (%.1f MB/s); session has %" PRIu64
 	       " tokens, %u chunks sealed by this append\n",
-	       id, res.appended, res.messages_sent, 2.0 * (double)kvt_client_kv_bytes(&sh, kn.shape[1]) / dt / 1e6,
+	       shown(q, sizeof q, id), res.appended, res.messages_sent, 2.0 * (double)kvt_client_kv_bytes(&sh, kn.shape[1]) / dt / 1e6,
 	       res.n_tokens, res.chunks_sealed);
 	rc = 0;
 out:
@@ -656,7 +658,8 @@ static int cmd_get(const struct global_opts *g, int argc, char **argv)
 	 * and are decoded here, KVTIER_CLIENT_FETCH=server has kvtierd decode (Fetch). */
 	printf("%s: tokens [%" PRIu64 ", %" PRIu64 ") layers [%u, %u) as %s in %u %s message%s "
 	       "(decoded %s)\n",
-	       id, r.token_begin, r.token_end, r.layer_begin, r.layer_end, kvt_dtype_name(r.dtype),
+	       shown(q, sizeof q, id), r.token_begin, r.token_end, r.layer_begin, r.layer_end,
+	       kvt_dtype_name(r.dtype),
 	       res.messages, res.decoded_locally ? "FetchEncoded" : "Fetch",
 	       res.messages == 1 ? "" : "s", res.decoded_locally ? "here" : "by kvtierd");
 	rc = 0;
