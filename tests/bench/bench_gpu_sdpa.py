@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The reference for `kvtier-bench gpu`: torch scaled_dot_product_attention, one decode step
 (one query token) in bf16, Hq 32, Hkv 8 (GQA), d 128, at the benchmark's batch x tokens (and
-d 64 and 256 at 1 x 131072, the benchmark's other head_dim cases).
+d 64 and 256 at 1 x 131072, the benchmark's other head_dim cases, and Hq 64 there: GQA 8).
 cuDNN and flash backends are each timed and the faster is reported as us_best. Timed as
 kvtier-bench times its own kernels: steps enqueued back to back (CUDA events around 20 calls,
 median of 7 such runs after warm-up), so the GPU never waits for the host between steps. Until
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-HQ, HKV = 32, 8
-CASES = [(1, 131072, 128), (8, 32768, 128), (48, 4096, 128), (1, 131072, 64),
-         (1, 131072, 256)]  # batch, tokens, d
+HKV = 8
+CASES = [(1, 131072, 128, 32), (8, 32768, 128, 32), (48, 4096, 128, 32), (1, 131072, 64, 32),
+         (1, 131072, 256, 32), (1, 131072, 128, 64)]  # batch, tokens, d, query heads
 
 
 def time_us(fn, calls=20, runs=7):
@@ -53,12 +53,12 @@ def time_us_isolated(fn, iters=50):
 
 def main():
     torch.manual_seed(0)
-    for batch, tokens, D in CASES:
+    for batch, tokens, D, HQ in CASES:
         q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(batch, HKV, tokens, D, device="cuda", dtype=torch.bfloat16)
         row = {"ref": "torch_sdpa_bf16", "torch": torch.__version__, "batch": batch,
-               "tokens": tokens, "d": D, "kv_bytes": 2 * k.numel() * 2}
+               "tokens": tokens, "d": D, "hq": HQ, "kv_bytes": 2 * k.numel() * 2}
         best = None
         for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("flash", SDPBackend.FLASH_ATTENTION)):
