@@ -192,11 +192,13 @@ enum kvt_cuda_attend_kernel {
 				      * at head_dim 64 / 128 (session 19); hadamard INT2 / INT4,
 				      * its key scales on the codes (session 20) */
 	KVT_CUDA_ATT_I2 = 2,         /* session 2's INT2 kernel (removed in session 5; unused) */
-	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values */
+	KVT_CUDA_ATT_KEYS_AS_B = 3,  /* the keys-as-B kernel: INT2, or 3-bit keys + 2-bit values
+				      * (bf16 sessions, head_dim 128, 4 query heads per item) */
 	KVT_CUDA_ATT_KEYS_AS_B_BULK = 4, /* the same with bulk-copy staging (removed after
 					  * session 6; unused) */
 	KVT_CUDA_ATT_SWAPPED = 5,    /* the same kernel with the swapped key orientation (keys as
-				      * the MMA's A operand): INT2, or 3-bit keys + 2-bit values */
+				      * the MMA's A operand): INT2, or 3-bit keys + 2-bit values;
+				      * bf16, and f16 sessions since session 21 */
 	KVT_CUDA_ATT_EXACT_MMA = 6,  /* tensor cores over exact rows: scheme none, f16 / bf16,
 				      * head_dim 64 / 128, 16-byte aligned tails (session 17) */
 };
